@@ -6,7 +6,8 @@ Each question runs in a fresh streaming session with greedy decoding. A question
 `local:` QA schema (`{"id", "audio", "question", "answers"}`, audio relative to the file);
 rows without audio (or `--input text`) are asked as text. The paper reports 27.17 tokens to
 the first segment on average (SPEC §Streaming); `first_segment_tokens` is that number,
-`first_audio_tokens` adds the wait for the worker to voice it.
+`first_audio_tokens` adds the wait for the worker to voice the segment's first audio chunk
+(`--first-chunk-units` units; `--chunk-units 0` voices whole segments, as before chunking).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="ask with the recorded question (default) or its text")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--workers", type=int, default=1, help="speech worker threads")
+    ap.add_argument("--chunk-units", type=int, default=40,
+                    help="units per audio chunk after a segment's first; 0 = whole segments")
+    ap.add_argument("--first-chunk-units", type=int, default=20,
+                    help="units in a segment's first audio chunk")
     ap.add_argument("--threads", type=int, help="torch intra-op threads")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted runs first (lazy init)")
     ap.add_argument("--json", type=Path, help="also write the rows and summary here")
@@ -98,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     from echox.infer.bundle import load_bundle
     from echox.infer.engine import Engine, EngineConfig
 
+    cfg = EngineConfig.greedy(max_new_tokens=args.max_new_tokens, workers=args.workers,
+                              chunk_units=args.chunk_units,
+                              first_chunk_units=args.first_chunk_units)
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = read_questions(args.questions, args.n)
@@ -105,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.model)
     if bundle.vocoder is None:
         print("latency: the bundle has no vocoder; audio columns stay empty", file=sys.stderr)
-    cfg = EngineConfig.greedy(max_new_tokens=args.max_new_tokens, workers=args.workers)
     rows: list[Row] = []
     with Engine(bundle, cfg) as engine:
         for rec in questions[: args.warmup]:
@@ -130,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
     summary: dict[str, Any] = {"n": len(rows), "device": "cpu" if not torch.cuda.is_available()
                                else torch.cuda.get_device_name(0),
-                               "threads": torch.get_num_threads(), "workers": args.workers}
+                               "threads": torch.get_num_threads(), "workers": args.workers,
+                               "chunk_units": args.chunk_units,
+                               "first_chunk_units": args.first_chunk_units}
     print("-" * len(head))
     for name in ("first_segment_tokens", "first_audio_tokens", "first_audio_ms", "rtf"):
         vals = col(name)
@@ -148,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
 def run_cli(argv: list[str] | None = None) -> int:
     """Bad input (missing bundle, unreadable audio) prints one line, exit status 2."""
     from echox.audio import AudioError
+    from echox.config import ConfigError
     from echox.model.encoder import CheckpointError
 
     try:
         return main(argv)
-    except (AudioError, CheckpointError) as e:
+    except (AudioError, CheckpointError, ConfigError) as e:
         print(f"latency: error: {e}", file=sys.stderr)
         return 2
 

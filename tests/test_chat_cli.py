@@ -49,6 +49,10 @@ def test_chat_text_and_speech_turns(bundle_dir: Path, tmp_path: Path,
     code = main(["chat", str(q), "--model", str(bundle_dir), "-o", str(out2), "--no-stream",
                  "--seed", "1", "--temperature", "0.5", "--max-new-tokens", "6"])
     assert code == 0 and sf.info(out2).frames > 0
+    out3 = tmp_path / "c.wav"
+    code = main(["chat", "--model", str(bundle_dir), "--text", "hi", "-o", str(out3),
+                 "--chunk-units", "3", "--first-chunk-units", "1", *FAST])
+    assert code == 0 and sf.info(out3).frames > 0
 
 
 def test_chat_interactive(bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -89,3 +93,5 @@ def test_chat_user_errors_exit_2(bundle_dir: Path, tmp_path: Path,
     one_line_error(capsys, main(["chat", "--text", "hi"]), "models/tiny", "--model")
     one_line_error(capsys, main(["chat", "--model", str(bundle_dir), "--text", "hi",
                                  "--top-p", "0"]), "top_p")
+    one_line_error(capsys, main(["chat", "--model", str(tmp_path / "nope"), "--text", "hi",
+                                 "--first-chunk-units", "0"]), "first_chunk_units")

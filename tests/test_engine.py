@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from conftest import noise
 
 from echox.audio import AudioError
+from echox.config import ConfigError
 from echox.infer.bundle import (
     Bundle,
     BundleError,
@@ -24,7 +27,7 @@ from echox.infer.engine import (
     EngineConfig,
     Final,
     Segment,
-    SegmentSpeech,
+    SpeechPiece,
     TextDelta,
 )
 from echox.infer.trigger import segment_boundaries, trigger_scores
@@ -37,6 +40,8 @@ from echox.model.vocoder import CodeHiFiGAN, CodeHiFiGANConfig
 TRIGGER = ["trigger.min_len=2", "trigger.max_len=4", "trigger.threshold=-1",
            "trigger.delay=1", "trigger.window=1"]
 UNITS = SamplingConfig(max_new_tokens=12)
+# Several pieces per segment; the tiny vocoder's hop is 4 samples: a short crossfade.
+SMALL_CHUNKS = {"first_chunk_units": 2, "chunk_units": 3, "crossfade_ms": 0.5}
 
 
 def make_bundle_parts() -> tuple[object, CodeHiFiGAN]:
@@ -69,6 +74,19 @@ def run(engine: Engine, **kw: object) -> list[object]:
     return list(engine.session().respond(**kw))  # type: ignore[arg-type]
 
 
+def schedule(units: list[int], first: int, size: int) -> list[list[int]]:
+    """The chunks the engine cuts: `first` units, then `size` at a time."""
+    return [units[:first]] + [units[i:i + size] for i in range(first, len(units), size)]
+
+
+def pieces_by_segment(events: list[object]) -> dict[int, list[AudioChunk]]:
+    out: dict[int, list[AudioChunk]] = {}
+    for e in events:
+        if isinstance(e, AudioChunk):
+            out.setdefault(e.index, []).append(e)
+    return out
+
+
 def test_bundle_round_trip(bundle: Bundle, bundle_dir: Path) -> None:
     assert isinstance(bundle.vocoder, CodeHiFiGAN)
     assert (bundle_dir / "vocoder" / "g_00500000").is_file()
@@ -78,9 +96,10 @@ def test_bundle_round_trip(bundle: Bundle, bundle_dir: Path) -> None:
 
 
 def test_streaming_audio_equals_direct_synthesis(bundle: Bundle) -> None:
-    """Chunked == full: the streamed audio is the speech side run on the same segments."""
+    """Chunked == direct: the streamed audio is the speech side run on the same segments,
+    rendered by the vocoder's streaming API with the same chunks."""
     model = bundle.model
-    with Engine(bundle, greedy()) as eng:
+    with Engine(bundle, greedy(**SMALL_CHUNKS)) as eng:
         s = eng.session()
         events = list(s.respond(text="hello there"))
         turn = s.turn
@@ -88,7 +107,7 @@ def test_streaming_audio_equals_direct_synthesis(bundle: Bundle) -> None:
     assert isinstance(final, Final)
     segs = [e for e in events if isinstance(e, Segment)]
     chunks = [e for e in events if isinstance(e, AudioChunk)]
-    assert len(segs) >= 3 and len(chunks) == len(segs)
+    assert len(segs) >= 3
     hidden = torch.stack(turn.hidden)  # [n, D]
     # the streaming trigger cuts where the offline one (used in training) does
     expected = segment_boundaries(trigger_scores(hidden, model.trigger_row()), model.config.trigger)
@@ -98,20 +117,26 @@ def test_streaming_audio_equals_direct_synthesis(bundle: Bundle) -> None:
     ref = model.generate_text([[Turn("user", text="hello there")]], SamplingConfig(max_new_tokens=12))
     assert final.token_ids == ref.token_ids[0]
     torch.testing.assert_close(hidden, ref.hidden[0], rtol=1e-4, atol=1e-5)
-    # audio: the speech side called directly per segment, concatenated
+    # audio: the speech side called directly per segment, chunked alike, concatenated
     direct = []
-    for a, b in expected:
+    by_segment = pieces_by_segment(events)
+    for i, (a, b) in enumerate(expected):
         units = model.units_from_hidden([hidden[a:b]], UNITS)[0]
-        assert units, "the test model must produce units"
-        direct.append(bundle.vocoder.synthesize(units))
+        assert len(units) > SMALL_CHUNKS["first_chunk_units"], "the test model must speak"
+        assert [u for c in by_segment[i] for u in c.units] == units
+        assert len(by_segment[i]) > 1  # small chunks: several pieces per segment
+        parts = schedule(units, SMALL_CHUNKS["first_chunk_units"], SMALL_CHUNKS["chunk_units"])
+        direct += list(bundle.vocoder.synthesize_stream(parts, SMALL_CHUNKS["crossfade_ms"]))
     np.testing.assert_allclose(final.audio, np.concatenate(direct), rtol=0, atol=1e-6)
     assert final.audio.dtype == np.float32 and final.sample_rate == bundle.vocoder.sample_rate
     np.testing.assert_array_equal(final.audio, np.concatenate([c.audio for c in chunks]))
-    # without streaming: the same segments, voiced after the text
-    with Engine(bundle, greedy(stream=False)) as eng:
+    # without streaming: the same segments and chunks, voiced after the text
+    with Engine(bundle, greedy(stream=False, **SMALL_CHUNKS)) as eng:
         off = run(eng, text="hello there")
     np.testing.assert_allclose(off[-1].audio, final.audio, rtol=0, atol=1e-6)
     assert off[-1].segments == final.segments
+    assert [(c.index, c.part) for c in off if isinstance(c, AudioChunk)] == \
+        [(c.index, c.part) for c in chunks]
     first_chunk = next(i for i, e in enumerate(off) if isinstance(e, AudioChunk))
     assert all(not isinstance(e, TextDelta) for e in off[first_chunk:])
     with Engine(bundle, greedy(stream=False, whole_response=True)) as eng:
@@ -119,20 +144,69 @@ def test_streaming_audio_equals_direct_synthesis(bundle: Bundle) -> None:
     assert whole.segments == [(0, len(whole.token_ids))]
 
 
+def test_chunk_units_zero_voices_whole_segments(bundle: Bundle) -> None:
+    """chunk_units=0: one piece per segment, the vocoder run on all of its units at once."""
+    with Engine(bundle, greedy(chunk_units=0)) as eng:
+        s = eng.session()
+        events = list(s.respond(text="hello there"))
+        hidden = torch.stack(s.turn.hidden)
+    final = events[-1]
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert len(chunks) == len(final.segments) >= 3
+    direct = []
+    for c, (a, b) in zip(chunks, final.segments):
+        assert c.part == 0 and c.last
+        units = bundle.model.units_from_hidden([hidden[a:b]], UNITS)[0]
+        assert c.units == units
+        direct.append(bundle.vocoder.synthesize(units))
+        np.testing.assert_allclose(c.audio, direct[-1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(final.audio, np.concatenate(direct), rtol=0, atol=1e-6)
+
+
+def test_iter_generate_equals_generate(bundle: Bundle) -> None:
+    model = bundle.model
+    torch.manual_seed(1)
+    for n in (3, 8):
+        h = torch.randn(n, model.llm.hidden_size)
+        cond = model.denoiser(h)
+        greedy_units = model.echo.generate([cond])[0]  # default: greedy, length-scaled budget
+        assert len(greedy_units) > 0
+        assert list(model.echo.iter_generate(cond)) == greedy_units
+        assert list(model.iter_units_from_hidden(h)) == model.units_from_hidden([h])[0]
+        seeded = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+        assert list(model.iter_units_from_hidden(h, seeded)) == \
+            model.units_from_hidden([h], seeded)[0]
+
+
+def test_engine_config_checks_chunks() -> None:
+    assert EngineConfig().chunk_size(0) == 20 and EngineConfig().chunk_size(1) == 40
+    assert EngineConfig(chunk_units=0).chunk_size(0) == 0
+    for bad in ({"chunk_units": -1}, {"first_chunk_units": 0}, {"chunk_units": 2.5},
+                {"first_chunk_units": True}, {"context_units": -2}, {"crossfade_ms": -1.0},
+                {"workers": 0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            EngineConfig(**bad)  # type: ignore[arg-type]
+
+
 def test_events_arrive_in_order(bundle: Bundle) -> None:
-    with Engine(bundle, greedy()) as eng:
+    with Engine(bundle, greedy(**SMALL_CHUNKS)) as eng:
         events = run(eng, audio=noise(0.8, 1))
     assert isinstance(events[-1], Final) and sum(isinstance(e, Final) for e in events) == 1
     seen_segments: set[int] = set()
-    chunk_ids = []
+    order = []
     for e in events[:-1]:
         if isinstance(e, Segment):
             assert e.index == len(seen_segments)
             seen_segments.add(e.index)
         elif isinstance(e, AudioChunk):
             assert e.index in seen_segments  # each chunk after its segment
-            chunk_ids.append(e.index)
-    assert chunk_ids == sorted(chunk_ids) == list(range(len(seen_segments)))
+            order.append((e.index, e.part, e.last))
+    # segment by segment, parts 0, 1, ... within one, the last one closing it
+    assert sorted(order) == order and sorted({i for i, _, _ in order}) == sorted(seen_segments)
+    for pieces in pieces_by_segment(events).values():
+        assert [c.part for c in pieces] == list(range(len(pieces)))
+        assert [c.last for c in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert any(part > 0 for _, part, _ in order)
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert deltas and "".join(d.text for d in deltas) == events[-1].text
     assert sum(len(d.token_ids) for d in deltas) == len(events[-1].token_ids)
@@ -141,17 +215,49 @@ def test_events_arrive_in_order(bundle: Bundle) -> None:
 class SlowFirstEngine(Engine):
     """Segment 0 finishes last: delivery must still follow segment order."""
 
-    def synthesize_segment(self, hidden: torch.Tensor, index: int = 0) -> SegmentSpeech:
-        if index == 0:
-            time.sleep(0.3)
-        return super().synthesize_segment(hidden, index)
+    def stream_segment(self, hidden: torch.Tensor, index: int = 0,
+                       stop: threading.Event | None = None) -> Iterator[SpeechPiece]:
+        for piece in super().stream_segment(hidden, index, stop):
+            if index == 0:
+                time.sleep(0.1)
+            yield piece
 
 
 def test_ordered_delivery_when_workers_finish_out_of_order(bundle: Bundle) -> None:
-    with SlowFirstEngine(bundle, greedy(workers=3)) as eng:
+    with SlowFirstEngine(bundle, greedy(workers=3, **SMALL_CHUNKS)) as eng:
         events = run(eng, text="order")
-    idx = [e.index for e in events if isinstance(e, AudioChunk)]
-    assert len(idx) >= 3 and idx == list(range(len(idx)))
+    idx = [(e.index, e.part) for e in events if isinstance(e, AudioChunk)]
+    assert len({i for i, _ in idx}) >= 3 and idx == sorted(idx)
+
+
+class RecordingEngine(Engine):
+    """Slow pieces; records which segments started and which made their last piece."""
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.started: list[int] = []
+        self.finished: list[int] = []
+
+    def stream_segment(self, hidden: torch.Tensor, index: int = 0,
+                       stop: threading.Event | None = None) -> Iterator[SpeechPiece]:
+        self.started.append(index)
+        for piece in super().stream_segment(hidden, index, stop):
+            time.sleep(0.15)
+            if piece.last:
+                self.finished.append(index)
+            yield piece
+
+
+def test_early_stop_cancels_speech(bundle: Bundle) -> None:
+    with RecordingEngine(bundle, greedy(**SMALL_CHUNKS)) as eng:
+        events = eng.session().respond(text="stop early")
+        for ev in events:
+            if isinstance(ev, AudioChunk):
+                assert (ev.index, ev.part) == (0, 0)
+                break
+        events.close()  # the listener goes away after the first piece
+    # close() waited for the pool: segment 0 stopped mid-way, the queued ones never ran
+    assert eng.started == [0] and eng.finished == []
 
 
 def test_two_turn_dialogue_keeps_history(bundle: Bundle) -> None:
@@ -270,3 +376,7 @@ def test_unit_mel_vocoder_bundle(bundle: Bundle, tmp_path: Path) -> None:
     with Engine(loaded, greedy()) as eng:
         final = run(eng, text="hi")[-1]
     assert final.audio.size > 0 and final.stats.segments >= 1
+    with Engine(loaded, greedy(**SMALL_CHUNKS)) as eng:  # chunks rendered with left context
+        events = run(eng, text="hi")
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert len(chunks) > events[-1].stats.segments and events[-1].audio.size > 0

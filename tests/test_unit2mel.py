@@ -189,14 +189,27 @@ def test_save_load_bit_identical(tmp_path) -> None:
     voc = UnitMelVocoder(tiny_model(postnet_layers=2), tiny_generator(), output_sr=16000,
                          context_units=5, hifigan="my-tiny")
     voc.save_pretrained(tmp_path / "v")
-    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["config.json",
+    # a generator that is not packaged travels with the folder, in the save_generator layout
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["config.json", "hifigan",
                                                                   "model.safetensors"]
-    back = UnitMelVocoder.from_pretrained(tmp_path / "v", generator=tiny_generator())
+    assert sorted(p.name for p in (tmp_path / "v" / "hifigan").iterdir()) == [
+        "config.json", "generator.safetensors"]
+    back = UnitMelVocoder.from_pretrained(tmp_path / "v")
     a, b = voc.unit2mel.state_dict(), back.unit2mel.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert back.default_context_units == 5 and back.hifigan == "my-tiny"
+    g1, g2 = voc.generator.state_dict(), back.generator.state_dict()
+    assert g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
+    assert back.default_context_units == 5 and back.hifigan == "hifigan"
     units = [1, 5, 9, 2, 7, 3]
     assert np.array_equal(voc.synthesize(units), back.synthesize(units))
+    # saved again from the loaded copy: still self-contained
+    back.save_pretrained(tmp_path / "v2")
+    assert (tmp_path / "v2" / "hifigan" / "generator.safetensors").is_file()
+    # a packaged generator is stored by name only
+    named = UnitMelVocoder(tiny_model(), tiny_generator(), hifigan="universal")
+    named.save_pretrained(tmp_path / "n")
+    assert not (tmp_path / "n" / "hifigan").exists()
+    assert json.loads((tmp_path / "n" / "config.json").read_text())["vocoder"]["hifigan"] == "universal"
 
 
 def test_checkpoint_errors(tmp_path) -> None:
@@ -222,8 +235,10 @@ def test_checkpoint_errors(tmp_path) -> None:
 
 def _fresh(tmp_path):
     """A valid folder naming a HiFi-GAN file that does not exist."""
-    UnitMelVocoder(tiny_model(), tiny_generator(), hifigan=str(tmp_path / "gone.pth")
-                   ).save_pretrained(tmp_path / "v")
+    UnitMelVocoder(tiny_model(), tiny_generator(), hifigan="universal").save_pretrained(tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / "config.json").read_text())
+    meta["vocoder"]["hifigan"] = str(tmp_path / "gone.pth")
+    (tmp_path / "v" / "config.json").write_text(json.dumps(meta))
     return tmp_path / "v"
 
 

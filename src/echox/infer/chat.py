@@ -37,6 +37,9 @@ def _engine(args: argparse.Namespace) -> Any:
         raise UserError(f"sampling options: {e}") from e
     if args.whole_response and not args.no_stream:
         raise UserError("--whole-response needs --no-stream")
+    cfg = EngineConfig(sampling=sampling, stream=not args.no_stream,
+                       whole_response=args.whole_response, workers=args.workers,
+                       chunk_units=args.chunk_units, first_chunk_units=args.first_chunk_units)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.seed is not None:
@@ -46,8 +49,6 @@ def _engine(args: argparse.Namespace) -> Any:
     bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language)
     if bundle.vocoder is None:
         print("echox: this bundle has no vocoder: text answers only", file=sys.stderr)
-    cfg = EngineConfig(sampling=sampling, stream=not args.no_stream,
-                       whole_response=args.whole_response, workers=args.workers)
     return Engine(bundle, cfg)
 
 
@@ -152,6 +153,10 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible answers)")
     p.add_argument("--workers", type=int, default=1, help="speech worker threads")
+    p.add_argument("--chunk-units", type=int, default=40,
+                   help="units per audio chunk after a segment's first; 0 = whole segments")
+    p.add_argument("--first-chunk-units", type=int, default=20,
+                   help="units in a segment's first audio chunk (smaller: earlier audio)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.set_defaults(func=cmd_chat)
     return p

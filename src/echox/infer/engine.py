@@ -1,4 +1,4 @@
-"""Streaming inference: text token by token, speech segment by segment (SPEC §Streaming).
+"""Streaming inference: text token by token, speech in chunks within segments (SPEC §Streaming).
 
 `Engine` holds what does not change between dialogues (the bundle, the trigger row, a
 worker pool); a `Session` owns one dialogue. All streaming state is explicit and lives on the
@@ -11,10 +11,20 @@ One turn (`Session.respond`):
 2. the LLM decodes with a KV cache; after each token its hidden state h_t is scored against
    the LM-head row of the trigger token (cosine) and pushed to the trigger, which judges
    token c = t − delay, so segments close `delay` tokens late;
-3. a closed segment's states H[start:end] go to a worker thread: denoiser → echo decoder →
-   units (unit language split back) → vocoder. Chunks are delivered in segment order,
-   interleaved with the text as they become ready; the rest is flushed at EOS;
-4. without streaming, the same segments are synthesised after the text is done.
+3. a closed segment's states H[start:end] go to a worker thread (`Engine.stream_segment`):
+   denoiser → echo decoder, one token at a time → units (each unit-language token is split
+   back on its own) → cut into chunks of `first_chunk_units`, then `chunk_units` → vocoder
+   (`Vocoder.synthesize_stream`: each chunk rendered with left-context units, joins
+   crossfaded). The vocoder dominates the cost, so rendering the first small chunk while the
+   echo decoder goes on is what brings the first audio forward;
+4. the worker puts each audio piece on the segment's queue as soon as it exists; the main
+   thread delivers `AudioChunk`s in order (all of segment 0's parts before segment 1's),
+   interleaved with the text without waiting, and waits for the rest at EOS;
+5. without streaming, the same segments are voiced with the same chunks after the text is
+   done, so both modes give the same audio. `chunk_units=0` renders each segment whole.
+
+Stopping early (closing the `respond` iterator) cancels the queued segments and sets the
+turn's stop event, which a running worker checks after every echo token and audio piece.
 
 Threads: torch ops from worker threads while the main thread decodes are safe here (no grad,
 no module state). Both share torch's intra-op pool, so on few cores they compete: with
@@ -23,6 +33,8 @@ no module state). Both share torch's intra-op pool, so on few cores they compete
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -66,10 +78,21 @@ class EngineConfig:
     whole_response: bool = False  # without streaming: one echo segment, not trigger cuts
     workers: int = 1  # speech worker threads
     use_cache: bool = True
+    chunk_units: int = 40  # units per audio chunk after a segment's first; 0 = whole segments
+    first_chunk_units: int = 20  # a segment's first chunk: small, for early audio
+    crossfade_ms: float = 10.0  # blend at each chunk join
+    context_units: int | None = None  # left-context units per chunk; None = the vocoder's
 
     def __post_init__(self) -> None:
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"engine.workers must be an int >= 1, got {self.workers!r}")
+        _check_int("workers", self.workers, 1)
+        _check_int("chunk_units", self.chunk_units, 0)
+        _check_int("first_chunk_units", self.first_chunk_units, 1)
+        if self.context_units is not None:
+            _check_int("context_units", self.context_units, 0)
+        if (isinstance(self.crossfade_ms, bool) or not isinstance(self.crossfade_ms, (int, float))
+                or not 0 <= self.crossfade_ms < float("inf")):
+            raise ConfigError(f"engine.crossfade_ms must be a number >= 0, got "
+                              f"{self.crossfade_ms!r}")
         if self.whole_response and self.stream:
             raise ConfigError("engine.whole_response needs stream=False (a streamed answer is "
                               "voiced segment by segment)")
@@ -77,6 +100,17 @@ class EngineConfig:
     @classmethod
     def greedy(cls, max_new_tokens: int = 256, **kw: object) -> EngineConfig:
         return cls(sampling=SamplingConfig(max_new_tokens=max_new_tokens), **kw)  # type: ignore[arg-type]
+
+    def chunk_size(self, n_chunks: int) -> int:
+        """Units in a segment's chunk after `n_chunks` chunks; 0 = all that remain."""
+        if self.chunk_units == 0:
+            return 0
+        return self.first_chunk_units if n_chunks == 0 else self.chunk_units
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"engine.{name} must be an int >= {minimum}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- events
@@ -100,10 +134,15 @@ class Segment:
 
 @dataclass
 class AudioChunk:
+    """A piece of one segment's speech. A segment's pieces come in order (`part` 0, 1, ...),
+    the one with `last` set closes it; joined they are the segment's audio."""
+
     index: int  # = the Segment index it voices
-    audio: np.ndarray  # [S] float32
+    audio: np.ndarray  # [S] float32 (may be empty, e.g. for a segment without units)
     sample_rate: int
-    units: list[int] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)  # units first rendered in this piece
+    part: int = 0  # position within the segment
+    last: bool = True
 
 
 @dataclass
@@ -115,7 +154,7 @@ class LatencyStats:
     first_text_tokens: int | None = None  # tokens decoded when the first text was yielded
     first_text_ms: float | None = None
     first_segment_tokens: int | None = None  # tokens decoded when the first segment closed
-    first_audio_tokens: int | None = None  # tokens decoded when the first audio was yielded
+    first_audio_tokens: int | None = None  # tokens decoded when the first audio piece came
     first_audio_ms: float | None = None
     total_ms: float = 0.0
     audio_seconds: float = 0.0
@@ -150,8 +189,19 @@ Event = TextDelta | Segment | AudioChunk | Final
 
 
 @dataclass
+class SpeechPiece:
+    """One piece of a segment's speech, as `Engine.stream_segment` makes it."""
+
+    part: int
+    audio: np.ndarray  # [S] float32
+    tokens: list[int]  # echo-decoder tokens decoded since the previous piece
+    units: list[int]  # units handed to the vocoder since the previous piece
+    last: bool
+
+
+@dataclass
 class SegmentSpeech:
-    """What a worker makes of one segment."""
+    """All of one segment's speech (its pieces joined)."""
 
     tokens: list[int]  # echo-decoder tokens (unit language or raw units)
     units: list[int]
@@ -201,18 +251,80 @@ class Engine:
         """s_t = cos(h_t, W_lm[trigger token]) for one state [D]."""
         return float(F.cosine_similarity(hidden.float(), self.trigger_row, dim=0))
 
-    def synthesize_segment(self, hidden: torch.Tensor, index: int = 0) -> SegmentSpeech:
-        """States [n, D] of one segment -> echo tokens -> units -> audio (worker-thread safe)."""
-        sampling = self.cfg.unit_sampling
+    def stream_segment(self, hidden: torch.Tensor, index: int = 0,
+                       stop: threading.Event | None = None) -> Iterator[SpeechPiece]:
+        """States [n, D] of one segment -> audio pieces, made as the echo decoder goes.
+
+        Units are cut into chunks by the config's schedule and rendered by the vocoder's
+        streaming API; a piece is yielded as soon as the vocoder returns it. The piece of the
+        last chunk carries the crossfade tail too and has `last` set: every segment ends with
+        exactly one `last` piece (empty audio when there are no units or no vocoder). When
+        `stop` is set the pieces end early, without a `last` one. Worker-thread safe.
+        """
+        cfg = self.cfg
+        sampling = cfg.unit_sampling
         if sampling is not None and sampling.seed is not None:  # same units whatever the order
             sampling = replace(sampling, seed=sampling.seed + index)
-        with torch.no_grad():
-            tokens = self.model.units_from_hidden([hidden], sampling)[0]
-        units = self.bundle.units(tokens)
-        if self.vocoder is None or not units:
-            return SegmentSpeech(tokens, units, np.zeros(0, dtype=np.float32))
-        audio = np.asarray(self.vocoder.synthesize(units), dtype=np.float32).reshape(-1)
-        return SegmentSpeech(tokens, units, audio)
+        tokens: list[int] = []  # decoded since the last piece
+        units: list[int] = []  # handed to the vocoder since the last piece
+        ended = False  # the last chunk has been handed over: the rest is rendering only
+        part = 0
+
+        def stopped() -> bool:
+            return stop is not None and stop.is_set()
+
+        def chunks() -> Iterator[list[int]]:
+            nonlocal ended
+            buf: list[int] = []
+            n_chunks = 0
+            size = cfg.chunk_size(0)
+            for tok in self.model.iter_units_from_hidden(hidden, sampling):
+                if stopped():
+                    return
+                tokens.append(tok)
+                buf += self.bundle.units([tok])  # a token's units do not depend on its neighbours
+                while size and len(buf) >= size:
+                    chunk, buf = buf[:size], buf[size:]
+                    units.extend(chunk)
+                    yield chunk
+                    n_chunks += 1
+                    size = cfg.chunk_size(n_chunks)
+            ended = True
+            units.extend(buf)
+            yield buf  # may be empty: synthesize_stream skips it
+
+        def piece(audio: np.ndarray, last: bool) -> SpeechPiece:
+            nonlocal part
+            out = SpeechPiece(part, audio, tokens[:], units[:], last)
+            tokens.clear()
+            units.clear()
+            part += 1
+            return out
+
+        if stopped():
+            return
+        rest: list[np.ndarray] = []  # audio after the last chunk was handed over
+        if self.vocoder is None:
+            for _ in chunks():
+                pass
+        else:
+            for audio in self.vocoder.synthesize_stream(chunks(), cfg.crossfade_ms,
+                                                        cfg.context_units):
+                if stopped():
+                    return
+                if ended:  # the last chunk's audio, then the crossfade tail: one last piece
+                    rest.append(audio)
+                else:
+                    yield piece(audio, last=False)
+        if not stopped():
+            yield piece(np.concatenate(rest) if rest else np.zeros(0, dtype=np.float32), True)
+
+    def synthesize_segment(self, hidden: torch.Tensor, index: int = 0) -> SegmentSpeech:
+        """States [n, D] of one segment -> echo tokens, units and audio, all at once."""
+        pieces = list(self.stream_segment(hidden, index))
+        return SegmentSpeech([t for p in pieces for t in p.tokens],
+                             [u for p in pieces for u in p.units],
+                             np.concatenate([p.audio for p in pieces]))
 
 
 # ----------------------------------------------------------------------------- session
@@ -233,10 +345,23 @@ class TurnState:
     text_tokens: int = 0  # tokens covered by the yielded text
 
 
+_DONE = object()  # a worker's last queue item: it returned, failed or was cancelled
+
+
 @dataclass
 class _Pending:
+    """A segment handed to a worker: its pieces arrive on `pieces`, then `_DONE`."""
+
     index: int
-    future: Future[SegmentSpeech]
+    pieces: queue.SimpleQueue[SpeechPiece | object]
+    future: Future[None]
+
+
+def _voice(engine: Engine, hidden: torch.Tensor, index: int,
+           out: queue.SimpleQueue[SpeechPiece | object], stop: threading.Event) -> None:
+    """Worker: put the segment's pieces on `out` as they are made."""
+    for piece in engine.stream_segment(hidden, index, stop):
+        out.put(piece)
 
 
 class Session:
@@ -306,15 +431,18 @@ class Session:
         turn.text, turn.text_tokens = text, len(turn.tokens)
         return TextDelta(piece, ids) if piece or ids else None
 
-    def _submit(self, seg: tuple[int, int], pending: deque[_Pending]) -> Segment:
+    def _submit(self, seg: tuple[int, int], pending: deque[_Pending],
+                stop: threading.Event) -> Segment:
         turn = self.turn
         assert turn is not None
         index = len(turn.segments)
         turn.segments.append(seg)
         start, end = seg
         h = torch.stack(turn.hidden[start:end])  # [n, D]
-        pending.append(_Pending(index, self.engine.pool.submit(
-            self.engine.synthesize_segment, h, index)))
+        pieces: queue.SimpleQueue[SpeechPiece | object] = queue.SimpleQueue()
+        future = self.engine.pool.submit(_voice, self.engine, h, index, pieces, stop)
+        future.add_done_callback(lambda _: pieces.put(_DONE))  # also runs when cancelled
+        pending.append(_Pending(index, pieces, future))
         text = self.engine.model.tokenizer.decode(turn.tokens[start:end], skip_special_tokens=True)
         return Segment(index, start, end, text)
 
@@ -323,19 +451,30 @@ class Session:
         turn = self.turn = self._start(user)
         stats = LatencyStats(prefix_tokens=turn.prefix_len)
         pending: deque[_Pending] = deque()
+        stop = threading.Event()  # set when the turn ends: workers of an abandoned turn quit
         chunks: list[np.ndarray] = []
 
         def ms() -> float:
             return (time.perf_counter() - t0) * 1000.0
 
         def deliver(block: bool) -> Iterator[AudioChunk]:
-            while pending and (block or pending[0].future.done()):
-                p = pending.popleft()
-                speech = p.future.result()
-                chunks.append(speech.audio)
-                if speech.audio.size and stats.first_audio_tokens is None:
+            """The pieces ready (or, with `block`, all), in segment then part order."""
+            while pending:
+                p = pending[0]
+                try:
+                    item = p.pieces.get(block=block)
+                except queue.Empty:
+                    return
+                if item is _DONE:  # the worker ended before its last piece
+                    p.future.result()  # raises the worker's error
+                    raise RuntimeError(f"the speech worker of segment {p.index} ended early")
+                if item.last:
+                    pending.popleft()
+                chunks.append(item.audio)
+                if item.audio.size and stats.first_audio_tokens is None:
                     stats.first_audio_tokens, stats.first_audio_ms = len(turn.tokens), ms()
-                yield AudioChunk(p.index, speech.audio, engine.sample_rate, speech.units)
+                yield AudioChunk(p.index, item.audio, engine.sample_rate, item.units,
+                                 item.part, item.last)
 
         def text_event(final: bool) -> Iterator[TextDelta]:
             delta = self._text_delta(final)
@@ -349,7 +488,7 @@ class Session:
                 return
             if stats.first_segment_tokens is None:
                 stats.first_segment_tokens = len(turn.tokens)
-            yield self._submit(seg, pending)
+            yield self._submit(seg, pending, stop)
 
         try:
             model = engine.model
@@ -379,8 +518,9 @@ class Session:
                     yield from close(seg)
             yield from deliver(block=True)
         finally:
-            for p in pending:  # the caller stopped early: drop queued work
+            for p in pending:  # the caller stopped early: drop queued work ...
                 p.future.cancel()
+            stop.set()  # ... and end the running one (after the cancels: no new one starts)
             turn.decode.cache = None  # the KV cache belongs to this turn only: free it
 
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)

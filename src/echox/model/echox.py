@@ -6,6 +6,7 @@ dataclass; generation state lives in `echox.model.generation` or the inference e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,3 +327,11 @@ class EchoX(nn.Module):
     def units_from_hidden(self, hidden: list[torch.Tensor], sampling: SamplingConfig | None = None) -> list[list[int]]:
         """Echo path: Adapter(H) -> echo decoder -> units."""
         return self.echo.generate([self.denoiser(h.to(self.device)) for h in hidden], sampling)
+
+    @torch.no_grad()
+    def iter_units_from_hidden(
+        self, hidden: torch.Tensor, sampling: SamplingConfig | None = None
+    ) -> Iterator[int]:
+        """`units_from_hidden` for one segment [n, D], yielding units as the echo decoder
+        samples them (the streaming engine voices the first ones before the last exist)."""
+        yield from self.echo.iter_generate(self.denoiser(hidden.to(self.device)), sampling)

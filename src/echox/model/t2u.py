@@ -11,13 +11,14 @@ The loss covers the unit positions and EOS only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from echox.config import T2CConfig
-from echox.model.generation import DecodeResult, SamplingConfig, decode
+from echox.model.generation import DecodeResult, SamplingConfig, decode, iter_decode
 from echox.model.prompt import IGNORE
 
 
@@ -113,16 +114,23 @@ class UnitDecoder(nn.Module):
         h = out.last_hidden_state
         return self.lm_head(h), h, out.past_key_values
 
+    @property
+    def _suppress_ids(self) -> list[int]:
+        return [self.text_prefix_id, self.unit_prefix_id, self.pad_id]
+
+    def greedy_sampling(self, cond_len: int) -> SamplingConfig:
+        """Greedy decoding with a unit budget proportional to the condition's length."""
+        budget = self.cfg.max_units_per_token * cond_len + 16
+        return SamplingConfig(max_new_tokens=min(self.cfg.max_positions // 2, budget))
+
     @torch.no_grad()
     def generate(
         self, cond: list[torch.Tensor], sampling: SamplingConfig | None = None, use_cache: bool = True
     ) -> list[list[int]]:
         """Units for each condition sequence (EOS-terminated, specials never emitted)."""
         embs, _ = self._rows(cond, None)
-        if sampling is None:  # greedy, budget proportional to the condition's length
-            longest = max(c.shape[0] for c in cond)
-            budget = self.cfg.max_units_per_token * longest + 16
-            sampling = SamplingConfig(max_new_tokens=min(self.cfg.max_positions // 2, budget))
+        if sampling is None:
+            sampling = self.greedy_sampling(max(c.shape[0] for c in cond))
         b, width = len(embs), max(e.shape[0] for e in embs)
         x = embs[0].new_zeros(b, width, embs[0].shape[-1])
         mask = torch.zeros(b, width, dtype=torch.long, device=x.device)
@@ -132,6 +140,25 @@ class UnitDecoder(nn.Module):
         res: DecodeResult = decode(
             self._step, lambda ids: self.model.embed_tokens(ids), x, mask,
             stop_ids=[self.eos_id], sampling=sampling, use_cache=use_cache,
-            suppress_ids=[self.text_prefix_id, self.unit_prefix_id, self.pad_id],
+            suppress_ids=self._suppress_ids,
         )
         return res.tokens
+
+    @torch.no_grad()
+    def iter_generate(
+        self, cond: torch.Tensor, sampling: SamplingConfig | None = None, use_cache: bool = True
+    ) -> Iterator[int]:
+        """`generate` for one condition [n, D], yielding each unit as soon as it is sampled.
+
+        A single row needs no padding, so the steps (and a seeded sampler's draws) are those
+        of `generate([cond])`: the units are the same. Closing the iterator stops decoding.
+        """
+        (emb,), _ = self._rows([cond], None)
+        sampling = sampling or self.greedy_sampling(cond.shape[0])
+        x = emb[None]  # [1, L, H]
+        mask = torch.ones(1, x.shape[1], dtype=torch.long, device=x.device)
+        for st in iter_decode(self._step, lambda ids: self.model.embed_tokens(ids), x, mask,
+                              stop_ids=[self.eos_id], sampling=sampling, use_cache=use_cache,
+                              suppress_ids=self._suppress_ids):
+            if bool(st.emitted[0]):
+                yield int(st.ids[0])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,7 @@ FORMAT = "echox-unit2mel"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+LOCAL_HIFIGAN = "hifigan"  # subfolder holding a non-packaged generator (save_generator layout)
 
 
 class DurationAlignmentError(VocoderInputError):
@@ -415,8 +416,10 @@ class Unit2Mel(nn.Module):
     def save_pretrained(
         self, folder: str | Path, vocoder: dict[str, Any] | None = None,
         extra_files: dict[str, str] | None = None,
+        write_extra: Callable[[Path], Any] | None = None,
     ) -> Path:
-        """Write config.json + model.safetensors into `folder` atomically (temp dir + rename)."""
+        """Write config.json + model.safetensors into `folder` atomically (temp dir + rename);
+        `write_extra(tmp)` may add more files to the temporary folder before the rename."""
         from safetensors.torch import save_file
 
         from echox.hub import atomic_dir
@@ -432,6 +435,8 @@ class Unit2Mel(nn.Module):
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
+            if write_extra is not None:
+                write_extra(tmp)
         return folder
 
     @staticmethod
@@ -621,10 +626,16 @@ class UnitMelVocoder(nn.Module, Vocoder):
 
     # -- checkpoints
     def save_pretrained(self, folder: str | Path) -> Path:
-        """The Unit2Mel weights + config; the HiFi-GAN is stored by name (packaged or a path)."""
-        meta = {"hifigan": self.hifigan, "output_sr": self.output_sr,
-                "context_units": self.default_context_units}
-        return self.unit2mel.save_pretrained(folder, vocoder=meta)
+        """The Unit2Mel weights + config. A packaged HiFi-GAN is stored by name; any other
+        generator is copied into `folder/hifigan/` so that the folder is self-contained."""
+        from echox.convert.hifigan import HIFIGAN_NAMES, SMALL_HIFIGAN, save_generator
+
+        packaged = self.hifigan in HIFIGAN_NAMES or self.hifigan == SMALL_HIFIGAN
+        meta = {"hifigan": self.hifigan if packaged else LOCAL_HIFIGAN,
+                "output_sr": self.output_sr, "context_units": self.default_context_units}
+        write = None if packaged else (lambda tmp: save_generator(self.generator,
+                                                                  tmp / LOCAL_HIFIGAN))
+        return self.unit2mel.save_pretrained(folder, vocoder=meta, write_extra=write)
 
     @classmethod
     def from_pretrained(
@@ -638,18 +649,32 @@ class UnitMelVocoder(nn.Module, Vocoder):
         meta = Unit2Mel.read_meta(folder).get("vocoder") or {}
         model = Unit2Mel.from_pretrained(folder, map_location)
         name = str(meta.get("hifigan", "universal"))
+        if generator is None:
+            generator = _load_generator(name, base=Path(folder))
         return cls(model, generator, output_sr or int(meta.get("output_sr", 16000)),
                    int(meta.get("context_units", 16)), hifigan=name).to(map_location)
 
 
-def _load_generator(name: str) -> nn.Module:
-    """A packaged HiFi-GAN (`universal`, `LJSpeech`) or a `generator_*` checkpoint path."""
-    from echox.convert.hifigan import HIFIGAN_NAMES, load_hifigan, load_hifigan_checkpoint
+def _load_generator(name: str, base: Path | None = None) -> nn.Module:
+    """A packaged HiFi-GAN (`universal`, `LJSpeech`, `small`), a `save_generator` folder or an
+    original `generator_*` checkpoint file; relative paths are taken from `base` when given."""
+    from echox.convert.hifigan import (
+        HIFIGAN_NAMES,
+        SMALL_HIFIGAN,
+        load_generator,
+        load_hifigan,
+        load_hifigan_checkpoint,
+    )
 
-    if name in HIFIGAN_NAMES:
+    if name in HIFIGAN_NAMES or name == SMALL_HIFIGAN:
         return load_hifigan(name)
     path = Path(name)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if path.is_dir():
+        return load_generator(path)
     if not path.is_file():
         raise VocoderFileNotFoundError(
-            f"HiFi-GAN {name!r} is neither one of {HIFIGAN_NAMES} nor an existing file")
+            f"HiFi-GAN {name!r} is neither one of {HIFIGAN_NAMES + (SMALL_HIFIGAN,)} nor an "
+            "existing folder or file")
     return load_hifigan_checkpoint(path)

@@ -156,6 +156,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from echox.train.vocoder_cli import cmd_train_vocoder
 
         return cmd_train_vocoder(args)
+    if args.stage == "hifigan":
+        from echox.train.vocoder_cli import cmd_train_hifigan
+
+        return cmd_train_hifigan(args)
     recipe = load_recipe(args.recipe, args.set or [])
     if args.data:
         recipe["data"]["train"] = args.data
@@ -182,9 +186,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_cli(sub: Any) -> None:
     p = sub.add_parser("train", help="train a stage: s2t, t2c, echo (or the vocoder)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["s2t", "t2c", "echo", "vocoder"],
+    p.add_argument("stage", choices=["s2t", "t2c", "echo", "vocoder", "hifigan"],
                    help="vocoder: the unit->mel model for the HiFi-GAN (options: --recipe with "
-                        "vocoder/train/data sections, --data, --out, --max-steps, --batch-size, --lr)")
+                        "vocoder/train/data sections, --data, --out, --max-steps, --batch-size, "
+                        "--lr); hifigan: distil the packaged HiFi-GAN V1 into a V2-size "
+                        "generator (--data, --unit2mel, --windows, --pool, --out, --max-steps)")
     p.add_argument("--recipe", help="recipe YAML (model, train, data); e.g. recipes/tiny/s2t.yaml")
     p.add_argument("--data", help="training manifest (dialogues JSONL for s2t/echo, TTS JSONL with units for t2c)")
     p.add_argument("--eval-data", help="evaluation manifest")
@@ -199,6 +205,13 @@ def add_cli(sub: Any) -> None:
                    help="echo: pseudo-labels from the frozen T2C (EchoX) or gold units (baseline)")
     p.add_argument("--pseudo-labels", choices=["online", "offline"])
     p.add_argument("--threads", type=int, help="torch threads per process (1 on a busy CPU)")
+    hg = p.add_argument_group("hifigan stage")
+    hg.add_argument("--teacher", help="packaged HiFi-GAN to distil (default universal)")
+    hg.add_argument("--unit2mel", help="a Unit2Mel folder: half the windows come from its mels")
+    hg.add_argument("--windows", type=int, default=1500, help="teacher-rendered mel windows")
+    hg.add_argument("--window-frames", type=int, default=80, help="frames per pool window")
+    hg.add_argument("--pool", help="teacher pool file (reused when it exists)")
+    hg.add_argument("--limit", type=int, help="read only this many manifest records")
     p.add_argument("--stop-at", type=int, help="stop after this step (checkpoints stay resumable)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override, e.g. --set train.warmup_steps=10 --set model.llm.lora.r=8")

