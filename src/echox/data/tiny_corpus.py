@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import queue
 import random
 import re
 import shutil
@@ -444,9 +445,9 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
                       llm_threads: int = 1, piper_workers: int = 2) -> CorpusSummary:
     """Build (or finish building) the tiny spoken-QA corpus in ``out_dir``; see the module doc.
 
-    The question audio is spoken by one piper process while the LLM answers on one thread,
-    so two cores are both busy without oversubscription; the answers are spoken afterwards
-    by ``piper_workers`` processes.
+    One piper process speaks the questions, then each batch of answers as soon as the LLM
+    (one thread) has written it, so two cores are both busy without oversubscription; the
+    answers still unspoken when the LLM ends are shared by ``piper_workers`` processes.
     """
     t0 = time.perf_counter()
     if set(voices) - {"piper", "espeak"} or "piper" not in voices:
@@ -465,24 +466,44 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
     warnings: list[str] = []
     step_s: dict[str, float] = {}
 
+    piper_failed: set[Path] = set()
+
     def piper_step(jobs: list[tuple[str, Path]], **kw: Any) -> None:
-        todo = [(t, p) for t, p in jobs if not _done(p)]
-        work["piper_cached"] += len(jobs) - len(todo)
+        todo = [(t, p) for t, p in jobs if not _done(p)]  # wavs already there are skipped
         made, failed = piper_synthesize(todo, progress=progress, **kw)
         work["piper_synthesized"] += made
-        work["piper_failed"] += len(failed)
+        piper_failed.update(failed)
 
-    # 1. LLM answers (appended per batch) while piper speaks the questions
+    # 1. LLM answers (appended per batch) while piper speaks the questions, then the answers
+    #    that are ready: one core each, so the answer audio is mostly done with the text.
     t = time.perf_counter()
     answers_path = out / "answers.jsonl"
     answers = _read_answers(answers_path)
     todo = [q for _, q in named if q.id not in answers]
     work["answers_cached"] = len(named) - len(todo)
-    stop = threading.Event()
+    stop, llm_done = threading.Event(), threading.Event()
+    ready: queue.Queue[tuple[str, Path]] = queue.Queue()
+    for n, q in named:  # answers from an earlier run
+        if q.id in answers:
+            ready.put((answers[q.id]["answer"], _wav(out, n, "a", q.id)))
+    split_of = {q.id: n for n, q in named}
+
+    def speak_in_background() -> None:
+        piper_step([(q.question, _wav(out, n, "q", q.id)) for n, q in named], workers=1,
+                   stop=stop, desc="piper questions")
+        while not (stop.is_set() or llm_done.is_set()):  # the rest goes to step 2's workers
+            jobs = []
+            try:
+                jobs.append(ready.get(timeout=0.5))
+                while True:
+                    jobs.append(ready.get_nowait())
+            except queue.Empty:
+                pass
+            if jobs:
+                piper_step(jobs, workers=1, stop=stop, desc="piper answers (early)")
+
     with ThreadPoolExecutor(1) as background:
-        q_jobs = [(q.question, _wav(out, n, "q", q.id)) for n, q in named]
-        speaking = background.submit(piper_step, q_jobs, workers=1, stop=stop,
-                                     desc="piper questions")
+        speaking = background.submit(speak_in_background)
         try:
             with answers_path.open("a", encoding="utf-8") as f:
                 batches = generate_answers(llm, [q.question for q in todo],
@@ -494,19 +515,24 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
                         answers[q.id] = {"id": q.id, "answer": text, "truncated": not hit_eos,
                                          "correct": exist_match(text, list(q.answers))}
                         f.write(json.dumps(answers[q.id], ensure_ascii=False) + "\n")
+                        ready.put((text, _wav(out, split_of[q.id], "a", q.id)))
                     f.flush()
                     work["answers_generated"] += len(batch)
         except BaseException:
             stop.set()
             raise
+        finally:
+            llm_done.set()
         speaking.result()
     step_s["answers_and_question_audio"] = time.perf_counter() - t
 
-    # 2. piper speaks the answers; 3. espeak-ng the test questions
+    # 2. piper speaks the answers not spoken yet; 3. espeak-ng the test questions
     t = time.perf_counter()
     piper_step([(answers[q.id]["answer"], _wav(out, n, "a", q.id)) for n, q in named],
                workers=piper_workers, desc="piper answers")
     step_s["answer_audio"] = time.perf_counter() - t
+    work["piper_failed"] = sum(1 for path in piper_failed if not _done(path))  # once each
+    work["piper_cached"] = 2 * len(named) - work["piper_synthesized"] - work["piper_failed"]
     t = time.perf_counter()
     if "espeak" in voices and shutil.which("espeak-ng") is None:
         warnings.append("espeak-ng is not installed: the second-voice test set "

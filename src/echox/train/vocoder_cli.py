@@ -41,6 +41,8 @@ def load_pairs(manifest: str, sample_rate: int, limit: int | None = None) -> lis
 
 
 def cmd_train_vocoder(args: argparse.Namespace) -> int:
+    import torch
+
     from echox.model.unit2mel import Unit2MelConfig, UnitMelVocoder
     from echox.train.vocoder import train_unit2mel
 
@@ -55,18 +57,28 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
         if section not in recipe or not name:
             raise ConfigError(f"--set {s!r}: use vocoder.KEY=V, train.KEY=V or data.KEY=V")
         recipe[section][name] = yaml.safe_load(val)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = recipe["data"]
     train_path = args.data or data.get("train")
     if not train_path:
         raise ConfigError("give --data: a TTS manifest with units and counts")
-    cfg = Unit2MelConfig.from_dict(recipe["vocoder"], source="vocoder section")
+    init = None
+    if args.init:  # continue training a Unit2Mel (a vocoder folder is one too)
+        from echox.model.unit2mel import Unit2Mel
+
+        init = Unit2Mel.from_pretrained(args.init).train()
+        cfg = init.config
+    else:
+        cfg = Unit2MelConfig.from_dict(recipe["vocoder"], source="vocoder section")
     tr = recipe["train"]
     out = Path(args.output_dir or tr.get("output_dir", "runs/vocoder"))
     pairs = load_pairs(train_path, cfg.sample_rate, data.get("limit"))
     res = train_unit2mel(
         pairs, cfg, steps=args.max_steps or tr.get("steps", 2000), lr=args.lr or tr.get("lr", 1e-3),
         batch_size=args.batch_size or tr.get("batch_size", 16), out_dir=out / "unit2mel",
-        log_every=tr.get("log_every", 50), seed=tr.get("seed", 0),
+        log_every=tr.get("log_every", 50), seed=tr.get("seed", 0), model=init,
+        warmup=tr.get("warmup"),
     )
     voc = UnitMelVocoder(res["model"].eval(), output_sr=tr.get("output_sr", 16000),
                          hifigan=tr.get("hifigan", "universal"))
