@@ -90,3 +90,36 @@ def test_weights_that_do_not_fit_are_reported(make_model, tmp_path):
     (folder / "checksums.json").write_text(json.dumps(sums))
     with pytest.raises(CheckpointError, match="does not fit"):
         EchoX.from_pretrained(folder)
+
+
+def test_slim_checkpoint_for_shipping(make_model, tmp_path):
+    """omit the T2C and store float16: smaller, loads back in float32, same outputs to fp16."""
+    from safetensors import safe_open
+
+    m = make_model()
+    _perturb(m)
+    m.trained_stages = ["s2t", "t2c", "echo"]
+    full = m.save_pretrained(tmp_path / "full")
+    slim = m.save_pretrained(tmp_path / "slim", omit_parts=("t2c",), dtype=torch.float16)
+    meta = json.loads((slim / "config.json").read_text())
+    assert meta["omitted_parts"] == ["t2c"] and meta["weights_dtype"] == "float16"
+    assert meta["trained_stages"] == ["s2t", "echo"]  # the T2C is gone, so is its stage
+    with safe_open(str(slim / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert not any(k.startswith("t2c.") for k in keys)
+        assert {f.get_tensor(k).dtype for k in keys} == {torch.float16}
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(slim) < 0.5 * size(full)
+    back = EchoX.from_pretrained(slim)
+    assert back.trained_stages == ["s2t", "echo"]
+    assert all(p.dtype == torch.float32 for p in back.parameters())
+    m.eval()
+    back.eval()
+    b = m.collate([[Turn("user", audio=noise(0.9, 3), transcript="hi"),
+                    Turn("assistant", text="Hello there.")]])
+    torch.testing.assert_close(back.forward_s2t(b).logits, m.forward_s2t(b).logits,
+                               rtol=0.02, atol=0.02)
+    torch.testing.assert_close(back.forward_echo(b, [[1, 2, 3, 4]]).units.logits,
+                               m.forward_echo(b, [[1, 2, 3, 4]]).units.logits, rtol=0.02, atol=0.02)
+    with pytest.raises(CheckpointError, match="only \\['t2c'\\]"):
+        m.save_pretrained(tmp_path / "bad", omit_parts=("echo",))

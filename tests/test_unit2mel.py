@@ -332,3 +332,37 @@ def test_real_hifigan_renders_16k_audio(tmp_path) -> None:
     voc.save_pretrained(tmp_path / "v")
     back = UnitMelVocoder.from_pretrained(tmp_path / "v")  # names "universal": reloads it
     assert np.array_equal(back.synthesize(units), audio)
+
+
+def test_bundle_cli_slim_with_another_hifigan(tmp_path, capsys) -> None:
+    """`echox bundle --slim --hifigan DIR`: float16, no T2C, the generator travels along."""
+    from echox.cli import main
+    from echox.config import preset_config
+    from echox.convert.hifigan import save_generator
+    from echox.infer.bundle import load_bundle
+    from echox.model.echox import EchoX
+
+    torch.manual_seed(0)
+    model = EchoX.build(preset_config("tiny-random"))
+    model.trained_stages = ["s2t", "t2c", "echo"]
+    model.save_pretrained(tmp_path / "ckpt")
+    UnitMelVocoder(tiny_model(num_units=50), tiny_generator(), hifigan="first"
+                   ).save_pretrained(tmp_path / "voc")
+    other = tiny_generator(seed=3)
+    save_generator(other, tmp_path / "gen")
+    code = main(["bundle", "--model", str(tmp_path / "ckpt"), "--vocoder", str(tmp_path / "voc"),
+                 "--hifigan", str(tmp_path / "gen"), "--slim", "--out", str(tmp_path / "b")])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert meta["omitted_parts"] == ["t2c"] and meta["weights_dtype"] == "float16"
+    assert (tmp_path / "b" / "vocoder" / "hifigan" / "generator.safetensors").is_file()
+    b = load_bundle(tmp_path / "b")
+    x = torch.randn(1, 16, 9)
+    with torch.no_grad():  # the replacement generator, up to float16 rounding
+        torch.testing.assert_close(b.vocoder.generator(x), other(x), rtol=0.02, atol=0.02)
+    assert b.vocoder.synthesize([1, 2, 3]).size > 0
+    # a CodeHiFiGAN-free check: a bad generator path is one clear line
+    code = main(["bundle", "--model", str(tmp_path / "ckpt"), "--vocoder", str(tmp_path / "voc"),
+                 "--hifigan", str(tmp_path / "nope"), "--out", str(tmp_path / "b2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load the HiFi-GAN" in err and "Traceback" not in err

@@ -4,7 +4,9 @@ Layout::
 
     config.json          {"format": "echox", "format_version": 1, "config": {...}}
     model.safetensors    the trained parts only (speech adapter, LoRA, T2C, echo, denoiser,
-                         rows of added tokens); frozen base weights are named in the config
+                         rows of added tokens); frozen base weights are named in the config.
+                         A shipped bundle may leave out the T2C ("omitted_parts") and store
+                         float16 ("weights_dtype"); loading casts to the model's dtype
     tokenizer/           the LLM tokenizer with EchoX's added tokens
     checksums.json       sha256 of every file above, checked on load
     <extra files>        e.g. training_args.json
@@ -67,24 +69,46 @@ def trained_state(model: "EchoX", full_state: dict[str, torch.Tensor] | None = N
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
 
+OMITTABLE = ("t2c",)  # parts inference never runs (the T2C only labels Stage III's data)
+
+
 def save_checkpoint(
     model: "EchoX",
     folder: Path,
     extra_files: dict[str, str] | None = None,
     extra_writer: Callable[[Path], None] | None = None,
     full_state: dict[str, torch.Tensor] | None = None,
+    omit_parts: tuple[str, ...] = (),
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the checkpoint atomically; `extra_writer(tmp)` may add files (e.g. optimizer
-    state) that are renamed into place together with the weights."""
+    state) that are renamed into place together with the weights.
+
+    For shipping, `omit_parts=("t2c",)` leaves out the T2C (its stage is then no longer
+    recorded as trained) and `dtype=torch.float16` halves the file; loading casts back to the
+    model's dtype.
+    """
     from safetensors.torch import save_file
 
+    bad = sorted(set(omit_parts) - set(OMITTABLE))
+    if bad:
+        raise CheckpointError(f"cannot omit {bad}: only {list(OMITTABLE)} can be left out")
+    state = trained_state(model, full_state)
+    drop = tuple(f"{p}." for p in omit_parts)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             for k, v in state.items() if not k.startswith(drop)}
+    stages = [s for s in model.trained_stages if s not in omit_parts]
     with atomic_dir(folder) as tmp:
-        save_file(trained_state(model, full_state), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         meta: dict[str, Any] = {
             "format": "echox", "format_version": FORMAT_VERSION, "echox_version": __version__,
             "config": model.config.to_dict(),
-            "trained_stages": list(model.trained_stages),
+            "trained_stages": stages,
         }
+        if omit_parts:
+            meta["omitted_parts"] = sorted(omit_parts)
+        if dtype is not None:
+            meta["weights_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         for name, text in (extra_files or {}).items():
@@ -140,15 +164,19 @@ def load_checkpoint(cls: type["EchoX"], folder: Path) -> "EchoX":
         raise CheckpointError(f"{folder / CONFIG}: invalid config: {e}") from e
     tok = load_tokenizer(folder / "tokenizer", config.llm.audio_token)
     model = cls.build(config, tokenizer=tok)
-    load_weights(model, folder, verified=True)
+    omitted = meta.get("omitted_parts") or []
+    if not isinstance(omitted, list) or set(omitted) - set(OMITTABLE):
+        raise CheckpointError(f"{folder / CONFIG}: bad omitted_parts {omitted!r}")
+    load_weights(model, folder, verified=True, omitted=tuple(omitted))
     model.trained_stages = list(meta.get("trained_stages", []))
     return model
 
 
 def load_weights(model: "EchoX", folder: Path, parts: list[str] | None = None,
-                 verified: bool = False) -> None:
+                 verified: bool = False, omitted: tuple[str, ...] = ()) -> None:
     """Load a checkpoint's trained weights into an existing model (all, or only `parts`,
-    e.g. ["t2c"] to take the T2C of a Stage II run)."""
+    e.g. ["t2c"] to take the T2C of a Stage II run); `omitted` parts are not in the file and
+    keep their initial weights. Tensors are cast to the model's dtypes."""
     from safetensors.torch import load_file
 
     if not verified:
@@ -158,7 +186,9 @@ def load_weights(model: "EchoX", folder: Path, parts: list[str] | None = None,
     except Exception as e:  # noqa: BLE001 - safetensors raises several error types
         raise CheckpointError(f"cannot read {folder / WEIGHTS}: {e}") from e
     added = {k[len(ADDED):]: sd.pop(k) for k in list(sd) if k.startswith(ADDED)}
-    expected = {k for k in model.state_dict() if not is_base_key(model, k)}
+    skip = tuple(f"{p}." for p in omitted)
+    expected = {k for k in model.state_dict()
+                if not is_base_key(model, k) and not (skip and k.startswith(skip))}
     if parts is not None:
         keep = tuple(f"{p}." for p in parts)
         sd = {k: v for k, v in sd.items() if k.startswith(keep)}

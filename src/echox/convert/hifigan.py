@@ -382,15 +382,17 @@ def load_hifigan(name: str = "universal") -> HiFiGANGenerator:
 
 
 def save_generator(generator: HiFiGANGenerator, folder: Path | str,
-                   extra: dict | None = None) -> Path:
+                   extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write `config.json` (original HiFi-GAN schema, plus `extra` under "echox") and
-    `generator.safetensors` into `folder`, atomically."""
+    `generator.safetensors` into `folder`, atomically; `dtype` (e.g. float16) stores smaller
+    weights, which `load_generator` casts back to float32."""
     from safetensors.torch import save_file
 
     from echox.fileio import atomic_dir
 
     folder = Path(folder)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in generator.state_dict().items()}
+    state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous().clone()
+             for k, v in generator.state_dict().items()}
     config = generator.config.to_dict()
     if extra:
         config["echox"] = extra

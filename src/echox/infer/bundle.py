@@ -111,8 +111,8 @@ def load_vocoder(folder: str | Path, device: str | torch.device = "cpu") -> Voco
                       f"{FAIRSEQ_CHECKPOINT}, or a UnitMelVocoder config.json + model.safetensors)")
 
 
-def save_vocoder(vocoder: Vocoder, folder: str | Path) -> Path:
-    """Write a vocoder in the layout `load_vocoder` reads."""
+def save_vocoder(vocoder: Vocoder, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a vocoder in the layout `load_vocoder` reads (`dtype`: see `save_bundle`)."""
     folder = Path(folder)
     if isinstance(vocoder, CodeHiFiGAN):
         folder.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,10 @@ def save_vocoder(vocoder: Vocoder, folder: str | Path) -> Path:
     if save is None:
         raise BundleError(f"cannot save a {type(vocoder).__name__} into a bundle "
                           "(it has no save_pretrained)")
-    save(folder)
+    if dtype is not None:
+        save(folder, dtype=dtype)
+    else:
+        save(folder)
     return folder
 
 
@@ -196,19 +199,27 @@ def save_bundle(
     vocoder: Vocoder | None = None,
     unit_language: UnitLanguage | None = None,
     extra_files: dict[str, str] | None = None,
+    slim: bool = False,
 ) -> Path:
-    """Write model + vocoder + unit language atomically; all files go into checksums.json."""
+    """Write model + vocoder + unit language atomically; all files go into checksums.json.
+
+    `slim` writes what inference needs, in float16: no T2C (only training uses it), and the
+    vocoder's weights halved too. Loading casts back to float32, so a slim bundle answers
+    like the full one up to float16 rounding of the weights.
+    """
     folder = Path(folder)
+    dtype = torch.float16 if slim else None
 
     def write_parts(tmp: Path) -> None:
         if vocoder is not None:
-            save_vocoder(vocoder, tmp / VOCODER_DIR)
+            save_vocoder(vocoder, tmp / VOCODER_DIR, dtype=dtype)
         if unit_language is not None:
             unit_language.save(tmp / UNIT_LANGUAGE_DIR)
 
     bundle = Bundle(model, vocoder, unit_language, folder)
     check_bundle(bundle)
-    model.save_pretrained(folder, extra_files=extra_files, extra_writer=write_parts)
+    model.save_pretrained(folder, extra_files=extra_files, extra_writer=write_parts,
+                          omit_parts=("t2c",) if slim else (), dtype=dtype)
     return folder
 
 
@@ -233,13 +244,24 @@ def cmd_bundle(args: Any) -> int:
         print(f"echox: warning: {args.model} was not trained with stage echo "
               f"({model.trained_stages}); its speech output is untrained", file=sys.stderr)
     vocoder = load_vocoder(args.vocoder) if args.vocoder else None
+    if args.hifigan:
+        from echox.model.unit2mel import UnitMelVocoder, load_named_generator
+
+        if not isinstance(vocoder, UnitMelVocoder):
+            raise BundleError("--hifigan needs a unit->mel --vocoder (not a CodeHiFiGAN)")
+        try:
+            generator = load_named_generator(args.hifigan)
+        except Exception as e:  # noqa: BLE001 - checkpoint and missing-file errors
+            raise BundleError(f"cannot load the HiFi-GAN {args.hifigan}: {e}") from e
+        vocoder = UnitMelVocoder(vocoder.unit2mel, generator, vocoder.output_sr,
+                                 vocoder.default_context_units, hifigan=args.hifigan)
     lang = None
     if args.unit_language:
         try:
             lang = UnitLanguage.load(args.unit_language)
         except Exception as e:  # noqa: BLE001 - UnitError and OS errors
             raise BundleError(f"cannot load the unit language {args.unit_language}: {e}") from e
-    out = save_bundle(args.out, model, vocoder, lang)
+    out = save_bundle(args.out, model, vocoder, lang, slim=args.slim)
     print(json.dumps({"bundle": str(out), **bundle_info(Bundle(model, vocoder, lang, out))}))
     return 0
 
@@ -249,5 +271,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--model", required=True, help="EchoX checkpoint (e.g. runs/tiny/echo/model)")
     p.add_argument("--vocoder", help="vocoder folder (unit->mel model, or fairseq g_* + vocoder_config.json)")
     p.add_argument("--unit-language", help="unit language folder (echox units train-language)")
+    p.add_argument("--hifigan", help="replace the unit->mel vocoder's HiFi-GAN: universal, "
+                                     "LJSpeech, small, or a generator folder/file")
+    p.add_argument("--slim", action="store_true",
+                   help="inference only: leave out the T2C and store float16 weights")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.set_defaults(func=cmd_bundle)

@@ -123,11 +123,14 @@ class EchoX(nn.Module):
         return load_checkpoint(cls, Path(folder))
 
     def save_pretrained(self, folder: str | Path, extra_files: dict[str, str] | None = None,
-                        extra_writer: Any = None, full_state: dict[str, torch.Tensor] | None = None) -> Path:
+                        extra_writer: Any = None, full_state: dict[str, torch.Tensor] | None = None,
+                        omit_parts: tuple[str, ...] = (), dtype: torch.dtype | None = None) -> Path:
+        """See `echox.checkpoint.save_checkpoint` (`omit_parts`/`dtype` slim a shipped copy)."""
         from echox.checkpoint import save_checkpoint
 
         return save_checkpoint(self, Path(folder), extra_files=extra_files,
-                               extra_writer=extra_writer, full_state=full_state)
+                               extra_writer=extra_writer, full_state=full_state,
+                               omit_parts=omit_parts, dtype=dtype)
 
     @property
     def device(self) -> torch.device:

@@ -417,15 +417,17 @@ class Unit2Mel(nn.Module):
         self, folder: str | Path, vocoder: dict[str, Any] | None = None,
         extra_files: dict[str, str] | None = None,
         write_extra: Callable[[Path], Any] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Path:
         """Write config.json + model.safetensors into `folder` atomically (temp dir + rename);
-        `write_extra(tmp)` may add more files to the temporary folder before the rename."""
+        `write_extra(tmp)` may add more files to the temporary folder before the rename.
+        `dtype` (e.g. float16) stores smaller weights; loading casts them back."""
         from safetensors.torch import save_file
 
         from echox.hub import atomic_dir
 
         folder = Path(folder)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        state = {k: _stored(v, dtype) for k, v in self.state_dict().items()}
         meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
                                 "unit2mel": self.config.to_dict()}
         if vocoder is not None:
@@ -535,7 +537,7 @@ class UnitMelVocoder(nn.Module, Vocoder):
     ) -> None:
         super().__init__()
         if generator is None:
-            generator = _load_generator(hifigan)
+            generator = load_named_generator(hifigan)
         gcfg = getattr(generator, "config", None)
         mel = getattr(gcfg, "mel", None)
         c = unit2mel.config
@@ -625,7 +627,7 @@ class UnitMelVocoder(nn.Module, Vocoder):
         return ChunkAudio(audio[start - keep :], keep)
 
     # -- checkpoints
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
         """The Unit2Mel weights + config. A packaged HiFi-GAN is stored by name; any other
         generator is copied into `folder/hifigan/` so that the folder is self-contained."""
         from echox.convert.hifigan import HIFIGAN_NAMES, SMALL_HIFIGAN, save_generator
@@ -633,9 +635,9 @@ class UnitMelVocoder(nn.Module, Vocoder):
         packaged = self.hifigan in HIFIGAN_NAMES or self.hifigan == SMALL_HIFIGAN
         meta = {"hifigan": self.hifigan if packaged else LOCAL_HIFIGAN,
                 "output_sr": self.output_sr, "context_units": self.default_context_units}
-        write = None if packaged else (lambda tmp: save_generator(self.generator,
-                                                                  tmp / LOCAL_HIFIGAN))
-        return self.unit2mel.save_pretrained(folder, vocoder=meta, write_extra=write)
+        write = None if packaged else (lambda tmp: save_generator(
+            self.generator, tmp / LOCAL_HIFIGAN, dtype=dtype))
+        return self.unit2mel.save_pretrained(folder, vocoder=meta, write_extra=write, dtype=dtype)
 
     @classmethod
     def from_pretrained(
@@ -650,12 +652,20 @@ class UnitMelVocoder(nn.Module, Vocoder):
         model = Unit2Mel.from_pretrained(folder, map_location)
         name = str(meta.get("hifigan", "universal"))
         if generator is None:
-            generator = _load_generator(name, base=Path(folder))
+            generator = load_named_generator(name, base=Path(folder))
         return cls(model, generator, output_sr or int(meta.get("output_sr", 16000)),
                    int(meta.get("context_units", 16)), hifigan=name).to(map_location)
 
 
-def _load_generator(name: str, base: Path | None = None) -> nn.Module:
+def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A detached CPU copy for safetensors, floating tensors cast to `dtype` when given."""
+    t = t.detach().cpu()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.contiguous().clone()
+
+
+def load_named_generator(name: str, base: Path | None = None) -> nn.Module:
     """A packaged HiFi-GAN (`universal`, `LJSpeech`, `small`), a `save_generator` folder or an
     original `generator_*` checkpoint file; relative paths are taken from `base` when given."""
     from echox.convert.hifigan import (
