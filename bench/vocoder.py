@@ -1,11 +1,14 @@
 """Vocoder quality and speed: resynthesize held-out answers from their units.
 
     python bench/vocoder.py --vocoder runs/tiny/vocoder/model \
-        --manifest data/tiny/test/tts_units.jsonl --n 50
+        --manifest data/tiny/test/tts_units.jsonl --n 50 [--hifigan universal --hifigan small]
 
 Prints the ASR word error rate (Whisper tiny.en via faster-whisper) of the original piper
 audio and of the resynthesis against the text, and the real-time factor of synthesis
-(seconds of compute per second of audio) on this machine.
+(seconds of compute per second of audio) on this machine. With a unit->mel vocoder, each
+`--hifigan` (a packaged name or a generator folder) is measured in turn on the same mels, and
+`--copy-synthesis` adds the generator run on the original audio's own mel (the ceiling of the
+mel route).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", required=True, help="TTS JSONL with text, audio and units")
     ap.add_argument("--n", type=int, default=50, help="records to use")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--hifigan", action="append",
+                    help="unit->mel vocoders: HiFi-GAN to measure (repeatable; default: its own)")
+    ap.add_argument("--copy-synthesis", action="store_true",
+                    help="also vocode the original audio's mel with each HiFi-GAN")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -36,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from echox.eval.asr import FasterWhisperASR
     from echox.eval.wer import wer
     from echox.infer.bundle import load_vocoder
+    from echox.model.unit2mel import UnitMelVocoder, load_named_generator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,34 +53,69 @@ def main(argv: list[str] | None = None) -> int:
     if not recs:
         print(f"{path}: no records with units and audio", file=sys.stderr)
         return 2
-    voc = load_vocoder(args.vocoder)
+    base = load_vocoder(args.vocoder)
+    variants = [("own", base)]
+    if args.hifigan:
+        if not isinstance(base, UnitMelVocoder):
+            print("--hifigan needs a unit->mel vocoder", file=sys.stderr)
+            return 2
+        variants = [(name, UnitMelVocoder(base.unit2mel, load_named_generator(name), base.output_sr,
+                                          base.default_context_units, hifigan=name))
+                    for name in args.hifigan]
     asr = FasterWhisperASR()
-    refs, hyp_orig, hyp_syn, rtfs = [], [], [], []
-    synth_s = audio_s = 0.0
-    for r in recs:
-        audio = Path(r["audio"]) if Path(r["audio"]).is_absolute() else path.parent / r["audio"]
-        orig = load_audio(audio, 16000, max_seconds=None)
-        t0 = time.perf_counter()
-        wav = voc.synthesize(r["units"])
-        dt = time.perf_counter() - t0
-        dur = wav.size / voc.sample_rate
-        synth_s, audio_s = synth_s + dt, audio_s + dur
-        rtfs.append(dt / max(dur, 1e-9))
-        refs.append(r["text"])
-        hyp_orig.append(asr.transcribe(orig, 16000))
-        hyp_syn.append(asr.transcribe(wav, voc.sample_rate))
-    res = {
-        "n": len(recs), "wer_original": wer(refs, hyp_orig), "wer_resynthesis": wer(refs, hyp_syn),
-        "rtf_total": synth_s / audio_s, "rtf_median": float(np.median(rtfs)),
-        "audio_seconds": audio_s, "threads": torch.get_num_threads(),
-    }
-    print(f"| audio | WER (Whisper tiny.en) | n |\n|---|---|---|\n"
-          f"| original piper | {res['wer_original']:.3f} | {res['n']} |\n"
-          f"| resynthesis from units | {res['wer_resynthesis']:.3f} | {res['n']} |")
-    print(f"\nRTF {res['rtf_total']:.3f} overall, median {res['rtf_median']:.3f} "
-          f"({res['audio_seconds']:.1f} s of audio, {res['threads']} torch threads)")
-    for ref, h in list(zip(refs, hyp_syn))[:3]:
-        print(f"  ref: {ref}\n  syn: {h}")
+    refs = [r["text"] for r in recs]
+    audio_paths = [Path(r["audio"]) if Path(r["audio"]).is_absolute() else path.parent / r["audio"]
+                   for r in recs]
+    hyp_orig = [asr.transcribe(load_audio(a, 16000, max_seconds=None), 16000) for a in audio_paths]
+    res: dict = {"n": len(recs), "wer_original": wer(refs, hyp_orig),
+                 "threads": torch.get_num_threads(), "variants": {}}
+    rows = [("original piper", res["wer_original"], None, None)]
+    for name, voc in variants:
+        voc.synthesize(recs[0]["units"])  # warm-up: lazy init is not part of the RTF
+        hyps, rtfs, synth_s, audio_s, voc_s = [], [], 0.0, 0.0, 0.0
+        for r in recs:
+            t0 = time.perf_counter()
+            if isinstance(voc, UnitMelVocoder):  # synthesize() in its two timed halves
+                mel = voc.unit2mel.infer(voc._clean(r["units"])).mel
+                t1 = time.perf_counter()
+                wav = voc._resample(voc._vocode(mel))
+                voc_s += time.perf_counter() - t1
+            else:
+                wav = voc.synthesize(r["units"])
+            dt = time.perf_counter() - t0
+            dur = wav.size / voc.sample_rate
+            synth_s, audio_s = synth_s + dt, audio_s + dur
+            rtfs.append(dt / max(dur, 1e-9))
+            hyps.append(asr.transcribe(wav, voc.sample_rate))
+        v = {"wer_resynthesis": wer(refs, hyps), "rtf_total": synth_s / audio_s,
+             "rtf_median": float(np.median(rtfs)), "audio_seconds": audio_s,
+             "examples": [{"ref": a, "syn": b} for a, b in list(zip(refs, hyps))[:3]]}
+        if isinstance(voc, UnitMelVocoder):  # how the time splits between the two models
+            v["rtf_generator"] = voc_s / audio_s
+            v["params_generator"] = sum(p.numel() for p in voc.generator.parameters())
+        res["variants"][name] = v
+        rows.append((f"units -> {name}", v["wer_resynthesis"], v["rtf_total"], v.get("rtf_generator")))
+        if args.copy_synthesis and isinstance(voc, UnitMelVocoder):
+            from echox.convert.hifigan import mel_spectrogram
+
+            spec = voc.generator.config.mel
+            hyps = []
+            for a in audio_paths:
+                wav = torch.from_numpy(load_audio(a, spec.sampling_rate, max_seconds=None))
+                n = wav.numel() // spec.hop_length * spec.hop_length
+                with torch.inference_mode():
+                    out = voc.generator(mel_spectrogram(wav[:n], spec))[0].numpy()
+                hyps.append(asr.transcribe(out, spec.sampling_rate))
+            v["wer_copy_synthesis"] = wer(refs, hyps)
+            rows.append((f"original mel -> {name}", v["wer_copy_synthesis"], None, None))
+    print("| audio | WER (Whisper tiny.en) | RTF | of which HiFi-GAN |\n|---|---|---|---|")
+    for label, w, rtf, g in rows:
+        f = (lambda x: "-" if x is None else f"{x:.3f}")  # noqa: E731
+        print(f"| {label} | {w:.3f} | {f(rtf)} | {f(g)} |")
+    print(f"\n{res['n']} records, {res['threads']} torch threads")
+    for name, v in res["variants"].items():
+        for ex in v["examples"][:2]:
+            print(f"  [{name}] ref: {ex['ref']}\n  [{name}] syn: {ex['syn']}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -1,0 +1,64 @@
+"""`bench/vocoder.py` end to end on a tiny unit->mel vocoder (real Whisper tiny.en ASR)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from echox.convert.hifigan import HiFiGANConfig, HiFiGANGenerator, MelSpec, save_generator
+from echox.model.unit2mel import Unit2Mel, Unit2MelConfig, UnitMelVocoder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_vocoder", ROOT / "bench" / "vocoder.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _generator(seed: int) -> HiFiGANGenerator:
+    spec = MelSpec(n_mels=16, sampling_rate=22050, hop_length=16, n_fft=64, win_length=64)
+    cfg = HiFiGANConfig(num_mels=16, upsample_rates=(4, 4), upsample_kernel_sizes=(8, 8),
+                        upsample_initial_channel=16, resblock_kernel_sizes=(3,),
+                        resblock_dilation_sizes=((1, 2),), mel=spec)
+    torch.manual_seed(seed)
+    return HiFiGANGenerator(cfg).eval()
+
+
+@pytest.mark.slow
+def test_bench_vocoder_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    u2m = Unit2Mel(Unit2MelConfig.tiny(hop_length=16)).eval()
+    UnitMelVocoder(u2m, _generator(0), hifigan="mine").save_pretrained(tmp_path / "voc")
+    save_generator(_generator(1), tmp_path / "other")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(2):
+        sf.write(tmp_path / f"{i}.wav", (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000)
+        rows.append({"id": str(i), "text": "hello there", "audio": f"{i}.wav",
+                     "units": [int(u) for u in rng.integers(0, 20, 30)]})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "res.json"
+    code = _bench().main(["--vocoder", str(tmp_path / "voc"), "--manifest", str(tmp_path / "m.jsonl"),
+                          "--hifigan", str(tmp_path / "voc" / "hifigan"),
+                          "--hifigan", str(tmp_path / "other"), "--copy-synthesis",
+                          "--threads", "1", "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| original piper |" in table and table.count("| units -> ") == 2
+    assert table.count("| original mel -> ") == 2
+    res = json.loads(out.read_text())
+    assert res["n"] == 2 and len(res["variants"]) == 2
+    for v in res["variants"].values():
+        assert 0 <= v["wer_resynthesis"] and v["rtf_total"] > 0
+        assert 0 < v["rtf_generator"] <= v["rtf_total"]
+        assert "wer_copy_synthesis" in v
