@@ -41,8 +41,10 @@ wait "$s2t"
 $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$R/s2t/model" --t2c-from "$R/t2c/model" \
     --out "$R/echo" --max-steps "$ECHO_STEPS" --resume \
     --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
+# the mel vocoder: HIFIGAN=small (the shipped V2-size student, real time on a CPU core),
+# universal (the V1 teacher, best quality, ~0.5 s per second of audio), or a folder
 $ECHOX bundle --model "$R/echo/model" --vocoder "$R/vocoder/model" --unit-language "$R/units/language" \
-    --out "$R/bundle"
+    --hifigan "${HIFIGAN:-small}" --slim --out "$R/bundle"
 mkdir -p "${ECHOX_CACHE:-$HOME/.cache/echox}/models"
 rm -rf "${ECHOX_CACHE:-$HOME/.cache/echox}/models/tiny"
 cp -r "$R/bundle" "${ECHOX_CACHE:-$HOME/.cache/echox}/models/tiny"
