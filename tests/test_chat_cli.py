@@ -90,6 +90,9 @@ def test_chat_user_errors_exit_2(bundle_dir: Path, tmp_path: Path,
                    "nope", "not found")
     monkeypatch.delenv("ECHOX_MODEL", raising=False)
     monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    import echox.infer.bundle as bundle_mod  # hide the embedded model too
+
+    monkeypatch.setattr(bundle_mod, "shipped_bundle", lambda: tmp_path / "no-shipped")
     one_line_error(capsys, main(["chat", "--text", "hi"]), "models/tiny", "--model")
     one_line_error(capsys, main(["chat", "--model", str(bundle_dir), "--text", "hi",
                                  "--top-p", "0"]), "top_p")

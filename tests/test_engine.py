@@ -335,6 +335,9 @@ def test_missing_and_corrupt_bundles(bundle_dir: Path, tmp_path: Path,
         load_bundle(broken)
     monkeypatch.delenv("ECHOX_MODEL", raising=False)
     monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    import echox.infer.bundle as bundle_mod  # hide the embedded model too
+
+    monkeypatch.setattr(bundle_mod, "shipped_bundle", lambda: tmp_path / "no-shipped")
     with pytest.raises(BundleError, match="models/tiny.*recipes/tiny/pipeline.sh"):
         default_bundle()
     monkeypatch.setenv("ECHOX_MODEL", str(bundle_dir))

@@ -58,6 +58,11 @@ class Bundle:
         return self.unit_language.decode([t for t in tokens if 0 <= t < n])
 
 
+def shipped_bundle() -> Path:
+    """The embedded tiny model inside the package (see its MODEL_CARD.md)."""
+    return Path(str(resources.files("echox") / "assets" / "models" / "tiny"))
+
+
 def default_bundle() -> Path:
     """Where `echox chat` finds a model without `--model`: $ECHOX_MODEL, then the cache."""
     from echox.hub import cache_dir
@@ -72,7 +77,7 @@ def default_bundle() -> Path:
     if (cached / "config.json").is_file():
         return cached
     looked.append(str(cached))
-    shipped = Path(str(resources.files("echox") / "assets" / "models" / "tiny"))
+    shipped = shipped_bundle()
     if (shipped / "config.json").is_file():
         return shipped
     looked.append(str(shipped))
