@@ -24,6 +24,7 @@ from echox.train.hifigan_distill import (
     build_pool,
     distill,
     evaluate,
+    prune_generator,
     stft_losses,
 )
 
@@ -121,3 +122,34 @@ def test_distill_input_errors() -> None:
                 progress=False)
     with pytest.raises(DistillError, match="must be > 0"):
         DistillConfig(steps=0)
+
+
+def test_prune_keeps_the_teachers_weights_on_the_kept_channels() -> None:
+    teacher = generator(32, 3)
+    full = prune_generator(teacher, 32)  # every channel kept: the teacher itself
+    x = mels(1)[0].unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), teacher(x))
+        # with all channels kept, the least-squares gains are 1
+        same = prune_generator(teacher, 32, calibration_mel=x)
+        torch.testing.assert_close(same(x), teacher(x), rtol=1e-4, atol=1e-5)
+    half = prune_generator(teacher, 16)
+    assert half.config.upsample_initial_channel == 16
+    assert half.config.resblock_kernel_sizes == teacher.config.resblock_kernel_sizes
+    t, s = teacher.state_dict(), half.state_dict()
+    for name, w in s.items():  # each student tensor is a sub-block of the teacher's
+        assert w.numel() <= t[name].numel()
+    # the kept rows of conv_pre are teacher rows, in order
+    rows = [i for i in range(32) if any(torch.equal(t["conv_pre.weight"][i], r)
+                                        for r in s["conv_pre.weight"])]
+    assert len(rows) == 16
+    with torch.no_grad():
+        assert half(x).shape == teacher(x).shape
+        calibrated = prune_generator(teacher, 16, calibration_mel=x)
+        err_plain = (half(x) - teacher(x)).abs().mean()
+        err_cal = (calibrated(x) - teacher(x)).abs().mean()
+    assert torch.isfinite(calibrated(x)).all() and err_cal < err_plain
+    with pytest.raises(DistillError, match="divisible"):
+        prune_generator(teacher, 18)
+    with pytest.raises(DistillError, match="must be in"):
+        prune_generator(teacher, 64)

@@ -366,3 +366,38 @@ def test_bundle_cli_slim_with_another_hifigan(tmp_path, capsys) -> None:
                  "--hifigan", str(tmp_path / "nope"), "--out", str(tmp_path / "b2")])
     err = capsys.readouterr().err
     assert code == 2 and "cannot load the HiFi-GAN" in err and "Traceback" not in err
+
+
+def test_train_vocoder_cli_continues_with_a_fresh_unit_embedding(tmp_path, capsys) -> None:
+    """`echox train vocoder --init DIR --reinit-units`: new k-means ids, trained layers kept."""
+    import soundfile as sf
+
+    from echox.cli import main
+    from echox.model.unit2mel import Unit2Mel
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        wav = (0.1 * np.sin(np.arange(16000) * 0.05 * (i + 1))).astype(np.float32)
+        sf.write(tmp_path / f"a{i}.wav", wav, 16000)
+        units = rng.integers(0, 20, size=10).tolist()
+        rows.append({"audio": f"a{i}.wav", "text": "hello there", "units": units,
+                     "counts": [5] * 10})
+    manifest = tmp_path / "tts_units.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny = ["--set", "vocoder.num_units=20", "--set", "vocoder.d_model=32",
+            "--set", "vocoder.n_heads=2", "--set", "vocoder.n_layers=1",
+            "--set", "vocoder.ffn_dim=64", "--set", "vocoder.dur_hidden=32",
+            "--set", "train.log_every=1", "--threads", "1"]
+    assert main(["train", "vocoder", "--data", str(manifest), "--out", str(tmp_path / "a"),
+                 "--max-steps", "2", "--batch-size", "2", *tiny]) == 0
+    first = Unit2Mel.from_pretrained(tmp_path / "a" / "model")
+    assert main(["train", "vocoder", "--init", str(tmp_path / "a" / "model"), "--reinit-units",
+                 "--data", str(manifest), "--out", str(tmp_path / "b"), "--max-steps", "1",
+                 "--batch-size", "2", "--lr", "1e-5", *tiny]) == 0
+    second = Unit2Mel.from_pretrained(tmp_path / "b" / "model")
+    assert second.config == first.config
+    moved = (second.embed.weight - first.embed.weight).abs().mean()
+    kept = (second.proj.weight - first.proj.weight).abs().max()
+    assert moved > 0.1 and kept < 1e-3, (moved, kept)
+    assert '"stage": "vocoder"' in capsys.readouterr().out

@@ -33,13 +33,15 @@ import torch
 import torch.nn.functional as F
 
 from echox.convert.hifigan import (
+    LRELU_SLOPE,
     HiFiGANConfig,
     HiFiGANGenerator,
     mel_spectrogram,
     save_generator,
 )
 
-__all__ = ["DistillConfig", "TeacherPool", "build_pool", "distill", "stft_losses"]
+__all__ = ["DistillConfig", "TeacherPool", "build_pool", "distill", "prune_generator",
+           "stft_losses"]
 
 STFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))  # n_fft, hop, win
 
@@ -111,6 +113,126 @@ class TeacherPool:
         ev, tr = order[:n_eval], order[n_eval:]
         return (TeacherPool(self.mels[tr], self.audio[tr], self.valid, self.hop),
                 TeacherPool(self.mels[ev], self.audio[ev], self.valid, self.hop))
+
+
+def _channel_saliency(out_w: torch.Tensor, in_ws: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-channel score: norm of the weights writing the channel times the norm of those
+    reading it. `out_w` is [C, ...] (channel first); each of `in_ws` is [*, C, ...]."""
+    writes = out_w.flatten(1).norm(dim=1)
+    reads = sum(w.transpose(0, 1).flatten(1).norm(dim=1) ** 2 for w in in_ws) ** 0.5
+    return writes * reads
+
+
+def prune_generator(teacher: HiFiGANGenerator, initial_channel: int,
+                    calibration_mel: torch.Tensor | None = None) -> HiFiGANGenerator:
+    """A narrower generator that starts as the teacher restricted to its salient channels.
+
+    Structured pruning: at each stage (the conv_pre output, then each upsampling output) keep
+    the channels whose weights write and read the most (`_channel_saliency`), and slice every
+    conv to them. The residual streams stay aligned because every conv of one stage uses the
+    same kept set. With `calibration_mel` (log-mel [M, T] or [B, M, T]), each conv's output
+    channels are then rescaled to match the teacher's activations (`_calibrate`).
+    Distillation then starts near the teacher instead of from noise.
+    """
+    tc = teacher.config
+    if not 0 < initial_channel <= tc.upsample_initial_channel:
+        raise DistillError(f"student width {initial_channel} must be in (0, "
+                           f"{tc.upsample_initial_channel}]")
+    n_stages = len(tc.upsample_rates)
+    if initial_channel % 2**n_stages:
+        raise DistillError(f"student width {initial_channel} must be divisible by {2**n_stages}")
+    cfg = HiFiGANConfig(**{**{f: getattr(tc, f) for f in tc.__dataclass_fields__},
+                           "upsample_initial_channel": initial_channel})
+    student = HiFiGANGenerator(cfg)
+    k = len(tc.resblock_kernel_sizes)
+    t = {n: w.detach().float() for n, w in teacher.state_dict().items()}
+
+    def blocks_of(stage: int) -> list[str]:
+        return [f"resblocks.{stage * k + j}" for j in range(k)]
+
+    def block_convs(stage: int) -> list[str]:
+        return [f"{b}.{c}.{i}" for b in blocks_of(stage) for c in ("convs1", "convs2")
+                for i in range(len(tc.resblock_dilation_sizes[0]))]
+
+    # kept channel sets: keep[0] for conv_pre's output, keep[i + 1] for ups.i's output
+    keep: list[torch.Tensor] = []
+    for stage in range(n_stages + 1):
+        width = initial_channel // 2**stage
+        if stage == 0:
+            writes, reads = t["conv_pre.weight"], [t["ups.0.weight"].transpose(0, 1)]
+        else:
+            up = t[f"ups.{stage - 1}.weight"].transpose(0, 1)  # [C_out, C_in, k]
+            convs = block_convs(stage - 1)
+            nxt = (t[f"ups.{stage}.weight"].transpose(0, 1) if stage < n_stages
+                   else t["conv_post.weight"])
+            writes = torch.cat([up.flatten(1)] + [t[f"{c}.weight"].flatten(1) for c in convs], 1)
+            reads = [nxt] + [t[f"{c}.weight"] for c in convs]
+        score = _channel_saliency(writes, reads)
+        keep.append(torch.sort(torch.topk(score, width).indices).values)
+    new: dict[str, torch.Tensor] = {}
+    new["conv_pre.weight"] = t["conv_pre.weight"][keep[0]]
+    new["conv_pre.bias"] = t["conv_pre.bias"][keep[0]]
+    for i in range(n_stages):
+        new[f"ups.{i}.weight"] = t[f"ups.{i}.weight"][keep[i]][:, keep[i + 1]]  # [in, out, k]
+        new[f"ups.{i}.bias"] = t[f"ups.{i}.bias"][keep[i + 1]]
+        for c in block_convs(i):
+            new[f"{c}.weight"] = t[f"{c}.weight"][keep[i + 1]][:, keep[i + 1]]
+            new[f"{c}.bias"] = t[f"{c}.bias"][keep[i + 1]]
+    new["conv_post.weight"] = t["conv_post.weight"][:, keep[-1]]
+    new["conv_post.bias"] = t["conv_post.bias"].clone()
+    student.load_state_dict(new, strict=True)
+    if calibration_mel is not None:
+        _calibrate(student, teacher, keep, calibration_mel)
+    return student
+
+
+@torch.no_grad()
+def _calibrate(student: HiFiGANGenerator, teacher: HiFiGANGenerator,
+               keep: list[torch.Tensor], mel: torch.Tensor) -> None:
+    """Rescale each student conv's output channels, in forward order, by the least-squares
+    gain that best reproduces the teacher's activations on the kept channels.
+
+    Dropping half of a conv's inputs shrinks its outputs, and the shrinkage compounds through
+    the residual stacks (an uncalibrated half-width V1 is nearly silent).
+    """
+    slope = LRELU_SLOPE
+
+    def fit(conv_s: torch.nn.Module, conv_t: torch.nn.Module, x_s: torch.Tensor,
+            x_t: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        y_t = conv_t(x_t)
+        if rows is not None:
+            y_t = y_t[:, rows]
+        z = conv_s(x_s) - conv_s.bias.view(1, -1, 1)  # [B, C, T] without the bias
+        target = y_t - conv_s.bias.view(1, -1, 1)
+        gain = (z * target).sum((0, 2)) / (z * z).sum((0, 2)).clamp_min(1e-12)
+        w = conv_s.weight
+        # Conv1d weights are [out, in, k]; ConvTranspose1d weights are [in, out, k]
+        shape = (1, -1, 1) if isinstance(conv_s, torch.nn.ConvTranspose1d) else (-1, 1, 1)
+        w.mul_(gain.view(shape))
+        return conv_s(x_s), y_t if rows is None else conv_t(x_t)
+
+    mel = mel if mel.dim() == 3 else mel.unsqueeze(0)
+    k = len(teacher.config.resblock_kernel_sizes)
+    x_s, x_t = fit(student.conv_pre, teacher.conv_pre, mel, mel, keep[0])
+    for i, (up_s, up_t) in enumerate(zip(student.ups, teacher.ups, strict=True)):
+        x_s, x_t = fit(up_s, up_t, F.leaky_relu(x_s, slope), F.leaky_relu(x_t, slope),
+                       keep[i + 1])
+        outs_s, outs_t = [], []
+        for j in range(k):
+            rb_s, rb_t = student.resblocks[i * k + j], teacher.resblocks[i * k + j]
+            h_s, h_t = x_s, x_t
+            for c1s, c2s, c1t, c2t in zip(rb_s.convs1, rb_s.convs2, rb_t.convs1, rb_t.convs2,
+                                          strict=True):
+                # the inner channels are the stream's kept set too (see prune_generator)
+                a_s, a_t = fit(c1s, c1t, F.leaky_relu(h_s, slope), F.leaky_relu(h_t, slope),
+                               keep[i + 1])
+                b_s, b_t = fit(c2s, c2t, F.leaky_relu(a_s, slope), F.leaky_relu(a_t, slope),
+                               keep[i + 1])
+                h_s, h_t = h_s + b_s, h_t + b_t
+            outs_s.append(h_s)
+            outs_t.append(h_t)
+        x_s, x_t = sum(outs_s) / k, sum(outs_t) / k
+    fit(student.conv_post, teacher.conv_post, F.leaky_relu(x_s), F.leaky_relu(x_t), None)
 
 
 def _windows(mels: Sequence[torch.Tensor], n: int, width: int, rng: np.random.Generator

@@ -212,6 +212,15 @@ def add_cli(sub: Any) -> None:
     hg.add_argument("--window-frames", type=int, default=80, help="frames per pool window")
     hg.add_argument("--pool", help="teacher pool file (reused when it exists)")
     hg.add_argument("--limit", type=int, help="read only this many manifest records")
+    hg.add_argument("--student-channels", type=int, default=128,
+                    help="student width (upsample_initial_channel): 128 = V2's size, 256 = half "
+                         "of V1")
+    hg.add_argument("--student-init", choices=["prune", "random"], default="prune",
+                    help="start the student from the teacher's most salient channels (prune) or "
+                         "from scratch")
+    p.add_argument("--reinit-units", action="store_true",
+                   help="vocoder with --init: keep the trained layers but start a fresh unit "
+                        "embedding (units from a new k-means)")
     p.add_argument("--stop-at", type=int, help="stop after this step (checkpoints stay resumable)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override, e.g. --set train.warmup_steps=10 --set model.llm.lora.r=8")

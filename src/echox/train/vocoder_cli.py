@@ -69,6 +69,10 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
 
         init = Unit2Mel.from_pretrained(args.init).train()
         cfg = init.config
+        if getattr(args, "reinit_units", False):
+            # a new k-means: unit ids mean something else, so only the layers above the
+            # unit embedding carry over (a head start over a fresh model)
+            init.embed.weight.data.copy_(Unit2Mel(cfg).embed.weight.data)
     else:
         cfg = Unit2MelConfig.from_dict(recipe["vocoder"], source="vocoder section")
     tr = recipe["train"]
@@ -123,12 +127,18 @@ def _mels_from_manifest(manifest: str, spec: Any, limit: int | None, unit2mel: A
 
 
 def cmd_train_hifigan(args: argparse.Namespace) -> int:
-    """Distil the packaged HiFi-GAN V1 into a V2-size student (`echox.train.hifigan_distill`)."""
+    """Distil the packaged HiFi-GAN V1 into a narrower student (`echox.train.hifigan_distill`)."""
     import torch
 
-    from echox.convert.hifigan import HiFiGANConfig, load_hifigan
+    from echox.convert.hifigan import HiFiGANConfig, HiFiGANGenerator, load_hifigan
     from echox.model.unit2mel import Unit2Mel
-    from echox.train.hifigan_distill import DistillConfig, TeacherPool, build_pool, distill
+    from echox.train.hifigan_distill import (
+        DistillConfig,
+        TeacherPool,
+        build_pool,
+        distill,
+        prune_generator,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,13 +167,17 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
     train_pool, eval_pool = pool.split(max(8, int(pool.mels.shape[0]) // 20))
     cfg = DistillConfig(steps=args.max_steps or 3000, batch_size=args.batch_size or 16,
                         lr=args.lr or 5e-4)
-    init = None
-    if args.init:
+    width = getattr(args, "student_channels", None) or HiFiGANConfig.v2().upsample_initial_channel
+    if args.init:  # continue a student
         from echox.convert.hifigan import load_generator
 
-        init = load_generator(args.init)
-    res = distill(train_pool, cfg, student=init, student_config=HiFiGANConfig.v2(),
-                  eval_pool=eval_pool, out_dir=out / "model")
+        student = load_generator(args.init)
+    elif getattr(args, "student_init", "prune") == "prune":
+        student = prune_generator(load_hifigan(teacher_name), width,
+                                  calibration_mel=train_pool.mels[:16])
+    else:
+        student = HiFiGANGenerator(HiFiGANConfig(upsample_initial_channel=width))
+    res = distill(train_pool, cfg, student=student, eval_pool=eval_pool, out_dir=out / "model")
     summary = {"stage": "hifigan", "teacher": teacher_name, "windows": res["windows"],
                "params": res["params"], "steps": res["steps"], "seconds": round(res["seconds"], 1),
                "first": res["history"][0] if res["history"] else None,
