@@ -153,3 +153,14 @@ def test_prune_keeps_the_teachers_weights_on_the_kept_channels() -> None:
         prune_generator(teacher, 18)
     with pytest.raises(DistillError, match="must be in"):
         prune_generator(teacher, 64)
+
+
+def test_hifigan_checkpoint_errors_are_vocoder_checkpoint_errors(tmp_path) -> None:
+    """One `except` covers the HiFi-GAN loaders and the unit vocoders' loaders."""
+    from echox.convert.whisper_ct2 import ConversionError
+    from echox.model import vocoder
+
+    (tmp_path / "g").mkdir()
+    with pytest.raises(vocoder.VocoderCheckpointError, match="lacks"):
+        load_generator(tmp_path / "g")
+    assert issubclass(VocoderCheckpointError, ConversionError)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from echox.convert.whisper_ct2 import ConversionError, PackagedModelMissingError
+from echox.model.vocoder import VocoderCheckpointError as _VocoderCheckpointError
 
 __all__ = [
     "HIFIGAN_NAMES",
@@ -49,8 +50,12 @@ GENERATOR_CONFIG = "config.json"
 LRELU_SLOPE = 0.1  # inside the generator; the last activation uses torch's default 0.01
 
 
-class VocoderCheckpointError(ConversionError):
-    """A HiFi-GAN checkpoint is unreadable or does not fit the generator config."""
+class VocoderCheckpointError(_VocoderCheckpointError, ConversionError):
+    """A HiFi-GAN checkpoint is unreadable or does not fit the generator config.
+
+    One family with the unit vocoders' `echox.model.vocoder.VocoderCheckpointError`, so
+    one `except` covers every vocoder loader; also a `ConversionError` like the other
+    packaged-weight converters."""
 
 
 class MelSpecError(ValueError):
