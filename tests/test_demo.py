@@ -7,10 +7,13 @@ from echox.infer.demo import packaged_question
 def test_demo_runs_offline(tmp_path, capsys):
     assert packaged_question().is_file()
     out = tmp_path / "answer.wav"
-    assert main(["demo", "--no-asr", "-o", str(out), "--max-new-tokens", "8"]) == 0
-    text = capsys.readouterr().out
+    assert main(["demo", "--no-asr", "-o", str(out), "--max-new-tokens", "8", "--verbose"]) == 0
+    cap = capsys.readouterr()
+    text = cap.out
     assert "question:" in text and "answer:" in text and "stats:" in text
     assert out.is_file() or "no speech was produced" in text
+    if out.is_file():  # --verbose shows each audio piece: segment.part, length, units
+        assert "[AudioChunk 0.0:" in cap.err and "units" in cap.err
 
 
 def test_demo_missing_model_is_one_line(tmp_path, capsys):

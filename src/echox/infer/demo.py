@@ -63,8 +63,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if isinstance(ev, TextDelta):
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
-            elif isinstance(ev, (Segment, AudioChunk)) and args.verbose:
-                print(f"\n  [{type(ev).__name__} {ev.index}]", file=sys.stderr)
+            elif isinstance(ev, Segment) and args.verbose:
+                print(f"\n  [Segment {ev.index}]", file=sys.stderr)
+            elif isinstance(ev, AudioChunk) and args.verbose:
+                tail = ", last" if ev.last else ""
+                print(f"\n  [AudioChunk {ev.index}.{ev.part}: {ev.audio.size / ev.sample_rate:.2f} s,"
+                      f" {len(ev.units)} units{tail}]", file=sys.stderr)
             elif isinstance(ev, Final):
                 final = ev
     print()
