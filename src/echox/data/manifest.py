@@ -15,31 +15,27 @@ hub may hold the encoded file bytes instead of a path (see :func:`load_hf_asr`).
 
 Every reader names ``file:line`` (or ``source row N``) of a bad entry: with
 ``on_error="stop"`` it raises :class:`ManifestError`, with ``"skip"`` it logs a warning, keeps
-going and reports the bad lines. The torch datasets and collators at the end turn records into
-the batches of ``echox.data.collate``.
+going and reports the bad lines. The HF loaders (:mod:`echox.data.hf`) and the torch datasets
+and collators that turn records into the batches of ``echox.data.collate``
+(:mod:`echox.data.datasets`) live in their own modules and are re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import numpy as np
 
-from echox.fileio import atomic_open, atomic_write_bytes
-from torch.utils.data import Dataset
-
 from echox.audio import AudioError, audio_info, load_audio
-from echox.data.collate import S2TBatch, T2CBatch, collate_s2t, collate_t2c
-from echox.model.prompt import PromptBuilder, Turn
+from echox.fileio import atomic_open
+from echox.model.prompt import Turn
 
 __all__ = [
     "ManifestError", "AudioRef", "AsrRecord", "TtsRecord", "DialogueMessage", "DialogueRecord",
@@ -499,327 +495,14 @@ def validate_manifest(path: str | os.PathLike, schema: type[R] | str, check_audi
     return ValidationReport(rep.path, cls.kind, len(rep), rep.bad_lines, issues, n_audio, seconds)
 
 
-# --------------------------------------------------------------------------- HF datasets
-
-
-def _undecoded(ds: Any) -> Any:
-    """Cast every (possibly nested) ``datasets.Audio`` feature to decode=False.
-
-    Rows then carry the raw ``{bytes, path}``, decoded later with soundfile: neither torchcodec
-    nor torchaudio is needed.
-    """
-    import datasets
-
-    feats = copy.deepcopy(ds.features)
-    changed = False
-
-    def walk(f: Any) -> None:
-        nonlocal changed
-        if isinstance(f, datasets.Audio):
-            changed |= bool(f.decode)
-            f.decode = False
-        elif isinstance(f, Mapping):
-            for v in f.values():
-                walk(v)
-        elif isinstance(f, (list, tuple)):
-            for v in f:
-                walk(v)
-        elif hasattr(f, "feature"):  # Sequence / List / LargeList
-            walk(f.feature)
-
-    walk(feats)
-    return ds.cast(feats) if changed else ds
-
-
-def _split_of(shard: Path) -> str:
-    """``data/train-00000-of-00002.parquet`` -> train; ``train/0000.parquet`` -> train."""
-    stem = shard.name.split("-")[0].split(".")[0]
-    return shard.parent.name if stem.isdigit() else stem
-
-
-def _open_hf(name_or_path: str | os.PathLike, split: str) -> tuple[Any, Path | None, str]:
-    """(dataset, folder for relative paths or None, source label) for a hub id or local copy."""
-    import datasets
-
-    p = Path(name_or_path).expanduser()
-    src = f"{name_or_path}[{split}]"
-    if p.exists():
-        if p.is_dir() and any((p / f).is_file() for f in ("dataset_dict.json", "state.json")):
-            try:
-                ds = datasets.load_from_disk(str(p))
-            except (OSError, ValueError) as err:
-                raise ManifestError(f"{p}: not a readable save_to_disk folder ({err})") from err
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ManifestError(f"{p}: no split {split!r}; available: {list(ds)}")
-                ds = ds[split]
-            return ds, p, src
-        shards = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
-        if not shards or shards[0].suffix != ".parquet":
-            raise ManifestError(f"{p}: expected a save_to_disk folder or parquet file(s)")
-        if p.is_dir():
-            groups: dict[str, list[Path]] = {}
-            for s in shards:
-                groups.setdefault(_split_of(s), []).append(s)
-            if split in groups:
-                shards = groups[split]
-            elif len(groups) > 1:
-                raise ManifestError(f"{p}: no parquet shards for split {split!r}; "
-                                    f"found {sorted(groups)}")
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        from datasets.table import InMemoryTable
-
-        try:
-            table = pa.concat_tables([pq.read_table(str(s), memory_map=True) for s in shards])
-        except (pa.ArrowException, OSError) as err:
-            raise ManifestError(f"{p}: cannot read parquet ({err})") from err
-        return datasets.Dataset(InMemoryTable(table)), (p if p.is_dir() else p.parent), src
-    try:
-        return datasets.load_dataset(str(name_or_path), split=split), None, src
-    except Exception as err:  # noqa: BLE001 - hub, network and cache failures come in many types
-        raise ManifestError(
-            f"cannot load dataset {name_or_path!r} split {split!r} ({type(err).__name__}: {err}); "
-            "pass a local save_to_disk folder or parquet file(s) instead"
-        ) from err
-
-
-def _audio_cell(cell: Any, base: Path | None, audio_dir: Path | None, where: str) -> AudioRef | None:
-    """A raw audio cell (path string or ``{bytes, path}``) as a path or encoded bytes."""
-    if cell is None:
-        return None
-    if isinstance(cell, str):
-        return str(Path(resolve_audio(cell, base)).absolute())
-    if not isinstance(cell, Mapping):
-        raise ManifestError(f"{where}: cannot read audio from a {type(cell).__name__}")
-    blob, path = cell.get("bytes"), cell.get("path")
-    if blob:
-        if audio_dir is None:
-            return bytes(blob)
-        suffix = Path(path).suffix if path and Path(path).suffix else ".wav"
-        out = audio_dir.absolute() / f"{hashlib.sha1(blob).hexdigest()[:20]}{suffix}"
-        if not out.is_file():
-            atomic_write_bytes(out, bytes(blob))
-        return str(out)
-    if path:
-        return str(Path(resolve_audio(path, base)).absolute())
-    if cell.get("array") is not None:
-        raise ManifestError(f"{where}: decoded audio arrays are not supported; keep the audio "
-                            "column as a datasets.Audio feature or file paths")
-    raise ManifestError(f"{where}: the audio cell has neither bytes nor a path")
-
-
-def _first(columns: Sequence[str], wanted: Sequence[str], what: str, src: str) -> str:
-    for c in wanted:
-        if c in columns:
-            return c
-    raise ManifestError(f"{src}: no {what} column; looked for {list(wanted)}, found {list(columns)}")
-
-
-def _rows(ds: Any, src: str, cls: type[R], to_obj: Callable[[Mapping[str, Any], str], dict],
-          on_error: OnError) -> Iterator[R]:
-    for i, row in enumerate(ds):
-        where = f"{src} row {i}"
-        try:
-            yield cls.from_json(to_obj(row, where), where)
-        except ManifestError as err:
-            if on_error == "stop":
-                raise
-            log.warning("%s (skipped)", err)
-
-
-def load_hf_asr(name_or_path: str | os.PathLike, split: str = "train", *,
-                audio_column: str | None = None, text_column: str | None = None,
-                audio_dir: str | os.PathLike | None = None,
-                on_error: OnError = "stop") -> Iterator[AsrRecord]:
-    """ASR records from a hub id, a ``save_to_disk`` folder or parquet file(s).
-
-    Audio cells become absolute paths (relative ones joined to the local folder) or, for
-    embedded audio, the encoded bytes; with `audio_dir` the bytes are written there once (named
-    by content hash) so the records can be saved as a JSONL manifest. The dataset is opened
-    here (errors surface now); rows are converted lazily as the iterator is consumed.
-    """
-    _check_on_error(on_error)
-    ds, base, src = _open_hf(name_or_path, split)
-    ds = _undecoded(ds)
-    cols = list(ds.column_names)
-    import datasets
-
-    typed = [c for c, f in ds.features.items() if isinstance(f, datasets.Audio)]
-    a_col = audio_column or _first(cols, [*typed, "audio", "audio_path", "audio_filepath",
-                                          "path", "file", "wav"], "audio", src)
-    t_col = text_column or _first(cols, ["text", "transcript", "transcription", "sentence",
-                                         "normalized_text", "raw_text"], "text", src)
-    for col, what in ((a_col, "audio"), (t_col, "text")):
-        if col not in cols:
-            raise ManifestError(f"{src}: no {what} column {col!r}; found {cols}")
-    i_col = next((c for c in ("id", "utt_id", "key", "segment_id") if c in cols), None)
-    d_col = next((c for c in ("duration", "audio_duration") if c in cols), None)
-    adir = Path(audio_dir) if audio_dir is not None else None
-
-    def to_obj(row: Mapping[str, Any], where: str) -> dict[str, Any]:
-        return {"audio": _audio_cell(row.get(a_col), base, adir, where), "text": row.get(t_col),
-                "id": row.get(i_col) if i_col else None, "duration": row.get(d_col) if d_col else None}
-
-    return _rows(ds, src, AsrRecord, to_obj, on_error)
-
-
-def load_hf_dialogues(name_or_path: str | os.PathLike, split: str = "train", *,
-                      audio_dir: str | os.PathLike | None = None,
-                      on_error: OnError = "stop") -> Iterator[DialogueRecord]:
-    """Dialogue records from a hub id, a ``save_to_disk`` folder or parquet file(s).
-
-    Rows hold a ``conversations`` list of ``{from, value, audio?, ...}``; the per-turn audio may
-    be a path or a (nested) ``datasets.Audio`` feature, handled as in :func:`load_hf_asr`.
-    (A JSONL manifest or an EchoX-Dialogues data.json: use read_jsonl / read_dialogues_json.)
-    """
-    _check_on_error(on_error)
-    ds, base, src = _open_hf(name_or_path, split)
-    ds = _undecoded(ds)
-    c_col = _first(list(ds.column_names), ["conversations", "conversation", "messages"],
-                   "conversations", src)
-    adir = Path(audio_dir) if audio_dir is not None else None
-
-    def to_obj(row: Mapping[str, Any], where: str) -> dict[str, Any]:
-        conv = row.get(c_col)
-        if isinstance(conv, (list, tuple)):
-            conv = [{**m, "audio": _audio_cell(m.get("audio"), base, adir, f"{where} turn {j}")}
-                    if isinstance(m, Mapping) else m for j, m in enumerate(conv)]
-        return {"id": row.get("id"), "conversations": conv}
-
-    return _rows(ds, src, DialogueRecord, to_obj, on_error)
-
-
-# --------------------------------------------------------------------------- torch datasets
-
-
-@dataclass
-class S2TExample:
-    """One dialogue as prompt turns, with the units of its responses when the record has them."""
-
-    turns: list[Turn]
-    units: list[list[int]] | None = None  # per assistant turn, in order
-    id: str | None = None
-
-
-class S2TDataset(Dataset):
-    """Spoken dialogues for Stages I and III; audio is read lazily in ``__getitem__``."""
-
-    def __init__(self, records: Sequence[DialogueRecord], base_dir: str | os.PathLike | None,
-                 max_audio_seconds: float | None = 30.0,
-                 on_too_long: Literal["error", "truncate"] = "error",
-                 max_wer: float | None = None) -> None:
-        """`max_wer` drops dialogues whose user audio has a larger recorded WER (its `wer`)."""
-        keep = [r for r in records if max_wer is None
-                or all(m.wer is None or m.wer <= max_wer for m in r.conversations)]
-        if not keep:
-            raise ManifestError(f"no dialogues to train on ({len(records)} given, "
-                                f"{len(records) - len(keep)} dropped by max_wer={max_wer})")
-        for i, r in enumerate(keep):
-            if not any(m.role == "assistant" for m in r.conversations):
-                raise ManifestError(f"dialogue {r.id or i}: no assistant turn, so nothing to learn")
-        self.records = keep
-        self.base_dir = Path(base_dir) if base_dir is not None else None
-        self.max_audio_seconds = max_audio_seconds
-        self.on_too_long = on_too_long
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def _load(self, src: Any) -> np.ndarray:
-        return load_audio(src, 16000, max_seconds=self.max_audio_seconds, on_too_long=self.on_too_long)
-
-    def __getitem__(self, i: int) -> S2TExample:
-        rec = self.records[i]
-        try:
-            turns = rec.to_turns(self.base_dir, self._load)
-        except AudioError as err:
-            raise ManifestError(f"dialogue {rec.id or i}: {err}") from err
-        return S2TExample(turns, rec.response_units, rec.id)
-
-
-def make_s2t_collator(prompt_builder: PromptBuilder, tokenizer: Any,
-                      add_generation_prompt: bool = False,
-                      units: Literal["auto", "require", "ignore"] = "auto",
-                      ) -> Callable[[Sequence[S2TExample | list[Turn]]], S2TBatch]:
-    """A DataLoader `collate_fn`: dialogues (S2TExample or plain turn lists) -> S2TBatch.
-
-    `units`: "auto" attaches response units when every dialogue of the batch has them (else
-    the batch gets none, so Stage III decodes pseudo-labels online); "require" raises on a
-    dialogue without them (e.g. the gold-unit baseline); "ignore" never attaches them (Stage I).
-    """
-    if units not in ("auto", "require", "ignore"):
-        raise ManifestError(f"units must be 'auto', 'require' or 'ignore', got {units!r}")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        raise ManifestError("the tokenizer has no pad token; set tokenizer.pad_token")
-    warned = False
-
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def collate(examples: Sequence[S2TExample | list[Turn]]) -> S2TBatch:
-        nonlocal warned
-        exs = [e if isinstance(e, S2TExample) else S2TExample(list(e)) for e in examples]
-        if not exs:
-            raise ManifestError("cannot collate an empty batch")
-        enc = [prompt_builder.encode(e.turns, add_generation_prompt) for e in exs]
-        missing = [e.id or str(i) for i, e in enumerate(exs) if e.units is None]
-        if units == "require" and missing:
-            raise ManifestError(f"dialogue(s) {', '.join(missing[:3])} have no units on every "
-                                "assistant turn, but units='require'")
-        if units == "auto" and missing and len(missing) < len(exs) and not warned:
-            log.warning("a batch mixes dialogues with and without response units; such batches "
-                        "get no units (pseudo-labels are decoded online)")
-            warned = True
-        per_example = None
-        if units != "ignore" and not missing:
-            per_example = [e.units for e in exs]
-            for e, en in zip(exs, enc):
-                if len(e.units or []) != len(en.response_spans):
-                    raise ManifestError(f"dialogue {e.id}: {len(e.units or [])} unit sequences "
-                                        f"for {len(en.response_spans)} responses")
-        return collate_s2t(enc, pad_id, tokenize, units=per_example)  # type: ignore[arg-type]
-
-    return collate
-
-
-class T2CExample(NamedTuple):
-    text_ids: list[int]  # LLM token ids of the text
-    unit_ids: list[int]  # units, or unit-language ids when a unit encoder is given
-
-
-class T2CDataset(Dataset):
-    """Stage II pairs: the text's LLM token ids and its (encoded) precomputed units."""
-
-    def __init__(self, records: Sequence[TtsRecord], tokenizer: Any,
-                 unit_encoder: Callable[[list[int]], list[int]] | None = None) -> None:
-        """`unit_encoder`, e.g. ``UnitLanguage.encode``, maps raw units to the T2C's vocabulary."""
-        if not records:
-            raise ManifestError("no TTS records given")
-        missing = [r.id or str(i) for i, r in enumerate(records) if not r.units]
-        if missing:
-            raise ManifestError(
-                f"{len(missing)} of {len(records)} TTS records have no 'units' (first: "
-                f"{', '.join(missing[:3])}); extract units from their audio first"
-            )
-        self.records = list(records)
-        self.tokenizer = tokenizer
-        self.unit_encoder = unit_encoder
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> T2CExample:
-        rec = self.records[i]
-        text_ids = self.tokenizer(rec.text, add_special_tokens=False)["input_ids"]
-        units = list(rec.units or [])
-        unit_ids = list(self.unit_encoder(units)) if self.unit_encoder is not None else units
-        if not text_ids or not unit_ids:
-            raise ManifestError(f"TTS record {rec.id or i}: empty text ids or unit ids")
-        return T2CExample(list(text_ids), unit_ids)
-
-
-def collate_t2c_examples(examples: Sequence[T2CExample | tuple[list[int], list[int]]]) -> T2CBatch:
-    """A DataLoader `collate_fn` for :class:`T2CDataset`."""
-    return collate_t2c([list(e[0]) for e in examples], [list(e[1]) for e in examples])
+# The HF loaders and the torch datasets live in their own modules; they stay importable from
+# here (imported last: they use the schemas above).
+from echox.data.datasets import (
+    S2TDataset,
+    S2TExample,
+    T2CDataset,
+    T2CExample,
+    collate_t2c_examples,
+    make_s2t_collator,
+)
+from echox.data.hf import load_hf_asr, load_hf_dialogues

@@ -93,7 +93,8 @@ class EchoDataset(Dataset):
 
 
 def _dialogues(path: str, limit: int | None, max_seconds: float) -> Dataset:
-    from echox.data.manifest import S2TDataset, read_jsonl
+    from echox.data.datasets import S2TDataset
+    from echox.data.manifest import read_jsonl
 
     rep = read_jsonl(path, "dialogue", on_error="skip")
     if rep.bad_lines:
@@ -105,7 +106,8 @@ def _dialogues(path: str, limit: int | None, max_seconds: float) -> Dataset:
 def build_data(stage: str, model: Any, cfg: TrainConfig, data: dict[str, Any]
                ) -> tuple[Dataset, Dataset | None, Callable[[list[Any]], Any], dict[str, Any]]:
     """Datasets, collator and per-step model kwargs of a stage."""
-    from echox.data.manifest import T2CDataset, collate_t2c_examples, make_s2t_collator, read_jsonl
+    from echox.data.datasets import T2CDataset, collate_t2c_examples, make_s2t_collator
+    from echox.data.manifest import read_jsonl
 
     train_path, eval_path = data.get("train"), data.get("eval")
     if not train_path:

@@ -1,0 +1,160 @@
+"""Torch datasets and collators over manifest records, one per training stage.
+
+`S2TDataset` + `make_s2t_collator` (Stages I and III: spoken dialogues -> `S2TBatch`) and
+`T2CDataset` + `collate_t2c_examples` (Stage II: text tokens -> unit targets, `T2CBatch`).
+Split out of `echox.data.manifest`, which re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from echox.audio import AudioError, load_audio
+from echox.data.collate import S2TBatch, T2CBatch, collate_s2t, collate_t2c
+from echox.data.manifest import DialogueRecord, ManifestError, TtsRecord
+from echox.model.prompt import PromptBuilder, Turn
+
+__all__ = ["S2TExample", "S2TDataset", "make_s2t_collator", "T2CExample", "T2CDataset",
+           "collate_t2c_examples"]
+
+log = logging.getLogger("echox.data.manifest")
+
+
+@dataclass
+class S2TExample:
+    """One dialogue as prompt turns, with the units of its responses when the record has them."""
+
+    turns: list[Turn]
+    units: list[list[int]] | None = None  # per assistant turn, in order
+    id: str | None = None
+
+
+class S2TDataset(Dataset):
+    """Spoken dialogues for Stages I and III; audio is read lazily in ``__getitem__``."""
+
+    def __init__(self, records: Sequence[DialogueRecord], base_dir: str | os.PathLike | None,
+                 max_audio_seconds: float | None = 30.0,
+                 on_too_long: Literal["error", "truncate"] = "error",
+                 max_wer: float | None = None) -> None:
+        """`max_wer` drops dialogues whose user audio has a larger recorded WER (its `wer`)."""
+        keep = [r for r in records if max_wer is None
+                or all(m.wer is None or m.wer <= max_wer for m in r.conversations)]
+        if not keep:
+            raise ManifestError(f"no dialogues to train on ({len(records)} given, "
+                                f"{len(records) - len(keep)} dropped by max_wer={max_wer})")
+        for i, r in enumerate(keep):
+            if not any(m.role == "assistant" for m in r.conversations):
+                raise ManifestError(f"dialogue {r.id or i}: no assistant turn, so nothing to learn")
+        self.records = keep
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.max_audio_seconds = max_audio_seconds
+        self.on_too_long = on_too_long
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, src: Any) -> np.ndarray:
+        return load_audio(src, 16000, max_seconds=self.max_audio_seconds, on_too_long=self.on_too_long)
+
+    def __getitem__(self, i: int) -> S2TExample:
+        rec = self.records[i]
+        try:
+            turns = rec.to_turns(self.base_dir, self._load)
+        except AudioError as err:
+            raise ManifestError(f"dialogue {rec.id or i}: {err}") from err
+        return S2TExample(turns, rec.response_units, rec.id)
+
+
+def make_s2t_collator(prompt_builder: PromptBuilder, tokenizer: Any,
+                      add_generation_prompt: bool = False,
+                      units: Literal["auto", "require", "ignore"] = "auto",
+                      ) -> Callable[[Sequence[S2TExample | list[Turn]]], S2TBatch]:
+    """A DataLoader `collate_fn`: dialogues (S2TExample or plain turn lists) -> S2TBatch.
+
+    `units`: "auto" attaches response units when every dialogue of the batch has them (else
+    the batch gets none, so Stage III decodes pseudo-labels online); "require" raises on a
+    dialogue without them (e.g. the gold-unit baseline); "ignore" never attaches them (Stage I).
+    """
+    if units not in ("auto", "require", "ignore"):
+        raise ManifestError(f"units must be 'auto', 'require' or 'ignore', got {units!r}")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ManifestError("the tokenizer has no pad token; set tokenizer.pad_token")
+    warned = False
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def collate(examples: Sequence[S2TExample | list[Turn]]) -> S2TBatch:
+        nonlocal warned
+        exs = [e if isinstance(e, S2TExample) else S2TExample(list(e)) for e in examples]
+        if not exs:
+            raise ManifestError("cannot collate an empty batch")
+        enc = [prompt_builder.encode(e.turns, add_generation_prompt) for e in exs]
+        missing = [e.id or str(i) for i, e in enumerate(exs) if e.units is None]
+        if units == "require" and missing:
+            raise ManifestError(f"dialogue(s) {', '.join(missing[:3])} have no units on every "
+                                "assistant turn, but units='require'")
+        if units == "auto" and missing and len(missing) < len(exs) and not warned:
+            log.warning("a batch mixes dialogues with and without response units; such batches "
+                        "get no units (pseudo-labels are decoded online)")
+            warned = True
+        per_example = None
+        if units != "ignore" and not missing:
+            per_example = [e.units for e in exs]
+            for e, en in zip(exs, enc):
+                if len(e.units or []) != len(en.response_spans):
+                    raise ManifestError(f"dialogue {e.id}: {len(e.units or [])} unit sequences "
+                                        f"for {len(en.response_spans)} responses")
+        return collate_s2t(enc, pad_id, tokenize, units=per_example)  # type: ignore[arg-type]
+
+    return collate
+
+
+class T2CExample(NamedTuple):
+    text_ids: list[int]  # LLM token ids of the text
+    unit_ids: list[int]  # units, or unit-language ids when a unit encoder is given
+
+
+class T2CDataset(Dataset):
+    """Stage II pairs: the text's LLM token ids and its (encoded) precomputed units."""
+
+    def __init__(self, records: Sequence[TtsRecord], tokenizer: Any,
+                 unit_encoder: Callable[[list[int]], list[int]] | None = None) -> None:
+        """`unit_encoder`, e.g. ``UnitLanguage.encode``, maps raw units to the T2C's vocabulary."""
+        if not records:
+            raise ManifestError("no TTS records given")
+        missing = [r.id or str(i) for i, r in enumerate(records) if not r.units]
+        if missing:
+            raise ManifestError(
+                f"{len(missing)} of {len(records)} TTS records have no 'units' (first: "
+                f"{', '.join(missing[:3])}); extract units from their audio first"
+            )
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.unit_encoder = unit_encoder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> T2CExample:
+        rec = self.records[i]
+        text_ids = self.tokenizer(rec.text, add_special_tokens=False)["input_ids"]
+        units = list(rec.units or [])
+        unit_ids = list(self.unit_encoder(units)) if self.unit_encoder is not None else units
+        if not text_ids or not unit_ids:
+            raise ManifestError(f"TTS record {rec.id or i}: empty text ids or unit ids")
+        return T2CExample(list(text_ids), unit_ids)
+
+
+def collate_t2c_examples(examples: Sequence[T2CExample | tuple[list[int], list[int]]]) -> T2CBatch:
+    """A DataLoader `collate_fn` for :class:`T2CDataset`."""
+    return collate_t2c([list(e[0]) for e in examples], [list(e[1]) for e in examples])
