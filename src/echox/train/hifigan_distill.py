@@ -199,17 +199,15 @@ def _calibrate(student: HiFiGANGenerator, teacher: HiFiGANGenerator,
 
     def fit(conv_s: torch.nn.Module, conv_t: torch.nn.Module, x_s: torch.Tensor,
             x_t: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        y_t = conv_t(x_t)
-        if rows is not None:
-            y_t = y_t[:, rows]
-        z = conv_s(x_s) - conv_s.bias.view(1, -1, 1)  # [B, C, T] without the bias
-        target = y_t - conv_s.bias.view(1, -1, 1)
-        gain = (z * target).sum((0, 2)) / (z * z).sum((0, 2)).clamp_min(1e-12)
-        w = conv_s.weight
+        y_full = conv_t(x_t)  # the teacher's next input: every channel
+        y_t = y_full if rows is None else y_full[:, rows]
+        bias = conv_s.bias.view(1, -1, 1)
+        z = conv_s(x_s) - bias  # [B, C, T] without the bias
+        gain = (z * (y_t - bias)).sum((0, 2)) / (z * z).sum((0, 2)).clamp_min(1e-12)
         # Conv1d weights are [out, in, k]; ConvTranspose1d weights are [in, out, k]
         shape = (1, -1, 1) if isinstance(conv_s, torch.nn.ConvTranspose1d) else (-1, 1, 1)
-        w.mul_(gain.view(shape))
-        return conv_s(x_s), y_t if rows is None else conv_t(x_t)
+        conv_s.weight.mul_(gain.view(shape))
+        return z * gain.view(1, -1, 1) + bias, y_full  # = conv_s(x_s) with the new weights
 
     mel = mel if mel.dim() == 3 else mel.unsqueeze(0)
     k = len(teacher.config.resblock_kernel_sizes)
