@@ -26,7 +26,13 @@ from echox.model.vocoder import (
     VocoderFileNotFoundError,
     VocoderInputError,
 )
-from echox.train.vocoder import collate_unit2mel, prepare_unit2mel_example, train_unit2mel
+from echox.train.vocoder import (
+    Unit2MelExample,
+    collate_unit2mel,
+    crop_example,
+    prepare_unit2mel_example,
+    train_unit2mel,
+)
 
 HOP = 16  # tiny HiFi-GAN: 22,050 Hz, hop 16
 
@@ -250,6 +256,41 @@ def test_train_writes_a_loadable_checkpoint(tmp_path) -> None:
     assert (tmp_path / "ck" / "training_args.json").is_file()
     voc = UnitMelVocoder.from_pretrained(tmp_path / "ck", generator=tiny_generator())
     assert voc.synthesize([1, 2, 3]).dtype == np.float32
+
+
+def test_crop_keeps_whole_units_and_their_mel_frames() -> None:
+    rng = np.random.default_rng(0)
+    durs = [3, 1, 4, 1, 5, 9, 2, 6]
+    mel = torch.arange(sum(durs), dtype=torch.float32)[:, None].repeat(1, 4)  # frame index
+    ex = Unit2MelExample(list(range(10, 18)), durs, mel)
+    starts = np.cumsum([0] + durs[:-1])
+    for _ in range(50):
+        c = crop_example(ex, 10, rng)
+        assert 1 <= len(c.units) and sum(c.durations) == c.mel.shape[0] <= 10
+        i = c.units[0] - 10  # a contiguous run of the original units ...
+        assert c.units == list(range(10 + i, 10 + i + len(c.units)))
+        assert c.durations == durs[i:i + len(c.units)]
+        assert float(c.mel[0, 0]) == starts[i]  # ... with exactly their frames
+    assert crop_example(ex, 100, rng) is ex  # short enough: untouched
+    one = crop_example(Unit2MelExample([7], [30], torch.zeros(30, 4)), 8, rng)
+    assert one.units == [7] and one.durations == [8] and one.mel.shape[0] == 8
+    with pytest.raises(ValueError):
+        crop_example(ex, 0, rng)
+
+
+def test_train_on_crops_with_holdout_and_periodic_saves(tmp_path) -> None:
+    cfg = Unit2MelConfig.tiny(hop_length=HOP)
+    pairs = _synthetic_pairs(cfg, 6)
+    res = train_unit2mel(pairs, cfg, steps=6, batch_size=2, out_dir=tmp_path / "ck",
+                         log_every=2, progress=False, segment_frames=8, holdout=2,
+                         eval_every=3, save_every=4)
+    assert res["examples"] == 4
+    assert [e["step"] for e in res["evals"]] == [3, 6]
+    assert all(math.isfinite(e["mel"]) and e["mel"] > 0 for e in res["evals"])
+    args = json.loads((tmp_path / "ck" / "training_args.json").read_text())
+    assert args["steps_done"] == 6 and args["segment_frames"] == 8 and args["held_out"]["step"] == 6
+    with pytest.raises(ValueError, match="holdout"):
+        train_unit2mel(pairs, cfg, steps=1, holdout=6, progress=False)
 
 
 # ----------------------------------------------------------------------------- vocoder

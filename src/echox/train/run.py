@@ -220,6 +220,14 @@ def add_cli(sub: Any) -> None:
     hg.add_argument("--student-init", choices=["prune", "random"], default="prune",
                     help="start the student from the teacher's most salient channels (prune) or "
                          "from scratch")
+    vg = p.add_argument_group("vocoder stage")
+    vg.add_argument("--segment-frames", type=int,
+                    help="train on random crops of at most this many mel frames (faster steps)")
+    vg.add_argument("--holdout", type=int, default=0,
+                    help="keep the manifest's last N pairs out and report their mel L1")
+    vg.add_argument("--eval-every", type=int, default=0, help="held-out evaluation interval")
+    vg.add_argument("--save-every", type=int, default=0,
+                    help="also save OUT/unit2mel every N steps (continue with --init)")
     p.add_argument("--reinit-units", action="store_true",
                    help="vocoder with --init: keep the trained layers but start a fresh unit "
                         "embedding (units from a new k-means)")

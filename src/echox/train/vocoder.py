@@ -107,6 +107,52 @@ def collate_unit2mel(examples: Sequence[Unit2MelExample]) -> Unit2MelBatch:
     return Unit2MelBatch(units, umask, durs, torch.log1p(durs.float()), mel, fmask)
 
 
+def crop_example(ex: Unit2MelExample, max_frames: int, rng: np.random.Generator) -> Unit2MelExample:
+    """A random run of whole units whose mel span is at most `max_frames` (at least one unit).
+
+    Training on crops keeps the per-step cost bounded by `max_frames` instead of the longest
+    utterance in the batch; the model is convolutional and attends locally in practice, so a
+    few seconds of context is enough (FastSpeech-style decoders are often trained this way).
+    """
+    if max_frames <= 0:
+        raise ValueError(f"max_frames must be > 0, got {max_frames}")
+    if ex.mel.shape[0] <= max_frames:
+        return ex
+    ends = np.cumsum(ex.durations)
+    starts = ends - np.asarray(ex.durations)
+    # last unit index j such that the span [starts[i], ends[j]) fits, for each start i
+    last = np.searchsorted(ends, starts + max_frames, side="right") - 1
+    ok = np.nonzero(last >= np.arange(len(ex.units)))[0]
+    if len(ok) == 0:  # one unit longer than the window: take it alone, mel cut to the window
+        i = int(rng.integers(len(ex.units)))
+        a = int(starts[i])
+        return Unit2MelExample([ex.units[i]], [max_frames], ex.mel[a:a + max_frames])
+    i = int(ok[rng.integers(len(ok))])
+    j = int(last[i])
+    a, b = int(starts[i]), int(ends[j])
+    return Unit2MelExample(ex.units[i:j + 1], ex.durations[i:j + 1], ex.mel[a:b])
+
+
+@torch.no_grad()
+def evaluate_unit2mel(model: Unit2Mel, examples: Sequence[Unit2MelExample],
+                      batch_size: int = 8, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Held-out losses with ground-truth durations (mel L1 is what the HiFi-GAN hears)."""
+    was_training = model.training
+    model.eval()
+    tot = {"mel": 0.0, "duration": 0.0}
+    n = 0
+    for k in range(0, len(examples), batch_size):
+        chunk = examples[k:k + batch_size]
+        batch = collate_unit2mel(chunk).to(device)
+        out = model(batch.units, batch.unit_mask, batch.durations)
+        loss = unit2mel_loss(out, batch.mel, batch.mel_mask, batch.log_dur)
+        tot["mel"] += loss.mel.item() * len(chunk)
+        tot["duration"] += loss.duration.item() * len(chunk)
+        n += len(chunk)
+    model.train(was_training)
+    return {k: v / max(n, 1) for k, v in tot.items()}
+
+
 def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -129,19 +175,33 @@ def train_unit2mel(
     weight_decay: float = 0.01,
     device: str | torch.device = "cpu",
     model: Unit2Mel | None = None,
+    segment_frames: int | None = None,
+    holdout: int = 0,
+    eval_every: int = 0,
+    save_every: int = 0,
 ) -> dict[str, Any]:
     """Train a Unit2Mel on (dedup units, run lengths, wav at cfg.sample_rate or mel) pairs.
 
     Ground-truth durations drive the length regulator; the duration predictor learns them on
     the side. The output bias starts at the data's mean log-mel (a cheap, big head start).
-    Saves the model to `out_dir` (with training_args.json) when given. Returns a summary dict.
+    `segment_frames` trains on random crops of at most that many mel frames (whole units).
+    `holdout` keeps the last pairs out of training and reports their losses every
+    `eval_every` steps and at the end. Saves the model to `out_dir` (with
+    training_args.json) when given, also every `save_every` steps, so a long run can be
+    stopped at any time and continued with `model=`. Returns a summary dict.
     """
     if steps <= 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(f"steps, batch_size and lr must be > 0 (got {steps}, {batch_size}, {lr})")
     if not pairs:
         raise VocoderInputError("train_unit2mel needs at least one (units, runs, audio) pair")
+    if segment_frames is not None and segment_frames <= 0:
+        raise ValueError(f"segment_frames must be > 0, got {segment_frames}")
+    if not 0 <= holdout < len(pairs):
+        raise ValueError(f"holdout must be in [0, {len(pairs)}) for {len(pairs)} pairs, got {holdout}")
     examples = [prepare_unit2mel_example(u, r, a, cfg, where=f"pair {i}")
                 for i, (u, r, a) in enumerate(pairs)]
+    held = examples[len(examples) - holdout:] if holdout else []
+    examples = examples[:len(examples) - holdout]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if model is None:
@@ -155,6 +215,10 @@ def train_unit2mel(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98),
                             weight_decay=weight_decay)
     history: list[dict[str, float]] = []
+    evals: list[dict[str, float]] = []
+    run_args = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+                "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
+                "segment_frames": segment_frames, "examples": len(examples), "holdout": holdout}
     window: list[tuple[float, float, float]] = []
     first_loss: float | None = None
     t0 = time.time()
@@ -162,7 +226,10 @@ def train_unit2mel(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, warmup, lr)
         idx = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
-        batch = collate_unit2mel([examples[i] for i in idx]).to(device)
+        chosen = [examples[i] for i in idx]
+        if segment_frames:
+            chosen = [crop_example(e, segment_frames, rng) for e in chosen]
+        batch = collate_unit2mel(chosen).to(device)
         out = model(batch.units, batch.unit_mask, batch.durations)
         loss = unit2mel_loss(out, batch.mel, batch.mel_mask, batch.log_dur)
         opt.zero_grad(set_to_none=True)
@@ -180,19 +247,32 @@ def train_unit2mel(
             if progress:
                 print(f"[unit2mel] step {step + 1}/{steps} loss {avg[0]:.4f} mel {avg[1]:.4f} "
                       f"dur {avg[2]:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        if held and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
+            ev = {"step": step + 1, **evaluate_unit2mel(model, held, device=device)}
+            evals.append(ev)
+            if progress:
+                print(f"[unit2mel] held-out ({len(held)}) step {step + 1}: mel {ev['mel']:.4f} "
+                      f"dur {ev['duration']:.4f}", file=sys.stderr, flush=True)
+        if out_dir is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            _save(model, out_dir, {**run_args, "steps_done": step + 1,
+                                   "loss": history[-1]["loss"] if history else None})
+            model.train()
     model.eval()
     summary: dict[str, Any] = {
         "steps": steps, "first_loss": first_loss, "loss": history[-1]["loss"],
         "mel_loss": history[-1]["mel"], "duration_loss": history[-1]["duration"],
         "history": history, "seconds": time.time() - t0, "examples": len(examples),
         "params": sum(p.numel() for p in model.parameters()), "out_dir": None, "model": model,
+        "evals": evals,
     }
     if out_dir is not None:
-        args = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
-                "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
-                "examples": len(examples), "final_loss": summary["loss"]}
-        model.save_pretrained(out_dir, vocoder={"hifigan": "universal", "output_sr": 16000,
-                                                "context_units": 16},
-                              extra_files={"training_args.json": json.dumps(args, indent=2)})
+        _save(model, out_dir, {**run_args, "steps_done": steps, "final_loss": summary["loss"],
+                               "held_out": evals[-1] if evals else None})
         summary["out_dir"] = str(out_dir)
     return summary
+
+
+def _save(model: Unit2Mel, out_dir: str | Path, args: dict[str, Any]) -> None:
+    model.save_pretrained(out_dir, vocoder={"hifigan": "universal", "output_sr": 16000,
+                                            "context_units": 16},
+                          extra_files={"training_args.json": json.dumps(args, indent=2)})

@@ -83,6 +83,10 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or tr.get("batch_size", 16), out_dir=out / "unit2mel",
         log_every=tr.get("log_every", 50), seed=tr.get("seed", 0), model=init,
         warmup=tr.get("warmup"),
+        segment_frames=getattr(args, "segment_frames", None) or tr.get("segment_frames"),
+        holdout=getattr(args, "holdout", 0) or tr.get("holdout", 0),
+        eval_every=getattr(args, "eval_every", 0) or tr.get("eval_every", 0),
+        save_every=getattr(args, "save_every", 0) or tr.get("save_every", 0),
     )
     voc = UnitMelVocoder(res["model"].eval(), output_sr=tr.get("output_sr", 16000),
                          hifigan=tr.get("hifigan", "universal"))
@@ -90,6 +94,7 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     print(json.dumps({"stage": "vocoder", "pairs": len(pairs), "steps": res["steps"],
                       "first_loss": res["first_loss"], "last_loss": res["loss"],
                       "steps_per_s": res["steps"] / max(res["seconds"], 1e-9),
+                      "held_out": res["evals"][-1] if res["evals"] else None,
                       "output": str(out / "model")}))
     return 0
 
