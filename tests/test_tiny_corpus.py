@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from echox.data.tiny_corpus import (
+    greedy_shrinking,
     DEFAULT_QUESTIONS,
     QAQuestion,
     TinyCorpusError,
@@ -117,6 +118,49 @@ def test_split_has_no_overlap_and_follows_limit():
         split_questions(qs[:10], test_size=10)
     with pytest.raises(TinyCorpusError, match="limit"):
         split_questions(qs, limit=1)
+
+
+def test_train_size_caps_train_and_keeps_the_test_split():
+    qs = [QAQuestion(f"q{i:03d}", f"Question number {i}?", ("x",)) for i in range(500)]
+    full = split_questions(qs, test_size=100, seed=0)
+    capped = split_questions(qs, test_size=100, seed=0, train_size=150)
+    assert (len(capped.train), len(capped.test)) == (150, 100)
+    assert capped.test == full.test and capped.train == full.train[:150]
+    assert split_questions(qs, test_size=100, seed=0, train_size=0) == full  # 0 = all
+    with pytest.raises(TinyCorpusError, match="train_size"):
+        split_questions(qs, train_size=-1)
+
+
+def test_greedy_shrinking_matches_generate():
+    """Dropping finished rows must not change any row's greedy tokens."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 64, (5, 7))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 2, 0, 4, 1]):  # left padding of different lengths
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    with torch.inference_mode():
+        free = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                              max_new_tokens=12, eos_token_id=None, pad_token_id=0)[:, 7:]
+    # end rows at different steps: the tokens row 0 and row 3 produce at step 2 become EOS
+    eos = {int(free[0, 2]), int(free[3, 2])}
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=12, eos_token_id=sorted(eos), pad_token_id=0)[:, 7:]
+    want = []
+    for r in ref.tolist():
+        end = next((k for k, t in enumerate(r) if t in eos), None)
+        want.append(r[: end + 1] if end is not None else r)
+    got = greedy_shrinking(model, ids, mask, 12, eos)
+    assert got == want
+    assert len({len(r) for r in got}) > 1  # rows really ended at different steps
+    assert greedy_shrinking(model, ids, mask, 0, eos) == [[] for _ in range(5)]
 
 
 def test_tidy_drops_a_cut_off_sentence():
