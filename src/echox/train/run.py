@@ -217,9 +217,10 @@ def add_cli(sub: Any) -> None:
     hg.add_argument("--student-channels", type=int, default=128,
                     help="student width (upsample_initial_channel): 128 = V2's size, 256 = half "
                          "of V1")
-    hg.add_argument("--student-init", choices=["prune", "random"], default="prune",
-                    help="start the student from the teacher's most salient channels (prune) or "
-                         "from scratch")
+    hg.add_argument("--student-init", choices=["prune", "random"], default="random",
+                    help="start the student from scratch (random; how the shipped small one was "
+                         "made) or from the teacher's most salient channels (prune; not yet "
+                         "shown to distil faster)")
     vg = p.add_argument_group("vocoder stage")
     vg.add_argument("--segment-frames", type=int,
                     help="train on random crops of at most this many mel frames (faster steps)")

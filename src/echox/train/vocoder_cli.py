@@ -177,7 +177,7 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         from echox.convert.hifigan import load_generator
 
         student = load_generator(args.init)
-    elif getattr(args, "student_init", "prune") == "prune":
+    elif getattr(args, "student_init", "random") == "prune":
         student = prune_generator(load_hifigan(teacher_name), width,
                                   calibration_mel=train_pool.mels[:16])
     else:
