@@ -18,6 +18,7 @@ from echox.model.unit2mel import (
     align_durations,
     hifigan_reach_frames,
     length_regulate,
+    sinusoidal_positions,
     unit2mel_loss,
 )
 from echox.model.vocoder import (
@@ -271,11 +272,31 @@ def test_crop_keeps_whole_units_and_their_mel_frames() -> None:
         assert c.units == list(range(10 + i, 10 + i + len(c.units)))
         assert c.durations == durs[i:i + len(c.units)]
         assert float(c.mel[0, 0]) == starts[i]  # ... with exactly their frames
+        assert (c.unit_start, c.frame_start) == (i, starts[i])  # and where they start
     assert crop_example(ex, 100, rng) is ex  # short enough: untouched
     one = crop_example(Unit2MelExample([7], [30], torch.zeros(30, 4)), 8, rng)
     assert one.units == [7] and one.durations == [8] and one.mel.shape[0] == 8
     with pytest.raises(ValueError):
         crop_example(ex, 0, rng)
+
+
+def test_crop_offsets_give_the_positions_of_the_full_utterance() -> None:
+    pe = sinusoidal_positions(40, 16)
+    shifted = sinusoidal_positions(10, 16, offset=torch.tensor([0, 25]))
+    assert shifted.shape == (2, 10, 16)
+    assert torch.allclose(shifted[0], pe[:10], atol=1e-5)
+    assert torch.allclose(shifted[1], pe[25:35], atol=1e-5)
+    # the model uses them: a crop's output depends on its offsets
+    m = tiny_model().eval()
+    units, durs = torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 2]])
+    plain = m(units, durations=durs).mel
+    assert torch.equal(plain, m(units, durations=durs, unit_offset=torch.tensor([0]),
+                                frame_offset=torch.tensor([0])).mel)
+    assert not torch.allclose(plain, m(units, durations=durs, unit_offset=torch.tensor([5]),
+                                       frame_offset=torch.tensor([9])).mel)
+    batch = collate_unit2mel([Unit2MelExample([1, 2], [2, 3], torch.zeros(5, 4), 7, 30),
+                              Unit2MelExample([3], [4], torch.zeros(4, 4))])
+    assert batch.unit_offset.tolist() == [7, 0] and batch.frame_offset.tolist() == [30, 0]
 
 
 def test_train_on_crops_with_holdout_and_periodic_saves(tmp_path) -> None:

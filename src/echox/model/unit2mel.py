@@ -206,14 +206,18 @@ def length_regulate(
     return y * mask.unsqueeze(-1).to(y.dtype), mask
 
 
-def sinusoidal_positions(n: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
-    """Transformer sine/cosine positions [n, dim] (Vaswani et al., 2017)."""
-    pos = torch.arange(n, device=device, dtype=torch.float32).unsqueeze(1)  # [n, 1]
+def sinusoidal_positions(n: int, dim: int, device: torch.device | None = None,
+                         offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Transformer sine/cosine positions [n, dim] (Vaswani et al., 2017); with `offset` [B]
+    (where each row's first position sits in its utterance, e.g. for a training crop)
+    [B, n, dim] for positions offset + 0 .. offset + n - 1."""
+    pos = torch.arange(n, device=device, dtype=torch.float32)  # [n]
+    pos = pos.unsqueeze(-1) if offset is None else (offset.to(device).float()[:, None] + pos)[..., None]
     freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
                      * (-math.log(10000.0) / dim))  # [dim / 2]
-    pe = torch.zeros(n, dim, device=device)
-    pe[:, 0::2] = torch.sin(pos * freq)
-    pe[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    pe = torch.zeros(*pos.shape[:-1], dim, device=device)
+    pe[..., 0::2] = torch.sin(pos * freq)
+    pe[..., 1::2] = torch.cos(pos * freq[: dim // 2])
     return pe
 
 
@@ -358,14 +362,18 @@ class Unit2Mel(nn.Module):
         durations: torch.Tensor | None = None,
         max_frames: int | None = None,
         length_scale: float = 1.0,
+        unit_offset: torch.Tensor | None = None,
+        frame_offset: torch.Tensor | None = None,
     ) -> Unit2MelOutput:
         """units [B, T] (ids), unit_mask [B, T] (True = real), durations [B, T] mel frames
-        (ground truth when training; predicted when None) -> `Unit2MelOutput`."""
+        (ground truth when training; predicted when None) -> `Unit2MelOutput`.
+        `unit_offset` / `frame_offset` [B]: where a cropped row starts in its utterance, so
+        that its positions are the ones the full utterance would give."""
         mask = torch.ones_like(units, dtype=torch.bool) if unit_mask is None else unit_mask.bool()
         self._check_units(units, mask)
         keep = mask.unsqueeze(-1).float()  # [B, T, 1]
         x = self.embed(units.masked_fill(~mask, 0))  # [B, T, D]
-        x = self.drop(x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)) * keep
+        x = self.drop(x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, unit_offset)) * keep
         for blk in self.encoder:
             x = blk(x, mask)
         x = self.enc_norm(x) * keep
@@ -385,7 +393,7 @@ class Unit2Mel(nn.Module):
         if h.shape[1] == 0:
             raise VocoderInputError(f"max_frames={max_frames} leaves no frames")
         fkeep = mel_mask.unsqueeze(-1).float()
-        h = self.drop(h + sinusoidal_positions(h.shape[1], h.shape[2], h.device)) * fkeep
+        h = self.drop(h + sinusoidal_positions(h.shape[1], h.shape[2], h.device, frame_offset)) * fkeep
         for blk in self.decoder:
             h = blk(h, mel_mask)
         mel = self.proj(self.dec_norm(h)) * fkeep  # [B, F, M]

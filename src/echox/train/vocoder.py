@@ -38,6 +38,8 @@ class Unit2MelExample:
     units: list[int]  # deduplicated unit ids [T]
     durations: list[int]  # mel frames per unit [T], summing to the mel length
     mel: torch.Tensor  # [F, n_mels] log-mel (time-major)
+    unit_start: int = 0  # a crop's first unit / mel frame within its utterance
+    frame_start: int = 0
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Unit2MelBatch:
     log_dur: torch.Tensor  # [B, T] log(frames + 1)
     mel: torch.Tensor  # [B, F, n_mels]
     mel_mask: torch.Tensor  # [B, F]
+    unit_offset: torch.Tensor  # [B] crop starts (0 for whole utterances)
+    frame_offset: torch.Tensor  # [B]
 
     def to(self, device: torch.device | str) -> Unit2MelBatch:
         return Unit2MelBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -104,15 +108,20 @@ def collate_unit2mel(examples: Sequence[Unit2MelExample]) -> Unit2MelBatch:
         umask[i, :n] = True
         mel[i, :nf] = e.mel
         fmask[i, :nf] = True
-    return Unit2MelBatch(units, umask, durs, torch.log1p(durs.float()), mel, fmask)
+    return Unit2MelBatch(units, umask, durs, torch.log1p(durs.float()), mel, fmask,
+                         torch.tensor([e.unit_start for e in examples]),
+                         torch.tensor([e.frame_start for e in examples]))
 
 
 def crop_example(ex: Unit2MelExample, max_frames: int, rng: np.random.Generator) -> Unit2MelExample:
     """A random run of whole units whose mel span is at most `max_frames` (at least one unit).
 
     Training on crops keeps the per-step cost bounded by `max_frames` instead of the longest
-    utterance in the batch; the model is convolutional and attends locally in practice, so a
-    few seconds of context is enough (FastSpeech-style decoders are often trained this way).
+    utterance in the batch. The crop remembers where it starts (`unit_start`, `frame_start`)
+    so that the model gives it the positions of the full utterance: without that, crops
+    always start at position 0 and the model never learns the later positions (measured: the
+    held-out mel L1 of a model trained on full utterances rose from 0.616 to 0.671 in 200
+    steps on 256-frame crops).
     """
     if max_frames <= 0:
         raise ValueError(f"max_frames must be > 0, got {max_frames}")
@@ -126,11 +135,13 @@ def crop_example(ex: Unit2MelExample, max_frames: int, rng: np.random.Generator)
     if len(ok) == 0:  # one unit longer than the window: take it alone, mel cut to the window
         i = int(rng.integers(len(ex.units)))
         a = int(starts[i])
-        return Unit2MelExample([ex.units[i]], [max_frames], ex.mel[a:a + max_frames])
+        return Unit2MelExample([ex.units[i]], [max_frames], ex.mel[a:a + max_frames],
+                               ex.unit_start + i, ex.frame_start + a)
     i = int(ok[rng.integers(len(ok))])
     j = int(last[i])
     a, b = int(starts[i]), int(ends[j])
-    return Unit2MelExample(ex.units[i:j + 1], ex.durations[i:j + 1], ex.mel[a:b])
+    return Unit2MelExample(ex.units[i:j + 1], ex.durations[i:j + 1], ex.mel[a:b],
+                           ex.unit_start + i, ex.frame_start + a)
 
 
 @torch.no_grad()
@@ -230,7 +241,8 @@ def train_unit2mel(
         if segment_frames:
             chosen = [crop_example(e, segment_frames, rng) for e in chosen]
         batch = collate_unit2mel(chosen).to(device)
-        out = model(batch.units, batch.unit_mask, batch.durations)
+        out = model(batch.units, batch.unit_mask, batch.durations,
+                    unit_offset=batch.unit_offset, frame_offset=batch.frame_offset)
         loss = unit2mel_loss(out, batch.mel, batch.mel_mask, batch.log_dur)
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
