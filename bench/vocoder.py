@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     audio_paths = [Path(r["audio"]) if Path(r["audio"]).is_absolute() else path.parent / r["audio"]
                    for r in recs]
     hyp_orig = [asr.transcribe(load_audio(a, 16000, max_seconds=None), 16000) for a in audio_paths]
+    if args.threads:  # the ASR (CTranslate2, OpenMP) can change the thread count torch sees
+        torch.set_num_threads(args.threads)
     res: dict = {"n": len(recs), "wer_original": wer(refs, hyp_orig),
                  "threads": torch.get_num_threads(), "variants": {}}
     rows = [("original piper", res["wer_original"], None, None)]
