@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         voc.synthesize(recs[0]["units"])  # warm-up: lazy init is not part of the RTF
         hyps, rtfs, synth_s, audio_s, voc_s = [], [], 0.0, 0.0, 0.0
         for r in recs:
+            if args.threads:  # again: each ASR call may change it
+                torch.set_num_threads(args.threads)
             t0 = time.perf_counter()
             if isinstance(voc, UnitMelVocoder):  # synthesize() in its two timed halves
                 mel = voc.unit2mel.infer(voc._clean(r["units"])).mel
