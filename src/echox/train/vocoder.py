@@ -268,7 +268,6 @@ def train_unit2mel(
         if out_dir is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             _save(model, out_dir, {**run_args, "steps_done": step + 1,
                                    "loss": history[-1]["loss"] if history else None})
-            model.train()
     model.eval()
     summary: dict[str, Any] = {
         "steps": steps, "first_loss": first_loss, "loss": history[-1]["loss"],
