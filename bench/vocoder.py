@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="unit->mel vocoders: HiFi-GAN to measure (repeatable; default: its own)")
     ap.add_argument("--copy-synthesis", action="store_true",
                     help="also vocode the original audio's mel with each HiFi-GAN")
+    ap.add_argument("--true-durations", action="store_true",
+                    help="also run the unit->mel with the durations of the original audio (from "
+                         "the records' run lengths): splits the gap into durations and spectra")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -110,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
                 hyps.append(asr.transcribe(out, spec.sampling_rate))
             v["wer_copy_synthesis"] = wer(refs, hyps)
             rows.append((f"original mel -> {name}", v["wer_copy_synthesis"], None, None))
+        if args.true_durations and isinstance(voc, UnitMelVocoder):
+            from echox.train.vocoder import aligned_prediction
+
+            sr = voc.unit2mel.config.sample_rate
+            hyps = []
+            for r, a in zip(recs, audio_paths):
+                mel = aligned_prediction(voc.unit2mel, r["units"], r["counts"],
+                                         load_audio(a, sr, max_seconds=None), str(a))
+                hyps.append(asr.transcribe(voc._resample(voc._vocode(mel[None])), voc.sample_rate))
+            v["wer_true_durations"] = wer(refs, hyps)
+            rows.append((f"units + true durations -> {name}", v["wer_true_durations"], None, None))
     print("| audio | WER (Whisper tiny.en) | RTF | of which HiFi-GAN |\n|---|---|---|---|")
     for label, w, rtf, g in rows:
         f = (lambda x: "-" if x is None else f"{x:.3f}")  # noqa: E731

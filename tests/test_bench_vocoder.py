@@ -44,18 +44,20 @@ def test_bench_vocoder_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     rows = []
     for i in range(2):
         sf.write(tmp_path / f"{i}.wav", (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000)
-        rows.append({"id": str(i), "text": "hello there", "audio": f"{i}.wav",
-                     "units": [int(u) for u in rng.integers(0, 20, 30)]})
+        rows.append({"id": str(i), "text": "hello there", "audio": f"{i}.wav",  # 0.5 s = 25 units
+                     "units": [int(u) for u in rng.integers(0, 20, 25)], "counts": [1] * 25})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "res.json"
     code = _bench().main(["--vocoder", str(tmp_path / "voc"), "--manifest", str(tmp_path / "m.jsonl"),
                           "--hifigan", str(tmp_path / "voc" / "hifigan"),
                           "--hifigan", str(tmp_path / "other"), "--copy-synthesis",
+                          "--true-durations",
                           "--threads", "1", "--json", str(out)])
     assert code == 0
     table = capsys.readouterr().out
     assert "| original piper |" in table and table.count("| units -> ") == 2
     assert table.count("| original mel -> ") == 2
+    assert table.count("| units + true durations -> ") == 2
     res = json.loads(out.read_text())
     assert res["n"] == 2 and len(res["variants"]) == 2
     for v in res["variants"].values():

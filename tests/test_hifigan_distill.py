@@ -21,6 +21,8 @@ from echox.train.hifigan_distill import (
     DistillConfig,
     DistillError,
     TeacherPool,
+    _losses,
+    build_gta_pool,
     build_pool,
     distill,
     evaluate,
@@ -110,6 +112,39 @@ def test_pool_and_distill_lower_the_loss(tmp_path) -> None:
     torch.testing.assert_close(loaded(x), res["model"](x))
 
 
+def test_gta_pool_pairs_windows_and_skips_the_wave_loss(tmp_path) -> None:
+    teacher = generator(32, 1)
+    ms = mels()
+    audio = [torch.arange(m.shape[-1] * HOP, dtype=torch.float32) + 1000 * i for i, m in enumerate(ms)]
+    gta = build_gta_pool(ms, audio, n_windows=6, window_frames=30, valid=5, hop=HOP, seed=3)
+    assert gta.mels.shape == (6, 16, 30) and gta.audio.shape == (6, 30 * HOP)
+    assert not gta.locked.any()
+    for w, a in zip(gta.mels, gta.audio):  # the audio sits under the same frames as the mel
+        clip, first = int(a[0]) // 1000, int(a[0]) % 1000
+        assert first % HOP == 0
+        torch.testing.assert_close(w, ms[clip][:, first // HOP : first // HOP + 30])
+    real = build_pool(teacher, ms, n_windows=4, window_frames=30, progress=False)
+    both = TeacherPool.cat([real, build_gta_pool(ms, audio, 3, 30, real.valid, HOP)])
+    assert both.locked.tolist() == [True] * 4 + [False] * 3
+    both.save(tmp_path / "p.safetensors")
+    back = TeacherPool.load(tmp_path / "p.safetensors")
+    assert torch.equal(back.locked, both.locked)
+    train, held = back.split(2)
+    assert train.locked.sum() + held.locked.sum() == 4
+    # the waveform L1 counts only the locked rows; mel and STFT losses count all
+    cfg = DistillConfig(steps=1, batch_size=2, segment_frames=8, margin_frames=4, stft_resolutions=RES)
+    student = generator(8, 2)
+    x, y = both.mels[[0, 4], :, :16], both.audio[[0, 4], 4 * HOP : 12 * HOP]
+    locked = torch.tensor([True, False])
+    one = _losses(student, x, y, cfg, locked)["wave"]
+    first = _losses(student, x[:1], y[:1], cfg)["wave"]
+    torch.testing.assert_close(one, first)
+    with pytest.raises(DistillError, match="samples <"):
+        build_gta_pool(ms, [a[:100] for a in audio], 2, 30, 5, HOP)
+    with pytest.raises(DistillError, match="differ"):
+        TeacherPool.cat([real, build_gta_pool(ms, audio, 2, 40, real.valid, HOP)])
+
+
 def test_distill_input_errors() -> None:
     teacher = generator(16, 0)
     with pytest.raises(DistillError, match="no mel has"):
@@ -164,3 +199,32 @@ def test_hifigan_checkpoint_errors_are_vocoder_checkpoint_errors(tmp_path) -> No
     with pytest.raises(vocoder.VocoderCheckpointError, match="lacks"):
         load_generator(tmp_path / "g")
     assert issubclass(VocoderCheckpointError, ConversionError)
+
+
+def test_train_hifigan_cli_gta_pool(tmp_path) -> None:
+    """`echox train hifigan --unit2mel DIR --gta`: teacher windows from the real mels plus
+    ground-truth-aligned unit->mel windows whose target is the real audio."""
+    import numpy as np
+    import soundfile as sf
+
+    from echox.cli import main
+    from echox.model.unit2mel import Unit2Mel, Unit2MelConfig
+
+    torch.manual_seed(0)
+    Unit2Mel(Unit2MelConfig.tiny(n_mels=80)).save_pretrained(tmp_path / "u2m")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(3):  # 1.5 s each: 75 units at 50 Hz
+        sf.write(tmp_path / f"{i}.wav", (0.1 * rng.standard_normal(33075)).astype(np.float32), 22050)
+        rows.append({"text": "hi", "audio": f"{i}.wav", "units": rng.integers(0, 20, 25).tolist(),
+                     "counts": [3] * 25})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "hifigan", "--data", str(tmp_path / "m.jsonl"), "--teacher", "small",
+            "--unit2mel", str(tmp_path / "u2m"), "--gta", "--windows", "16",
+            "--max-steps", "2", "--batch-size", "2", "--student-channels", "32", "--threads", "1",
+            "--out", str(tmp_path / "s")]
+    assert main(args) == 0
+    pool = TeacherPool.load(tmp_path / "s" / "teacher_pool.safetensors")
+    assert pool.locked.tolist() == [True] * 8 + [False] * 8
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["steps"] == 2 and load_generator(tmp_path / "s" / "model").config.upsample_initial_channel == 32

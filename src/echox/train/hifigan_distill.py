@@ -15,6 +15,13 @@ and, optionally, from a unit->mel model, which is what the student hears in use)
 teacher's audio for each, rendered once: the teacher is far too slow to run every step.
 Each step cuts a short segment (plus mel margins on both sides, so that neither model sees a
 zero-padded edge where the loss is taken) out of random pool windows.
+
+Ground-truth-aligned windows (`build_gta_pool`, as in the HiFi-GAN paper's fine-tuning on
+Tacotron 2 outputs): the input is a unit->mel prediction made with the real durations, the
+target the real audio. The student then learns to render what the unit->mel model actually
+gives it, towards the real recording rather than towards the teacher's rendering of a blurred
+mel. Such a target is not phase-locked to the input (no deterministic model made it from this
+mel), so those windows skip the waveform L1 and keep the mel and STFT magnitude losses.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ from echox.convert.hifigan import (
     save_generator,
 )
 
-__all__ = ["DistillConfig", "TeacherPool", "build_pool", "distill", "prune_generator",
-           "stft_losses"]
+__all__ = ["DistillConfig", "TeacherPool", "build_gta_pool", "build_pool", "distill",
+           "prune_generator", "stft_losses"]
 
 STFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))  # n_fft, hop, win
 
@@ -75,15 +82,27 @@ class DistillConfig:
 
 @dataclass
 class TeacherPool:
-    """Mel windows [N, M, W] and the teacher's audio for them [N, W * hop].
+    """Mel windows [N, M, W] and the target audio for them [N, W * hop].
 
     Only frames [valid, W - valid) of the audio are free of the teacher's own edge effects.
+    `locked` [N] (bool): the target was rendered from this very mel by the teacher, so its
+    waveform (phase included) is a fair target; False for ground-truth-aligned windows, whose
+    target is the real recording. None means all locked.
     """
 
     mels: torch.Tensor
     audio: torch.Tensor
     valid: int
     hop: int
+    locked: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.locked is None:
+            self.locked = torch.ones(int(self.mels.shape[0]), dtype=torch.bool)
+        self.locked = self.locked.bool()
+        if not (self.mels.shape[0] == self.audio.shape[0] == self.locked.shape[0]):
+            raise DistillError(f"pool sizes differ: {self.mels.shape[0]} mels, "
+                               f"{self.audio.shape[0]} audio, {self.locked.shape[0]} flags")
 
     @property
     def window_frames(self) -> int:
@@ -92,7 +111,9 @@ class TeacherPool:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({"mels": self.mels.contiguous(), "audio": self.audio.contiguous()}, str(path),
+        assert self.locked is not None
+        save_file({"mels": self.mels.contiguous(), "audio": self.audio.contiguous(),
+                   "locked": self.locked.to(torch.uint8).contiguous()}, str(path),
                   metadata={"valid": str(self.valid), "hop": str(self.hop)})
 
     @classmethod
@@ -102,7 +123,24 @@ class TeacherPool:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             mels, audio = f.get_tensor("mels"), f.get_tensor("audio")
-        return cls(mels, audio, int(meta["valid"]), int(meta["hop"]))
+            locked = f.get_tensor("locked").bool() if "locked" in f.keys() else None
+        return cls(mels, audio, int(meta["valid"]), int(meta["hop"]), locked)
+
+    @classmethod
+    def cat(cls, pools: Sequence[TeacherPool]) -> TeacherPool:
+        """One pool from several of the same window size, hop and teacher reach."""
+        if not pools:
+            raise DistillError("no pools to join")
+        first = pools[0]
+        for p in pools[1:]:
+            if (p.valid, p.hop, p.window_frames) != (first.valid, first.hop, first.window_frames):
+                raise DistillError("pools differ in teacher reach, hop or window size")
+        return cls(torch.cat([p.mels for p in pools]), torch.cat([p.audio for p in pools]),
+                   first.valid, first.hop, torch.cat([p.locked for p in pools]))  # type: ignore[misc]
+
+    def _take(self, idx: torch.Tensor) -> TeacherPool:
+        assert self.locked is not None
+        return TeacherPool(self.mels[idx], self.audio[idx], self.valid, self.hop, self.locked[idx])
 
     def split(self, n_eval: int, seed: int = 0) -> tuple[TeacherPool, TeacherPool]:
         """(train, held-out) pools; windows of one clip may land on both sides."""
@@ -110,9 +148,7 @@ class TeacherPool:
         if not 0 < n_eval < n:
             raise DistillError(f"cannot hold out {n_eval} of {n} windows")
         order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-        ev, tr = order[:n_eval], order[n_eval:]
-        return (TeacherPool(self.mels[tr], self.audio[tr], self.valid, self.hop),
-                TeacherPool(self.mels[ev], self.audio[ev], self.valid, self.hop))
+        return self._take(order[n_eval:]), self._take(order[:n_eval])
 
 
 def _channel_saliency(out_w: torch.Tensor, in_ws: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -233,20 +269,23 @@ def _calibrate(student: HiFiGANGenerator, teacher: HiFiGANGenerator,
     fit(student.conv_post, teacher.conv_post, F.leaky_relu(x_s), F.leaky_relu(x_t), None)
 
 
+def _window_picks(lengths: Sequence[int], n: int, width: int, rng: np.random.Generator
+                  ) -> list[tuple[int, int]]:
+    """`n` random (item, start frame) windows of `width` frames, drawn in proportion to length."""
+    usable = [i for i, t in enumerate(lengths) if t >= width]
+    if not usable:
+        longest = max((int(t) for t in lengths), default=0)
+        raise DistillError(f"no mel has {width} frames (longest: {longest}); use shorter windows")
+    weights = np.array([lengths[i] - width + 1 for i in usable], dtype=np.float64)
+    picks = rng.choice(len(usable), size=n, p=weights / weights.sum())
+    return [(usable[k], int(rng.integers(0, lengths[usable[k]] - width + 1))) for k in picks]
+
+
 def _windows(mels: Sequence[torch.Tensor], n: int, width: int, rng: np.random.Generator
              ) -> list[torch.Tensor]:
     """`n` random windows [M, width] from the mels [M, T_i], drawn in proportion to length."""
-    usable = [m for m in mels if m.shape[-1] >= width]
-    if not usable:
-        longest = max((int(m.shape[-1]) for m in mels), default=0)
-        raise DistillError(f"no mel has {width} frames (longest: {longest}); use shorter windows")
-    weights = np.array([m.shape[-1] - width + 1 for m in usable], dtype=np.float64)
-    picks = rng.choice(len(usable), size=n, p=weights / weights.sum())
-    out = []
-    for i in picks:
-        start = int(rng.integers(0, usable[i].shape[-1] - width + 1))
-        out.append(usable[i][:, start : start + width])
-    return out
+    picks = _window_picks([int(m.shape[-1]) for m in mels], n, width, rng)
+    return [mels[i][:, s : s + width] for i, s in picks]
 
 
 def build_pool(
@@ -276,6 +315,32 @@ def build_pool(
     return TeacherPool(wins.clone(), torch.cat(audio), valid, teacher.config.hop_length)
 
 
+def build_gta_pool(
+    mels: Sequence[torch.Tensor],
+    audio: Sequence[torch.Tensor],
+    n_windows: int,
+    window_frames: int,
+    valid: int,
+    hop: int,
+    seed: int = 0,
+) -> TeacherPool:
+    """Windows of ground-truth-aligned predicted mels [M, T_i] with the real audio [>= T_i * hop]
+    at the same place as targets (`locked` False). `valid` is the teacher reach of the pool these
+    windows will join (`TeacherPool.cat` wants one value)."""
+    if len(mels) != len(audio):
+        raise DistillError(f"{len(mels)} mels but {len(audio)} audio clips")
+    for i, (m, a) in enumerate(zip(mels, audio)):
+        if a.shape[-1] < m.shape[-1] * hop:
+            raise DistillError(f"clip {i}: {a.shape[-1]} samples < {m.shape[-1]} frames x hop {hop}")
+    if window_frames <= 2 * valid:
+        raise DistillError(f"window_frames must exceed {2 * valid} (twice the teacher's reach)")
+    picks = _window_picks([int(m.shape[-1]) for m in mels], n_windows, window_frames,
+                          np.random.default_rng(seed))
+    wins = torch.stack([mels[i][:, s : s + window_frames] for i, s in picks]).float()
+    target = torch.stack([audio[i][s * hop : (s + window_frames) * hop] for i, s in picks]).float()
+    return TeacherPool(wins, target, valid, hop, torch.zeros(len(picks), dtype=torch.bool))
+
+
 def stft_losses(pred: torch.Tensor, target: torch.Tensor,
                 resolutions: Iterable[tuple[int, int, int]] = STFT_RESOLUTIONS) -> torch.Tensor:
     """Mean over resolutions of spectral convergence + L1 log-magnitude; audio [B, S]."""
@@ -296,12 +361,14 @@ def stft_losses(pred: torch.Tensor, target: torch.Tensor,
 
 
 def _batch(pool: TeacherPool, idx: np.ndarray, starts: np.ndarray, seg: int, margin: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student mel inputs [B, M, seg + 2 margin] and teacher audio targets [B, seg * hop]."""
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student mel inputs [B, M, seg + 2 margin], audio targets [B, seg * hop] and their
+    `locked` flags [B]."""
     hop = pool.hop
     mels = torch.stack([pool.mels[i, :, s - margin : s + seg + margin] for i, s in zip(idx, starts)])
     audio = torch.stack([pool.audio[i, s * hop : (s + seg) * hop] for i, s in zip(idx, starts)])
-    return mels, audio
+    assert pool.locked is not None
+    return mels, audio, pool.locked[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
 
 
 def _sample(pool: TeacherPool, n: int, cfg: DistillConfig, rng: np.random.Generator
@@ -317,13 +384,16 @@ def _sample(pool: TeacherPool, n: int, cfg: DistillConfig, rng: np.random.Genera
 
 
 def _losses(student: HiFiGANGenerator, mels: torch.Tensor, target: torch.Tensor,
-            cfg: DistillConfig) -> dict[str, torch.Tensor]:
+            cfg: DistillConfig, locked: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Losses of one batch; the waveform L1 only over `locked` rows (all when None)."""
     hop = student.config.hop_length
     out = student(mels)[:, cfg.margin_frames * hop : (cfg.margin_frames + cfg.segment_frames) * hop]
     spec = student.config.mel
     mel_l1 = F.l1_loss(mel_spectrogram(out, spec), mel_spectrogram(target, spec))
     stft = stft_losses(out, target, cfg.stft_resolutions)
-    wave = F.l1_loss(out, target)
+    per_row = (out - target).abs().mean(dim=1)  # [B]
+    keep = (torch.ones_like(per_row) if locked is None else locked.to(per_row.dtype))
+    wave = (per_row * keep).sum() / keep.sum().clamp_min(1.0)
     return {"loss": mel_l1 + stft + cfg.wave_weight * wave, "mel": mel_l1, "stft": stft,
             "wave": wave}
 
@@ -337,9 +407,10 @@ def evaluate(student: HiFiGANGenerator, pool: TeacherPool, cfg: DistillConfig) -
     sums: dict[str, float] = {}
     with torch.no_grad():
         for i in range(0, len(idx), cfg.batch_size):
-            mels, target = _batch(pool, idx[i : i + cfg.batch_size], starts[i : i + cfg.batch_size],
-                                  cfg.segment_frames, cfg.margin_frames)
-            for k, v in _losses(student, mels, target, cfg).items():
+            mels, target, locked = _batch(pool, idx[i : i + cfg.batch_size],
+                                          starts[i : i + cfg.batch_size], cfg.segment_frames,
+                                          cfg.margin_frames)
+            for k, v in _losses(student, mels, target, cfg, locked).items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(mels)
     student.train(was)
     return {k: v / len(idx) for k, v in sums.items()}
@@ -383,8 +454,8 @@ def distill(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         idx, starts = _sample(pool, cfg.batch_size, cfg, rng)
-        mels, target = _batch(pool, idx, starts, cfg.segment_frames, cfg.margin_frames)
-        losses = _losses(student, mels, target, cfg)
+        mels, target, locked = _batch(pool, idx, starts, cfg.segment_frames, cfg.margin_frames)
+        losses = _losses(student, mels, target, cfg, locked)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)

@@ -210,6 +210,9 @@ def add_cli(sub: Any) -> None:
     hg = p.add_argument_group("hifigan stage")
     hg.add_argument("--teacher", help="packaged HiFi-GAN to distil (default universal)")
     hg.add_argument("--unit2mel", help="a Unit2Mel folder: half the windows come from its mels")
+    hg.add_argument("--gta", action="store_true",
+                    help="with --unit2mel: its windows are its mels with the real durations, "
+                         "and their target is the real audio (ground-truth-aligned fine-tuning)")
     hg.add_argument("--windows", type=int, default=1500, help="teacher-rendered mel windows")
     hg.add_argument("--window-frames", type=int, default=80, help="frames per pool window")
     hg.add_argument("--pool", help="teacher pool file (reused when it exists)")

@@ -99,20 +99,24 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mels_from_manifest(manifest: str, spec: Any, limit: int | None, unit2mel: Any) -> tuple[list, list]:
-    """Log-mels [M, T] of the manifest's audio, and (with a Unit2Mel) of its units' predictions."""
+def _mels_from_manifest(manifest: str, spec: Any, limit: int | None, unit2mel: Any,
+                        gta: bool = False) -> tuple[list, list, list]:
+    """Log-mels [M, T] of the manifest's audio and, with a Unit2Mel, of its units' predictions:
+    with predicted durations, or with `gta` with the real ones (then the third list holds the
+    real audio [T * hop] of each prediction)."""
     import torch
 
     from echox.audio import load_audio
     from echox.convert.hifigan import mel_spectrogram
     from echox.data.manifest import read_jsonl
+    from echox.train.vocoder import aligned_prediction
 
     path = Path(manifest)
     if not path.is_file():
         raise ConfigError(f"hifigan data not found: {path}")
     rep = read_jsonl(path, "tts", on_error="skip")
     raw = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    real, predicted = [], []
+    real, predicted, targets = [], [], []
     for obj in raw[:limit] if limit else raw:
         if not isinstance(obj, dict) or not obj.get("audio"):
             continue
@@ -123,12 +127,18 @@ def _mels_from_manifest(manifest: str, spec: Any, limit: int | None, unit2mel: A
         if n <= spec.n_fft:
             continue
         real.append(mel_spectrogram(torch.from_numpy(wav[:n]), spec)[0])
-        if unit2mel is not None and obj.get("units"):
+        if unit2mel is not None and gta and obj.get("units") and obj.get("counts"):
+            mel = aligned_prediction(unit2mel, obj["units"], obj["counts"], real[-1], str(audio))
+            predicted.append(mel.transpose(0, 1))
+            targets.append(torch.from_numpy(wav[:n]))
+        elif unit2mel is not None and not gta and obj.get("units"):
             with torch.no_grad():
                 predicted.append(unit2mel.infer(obj["units"]).mel[0].transpose(0, 1).float())
     if not real:
         raise ConfigError(f"{path}: no record with readable audio")
-    return real, predicted
+    if unit2mel is not None and not predicted:
+        raise ConfigError(f"{path}: no record with units" + (" and counts" if gta else ""))
+    return real, predicted, targets
 
 
 def cmd_train_hifigan(args: argparse.Namespace) -> int:
@@ -140,6 +150,7 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
     from echox.train.hifigan_distill import (
         DistillConfig,
         TeacherPool,
+        build_gta_pool,
         build_pool,
         distill,
         prune_generator,
@@ -159,19 +170,26 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
             raise ConfigError("give --data: a TTS manifest whose audio the student learns from")
         teacher = load_hifigan(teacher_name)
         u2m = Unit2Mel.from_pretrained(args.unit2mel) if args.unit2mel else None
-        real, predicted = _mels_from_manifest(args.data, teacher.config.mel, args.limit, u2m)
+        gta = bool(getattr(args, "gta", False))
+        if gta and u2m is None:
+            raise ConfigError("--gta needs --unit2mel")
+        real, predicted, targets = _mels_from_manifest(args.data, teacher.config.mel, args.limit,
+                                                       u2m, gta=gta)
         n = args.windows
         n_pred = n // 2 if predicted else 0
         parts = [build_pool(teacher, real, n - n_pred, args.window_frames, seed=1)]
-        if n_pred:
+        if n_pred and gta:
+            parts.append(build_gta_pool(predicted, targets, n_pred, args.window_frames,
+                                        parts[0].valid, parts[0].hop, seed=2))
+        elif n_pred:
             parts.append(build_pool(teacher, predicted, n_pred, args.window_frames, seed=2))
-        pool = TeacherPool(torch.cat([p.mels for p in parts]), torch.cat([p.audio for p in parts]),
-                           parts[0].valid, parts[0].hop)
+        pool = TeacherPool.cat(parts)
         out.mkdir(parents=True, exist_ok=True)
         pool.save(pool_path)
     train_pool, eval_pool = pool.split(max(8, int(pool.mels.shape[0]) // 20))
     cfg = DistillConfig(steps=args.max_steps or 3000, batch_size=args.batch_size or 16,
-                        lr=args.lr or 5e-4)
+                        lr=args.lr or 5e-4, **({"eval_every": args.eval_every}
+                                               if getattr(args, "eval_every", 0) else {}))
     width = getattr(args, "student_channels", None) or HiFiGANConfig.v2().upsample_initial_channel
     if args.init:  # continue a student
         from echox.convert.hifigan import load_generator
