@@ -123,7 +123,7 @@ class TeacherPool:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             mels, audio = f.get_tensor("mels"), f.get_tensor("audio")
-            locked = f.get_tensor("locked").bool() if "locked" in f.keys() else None
+            locked = f.get_tensor("locked").bool() if "locked" in f.keys() else None  # noqa: SIM118 (not a dict)
         return cls(mels, audio, int(meta["valid"]), int(meta["hop"]), locked)
 
     @classmethod
