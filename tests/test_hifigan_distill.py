@@ -220,11 +220,11 @@ def test_train_hifigan_cli_gta_pool(tmp_path) -> None:
                      "counts": [3] * 25})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["train", "hifigan", "--data", str(tmp_path / "m.jsonl"), "--teacher", "small",
-            "--unit2mel", str(tmp_path / "u2m"), "--gta", "--windows", "16",
+            "--unit2mel", str(tmp_path / "u2m"), "--gta", "--windows", "16", "--unit2mel-share", "0.25",
             "--max-steps", "2", "--batch-size", "2", "--student-channels", "32", "--threads", "1",
             "--out", str(tmp_path / "s")]
     assert main(args) == 0
     pool = TeacherPool.load(tmp_path / "s" / "teacher_pool.safetensors")
-    assert pool.locked.tolist() == [True] * 8 + [False] * 8
+    assert pool.locked.tolist() == [True] * 12 + [False] * 4
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["steps"] == 2 and load_generator(tmp_path / "s" / "model").config.upsample_initial_channel == 32

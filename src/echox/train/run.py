@@ -209,11 +209,13 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="torch threads per process (1 on a busy CPU)")
     hg = p.add_argument_group("hifigan stage")
     hg.add_argument("--teacher", help="packaged HiFi-GAN to distil (default universal)")
-    hg.add_argument("--unit2mel", help="a Unit2Mel folder: half the windows come from its mels")
+    hg.add_argument("--unit2mel", help="a Unit2Mel folder: part of the windows come from its mels (--unit2mel-share)")
     hg.add_argument("--gta", action="store_true",
                     help="with --unit2mel: its windows are its mels with the real durations, "
                          "and their target is the real audio (ground-truth-aligned fine-tuning)")
-    hg.add_argument("--windows", type=int, default=1500, help="teacher-rendered mel windows")
+    hg.add_argument("--windows", type=int, default=1500, help="mel windows in the pool")
+    hg.add_argument("--unit2mel-share", type=float, default=0.5,
+                    help="with --unit2mel: the share of the windows that come from its mels")
     hg.add_argument("--window-frames", type=int, default=80, help="frames per pool window")
     hg.add_argument("--pool", help="teacher pool file (reused when it exists)")
     hg.add_argument("--limit", type=int, help="read only this many manifest records")

@@ -176,7 +176,10 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         real, predicted, targets = _mels_from_manifest(args.data, teacher.config.mel, args.limit,
                                                        u2m, gta=gta)
         n = args.windows
-        n_pred = n // 2 if predicted else 0
+        share = float(getattr(args, "unit2mel_share", 0.5))
+        if not 0.0 <= share < 1.0:
+            raise ConfigError(f"--unit2mel-share must be in [0, 1), got {share}")
+        n_pred = int(round(n * share)) if predicted else 0
         parts = [build_pool(teacher, real, n - n_pred, args.window_frames, seed=1)]
         if n_pred and gta:
             parts.append(build_gta_pool(predicted, targets, n_pred, args.window_frames,
