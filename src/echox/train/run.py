@@ -209,7 +209,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="torch threads per process (1 on a busy CPU)")
     hg = p.add_argument_group("hifigan stage")
     hg.add_argument("--teacher", help="packaged HiFi-GAN to distil (default universal)")
-    hg.add_argument("--unit2mel", help="a Unit2Mel folder: part of the windows come from its mels (--unit2mel-share)")
+    hg.add_argument("--unit2mel",
+                    help="a Unit2Mel folder: part of the windows come from its mels "
+                         "(--unit2mel-share)")
     hg.add_argument("--gta", action="store_true",
                     help="with --unit2mel: its windows are its mels with the real durations, "
                          "and their target is the real audio (ground-truth-aligned fine-tuning)")
