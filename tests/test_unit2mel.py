@@ -463,3 +463,13 @@ def test_train_vocoder_cli_continues_with_a_fresh_unit_embedding(tmp_path, capsy
     kept = (second.proj.weight - first.proj.weight).abs().max()
     assert moved > 0.1 and kept < 1e-3, (moved, kept)
     assert '"stage": "vocoder"' in capsys.readouterr().out
+
+
+def test_infer_with_given_durations_matches_forward() -> None:
+    model = tiny_model(3)
+    units, durs = [1, 5, 7, 2], [3, 1, 4, 2]
+    out = model.infer(units, durations=durs)
+    assert out.durations[0].tolist() == durs and out.mel.shape[1] == sum(durs)
+    with torch.no_grad():
+        ref = model(torch.tensor([units]), durations=torch.tensor([durs]))
+    torch.testing.assert_close(out.mel, ref.mel)

@@ -404,16 +404,22 @@ class Unit2Mel(nn.Module):
 
     @torch.inference_mode()
     def infer(
-        self, units: Sequence[int] | torch.Tensor, length_scale: float = 1.0
+        self, units: Sequence[int] | torch.Tensor, length_scale: float = 1.0,
+        durations: Sequence[int] | torch.Tensor | None = None,
     ) -> Unit2MelOutput:
-        """One unit sequence [T] -> output with batch size 1, always in eval mode."""
+        """One unit sequence [T] -> output with batch size 1, always in eval mode; `durations`
+        [T] (mel frames per unit) replace the predicted ones when given."""
         u = torch.as_tensor(units, device=self.embed.weight.device)
         if u.dim() == 1:
             u = u.unsqueeze(0)
+        d = None
+        if durations is not None:
+            d = torch.as_tensor(durations, device=u.device)
+            d = d.unsqueeze(0) if d.dim() == 1 else d
         was_training = self.training
         self.eval()
         try:
-            return self(u, length_scale=length_scale)
+            return self(u, durations=d, length_scale=length_scale)
         finally:
             self.train(was_training)
 

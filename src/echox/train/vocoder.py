@@ -95,14 +95,7 @@ def aligned_prediction(model: Unit2Mel, units: Sequence[int], run_lengths: Seque
     """The model's mel [F, n_mels] for `units` with the durations of the real recording
     (ground-truth-aligned: frame for frame with that recording's mel)."""
     ex = prepare_unit2mel_example(units, run_lengths, audio_or_mel, model.config, where)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.tensor([ex.units]), durations=torch.tensor([ex.durations]))
-    finally:
-        model.train(was)
-    return out.mel[0].float()
+    return model.infer(ex.units, durations=ex.durations).mel[0].float()
 
 
 def collate_unit2mel(examples: Sequence[Unit2MelExample]) -> Unit2MelBatch:

@@ -173,13 +173,13 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         gta = bool(getattr(args, "gta", False))
         if gta and u2m is None:
             raise ConfigError("--gta needs --unit2mel")
+        share = float(getattr(args, "unit2mel_share", 0.5))
+        if not 0.0 <= share < 1.0:  # before the slow manifest read
+            raise ConfigError(f"--unit2mel-share must be in [0, 1), got {share}")
         real, predicted, targets = _mels_from_manifest(args.data, teacher.config.mel, args.limit,
                                                        u2m, gta=gta)
         n = args.windows
-        share = float(getattr(args, "unit2mel_share", 0.5))
-        if not 0.0 <= share < 1.0:
-            raise ConfigError(f"--unit2mel-share must be in [0, 1), got {share}")
-        n_pred = int(round(n * share)) if predicted else 0
+        n_pred = round(n * share) if predicted else 0
         parts = [build_pool(teacher, real, n - n_pred, args.window_frames, seed=1)]
         if n_pred and gta:
             parts.append(build_gta_pool(predicted, targets, n_pred, args.window_frames,
