@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                    for r in recs]
     hyp_orig = [asr.transcribe(load_audio(a, 16000, max_seconds=None), 16000) for a in audio_paths]
     res: dict = {"n": len(recs), "wer_original": wer(refs, hyp_orig),
-                 "threads": args.threads or torch.get_num_threads(), "variants": {}}
+                 "threads": args.threads or torch.get_num_threads(), "variants": {},
+                 "records": [{"id": r.get("id"), "ref": ref, "original": h}
+                             for r, ref, h in zip(recs, refs, hyp_orig)]}
     rows = [("original piper", res["wer_original"], None, None)]
     for name, voc in variants:
         voc.synthesize(recs[0]["units"])  # warm-up: lazy init is not part of the RTF
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             hyps.append(asr.transcribe(wav, voc.sample_rate))
         v = {"wer_resynthesis": wer(refs, hyps), "rtf_total": synth_s / audio_s,
              "rtf_median": float(np.median(rtfs)), "audio_seconds": audio_s,
-             "examples": [{"ref": a, "syn": b} for a, b in list(zip(refs, hyps))[:3]]}
+             "examples": [{"ref": a, "syn": b} for a, b in list(zip(refs, hyps))[:3]],
+             "hypotheses": hyps}
         if isinstance(voc, UnitMelVocoder):  # how the time splits between the two models
             v["rtf_generator"] = voc_s / audio_s
             v["params_generator"] = sum(p.numel() for p in voc.generator.parameters())
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                     out = voc.generator(mel_spectrogram(wav[:n], spec))[0].numpy()
                 hyps.append(asr.transcribe(out, spec.sampling_rate))
             v["wer_copy_synthesis"] = wer(refs, hyps)
+            v["hypotheses_copy_synthesis"] = hyps
             rows.append((f"original mel -> {name}", v["wer_copy_synthesis"], None, None))
         if args.true_durations and isinstance(voc, UnitMelVocoder):
             from echox.train.vocoder import aligned_prediction
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                                          load_audio(a, sr, max_seconds=None), str(a))
                 hyps.append(asr.transcribe(voc._resample(voc._vocode(mel[None])), voc.sample_rate))
             v["wer_true_durations"] = wer(refs, hyps)
+            v["hypotheses_true_durations"] = hyps
             rows.append((f"units + true durations -> {name}", v["wer_true_durations"], None, None))
     print("| audio | WER (Whisper tiny.en) | RTF | of which HiFi-GAN |\n|---|---|---|---|")
     for label, w, rtf, g in rows:

@@ -64,3 +64,7 @@ def test_bench_vocoder_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert 0 <= v["wer_resynthesis"] and v["rtf_total"] > 0
         assert 0 < v["rtf_generator"] <= v["rtf_total"]
         assert "wer_copy_synthesis" in v
+        for key in ("hypotheses", "hypotheses_copy_synthesis", "hypotheses_true_durations"):
+            assert len(v[key]) == 2 and all(isinstance(h, str) for h in v[key])
+    assert [r["id"] for r in res["records"]] == ["0", "1"]
+    assert all(r["ref"] == "hello there" and isinstance(r["original"], str) for r in res["records"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -430,12 +431,9 @@ def test_bundle_cli_slim_with_another_hifigan(tmp_path, capsys) -> None:
     assert code == 2 and "cannot load the HiFi-GAN" in err and "Traceback" not in err
 
 
-def test_train_vocoder_cli_continues_with_a_fresh_unit_embedding(tmp_path, capsys) -> None:
-    """`echox train vocoder --init DIR --reinit-units`: new k-means ids, trained layers kept."""
+def _cli_vocoder_data(tmp_path) -> tuple[Path, list[str]]:
+    """A 3-pair units manifest and the --set flags of a tiny unit->mel for `echox train`."""
     import soundfile as sf
-
-    from echox.cli import main
-    from echox.model.unit2mel import Unit2Mel
 
     rows = []
     rng = np.random.default_rng(0)
@@ -451,6 +449,15 @@ def test_train_vocoder_cli_continues_with_a_fresh_unit_embedding(tmp_path, capsy
             "--set", "vocoder.n_heads=2", "--set", "vocoder.n_layers=1",
             "--set", "vocoder.ffn_dim=64", "--set", "vocoder.dur_hidden=32",
             "--set", "train.log_every=1", "--threads", "1"]
+    return manifest, tiny
+
+
+def test_train_vocoder_cli_continues_with_a_fresh_unit_embedding(tmp_path, capsys) -> None:
+    """`echox train vocoder --init DIR --reinit-units`: new k-means ids, trained layers kept."""
+    from echox.cli import main
+    from echox.model.unit2mel import Unit2Mel
+
+    manifest, tiny = _cli_vocoder_data(tmp_path)
     assert main(["train", "vocoder", "--data", str(manifest), "--out", str(tmp_path / "a"),
                  "--max-steps", "2", "--batch-size", "2", *tiny]) == 0
     first = Unit2Mel.from_pretrained(tmp_path / "a" / "model")
@@ -473,3 +480,61 @@ def test_infer_with_given_durations_matches_forward() -> None:
     with torch.no_grad():
         ref = model(torch.tensor([units]), durations=torch.tensor([durs]))
     torch.testing.assert_close(out.mel, ref.mel)
+
+
+def test_grown_model_starts_with_the_same_mels_then_trains(tmp_path) -> None:
+    from echox.model.unit2mel import grow_unit2mel
+
+    model = tiny_model(4)
+    grown = grow_unit2mel(model, extra_decoder_layers=2, postnet_layers=3)
+    assert grown.config.decoder_layers == model.config.n_layers + 2
+    assert len(grown.decoder) == len(model.decoder) + 2 and grown.postnet is not None
+    assert len(grown.encoder) == len(model.encoder)
+    units, durs = [1, 5, 7, 2, 9], [3, 1, 4, 2, 2]
+    torch.testing.assert_close(grown.infer(units, durations=durs).mel,
+                               model.infer(units, durations=durs).mel)
+    torch.testing.assert_close(grown.infer(units).durations, model.infer(units).durations)
+    # the new parts learn: one optimiser step moves the identity-started block and the postnet
+    grown.train()
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1)
+    out = grown(torch.tensor([units]), durations=torch.tensor([durs]))
+    out.mel.pow(2).mean().backward()
+    opt.step()
+    assert grown.decoder[-1].conv2.weight.abs().sum() > 0
+    assert grown.postnet.convs[-1].weight.abs().sum() > 0
+    # the grown config round-trips and an ungrown one keeps n_dec_layers unset
+    grown.save_pretrained(tmp_path / "g")
+    again = Unit2Mel.from_pretrained(tmp_path / "g")
+    assert again.config == grown.config and again.config.n_dec_layers == model.config.n_layers + 2
+    assert grow_unit2mel(model, postnet_layers=2).config.n_dec_layers is None
+
+
+def test_grow_rejects_bad_requests() -> None:
+    from echox.model.unit2mel import grow_unit2mel
+
+    model = tiny_model(5)
+    with pytest.raises(VocoderConfigError, match="extra_decoder_layers"):
+        grow_unit2mel(model, extra_decoder_layers=-1)
+    with pytest.raises(VocoderConfigError, match="postnet_layers"):
+        grow_unit2mel(model, postnet_layers=1)
+    with pytest.raises(VocoderConfigError, match="already has"):
+        grow_unit2mel(grow_unit2mel(model, postnet_layers=2), postnet_layers=2)
+    with pytest.raises(VocoderConfigError, match="n_dec_layers"):
+        Unit2MelConfig.tiny(n_dec_layers=-2)
+
+
+def test_train_vocoder_cli_grows_a_trained_model(tmp_path, capsys) -> None:
+    from echox.cli import main
+
+    manifest, tiny = _cli_vocoder_data(tmp_path)
+    assert main(["train", "vocoder", "--data", str(manifest), "--out", str(tmp_path / "a"),
+                 "--max-steps", "1", "--batch-size", "2", *tiny]) == 0
+    assert main(["train", "vocoder", "--init", str(tmp_path / "a" / "model"), "--grow-decoder",
+                 "1", "--add-postnet", "2", "--data", str(manifest), "--out", str(tmp_path / "b"),
+                 "--max-steps", "1", "--batch-size", "2", *tiny]) == 0
+    grown = Unit2Mel.from_pretrained(tmp_path / "b" / "model")
+    assert len(grown.decoder) == 2 and grown.config.postnet_layers == 2
+    capsys.readouterr()
+    assert main(["train", "vocoder", "--grow-decoder", "1", "--data", str(manifest),
+                 "--out", str(tmp_path / "c"), "--max-steps", "1", *tiny]) != 0
+    assert "give --init" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -60,6 +60,7 @@ class Unit2MelConfig:
     d_model: int = 256
     n_heads: int = 2
     n_layers: int = 4  # FFT blocks in the encoder, and again in the decoder
+    n_dec_layers: int | None = None  # decoder blocks when not n_layers (see grow_unit2mel)
     ffn_dim: int = 1024
     ffn_kernel: int = 3  # first conv of the FFN (FastSpeech uses 9; 3 is cheaper on CPU)
     dur_hidden: int = 256
@@ -84,6 +85,11 @@ class Unit2MelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise VocoderConfigError(f"Unit2MelConfig.{name} must be an int >= {low}, "
                                          f"got {value!r}")
+        if self.n_dec_layers is not None and (isinstance(self.n_dec_layers, bool) or not
+                                              isinstance(self.n_dec_layers, int) or
+                                              self.n_dec_layers < 0):
+            raise VocoderConfigError(f"Unit2MelConfig.n_dec_layers must be None or an int >= 0, "
+                                     f"got {self.n_dec_layers!r}")
         if self.postnet_layers == 1:
             raise VocoderConfigError("postnet_layers must be 0 (off) or >= 2")
         if self.d_model % self.n_heads:
@@ -96,6 +102,10 @@ class Unit2MelConfig:
             raise VocoderConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.unit_rate > 0:
             raise VocoderConfigError(f"unit_rate must be > 0 Hz, got {self.unit_rate}")
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_layers if self.n_dec_layers is None else self.n_dec_layers
 
     @property
     def mel_rate(self) -> float:
@@ -326,7 +336,7 @@ class Unit2Mel(nn.Module):
         self.encoder = nn.ModuleList(block() for _ in range(c.n_layers))
         self.enc_norm = nn.LayerNorm(c.d_model)
         self.dur_predictor = DurationPredictor(c.d_model, c.dur_hidden, c.dur_kernel, c.dropout)
-        self.decoder = nn.ModuleList(block() for _ in range(c.n_layers))
+        self.decoder = nn.ModuleList(block() for _ in range(c.decoder_layers))
         self.dec_norm = nn.LayerNorm(c.d_model)
         self.proj = nn.Linear(c.d_model, c.n_mels)
         self.postnet = (Postnet(c.n_mels, c.postnet_channels, c.postnet_kernel,
@@ -492,6 +502,41 @@ class Unit2Mel(nn.Module):
             raise VocoderCheckpointError(
                 f"{folder / WEIGHTS_FILE} does not fit its config: {str(exc)[:400]}") from exc
         return model.to(map_location).eval()
+
+
+def grow_unit2mel(model: Unit2Mel, extra_decoder_layers: int = 0,
+                  postnet_layers: int = 0) -> Unit2Mel:
+    """A larger copy of a trained `model` that starts out computing exactly the same mels.
+
+    `extra_decoder_layers` FFT blocks go on top of the decoder with their attention output
+    and second FFN conv zeroed, so each starts as the identity; `postnet_layers` (>= 2) adds a
+    postnet to a model without one, its last conv zeroed, so its residual starts at 0.
+    Training then goes on from the old model's quality instead of from scratch.
+    """
+    c = model.config
+    if extra_decoder_layers < 0:
+        raise VocoderConfigError(f"extra_decoder_layers must be >= 0, got {extra_decoder_layers}")
+    if postnet_layers and c.postnet_layers:
+        raise VocoderConfigError(f"the model already has a {c.postnet_layers}-layer postnet")
+    cfg = Unit2MelConfig.from_dict({**c.to_dict(),
+                                    "n_dec_layers": c.decoder_layers + extra_decoder_layers,
+                                    "postnet_layers": postnet_layers or c.postnet_layers})
+    if cfg.decoder_layers == c.n_layers and c.n_dec_layers is None:
+        cfg.n_dec_layers = None  # nothing grew in the decoder: keep the plain config
+    grown = Unit2Mel(cfg).to(next(model.parameters()).device)
+    _, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected:
+        raise VocoderConfigError(f"grow_unit2mel: unexpected weights {unexpected[:4]}")
+    with torch.no_grad():
+        for blk in list(grown.decoder)[c.decoder_layers:]:
+            for t in (blk.attn.out_proj.weight, blk.attn.out_proj.bias,
+                      blk.conv2.weight, blk.conv2.bias):
+                t.zero_()
+        if postnet_layers and grown.postnet is not None:
+            grown.postnet.convs[-1].weight.zero_()
+            grown.postnet.convs[-1].bias.zero_()
+    grown.train(model.training)
+    return grown
 
 
 def unit2mel_loss(

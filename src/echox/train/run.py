@@ -236,6 +236,11 @@ def add_cli(sub: Any) -> None:
     vg.add_argument("--eval-every", type=int, default=0, help="held-out evaluation interval")
     vg.add_argument("--save-every", type=int, default=0,
                     help="also save OUT/unit2mel every N steps (continue with --init)")
+    vg.add_argument("--grow-decoder", type=int, default=0, metavar="N",
+                    help="with --init: add N decoder blocks that start as the identity")
+    vg.add_argument("--add-postnet", type=int, default=0, metavar="LAYERS",
+                    help="with --init: add a postnet of LAYERS (>= 2) convs whose output starts "
+                         "at 0")
     p.add_argument("--reinit-units", action="store_true",
                    help="vocoder with --init: keep the trained layers but start a fresh unit "
                         "embedding (units from a new k-means)")
