@@ -228,3 +228,19 @@ def test_train_hifigan_cli_gta_pool(tmp_path) -> None:
     assert pool.locked.tolist() == [True] * 12 + [False] * 4
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["steps"] == 2 and load_generator(tmp_path / "s" / "model").config.upsample_initial_channel == 32
+    # a retrained unit->mel: new aligned windows, the old teacher windows taken over unchanged
+    torch.manual_seed(1)
+    Unit2Mel(Unit2MelConfig.tiny(n_mels=80)).save_pretrained(tmp_path / "u2m2")
+    again = [a if a != str(tmp_path / "u2m") else str(tmp_path / "u2m2") for a in args]
+    again = again[:-1] + [str(tmp_path / "s2")]
+    assert main([*again, "--teacher-from", str(tmp_path / "s" / "teacher_pool.safetensors"),
+                 "--unit2mel-share", "0.5"]) == 0
+    pool2 = TeacherPool.load(tmp_path / "s2" / "teacher_pool.safetensors")
+    assert pool2.locked.tolist() == [True] * 8 + [False] * 8
+    assert torch.equal(pool2.mels[:8], pool.mels[:8]) and torch.equal(pool2.audio[:8], pool.audio[:8])
+    assert not torch.equal(pool2.mels[8:12], pool.mels[12:16])
+    # more teacher windows than the old pool holds: a clear error, nothing trained
+    again = again[:-1] + [str(tmp_path / "s3")]
+    assert main([*again, "--teacher-from", str(tmp_path / "s" / "teacher_pool.safetensors"),
+                 "--unit2mel-share", "0.0"]) != 0
+    assert not (tmp_path / "s3" / "model").exists()

@@ -142,6 +142,15 @@ class TeacherPool:
         assert self.locked is not None
         return TeacherPool(self.mels[idx], self.audio[idx], self.valid, self.hop, self.locked[idx])
 
+    def teacher_windows(self, n: int) -> TeacherPool:
+        """The first `n` locked windows (the teacher's own renderings), e.g. to pair them with
+        new ground-truth-aligned windows after the unit->mel model changed."""
+        assert self.locked is not None
+        idx = torch.nonzero(self.locked).flatten()
+        if n <= 0 or len(idx) < n:
+            raise DistillError(f"asked for {n} teacher windows, the pool has {len(idx)}")
+        return self._take(idx[:n])
+
     def split(self, n_eval: int, seed: int = 0) -> tuple[TeacherPool, TeacherPool]:
         """(train, held-out) pools; windows of one clip may land on both sides."""
         n = int(self.mels.shape[0])

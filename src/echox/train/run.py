@@ -220,6 +220,9 @@ def add_cli(sub: Any) -> None:
                     help="with --unit2mel: the share of the windows that come from its mels")
     hg.add_argument("--window-frames", type=int, default=80, help="frames per pool window")
     hg.add_argument("--pool", help="teacher pool file (reused when it exists)")
+    hg.add_argument("--teacher-from", metavar="POOL",
+                    help="when building a pool: take its teacher windows from this older pool "
+                         "(no teacher run), e.g. to pair them with a retrained --unit2mel's")
     hg.add_argument("--limit", type=int, help="read only this many manifest records")
     hg.add_argument("--student-channels", type=int, default=128,
                     help="student width (upsample_initial_channel): 128 = V2's size, 256 = half "

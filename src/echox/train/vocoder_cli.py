@@ -188,7 +188,21 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
                                                        u2m, gta=gta)
         n = args.windows
         n_pred = round(n * share) if predicted else 0
-        parts = [build_pool(teacher, real, n - n_pred, args.window_frames, seed=1)]
+        reuse = getattr(args, "teacher_from", None)
+        if reuse:  # the teacher's windows do not depend on the unit->mel: skip the slow part
+            if not Path(reuse).is_file():
+                raise ConfigError(f"--teacher-from: no pool file at {reuse}")
+            old = TeacherPool.load(reuse)
+            if old.window_frames != args.window_frames:
+                raise ConfigError(f"--teacher-from {reuse}: windows of {old.window_frames} "
+                                  f"frames, not --window-frames {args.window_frames}")
+            have = int(old.locked.sum())  # type: ignore[union-attr]
+            if have < n - n_pred:
+                raise ConfigError(f"--teacher-from {reuse}: {have} teacher windows, but "
+                                  f"--windows and --unit2mel-share ask for {n - n_pred}")
+            parts = [old.teacher_windows(n - n_pred)]
+        else:
+            parts = [build_pool(teacher, real, n - n_pred, args.window_frames, seed=1)]
         if n_pred and gta:
             parts.append(build_gta_pool(predicted, targets, n_pred, args.window_frames,
                                         parts[0].valid, parts[0].hop, seed=2))
