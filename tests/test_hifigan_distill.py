@@ -244,3 +244,21 @@ def test_train_hifigan_cli_gta_pool(tmp_path) -> None:
     assert main([*again, "--teacher-from", str(tmp_path / "s" / "teacher_pool.safetensors"),
                  "--unit2mel-share", "0.0"]) != 0
     assert not (tmp_path / "s3" / "model").exists()
+
+
+def test_evaluate_averages_the_wave_loss_over_locked_windows_only() -> None:
+    cfg = DistillConfig(steps=1, batch_size=3, segment_frames=8, margin_frames=4, stft_resolutions=RES)
+    frames = 16  # 2 x margin + segment: every window is evaluated on the same fixed segment
+    torch.manual_seed(0)
+    pool = TeacherPool(torch.randn(4, 16, frames), 0.1 * torch.randn(4, frames * HOP), valid=2,
+                       hop=HOP, locked=torch.tensor([True, False, False, True]))
+    student = generator(8, 3)
+    seg = slice(cfg.margin_frames * HOP, (cfg.margin_frames + cfg.segment_frames) * HOP)
+    with torch.no_grad():
+        rows = [_losses(student.eval(), pool.mels[i : i + 1], pool.audio[i : i + 1, seg], cfg)
+                for i in range(4)]
+    got = evaluate(student, pool, cfg)
+    torch.testing.assert_close(got["wave"], float(rows[0]["wave"] + rows[3]["wave"]) / 2)
+    torch.testing.assert_close(got["mel"], sum(float(r["mel"]) for r in rows) / 4)
+    assert evaluate(student, TeacherPool(pool.mels, pool.audio, 2, HOP, torch.zeros(4, dtype=torch.bool)),
+                    cfg)["wave"] == 0.0

@@ -297,6 +297,12 @@ def _windows(mels: Sequence[torch.Tensor], n: int, width: int, rng: np.random.Ge
     return [mels[i][:, s : s + width] for i, s in picks]
 
 
+def _check_window(window_frames: int, valid: int) -> None:
+    """A window must hold more than the teacher's edge effects on both sides."""
+    if window_frames <= 2 * valid:
+        raise DistillError(f"window_frames must exceed {2 * valid} (twice the teacher's reach)")
+
+
 def build_pool(
     teacher: HiFiGANGenerator,
     mels: Sequence[torch.Tensor],
@@ -310,8 +316,7 @@ def build_pool(
     from echox.model.unit2mel import hifigan_reach_frames
 
     valid = hifigan_reach_frames(teacher.config)
-    if window_frames <= 2 * valid:
-        raise DistillError(f"window_frames must exceed {2 * valid} (twice the teacher's reach)")
+    _check_window(window_frames, valid)
     wins = torch.stack(_windows(mels, n_windows, window_frames, np.random.default_rng(seed)))
     audio = []
     t0 = time.perf_counter()
@@ -341,8 +346,7 @@ def build_gta_pool(
     for i, (m, a) in enumerate(zip(mels, audio)):
         if a.shape[-1] < m.shape[-1] * hop:
             raise DistillError(f"clip {i}: {a.shape[-1]} samples < {m.shape[-1]} frames x hop {hop}")
-    if window_frames <= 2 * valid:
-        raise DistillError(f"window_frames must exceed {2 * valid} (twice the teacher's reach)")
+    _check_window(window_frames, valid)
     picks = _window_picks([int(m.shape[-1]) for m in mels], n_windows, window_frames,
                           np.random.default_rng(seed))
     wins = torch.stack([mels[i][:, s : s + window_frames] for i, s in picks]).float()
@@ -408,21 +412,25 @@ def _losses(student: HiFiGANGenerator, mels: torch.Tensor, target: torch.Tensor,
 
 
 def evaluate(student: HiFiGANGenerator, pool: TeacherPool, cfg: DistillConfig) -> dict[str, float]:
-    """Mean losses over fixed segments of a held-out pool (one per window)."""
+    """Mean losses over fixed segments of a held-out pool (one per window); the waveform L1
+    is the mean over its locked windows only, as in training (0 when there are none)."""
     _, starts = _sample(pool, int(pool.mels.shape[0]), cfg, np.random.default_rng(12345))
     idx = np.arange(pool.mels.shape[0])
     was = student.training
     student.eval()
     sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
     with torch.no_grad():
         for i in range(0, len(idx), cfg.batch_size):
             mels, target, locked = _batch(pool, idx[i : i + cfg.batch_size],
                                           starts[i : i + cfg.batch_size], cfg.segment_frames,
                                           cfg.margin_frames)
             for k, v in _losses(student, mels, target, cfg, locked).items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(mels)
+                w = float(locked.sum()) if k == "wave" else float(len(mels))
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+                weights[k] = weights.get(k, 0.0) + w
     student.train(was)
-    return {k: v / len(idx) for k, v in sums.items()}
+    return {k: v / max(weights[k], 1.0) for k, v in sums.items()}
 
 
 def _lr_at(step: int, cfg: DistillConfig) -> float:
