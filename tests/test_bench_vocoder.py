@@ -68,3 +68,37 @@ def test_bench_vocoder_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             assert len(v[key]) == 2 and all(isinstance(h, str) for h in v[key])
     assert [r["id"] for r in res["records"]] == ["0", "1"]
     assert all(r["ref"] == "hello there" and isinstance(r["original"], str) for r in res["records"])
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location("compare_wer", ROOT / "bench" / "compare_wer.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_wer_pairs_clips_by_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    refs = {"a": "one two three four", "b": "five six", "c": "seven eight nine ten"}
+
+    def result(order, hyps):
+        return {"records": [{"id": i, "ref": refs[i], "original": refs[i]} for i in order],
+                "variants": {"own": {"hypotheses": [hyps[i] for i in order]}}}
+
+    # run x: 1 error in a; run y (another clip order, one clip fewer): 1 error in a, 2 in c
+    x = result(["a", "b", "c"], {"a": "one two three", "b": "five six", "c": refs["c"]})
+    y = result(["c", "a"], {"a": "one two three", "c": "seven eight"})
+    (tmp_path / "x.json").write_text(json.dumps(x))
+    (tmp_path / "y.json").write_text(json.dumps(y))
+    assert _compare().main([str(tmp_path / "x.json"), str(tmp_path / "y.json"), "--samples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 clips, 8 reference words")  # b is not in y
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "| 0.125 | - | - |" in rows["x:own"]  # 1 edit / 8 words
+    assert "| 0.375 | +0.250 |" in rows["y:own"]  # 3 / 8
+    assert "| 0.000 | -0.125 |" in rows["original"]
+    lo, hi = (float(v) for v in rows["y:own"].split("[")[1].split("]")[0].split(","))
+    assert 0 <= lo <= 0.25 <= hi <= 0.5
+    with pytest.raises(SystemExit, match="no per-record"):
+        (tmp_path / "old.json").write_text(json.dumps({"variants": {}}))
+        _compare().main([str(tmp_path / "old.json")])

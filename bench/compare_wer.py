@@ -1,0 +1,95 @@
+"""Is one vocoder really better than another? Paired bootstrap over the clips of bench runs.
+
+    python bench/compare_wer.py runs/bench_a.json runs/bench_b.json [--baseline NAME] [--n 100]
+
+Reads the `--json` files of `bench/vocoder.py` (they keep every transcript), lines their
+records up by id, and prints for each system (the original audio, then every variant of every
+file) the corpus WER and, against the baseline, the WER difference with a 95 % interval from a
+paired bootstrap over clips (resampling whole clips, as their errors are not independent
+words). Only the clips that all files share are used.
+
+Why: on this corpus a single clip where Whisper loops ("... the North Sea to the North Sea
+...") can add 80 word errors, so two runs of the vocoder bench can differ by 2 points for
+reasons that have nothing to do with the vocoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load_systems(paths: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """(shared record ids, {system: transcripts in id order}, references in id order)."""
+    per_file = []
+    for p in paths:
+        res = json.loads(Path(p).read_text())
+        if "records" not in res:
+            raise SystemExit(f"{p}: no per-record transcripts (rerun bench/vocoder.py with --json)")
+        ids = [r["id"] for r in res["records"]]
+        if len(set(ids)) != len(ids):
+            raise SystemExit(f"{p}: record ids are not unique")
+        per_file.append((Path(p).stem, res, ids))
+    shared = [i for i in per_file[0][2] if all(i in set(f[2]) for f in per_file[1:])]
+    if not shared:
+        raise SystemExit("the files share no record ids")
+    first = {r["id"]: r for r in per_file[0][1]["records"]}
+    refs = [first[i]["ref"] for i in shared]
+    systems: dict[str, list[str]] = {"original": [first[i]["original"] for i in shared]}
+    for stem, res, ids in per_file:
+        pos = {i: k for k, i in enumerate(ids)}
+        for name, v in res["variants"].items():
+            label = f"{stem}:{name}"
+            systems[label] = [v["hypotheses"][pos[i]] for i in shared]
+    return shared, systems, refs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="bench/vocoder.py --json files")
+    ap.add_argument("--baseline", help="system to compare against (default: the first variant)")
+    ap.add_argument("--n", type=int, help="use only the first N shared clips")
+    ap.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from echox.eval.wer import edit_distance, normalize_words
+
+    ids, systems, refs = load_systems(args.results)
+    if args.n:
+        ids, refs = ids[: args.n], refs[: args.n]
+        systems = {k: v[: args.n] for k, v in systems.items()}
+    ref_words = [normalize_words(r) for r in refs]
+    words = np.array([len(r) for r in ref_words], dtype=np.float64)
+    if words.sum() == 0:
+        raise SystemExit("the references hold no words")
+    edits = {k: np.array([edit_distance(r, normalize_words(h)) for r, h in zip(ref_words, hyps)],
+                         dtype=np.float64) for k, hyps in systems.items()}
+    names = list(systems)
+    base = args.baseline or (names[1] if len(names) > 1 else names[0])
+    if base not in edits:
+        raise SystemExit(f"--baseline {base!r} is not one of {names}")
+    rng = np.random.default_rng(args.seed)
+    draws = rng.integers(0, len(ids), size=(args.samples, len(ids)))  # the same clips for all
+    w = words[draws].sum(1)
+    print(f"{len(ids)} clips, {int(words.sum())} reference words; differences against {base}, "
+          f"95 % paired-bootstrap interval ({args.samples} resamples)\n")
+    print("| system | WER | minus baseline | 95 % interval |\n|---|---|---|---|")
+    for k in names:
+        wer = edits[k].sum() / words.sum()
+        if k == base:
+            print(f"| {k} | {wer:.3f} | - | - |")
+            continue
+        diff = (edits[k][draws].sum(1) - edits[base][draws].sum(1)) / w
+        lo, hi = np.percentile(diff, [2.5, 97.5])
+        point = (edits[k].sum() - edits[base].sum()) / words.sum()
+        print(f"| {k} | {wer:.3f} | {point:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
