@@ -17,12 +17,17 @@ from echox.model.unit2mel import Unit2Mel, Unit2MelConfig, UnitMelVocoder
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_vocoder", ROOT / "bench" / "vocoder.py")
+def _script(name: str):
+    """A `bench/` script as a module."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bench():
+    return _script("vocoder")
 
 
 def _generator(seed: int) -> HiFiGANGenerator:
@@ -71,11 +76,7 @@ def test_bench_vocoder_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def _compare():
-    spec = importlib.util.spec_from_file_location("compare_wer", ROOT / "bench" / "compare_wer.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("compare_wer")
 
 
 def test_compare_wer_pairs_clips_by_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
