@@ -79,17 +79,13 @@ class Unit2MelConfig:
         positive = ("num_units", "d_model", "n_heads", "ffn_dim", "ffn_kernel", "dur_hidden",
                     "dur_kernel", "n_mels", "postnet_channels", "postnet_kernel",
                     "sample_rate", "hop_length", "max_unit_frames")
-        for name in positive + ("n_layers", "postnet_layers"):
+        optional = ("n_dec_layers",) if self.n_dec_layers is not None else ()
+        for name in positive + ("n_layers", "postnet_layers") + optional:
             value = getattr(self, name)
             low = 1 if name in positive else 0  # 0 layers: an attention-free (local) model
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise VocoderConfigError(f"Unit2MelConfig.{name} must be an int >= {low}, "
                                          f"got {value!r}")
-        if self.n_dec_layers is not None and (isinstance(self.n_dec_layers, bool) or not
-                                              isinstance(self.n_dec_layers, int) or
-                                              self.n_dec_layers < 0):
-            raise VocoderConfigError(f"Unit2MelConfig.n_dec_layers must be None or an int >= 0, "
-                                     f"got {self.n_dec_layers!r}")
         if self.postnet_layers == 1:
             raise VocoderConfigError("postnet_layers must be 0 (off) or >= 2")
         if self.d_model % self.n_heads:
@@ -518,11 +514,9 @@ def grow_unit2mel(model: Unit2Mel, extra_decoder_layers: int = 0,
         raise VocoderConfigError(f"extra_decoder_layers must be >= 0, got {extra_decoder_layers}")
     if postnet_layers and c.postnet_layers:
         raise VocoderConfigError(f"the model already has a {c.postnet_layers}-layer postnet")
-    cfg = Unit2MelConfig.from_dict({**c.to_dict(),
-                                    "n_dec_layers": c.decoder_layers + extra_decoder_layers,
+    n_dec = c.decoder_layers + extra_decoder_layers if extra_decoder_layers else c.n_dec_layers
+    cfg = Unit2MelConfig.from_dict({**c.to_dict(), "n_dec_layers": n_dec,
                                     "postnet_layers": postnet_layers or c.postnet_layers})
-    if cfg.decoder_layers == c.n_layers and c.n_dec_layers is None:
-        cfg.n_dec_layers = None  # nothing grew in the decoder: keep the plain config
     grown = Unit2Mel(cfg).to(next(model.parameters()).device)
     _, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
     if unexpected:

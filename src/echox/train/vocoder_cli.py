@@ -64,6 +64,7 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     if not train_path:
         raise ConfigError("give --data: a TTS manifest with units and counts")
     init = None
+    grow, postnet = getattr(args, "grow_decoder", 0) or 0, getattr(args, "add_postnet", 0) or 0
     if args.init:  # continue training a Unit2Mel (a vocoder folder is one too)
         from echox.model.unit2mel import Unit2Mel
 
@@ -73,13 +74,12 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
             # a new k-means: unit ids mean something else, so only the layers above the
             # unit embedding carry over (a head start over a fresh model)
             init.embed.weight.data.copy_(Unit2Mel(cfg).embed.weight.data)
-        grow, postnet = getattr(args, "grow_decoder", 0) or 0, getattr(args, "add_postnet", 0) or 0
         if grow or postnet:
             from echox.model.unit2mel import grow_unit2mel
 
             init = grow_unit2mel(init, grow, postnet)
             cfg = init.config
-    elif getattr(args, "grow_decoder", 0) or getattr(args, "add_postnet", 0):
+    elif grow or postnet:
         raise ConfigError("--grow-decoder / --add-postnet grow a trained model: give --init")
     else:
         cfg = Unit2MelConfig.from_dict(recipe["vocoder"], source="vocoder section")
