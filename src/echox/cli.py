@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each command group lives beside the code it drives and registers itself here.
     for module in ("echox.infer.demo", "echox.infer.chat", "echox.train.run", "echox.units.cli",
-                   "echox.data.cli", "echox.infer.bundle", "echox.eval.run"):
+                   "echox.data.cli", "echox.infer.bundle", "echox.eval.run", "echox.convert.cli"):
         importlib.import_module(module).add_cli(sub)
     return p
 

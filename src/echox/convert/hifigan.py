@@ -408,10 +408,15 @@ def save_generator(generator: HiFiGANGenerator, folder: Path | str,
 
 
 def load_generator(folder: Path | str) -> HiFiGANGenerator:
-    """A `save_generator` folder, in eval mode without gradients."""
+    """A `save_generator` folder, in eval mode without gradients; a folder holding an ONNX
+    generator (`echox.convert.hifigan_onnx`) gives an `OnnxHiFiGAN` instead."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if (folder / "generator.onnx").is_file():
+        from echox.convert.hifigan_onnx import load_onnx_generator
+
+        return load_onnx_generator(folder)
     for name in (GENERATOR_CONFIG, GENERATOR_WEIGHTS):
         if not (folder / name).is_file():
             raise VocoderCheckpointError(f"HiFi-GAN folder {folder} lacks {name}")

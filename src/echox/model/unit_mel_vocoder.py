@@ -31,6 +31,7 @@ from echox.model.vocoder import (
 
 if TYPE_CHECKING:
     from echox.convert.hifigan import HiFiGANConfig
+    from echox.convert.hifigan_onnx import OnnxSpec
 
 __all__ = ["UnitMelVocoder", "hifigan_reach_frames", "load_named_generator"]
 
@@ -54,6 +55,10 @@ class UnitMelVocoder(nn.Module, Vocoder):
     Streaming: a chunk is rendered with up to `context_units` preceding units; their mel is
     generated (so durations and attention see the context) and dropped, except the last
     `mel_context_frames` (+ the preroll) which HiFi-GAN renders to warm up its convolutions.
+
+    `onnx` (an `OnnxSpec`) records that the named HiFi-GAN runs on ONNX Runtime (optionally
+    with int8 stages); `from_pretrained` then builds that generator (cached) and
+    `save_pretrained` writes the spec back.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class UnitMelVocoder(nn.Module, Vocoder):
         context_units: int = 16,
         mel_context_frames: int | None = None,
         hifigan: str = "universal",
+        onnx: OnnxSpec | None = None,
     ) -> None:
         super().__init__()
         if generator is None:
@@ -90,6 +96,7 @@ class UnitMelVocoder(nn.Module, Vocoder):
         self.mel_context_frames = (hifigan_reach_frames(gcfg) if mel_context_frames is None
                                    else int(mel_context_frames))
         self.hifigan = hifigan
+        self.onnx = onnx
         g = math.gcd(output_sr, c.sample_rate)
         self._up, self._down = output_sr // g, c.sample_rate // g
 
@@ -158,15 +165,31 @@ class UnitMelVocoder(nn.Module, Vocoder):
 
     # -- checkpoints
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """The Unit2Mel weights + config. A packaged HiFi-GAN is stored by name; any other
-        generator is copied into `folder/hifigan/` so that the folder is self-contained."""
+        """The Unit2Mel weights + config. A packaged HiFi-GAN is stored by name (with its ONNX
+        spec and calibration mels, if any); any other generator is copied into
+        `folder/hifigan/` (torch weights, or the converted ONNX graph) so that the folder is
+        self-contained."""
+        import shutil
+
         from echox.convert.hifigan import HIFIGAN_NAMES, SMALL_HIFIGAN, save_generator
+        from echox.convert.hifigan_onnx import OnnxHiFiGAN
 
         packaged = self.hifigan in HIFIGAN_NAMES or self.hifigan == SMALL_HIFIGAN
         meta = {"hifigan": self.hifigan if packaged else LOCAL_HIFIGAN,
                 "output_sr": self.output_sr, "context_units": self.default_context_units}
-        write = None if packaged else (lambda tmp: save_generator(
-            self.generator, tmp / LOCAL_HIFIGAN, dtype=dtype))
+        spec = self.onnx if packaged else None
+        if spec is not None:
+            meta["onnx"] = spec.to_meta()
+
+        def write(tmp: Path) -> None:
+            if packaged:
+                if spec is not None:
+                    spec.save_calibration(tmp)
+            elif isinstance(self.generator, OnnxHiFiGAN):
+                shutil.copytree(self.generator.path.parent, tmp / LOCAL_HIFIGAN)
+            else:
+                save_generator(self.generator, tmp / LOCAL_HIFIGAN, dtype=dtype)
+
         return self.unit2mel.save_pretrained(folder, vocoder=meta, write_extra=write, dtype=dtype)
 
     @classmethod
@@ -181,10 +204,19 @@ class UnitMelVocoder(nn.Module, Vocoder):
         meta = Unit2Mel.read_meta(folder).get("vocoder") or {}
         model = Unit2Mel.from_pretrained(folder, map_location)
         name = str(meta.get("hifigan", "universal"))
+        spec = None
+        if meta.get("onnx") is not None and generator is None:
+            from echox.convert.hifigan_onnx import OnnxSpec
+
+            spec = OnnxSpec.from_meta(meta["onnx"], Path(folder))
         if generator is None:
             generator = load_named_generator(name, base=Path(folder))
+            if spec is not None:
+                from echox.convert.hifigan_onnx import cached_onnx_generator
+
+                generator = cached_onnx_generator(generator, spec)
         return cls(model, generator, output_sr or int(meta.get("output_sr", 16000)),
-                   int(meta.get("context_units", 16)), hifigan=name).to(map_location)
+                   int(meta.get("context_units", 16)), hifigan=name, onnx=spec).to(map_location)
 
 
 def load_named_generator(name: str, base: Path | None = None) -> nn.Module:

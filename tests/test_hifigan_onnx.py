@@ -1,0 +1,185 @@
+"""HiFi-GAN on ONNX Runtime: export, int8 stages, vocoder folders that name an ONNX spec."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from test_unit2mel import tiny_generator, tiny_model
+
+from echox.convert.hifigan import load_generator, load_hifigan
+from echox.convert.hifigan_onnx import (
+    CALIBRATION_FILE,
+    ONNX_GENERATOR,
+    OnnxHiFiGAN,
+    OnnxSpec,
+    cached_onnx_generator,
+    convert_generator_onnx,
+    stage_nodes,
+)
+from echox.convert.whisper_ct2 import ConversionError
+from echox.model.unit2mel import Unit2Mel, Unit2MelConfig, UnitMelVocoder
+from echox.model.vocoder import VocoderCheckpointError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _mels(n: int, n_mels: int = 16, frames: int = 40, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((n_mels, frames + 7 * i)) - 4.0).astype(np.float32) for i in range(n)]
+
+
+def test_fp32_onnx_matches_torch_for_any_length(tmp_path) -> None:
+    gen = tiny_generator()
+    convert_generator_onnx(gen, tmp_path / "g")
+    onnx_gen = load_generator(tmp_path / "g")  # the folder loader dispatches on generator.onnx
+    assert isinstance(onnx_gen, OnnxHiFiGAN) and onnx_gen.config == gen.config
+    for frames in (1, 9, 57):
+        mel = torch.from_numpy(_mels(1, frames=frames)[0])[None]
+        with torch.no_grad():
+            ref = gen(mel)
+        out = onnx_gen(mel)
+        assert out.shape == ref.shape == (1, frames * gen.config.hop_length)
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=2e-5)
+    meta = json.loads((tmp_path / "g" / "config.json").read_text())["echox"]
+    assert meta["runtime"] == "onnxruntime" and meta["int8_stages"] == []
+
+
+def test_int8_stage_quantizes_only_that_stage_and_stays_close(tmp_path) -> None:
+    import onnx
+
+    gen = tiny_generator()
+    convert_generator_onnx(gen, tmp_path / "q", int8_stages=[1], calibration=_mels(4))
+    graph = onnx.load(str(tmp_path / "q" / ONNX_GENERATOR)).graph
+    quantized = {n.name for n in graph.node if n.op_type in ("QLinearConv", "ConvInteger")}
+    float_convs = {n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")}
+    assert quantized, "stage 1 should hold int8 convolutions"
+    assert all(n.startswith(("/ups.1/", "/resblocks.1/")) for n in quantized)
+    assert any(n.startswith("/ups.0/") for n in float_convs)  # stage 0 stays float
+    assert any(n.startswith("/conv_post") for n in float_convs)
+    mel = torch.from_numpy(_mels(1, frames=50, seed=7)[0])[None]
+    with torch.no_grad():
+        ref = gen(mel).numpy()
+    out = load_generator(tmp_path / "q")(mel).numpy()
+    assert out.shape == ref.shape and not np.array_equal(out, ref)
+    assert np.corrcoef(out[0], ref[0])[0, 1] > 0.95  # int8 noise, not a different signal
+
+
+def test_bad_stage_and_missing_calibration_are_clear_errors(tmp_path) -> None:
+    gen = tiny_generator()
+    with pytest.raises(ConversionError, match="out of range"):
+        convert_generator_onnx(gen, tmp_path / "q", int8_stages=[5], calibration=_mels(1))
+    with pytest.raises(ConversionError, match="calibration"):
+        convert_generator_onnx(gen, tmp_path / "q", int8_stages=[0])
+    assert not (tmp_path / "q").exists()  # nothing half-written
+    with pytest.raises(VocoderCheckpointError, match="calibration"):
+        OnnxSpec(int8_stages=(1,))
+
+
+def test_broken_onnx_folder_fails_at_load(tmp_path) -> None:
+    convert_generator_onnx(tiny_generator(), tmp_path / "g")
+    (tmp_path / "g" / ONNX_GENERATOR).write_bytes(b"not a graph")
+    with pytest.raises(VocoderCheckpointError, match="cannot open ONNX"):
+        load_generator(tmp_path / "g")
+    os.remove(tmp_path / "g" / ONNX_GENERATOR)
+    with pytest.raises(VocoderCheckpointError, match="lacks"):
+        load_generator(tmp_path / "g")  # neither ONNX nor torch weights
+
+
+def test_stage_nodes_lists_the_stage_convolutions(tmp_path) -> None:
+    gen = tiny_generator()
+    convert_generator_onnx(gen, tmp_path / "g")
+    names = stage_nodes(tmp_path / "g" / ONNX_GENERATOR, gen.config, [0])
+    # ups.0 + one resblock of two (conv1, conv2) pairs
+    assert len(names) == 1 + 4 and names[0].startswith("/ups.0/")
+
+
+def test_cache_converts_once(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    gen, spec = tiny_generator(), OnnxSpec((0,), _mels(2))
+    first = cached_onnx_generator(gen, spec)
+    stamp = first.path.stat().st_mtime_ns
+    again = cached_onnx_generator(gen, OnnxSpec((0,), _mels(2)))
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp
+    other = cached_onnx_generator(tiny_generator(seed=5), spec)  # other weights, other entry
+    assert other.path != first.path
+
+
+def test_onnx_generator_in_a_vocoder_saves_as_local_folder(tmp_path) -> None:
+    convert_generator_onnx(tiny_generator(), tmp_path / "g", int8_stages=[0], calibration=_mels(2))
+    voc = UnitMelVocoder(tiny_model(), load_generator(tmp_path / "g"), output_sr=22050,
+                         hifigan=str(tmp_path / "g"))
+    units = [3, 1, 4, 1, 5, 9, 2, 6]
+    audio = voc.synthesize(units)
+    voc.save_pretrained(tmp_path / "v")
+    assert (tmp_path / "v" / "hifigan" / ONNX_GENERATOR).is_file()
+    back = UnitMelVocoder.from_pretrained(tmp_path / "v")
+    assert isinstance(back.generator, OnnxHiFiGAN)
+    np.testing.assert_allclose(back.synthesize(units), audio, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_packaged_generator_with_onnx_spec_roundtrips(tmp_path, monkeypatch) -> None:
+    """A folder naming the packaged `small` HiFi-GAN plus an int8 spec: calibration mels travel
+    in the folder, the graph is built into the cache on load, and the audio follows torch's."""
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = Unit2Mel(Unit2MelConfig.tiny(n_mels=80)).eval()  # HiFi-GAN's mel contract
+    units = [5, 9, 2, 7, 7, 1]
+    calib = [model.infer(units).mel[0].T.numpy()]
+    torch_voc = UnitMelVocoder(model, load_hifigan("small"), hifigan="small")
+    onnx_voc = UnitMelVocoder(model, load_hifigan("small"), hifigan="small",
+                              onnx=OnnxSpec((1, 2), calib))
+    onnx_voc.save_pretrained(tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / "config.json").read_text())["vocoder"]
+    assert meta["hifigan"] == "small" and meta["onnx"]["int8_stages"] == [1, 2]
+    assert (tmp_path / "v" / CALIBRATION_FILE).is_file()
+    back = UnitMelVocoder.from_pretrained(tmp_path / "v")
+    assert isinstance(back.generator, OnnxHiFiGAN)
+    assert list((tmp_path / "cache" / "hifigan-onnx").iterdir())
+    ref, out = torch_voc.synthesize(units), back.synthesize(units)
+    assert out.shape == ref.shape and np.corrcoef(out, ref)[0, 1] > 0.9
+    back.save_pretrained(tmp_path / "v2")  # the spec survives a second save
+    assert json.loads((tmp_path / "v2" / "config.json").read_text())["vocoder"]["onnx"] == meta["onnx"]
+    (tmp_path / "v2" / CALIBRATION_FILE).unlink()
+    with pytest.raises(VocoderCheckpointError, match="calibration"):
+        UnitMelVocoder.from_pretrained(tmp_path / "v2")
+
+
+def test_onnx_vocoder_cli(tmp_path, monkeypatch, capsys) -> None:
+    """`echox onnx-vocoder`: calibrates on the manifest's units and writes a loadable folder;
+    input mistakes are clear errors."""
+    from echox.cli import main
+
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    UnitMelVocoder(tiny_model(), tiny_generator(), output_sr=22050, hifigan="mine"
+                   ).save_pretrained(tmp_path / "v")
+    lines = [json.dumps({"id": f"r{i}", "text": "hi", "units": [i, 3, 4, 5, i + 1]}) for i in range(6)]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines + ["{broken"]) + "\n")
+    code = main(["onnx-vocoder", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "o"),
+                 "--int8-stages", "1", "--calibrate", str(tmp_path / "m.jsonl"), "--n", "3"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "int8 stages [1], 3 calibration mels" in out.out
+    back = UnitMelVocoder.from_pretrained(tmp_path / "o")
+    assert isinstance(back.generator, OnnxHiFiGAN)
+    assert back.synthesize([1, 2, 3]).dtype == np.float32
+    for argv, msg in [(["--int8-stages", "1"], "needs --calibrate"),
+                      (["--int8-stages", "x"], "comma-separated"),
+                      (["--vocoder", str(tmp_path / "o")], "already runs on ONNX")]:
+        base = ["onnx-vocoder", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "p")]
+        code = main(base + argv + (["--calibrate", str(tmp_path / "m.jsonl")] if "ONNX" in msg else []))
+        assert code == 2 and msg in capsys.readouterr().err
