@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(voc, UnitMelVocoder):  # how the time splits between the two models
             v["rtf_generator"] = voc_s / audio_s
             v["params_generator"] = sum(p.numel() for p in voc.generator.parameters())
+            if hasattr(voc.generator, "meta"):  # an ONNX Runtime generator: no torch params
+                v["generator_runtime"] = voc.generator.meta
         res["variants"][name] = v
         rows.append((f"units -> {name}", v["wer_resynthesis"], v["rtf_total"], v.get("rtf_generator")))
         if args.copy_synthesis and isinstance(voc, UnitMelVocoder):

@@ -183,3 +183,26 @@ def test_onnx_vocoder_cli(tmp_path, monkeypatch, capsys) -> None:
         base = ["onnx-vocoder", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "p")]
         code = main(base + argv + (["--calibrate", str(tmp_path / "m.jsonl")] if "ONNX" in msg else []))
         assert code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_committed_k500_vocoder_is_v1_quality(tmp_path, monkeypatch) -> None:
+    """The recipe's default vocoder (V1 with int8 stages 1 and 2, built into the cache on first
+    load, ~1 min) renders what float32 V1 renders from the same mel, up to int8 noise."""
+    from pathlib import Path
+
+    from echox.infer.bundle import load_vocoder
+
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "vocoder-k500" / "vocoder"
+    voc = load_vocoder(folder)
+    assert isinstance(voc.generator, OnnxHiFiGAN) and voc.onnx.int8_stages == (1, 2)
+    units = [458, 437, 185, 210, 257, 45, 263, 415, 222, 308, 417, 25, 115, 260, 382, 89, 172,
+             479, 155, 70, 357, 139, 340, 176, 138, 454, 223, 122, 461, 153]  # gk-000's start
+    mel = voc.unit2mel.infer(units).mel.transpose(1, 2)
+    with torch.no_grad():
+        ref = load_hifigan("universal")(mel)[0].numpy()
+    out = voc.generator(mel)[0].numpy()
+    assert out.shape == ref.shape and np.corrcoef(out, ref)[0, 1] > 0.95
+    audio = voc.synthesize(units)
+    assert voc.sample_rate == 16000 and audio.dtype == np.float32 and 0.02 < np.abs(audio).max() <= 1

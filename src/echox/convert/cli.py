@@ -60,7 +60,7 @@ def cmd_onnx_vocoder(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     voc.generator = cached_onnx_generator(voc.generator, spec)
     voc.onnx = spec
-    voc.save_pretrained(args.out)
+    voc.save_pretrained(args.out, dtype=torch.float16 if args.float16 else None)
     print(f"wrote {args.out}: HiFi-GAN {voc.hifigan!r} on ONNX Runtime, int8 stages {list(spec.int8_stages)}, "
           f"{len(mels)} calibration mels; graph at {voc.generator.path} ({time.perf_counter() - t0:.0f} s)")
     return 0
@@ -76,5 +76,7 @@ def add_cli(sub: Any) -> None:
                         "'' keeps everything float32)")
     p.add_argument("--calibrate", help="JSONL manifest with units: their mels calibrate int8")
     p.add_argument("--n", type=int, default=16, help="calibration records (default 16)")
+    p.add_argument("--float16", action="store_true",
+                   help="store the unit->mel weights in float16 (half the size; loads as float32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.set_defaults(func=cmd_onnx_vocoder)
