@@ -8,11 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
-from test_unit2mel import tiny_generator, tiny_model
+from test_unit2mel import _one_thread, tiny_generator, tiny_model  # noqa: F401 - autouse fixture
 
 from echox.convert.hifigan import load_generator, load_hifigan
 from echox.convert.hifigan_onnx import (
@@ -27,14 +23,6 @@ from echox.convert.hifigan_onnx import (
 from echox.convert.whisper_ct2 import ConversionError
 from echox.model.unit2mel import Unit2Mel, Unit2MelConfig, UnitMelVocoder
 from echox.model.vocoder import VocoderCheckpointError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _mels(n: int, n_mels: int = 16, frames: int = 40, seed: int = 0) -> list[np.ndarray]:
@@ -206,3 +194,22 @@ def test_committed_k500_vocoder_is_v1_quality(tmp_path, monkeypatch) -> None:
     assert out.shape == ref.shape and np.corrcoef(out, ref)[0, 1] > 0.95
     audio = voc.synthesize(units)
     assert voc.sample_rate == 16000 and audio.dtype == np.float32 and 0.02 < np.abs(audio).max() <= 1
+
+
+def test_spec_meta_roundtrip_and_bad_calibration_files(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    spec = OnnxSpec((2, 1, 1), _mels(3))
+    assert spec.int8_stages == (1, 2)
+    spec.save_calibration(tmp_path)
+    back = OnnxSpec.from_meta(spec.to_meta(), tmp_path)
+    assert back.int8_stages == (1, 2) and back.digest() == spec.digest()  # float16 on disk
+    assert [m.shape for m in back.calibration] == [m.shape for m in spec.calibration]
+    save_file({"x": torch.zeros(2, 3)}, str(tmp_path / CALIBRATION_FILE))
+    with pytest.raises(VocoderCheckpointError, match="mel.0"):
+        OnnxSpec.from_meta(spec.to_meta(), tmp_path)
+    (tmp_path / CALIBRATION_FILE).write_bytes(b"\x00" * 5)
+    with pytest.raises(VocoderCheckpointError, match="cannot read"):
+        OnnxSpec.from_meta(spec.to_meta(), tmp_path)
+    with pytest.raises(VocoderCheckpointError, match="JSON object"):
+        OnnxSpec.from_meta(["int8"], tmp_path)

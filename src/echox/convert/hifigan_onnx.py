@@ -117,10 +117,9 @@ def _quantize(fp32: Path, out: Path, config: HiFiGANConfig, stages: Sequence[int
     pre = out.with_name("pre.onnx")
     quant_pre_process(str(fp32), str(pre))
     wanted = set(stage_nodes(pre, config, stages))
-    convs = set(stage_nodes(pre, config, range(len(config.upsample_rates))))
-    others = [n for n in _conv_names(pre) if n not in wanted]  # conv_pre, conv_post, fp32 stages
-    if not wanted or not wanted <= convs:
+    if not wanted:
         raise ConversionError(f"found no convolutions of stages {list(stages)} in the graph")
+    others = [n for n in _conv_names(pre) if n not in wanted]  # conv_pre, conv_post, fp32 stages
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QOperator,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     per_channel=True, op_types_to_quantize=["Conv", "ConvTranspose"],
@@ -275,7 +274,11 @@ class OnnxSpec:
                 state = load_file(str(path))
             except Exception as exc:
                 raise VocoderCheckpointError(f"cannot read {path}: {exc}") from exc
-            mels = [state[k].float().numpy() for k in sorted(state, key=lambda k: int(k.split(".")[-1]))]
+            try:
+                order = sorted(state, key=lambda k: int(k.removeprefix("mel.")))
+            except ValueError as exc:
+                raise VocoderCheckpointError(f"{path}: expected tensors mel.0, mel.1, ...") from exc
+            mels = [state[k].float().numpy() for k in order]
         return cls(tuple(meta.get("int8_stages") or ()), mels)
 
     def digest(self) -> str:
