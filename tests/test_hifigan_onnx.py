@@ -213,3 +213,21 @@ def test_spec_meta_roundtrip_and_bad_calibration_files(tmp_path) -> None:
         OnnxSpec.from_meta(spec.to_meta(), tmp_path)
     with pytest.raises(VocoderCheckpointError, match="JSON object"):
         OnnxSpec.from_meta(["int8"], tmp_path)
+
+
+def test_streaming_through_an_onnx_generator_equals_full_away_from_joins(tmp_path) -> None:
+    from test_unit2mel import HOP, _local_model
+
+    from echox.model.unit2mel import hifigan_reach_frames
+
+    convert_generator_onnx(tiny_generator(), tmp_path / "g")
+    voc = UnitMelVocoder(_local_model(), load_generator(tmp_path / "g"), output_sr=22050,
+                         context_units=1000)
+    units = list(np.random.default_rng(0).integers(0, 20, 30))
+    full = voc.synthesize(units)
+    stream = np.concatenate(list(voc.synthesize_stream([units[:11], units[11:]], crossfade_ms=2.0)))
+    assert len(stream) == len(full) == 30 * 3 * HOP
+    reach = hifigan_reach_frames(voc.generator.config) * HOP
+    far = np.ones(len(full), dtype=bool)
+    far[11 * 3 * HOP - reach - 2 * 45 : 11 * 3 * HOP + 1] = False
+    np.testing.assert_allclose(stream[far], full[far], atol=1e-5)
