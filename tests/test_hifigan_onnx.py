@@ -167,6 +167,7 @@ def test_onnx_vocoder_cli(tmp_path, monkeypatch, capsys) -> None:
     assert back.synthesize([1, 2, 3]).dtype == np.float32
     for argv, msg in [(["--int8-stages", "1"], "needs --calibrate"),
                       (["--int8-stages", "x"], "comma-separated"),
+                      (["--int8-stages", "7", "--calibrate", str(tmp_path / "m.jsonl")], "out of range"),
                       (["--vocoder", str(tmp_path / "o")], "already runs on ONNX")]:
         base = ["onnx-vocoder", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "p")]
         code = main(base + argv + (["--calibrate", str(tmp_path / "m.jsonl")] if "ONNX" in msg else []))

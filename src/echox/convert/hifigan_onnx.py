@@ -305,5 +305,8 @@ def cached_onnx_generator(generator: HiFiGANGenerator, spec: OnnxSpec,
     if not (folder / ONNX_GENERATOR).is_file() or not (folder / GENERATOR_CONFIG).is_file():
         log.warning("converting the HiFi-GAN to ONNX (int8 stages %s) into %s (once)",
                     list(spec.int8_stages), folder)
-        convert_generator_onnx(generator, folder, spec.int8_stages, spec.calibration)
+        try:
+            convert_generator_onnx(generator, folder, spec.int8_stages, spec.calibration)
+        except ConversionError as exc:  # a vocoder folder that cannot be served: a checkpoint error
+            raise VocoderCheckpointError(f"cannot convert the HiFi-GAN for ONNX Runtime: {exc}") from exc
     return load_onnx_generator(folder, threads=threads)
