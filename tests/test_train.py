@@ -164,3 +164,70 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     ddp, one = json.loads((tmp_path / "ddp.json").read_text()), json.loads((tmp_path / "one.json").read_text())
     assert ddp["world"] == 2 and one["world"] == 1
     assert ddp["first_loss"] == pytest.approx(one["first_loss"], rel=1e-4)
+
+
+def test_length_grouped_batches_cover_each_epoch_and_cut_padding():
+    from echox.train.trainer import ShardedBatches
+
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(5, 200, (203,), generator=g).tolist()
+    s = ShardedBatches(203, 4, 0, 1, seed=1, lengths=lengths, pool=8)
+    plain = ShardedBatches(203, 4, 0, 1, seed=1)
+    for epoch in range(2):
+        b = s.epoch_batches(epoch)
+        assert len(b) == s.batches_per_epoch == 50
+        flat = [i for x in b for i in x]
+        assert len(set(flat)) == 200  # each example at most once, a full epoch of batches
+        assert b == s.epoch_batches(epoch)  # a pure function of (seed, epoch): resumable
+
+        def padding(batches):
+            return sum(len(x) * max(lengths[i] for i in x) - sum(lengths[i] for i in x) for x in batches)
+
+        assert padding(b) < 0.25 * padding(plain.epoch_batches(epoch))
+    assert s.epoch_batches(0) != s.epoch_batches(1)
+    # the order of batches is shuffled, not longest-first across the epoch
+    firsts = [max(lengths[i] for i in x) for x in s.epoch_batches(0)]
+    assert firsts != sorted(firsts, reverse=True)
+    # two processes take disjoint halves of each global batch
+    r0 = list(ShardedBatches(203, 2, 0, 2, seed=1, lengths=lengths, pool=8))
+    r1 = list(ShardedBatches(203, 2, 1, 2, seed=1, lengths=lengths, pool=8))
+    assert [a + b for a, b in zip(r0, r1)] == s.epoch_batches(0)
+    with pytest.raises(ValueError, match="lengths"):
+        ShardedBatches(10, 2, 0, 1, 0, lengths=[1, 2])
+
+
+@pytest.mark.parametrize("stage", ["s2t", "t2c"])
+def test_bf16_training_runs(stage, tmp_path):
+    _, res = _run(stage, tmp_path, precision="bf16", max_steps=3, save_every=0)
+    assert res.step == 3 and torch.isfinite(torch.tensor(res.last_loss))
+
+
+def test_grouping_needs_sizable_items(tmp_path):
+    from echox.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no length"):  # ListDataset cannot size its items
+        _run("s2t", tmp_path, group_by_length=True)
+
+
+def test_dataset_lengths_for_grouping():
+    from echox.data.manifest import DialogueMessage, DialogueRecord, TtsRecord  # noqa: I001 (import loop)
+    from echox.data.datasets import S2TDataset, T2CDataset
+
+    recs = [DialogueRecord([DialogueMessage("user", "q" * n, audio="a.wav"),
+                            DialogueMessage("assistant", "a" * (2 * n))]) for n in (3, 10)]
+    ds = S2TDataset(recs, None)
+    assert [ds.length(i) for i in range(2)] == [9, 30]
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1] * len(text)}
+
+    t = T2CDataset([TtsRecord("abc", units=[1, 2, 3, 4])], Tok())
+    assert t.length(0) == 7
+
+
+def test_train_config_checks_precision():
+    from echox.config import ConfigError
+
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="bf32")

@@ -61,6 +61,10 @@ class S2TDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def length(self, i: int) -> int:
+        """A cheap size of dialogue `i` (characters of its turns' text), for length grouping."""
+        return sum(len(m.value or "") + len(m.transcript or "") for m in self.records[i].conversations)
+
     def _load(self, src: Any) -> np.ndarray:
         return load_audio(src, 16000, max_seconds=self.max_audio_seconds, on_too_long=self.on_too_long)
 
@@ -144,6 +148,11 @@ class T2CDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def length(self, i: int) -> int:
+        """A cheap size of pair `i` (text characters + units), for length grouping."""
+        rec = self.records[i]
+        return len(rec.text) + len(rec.units or [])
 
     def __getitem__(self, i: int) -> T2CExample:
         rec = self.records[i]

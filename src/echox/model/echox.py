@@ -86,6 +86,7 @@ class EchoX(nn.Module):
         self.denoiser = denoiser
         self.tokenizer = llm.tokenizer
         self.trained_stages: list[str] = []  # metadata saved with checkpoints
+        self.feature_cache: Any = None  # an EncoderCache, see enable_feature_cache
         self.prompt = PromptBuilder(self.tokenizer, config.llm.system_prompt, config.llm.audio_token)
 
     # ---- construction --------------------------------------------------------------------
@@ -155,11 +156,60 @@ class EchoX(nn.Module):
     def featurize(self, audio: list[np.ndarray]) -> SpeechFeatures:
         return self.frontend(audio)
 
-    def encode_speech(self, audio: list[np.ndarray]) -> AdapterOutput:
+    def encode_frames(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whisper encoder output [N, T_w, d_w] for the padded window, and valid frames [N]."""
         feats = self.featurize(audio)
-        x = feats.features.to(self.device)
-        enc = self.encoder(x)  # [N, T_w, d_w]
-        lengths = self.encoder.output_lengths(feats.lengths.to(self.device))
+        enc = self.encoder(feats.features.to(self.device))
+        return enc, self.encoder.output_lengths(feats.lengths.to(self.device))
+
+    def enable_feature_cache(self, root: str | Path | None) -> None:
+        """Read frozen encoder outputs from (and add them to) a disk cache under `root`
+        (None turns the cache off). A trainable encoder is never cached."""
+        if root is None:
+            self.feature_cache = None
+            return
+        if self.encoder.trainable:
+            raise ValueError("the speech encoder trains in this model: its outputs cannot be cached")
+        from echox.model.feature_cache import EncoderCache, encoder_fingerprint
+
+        fp = encoder_fingerprint(self.encoder, self.encoder.window_frames,
+                                 keep_padding=not self.config.adapter.mask_padding)
+        self.feature_cache = EncoderCache(root, fp)
+
+    def _cached_frames(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_frames` through the cache: only the frames the adapter reads are stored
+        (each clip's valid frames rounded up to a pair, or the whole window when padding is
+        not masked), and a batch is rebuilt from them, zero-padded."""
+        cache = self.feature_cache
+        assert cache is not None
+        waves = [np.ascontiguousarray(w, dtype=np.float32) for w in audio]
+        for i, w in enumerate(waves):
+            self.frontend.valid_frames(w, i)  # the same checks as the uncached path
+        keys = [cache.key(w) for w in waves]
+        got = [cache.get(k) for k in keys]
+        todo = [i for i, g in enumerate(got) if g is None]
+        if todo:  # in full precision whatever the step's autocast: entries do not depend on it
+            with torch.autocast(self.device.type, enabled=False):
+                enc, lengths = self.encode_frames([waves[i] for i in todo])
+            for j, i in enumerate(todo):
+                valid = int(lengths[j])
+                keep = enc.shape[1] if not self.config.adapter.mask_padding else min(
+                    enc.shape[1], 2 * ((valid + 1) // 2))
+                frames = enc[j, :keep].detach().cpu()
+                cache.put(keys[i], frames, valid)
+                got[i] = (frames, valid)
+        width = max(f.shape[0] for f, _ in got)  # type: ignore[union-attr]
+        out = torch.zeros(len(got), width, got[0][0].shape[1], dtype=got[0][0].dtype)  # type: ignore[index]
+        for i, (f, _) in enumerate(got):  # type: ignore[misc]
+            out[i, : f.shape[0]] = f
+        lengths = torch.tensor([v for _, v in got], dtype=torch.long)  # type: ignore[misc]
+        return out.to(self.device), lengths.to(self.device)
+
+    def encode_speech(self, audio: list[np.ndarray]) -> AdapterOutput:
+        if self.feature_cache is not None and not self.encoder.trainable:
+            enc, lengths = self._cached_frames(audio)
+        else:
+            enc, lengths = self.encode_frames(audio)  # [N, T_w, d_w], [N]
         return self.adapter(enc, lengths if self.config.adapter.mask_padding else None)
 
     def embed_inputs(self, batch: S2TBatch, padding_side: str = "right") -> tuple[MergedInputs, AdapterOutput | None]:

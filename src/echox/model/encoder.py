@@ -158,21 +158,27 @@ class LogMelFrontEnd:
     def max_seconds(self) -> float:
         return self.max_samples / SAMPLE_RATE
 
+    def valid_frames(self, w: np.ndarray, i: int = 0) -> int:
+        """Valid mel frames of waveform `w` (utterance `i`), after checking that it fits."""
+        if w.ndim != 1 or w.size == 0:
+            raise ValueError(f"utterance {i}: expected a non-empty mono waveform, got {w.shape}")
+        if w.size > self.max_samples:
+            raise ValueError(
+                f"utterance {i}: {w.size / SAMPLE_RATE:.2f} s is longer than the encoder "
+                f"window of {self.max_seconds:.2f} s; split it first"
+            )
+        return min(self.window_frames, math.ceil(w.size / HOP))
+
     def __call__(self, waves: list[np.ndarray]) -> SpeechFeatures:
         feats, lengths = [], []
         for i, w in enumerate(waves):
             w = np.asarray(w, dtype=np.float32)
-            if w.ndim != 1 or w.size == 0:
-                raise ValueError(f"utterance {i}: expected a non-empty mono waveform, got {w.shape}")
-            if w.size > self.max_samples:
-                raise ValueError(
-                    f"utterance {i}: {w.size / SAMPLE_RATE:.2f} s is longer than the encoder "
-                    f"window of {self.max_seconds:.2f} s; split it first"
+            n = self.valid_frames(w, i)
+            with torch.autocast("cpu", enabled=False):  # log-mels in float32 under any autocast
+                out = self.fe(
+                    w, sampling_rate=SAMPLE_RATE, padding="max_length", max_length=self.max_samples,
+                    return_tensors="np",
                 )
-            out = self.fe(
-                w, sampling_rate=SAMPLE_RATE, padding="max_length", max_length=self.max_samples,
-                return_tensors="np",
-            )
             feats.append(torch.from_numpy(out["input_features"][0]))
-            lengths.append(min(self.window_frames, math.ceil(w.size / HOP)))
+            lengths.append(n)
         return SpeechFeatures(torch.stack(feats), torch.tensor(lengths, dtype=torch.long))

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from echox.config import ConfigError, load_config, read_yaml_mapping
 from echox.train import stages
-from echox.train.trainer import TrainConfig, Trainer
+from echox.train.trainer import TrainConfig, Trainer, encoder_cache_root
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class EchoDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
+
+    def length(self, i: int) -> int:
+        return self.base.length(i)  # type: ignore[attr-defined]
 
     def __getitem__(self, i: int) -> stages.EchoExample:
         ex = self.base[i]
@@ -172,6 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = stages.prepare_model(args.stage, model_cfg, init=args.init, t2c_from=args.t2c_from)
     if args.init and recipe.get("overrides"):
         log.warning("--init given: the model config comes from the checkpoint; overrides ignored")
+    if cfg.cache_encoder:  # before build_data: echo's offline pseudo-labels read it too
+        model.enable_feature_cache(encoder_cache_root(cfg))
     train, ev, collate, kwargs = build_data(args.stage, model, cfg, recipe["data"])
     trainer = Trainer(model, cfg, train, collate, ev, step_kwargs=kwargs)
     out = Path(cfg.output_dir)

@@ -30,6 +30,7 @@ from echox.model.encoder import CheckpointError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # ours -> accelerate's
 
 
 @dataclass
@@ -44,7 +45,17 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    # fp32 | bf16 | fp16: autocast through accelerate's mixed precision (bf16 runs on CPUs
+    # with AVX512-BF16 / AMX too); weights and optimizer states stay float32
+    precision: str = "fp32"
+    # Read the frozen speech encoder's outputs from a disk cache keyed by clip content and
+    # encoder (echox.model.feature_cache): each clip is encoded once, not once per epoch
+    cache_encoder: bool = False
+    encoder_cache_dir: str | None = None  # default $ECHOX_CACHE/encoder-features
+    # Batches of examples of similar length (less padding): each epoch's shuffle is cut into
+    # pools of `group_pool` batches, sorted by length inside a pool, and the batches shuffled
+    group_by_length: bool = False
+    group_pool: int = 32
     eval_every: int = 0  # 0 = only at the end (when eval data is given)
     eval_batches: int = 0  # 0 = the whole eval set
     save_every: int = 0  # 0 = only at the end
@@ -72,7 +83,8 @@ class TrainConfig:
             check(getattr(self, k) >= 0, k, f"must be >= 0, got {getattr(self, k)}")
         check(self.lr > 0, "lr", "must be > 0")
         check(self.schedule in ("cosine", "linear", "constant"), "schedule", "cosine | linear | constant")
-        check(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "no | bf16 | fp16")
+        check(self.precision in PRECISIONS, "precision", f"fp32 | bf16 | fp16; got {self.precision!r}")
+        check(self.group_pool >= 1, "group_pool", f"must be >= 1, got {self.group_pool}")
         check(self.pseudo_labels in ("online", "offline"), "pseudo_labels", "online | offline")
         check(self.target in ("pseudo", "gold-units"), "target", "pseudo | gold-units")
 
@@ -80,16 +92,23 @@ class TrainConfig:
 class ShardedBatches(Sampler[list[int]]):
     """Seeded per-epoch shuffle, cut into global batches, each process taking its slice.
 
-    Its position (epoch, batch index) is explicit state, so a resumed run sees exactly the
-    batches the interrupted one would have seen.
+    With `lengths`, batches group examples of similar length: the shuffle is cut into pools of
+    `pool` global batches, each pool is sorted by length (longest first) and cut into
+    batches, and the batches of the epoch are shuffled again. Its position (epoch, batch
+    index) is explicit state, so a resumed run sees exactly the batches the interrupted one
+    would have seen.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int,
+                 lengths: Sequence[int] | None = None, pool: int = 32) -> None:
         if n < batch_size * world:
             raise ValueError(
                 f"{n} examples are fewer than one global batch ({batch_size} x {world} processes)"
             )
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} examples")
         self.n, self.bs, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.lengths, self.pool = (list(lengths) if lengths is not None else None), pool
         self.epoch, self.index = 0, 0
 
     @property
@@ -99,12 +118,25 @@ class ShardedBatches(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.batches_per_epoch - self.index
 
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of an epoch, in order (a pure function of seed and epoch)."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
         gb = self.bs * self.world
+        perm = perm[: self.batches_per_epoch * gb]
+        if self.lengths is None:
+            return [perm[i:i + gb] for i in range(0, len(perm), gb)]
+        batches = []
+        for p0 in range(0, len(perm), gb * self.pool):
+            pool = sorted(perm[p0:p0 + gb * self.pool], key=lambda i: -self.lengths[i])
+            batches += [pool[i:i + gb] for i in range(0, len(pool), gb)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in order]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.epoch_batches(self.epoch)
         while self.index < self.batches_per_epoch:
-            chunk = perm[self.index * gb:(self.index + 1) * gb]
+            chunk = batches[self.index]
             self.index += 1
             yield chunk[self.rank * self.bs:(self.rank + 1) * self.bs]
         self.epoch, self.index = self.epoch + 1, 0
@@ -145,6 +177,25 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def _release_single_process_state(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with
+    another precision. A single process (tests, `bench/train_speed.py`) may build several
+    trainers in turn, so there a state with another precision is cleared first; distributed
+    runs keep theirs."""
+    from accelerate.state import AcceleratorState
+
+    st = AcceleratorState._shared_state
+    if st and not AcceleratorState().use_distributed and str(st.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state()
+
+
+def encoder_cache_root(cfg: TrainConfig) -> Path:
+    """Where `train.cache_encoder` keeps encoder outputs."""
+    from echox.hub import cache_dir
+
+    return Path(cfg.encoder_cache_dir) if cfg.encoder_cache_dir else cache_dir() / "encoder-features"
+
+
 class Trainer:
     def __init__(
         self,
@@ -163,9 +214,10 @@ class Trainer:
         self.task = task or cfg.stage
         self.step_kwargs = step_kwargs or {}
         self.out = Path(cfg.output_dir)
+        _release_single_process_state(PRECISIONS[cfg.precision])
         self.acc = Accelerator(
             gradient_accumulation_steps=cfg.grad_accum,
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=PRECISIONS[cfg.precision],
             # No accelerator here: run (and under `accelerate launch`/torchrun, distribute) on
             # CPU processes with gloo.
             cpu=not torch.cuda.is_available(),
@@ -188,9 +240,17 @@ class Trainer:
         # number of processes (accelerate would step it once per process).
         self.model, self.opt = self.acc.prepare(model, opt)
         self.sched = sched
+        lengths = None
+        if cfg.group_by_length:
+            if not hasattr(train_data, "length"):
+                raise ConfigError("train.group_by_length: this dataset has no length(i) to group by")
+            lengths = [train_data.length(i) for i in range(len(train_data))]  # type: ignore[arg-type, attr-defined]
         self.sampler = ShardedBatches(
-            len(train_data), cfg.batch_size, self.acc.process_index, self.acc.num_processes, cfg.seed
+            len(train_data), cfg.batch_size, self.acc.process_index, self.acc.num_processes, cfg.seed,
+            lengths=lengths, pool=cfg.group_pool,
         )
+        if cfg.cache_encoder and getattr(model, "feature_cache", None) is None:
+            model.enable_feature_cache(encoder_cache_root(cfg))
         self.loader = DataLoader(train_data, batch_sampler=self.sampler, collate_fn=collate_fn,
                                  num_workers=cfg.num_workers)
         self.eval_loader = None
