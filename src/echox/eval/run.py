@@ -5,6 +5,10 @@ Modes:
 - `s2t`:  EchoX answers the spoken question in text; the text is matched;
 - `s2s`:  EchoX answers in speech; the speech is transcribed by an ASR and matched.
 
+`text` and `s2t` answer `--batch-size` questions at a time, greedily, with the prompts padded
+on the left: a question gets the answer it gets alone (up to float rounding in the batched
+matrix products); `s2s` answers one question at a time through the streaming engine.
+
 Each run writes `items.jsonl` (one scored item per line, appended as it goes, so an
 interrupted run resumes where it stopped) and `summary.json`; `--compare` draws a bar chart
 of several runs.
@@ -18,7 +22,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -26,6 +30,10 @@ from echox.eval.benchmarks import QAItem
 from echox.eval.match import exist_match
 
 log = logging.getLogger(__name__)
+
+
+#: Questions answered together in text and s2t mode when `--batch-size` is not given.
+DEFAULT_BATCH_SIZE = 16
 
 
 class EvalError(ValueError):
@@ -38,10 +46,29 @@ class Answer:
     audio: np.ndarray | None = None
     sample_rate: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list)  # the generated ids, stop token excluded
 
 
 class Answerer(Protocol):
     def answer(self, item: QAItem) -> Answer: ...
+
+
+class BatchAnswerer(Answerer, Protocol):
+    def answer_batch(self, items: Sequence[QAItem]) -> list[Answer]: ...
+
+
+def check_batch_size(mode: str, batch_size: int) -> None:
+    """Reject a batch size the mode cannot use, with a one-line reason."""
+    if batch_size < 1:
+        raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
+    if mode == "s2s" and batch_size > 1:
+        raise EvalError(f"--batch-size {batch_size}: mode s2s answers one question at a time "
+                        "through the streaming engine; use 1 (or modes text / s2t)")
+
+
+def _batch_stats(seconds: float, n: int, tokens: int) -> dict[str, Any]:
+    """Per-item stats of a batch answered in `seconds`: each item gets an equal share."""
+    return {"ms": 1000 * seconds / n, "tokens": tokens, "batch": n}
 
 
 def _wav16k(item: QAItem) -> np.ndarray:
@@ -53,7 +80,13 @@ def _wav16k(item: QAItem) -> np.ndarray:
 
 
 class TextAnswerer:
-    """The base text LLM on the question text: what the speech model should preserve."""
+    """The base text LLM on the question text: what the speech model should preserve.
+
+    Questions are answered in batches: chat prompts padded on the left with the tokenizer's
+    pad token (its EOS when it has none) and decoded greedily by the corpus builder's
+    `greedy_shrinking`, which gives each row the tokens `generate` gives it alone and stops
+    computing a row once it has ended.
+    """
 
     def __init__(self, llm: str, system_prompt: str | None = None, max_new_tokens: int = 48) -> None:
         import torch
@@ -63,34 +96,76 @@ class TextAnswerer:
 
         folder = resolve(llm)
         self.tok = AutoTokenizer.from_pretrained(folder)
+        if self.tok.chat_template is None:
+            raise EvalError(f"{llm}: the tokenizer has no chat template; "
+                            "text mode needs a chat LLM")
+        self.tok.padding_side = "left"  # answers grow on the right
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        self.system_prompt, self.max_new_tokens, self.torch = system_prompt, max_new_tokens, torch
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tok.eos_token_id
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
+        self.system_prompt, self.max_new_tokens = system_prompt, max_new_tokens
+
+    def prompt(self, question: str) -> str:
+        """The chat prompt of one question, ending where the assistant's answer starts."""
+        msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        msgs.append({"role": "user", "content": question})
+        return self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def answer_batch(self, items: Sequence[QAItem]) -> list[Answer]:
+        """Greedy answers to several questions at once, in their order."""
+        from echox.data.tiny_corpus import greedy_shrinking
+
+        if not items:
+            return []
+        t0 = time.perf_counter()
+        enc = self.tok([self.prompt(it.question) for it in items], return_tensors="pt",
+                       padding=True, add_special_tokens=False)
+        rows = greedy_shrinking(self.model, enc["input_ids"], enc["attention_mask"],
+                                self.max_new_tokens, self.eos_ids)
+        seconds = time.perf_counter() - t0
+        out = []
+        for row in rows:
+            ids = row[:-1] if row and row[-1] in self.eos_ids else row
+            out.append(Answer(self.tok.decode(ids, skip_special_tokens=True).strip(),
+                              stats=_batch_stats(seconds, len(items), len(ids)), token_ids=ids))
+        return out
 
     def answer(self, item: QAItem) -> Answer:
-        msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-        msgs.append({"role": "user", "content": item.question})
-        ids = self.tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
-        with self.torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return Answer(self.tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        return self.answer_batch([item])[0]
 
 
 class S2TAnswerer:
-    """EchoX answering the spoken question in text (no speech synthesis)."""
+    """EchoX answering the spoken question in text (no speech synthesis).
+
+    A batch of questions is one greedy `EchoX.generate_text` call, which pads the merged
+    speech + text prompts on the left.
+    """
 
     def __init__(self, model: Any, max_new_tokens: int = 64) -> None:
         from echox.model.generation import SamplingConfig
 
         self.model, self.sampling = model, SamplingConfig(max_new_tokens=max_new_tokens)
 
-    def answer(self, item: QAItem) -> Answer:
+    def answer_batch(self, items: Sequence[QAItem]) -> list[Answer]:
+        """Greedy text answers to several spoken questions at once, in their order."""
         from echox.model.prompt import Turn
 
+        if not items:
+            return []
         t0 = time.perf_counter()
-        g = self.model.generate_text([[Turn("user", audio=_wav16k(item))]], self.sampling)
-        return Answer(g.texts[0].strip(), stats={"ms": 1000 * (time.perf_counter() - t0),
-                                                 "tokens": len(g.token_ids[0])})
+        dialogues = [[Turn("user", audio=_wav16k(it))] for it in items]
+        g = self.model.generate_text(dialogues, self.sampling)
+        seconds = time.perf_counter() - t0
+        return [Answer(text.strip(), stats=_batch_stats(seconds, len(items), len(ids)),
+                       token_ids=list(ids))
+                for text, ids in zip(g.texts, g.token_ids)]
+
+    def answer(self, item: QAItem) -> Answer:
+        return self.answer_batch([item])[0]
 
 
 class S2SAnswerer:
@@ -144,44 +219,124 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _pending_batches(items: Iterable[QAItem], size: int, done: dict[str, Any],
+                     skipped: Any) -> Iterator[list[QAItem]]:
+    """The items not done yet, in order, `size` at a time (`skipped()` is called per done one).
+
+    When reading an item fails (audio that cannot be decoded), the items read before it are
+    yielded first and the error is raised after them: as with one item at a time, everything
+    before a bad item is answered and saved.
+    """
+    batch: list[QAItem] = []
+    queued: set[str] = set()
+    it = iter(items)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            break
+        except Exception:
+            if batch:
+                yield batch
+            raise
+        if item.id in done or item.id in queued:
+            skipped()
+            continue
+        batch.append(item)
+        queued.add(item.id)
+        if len(batch) == size:
+            yield batch
+            batch, queued = [], set()
+    if batch:
+        yield batch
+
+
+def _answers(answerer: Answerer, batch: list[QAItem]) -> Iterator[tuple[QAItem, Answer, float]]:
+    """`(item, answer, seconds spent answering it)` for each item of a batch, in order.
+
+    A batch goes to `answer_batch` when the answerer has one; the batch's time is shared
+    equally. If the batch fails, its items are answered one by one, so the item at fault
+    raises its own error after the ones before it are saved; when none fails alone, the
+    batch's error is raised (say, memory for the whole batch).
+    """
+    batch_error: Exception | None = None
+    if len(batch) > 1 and hasattr(answerer, "answer_batch"):
+        t0 = time.perf_counter()
+        try:
+            answers = answerer.answer_batch(batch)
+        except Exception as err:  # noqa: BLE001 - re-raised below unless an item fails alone
+            log.info("a batch of %d items failed (%s); answering them one at a time",
+                     len(batch), err)
+            batch_error = err
+        else:
+            if len(answers) != len(batch):
+                raise RuntimeError(f"{type(answerer).__name__}.answer_batch gave {len(answers)} "
+                                   f"answers to {len(batch)} items")
+            share = (time.perf_counter() - t0) / len(batch)
+            for item, ans in zip(batch, answers):
+                yield item, ans, share
+            return
+    for item in batch:
+        t0 = time.perf_counter()
+        ans = answerer.answer(item)
+        yield item, ans, time.perf_counter() - t0
+    if batch_error is not None:
+        raise batch_error
+
+
+def _score(item: QAItem, ans: Answer, mode: str, asr: Any, out_dir: Path,
+           save_audio: bool) -> dict[str, Any]:
+    """One `items.jsonl` record, without latency and stats: the answer matched to the gold."""
+    rec: dict[str, Any] = {"id": item.id, "question": item.question, "answers": item.answers,
+                           "text": ans.text}
+    hyp = ans.text
+    if mode == "s2s":
+        if ans.audio is None or ans.audio.size == 0:
+            hyp = ""
+        else:
+            hyp = asr.transcribe(ans.audio, ans.sample_rate or 16000)
+            if save_audio:
+                from echox.audio import save_audio as write
+
+                write(out_dir / "audio" / f"{item.id}.wav", ans.audio, ans.sample_rate or 16000,
+                      clip=True)
+        rec["transcript"] = hyp
+        rec["audio_seconds"] = 0.0 if ans.audio is None else ans.audio.size / (ans.sample_rate or 16000)
+    rec["hit"] = exist_match(hyp, item.answers)
+    return rec
+
+
 def run_eval(
     items: Iterable[QAItem], answerer: Answerer, mode: str, out_dir: Path, benchmark: str,
     asr: Any = None, save_audio: bool = False, progress: bool = True, total: int | None = None,
+    batch_size: int = 1,
 ) -> EvalSummary:
+    """Answer and score every item not yet in `out_dir/items.jsonl`, then write the summary.
+
+    Items go to the answerer `batch_size` at a time (see :func:`check_batch_size`); each
+    record is appended and flushed as soon as it is scored, so an interrupted run loses at
+    most the batch in flight. A record's `latency_ms` is its share of the batch's answering
+    time plus its own scoring time.
+    """
     from tqdm.auto import tqdm
 
     if mode == "s2s" and asr is None:
         raise EvalError("mode s2s needs an ASR to transcribe the speech output")
+    check_batch_size(mode, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "items.jsonl"
     done = _done(path)
-    with open(path, "a") as f:
-        for item in tqdm(items, total=total, disable=not progress, desc=f"eval {mode}"):
-            if item.id in done:
-                continue
-            t0 = time.perf_counter()
-            ans = answerer.answer(item)
-            rec: dict[str, Any] = {"id": item.id, "question": item.question, "answers": item.answers,
-                                   "text": ans.text}
-            hyp = ans.text
-            if mode == "s2s":
-                if ans.audio is None or ans.audio.size == 0:
-                    hyp = ""
-                else:
-                    hyp = asr.transcribe(ans.audio, ans.sample_rate or 16000)
-                    if save_audio:
-                        from echox.audio import save_audio as write
-
-                        write(out_dir / "audio" / f"{item.id}.wav", ans.audio, ans.sample_rate or 16000,
-                              clip=True)
-                rec["transcript"] = hyp
-                rec["audio_seconds"] = 0.0 if ans.audio is None else ans.audio.size / (ans.sample_rate or 16000)
-            rec["hit"] = exist_match(hyp, item.answers)
-            rec["latency_ms"] = 1000 * (time.perf_counter() - t0)
-            rec["stats"] = ans.stats
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            done[item.id] = rec
+    with open(path, "a") as f, tqdm(total=total, disable=not progress, desc=f"eval {mode}") as bar:
+        for batch in _pending_batches(items, batch_size, done, lambda: bar.update(1)):
+            for item, ans, answer_s in _answers(answerer, batch):
+                t0 = time.perf_counter()
+                rec = _score(item, ans, mode, asr, out_dir, save_audio)
+                rec["latency_ms"] = 1000 * (answer_s + time.perf_counter() - t0)
+                rec["stats"] = ans.stats
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                done[item.id] = rec
+                bar.update(1)
     recs = list(done.values())
     lat = [r["latency_ms"] for r in recs if "latency_ms" in r]
     summary = EvalSummary(
@@ -230,6 +385,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.benchmark:
         raise EvalError("give --benchmark (e.g. local:data/tiny/test/qa.jsonl or llama-questions)")
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = 1 if args.mode == "s2s" else DEFAULT_BATCH_SIZE
+    check_batch_size(args.mode, batch_size)
     bench = open_benchmark(args.benchmark, limit=args.limit, decode_audio=args.mode != "text")
     out = Path(args.out or f"runs/eval/{args.mode}")
     asr = None
@@ -250,7 +409,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             answerer = S2SAnswerer(bundle, stream=not args.no_stream, max_new_tokens=args.max_new_tokens)
             asr = make_asr(args.asr)
     s = run_eval(bench, answerer, args.mode, out, args.benchmark, asr=asr,
-                 save_audio=args.save_audio, total=len(bench))
+                 save_audio=args.save_audio, total=len(bench), batch_size=batch_size)
     print(s.line())
     print(f"per-item results: {out / 'items.jsonl'}")
     if args.png:
@@ -271,6 +430,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--config", default="tiny", help="text mode: preset/YAML naming the LLM")
     p.add_argument("--system-prompt", default="Answer in one short sentence.", help="text mode")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"text / s2t: questions answered together, greedy (default "
+                        f"{DEFAULT_BATCH_SIZE}); s2s answers one at a time")
     p.add_argument("--no-stream", action="store_true", help="s2s: synthesize the whole response at once")
     p.add_argument("--save-audio", action="store_true", help="s2s: keep each spoken answer as a wav")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="table + bar chart of finished runs")
