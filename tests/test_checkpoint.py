@@ -123,3 +123,22 @@ def test_slim_checkpoint_for_shipping(make_model, tmp_path):
                                m.forward_echo(b, [[1, 2, 3, 4]]).units.logits, rtol=0.02, atol=0.02)
     with pytest.raises(CheckpointError, match="only \\['t2c'\\]"):
         m.save_pretrained(tmp_path / "bad", omit_parts=("echo",))
+
+
+def test_added_token_rows_come_from_the_gathered_state(make_model, tmp_path):
+    """Under FSDP the live weights are shards (FSDP1: a flat slice or empty; FSDP2: a DTensor
+    whose indexing is a collective, a hang when only rank 0 saves): the rows of added tokens
+    must come from the gathered `full_state`, like everything else in the checkpoint."""
+    m = make_model()
+    _perturb(m)
+    full = {k: v.clone() for k, v in m.state_dict().items()}
+    emb = m.llm.base.get_input_embeddings()
+    ids = torch.tensor(m.llm.added_token_ids)
+    key = next(k for k in full if k.startswith("llm.") and k.endswith("embed_tokens.weight"))
+    for k in (key, key.replace("model.embed_tokens", "lm_head")):  # tied in tiny-random
+        full[k][ids] += 1.0  # tell the gathered rows from the live ones
+    with torch.no_grad():
+        emb.weight.data = torch.empty(0)  # what a rank holding none of the embedding sees
+    folder = m.save_pretrained(tmp_path / "ck", full_state=full)
+    back = EchoX.from_pretrained(folder)
+    torch.testing.assert_close(back.llm.base.get_input_embeddings().weight[ids], full[key][ids])

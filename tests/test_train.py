@@ -166,6 +166,26 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert ddp["first_loss"] == pytest.approx(one["first_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_fsdp_launch_on_cpu_is_refused_not_silently_ddp(tmp_path):
+    """accelerate (1.15) shards only on GPUs: on CPU it runs an FSDP launch as plain DDP
+    (MULTI_CPU), and torch's FSDP1 refuses CPU. The trainer says so rather than pretend. If
+    this starts failing because accelerate runs FSDP on CPU, turn it into an FSDP-vs-1-process
+    loss test like the DDP one above."""
+    worker = Path(__file__).parent / "ddp_worker.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+           "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+           "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+           "--fsdp_sync_module_states", "false",  # true: accelerate itself raises without a GPU
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(worker), str(tmp_path / "fsdp.json")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and not (tmp_path / "fsdp.json").exists()
+    assert "an FSDP launch config was given, but accelerate runs this job as MULTI_CPU" in r.stderr, \
+        r.stderr[-3000:]
+
+
 def test_length_grouped_batches_cover_each_epoch_and_cut_padding():
     from echox.train.trainer import ShardedBatches
 

@@ -62,11 +62,22 @@ def trained_state(model: "EchoX", full_state: dict[str, torch.Tensor] | None = N
     sd = {k: v for k, v in full_state.items() if not is_base_key(model, k)}
     ids = torch.tensor(model.llm.added_token_ids)
     base = model.llm.base
-    sd[ADDED + "embed"] = base.get_input_embeddings().weight[ids]
+    sd[ADDED + "embed"] = _weight(model, base.get_input_embeddings(), full_state)[ids]
     head = base.get_output_embeddings()
     if head is not None:
-        sd[ADDED + "lm_head"] = head.weight[ids]
+        sd[ADDED + "lm_head"] = _weight(model, head, full_state)[ids]
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def _weight(model: "EchoX", module: torch.nn.Module, full_state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`module.weight` as `full_state` has it. Under FSDP the live weight is a shard (FSDP2:
+    a DTensor, whose indexing is a collective that hangs when only rank 0 saves)."""
+    for name, m in model.named_modules():
+        if m is module:
+            key = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            if f"{key}.weight" in full_state:
+                return full_state[f"{key}.weight"]
+    return module.weight
 
 
 OMITTABLE = ("t2c",)  # parts inference never runs (the T2C only labels Stage III's data)

@@ -207,8 +207,10 @@ class Trainer:
         step_kwargs: dict[str, Any] | None = None,
         task: str | None = None,
     ) -> None:
+        import os
+
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
         self.cfg = cfg
         self.task = task or cfg.stage
@@ -223,6 +225,15 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+                and self.acc.distributed_type != DistributedType.FSDP):
+            # accelerate shards only on GPUs/accelerators: on CPU it silently runs an FSDP
+            # launch config as plain DDP (torch's FSDP1 refuses CPU too). Say so instead.
+            raise ConfigError(
+                "an FSDP launch config was given, but accelerate runs this job as "
+                f"{self.acc.distributed_type.value} on {self.acc.device.type}, unsharded: FSDP "
+                "through accelerate needs GPUs. On CPU launch with recipes/accelerate/ddp.yaml"
+            )
         if cfg.stage not in model.trained_stages:
             model.trained_stages.append(cfg.stage)
         params = [p for p in model.parameters() if p.requires_grad]
