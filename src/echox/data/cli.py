@@ -30,3 +30,6 @@ def add_cli(sub: Any) -> None:
     from echox.data.tiny_corpus import add_cli as add_build_tiny
 
     add_build_tiny(dsub)
+    from echox.data.s2t_mix import add_cli as add_s2t_mix
+
+    add_s2t_mix(dsub)

@@ -22,7 +22,7 @@ from echox.data.collate import S2TBatch, T2CBatch, collate_s2t, collate_t2c
 from echox.data.manifest import DialogueRecord, ManifestError, TtsRecord
 from echox.model.prompt import PromptBuilder, Turn
 
-__all__ = ["S2TExample", "S2TDataset", "make_s2t_collator", "T2CExample", "T2CDataset",
+__all__ = ["S2TExample", "S2TDataset", "ConcatDataset", "perturb_audio", "make_s2t_collator", "T2CExample", "T2CDataset",
            "collate_t2c_examples"]
 
 log = logging.getLogger("echox.data.manifest")
@@ -43,8 +43,19 @@ class S2TDataset(Dataset):
     def __init__(self, records: Sequence[DialogueRecord], base_dir: str | os.PathLike | None,
                  max_audio_seconds: float | None = 30.0,
                  on_too_long: Literal["error", "truncate"] = "error",
-                 max_wer: float | None = None) -> None:
-        """`max_wer` drops dialogues whose user audio has a larger recorded WER (its `wer`)."""
+                 max_wer: float | None = None,
+                 perturb: Sequence[tuple[float, float]] | None = None) -> None:
+        """`max_wer` drops dialogues whose user audio has a larger recorded WER (its `wer`).
+
+        `perturb`: (speed, gain) pairs; each time a dialogue is read, each of its clips gets
+        one pair at random (Python's `random`, which the trainer seeds and restores on
+        resume). Speed s resamples the clip to 1/s of its length (tempo and pitch, as in
+        Kaldi's speed perturbation); gain scales it (clipped to [-1, 1]). A short fixed set
+        keeps the encoder cache useful: each clip has only that many versions.
+        """
+        for sp, gain in perturb or []:
+            if not (0.5 <= sp <= 2.0 and 0.0 < gain <= 8.0):
+                raise ManifestError(f"perturb: ({sp}, {gain}) needs speed in [0.5, 2] and gain in (0, 8]")
         keep = [r for r in records if max_wer is None
                 or all(m.wer is None or m.wer <= max_wer for m in r.conversations)]
         if not keep:
@@ -57,6 +68,7 @@ class S2TDataset(Dataset):
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.max_audio_seconds = max_audio_seconds
         self.on_too_long = on_too_long
+        self.perturb = [(float(a), float(b)) for a, b in perturb] if perturb else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -66,7 +78,12 @@ class S2TDataset(Dataset):
         return sum(len(m.value or "") + len(m.transcript or "") for m in self.records[i].conversations)
 
     def _load(self, src: Any) -> np.ndarray:
-        return load_audio(src, 16000, max_seconds=self.max_audio_seconds, on_too_long=self.on_too_long)
+        wav = load_audio(src, 16000, max_seconds=self.max_audio_seconds, on_too_long=self.on_too_long)
+        if self.perturb:
+            import random
+
+            wav = perturb_audio(wav, *random.choice(self.perturb), max_seconds=self.max_audio_seconds)
+        return wav
 
     def __getitem__(self, i: int) -> S2TExample:
         rec = self.records[i]
@@ -75,6 +92,49 @@ class S2TDataset(Dataset):
         except AudioError as err:
             raise ManifestError(f"dialogue {rec.id or i}: {err}") from err
         return S2TExample(turns, rec.response_units, rec.id)
+
+
+class ConcatDataset(Dataset):
+    """Several datasets read as one (e.g. QA dialogues + ASR turns); keeps `length(i)`."""
+
+    def __init__(self, parts: Sequence[Dataset]) -> None:
+        self.parts = [p for p in parts if len(p) > 0]  # type: ignore[arg-type]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts]).tolist()  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, i: int) -> tuple[Dataset, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k], i - int(self.offsets[k])
+
+    def __getitem__(self, i: int) -> Any:
+        part, j = self._locate(i)
+        return part[j]
+
+    def length(self, i: int) -> int:
+        part, j = self._locate(i)
+        return part.length(j)  # type: ignore[attr-defined]
+
+
+def perturb_audio(wav: np.ndarray, speed: float, gain: float,
+                  max_seconds: float | None = None, sample_rate: int = 16000) -> np.ndarray:
+    """`wav` played `speed` times faster (resampled) and scaled by `gain`. A slowed clip that
+    would pass `max_seconds` is left at its speed."""
+    from fractions import Fraction
+
+    out = wav
+    if speed != 1.0:
+        f = Fraction(1.0 / speed).limit_denominator(32)
+        if max_seconds is None or wav.size * f <= max_seconds * sample_rate:
+            from scipy.signal import resample_poly
+
+            out = resample_poly(wav, f.numerator, f.denominator).astype(np.float32)
+    if gain != 1.0:
+        out = np.clip(out * np.float32(gain), -1.0, 1.0).astype(np.float32)
+    return out
 
 
 def make_s2t_collator(prompt_builder: PromptBuilder, tokenizer: Any,

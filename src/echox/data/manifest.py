@@ -205,6 +205,8 @@ class DialogueMessage:
     transcript: str | None = None
     wer: float | None = None
     units: list[int] | None = None
+    # a user turn's text beside its audio, e.g. an instruction ("Transcribe this audio.")
+    prompt: str | None = None
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> DialogueMessage:
@@ -222,12 +224,14 @@ class DialogueMessage:
         # a user turn with audio may have an empty value (transcript unknown)
         value = _req_str(obj, key, where, allow_empty=role == "user" and audio is not None)
         return cls(role=role, value=value, audio=audio, transcript=_opt_str(obj, "transcript", where),
-                   wer=_opt_float(obj, "wer", where), units=_opt_units(obj, where))
+                   wer=_opt_float(obj, "wer", where), units=_opt_units(obj, where),
+                   prompt=_opt_str(obj, "prompt", where))
 
     def to_json(self) -> dict[str, Any]:
         return _drop_none({"from": self.role, "value": self.value,
                            "audio": _path_json(self.audio, "dialogue message"),
-                           "transcript": self.transcript, "wer": self.wer, "units": self.units})
+                           "transcript": self.transcript, "wer": self.wer, "units": self.units,
+                           "prompt": self.prompt})
 
 
 @dataclass
@@ -272,7 +276,7 @@ class DialogueRecord:
             if m.role == "user" and m.audio is not None:
                 wav = load_audio_fn(resolve_audio(m.audio, base_dir))
                 transcript = m.transcript if m.transcript is not None else (m.value or None)
-                turns.append(Turn(role="user", audio=wav, transcript=transcript))
+                turns.append(Turn(role="user", audio=wav, transcript=transcript, text=m.prompt or None))
             else:
                 turns.append(Turn(role=m.role, text=m.value))
         return turns

@@ -95,15 +95,28 @@ class EchoDataset(Dataset):
         return stages.EchoExample(ex.turns)
 
 
-def _dialogues(path: str, limit: int | None, max_seconds: float) -> Dataset:
-    from echox.data.datasets import S2TDataset
-    from echox.data.manifest import read_jsonl
+def _dialogues(paths: str | list[str], limit: int | None, max_seconds: float,
+               perturb: list[tuple[float, float]] | None = None) -> Dataset:
+    """One manifest, or several read as one (`data.train: [qa.jsonl, asr.jsonl]`); `limit`
+    counts over all of them, in order."""
+    from echox.data.manifest import read_jsonl  # noqa: I001 (manifest before datasets: import loop)
+    from echox.data.datasets import ConcatDataset, S2TDataset
 
-    rep = read_jsonl(path, "dialogue", on_error="skip")
-    if rep.bad_lines:
-        log.warning("%s: skipped %d bad line(s)", path, len(rep.bad_lines))
-    recs = rep.records[:limit] if limit else rep.records
-    return S2TDataset(recs, rep.base_dir, max_audio_seconds=max_seconds)
+    parts, left = [], limit
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        rep = read_jsonl(path, "dialogue", on_error="skip")
+        if rep.bad_lines:
+            log.warning("%s: skipped %d bad line(s)", path, len(rep.bad_lines))
+        recs = rep.records[:left] if left is not None else rep.records
+        if recs:
+            parts.append(S2TDataset(recs, rep.base_dir, max_audio_seconds=max_seconds, perturb=perturb))
+        if left is not None:
+            left -= len(recs)
+            if left <= 0:
+                break
+    if not parts:
+        raise ConfigError(f"no dialogues in {paths}")
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def build_data(stage: str, model: Any, cfg: TrainConfig, data: dict[str, Any]
@@ -126,7 +139,8 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: dict[str, Any]
 
         return (tts(train_path, limit), tts(eval_path, eval_limit) if eval_path else None,
                 collate_t2c_examples, {})
-    train = _dialogues(train_path, limit, max_s)
+    perturb = data.get("perturb")
+    train = _dialogues(train_path, limit, max_s, perturb=[tuple(p) for p in perturb] if perturb else None)
     ev = _dialogues(eval_path, eval_limit, max_s) if eval_path else None
     if stage == "s2t":
         return train, ev, make_s2t_collator(model.prompt, model.tokenizer, units="ignore"), {}
@@ -157,6 +171,10 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.data is not None:  # one manifest (a string, as every stage takes) or several
+        if len(args.data) > 1 and args.stage not in ("s2t", "echo"):
+            raise ConfigError(f"--data: stage {args.stage} takes one manifest, got {len(args.data)}")
+        args.data = args.data[0] if len(args.data) == 1 else list(args.data)
     if args.stage == "vocoder":
         from echox.train.vocoder_cli import cmd_train_vocoder
 
@@ -199,7 +217,8 @@ def add_cli(sub: Any) -> None:
                         "--lr); hifigan: distil the packaged HiFi-GAN V1 into a V2-size "
                         "generator (--data, --unit2mel, --windows, --pool, --out, --max-steps)")
     p.add_argument("--recipe", help="recipe YAML (model, train, data); e.g. recipes/tiny/s2t.yaml")
-    p.add_argument("--data", help="training manifest (dialogues JSONL for s2t/echo, TTS JSONL with units for t2c)")
+    p.add_argument("--data", nargs="+", help="training manifest (dialogues JSONL for s2t/echo, TTS JSONL "
+                   "with units for t2c); s2t/echo take several, read as one (e.g. QA + ASR turns)")
     p.add_argument("--eval-data", help="evaluation manifest")
     p.add_argument("--out", dest="output_dir", help="output folder (checkpoints, logs, model/)")
     p.add_argument("--init", help="start from this EchoX checkpoint (echo: the Stage I output)")

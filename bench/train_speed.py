@@ -1,0 +1,250 @@
+"""Training speed of each EchoX stage on the real `tiny` model, with and without the fast settings.
+
+    python bench/train_speed.py --dialogues data/tiny/train/dialogues.jsonl \
+        --tts data/tiny/train/tts_units.jsonl --threads 1 2 --steps 12
+    python bench/train_speed.py --curve 200 --threads 2      # fp32 vs bf16 loss curves (S2T)
+
+For each torch thread count, stage (S2T, T2C, Echo) and variant, one trainer runs `--warmup`
+steps, then `--steps` timed steps, in this process and on the same examples. The first row of
+a stage is today's defaults (fp32, encoder run every step, random batches, the preset's
+system prompt); the others add one setting each, and `fast` adds them all:
+
+- `cache`    train.cache_encoder: frozen Whisper outputs read from a disk cache, filled
+             before timing (the fill is timed apart: `fill_s`);
+- `bf16`     train.precision: bf16 (autocast; weights and optimizer stay fp32);
+- `group`    train.group_by_length: batches of similar length;
+- `prompt`   the short system prompt of the tiny recipes (`--short-prompt`).
+
+Echo is timed on gold units of each answer (the baseline target, same shapes as offline
+pseudo-labels) so that no T2C decode runs inside the timing. Columns: examples/s, tokens/s
+(LLM input tokens for S2T/Echo; text + unit tokens for T2C), the speed-up over the stage's
+defaults at the same thread count, and the mean loss of the timed steps (runs that see the
+same batches should agree). `--json` keeps every row.
+
+`--curve N` instead trains S2T for N steps in fp32 and in bf16 (both with the cache and the
+grouped batches) and prints both loss curves, averaged over windows, and their difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHORT_PROMPT = "Answer in one short sentence."
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "cache": {"cache_encoder": True},
+    "bf16": {"precision": "bf16"},
+    "group": {"group_by_length": True},
+    "prompt": {"prompt": SHORT_PROMPT},
+    "fast": {"cache_encoder": True, "precision": "bf16", "group_by_length": True, "prompt": SHORT_PROMPT},
+}
+T2C_VARIANTS = ("defaults", "bf16", "group", "fast")
+
+
+@dataclass
+class Row:
+    threads: int
+    stage: str
+    variant: str
+    batch_size: int
+    steps: int
+    seconds: float
+    examples_per_s: float
+    tokens_per_s: float
+    speedup: float
+    mean_loss: float
+    fill_s: float | None = None
+
+
+class Counting:
+    """Wraps a collate function and counts examples and tokens of the batches it makes."""
+
+    def __init__(self, collate: Any, stage: str) -> None:
+        self.collate, self.stage = collate, stage
+        self.examples = self.tokens = 0
+
+    def __call__(self, items: list[Any]) -> Any:
+        batch = self.collate(items)
+        self.examples += len(items)
+        if self.stage == "t2c":
+            self.tokens += sum(len(t) for t in batch.text_ids) + sum(len(u) for u in batch.units)
+        else:
+            self.tokens += int(batch.attention_mask.sum())
+        return batch
+
+
+def _model(stage: str, prompt: str | None, cache: dict[str, Any]) -> Any:
+    """A fresh tiny model for a stage (base weights loaded once, deep-copied per run)."""
+    from echox.config import load_config
+    from echox.model.echox import EchoX
+    from echox.train import stages
+
+    key = prompt or ""
+    if key not in cache:
+        overrides = [f"llm.system_prompt={prompt}"] if prompt else []
+        cache[key] = EchoX.build(load_config("recipes/tiny/model.yaml", overrides))
+    model = copy.deepcopy(cache[key])
+    if stage == "echo":
+        model.init_echo_from_t2c()
+    stages.apply_stage(model, stage)
+    return model
+
+
+def _data(stage: str, model: Any, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    from echox.data.manifest import read_jsonl  # noqa: I001 (manifest before datasets: import loop)
+    from echox.data.datasets import S2TDataset, T2CDataset, collate_t2c_examples, make_s2t_collator
+    from echox.train import stages
+    from echox.train.run import EchoDataset, _unit_encoder
+
+    encode = _unit_encoder(args.unit_language, model.t2c.num_units)
+    if stage == "t2c":
+        recs = read_jsonl(args.tts, "tts", on_error="skip").records[: args.n]
+        return T2CDataset(recs, model.tokenizer, encode), collate_t2c_examples, {}
+    rep = read_jsonl(args.dialogues, "dialogue", on_error="skip")
+    recs = rep.records[: args.n]
+    if stage == "s2t":
+        ds = S2TDataset(recs, rep.base_dir, max_audio_seconds=model.frontend.max_seconds)
+        return ds, make_s2t_collator(model.prompt, model.tokenizer, units="ignore"), {}
+    units = {r.id: r.units for r in read_jsonl(args.tts, "tts", on_error="skip").records}
+    for r in recs:  # gold units: the answer's own audio, else (a partial corpus) the question's
+        u = units.get(r.id) or units.get(f"{r.id}-q")
+        if u is None:
+            raise SystemExit(f"{args.tts}: no units for dialogue {r.id}")
+        for m in r.conversations:
+            if m.role == "assistant":
+                m.units = u
+    base = S2TDataset(recs, rep.base_dir, max_audio_seconds=model.frontend.max_seconds)
+    return EchoDataset(base, None, gold=True, encode=encode), stages.echo_collator(model), {"cut": False}
+
+
+def _fill_cache(model: Any, data: Any, root: Path) -> float:
+    """Encode every clip of the dataset once into the cache; seconds taken."""
+    model.enable_feature_cache(root)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(data), 16):
+            audio = [t.audio for i in range(s, min(s + 16, len(data)))
+                     for t in data[i].turns if t.audio is not None]
+            model._cached_frames(audio)
+    return time.perf_counter() - t0
+
+
+def run_one(stage: str, variant: str, threads: int, args: argparse.Namespace, models: dict[str, Any],
+            tmp: Path, steps: int | None = None, log_every: int = 10_000) -> tuple[Row, Any]:
+    from echox.train.trainer import TrainConfig, Trainer
+
+    torch.set_num_threads(threads)
+    opts = dict(VARIANTS[variant])
+    prompt = opts.pop("prompt", None)
+    if stage == "t2c":  # no speech input and no prompt: the T2C reads text embeddings only
+        opts.pop("cache_encoder", None)
+        prompt = None
+    model = _model(stage, prompt, models)
+    data, collate, kwargs = _data(stage, model, args)
+    fill = None
+    if opts.get("cache_encoder"):
+        fill = _fill_cache(model, data, tmp / "cache")
+    steps = steps or args.steps
+    out = tmp / f"{stage}-{variant}-{threads}"
+    cfg = TrainConfig(stage=stage, output_dir=str(out), max_steps=args.warmup + steps + 1,
+                      batch_size=args.batch_size, lr=args.lr, warmup_steps=5, threads=threads,
+                      log_every=log_every, seed=0, encoder_cache_dir=str(tmp / "cache"), **opts)
+    counter = Counting(collate, stage)
+    trainer = Trainer(model, cfg, data, counter, step_kwargs=kwargs)
+    trainer.train(stop_at=args.warmup)
+    counter.examples = counter.tokens = 0
+    t0 = time.perf_counter()
+    trainer.train(stop_at=args.warmup + steps)
+    dt = time.perf_counter() - t0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").is_file() else []
+    losses = [r["loss"] for r in recs if "loss" in r and r["step"] > args.warmup]
+    row = Row(threads, stage, variant, args.batch_size, steps, dt, counter.examples / dt,
+              counter.tokens / dt, 1.0, sum(losses) / max(len(losses), 1), fill)
+    return row, out
+
+
+def print_table(rows: list[Row]) -> None:
+    print(f"{'threads':>7} {'stage':<5} {'variant':<9} {'ex/s':>7} {'tok/s':>8} {'speed-up':>8} "
+          f"{'loss':>7} {'fill_s':>7}")
+    for r in rows:
+        fill = f"{r.fill_s:7.1f}" if r.fill_s is not None else f"{'':>7}"
+        print(f"{r.threads:>7} {r.stage:<5} {r.variant:<9} {r.examples_per_s:7.2f} "
+              f"{r.tokens_per_s:8.0f} {r.speedup:7.2f}x {r.mean_loss:7.3f} {fill}")
+
+
+def curve(args: argparse.Namespace, tmp: Path) -> None:
+    """S2T loss curves, fp32 vs bf16, same batches."""
+    models: dict[str, Any] = {}
+    args.warmup = 0
+    curves = {}
+    for prec in ("fp32", "bf16"):
+        VARIANTS[f"curve-{prec}"] = {"cache_encoder": True, "group_by_length": True,
+                                     "precision": prec, "prompt": SHORT_PROMPT}
+        row, out = run_one("s2t", f"curve-{prec}", args.threads[0], args, models, tmp,
+                           steps=args.curve, log_every=1)
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        curves[prec] = [r["loss"] for r in recs if "loss" in r]
+        print(f"{prec}: {row.seconds:.0f} s, {row.examples_per_s:.2f} examples/s", flush=True)
+    w = max(1, args.curve // 10)
+    print(f"{'steps':>9} {'fp32':>7} {'bf16':>7} {'diff':>7}")
+    for s in range(0, args.curve, w):
+        a = sum(curves["fp32"][s:s + w]) / len(curves["fp32"][s:s + w])
+        b = sum(curves["bf16"][s:s + w]) / len(curves["bf16"][s:s + w])
+        print(f"{s + 1:>4}-{s + w:<4} {a:7.3f} {b:7.3f} {100 * (b - a) / a:+6.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(curves))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dialogues", default="data/tiny/train/dialogues.jsonl")
+    p.add_argument("--tts", default="data/tiny/train/tts_units.jsonl", help="TTS JSONL with units")
+    p.add_argument("--unit-language", help="unit-language folder for T2C/Echo targets (default raw units)")
+    p.add_argument("--n", type=int, default=256, help="examples of each manifest to use")
+    p.add_argument("--stages", nargs="+", default=["s2t", "t2c", "echo"], choices=["s2t", "t2c", "echo"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--steps", type=int, default=12, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--curve", type=int, default=0, help="S2T fp32 vs bf16 loss curves over N steps")
+    p.add_argument("--json", help="write the rows (or curves) here")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="train_speed-") as t:
+        tmp = Path(t)
+        if args.curve:
+            curve(args, tmp)
+            return 0
+        rows: list[Row] = []
+        models: dict[str, Any] = {}
+        for threads in args.threads:
+            for stage in args.stages:
+                base = None
+                for variant in args.variants:
+                    if stage == "t2c" and variant not in T2C_VARIANTS:
+                        continue
+                    row, _ = run_one(stage, variant, threads, args, models, tmp)
+                    if variant == "defaults":
+                        base = row.examples_per_s
+                    row.speedup = row.examples_per_s / base if base else float("nan")
+                    rows.append(row)
+                    print(f"  {threads}t {stage} {variant}: {row.examples_per_s:.2f} ex/s", file=sys.stderr, flush=True)
+        print_table(rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""More to hear for Stage I: ASR turns and a further training voice, from a built tiny corpus.
+
+`echox data s2t-mix --corpus data/tiny` adds, to the train split only:
+
+- `train/audio/q_<voice>/<id>.wav`: every train question spoken by espeak-ng with `--voice`
+  (default `en-gb`). The test split's espeak-ng copy uses `en-us`, which is refused here so
+  that it stays an unseen voice.
+- `train/dialogues_<voice>.jsonl`: the QA dialogues with that audio as the question.
+- `train/asr.jsonl`: ASR turns. The user turn is a clip with an instruction beside it
+  (`"prompt": "Transcribe this audio."`), the assistant turn its exact text. Clips: the
+  piper questions, the piper answers and the extra voice's questions.
+
+Train S2T on all three with `--data train/dialogues.jsonl train/dialogues_en-gb.jsonl
+train/asr.jsonl` (or `data.train: [...]` in the recipe). The step is resumable: wav files
+already made are kept; the manifests are rewritten atomically each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from echox.data.manifest import ManifestError
+
+log = logging.getLogger(__name__)
+
+ASR_PROMPT = "Transcribe this audio."
+TEST_VOICE = "en-us"  # the test split's espeak-ng voice (echox.data.tiny_corpus)
+
+
+class S2TMixError(ManifestError):
+    """The corpus folder or the options do not allow the mix."""
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise S2TMixError(f"{path} not found: build the corpus first (echox data build-tiny)")
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> None:
+    from echox.fileio import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def asr_turn(rid: str, text: str, audio: str) -> dict[str, Any]:
+    return {"id": f"asr-{rid}", "conversations": [
+        {"from": "user", "value": text, "audio": audio, "prompt": ASR_PROMPT},
+        {"from": "assistant", "value": text}]}
+
+
+def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = True,
+                  progress: bool = False) -> dict[str, int]:
+    """Make the extra voice and the ASR manifests of `corpus/train`; returns counts."""
+    from echox.data.tiny_corpus import espeak_synthesize
+
+    train = Path(corpus) / "train"
+    dialogues = _read(train / "dialogues.jsonl")
+    tts = _read(train / "tts.jsonl")
+    counts: dict[str, int] = {}
+    extra: list[dict[str, Any]] = []
+    if voice:
+        if voice.split("+")[0] == TEST_VOICE:
+            raise S2TMixError(f"--voice {voice}: {TEST_VOICE} speaks the test questions; pick another "
+                              "voice (e.g. en-gb, en-gb-x-rp, en-029) so the test voice stays unseen")
+        folder = f"q_{voice.replace('+', '_')}"
+        jobs = []
+        for d in dialogues:
+            user = d["conversations"][0]
+            jobs.append((user["value"], train / "audio" / folder / f"{d['id']}.wav"))
+        todo = [(t, p) for t, p in jobs if not p.is_file()]
+        made, failed = espeak_synthesize(todo, progress=progress, voice=voice)
+        bad = {Path(p) for p in failed}
+        for d, (_, path) in zip(dialogues, jobs):
+            if path in bad or not path.is_file():
+                continue
+            conv = json.loads(json.dumps(d["conversations"]))
+            conv[0]["audio"] = f"audio/{folder}/{d['id']}.wav"
+            extra.append({"id": f"{d['id']}-{voice}", "conversations": conv})
+        _write(train / f"dialogues_{voice}.jsonl", extra)
+        counts.update(voice_made=made, voice_failed=len(failed), voice_dialogues=len(extra))
+    if asr:
+        rows = [asr_turn(r["id"], r["text"], r["audio"]) for r in tts if r.get("text") and r.get("audio")]
+        rows += [asr_turn(e["id"], e["conversations"][0]["value"], e["conversations"][0]["audio"])
+                 for e in extra]
+        _write(train / "asr.jsonl", rows)
+        counts["asr_turns"] = len(rows)
+    return counts
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    counts = build_s2t_mix(args.corpus, voice=args.voice or None, asr=not args.no_asr,
+                           progress=not args.quiet)
+    print(f"s2t mix in {Path(args.corpus) / 'train'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("s2t-mix", help="ASR turns and a further training voice for Stage I",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default="data/tiny", help="a built tiny corpus (default data/tiny)")
+    p.add_argument("--voice", default="en-gb", help="espeak-ng voice of the extra question audio "
+                   "('' for none; never en-us, the test voice)")
+    p.add_argument("--no-asr", action="store_true", help="no ASR turns")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_cli)
+    return p

@@ -1,0 +1,126 @@
+"""Stage I data: ASR turns, a further training voice, perturbation, several manifests as one."""
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import noise
+from echox.data.manifest import DialogueRecord, ManifestError, read_jsonl  # noqa: I001 (import loop)
+from echox.data.datasets import ConcatDataset, S2TDataset, perturb_audio
+from echox.data.s2t_mix import ASR_PROMPT, S2TMixError, build_s2t_mix
+
+QS = ["What is the capital of Japan?", "Who wrote Hamlet?", "How many legs has a spider?"]
+
+
+def _corpus(tmp_path):
+    train = tmp_path / "c" / "train"
+    (train / "audio" / "q").mkdir(parents=True)
+    (train / "audio" / "a").mkdir(parents=True)
+    dialogues, tts = [], []
+    for i, q in enumerate(QS):
+        sf.write(train / "audio" / "q" / f"x{i}.wav", noise(0.5 + 0.1 * i, i), 16000)
+        sf.write(train / "audio" / "a" / f"x{i}.wav", noise(0.7, 10 + i), 16000)
+        dialogues.append({"id": f"x{i}", "conversations": [
+            {"from": "user", "value": q, "audio": f"audio/q/x{i}.wav"},
+            {"from": "assistant", "value": f"Answer {i}."}]})
+        tts += [{"id": f"x{i}-q", "text": q, "audio": f"audio/q/x{i}.wav"},
+                {"id": f"x{i}", "text": f"Answer {i}.", "audio": f"audio/a/x{i}.wav"}]
+    (train / "dialogues.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dialogues))
+    (train / "tts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tts))
+    return tmp_path / "c"
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs the espeak-ng program (scripts/setup.sh installs it)")
+def test_mix_makes_voice_and_asr_turns_and_resumes(tmp_path):
+    corpus = _corpus(tmp_path)
+    counts = build_s2t_mix(corpus, voice="en-gb")
+    assert counts == {"voice_made": 3, "voice_failed": 0, "voice_dialogues": 3, "asr_turns": 9}
+    train = corpus / "train"
+    wav = train / "audio" / "q_en-gb" / "x1.wav"
+    info = sf.info(str(wav))
+    assert info.duration > 0.5
+    voice = read_jsonl(train / "dialogues_en-gb.jsonl", "dialogue").records
+    assert [r.conversations[0].value for r in voice] == QS
+    asr = read_jsonl(train / "asr.jsonl", "dialogue")
+    assert len(asr.records) == 9
+    ds = S2TDataset(asr.records, asr.base_dir)
+    ex = ds[0]
+    user, bot = ex.turns
+    assert user.text == ASR_PROMPT and user.audio is not None and user.transcript == bot.text
+    # resumable: existing wavs are kept, manifests rewritten the same
+    mtime = wav.stat().st_mtime_ns
+    again = build_s2t_mix(corpus, voice="en-gb")
+    assert again["voice_made"] == 0 and again["voice_dialogues"] == 3 and wav.stat().st_mtime_ns == mtime
+
+
+def test_mix_refuses_the_test_voice_and_a_missing_corpus(tmp_path):
+    corpus = _corpus(tmp_path)
+    for v in ("en-us", "en-us+f3"):
+        with pytest.raises(S2TMixError, match="test"):
+            build_s2t_mix(corpus, voice=v)
+    with pytest.raises(S2TMixError, match="build-tiny"):
+        build_s2t_mix(tmp_path / "nothing")
+    counts = build_s2t_mix(corpus, voice=None)  # ASR turns only
+    assert counts == {"asr_turns": 6}
+
+
+def test_prompt_beside_audio_round_trips_and_reaches_the_template(make_model):
+    rec = DialogueRecord.from_json({"conversations": [
+        {"from": "user", "value": "hello", "audio": "a.wav", "prompt": ASR_PROMPT},
+        {"from": "assistant", "value": "hello"}]}, "line 1")
+    assert rec.to_json()["conversations"][0]["prompt"] == ASR_PROMPT
+    turns = rec.to_turns(None, lambda _: noise(0.4, 1))
+    m = make_model()
+    enc = m.prompt.encode(turns)
+    text = m.tokenizer.decode(enc.input_ids)
+    assert ASR_PROMPT in text and len(enc.audio) == 1 and enc.transcripts == ["hello"]
+    with pytest.raises(ManifestError):
+        DialogueRecord.from_json({"conversations": [
+            {"from": "user", "value": "x", "audio": "a.wav", "prompt": 3}]}, "line 2")
+
+
+def test_perturb_audio():
+    w = noise(1.0, 3)
+    slow, fast = perturb_audio(w, 0.9, 1.0), perturb_audio(w, 1.1, 1.0)
+    assert abs(slow.size - 16000 / 0.9) <= 2 and abs(fast.size - 16000 / 1.1) <= 2
+    loud = perturb_audio(w, 1.0, 2.0)
+    np.testing.assert_allclose(loud, np.clip(2 * w, -1, 1))
+    assert perturb_audio(w, 0.9, 1.0, max_seconds=1.05).size == w.size  # would pass the limit
+    assert slow.dtype == np.float32 and loud.dtype == np.float32
+
+
+def test_dataset_perturbs_with_the_seeded_random(tmp_path):
+    corpus = _corpus(tmp_path)
+    rep = read_jsonl(corpus / "train" / "dialogues.jsonl", "dialogue")
+    with pytest.raises(ManifestError, match="speed"):
+        S2TDataset(rep.records, rep.base_dir, perturb=[(3.0, 1.0)])
+    ds = S2TDataset(rep.records, rep.base_dir, perturb=[(0.9, 1.0), (1.1, 0.5)])
+    plain = S2TDataset(rep.records, rep.base_dir)
+    n = plain[2].turns[0].audio.size
+    random.seed(0)
+    a = [ds[2].turns[0].audio.size for _ in range(12)]
+    random.seed(0)
+    assert a == [ds[2].turns[0].audio.size for _ in range(12)]  # reproducible from the seed
+    assert len(set(a)) == 2 and all(abs(x - n / 0.9) <= 2 or abs(x - n / 1.1) <= 2 for x in a)
+
+
+def test_concat_dataset_and_several_manifests(tmp_path):
+    from echox.train.run import _dialogues
+
+    corpus = _corpus(tmp_path)
+    build_s2t_mix(corpus, voice=None)
+    train = corpus / "train"
+    both = _dialogues([str(train / "dialogues.jsonl"), str(train / "asr.jsonl")], None, 30.0)
+    assert isinstance(both, ConcatDataset) and len(both) == 3 + 6
+    assert both[0].turns[0].text is None and both[3].turns[0].text == ASR_PROMPT
+    assert [both.length(i) for i in range(9)][:3] == [len(QS[i]) + len(f"Answer {i}.") for i in range(3)]
+    with pytest.raises(IndexError):
+        both[9]
+    limited = _dialogues([str(train / "dialogues.jsonl"), str(train / "asr.jsonl")], 4, 30.0)
+    assert len(limited) == 4
+    one = _dialogues(str(train / "dialogues.jsonl"), None, 30.0)
+    assert isinstance(one, S2TDataset) and len(one) == 3
