@@ -83,7 +83,7 @@ class Counting:
         return batch
 
 
-def _model(stage: str, prompt: str | None, cache: dict[str, Any]) -> Any:
+def _model(stage: str, prompt: str | None, cache: dict[str, Any], config: str = "recipes/tiny/model.yaml") -> Any:
     """A fresh tiny model for a stage (base weights loaded once, deep-copied per run)."""
     from echox.config import load_config
     from echox.model.echox import EchoX
@@ -92,7 +92,7 @@ def _model(stage: str, prompt: str | None, cache: dict[str, Any]) -> Any:
     key = prompt or ""
     if key not in cache:
         overrides = [f"llm.system_prompt={prompt}"] if prompt else []
-        cache[key] = EchoX.build(load_config("recipes/tiny/model.yaml", overrides))
+        cache[key] = EchoX.build(load_config(config, overrides))
     model = copy.deepcopy(cache[key])
     if stage == "echo":
         model.init_echo_from_t2c()
@@ -149,7 +149,7 @@ def run_one(stage: str, variant: str, threads: int, args: argparse.Namespace, mo
     if stage == "t2c":  # no speech input and no prompt: the T2C reads text embeddings only
         opts.pop("cache_encoder", None)
         prompt = None
-    model = _model(stage, prompt, models)
+    model = _model(stage, prompt, models, args.model)
     data, collate, kwargs = _data(stage, model, args)
     fill = None
     if opts.get("cache_encoder"):
@@ -182,12 +182,12 @@ def print_table(rows: list[Row]) -> None:
               f"{r.tokens_per_s:8.0f} {r.speedup:7.2f}x {r.mean_loss:7.3f} {fill}")
 
 
-def curve(args: argparse.Namespace, tmp: Path) -> None:
-    """S2T loss curves, fp32 vs bf16, same batches."""
+def curve(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    """S2T loss curves over the same batches, one per precision in `--precisions`."""
     models: dict[str, Any] = {}
     args.warmup = 0
-    curves = {}
-    for prec in ("fp32", "bf16"):
+    curves: dict[str, list[float]] = {}
+    for prec in args.precisions:
         VARIANTS[f"curve-{prec}"] = {"cache_encoder": True, "group_by_length": True,
                                      "precision": prec, "prompt": SHORT_PROMPT}
         row, out = run_one("s2t", f"curve-{prec}", args.threads[0], args, models, tmp,
@@ -195,18 +195,23 @@ def curve(args: argparse.Namespace, tmp: Path) -> None:
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         curves[prec] = [r["loss"] for r in recs if "loss" in r]
         print(f"{prec}: {row.seconds:.0f} s, {row.examples_per_s:.2f} examples/s", flush=True)
-    w = max(1, args.curve // 10)
+    return curves
+
+
+def show_curves(curves: dict[str, list[float]], windows: int = 10) -> None:
+    """Both curves averaged over `windows` windows, and bf16's difference to fp32."""
+    a_all, b_all = curves["fp32"], curves["bf16"]
+    n = min(len(a_all), len(b_all))
+    w = max(1, n // windows)
     print(f"{'steps':>9} {'fp32':>7} {'bf16':>7} {'diff':>7}")
-    for s in range(0, args.curve, w):
-        a = sum(curves["fp32"][s:s + w]) / len(curves["fp32"][s:s + w])
-        b = sum(curves["bf16"][s:s + w]) / len(curves["bf16"][s:s + w])
+    for s in range(0, n - n % w if n >= w else n, w):
+        a, b = sum(a_all[s:s + w]) / w, sum(b_all[s:s + w]) / w
         print(f"{s + 1:>4}-{s + w:<4} {a:7.3f} {b:7.3f} {100 * (b - a) / a:+6.1f}%")
-    if args.json:
-        Path(args.json).write_text(json.dumps(curves))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="recipes/tiny/model.yaml", help="model config (preset or YAML)")
     p.add_argument("--dialogues", default="data/tiny/train/dialogues.jsonl")
     p.add_argument("--tts", default="data/tiny/train/tts_units.jsonl", help="TTS JSONL with units")
     p.add_argument("--unit-language", help="unit-language folder for T2C/Echo targets (default raw units)")
@@ -219,12 +224,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--curve", type=int, default=0, help="S2T fp32 vs bf16 loss curves over N steps")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="--curve: the precisions to run (run them in two processes and merge the "
+                        "--json files with --show-curves)")
+    p.add_argument("--show-curves", nargs="+", metavar="JSON", help="print the curves of earlier --json files")
     p.add_argument("--json", help="write the rows (or curves) here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="train_speed-") as t:
         tmp = Path(t)
+        if args.show_curves:
+            merged: dict[str, list[float]] = {}
+            for f in args.show_curves:
+                merged.update(json.loads(Path(f).read_text()))
+            show_curves(merged)
+            return 0
         if args.curve:
-            curve(args, tmp)
+            curves = curve(args, tmp)
+            if args.json:
+                Path(args.json).write_text(json.dumps(curves))
+            if {"fp32", "bf16"} <= set(curves):
+                show_curves(curves)
             return 0
         rows: list[Row] = []
         models: dict[str, Any] = {}

@@ -124,3 +124,37 @@ def test_concat_dataset_and_several_manifests(tmp_path):
     assert len(limited) == 4
     one = _dialogues(str(train / "dialogues.jsonl"), None, 30.0)
     assert isinstance(one, S2TDataset) and len(one) == 3
+
+
+def test_train_speed_bench_runs_every_stage_and_variant(tmp_path, capsys):
+    """bench/train_speed.py end to end on tiny-random (speed is not checked, only the table)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    corpus = _corpus(tmp_path)
+    train = corpus / "train"
+    rows = [json.loads(x) for x in (train / "tts.jsonl").read_text().splitlines()]
+    rng = np.random.default_rng(0)
+    (train / "tts_units.jsonl").write_text("".join(
+        json.dumps({**r, "units": rng.integers(0, 50, 12).tolist()}) + "\n" for r in rows))
+    path = Path(__file__).resolve().parent.parent / "bench" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("bench_train_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train_speed"] = mod
+    spec.loader.exec_module(mod)
+    out = tmp_path / "rows.json"
+    assert mod.main(["--model", "tiny-random", "--dialogues", str(train / "dialogues.jsonl"),
+                     "--tts", str(train / "tts_units.jsonl"), "--n", "3", "--batch-size", "2",
+                     "--steps", "1", "--warmup", "1", "--threads", "1",
+                     "--variants", "defaults", "cache", "fast", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [(r["stage"], r["variant"]) for r in got] == [
+        ("s2t", "defaults"), ("s2t", "cache"), ("s2t", "fast"), ("t2c", "defaults"), ("t2c", "fast"),
+        ("echo", "defaults"), ("echo", "cache"), ("echo", "fast")]
+    assert all(r["examples_per_s"] > 0 and np.isfinite(r["mean_loss"]) for r in got)
+    by = {(r["stage"], r["variant"]): r for r in got}
+    # the cache changes no loss: the same batches give the same mean loss
+    assert by[("s2t", "cache")]["mean_loss"] == pytest.approx(by[("s2t", "defaults")]["mean_loss"], rel=1e-5)
+    assert by[("s2t", "cache")]["fill_s"] is not None
+    assert "speed-up" in capsys.readouterr().out
