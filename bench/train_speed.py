@@ -113,7 +113,7 @@ def _data(stage: str, model: Any, args: argparse.Namespace) -> tuple[Any, Any, d
     rep = read_jsonl(args.dialogues, "dialogue", on_error="skip")
     recs = rep.records[: args.n]
     if stage == "s2t":
-        ds = S2TDataset(recs, rep.base_dir, max_audio_seconds=model.frontend.max_seconds)
+        ds = S2TDataset(recs, rep.base_dir, max_audio_seconds=model.config.encoder.max_seconds)
         return ds, make_s2t_collator(model.prompt, model.tokenizer, units="ignore"), {}
     units = {r.id: r.units for r in read_jsonl(args.tts, "tts", on_error="skip").records}
     for r in recs:  # gold units: the answer's own audio, else (a partial corpus) the question's
@@ -123,7 +123,7 @@ def _data(stage: str, model: Any, args: argparse.Namespace) -> tuple[Any, Any, d
         for m in r.conversations:
             if m.role == "assistant":
                 m.units = u
-    base = S2TDataset(recs, rep.base_dir, max_audio_seconds=model.frontend.max_seconds)
+    base = S2TDataset(recs, rep.base_dir, max_audio_seconds=model.config.encoder.max_seconds)
     return EchoDataset(base, None, gold=True, encode=encode), stages.echo_collator(model), {"cut": False}
 
 

@@ -83,9 +83,10 @@ def test_chat_user_errors_exit_2(bundle_dir: Path, tmp_path: Path,
     one_line_error(capsys, main(["chat", str(empty), "--model", str(bundle_dir), *FAST]),
                    "empty.wav", "empty")
     long = tmp_path / "long.wav"
-    sf.write(long, noise(4.0), 16000)  # the tiny-random encoder window is 3 s
-    one_line_error(capsys, main(["chat", str(long), "--model", str(bundle_dir), *FAST]),
-                   "long.wav", "over the limit")
+    sf.write(long, noise(4.0), 16000)  # over the 3 s encoder window, which is fine; not 3.5 s
+    one_line_error(capsys, main(["chat", str(long), "--model", str(bundle_dir), *FAST,
+                                 "--max-audio-seconds", "3.5"]),
+                   "long.wav", "the limit is 3.5 s", "--max-audio-seconds")
     one_line_error(capsys, main(["chat", "--model", str(tmp_path / "nope"), "--text", "hi"]),
                    "nope", "not found")
     monkeypatch.delenv("ECHOX_MODEL", raising=False)

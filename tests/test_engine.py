@@ -309,8 +309,8 @@ def test_bad_audio_gives_clear_errors(bundle: Bundle, tmp_path: Path) -> None:
         empty.write_bytes(b"")
         with pytest.raises(AudioError, match="empty"):
             s.respond(audio=str(empty))
-        long = noise(bundle.model.frontend.max_seconds + 1.0)
-        with pytest.raises(AudioError, match="over the limit"):
+        long = noise(bundle.model.config.encoder.max_seconds + 1.0)
+        with pytest.raises(AudioError, match="the limit is 30 s.*--max-audio-seconds"):
             s.respond(audio=long)
         with pytest.raises(AudioError, match="not found"):
             s.respond(audio=tmp_path / "missing.wav")

@@ -108,12 +108,12 @@ def test_keys_depend_on_content_encoder_and_window(make_model, tmp_path):
 
 
 def test_too_long_audio_fails_the_same_with_cache(make_model, tmp_path):
-    m = make_model()
-    long = noise(m.frontend.max_seconds + 0.5, 1)
-    with pytest.raises(ValueError, match="longer than the encoder window"):
+    m = make_model(["encoder.max_seconds=4"])  # over one 3 s window is fine; over 4 s is not
+    long = noise(4.5, 1)
+    with pytest.raises(ValueError, match="the limit is 4 s"):
         m.encode_speech([long])
     m.enable_feature_cache(tmp_path)
-    with pytest.raises(ValueError, match="longer than the encoder window"):
+    with pytest.raises(ValueError, match="the limit is 4 s"):
         m.encode_speech([long])
 
 

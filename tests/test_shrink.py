@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from echox.model.shrink import gather_kept, shrink_mask
+from echox.model.shrink import SpeechAdapter, gather_kept, shrink_mask
 
 B = 9  # blank id
 
@@ -49,3 +50,45 @@ def test_gather_kept_batched_order_and_padding():
     assert r.lengths.tolist() == [3, 1]
     assert r.index[0].tolist() == [0, 2, 3]
     assert r.index[1].tolist() == [3, 0, 0]  # padded with 0
+
+
+def test_blank_head_replaces_only_the_tied_blank_logit_and_learns():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False).requires_grad_(False)  # a frozen "LLM head"
+    a = SpeechAdapter(6, 16, 40, blank_id=7, num_heads=4, tied_head=head, blank_head=True)
+    plain = SpeechAdapter(6, 16, 40, blank_id=7, num_heads=4, tied_head=head)
+    feats = torch.randn(2, 5, 16)
+    got, ref = a.ctc_head(feats), plain.ctc_head(feats)
+    others = [i for i in range(40) if i != 7]
+    torch.testing.assert_close(got[..., others], ref[..., others])
+    torch.testing.assert_close(got[..., 7], a.blank_head(feats).squeeze(-1))
+    got[..., 7].sum().backward()
+    assert a.blank_head.weight.grad is not None and a.blank_head.weight.grad.abs().sum() > 0
+    assert "blank_head.weight" in dict(a.named_parameters())
+
+
+def test_lookback_keys_all_lets_dropped_frames_through():
+    torch.manual_seed(0)
+    kw = dict(num_heads=4, lookback_dropout=0.0)
+    kept = SpeechAdapter(6, 16, 40, blank_id=7, lookback_keys="kept", **kw).eval()
+    every = SpeechAdapter(6, 16, 40, blank_id=7, lookback_keys="all", **kw).eval()
+    every.load_state_dict(kept.state_dict())
+    # one token on every frame: the shrink keeps frame 0 only
+    one_run = torch.zeros(40)
+    one_run[3] = 10.0
+    for m in (kept, every):
+        m.ctc_head = lambda f: f.new_zeros(*f.shape[:2], 40) + one_run  # noqa: B023
+    enc = torch.randn(1, 20, 6)
+    lengths = torch.tensor([20])
+    a, b = kept(enc, lengths), every(enc, lengths)
+    assert a.lengths.tolist() == b.lengths.tolist() == [1]
+    seen = {}
+    for name, m in (("kept", kept), ("all", every)):
+        m.lbm.register_forward_pre_hook(
+            lambda mod, args, kwargs, name=name: seen.__setitem__(name, kwargs["key_padding_mask"]),
+            with_kwargs=True)
+        m(enc, lengths)
+    # padding masks: True = not a key. "kept" reads frame 0 only; "all" every valid frame
+    assert (~seen["kept"]).sum().item() == 1 and (~seen["all"]).sum().item() == 10
+    with pytest.raises(ValueError, match="lookback_keys"):
+        SpeechAdapter(6, 16, 40, blank_id=7, lookback_keys="some")

@@ -40,11 +40,16 @@ class EncoderConfig:
     trainable: bool = False
     # None = the model's native window (30 s); shorter windows speed up short utterances
     window_seconds: float | None = None
+    # longest speech accepted (seconds); a clip longer than one window is encoded as
+    # consecutive windows. `--max-audio-seconds` raises it for `echox chat` / `echox demo`
+    max_seconds: float = 30.0
 
     def validate(self, path: str = "encoder") -> None:
         _check(bool(self.name_or_path), f"{path}.name_or_path", "must be a non-empty string")
         _check(self.window_seconds is None or self.window_seconds > 0, f"{path}.window_seconds",
                "must be > 0 or null")
+        _check(self.max_seconds > 0 and self.max_seconds != float("inf"), f"{path}.max_seconds",
+               f"must be a finite number > 0, got {self.max_seconds}")
 
 
 @dataclass
@@ -59,6 +64,11 @@ class SpeechAdapterConfig:
     # "linear": a bias-free Linear to the LLM vocabulary (authors); "tied": reuse the LLM's
     # frozen output embeddings (no extra parameters: 28M fewer for SmolLM2)
     ctc_head: str = "linear"
+    # with a tied head: the blank logit from a small trainable Linear (the tied blank row, the
+    # placeholder's frozen embedding, cannot learn; a tied head then never predicted a blank)
+    blank_head: bool = False
+    # the look-back's keys: "kept" frames of F only, or "all" valid frames of F
+    lookback_keys: str = "kept"
     mask_padding: bool = True  # False = authors' behaviour: all frames of the 30 s window count
     trainable: bool = True
 
@@ -67,6 +77,8 @@ class SpeechAdapterConfig:
         _check(self.ffn_mult >= 1, f"{path}.ffn_mult", f"must be >= 1, got {self.ffn_mult}")
         _check(self.ctc_head in ("linear", "tied"), f"{path}.ctc_head",
                f"must be 'linear' or 'tied', got {self.ctc_head!r}")
+        _check(self.lookback_keys in ("kept", "all"), f"{path}.lookback_keys",
+               f"must be 'kept' or 'all', got {self.lookback_keys!r}")
         for name in ("dropout", "lookback_dropout"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"{path}.{name}", f"must be in [0, 1), got {v}")

@@ -27,7 +27,7 @@ def _engine(args: argparse.Namespace) -> Any:
 
     from echox.cli import UserError
     from echox.infer.bundle import default_bundle, load_bundle
-    from echox.infer.engine import Engine, EngineConfig
+    from echox.infer.engine import Engine, EngineConfig, check_max_audio_seconds
     from echox.model.generation import SamplingConfig
 
     try:  # check the options before the slow model load
@@ -37,6 +37,8 @@ def _engine(args: argparse.Namespace) -> Any:
         raise UserError(f"sampling options: {e}") from e
     if args.whole_response and not args.no_stream:
         raise UserError("--whole-response needs --no-stream")
+    if args.max_audio_seconds is not None:
+        check_max_audio_seconds(args.max_audio_seconds)
     cfg = EngineConfig(sampling=sampling, stream=not args.no_stream,
                        whole_response=args.whole_response, workers=args.workers,
                        chunk_units=args.chunk_units, first_chunk_units=args.first_chunk_units)
@@ -49,7 +51,7 @@ def _engine(args: argparse.Namespace) -> Any:
     bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language)
     if bundle.vocoder is None:
         print("echox: this bundle has no vocoder: text answers only", file=sys.stderr)
-    return Engine(bundle, cfg)
+    return Engine(bundle, cfg, max_audio_seconds=args.max_audio_seconds)
 
 
 def _run_turn(session: Any, out: Path, show_stats: bool, stdout: TextIO,
@@ -131,6 +133,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from e
 
 
+def add_max_audio_option(p: argparse.ArgumentParser) -> None:
+    """`--max-audio-seconds`, shared by `echox chat` and `echox demo`."""
+    p.add_argument("--max-audio-seconds", type=float, metavar="S",
+                   help="longest spoken question accepted, in seconds (default: the model's "
+                        "encoder.max_seconds, 30); longer ones are refused with one line. "
+                        "Speech longer than the encoder window is encoded window by window")
+
+
 def add_cli(sub: Any) -> argparse.ArgumentParser:
     """Register `echox chat` on the CLI's subparsers."""
     p = sub.add_parser("chat", help="talk to a model bundle (speech or text in, speech out)",
@@ -158,5 +168,6 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--first-chunk-units", type=int, default=20,
                    help="units in a segment's first audio chunk (smaller: earlier audio)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    add_max_audio_option(p)
     p.set_defaults(func=cmd_chat)
     return p

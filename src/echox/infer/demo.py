@@ -38,8 +38,18 @@ def _random_bundle() -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     from echox.audio import save_audio
     from echox.infer.bundle import BundleError, default_bundle, load_bundle
-    from echox.infer.engine import AudioChunk, Engine, EngineConfig, Final, Segment, TextDelta
+    from echox.infer.engine import (
+        AudioChunk,
+        Engine,
+        EngineConfig,
+        Final,
+        Segment,
+        TextDelta,
+        check_max_audio_seconds,
+    )
 
+    if args.max_audio_seconds is not None:  # before the slow model load
+        check_max_audio_seconds(args.max_audio_seconds)
     t0 = time.perf_counter()
     if args.model:
         bundle = load_bundle(args.model)
@@ -55,11 +65,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"model: {where}  (loaded in {time.perf_counter() - t0:.1f} s)")
     question = Path(args.question) if args.question else packaged_question()
     print(f"question: {question}")
-    engine = Engine(bundle, EngineConfig.greedy(args.max_new_tokens))
+    engine = Engine(bundle, EngineConfig.greedy(args.max_new_tokens),
+                    max_audio_seconds=args.max_audio_seconds)
     final = None
-    sys.stdout.write("answer: ")
     with engine:
-        for ev in engine.session().respond(audio=str(question)):
+        events = engine.session().respond(audio=str(question))  # bad input raises here
+        sys.stdout.write("answer: ")
+        for ev in events:
             if isinstance(ev, TextDelta):
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
@@ -97,4 +109,7 @@ def add_cli(sub: Any) -> None:
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--no-asr", action="store_true", help="do not transcribe the spoken answer")
     d.add_argument("--verbose", action="store_true", help="show segment / audio events")
+    from echox.infer.chat import add_max_audio_option
+
+    add_max_audio_option(d)
     d.set_defaults(func=cmd_demo)

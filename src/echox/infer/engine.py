@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from echox.audio import AudioError, load_audio
+from echox.audio import AudioError, audio_info, load_audio
 from echox.infer.bundle import Bundle
 from echox.infer.events import (
     AudioChunk,
@@ -65,6 +65,7 @@ from echox.model.generation import (
     iter_decode,
     start_decode,
 )
+from echox.model.encoder import check_speech_length
 from echox.model.prompt import PromptError, Turn
 
 __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final", "LatencyStats",
@@ -73,16 +74,32 @@ __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final
 AudioInput = str | Path | bytes | np.ndarray | None
 
 
+def check_max_audio_seconds(value: object) -> float:
+    """A valid `--max-audio-seconds` / `max_audio_seconds` as float; ConfigError otherwise."""
+    from echox.config import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value < float("inf")):
+        raise ConfigError(f"--max-audio-seconds must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 # ----------------------------------------------------------------------------- engine
 
 
 class Engine:
     """The bundle plus a worker pool; makes `Session`s. Use as a context manager or `close()`."""
 
-    def __init__(self, bundle: Bundle, cfg: EngineConfig | None = None) -> None:
+    def __init__(self, bundle: Bundle, cfg: EngineConfig | None = None,
+                 max_audio_seconds: float | None = None) -> None:
+        """`max_audio_seconds` (None = the model's `encoder.max_seconds`, 30 s by default) is
+        the longest spoken question accepted; it is set on the model, whose encoder takes a
+        clip longer than its window as consecutive windows."""
         self.bundle = bundle
         self.cfg = cfg or EngineConfig()
         self.model = bundle.model.eval()
+        if max_audio_seconds is not None:
+            self.model.config.encoder.max_seconds = check_max_audio_seconds(max_audio_seconds)
         self.vocoder = bundle.vocoder
         with torch.no_grad():
             self.trigger_row = self.model.trigger_row().detach().float()  # [D]
@@ -244,17 +261,31 @@ class Session:
 
     def user_turn(self, audio: AudioInput = None, text: str | None = None,
                   sample_rate: int | None = None) -> Turn:
-        """Validate and load the user's input (speech as 16 kHz mono, at most one window)."""
-        frontend = self.engine.model.frontend
+        """Validate and load the user's input (speech as 16 kHz mono, at most the model's
+        `encoder.max_seconds`: longer speech raises `AudioTooLongError`, one line that names
+        `--max-audio-seconds`)."""
+        model = self.engine.model
+        sr = model.frontend.sample_rate
+        limit = model.config.encoder.max_seconds
         if audio is None and not (text and text.strip()):
             raise PromptError("a user turn needs speech (a wav path, bytes or samples) or text")
         wav = None
         if audio is not None:
             if isinstance(audio, np.ndarray):
-                wav = load_audio(audio, frontend.sample_rate, max_seconds=frontend.max_seconds,
-                                 orig_sr=sample_rate or frontend.sample_rate)
+                wav = load_audio(audio, sr, max_seconds=None, orig_sr=sample_rate or sr)
+                check_speech_length(wav.size, limit)
             elif isinstance(audio, (str, Path, bytes, bytearray)):
-                wav = load_audio(audio, frontend.sample_rate, max_seconds=frontend.max_seconds)
+                name = None
+                if isinstance(audio, (str, Path)):  # refuse a long file from its header alone
+                    name = f"'{audio}': question audio"
+                    try:
+                        info = audio_info(audio)
+                    except AudioError:
+                        pass  # load_audio reports it
+                    else:
+                        check_speech_length(info.frames, limit, name, info.sample_rate)
+                wav = load_audio(audio, sr, max_seconds=None)
+                check_speech_length(wav.size, limit, name or "question audio")
             else:
                 raise AudioError(f"unsupported audio input {type(audio).__name__}; "
                                  "give a path, bytes or a numpy array")

@@ -18,7 +18,13 @@ from torch import nn
 from echox.config import EchoXConfig
 from echox.data.collate import S2TBatch, T2CBatch, collate_s2t
 from echox.model.adapter import DenoisingAdapter
-from echox.model.encoder import LogMelFrontEnd, SpeechFeatures, WhisperSpeechEncoder
+from echox.model.encoder import (
+    HOP,
+    LogMelFrontEnd,
+    SpeechFeatures,
+    WhisperSpeechEncoder,
+    check_speech_length,
+)
 from echox.model.generation import DecodeResult, SamplingConfig, decode
 from echox.model.llm import LLM, LLMOutput
 from echox.model.prompt import IGNORE, MergedInputs, PromptBuilder, Turn, merge_speech
@@ -109,6 +115,7 @@ class EchoX(nn.Module):
                 num_heads=a.num_heads, ffn_mult=a.ffn_mult, dropout=a.dropout,
                 lookback_dropout=a.lookback_dropout, drop_blank=a.drop_blank, trainable=a.trainable,
                 tied_head=llm.base.get_output_embeddings() if a.ctc_head == "tied" else None,
+                blank_head=a.blank_head, lookback_keys=a.lookback_keys,
             )
             t2c = UnitDecoder(config.t2c, llm.hidden_size)
             echo = UnitDecoder(config.t2c, llm.hidden_size)
@@ -156,11 +163,60 @@ class EchoX(nn.Module):
     def featurize(self, audio: list[np.ndarray]) -> SpeechFeatures:
         return self.frontend(audio)
 
+    def _speech_waves(self, audio: list[np.ndarray]) -> list[np.ndarray]:
+        """Each clip as a float32 mono waveform, checked: non-empty, mono, and no longer than
+        `encoder.max_seconds` (`AudioTooLongError`, a ValueError, names the option to raise it)."""
+        limit = self.config.encoder.max_seconds
+        waves = []
+        for i, w in enumerate(audio):
+            w = np.ascontiguousarray(w, dtype=np.float32)
+            if w.ndim != 1 or w.size == 0:
+                raise ValueError(f"utterance {i}: expected a non-empty mono waveform, got {w.shape}")
+            check_speech_length(w.size, limit,
+                                "question audio" if len(audio) == 1 else f"utterance {i}'s audio")
+            waves.append(w)
+        return waves
+
+    def _window_counts(self, audio: list[np.ndarray]) -> list[int]:
+        """Encoder windows per clip: 1 for a clip that fits one window, else ceil(len / window)."""
+        win = self.frontend.max_samples
+        return [max(1, -(-np.asarray(w).size // win)) for w in audio]
+
     def encode_frames(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whisper encoder output [N, T_w, d_w] for the padded window, and valid frames [N]."""
-        feats = self.featurize(audio)
-        enc = self.encoder(feats.features.to(self.device))
-        return enc, self.encoder.output_lengths(feats.lengths.to(self.device))
+        """Whisper encoder output [N, T, d_w] and valid frames [N].
+
+        When every clip fits one encoder window (`frontend.max_seconds`) this is the output for
+        each clip's padded window (T = T_w = window mel frames / 2), exactly as it always was.
+        A longer clip (up to `encoder.max_seconds`) is cut into consecutive whole windows, the
+        last one partial and padded with silence like a short clip; the pieces of the whole
+        batch go through the encoder as one batch, and a clip's row is its pieces' outputs one
+        after the other: the full windows' frames (all valid), then its last window's output,
+        padding frames included, as for a one-window clip. Rows are zero-padded to the longest
+        (T = most windows x T_w); lengths are the summed valid frames of the pieces. A window
+        is `max_source_positions` x 320 samples, so the cuts fall on whole encoder frames (mel
+        frame pairs) and a row's valid frames are the whole clip's: ceil(samples / 320).
+        """
+        waves = self._speech_waves(audio)
+        counts = self._window_counts(waves)
+        if max(counts, default=1) == 1:  # every clip fits one window: the original path
+            feats = self.featurize(waves)
+            enc = self.encoder(feats.features.to(self.device))
+            return enc, self.encoder.output_lengths(feats.lengths.to(self.device))
+        win = self.frontend.max_samples
+        assert win % (2 * HOP) == 0, "encoder windows must hold whole encoder frames"
+        pieces = [w[s : s + win] for w in waves for s in range(0, w.size, win)]
+        feats = self.featurize(pieces)
+        enc = self.encoder(feats.features.to(self.device))  # [P, T_w, d_w]
+        valid = self.encoder.output_lengths(feats.lengths.to(self.device))  # [P]
+        _, t_w, d_w = enc.shape
+        out = enc.new_zeros(len(waves), max(counts) * t_w, d_w)  # [N, K_max * T_w, d_w]
+        lengths = []
+        first = 0
+        for i, k in enumerate(counts):
+            out[i, : k * t_w] = enc[first : first + k].reshape(k * t_w, d_w)
+            lengths.append(valid[first : first + k].sum())
+            first += k
+        return out, torch.stack(lengths)
 
     def enable_feature_cache(self, root: str | Path | None) -> None:
         """Read frozen encoder outputs from (and add them to) a disk cache under `root`
@@ -178,13 +234,14 @@ class EchoX(nn.Module):
 
     def _cached_frames(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """`encode_frames` through the cache: only the frames the adapter reads are stored
-        (each clip's valid frames rounded up to a pair, or the whole window when padding is
-        not masked), and a batch is rebuilt from them, zero-padded."""
+        (each clip's valid frames rounded up to a pair, or all frames of its windows when
+        padding is not masked), and a batch is rebuilt from them, zero-padded. Clips longer
+        than one window are cached whole, like the others (one entry per clip)."""
         cache = self.feature_cache
         assert cache is not None
-        waves = [np.ascontiguousarray(w, dtype=np.float32) for w in audio]
-        for i, w in enumerate(waves):
-            self.frontend.valid_frames(w, i)  # the same checks as the uncached path
+        waves = self._speech_waves(audio)  # the same checks as the uncached path
+        counts = self._window_counts(waves)
+        t_w = self.encoder.window_frames // 2  # encoder frames per window
         keys = [cache.key(w) for w in waves]
         got = [cache.get(k) for k in keys]
         todo = [i for i, g in enumerate(got) if g is None]
@@ -193,8 +250,9 @@ class EchoX(nn.Module):
                 enc, lengths = self.encode_frames([waves[i] for i in todo])
             for j, i in enumerate(todo):
                 valid = int(lengths[j])
-                keep = enc.shape[1] if not self.config.adapter.mask_padding else min(
-                    enc.shape[1], 2 * ((valid + 1) // 2))
+                width = counts[i] * t_w  # the frames of this clip's windows in its row
+                keep = width if not self.config.adapter.mask_padding else min(
+                    width, 2 * ((valid + 1) // 2))
                 frames = enc[j, :keep].detach().cpu()
                 cache.put(keys[i], frames, valid)
                 got[i] = (frames, valid)
@@ -206,11 +264,24 @@ class EchoX(nn.Module):
         return out.to(self.device), lengths.to(self.device)
 
     def encode_speech(self, audio: list[np.ndarray]) -> AdapterOutput:
+        """Encoder frames -> adapter. With `adapter.mask_padding` the adapter reads each clip's
+        valid frames. Without it (the authors' mode) a batch of one-window clips is read whole
+        (every frame of the window, as always); when a clip of the batch spans several windows,
+        each clip reads all frames of all its windows (its last window's padding included, as
+        a one-window clip reads its whole window) and only the zero rows that pad it to the
+        longest clip are masked, so a clip gives the same result in any batch."""
         if self.feature_cache is not None and not self.encoder.trainable:
             enc, lengths = self._cached_frames(audio)
         else:
-            enc, lengths = self.encode_frames(audio)  # [N, T_w, d_w], [N]
-        return self.adapter(enc, lengths if self.config.adapter.mask_padding else None)
+            enc, lengths = self.encode_frames(audio)  # [N, T, d_w], [N]
+        if self.config.adapter.mask_padding:
+            return self.adapter(enc, lengths)
+        counts = self._window_counts(audio)
+        if max(counts) == 1:
+            return self.adapter(enc, None)
+        t_w = self.encoder.window_frames // 2
+        read = torch.tensor([k * t_w for k in counts], dtype=torch.long, device=enc.device)
+        return self.adapter(enc, read)
 
     def embed_inputs(self, batch: S2TBatch, padding_side: str = "right") -> tuple[MergedInputs, AdapterOutput | None]:
         speech = self.encode_speech(batch.audio) if batch.audio else None

@@ -16,12 +16,39 @@ import numpy as np
 import torch
 from torch import nn
 
+from echox.audio import AudioError
+
 HOP = 160  # Whisper's mel hop at 16 kHz
 SAMPLE_RATE = 16000
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt or does not fit the model; names the file."""
+
+
+class AudioTooLongError(AudioError):
+    """Speech longer than the accepted limit (`encoder.max_seconds`); a user error (exit 2)."""
+
+
+def limit_samples(max_seconds: float, sr: int = SAMPLE_RATE) -> int:
+    """Samples allowed in `max_seconds` at `sr` (tiny epsilon so exactly 30.0 s passes)."""
+    return int(math.floor(max_seconds * sr + 1e-6))
+
+
+def too_long_message(seconds: float, max_seconds: float, what: str = "question audio") -> str:
+    """The one-line refusal, naming the options that raise the limit."""
+    shown = f"{seconds:.1f}"
+    if float(shown) <= max_seconds:  # just over the limit: show enough digits to see it
+        shown = f"{seconds:.3f}"
+    return (f"{what} is {shown} s; the limit is {max_seconds:g} s "
+            "(--max-audio-seconds, or encoder.max_seconds)")
+
+
+def check_speech_length(n_samples: int, max_seconds: float, what: str = "question audio",
+                        sr: int = SAMPLE_RATE) -> None:
+    """Raise `AudioTooLongError` when `n_samples` at `sr` exceed `max_seconds`."""
+    if n_samples > limit_samples(max_seconds, sr):
+        raise AudioTooLongError(too_long_message(n_samples / sr, max_seconds, what))
 
 
 @dataclass
@@ -135,7 +162,11 @@ class WhisperSpeechEncoder(nn.Module):
 
 
 class LogMelFrontEnd:
-    """Whisper log-mel features, padded with silence to the encoder's window."""
+    """Whisper log-mel features, padded with silence to the encoder's window.
+
+    It featurizes one window per waveform (`max_samples`, `max_seconds`: the window);
+    `EchoX.encode_frames` cuts longer clips into consecutive windows before calling it.
+    """
 
     def __init__(self, folder: str | Path | None, num_mel_bins: int, window_frames: int) -> None:
         from transformers import WhisperFeatureExtractor
@@ -156,6 +187,7 @@ class LogMelFrontEnd:
 
     @property
     def max_seconds(self) -> float:
+        """Seconds in one encoder window (not the longest accepted clip: `encoder.max_seconds`)."""
         return self.max_samples / SAMPLE_RATE
 
     def valid_frames(self, w: np.ndarray, i: int = 0) -> int:

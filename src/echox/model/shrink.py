@@ -45,8 +45,9 @@ def gather_kept(keep: torch.Tensor) -> ShrinkResult:
     lengths = keep.sum(dim=1)  # [N]
     s = int(lengths.max().item()) if keep.numel() else 0
     t = keep.shape[1]
-    # Sort key: kept frames first, in time order; stable sort keeps time order.
-    order = torch.argsort((~keep).to(torch.int8) * t + torch.arange(t, device=keep.device), dim=1)
+    # Sort key: kept frames first, in time order. In int64: an int8 key wrapped for T > 127
+    # frames (over 5.1 s of speech) and picked dropped frames instead of kept ones.
+    order = torch.argsort((~keep).to(torch.long) * t + torch.arange(t, device=keep.device), dim=1)
     index = order[:, :s]
     pad = torch.arange(s, device=keep.device)[None, :] >= lengths[:, None]
     index = index.masked_fill(pad, 0)
@@ -75,12 +76,17 @@ class SpeechAdapter(nn.Module):
         drop_blank: bool = False,
         trainable: bool = True,
         tied_head: nn.Module | None = None,
+        blank_head: bool = False,
+        lookback_keys: str = "kept",
     ) -> None:
         super().__init__()
         if d_llm % num_heads:
             raise ValueError(f"adapter.num_heads={num_heads} does not divide the LLM width {d_llm}")
+        if lookback_keys not in ("kept", "all"):
+            raise ValueError(f"lookback_keys must be 'kept' or 'all', got {lookback_keys!r}")
         self.blank_id = blank_id
         self.drop_blank = drop_blank
+        self.lookback_keys = lookback_keys
         self.trainable = trainable
         self.mm_projector1 = nn.Linear(2 * d_whisper, d_llm)
         self.asr_transformer_encoder = nn.TransformerEncoderLayer(
@@ -93,15 +99,25 @@ class SpeechAdapter(nn.Module):
         else:  # the LLM's frozen output embeddings; kept out of this module's parameters
             self.audio_feature_head = None
             self._tied = [tied_head]
+        # A frozen tied head cannot learn its blank row (the placeholder's embedding): with
+        # `blank_head`, the blank logit comes from a small trainable Linear instead.
+        self.blank_head = nn.Linear(d_llm, 1) if blank_head else None
         self.lbm = nn.MultiheadAttention(d_llm, num_heads, dropout=lookback_dropout, batch_first=True)
         self.atten_layer_norm = nn.LayerNorm(d_llm)
         self.requires_grad_(trainable)
 
     def ctc_head(self, feats: torch.Tensor) -> torch.Tensor:
         if self.audio_feature_head is not None:
-            return self.audio_feature_head(feats)
-        head = self._tied[0]
-        return feats.to(head.weight.dtype) @ head.weight.T
+            logits = self.audio_feature_head(feats)
+        else:
+            head = self._tied[0]
+            logits = feats.to(head.weight.dtype) @ head.weight.T
+        if self.blank_head is not None:
+            blank = self.blank_head(feats.to(self.blank_head.weight.dtype)).squeeze(-1)
+            onehot = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+            onehot[self.blank_id] = 1.0
+            logits = logits + (blank.to(logits.dtype) - logits[..., self.blank_id])[..., None] * onehot
+        return logits
 
     def forward(self, enc: torch.Tensor, enc_lengths: torch.Tensor | None) -> AdapterOutput:
         """enc: [N, T_w, d_w] Whisper output; enc_lengths: [N] valid frames (None = all)."""
@@ -123,8 +139,10 @@ class SpeechAdapter(nn.Module):
         sh = gather_kept(keep)
         idx = sh.index[..., None].expand(-1, -1, feats.shape[-1])
         queries = torch.gather(feats, 1, idx)  # [N, S, D]
-        # Look-back: kept frames attend to the kept frames of the full sequence F.
-        attn, _ = self.lbm(queries, feats, feats, key_padding_mask=~keep, need_weights=False)
+        # Look-back: kept frames attend to the kept frames of F ("kept"), or to every valid
+        # frame of F ("all"), so that frames the shrink dropped can still pass on what they heard.
+        keys = keep if self.lookback_keys == "kept" else valid
+        attn, _ = self.lbm(queries, feats, feats, key_padding_mask=~keys, need_weights=False)
         embeds = self.atten_layer_norm(queries + attn)  # [N, S, D]
         qpad = torch.arange(embeds.shape[1], device=enc.device)[None, :] >= sh.lengths[:, None]
         embeds = embeds.masked_fill(qpad[..., None], 0.0)

@@ -129,7 +129,7 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: dict[str, Any]
     if not train_path:
         raise ConfigError(f"stage {stage}: give training data (--data or data.train in the recipe)")
     limit, eval_limit = data.get("limit"), data.get("eval_limit", 32)
-    max_s = model.frontend.max_seconds
+    max_s = model.config.encoder.max_seconds  # whole windows of a longer clip are encoded in turn
     encode = _unit_encoder(data.get("unit_language"), model.t2c.num_units)
     if stage == "t2c":
 
