@@ -46,7 +46,7 @@ fi
 if run s2t; then
   $ECHOX train s2t --recipe recipes/tiny/s2t.yaml --out "$R/s2t" --max-steps "$S2T_STEPS" --resume \
       --data "$DATA/train/dialogues.jsonl" "$DATA/train/dialogues_$VOICE.jsonl" "$DATA/train/asr.jsonl" \
-      --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
+      --eval-data "$DATA/test/dialogues.jsonl" --threads 1
 fi
 if run t2c; then
   $ECHOX train t2c --recipe recipes/tiny/t2c.yaml --out "$R/t2c" --max-steps "$T2C_STEPS" --resume \
