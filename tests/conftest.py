@@ -41,7 +41,3 @@ def make_model():
 def noise(seconds: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -62,3 +62,50 @@ def test_sampling_seeded_and_top_p():
     picks = {int(sample_next(logits, 1.0, 0.5, g)) for _ in range(50)}
     assert picks == {1}  # top-p 0.5 keeps only the best token here
     assert int(sample_next(logits, 0.0, 1.0, None)) == 1
+
+
+def test_cache_argument_follows_the_model():
+    """transformers >= 5.24 takes the KV cache as `cache`; older releases as `past_key_values`."""
+    from dataclasses import dataclass
+
+    from echox.model.generation import cache_kwargs, output_cache
+
+    class New(torch.nn.Module):
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None):  # noqa: ANN001
+            return None
+
+    class Old(torch.nn.Module):
+        def forward(self, inputs_embeds=None, past_key_values=None, use_cache=None):  # noqa: ANN001
+            return None
+
+    class Wrapped(torch.nn.Module):  # a PEFT model forwards **kwargs to the model it wraps
+        def get_base_model(self):  # noqa: ANN201
+            return Old()
+
+    c = object()
+    assert cache_kwargs(New(), c) == {"cache": c}
+    assert cache_kwargs(Old(), c) == {"past_key_values": c}
+    assert cache_kwargs(Wrapped(), c) == {"past_key_values": c}
+
+    @dataclass
+    class NewOut:
+        cache: object = None
+
+    @dataclass
+    class OldOut:
+        past_key_values: object = None
+
+    assert output_cache(NewOut(c)) is c and output_cache(OldOut(c)) is c
+
+
+def test_installed_transformers_takes_cache(make_model):
+    """The installed transformers gets the name it wants (a deprecated one fails the suite)."""
+    import transformers
+    from packaging.version import Version
+
+    from echox.model.generation import cache_kwargs
+
+    name = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+    m = make_model()  # the LLM wrapped in LoRA (PEFT), the T2C a bare LlamaModel
+    assert list(cache_kwargs(m.llm.model, None)) == [name]
+    assert list(cache_kwargs(m.t2c.model, None)) == [name]

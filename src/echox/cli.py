@@ -38,9 +38,35 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             AudioError, ManifestError, UnitError, BenchmarkError, ASRError, VocoderError, EvalError)
 
 
+def versions() -> str:
+    """`echox X` and the installed versions of the packages that decide what a model computes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = [f"echox {__version__}"]
+    for name in ("torch", "transformers", "onnxruntime"):
+        try:
+            lines.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            lines.append(f"{name} (not installed)")
+    return "\n".join(lines + [f"python {sys.version.split()[0]}"])
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: prints `versions()` as is (argparse's own action re-wraps the lines)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help=None):  # type: ignore[no-untyped-def]
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        print(versions())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="echox", description="EchoX speech-to-speech LLM")
-    p.add_argument("--version", action="version", version=f"echox {__version__}")
+    p.add_argument("--version", action=_VersionAction,
+                   help="show the versions of echox and of its key dependencies and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -206,6 +206,8 @@ def greedy_shrinking(model: Any, input_ids: Any, attention_mask: Any, max_new_to
     import torch
     from transformers import DynamicCache
 
+    from echox.model.generation import cache_kwargs
+
     rows: list[list[int]] = [[] for _ in range(int(input_ids.shape[0]))]
     if max_new_tokens <= 0 or not rows:
         return rows
@@ -216,7 +218,7 @@ def greedy_shrinking(model: Any, input_ids: Any, attention_mask: Any, max_new_to
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                       use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]
         last_pos = positions[:, -1]
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1)  # [b]
@@ -234,8 +236,8 @@ def greedy_shrinking(model: Any, input_ids: Any, attention_mask: Any, max_new_to
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             last_pos = last_pos + 1
             logits = model(input_ids=nxt[:, None], attention_mask=mask,
-                           position_ids=last_pos[:, None], past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+                           position_ids=last_pos[:, None], use_cache=True, logits_to_keep=1,
+                           **cache_kwargs(model, cache)).logits[:, -1]
     return rows
 
 

@@ -8,6 +8,8 @@ with its state (`DecodeState`, KV cache included) held by the caller; `decode` r
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +20,33 @@ import torch
 #   -> (logits [B, L, V], hidden [B, L, H], cache)
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor, Any]]
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]  # ids [B, 1] -> [B, 1, D]
+
+
+# ---- the KV cache argument of a transformers model -----------------------------------------
+# transformers 5.24 renamed the forward argument and output field `past_key_values` to `cache`;
+# the old name still works there with a FutureWarning and goes in 5.40. These two helpers
+# speak whichever name the installed model takes, so no call of ours uses a deprecated name.
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters  # follows transformers' decorators
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for `model(...)`, under the name its forward takes a KV cache by.
+
+    `model` is a transformers model; a PEFT wrapper is looked through to the model it wraps."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_arg(type(base)): cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a transformers model output carries (`cache`, or `past_key_values` before
+    transformers 5.24); None when it carries none."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    return getattr(out, "cache" if "cache" in fields else "past_key_values", None)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from echox.config import LLMConfig
+from echox.model.generation import cache_kwargs, output_cache
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -18,7 +19,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class LLMOutput:
     logits: torch.Tensor  # [B, L, V]
     hidden: torch.Tensor  # [B, L, D] last-layer hidden state (after the final norm)
-    past_key_values: Any = None
+    past_key_values: Any = None  # the KV cache (transformers' `cache`) when use_cache
 
 
 def load_tokenizer(folder: str | Path, audio_token: str):
@@ -125,13 +126,14 @@ class LLM(nn.Module):
             inputs_embeds=inputs_embeds.to(dtype),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=True,
             return_dict=True,
             logits_to_keep=logits_to_keep,
+            # transformers >= 5.24 calls it `cache` (`past_key_values` is deprecated there)
+            **cache_kwargs(self.base, past_key_values),
         )
-        return LLMOutput(out.logits, out.hidden_states[-1], out.past_key_values if use_cache else None)
+        return LLMOutput(out.logits, out.hidden_states[-1], output_cache(out) if use_cache else None)
 
 
 def _fit_vocab(model: nn.Module, n_tokens: int) -> None:

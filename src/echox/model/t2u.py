@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from echox.config import T2CConfig
-from echox.model.generation import DecodeResult, SamplingConfig, decode, iter_decode
+from echox.model.generation import (DecodeResult, SamplingConfig, cache_kwargs, decode, iter_decode,
+                                    output_cache)
 from echox.model.prompt import IGNORE
 
 
@@ -109,10 +110,10 @@ class UnitDecoder(nn.Module):
     def _step(self, embeds, mask, pos, cache):  # type: ignore[no-untyped-def]
         out = self.model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-            past_key_values=cache, use_cache=cache is not None or embeds.shape[1] > 0,
+            use_cache=cache is not None or embeds.shape[1] > 0, **cache_kwargs(self.model, cache),
         )
         h = out.last_hidden_state
-        return self.lm_head(h), h, out.past_key_values
+        return self.lm_head(h), h, output_cache(out)
 
     @property
     def _suppress_ids(self) -> list[int]:

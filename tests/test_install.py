@@ -1,0 +1,61 @@
+"""The install: requirements/cpu.lock pins what pyproject.toml allows (torch's CPU build, no CUDA
+packages), every range has an upper bound, and `echox --version` names the key versions."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from echox.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements" / "cpu.lock").read_text().splitlines():
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$", line)
+        if m:
+            pins[canonicalize_name(m[1])] = m[2]
+    return pins
+
+
+def _requirements() -> list[Requirement]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return [Requirement(r) for r in project["dependencies"] + extras["test"] + extras["data"]]
+
+
+def test_lock_pins_the_cpu_build_of_torch():
+    pins = _pins()
+    assert pins["torch"].endswith("+cpu")
+    assert not [n for n in pins if n.startswith(("nvidia-", "triton", "cuda-"))]
+
+
+def test_lock_satisfies_the_ranges_and_each_range_is_bounded():
+    pins = _pins()
+    for req in _requirements():
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{name} is not in requirements/cpu.lock: run `bash scripts/lock.sh`"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} in the lock is outside {req.specifier}: run `bash scripts/lock.sh`"
+        )
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), (
+            f"{req} has no upper bound"
+        )
+
+
+def test_version_names_the_key_packages(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("echox ")
+    for name in ("torch", "transformers", "onnxruntime"):
+        assert f"{name} {version(name)}" in lines
