@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each command group lives beside the code it drives and registers itself here.
     for module in ("echox.infer.demo", "echox.infer.chat", "echox.train.run", "echox.units.cli",
-                   "echox.data.cli", "echox.infer.bundle", "echox.eval.run", "echox.convert.cli"):
+                   "echox.data.cli", "echox.infer.bundle", "echox.eval.run", "echox.convert.cli",
+                   "echox.serve.cli"):
         importlib.import_module(module).add_cli(sub)
     return p
 

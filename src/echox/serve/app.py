@@ -1,0 +1,644 @@
+"""`echox serve`'s ASGI app: a streaming speech API and the web page, over one loaded engine.
+
+    WS   /v1/stream   one conversation per connection: audio (a file, or PCM chunks and an end
+                      message) or text in; JSON text deltas and binary 16-bit PCM audio out,
+                      as the engine makes them; a final event with the latency stats
+    POST /v1/chat     audio and/or text in, JSON out (text, stats, base64 wav)
+    GET  /health      liveness, load and memory; no token needed
+    GET  /v1/models   the loaded model
+    GET  /            the web page (every asset is served from echox/serve/static)
+
+The protocol is written down in docs/api.md. The model is loaded once; turns go through a
+bounded worker (`TurnGate`): a full queue answers 503 with Retry-After. Every refusal is a
+JSON error with a status, a code and a message, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+import resource
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.staticfiles import StaticFiles
+
+from echox.audio import AudioError
+from echox.config import ConfigError
+from echox.infer.events import AudioChunk, Final, Segment, TextDelta
+from echox.model.prompt import PromptError
+from echox.serve.gate import ThreadTurn, TurnGate
+from echox.serve.inputs import (
+    ApiError,
+    AudioBuffer,
+    Limits,
+    check_history,
+    check_text,
+    decode_file,
+    pcm_s16le,
+    wav_bytes,
+)
+
+__all__ = ["PROTOCOL", "STATIC", "ServeConfig", "create_app"]
+
+log = logging.getLogger("echox.serve")
+
+PROTOCOL = 1
+STATIC = Path(__file__).parent / "static"
+OUTPUT_FORMAT = "pcm_s16le"
+ENVELOPE = 64 * 1024  # bytes allowed around an upload (multipart headers, text fields)
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "media-src 'self' blob:; connect-src 'self' ws: wss:; object-src 'none'; "
+       "base-uri 'none'; frame-ancestors 'none'")
+MESSAGE_TYPES = ("audio", "end", "text", "cancel", "reset", "ping")
+# Browsers cannot set headers on a WebSocket: the page offers the subprotocols "echox" and
+# "bearer.TOKEN" (a query string would put the token in access logs); "echox" is accepted.
+SUBPROTOCOL = "echox"
+TOKEN_PROTOCOL = "bearer."
+
+
+@dataclass
+class ServeConfig:
+    """What `echox serve` allows; see `echox serve --help`."""
+
+    token: str | None = None  # bearer token required on /v1/* (None: open)
+    workers: int = 1  # turns decoded at once
+    queue_size: int = 8  # turns that may wait for a worker; more get 503
+    max_upload_bytes: int = 16 * 1024 * 1024  # one turn's audio (file or PCM)
+    max_audio_seconds: float | None = None  # None: the model's limit
+    max_text_chars: int = 2000
+    turn_timeout: float = 120.0  # seconds a turn may run (queue time not included)
+    max_connections: int = 64  # open WebSocket conversations
+    history_turns: int = 8  # exchanges a conversation remembers (older ones are dropped)
+    allow_origins: tuple[str, ...] = ()  # browser origins besides the server's own ("*": any)
+    model_id: str | None = None  # default: the bundle folder's name
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, minimum: int = 1) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ConfigError(f"serve.{name} must be an int >= {minimum}, got {v!r}")
+
+        for name in ("workers", "max_upload_bytes", "max_text_chars", "max_connections",
+                     "history_turns"):
+            positive_int(name)
+        positive_int("queue_size", 0)
+        for name in ("turn_timeout", "max_audio_seconds"):
+            v = getattr(self, name)
+            if v is None and name == "max_audio_seconds":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError(f"serve.{name} must be a number of seconds > 0, got {v!r}")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("serve.token must not be empty")
+        self.allow_origins = tuple(self.allow_origins)
+
+
+def model_audio_limit(engine: Any) -> float:
+    """The longest speech the engine accepts: `encoder.max_seconds` where the config has it,
+    else one encoder window."""
+    enc = getattr(getattr(engine.model, "config", None), "encoder", None)
+    value = getattr(enc, "max_seconds", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return float(engine.model.frontend.max_seconds)
+
+
+def _rss_mb() -> tuple[float | None, float]:
+    """(current RSS, peak RSS) of this process in MiB."""
+    current = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                current = int(line.split()[1]) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return current, peak
+
+
+def _api_error(e: BaseException) -> ApiError:
+    """An engine or input error as the API reports it; unexpected ones are logged."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, AudioError):
+        if type(e).__name__ == "AudioTooLongError" or "limit" in str(e):
+            return ApiError(413, "audio_too_long", str(e))
+        return ApiError(400, "bad_audio", str(e))
+    if isinstance(e, (PromptError, ConfigError)):
+        return ApiError(400, "bad_request", str(e))
+    log.error("turn failed", exc_info=(type(e), e, e.__traceback__))
+    return ApiError(500, "internal", f"the model failed on this turn ({type(e).__name__}); "
+                    "see the server log")
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    return JSONResponse({"error": e.body()}, status_code=e.status, headers=headers)
+
+
+class _State:
+    """What the routes share: the engine, the limits, the gate, counters."""
+
+    def __init__(self, engine: Any, cfg: ServeConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.limits = Limits(cfg.max_upload_bytes,
+                             float(cfg.max_audio_seconds or model_audio_limit(engine)),
+                             cfg.max_text_chars, cfg.history_turns)
+        self.in_rate = int(engine.model.frontend.sample_rate)
+        self.has_audio = getattr(engine, "vocoder", None) is not None
+        self.out_rate = int(engine.sample_rate)
+        bundle = getattr(engine, "bundle", None)
+        path = getattr(bundle, "path", None)
+        self.model_id = cfg.model_id or (Path(path).name if path else "echox")
+        self.started = time.monotonic()
+        self.connections = 0
+        self._gate: TurnGate | None = None
+
+    @property
+    def gate(self) -> TurnGate:
+        if self._gate is None:  # made in the running loop (lifespan, or first use)
+            self._gate = TurnGate(self.cfg.workers, self.cfg.queue_size)
+        return self._gate
+
+    def close(self) -> None:
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None
+
+    # -- access
+    def check_origin(self, headers: Headers) -> None:
+        """Browsers send Origin: only the page's own origin (or an allowed one) may call.
+        Stops other web sites from using a server on localhost through the visitor's
+        browser. Clients that send no Origin (curl, scripts) are not browsers: allowed."""
+        origin = headers.get("origin")
+        if origin is None or "*" in self.cfg.allow_origins or origin in self.cfg.allow_origins:
+            return
+        if urlsplit(origin).netloc.lower() == headers.get("host", "").lower():
+            return
+        raise ApiError(403, "forbidden_origin", f"requests from origin {origin} are not allowed "
+                       "(start the server with --allow-origin to allow it)")
+
+    def check_token(self, headers: Headers, other: str | None = None) -> None:
+        """`Authorization: Bearer TOKEN`, else `other` (a WebSocket's subprotocol or ?token=)."""
+        token = self.cfg.token
+        if token is None:
+            return
+        auth = headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else other
+        if not given or not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "a valid bearer token is required "
+                           "(Authorization: Bearer TOKEN; WebSocket clients may instead offer "
+                           "the subprotocol bearer.TOKEN, or pass ?token=TOKEN)")
+
+    def info(self) -> dict[str, Any]:
+        lim = self.limits
+        return {"id": self.model_id, "object": "model", "protocol": PROTOCOL,
+                "audio_output": self.has_audio, "output_format": OUTPUT_FORMAT,
+                "sample_rate": self.out_rate, "input_sample_rate": self.in_rate,
+                "limits": {"max_upload_bytes": lim.max_upload_bytes,
+                           "max_audio_seconds": lim.max_audio_seconds,
+                           "max_text_chars": lim.max_text_chars,
+                           "turn_timeout": self.cfg.turn_timeout,
+                           "history_turns": self.cfg.history_turns}}
+
+    def final_stats(self, ev: Final, queue_ms: float) -> dict[str, Any]:
+        stats = asdict(ev.stats)
+        stats["queue_ms"] = round(queue_ms, 1)
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+
+
+def _respond(session: Any, audio: np.ndarray | None, text: str | None,
+             rate: int) -> Iterator[Any]:
+    return session.respond(audio=audio, text=text, sample_rate=rate if audio is not None else None)
+
+
+# ----------------------------------------------------------------------------- WebSocket
+
+
+class _Conversation:
+    """One WebSocket connection: its session, the audio being received, the running turn."""
+
+    def __init__(self, st: _State, ws: WebSocket) -> None:
+        self.st = st
+        self.ws = ws
+        self.session = st.engine.session()
+        self.buffer: AudioBuffer | None = None
+        self.rejected = False  # the audio in progress was refused: drop frames until "end"
+        self.turns = 0
+        self.task: asyncio.Task[None] | None = None
+        self.replied = False  # the running turn has sent its final (or error) event
+        self.lock = asyncio.Lock()  # an audio header and its binary frame go out together
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def send(self, msg: dict[str, Any], data: bytes | None = None) -> None:
+        async with self.lock:
+            await self.ws.send_text(json.dumps(msg))
+            if data is not None:
+                await self.ws.send_bytes(data)
+
+    async def send_error(self, e: ApiError, turn: int | None = None) -> None:
+        msg: dict[str, Any] = {"type": "error", **e.body()}
+        if turn is not None:
+            msg["turn"] = turn
+        with contextlib.suppress(Exception):  # the client may be gone
+            await self.send(msg)
+
+    async def run(self) -> None:
+        info = {k: v for k, v in self.st.info().items() if k not in ("id", "object")}
+        await self.send({"type": "ready", "model": self.st.model_id, **info})
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                try:
+                    if msg.get("bytes") is not None:
+                        self.on_bytes(msg["bytes"])
+                    elif msg.get("text") is not None:
+                        await self.on_text(msg["text"])
+                except ApiError as e:
+                    await self.send_error(e)
+        finally:
+            await self.stop_turn()  # a client that left frees its slot now
+
+    async def stop_turn(self) -> bool:
+        """Stop the running turn, if any; returns whether one was running."""
+        task, self.task = self.task, None
+        if task is None or task.done():
+            return False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
+
+    def on_bytes(self, data: bytes) -> None:
+        if self.rejected:
+            return
+        if self.buffer is None:  # binary frames without an "audio" message: an audio file
+            self.buffer = AudioBuffer("file", None, self.st.limits)
+        try:
+            self.buffer.add(data)
+        except ApiError:
+            self.buffer, self.rejected = None, True
+            raise
+
+    async def on_text(self, raw: str) -> None:
+        try:
+            msg = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ApiError(400, "bad_message", "text messages must be JSON objects with a "
+                           "\"type\"; this one is not JSON") from None
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if not isinstance(kind, str):
+            raise ApiError(400, "bad_message", "a message must be a JSON object with a string "
+                           "\"type\"")
+        if kind == "ping":
+            await self.send({"type": "pong"})
+        elif kind == "audio":
+            self.rejected = False
+            self.buffer = None
+            self.buffer = AudioBuffer(msg.get("format", "file"), msg.get("sample_rate"),
+                                      self.st.limits)
+        elif kind == "end":
+            buffer, rejected = self.buffer, self.rejected
+            self.buffer, self.rejected = None, False
+            if rejected:
+                return  # its error was sent when the audio was refused
+            await self.idle()
+            text = check_text(msg.get("text"), self.st.limits)
+            audio = await asyncio.to_thread(buffer.decode, self.st.in_rate) if buffer else None
+            if audio is None and text is None:
+                raise ApiError(400, "empty_turn", "an end message needs audio frames before it "
+                               "or a \"text\"")
+            self.start(audio, text)
+        elif kind == "text":
+            await self.idle()
+            text = check_text(msg.get("text"), self.st.limits)
+            if text is None:
+                raise ApiError(400, "empty_text", "a text message needs a non-empty \"text\"")
+            self.start(None, text)
+        elif kind == "cancel":
+            self.buffer, self.rejected = None, False
+            turn = self.turns
+            if await self.stop_turn():
+                await self.send({"type": "cancelled", "turn": turn})
+        elif kind == "reset":
+            await self.idle()
+            self.session.reset()
+            self.buffer, self.rejected = None, False
+            await self.send({"type": "reset"})
+        else:
+            raise ApiError(400, "bad_message", f"unknown message type {kind!r}; expected one of "
+                           f"{', '.join(MESSAGE_TYPES)}")
+
+    async def idle(self) -> None:
+        """Refuse a new turn while one is answered. A turn that has sent its final event is
+        only tidying up (its thread is returning): wait for it instead."""
+        if self.busy and self.replied and self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.task)
+        if self.busy:
+            raise ApiError(409, "turn_in_progress", "a turn is being answered on this "
+                           "connection; wait for its final event or send {\"type\": \"cancel\"}")
+
+    def start(self, audio: np.ndarray | None, text: str | None) -> None:
+        self.turns += 1
+        self.replied = False
+        self.task = asyncio.create_task(self.answer(self.turns, audio, text))
+
+    async def answer(self, n: int, audio: np.ndarray | None, text: str | None) -> None:
+        st, t0 = self.st, time.monotonic()
+
+        async def queued(position: int) -> None:
+            await self.send({"type": "queued", "turn": n, "position": position})
+
+        try:
+            async with st.gate.slot(queued):
+                queue_ms = (time.monotonic() - t0) * 1000
+                await self.send({"type": "start", "turn": n, "queue_ms": round(queue_ms, 1)})
+                turn = ThreadTurn(st.gate, lambda: _respond(self.session, audio, text, st.in_rate))
+                try:
+                    deadline = time.monotonic() + st.cfg.turn_timeout
+                    while (ev := await turn.next(max(0.0, deadline - time.monotonic()))) is not None:
+                        await self.send_event(n, ev, queue_ms)
+                finally:
+                    await turn.stop()
+            keep = 2 * st.cfg.history_turns
+            if len(self.session.history) > keep:
+                self.session.history = self.session.history[-keep:]
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes an error event
+            self.replied = True
+            await self.send_error(_api_error(e), n)
+
+    async def send_event(self, n: int, ev: Any, queue_ms: float) -> None:
+        if isinstance(ev, TextDelta):
+            await self.send({"type": "text", "turn": n, "text": ev.text})
+        elif isinstance(ev, Segment):
+            await self.send({"type": "segment", "turn": n, "index": ev.index, "text": ev.text})
+        elif isinstance(ev, AudioChunk):
+            if ev.audio.size:
+                await self.send({"type": "audio", "turn": n, "segment": ev.index,
+                                 "part": ev.part, "last": ev.last, "samples": int(ev.audio.size),
+                                 "sample_rate": ev.sample_rate, "format": OUTPUT_FORMAT},
+                                pcm_s16le(ev.audio))
+        elif isinstance(ev, Final):
+            self.replied = True
+            await self.send({"type": "final", "turn": n, "text": ev.text,
+                             "audio_seconds": round(ev.audio.size / ev.sample_rate, 3),
+                             "sample_rate": ev.sample_rate, "segments": len(ev.segments),
+                             "stats": self.st.final_stats(ev, queue_ms)})
+
+
+# ----------------------------------------------------------------------------- HTTP helpers
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (from Content-Length first)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "bad_request", f"bad Content-Length {length!r}")
+        if int(length) > limit:
+            raise ApiError(413, "too_large", f"the request is {length} bytes, over the limit "
+                           f"of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"the request is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return value.lower() in ("1", "true", "yes")
+    raise ApiError(400, "bad_request", f"{name} must be true or false, got {value!r}")
+
+
+async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any, Any, Any]:
+    """(audio file bytes, text, history, return_audio) from a multipart, JSON or raw-audio body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = st.limits.max_upload_bytes
+    if ctype == "multipart/form-data":
+        body = await _read_body(request, limit + ENVELOPE)
+        try:
+            form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=8,
+                                         max_part_size=4 * st.limits.max_text_chars
+                                         + 16 * 1024).parse()
+        except MultiPartException as e:
+            raise ApiError(400, "bad_request", f"bad multipart body: {e}") from e
+        upload = form.get("audio")
+        audio = None
+        if isinstance(upload, UploadFile):
+            audio = await upload.read()
+        elif upload is not None:
+            raise ApiError(400, "bad_request", "the audio field must be a file upload")
+        history = form.get("history")
+        if isinstance(history, str):
+            try:
+                history = json.loads(history)
+            except json.JSONDecodeError:
+                raise ApiError(400, "bad_request", "history must be JSON") from None
+        return audio, form.get("text"), history, form.get("return_audio")
+    if ctype == "application/json":
+        body = await _read_body(request, limit * 4 // 3 + ENVELOPE)
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "bad_request", "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "bad_request", "the JSON body must be an object")
+        audio = None
+        b64 = data.get("audio_base64")
+        if b64 is not None:
+            if not isinstance(b64, str):
+                raise ApiError(400, "bad_request", "audio_base64 must be a string")
+            try:
+                audio = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "bad_request", "audio_base64 is not valid base64") from None
+        return audio, data.get("text"), data.get("history"), data.get("return_audio")
+    if ctype.startswith("audio/") or ctype == "application/octet-stream":
+        body = await _read_body(request, limit)
+        q = request.query_params
+        return body, q.get("text"), None, q.get("return_audio")
+    raise ApiError(415, "unsupported_media_type", f"unsupported Content-Type {ctype or '(none)'!r};"
+                   " send multipart/form-data, application/json or an audio/* body")
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
+    """The app over a loaded `echox.infer.engine.Engine` (the caller closes the engine)."""
+    cfg = cfg or ServeConfig()
+    st = _State(engine, cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        st.gate  # noqa: B018 - made in the server's loop
+        try:
+            yield
+        finally:
+            st.close()
+
+    app = FastAPI(title="EchoX", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.echox = st
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _error_response(ApiError(e.status_code, code, str(e.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error_response(ApiError(400, "bad_request", str(e.errors())))
+
+    @app.exception_handler(Exception)
+    async def on_exception(request: Request, e: Exception) -> JSONResponse:
+        return _error_response(_api_error(e))
+
+    def guard(request: Request) -> None:
+        st.check_origin(request.headers)
+        st.check_token(request.headers)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        rss, peak = _rss_mb()
+        return {"status": "ok", "model": st.model_id,
+                "uptime_s": round(time.monotonic() - st.started, 1),
+                "connections": st.connections, **st.gate.stats(),
+                "rss_mb": None if rss is None else round(rss, 1), "peak_rss_mb": round(peak, 1)}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        guard(request)
+        return {"object": "list", "data": [st.info()]}
+
+    @app.post("/v1/chat")
+    async def chat(request: Request) -> Response:
+        guard(request)
+        raw, text, history, return_audio = await _chat_inputs(request, st)
+        text = check_text(text, st.limits)
+        turns = check_history(history, st.limits)
+        want_audio = _flag(return_audio, "return_audio")
+        audio = (await asyncio.to_thread(decode_file, raw, st.limits, st.in_rate)
+                 if raw is not None else None)
+        if audio is None and text is None:
+            raise ApiError(400, "empty_turn", "send audio (a file) and/or a non-empty text")
+        session = engine.session(turns)
+        result: dict[str, Any] = {}
+
+        async def run() -> None:
+            t0 = time.monotonic()
+            async with st.gate.slot():
+                queue_ms = (time.monotonic() - t0) * 1000
+                turn = ThreadTurn(st.gate, lambda: _respond(session, audio, text, st.in_rate))
+                try:
+                    deadline = time.monotonic() + cfg.turn_timeout
+                    while (ev := await turn.next(max(0.0, deadline - time.monotonic()))) is not None:
+                        if isinstance(ev, Final):
+                            result["final"], result["queue_ms"] = ev, queue_ms
+                finally:
+                    await turn.stop()
+
+        task = asyncio.create_task(run())
+        watch = asyncio.create_task(_disconnected(request))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():  # the client left (or the server stops): free the slot now
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            return Response(status_code=499)  # nobody is listening
+        try:
+            task.result()
+        except Exception as e:  # noqa: BLE001
+            return _error_response(_api_error(e))
+        ev: Final = result["final"]
+        out: dict[str, Any] = {"model": st.model_id, "text": ev.text,
+                               "stats": st.final_stats(ev, result["queue_ms"]), "audio": None}
+        if want_audio and ev.audio.size:
+            out["audio"] = {"format": "wav", "sample_rate": ev.sample_rate,
+                            "seconds": round(ev.audio.size / ev.sample_rate, 3),
+                            "base64": base64.b64encode(wav_bytes(ev.audio, ev.sample_rate)
+                                                       ).decode("ascii")}
+        return JSONResponse(out)
+
+    @app.websocket("/v1/stream")
+    async def stream(ws: WebSocket) -> None:
+        offered = list(ws.scope.get("subprotocols") or [])
+        from_protocol = next((p[len(TOKEN_PROTOCOL):] for p in offered
+                              if p.startswith(TOKEN_PROTOCOL)), None)
+        try:
+            st.check_origin(ws.headers)
+            st.check_token(ws.headers, from_protocol or ws.query_params.get("token"))
+            refusal, code = None, 1000
+        except ApiError as e:
+            refusal, code = e, 1008  # policy violation
+        if refusal is None and st.connections >= cfg.max_connections:
+            refusal = ApiError(503, "too_many_connections", f"the server holds its limit of "
+                               f"{cfg.max_connections} conversations; retry later", 5)
+            code = 1013  # try again later
+        await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        if refusal is not None:
+            with contextlib.suppress(Exception):
+                await ws.send_text(json.dumps({"type": "error", **refusal.body()}))
+                await ws.close(code)
+            return
+        st.connections += 1
+        try:
+            await _Conversation(st, ws).run()
+        finally:
+            st.connections -= 1
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html",
+                            headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache",
+                                     "X-Content-Type-Options": "nosniff"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,156 @@
+"""`echox serve`: the streaming speech API and its web page, on one loaded model.
+
+    echox serve                                  the default bundle on http://127.0.0.1:8000
+    echox serve --model runs/tiny/bundle --port 9000
+    echox serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"     reachable from the network
+    echox serve --model /models/echox-8b --device cuda --host 0.0.0.0 --token ...   on a GPU
+
+Open http://127.0.0.1:8000/ in a browser to talk to the model (microphone, file or typed
+question; streamed text and speech). The API (WS /v1/stream, POST /v1/chat, GET /health,
+GET /v1/models) is described in docs/api.md.
+
+It binds 127.0.0.1 unless --host says otherwise; with --token (or $ECHOX_TOKEN) every /v1/
+request needs `Authorization: Bearer TOKEN` (WebSocket clients may instead offer the
+subprotocol bearer.TOKEN; the page asks for the token). Turns run on --workers worker threads;
+--queue more may wait; past that the server answers 503 with Retry-After.
+
+On a GPU machine (torch's CUDA build installed), --device cuda runs the model there; the 3B and
+8B bundles hold their LLM in bfloat16 (README, "Serving").
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ENV_TOKEN = "ECHOX_TOKEN"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(engine, app) from the options; checks every option before the slow model load."""
+    import torch
+
+    from echox.cli import UserError
+    from echox.config import ConfigError
+    from echox.infer.bundle import default_bundle, load_bundle
+    from echox.infer.engine import Engine, EngineConfig
+    from echox.model.generation import SamplingConfig
+    from echox.serve.app import ServeConfig, create_app
+
+    token = args.token or os.environ.get(ENV_TOKEN) or None
+    try:
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        cfg = EngineConfig(sampling=sampling, workers=args.speech_workers,
+                           chunk_units=args.chunk_units, first_chunk_units=args.first_chunk_units)
+        serve_cfg = ServeConfig(
+            token=token, workers=args.workers, queue_size=args.queue,
+            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+            max_audio_seconds=args.max_audio_seconds, max_text_chars=args.max_text_chars,
+            turn_timeout=args.turn_timeout, max_connections=args.max_connections,
+            history_turns=args.history_turns, allow_origins=tuple(args.allow_origin or ()),
+            model_id=args.model_id)
+    except (ValueError, ConfigError) as e:
+        raise UserError(f"serve options: {e}") from e
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0-65535, got {args.port}")
+    if not _is_loopback(args.host) and token is None:
+        print(f"echox serve: warning: listening on {args.host} without --token: anyone who "
+              "can reach this port can use the model", file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    path = Path(args.model) if args.model else default_bundle()
+    print(f"echox serve: loading {path}", file=sys.stderr)
+    bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language,
+                         device=args.device)
+    if bundle.vocoder is None:
+        print("echox serve: this bundle has no vocoder: text answers only", file=sys.stderr)
+    engine = Engine(bundle, cfg, max_audio_seconds=args.max_audio_seconds)
+    return engine, create_app(engine, serve_cfg)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError as e:  # pragma: no cover - a dependency of echox
+        from echox.cli import UserError
+
+        raise UserError(f"echox serve needs uvicorn and fastapi ({e})") from e
+    engine, app = build(args)
+    with engine:
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"echox serve: http://{shown}:{args.port}/  (Ctrl-C stops)", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    ws_max_size=int(args.max_upload_mb * 1024 * 1024) + 65536,
+                    ws_ping_interval=20.0, ws_ping_timeout=20.0,
+                    timeout_graceful_shutdown=5)
+    return 0
+
+
+def add_cli(sub: Any) -> argparse.ArgumentParser:
+    """Register `echox serve` on the CLI's subparsers."""
+    p = sub.add_parser("serve", help="serve the model: streaming speech API and web page",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("network and access")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 = all)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' on /v1/* (default: "
+                                   f"${ENV_TOKEN}; unset = no token)")
+    g.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="a browser origin besides the server's own that may call the API "
+                        "(repeatable; '*' = any)")
+    g.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="model bundle folder (default: $ECHOX_MODEL, then "
+                                   "~/.cache/echox/models/tiny, then the embedded model)")
+    m.add_argument("--model-id", help="name shown by /v1/models (default: the folder's name)")
+    m.add_argument("--vocoder", help="vocoder folder replacing the bundle's own")
+    m.add_argument("--unit-language", help="unit-language folder replacing the bundle's own")
+    m.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1")
+    m.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    d = p.add_argument_group("decoding")
+    d.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    d.add_argument("--temperature", type=float, default=0.2, help="text sampling; 0 = greedy")
+    d.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    d.add_argument("--seed", type=int, help="seed for sampling")
+    d.add_argument("--chunk-units", type=int, default=40,
+                   help="units per audio chunk after a segment's first; 0 = whole segments")
+    d.add_argument("--first-chunk-units", type=int, default=20,
+                   help="units in a segment's first audio chunk (smaller: earlier audio)")
+    d.add_argument("--speech-workers", type=int, default=1, help="speech threads per engine")
+    lim = p.add_argument_group("load and limits")
+    lim.add_argument("--workers", type=int, default=1, help="turns decoded at once (default 1)")
+    lim.add_argument("--queue", type=int, default=8,
+                     help="turns that may wait for a worker; more get 503 (default 8)")
+    lim.add_argument("--max-connections", type=int, default=64,
+                     help="open WebSocket conversations (default 64)")
+    lim.add_argument("--max-upload-mb", type=float, default=16.0,
+                     help="largest audio upload per turn, MiB (default 16)")
+    lim.add_argument("--max-audio-seconds", type=float, metavar="S",
+                     help="longest spoken question, in seconds (default: the model's "
+                          "encoder.max_seconds, 30); longer speech is encoded window by window")
+    lim.add_argument("--max-text-chars", type=int, default=2000,
+                     help="longest typed question (default 2000)")
+    lim.add_argument("--turn-timeout", type=float, default=120.0,
+                     help="seconds a turn may run before it is stopped (default 120)")
+    lim.add_argument("--history-turns", type=int, default=8,
+                     help="exchanges a conversation remembers (default 8)")
+    p.set_defaults(func=cmd_serve)
+    return p

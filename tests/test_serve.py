@@ -1,0 +1,511 @@
+"""`echox serve`: every endpoint, each bad input, limits, access and the bounded worker.
+
+The API runs on a tiny random bundle (fast); the bounded-worker tests swap the engine's answer
+for an endless one, so that a turn is still running when the test acts on it. The last tests run
+uvicorn itself on loopback (a real socket: a client that goes away) and `bench/load.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import noise
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+from test_engine import UNITS, make_bundle_parts
+
+from echox.cli import build_parser, main
+from echox.infer.bundle import Bundle, save_bundle
+from echox.infer.engine import Engine, EngineConfig, TextDelta
+from echox.serve.app import STATIC, ServeConfig, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    model, voc = make_bundle_parts()
+    with Engine(Bundle(model, voc, None),
+                EngineConfig.greedy(max_new_tokens=12, unit_sampling=UNITS)) as eng:
+        yield eng
+
+
+class EndlessEngine:
+    """The real engine, but every answer is endless text (one piece per 20 ms) until it is
+    closed; `closed` is set when the server closes a turn's iterator."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.closed = threading.Event()
+        self.started = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def session(self, history: Any = None) -> Any:
+        s = self._engine.session(history)
+
+        def respond(audio: Any = None, text: Any = None, sample_rate: Any = None) -> Iterator[Any]:
+            s.user_turn(audio, text, sample_rate)  # the real input checks
+
+            def events() -> Iterator[Any]:
+                self.started.set()
+                try:
+                    while True:
+                        time.sleep(0.02)
+                        yield TextDelta("x", [1])
+                finally:
+                    self.closed.set()
+
+            return events()
+
+        s.respond = respond
+        return s
+
+
+@contextmanager
+def client(engine: Any, **cfg: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(engine, ServeConfig(**cfg))) as c:
+        yield c
+
+
+def wav(seconds: float = 0.5, sr: int = 16000, subtype: str = "PCM_16",
+        data: np.ndarray | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, noise(seconds) if data is None else data, sr, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def nan_wav() -> bytes:
+    x = noise(0.3)
+    x[100:110] = np.nan
+    return wav(data=x, subtype="FLOAT")
+
+
+def turn_events(ws: Any) -> list[dict[str, Any]]:
+    """Messages of one turn up to its final (or error) event; audio headers get their bytes."""
+    out: list[dict[str, Any]] = []
+    while True:
+        msg = ws.receive()
+        if msg.get("bytes") is not None:
+            assert out and out[-1]["type"] == "audio" and "pcm" not in out[-1]
+            out[-1]["pcm"] = msg["bytes"]
+            continue
+        ev = json.loads(msg["text"])
+        out.append(ev)
+        if ev["type"] in ("final", "error"):
+            return out
+
+
+def wait_until(cond: Any, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def test_health_models_and_the_page(engine: Engine) -> None:
+    with client(engine, model_id="tiny-test") as c:
+        h = c.get("/health").json()
+        assert h["status"] == "ok" and h["model"] == "tiny-test"
+        assert h["running"] == 0 and h["peak_rss_mb"] > 0
+        m = c.get("/v1/models").json()["data"][0]
+        assert m["id"] == "tiny-test" and m["sample_rate"] == 16000 and m["audio_output"]
+        assert m["limits"]["max_audio_seconds"] > 0
+        page = c.get("/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert refs and all(r.startswith("/static/") or r.startswith("data:") for r in refs)
+        for r in refs:
+            if r.startswith("/static/"):
+                assert c.get(r).status_code == 200, r
+        assert c.get("/static/recorder.js").status_code == 200
+        assert c.get("/nope").json()["error"]["status"] == 404
+    for f in STATIC.iterdir():  # no CDN: nothing on the page comes from another host
+        assert "://" not in f.read_text(), f"{f.name} refers to another host"
+
+
+def test_chat_json_multipart_and_raw_audio(engine: Engine) -> None:
+    with client(engine) as c:
+        r = c.post("/v1/chat", json={"text": "What is the capital of Japan?"})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert isinstance(out["text"], str) and out["stats"]["text_tokens"] > 0
+        assert out["stats"]["first_audio_ms"] is not None and "queue_ms" in out["stats"]
+        a, sr = sf.read(io.BytesIO(base64.b64decode(out["audio"]["base64"])))
+        assert sr == 16000 and a.size > 0 and out["audio"]["format"] == "wav"
+
+        r = c.post("/v1/chat", files={"audio": ("q.wav", wav(0.6, 44100), "audio/wav")},
+                   data={"text": "and this?", "history": json.dumps(
+                       [{"role": "user", "text": "hi"}, {"role": "assistant", "text": "hello"}])})
+        assert r.status_code == 200, r.text
+        with_history = r.json()["stats"]["prefix_tokens"]
+        r = c.post("/v1/chat", files={"audio": ("q.wav", wav(0.6, 44100), "audio/wav")},
+                   data={"text": "and this?"})
+        assert with_history > r.json()["stats"]["prefix_tokens"]  # the history was in the prompt
+
+        r = c.post("/v1/chat?return_audio=false", content=wav(0.4),
+                   headers={"content-type": "audio/wav"})
+        assert r.status_code == 200 and r.json()["audio"] is None
+
+        b64 = base64.b64encode(wav(0.4, 8000)).decode()
+        r = c.post("/v1/chat", json={"audio_base64": b64, "return_audio": False})
+        assert r.status_code == 200 and r.json()["audio"] is None
+
+
+BAD_UPLOADS = {
+    "not audio": (b"\x00\x01 definitely not audio" * 20, 400, "bad_audio", "not a readable"),
+    "truncated header": (wav()[:30], 400, "bad_audio", "not a readable"),
+    "truncated, header only": (wav()[:44], 400, "bad_audio", "zero length"),
+    "NaN": (nan_wav(), 400, "bad_audio", "non-finite"),
+    "too long": (wav(2.0), 413, "audio_too_long", "over the limit"),
+    "empty": (b"", 400, "empty_audio", "empty"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_UPLOADS))
+def test_chat_refuses_bad_audio_and_keeps_serving(engine: Engine, name: str) -> None:
+    data, status, code, words = BAD_UPLOADS[name]
+    with client(engine, max_audio_seconds=1.5) as c:
+        for send in ({"files": {"audio": ("q.wav", data, "audio/wav")}},
+                     {"content": data, "headers": {"content-type": "audio/wav"}},
+                     {"json": {"audio_base64": base64.b64encode(data).decode()}}):
+            r = c.post("/v1/chat", **send)
+            err = r.json()["error"]
+            if name == "empty" and "files" not in send:  # an empty body is no audio at all
+                assert r.status_code == 400 and err["code"] in ("empty_audio", "empty_turn")
+                continue
+            assert (r.status_code, err["code"]) == (status, code), (send.keys(), r.text)
+            assert err["status"] == status and words in err["message"], err
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.post("/v1/chat", json={"text": "still there?"}).status_code == 200
+
+
+def test_chat_refuses_bad_requests(engine: Engine) -> None:
+    with client(engine, max_text_chars=50, max_upload_bytes=20_000) as c:
+        cases = [
+            (c.post("/v1/chat", json={}), 400, "empty_turn"),
+            (c.post("/v1/chat", json={"text": "   "}), 400, "empty_turn"),
+            (c.post("/v1/chat", json={"text": "x" * 51}), 413, "text_too_long"),
+            (c.post("/v1/chat", json={"text": 5}), 400, "bad_request"),
+            (c.post("/v1/chat", json=["text"]), 400, "bad_request"),
+            (c.post("/v1/chat", content=b"{not json", headers={"content-type": "application/json"}),
+             400, "bad_request"),
+            (c.post("/v1/chat", json={"audio_base64": "***"}), 400, "bad_request"),
+            (c.post("/v1/chat", json={"text": "hi", "history": [{"role": "x"}]}), 400,
+             "bad_request"),
+            (c.post("/v1/chat", json={"text": "hi", "return_audio": "maybe"}), 400, "bad_request"),
+            (c.post("/v1/chat", content=b"hi", headers={"content-type": "text/plain"}), 415,
+             "unsupported_media_type"),
+            (c.post("/v1/chat", content=wav(1.0), headers={"content-type": "audio/wav"}), 413,
+             "too_large"),
+            (c.post("/v1/chat", files={"audio": ("q.wav", wav(1.0), "audio/wav")}), 413,
+             "too_large"),
+            (c.get("/v1/chat"), 405, "method_not_allowed"),
+        ]
+        for r, status, code in cases:
+            assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+        assert c.post("/v1/chat", json={"text": "fine"}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- WebSocket
+
+
+def test_ws_streams_a_multi_turn_conversation(engine: Engine) -> None:
+    with client(engine) as c, c.websocket_connect("/v1/stream") as ws:
+        ready = ws.receive_json()
+        assert ready["type"] == "ready" and ready["output_format"] == "pcm_s16le"
+
+        ws.send_bytes(wav(0.5))  # a whole file, no "audio" message: format "file"
+        ws.send_json({"type": "end"})
+        t1 = turn_events(ws)
+        kinds = [e["type"] for e in t1]
+        assert kinds[0] == "start" and kinds[-1] == "final" and "text" in kinds
+        audio = [e for e in t1 if e["type"] == "audio"]
+        assert audio and all(len(e["pcm"]) == 2 * e["samples"] for e in audio)
+        assert len(audio) > 1 and kinds.count("segment") > 1  # piece by piece, not one blob
+        final = t1[-1]
+        assert final["turn"] == 1 and final["text"] == "".join(e["text"] for e in t1
+                                                               if e["type"] == "text")
+        assert abs(final["audio_seconds"] - sum(e["samples"] for e in audio) / 16000) < 1e-3
+        assert final["stats"]["first_audio_ms"] is not None
+
+        pcm = (noise(0.6) * 32767).astype("<i2").tobytes()  # PCM chunks at 8 kHz, then end
+        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": 8000})
+        for i in range(0, len(pcm), 1600):
+            ws.send_bytes(pcm[i:i + 1600])
+        ws.send_json({"type": "end", "text": "and that?"})
+        t2 = turn_events(ws)
+        assert t2[-1]["type"] == "final" and t2[-1]["turn"] == 2
+
+        ws.send_json({"type": "text", "text": "hello"})
+        t3 = turn_events(ws)[-1]
+        ws.send_json({"type": "reset"})
+        assert ws.receive_json() == {"type": "reset"}
+        ws.send_json({"type": "text", "text": "hello"})
+        t4 = turn_events(ws)[-1]
+        assert t3["stats"]["prefix_tokens"] > t4["stats"]["prefix_tokens"]  # history, then none
+        ws.send_json({"type": "ping"})
+        assert ws.receive_json() == {"type": "pong"}
+
+
+def test_ws_refuses_bad_messages_and_keeps_serving(engine: Engine) -> None:
+    def error(ws: Any, status: int, code: str, words: str = "") -> None:
+        ev = ws.receive_json()
+        assert ev["type"] == "error" and (ev["status"], ev["code"]) == (status, code), ev
+        assert words in ev["message"], ev
+
+    with client(engine, max_audio_seconds=1.0) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_text("not json")
+        error(ws, 400, "bad_message", "not JSON")
+        ws.send_text("[1, 2]")
+        error(ws, 400, "bad_message", "type")
+        ws.send_json({"type": "dance"})
+        error(ws, 400, "bad_message", "unknown message type 'dance'")
+        ws.send_json({"type": "audio", "format": "mp9"})
+        error(ws, 400, "bad_request", "unknown audio format")
+        ws.send_json({"type": "audio", "format": "pcm_s16le"})
+        error(ws, 400, "bad_request", "sample_rate")
+        ws.send_json({"type": "end"})
+        error(ws, 400, "empty_turn")
+        ws.send_json({"type": "text", "text": " "})
+        error(ws, 400, "empty_text")
+        ws.send_json({"type": "text", "text": ["a"]})
+        error(ws, 400, "bad_request")
+        # audio that is not audio, truncated, NaN, too long, empty
+        ws.send_bytes(b"RIFF nonsense" * 10)
+        ws.send_json({"type": "end"})
+        error(ws, 400, "bad_audio", "not a readable audio file")
+        ws.send_bytes(wav()[:30])
+        ws.send_json({"type": "end"})
+        error(ws, 400, "bad_audio")
+        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": 16000})
+        ws.send_bytes(b"\x01\x02\x03")
+        ws.send_json({"type": "end"})
+        error(ws, 400, "bad_audio", "truncated pcm_s16le stream")
+        nan = noise(0.2)
+        nan[5] = np.nan
+        ws.send_json({"type": "audio", "format": "pcm_f32le", "sample_rate": 16000})
+        ws.send_bytes(nan.astype("<f4").tobytes())
+        ws.send_json({"type": "end"})
+        error(ws, 400, "bad_audio", "non-finite")
+        ws.send_bytes(nan_wav())
+        ws.send_json({"type": "end"})
+        error(ws, 400, "bad_audio", "non-finite")
+        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": 16000})
+        ws.send_bytes(b"\x00\x00" * 20000)  # 1.25 s: refused as it arrives ...
+        error(ws, 413, "audio_too_long")
+        ws.send_bytes(b"\x00\x00" * 100)  # ... the rest of that turn is dropped
+        ws.send_json({"type": "end"})
+        ws.send_bytes(wav(1.5))
+        ws.send_json({"type": "end"})
+        error(ws, 413, "audio_too_long")
+        ws.send_json({"type": "audio", "format": "file"})
+        ws.send_bytes(b"")
+        ws.send_json({"type": "end"})
+        error(ws, 400, "empty_audio")
+        ws.send_json({"type": "text", "text": "still serving?"})
+        assert turn_events(ws)[-1]["type"] == "final"
+
+
+def test_ws_token_origin_and_connection_limit(engine: Engine) -> None:
+    with client(engine, token="s3cret", max_connections=1) as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        r = c.post("/v1/chat", json={"text": "hi"})
+        assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/health").status_code == 200  # liveness needs no token
+        assert c.get("/").status_code == 200  # the page asks for the token itself
+        with c.websocket_connect("/v1/stream") as ws:
+            assert ws.receive_json()["status"] == 401
+            with pytest.raises(WebSocketDisconnect) as e:
+                ws.receive_json()
+            assert e.value.code == 1008
+        evil = {"Authorization": "Bearer s3cret", "Origin": "http://evil.example"}
+        r = c.get("/v1/models", headers=evil)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin"
+        with c.websocket_connect("/v1/stream?token=s3cret", headers={"Origin": "http://evil.example"}) as ws:
+            assert ws.receive_json()["code"] == "forbidden_origin"
+        with c.websocket_connect("/v1/stream", subprotocols=["echox", "bearer.s3cret"]) as ws:
+            assert ws.accepted_subprotocol == "echox"  # how the page sends its token
+            assert ws.receive_json()["type"] == "ready"
+        with c.websocket_connect("/v1/stream", subprotocols=["echox", "bearer.nope"]) as ws:
+            assert ws.receive_json()["status"] == 401
+        own = {"Authorization": "Bearer s3cret", "Origin": "http://testserver"}
+        assert c.get("/v1/models", headers=own).status_code == 200
+        with c.websocket_connect("/v1/stream?token=s3cret") as ws:
+            assert ws.receive_json()["type"] == "ready"
+            with c.websocket_connect("/v1/stream", headers={"Authorization": "Bearer s3cret"}) as w2:
+                ev = w2.receive_json()
+                assert (ev["status"], ev["code"]) == (503, "too_many_connections")
+                with pytest.raises(WebSocketDisconnect) as e:
+                    w2.receive_json()
+                assert e.value.code == 1013
+    with client(engine, allow_origins=("http://evil.example",)) as c:
+        assert c.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200
+
+
+def test_busy_queue_cancel_and_disconnect_free_the_worker(engine: Engine) -> None:
+    slow = EndlessEngine(engine)
+    with client(slow, workers=1, queue_size=1) as c:
+        with c.websocket_connect("/v1/stream") as w1, c.websocket_connect("/v1/stream") as w2:
+            w1.receive_json(), w2.receive_json()
+            w1.send_json({"type": "text", "text": "talk forever"})
+            assert w1.receive_json()["type"] == "start"
+            assert w1.receive_json()["type"] == "text"
+            w2.send_json({"type": "text", "text": "me next"})
+            assert w2.receive_json() == {"type": "queued", "turn": 1, "position": 1}
+            # full: one running, one waiting -> 503 with Retry-After, for HTTP and WebSocket
+            r = c.post("/v1/chat", json={"text": "and me"})
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "busy"
+            with c.websocket_connect("/v1/stream") as w3:
+                w3.receive_json()
+                w3.send_json({"type": "text", "text": "and me"})
+                ev = w3.receive_json()
+                assert (ev["type"], ev["status"], ev["code"]) == ("error", 503, "busy")
+                assert ev["retry_after"] >= 1
+            w1.send_json({"type": "text", "text": "again"})  # one turn at a time per connection
+            while (ev := w1.receive_json())["type"] == "text":
+                pass
+            assert ev["status"] == 409 and ev["code"] == "turn_in_progress"
+            w1.send_json({"type": "cancel"})  # stop: the queued turn starts
+            while (ev := w1.receive_json())["type"] == "text":
+                pass
+            assert ev == {"type": "cancelled", "turn": 1}
+            assert slow.closed.wait(2)
+            assert w2.receive_json()["type"] == "start"
+            slow.closed.clear()
+        # w2 left mid-answer: its turn is stopped and its slot is free at once
+        assert slow.closed.wait(2)
+        wait_until(lambda: c.get("/health").json()["running"] == 0, 2)
+        h = c.get("/health").json()
+        assert h["stopped"] == 2 and h["refused"] == 2 and h["connections"] == 0
+
+
+def test_turn_timeout_stops_the_answer(engine: Engine) -> None:
+    slow = EndlessEngine(engine)
+    with client(slow, turn_timeout=0.3) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "text", "text": "talk forever"})
+        while (ev := ws.receive_json())["type"] in ("start", "text"):
+            pass
+        assert (ev["type"], ev["status"], ev["code"]) == ("error", 504, "timeout")
+        assert slow.closed.wait(2)
+        ws.send_json({"type": "ping"})
+        assert ws.receive_json() == {"type": "pong"}
+        r = c.post("/v1/chat", json={"text": "forever too"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_serve_cli_defaults_help_and_option_errors(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.token, args.workers) == ("127.0.0.1", 8000, None, 1)
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for words in ("--host", "--token", "--queue", "--max-audio-seconds", "--turn-timeout",
+                  "--device", "127.0.0.1"):
+        assert words in out
+    # options are checked before the model is loaded (the folder does not even exist)
+    assert main(["serve", "--model", str(tmp_path / "none"), "--workers", "0"]) == 2
+    assert "serve.workers" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "none")]) == 2
+    assert "none" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- live server
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, voc = make_bundle_parts()
+    return save_bundle(tmp_path_factory.mktemp("serve") / "tiny-random", model, voc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live(app: Any) -> Iterator[str]:
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: server.started, 20)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def test_live_server_frees_the_slot_of_a_client_that_hangs_up(engine: Engine) -> None:
+    import httpx
+    from websockets.sync.client import connect
+
+    slow = EndlessEngine(engine)
+    with live(create_app(slow, ServeConfig(workers=1, queue_size=0))) as addr:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-answer and hangs up
+            httpx.post(f"http://{addr}/v1/chat", json={"text": "forever"}, timeout=0.5)
+        assert slow.closed.wait(3)
+        wait_until(lambda: httpx.get(f"http://{addr}/health").json()["running"] == 0, 3)
+        slow.closed.clear()
+        with connect(f"ws://{addr}/v1/stream") as ws:
+            assert json.loads(ws.recv())["type"] == "ready"
+            ws.send(json.dumps({"type": "text", "text": "forever"}))
+            assert json.loads(ws.recv())["type"] == "start"
+            assert json.loads(ws.recv())["type"] == "text"
+        assert slow.closed.wait(3)
+        wait_until(lambda: httpx.get(f"http://{addr}/health").json()["running"] == 0, 3)
+        h = httpx.get(f"http://{addr}/health").json()
+        assert h["stopped"] == 2 and h["status"] == "ok"
+
+
+def test_load_bench_on_a_live_echox_serve(bundle_dir: Path) -> None:
+    """bench/load.py starts `echox serve` itself and reports served turns, errors, latency."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load.py"), "--model", str(bundle_dir),
+         "--clients", "3", "--duration", "4", "--queue", "1", "--max-new-tokens", "8",
+         "--json"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["served"] > 0 and report["healthy_after"] is True
+    assert set(report["errors"]) <= {"busy"}  # only clean 503s
+    assert report["first_audio_ms"]["p50"] is not None and report["server_peak_rss_mb"] > 0
