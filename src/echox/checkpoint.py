@@ -104,11 +104,13 @@ def save_checkpoint(
     bad = sorted(set(omit_parts) - set(OMITTABLE))
     if bad:
         raise CheckpointError(f"cannot omit {bad}: only {list(OMITTABLE)} can be left out")
+    if model.t2c is model.echo and "t2c" not in omit_parts:  # one module (t2c.layout=authors):
+        omit_parts = (*omit_parts, "t2c")  # stored once, under echo.
     state = trained_state(model, full_state)
     drop = tuple(f"{p}." for p in omit_parts)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
              for k, v in state.items() if not k.startswith(drop)}
-    stages = [s for s in model.trained_stages if s not in omit_parts]
+    stages = [s for s in model.trained_stages if s not in omit_parts or model.t2c is model.echo]
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         meta: dict[str, Any] = {
@@ -165,7 +167,24 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(cls: type["EchoX"], folder: Path) -> "EchoX":
+def _local_base_models(folder: Path, config: EchoXConfig) -> EchoXConfig:
+    """`config` with base models that the checkpoint folder holds itself (a relative
+    `name_or_path` such as "llm", written by `echox convert official`) made absolute."""
+    data = config.to_dict()
+    for part in ("encoder", "llm"):
+        name = data[part]["name_or_path"]
+        if not Path(name).is_absolute() and not name.startswith(("builtin:", "packaged:")) \
+                and (folder / name / "config.json").is_file():
+            data[part]["name_or_path"] = str((folder / name).resolve())
+    return EchoXConfig.from_dict(data)
+
+
+def load_checkpoint(cls: type["EchoX"], folder: Path, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> "EchoX":
+    """Load a checkpoint folder. `device`: the LLM's weights are read straight onto it and the
+    other parts are moved there once their weights are in; `dtype`: every floating weight in it
+    (the LLM read in it directly, the rest cast on the CPU before the move). Default: CPU,
+    the config's dtypes."""
     from echox.model.llm import load_tokenizer
 
     meta = verify_checkpoint(folder)
@@ -174,12 +193,19 @@ def load_checkpoint(cls: type["EchoX"], folder: Path) -> "EchoX":
     except ConfigError as e:
         raise CheckpointError(f"{folder / CONFIG}: invalid config: {e}") from e
     tok = load_tokenizer(folder / "tokenizer", config.llm.audio_token)
-    model = cls.build(config, tokenizer=tok)
+    # (a model saved again names the folder's own base models by their absolute paths)
+    model = cls.build(_local_base_models(folder, config), tokenizer=tok, device=device, dtype=dtype)
     omitted = meta.get("omitted_parts") or []
     if not isinstance(omitted, list) or set(omitted) - set(OMITTABLE):
         raise CheckpointError(f"{folder / CONFIG}: bad omitted_parts {omitted!r}")
+    if model.t2c is model.echo:  # one module, stored under echo.
+        omitted = sorted(set(omitted) | {"t2c"})
     load_weights(model, folder, verified=True, omitted=tuple(omitted))
     model.trained_stages = list(meta.get("trained_stages", []))
+    if dtype is not None:
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
     return model
 
 
@@ -215,11 +241,12 @@ def load_weights(model: "EchoX", folder: Path, parts: list[str] | None = None,
     if bad:
         raise CheckpointError(f"{folder / WEIGHTS}: shapes differ from the model for {bad[:5]}")
     model.load_state_dict(sd, strict=False)
-    ids = torch.tensor(model.llm.added_token_ids)
     with torch.no_grad():
         base = model.llm.base
+        emb = base.get_input_embeddings().weight
+        ids = torch.tensor(model.llm.added_token_ids, device=emb.device)
         if "embed" in added:
-            base.get_input_embeddings().weight[ids] = added["embed"].to(base.dtype)
+            emb[ids] = added["embed"].to(emb.device, emb.dtype)
         head = base.get_output_embeddings()
         if head is not None and "lm_head" in added:
-            head.weight[ids] = added["lm_head"].to(base.dtype)
+            head.weight[ids] = added["lm_head"].to(head.weight.device, head.weight.dtype)

@@ -70,6 +70,11 @@ class SpeechAdapterConfig:
     # the look-back's keys: "kept" frames of F only, or "all" valid frames of F
     lookback_keys: str = "kept"
     mask_padding: bool = True  # False = authors' behaviour: all frames of the 30 s window count
+    # the adapter's Transformer layer: "frames" attend to each other; "self": each frame attends
+    # only to itself, which is what the released checkpoints compute (their layer is built
+    # sequence-first and is given batch-first tensors, so it attends across the audio turns
+    # it is given at once; their inference code gives it one turn at a time: one key per query)
+    encoder_attention: str = "frames"
     trainable: bool = True
 
     def validate(self, path: str = "adapter") -> None:
@@ -79,6 +84,8 @@ class SpeechAdapterConfig:
                f"must be 'linear' or 'tied', got {self.ctc_head!r}")
         _check(self.lookback_keys in ("kept", "all"), f"{path}.lookback_keys",
                f"must be 'kept' or 'all', got {self.lookback_keys!r}")
+        _check(self.encoder_attention in ("frames", "self"), f"{path}.encoder_attention",
+               f"must be 'frames' or 'self', got {self.encoder_attention!r}")
         for name in ("dropout", "lookback_dropout"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"{path}.{name}", f"must be in [0, 1), got {v}")
@@ -110,6 +117,10 @@ class LLMConfig:
     audio_token: str = "<audio_patch>"
     use_lora: bool = True
     trainable: bool = True  # LoRA (or the full LLM when use_lora is false)
+    # grow the LLM's embedding tables for tokens the tokenizer has beyond them (the audio
+    # placeholder); False when the LLM folder already holds every row it reads (an imported
+    # released model: its tokenizer's unit tokens belong to the T2C, not to the LLM)
+    resize_embeddings: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, path: str = "llm") -> None:
@@ -139,8 +150,26 @@ class T2CConfig:
     # generation stops at EOS, or after this many units per condition token (+16)
     max_units_per_token: int = 8
     trainable: bool = True
+    # "echox": our own token space (units, EOS and two prefix tokens). "authors": the released
+    # checkpoints' T2C (echox.model.t2u_authors): inputs in the LLM's embedding space (LLM token
+    # rows + `unit_embedding` rows) go through `adapter`; it predicts LLM tokens + unit tokens
+    # (`unit_vocab_size` `<|unit_...|>` tokens after the LLM vocabulary) and stops at `eos_token`
+    layout: str = "echox"
+    text_prefix: list[str] = field(default_factory=list)  # authors: tokens before the condition
+    unit_prefix: list[str] = field(default_factory=list)  # authors: tokens after the condition
+    eos_token: str = ""  # authors: the LLM tokenizer's end token that ends the units
+    shared_embedding: bool = True  # authors: read the LLM's input embeddings (else own copy)
+    rms_norm_eps: float = 1e-6  # authors: the LLM's value
+    rope_scaling: dict[str, Any] | None = None  # authors: the LLM's (e.g. Llama-3.1's llama3 rope)
 
     def validate(self, path: str = "t2c") -> None:
+        _check(self.layout in ("echox", "authors"), f"{path}.layout",
+               f"must be 'echox' or 'authors', got {self.layout!r}")
+        if self.layout == "authors":
+            _check(bool(self.eos_token), f"{path}.eos_token", "the authors' layout needs its end token")
+        _check(self.rope_scaling is None or isinstance(self.rope_scaling, dict),
+               f"{path}.rope_scaling", "must be a mapping or null")
+        _check(self.rms_norm_eps > 0, f"{path}.rms_norm_eps", "must be > 0")
         _check(self.hidden_size >= 1, f"{path}.hidden_size", "must be >= 1")
         _check(self.num_layers >= 1, f"{path}.num_layers", f"must be >= 1, got {self.num_layers}")
         _check(self.num_heads >= 1, f"{path}.num_heads", "must be >= 1")

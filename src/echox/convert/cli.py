@@ -67,6 +67,11 @@ def cmd_onnx_vocoder(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: Any) -> None:
+    from echox.convert import official
+
+    c = sub.add_parser("convert", help="import checkpoints made elsewhere (official: the released "
+                                       "EchoX-3B / EchoX-8B)")
+    official.add_cli(c.add_subparsers(dest="what", required=True))
     p = sub.add_parser("onnx-vocoder", help="run a unit->mel vocoder's HiFi-GAN on ONNX Runtime "
                                             "(optionally int8) for faster CPU synthesis")
     p.add_argument("--vocoder", required=True, help="unit->mel vocoder folder")

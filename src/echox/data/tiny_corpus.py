@@ -211,11 +211,11 @@ def greedy_shrinking(model: Any, input_ids: Any, attention_mask: Any, max_new_to
     rows: list[list[int]] = [[] for _ in range(int(input_ids.shape[0]))]
     if max_new_tokens <= 0 or not rows:
         return rows
-    alive = torch.arange(len(rows))  # batch slot -> row
+    alive = torch.arange(len(rows), device=input_ids.device)  # batch slot -> row
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache()
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=input_ids.device)
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                        use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]

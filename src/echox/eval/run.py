@@ -395,12 +395,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode == "text":
         from echox.config import load_config
 
+        if args.device != "cpu" or args.dtype not in (None, "fp32"):
+            raise EvalError("--device / --dtype apply to the s2t and s2s modes (a bundle); "
+                            "text mode runs its LLM on the CPU in float32")
         llm = args.llm or load_config(args.config).llm.name_or_path
         answerer: Answerer = TextAnswerer(llm, args.system_prompt or None)
     else:
-        from echox.infer.bundle import default_bundle, load_bundle
+        from echox.infer.bundle import check_device, default_bundle, load_bundle
 
-        bundle = load_bundle(args.model or default_bundle())
+        check_device(args.device)
+        bundle = load_bundle(args.model or default_bundle(), device=args.device, dtype=args.dtype)
         if args.mode == "s2t":
             answerer = S2TAnswerer(bundle.model, args.max_new_tokens)
         else:
@@ -423,6 +427,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--model", help="EchoX bundle folder (default: the embedded tiny model)")
     p.add_argument("--benchmark", help="llama-questions | web-questions | trivia-qa | NAME=PATH | local:PATH")
     p.add_argument("--mode", choices=["text", "s2t", "s2s"], default="s2s")
+    from echox.infer.bundle import add_device_options
+
+    add_device_options(p)
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--out", help="run folder (default runs/eval/<mode>); an existing one resumes")
     p.add_argument("--asr", default="faster-whisper", help="faster-whisper[:PATH] | transformers[:NAME]")

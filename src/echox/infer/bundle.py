@@ -5,7 +5,10 @@ Layout::
     config.json, model.safetensors, tokenizer/, checksums.json   an EchoX checkpoint
     vocoder/             optional: a UnitMelVocoder folder (`UnitMelVocoder.save_pretrained`)
                          or a fairseq CodeHiFiGAN (`g_00500000` + `vocoder_config.json`)
-    unit_language/       optional: the unit language the T2C speaks (`UnitLanguage.save`)
+    unit_language/       optional: the unit language the T2C speaks (`UnitLanguage.save`), or
+                         the released T2C's `<|unit_...|>` tokens (`UnitTokens.save`)
+    llm/                 optional: the LLM itself, named "llm" in config.json (an imported
+                         released model, `echox convert official`)
 
 When the bundle has a unit language, the echo decoder emits its tokens and
 `Bundle.units(tokens)` splits them back into units; otherwise the tokens are raw units.
@@ -54,8 +57,31 @@ class Bundle:
         """Echo-decoder tokens -> vocoder units (unit-language tokens are split back)."""
         if self.unit_language is None:
             return [int(t) for t in tokens]
+        if hasattr(self.unit_language, "stream"):  # UnitTokens: the authors' rule, whole output
+            return self.unit_language.decode(tokens)
         n = self.unit_language.vocab_size  # the T2C vocabulary may be larger: unused ids
         return self.unit_language.decode([t for t in tokens if 0 <= t < n])
+
+    def unit_stream(self) -> Any:
+        """A decoder of one output, token by token: `push(token) -> units`, `flush() -> units`.
+        Unit-language tokens each give their own units; the released `<|unit_...|>` tokens
+        may split a number, so a trailing digit run waits for the next token."""
+        if self.unit_language is not None and hasattr(self.unit_language, "stream"):
+            return self.unit_language.stream()
+        return _TokenwiseUnits(self)
+
+
+class _TokenwiseUnits:
+    """`Bundle.unit_stream` when each token's units do not depend on its neighbours."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+
+    def push(self, token: int) -> list[int]:
+        return self.bundle.units([token])
+
+    def flush(self) -> list[int]:
+        return []
 
 
 def shipped_bundle() -> Path:
@@ -139,8 +165,11 @@ def save_vocoder(vocoder: Vocoder, folder: str | Path, dtype: torch.dtype | None
 def _load_unit_language(folder: Path) -> UnitLanguage:
     from echox.units.kmeans import UnitError
     from echox.units.language import UnitLanguage
+    from echox.units.unit_tokens import META_FILE, UnitTokens
 
     try:
+        if (folder / META_FILE).is_file():
+            return UnitTokens.load(folder)  # type: ignore[return-value]
         return UnitLanguage.load(folder)
     except UnitError as e:
         raise BundleError(f"cannot load the unit language in {folder}: {e}") from e
@@ -151,17 +180,20 @@ def load_bundle(
     vocoder: Vocoder | str | Path | None = None,
     unit_language: UnitLanguage | str | Path | None = None,
     device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Bundle:
     """Load a bundle folder. `vocoder` / `unit_language` (objects or folders) replace the
     bundle's own; without them the `vocoder/` and `unit_language/` subfolders are used if
-    present. The model is returned in eval mode on `device` (default: CPU)."""
+    present. The model is returned in eval mode on `device` (default: CPU), its weights read
+    straight onto it (`EchoX.from_pretrained`); `dtype` (bf16 / fp16 / fp32 or a torch dtype)
+    holds every model weight in it (default: the config's dtypes). The vocoder stays float32."""
     from echox.model.echox import EchoX
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise BundleError(f"model bundle folder not found: {folder}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    model = EchoX.from_pretrained(folder).to(dev).eval()
+    model = EchoX.from_pretrained(folder, device=dev, dtype=parse_dtype(dtype)).eval()
 
     if vocoder is None and (folder / VOCODER_DIR).is_dir():
         vocoder = folder / VOCODER_DIR
@@ -174,6 +206,40 @@ def load_bundle(
     bundle = Bundle(model, voc, lang, folder)
     check_bundle(bundle)
     return bundle
+
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """bf16 / fp16 / fp32 (or their long names, or a torch dtype) -> torch dtype; None stays."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise BundleError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32")
+    return DTYPES[dtype]
+
+
+def add_device_options(p: Any, default_device: str = "cpu") -> None:
+    """`--device` and `--dtype`, shared by `echox chat`, `echox eval` and `echox serve`."""
+    p.add_argument("--device", default=default_device,
+                   help=f"torch device to run on: cpu, cuda, cuda:1, ... (default {default_device}); "
+                        "the weights are read straight onto it")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="hold every model weight in this dtype (default: the bundle's config, "
+                        "e.g. a bfloat16 LLM with float32 speech parts); bf16 or fp16 on a GPU")
+
+
+def check_device(device: str) -> None:
+    """A clear error for a device this torch cannot use (e.g. cuda on a CPU build)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise BundleError(f"--device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BundleError(f"--device {device}: this torch build or machine has no CUDA device "
+                          f"(torch {torch.__version__})")
 
 
 def check_bundle(bundle: Bundle) -> None:

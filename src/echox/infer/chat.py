@@ -26,7 +26,7 @@ def _engine(args: argparse.Namespace) -> Any:
     import torch
 
     from echox.cli import UserError
-    from echox.infer.bundle import default_bundle, load_bundle
+    from echox.infer.bundle import check_device, default_bundle, load_bundle
     from echox.infer.engine import Engine, EngineConfig, check_max_audio_seconds
     from echox.model.generation import SamplingConfig
 
@@ -39,6 +39,7 @@ def _engine(args: argparse.Namespace) -> Any:
         raise UserError("--whole-response needs --no-stream")
     if args.max_audio_seconds is not None:
         check_max_audio_seconds(args.max_audio_seconds)
+    check_device(args.device)
     cfg = EngineConfig(sampling=sampling, stream=not args.no_stream,
                        whole_response=args.whole_response, workers=args.workers,
                        chunk_units=args.chunk_units, first_chunk_units=args.first_chunk_units)
@@ -48,7 +49,8 @@ def _engine(args: argparse.Namespace) -> Any:
         torch.manual_seed(args.seed)
     path = Path(args.model) if args.model else default_bundle()
     print(f"echox: loading {path}", file=sys.stderr)
-    bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language)
+    bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language,
+                         device=args.device, dtype=args.dtype)
     if bundle.vocoder is None:
         print("echox: this bundle has no vocoder: text answers only", file=sys.stderr)
     return Engine(bundle, cfg, max_audio_seconds=args.max_audio_seconds)
@@ -168,6 +170,9 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--first-chunk-units", type=int, default=20,
                    help="units in a segment's first audio chunk (smaller: earlier audio)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    from echox.infer.bundle import add_device_options
+
+    add_device_options(p)
     add_max_audio_option(p)
     p.set_defaults(func=cmd_chat)
     return p

@@ -160,17 +160,19 @@ class Engine:
             buf: list[int] = []
             n_chunks = 0
             size = cfg.chunk_size(0)
+            stream = self.bundle.unit_stream()  # the units of each token as soon as they are known
             for tok in self.model.iter_units_from_hidden(hidden, sampling):
                 if stopped():
                     return
                 tokens.append(tok)
-                buf += self.bundle.units([tok])  # a token's units do not depend on its neighbours
+                buf += stream.push(tok)
                 while size and len(buf) >= size:
                     chunk, buf = buf[:size], buf[size:]
                     units.extend(chunk)
                     yield chunk
                     n_chunks += 1
                     size = cfg.chunk_size(n_chunks)
+            buf += stream.flush()
             ended = True
             units.extend(buf)
             yield buf  # may be empty: synthesize_stream skips it

@@ -97,8 +97,13 @@ class EchoX(nn.Module):
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def build(cls, config: EchoXConfig, tokenizer: Any | None = None) -> "EchoX":
-        """Load the base models named in `config` and create fresh trainable parts."""
+    def build(cls, config: EchoXConfig, tokenizer: Any | None = None,
+              device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "EchoX":
+        """Load the base models named in `config` and create fresh trainable parts.
+
+        `device` / `dtype` only concern the LLM here, whose weights are read straight onto the
+        device in that dtype; the caller moves the (smaller) other parts after loading theirs
+        (`echox.checkpoint.load_checkpoint`)."""
         from echox.hub import resolve
 
         enc_dir = resolve(config.encoder.name_or_path)
@@ -108,7 +113,7 @@ class EchoX(nn.Module):
         frontend = LogMelFrontEnd(enc_dir, encoder.num_mel_bins, encoder.window_frames)
         with torch.random.fork_rng(devices=[]):  # deterministic: LoRA init included
             torch.manual_seed(config.seed)
-            llm = LLM.from_folder(llm_dir, config.llm, tokenizer=tokenizer)
+            llm = LLM.from_folder(llm_dir, config.llm, tokenizer=tokenizer, device=device, dtype=dtype)
             a = config.adapter
             adapter = SpeechAdapter(
                 encoder.d_model, llm.hidden_size, llm.vocab_size, blank_id=llm.audio_token_id,
@@ -116,19 +121,30 @@ class EchoX(nn.Module):
                 lookback_dropout=a.lookback_dropout, drop_blank=a.drop_blank, trainable=a.trainable,
                 tied_head=llm.base.get_output_embeddings() if a.ctc_head == "tied" else None,
                 blank_head=a.blank_head, lookback_keys=a.lookback_keys,
+                encoder_attention=a.encoder_attention,
             )
-            t2c = UnitDecoder(config.t2c, llm.hidden_size)
-            echo = UnitDecoder(config.t2c, llm.hidden_size)
-            echo.load_state_dict(t2c.state_dict())
+            if config.t2c.layout == "authors":
+                from echox.model.t2u_authors import AuthorsUnitDecoder
+
+                t2c = AuthorsUnitDecoder(config.t2c, llm.hidden_size, llm.vocab_size, llm.tokenizer,
+                                         llm.base.get_input_embeddings())
+                echo = t2c  # one module, as released: the T2C is also the echo decoder
+            else:
+                t2c = UnitDecoder(config.t2c, llm.hidden_size)
+                echo = UnitDecoder(config.t2c, llm.hidden_size)
+                echo.load_state_dict(t2c.state_dict())
             d = config.denoiser
             denoiser = DenoisingAdapter(llm.hidden_size, d.ff_size, d.dropout, d.trainable)
         return cls(config, encoder, frontend, adapter, llm, t2c, echo, denoiser)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "EchoX":
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "EchoX":
+        """`device`/`dtype`: see `echox.checkpoint.load_checkpoint` (default: CPU, the
+        config's dtypes)."""
         from echox.checkpoint import load_checkpoint
 
-        return load_checkpoint(cls, Path(folder))
+        return load_checkpoint(cls, Path(folder), device=device, dtype=dtype)
 
     def save_pretrained(self, folder: str | Path, extra_files: dict[str, str] | None = None,
                         extra_writer: Any = None, full_state: dict[str, torch.Tensor] | None = None,

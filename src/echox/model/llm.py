@@ -51,12 +51,28 @@ class LLM(nn.Module):
         self.trainable = cfg.trainable
 
     @classmethod
-    def from_folder(cls, folder: str | Path, cfg: LLMConfig, tokenizer: Any | None = None) -> "LLM":
+    def from_folder(cls, folder: str | Path, cfg: LLMConfig, tokenizer: Any | None = None,
+                    device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> "LLM":
+        """`device`: load the weights straight onto it (e.g. cuda) instead of the CPU;
+        `dtype` replaces `cfg.dtype` (the weights are read in it, never in float32 first)."""
         from transformers import AutoModelForCausalLM
 
         tok = tokenizer if tokenizer is not None else load_tokenizer(folder, cfg.audio_token)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[cfg.dtype])
-        _fit_vocab(model, len(tok))
+        extra: dict[str, Any] = {}
+        if device is not None and torch.device(device).type != "cpu":
+            extra["device_map"] = {"": str(torch.device(device))}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or _DTYPES[cfg.dtype], **extra)
+        if cfg.resize_embeddings:
+            _fit_vocab(model, len(tok))
+        else:
+            rows = model.get_input_embeddings().weight.shape[0]
+            audio_id = tok.convert_tokens_to_ids(cfg.audio_token)
+            if audio_id is None or audio_id >= rows:
+                from echox.model.encoder import CheckpointError
+
+                raise CheckpointError(f"llm.resize_embeddings is false but the LLM in {folder} has "
+                                      f"{rows} embedding rows and {cfg.audio_token!r} is token {audio_id}")
         model.requires_grad_(False)
         if cfg.use_lora:
             from peft import LoraConfig as PeftLoraConfig

@@ -78,14 +78,18 @@ class SpeechAdapter(nn.Module):
         tied_head: nn.Module | None = None,
         blank_head: bool = False,
         lookback_keys: str = "kept",
+        encoder_attention: str = "frames",
     ) -> None:
         super().__init__()
         if d_llm % num_heads:
             raise ValueError(f"adapter.num_heads={num_heads} does not divide the LLM width {d_llm}")
         if lookback_keys not in ("kept", "all"):
             raise ValueError(f"lookback_keys must be 'kept' or 'all', got {lookback_keys!r}")
+        if encoder_attention not in ("frames", "self"):
+            raise ValueError(f"encoder_attention must be 'frames' or 'self', got {encoder_attention!r}")
         self.blank_id = blank_id
         self.drop_blank = drop_blank
+        self.encoder_attention = encoder_attention
         self.lookback_keys = lookback_keys
         self.trainable = trainable
         self.mm_projector1 = nn.Linear(2 * d_whisper, d_llm)
@@ -131,7 +135,15 @@ class SpeechAdapter(nn.Module):
         x = enc[:, : 2 * t].reshape(n, t, 2 * d_w)  # [N, T, 2*d_w] adjacent frame pairs
         x = self.mm_projector1(x.to(self.mm_projector1.weight.dtype))  # [N, T, D]
         valid = torch.arange(t, device=enc.device)[None, :] < frame_lengths[:, None]  # [N, T]
-        x = self.asr_transformer_encoder(x, src_key_padding_mask=~valid)
+        if self.encoder_attention == "self":
+            # The released checkpoints' layer (sequence-first, given one turn at a time as
+            # [1, T, D]): each frame's only key is itself, so its attention
+            # output is out_proj(v_proj(.)) of the frame alone. A diagonal mask computes exactly
+            # that; no frame reads another, so padding needs no mask here.
+            eye = torch.eye(t, dtype=torch.bool, device=enc.device)
+            x = self.asr_transformer_encoder(x, src_mask=~eye)
+        else:
+            x = self.asr_transformer_encoder(x, src_key_padding_mask=~valid)
         feats = self.out_norm(x)  # [N, T, D] = F
         ctc_logits = self.ctc_head(feats)  # [N, T, V]
 

@@ -3,7 +3,7 @@
     echox serve                                  the default bundle on http://127.0.0.1:8000
     echox serve --model runs/tiny/bundle --port 9000
     echox serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"     reachable from the network
-    echox serve --model /models/echox-8b --device cuda --host 0.0.0.0 --token ...   on a GPU
+    echox serve --model /models/echox-8b --device cuda --dtype bf16 --host 0.0.0.0 --token ...   GPU
 
 Open http://127.0.0.1:8000/ in a browser to talk to the model (microphone, file or typed
 question; streamed text and speech). The API (WS /v1/stream, POST /v1/chat, GET /health,
@@ -14,8 +14,9 @@ request needs `Authorization: Bearer TOKEN` (WebSocket clients may instead offer
 subprotocol bearer.TOKEN; the page asks for the token). Turns run on --workers worker threads;
 --queue more may wait; past that the server answers 503 with Retry-After.
 
-On a GPU machine (torch's CUDA build installed), --device cuda runs the model there; the 3B and
-8B bundles hold their LLM in bfloat16 (README, "Serving").
+On a GPU machine (torch's CUDA build installed), --device cuda runs the model there, its weights
+read straight onto the GPU; --dtype bf16 holds every weight in bfloat16 (default: the bundle's
+config, e.g. a bfloat16 LLM beside float32 speech parts). README, "Serving" and "Released models".
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from echox.cli import UserError
     from echox.config import ConfigError
-    from echox.infer.bundle import default_bundle, load_bundle
+    from echox.infer.bundle import check_device, default_bundle, load_bundle
     from echox.infer.engine import Engine, EngineConfig
     from echox.model.generation import SamplingConfig
     from echox.serve.app import ServeConfig, create_app
@@ -76,8 +77,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         torch.manual_seed(args.seed)
     path = Path(args.model) if args.model else default_bundle()
     print(f"echox serve: loading {path}", file=sys.stderr)
+    check_device(args.device)
     bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language,
-                         device=args.device)
+                         device=args.device, dtype=args.dtype)
     if bundle.vocoder is None:
         print("echox serve: this bundle has no vocoder: text answers only", file=sys.stderr)
     engine = Engine(bundle, cfg, max_audio_seconds=args.max_audio_seconds)
@@ -104,6 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_cli(sub: Any) -> argparse.ArgumentParser:
     """Register `echox serve` on the CLI's subparsers."""
+    from echox.infer.bundle import add_device_options
+
     p = sub.add_parser("serve", help="serve the model: streaming speech API and web page",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("network and access")
@@ -123,7 +127,7 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
     m.add_argument("--model-id", help="name shown by /v1/models (default: the folder's name)")
     m.add_argument("--vocoder", help="vocoder folder replacing the bundle's own")
     m.add_argument("--unit-language", help="unit-language folder replacing the bundle's own")
-    m.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1")
+    add_device_options(m)
     m.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     d = p.add_argument_group("decoding")
     d.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
