@@ -1,11 +1,12 @@
 """Training speed of each EchoX stage on the real `tiny` model, with and without the fast settings.
 
     python bench/train_speed.py --dialogues data/tiny/train/dialogues.jsonl \
-        --tts data/tiny/train/tts_units.jsonl --threads 1 2 --steps 12
+        --tts data/tiny/train/tts_units.jsonl --threads 1 2 --n 64
     python bench/train_speed.py --curve 200 --threads 2      # fp32 vs bf16 loss curves (S2T)
 
-For each torch thread count, stage (S2T, T2C, Echo) and variant, one trainer runs `--warmup`
-steps, then `--steps` timed steps, in this process and on the same examples. The first row of
+For each torch thread count, stage (S2T, T2C, Echo) and variant, one trainer makes `--warmup`
+untimed forward/backward passes, then trains one timed epoch over the first `--n` examples
+(or `--steps` steps), in this process: every variant sees the same examples. The first row of
 a stage is today's defaults (fp32, encoder run every step, random batches, the preset's
 system prompt); the others add one setting each, and `fast` adds them all:
 
@@ -154,20 +155,27 @@ def run_one(stage: str, variant: str, threads: int, args: argparse.Namespace, mo
     fill = None
     if opts.get("cache_encoder"):
         fill = _fill_cache(model, data, tmp / "cache")
-    steps = steps or args.steps
     out = tmp / f"{stage}-{variant}-{threads}"
-    cfg = TrainConfig(stage=stage, output_dir=str(out), max_steps=args.warmup + steps + 1,
+    per_epoch = len(data) // args.batch_size
+    steps = steps or args.steps or per_epoch
+    cfg = TrainConfig(stage=stage, output_dir=str(out), max_steps=steps + 1,
                       batch_size=args.batch_size, lr=args.lr, warmup_steps=5, threads=threads,
                       log_every=log_every, seed=0, encoder_cache_dir=str(tmp / "cache"), **opts)
     counter = Counting(collate, stage)
     trainer = Trainer(model, cfg, data, counter, step_kwargs=kwargs)
-    trainer.train(stop_at=args.warmup)
-    counter.examples = counter.tokens = 0
+    # Untimed warm-up passes (kernels, allocator) on the first examples, no optimizer step:
+    # the timed steps then cover the same examples in every variant (one whole epoch by
+    # default), whatever order the variant's batches come in.
+    for _ in range(args.warmup):
+        batch = collate([data[i] for i in range(args.batch_size)]).to(trainer.acc.device)
+        with trainer.acc.autocast():
+            trainer.model(batch, task=stage, **kwargs).loss.backward()
+        trainer.opt.zero_grad()
     t0 = time.perf_counter()
-    trainer.train(stop_at=args.warmup + steps)
+    trainer.train(stop_at=steps)
     dt = time.perf_counter() - t0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").is_file() else []
-    losses = [r["loss"] for r in recs if "loss" in r and r["step"] > args.warmup]
+    losses = [r["loss"] for r in recs if "loss" in r]
     row = Row(threads, stage, variant, args.batch_size, steps, dt, counter.examples / dt,
               counter.tokens / dt, 1.0, sum(losses) / max(len(losses), 1), fill)
     return row, out
@@ -185,7 +193,6 @@ def print_table(rows: list[Row]) -> None:
 def curve(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
     """S2T loss curves over the same batches, one per precision in `--precisions`."""
     models: dict[str, Any] = {}
-    args.warmup = 0
     curves: dict[str, list[float]] = {}
     for prec in args.precisions:
         VARIANTS[f"curve-{prec}"] = {"cache_encoder": True, "group_by_length": True,
@@ -219,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", nargs="+", default=["s2t", "t2c", "echo"], choices=["s2t", "t2c", "echo"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--steps", type=int, default=12, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps per run (default: one epoch of the --n examples, so that every "
+                        "variant trains on the same examples)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed forward/backward passes first")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--curve", type=int, default=0, help="S2T fp32 vs bf16 loss curves over N steps")
