@@ -68,12 +68,15 @@ def _split_of(shard: Path) -> str:
     return shard.parent.name if stem.isdigit() else stem
 
 
-def _open_hf(name_or_path: str | os.PathLike, split: str) -> tuple[Any, Path | None, str]:
-    """(dataset, folder for relative paths or None, source label) for a hub id or local copy."""
+def _open_hf(name_or_path: str | os.PathLike, split: str,
+             name: str | None = None) -> tuple[Any, Path | None, str]:
+    """(dataset, folder for relative paths or None, source label) for a hub id or local copy.
+    `name`: the hub dataset's configuration (e.g. LibriSpeech's ``clean``); local copies have
+    none."""
     import datasets
 
     p = Path(name_or_path).expanduser()
-    src = f"{name_or_path}[{split}]"
+    src = f"{name_or_path}[{split}]" if name is None else f"{name_or_path}/{name}[{split}]"
     if p.exists():
         if p.is_dir() and any((p / f).is_file() for f in ("dataset_dict.json", "state.json")):
             try:
@@ -107,7 +110,7 @@ def _open_hf(name_or_path: str | os.PathLike, split: str) -> tuple[Any, Path | N
             raise ManifestError(f"{p}: cannot read parquet ({err})") from err
         return datasets.Dataset(InMemoryTable(table)), (p if p.is_dir() else p.parent), src
     try:
-        return datasets.load_dataset(str(name_or_path), split=split), None, src
+        return datasets.load_dataset(str(name_or_path), name, split=split), None, src
     except Exception as err:
         raise ManifestError(
             f"cannot load dataset {name_or_path!r} split {split!r} ({type(err).__name__}: {err}); "
@@ -162,7 +165,7 @@ def _rows(ds: Any, src: str, cls: type[R], to_obj: Callable[[Mapping[str, Any], 
 def load_hf_asr(name_or_path: str | os.PathLike, split: str = "train", *,
                 audio_column: str | None = None, text_column: str | None = None,
                 audio_dir: str | os.PathLike | None = None,
-                on_error: OnError = "stop") -> Iterator[AsrRecord]:
+                on_error: OnError = "stop", name: str | None = None) -> Iterator[AsrRecord]:
     """ASR records from a hub id, a ``save_to_disk`` folder or parquet file(s).
 
     Audio cells become absolute paths (relative ones joined to the local folder) or, for
@@ -171,7 +174,7 @@ def load_hf_asr(name_or_path: str | os.PathLike, split: str = "train", *,
     here (errors surface now); rows are converted lazily as the iterator is consumed.
     """
     _check_on_error(on_error)
-    ds, base, src = _open_hf(name_or_path, split)
+    ds, base, src = _open_hf(name_or_path, split, name)
     ds = _undecoded(ds)
     cols = list(ds.column_names)
     import datasets
@@ -197,7 +200,7 @@ def load_hf_asr(name_or_path: str | os.PathLike, split: str = "train", *,
 
 def load_hf_dialogues(name_or_path: str | os.PathLike, split: str = "train", *,
                       audio_dir: str | os.PathLike | None = None,
-                      on_error: OnError = "stop") -> Iterator[DialogueRecord]:
+                      on_error: OnError = "stop", name: str | None = None) -> Iterator[DialogueRecord]:
     """Dialogue records from a hub id, a ``save_to_disk`` folder or parquet file(s).
 
     Rows hold a ``conversations`` list of ``{from, value, audio?, ...}``; the per-turn audio may
@@ -205,7 +208,7 @@ def load_hf_dialogues(name_or_path: str | os.PathLike, split: str = "train", *,
     (A JSONL manifest or an EchoX-Dialogues data.json: use read_jsonl / read_dialogues_json.)
     """
     _check_on_error(on_error)
-    ds, base, src = _open_hf(name_or_path, split)
+    ds, base, src = _open_hf(name_or_path, split, name)
     ds = _undecoded(ds)
     c_col = _first(list(ds.column_names), ["conversations", "conversation", "messages"],
                    "conversations", src)

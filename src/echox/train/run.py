@@ -9,7 +9,9 @@ A recipe is a YAML file::
             unit_language: runs/units/language}
 
 Command-line options override the recipe; `--set train.lr=3e-4` / `--set model.t2c.num_layers=2`
-set any field.
+set any field. `--override FILE` applies a second recipe-shaped file over the first (e.g. the
+CPU dry run of a GPU recipe: tiny sizes and local data, docs/scale.md). Data sources may also be
+EchoX-Dialogues shard folders and Hugging Face datasets (see `_dialogue_source`).
 """
 
 from __future__ import annotations
@@ -31,14 +33,24 @@ from echox.train.trainer import TrainConfig, Trainer, encoder_cache_root
 log = logging.getLogger(__name__)
 
 
-def load_recipe(path: str | None, sets: list[str]) -> dict[str, Any]:
+def load_recipe(path: str | None, sets: list[str], override: str | None = None) -> dict[str, Any]:
+    """The recipe at `path`, then the `override` file (same keys; `model` and `overrides`
+    replace the recipe's, `train` and `data` are merged key by key), then the `--set`s."""
     recipe: dict[str, Any] = {"model": "tiny", "overrides": [], "train": {}, "data": {}}
-    if path:
-        loaded = read_yaml_mapping(path, "recipe")
+    for what, file in (("recipe", path), ("override", override)):
+        if not file:
+            continue
+        loaded = read_yaml_mapping(file, what)
         unknown = set(loaded) - set(recipe)
         if unknown:
-            raise ConfigError(f"{path}: unknown recipe key(s) {sorted(unknown)}; use {sorted(recipe)}")
-        recipe.update(loaded)
+            raise ConfigError(f"{file}: unknown {what} key(s) {sorted(unknown)}; use {sorted(recipe)}")
+        for key, val in loaded.items():
+            if key in ("train", "data"):
+                if not isinstance(val or {}, dict):
+                    raise ConfigError(f"{file}: {key} must be a mapping")
+                recipe[key] = {**(recipe.get(key) or {}), **(val or {})}
+            else:
+                recipe[key] = val
     for s in sets:
         key, _, val = s.partition("=")
         if not _:
@@ -95,21 +107,20 @@ class EchoDataset(Dataset):
         return stages.EchoExample(ex.turns)
 
 
-def _dialogues(paths: str | list[str], limit: int | None, max_seconds: float,
+def _dialogues(paths: Any, limit: int | None, max_seconds: float,
                perturb: list[tuple[float, float]] | None = None) -> Dataset:
-    """One manifest, or several read as one (`data.train: [qa.jsonl, asr.jsonl]`); `limit`
-    counts over all of them, in order."""
-    from echox.data.manifest import read_jsonl  # noqa: I001 (manifest before datasets: import loop)
+    """One source, or several read as one (`data.train: [qa.jsonl, asr.jsonl]`); `limit`
+    counts over all of them, in order. A source is a dialogues JSONL, an EchoX-Dialogues
+    `data.json` / shard folder / folder of shards, or a mapping (see `_dialogue_source`)."""
+    from echox.data.manifest import read_jsonl  # noqa: F401,I001 (manifest before datasets: import loop)
     from echox.data.datasets import ConcatDataset, S2TDataset
 
     parts, left = [], limit
-    for path in [paths] if isinstance(paths, str) else list(paths):
-        rep = read_jsonl(path, "dialogue", on_error="skip")
-        if rep.bad_lines:
-            log.warning("%s: skipped %d bad line(s)", path, len(rep.bad_lines))
-        recs = rep.records[:left] if left is not None else rep.records
+    for src in list(paths) if isinstance(paths, (list, tuple)) else [paths]:
+        recs, base = _dialogue_source(src)
+        recs = recs[:left] if left is not None else recs
         if recs:
-            parts.append(S2TDataset(recs, rep.base_dir, max_audio_seconds=max_seconds, perturb=perturb))
+            parts.append(S2TDataset(recs, base, max_audio_seconds=max_seconds, perturb=perturb))
         if left is not None:
             left -= len(recs)
             if left <= 0:
@@ -156,6 +167,111 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: dict[str, Any]
     return EchoDataset(train, extras, gold, encode), ev_ds, stages.echo_collator(model), kwargs
 
 
+# Keys of a mapping in `data.train` / `data.eval` (stages s2t and echo).
+SOURCE_KEYS = {"hf", "path", "schema", "split", "name", "limit", "audio_dir", "prompt",
+               "audio_column", "text_column"}
+
+
+def _dialogue_source(src: Any) -> tuple[list[Any], Path | None]:
+    """(dialogue records, folder their relative audio paths start from) of one data source.
+
+    - ``path/to/dialogues.jsonl``: a dialogues JSONL manifest;
+    - an EchoX-Dialogues ``data.json``, an extracted shard folder holding one, or a folder of
+      such shards (every ``data.json`` below it, in sorted order; audio paths made absolute);
+    - a mapping ``{path: <one of the above>, limit: N}``, or a Hugging Face dataset
+      ``{hf: <hub id, save_to_disk folder or parquet file/folder>, split: train, name: <config>,
+      schema: dialogue | asr, limit: N, audio_dir: <folder>, prompt: ..., audio_column: ...,
+      text_column: ...}``. An `asr` dataset (audio + transcript, e.g. LibriSpeech) becomes ASR
+      turns: the clip with the instruction `prompt` (default "Transcribe this audio.") and its
+      transcript as the answer. See `_hf_dialogues` for where the audio goes.
+    """
+    from echox.data.manifest import ManifestError, read_dialogues_json, read_jsonl, resolve_audio
+
+    opts: dict[str, Any] = {}
+    if isinstance(src, dict):
+        unknown = set(src) - SOURCE_KEYS
+        if unknown or ("hf" in src) == ("path" in src):
+            raise ConfigError(f"data source {src}: give exactly one of hf or path; "
+                              f"unknown key(s) {sorted(unknown)}; valid: {sorted(SOURCE_KEYS)}")
+        if "hf" in src:
+            return _hf_dialogues(src), None
+        opts, src = src, src["path"]
+    p = Path(str(src))
+    lim = opts.get("limit")
+    if not (p.is_dir() or p.suffix == ".json"):  # a JSONL manifest
+        rep = read_jsonl(p, "dialogue", on_error="skip")
+        if rep.bad_lines:
+            log.warning("%s: skipped %d bad line(s)", p, len(rep.bad_lines))
+        return rep.records[:lim] if lim is not None else rep.records, rep.base_dir
+    if p.is_dir() and not (p / "data.json").is_file():
+        shards = sorted(p.rglob("data.json"))
+        if not shards:
+            raise ConfigError(f"data source {p}: no data.json below it (extract the EchoX-Dialogues "
+                              "tar shards there) and not a .jsonl manifest")
+    else:
+        shards = [p]
+    recs: list[Any] = []
+    for shard in shards:
+        try:
+            rep = read_dialogues_json(shard, on_error="skip")
+        except ManifestError as err:
+            raise ConfigError(str(err)) from err
+        for r in rep.records:  # several shards, one dataset: every path absolute
+            for m in r.conversations:
+                if isinstance(m.audio, str):
+                    m.audio = str(Path(resolve_audio(m.audio, rep.base_dir)).absolute())
+        recs += rep.records
+        if lim is not None and len(recs) >= lim:
+            return recs[:lim], None
+    return recs, None
+
+
+def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
+    """Dialogue records of a Hugging Face dataset source, made once.
+
+    The rows' audio is written to `audio_dir` (default ``$ECHOX_CACHE/hf-audio``; one file per
+    clip, named by content) and the records to ``<audio_dir>/<dataset>-<hash of src>.jsonl``.
+    Later runs, and the other processes of a multi-process run, read that manifest: only the
+    first run reads the dataset (several processes starting together each write the same files
+    atomically, which is wasteful but safe; `--prepare-data` does it once beforehand).
+    """
+    import hashlib
+    import itertools
+
+    from echox.data.manifest import (DialogueMessage, DialogueRecord, ManifestError, load_hf_asr,
+                                     load_hf_dialogues, read_jsonl, write_jsonl)
+    from echox.data.s2t_mix import ASR_PROMPT
+    from echox.hub import cache_dir
+
+    schema = src.get("schema", "dialogue")
+    if schema not in ("dialogue", "asr"):
+        raise ConfigError(f"data source {src}: schema must be dialogue or asr, got {schema!r}")
+    audio_dir = Path(src["audio_dir"]) if src.get("audio_dir") else cache_dir() / "hf-audio"
+    key = hashlib.sha1(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(src["hf"]).strip("/"))[-60:]
+    manifest = audio_dir / f"{slug}-{key}.jsonl"
+    if manifest.is_file():
+        return read_jsonl(manifest, "dialogue").records
+    split, name, lim = src.get("split", "train"), src.get("name"), src.get("limit")
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if schema == "asr":
+            rows = load_hf_asr(src["hf"], split, name=name, audio_dir=audio_dir, on_error="skip",
+                               audio_column=src.get("audio_column"), text_column=src.get("text_column"))
+            prompt = src.get("prompt", ASR_PROMPT)
+            recs = [DialogueRecord([DialogueMessage("user", r.text, audio=r.audio, prompt=prompt),
+                                    DialogueMessage("assistant", r.text)], id=f"asr-{r.id or i}")
+                    for i, r in enumerate(itertools.islice(rows, lim))]
+        else:
+            rows = load_hf_dialogues(src["hf"], split, name=name, audio_dir=audio_dir, on_error="skip")
+            recs = list(itertools.islice(rows, lim))
+    except ManifestError as err:
+        raise ConfigError(str(err)) from err
+    write_jsonl(manifest, recs)
+    log.info("%s[%s]: %d dialogues -> %s", src["hf"], split, len(recs), manifest)
+    return recs
+
+
 def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[int]], list[int]] | None:
     """Raw units -> unit-language tokens, when the T2C speaks a unit language."""
     if not language_dir:
@@ -183,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from echox.train.vocoder_cli import cmd_train_hifigan
 
         return cmd_train_hifigan(args)
-    recipe = load_recipe(args.recipe, args.set or [])
+    recipe = load_recipe(args.recipe, args.set or [], getattr(args, "override", None))
     if args.data:
         recipe["data"]["train"] = args.data
     if args.eval_data:
@@ -196,6 +312,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.cache_encoder:  # before build_data: echo's offline pseudo-labels read it too
         model.enable_feature_cache(encoder_cache_root(cfg))
     train, ev, collate, kwargs = build_data(args.stage, model, cfg, recipe["data"])
+    if getattr(args, "prepare_data", False):  # sources read (and hub datasets made local) once
+        print(json.dumps({"stage": args.stage, "train_examples": len(train),  # type: ignore[arg-type]
+                          "eval_examples": len(ev) if ev is not None else 0}))  # type: ignore[arg-type]
+        return 0
     trainer = Trainer(model, cfg, train, collate, ev, step_kwargs=kwargs)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +337,14 @@ def add_cli(sub: Any) -> None:
                         "--lr); hifigan: distil the packaged HiFi-GAN V1 into a V2-size "
                         "generator (--data, --unit2mel, --windows, --pool, --out, --max-steps)")
     p.add_argument("--recipe", help="recipe YAML (model, train, data); e.g. recipes/tiny/s2t.yaml")
+    p.add_argument("--override", metavar="YAML",
+                   help="a second recipe file applied over --recipe: its model and overrides "
+                        "replace the recipe's, its train and data keys replace theirs one by one "
+                        "(e.g. tiny sizes and local data for a dry run of a GPU recipe)")
+    p.add_argument("--prepare-data", action="store_true",
+                   help="read the data sources (writing hub datasets' audio and manifests, see "
+                        "docs/scale.md), print the example counts and stop; run it once before a "
+                        "multi-process launch")
     p.add_argument("--data", nargs="+", help="training manifest (dialogues JSONL for s2t/echo, TTS JSONL "
                    "with units for t2c); s2t/echo take several, read as one (e.g. QA + ASR turns)")
     p.add_argument("--eval-data", help="evaluation manifest")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Stage II (T2C) of EchoX-8B on one node of 8 GPUs: `accelerate launch` + recipes/8b/t2c.yaml.
+#   bash recipes/8b/prepare_data.sh   # once: the data under data/full (docs/scale.md)
+#   bash recipes/8b/t2c.sh            # writes runs/8b/t2c/model: the input of echo.sh
+#   bash recipes/8b/t2c.sh --resume   # after a stop: continue from the last checkpoint
+# Further arguments go to `echox train` (e.g. --set train.lr=2e-4, --override FILE).
+# ACCELERATE_CONFIG: recipes/accelerate/ddp.yaml (default: the plan's choice, resumes exactly),
+# zero2.yaml, zero3.yaml or fsdp.yaml (docs/scale.md: memory and caveats);
+# NUM_PROCESSES: 8; RUNS: runs/8b (where every stage of this size writes and reads).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-runs/8b}
+exec accelerate launch --config_file "${ACCELERATE_CONFIG:-recipes/accelerate/ddp.yaml}" \
+    --num_processes "${NUM_PROCESSES:-8}" -m echox.cli train t2c \
+    --recipe recipes/8b/t2c.yaml --out "$RUNS/t2c" "$@"

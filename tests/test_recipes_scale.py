@@ -1,0 +1,285 @@
+"""The 3B / 8B GPU recipes, dry-run on CPU: the very same recipe files and launch commands, with
+one override file that swaps in `tiny-random` sizes and small local data in the same schemas.
+
+Each stage runs a few steps, stops, saves, and resumes. The slow test does the same through
+2 processes with the launch script itself (DDP over gloo on CPU: FSDP and DeepSpeed need GPUs,
+docs/training.md). The GPU recipe and the tested one differ only in the override.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from echox.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = ("3b", "8b")
+STAGES = ("s2t", "t2c", "echo", "echo_gold")
+ANSWERS = ["Paris is the capital.", "Blue is a colour.", "Four legs.", "The sun is a star.",
+           "Yes, it is.", "Tokyo is in Japan."]
+
+
+# ---- small local data in the schemas the GPU recipes read ------------------------------------
+def _wav(seconds: float, seed: int) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal(int(16000 * seconds))).astype(np.float32)
+
+
+def _shard(folder: Path, first: int, n: int) -> None:
+    """An extracted EchoX-Dialogues tar shard: data.json and the wavs it names (SPEC.md)."""
+    (folder / "wav").mkdir(parents=True)
+    items = []
+    for i in range(first, first + n):
+        sf.write(folder / "wav" / f"q{i}.wav", _wav(0.6 + 0.1 * (i % 4), i), 16000)
+        sf.write(folder / "wav" / f"a{i}.wav", _wav(0.8, 100 + i), 16000)
+        items.append({"conversations": [
+            {"from": "user", "value": f"question number {i}", "audio": f"wav/q{i}.wav", "wer": 0.0},
+            {"from": "assistant", "value": ANSWERS[i % len(ANSWERS)], "audio": f"wav/a{i}.wav"}]})
+    (folder / "data.json").write_text(json.dumps(items))
+
+
+def _asr_parquet(folder: Path, n: int) -> None:
+    """A LibriSpeech / MLS-like dataset: parquet with an `audio` {bytes, path} column + text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    blobs = []
+    for i in range(n):
+        buf = io.BytesIO()
+        sf.write(buf, _wav(0.7, 200 + i), 16000, format="FLAC")
+        blobs.append({"bytes": buf.getvalue(), "path": f"utt{i}.flac"})
+    pq.write_table(pa.table({"audio": blobs, "text": [f"spoken words {i}" for i in range(n)],
+                             "id": [f"utt{i}" for i in range(n)]}), folder / "train-00000-of-00001.parquet")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The GPU recipes' data/full, in small: made by the same tools as recipes/3b/prepare_data.sh
+    (dialogues_tts.py, `echox units attach`, `echox units train-language`); only the units
+    are random instead of mHuBERT's (no HuBERT installs here)."""
+    from echox.data.manifest import read_jsonl, write_jsonl
+
+    d = tmp_path_factory.mktemp("data_full")
+    _shard(d / "EchoX-Dialogues" / "shard-000", 0, 4)
+    _shard(d / "EchoX-Dialogues" / "shard-001", 4, 4)
+    _shard(d / "EchoX-Dialogues-heldout" / "shard-002", 8, 2)
+    _asr_parquet(d / "asr", 4)
+    spec = importlib.util.spec_from_file_location("dialogues_tts", ROOT / "recipes/3b/dialogues_tts.py")
+    tts_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tts_script)  # type: ignore[union-attr]
+    for src, out in (("EchoX-Dialogues", "tts"), ("EchoX-Dialogues-heldout", "tts/heldout")):
+        assert tts_script.main([str(d / src), "--out", str(d / out)]) == 0
+    rng = np.random.default_rng(0)
+    (d / "units").mkdir()
+    for src, out in (("tts/tts.jsonl", "tts_units.jsonl"), ("tts/heldout/tts.jsonl", "tts_units_heldout.jsonl")):
+        recs = read_jsonl(d / src, "tts").records
+        for r in recs:  # stands in for `echox units extract` (mHuBERT layer 11 + km1000)
+            r.units = [int(x) for x in rng.integers(0, 40, 12)]
+        write_jsonl(d / "units" / out, recs)
+    assert main(["units", "train-language", "--manifest", str(d / "units/tts_units.jsonl"),
+                 "--num-units", "40", "--vocab-size", "48", "--out", str(d / "units/language")]) == 0
+    for dl, tu, out in (("tts/dialogues.jsonl", "tts_units.jsonl", "dialogues_units.jsonl"),
+                        ("tts/heldout/dialogues.jsonl", "tts_units_heldout.jsonl",
+                         "dialogues_units_heldout.jsonl")):
+        assert main(["units", "attach", "--dialogues", str(d / dl), "--tts-units", str(d / "units" / tu),
+                     "--out", str(d / "units" / out)]) == 0
+    return {"root": d}
+
+
+def override(stage: str, d: Path, out: Path) -> Path:
+    """THE override: tiny-random sizes, a few steps, the small data in the recipes' schemas
+    (every data source kind of the GPU recipe, local). Nothing else of the recipe changes."""
+    data = {
+        "s2t": {"train": [{"hf": str(d / "asr"), "schema": "asr", "audio_dir": str(d / "hf-audio")},
+                          str(d / "EchoX-Dialogues")],
+                "eval": str(d / "EchoX-Dialogues-heldout"), "eval_limit": 2},
+        "t2c": {"train": str(d / "units/tts_units.jsonl"), "eval": str(d / "units/tts_units_heldout.jsonl"),
+                "eval_limit": 2, "unit_language": str(d / "units/language")},
+        "echo": {"train": str(d / "EchoX-Dialogues"), "eval": str(d / "EchoX-Dialogues-heldout"),
+                 "eval_limit": 2, "unit_language": str(d / "units/language")},
+        "echo_gold": {"train": str(d / "units/dialogues_units.jsonl"),
+                      "eval": str(d / "units/dialogues_units_heldout.jsonl"), "eval_limit": 2,
+                      "unit_language": str(d / "units/language")},
+    }[stage]
+    ov = {"model": "tiny-random", "overrides": [],
+          "train": {"max_steps": 4, "batch_size": 2, "warmup_steps": 1, "save_every": 2,
+                    "eval_every": 2, "eval_batches": 1, "log_every": 1, "threads": 1},
+          "data": data}
+    path = out / f"override-{stage}.yaml"
+    path.write_text(yaml.safe_dump(ov))
+    return path
+
+
+def launch_args(size: str, stage: str, runs: Path) -> list[str]:
+    """What recipes/<size>/<stage>.sh hands to `echox` after `accelerate launch ... -m echox.cli`."""
+    text = (ROOT / "recipes" / size / f"{stage}.sh").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("exec accelerate launch"))
+    tail = line.split("-m echox.cli", 1)[1].replace('"$@"', "").replace("$RUNS", str(runs))
+    return shlex.split(tail)
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+# ---- the recipe files ---------------------------------------------------------------------------
+@pytest.mark.parametrize("size", SIZES)
+def test_recipes_are_complete_and_consistent(size):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from echox.config import load_config
+    from echox.train.run import load_recipe, train_config
+
+    model = load_config(str(ROOT / "recipes" / size / "model.yaml"))
+    assert model.llm.name_or_path.startswith("meta-llama/Llama-3.")
+    assert model.encoder.name_or_path == "openai/whisper-large-v3"
+    assert model.t2c.unit_vocab_size == 4000 and model.llm.lora.r == 64
+    global_batch = {}
+    for stage in STAGES:
+        r = load_recipe(str(ROOT / "recipes" / size / f"{stage}.yaml"), [])
+        assert r["model"] == f"recipes/{size}/model.yaml"  # one model file for every stage
+        cmd = "echo" if stage.startswith("echo") else stage
+        cfg = train_config(cmd, r, type("A", (), {})())
+        assert cfg.precision == "bf16" and cfg.max_steps > 1000 and cfg.save_every > 0
+        global_batch[stage] = cfg.batch_size * cfg.grad_accum * 8
+        args = launch_args(size, stage, Path("RUNS"))
+        assert args[:2] == ["train", cmd] and args[args.index("--recipe") + 1] == f"recipes/{size}/{stage}.yaml"
+        assert r["data"]["train"]
+    assert global_batch == {"s2t": 64, "t2c": 256, "echo": 64, "echo_gold": 64}
+    assert load_recipe(str(ROOT / f"recipes/{size}/echo.yaml"), [])["train"]["pseudo_labels"] == "online"
+    for cfg_file in sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")):
+        load_config_from_file(str(cfg_file))  # accelerate reads every launch config
+    for z in ("zero2", "zero3"):
+        ds = json.loads((ROOT / f"recipes/accelerate/{z}.json").read_text())
+        assert isinstance(ds["train_micro_batch_size_per_gpu"], int)
+
+
+def test_the_3b_and_8b_recipes_differ_only_in_size():
+    for stage in STAGES:
+        a = yaml.safe_load((ROOT / f"recipes/3b/{stage}.yaml").read_text())
+        b = yaml.safe_load((ROOT / f"recipes/8b/{stage}.yaml").read_text())
+        assert a["data"] == b["data"]
+        for k in set(a["train"]) | set(b["train"]):
+            if k not in ("output_dir", "batch_size", "grad_accum"):
+                assert a["train"].get(k) == b["train"].get(k), (stage, k)
+
+
+# ---- the dry run ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", SIZES)
+def test_dry_run_of_every_stage_saves_and_resumes(size, data, tmp_path):
+    """s2t, t2c, then echo and the gold baseline from their outputs, each: 2 steps, stop, resume
+    to step 4; the 8B recipes accumulate gradients over 2 micro-batches as on the GPUs."""
+    runs = tmp_path / "runs"
+    outs = {"s2t": "s2t", "t2c": "t2c", "echo": "echo", "echo_gold": "echo-gold"}
+    for stage in STAGES:
+        ov = override(stage, data["root"], tmp_path)
+        args = launch_args(size, stage, runs) + ["--override", str(ov)]
+        assert main(args + ["--stop-at", "2"]) == 0, stage
+        run = runs / outs[stage]
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+        assert not (run / "model").exists()
+        assert main(args + ["--resume"]) == 0, stage
+        assert _steps(run) == [1, 2, 3, 4]
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+        state = torch.load(run / "checkpoints/step-000002/trainer_state.pt", weights_only=False)
+        recipe = yaml.safe_load((ROOT / f"recipes/{size}/{stage}.yaml").read_text())["train"]
+        assert state["train_config"]["grad_accum"] == recipe["grad_accum"]
+        assert state["train_config"]["lr"] == recipe["lr"]  # the recipe's, not the override's
+        saved = json.loads((run / "recipe.json").read_text())
+        assert saved["model"] == "tiny-random" and saved["train"]["precision"] == "bf16"
+        cfg = json.loads((run / "model" / "config.json").read_text())
+        assert (cmd := "echo" if stage.startswith("echo") else stage) in cfg["trained_stages"], cmd
+    assert (runs / "echo" / "model" / "model.safetensors").is_file()
+
+
+def test_hub_dataset_sources_become_local_manifests_once(data, tmp_path, capsys):
+    """An `{hf: ...}` source (LibriSpeech's schema here) is read once into audio files and a
+    manifest; the next run reads the manifest, even with the dataset gone. `--prepare-data`
+    does that for a whole recipe and stops."""
+    import shutil
+
+    from echox.train.run import _dialogue_source
+
+    src_dir = tmp_path / "asr"
+    shutil.copytree(data["root"] / "asr", src_dir)
+    src = {"hf": str(src_dir), "schema": "asr", "audio_dir": str(tmp_path / "audio"), "limit": 3}
+    recs, base = _dialogue_source(src)
+    assert len(recs) == 3 and base is None
+    user, asst = recs[0].conversations
+    assert user.prompt == "Transcribe this audio." and asst.value == user.value == "spoken words 0"
+    assert Path(user.audio).is_file() and Path(user.audio).parent == tmp_path / "audio"
+    shutil.rmtree(src_dir)
+    again, _ = _dialogue_source(src)
+    assert [r.to_json() for r in again] == [r.to_json() for r in recs]
+    shards, _ = _dialogue_source({"path": str(data["root"] / "EchoX-Dialogues"), "limit": 5})
+    assert len(shards) == 5 and all(Path(r.conversations[0].audio).is_absolute() for r in shards)
+    with pytest.raises(Exception, match="exactly one of hf or path"):
+        _dialogue_source({"hf": "x", "path": "y"})
+    ov = override("s2t", data["root"], tmp_path)
+    capsys.readouterr()
+    assert main(["train", "s2t", "--recipe", str(ROOT / "recipes/3b/s2t.yaml"), "--override", str(ov),
+                 "--out", str(tmp_path / "run"), "--prepare-data"]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert counts == {"stage": "s2t", "train_examples": 4 + 8, "eval_examples": 2}
+    assert not (tmp_path / "run").exists() and list((data["root"] / "hf-audio").glob("*.jsonl"))
+
+
+# ---- 2 processes: the launch script itself ---------------------------------------------------------
+@pytest.mark.slow
+def test_dry_run_through_the_launch_script_on_two_processes(data, tmp_path):
+    """recipes/3b/s2t.sh with ACCELERATE_CONFIG=recipes/accelerate/ddp.yaml and 2 processes:
+    DDP over gloo on CPU (FSDP and DeepSpeed do not run on CPU). Stop at step 2, then resume."""
+    runs = tmp_path / "runs"
+    ov = override("s2t", data["root"], tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNS": str(runs), "NUM_PROCESSES": "2",
+           "ACCELERATE_CONFIG": "recipes/accelerate/ddp.yaml",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    script = str(ROOT / "recipes" / "3b" / "s2t.sh")
+    for extra in (["--stop-at", "2"], ["--resume"]):
+        r = subprocess.run(["bash", script, "--override", str(ov), *extra], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    run = runs / "s2t"
+    state = torch.load(run / "checkpoints/step-000002/trainer_state.pt", weights_only=False)
+    assert state["num_processes"] == 2
+    assert {p.name for p in (run / "checkpoints/step-000002").glob("rng_state_*.pt")} == {
+        "rng_state_0.pt", "rng_state_1.pt"}
+    assert _steps(run) == [1, 2, 3, 4]
+    assert re.search(r'"steps": 4', r.stdout) and (run / "model" / "model.safetensors").is_file()
+
+
+def test_memory_plan_builds_the_published_sizes_that_docs_quote():
+    """bench/memory_plan.py on the meta device: the published parameter counts, and the
+    trainable / frozen sizes docs/scale.md quotes for the 3B S2T stage (its first table)."""
+    from echox.config import load_config
+
+    spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "bench/memory_plan.py")
+    mp = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("memory_plan", mp)  # its dataclasses look their module up
+    spec.loader.exec_module(mp)  # type: ignore[union-attr]
+
+    parts = mp.build_parts(load_config(str(ROOT / "recipes/3b/model.yaml")))
+    assert all(p.is_meta for m in parts.values() for p in m.parameters())
+    llm = sum(p.numel() for n, p in parts["llm"].named_parameters() if "lora_" not in n)
+    assert round(llm / 1e9, 2) == 3.21 and round(sum(p.numel() for p in parts["encoder"].parameters()) / 1e6) == 637
+    st = mp.state_bytes(parts, "s2t")
+    row = f"| s2t | {st['trainable'] / 1e6:,.0f}M | {st['frozen'] / 1e6:,.0f}M | 8 x 1 | " \
+          f"{sum(st['memory']['DDP'].values()) / 1e9:.1f}"
+    doc = (ROOT / "docs" / "scale.md").read_text()
+    assert row.rsplit(" | ", 1)[0] in doc
+    ddp_static = sum(st["memory"]["DDP"].values())
+    assert 18e9 < ddp_static < 22e9  # weights + grads + AdamW + buckets, before activations
