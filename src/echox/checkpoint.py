@@ -36,7 +36,7 @@ CHECKSUMS = "checksums.json"
 ADDED = "_added_rows."
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -129,7 +129,7 @@ def save_checkpoint(
         if extra_writer is not None:
             extra_writer(tmp)
         sums = {
-            str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
     return folder
@@ -151,7 +151,7 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
         p = folder / name
         if not p.is_file():
             raise CheckpointError(f"checkpoint file missing: {p}")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise CheckpointError(f"checkpoint file corrupt or half-written (checksum mismatch): {p}")
     try:
         meta = json.loads((folder / CONFIG).read_text())

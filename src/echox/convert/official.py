@@ -24,7 +24,6 @@ from the authors' public model code (FreedomIntelligence/EchoX, `models/echox_s2
 
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import shutil
@@ -357,14 +356,6 @@ def plan(src: Source, cfg: EchoXConfig) -> list[Entry]:
 # ---- writing --------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1 << 20) if sys.platform == "darwin" else kb / 1024  # macOS reports bytes
@@ -402,7 +393,7 @@ def _write_llm(tmp: Path, src: Source, entries: list[Entry]) -> None:
 def convert_official(src_dir: str | Path, out_dir: str | Path, audio_tower: str | None = None,
                      prompt: str = "authors") -> dict[str, Any]:
     """Convert; return the report (also written to OUT/conversion_report.json)."""
-    from echox.checkpoint import CHECKSUMS, CONFIG, FORMAT_VERSION, WEIGHTS
+    from echox.checkpoint import CHECKSUMS, CONFIG, FORMAT_VERSION, WEIGHTS, sha256_file
     from echox.infer.bundle import FAIRSEQ_CHECKPOINT, FAIRSEQ_CONFIG, UNIT_LANGUAGE_DIR, VOCODER_DIR
     from echox.model.vocoder import CodeHiFiGANConfig, VocoderError
     from echox.units.kmeans import UnitError
@@ -483,7 +474,7 @@ def convert_official(src_dir: str | Path, out_dir: str | Path, audio_tower: str 
         (tmp / "conversion_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
         # the LLM's shards (most of the bytes) are not hashed: verifying 16 GB on every load
         # would take longer than loading; safetensors checks their sizes when they are read
-        sums = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*"))
+        sums = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
                 if p.is_file() and not (p.parent.name == "llm" and p.suffix == ".safetensors")}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
     return report

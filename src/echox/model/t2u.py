@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,6 +29,33 @@ from echox.model.prompt import IGNORE
 class UnitOutput:
     logits: torch.Tensor  # [B, L, V_units + specials]
     labels: torch.Tensor  # [B, L], next-token targets already aligned (no shift needed)
+
+
+def teacher_forced(model: nn.Module, lm_head: nn.Module, embs: list[torch.Tensor],
+                   labs: list[torch.Tensor]) -> UnitOutput:
+    """Per-row decoder inputs [L_i, H] and labels [L_i] -> logits of the right-padded batch
+    (shared by the T2C layouts of `UnitDecoder` and the authors' `AuthorsUnitDecoder`)."""
+    b, width = len(embs), max(e.shape[0] for e in embs)
+    x = embs[0].new_zeros(b, width, embs[0].shape[-1])
+    labels = torch.full((b, width), IGNORE, dtype=torch.long, device=x.device)
+    mask = torch.zeros(b, width, dtype=torch.long, device=x.device)
+    for i, (e, lb) in enumerate(zip(embs, labs)):
+        x[i, : e.shape[0]] = e
+        labels[i, : lb.shape[0]] = lb
+        mask[i, : e.shape[0]] = 1
+    out = model(inputs_embeds=x, attention_mask=mask, use_cache=False)
+    return UnitOutput(lm_head(out.last_hidden_state), labels)
+
+
+def decoder_step(model: nn.Module, lm_head: nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
+                 pos: torch.Tensor, cache: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One cached decoding step of a unit decoder: (logits, hidden, cache)."""
+    out = model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+        use_cache=cache is not None or embeds.shape[1] > 0, **cache_kwargs(model, cache),
+    )
+    h = out.last_hidden_state
+    return lm_head(h), h, output_cache(out)
 
 
 class UnitDecoder(nn.Module):
@@ -93,27 +122,11 @@ class UnitDecoder(nn.Module):
 
     def forward(self, cond: list[torch.Tensor], units: list[list[int]]) -> UnitOutput:
         """Teacher-forced logits; rows are right-padded."""
-        embs, labs = self._rows(cond, units)
-        b, width = len(embs), max(e.shape[0] for e in embs)
-        h = embs[0].shape[-1]
-        x = embs[0].new_zeros(b, width, h)
-        labels = torch.full((b, width), IGNORE, dtype=torch.long, device=x.device)
-        mask = torch.zeros(b, width, dtype=torch.long, device=x.device)
-        for i, (e, lb) in enumerate(zip(embs, labs)):
-            x[i, : e.shape[0]] = e
-            labels[i, : lb.shape[0]] = lb
-            mask[i, : e.shape[0]] = 1
-        out = self.model(inputs_embeds=x, attention_mask=mask, use_cache=False)
-        return UnitOutput(self.lm_head(out.last_hidden_state), labels)
+        return teacher_forced(self.model, self.lm_head, *self._rows(cond, units))
 
     # ---- generation ----------------------------------------------------------------------
     def _step(self, embeds, mask, pos, cache):  # type: ignore[no-untyped-def]
-        out = self.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-            use_cache=cache is not None or embeds.shape[1] > 0, **cache_kwargs(self.model, cache),
-        )
-        h = out.last_hidden_state
-        return self.lm_head(h), h, output_cache(out)
+        return decoder_step(self.model, self.lm_head, embeds, mask, pos, cache)
 
     @property
     def _suppress_ids(self) -> list[int]:

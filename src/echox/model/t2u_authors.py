@@ -29,10 +29,9 @@ from torch import nn
 
 from echox.config import T2CConfig
 from echox.model.encoder import CheckpointError
-from echox.model.generation import (DecodeResult, SamplingConfig, cache_kwargs, decode, iter_decode,
-                                    output_cache)
+from echox.model.generation import DecodeResult, SamplingConfig, decode, iter_decode
 from echox.model.prompt import IGNORE
-from echox.model.t2u import UnitOutput
+from echox.model.t2u import UnitOutput, decoder_step, teacher_forced
 
 
 def token_ids(tokenizer: Any, tokens: list[str], what: str) -> list[int]:
@@ -138,26 +137,11 @@ class AuthorsUnitDecoder(nn.Module):
 
     def forward(self, cond: list[torch.Tensor], units: list[list[int]]) -> UnitOutput:
         """Teacher-forced logits over LLM + unit tokens; rows are right-padded."""
-        embs, labs = self._rows(cond, units)
-        b, width = len(embs), max(e.shape[0] for e in embs)
-        x = embs[0].new_zeros(b, width, embs[0].shape[-1])
-        labels = torch.full((b, width), IGNORE, dtype=torch.long, device=x.device)
-        mask = torch.zeros(b, width, dtype=torch.long, device=x.device)
-        for i, (e, lb) in enumerate(zip(embs, labs)):
-            x[i, : e.shape[0]] = e
-            labels[i, : lb.shape[0]] = lb
-            mask[i, : e.shape[0]] = 1
-        out = self.model(inputs_embeds=x, attention_mask=mask, use_cache=False)
-        return UnitOutput(self.lm_head(out.last_hidden_state), labels)
+        return teacher_forced(self.model, self.lm_head, *self._rows(cond, units))
 
     # ---- generation ----------------------------------------------------------------------
     def _step(self, embeds, mask, pos, cache):  # type: ignore[no-untyped-def]
-        out = self.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-            use_cache=cache is not None or embeds.shape[1] > 0, **cache_kwargs(self.model, cache),
-        )
-        h = out.last_hidden_state
-        return self.lm_head(h), h, output_cache(out)
+        return decoder_step(self.model, self.lm_head, embeds, mask, pos, cache)
 
     def greedy_sampling(self, cond_len: int) -> SamplingConfig:
         """Greedy, as released: at most `max_positions` new tokens (the authors' 2048) and at
