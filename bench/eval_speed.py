@@ -95,12 +95,12 @@ def print_table(rows: Sequence[Row]) -> None:
 
 def text_rows(args: argparse.Namespace) -> list[Row]:
     from echox.config import load_config
-    from echox.eval.benchmarks import BenchmarkError
+    from echox.errors import EvalError
     from echox.eval.run import TextAnswerer
 
     try:
         items = benchmark_items(args.benchmark, args.n, audio=False)
-    except BenchmarkError as err:
+    except EvalError as err:
         print(f"text: {err}; using the questions of recipes/tiny/questions.jsonl")
         items = recipe_questions(args.n)
     llm = args.llm or load_config(args.config).llm.name_or_path
@@ -110,13 +110,13 @@ def text_rows(args: argparse.Namespace) -> list[Row]:
 
 
 def s2t_rows(args: argparse.Namespace) -> list[Row]:
-    from echox.eval.benchmarks import BenchmarkError
+    from echox.errors import EvalError
     from echox.eval.run import S2TAnswerer
     from echox.infer.bundle import default_bundle, load_bundle
 
     try:
         items = benchmark_items(args.benchmark, args.n, audio=True)
-    except BenchmarkError as err:
+    except EvalError as err:
         print(f"s2t: skipped, it needs spoken questions: {err}")
         return []
     model = load_bundle(args.model or default_bundle()).model

@@ -2,7 +2,7 @@
 
     python bench/hifigan_int8.py --manifest data/tiny/train/tts.jsonl --stages "" 1 1,2 0,1,2 0,1,2,3
 
-Converts the packaged HiFi-GAN (default V1 `universal`) with `echox.convert.hifigan_onnx` once
+Converts the packaged HiFi-GAN (default V1 `universal`) with `echox.vocoder.onnx` once
 per stage set (calibrated on the mels of `--calib` clips of the manifest's audio), vocodes the
 mels of `--test` other clips with each, and prints a table: real-time factor of the generator
 (best of `--reps` passes, at `--threads` threads), and against torch float32 on the same mel:
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from echox.audio import load_audio
-    from echox.convert.hifigan import mel_spectrogram
-    from echox.convert.hifigan_onnx import convert_generator_onnx, load_onnx_generator
-    from echox.model.unit2mel import load_named_generator
+    from echox.vocoder.hifigan import mel_spectrogram
+    from echox.vocoder.io import load_named_generator
+    from echox.vocoder.onnx import convert_generator_onnx, load_onnx_generator
 
     torch.set_num_threads(args.threads)
     path = Path(args.manifest)

@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cli(argv: list[str] | None = None) -> int:
     """Bad input (missing bundle, unreadable audio) prints one line, exit status 2."""
-    from echox.audio import AudioError
-    from echox.config import ConfigError
-    from echox.model.encoder import CheckpointError
+    from echox.errors import AudioError, CheckpointError, ConfigError
 
     try:
         return main(argv)

@@ -146,10 +146,10 @@ def build_parts(cfg: EchoXConfig, dtype_all: torch.dtype | None = None) -> dict[
     from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from echox.model.adapter import DenoisingAdapter
+    from echox.model.denoiser import DenoisingAdapter
     from echox.model.llm import _DTYPES, _fit_vocab
-    from echox.model.shrink import SpeechAdapter
-    from echox.model.t2u import UnitDecoder
+    from echox.model.speech_adapter import SpeechAdapter
+    from echox.model.unit_decoder import UnitDecoder
 
     if cfg.llm.name_or_path not in LLMS or cfg.encoder.name_or_path not in ENCODERS:
         raise SystemExit(f"no published config here for {cfg.llm.name_or_path} / "

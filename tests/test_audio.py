@@ -11,7 +11,6 @@ import pytest
 import soundfile as sf
 
 from echox.audio import (
-    AudioError,
     AudioInfo,
     AudioWarning,
     audio_duration,
@@ -20,6 +19,7 @@ from echox.audio import (
     save_audio,
     split_audio,
 )
+from echox.errors import AudioError
 
 
 def sine(freq: float, seconds: float, sr: int, amp: float = 0.5) -> np.ndarray:
@@ -343,3 +343,101 @@ def test_audio_duration(tmp_path: Path) -> None:
     (tmp_path / "empty.flac").write_bytes(b"")
     with pytest.raises(AudioError, match="empty"):
         audio_duration(tmp_path / "empty.flac")
+
+
+# ----------------------------------------------------------------------------- truncated WAV
+
+
+def _wav_bytes(x: np.ndarray, sr: int = 16000, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def test_truncated_wav_is_refused(tmp_path: Path) -> None:
+    whole = _wav_bytes(sine(440.0, 1.0, 16000))  # 16000 samples, 32000 bytes of PCM_16
+    assert len(whole) == 44 + 32000
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole[:44 + 16000])  # the second half is missing
+    with pytest.raises(AudioError, match=r"cut\.wav.*truncated.*header says 16000 samples"
+                                         r".*file holds 8000") as exc:
+        load_audio(cut)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(AudioError, match="truncated"):
+        load_audio(whole[:44 + 16000])  # the same as bytes
+    (tmp_path / "head.wav").write_bytes(whole[:44])  # a header and no samples at all
+    with pytest.raises(AudioError, match=r"head\.wav.*truncated.*file holds 0"):
+        load_audio(tmp_path / "head.wav")
+    # stereo float: counted in frames of both channels
+    st = _wav_bytes(np.stack([sine(440.0, 0.5, 8000)] * 2, axis=1), 8000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"header says 4000 samples.*holds 3999"):
+        load_audio(st[:-1])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"),
+    [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("WAV", "PCM_24"), ("WAVEX", "PCM_16"),
+     ("RF64", "PCM_16"), ("WAV", "ULAW")],
+)
+def test_complete_wavs_still_load(tmp_path: Path, fmt: str, subtype: str) -> None:
+    x = sine(440.0, 0.3, 16000)
+    data = _wav_bytes(x, fmt=fmt, subtype=subtype)
+    (tmp_path / "ok.wav").write_bytes(data)
+    assert load_audio(tmp_path / "ok.wav").shape == x.shape
+    assert load_audio(data).shape == x.shape
+    if fmt == "RF64":  # an RF64 cut short is caught through its ds64 size as well
+        with pytest.raises(AudioError, match="truncated"):
+            load_audio(data[:-200])
+
+
+def test_wav_with_trailing_chunk_and_streamed_size(tmp_path: Path) -> None:
+    x = sine(440.0, 0.25, 16000)
+    data = bytearray(_wav_bytes(x))
+    # a LIST chunk after the samples (odd length: padded) is not a truncation
+    extra = b"LIST" + (5).to_bytes(4, "little") + b"INFO!" + b"\x00"
+    tail = bytes(data) + extra
+    tail = tail[:4] + (len(tail) - 8).to_bytes(4, "little") + tail[8:]
+    assert load_audio(tail).shape == x.shape
+    # written to a pipe: RIFF and data sizes unknown (0xFFFFFFFF); libsndfile reads to the end
+    streamed = bytearray(data)
+    streamed[4:8] = b"\xff\xff\xff\xff"
+    streamed[40:44] = b"\xff\xff\xff\xff"
+    (tmp_path / "stream.wav").write_bytes(bytes(streamed))
+    np.testing.assert_allclose(load_audio(tmp_path / "stream.wav"), load_audio(bytes(data)))
+    # an odd-sized data chunk without its pad byte loses no sample
+    odd = _wav_bytes(np.full(101, 0.25, np.float32), 8000, subtype="PCM_U8")
+    assert len(odd) == 44 + 101 + 1
+    assert load_audio(odd[:-1], 8000).shape == (101,)
+
+
+# ----------------------------------------------------------------------------- question checks
+
+
+def test_check_question_length() -> None:
+    from echox.audio import MIN_QUESTION_SECONDS, check_question_length
+
+    assert MIN_QUESTION_SECONDS == 0.1
+    check_question_length(1600, 16000)  # exactly 0.1 s passes
+    check_question_length(800, 8000)
+    with pytest.raises(AudioError, match=r"^question audio is 0\.00 s long; a question needs "
+                                         r"at least 0\.1 s of audio$"):
+        check_question_length(1, 16000)
+    with pytest.raises(AudioError, match=r"^'q\.wav' is 0\.0999 s long"):
+        check_question_length(1599, 16000, "'q.wav'")
+
+
+def test_check_output_path(tmp_path: Path) -> None:
+    from echox.audio import check_output_path
+
+    assert check_output_path(tmp_path / "new" / "deeper" / "a.wav") == tmp_path / "new/deeper/a.wav"
+    assert check_output_path(tmp_path / "a.FLAC").suffix == ".FLAC"
+    with pytest.raises(AudioError, match=r"unsupported suffix '\.mp3'"):
+        check_output_path(tmp_path / "a.mp3")
+    (tmp_path / "d.wav").mkdir()
+    with pytest.raises(AudioError, match="is a folder"):
+        check_output_path(tmp_path / "d.wav")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AudioError, match="is not a folder"):
+        check_output_path(tmp_path / "file" / "a.wav")

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from test_vocoder_unit2mel import tiny_generator
 
-from echox.convert.hifigan import HiFiGANConfig, HiFiGANGenerator, MelSpec, save_generator
-from echox.model.unit2mel import Unit2Mel, Unit2MelConfig, UnitMelVocoder
+from echox.vocoder.io import save_generator, save_vocoder
+from echox.vocoder.unit2mel import Unit2Mel, Unit2MelConfig
+from echox.vocoder.unit_mel import UnitMelVocoder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,21 +32,12 @@ def _bench():
     return _script("vocoder")
 
 
-def _generator(seed: int) -> HiFiGANGenerator:
-    spec = MelSpec(n_mels=16, sampling_rate=22050, hop_length=16, n_fft=64, win_length=64)
-    cfg = HiFiGANConfig(num_mels=16, upsample_rates=(4, 4), upsample_kernel_sizes=(8, 8),
-                        upsample_initial_channel=16, resblock_kernel_sizes=(3,),
-                        resblock_dilation_sizes=((1, 2),), mel=spec)
-    torch.manual_seed(seed)
-    return HiFiGANGenerator(cfg).eval()
-
-
 @pytest.mark.slow
 def test_bench_vocoder_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
     u2m = Unit2Mel(Unit2MelConfig.tiny(hop_length=16)).eval()
-    UnitMelVocoder(u2m, _generator(0), hifigan="mine").save_pretrained(tmp_path / "voc")
-    save_generator(_generator(1), tmp_path / "other")
+    save_vocoder(UnitMelVocoder(u2m, tiny_generator(seed=0), hifigan="mine"), tmp_path / "voc")
+    save_generator(tiny_generator(seed=1), tmp_path / "other")
     rng = np.random.default_rng(0)
     rows = []
     for i in range(2):

@@ -99,3 +99,56 @@ def test_chat_user_errors_exit_2(bundle_dir: Path, tmp_path: Path,
                                  "--top-p", "0"]), "top_p")
     one_line_error(capsys, main(["chat", "--model", str(tmp_path / "nope"), "--text", "hi",
                                  "--first-chunk-units", "0"]), "first_chunk_units")
+
+
+def test_bad_input_fails_before_the_model_load(bundle_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The question and the answer path are checked first: the (slow) loader is never called."""
+    import echox.infer.bundle as bundle_mod
+    import echox.infer.chat as chat_mod
+
+    loads: list[object] = []
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        loads.append(args)
+        raise AssertionError("the bundle was loaded before the input was checked")
+
+    monkeypatch.setattr(bundle_mod, "load_bundle", no_load)
+    if hasattr(chat_mod, "load_bundle"):  # imported at module level
+        monkeypatch.setattr(chat_mod, "load_bundle", no_load)
+
+    def chat(*argv: str) -> int:
+        return main(["chat", *argv, "--model", str(bundle_dir), *FAST])
+
+    one_line_error(capsys, chat(str(tmp_path / "missing.wav")), "missing.wav", "not found")
+    one = tmp_path / "one.wav"
+    sf.write(one, noise(0.1)[:1], 16000)
+    msg = one_line_error(capsys, chat(str(one)))
+    assert msg == (f"echox: error: '{one}': question audio is 0.00 s long; "
+                   "a question needs at least 0.1 s of audio")
+    cut = tmp_path / "cut.wav"
+    sf.write(cut, noise(1.0), 16000, subtype="PCM_16")
+    cut.write_bytes(cut.read_bytes()[:44 + 16000])
+    one_line_error(capsys, chat(str(cut)), "cut.wav", "truncated WAV file",
+                   "header says 16000 samples", "file holds 8000")
+    long = tmp_path / "long.wav"
+    sf.write(long, noise(4.0), 16000)
+    one_line_error(capsys, chat(str(long), "--max-audio-seconds", "3.5"), "long.wav",
+                   "the limit is 3.5 s", "pass --max-audio-seconds N")
+    longer = tmp_path / "longer.wav"  # over the bundle's own encoder.max_seconds (30 s)
+    sf.write(longer, noise(31.0), 16000)
+    one_line_error(capsys, chat(str(longer)), "longer.wav", "31.0 s; the limit is 30 s",
+                   "--max-audio-seconds")
+    q = tmp_path / "q.wav"
+    sf.write(q, noise(0.5), 16000)
+    one_line_error(capsys, chat(str(q), "-o", str(tmp_path / "a.mp3")), "a.mp3",
+                   "unsupported suffix")
+    (tmp_path / "file").write_text("not a folder")
+    one_line_error(capsys, chat("--text", "hi", "-o", str(tmp_path / "file" / "a.wav")),
+                   "is not a folder")
+    (tmp_path / "dir.wav").mkdir()
+    one_line_error(capsys, chat(str(q), "-o", str(tmp_path / "dir.wav")), "dir.wav", "is a folder")
+    one_line_error(capsys, chat("-o", str(tmp_path / "turns.mp3")), "turns_1.mp3",
+                   "unsupported suffix")  # interactive
+    assert loads == []

@@ -1,12 +1,13 @@
 import json
+import re
 
 import pytest
 import torch
-
 from conftest import noise
-from echox.data.collate import collate_t2c
+
+from echox.errors import CheckpointError
+from echox.model.batch import collate_t2c
 from echox.model.echox import EchoX
-from echox.model.encoder import CheckpointError
 from echox.model.prompt import Turn
 
 
@@ -142,3 +143,43 @@ def test_added_token_rows_come_from_the_gathered_state(make_model, tmp_path):
     folder = m.save_pretrained(tmp_path / "ck", full_state=full)
     back = EchoX.from_pretrained(folder)
     torch.testing.assert_close(back.llm.base.get_input_embeddings().weight[ids], full[key][ids])
+
+
+def _rewrite(folder, name, text):
+    """Replace a checkpoint file and its checksum, as a hand edit that kept checksums would."""
+    import hashlib
+
+    (folder / name).write_text(text)
+    sums = json.loads((folder / "checksums.json").read_text())
+    sums[name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    (folder / "checksums.json").write_text(json.dumps(sums))
+
+
+@pytest.mark.parametrize(("text", "kind"), [("[]", r"a list: \[\]"), ("3", "a number: 3"),
+                                            ('"echox"', 'a string: "echox"'), ("null", "null")])
+def test_config_json_that_is_not_an_object(make_model, tmp_path, text, kind):
+    folder = make_model().save_pretrained(tmp_path / "ckpt")
+    _rewrite(folder, "config.json", text)
+    where = re.escape(str(folder / "config.json"))
+    with pytest.raises(CheckpointError, match=rf"^{where} is not an EchoX checkpoint config: "
+                                              rf"expected a JSON object, got {kind}$"):
+        EchoX.from_pretrained(folder)
+
+
+def test_malformed_config_and_checksum_values(make_model, tmp_path):
+    folder = make_model().save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((folder / "config.json").read_text())
+    _rewrite(folder, "config.json", json.dumps({**meta, "config": [1, 2]}))
+    with pytest.raises(CheckpointError, match=r'config\.json: "config" must be a JSON object, '
+                                              r"got a list: \[1, 2\]"):
+        EchoX.from_pretrained(folder)
+    _rewrite(folder, "config.json", json.dumps({**meta, "format_version": "2"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: format_version must be an integer"):
+        EchoX.from_pretrained(folder)
+    (folder / "checksums.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"corrupt checkpoint file .*checksums\.json: "
+                                              r"expected a JSON object"):
+        EchoX.from_pretrained(folder)
+    (folder / "checksums.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(CheckpointError, match=r"corrupt checkpoint file .*checksums\.json"):
+        EchoX.from_pretrained(folder)

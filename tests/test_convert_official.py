@@ -16,8 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from official_fixture import (AUDIO, BOS, CHAIN, CHAIN_UNITS, EH, EOT, SH, UNIT_TEXTS, VOCAB,  # noqa: E402
-                              build_authors_folder, build_tokenizer, tok_id)
+from official_fixture import (  # noqa: E402
+    AUDIO,
+    BOS,
+    CHAIN,
+    CHAIN_UNITS,
+    EH,
+    EOT,
+    SH,
+    UNIT_TEXTS,
+    VOCAB,
+    build_authors_folder,
+    build_tokenizer,
+    tok_id,
+)
 
 from echox.cli import main  # noqa: E402
 
@@ -87,7 +99,7 @@ def test_config_sets_the_authors_computation(bundle) -> None:
 
 
 def test_t2c_sizes_follow_unit_model() -> None:
-    from echox.model.t2u_authors import authors_t2c_sizes
+    from echox.model.unit_decoder_authors import authors_t2c_sizes
 
     llm = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
            "intermediate_size": 14336}
@@ -140,7 +152,7 @@ def _self_attention_layer_by_hand(layer: nn.TransformerEncoderLayer, x: torch.Te
 def test_speech_adapter_by_hand() -> None:
     """encoder_attention=self, shrink keeping blank runs, look-back over the kept frames, no
     padding mask: each step written out with explicit matrices."""
-    from echox.model.shrink import SpeechAdapter, shrink_mask
+    from echox.model.speech_adapter import SpeechAdapter, shrink_mask
 
     torch.manual_seed(3)
     d, heads, blank, t = 16, 2, 0, 9
@@ -176,7 +188,7 @@ def test_self_attention_is_the_authors_module_call() -> None:
     """The authors' layer is built sequence-first and called on [turns, frames, D], and their
     inference code gives it one turn at a time: exactly encoder_attention=self (and not what
     'frames' computes)."""
-    from echox.model.shrink import SpeechAdapter
+    from echox.model.speech_adapter import SpeechAdapter
 
     torch.manual_seed(4)
     ad = SpeechAdapter(8, 16, 12, blank_id=0, num_heads=2, encoder_attention="self").eval()

@@ -1,22 +1,65 @@
-"""`echox demo` runs end to end offline (the embedded bundle, or the tiny-random fallback)."""
+"""`echox demo` runs end to end offline with the embedded bundle and speaks its answer."""
+
+import re
+
+import numpy as np
+import soundfile as sf
 
 from echox.cli import main
 from echox.infer.demo import packaged_question
 
+OUTPUT_RATE = 16000  # what every EchoX vocoder writes (the embedded one: vocoder output_sr)
+MIN_PEAK = 0.01  # -40 dBFS: well above silence (audio.SILENCE_PEAK is 1e-4)
 
-def test_demo_runs_offline(tmp_path, capsys):
+
+def test_demo_speaks_its_answer_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ECHOX_MODEL", raising=False)  # the embedded (trained) bundle
     assert packaged_question().is_file()
     out = tmp_path / "answer.wav"
     assert main(["demo", "--no-asr", "-o", str(out), "--max-new-tokens", "8", "--verbose"]) == 0
     cap = capsys.readouterr()
     text = cap.out
     assert "question:" in text and "answer:" in text and "stats:" in text
-    assert out.is_file() or "no speech was produced" in text
-    if out.is_file():  # --verbose shows each audio piece: segment.part, length, units
-        assert "[AudioChunk 0.0:" in cap.err and "units" in cap.err
+    assert "tiny-random" not in text, "the demo fell back to the untrained model"
+    assert "no speech was produced" not in text, text
+
+    # the spoken answer: a real 16 kHz waveform, not silence, of a plausible length
+    assert out.is_file()
+    wav, sr = sf.read(out, dtype="float32")
+    assert sr == OUTPUT_RATE and wav.ndim == 1 and wav.size > 0
+    assert np.all(np.isfinite(wav))
+    peak, rms = float(np.abs(wav).max()), float(np.sqrt(np.mean(wav.astype(np.float64) ** 2)))
+    assert peak > MIN_PEAK and rms > MIN_PEAK / 10, (peak, rms)
+    seconds = wav.size / sr
+    assert 0.3 < seconds < 20.0, seconds  # a few words for 8 text tokens
+
+    # what the demo reports agrees with the file: the printed length and the audio pieces
+    said = re.search(r"spoken answer: .*answer\.wav \(([\d.]+) s\)", text)
+    assert said and abs(float(said.group(1)) - seconds) < 0.006, text
+    pieces = [(float(s), int(u)) for s, u in
+              re.findall(r"\[AudioChunk \d+\.\d+: ([\d.]+) s, (\d+) units", cap.err)]
+    assert pieces and cap.err.count("[AudioChunk 0.0:") == 1
+    assert abs(sum(s for s, _ in pieces) - seconds) < 0.006 * len(pieces) + 1e-3
+    units = sum(u for _, u in pieces)  # 50 Hz units: 20 ms each, longer where durations repeat
+    assert 0.01 * units < seconds < 0.2 * units, (units, seconds)
 
 
 def test_demo_missing_model_is_one_line(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "Traceback" not in err
+
+
+def test_demo_checks_the_question_before_the_model(tmp_path, capsys):
+    """A 1-sample question or an unwritable answer path is refused before any model load:
+    the missing --model folder is never reached."""
+    one = tmp_path / "one.wav"
+    sf.write(one, np.full(1, 0.5, np.float32), 16000)
+    nope = ["--model", str(tmp_path / "nope"), "--no-asr"]
+    assert main(["demo", "--question", str(one), *nope]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"echox: error: '{one}': question audio is 0.00 s long; "
+                   "a question needs at least 0.1 s of audio")
+    assert main(["demo", "-o", str(tmp_path / "a.mp3"), *nope]) == 2
+    err = capsys.readouterr().err
+    assert "a.mp3" in err and "unsupported suffix" in err and "nope" not in err

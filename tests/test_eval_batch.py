@@ -14,10 +14,11 @@ import soundfile as sf
 import torch
 from conftest import noise
 
-from echox.audio import AudioError, load_audio
+from echox.audio import load_audio
 from echox.cli import main
-from echox.eval.benchmarks import BenchmarkError, QAItem, open_benchmark
-from echox.eval.run import EvalError, S2TAnswerer, TextAnswerer, run_eval
+from echox.errors import AudioError, EvalError
+from echox.eval.benchmarks import QAItem, open_benchmark
+from echox.eval.run import S2TAnswerer, TextAnswerer, run_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 LLM = "builtin:tiny-random-llama"
@@ -209,7 +210,7 @@ def test_undecodable_audio_file_fails_as_one_at_a_time(tmp_path: Path, model: An
     rows[2]["audio"] = str(tmp_path / "bad.wav")
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = open_benchmark(f"local:{tmp_path / 'qa.jsonl'}")
-    with pytest.raises(BenchmarkError, match="cannot decode"):
+    with pytest.raises(EvalError, match="cannot decode"):
         run_eval(items, S2TAnswerer(model, 6), "s2t", tmp_path / "run", "b", progress=False,
                  batch_size=batch_size)
     assert [r["id"] for r in records(tmp_path / "run" / "items.jsonl")] == ["q0", "q1"]

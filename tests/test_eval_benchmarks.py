@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from echox.errors import EvalError
 from echox.eval.benchmarks import (
     BENCHMARKS,
     Benchmark,
-    BenchmarkError,
     QAItem,
     load_benchmark,
     open_benchmark,
@@ -129,7 +129,7 @@ def test_dataset_dict_splits(tmp_path: Path) -> None:
     assert len(load_benchmark(f"web-questions={tmp_path / 'wq'}")) == 3  # "test" by default
     train = load_benchmark(f"web-questions={tmp_path / 'wq'}", split="train")
     assert [it.question for it in train] == [SCHEMAS["web-questions"]["question"][0]]
-    with pytest.raises(BenchmarkError, match="no split 'dev'.*train"):
+    with pytest.raises(EvalError, match="no split 'dev'.*train"):
         load_benchmark(f"web-questions={tmp_path / 'wq'}", split="dev")
 
 
@@ -144,7 +144,7 @@ def test_limit_and_lazy_access(tmp_path: Path) -> None:
     assert bench[-1].answers == ["1,000"]
     with pytest.raises(IndexError):
         bench[3]
-    with pytest.raises(BenchmarkError, match="limit"):
+    with pytest.raises(EvalError, match="limit"):
         load_benchmark(f"llama-questions={path}", limit=-1)
 
 
@@ -197,10 +197,10 @@ def test_malformed_jsonl_line_is_named(tmp_path: Path) -> None:
     path = _write_local(tmp_path)
     with path.open("a", encoding="utf-8") as f:
         f.write('{"audio": "wavs/a.wav", "question": "oops"\n')
-    with pytest.raises(BenchmarkError, match=r"qa\.jsonl line 4: malformed JSON"):
+    with pytest.raises(EvalError, match=r"qa\.jsonl line 4: malformed JSON"):
         load_benchmark(f"local:{path}")
     path.write_text('["not", "an", "object"]\n', encoding="utf-8")
-    with pytest.raises(BenchmarkError, match="line 1: expected a JSON object"):
+    with pytest.raises(EvalError, match="line 1: expected a JSON object"):
         load_benchmark(f"local:{path}")
 
 
@@ -210,38 +210,38 @@ def test_local_jsonl_missing_key_and_missing_audio(tmp_path: Path) -> None:
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({"audio": "a.wav", "question": "q"}),
                     encoding="utf-8")
-    with pytest.raises(BenchmarkError, match="line 2: missing key 'answers'"):
+    with pytest.raises(EvalError, match="line 2: missing key 'answers'"):
         load_benchmark(f"local:{path}")
     path.write_text(json.dumps({**good, "audio": "nope.wav"}) + "\n", encoding="utf-8")
-    with pytest.raises(BenchmarkError, match=r"line 1: audio file .*nope\.wav does not exist"):
+    with pytest.raises(EvalError, match=r"line 1: audio file .*nope\.wav does not exist"):
         load_benchmark(f"local:{path}")
     path.write_text(json.dumps({"wav_file": "a.wav", "question": "q", "answers": "a"}) + "\n",
                     encoding="utf-8")
-    with pytest.raises(BenchmarkError, match="no audio column"):
+    with pytest.raises(EvalError, match="no audio column"):
         load_benchmark(f"local:{path}")
 
 
 def test_spec_errors(tmp_path: Path) -> None:
-    with pytest.raises(BenchmarkError, match="unknown benchmark 'spoken-squad'"):
+    with pytest.raises(EvalError, match="unknown benchmark 'spoken-squad'"):
         load_benchmark("spoken-squad")
-    with pytest.raises(BenchmarkError, match="unknown benchmark"):
+    with pytest.raises(EvalError, match="unknown benchmark"):
         load_benchmark(f"squad={tmp_path}")
-    with pytest.raises(BenchmarkError, match="does not exist"):
+    with pytest.raises(EvalError, match="does not exist"):
         load_benchmark(f"web-questions={tmp_path / 'missing'}")
-    with pytest.raises(BenchmarkError, match="does not exist"):
+    with pytest.raises(EvalError, match="does not exist"):
         load_benchmark(f"local:{tmp_path / 'missing.jsonl'}")
-    with pytest.raises(BenchmarkError, match="names no path"):
+    with pytest.raises(EvalError, match="names no path"):
         load_benchmark("local:")
-    with pytest.raises(BenchmarkError, match="empty benchmark spec"):
+    with pytest.raises(EvalError, match="empty benchmark spec"):
         load_benchmark("  ")
-    with pytest.raises(BenchmarkError, match="no .parquet files"):
+    with pytest.raises(EvalError, match="no .parquet files"):
         load_benchmark(f"trivia-qa={tmp_path}")
 
 
 def test_missing_question_column(tmp_path: Path) -> None:
     ds = _hub_dataset("web-questions").rename_column("question", "utterance")
     ds.to_parquet(str(tmp_path / "wq.parquet"))
-    with pytest.raises(BenchmarkError, match=r"no question column.*utterance"):
+    with pytest.raises(EvalError, match=r"no question column.*utterance"):
         load_benchmark(f"web-questions={tmp_path / 'wq.parquet'}")
 
 
@@ -250,7 +250,7 @@ def test_hub_unreachable_gives_a_hint() -> None:
 
     if not constants.HF_HUB_OFFLINE:
         pytest.skip("huggingface_hub was imported before HF_HUB_OFFLINE was set")
-    with pytest.raises(BenchmarkError, match="llama-questions=PATH"):
+    with pytest.raises(EvalError, match="llama-questions=PATH"):
         load_benchmark("llama-questions", limit=1)
 
 
@@ -263,9 +263,9 @@ def test_parse_answers() -> None:
     assert parse_answers(1912) == ["1912"]
     assert parse_answers("[not a list") == ["[not a list"]
     assert parse_answers("[1914]") == ["1914"]
-    with pytest.raises(BenchmarkError, match="missing"):
+    with pytest.raises(EvalError, match="missing"):
         parse_answers(None)
-    with pytest.raises(BenchmarkError, match="empty"):
+    with pytest.raises(EvalError, match="empty"):
         parse_answers([])
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import noise
+
 from echox.model.generation import SamplingConfig
 from echox.model.prompt import IGNORE, Turn
 

@@ -5,12 +5,12 @@ import logging
 
 import pytest
 import torch
-
 from conftest import noise
+from test_train import _echo_init, _run, dialogues
+
 from echox.config import preset_config
 from echox.model.feature_cache import EncoderCache, encoder_fingerprint
 from echox.train import stages
-from test_train import _echo_init, _run, dialogues
 
 
 def _losses(out_dir):

@@ -1,6 +1,6 @@
 import torch
-
 from conftest import noise
+
 from echox.model.generation import SamplingConfig, sample_next
 from echox.model.prompt import Turn
 

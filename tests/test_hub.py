@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from echox.hub import ResolveError, cache_dir, resolve
+from echox.errors import ResolveError
+from echox.hub import cache_dir, resolve
 
 
 def test_builtin_is_materialised_once(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from sklearn.cluster import MiniBatchKMeans
 
-from echox.units.kmeans import UnitError, UnitKMeans, dedup, dedup_with_counts
+from echox.errors import UnitError
+from echox.units.kmeans import UnitKMeans, dedup, dedup_with_counts
 
 
 def _blobs(k: int = 5, dim: int = 8, per: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

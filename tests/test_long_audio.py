@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 from conftest import noise
 
-from echox.model.encoder import AudioTooLongError
+from echox.errors import AudioTooLongError
 from echox.model.prompt import Turn
 
 WIN = 3.0  # tiny-random Whisper window, seconds
@@ -103,7 +103,7 @@ def test_mixed_batch_rows_equal_their_single_rows(models, mask):
 
 
 def test_shrink_keeps_the_kept_frames_of_long_speech():
-    from echox.model.shrink import gather_kept
+    from echox.model.speech_adapter import gather_kept
 
     keep = torch.zeros(2, 400, dtype=torch.bool)  # 400 frame pairs: 16 s of speech
     keep[0, ::7] = True
@@ -130,11 +130,13 @@ def test_over_the_limit_is_one_line_naming_the_option(make_model):
             m.encode_speech([noise(5.0, 1)])
     msg = str(e.value)
     assert isinstance(e.value, ValueError) and "\n" not in msg
-    assert msg == ("question audio is 5.0 s; the limit is 4.5 s "
-                   "(--max-audio-seconds, or encoder.max_seconds)")
+    assert msg == ("question audio is 5.0 s; the limit is 4.5 s (to accept longer speech, "
+                   "pass --max-audio-seconds N; max_audio_seconds=N in the Python API, "
+                   "encoder.max_seconds in a model config)")
     with pytest.raises(AudioTooLongError, match="utterance 1's audio is 5.0 s"):
         m.generate_text([[Turn("user", audio=noise(1.0))], [Turn("user", audio=noise(5.0))]])
-    from echox.config import ConfigError, preset_config
+    from echox.config import preset_config
+    from echox.errors import ConfigError
 
     with pytest.raises(ConfigError, match="encoder.max_seconds"):
         preset_config("tiny-random", ["encoder.max_seconds=0"]).validate()
@@ -181,7 +183,7 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_engine_limit(bundle_dir: Path, tmp_path: Path) -> None:
-    from echox.config import ConfigError
+    from echox.errors import ConfigError
     from echox.infer.bundle import load_bundle
     from echox.infer.engine import Engine
 
@@ -196,7 +198,8 @@ def test_engine_limit(bundle_dir: Path, tmp_path: Path) -> None:
         assert eng.model.config.encoder.max_seconds == 5.0
         f = tmp_path / "six.wav"
         sf.write(f, noise(6.0), 16000)
-        with pytest.raises(AudioTooLongError, match=r"six.wav': question audio is 6.0 s.*limit is 5 s"):
+        with pytest.raises(AudioTooLongError, match=r"six.wav': question audio is 6.0 s.*limit is 5 s "
+                           r"\(to accept longer speech, pass --max-audio-seconds N;"):
             eng.session().respond(audio=f)
     with pytest.raises(ConfigError, match="--max-audio-seconds"):
         Engine(bundle, max_audio_seconds=0)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from echox.model import losses
 from echox.model.prompt import IGNORE
-from echox.train import losses
 
 
 def test_stage3_total_caps_cosine_term():

@@ -11,12 +11,26 @@ import pytest
 import torch
 
 from echox.audio import save_audio
-from echox.data.collate import S2TBatch, T2CBatch
-from echox.data.manifest import (
-    AsrRecord, DialogueMessage, DialogueRecord, ManifestError, S2TDataset, S2TExample,
-    T2CDataset, TtsRecord, collate_t2c_examples, load_hf_asr, load_hf_dialogues,
-    make_s2t_collator, read_dialogues_json, read_jsonl, validate_manifest, write_jsonl,
+from echox.data.datasets import (
+    S2TDataset,
+    S2TExample,
+    T2CDataset,
+    collate_t2c_examples,
+    make_s2t_collator,
 )
+from echox.data.hf import load_hf_asr, load_hf_dialogues
+from echox.data.manifest import (
+    AsrRecord,
+    DialogueMessage,
+    DialogueRecord,
+    TtsRecord,
+    read_dialogues_json,
+    read_jsonl,
+    validate_manifest,
+    write_jsonl,
+)
+from echox.errors import ManifestError
+from echox.model.batch import S2TBatch, T2CBatch
 from echox.model.prompt import IGNORE, Turn
 
 

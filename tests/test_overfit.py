@@ -1,9 +1,9 @@
 """Each stage's loss falls by at least half when it overfits one tiny batch (≤ 50 steps)."""
 
 import torch
-
 from conftest import noise
-from echox.data.collate import collate_t2c
+
+from echox.model.batch import collate_t2c
 from echox.model.prompt import Turn
 
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import noise
-from echox.model.prompt import IGNORE, PromptError, Turn, merge_speech
+
+from echox.errors import PromptError
+from echox.model.prompt import IGNORE, Turn, merge_speech
 
 
 def _dialogues():

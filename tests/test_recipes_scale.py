@@ -142,7 +142,7 @@ def test_recipes_are_complete_and_consistent(size):
     from accelerate.commands.config.config_args import load_config_from_file
 
     from echox.config import load_config
-    from echox.train.run import load_recipe, train_config
+    from echox.train.run import load_stage_recipe, train_config
 
     model = load_config(str(ROOT / "recipes" / size / "model.yaml"))
     assert model.llm.name_or_path.startswith("meta-llama/Llama-3.")
@@ -150,17 +150,17 @@ def test_recipes_are_complete_and_consistent(size):
     assert model.t2c.unit_vocab_size == 4000 and model.llm.lora.r == 64
     global_batch = {}
     for stage in STAGES:
-        r = load_recipe(str(ROOT / "recipes" / size / f"{stage}.yaml"), [])
-        assert r["model"] == f"recipes/{size}/model.yaml"  # one model file for every stage
         cmd = "echo" if stage.startswith("echo") else stage
+        r = load_stage_recipe(str(ROOT / "recipes" / size / f"{stage}.yaml"), [], stage=cmd)
+        assert r["model"] == f"recipes/{size}/model.yaml"  # one model file for every stage
         cfg = train_config(cmd, r, type("A", (), {})())
         assert cfg.precision == "bf16" and cfg.max_steps > 1000 and cfg.save_every > 0
         global_batch[stage] = cfg.batch_size * cfg.grad_accum * 8
         args = launch_args(size, stage, Path("RUNS"))
         assert args[:2] == ["train", cmd] and args[args.index("--recipe") + 1] == f"recipes/{size}/{stage}.yaml"
-        assert r["data"]["train"]
+        assert r["data"].train
     assert global_batch == {"s2t": 64, "t2c": 256, "echo": 64, "echo_gold": 64}
-    assert load_recipe(str(ROOT / f"recipes/{size}/echo.yaml"), [])["train"]["pseudo_labels"] == "online"
+    assert load_stage_recipe(str(ROOT / f"recipes/{size}/echo.yaml"), [], stage="echo")["train"].pseudo_labels == "online"
     for cfg_file in sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")):
         load_config_from_file(str(cfg_file))  # accelerate reads every launch config
     for z in ("zero2", "zero3"):

@@ -7,11 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import noise
-from echox.data.manifest import DialogueRecord, ManifestError, read_jsonl  # noqa: I001 (import loop)
+
 from echox.data.datasets import ConcatDataset, S2TDataset, perturb_audio
-from echox.data.s2t_mix import ASR_PROMPT, S2TMixError, build_s2t_mix
+from echox.data.manifest import DialogueRecord, read_jsonl
+from echox.data.s2t_mix import ASR_PROMPT, build_s2t_mix
+from echox.errors import ManifestError
 
 QS = ["What is the capital of Japan?", "Who wrote Hamlet?", "How many legs has a spider?"]
 
@@ -60,9 +61,9 @@ def test_mix_makes_voice_and_asr_turns_and_resumes(tmp_path):
 def test_mix_refuses_the_test_voice_and_a_missing_corpus(tmp_path):
     corpus = _corpus(tmp_path)
     for v in ("en-us", "en-us+f3"):
-        with pytest.raises(S2TMixError, match="test"):
+        with pytest.raises(ManifestError, match="test"):
             build_s2t_mix(corpus, voice=v)
-    with pytest.raises(S2TMixError, match="build-tiny"):
+    with pytest.raises(ManifestError, match="build-tiny"):
         build_s2t_mix(tmp_path / "nothing")
     counts = build_s2t_mix(corpus, voice=None)  # ASR turns only
     assert counts == {"asr_turns": 6}

@@ -179,9 +179,18 @@ def test_chat_json_multipart_and_raw_audio(engine: Engine) -> None:
 BAD_UPLOADS = {
     "not audio": (b"\x00\x01 definitely not audio" * 20, 400, "bad_audio", "not a readable"),
     "truncated header": (wav()[:30], 400, "bad_audio", "not a readable"),
-    "truncated, header only": (wav()[:44], 400, "bad_audio", "zero length"),
+    "truncated, header only": (wav()[:44], 400, "bad_audio",
+                               "truncated WAV file: the header says 8000 samples"),
+    "truncated": (wav()[:44 + 8000], 400, "bad_audio",
+                  "truncated WAV file: the header says 8000 samples (16000 bytes of audio), "
+                  "the file holds 4000"),
+    "one sample": (wav(data=np.full(1, 0.5, np.float32)), 400, "audio_too_short",
+                   "audio is 0.00 s long; a question needs at least 0.1 s of audio"),
+    "too short": (wav(0.05), 400, "audio_too_short", "0.05 s long"),
     "NaN": (nan_wav(), 400, "bad_audio", "non-finite"),
-    "too long": (wav(2.0), 413, "audio_too_long", "over the limit"),
+    "too long": (wav(2.0), 413, "audio_too_long",
+                 "over the limit of 1.5 s (this server's limits.max_audio_seconds in GET "
+                 "/v1/models; its operator sets it with echox serve --max-audio-seconds)"),
     "empty": (b"", 400, "empty_audio", "empty"),
 }
 
@@ -316,6 +325,13 @@ def test_ws_refuses_bad_messages_and_keeps_serving(engine: Engine) -> None:
         ws.send_bytes(nan_wav())
         ws.send_json({"type": "end"})
         error(ws, 400, "bad_audio", "non-finite")
+        ws.send_bytes(wav(0.5)[:2000])  # a file cut short
+        ws.send_json({"type": "end"})
+        error(ws, 400, "bad_audio", "truncated WAV file")
+        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": 16000})
+        ws.send_bytes(b"\x00\x10" * 10)  # 10 samples: no question
+        ws.send_json({"type": "end"})
+        error(ws, 400, "audio_too_short", "pcm_s16le stream is 0.00 s long; a question needs")
         ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": 16000})
         ws.send_bytes(b"\x00\x00" * 20000)  # 1.25 s: refused as it arrives ...
         error(ws, 413, "audio_too_long")

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 
 from echox.data.tiny_corpus import (
-    greedy_shrinking,
     DEFAULT_QUESTIONS,
     QAQuestion,
-    TinyCorpusError,
     _tidy,
     build_tiny_corpus,
+    greedy_shrinking,
     load_questions,
     split_questions,
 )
+from echox.errors import DataBuildError
 
 MAKE_QUESTIONS = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "make_questions.py"
 
@@ -97,9 +97,9 @@ def test_load_merges_duplicate_questions(tmp_path):
     qs = load_questions(path)
     assert qs == [QAQuestion("a", "What is the capital of France?", ("Paris", "Paris, France")),
                   QAQuestion("c", "Who wrote Hamlet?", ("Shakespeare",))]
-    with pytest.raises(TinyCorpusError, match=r"q2.jsonl:1"):
+    with pytest.raises(DataBuildError, match=r"q2.jsonl:1"):
         load_questions(_write(tmp_path / "q2.jsonl", [{"id": "x", "answers": ["y"]}]))
-    with pytest.raises(TinyCorpusError, match="not found"):
+    with pytest.raises(DataBuildError, match="not found"):
         load_questions(tmp_path / "missing.jsonl")
 
 
@@ -114,9 +114,9 @@ def test_split_has_no_overlap_and_follows_limit():
     assert (len(tiny.train), len(tiny.test)) == (5, 1)
     assert split_questions(qs, limit=50, seed=0) == small  # deterministic
     assert split_questions(qs, limit=50, seed=1).test != small.test
-    with pytest.raises(TinyCorpusError, match="no training"):
+    with pytest.raises(DataBuildError, match="no training"):
         split_questions(qs[:10], test_size=10)
-    with pytest.raises(TinyCorpusError, match="limit"):
+    with pytest.raises(DataBuildError, match="limit"):
         split_questions(qs, limit=1)
 
 
@@ -127,7 +127,7 @@ def test_train_size_caps_train_and_keeps_the_test_split():
     assert (len(capped.train), len(capped.test)) == (150, 100)
     assert capped.test == full.test and capped.train == full.train[:150]
     assert split_questions(qs, test_size=100, seed=0, train_size=0) == full  # 0 = all
-    with pytest.raises(TinyCorpusError, match="train_size"):
+    with pytest.raises(DataBuildError, match="train_size"):
         split_questions(qs, train_size=-1)
 
 
@@ -216,7 +216,7 @@ def test_build_end_to_end_and_resume(tmp_path):
     assert [p.stat().st_mtime_ns for p in sorted(out.rglob("*.wav"))] == mtimes
     assert again.dialogues == s.dialogues and again.accuracy == s.accuracy
 
-    with pytest.raises(TinyCorpusError, match="other answer settings"):
+    with pytest.raises(DataBuildError, match="other answer settings"):
         build_tiny_corpus(out, limit=6, llm="builtin:tiny-random-llama", max_new_tokens=99,
                           progress=False)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import noise
+
 from echox.config import preset_config
 from echox.model.echox import EchoX
 from echox.model.prompt import Turn
@@ -38,7 +38,7 @@ def _cfg(tmp_path, stage, **kw):
 
 
 def _trained_state(model):
-    from echox.checkpoint import trained_state
+    from echox.model.checkpoint import trained_state
 
     return trained_state(model)
 
@@ -223,7 +223,7 @@ def test_bf16_training_runs(stage, tmp_path):
 
 
 def test_grouping_needs_sizable_items(tmp_path):
-    from echox.config import ConfigError
+    from echox.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no length"):  # ListDataset cannot size its items
         _run("s2t", tmp_path, group_by_length=True)
@@ -247,7 +247,7 @@ def test_dataset_lengths_for_grouping():
 
 
 def test_train_config_checks_precision():
-    from echox.config import ConfigError
+    from echox.errors import ConfigError
 
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="bf32")

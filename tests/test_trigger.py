@@ -1,7 +1,7 @@
 """The segment trigger on hand-made score sequences, one rule at a time."""
 
 from echox.config import TriggerConfig
-from echox.infer.trigger import SegmentTrigger, segment_boundaries
+from echox.model.trigger import SegmentTrigger, segment_boundaries
 
 CFG = TriggerConfig(delay=5, window=5, max_len=50, min_len=20, threshold=0.1)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from echox.units.kmeans import UnitError, dedup
+from echox.errors import UnitError
+from echox.units.kmeans import dedup
 from echox.units.language import (
     MAX_UNITS,
     UnitLanguage,

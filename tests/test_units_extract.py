@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from echox.audio import AudioError, load_audio, save_audio
-from echox.hub import ResolveError, resolve
+from echox.audio import load_audio, save_audio
+from echox.errors import AudioError, ResolveError, UnitError
+from echox.hub import resolve
 from echox.units.extract import (
     CACHE_META,
-    FeatureError,
     FeatureExtractor,
     HubertFeatures,
-    UnitCacheError,
     UnitCacheWarning,
     UnitExtractor,
     UnitSequence,
@@ -27,7 +26,7 @@ from echox.units.extract import (
     sample_features,
     train_kmeans_on_corpus,
 )
-from echox.units.kmeans import UnitError, UnitKMeans
+from echox.units.kmeans import UnitKMeans
 
 SR = 16000
 
@@ -130,14 +129,14 @@ def test_hubert_follows_preprocessor_do_normalize(hubert_layer: Path, tmp_path: 
 
 
 def test_hubert_bad_input(hubert_group: Path, tmp_path: Path) -> None:
-    with pytest.raises(FeatureError, match="layer 5 out of range"):
+    with pytest.raises(UnitError, match="layer 5 out of range"):
         HubertFeatures(hubert_group, layer=5, device="cpu")
     f = HubertFeatures(hubert_group, layer=0, device="cpu")
-    with pytest.raises(FeatureError, match="receptive field"):
+    with pytest.raises(UnitError, match="receptive field"):
         f([np.zeros(100, np.float32)])
-    with pytest.raises(FeatureError, match="NaN"):
+    with pytest.raises(UnitError, match="NaN"):
         f([np.full(1000, np.nan, np.float32)])
-    with pytest.raises(FeatureError, match="not a HuBERT"):
+    with pytest.raises(UnitError, match="not a HuBERT"):
         HubertFeatures(resolve("builtin:tiny-random-whisper"), layer=1)
 
 
@@ -170,7 +169,7 @@ def test_whisper_layer_matches_full_encoder() -> None:
 def test_whisper_longer_than_window() -> None:
     wav = tones(7.3)  # window is 3 s
     strict = WhisperLayerFeatures("builtin:tiny-random-whisper", layer=1, on_too_long="error")
-    with pytest.raises(FeatureError, match="longer than the Whisper window"):
+    with pytest.raises(UnitError, match="longer than the Whisper window"):
         strict([tones(1.0), wav])
     split = WhisperLayerFeatures("builtin:tiny-random-whisper", layer=1, on_too_long="split")
     out = split([wav, tones(0.5)])
@@ -178,7 +177,7 @@ def test_whisper_longer_than_window() -> None:
     assert out[1].shape[0] == math.ceil(0.5 * SR / 320)
     first = split([wav[: 3 * SR]])[0]  # the first window is encoded on its own
     np.testing.assert_allclose(out[0][: first.shape[0]], first, atol=1e-5)
-    with pytest.raises(FeatureError, match="out of range"):
+    with pytest.raises(UnitError, match="out of range"):
         WhisperLayerFeatures("builtin:tiny-random-whisper", layer=3)
 
 
@@ -279,7 +278,7 @@ def test_extract_corpus_cache_and_resume(
     assert counting.seen == 6 and again == second
     # another k-means may not reuse the folder
     other = UnitExtractor(whisper_feats, UnitKMeans(kmeans.centroids[::-1].copy()))
-    with pytest.raises(UnitCacheError, match="another extractor"):
+    with pytest.raises(UnitError, match="another extractor"):
         extract_corpus(corpus, other, cache, progress=False)
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from echox.data.manifest import load_hf_asr, read_dialogues_json, resolve_audio, write_jsonl
+    from echox.data.hf import load_hf_asr
+    from echox.data.manifest import read_dialogues_json, resolve_audio, write_jsonl
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("shards", help="a folder of extracted EchoX-Dialogues shards (data.json + wavs)")

@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from echox.eval.match import exist_match
+from echox.data.match import exist_match
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("qa_wikidata", "general_knowledge")

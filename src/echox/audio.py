@@ -12,6 +12,7 @@ import io
 import math
 import numbers
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +20,20 @@ from typing import Literal, Union
 
 import numpy as np
 import soundfile as sf
-
-from echox.fileio import atomic_open
 from scipy.signal import resample_poly
 
+from echox.errors import AudioError
+from echox.fileio import atomic_open
+
 __all__ = [
-    "AudioError",
     "AudioWarning",
     "AudioInfo",
     "AudioSource",
+    "MIN_QUESTION_SECONDS",
     "SILENCE_PEAK",
     "audio_info",
+    "check_output_path",
+    "check_question_length",
     "audio_duration",
     "load_audio",
     "split_audio",
@@ -41,12 +45,11 @@ AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 #: Peak amplitude below which an input is treated as silence (warned about, not rejected).
 SILENCE_PEAK = 1e-4
 
+#: Shortest spoken question accepted, in seconds: less is a click, not a question.
+MIN_QUESTION_SECONDS = 0.1
+
 # Container formats this module writes, keyed by file suffix.
 _WRITE_FORMATS: dict[str, str] = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
-
-
-class AudioError(ValueError):
-    """Input audio that cannot be used; the message names the file and the problem."""
 
 
 class AudioWarning(UserWarning):
@@ -148,6 +151,74 @@ def _existing_file(path: str | os.PathLike) -> Path:
     return p
 
 
+# A WAV data chunk size that means "unknown length" (a stream written to a pipe).
+_UNKNOWN_SIZE = 0xFFFFFFFF
+
+
+def _wav_shortfall(fh: io.BufferedIOBase | io.BytesIO, total: int) -> tuple[int, int, int] | None:
+    """``(bytes the header claims, bytes the file holds, block align)`` of a RIFF/RIFX/RF64
+    WAVE file whose data chunk runs past the end of the file; None for a complete file, one
+    whose data size is unknown (0 or 0xFFFFFFFF: streamed), or anything that is not a WAVE.
+
+    libsndfile reads such a file without a word, shortening it to what is there, so a
+    cut-off download or copy would be answered as if it were the whole question.
+    """
+    head = fh.read(12)
+    if len(head) < 12 or head[8:12] != b"WAVE" or head[:4] not in (b"RIFF", b"RIFX", b"RF64"):
+        return None
+    order = ">" if head[:4] == b"RIFX" else "<"
+    data64: int | None = None  # RF64: the real data size lives in the ds64 chunk
+    align = 0
+    pos = 12
+    while pos + 8 <= total:
+        fh.seek(pos)
+        cid = fh.read(4)
+        (size,) = struct.unpack(order + "I", fh.read(4))
+        body = pos + 8
+        if cid == b"ds64" and size >= 24:
+            data64 = struct.unpack("<QQ", fh.read(16))[1]
+        elif cid == b"fmt " and size >= 14:
+            align = struct.unpack(order + "H", fh.read(14)[12:14])[0]
+        elif cid == b"data":
+            if size == _UNKNOWN_SIZE and data64 is not None:
+                size = data64
+            if size in (0, _UNKNOWN_SIZE):
+                return None
+            have = total - body
+            # a shortfall of less than one frame (a missing pad byte) loses no sample
+            if (have // align < size // align) if align else have < size:
+                return size, have, align
+            return None
+        pos = body + size + (size & 1)  # chunks are padded to an even length
+    return None
+
+
+def _check_complete(handle: str | io.BytesIO, name: str) -> None:
+    """Refuse a WAV file that is shorter than its header says (a truncated file)."""
+    if isinstance(handle, io.BytesIO):
+        total = handle.getbuffer().nbytes
+        short = _wav_shortfall(handle, total)
+        handle.seek(0)
+    else:
+        try:
+            with open(handle, "rb") as fh:
+                short = _wav_shortfall(fh, os.fstat(fh.fileno()).st_size)
+        except OSError as err:
+            raise AudioError(f"{name}: cannot read the file ({err})") from err
+    if short is None:
+        return
+    size, have, align = short
+    if align:
+        raise AudioError(
+            f"{name}: truncated WAV file: the header says {size // align} samples "
+            f"({size} bytes of audio), the file holds {have // align} ({have} bytes)"
+        )
+    raise AudioError(
+        f"{name}: truncated WAV file: the header says {size} bytes of audio, "
+        f"the file holds {have}"
+    )
+
+
 def _decode(
     handle: str | io.BytesIO,
     name: str,
@@ -238,8 +309,9 @@ def load_audio(
         (``scipy.signal.resample_poly``) with the exact rational ratio ``sr / orig_sr``.
 
     Raises:
-        AudioError: missing/empty/undecodable file, zero-length or non-finite audio, bad sample
-            rate, or input longer than ``max_seconds`` with ``on_too_long="error"``.
+        AudioError: missing/empty/undecodable file, a WAV file shorter than its header says
+            (truncated), zero-length or non-finite audio, bad sample rate, or input longer
+            than ``max_seconds`` with ``on_too_long="error"``.
     Warns:
         AudioWarning: the audio is silence only (peak below ``SILENCE_PEAK``).
     """
@@ -273,6 +345,7 @@ def load_audio(
                 f"unsupported audio source type {type(source).__name__}; "
                 "expected a path, bytes or a numpy array"
             )
+        _check_complete(handle, name)
         data, rate = _decode(handle, name, max_seconds, on_too_long)  # [T, C]
         if orig_sr is not None and _check_rate(orig_sr, "orig_sr") != rate:
             raise AudioError(f"{name}: orig_sr={orig_sr} disagrees with the file's rate {rate} Hz")
@@ -297,6 +370,22 @@ def load_audio(
             stacklevel=2,
         )
     return wav
+
+
+def check_question_length(n_samples: int, sr: int, what: str = "question audio") -> None:
+    """Refuse a spoken question shorter than :data:`MIN_QUESTION_SECONDS`.
+
+    The one check shared by every place question audio enters (``echox chat``, ``echox demo``,
+    the engine, the server); ``what`` names the input in the one-line message.
+    """
+    if n_samples < math.ceil(MIN_QUESTION_SECONDS * sr - 1e-6):
+        shown = f"{n_samples / sr:.2f}"
+        if float(shown) >= MIN_QUESTION_SECONDS:  # just under: show enough digits to see it
+            shown = f"{n_samples / sr:.4f}"
+        raise AudioError(
+            f"{what} is {shown} s long; a question needs at least "
+            f"{MIN_QUESTION_SECONDS:g} s of audio"
+        )
 
 
 # --------------------------------------------------------------------------- splitting
@@ -340,6 +429,29 @@ def split_audio(
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Check, before any slow work, that :func:`save_audio` could write ``path``.
+
+    The suffix must be one it writes, the path must not be a folder, and the nearest existing
+    folder above it must be a writable folder (missing folders are created on save).
+    """
+    p = Path(path)
+    if p.suffix.lower() not in _WRITE_FORMATS:
+        raise AudioError(
+            f"'{p}': unsupported suffix {p.suffix!r}; use one of {sorted(_WRITE_FORMATS)}"
+        )
+    if p.is_dir():
+        raise AudioError(f"'{p}': is a folder, not an audio file path")
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AudioError(f"'{p}': cannot be written: '{parent}' is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):  # save_audio writes a temp file there
+        raise AudioError(f"'{p}': cannot be written: no write permission in '{parent}'")
+    return p
 
 
 def save_audio(

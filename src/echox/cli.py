@@ -1,7 +1,13 @@
-"""`echox` command line: one entry point, one subcommand per job.
+"""`echox` command line: one table of commands, one entry point.
 
-Errors that users can cause (bad config, missing checkpoint, bad audio) print one clear line
-and exit with status 2; `--debug` shows the traceback.
+Every command is a row of `COMMANDS`: its words (`echox units extract`), the module that
+implements it, the function there that adds its options to a parser, and the function that
+runs it. Modules never register themselves; this table is the one place that lists what
+`echox` can do. Only the module of the command being run is imported (`echox --help` and
+`echox demo` do not load the training stack).
+
+Errors that users can cause (a bad config, a missing checkpoint, bad audio) are `EchoXError`s:
+one clear line on stderr and exit status 2; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -11,37 +17,80 @@ import importlib
 import os
 import sys
 import warnings
-from typing import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
 
 from echox import __version__
+from echox.errors import EchoXError
 
 
-class UserError(Exception):
-    """An error caused by input; printed without a traceback."""
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]  # ("units", "extract") for `echox units extract`
+    module: str  # where the command lives
+    options: str  # module function(parser) that adds the command's options
+    run: str  # module function(args) -> exit status
+    help: str
+    doc: bool = False  # show the module's docstring as the command's description
+    defaults: dict[str, Any] = field(default_factory=dict)  # fixed arguments (train's stage)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from echox.audio import AudioError
-    from echox.config import ConfigError
-    from echox.data.manifest import ManifestError
-    from echox.eval.asr import ASRError
-    from echox.eval.benchmarks import BenchmarkError
-    from echox.eval.run import EvalError
-    from echox.hub import ResolveError
-    from echox.model.encoder import CheckpointError
-    from echox.model.prompt import PromptError
-    from echox.model.vocoder import VocoderError
-    from echox.train.stages import StageError
-    from echox.units.kmeans import UnitError
+GROUPS: dict[str, str] = {
+    "train": "train a stage of EchoX: s2t, t2c, echo",
+    "units": "speech units: k-means, extraction, unit language",
+    "data": "build corpora and check manifests",
+    "vocoder": "train, distil and export unit vocoders",
+    "convert": "import checkpoints made elsewhere",
+}
 
-    return (UserError, ConfigError, ResolveError, CheckpointError, PromptError, StageError,
-            AudioError, ManifestError, UnitError, BenchmarkError, ASRError, VocoderError, EvalError)
+COMMANDS: tuple[Command, ...] = (
+    Command(("demo",), "echox.infer.demo", "demo_options", "cmd_demo",
+            "answer a spoken question with speech, offline", doc=True),
+    Command(("chat",), "echox.infer.chat", "chat_options", "cmd_chat",
+            "talk to a model bundle (speech or text in, speech out)", doc=True),
+    Command(("serve",), "echox.serve.cli", "serve_options", "cmd_serve",
+            "serve the model: streaming speech API and web page", doc=True),
+    Command(("eval",), "echox.eval.run", "eval_options", "cmd_eval",
+            "spoken QA accuracy (text / s2t / s2s), UltraEval-Audio match", doc=True),
+    Command(("bundle",), "echox.infer.bundle", "bundle_options", "cmd_bundle",
+            "pack a checkpoint, a vocoder and a unit language into one folder"),
+    *(Command(("train", stage), "echox.train.run", "stage_options", "cmd_train", what, doc=True,
+              defaults={"stage": stage})
+      for stage, what in (("s2t", "Stage I: speech to text (adapter + LoRA)"),
+                          ("t2c", "Stage II: text to units"),
+                          ("echo", "Stage III: echo training on the S2T model's hidden states"))),
+    Command(("units", "train-kmeans"), "echox.units.cli", "train_kmeans_options", "cmd_train_kmeans",
+            "fit k-means on frame features of manifests' audio"),
+    Command(("units", "extract"), "echox.units.cli", "extract_options", "cmd_extract",
+            "fill `units` of a TTS manifest from its audio (cached)"),
+    Command(("units", "attach"), "echox.units.cli", "attach_options", "cmd_attach",
+            "give dialogues' assistant turns the units of their TTS records"),
+    Command(("units", "train-language"), "echox.units.cli", "train_language_options",
+            "cmd_train_language", "learn the unit language (BPE over units)"),
+    Command(("units", "stats"), "echox.units.cli", "stats_options", "cmd_stats",
+            "compression of unit languages at several vocabulary sizes"),
+    Command(("data", "validate"), "echox.data.cli", "validate_options", "cmd_validate",
+            "check manifests line by line (and their audio files)"),
+    Command(("data", "build-tiny"), "echox.data.tiny_corpus", "build_tiny_options", "cmd_build_tiny",
+            "build the tiny recipe's spoken-QA corpus", doc=True),
+    Command(("data", "s2t-mix"), "echox.data.s2t_mix", "s2t_mix_options", "cmd_s2t_mix",
+            "ASR turns and a further training voice for Stage I", doc=True),
+    Command(("vocoder", "train"), "echox.train.vocoder_cmd", "train_options", "cmd_train_vocoder",
+            "train the unit->mel model in front of the pretrained HiFi-GAN"),
+    Command(("vocoder", "distill"), "echox.train.vocoder_cmd", "distill_options",
+            "cmd_train_hifigan", "distil the packaged HiFi-GAN V1 into a V2-size generator"),
+    Command(("vocoder", "onnx"), "echox.train.vocoder_cmd", "onnx_options", "cmd_onnx_vocoder",
+            "run a unit->mel vocoder's HiFi-GAN on ONNX Runtime (optionally int8) for faster "
+            "CPU synthesis"),
+    Command(("convert", "official"), "echox.convert.official", "official_options",
+            "cmd_convert_official",
+            "import a released EchoX checkpoint (EchoX-3B / EchoX-8B) as an EchoX bundle", doc=True),
+)
 
 
 def versions() -> str:
     """`echox X` and the installed versions of the packages that decide what a model computes."""
-    from importlib.metadata import PackageNotFoundError, version
-
     lines = [f"echox {__version__}"]
     for name in ("torch", "transformers", "onnxruntime"):
         try:
@@ -63,30 +112,65 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _function(module: Any, name: str) -> Callable[..., Any]:
+    fn = getattr(module, name, None)
+    if not callable(fn):  # a table row that does not fit its module: a bug, caught by the tests
+        raise AttributeError(f"{module.__name__} has no function {name}")
+    return fn
+
+
+def _selected(argv: list[str]) -> tuple[str, ...] | None:
+    """The words of the command that `argv` runs, or None (help, a typo: argparse answers)."""
+    words = tuple(a for a in argv if not a.startswith("-"))[:2]
+    for cmd in COMMANDS:
+        if words[:len(cmd.words)] == cmd.words:
+            return cmd.words
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `echox` parser. With `argv`, only the command it runs gets its options (and its
+    module imported); the others are listed with their help. Without, every command is whole."""
+    only = _selected(argv) if argv is not None else None
     p = argparse.ArgumentParser(prog="echox", description="EchoX speech-to-speech LLM")
     p.add_argument("--version", action=_VersionAction,
                    help="show the versions of echox and of its key dependencies and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    # Each command group lives beside the code it drives and registers itself here.
-    for module in ("echox.infer.demo", "echox.infer.chat", "echox.train.run", "echox.units.cli",
-                   "echox.data.cli", "echox.infer.bundle", "echox.eval.run", "echox.convert.cli",
-                   "echox.serve.cli"):
-        importlib.import_module(module).add_cli(sub)
+    top = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, Any] = {}
+    for cmd in COMMANDS:
+        whole = argv is None or cmd.words == only
+        *group, name = cmd.words
+        sub = top
+        if group:
+            (g,) = group
+            if g not in groups:
+                gp = top.add_parser(g, help=GROUPS[g], description=GROUPS[g])
+                groups[g] = gp.add_subparsers(dest=f"{g}_command", required=True, metavar="COMMAND")
+            sub = groups[g]
+        kw: dict[str, Any] = {"help": cmd.help, "description": cmd.help}
+        if not whole:
+            sub.add_parser(name, **kw)
+            continue
+        module = importlib.import_module(cmd.module)
+        if cmd.doc and module.__doc__:
+            kw.update(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        cp = sub.add_parser(name, **kw)
+        _function(module, cmd.options)(cp)
+        cp.set_defaults(func=_function(module, cmd.run), **cmd.defaults)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except _user_errors() as e:
+    except EchoXError as e:
         if args.debug:
             raise
         print(f"echox: error: {e}", file=sys.stderr)

@@ -16,15 +16,13 @@ from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from echox.errors import ConfigError
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and speech assistant. You are able to understand the speech "
     "content that the user provides, and assist the user with a variety of tasks using natural "
     "language."
 )
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, has the wrong type or is out of range."""
 
 
 def _check(cond: bool, path: str, msg: str) -> None:
@@ -151,7 +149,7 @@ class T2CConfig:
     max_units_per_token: int = 8
     trainable: bool = True
     # "echox": our own token space (units, EOS and two prefix tokens). "authors": the released
-    # checkpoints' T2C (echox.model.t2u_authors): inputs in the LLM's embedding space (LLM token
+    # checkpoints' T2C (echox.model.unit_decoder_authors): inputs in the LLM's embedding space (LLM token
     # rows + `unit_embedding` rows) go through `adapter`; it predicts LLM tokens + unit tokens
     # (`unit_vocab_size` `<|unit_...|>` tokens after the LLM vocabulary) and stops at `eos_token`
     layout: str = "echox"
@@ -357,6 +355,77 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        nxt = target.get(p)
+        target[p] = nxt = dict(nxt) if isinstance(nxt, dict) else {}
+        target = nxt
+    target[last] = value
+
+
+def load_recipe(path: str | Path | None, sections: dict[str, type | None], *,
+                defaults: dict[str, Any] | None = None, override: str | Path | None = None,
+                sets: list[str] | tuple[str, ...] = (),
+                set_as_overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """A recipe YAML read into typed sections: the one loader of every training command.
+
+    `sections` maps each top-level key to a dataclass (a mapping section: values are checked
+    and coerced to the field types, unknown keys are errors that list the valid ones) or to
+    None (a plain value, replaced whole). Layers, later ones winning: `defaults`, the file at
+    `path`, the `override` file (mapping sections merged key by key), then the
+    ``section.key=value`` strings of `sets` (values parsed as YAML; dotted keys reach into
+    nested mappings). `set_as_overrides` sends one section's sets to a list section as
+    ``key=value`` strings instead (the model's dotted overrides: ``{"model": "overrides"}``).
+    Returns {section: dataclass instance or value}.
+    """
+    raw: dict[str, Any] = {k: ({} if cls is not None else None) for k, cls in sections.items()}
+    for k, v in (defaults or {}).items():
+        raw[k] = dict(v) if isinstance(v, dict) else v
+    for what, file in (("recipe", path), ("override", override)):
+        if not file:
+            continue
+        loaded = read_yaml_mapping(file, what)
+        unknown = sorted(set(loaded) - set(sections))
+        if unknown:
+            raise ConfigError(f"{file}: unknown {what} key(s) {unknown}; valid keys are {sorted(sections)}")
+        for key, val in loaded.items():
+            if sections[key] is not None:
+                if not isinstance(val or {}, dict):
+                    raise ConfigError(f"{file}: {key} must be a mapping, got {type(val).__name__}")
+                raw[key] = {**raw[key], **(val or {})}
+            else:
+                raw[key] = val
+    for s in sets:
+        key, eq, val = s.partition("=")
+        section, dot, rest = key.partition(".")
+        if not eq or not dot or not rest:
+            raise ConfigError(f"--set {s!r}: expected section.key=value")
+        if set_as_overrides and section in set_as_overrides:
+            target = set_as_overrides[section]
+            raw[target] = list(raw.get(target) or []) + [f"{rest}={val}"]
+        elif sections.get(section) is not None:
+            try:
+                parsed = yaml.safe_load(val)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--set {s!r}: the value is not valid YAML ({e})") from e
+            _set_dotted(raw[section], rest, parsed)
+        else:
+            typed = sorted(k for k, c in sections.items() if c is not None)
+            raise ConfigError(f"--set {s!r}: the section must be one of "
+                              f"{sorted(typed + list(set_as_overrides or {}))}")
+    out: dict[str, Any] = {}
+    for key, cls in sections.items():
+        if cls is None:
+            out[key] = raw[key]
+            continue
+        try:
+            out[key] = _from_dict(cls, raw[key], key)
+        except TypeError as e:  # a required field left out
+            raise ConfigError(f"{key}: {e}") from e
+    return out
 
 
 def apply_overrides(cfg: EchoXConfig, overrides: list[str]) -> EchoXConfig:

@@ -35,12 +35,33 @@ from typing import Any
 import torch
 
 from echox import __version__
-from echox.config import (DEFAULT_SYSTEM_PROMPT, DenoiserConfig, EchoXConfig, EncoderConfig,
-                          LLMConfig, SpeechAdapterConfig, T2CConfig)
-from echox.convert.tensor_files import (BinShards, SafetensorsWriter, TensorInfo, iter_bytes,
-                                        read_safetensors_header, same_bytes)
+from echox.config import (
+    DEFAULT_SYSTEM_PROMPT,
+    DenoiserConfig,
+    EchoXConfig,
+    EncoderConfig,
+    LLMConfig,
+    SpeechAdapterConfig,
+    T2CConfig,
+)
+from echox.convert.tensor_files import (
+    BinShards,
+    SafetensorsWriter,
+    TensorInfo,
+    iter_bytes,
+    read_safetensors_header,
+    same_bytes,
+)
+from echox.errors import CheckpointError, ConversionError, UnitError, VocoderError
 from echox.fileio import atomic_dir
-from echox.model.encoder import CheckpointError
+from echox.infer.bundle import UNIT_LANGUAGE_DIR, VOCODER_DIR
+from echox.model.checkpoint import CHECKSUMS, CONFIG, FORMAT_VERSION, WEIGHTS, sha256_file
+from echox.model.denoiser import DenoisingAdapter
+from echox.model.speech_adapter import SpeechAdapter
+from echox.model.unit_decoder_authors import AuthorsUnitDecoder, authors_t2c_sizes
+from echox.units.unit_tokens import UnitTokens
+from echox.vocoder.code_hifigan import CodeHiFiGAN, CodeHiFiGANConfig
+from echox.vocoder.io import FAIRSEQ_CHECKPOINT, FAIRSEQ_CONFIG
 
 AUDIO_TOKEN = "<audio_patch>"
 # Llama-3 markers that the authors' prompt and T2C prefixes are made of (looked up by name)
@@ -66,10 +87,6 @@ RENAMES = (
     ("unit_translator.", "echo."),
 )
 T2C_TABLE, LLM_TABLE = "unit_translator.model.embed_tokens.weight", "model.embed_tokens.weight"
-
-
-class ConversionError(CheckpointError):
-    """The source folder cannot be converted; the message names the file or tensor."""
 
 
 @dataclass
@@ -229,8 +246,6 @@ def authors_chat_template(audio_token: str = AUDIO_TOKEN) -> str:
 
 def echox_config(src: Source, tower: str, shared: bool) -> EchoXConfig:
     """Our config for the released model: every flag set to the authors' computation."""
-    from echox.model.t2u_authors import authors_t2c_sizes
-
     c, tok = src.config, src.tokenizer
     text_prefix, unit_prefix = t2c_prefixes(tok)
     rope_theta, rope_scaling = _rope(c)
@@ -265,10 +280,6 @@ def echox_config(src: Source, tower: str, shared: bool) -> EchoXConfig:
 def _meta_shapes(cfg: EchoXConfig, src: Source) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], bool]:
     """Shapes our parts and the LLM have for this config (built on the meta device)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from echox.model.adapter import DenoisingAdapter
-    from echox.model.shrink import SpeechAdapter
-    from echox.model.t2u_authors import AuthorsUnitDecoder
 
     c = src.config
     d, v = int(c["hidden_size"]), int(c["vocab_size"])
@@ -393,12 +404,6 @@ def _write_llm(tmp: Path, src: Source, entries: list[Entry]) -> None:
 def convert_official(src_dir: str | Path, out_dir: str | Path, audio_tower: str | None = None,
                      prompt: str = "authors") -> dict[str, Any]:
     """Convert; return the report (also written to OUT/conversion_report.json)."""
-    from echox.checkpoint import CHECKSUMS, CONFIG, FORMAT_VERSION, WEIGHTS, sha256_file
-    from echox.infer.bundle import FAIRSEQ_CHECKPOINT, FAIRSEQ_CONFIG, UNIT_LANGUAGE_DIR, VOCODER_DIR
-    from echox.model.vocoder import CodeHiFiGANConfig, VocoderError
-    from echox.units.kmeans import UnitError
-    from echox.units.unit_tokens import UnitTokens
-
     if prompt not in ("authors", "template"):
         raise ConversionError(f"--prompt must be 'authors' or 'template', got {prompt!r}")
     src = read_source(Path(src_dir).expanduser())
@@ -426,7 +431,6 @@ def convert_official(src_dir: str | Path, out_dir: str | Path, audio_tower: str 
     cfg = echox_config(src, tower, shared)
     entries = plan(src, cfg)
     try:  # the vocoder must load before anything is written
-        from echox.model.vocoder import CodeHiFiGAN
 
         CodeHiFiGAN.from_fairseq(src.vocoder, src.vocoder_config)
     except VocoderError as e:
@@ -492,9 +496,7 @@ def cmd_convert_official(args: Any) -> int:
     return 0
 
 
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("official", help="import a released EchoX checkpoint (EchoX-3B / EchoX-8B) "
-                                        "as an EchoX bundle")
+def official_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="the authors' folder (config.json, shards, tokenizer, g_00500000, "
                                "vocoder_config.json)")
     p.add_argument("out", help="bundle folder to write")
@@ -504,5 +506,4 @@ def add_cli(sub: Any) -> None:
                    help="prompt layout: the authors' (default; the one the model was trained on) or "
                         "the tokenizer's own chat template")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=cmd_convert_official)
 

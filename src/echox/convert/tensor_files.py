@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from echox.model.encoder import CheckpointError
+from echox.errors import CheckpointError
 
 BLOCK = 16 << 20  # bytes per read / write
 MAX_HEADER = 100 << 20

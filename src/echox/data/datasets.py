@@ -17,9 +17,10 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from echox.audio import AudioError, load_audio
-from echox.data.collate import S2TBatch, T2CBatch, collate_s2t, collate_t2c
-from echox.data.manifest import DialogueRecord, ManifestError, TtsRecord
+from echox.audio import load_audio
+from echox.data.manifest import DialogueRecord, TtsRecord
+from echox.errors import AudioError, ManifestError
+from echox.model.batch import S2TBatch, T2CBatch, collate_s2t, collate_t2c
 from echox.model.prompt import PromptBuilder, Turn
 
 __all__ = ["S2TExample", "S2TDataset", "ConcatDataset", "perturb_audio", "make_s2t_collator", "T2CExample", "T2CDataset",

@@ -20,12 +20,12 @@ from echox.data.manifest import (
     AsrRecord,
     AudioRef,
     DialogueRecord,
-    ManifestError,
     OnError,
     R,
     _check_on_error,
     resolve_audio,
 )
+from echox.errors import ManifestError
 from echox.fileio import atomic_write_bytes
 
 __all__ = ["load_hf_asr", "load_hf_dialogues"]

@@ -16,8 +16,8 @@ hub may hold the encoded file bytes instead of a path (see :func:`load_hf_asr`).
 Every reader names ``file:line`` (or ``source row N``) of a bad entry: with
 ``on_error="stop"`` it raises :class:`ManifestError`, with ``"skip"`` it logs a warning, keeps
 going and reports the bad lines. The HF loaders (:mod:`echox.data.hf`) and the torch datasets
-and collators that turn records into the batches of ``echox.data.collate``
-(:mod:`echox.data.datasets`) live in their own modules and are re-exported here.
+and collators that turn records into the batches of ``echox.model.batch``
+(:mod:`echox.data.datasets`) live in their own modules.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import numpy as np
 
-from echox.audio import AudioError, audio_info, load_audio
+from echox.audio import audio_info, load_audio
+from echox.errors import AudioError, ManifestError
 from echox.fileio import atomic_open
 from echox.model.prompt import Turn
 
-__all__ = [
-    "ManifestError", "AudioRef", "AsrRecord", "TtsRecord", "DialogueMessage", "DialogueRecord",
+__all__ = [ "AudioRef", "AsrRecord", "TtsRecord", "DialogueMessage", "DialogueRecord",
     "SCHEMAS", "ManifestReport", "ValidationReport", "read_jsonl", "iter_jsonl", "write_jsonl",
     "read_dialogues_json", "validate_manifest", "load_hf_asr", "load_hf_dialogues",
     "S2TExample", "S2TDataset", "make_s2t_collator", "T2CExample", "T2CDataset",
@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 AudioRef = Union[str, bytes]
 OnError = Literal["stop", "skip"]
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-
-
-class ManifestError(ValueError):
-    """A manifest entry, file or dataset that cannot be used; the message names where."""
 
 
 # --------------------------------------------------------------------------- field checks
@@ -497,16 +493,3 @@ def validate_manifest(path: str | os.PathLike, schema: type[R] | str, check_audi
                 issues.append((line, f"'{src}': manifest says {dur:.2f} s, file is "
                                      f"{info.duration:.2f} s"))
     return ValidationReport(rep.path, cls.kind, len(rep), rep.bad_lines, issues, n_audio, seconds)
-
-
-# The HF loaders and the torch datasets live in their own modules; they stay importable from
-# here (imported last: they use the schemas above).
-from echox.data.datasets import (
-    S2TDataset,
-    S2TExample,
-    T2CDataset,
-    T2CExample,
-    collate_t2c_examples,
-    make_s2t_collator,
-)
-from echox.data.hf import load_hf_asr, load_hf_dialogues

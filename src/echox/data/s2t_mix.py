@@ -23,7 +23,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from echox.data.manifest import ManifestError
+from echox.data.tiny_corpus import espeak_synthesize
+from echox.errors import ManifestError
+from echox.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +33,13 @@ ASR_PROMPT = "Transcribe this audio."
 TEST_VOICE = "en-us"  # the test split's espeak-ng voice (echox.data.tiny_corpus)
 
 
-class S2TMixError(ManifestError):
-    """The corpus folder or the options do not allow the mix."""
-
-
 def _read(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise S2TMixError(f"{path} not found: build the corpus first (echox data build-tiny)")
+        raise ManifestError(f"{path} not found: build the corpus first (echox data build-tiny)")
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
-    from echox.fileio import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -56,8 +52,6 @@ def asr_turn(rid: str, text: str, audio: str) -> dict[str, Any]:
 def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = True,
                   progress: bool = False) -> dict[str, int]:
     """Make the extra voice and the ASR manifests of `corpus/train`; returns counts."""
-    from echox.data.tiny_corpus import espeak_synthesize
-
     train = Path(corpus) / "train"
     dialogues = _read(train / "dialogues.jsonl")
     tts = _read(train / "tts.jsonl")
@@ -65,7 +59,7 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
     extra: list[dict[str, Any]] = []
     if voice:
         if voice.split("+")[0] == TEST_VOICE:
-            raise S2TMixError(f"--voice {voice}: {TEST_VOICE} speaks the test questions; pick another "
+            raise ManifestError(f"--voice {voice}: {TEST_VOICE} speaks the test questions; pick another "
                               "voice (e.g. en-gb, en-gb-x-rp, en-029) so the test voice stays unseen")
         folder = f"q_{voice.replace('+', '_')}"
         jobs = []
@@ -92,20 +86,18 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
     return counts
 
 
-def _run_cli(args: argparse.Namespace) -> int:
+def cmd_s2t_mix(args: argparse.Namespace) -> int:
     counts = build_s2t_mix(args.corpus, voice=args.voice or None, asr=not args.no_asr,
                            progress=not args.quiet)
     print(f"s2t mix in {Path(args.corpus) / 'train'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("s2t-mix", help="ASR turns and a further training voice for Stage I",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def s2t_mix_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="data/tiny", help="a built tiny corpus (default data/tiny)")
     p.add_argument("--voice", default="en-gb", help="espeak-ng voice of the extra question audio "
                    "('' for none; never en-us, the test voice)")
     p.add_argument("--no-asr", action="store_true", help="no ASR turns")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_run_cli)
     return p
+

@@ -42,10 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from echox.audio import audio_duration
-from echox.eval.match import exist_match
+from echox.data.match import exist_match
+from echox.errors import DataBuildError
+from echox.hub import resolve
+from echox.model.generation import cache_kwargs
 
 __all__ = [
-    "DEFAULT_QUESTIONS", "DEFAULT_SYSTEM_PROMPT", "TinyCorpusError", "QAQuestion", "Split",
+    "DEFAULT_QUESTIONS", "DEFAULT_SYSTEM_PROMPT", "QAQuestion", "Split",
     "CorpusSummary", "load_questions", "split_questions", "generate_answers",
     "piper_synthesize", "espeak_synthesize", "build_tiny_corpus", "add_cli", "main",
 ]
@@ -60,10 +63,6 @@ DEFAULT_TRAIN_SIZE = 3300
 DEFAULT_SYSTEM_PROMPT = "Answer in one short sentence."
 _SPEAKABLE = re.compile(r"\w")
 _WROTE = re.compile(r"Wrote (.+\.wav)\s*$")
-
-
-class TinyCorpusError(RuntimeError):
-    """The corpus cannot be built: bad question file, failing TTS, or a conflicting out_dir."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def load_questions(path: str | os.PathLike | None = None) -> list[QAQuestion]:
     """
     p = Path(path) if path is not None else DEFAULT_QUESTIONS
     if not p.is_file():
-        raise TinyCorpusError(f"question file not found: {p} (see recipes/tiny/make_questions.py)")
+        raise DataBuildError(f"question file not found: {p} (see recipes/tiny/make_questions.py)")
     merged: dict[str, QAQuestion] = {}
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -131,11 +130,11 @@ def load_questions(path: str | os.PathLike | None = None) -> list[QAQuestion]:
                 obj = json.loads(line)
                 qid, text, answers = str(obj["id"]), obj["question"], obj["answers"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise TinyCorpusError(f"{p}:{lineno}: not a question record ({err})") from err
+                raise DataBuildError(f"{p}:{lineno}: not a question record ({err})") from err
             if isinstance(answers, str):
                 answers = [answers]
             if not isinstance(text, str) or not text.strip() or not answers:
-                raise TinyCorpusError(f"{p}:{lineno}: empty question or answer list")
+                raise DataBuildError(f"{p}:{lineno}: empty question or answer list")
             key = " ".join(text.split()).casefold()
             if key in merged:
                 old = merged[key]
@@ -145,7 +144,7 @@ def load_questions(path: str | os.PathLike | None = None) -> list[QAQuestion]:
                 merged[key] = QAQuestion(qid, " ".join(text.split()), tuple(map(str, answers)))
     ids = [q.id for q in merged.values()]
     if not ids or len(set(ids)) != len(ids):
-        raise TinyCorpusError(f"{p}: no questions, or question ids that are not unique")
+        raise DataBuildError(f"{p}: no questions, or question ids that are not unique")
     return list(merged.values())
 
 
@@ -160,22 +159,22 @@ def split_questions(questions: Sequence[QAQuestion], test_size: int = 300,
     ``test_size`` test ones; the test split is the same whatever the train size.
     """
     if test_size < 1:
-        raise TinyCorpusError(f"test_size must be at least 1, got {test_size}")
+        raise DataBuildError(f"test_size must be at least 1, got {test_size}")
     if train_size is not None and train_size < 0:
-        raise TinyCorpusError(f"train_size must be >= 0 (0 = all), got {train_size}")
+        raise DataBuildError(f"train_size must be >= 0 (0 = all), got {train_size}")
     pool = sorted(questions, key=lambda q: q.id)
     random.Random(seed).shuffle(pool)
     if limit is None and train_size:
         pool = pool[: test_size + train_size]
     if limit is not None:
         if limit < 2:
-            raise TinyCorpusError(f"limit must be at least 2 (one train, one test), got {limit}")
+            raise DataBuildError(f"limit must be at least 2 (one train, one test), got {limit}")
         pool = pool[:limit]
         n_test = min(test_size, max(1, round(0.1 * len(pool))))
     else:
         n_test = test_size
     if n_test >= len(pool):
-        raise TinyCorpusError(f"test_size {n_test} leaves no training questions of {len(pool)}")
+        raise DataBuildError(f"test_size {n_test} leaves no training questions of {len(pool)}")
     return Split(train=pool[n_test:], test=pool[:n_test])
 
 
@@ -198,15 +197,12 @@ def greedy_shrinking(model: Any, input_ids: Any, attention_mask: Any, max_new_to
     """Batched greedy decoding that drops each row from the batch once it has ended.
 
     Same tokens as ``model.generate(do_sample=False)`` on left-padded prompts, but a row
-    that hit EOS costs nothing afterwards: with ``generate`` every row of a batch runs to
-    the longest answer, and on the tiny corpus only 56 % of that decoding work was useful
-    (mean answer 27 tokens, batches of 64 mostly running the full 48). Returns each row's
-    new tokens, EOS included when it was reached.
+    that hit EOS costs nothing afterwards (with ``generate`` every row of a batch runs to
+    the longest answer). Returns each row's new tokens, EOS included when it was reached.
     """
     import torch
     from transformers import DynamicCache
 
-    from echox.model.generation import cache_kwargs
 
     rows: list[list[int]] = [[] for _ in range(int(input_ids.shape[0]))]
     if max_new_tokens <= 0 or not rows:
@@ -254,12 +250,11 @@ def generate_answers(llm: str, questions: Sequence[str], *, system_prompt: str |
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from echox.hub import resolve
 
     folder = resolve(llm)
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.chat_template is None:
-        raise TinyCorpusError(f"{llm}: the tokenizer has no chat template")
+        raise DataBuildError(f"{llm}: the tokenizer has no chat template")
     tok.padding_side = "left"  # generation appends on the right, so pad on the left
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -340,13 +335,13 @@ def _piper_worker(todo: list[tuple[str, Path]], bar: Any, stop: threading.Event,
                 break
             tail = " | ".join(other[-3:])
             if rc < 0:  # killed (Ctrl-C, out of memory): not the text's fault
-                raise TinyCorpusError(f"piper was killed by signal {-rc}: {tail}")
+                raise DataBuildError(f"piper was killed by signal {-rc}: {tail}")
             bad_text, bad_path = todo.pop(0)  # the line piper died on
             failed.append(bad_path)
             bar.update(1)
             log.warning("piper failed (exit %s) on %r; skipped it: %s", rc, bad_text[:80], tail)
             if len(failed) > max_failures:
-                raise TinyCorpusError(f"piper failed on {len(failed)} texts; last error: {tail}")
+                raise DataBuildError(f"piper failed on {len(failed)} texts; last error: {tail}")
     return made, failed
 
 
@@ -388,7 +383,7 @@ def espeak_synthesize(jobs: Sequence[tuple[str, Path]], *, progress: bool = Fals
     """Speak ``(text, wav_path)`` jobs with the ``espeak-ng`` program (a second voice)."""
     binary = shutil.which("espeak-ng")
     if binary is None:
-        raise TinyCorpusError("the espeak-ng program is not installed (apt-get install espeak-ng)")
+        raise DataBuildError("the espeak-ng program is not installed (apt-get install espeak-ng)")
     from tqdm.auto import tqdm
 
     made, failed = 0, []
@@ -447,7 +442,7 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if diff:
-            raise TinyCorpusError(f"{out} was built with other answer settings {diff} (old, new); "
+            raise DataBuildError(f"{out} was built with other answer settings {diff} (old, new); "
                                   "use another out_dir or delete it")
     else:
         _write_json_atomic(path, config)
@@ -508,7 +503,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
     """
     t0 = time.perf_counter()
     if set(voices) - {"piper", "espeak"} or "piper" not in voices:
-        raise TinyCorpusError(f"voices must contain 'piper' and may add 'espeak'; got {voices}")
+        raise DataBuildError(f"voices must contain 'piper' and may add 'espeak'; got {voices}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, {"llm": llm, "system_prompt": system_prompt,
@@ -623,7 +618,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
 # --------------------------------------------------------------------------- CLI
 
 
-def _run_cli(args: argparse.Namespace) -> int:
+def cmd_build_tiny(args: argparse.Namespace) -> int:
     summary = build_tiny_corpus(
         args.out, limit=args.limit, test_size=args.test_size, seed=args.seed, llm=args.llm,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -635,10 +630,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``build-tiny`` subcommand on an argparse subparsers object."""
-    p = subparsers.add_parser("build-tiny", help="build the tiny recipe's spoken-QA corpus",
-                              description=__doc__.split("\n\n")[0])
+def build_tiny_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="data/tiny", help="output folder (default: data/tiny)")
     p.add_argument("--limit", type=int, default=None,
                    help="use only this many questions in total (about 10%% of them test)")
@@ -647,7 +639,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"train questions (default: {DEFAULT_TRAIN_SIZE}, which with the "
                         "300 test ones builds in under an hour on 2 cores; 0 = all 3,900)")
     p.add_argument("--batch-size", type=int, default=64,
-                   help="LLM generation batch size (64 answered 165 q/min on one core, 32 only 119)")
+                   help="LLM generation batch size (larger batches answer faster on a CPU)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="LLM answer length limit")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.add_argument("--llm", default="HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -661,25 +653,3 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="piper processes speaking the answers side by side")
     p.add_argument("--no-espeak", action="store_true", help="skip the espeak-ng test voice")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_cli)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m echox.data.tiny_corpus [options]``: the ``build-tiny`` command alone."""
-    parser = argparse.ArgumentParser(prog="python -m echox.data.tiny_corpus")
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["build-tiny", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except TinyCorpusError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -35,20 +35,17 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from echox.errors import EvalError
+
 __all__ = [
     "BENCHMARKS",
     "Benchmark",
-    "BenchmarkError",
     "BenchmarkSchema",
     "QAItem",
     "load_benchmark",
     "open_benchmark",
     "parse_answers",
 ]
-
-
-class BenchmarkError(ValueError):
-    """A benchmark spec, file, row or column that cannot be turned into QA items."""
 
 
 @dataclass
@@ -111,13 +108,13 @@ def _lookup(name: str) -> BenchmarkSchema:
         if key in names:
             return schema
     known = ", ".join(BENCHMARKS)
-    raise BenchmarkError(f"unknown benchmark {name!r}; known: {known}, or local:PATH.jsonl")
+    raise EvalError(f"unknown benchmark {name!r}; known: {known}, or local:PATH.jsonl")
 
 
 def parse_answers(value: Any, where: str = "answers") -> list[str]:
     """Turn an answer cell (a string, a list, or a JSON / Python list literal) into a list."""
     if value is None:
-        raise BenchmarkError(f"{where}: the answer is missing (None)")
+        raise EvalError(f"{where}: the answer is missing (None)")
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("[") and text.endswith("]"):
@@ -135,11 +132,11 @@ def parse_answers(value: Any, where: str = "answers") -> list[str]:
     if isinstance(value, (list, tuple, np.ndarray)):
         answers = [str(v) for v in value if v is not None]
         if not answers:
-            raise BenchmarkError(f"{where}: the gold answer list is empty")
+            raise EvalError(f"{where}: the gold answer list is empty")
         return answers
     if isinstance(value, (int, float, np.integer, np.floating)):
         return [str(value)]
-    raise BenchmarkError(f"{where}: cannot read answers from a {type(value).__name__}: {value!r}")
+    raise EvalError(f"{where}: cannot read answers from a {type(value).__name__}: {value!r}")
 
 
 def _pick(columns: Sequence[str], preferred: Sequence[str], what: str, source: str) -> str:
@@ -147,18 +144,18 @@ def _pick(columns: Sequence[str], preferred: Sequence[str], what: str, source: s
     for col in preferred:
         if col in columns:
             return col
-    raise BenchmarkError(
+    raise EvalError(
         f"{source}: no {what} column; looked for {list(preferred)}, found {list(columns)}"
     )
 
 
 def _read_audio_file(path: Path, where: str) -> tuple[np.ndarray, int]:
     if not path.is_file():
-        raise BenchmarkError(f"{where}: audio file {path} does not exist")
+        raise EvalError(f"{where}: audio file {path} does not exist")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [T, C]
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise BenchmarkError(f"{where}: cannot decode audio file {path}: {err}") from err
+        raise EvalError(f"{where}: cannot decode audio file {path}: {err}") from err
     return data.mean(axis=1), int(sr)  # [T]
 
 
@@ -166,7 +163,7 @@ def _read_audio_bytes(blob: bytes, where: str) -> tuple[np.ndarray, int]:
     try:
         data, sr = sf.read(io.BytesIO(blob), dtype="float32", always_2d=True)  # [T, C]
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise BenchmarkError(f"{where}: cannot decode the stored audio bytes: {err}") from err
+        raise EvalError(f"{where}: cannot decode the stored audio bytes: {err}") from err
     return data.mean(axis=1), int(sr)  # [T]
 
 
@@ -216,7 +213,7 @@ class Benchmark:
         where = self._where(index)
         question = row.get(self.question_col)
         if not isinstance(question, str):
-            raise BenchmarkError(f"{where}: question must be a string, got {question!r}")
+            raise EvalError(f"{where}: question must be a string, got {question!r}")
         answers = parse_answers(row.get(self.answer_col), where)
         raw_id = row.get(self.id_col) if self.id_col else None
         item_id = str(raw_id) if raw_id not in (None, "") else f"{self.name}-{index}"
@@ -233,24 +230,24 @@ class Benchmark:
     def _audio(self, value: Any, where: str) -> tuple[np.ndarray | None, int | None, str | None]:
         """Decode one audio cell: a path string, or a dict with array / bytes / path."""
         if value is None:
-            raise BenchmarkError(f"{where}: the audio cell is empty")
+            raise EvalError(f"{where}: the audio cell is empty")
         if isinstance(value, (str, Path)):
             path = self._resolve(str(value))
             if not self._decode:
                 if not path.is_file():
-                    raise BenchmarkError(f"{where}: audio file {path} does not exist")
+                    raise EvalError(f"{where}: audio file {path} does not exist")
                 return None, None, str(path)
             audio, sr = _read_audio_file(path, where)
             return audio, sr, str(path)
         if not isinstance(value, dict):
-            raise BenchmarkError(f"{where}: cannot read audio from a {type(value).__name__}")
+            raise EvalError(f"{where}: cannot read audio from a {type(value).__name__}")
         stored = value.get("path")
         on_disk = self._resolve(stored) if stored else None
         real_path = str(on_disk) if on_disk is not None and on_disk.is_file() else None
         if value.get("array") is not None:  # already decoded (older datasets, hand-made rows)
             sr = value.get("sampling_rate")
             if sr is None:
-                raise BenchmarkError(f"{where}: audio array without a sampling_rate")
+                raise EvalError(f"{where}: audio array without a sampling_rate")
             arr = np.asarray(value["array"], dtype=np.float32)
             if arr.ndim == 2:  # [T, C] or [C, T]: average over the shorter (channel) axis
                 arr = arr.mean(axis=int(np.argmin(arr.shape)))  # [T]
@@ -262,7 +259,7 @@ class Benchmark:
             return audio, sr, real_path
         if on_disk is not None:
             return self._audio(str(on_disk), where)
-        raise BenchmarkError(f"{where}: the audio cell has neither array, bytes nor path")
+        raise EvalError(f"{where}: the audio cell has neither array, bytes nor path")
 
 
 def _audio_candidates(rows: Any, columns: Sequence[str]) -> tuple[str, ...]:
@@ -289,13 +286,13 @@ def _undecoded(ds: Any) -> Any:
 def _choose_split(splits: Sequence[str], split: str | None, default: str, source: str) -> str:
     if split is not None:
         if split not in splits:
-            raise BenchmarkError(f"{source}: no split {split!r}; available: {list(splits)}")
+            raise EvalError(f"{source}: no split {split!r}; available: {list(splits)}")
         return split
     if len(splits) == 1:
         return splits[0]
     if default in splits:
         return default
-    raise BenchmarkError(f"{source}: several splits {list(splits)}; pass split=...")
+    raise EvalError(f"{source}: several splits {list(splits)}; pass split=...")
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
@@ -309,15 +306,15 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise BenchmarkError(f"{path} line {lineno}: malformed JSON ({err.msg})") from err
+                raise EvalError(f"{path} line {lineno}: malformed JSON ({err.msg})") from err
             if not isinstance(obj, dict):
-                raise BenchmarkError(
+                raise EvalError(
                     f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}"
                 )
             rows.append(obj)
             lines.append(lineno)
     if not rows:
-        raise BenchmarkError(f"{path}: the file has no entries")
+        raise EvalError(f"{path}: the file has no entries")
     return rows, lines
 
 
@@ -326,7 +323,7 @@ def _check_jsonl_columns(bench: Benchmark, rows: list[dict[str, Any]], lines: li
     for row, lineno in zip(rows, lines):
         for col in (bench.question_col, bench.answer_col, bench.audio_col):
             if col not in row:
-                raise BenchmarkError(f"{bench.source} line {lineno}: missing key {col!r}")
+                raise EvalError(f"{bench.source} line {lineno}: missing key {col!r}")
 
 
 def _load_parquet(paths: list[Path]) -> Any:
@@ -339,7 +336,7 @@ def _load_parquet(paths: list[Path]) -> Any:
         tables = [pq.read_table(str(p), memory_map=True) for p in paths]
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     except (pa.ArrowException, OSError) as err:
-        raise BenchmarkError(f"cannot read parquet {paths[0]}: {err}") from err
+        raise EvalError(f"cannot read parquet {paths[0]}: {err}") from err
     return datasets.Dataset(InMemoryTable(table))
 
 
@@ -358,7 +355,7 @@ def _open_local_dataset(path: Path, schema: BenchmarkSchema, split: str | None) 
         try:
             loaded = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError, OSError) as err:
-            raise BenchmarkError(f"{path}: not a readable save_to_disk folder: {err}") from err
+            raise EvalError(f"{path}: not a readable save_to_disk folder: {err}") from err
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded[_choose_split(list(loaded), split, schema.default_split, str(path))]
         return loaded
@@ -366,7 +363,7 @@ def _open_local_dataset(path: Path, schema: BenchmarkSchema, split: str | None) 
         return _load_parquet([path])
     shards = sorted(path.rglob("*.parquet"))
     if not shards:
-        raise BenchmarkError(
+        raise EvalError(
             f"{path}: no save_to_disk files (dataset_dict.json / state.json) and no .parquet files"
         )
     by_split: dict[str, list[Path]] = {}
@@ -380,11 +377,11 @@ def _open_hub(schema: BenchmarkSchema, split: str | None) -> Any:
     import datasets
 
     if schema.hub_id is None:
-        raise BenchmarkError(f"{schema.name} has no hub id; pass a path")
+        raise EvalError(f"{schema.name} has no hub id; pass a path")
     try:
         return datasets.load_dataset(schema.hub_id, split=split or schema.default_split)
     except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
-        raise BenchmarkError(
+        raise EvalError(
             f"cannot load {schema.hub_id} from the hub ({type(err).__name__}: {err}); "
             f"download it elsewhere and pass '{schema.name}=PATH' (a save_to_disk folder, "
             f"parquet file or folder)"
@@ -400,9 +397,9 @@ def open_benchmark(spec: str, *, limit: int | None = None, split: str | None = N
     (for text-only runs) and leaves ``audio`` and ``sampling_rate`` as None.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise BenchmarkError(f"empty benchmark spec {spec!r}")
+        raise EvalError(f"empty benchmark spec {spec!r}")
     if limit is not None and limit < 0:
-        raise BenchmarkError(f"limit must be >= 0, got {limit}")
+        raise EvalError(f"limit must be >= 0, got {limit}")
     spec = spec.strip()
     if spec.startswith("local:"):
         name, schema, raw_path = "local", _LOCAL, spec[len("local:"):]
@@ -417,13 +414,13 @@ def open_benchmark(spec: str, *, limit: int | None = None, split: str | None = N
                          base_dir=None, limit=limit, decode_audio=decode_audio)
 
     if not raw_path.strip():
-        raise BenchmarkError(f"benchmark spec {spec!r} names no path")
+        raise EvalError(f"benchmark spec {spec!r} names no path")
     path = Path(raw_path.strip()).expanduser()
     if not path.exists():
-        raise BenchmarkError(f"benchmark path {path} does not exist")
+        raise EvalError(f"benchmark path {path} does not exist")
     if schema is _LOCAL or path.suffix.lower() in (".jsonl", ".json"):
         if path.is_dir():
-            raise BenchmarkError(f"{path}: expected a JSONL file, got a folder")
+            raise EvalError(f"{path}: expected a JSONL file, got a folder")
         rows, lines = _read_jsonl(path)
         bench = Benchmark(name, str(path), rows, list(rows[0]), schema, base_dir=path.parent,
                           limit=limit, decode_audio=decode_audio, line_numbers=lines)

@@ -26,18 +26,25 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from echox.eval.benchmarks import QAItem
-from echox.eval.match import exist_match
+from echox.audio import load_audio
+from echox.audio import save_audio as write
+from echox.config import load_config
+from echox.data.match import exist_match
+from echox.data.tiny_corpus import greedy_shrinking
+from echox.errors import EvalError
+from echox.eval.benchmarks import QAItem, open_benchmark
+from echox.hub import resolve
+from echox.infer.asr import make_asr
+from echox.infer.bundle import add_device_options, check_device, default_bundle, load_bundle
+from echox.infer.engine import Engine, EngineConfig, Final
+from echox.model.generation import SamplingConfig
+from echox.model.prompt import Turn
 
 log = logging.getLogger(__name__)
 
 
 #: Questions answered together in text and s2t mode when `--batch-size` is not given.
 DEFAULT_BATCH_SIZE = 16
-
-
-class EvalError(ValueError):
-    """Bad evaluation options or run folders."""
 
 
 @dataclass
@@ -72,8 +79,6 @@ def _batch_stats(seconds: float, n: int, tokens: int) -> dict[str, Any]:
 
 
 def _wav16k(item: QAItem) -> np.ndarray:
-    from echox.audio import load_audio
-
     if item.audio is None or item.sampling_rate is None:
         raise ValueError(f"item {item.id}: no audio")
     return load_audio(item.audio, 16000, orig_sr=item.sampling_rate, max_seconds=None)
@@ -92,7 +97,6 @@ class TextAnswerer:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from echox.hub import resolve
 
         folder = resolve(llm)
         self.tok = AutoTokenizer.from_pretrained(folder)
@@ -117,8 +121,6 @@ class TextAnswerer:
 
     def answer_batch(self, items: Sequence[QAItem]) -> list[Answer]:
         """Greedy answers to several questions at once, in their order."""
-        from echox.data.tiny_corpus import greedy_shrinking
-
         if not items:
             return []
         t0 = time.perf_counter()
@@ -146,14 +148,10 @@ class S2TAnswerer:
     """
 
     def __init__(self, model: Any, max_new_tokens: int = 64) -> None:
-        from echox.model.generation import SamplingConfig
-
         self.model, self.sampling = model, SamplingConfig(max_new_tokens=max_new_tokens)
 
     def answer_batch(self, items: Sequence[QAItem]) -> list[Answer]:
         """Greedy text answers to several spoken questions at once, in their order."""
-        from echox.model.prompt import Turn
-
         if not items:
             return []
         t0 = time.perf_counter()
@@ -172,15 +170,10 @@ class S2SAnswerer:
     """EchoX answering in speech through the streaming engine."""
 
     def __init__(self, bundle: Any, stream: bool = True, max_new_tokens: int = 64) -> None:
-        from echox.infer.engine import Engine, EngineConfig
-        from echox.model.generation import SamplingConfig
-
         cfg = EngineConfig(sampling=SamplingConfig(max_new_tokens=max_new_tokens), stream=stream)
         self.engine = Engine(bundle, cfg)
 
     def answer(self, item: QAItem) -> Answer:
-        from echox.infer.engine import Final
-
         session = self.engine.session()
         final = None
         for ev in session.respond(audio=_wav16k(item)):
@@ -296,8 +289,6 @@ def _score(item: QAItem, ans: Answer, mode: str, asr: Any, out_dir: Path,
         else:
             hyp = asr.transcribe(ans.audio, ans.sample_rate or 16000)
             if save_audio:
-                from echox.audio import save_audio as write
-
                 write(out_dir / "audio" / f"{item.id}.wav", ans.audio, ans.sample_rate or 16000,
                       clip=True)
         rec["transcript"] = hyp
@@ -378,8 +369,6 @@ def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from echox.eval.benchmarks import open_benchmark
-
     if args.compare:
         compare_runs([Path(p) for p in args.compare], Path(args.png) if args.png else None)
         return 0
@@ -393,23 +382,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/eval/{args.mode}")
     asr = None
     if args.mode == "text":
-        from echox.config import load_config
-
         if args.device != "cpu" or args.dtype not in (None, "fp32"):
             raise EvalError("--device / --dtype apply to the s2t and s2s modes (a bundle); "
                             "text mode runs its LLM on the CPU in float32")
         llm = args.llm or load_config(args.config).llm.name_or_path
         answerer: Answerer = TextAnswerer(llm, args.system_prompt or None)
     else:
-        from echox.infer.bundle import check_device, default_bundle, load_bundle
-
         check_device(args.device)
         bundle = load_bundle(args.model or default_bundle(), device=args.device, dtype=args.dtype)
         if args.mode == "s2t":
             answerer = S2TAnswerer(bundle.model, args.max_new_tokens)
         else:
-            from echox.eval.asr import make_asr
-
             answerer = S2SAnswerer(bundle, stream=not args.no_stream, max_new_tokens=args.max_new_tokens)
             asr = make_asr(args.asr)
     s = run_eval(bench, answerer, args.mode, out, args.benchmark, asr=asr,
@@ -421,13 +404,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("eval", help="spoken QA accuracy (text / s2t / s2s), UltraEval-Audio match",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="EchoX bundle folder (default: the embedded tiny model)")
     p.add_argument("--benchmark", help="llama-questions | web-questions | trivia-qa | NAME=PATH | local:PATH")
     p.add_argument("--mode", choices=["text", "s2t", "s2s"], default="s2s")
-    from echox.infer.bundle import add_device_options
 
     add_device_options(p)
     p.add_argument("--limit", type=int, help="first N items only")
@@ -444,4 +424,4 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--save-audio", action="store_true", help="s2s: keep each spoken answer as a wav")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="table + bar chart of finished runs")
     p.add_argument("--png", help="bar chart path")
-    p.set_defaults(func=cmd_eval)
+

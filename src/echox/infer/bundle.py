@@ -3,7 +3,7 @@
 Layout::
 
     config.json, model.safetensors, tokenizer/, checksums.json   an EchoX checkpoint
-    vocoder/             optional: a UnitMelVocoder folder (`UnitMelVocoder.save_pretrained`)
+    vocoder/             optional: a UnitMelVocoder folder (`echox.vocoder.io.save_vocoder`)
                          or a fairseq CodeHiFiGAN (`g_00500000` + `vocoder_config.json`)
     unit_language/       optional: the unit language the T2C speaks (`UnitLanguage.save`), or
                          the released T2C's `<|unit_...|>` tokens (`UnitTokens.save`)
@@ -19,15 +19,22 @@ from __future__ import annotations
 import json
 import os
 import sys
-from importlib import resources
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from echox.model.encoder import CheckpointError
-from echox.model.vocoder import CodeHiFiGAN, Vocoder, VocoderError
+from echox.errors import CheckpointError, UnitError
+from echox.hub import cache_dir
+from echox.model.echox import EchoX
+from echox.units.language import UnitLanguage
+from echox.units.unit_tokens import META_FILE, UnitTokens
+from echox.vocoder.base import Vocoder
+from echox.vocoder.code_hifigan import CodeHiFiGAN
+from echox.vocoder.io import load_named_generator, load_vocoder, save_vocoder
+from echox.vocoder.unit_mel import UnitMelVocoder
 
 if TYPE_CHECKING:
     from echox.model.echox import EchoX
@@ -35,13 +42,7 @@ if TYPE_CHECKING:
 
 VOCODER_DIR = "vocoder"
 UNIT_LANGUAGE_DIR = "unit_language"
-FAIRSEQ_CONFIG = "vocoder_config.json"
-FAIRSEQ_CHECKPOINT = "g_00500000"  # the authors' file name; any `g_*` file is accepted
 ENV_MODEL = "ECHOX_MODEL"
-
-
-class BundleError(CheckpointError):
-    """A bundle (or one of its parts) is missing, corrupt or inconsistent; names the file."""
 
 
 @dataclass
@@ -91,8 +92,6 @@ def shipped_bundle() -> Path:
 
 def default_bundle() -> Path:
     """Where `echox chat` finds a model without `--model`: $ECHOX_MODEL, then the cache."""
-    from echox.hub import cache_dir
-
     looked: list[str] = []
     env = os.environ.get(ENV_MODEL)
     if env:
@@ -107,72 +106,19 @@ def default_bundle() -> Path:
     if (shipped / "config.json").is_file():
         return shipped
     looked.append(str(shipped))
-    raise BundleError(
+    raise CheckpointError(
         f"no EchoX model bundle found (looked in {', '.join(looked)}); pass --model FOLDER, "
         f"set ${ENV_MODEL}, or build one with `bash recipes/tiny/pipeline.sh` (training + `echox bundle`)"
     )
 
 
-def _fairseq_checkpoint(folder: Path) -> Path | None:
-    if (folder / FAIRSEQ_CHECKPOINT).is_file():
-        return folder / FAIRSEQ_CHECKPOINT
-    found = sorted(p for p in folder.glob("g_*") if p.is_file())
-    return found[-1] if found else None
-
-
-def load_vocoder(folder: str | Path, device: str | torch.device = "cpu") -> Vocoder:
-    """A vocoder folder: fairseq CodeHiFiGAN (g_* + vocoder_config.json) or a UnitMelVocoder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BundleError(f"vocoder folder not found: {folder}")
-    try:
-        if (folder / FAIRSEQ_CONFIG).is_file():
-            ckpt = _fairseq_checkpoint(folder)
-            if ckpt is None:
-                raise BundleError(f"{folder}: has {FAIRSEQ_CONFIG} but no g_* generator "
-                                  f"checkpoint (e.g. {folder / FAIRSEQ_CHECKPOINT})")
-            return CodeHiFiGAN.from_fairseq(ckpt, folder / FAIRSEQ_CONFIG, map_location=device)
-        if (folder / "config.json").is_file():
-            from echox.model.unit2mel import UnitMelVocoder
-
-            return UnitMelVocoder.from_pretrained(folder, map_location=device).eval()
-    except VocoderError as e:
-        raise BundleError(f"cannot load the vocoder in {folder}: {e}") from e
-    raise BundleError(f"{folder}: not a vocoder folder (expected {FAIRSEQ_CONFIG} + "
-                      f"{FAIRSEQ_CHECKPOINT}, or a UnitMelVocoder config.json + model.safetensors)")
-
-
-def save_vocoder(vocoder: Vocoder, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a vocoder in the layout `load_vocoder` reads (`dtype`: see `save_bundle`)."""
-    folder = Path(folder)
-    if isinstance(vocoder, CodeHiFiGAN):
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in vocoder.state_dict().items()}
-        torch.save({"generator": state}, folder / FAIRSEQ_CHECKPOINT)
-        (folder / FAIRSEQ_CONFIG).write_text(json.dumps(vocoder.config.to_dict(), indent=2))
-        return folder
-    save = getattr(vocoder, "save_pretrained", None)
-    if save is None:
-        raise BundleError(f"cannot save a {type(vocoder).__name__} into a bundle "
-                          "(it has no save_pretrained)")
-    if dtype is not None:
-        save(folder, dtype=dtype)
-    else:
-        save(folder)
-    return folder
-
-
 def _load_unit_language(folder: Path) -> UnitLanguage:
-    from echox.units.kmeans import UnitError
-    from echox.units.language import UnitLanguage
-    from echox.units.unit_tokens import META_FILE, UnitTokens
-
     try:
         if (folder / META_FILE).is_file():
             return UnitTokens.load(folder)  # type: ignore[return-value]
         return UnitLanguage.load(folder)
     except UnitError as e:
-        raise BundleError(f"cannot load the unit language in {folder}: {e}") from e
+        raise CheckpointError(f"cannot load the unit language in {folder}: {e}") from e
 
 
 def load_bundle(
@@ -187,11 +133,9 @@ def load_bundle(
     present. The model is returned in eval mode on `device` (default: CPU), its weights read
     straight onto it (`EchoX.from_pretrained`); `dtype` (bf16 / fp16 / fp32 or a torch dtype)
     holds every model weight in it (default: the config's dtypes). The vocoder stays float32."""
-    from echox.model.echox import EchoX
-
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise BundleError(f"model bundle folder not found: {folder}")
+        raise CheckpointError(f"model bundle folder not found: {folder}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     model = EchoX.from_pretrained(folder, device=dev, dtype=parse_dtype(dtype)).eval()
 
@@ -217,7 +161,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise BundleError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32")
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32")
     return DTYPES[dtype]
 
 
@@ -236,9 +180,9 @@ def check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise BundleError(f"--device {device!r}: {e}") from e
+        raise CheckpointError(f"--device {device!r}: {e}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BundleError(f"--device {device}: this torch build or machine has no CUDA device "
+        raise CheckpointError(f"--device {device}: this torch build or machine has no CUDA device "
                           f"(torch {torch.__version__})")
 
 
@@ -247,13 +191,13 @@ def check_bundle(bundle: Bundle) -> None:
     n_tokens = bundle.model.echo.num_units
     where = bundle.path or "<bundle>"
     if bundle.unit_language is not None and bundle.unit_language.vocab_size > n_tokens:
-        raise BundleError(
+        raise CheckpointError(
             f"{where}: the unit language has {bundle.unit_language.vocab_size} tokens but the "
             f"echo decoder predicts {n_tokens} (t2c.unit_vocab_size)")
     n_units = (bundle.unit_language.num_units if bundle.unit_language is not None else n_tokens)
     voc_units = _vocoder_units(bundle.vocoder)
     if voc_units is not None and voc_units < n_units:
-        raise BundleError(f"{where}: the model makes {n_units} distinct units but the vocoder "
+        raise CheckpointError(f"{where}: the model makes {n_units} distinct units but the vocoder "
                           f"only knows {voc_units}")
 
 
@@ -307,23 +251,18 @@ def bundle_info(bundle: Bundle) -> dict[str, Any]:
 
 def cmd_bundle(args: Any) -> int:
     """`echox bundle`: an EchoX checkpoint + vocoder + unit language -> one bundle folder."""
-    from echox.model.echox import EchoX
-    from echox.units.language import UnitLanguage
-
     model = EchoX.from_pretrained(args.model)
     if "echo" not in model.trained_stages:
         print(f"echox: warning: {args.model} was not trained with stage echo "
               f"({model.trained_stages}); its speech output is untrained", file=sys.stderr)
     vocoder = load_vocoder(args.vocoder) if args.vocoder else None
     if args.hifigan:
-        from echox.model.unit2mel import UnitMelVocoder, load_named_generator
-
         if not isinstance(vocoder, UnitMelVocoder):
-            raise BundleError("--hifigan needs a unit->mel --vocoder (not a CodeHiFiGAN)")
+            raise CheckpointError("--hifigan needs a unit->mel --vocoder (not a CodeHiFiGAN)")
         try:
             generator = load_named_generator(args.hifigan)
         except Exception as e:  # noqa: BLE001 - checkpoint and missing-file errors
-            raise BundleError(f"cannot load the HiFi-GAN {args.hifigan}: {e}") from e
+            raise CheckpointError(f"cannot load the HiFi-GAN {args.hifigan}: {e}") from e
         vocoder = UnitMelVocoder(vocoder.unit2mel, generator, vocoder.output_sr,
                                  vocoder.default_context_units, hifigan=args.hifigan)
     lang = None
@@ -331,14 +270,13 @@ def cmd_bundle(args: Any) -> int:
         try:
             lang = UnitLanguage.load(args.unit_language)
         except Exception as e:  # noqa: BLE001 - UnitError and OS errors
-            raise BundleError(f"cannot load the unit language {args.unit_language}: {e}") from e
+            raise CheckpointError(f"cannot load the unit language {args.unit_language}: {e}") from e
     out = save_bundle(args.out, model, vocoder, lang, slim=args.slim)
     print(json.dumps({"bundle": str(out), **bundle_info(Bundle(model, vocoder, lang, out))}))
     return 0
 
 
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("bundle", help="pack a checkpoint, a vocoder and a unit language into one folder")
+def bundle_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="EchoX checkpoint (e.g. runs/tiny/echo/model)")
     p.add_argument("--vocoder", help="vocoder folder (unit->mel model, or fairseq g_* + vocoder_config.json)")
     p.add_argument("--unit-language", help="unit language folder (echox units train-language)")
@@ -347,4 +285,4 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--slim", action="store_true",
                    help="inference only: leave out the T2C and store float16 weights")
     p.add_argument("--out", required=True, help="bundle folder to write")
-    p.set_defaults(func=cmd_bundle)
+

@@ -16,27 +16,64 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from echox.audio import save_audio
+from echox.audio import check_output_path, save_audio
+from echox.config import EncoderConfig
+from echox.errors import EchoXError, UnitError, VocoderError
+from echox.infer.bundle import add_device_options, check_device, default_bundle, load_bundle
+from echox.infer.engine import (
+    Engine,
+    EngineConfig,
+    Final,
+    TextDelta,
+    check_max_audio_seconds,
+    load_question,
+)
+from echox.model.generation import SamplingConfig
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def question_limit(folder: Path, max_audio_seconds: float | None) -> float | None:
+    """The longest spoken question the bundle at `folder` will accept, known before loading
+    it: `--max-audio-seconds`, else the `encoder.max_seconds` of its config.json (read as
+    plain JSON). None when that cannot be read: the bundle loader then reports the problem."""
+    import json
+
+
+    if max_audio_seconds is not None:
+        return float(max_audio_seconds)
+    try:
+        meta = json.loads((Path(folder) / "config.json").read_text())
+        value = meta["config"]["encoder"].get("max_seconds", EncoderConfig.max_seconds)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return None
+    return float(value)
+
+
+def check_inputs(args: argparse.Namespace, limit: float | None) -> None:
+    """Check the spoken question (readable, complete, not too short or long) and that the
+    answer can be written, so that a bad input fails at once, not after the model load."""
+    if args.input is not None:
+        load_question(args.input, limit)
+    out = Path(args.output or "answer.wav")
+    if args.input is None and args.text is None:  # interactive: answer_1.wav, answer_2.wav, ...
+        out = out.with_name(f"{out.stem}_1{out.suffix or '.wav'}")
+    check_output_path(out)
 
 
 def _engine(args: argparse.Namespace) -> Any:
     """Load the bundle and build the engine the options describe."""
     import torch
 
-    from echox.cli import UserError
-    from echox.infer.bundle import check_device, default_bundle, load_bundle
-    from echox.infer.engine import Engine, EngineConfig, check_max_audio_seconds
-    from echox.model.generation import SamplingConfig
-
     try:  # check the options before the slow model load
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
-        raise UserError(f"sampling options: {e}") from e
+        raise EchoXError(f"sampling options: {e}") from e
     if args.whole_response and not args.no_stream:
-        raise UserError("--whole-response needs --no-stream")
+        raise EchoXError("--whole-response needs --no-stream")
     if args.max_audio_seconds is not None:
         check_max_audio_seconds(args.max_audio_seconds)
     check_device(args.device)
@@ -48,6 +85,7 @@ def _engine(args: argparse.Namespace) -> Any:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     path = Path(args.model) if args.model else default_bundle()
+    check_inputs(args, question_limit(path, args.max_audio_seconds))  # before the slow load
     print(f"echox: loading {path}", file=sys.stderr)
     bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language,
                          device=args.device, dtype=args.dtype)
@@ -59,8 +97,6 @@ def _engine(args: argparse.Namespace) -> Any:
 def _run_turn(session: Any, out: Path, show_stats: bool, stdout: TextIO,
               audio: str | None = None, text: str | None = None) -> None:
     """One turn: print text as it arrives, save the audio, optionally print the stats."""
-    from echox.infer.engine import Final, TextDelta
-
     final = None
     for ev in session.respond(audio=audio, text=text):
         if isinstance(ev, TextDelta):
@@ -82,10 +118,6 @@ def _run_turn(session: Any, out: Path, show_stats: bool, stdout: TextIO,
 
 def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     """Multi-turn dialogue from stdin lines; errors of one turn do not end the session."""
-    from echox.cli import _user_errors
-    from echox.model.vocoder import VocoderError
-    from echox.units.kmeans import UnitError
-
     base = Path(args.output or "answer.wav")
     n = 0
     prompt = sys.stderr.isatty() and stdin.isatty()
@@ -112,17 +144,13 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
             _run_turn(session, out, args.stats, stdout,
                       audio=line if is_audio else None, text=None if is_audio else line)
             n += 1
-        except (*_user_errors(), VocoderError, UnitError) as e:
+        except EchoXError as e:
             if args.debug:
                 raise
             print(f"echox: error: {e}", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from echox.cli import UserError
-    from echox.model.vocoder import VocoderError
-    from echox.units.kmeans import UnitError
-
     try:
         with _engine(args) as engine:
             session = engine.session()
@@ -132,7 +160,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                       audio=args.input, text=args.text)
             return 0
     except (VocoderError, UnitError) as e:  # not in the CLI's user-error list
-        raise UserError(str(e)) from e
+        raise EchoXError(str(e)) from e
 
 
 def add_max_audio_option(p: argparse.ArgumentParser) -> None:
@@ -143,10 +171,7 @@ def add_max_audio_option(p: argparse.ArgumentParser) -> None:
                         "Speech longer than the encoder window is encoded window by window")
 
 
-def add_cli(sub: Any) -> argparse.ArgumentParser:
-    """Register `echox chat` on the CLI's subparsers."""
-    p = sub.add_parser("chat", help="talk to a model bundle (speech or text in, speech out)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", help="spoken question (wav/flac/ogg); omit for interactive")
     p.add_argument("--text", help="typed question (with an input wav: text after the speech)")
     p.add_argument("--model", help="model bundle folder (default: $ECHOX_MODEL, then "
@@ -170,9 +195,7 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--first-chunk-units", type=int, default=20,
                    help="units in a segment's first audio chunk (smaller: earlier audio)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    from echox.infer.bundle import add_device_options
 
     add_device_options(p)
     add_max_audio_option(p)
-    p.set_defaults(func=cmd_chat)
-    return p
+

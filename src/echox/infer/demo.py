@@ -15,6 +15,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from echox.audio import check_output_path, save_audio
+from echox.config import preset_config
+from echox.errors import CheckpointError
+from echox.infer.asr import FasterWhisperASR
+from echox.infer.bundle import Bundle, default_bundle, load_bundle
+from echox.infer.chat import add_max_audio_option
+from echox.infer.engine import (
+    AudioChunk,
+    Engine,
+    EngineConfig,
+    Final,
+    Segment,
+    TextDelta,
+    check_max_audio_seconds,
+    load_question,
+)
+from echox.model.echox import EchoX
+from echox.vocoder.code_hifigan import CodeHiFiGAN, CodeHiFiGANConfig
+
 QUESTION = "question.wav"
 
 
@@ -25,31 +44,17 @@ def packaged_question() -> Path:
 def _random_bundle() -> Any:
     """No trained model anywhere: the tiny-random preset with a random CodeHiFiGAN, so the
     whole pipeline still runs (its output is noise by design)."""
-    from echox.config import preset_config
-    from echox.infer.bundle import Bundle
-    from echox.model.echox import EchoX
-    from echox.model.vocoder import CodeHiFiGAN, CodeHiFiGANConfig
-
     model = EchoX.build(preset_config("tiny-random"))
     model.eval()
     return Bundle(model, CodeHiFiGAN(CodeHiFiGANConfig.tiny()).eval(), None)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from echox.audio import save_audio
-    from echox.infer.bundle import BundleError, default_bundle, load_bundle
-    from echox.infer.engine import (
-        AudioChunk,
-        Engine,
-        EngineConfig,
-        Final,
-        Segment,
-        TextDelta,
-        check_max_audio_seconds,
-    )
-
     if args.max_audio_seconds is not None:  # before the slow model load
         check_max_audio_seconds(args.max_audio_seconds)
+    question = Path(args.question) if args.question else packaged_question()
+    load_question(question, args.max_audio_seconds)  # a bad question fails before the load
+    check_output_path(args.output)
     t0 = time.perf_counter()
     if args.model:
         bundle = load_bundle(args.model)
@@ -58,12 +63,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             where = str(default_bundle())
             bundle = load_bundle(where)
-        except BundleError as e:
+        except CheckpointError as e:
             print(f"echox demo: {e}\nechox demo: falling back to the tiny-random model "
                   "(untrained: expect noise)", file=sys.stderr)
             bundle, where = _random_bundle(), "tiny-random (untrained)"
     print(f"model: {where}  (loaded in {time.perf_counter() - t0:.1f} s)")
-    question = Path(args.question) if args.question else packaged_question()
     print(f"question: {question}")
     engine = Engine(bundle, EngineConfig.greedy(args.max_new_tokens),
                     max_audio_seconds=args.max_audio_seconds)
@@ -94,22 +98,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     save_audio(out, final.audio, final.sample_rate, clip=True)
     print(f"spoken answer: {out} ({final.audio.size / final.sample_rate:.2f} s)")
     if not args.no_asr:
-        from echox.eval.asr import FasterWhisperASR
-
         print(f"what Whisper tiny.en hears: {FasterWhisperASR().transcribe(final.audio, final.sample_rate)!r}")
     return 0
 
 
-def add_cli(sub: Any) -> None:
-    d = sub.add_parser("demo", help="answer a spoken question with speech, offline",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("--model", help="bundle folder (default: the embedded tiny model)")
-    d.add_argument("--question", help="a wav/flac/ogg question (default: the packaged one)")
-    d.add_argument("-o", "--output", default="answer.wav", help="where to write the spoken answer")
-    d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--no-asr", action="store_true", help="do not transcribe the spoken answer")
-    d.add_argument("--verbose", action="store_true", help="show segment / audio events")
-    from echox.infer.chat import add_max_audio_option
+def demo_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="bundle folder (default: the embedded tiny model)")
+    p.add_argument("--question", help="a wav/flac/ogg question (default: the packaged one)")
+    p.add_argument("-o", "--output", default="answer.wav", help="where to write the spoken answer")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-asr", action="store_true", help="do not transcribe the spoken answer")
+    p.add_argument("--verbose", action="store_true", help="show segment / audio events")
 
-    add_max_audio_option(d)
-    d.set_defaults(func=cmd_demo)
+    add_max_audio_option(p)
+

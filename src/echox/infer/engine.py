@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from echox.audio import AudioError, audio_info, load_audio
+from echox.audio import audio_info, check_question_length, load_audio
+from echox.errors import AudioError, ConfigError, PromptError
 from echox.infer.bundle import Bundle
 from echox.infer.events import (
     AudioChunk,
@@ -59,29 +60,60 @@ from echox.infer.events import (
     SpeechPiece,
     TextDelta,
 )
-from echox.infer.trigger import SegmentTrigger
+from echox.model.encoder import check_speech_length
 from echox.model.generation import (
     DecodeState,
     iter_decode,
     start_decode,
 )
-from echox.model.encoder import check_speech_length
-from echox.model.prompt import PromptError, Turn
+from echox.model.prompt import Turn
+from echox.model.trigger import SegmentTrigger
 
 __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final", "LatencyStats",
-           "Segment", "SegmentSpeech", "Session", "SpeechPiece", "TextDelta", "TurnState"]
+           "Segment", "SegmentSpeech", "Session", "SpeechPiece", "TextDelta", "TurnState",
+           "load_question"]
 
 AudioInput = str | Path | bytes | np.ndarray | None
 
 
 def check_max_audio_seconds(value: object) -> float:
     """A valid `--max-audio-seconds` / `max_audio_seconds` as float; ConfigError otherwise."""
-    from echox.config import ConfigError
-
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             0 < value < float("inf")):
         raise ConfigError(f"--max-audio-seconds must be a number of seconds > 0, got {value!r}")
     return float(value)
+
+
+def load_question(audio: AudioInput, limit: float | None, sr: int = 16000,
+                  sample_rate: int | None = None) -> np.ndarray:
+    """A spoken question as float32 mono at `sr`, checked: readable, complete, at least
+    `MIN_QUESTION_SECONDS` long and at most `limit` seconds (None: no upper limit).
+
+    The engine checks every user turn with it; `echox chat` and `echox demo` call it before
+    the slow model load. A file longer than `limit` is refused from its header alone.
+    """
+    if isinstance(audio, np.ndarray):
+        wav = load_audio(audio, sr, max_seconds=None, orig_sr=sample_rate or sr)
+        name = "question audio"
+    elif isinstance(audio, (str, Path, bytes, bytearray)):
+        name = "question audio"
+        if isinstance(audio, (str, Path)):  # refuse a long file from its header alone
+            name = f"'{audio}': question audio"
+            try:
+                info = audio_info(audio)
+            except AudioError:
+                pass  # load_audio reports it
+            else:
+                if limit is not None:
+                    check_speech_length(info.frames, limit, name, info.sample_rate)
+        wav = load_audio(audio, sr, max_seconds=None)
+    else:
+        raise AudioError(f"unsupported audio input {type(audio).__name__}; "
+                         "give a path, bytes or a numpy array")
+    if limit is not None:
+        check_speech_length(wav.size, limit, name)
+    check_question_length(wav.size, sr, name)
+    return wav
 
 
 # ----------------------------------------------------------------------------- engine
@@ -267,30 +299,12 @@ class Session:
         `encoder.max_seconds`: longer speech raises `AudioTooLongError`, one line that names
         `--max-audio-seconds`)."""
         model = self.engine.model
-        sr = model.frontend.sample_rate
-        limit = model.config.encoder.max_seconds
         if audio is None and not (text and text.strip()):
             raise PromptError("a user turn needs speech (a wav path, bytes or samples) or text")
         wav = None
         if audio is not None:
-            if isinstance(audio, np.ndarray):
-                wav = load_audio(audio, sr, max_seconds=None, orig_sr=sample_rate or sr)
-                check_speech_length(wav.size, limit)
-            elif isinstance(audio, (str, Path, bytes, bytearray)):
-                name = None
-                if isinstance(audio, (str, Path)):  # refuse a long file from its header alone
-                    name = f"'{audio}': question audio"
-                    try:
-                        info = audio_info(audio)
-                    except AudioError:
-                        pass  # load_audio reports it
-                    else:
-                        check_speech_length(info.frames, limit, name, info.sample_rate)
-                wav = load_audio(audio, sr, max_seconds=None)
-                check_speech_length(wav.size, limit, name or "question audio")
-            else:
-                raise AudioError(f"unsupported audio input {type(audio).__name__}; "
-                                 "give a path, bytes or a numpy array")
+            wav = load_question(audio, model.config.encoder.max_seconds,
+                                model.frontend.sample_rate, sample_rate)
         return Turn("user", text=text if text and text.strip() else None, audio=wav)
 
     def respond(self, audio: AudioInput = None, text: str | None = None,

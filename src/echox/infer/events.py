@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from echox.config import ConfigError
+from echox.errors import ConfigError
 from echox.model.generation import SamplingConfig
 
 __all__ = ["AudioChunk", "EngineConfig", "Event", "Final", "LatencyStats", "Segment",

@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 from echox.config import EchoXConfig
-from echox.data.collate import S2TBatch, T2CBatch, collate_s2t
-from echox.model.adapter import DenoisingAdapter
+from echox.hub import resolve
+from echox.model import losses
+from echox.model.batch import S2TBatch, T2CBatch, collate_s2t
+from echox.model.checkpoint import load_checkpoint, save_checkpoint
+from echox.model.denoiser import DenoisingAdapter
 from echox.model.encoder import (
     HOP,
     LogMelFrontEnd,
@@ -25,12 +28,14 @@ from echox.model.encoder import (
     WhisperSpeechEncoder,
     check_speech_length,
 )
+from echox.model.feature_cache import EncoderCache, encoder_fingerprint
 from echox.model.generation import DecodeResult, SamplingConfig, decode
 from echox.model.llm import LLM, LLMOutput
 from echox.model.prompt import IGNORE, MergedInputs, PromptBuilder, Turn, merge_speech
-from echox.model.shrink import AdapterOutput, SpeechAdapter
-from echox.model.t2u import UnitDecoder, UnitOutput
-from echox.train import losses
+from echox.model.speech_adapter import AdapterOutput, SpeechAdapter
+from echox.model.trigger import segment_boundaries, trigger_scores
+from echox.model.unit_decoder import UnitDecoder, UnitOutput
+from echox.model.unit_decoder_authors import AuthorsUnitDecoder
 
 
 @dataclass
@@ -103,9 +108,7 @@ class EchoX(nn.Module):
 
         `device` / `dtype` only concern the LLM here, whose weights are read straight onto the
         device in that dtype; the caller moves the (smaller) other parts after loading theirs
-        (`echox.checkpoint.load_checkpoint`)."""
-        from echox.hub import resolve
-
+        (`echox.model.checkpoint.load_checkpoint`)."""
         enc_dir = resolve(config.encoder.name_or_path)
         llm_dir = resolve(config.llm.name_or_path)
         encoder = WhisperSpeechEncoder.from_folder(enc_dir, trainable=config.encoder.trainable,
@@ -124,8 +127,6 @@ class EchoX(nn.Module):
                 encoder_attention=a.encoder_attention,
             )
             if config.t2c.layout == "authors":
-                from echox.model.t2u_authors import AuthorsUnitDecoder
-
                 t2c = AuthorsUnitDecoder(config.t2c, llm.hidden_size, llm.vocab_size, llm.tokenizer,
                                          llm.base.get_input_embeddings())
                 echo = t2c  # one module, as released: the T2C is also the echo decoder
@@ -140,18 +141,14 @@ class EchoX(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "EchoX":
-        """`device`/`dtype`: see `echox.checkpoint.load_checkpoint` (default: CPU, the
+        """`device`/`dtype`: see `echox.model.checkpoint.load_checkpoint` (default: CPU, the
         config's dtypes)."""
-        from echox.checkpoint import load_checkpoint
-
         return load_checkpoint(cls, Path(folder), device=device, dtype=dtype)
 
     def save_pretrained(self, folder: str | Path, extra_files: dict[str, str] | None = None,
                         extra_writer: Any = None, full_state: dict[str, torch.Tensor] | None = None,
                         omit_parts: tuple[str, ...] = (), dtype: torch.dtype | None = None) -> Path:
-        """See `echox.checkpoint.save_checkpoint` (`omit_parts`/`dtype` slim a shipped copy)."""
-        from echox.checkpoint import save_checkpoint
-
+        """See `echox.model.checkpoint.save_checkpoint` (`omit_parts`/`dtype` slim a shipped copy)."""
         return save_checkpoint(self, Path(folder), extra_files=extra_files,
                                extra_writer=extra_writer, full_state=full_state,
                                omit_parts=omit_parts, dtype=dtype)
@@ -242,7 +239,6 @@ class EchoX(nn.Module):
             return
         if self.encoder.trainable:
             raise ValueError("the speech encoder trains in this model: its outputs cannot be cached")
-        from echox.model.feature_cache import EncoderCache, encoder_fingerprint
 
         fp = encoder_fingerprint(self.encoder, self.encoder.window_frames,
                                  keep_padding=not self.config.adapter.mask_padding)
@@ -360,8 +356,6 @@ class EchoX(nn.Module):
 
     def trigger_segments(self, hidden: torch.Tensor) -> list[tuple[int, int]]:
         """Where the streaming trigger would cut a response with these hidden states."""
-        from echox.infer.trigger import segment_boundaries, trigger_scores
-
         scores = trigger_scores(hidden.detach(), self.trigger_row())
         return segment_boundaries(scores, self.config.trigger)
 

@@ -16,18 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from echox.audio import AudioError
+from echox.errors import AudioError, AudioTooLongError, CheckpointError
 
 HOP = 160  # Whisper's mel hop at 16 kHz
 SAMPLE_RATE = 16000
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, corrupt or does not fit the model; names the file."""
-
-
-class AudioTooLongError(AudioError):
-    """Speech longer than the accepted limit (`encoder.max_seconds`); a user error (exit 2)."""
 
 
 def limit_samples(max_seconds: float, sr: int = SAMPLE_RATE) -> int:
@@ -36,12 +28,15 @@ def limit_samples(max_seconds: float, sr: int = SAMPLE_RATE) -> int:
 
 
 def too_long_message(seconds: float, max_seconds: float, what: str = "question audio") -> str:
-    """The one-line refusal, naming the options that raise the limit."""
+    """The one-line refusal, naming the command-line option that raises the limit first
+    (the message reaches `echox chat` / `echox demo` users), then its Python API and config
+    spellings."""
     shown = f"{seconds:.1f}"
     if float(shown) <= max_seconds:  # just over the limit: show enough digits to see it
         shown = f"{seconds:.3f}"
-    return (f"{what} is {shown} s; the limit is {max_seconds:g} s "
-            "(--max-audio-seconds, or encoder.max_seconds)")
+    return (f"{what} is {shown} s; the limit is {max_seconds:g} s (to accept longer speech, "
+            "pass --max-audio-seconds N; max_audio_seconds=N in the Python API, "
+            "encoder.max_seconds in a model config)")
 
 
 def check_speech_length(n_samples: int, max_seconds: float, what: str = "question audio",

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from echox.fileio import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 FORMAT = "echox-encoder-cache-v1"
@@ -95,7 +97,6 @@ class EncoderCache:
     def put(self, key: str, frames: torch.Tensor, valid: int) -> None:
         from safetensors.torch import save
 
-        from echox.fileio import atomic_write_bytes
 
         frames = frames.detach().cpu().contiguous()
         meta = {"format": FORMAT, "key": key, "valid": str(int(valid)), "sha256": _sha(frames)}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from echox.config import LLMConfig
+from echox.errors import CheckpointError
 from echox.model.generation import cache_kwargs, output_cache
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,8 +70,6 @@ class LLM(nn.Module):
             rows = model.get_input_embeddings().weight.shape[0]
             audio_id = tok.convert_tokens_to_ids(cfg.audio_token)
             if audio_id is None or audio_id >= rows:
-                from echox.model.encoder import CheckpointError
-
                 raise CheckpointError(f"llm.resize_embeddings is false but the LLM in {folder} has "
                                       f"{rows} embedding rows and {cfg.audio_token!r} is token {audio_id}")
         model.requires_grad_(False)

@@ -15,11 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from echox.errors import PromptError
+
 IGNORE = -100
-
-
-class PromptError(ValueError):
-    """A dialogue cannot be rendered with this tokenizer's chat template."""
 
 
 @dataclass

@@ -39,10 +39,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.staticfiles import StaticFiles
 
-from echox.audio import AudioError
-from echox.config import ConfigError
+from echox.errors import AudioError, ConfigError, PromptError
 from echox.infer.events import AudioChunk, Final, Segment, TextDelta
-from echox.model.prompt import PromptError
 from echox.serve.gate import ThreadTurn, TurnGate
 from echox.serve.inputs import (
     ApiError,

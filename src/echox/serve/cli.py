@@ -28,6 +28,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from echox.errors import ConfigError, EchoXError
+from echox.infer.bundle import add_device_options, check_device, default_bundle, load_bundle
+from echox.infer.engine import Engine, EngineConfig
+from echox.model.generation import SamplingConfig
+from echox.serve.app import ServeConfig, create_app
+
 ENV_TOKEN = "ECHOX_TOKEN"
 
 
@@ -44,13 +50,6 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """(engine, app) from the options; checks every option before the slow model load."""
     import torch
 
-    from echox.cli import UserError
-    from echox.config import ConfigError
-    from echox.infer.bundle import check_device, default_bundle, load_bundle
-    from echox.infer.engine import Engine, EngineConfig
-    from echox.model.generation import SamplingConfig
-    from echox.serve.app import ServeConfig, create_app
-
     token = args.token or os.environ.get(ENV_TOKEN) or None
     try:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
@@ -65,9 +64,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
             history_turns=args.history_turns, allow_origins=tuple(args.allow_origin or ()),
             model_id=args.model_id)
     except (ValueError, ConfigError) as e:
-        raise UserError(f"serve options: {e}") from e
+        raise EchoXError(f"serve options: {e}") from e
     if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be 0-65535, got {args.port}")
+        raise EchoXError(f"--port must be 0-65535, got {args.port}")
     if not _is_loopback(args.host) and token is None:
         print(f"echox serve: warning: listening on {args.host} without --token: anyone who "
               "can reach this port can use the model", file=sys.stderr)
@@ -90,9 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError as e:  # pragma: no cover - a dependency of echox
-        from echox.cli import UserError
 
-        raise UserError(f"echox serve needs uvicorn and fastapi ({e})") from e
+        raise EchoXError(f"echox serve needs uvicorn and fastapi ({e})") from e
     engine, app = build(args)
     with engine:
         shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -104,12 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(sub: Any) -> argparse.ArgumentParser:
-    """Register `echox serve` on the CLI's subparsers."""
-    from echox.infer.bundle import add_device_options
-
-    p = sub.add_parser("serve", help="serve the model: streaming speech API and web page",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def serve_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network and access")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 = all)")
@@ -156,5 +149,4 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
                      help="seconds a turn may run before it is stopped (default 120)")
     lim.add_argument("--history-turns", type=int, default=8,
                      help="exchanges a conversation remembers (default 8)")
-    p.set_defaults(func=cmd_serve)
-    return p
+

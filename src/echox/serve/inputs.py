@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from echox.audio import AudioError, AudioWarning, load_audio
+from echox.audio import AudioWarning, check_question_length, load_audio
+from echox.errors import AudioError
 from echox.model.prompt import Turn
 
 __all__ = ["AUDIO_FORMATS", "ApiError", "AudioBuffer", "Limits", "PCM_FORMATS", "check_history",
@@ -57,8 +58,18 @@ class Limits:
     history_turns: int = 8  # user + assistant pairs a client may send to POST /v1/chat
 
     def too_long(self, seconds: float) -> ApiError:
+        """A client cannot raise the limit: the message names the server's own setting."""
         return ApiError(413, "audio_too_long", f"the audio is {seconds:.2f} s long, over the "
-                        f"limit of {self.max_audio_seconds:g} s")
+                        f"limit of {self.max_audio_seconds:g} s (this server's "
+                        "limits.max_audio_seconds in GET /v1/models; its operator sets it with "
+                        "echox serve --max-audio-seconds)")
+
+    def too_short(self, wav: np.ndarray, sr: int, name: str) -> None:
+        """Refuse a question shorter than `MIN_QUESTION_SECONDS` (400 audio_too_short)."""
+        try:
+            check_question_length(wav.size, sr, name)
+        except AudioError as e:
+            raise ApiError(400, "audio_too_short", str(e)) from e
 
     def too_large(self, size: int) -> ApiError:
         return ApiError(413, "too_large", f"the upload is {size} bytes, over the limit of "
@@ -98,7 +109,8 @@ def decode_file(data: bytes, limits: Limits, sr: int = 16000, name: str = "audio
     """The bytes of an audio file (wav/flac/ogg, any rate, any channels) -> float32 mono `sr`.
 
     Refuses: empty input, more than `max_upload_bytes`, anything libsndfile cannot read
-    (including a file cut inside its header), zero samples, NaN/inf samples, and audio longer
+    (including a file cut inside its header), a WAV shorter than its header says, zero
+    samples, NaN/inf samples, audio shorter than `MIN_QUESTION_SECONDS` and audio longer
     than `max_audio_seconds` (checked from the header, before decoding).
     """
     if len(data) == 0:
@@ -119,6 +131,7 @@ def decode_file(data: bytes, limits: Limits, sr: int = 16000, name: str = "audio
     wav = _load(data, limits, sr, name)
     if wav.size / sr > limits.max_audio_seconds + 1e-3:  # headers that do not give a length
         raise limits.too_long(wav.size / sr)
+    limits.too_short(wav, sr, name)
     return wav
 
 
@@ -171,7 +184,10 @@ class AudioBuffer:
                            f"bytes is not a whole number of {width}-byte samples")
         samples = np.frombuffer(bytes(self.data), dtype=dtype)
         assert self.sample_rate is not None
-        return _load(samples, self.limits, sr, f"{self.fmt} stream", orig_sr=self.sample_rate)
+        name = f"{self.fmt} stream"
+        wav = _load(samples, self.limits, sr, name, orig_sr=self.sample_rate)
+        self.limits.too_short(wav, sr, name)
+        return wav
 
 
 def check_history(items: Any, limits: Limits) -> list[Turn]:

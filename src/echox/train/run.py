@@ -19,65 +19,73 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 from torch.utils.data import Dataset
 
-from echox.config import ConfigError, load_config, read_yaml_mapping
+from echox.config import load_config, load_recipe
+from echox.data.datasets import (
+    ConcatDataset,
+    S2TDataset,
+    T2CDataset,
+    collate_t2c_examples,
+    make_s2t_collator,
+)
+from echox.data.hf import load_hf_asr, load_hf_dialogues
+from echox.data.manifest import (
+    DialogueMessage,
+    DialogueRecord,
+    read_dialogues_json,
+    read_jsonl,
+    resolve_audio,
+    write_jsonl,
+)
+from echox.data.s2t_mix import ASR_PROMPT
+from echox.errors import ConfigError, ManifestError
+from echox.hub import cache_dir
 from echox.train import stages
 from echox.train.trainer import TrainConfig, Trainer, encoder_cache_root
+from echox.units.language import UnitLanguage
 
 log = logging.getLogger(__name__)
 
 
-def load_recipe(path: str | None, sets: list[str], override: str | None = None) -> dict[str, Any]:
-    """The recipe at `path`, then the `override` file (same keys; `model` and `overrides`
-    replace the recipe's, `train` and `data` are merged key by key), then the `--set`s."""
-    recipe: dict[str, Any] = {"model": "tiny", "overrides": [], "train": {}, "data": {}}
-    for what, file in (("recipe", path), ("override", override)):
-        if not file:
-            continue
-        loaded = read_yaml_mapping(file, what)
-        unknown = set(loaded) - set(recipe)
-        if unknown:
-            raise ConfigError(f"{file}: unknown {what} key(s) {sorted(unknown)}; use {sorted(recipe)}")
-        for key, val in loaded.items():
-            if key in ("train", "data"):
-                if not isinstance(val or {}, dict):
-                    raise ConfigError(f"{file}: {key} must be a mapping")
-                recipe[key] = {**(recipe.get(key) or {}), **(val or {})}
-            else:
-                recipe[key] = val
-    for s in sets:
-        key, _, val = s.partition("=")
-        if not _:
-            raise ConfigError(f"--set {s!r}: expected section.key=value")
-        section, _, rest = key.partition(".")
-        if section == "model":
-            recipe["overrides"] = list(recipe.get("overrides") or []) + [f"{rest}={val}"]
-        elif section in ("train", "data"):
-            recipe[section][rest] = yaml.safe_load(val)
-        else:
-            raise ConfigError(f"--set {s!r}: the section must be model, train or data")
-    return recipe
+@dataclass
+class StageData:
+    """The `data` section of a stage recipe."""
+
+    # a manifest, a source mapping (see `_dialogue_source`) or a list of them (s2t, echo)
+    train: Any = None
+    eval: Any = None
+    limit: int | None = None  # read only this many training examples
+    eval_limit: int | None = 32
+    unit_language: str | None = None  # a unit-language folder: T2C/echo targets in its tokens
+    perturb: list[list[float]] | None = None  # [[speed, gain], ...] copies of each S2T clip
+
+
+STAGE_SECTIONS: dict[str, type | None] = {"model": None, "overrides": None, "train": TrainConfig,
+                                          "data": StageData}
+
+
+def load_stage_recipe(path: str | None, sets: list[str], override: str | None = None,
+                      stage: str = "s2t") -> dict[str, Any]:
+    """A stage recipe (see the module docstring) through `echox.config.load_recipe`:
+    {"model": name or YAML, "overrides": [...], "train": TrainConfig, "data": StageData}."""
+    return load_recipe(path, STAGE_SECTIONS, override=override, sets=sets,
+                       defaults={"model": "tiny", "overrides": [],
+                                 "train": {"stage": stage, "output_dir": f"runs/{stage}"}},
+                       set_as_overrides={"model": "overrides"})
 
 
 def train_config(stage: str, recipe: dict[str, Any], args: argparse.Namespace) -> TrainConfig:
-    tc = dict(recipe.get("train") or {})
-    tc["stage"] = stage
-    for name in ("output_dir", "max_steps", "batch_size", "lr", "target", "pseudo_labels", "threads"):
-        v = getattr(args, name, None)
-        if v is not None:
-            tc[name] = v
-    tc.setdefault("output_dir", f"runs/{stage}")
-    valid = {f.name for f in fields(TrainConfig)}
-    unknown = set(tc) - valid
-    if unknown:
-        raise ConfigError(f"train: unknown key(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    return TrainConfig(**tc)
+    """The recipe's TrainConfig with the command line's options over it."""
+    given = {name: getattr(args, name) for name in
+             ("output_dir", "max_steps", "batch_size", "lr", "target", "pseudo_labels", "threads")
+             if getattr(args, name, None) is not None}
+    return replace(recipe["train"], stage=stage, **given)
 
 
 class EchoDataset(Dataset):
@@ -112,9 +120,6 @@ def _dialogues(paths: Any, limit: int | None, max_seconds: float,
     """One source, or several read as one (`data.train: [qa.jsonl, asr.jsonl]`); `limit`
     counts over all of them, in order. A source is a dialogues JSONL, an EchoX-Dialogues
     `data.json` / shard folder / folder of shards, or a mapping (see `_dialogue_source`)."""
-    from echox.data.manifest import read_jsonl  # noqa: F401,I001 (manifest before datasets: import loop)
-    from echox.data.datasets import ConcatDataset, S2TDataset
-
     parts, left = [], limit
     for src in list(paths) if isinstance(paths, (list, tuple)) else [paths]:
         recs, base = _dialogue_source(src)
@@ -130,18 +135,15 @@ def _dialogues(paths: Any, limit: int | None, max_seconds: float,
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
-def build_data(stage: str, model: Any, cfg: TrainConfig, data: dict[str, Any]
+def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
                ) -> tuple[Dataset, Dataset | None, Callable[[list[Any]], Any], dict[str, Any]]:
     """Datasets, collator and per-step model kwargs of a stage."""
-    from echox.data.datasets import T2CDataset, collate_t2c_examples, make_s2t_collator
-    from echox.data.manifest import read_jsonl
-
-    train_path, eval_path = data.get("train"), data.get("eval")
+    train_path, eval_path = data.train, data.eval
     if not train_path:
         raise ConfigError(f"stage {stage}: give training data (--data or data.train in the recipe)")
-    limit, eval_limit = data.get("limit"), data.get("eval_limit", 32)
+    limit, eval_limit = data.limit, data.eval_limit
     max_s = model.config.encoder.max_seconds  # whole windows of a longer clip are encoded in turn
-    encode = _unit_encoder(data.get("unit_language"), model.t2c.num_units)
+    encode = _unit_encoder(data.unit_language, model.t2c.num_units)
     if stage == "t2c":
 
         def tts(path: str, lim: int | None) -> Dataset:
@@ -150,7 +152,7 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: dict[str, Any]
 
         return (tts(train_path, limit), tts(eval_path, eval_limit) if eval_path else None,
                 collate_t2c_examples, {})
-    perturb = data.get("perturb")
+    perturb = data.perturb
     train = _dialogues(train_path, limit, max_s, perturb=[tuple(p) for p in perturb] if perturb else None)
     ev = _dialogues(eval_path, eval_limit, max_s) if eval_path else None
     if stage == "s2t":
@@ -185,8 +187,6 @@ def _dialogue_source(src: Any) -> tuple[list[Any], Path | None]:
       turns: the clip with the instruction `prompt` (default "Transcribe this audio.") and its
       transcript as the answer. See `_hf_dialogues` for where the audio goes.
     """
-    from echox.data.manifest import ManifestError, read_dialogues_json, read_jsonl, resolve_audio
-
     opts: dict[str, Any] = {}
     if isinstance(src, dict):
         unknown = set(src) - SOURCE_KEYS
@@ -238,11 +238,6 @@ def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
     import hashlib
     import itertools
 
-    from echox.data.manifest import (DialogueMessage, DialogueRecord, ManifestError, load_hf_asr,
-                                     load_hf_dialogues, read_jsonl, write_jsonl)
-    from echox.data.s2t_mix import ASR_PROMPT
-    from echox.hub import cache_dir
-
     schema = src.get("schema", "dialogue")
     if schema not in ("dialogue", "asr"):
         raise ConfigError(f"data source {src}: schema must be dialogue or asr, got {schema!r}")
@@ -276,7 +271,6 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
     """Raw units -> unit-language tokens, when the T2C speaks a unit language."""
     if not language_dir:
         return None
-    from echox.units.language import UnitLanguage
 
     lang = UnitLanguage.load(language_dir)
     if lang.vocab_size > num_units:  # a larger T2C vocabulary only leaves rows unused
@@ -291,19 +285,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if len(args.data) > 1 and args.stage not in ("s2t", "echo"):
             raise ConfigError(f"--data: stage {args.stage} takes one manifest, got {len(args.data)}")
         args.data = args.data[0] if len(args.data) == 1 else list(args.data)
-    if args.stage == "vocoder":
-        from echox.train.vocoder_cli import cmd_train_vocoder
-
-        return cmd_train_vocoder(args)
-    if args.stage == "hifigan":
-        from echox.train.vocoder_cli import cmd_train_hifigan
-
-        return cmd_train_hifigan(args)
-    recipe = load_recipe(args.recipe, args.set or [], getattr(args, "override", None))
+    recipe = load_stage_recipe(args.recipe, args.set or [], args.override, args.stage)
     if args.data:
-        recipe["data"]["train"] = args.data
+        recipe["data"].train = args.data
     if args.eval_data:
-        recipe["data"]["eval"] = args.eval_data
+        recipe["data"].eval = args.eval_data
     cfg = train_config(args.stage, recipe, args)
     model_cfg = None if args.init else load_config(str(recipe["model"]), list(recipe.get("overrides") or []))
     model = stages.prepare_model(args.stage, model_cfg, init=args.init, t2c_from=args.t2c_from)
@@ -312,14 +298,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.cache_encoder:  # before build_data: echo's offline pseudo-labels read it too
         model.enable_feature_cache(encoder_cache_root(cfg))
     train, ev, collate, kwargs = build_data(args.stage, model, cfg, recipe["data"])
-    if getattr(args, "prepare_data", False):  # sources read (and hub datasets made local) once
+    if args.prepare_data:  # sources read (and hub datasets made local) once
         print(json.dumps({"stage": args.stage, "train_examples": len(train),  # type: ignore[arg-type]
                           "eval_examples": len(ev) if ev is not None else 0}))  # type: ignore[arg-type]
         return 0
     trainer = Trainer(model, cfg, train, collate, ev, step_kwargs=kwargs)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({**recipe, "train": asdict(cfg)}, indent=2, default=str))
+    (out / "recipe.json").write_text(json.dumps({**recipe, "train": asdict(cfg), "data": asdict(recipe["data"])},
+                                               indent=2, default=str))
     res = trainer.train(resume=args.resume, stop_at=args.stop_at)
     if trainer.acc.is_main_process:
         print(json.dumps({"stage": args.stage, "steps": res.step, "first_loss": round(res.first_loss, 4),
@@ -328,14 +315,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a stage: s2t, t2c, echo (or the vocoder)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["s2t", "t2c", "echo", "vocoder", "hifigan"],
-                   help="vocoder: the unit->mel model for the HiFi-GAN (options: --recipe with "
-                        "vocoder/train/data sections, --data, --out, --max-steps, --batch-size, "
-                        "--lr); hifigan: distil the packaged HiFi-GAN V1 into a V2-size "
-                        "generator (--data, --unit2mel, --windows, --pool, --out, --max-steps)")
+def stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe YAML (model, train, data); e.g. recipes/tiny/s2t.yaml")
     p.add_argument("--override", metavar="YAML",
                    help="a second recipe file applied over --recipe: its model and overrides "
@@ -359,47 +339,7 @@ def add_cli(sub: Any) -> None:
                    help="echo: pseudo-labels from the frozen T2C (EchoX) or gold units (baseline)")
     p.add_argument("--pseudo-labels", choices=["online", "offline"])
     p.add_argument("--threads", type=int, help="torch threads per process (1 on a busy CPU)")
-    hg = p.add_argument_group("hifigan stage")
-    hg.add_argument("--teacher", help="packaged HiFi-GAN to distil (default universal)")
-    hg.add_argument("--unit2mel",
-                    help="a Unit2Mel folder: part of the windows come from its mels "
-                         "(--unit2mel-share)")
-    hg.add_argument("--gta", action="store_true",
-                    help="with --unit2mel: its windows are its mels with the real durations, "
-                         "and their target is the real audio (ground-truth-aligned fine-tuning)")
-    hg.add_argument("--windows", type=int, default=1500, help="mel windows in the pool")
-    hg.add_argument("--unit2mel-share", type=float, default=0.5,
-                    help="with --unit2mel: the share of the windows that come from its mels")
-    hg.add_argument("--window-frames", type=int, default=80, help="frames per pool window")
-    hg.add_argument("--pool", help="teacher pool file (reused when it exists)")
-    hg.add_argument("--teacher-from", metavar="POOL",
-                    help="when building a pool: take its teacher windows from this older pool "
-                         "(no teacher run), e.g. to pair them with a retrained --unit2mel's")
-    hg.add_argument("--limit", type=int, help="read only this many manifest records")
-    hg.add_argument("--student-channels", type=int, default=128,
-                    help="student width (upsample_initial_channel): 128 = V2's size, 256 = half "
-                         "of V1")
-    hg.add_argument("--student-init", choices=["prune", "random"], default="random",
-                    help="start the student from scratch (random; how the shipped small one was "
-                         "made) or from the teacher's most salient channels (prune; not yet "
-                         "shown to distil faster)")
-    vg = p.add_argument_group("vocoder stage")
-    vg.add_argument("--segment-frames", type=int,
-                    help="train on random crops of at most this many mel frames (faster steps)")
-    vg.add_argument("--holdout", type=int, default=0,
-                    help="keep the manifest's last N pairs out and report their mel L1")
-    vg.add_argument("--eval-every", type=int, default=0, help="held-out evaluation interval")
-    vg.add_argument("--save-every", type=int, default=0,
-                    help="also save OUT/unit2mel every N steps (continue with --init)")
-    vg.add_argument("--grow-decoder", type=int, default=0, metavar="N",
-                    help="with --init: add N decoder blocks that start as the identity")
-    vg.add_argument("--add-postnet", type=int, default=0, metavar="LAYERS",
-                    help="with --init: add a postnet of LAYERS (>= 2) convs whose output starts "
-                         "at 0")
-    p.add_argument("--reinit-units", action="store_true",
-                   help="vocoder with --init: keep the trained layers but start a fresh unit "
-                        "embedding (units from a new k-means)")
     p.add_argument("--stop-at", type=int, help="stop after this step (checkpoints stay resumable)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override, e.g. --set train.warmup_steps=10 --set model.llm.lora.r=8")
-    p.set_defaults(func=cmd_train)
+

@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from echox.config import EchoXConfig
-from echox.data.collate import S2TBatch, T2CBatch, collate_t2c
+from echox.errors import CheckpointError, StageError
+from echox.model.batch import S2TBatch, T2CBatch, collate_t2c
+from echox.model.checkpoint import load_weights, verify_checkpoint
 from echox.model.echox import EchoX
-from echox.model.encoder import CheckpointError
 from echox.model.prompt import Turn
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ STAGE_PARTS: dict[str, set[str]] = {
     "t2c": {"t2c"},
     "echo": {"adapter", "llm", "echo", "denoiser"},
 }
-
-
-class StageError(RuntimeError):
-    """A stage's prerequisites (earlier stages' outputs, data) are missing."""
 
 
 def apply_stage(model: EchoX, stage: str) -> None:
@@ -93,7 +90,6 @@ def _load_t2c(model: EchoX, folder: Path) -> None:
     """Take the trained T2C of a Stage II checkpoint, checking it fits."""
     from dataclasses import asdict
 
-    from echox.checkpoint import load_weights, verify_checkpoint
 
     try:
         meta = verify_checkpoint(folder)

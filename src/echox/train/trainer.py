@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from echox.config import ConfigError
+from echox.errors import CheckpointError, ConfigError
+from echox.hub import cache_dir
+from echox.model.checkpoint import load_weights, verify_checkpoint
 from echox.model.echox import EchoX
-from echox.model.encoder import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,6 @@ def _set_rng_state(st: dict[str, Any]) -> None:
 
 def find_latest_checkpoint(output_dir: Path) -> Path | None:
     """Newest `checkpoints/step-*` that verifies; broken ones are skipped with a warning."""
-    from echox.checkpoint import verify_checkpoint
-
     ckpts = sorted((output_dir / "checkpoints").glob("step-*"), reverse=True)
     for c in ckpts:
         try:
@@ -191,8 +190,6 @@ def _release_single_process_state(mixed_precision: str) -> None:
 
 def encoder_cache_root(cfg: TrainConfig) -> Path:
     """Where `train.cache_encoder` keeps encoder outputs."""
-    from echox.hub import cache_dir
-
     return Path(cfg.encoder_cache_dir) if cfg.encoder_cache_dir else cache_dir() / "encoder-features"
 
 
@@ -304,8 +301,6 @@ class Trainer:
         return folder
 
     def _resume(self, resume: str | Path) -> None:
-        from echox.checkpoint import load_weights, verify_checkpoint
-
         if str(resume) == "latest":
             folder = find_latest_checkpoint(self.out)
             if folder is None:

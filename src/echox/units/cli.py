@@ -34,8 +34,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from echox.data.manifest import ManifestError, read_jsonl, write_jsonl
-from echox.units.kmeans import UnitError
+from echox.data.manifest import read_jsonl, write_jsonl
+from echox.errors import ManifestError, UnitError
+from echox.units.extract import (
+    HubertFeatures,
+    UnitExtractor,
+    WhisperLayerFeatures,
+    _cache_path,
+    extract_corpus,
+    train_kmeans_on_corpus,
+)
+from echox.units.kmeans import UnitKMeans
+from echox.units.language import UnitLanguage, compression_stats, plot_stats
 
 __all__ = [
     "FeatureSpec", "Manifest", "add_cli", "cmd_attach", "cmd_extract", "cmd_stats",
@@ -67,8 +77,6 @@ class FeatureSpec:
 
     def build(self, layer: int, device: str | None = None) -> Any:
         """The FeatureExtractor for `layer` (imported lazily: loading a model is slow)."""
-        from echox.units.extract import HubertFeatures, WhisperLayerFeatures
-
         if self.kind == "whisper":
             return WhisperLayerFeatures(self.model, layer=layer, device=device)
         return HubertFeatures(self.model, layer=layer, device=device)
@@ -187,8 +195,6 @@ def _num_units(args: argparse.Namespace, seqs: list[tuple[str, list[int]]]) -> i
     if args.num_units is not None:
         k = int(args.num_units)
     elif args.kmeans:
-        from echox.units.kmeans import UnitKMeans
-
         k = UnitKMeans.load(args.kmeans).n_clusters
     else:
         k = max(max(u) for _, u in seqs) + 1
@@ -228,8 +234,6 @@ def _kmeans_items(paths: Sequence[str], roles: str) -> list[tuple[str, Path]]:
 
 
 def cmd_train_kmeans(args: argparse.Namespace) -> int:
-    from echox.units.extract import train_kmeans_on_corpus
-
     spec = FeatureSpec.parse(args.features)
     if args.k < 1:
         raise UnitError(f"--k must be >= 1, got {args.k}")
@@ -273,9 +277,6 @@ def _extractor_spec(args: argparse.Namespace) -> tuple[FeatureSpec, int]:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from echox.units.extract import UnitExtractor, _cache_path, extract_corpus
-    from echox.units.kmeans import UnitKMeans
-
     m = read_manifest(args.manifest)
     if m.kind != "tts":
         raise UnitError(f"{m.path} is a dialogues manifest: extract units from the TTS manifest "
@@ -376,8 +377,6 @@ _TABLE_HEAD = ("| vocab size | units/token | units p50 / p90 / p99 | tokens p50 
 
 
 def cmd_train_language(args: argparse.Namespace) -> int:
-    from echox.units.language import UnitLanguage, compression_stats
-
     seqs = _unit_sequences(args.manifest, args.exclude_id_suffix)
     k = _num_units(args, seqs)
     train_idx, held_idx = split_heldout(len(seqs), args.heldout, args.seed)
@@ -409,8 +408,6 @@ def _vocab_sizes(text: str | None) -> list[int]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from echox.units.language import UnitLanguage, compression_stats, plot_stats
-
     sizes = _vocab_sizes(args.vocab_sizes)
     if not sizes and not args.language:
         raise UnitError("give --vocab-sizes to train languages, or --language DIR to load them")
@@ -468,62 +465,60 @@ def _common_lang(p: argparse.ArgumentParser) -> None:
                         "corpus' questions (write it with '=' when it starts with '-')")
 
 
-def add_cli(sub: Any) -> None:
-    """Register `echox units ...` on the top-level subparsers."""
-    p = sub.add_parser("units", help="speech units: k-means, extraction, unit language",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    us = p.add_subparsers(dest="units_command", required=True)
-
-    k = us.add_parser("train-kmeans", help="fit k-means on frame features of manifests' audio")
-    k.add_argument("--manifest", action="append", required=True,
+def train_kmeans_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", action="append", required=True,
                    help="TTS (audio) or dialogues JSONL; repeatable")
-    k.add_argument("--features", required=True, help="whisper:<model> or hubert:<model>")
-    k.add_argument("--layer", type=int, required=True, help="hidden layer (RESOURCES.md: 2-3 of tiny.en)")
-    k.add_argument("--k", type=int, default=500, help="number of clusters (units)")
-    k.add_argument("--max-frames", type=int, default=200_000, help="frames sampled for the fit")
-    k.add_argument("--dialogue-roles", choices=["user", "assistant", "both"], default="both",
+    p.add_argument("--features", required=True, help="whisper:<model> or hubert:<model>")
+    p.add_argument("--layer", type=int, required=True, help="hidden layer (RESOURCES.md: 2-3 of tiny.en)")
+    p.add_argument("--k", type=int, default=500, help="number of clusters (units)")
+    p.add_argument("--max-frames", type=int, default=200_000, help="frames sampled for the fit")
+    p.add_argument("--dialogue-roles", choices=["user", "assistant", "both"], default="both",
                    help="which turns' audio of a dialogues manifest to use")
-    k.add_argument("--out", required=True, help="k-means file (.joblib, or .npy for centroids)")
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--batch-size", type=int, default=8)
-    k.add_argument("--device", help="cpu / cuda (default: the GPU when there is one)")
-    k.add_argument("--quiet", action="store_true", help="no progress bars")
-    k.set_defaults(func=cmd_train_kmeans)
+    p.add_argument("--out", required=True, help="k-means file (.joblib, or .npy for centroids)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", help="cpu / cuda (default: the GPU when there is one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    e = us.add_parser("extract", help="fill `units` of a TTS manifest from its audio (cached)")
-    e.add_argument("--manifest", required=True, help="TTS JSONL with audio")
-    e.add_argument("--kmeans", required=True, help="k-means file from train-kmeans")
-    e.add_argument("--features", help="whisper:<model> or hubert:<model> (default: the k-means' side file)")
-    e.add_argument("--layer", type=int, help="hidden layer (default: the k-means' side file)")
-    e.add_argument("--out", required=True, help="output TTS JSONL with units")
-    e.add_argument("--cache", help="per-utterance cache (units + run lengths); default <out>.cache/")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--skip-bad-audio", action="store_true", help="drop unreadable audio, don't stop")
-    e.add_argument("--device", help="cpu / cuda (default: the GPU when there is one)")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.set_defaults(func=cmd_extract)
 
-    a = us.add_parser("attach", help="give dialogues' assistant turns the units of their TTS records")
-    a.add_argument("--dialogues", required=True, help="dialogues JSONL; a dialogue id X matches TTS id X")
-    a.add_argument("--tts-units", required=True, help="TTS JSONL with units (from extract)")
-    a.add_argument("--out", required=True, help="output dialogues JSONL")
-    a.add_argument("--on-missing", choices=["error", "drop", "keep"], default="error",
+
+def extract_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="TTS JSONL with audio")
+    p.add_argument("--kmeans", required=True, help="k-means file from train-kmeans")
+    p.add_argument("--features", help="whisper:<model> or hubert:<model> (default: the k-means' side file)")
+    p.add_argument("--layer", type=int, help="hidden layer (default: the k-means' side file)")
+    p.add_argument("--out", required=True, help="output TTS JSONL with units")
+    p.add_argument("--cache", help="per-utterance cache (units + run lengths); default <out>.cache/")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-bad-audio", action="store_true", help="drop unreadable audio, don't stop")
+    p.add_argument("--device", help="cpu / cuda (default: the GPU when there is one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+
+def attach_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dialogues", required=True, help="dialogues JSONL; a dialogue id X matches TTS id X")
+    p.add_argument("--tts-units", required=True, help="TTS JSONL with units (from extract)")
+    p.add_argument("--out", required=True, help="output dialogues JSONL")
+    p.add_argument("--on-missing", choices=["error", "drop", "keep"], default="error",
                    help="a dialogue without units: stop, leave it out, or keep it without units")
-    a.add_argument("--no-text-check", action="store_true",
+    p.add_argument("--no-text-check", action="store_true",
                    help="don't require the TTS text to equal the assistant turn's text")
-    a.set_defaults(func=cmd_attach)
 
-    t = us.add_parser("train-language", help="learn the unit language (BPE over units)")
-    _common_lang(t)
-    t.add_argument("--vocab-size", type=int, required=True, help="tokens, single units included")
-    t.add_argument("--out", required=True, help="output folder (tokenizer.json, unit_language.json)")
-    t.set_defaults(func=cmd_train_language)
 
-    s = us.add_parser("stats", help="compression of unit languages at several vocabulary sizes")
-    _common_lang(s)
-    s.add_argument("--vocab-sizes", help="comma-separated sizes to train, e.g. 1000,2000,4000,8000")
-    s.add_argument("--language", action="append", help="also measure this saved language; repeatable")
-    s.add_argument("--save-dir", help="save each trained language into <dir>/v<size>")
-    s.add_argument("--png", help="write the plot here")
-    s.add_argument("--json", help="write the rows here")
-    s.set_defaults(func=cmd_stats)
+
+def train_language_options(p: argparse.ArgumentParser) -> None:
+    _common_lang(p)
+    p.add_argument("--vocab-size", type=int, required=True, help="tokens, single units included")
+    p.add_argument("--out", required=True, help="output folder (tokenizer.json, unit_language.json)")
+
+
+
+def stats_options(p: argparse.ArgumentParser) -> None:
+    _common_lang(p)
+    p.add_argument("--vocab-sizes", help="comma-separated sizes to train, e.g. 1000,2000,4000,8000")
+    p.add_argument("--language", action="append", help="also measure this saved language; repeatable")
+    p.add_argument("--save-dir", help="save each trained language into <dir>/v<size>")
+    p.add_argument("--png", help="write the plot here")
+    p.add_argument("--json", help="write the rows here")
+

@@ -25,17 +25,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-
-from echox.fileio import atomic_write_text
 import torch
 from torch import nn
 
 from echox.audio import load_audio
+from echox.errors import UnitError
+from echox.fileio import atomic_write_text
 from echox.hub import resolve
-from echox.units.kmeans import UnitError, UnitKMeans, dedup_with_counts
+from echox.model.encoder import LogMelFrontEnd, WhisperSpeechEncoder
+from echox.units.kmeans import UnitKMeans, dedup_with_counts
 
 __all__ = [
-    "SAMPLE_RATE", "FeatureError", "UnitCacheError", "UnitCacheWarning", "FeatureExtractor",
+    "SAMPLE_RATE", "UnitCacheWarning", "FeatureExtractor",
     "HubertFeatures", "WhisperLayerFeatures", "UnitSequence", "UnitExtractor",
     "extract_corpus", "sample_features", "train_kmeans_on_corpus",
 ]
@@ -44,14 +45,6 @@ SAMPLE_RATE = 16000
 CACHE_META = "extractor.json"  # fingerprint of the extractor that filled a cache folder
 _CACHE_FORMAT = 1
 _WHISPER_HOP = 320  # samples per Whisper encoder frame: mel hop 160 x conv stride 2
-
-
-class FeatureError(UnitError):
-    """Audio or a model that a feature extractor cannot use; the message names the problem."""
-
-
-class UnitCacheError(UnitError):
-    """A unit cache folder that was filled by a different extractor."""
 
 
 class UnitCacheWarning(UserWarning):
@@ -68,14 +61,14 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
 def _check_wavs(wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Each input must be a non-empty, finite, mono float waveform at 16 kHz."""
     if isinstance(wavs, np.ndarray):
-        raise FeatureError("pass a list of 1-D waveforms, not one array")
+        raise UnitError("pass a list of 1-D waveforms, not one array")
     out = []
     for i, w in enumerate(wavs):
         a = np.asarray(w, dtype=np.float32)
         if a.ndim != 1 or a.size == 0:
-            raise FeatureError(f"waveform {i}: expected a non-empty 1-D array, got shape {a.shape}")
+            raise UnitError(f"waveform {i}: expected a non-empty 1-D array, got shape {a.shape}")
         if not np.isfinite(a).all():
-            raise FeatureError(f"waveform {i}: contains NaN or inf samples")
+            raise UnitError(f"waveform {i}: contains NaN or inf samples")
         out.append(a)
     return out
 
@@ -119,34 +112,39 @@ class HubertFeatures(FeatureExtractor):
     def __init__(
         self, name_or_path: str | Path, layer: int, device: str | torch.device | None = None
     ) -> None:
-        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, Wav2Vec2FeatureExtractor
+        from transformers import (
+            AutoConfig,
+            AutoFeatureExtractor,
+            AutoModel,
+            Wav2Vec2FeatureExtractor,
+        )
 
         self.name = str(name_or_path)
         folder = resolve(self.name)
         try:
             cfg = AutoConfig.from_pretrained(folder)
         except Exception as exc:  # noqa: BLE001 - HF raises many kinds here
-            raise FeatureError(f"{folder}: no readable model config ({exc})") from exc
+            raise UnitError(f"{folder}: no readable model config ({exc})") from exc
         if not hasattr(cfg, "conv_stride") or not hasattr(cfg, "conv_kernel"):
-            raise FeatureError(
+            raise UnitError(
                 f"{folder}: model type {cfg.model_type!r} is not a HuBERT / wav2vec2-style "
                 "speech model (its config has no conv feature encoder)"
             )
         if not 0 <= layer <= cfg.num_hidden_layers:
-            raise FeatureError(
+            raise UnitError(
                 f"layer {layer} out of range: {folder} has {cfg.num_hidden_layers} layers (0..L)"
             )
         try:
             model = AutoModel.from_pretrained(folder)
         except Exception as exc:  # noqa: BLE001
-            raise FeatureError(f"{folder}: cannot load the speech model ({exc})") from exc
+            raise UnitError(f"{folder}: cannot load the speech model ({exc})") from exc
         layer_norm = getattr(cfg, "feat_extract_norm", "group") == "layer"
         if (folder / "preprocessor_config.json").is_file():
             fe = AutoFeatureExtractor.from_pretrained(folder)
         else:  # the HF convention: layer-norm (large) models normalise and take masks
             fe = Wav2Vec2FeatureExtractor(do_normalize=layer_norm, return_attention_mask=layer_norm)
         if getattr(fe, "sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
-            raise FeatureError(f"{folder}: model expects {fe.sampling_rate} Hz, not {SAMPLE_RATE}")
+            raise UnitError(f"{folder}: model expects {fe.sampling_rate} Hz, not {SAMPLE_RATE}")
         self.layer = layer
         self.do_normalize = bool(getattr(fe, "do_normalize", False))
         self.use_mask = layer_norm and bool(getattr(fe, "return_attention_mask", False))
@@ -189,7 +187,7 @@ class HubertFeatures(FeatureExtractor):
         lengths = [self.num_frames(w.size) for w in wavs]
         for i, (w, n) in enumerate(zip(wavs, lengths)):
             if n == 0:
-                raise FeatureError(
+                raise UnitError(
                     f"waveform {i}: {w.size} samples is shorter than the model's receptive field"
                 )
         inputs = [self._prepare(w) for w in wavs]
@@ -233,16 +231,14 @@ class WhisperLayerFeatures(FeatureExtractor):
         device: str | torch.device | None = None,
         on_too_long: Literal["split", "error"] = "split",
     ) -> None:
-        from echox.model.encoder import LogMelFrontEnd, WhisperSpeechEncoder
-
         if on_too_long not in ("split", "error"):
-            raise FeatureError(f"on_too_long must be 'split' or 'error', got {on_too_long!r}")
+            raise UnitError(f"on_too_long must be 'split' or 'error', got {on_too_long!r}")
         self.name = str(name_or_path)
         folder = resolve(self.name)
         enc = WhisperSpeechEncoder.from_folder(folder)
         n_layers = len(enc.whisper.layers)
         if not 0 <= layer <= n_layers:
-            raise FeatureError(f"layer {layer} out of range: {folder} has {n_layers} layers (0..N)")
+            raise UnitError(f"layer {layer} out of range: {folder} has {n_layers} layers (0..N)")
         # Keep one layer past `layer`: only the last entry of hidden_states gets the final
         # LayerNorm, so hidden_states[layer] stays that layer's raw output, as in the full model.
         if layer < n_layers:
@@ -274,7 +270,7 @@ class WhisperLayerFeatures(FeatureExtractor):
         if wav.size <= self.window_samples:
             return [wav]
         if self.on_too_long == "error":
-            raise FeatureError(
+            raise UnitError(
                 f"waveform {i}: {wav.size / SAMPLE_RATE:.2f} s is longer than the Whisper window "
                 f"of {self.front.max_seconds:.2f} s (use on_too_long='split' or split the audio)"
             )
@@ -414,7 +410,7 @@ def _check_cache_meta(cache_dir: Path, fingerprint: dict[str, Any]) -> None:
         except ValueError:
             old = None
         if old != json.loads(json.dumps(fingerprint)):
-            raise UnitCacheError(
+            raise UnitError(
                 f"{cache_dir} holds units of another extractor (see {meta}): "
                 f"cached {old}, now {fingerprint}. Use a new cache_dir or delete the old one."
             )

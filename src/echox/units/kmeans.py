@@ -19,14 +19,12 @@ from typing import Any, Union
 
 import numpy as np
 
+from echox.errors import UnitError
+
 try:  # torch is optional here; accept its tensors when it is installed
     import torch
 except ImportError:  # pragma: no cover - torch is a hard dependency of the package
     torch = None  # type: ignore[assignment]
-
-
-class UnitError(ValueError):
-    """Bad unit data or an unusable k-means / unit-language file."""
 
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from echox.units.kmeans import UnitError, dedup
+from echox.errors import UnitError
+from echox.units.kmeans import dedup
 
 # Unicode Private Use Area U+E000..U+F8FF: 6400 code points, never touched by normalisers.
 UNIT_CHAR_BASE = 0xE000

@@ -1,6 +1,6 @@
 """The released T2C's unit vocabulary: `<|unit_...|>` tokens appended to the LLM tokenizer.
 
-The released EchoX checkpoints (see `echox.model.t2u_authors`) predict `unit_vocab_size`
+The released EchoX checkpoints (see `echox.model.unit_decoder_authors`) predict `unit_vocab_size`
 tokens written `<|unit_X|>` after the LLM vocabulary. X holds SentencePiece-style `▁` markers
 and underscore-joined km1000 ids, e.g. `<|unit_▁837_81|>`. The authors' decoder (facts read off
 their public `inference/echox_stream.py`, SPEC appendix) joins the X of all generated unit
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from echox.units.kmeans import UnitError
+from echox.errors import UnitError
 
 META_FILE = "unit_tokens.json"
 FORMAT_NAME = "echox-unit-tokens"

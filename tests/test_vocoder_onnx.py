@@ -1,4 +1,5 @@
-"""HiFi-GAN on ONNX Runtime: export, int8 stages, vocoder folders that name an ONNX spec."""
+"""HiFi-GAN on ONNX Runtime (`echox.vocoder.onnx`): export, int8 stages, vocoder folders that
+name an ONNX spec."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_unit2mel import _one_thread, tiny_generator, tiny_model  # noqa: F401 - autouse fixture
+from test_vocoder_unit2mel import HOP, _one_thread, tiny_generator, tiny_model  # noqa: F401 - autouse fixture
+from test_vocoder_unit_mel import _local_model
 
-from echox.convert.hifigan import load_generator, load_hifigan
-from echox.convert.hifigan_onnx import (
+from echox.errors import ConversionError, VocoderCheckpointError
+from echox.vocoder.hifigan import hifigan_reach_frames
+from echox.vocoder.io import (
+    load_generator,
+    load_hifigan,
+    load_unit_mel_vocoder,
+    load_vocoder,
+    save_vocoder,
+)
+from echox.vocoder.onnx import (
     CALIBRATION_FILE,
     ONNX_GENERATOR,
     OnnxHiFiGAN,
@@ -20,9 +30,8 @@ from echox.convert.hifigan_onnx import (
     convert_generator_onnx,
     stage_nodes,
 )
-from echox.convert.whisper_ct2 import ConversionError
-from echox.model.unit2mel import Unit2Mel, Unit2MelConfig, UnitMelVocoder
-from echox.model.vocoder import VocoderCheckpointError
+from echox.vocoder.unit2mel import Unit2Mel, Unit2MelConfig
+from echox.vocoder.unit_mel import UnitMelVocoder
 
 
 def _mels(n: int, n_mels: int = 16, frames: int = 40, seed: int = 0) -> list[np.ndarray]:
@@ -112,9 +121,9 @@ def test_onnx_generator_in_a_vocoder_saves_as_local_folder(tmp_path) -> None:
                          hifigan=str(tmp_path / "g"))
     units = [3, 1, 4, 1, 5, 9, 2, 6]
     audio = voc.synthesize(units)
-    voc.save_pretrained(tmp_path / "v")
+    save_vocoder(voc, tmp_path / "v")
     assert (tmp_path / "v" / "hifigan" / ONNX_GENERATOR).is_file()
-    back = UnitMelVocoder.from_pretrained(tmp_path / "v")
+    back = load_unit_mel_vocoder(tmp_path / "v")
     assert isinstance(back.generator, OnnxHiFiGAN)
     np.testing.assert_allclose(back.synthesize(units), audio, atol=1e-6)
 
@@ -131,45 +140,45 @@ def test_packaged_generator_with_onnx_spec_roundtrips(tmp_path, monkeypatch) -> 
     torch_voc = UnitMelVocoder(model, load_hifigan("small"), hifigan="small")
     onnx_voc = UnitMelVocoder(model, load_hifigan("small"), hifigan="small",
                               onnx=OnnxSpec((1, 2), calib))
-    onnx_voc.save_pretrained(tmp_path / "v")
+    save_vocoder(onnx_voc, tmp_path / "v")
     meta = json.loads((tmp_path / "v" / "config.json").read_text())["vocoder"]
     assert meta["hifigan"] == "small" and meta["onnx"]["int8_stages"] == [1, 2]
     assert (tmp_path / "v" / CALIBRATION_FILE).is_file()
-    back = UnitMelVocoder.from_pretrained(tmp_path / "v")
+    back = load_unit_mel_vocoder(tmp_path / "v")
     assert isinstance(back.generator, OnnxHiFiGAN)
     assert list((tmp_path / "cache" / "hifigan-onnx").iterdir())
     ref, out = torch_voc.synthesize(units), back.synthesize(units)
     assert out.shape == ref.shape and np.corrcoef(out, ref)[0, 1] > 0.9
-    back.save_pretrained(tmp_path / "v2")  # the spec survives a second save
+    save_vocoder(back, tmp_path / "v2")  # the spec survives a second save
     assert json.loads((tmp_path / "v2" / "config.json").read_text())["vocoder"]["onnx"] == meta["onnx"]
     (tmp_path / "v2" / CALIBRATION_FILE).unlink()
     with pytest.raises(VocoderCheckpointError, match="calibration"):
-        UnitMelVocoder.from_pretrained(tmp_path / "v2")
+        load_unit_mel_vocoder(tmp_path / "v2")
 
 
 def test_onnx_vocoder_cli(tmp_path, monkeypatch, capsys) -> None:
-    """`echox onnx-vocoder`: calibrates on the manifest's units and writes a loadable folder;
+    """`echox vocoder onnx`: calibrates on the manifest's units and writes a loadable folder;
     input mistakes are clear errors."""
     from echox.cli import main
 
     monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
-    UnitMelVocoder(tiny_model(), tiny_generator(), output_sr=22050, hifigan="mine"
-                   ).save_pretrained(tmp_path / "v")
+    save_vocoder(UnitMelVocoder(tiny_model(), tiny_generator(), output_sr=22050, hifigan="mine"),
+                 tmp_path / "v")
     lines = [json.dumps({"id": f"r{i}", "text": "hi", "units": [i, 3, 4, 5, i + 1]}) for i in range(6)]
     (tmp_path / "m.jsonl").write_text("\n".join(lines + ["{broken"]) + "\n")
-    code = main(["onnx-vocoder", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "o"),
+    code = main(["vocoder", "onnx", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "o"),
                  "--int8-stages", "1", "--calibrate", str(tmp_path / "m.jsonl"), "--n", "3"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "int8 stages [1], 3 calibration mels" in out.out
-    back = UnitMelVocoder.from_pretrained(tmp_path / "o")
+    back = load_unit_mel_vocoder(tmp_path / "o")
     assert isinstance(back.generator, OnnxHiFiGAN)
     assert back.synthesize([1, 2, 3]).dtype == np.float32
     for argv, msg in [(["--int8-stages", "1"], "needs --calibrate"),
                       (["--int8-stages", "x"], "comma-separated"),
                       (["--int8-stages", "7", "--calibrate", str(tmp_path / "m.jsonl")], "out of range"),
                       (["--vocoder", str(tmp_path / "o")], "already runs on ONNX")]:
-        base = ["onnx-vocoder", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "p")]
+        base = ["vocoder", "onnx", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "p")]
         code = main(base + argv + (["--calibrate", str(tmp_path / "m.jsonl")] if "ONNX" in msg else []))
         assert code == 2 and msg in capsys.readouterr().err
 
@@ -179,8 +188,6 @@ def test_committed_k500_vocoder_is_v1_quality(tmp_path, monkeypatch) -> None:
     """The recipe's default vocoder (V1 with int8 stages 1 and 2, built into the cache on first
     load, ~1 min) renders what float32 V1 renders from the same mel, up to int8 noise."""
     from pathlib import Path
-
-    from echox.infer.bundle import load_vocoder
 
     monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
     folder = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "vocoder-k500" / "vocoder"
@@ -217,10 +224,6 @@ def test_spec_meta_roundtrip_and_bad_calibration_files(tmp_path) -> None:
 
 
 def test_streaming_through_an_onnx_generator_equals_full_away_from_joins(tmp_path) -> None:
-    from test_unit2mel import HOP, _local_model
-
-    from echox.model.unit2mel import hifigan_reach_frames
-
     convert_generator_onnx(tiny_generator(), tmp_path / "g")
     voc = UnitMelVocoder(_local_model(), load_generator(tmp_path / "g"), output_sr=22050,
                          context_units=1000)

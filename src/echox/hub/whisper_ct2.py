@@ -32,16 +32,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from echox.errors import ConversionError, PackagedModelMissingError
 from echox.fileio import atomic_dir
 
 if TYPE_CHECKING:
     from transformers import WhisperConfig
 
 __all__ = [
-    "CT2FormatError",
     "CT2Model",
-    "ConversionError",
-    "PackagedModelMissingError",
     "atomic_output_dir",
     "convert_ct2_whisper",
     "ct2_whisper_state_dict",
@@ -60,18 +58,6 @@ _CT2_DTYPES: dict[int, str] = {
     5: "bfloat16",
 }
 _CT2_GELU = 3  # ctranslate2.specs.common_spec.Activation.GELU
-
-
-class ConversionError(RuntimeError):
-    """A source checkpoint cannot be converted (wrong architecture, missing tensor, ...)."""
-
-
-class CT2FormatError(ConversionError):
-    """A CTranslate2 `model.bin` is truncated, corrupt or of an unknown version."""
-
-
-class PackagedModelMissingError(FileNotFoundError):
-    """The pip package that ships an offline pretrained part is not installed."""
 
 
 def packaged_whisper_tiny_en() -> Path:
@@ -125,7 +111,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
-            raise CT2FormatError(
+            raise ConversionError(
                 f"{self.path}: truncated at byte {self.pos} (wanted {n} more bytes)"
             )
         out = self.data[self.pos : self.pos + n]
@@ -138,14 +124,14 @@ class _Reader:
     def string(self) -> str:
         raw = self.take(self.unpack("H"))
         if not raw or raw[-1] != 0:
-            raise CT2FormatError(f"{self.path}: malformed string at byte {self.pos}")
+            raise ConversionError(f"{self.path}: malformed string at byte {self.pos}")
         return raw[:-1].decode("utf-8")
 
 
 def _decode_array(raw: bytes, dtype_id: int, shape: list[int], name: str) -> np.ndarray:
     """Bytes of one variable -> numpy array (bfloat16 widened to float32)."""
     if dtype_id not in _CT2_DTYPES:
-        raise CT2FormatError(f"variable {name!r} has unknown dtype id {dtype_id}")
+        raise ConversionError(f"variable {name!r} has unknown dtype id {dtype_id}")
     kind = _CT2_DTYPES[dtype_id]
     if kind == "bfloat16":
         bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
@@ -153,7 +139,7 @@ def _decode_array(raw: bytes, dtype_id: int, shape: list[int], name: str) -> np.
     else:
         arr = np.frombuffer(raw, dtype=np.dtype(kind).newbyteorder("<"))
     if arr.size != int(np.prod(shape, dtype=np.int64)):
-        raise CT2FormatError(f"variable {name!r}: {arr.size} values for shape {shape}")
+        raise ConversionError(f"variable {name!r}: {arr.size} values for shape {shape}")
     return arr.reshape(shape)
 
 
@@ -163,11 +149,11 @@ def read_ct2_model(path: Path | str) -> CT2Model:
     if path.is_dir():
         path = path / "model.bin"
     if not path.is_file():
-        raise CT2FormatError(f"no CTranslate2 model file at {path}")
+        raise ConversionError(f"no CTranslate2 model file at {path}")
     r = _Reader(path.read_bytes(), path)
     version = r.unpack("I")
     if version not in SUPPORTED_BINARY_VERSIONS:
-        raise CT2FormatError(
+        raise ConversionError(
             f"{path}: binary version {version} is not supported "
             f"(expected one of {SUPPORTED_BINARY_VERSIONS})"
         )
@@ -185,7 +171,7 @@ def read_ct2_model(path: Path | str) -> CT2Model:
         alias = r.string()
         aliases[alias] = r.string()
     if r.pos != len(r.data):
-        raise CT2FormatError(f"{path}: {len(r.data) - r.pos} unexpected trailing bytes")
+        raise ConversionError(f"{path}: {len(r.data) - r.pos} unexpected trailing bytes")
     return CT2Model(spec=spec, revision=revision, variables=variables, aliases=aliases)
 
 

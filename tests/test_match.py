@@ -7,7 +7,7 @@ import unicodedata
 
 import pytest
 
-from echox.eval.match import accuracy, exist_match, tokenize
+from echox.data.match import accuracy, exist_match, tokenize
 
 
 def test_punctuation_is_its_own_token() -> None:

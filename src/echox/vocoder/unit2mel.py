@@ -1,8 +1,5 @@
-"""Unit -> mel -> HiFi-GAN: the CPU-default unit vocoder of EchoX.
-
-Why: the authors' CodeHiFiGAN unit vocoder is not installable offline, but a pretrained mel
-HiFi-GAN is (`echox.convert.hifigan`). So a small non-autoregressive model turns deduplicated
-units into an 80-bin log-mel at 22,050 Hz / hop 256, and HiFi-GAN renders it.
+"""`Unit2Mel`: deduplicated speech units -> an 80-bin log-mel (22,050 Hz, hop 256) that a mel
+HiFi-GAN (`echox.vocoder.hifigan`) renders; `UnitMelVocoder` (unit_mel.py) chains the two.
 
 `Unit2Mel` follows FastSpeech (Ren et al., 2019): unit embedding + sinusoidal positions ->
 feed-forward Transformer (FFT) blocks with a 1-D conv FFN -> duration predictor (log(d + 1),
@@ -21,33 +18,26 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from echox.model.vocoder import (
+from echox.errors import (
     VocoderCheckpointError,
     VocoderConfigError,
     VocoderFileNotFoundError,
     VocoderInputError,
 )
-
-if TYPE_CHECKING:
-    pass
+from echox.fileio import atomic_dir
+from echox.vocoder.base import eval_mode, load_weights, read_json, save_weights
 
 FORMAT = "echox-unit2mel"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-LOCAL_HIFIGAN = "hifigan"  # subfolder holding a non-packaged generator (save_generator layout)
-
-
-class DurationAlignmentError(VocoderInputError):
-    """Unit run lengths and a mel spectrogram do not describe the same stretch of audio."""
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -135,13 +125,7 @@ class Unit2MelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> Unit2MelConfig:
         path = Path(path)
-        if not path.is_file():
-            raise VocoderFileNotFoundError(f"Unit2Mel config not found: {path}")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VocoderConfigError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, "Unit2Mel config"), source=str(path))
 
     @classmethod
     def tiny(cls, **overrides: Any) -> Unit2MelConfig:
@@ -173,17 +157,17 @@ def align_durations(
     """
     runs = [int(r) for r in run_lengths_at_unit_rate]
     if not runs:
-        raise DurationAlignmentError("no run lengths given")
+        raise VocoderInputError("no run lengths given")
     if any(r <= 0 for r in runs):
-        raise DurationAlignmentError(f"run lengths must be >= 1, got min {min(runs)}")
+        raise VocoderInputError(f"run lengths must be >= 1, got min {min(runs)}")
     if n_mel_frames <= 0:
-        raise DurationAlignmentError(f"n_mel_frames must be >= 1, got {n_mel_frames}")
+        raise VocoderInputError(f"n_mel_frames must be >= 1, got {n_mel_frames}")
     if unit_rate <= 0 or mel_rate <= 0:
-        raise DurationAlignmentError(f"rates must be > 0, got {unit_rate} and {mel_rate}")
+        raise VocoderInputError(f"rates must be > 0, got {unit_rate} and {mel_rate}")
     total_units = sum(runs)
     expected = total_units * mel_rate / unit_rate
     if abs(expected - n_mel_frames) > tolerance * expected + 2:
-        raise DurationAlignmentError(
+        raise VocoderInputError(
             f"{total_units} unit frames at {unit_rate} Hz = {expected:.1f} mel frames at "
             f"{mel_rate:.2f} Hz, but the mel has {n_mel_frames}; units and audio do not match"
         )
@@ -422,12 +406,8 @@ class Unit2Mel(nn.Module):
         if durations is not None:
             d = torch.as_tensor(durations, device=u.device)
             d = d.unsqueeze(0) if d.dim() == 1 else d
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self(u, durations=d, length_scale=length_scale)
-        finally:
-            self.train(was_training)
 
     # -- checkpoints
     def save_pretrained(
@@ -439,18 +419,13 @@ class Unit2Mel(nn.Module):
         """Write config.json + model.safetensors into `folder` atomically (temp dir + rename);
         `write_extra(tmp)` may add more files to the temporary folder before the rename.
         `dtype` (e.g. float16) stores smaller weights; loading casts them back."""
-        from safetensors.torch import save_file
-
-        from echox.hub import atomic_dir
-
         folder = Path(folder)
-        state = {k: _stored(v, dtype) for k, v in self.state_dict().items()}
         meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
                                 "unit2mel": self.config.to_dict()}
         if vocoder is not None:
             meta["vocoder"] = vocoder
         with atomic_dir(folder) as tmp:
-            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            save_weights(self, tmp / WEIGHTS_FILE, dtype)
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
@@ -483,20 +458,10 @@ class Unit2Mel(nn.Module):
         cls, folder: str | Path, map_location: str | torch.device = "cpu"
     ) -> Unit2Mel:
         """Rebuild the model of a `save_pretrained` folder (eval mode)."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         meta = cls.read_meta(folder)
         model = cls(Unit2MelConfig.from_dict(meta["unit2mel"], source=str(folder / CONFIG_FILE)))
-        try:
-            state = load_file(str(folder / WEIGHTS_FILE))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
-            raise VocoderCheckpointError(f"cannot read {folder / WEIGHTS_FILE}: {exc}") from exc
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise VocoderCheckpointError(
-                f"{folder / WEIGHTS_FILE} does not fit its config: {str(exc)[:400]}") from exc
+        load_weights(model, folder / WEIGHTS_FILE)
         return model.to(map_location).eval()
 
 
@@ -551,20 +516,3 @@ def unit2mel_loss(
     dur_err = (out.log_dur_pred - target_log_dur.to(out.log_dur_pred.dtype)) ** 2 * umask
     dur_loss = dur_err.sum() / umask.sum().clamp_min(1.0)
     return Unit2MelLoss(mel_loss + dur_weight * dur_loss, mel_loss, dur_loss)
-
-
-def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A detached CPU copy for safetensors, floating tensors cast to `dtype` when given."""
-    t = t.detach().cpu()
-    if dtype is not None and t.is_floating_point():
-        t = t.to(dtype)
-    return t.contiguous().clone()
-
-
-# The vocoder around the model lives in its own module and stays importable from here
-# (imported last: it uses the model above).
-from echox.model.unit_mel_vocoder import (  # noqa: E402, F401
-    UnitMelVocoder,
-    hifigan_reach_frames,
-    load_named_generator,
-)

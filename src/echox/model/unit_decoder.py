@@ -13,15 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch
 from torch import nn
 
 from echox.config import T2CConfig
-from echox.model.generation import (DecodeResult, SamplingConfig, cache_kwargs, decode, iter_decode,
-                                    output_cache)
+from echox.model.generation import (
+    DecodeResult,
+    SamplingConfig,
+    cache_kwargs,
+    decode,
+    iter_decode,
+    output_cache,
+)
 from echox.model.prompt import IGNORE
 
 

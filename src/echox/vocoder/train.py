@@ -1,9 +1,11 @@
-"""Training of the unit -> mel model (`echox.model.unit2mel.Unit2Mel`).
+"""Training of the vocoder parts: the loop both trainings share, and the unit -> mel model's.
 
-Why here and this simple: the unit vocoder is trained apart from the three EchoX stages, on
-(units, audio) pairs of one TTS voice, and must be trainable on a laptop CPU today. The loop
-is AdamW + linear warm-up + cosine decay + gradient clipping; the project-wide trainer may
-replace it, reusing `prepare_unit2mel_example`, `collate_unit2mel` and `unit2mel_loss`.
+`train_steps` is the optimisation loop of unit->mel training (`train_unit2mel`, below) and of
+HiFi-GAN distillation (`echox.vocoder.distill`): AdamW steps with the learning rate of
+`lr_at` (linear warm-up, then cosine decay to a floor), gradient clipping, and loss means
+logged every few steps. `train_unit2mel` trains a `Unit2Mel` on (units, run lengths, audio)
+pairs of one voice: ground-truth durations drive the length regulator, optionally on random
+crops, with held-out losses and periodic checkpoints.
 """
 
 from __future__ import annotations
@@ -12,21 +14,100 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from echox.model.unit2mel import (
-    Unit2Mel,
-    Unit2MelConfig,
-    align_durations,
-    unit2mel_loss,
-)
-from echox.model.vocoder import VocoderInputError
+from echox.errors import VocoderInputError
+from echox.vocoder.base import eval_mode
+from echox.vocoder.hifigan import MelSpec, mel_spectrogram
+from echox.vocoder.unit2mel import Unit2Mel, Unit2MelConfig, align_durations, unit2mel_loss
+
+# ----------------------------------------------------------------------------- shared loop
+
+
+def lr_at(step: int, steps: int, warmup: int, lr: float, floor: float) -> float:
+    """Learning rate of `step` (0-based) of `steps`: linear warm-up to `lr` over `warmup`
+    steps, then cosine decay to `floor * lr` at the end."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class TrainLog:
+    """What `train_steps` logged: a row per log point (step, mean of each loss since the last
+    row, lr, seconds), the first step's losses, and the seconds spent so far."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    first: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step_losses: Callable[[int], dict[str, torch.Tensor]],
+    steps: int,
+    lr: float,
+    warmup: int,
+    lr_floor: float,
+    grad_clip: float,
+    log_every: int = 50,
+    after_step: Callable[[int, TrainLog], None] | None = None,
+    tag: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> TrainLog:
+    """Run `steps` optimisation steps of `model`.
+
+    Each step sets the learning rate (`lr_at` with `warmup` and `lr_floor`), computes
+    `step_losses(step)` (a dict whose "loss" is minimised; the others are logged), clips the
+    gradient norm to `grad_clip` and steps `optimizer`. Every `log_every` steps and at the
+    last, the means since the previous row go into the log, and with a `tag` onto stderr as
+    `[tag] step N/steps loss ...` (`labels` renames losses there). `after_step(done, log)`
+    runs after each step, e.g. for held-out evaluation and checkpoints.
+    """
+    log = TrainLog()
+    names = labels or {}
+    window: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, warmup, lr, lr_floor)
+        losses = step_losses(step)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        log.first = log.first or values
+        for k, v in values.items():
+            window.setdefault(k, []).append(v)
+        done = step + 1
+        log.seconds = time.perf_counter() - t0
+        if done % max(1, log_every) == 0 or done == steps:
+            row = {"step": done, **{k: float(np.mean(v)) for k, v in window.items()},
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": log.seconds}
+            log.history.append(row)
+            window = {}
+            if tag:
+                shown = " ".join(f"{names.get(k, k)} {row[k]:.4f}" for k in values)
+                print(f"[{tag}] step {done}/{steps} {shown} ({row['seconds']:.0f}s)",
+                      file=sys.stderr, flush=True)
+        if after_step is not None:
+            after_step(done, log)
+    log.seconds = time.perf_counter() - t0
+    return log
+
+
+# ----------------------------------------------------------------------------- unit -> mel
+
 
 AudioOrMel = np.ndarray | torch.Tensor
 
@@ -63,8 +144,6 @@ def _as_mel(audio_or_mel: AudioOrMel, cfg: Unit2MelConfig, where: str) -> torch.
     x = torch.as_tensor(np.asarray(audio_or_mel) if not isinstance(audio_or_mel, torch.Tensor)
                         else audio_or_mel).float()
     if x.dim() == 1:
-        from echox.convert.hifigan import MelSpec, mel_spectrogram
-
         spec = MelSpec(n_mels=cfg.n_mels, sampling_rate=cfg.sample_rate, hop_length=cfg.hop_length)
         return mel_spectrogram(x, spec)[0].transpose(0, 1)  # [F, M]
     if x.dim() == 2 and x.shape[0] == cfg.n_mels:
@@ -127,9 +206,7 @@ def crop_example(ex: Unit2MelExample, max_frames: int, rng: np.random.Generator)
     Training on crops keeps the per-step cost bounded by `max_frames` instead of the longest
     utterance in the batch. The crop remembers where it starts (`unit_start`, `frame_start`)
     so that the model gives it the positions of the full utterance: without that, crops
-    always start at position 0 and the model never learns the later positions (measured: the
-    held-out mel L1 of a model trained on full utterances rose from 0.616 to 0.671 in 200
-    steps on 256-frame crops).
+    always start at position 0 and the model never learns the later positions.
     """
     if max_frames <= 0:
         raise ValueError(f"max_frames must be > 0, got {max_frames}")
@@ -156,27 +233,18 @@ def crop_example(ex: Unit2MelExample, max_frames: int, rng: np.random.Generator)
 def evaluate_unit2mel(model: Unit2Mel, examples: Sequence[Unit2MelExample],
                       batch_size: int = 8, device: str | torch.device = "cpu") -> dict[str, float]:
     """Held-out losses with ground-truth durations (mel L1 is what the HiFi-GAN hears)."""
-    was_training = model.training
-    model.eval()
     tot = {"mel": 0.0, "duration": 0.0}
     n = 0
-    for k in range(0, len(examples), batch_size):
-        chunk = examples[k:k + batch_size]
-        batch = collate_unit2mel(chunk).to(device)
-        out = model(batch.units, batch.unit_mask, batch.durations)
-        loss = unit2mel_loss(out, batch.mel, batch.mel_mask, batch.log_dur)
-        tot["mel"] += loss.mel.item() * len(chunk)
-        tot["duration"] += loss.duration.item() * len(chunk)
-        n += len(chunk)
-    model.train(was_training)
+    with eval_mode(model):
+        for k in range(0, len(examples), batch_size):
+            chunk = examples[k:k + batch_size]
+            batch = collate_unit2mel(chunk).to(device)
+            out = model(batch.units, batch.unit_mask, batch.durations)
+            loss = unit2mel_loss(out, batch.mel, batch.mel_mask, batch.log_dur)
+            tot["mel"] += loss.mel.item() * len(chunk)
+            tot["duration"] += loss.duration.item() * len(chunk)
+            n += len(chunk)
     return {k: v / max(n, 1) for k, v in tot.items()}
-
-
-def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))  # floor at lr / 10
 
 
 def train_unit2mel(
@@ -233,17 +301,12 @@ def train_unit2mel(
     warmup = min(100, steps // 10) if warmup is None else warmup
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98),
                             weight_decay=weight_decay)
-    history: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
     run_args = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                 "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
                 "segment_frames": segment_frames, "examples": len(examples), "holdout": holdout}
-    window: list[tuple[float, float, float]] = []
-    first_loss: float | None = None
-    t0 = time.time()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, warmup, lr)
+
+    def step_losses(step: int) -> dict[str, torch.Tensor]:
         idx = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
         chosen = [examples[i] for i in idx]
         if segment_frames:
@@ -252,35 +315,27 @@ def train_unit2mel(
         out = model(batch.units, batch.unit_mask, batch.durations,
                     unit_offset=batch.unit_offset, frame_offset=batch.frame_offset)
         loss = unit2mel_loss(out, batch.mel, batch.mel_mask, batch.log_dur)
-        opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        window.append((loss.total.item(), loss.mel.item(), loss.duration.item()))
-        if first_loss is None:
-            first_loss = window[0][0]
-        if (step + 1) % max(1, log_every) == 0 or step + 1 == steps:
-            avg = np.mean(window, axis=0)
-            history.append({"step": step + 1, "loss": float(avg[0]), "mel": float(avg[1]),
-                            "duration": float(avg[2]), "lr": opt.param_groups[0]["lr"]})
-            window = []
-            if progress:
-                print(f"[unit2mel] step {step + 1}/{steps} loss {avg[0]:.4f} mel {avg[1]:.4f} "
-                      f"dur {avg[2]:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-        if held and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
-            ev = {"step": step + 1, **evaluate_unit2mel(model, held, device=device)}
+        return {"loss": loss.total, "mel": loss.mel, "duration": loss.duration}
+
+    def after_step(done: int, log: TrainLog) -> None:
+        if held and ((eval_every and done % eval_every == 0) or done == steps):
+            ev = {"step": done, **evaluate_unit2mel(model, held, device=device)}
             evals.append(ev)
             if progress:
-                print(f"[unit2mel] held-out ({len(held)}) step {step + 1}: mel {ev['mel']:.4f} "
+                print(f"[unit2mel] held-out ({len(held)}) step {done}: mel {ev['mel']:.4f} "
                       f"dur {ev['duration']:.4f}", file=sys.stderr, flush=True)
-        if out_dir is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            _save(model, out_dir, {**run_args, "steps_done": step + 1,
-                                   "loss": history[-1]["loss"] if history else None})
+        if out_dir is not None and save_every and done % save_every == 0 and done < steps:
+            _save(model, out_dir, {**run_args, "steps_done": done,
+                                   "loss": log.history[-1]["loss"] if log.history else None})
+
+    log = train_steps(model, opt, step_losses, steps, lr, warmup, 0.1, grad_clip, log_every,
+                      after_step, "unit2mel" if progress else None, {"duration": "dur"})
+    history = log.history
     model.eval()
     summary: dict[str, Any] = {
-        "steps": steps, "first_loss": first_loss, "loss": history[-1]["loss"],
+        "steps": steps, "first_loss": log.first["loss"], "loss": history[-1]["loss"],
         "mel_loss": history[-1]["mel"], "duration_loss": history[-1]["duration"],
-        "history": history, "seconds": time.time() - t0, "examples": len(examples),
+        "history": history, "seconds": log.seconds, "examples": len(examples),
         "params": sum(p.numel() for p in model.parameters()), "out_dir": None, "model": model,
         "evals": evals,
     }

@@ -1,8 +1,8 @@
 """`UnitMelVocoder`: the `Vocoder` that chains a `Unit2Mel` and a mel HiFi-GAN generator.
 
-Units -> log-mel (`echox.model.unit2mel.Unit2Mel`) -> waveform (HiFi-GAN V1, or a distilled
-generator that travels in the folder's `hifigan/`), resampled to the output rate. Split out of
-`echox.model.unit2mel`, which re-exports every name here.
+Units -> log-mel (`echox.vocoder.unit2mel.Unit2Mel`) -> waveform (a HiFi-GAN generator, in
+torch or on ONNX Runtime), resampled to the output rate. Its folders (the Unit2Mel weights
+plus the HiFi-GAN they name) are read and written by `echox.vocoder.io`.
 """
 
 from __future__ import annotations
@@ -10,43 +10,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from scipy.signal import resample_poly
 from torch import nn
 
-from echox.model.unit2mel import (
-    LOCAL_HIFIGAN,
-    Unit2Mel,
-)
-from echox.model.vocoder import (
-    ChunkAudio,
-    Vocoder,
-    VocoderConfigError,
-    VocoderFileNotFoundError,
-    VocoderInputError,
-)
-
-if TYPE_CHECKING:
-    from echox.convert.hifigan import HiFiGANConfig
-    from echox.convert.hifigan_onnx import OnnxSpec
-
-__all__ = ["UnitMelVocoder", "hifigan_reach_frames", "load_named_generator"]
-
-
-
-def hifigan_reach_frames(config: HiFiGANConfig) -> int:
-    """Upper bound of mel frames on one side that can change a HiFi-GAN output sample."""
-    res = max((k - 1) // 2 * sum(d + 1 for d in ds)
-              for k, ds in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes))
-    reach, rate = 3.0, 1  # conv_pre, kernel 7
-    for u, k in zip(config.upsample_rates, config.upsample_kernel_sizes):
-        reach += math.ceil(k / u) / rate
-        rate *= u
-        reach += res / rate
-    return math.ceil(reach + 3 / rate)
+from echox.errors import VocoderConfigError, VocoderInputError
+from echox.vocoder.base import ChunkAudio, Vocoder, skipped_chunk
+from echox.vocoder.hifigan import hifigan_reach_frames
+from echox.vocoder.onnx import OnnxSpec
+from echox.vocoder.unit2mel import Unit2Mel
 
 
 class UnitMelVocoder(nn.Module, Vocoder):
@@ -56,15 +31,16 @@ class UnitMelVocoder(nn.Module, Vocoder):
     generated (so durations and attention see the context) and dropped, except the last
     `mel_context_frames` (+ the preroll) which HiFi-GAN renders to warm up its convolutions.
 
-    `onnx` (an `OnnxSpec`) records that the named HiFi-GAN runs on ONNX Runtime (optionally
-    with int8 stages); `from_pretrained` then builds that generator (cached) and
-    `save_pretrained` writes the spec back.
+    `generator` is a `HiFiGANGenerator` or an `OnnxHiFiGAN`; `hifigan` names it in saved
+    folders (a packaged name such as "universal", or a path). `onnx` (an `OnnxSpec`) records
+    that the named HiFi-GAN runs on ONNX Runtime (optionally with int8 stages);
+    `echox.vocoder.io` then builds that generator (cached) on load and writes the spec back.
     """
 
     def __init__(
         self,
         unit2mel: Unit2Mel,
-        generator: nn.Module | None = None,
+        generator: nn.Module,
         output_sr: int = 16000,
         context_units: int = 16,
         mel_context_frames: int | None = None,
@@ -72,8 +48,6 @@ class UnitMelVocoder(nn.Module, Vocoder):
         onnx: OnnxSpec | None = None,
     ) -> None:
         super().__init__()
-        if generator is None:
-            generator = load_named_generator(hifigan)
         gcfg = getattr(generator, "config", None)
         mel = getattr(gcfg, "mel", None)
         c = unit2mel.config
@@ -125,8 +99,6 @@ class UnitMelVocoder(nn.Module, Vocoder):
         clipped so that the output keeps HiFi-GAN's (tanh) [-1, 1] range."""
         if self._up == self._down:
             return wav.astype(np.float32)
-        from scipy.signal import resample_poly
-
         out = resample_poly(wav, self._up, self._down)[: self._out_len(len(wav))]
         return np.clip(out, -1.0, 1.0).astype(np.float32)
 
@@ -151,8 +123,7 @@ class UnitMelVocoder(nn.Module, Vocoder):
             raise VocoderInputError(f"unknown options {sorted(kwargs)}")
         ids, ctx = self._clean(units), self._clean(left_context, warn=False)
         if not ids:
-            warnings.warn(f"skipped a chunk without valid unit ids ({len(units)})", stacklevel=3)
-            return ChunkAudio(np.zeros(0, dtype=np.float32), 0)
+            return skipped_chunk(units)
         hop, src_sr = self.unit2mel.config.hop_length, self.unit2mel.config.sample_rate
         out = self.unit2mel.infer(ctx + ids)  # mel [1, F, M]; context mel is made, then dropped
         ctx_frames = int(out.durations[0, : len(ctx)].sum())
@@ -162,80 +133,3 @@ class UnitMelVocoder(nn.Module, Vocoder):
         start = self._out_len(mel_ctx * hop)  # chunk start, output rate
         keep = min(max(preroll, 0), start)
         return ChunkAudio(audio[start - keep :], keep)
-
-    # -- checkpoints
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """The Unit2Mel weights + config. A packaged HiFi-GAN is stored by name (with its ONNX
-        spec and calibration mels, if any); any other generator is copied into
-        `folder/hifigan/` (torch weights, or the converted ONNX graph) so that the folder is
-        self-contained."""
-        import shutil
-
-        from echox.convert.hifigan import HIFIGAN_NAMES, SMALL_HIFIGAN, save_generator
-        from echox.convert.hifigan_onnx import OnnxHiFiGAN
-
-        packaged = self.hifigan in HIFIGAN_NAMES or self.hifigan == SMALL_HIFIGAN
-        meta = {"hifigan": self.hifigan if packaged else LOCAL_HIFIGAN,
-                "output_sr": self.output_sr, "context_units": self.default_context_units}
-        spec = self.onnx if packaged else None
-        if spec is not None:
-            meta["onnx"] = spec.to_meta()
-
-        def write(tmp: Path) -> None:
-            if packaged:
-                if spec is not None:
-                    spec.save_calibration(tmp)
-            elif isinstance(self.generator, OnnxHiFiGAN):
-                shutil.copytree(self.generator.path.parent, tmp / LOCAL_HIFIGAN)
-            else:
-                save_generator(self.generator, tmp / LOCAL_HIFIGAN, dtype=dtype)
-
-        return self.unit2mel.save_pretrained(folder, vocoder=meta, write_extra=write, dtype=dtype)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | Path,
-        generator: nn.Module | None = None,
-        output_sr: int | None = None,
-        map_location: str | torch.device = "cpu",
-    ) -> UnitMelVocoder:
-        """Load a `save_pretrained` folder; `generator` overrides the HiFi-GAN it names."""
-        meta = Unit2Mel.read_meta(folder).get("vocoder") or {}
-        model = Unit2Mel.from_pretrained(folder, map_location)
-        name = str(meta.get("hifigan", "universal"))
-        spec = None
-        if generator is None:
-            generator = load_named_generator(name, base=Path(folder))
-            if meta.get("onnx") is not None:  # the named generator, run on ONNX Runtime
-                from echox.convert.hifigan_onnx import OnnxSpec, cached_onnx_generator
-
-                spec = OnnxSpec.from_meta(meta["onnx"], Path(folder))
-                generator = cached_onnx_generator(generator, spec)
-        return cls(model, generator, output_sr or int(meta.get("output_sr", 16000)),
-                   int(meta.get("context_units", 16)), hifigan=name, onnx=spec).to(map_location)
-
-
-def load_named_generator(name: str, base: Path | None = None) -> nn.Module:
-    """A packaged HiFi-GAN (`universal`, `LJSpeech`, `small`), a `save_generator` folder or an
-    original `generator_*` checkpoint file; relative paths are taken from `base` when given."""
-    from echox.convert.hifigan import (
-        HIFIGAN_NAMES,
-        SMALL_HIFIGAN,
-        load_generator,
-        load_hifigan,
-        load_hifigan_checkpoint,
-    )
-
-    if name in HIFIGAN_NAMES or name == SMALL_HIFIGAN:
-        return load_hifigan(name)
-    path = Path(name)
-    if base is not None and not path.is_absolute():
-        path = base / path
-    if path.is_dir():
-        return load_generator(path)
-    if not path.is_file():
-        raise VocoderFileNotFoundError(
-            f"HiFi-GAN {name!r} is neither one of {HIFIGAN_NAMES + (SMALL_HIFIGAN,)} nor an "
-            "existing folder or file")
-    return load_hifigan_checkpoint(path)

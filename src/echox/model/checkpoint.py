@@ -17,17 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from echox import __version__
-from echox.config import ConfigError, EchoXConfig
-from echox.hub import atomic_dir
-from echox.model.encoder import CheckpointError
+from echox.config import EchoXConfig
+from echox.errors import CheckpointError, ConfigError
+from echox.fileio import atomic_dir
+from echox.model.llm import load_tokenizer
 
-if TYPE_CHECKING:
-    from echox.model.echox import EchoX
+# The functions take the EchoX model (echox.model.echox) duck-typed, so this module never
+# imports it: EchoX imports this one.
+EchoX = torch.nn.Module
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -44,7 +46,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def is_base_key(model: "EchoX", key: str) -> bool:
+def is_base_key(model: EchoX, key: str) -> bool:
     """Frozen pretrained weights that the config names and that are not saved."""
     if key.startswith("encoder."):
         return not model.config.encoder.trainable
@@ -55,7 +57,7 @@ def is_base_key(model: "EchoX", key: str) -> bool:
     return False
 
 
-def trained_state(model: "EchoX", full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def trained_state(model: EchoX, full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores. `full_state`: a state dict gathered by the caller
     (FSDP / ZeRO-3 shard parameters, so `model.state_dict()` alone is not the whole model)."""
     full_state = model.state_dict() if full_state is None else full_state
@@ -69,7 +71,7 @@ def trained_state(model: "EchoX", full_state: dict[str, torch.Tensor] | None = N
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
 
 
-def _weight(model: "EchoX", module: torch.nn.Module, full_state: dict[str, torch.Tensor]) -> torch.Tensor:
+def _weight(model: EchoX, module: torch.nn.Module, full_state: dict[str, torch.Tensor]) -> torch.Tensor:
     """`module.weight` as `full_state` has it. Under FSDP the live weight is a shard (FSDP2:
     a DTensor, whose indexing is a collective that hangs when only rank 0 saves)."""
     for name, m in model.named_modules():
@@ -84,7 +86,7 @@ OMITTABLE = ("t2c",)  # parts inference never runs (the T2C only labels Stage II
 
 
 def save_checkpoint(
-    model: "EchoX",
+    model: EchoX,
     folder: Path,
     extra_files: dict[str, str] | None = None,
     extra_writer: Callable[[Path], None] | None = None,
@@ -135,6 +137,18 @@ def save_checkpoint(
     return folder
 
 
+def _json_kind(value: object) -> str:
+    """A parsed JSON value as an error message shows it: 'a list: []', 'a number: 3'."""
+    if value is None:
+        return "null"
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", dict: "an object"}
+    shown = json.dumps(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return f"{kinds.get(type(value), type(value).__name__)}: {shown}"
+
+
 def verify_checkpoint(folder: Path) -> dict[str, Any]:
     """Check presence and checksums; return the parsed config.json."""
     if not folder.is_dir():
@@ -145,8 +159,11 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint file missing: {folder / required}")
     try:
         sums = json.loads(sums_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint file {sums_path}: {e}") from e
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise CheckpointError(f"corrupt checkpoint file {sums_path}: expected a JSON object of "
+                              f"file name -> sha256, got {_json_kind(sums)}")
     for name, digest in sums.items():
         p = folder / name
         if not p.is_file():
@@ -155,11 +172,21 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint file corrupt or half-written (checksum mismatch): {p}")
     try:
         meta = json.loads((folder / CONFIG).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint file {folder / CONFIG}: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder / CONFIG} is not an EchoX checkpoint config: expected a "
+                              f"JSON object, got {_json_kind(meta)}")
     if meta.get("format") != "echox" or "config" not in meta:
         raise CheckpointError(f"{folder / CONFIG} is not an EchoX checkpoint config")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{folder / CONFIG}: \"config\" must be a JSON object, got "
+                              f"{_json_kind(meta['config'])}")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{folder / CONFIG}: format_version must be an integer, got "
+                              f"{version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{folder / CONFIG}: format version {meta['format_version']} is newer than this "
             f"EchoX ({__version__}) supports"
@@ -179,14 +206,12 @@ def _local_base_models(folder: Path, config: EchoXConfig) -> EchoXConfig:
     return EchoXConfig.from_dict(data)
 
 
-def load_checkpoint(cls: type["EchoX"], folder: Path, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> "EchoX":
+def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> EchoX:
     """Load a checkpoint folder. `device`: the LLM's weights are read straight onto it and the
     other parts are moved there once their weights are in; `dtype`: every floating weight in it
     (the LLM read in it directly, the rest cast on the CPU before the move). Default: CPU,
     the config's dtypes."""
-    from echox.model.llm import load_tokenizer
-
     meta = verify_checkpoint(folder)
     try:
         config = EchoXConfig.from_dict(meta["config"])
@@ -209,7 +234,7 @@ def load_checkpoint(cls: type["EchoX"], folder: Path, device: str | torch.device
     return model
 
 
-def load_weights(model: "EchoX", folder: Path, parts: list[str] | None = None,
+def load_weights(model: EchoX, folder: Path, parts: list[str] | None = None,
                  verified: bool = False, omitted: tuple[str, ...] = ()) -> None:
     """Load a checkpoint's trained weights into an existing model (all, or only `parts`,
     e.g. ["t2c"] to take the T2C of a Stage II run); `omitted` parts are not in the file and

@@ -11,9 +11,10 @@ from typing import Protocol
 
 import numpy as np
 
-
-class ASRError(RuntimeError):
-    """The ASR backend cannot be loaded or run."""
+from echox.audio import load_audio
+from echox.errors import CheckpointError
+from echox.hub import resolve
+from echox.hub.whisper_ct2 import packaged_whisper_tiny_en
 
 
 class ASR(Protocol):
@@ -23,8 +24,6 @@ class ASR(Protocol):
 
 
 def _to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    from echox.audio import load_audio
-
     return load_audio(np.asarray(audio, dtype=np.float32), 16000, orig_sr=sample_rate, max_seconds=None)
 
 
@@ -40,13 +39,11 @@ class FasterWhisperASR:
         from faster_whisper import WhisperModel
 
         if self.path is None:
-            from echox.convert.whisper_ct2 import packaged_whisper_tiny_en
-
             self.path = str(packaged_whisper_tiny_en())
         try:
             self._model = WhisperModel(self.path, device="cpu", compute_type=self.compute_type)
         except Exception as e:  # noqa: BLE001 - ctranslate2 raises RuntimeError/ValueError
-            raise ASRError(f"cannot load faster-whisper model {self.path}: {e}") from e
+            raise CheckpointError(f"cannot load faster-whisper model {self.path}: {e}") from e
         self.name = f"faster-whisper:{self.path}"
 
     def transcribe(self, audio: np.ndarray, sample_rate: int = 16000) -> str:
@@ -68,14 +65,13 @@ class TransformersWhisperASR:
         import torch
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        from echox.hub import resolve
 
         folder = resolve(self.name_or_path)
         try:
             self._proc = WhisperProcessor.from_pretrained(folder)
             self._model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
         except Exception as e:  # noqa: BLE001
-            raise ASRError(f"cannot load Whisper from {folder}: {e}") from e
+            raise CheckpointError(f"cannot load Whisper from {folder}: {e}") from e
         self._torch = torch
         self.name = f"transformers:{self.name_or_path}"
 
@@ -96,4 +92,4 @@ def make_asr(spec: str) -> ASR:
         return FasterWhisperASR(arg or None)
     if kind == "transformers":
         return TransformersWhisperASR(arg or "openai/whisper-large-v3")
-    raise ASRError(f"unknown ASR {spec!r}; use faster-whisper[:PATH] or transformers[:NAME]")
+    raise CheckpointError(f"unknown ASR {spec!r}; use faster-whisper[:PATH] or transformers[:NAME]")

@@ -1,4 +1,5 @@
-"""Distilling a HiFi-GAN into a smaller one, and the generator folder format."""
+"""Distilling a HiFi-GAN into a smaller one (`echox.vocoder.distill`), and the generator folder
+format (`echox.vocoder.io`)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,16 @@ import json
 import pytest
 import torch
 
-from echox.convert import hifigan as hg
-from echox.convert.hifigan import (
-    HiFiGANConfig,
-    HiFiGANGenerator,
-    MelSpec,
+from echox.errors import (
+    CheckpointError,
+    PackagedModelMissingError,
     VocoderCheckpointError,
-    load_generator,
-    save_generator,
+    VocoderConfigError,
+    VocoderInputError,
 )
-from echox.convert.whisper_ct2 import PackagedModelMissingError
-from echox.train.hifigan_distill import (
+from echox.vocoder import io as vocoder_io
+from echox.vocoder.distill import (
     DistillConfig,
-    DistillError,
     TeacherPool,
     _losses,
     build_gta_pool,
@@ -29,6 +27,8 @@ from echox.train.hifigan_distill import (
     prune_generator,
     stft_losses,
 )
+from echox.vocoder.hifigan import HiFiGANConfig, HiFiGANGenerator, MelSpec
+from echox.vocoder.io import load_generator, save_generator
 
 HOP = 16
 SPEC = MelSpec(n_mels=16, sampling_rate=22050, hop_length=HOP, n_fft=64, win_length=64)
@@ -74,9 +74,9 @@ def test_v2_sizes() -> None:
 
 
 def test_small_hifigan_missing_is_a_clear_error(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(hg, "small_hifigan_dir", lambda: tmp_path / "absent")
-    with pytest.raises(PackagedModelMissingError, match="echox train hifigan"):
-        hg.load_hifigan("small")
+    monkeypatch.setattr(vocoder_io, "small_hifigan_dir", lambda: tmp_path / "absent")
+    with pytest.raises(PackagedModelMissingError, match="echox vocoder distill"):
+        vocoder_io.load_hifigan("small")
 
 
 def test_stft_losses_zero_on_identity() -> None:
@@ -139,23 +139,23 @@ def test_gta_pool_pairs_windows_and_skips_the_wave_loss(tmp_path) -> None:
     one = _losses(student, x, y, cfg, locked)["wave"]
     first = _losses(student, x[:1], y[:1], cfg)["wave"]
     torch.testing.assert_close(one, first)
-    with pytest.raises(DistillError, match="samples <"):
+    with pytest.raises(VocoderInputError, match="samples <"):
         build_gta_pool(ms, [a[:100] for a in audio], 2, 30, 5, HOP)
-    with pytest.raises(DistillError, match="differ"):
+    with pytest.raises(VocoderInputError, match="differ"):
         TeacherPool.cat([real, build_gta_pool(ms, audio, 2, 40, real.valid, HOP)])
 
 
 def test_distill_input_errors() -> None:
     teacher = generator(16, 0)
-    with pytest.raises(DistillError, match="no mel has"):
+    with pytest.raises(VocoderInputError, match="no mel has"):
         build_pool(teacher, mels(frames=5), n_windows=2, window_frames=30, progress=False)
-    with pytest.raises(DistillError, match="twice the teacher's reach"):
+    with pytest.raises(VocoderConfigError, match="twice the teacher's reach"):
         build_pool(teacher, mels(), n_windows=2, window_frames=2, progress=False)
     pool = build_pool(teacher, mels(), n_windows=4, window_frames=30, progress=False)
-    with pytest.raises(DistillError, match="too short"):
+    with pytest.raises(VocoderConfigError, match="too short"):
         distill(pool, DistillConfig(steps=1, segment_frames=40), student=generator(8, 0),
                 progress=False)
-    with pytest.raises(DistillError, match="must be > 0"):
+    with pytest.raises(VocoderConfigError, match="must be > 0"):
         DistillConfig(steps=0)
 
 
@@ -184,31 +184,28 @@ def test_prune_keeps_the_teachers_weights_on_the_kept_channels() -> None:
         err_plain = (half(x) - teacher(x)).abs().mean()
         err_cal = (calibrated(x) - teacher(x)).abs().mean()
     assert torch.isfinite(calibrated(x)).all() and err_cal < err_plain
-    with pytest.raises(DistillError, match="divisible"):
+    with pytest.raises(VocoderConfigError, match="divisible"):
         prune_generator(teacher, 18)
-    with pytest.raises(DistillError, match="must be in"):
+    with pytest.raises(VocoderConfigError, match="must be in"):
         prune_generator(teacher, 64)
 
 
 def test_hifigan_checkpoint_errors_are_vocoder_checkpoint_errors(tmp_path) -> None:
     """One `except` covers the HiFi-GAN loaders and the unit vocoders' loaders."""
-    from echox.convert.whisper_ct2 import ConversionError
-    from echox.model import vocoder
-
     (tmp_path / "g").mkdir()
-    with pytest.raises(vocoder.VocoderCheckpointError, match="lacks"):
+    with pytest.raises(VocoderCheckpointError, match="lacks"):
         load_generator(tmp_path / "g")
-    assert issubclass(VocoderCheckpointError, ConversionError)
+    assert issubclass(VocoderCheckpointError, CheckpointError)
 
 
 def test_train_hifigan_cli_gta_pool(tmp_path) -> None:
-    """`echox train hifigan --unit2mel DIR --gta`: teacher windows from the real mels plus
+    """`echox vocoder distill --unit2mel DIR --gta`: teacher windows from the real mels plus
     ground-truth-aligned unit->mel windows whose target is the real audio."""
     import numpy as np
     import soundfile as sf
 
     from echox.cli import main
-    from echox.model.unit2mel import Unit2Mel, Unit2MelConfig
+    from echox.vocoder.unit2mel import Unit2Mel, Unit2MelConfig
 
     torch.manual_seed(0)
     Unit2Mel(Unit2MelConfig.tiny(n_mels=80)).save_pretrained(tmp_path / "u2m")
@@ -219,7 +216,7 @@ def test_train_hifigan_cli_gta_pool(tmp_path) -> None:
         rows.append({"text": "hi", "audio": f"{i}.wav", "units": rng.integers(0, 20, 25).tolist(),
                      "counts": [3] * 25})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["train", "hifigan", "--data", str(tmp_path / "m.jsonl"), "--teacher", "small",
+    args = ["vocoder", "distill", "--data", str(tmp_path / "m.jsonl"), "--teacher", "small",
             "--unit2mel", str(tmp_path / "u2m"), "--gta", "--windows", "16", "--unit2mel-share", "0.25",
             "--max-steps", "2", "--batch-size", "2", "--student-channels", "32", "--threads", "1",
             "--out", str(tmp_path / "s")]

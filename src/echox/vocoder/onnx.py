@@ -1,23 +1,18 @@
 """HiFi-GAN generator on ONNX Runtime, optionally with int8 convolutions in chosen stages.
 
-Why: HiFi-GAN V1 is the best-sounding generator that installs offline, but in PyTorch it runs
-at about real time on one core of this machine's CPU (RTF ~0.8-1.0), while the vocoder goal
-is RTF <= 0.3. Two things speed it up without retraining:
-
-1. ONNX Runtime's CPU kernels run the fp32 graph ~1.3x faster than eager PyTorch here.
-2. Static int8 quantization (per-channel int8 weights, uint8 activations calibrated on
-   real inputs) of the convolutions runs ~4x faster on CPUs with VNNI.
-
-Quantizing every stage costs too much quality: the last upsampling stage writes the
-waveform itself, and its int8 noise fills the silences (measured in docs/results.md,
-"Session 7"). So the stages to quantize are a choice (`int8_stages`, indices of the
-upsampling stages, each with its resblocks); V1's middle stages (1, 2) carry most of the
-compute and quantize almost losslessly. Only Conv/ConvTranspose nodes are quantized; the
-residual sums and activations stay in float.
+`export_onnx` writes a generator as an fp32 ONNX graph; `convert_generator_onnx` makes an ONNX
+generator folder from it, statically quantizing the convolutions of the upsampling stages
+named in `int8_stages` (per-channel int8 weights, uint8 activations calibrated on real input
+mels). Quantizing every stage costs quality: the last stage writes the waveform itself, and
+its int8 noise fills the silences; V1's middle stages carry most of the compute and quantize
+almost losslessly (measurements: docs/results.md). Only Conv/ConvTranspose nodes are
+quantized; the residual sums and activations stay in float.
 
 A converted generator is a folder: `config.json` (the original HiFi-GAN schema, plus an
-"echox" entry naming the runtime and stages) and `generator.onnx`. `load_generator` in
-`echox.convert.hifigan` opens such folders too.
+"echox" entry naming the runtime and stages) and `generator.onnx`; `OnnxHiFiGAN` runs it and
+`echox.vocoder.io.load_generator` opens such folders too. `OnnxSpec` is how a unit->mel
+vocoder folder asks for its packaged HiFi-GAN on ONNX Runtime; `cached_onnx_generator` builds
+that graph once into the EchoX cache.
 """
 
 from __future__ import annotations
@@ -34,17 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from echox.convert.hifigan import (
-    GENERATOR_CONFIG,
-    ONNX_GENERATOR,
-    HiFiGANConfig,
-    HiFiGANGenerator,
-    MelSpecError,
-    VocoderCheckpointError,
-)
-from echox.convert.whisper_ct2 import ConversionError
+from echox.errors import ConversionError, VocoderCheckpointError, VocoderInputError
+from echox.fileio import atomic_dir
+from echox.hub import cache_dir
+from echox.vocoder.hifigan import GENERATOR_CONFIG, HiFiGANConfig, HiFiGANGenerator
 
 __all__ = ["ONNX_GENERATOR", "OnnxHiFiGAN", "OnnxSpec", "cached_onnx_generator",
            "convert_generator_onnx", "export_onnx", "load_onnx_generator", "stage_nodes"]
@@ -52,6 +43,7 @@ __all__ = ["ONNX_GENERATOR", "OnnxHiFiGAN", "OnnxSpec", "cached_onnx_generator",
 log = logging.getLogger(__name__)
 
 RUNTIME = "onnxruntime"
+ONNX_GENERATOR = "generator.onnx"  # the graph in an ONNX generator folder
 
 
 def export_onnx(generator: HiFiGANGenerator, path: Path | str, opset: int = 17) -> Path:
@@ -148,8 +140,6 @@ def convert_generator_onnx(
     convolutions of those upsampling stages are statically quantized, their activation
     ranges calibrated on `calibration` (log-mels [M, T] or [1, M, T], what the generator
     will see: ideally the unit->mel model's own output)."""
-    from echox.fileio import atomic_dir
-
     stages = sorted({int(s) for s in int8_stages})
     meta = {"runtime": RUNTIME, "int8_stages": stages, "calibration_mels": len(calibration)}
     meta.update(extra or {})
@@ -199,7 +189,7 @@ class OnnxHiFiGAN(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         if mel.dim() != 3 or mel.shape[1] != self.config.num_mels:
-            raise MelSpecError(
+            raise VocoderInputError(
                 f"expected log-mel [B, {self.config.num_mels}, T], got {tuple(mel.shape)}")
         x = mel.detach().to("cpu", torch.float32).contiguous().numpy()
         (wav,) = self._get_session().run(["wav"], {"mel": x})
@@ -256,8 +246,6 @@ class OnnxSpec:
                 "calibration": CALIBRATION_FILE if self.calibration else None}
 
     def save_calibration(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
         if self.calibration:
             save_file({f"mel.{i}": torch.from_numpy(np.asarray(m, np.float32)).half().contiguous()
                        for i, m in enumerate(self.calibration)}, str(folder / CALIBRATION_FILE))
@@ -271,8 +259,6 @@ class OnnxSpec:
             path = folder / str(meta["calibration"])
             if not path.is_file():
                 raise VocoderCheckpointError(f"{folder}: calibration mels {path.name} are missing")
-            from safetensors.torch import load_file
-
             try:
                 state = load_file(str(path))
             except Exception as exc:
@@ -296,8 +282,6 @@ def cached_onnx_generator(generator: HiFiGANGenerator, spec: OnnxSpec,
     """`generator` converted by `spec`, from the EchoX cache (`$ECHOX_CACHE/hifigan-onnx/`);
     converted there the first time (about a minute for V1 with int8 stages)."""
     import onnxruntime
-
-    from echox.hub import cache_dir
 
     h = hashlib.sha256(spec.digest().encode() + onnxruntime.__version__.encode())
     h.update(json.dumps(generator.config.to_dict(), sort_keys=True).encode())

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from echox.config import T2CConfig
-from echox.model.encoder import CheckpointError
+from echox.errors import CheckpointError
 from echox.model.generation import DecodeResult, SamplingConfig, decode, iter_decode
 from echox.model.prompt import IGNORE
-from echox.model.t2u import UnitOutput, decoder_step, teacher_forced
+from echox.model.unit_decoder import UnitOutput, decoder_step, teacher_forced
 
 
 def token_ids(tokenizer: Any, tokens: list[str], what: str) -> list[int]:

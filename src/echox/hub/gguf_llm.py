@@ -16,12 +16,8 @@ from pathlib import Path
 
 import torch
 
-from echox.convert.whisper_ct2 import (
-    ConversionError,
-    PackagedModelMissingError,
-    report_progress,
-    atomic_output_dir,
-)
+from echox.errors import ConversionError, PackagedModelMissingError
+from echox.hub.whisper_ct2 import atomic_output_dir, report_progress
 
 __all__ = ["SMOLLM2_GGUF", "convert_gguf_llm", "packaged_smollm2", "resolve_gguf_file"]
 

@@ -13,25 +13,19 @@ sibling and renamed, so an interrupted conversion never leaves a half-written mo
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from echox.fileio import atomic_dir  # noqa: F401 - re-exported for callers
+from echox.errors import ResolveError
+from echox.fileio import atomic_dir
+from echox.hub.cache import cache_dir
+from echox.hub.packaged import PACKAGED
 
 log = logging.getLogger(__name__)
-
-
-class ResolveError(FileNotFoundError):
-    """A model name could not be turned into a local folder."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ECHOX_CACHE") or os.path.join(Path.home(), ".cache", "echox")
-    return Path(root)
 
 
 # ---- built-in tiny random models ----------------------------------------------------------
@@ -143,26 +137,6 @@ def _materialise_builtin(name: str) -> Path:
     return dst
 
 
-# ---- packaged offline copies --------------------------------------------------------------
-
-# hub id or alias (lowercase) -> provider() returning a ready local folder (converting once)
-PACKAGED: dict[str, Callable[[], Path]] = {}
-
-
-def register_packaged(names: list[str], provider: Callable[[], Path]) -> None:
-    for n in names:
-        PACKAGED[n.lower()] = provider
-
-
-def cached_conversion(name: str, convert: Callable[[Path], object]) -> Path:
-    """`cache_dir()/packaged/<name>`, made by `convert(dst)` the first time."""
-    dst = cache_dir() / "packaged" / name
-    if not (dst / "config.json").is_file():
-        log.warning("converting the packaged %s into %s (once)", name, dst)
-        convert(dst)
-    return dst
-
-
 def _packaged(name_or_path: str) -> Path | None:
     provider = PACKAGED.get(name_or_path.lower())
     return provider() if provider is not None else None
@@ -202,14 +176,3 @@ def resolve(name_or_path: str) -> Path:
         f"cache{'' if _hub_offline() else ' or hub'} ({type(hub_err).__name__}), and no "
         f"packaged offline copy is known for it (known: {sorted(PACKAGED)})"
     )
-
-
-def _register_defaults() -> None:
-    """Packaged copies that install offline from PyPI (see RESOURCES.md)."""
-    try:
-        from echox.convert import packaged as _p  # noqa: F401 - registers on import
-    except ImportError as e:  # converters not available in this build
-        log.debug("packaged model converters unavailable: %s", e)
-
-
-_register_defaults()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from echox.model.shrink import SpeechAdapter, gather_kept, shrink_mask
+from echox.model.speech_adapter import SpeechAdapter, gather_kept, shrink_mask
 
 B = 9  # blank id
 
