@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from echox.audio import AudioWarning, check_question_length, load_audio
-from echox.errors import AudioError
+from echox.errors import AudioError, EchoXError
 from echox.model.prompt import Turn
 
 __all__ = ["AUDIO_FORMATS", "ApiError", "AudioBuffer", "Limits", "PCM_FORMATS", "check_history",
@@ -30,7 +30,7 @@ AUDIO_FORMATS = ("file", *PCM_FORMATS)
 MIN_RATE, MAX_RATE = 8000, 192000
 
 
-class ApiError(Exception):
+class ApiError(EchoXError):
     """A request the server refuses; `status` is the HTTP status it maps to."""
 
     def __init__(self, status: int, code: str, message: str,

@@ -1,0 +1,201 @@
+"""`bench/tiny_results.py` end to end on two tiny random bundles and a tiny corpus (CPU, fast)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = ["Text-LLM accuracy", "S2T accuracy (piper voice)", "S2S accuracy",
+        "S2T accuracy (espeak-ng en-us voice)", "S2T − S2S gap", "ASR-WER",
+        "T2C intelligibility WER", "First-audio latency, median", "First-audio latency, p90",
+        "Gap Echo − Gold, paired bootstrap"]
+
+
+def _script() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_tiny_results",
+                                                  ROOT / "bench" / "tiny_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny random bundles: different speech adapter, echo decoder and denoiser, the same
+    T2C, unit language and vocoder (as Echo and the gold-unit baseline share Stage II)."""
+    from test_engine import make_bundle_parts
+
+    from echox.infer.bundle import save_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for name in ("echo", "gold"):
+        model, voc = make_bundle_parts()  # built from the config's seed: the same weights
+        if name == "gold":
+            torch.manual_seed(2)
+            with torch.no_grad():
+                for part in (model.adapter, model.echo, model.denoiser):
+                    for p in part.parameters():
+                        p.add_(0.05 * torch.randn_like(p))
+        out[name] = save_bundle(root / name, model, voc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny corpus test folder: qa.jsonl, qa_espeak.jsonl and tts_units.jsonl."""
+    test = tmp_path_factory.mktemp("tiny") / "test"
+    rng = np.random.default_rng(0)
+    qa, qa_e, tts = [], [], []
+    for i in range(3):
+        qid = f"wd-{i}"
+        for kind in ("q", "q_espeak"):
+            (test / "audio" / kind).mkdir(parents=True, exist_ok=True)
+            wav = (0.1 * rng.standard_normal(int(22050 * (0.5 + 0.3 * i)))).astype(np.float32)
+            sf.write(test / "audio" / kind / f"{qid}.wav", wav, 22050)
+        rec = {"id": qid, "question": f"What is thing {i}?", "answers": [f"thing{i}"]}
+        qa.append({**rec, "audio": f"audio/q/{qid}.wav"})
+        qa_e.append({**rec, "audio": f"audio/q_espeak/{qid}.wav"})
+        tts.append({"id": qid, "text": f"The answer is thing {i}.", "audio": f"audio/a/{qid}.wav",
+                    "units": [1, 2, 3]})
+        tts.append({"id": f"{qid}-q", "text": rec["question"], "audio": f"audio/q/{qid}.wav",
+                    "units": [4, 5]})
+    for name, rows in (("qa", qa), ("qa_espeak", qa_e), ("tts_units", tts)):
+        (test / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return test
+
+
+def _args(corpus: Path, out: Path, **bundles: Path) -> list[str]:
+    args = ["--data", str(corpus), "--config", "tiny-random", "--out", str(out), "--n", "2",
+            "--max-new-tokens", "6", "--batch-size", "2", "--threads", "1", "--resamples", "200"]
+    for name, path in bundles.items():
+        args += [f"--{name}", str(path)]
+    return args
+
+
+def test_tiny_results_table_json_png_and_cheap_rerun(tmp_path: Path, bundles: dict[str, Path],
+                                                     corpus: Path, capsys: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _script()
+    out = tmp_path / "res"
+    assert bench.main(_args(corpus, out, **bundles)) == 0
+    table = capsys.readouterr().out
+    for row in ROWS:
+        assert row in table, row
+    assert (out / "results.md").read_text() in table
+    assert (out / "results.png").stat().st_size > 1000
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 2 and not res["skipped"]
+    assert 0.0 <= res["text_accuracy"] <= 1.0
+    for b in ("echo", "gold"):
+        m = res["metrics"][b]
+        for key in ("text_accuracy", "s2t_accuracy", "s2s_accuracy", "s2t_espeak_accuracy"):
+            assert 0.0 <= m[key] <= 1.0, (b, key)
+        assert -1.0 <= m["gap"] <= 1.0
+        assert m["gap"] == pytest.approx(m["s2t_accuracy"] - m["s2s_accuracy"])
+        assert m["asr_wer"] is None or m["asr_wer"] >= 0.0
+        assert m["t2c_wer"] is not None and m["t2c_wer"] >= 0.0 and m["t2c"]["n"] == 2
+        # the same T2C, unit language and vocoder: voiced once, for the first bundle
+        assert m["t2c"].get("same_as") == (None if b == "echo" else "echo")
+        lat = m["first_audio_ms"]
+        assert lat["of"] == 2 and (lat["n"] == 0 or lat["median"] <= lat["p90"])
+    boot = res["gap_difference"]
+    assert boot["n"] == 2 and -1.0 <= boot["lo"] <= boot["mean"] <= boot["hi"] <= 1.0
+    assert res["metrics"]["echo"]["t2c_wer"] == res["metrics"]["gold"]["t2c_wer"]
+    assert not (out / "gold-t2c").exists()
+    for name in ("text", "echo-s2t", "echo-s2s", "echo-s2t-espeak", "gold-s2s", "echo-t2c"):
+        assert Path(res["runs"][name], "items.jsonl").is_file(), name
+        assert name == "echo-t2c" or res["commands"][name].startswith("echox eval --mode ")
+    assert "same T2C" in table
+
+    # a rerun on the finished folders loads nothing and gives the same numbers
+    import echox.eval.run as run_mod
+    import echox.infer.bundle as bundle_mod
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("a complete rerun must not load a model")
+
+    monkeypatch.setattr(bundle_mod, "load_bundle", boom)
+    monkeypatch.setattr(run_mod, "TextAnswerer", boom)
+    assert bench.main(_args(corpus, out, **bundles)) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["metrics"] == res["metrics"] and again["gap_difference"] == res["gap_difference"]
+
+
+def test_tiny_results_shared_bundle_and_skips(tmp_path: Path, bundles: dict[str, Path],
+                                              corpus: Path, capsys: Any) -> None:
+    """One folder as both bundles shares its runs; missing espeak / units files skip rows."""
+    bench = _script()
+    data = tmp_path / "test"
+    data.mkdir()
+    (data / "qa.jsonl").write_text("".join(
+        json.dumps({**json.loads(x), "audio": str(corpus / json.loads(x)["audio"])}) + "\n"
+        for x in (corpus / "qa.jsonl").read_text().splitlines()))
+    out = tmp_path / "res"
+    args = _args(data, out, echo=bundles["echo"], gold=bundles["echo"])
+    args[args.index("--n") + 1] = "1"
+    assert bench.main(args) == 0
+    table = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["skipped"]) == {"s2t_espeak_accuracy", "t2c_wer"}
+    assert "echox units extract" in res["skipped"]["t2c_wer"]
+    assert "skipped" in table and "echox units extract" in table
+    assert res["metrics"]["gold"]["shared_runs"] == {"s2t": "echo-s2t", "s2s": "echo-s2s"}
+    assert not (out / "gold-s2s").exists()
+    boot = res["gap_difference"]
+    assert boot["lo"] == boot["hi"] == boot["mean"] == 0.0  # identical runs: no difference
+
+
+def test_tiny_results_slim_bundle_takes_the_t2c_from_t2c(tmp_path: Path, bundles: dict[str, Path],
+                                                        corpus: Path) -> None:
+    """A slim bundle stores no T2C: its row is skipped, or voiced with `--t2c CHECKPOINT`."""
+    from test_engine import make_bundle_parts
+
+    from echox.infer.bundle import save_bundle
+
+    bench = _script()
+    model, voc = make_bundle_parts()
+    slim = save_bundle(tmp_path / "slim", model, voc, slim=True)
+    out = tmp_path / "res"
+    args = _args(corpus, out, echo=slim)
+    args[args.index("--n") + 1] = "1"
+    assert bench.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert "--t2c" in res["skipped"]["t2c_wer:echo"] and res["metrics"]["echo"]["t2c_wer"] is None
+    assert bench.main(args + ["--t2c", str(bundles["echo"])]) == 0
+    res = json.loads((out / "results.json").read_text())
+    t2c = res["metrics"]["echo"]["t2c"]
+    assert not res["skipped"] and t2c["source"] == str(bundles["echo"].resolve()) and t2c["n"] == 1
+    assert res["metrics"]["echo"]["t2c_wer"] >= 0.0
+    assert res["gap_difference"] is None and "needs --echo and --gold" in (out / "results.md").read_text()
+
+
+def test_tiny_results_missing_files(tmp_path: Path, capsys: Any) -> None:
+    bench = _script()
+    assert bench.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "qa.jsonl" in err and "echox data build-tiny" in err
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "qa.jsonl").write_text("")
+    assert bench.main(["--data", str(tmp_path / "d"), "--config", "tiny-random",
+                       "--echo", str(tmp_path / "nobundle"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nobundle/config.json" in err and "echox bundle" in err
+
+
+def test_paired_bootstrap_is_ordered_and_reproducible() -> None:
+    bench = _script()
+    diffs = [1, 0, 0, -1, 1, 1, 0, 0]
+    a = bench.paired_bootstrap(diffs, 500, seed=3)
+    assert a == bench.paired_bootstrap(diffs, 500, seed=3)
+    assert a["lo"] <= a["mean"] <= a["hi"] and a["mean"] == pytest.approx(0.25)
+    assert bench.paired_bootstrap([0, 0], 100)["lo"] == 0.0
