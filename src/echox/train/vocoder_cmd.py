@@ -239,7 +239,7 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
     train_pool, eval_pool = pool.split(max(8, int(pool.mels.shape[0]) // 20))
     cfg = DistillConfig(steps=args.max_steps or 3000, batch_size=args.batch_size or 16,
                         lr=args.lr or 5e-4, **({"eval_every": args.eval_every}
-                                               if getattr(args, "eval_every", 0) else {}))
+                                               if args.eval_every else {}))
     width = args.student_channels or HiFiGANConfig.v2().upsample_initial_channel
     if args.init:  # continue a student
 
