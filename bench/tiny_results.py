@@ -275,22 +275,21 @@ def t2c_run(ctx: Context, name: str, bundle_path: Path, source: Path, answers: l
                             bundle.unit_language, bundle.path)
             check_bundle(bundle)
         asr = ctx.asr()
-        size = max(1, ctx.args.batch_size or 1)
+        sr = bundle.vocoder.sample_rate
         with open(path, "a") as f:
-            for k in range(0, len(todo), size):
-                batch = todo[k:k + size]
-                tokens = bundle.model.units_from_text([a["text"] for a in batch])
-                for a, toks in zip(batch, tokens):
-                    units = bundle.units(toks)
-                    sr = bundle.vocoder.sample_rate
-                    audio = (np.asarray(bundle.vocoder.synthesize(units), dtype=np.float32)
-                             if units else np.zeros(0, dtype=np.float32))
-                    rec = {"id": a["id"], "text": a["text"], "tokens": len(toks),
-                           "units": len(units), "audio_seconds": audio.size / sr,
-                           "transcript": asr.transcribe(audio, sr) if audio.size else ""}
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-                    done[a["id"]] = rec
+            # one answer at a time: in a batch the T2C's greedy unit budget is the longest
+            # text's, so an answer that never stops would get more units than alone
+            for a in todo:
+                toks = bundle.model.units_from_text([a["text"]])[0]
+                units = bundle.units(toks)
+                audio = (np.asarray(bundle.vocoder.synthesize(units), dtype=np.float32)
+                         if units else np.zeros(0, dtype=np.float32))
+                rec = {"id": a["id"], "text": a["text"], "tokens": len(toks),
+                       "units": len(units), "audio_seconds": audio.size / sr,
+                       "transcript": asr.transcribe(audio, sr) if audio.size else ""}
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                done[a["id"]] = rec
     else:
         print(f"[{name}] complete: reusing {path}", file=sys.stderr)
     ctx.runs[name] = str(folder)
@@ -312,7 +311,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/tiny/results", help="output folder (runs go in it)")
     ap.add_argument("--n", type=int, help="first N questions only (a smoke run)")
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="text / s2t / T2C: items answered together (default 16; s2s: 1)")
+                    help="text / s2t: questions answered together (default 16); s2s and "
+                         "the T2C row go one at a time")
     ap.add_argument("--threads", type=int, default=0, help="torch and CTranslate2 threads (0 = default)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="s2t / s2s answer length cap")
     ap.add_argument("--asr", default="faster-whisper",
