@@ -109,3 +109,36 @@ def test_installed_transformers_takes_cache(make_model):
     m = make_model()  # the LLM wrapped in LoRA (PEFT), the T2C a bare LlamaModel
     assert list(cache_kwargs(m.llm.model, None)) == [name]
     assert list(cache_kwargs(m.t2c.model, None)) == [name]
+
+
+def test_stopped_rows_leave_the_batch_and_the_cache():
+    """`decode` drops a row once it has stopped: later steps run on the others only, and each
+    row's tokens are unchanged (row i here stops at step r_i)."""
+    from echox.model.generation import SamplingConfig, decode
+
+    vocab, dim, stop = 5, 4, 4
+
+    class Cache:  # the one method decode needs of a KV cache
+        def __init__(self, r: torch.Tensor) -> None:
+            self.r = r
+
+        def batch_select_indices(self, keep: torch.Tensor) -> None:
+            self.r = self.r[keep]
+
+    prefix = torch.zeros(3, 2, dim)
+    prefix[:, 0, 0] = torch.tensor([1.0, 3.0, 2.0])  # r: the step at which each row stops
+    sizes = []
+
+    def step(inp, mask, pos, cache):  # type: ignore[no-untyped-def]
+        cache = cache or Cache(inp[:, 0, 0].clone())
+        b, n = inp.shape[0], mask.shape[1] - prefix.shape[1] + 1  # this is step n
+        sizes.append(b)
+        logits = torch.zeros(b, inp.shape[1], vocab)
+        logits[:, -1, 1] = 1.0
+        logits[cache.r <= n, -1, stop] = 2.0
+        return logits, torch.zeros(b, inp.shape[1], dim), cache
+
+    res = decode(step, lambda ids: torch.zeros(*ids.shape, dim), prefix, torch.ones(3, 2),
+                 [stop], SamplingConfig(temperature=0.0, max_new_tokens=10))
+    assert res.tokens == [[], [1, 1], [1]] and res.stopped == [True, True, True]
+    assert sizes == [3, 2, 1]

@@ -196,6 +196,22 @@ def iter_decode(
         yield decode_step(step, embed, state, sampling, use_cache, suppress_ids)
 
 
+def keep_rows(state: DecodeState, keep: torch.Tensor) -> bool:
+    """Drop every row of `state` but `keep` (indices), KV cache included, so that rows that
+    have stopped cost nothing in later steps. False (and `state` unchanged) when the cache
+    cannot drop rows."""
+    if state.cache is not None:
+        select = getattr(state.cache, "batch_select_indices", None)
+        if select is None:
+            return False
+        select(keep)
+    for name in ("mask", "pos_all", "embeds", "inp", "pos", "done"):
+        setattr(state, name, getattr(state, name)[keep])
+    if state.pending is not None:
+        state.pending = state.pending[keep]
+    return True
+
+
 @torch.no_grad()
 def decode(
     step: StepFn,
@@ -207,21 +223,34 @@ def decode(
     use_cache: bool = True,
     suppress_ids: list[int] | None = None,
 ) -> DecodeResult:
-    """Generate from left-padded prefixes [B, L, D] / [B, L]; all steps at once."""
+    """Generate from left-padded prefixes [B, L, D] / [B, L]; all steps at once.
+
+    A row that has stopped leaves the batch (and the KV cache): a batch costs as much as its
+    rows still answering, not B times its longest answer. Each row's tokens are those it gets
+    alone (rows never see each other; the left padding keeps every row's positions).
+    """
     b = prefix_embeds.shape[0]
     tokens: list[list[int]] = [[] for _ in range(b)]
     hiddens: list[list[torch.Tensor]] = [[] for _ in range(b)]
     stopped = [False] * b
     width = prefix_embeds.shape[-1]
-    for st in iter_decode(step, embed, prefix_embeds, prefix_mask, stop_ids, sampling,
-                          use_cache, suppress_ids):
+    state = start_decode(prefix_embeds, prefix_mask, stop_ids, sampling)
+    rows = list(range(b))  # the original index of each row still in `state`
+    while state.steps < sampling.max_new_tokens and rows:
+        st = decode_step(step, embed, state, sampling, use_cache, suppress_ids)
         width = st.hidden.shape[-1]
         emitted, hit = st.emitted.tolist(), st.stopped.tolist()
-        for i in range(b):
-            if hit[i]:
+        for j, i in enumerate(rows):
+            if hit[j]:
                 stopped[i] = True
-            elif emitted[i]:
-                tokens[i].append(int(st.ids[i]))
-                hiddens[i].append(st.hidden[i])
+            elif emitted[j]:
+                tokens[i].append(int(st.ids[j]))
+                hiddens[i].append(st.hidden[j])
+        if bool(state.done.any()):
+            keep = (~state.done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            if keep_rows(state, keep):
+                rows = [rows[j] for j in keep.tolist()]
     hidden_out = [torch.stack(h) if h else prefix_embeds.new_zeros(0, width) for h in hiddens]
     return DecodeResult(tokens, hidden_out, stopped)
