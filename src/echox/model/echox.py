@@ -433,7 +433,8 @@ class EchoX(nn.Module):
 
     # ---- generation ----------------------------------------------------------------------
     def _llm_step(self, embeds, mask, pos, cache):  # type: ignore[no-untyped-def]
-        out = self.llm(embeds, mask, pos, past_key_values=cache, use_cache=True)
+        # decoding reads the last position only: no vocabulary projection of the rest
+        out = self.llm(embeds, mask, pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits, out.hidden, out.past_key_values
 
     @torch.no_grad()
