@@ -86,14 +86,15 @@ class Counting:
 
 def _model(stage: str, prompt: str | None, cache: dict[str, Any], config: str = "recipes/tiny/model.yaml") -> Any:
     """A fresh tiny model for a stage (base weights loaded once, deep-copied per run)."""
-    from echox.config import load_config
+    from echox.config import DEFAULT_SYSTEM_PROMPT, load_config
     from echox.model.echox import EchoX
     from echox.train import stages
 
-    key = prompt or ""
+    # Without `prompt`, the preset's long system prompt: today's defaults, even where the
+    # model file (recipes/tiny/model.yaml) already sets the short one.
+    key = prompt or DEFAULT_SYSTEM_PROMPT
     if key not in cache:
-        overrides = [f"llm.system_prompt={prompt}"] if prompt else []
-        cache[key] = EchoX.build(load_config(config, overrides))
+        cache[key] = EchoX.build(load_config(config, [f'llm.system_prompt="{key}"']))
     model = copy.deepcopy(cache[key])
     if stage == "echo":
         model.init_echo_from_t2c()
