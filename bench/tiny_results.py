@@ -120,22 +120,16 @@ def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
     return wer(refs, hyps)
 
 
-def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def folder_sha(folder: Path) -> str | None:
+    from echox.model.checkpoint import sha256_file
+
     if not folder.is_dir():
         return None
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             h.update(p.relative_to(folder).as_posix().encode())
-            h.update(file_sha(p).encode())
+            h.update(sha256_file(p).encode())
     return h.hexdigest()
 
 
