@@ -187,8 +187,10 @@ def print_table(rows: list[Row]) -> None:
           f"{'loss':>7} {'fill_s':>7}")
     for r in rows:
         fill = f"{r.fill_s:7.1f}" if r.fill_s is not None else f"{'':>7}"
+        # no defaults row in this run (--variants without it): no ratio to show
+        speed = f"{r.speedup:.2f}x" if r.speedup == r.speedup else "-"
         print(f"{r.threads:>7} {r.stage:<5} {r.variant:<9} {r.examples_per_s:7.2f} "
-              f"{r.tokens_per_s:8.0f} {r.speedup:7.2f}x {r.mean_loss:7.3f} {fill}")
+              f"{r.tokens_per_s:8.0f} {speed:>8} {r.mean_loss:7.3f} {fill}")
 
 
 def curve(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
