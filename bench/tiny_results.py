@@ -313,6 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="ASR of the spoken answers (default: Whisper tiny.en, faster-whisper)")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--t2c-only", action="store_true",
+                    help="only the T2C intelligibility row (e.g. right after Stage II, before "
+                         "Stage I and III exist): writes t2c.json")
     args = ap.parse_args(argv)
     if args.n is not None and args.n < 1:
         ap.error("--n must be at least 1")
@@ -378,6 +381,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         ctx.skipped["s2t_espeak_accuracy"] = (
             f"missing {qa_e}: make it with `echox data build-tiny --out {corpus}` "
             "(needs espeak-ng installed)")
+
+    if args.t2c_only:
+        return t2c_only(ctx, ids, tts_units, bundles, argv)
 
     # ---- text LLM: the upper bound, the same for every bundle
     cfg = load_config(args.config)
@@ -481,6 +487,26 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     plot(result, ctx.out / "results.png")
     print(table, end="")
     print(f"\nwrote {ctx.out / 'results.md'}, {ctx.out / 'results.json'}, {ctx.out / 'results.png'}")
+    return 0
+
+
+def t2c_only(ctx: Context, ids: list[str], tts_units: Path, bundles: dict[str, Path],
+             argv: list[str]) -> int:
+    """`--t2c-only`: the T2C intelligibility WER of each bundle, nothing else."""
+    _need(tts_units, f"echox units extract --manifest {ctx.data}/tts.jsonl "
+                     f"--kmeans recipes/tiny/vocoder-k500/km500.joblib --out {tts_units}")
+    by_id = read_items(tts_units)
+    answers = [{"id": i, "text": by_id[i]["text"]} for i in ids
+               if i in by_id and str(by_id[i].get("text") or "").strip()]
+    shared: dict[str, str] = {}
+    rows = {b: t2c_for(ctx, b, path, answers, shared) for b, path in bundles.items()}
+    result = {"t2c": rows, "skipped": ctx.skipped, "runs": ctx.runs,
+              "command": shlex.join(["python", "bench/tiny_results.py", *argv])}
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    (ctx.out / "t2c.json").write_text(json.dumps(result, indent=2) + "\n")
+    for b, r in rows.items():
+        print(f"{b}: T2C intelligibility WER {fmt_wer(r.get('wer'))} over {r.get('n', 0)} answers"
+              + (f" (skipped: {r['skipped']})" if "skipped" in r else ""))
     return 0
 
 

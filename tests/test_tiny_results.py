@@ -179,6 +179,18 @@ def test_tiny_results_slim_bundle_takes_the_t2c_from_t2c(tmp_path: Path, bundles
     assert res["gap_difference"] is None and "needs --echo and --gold" in (out / "results.md").read_text()
 
 
+def test_tiny_results_t2c_only(tmp_path: Path, bundles: dict[str, Path], corpus: Path) -> None:
+    """`--t2c-only` voices the answers through the T2C and runs nothing else."""
+    bench = _script()
+    out = tmp_path / "res"
+    args = _args(corpus, out, echo=bundles["echo"])
+    args[args.index("--n") + 1] = "1"
+    assert bench.main(args + ["--t2c-only"]) == 0
+    res = json.loads((out / "t2c.json").read_text())
+    assert res["t2c"]["echo"]["n"] == 1 and res["t2c"]["echo"]["wer"] >= 0.0
+    assert not (out / "text").exists() and not (out / "results.json").exists()
+
+
 def test_tiny_results_missing_files(tmp_path: Path, capsys: Any) -> None:
     bench = _script()
     assert bench.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
