@@ -52,7 +52,7 @@ from echox.convert.tensor_files import (
     read_safetensors_header,
     same_bytes,
 )
-from echox.errors import CheckpointError, ConversionError, UnitError, VocoderError
+from echox.errors import ConversionError, UnitError, VocoderError
 from echox.fileio import atomic_dir
 from echox.infer.bundle import UNIT_LANGUAGE_DIR, VOCODER_DIR
 from echox.model.checkpoint import CHECKSUMS, CONFIG, FORMAT_VERSION, WEIGHTS, sha256_file

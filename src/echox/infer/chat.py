@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from echox.audio import check_output_path, save_audio
 from echox.config import EncoderConfig
-from echox.errors import EchoXError, UnitError, VocoderError
+from echox.errors import EchoXError
 from echox.infer.bundle import add_device_options, check_device, default_bundle, load_bundle
 from echox.infer.engine import (
     Engine,
@@ -151,16 +151,13 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    try:
-        with _engine(args) as engine:
-            session = engine.session()
-            if args.input is None and args.text is None:
-                return _interactive(session, args, sys.stdin, sys.stdout)
-            _run_turn(session, Path(args.output or "answer.wav"), args.stats, sys.stdout,
-                      audio=args.input, text=args.text)
-            return 0
-    except (VocoderError, UnitError) as e:  # not in the CLI's user-error list
-        raise EchoXError(str(e)) from e
+    with _engine(args) as engine:
+        session = engine.session()
+        if args.input is None and args.text is None:
+            return _interactive(session, args, sys.stdin, sys.stdout)
+        _run_turn(session, Path(args.output or "answer.wav"), args.stats, sys.stdout,
+                  audio=args.input, text=args.text)
+        return 0
 
 
 def add_max_audio_option(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from echox.errors import AudioError, AudioTooLongError, CheckpointError
+from echox.errors import AudioTooLongError, CheckpointError
 
 HOP = 160  # Whisper's mel hop at 16 kHz
 SAMPLE_RATE = 16000

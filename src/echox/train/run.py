@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from torch.utils.data import Dataset
 
 from echox.config import load_config, load_recipe
