@@ -116,6 +116,25 @@ def test_resume_matches_uninterrupted(stage, tmp_path):
     assert lb[:3] == pytest.approx(la[:3]) and lb[3:] == pytest.approx(la[2:], rel=1e-4)
 
 
+def test_keep_best_keeps_the_lowest_eval_loss_model(tmp_path):
+    from echox.model.echox import EchoX
+
+    _, res = _run("s2t", tmp_path, eval_every=1, keep_best=True, lr=0.3)  # a rough ride
+    out = tmp_path / "s2t"
+    best = json.loads((out / "best" / "best.json").read_text())
+    step, loss = min(res.eval_losses, key=lambda e: e[1])
+    assert len(res.eval_losses) == 6 and best == {"step": step, "eval_loss": pytest.approx(loss)}
+    assert EchoX.from_pretrained(out / "best") is not None
+    # a resumed run knows the best so far: a worse eval does not overwrite it
+    tr = Trainer(stages.prepare_model("s2t", preset_config("tiny-random")),
+                 _cfg(tmp_path, "s2t", eval_every=1, keep_best=True), stages.ListDataset(dialogues()),
+                 stages.s2t_collator(stages.prepare_model("s2t", preset_config("tiny-random"))))
+    tr._resume("latest")
+    assert tr.best == (step, pytest.approx(loss))
+    tr._save_best(loss + 1.0)
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == step
+
+
 def test_echo_needs_previous_stages(tmp_path):
     with pytest.raises(stages.StageError, match="needs --init"):
         stages.prepare_model("echo", preset_config("tiny-random"))

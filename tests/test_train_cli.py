@@ -30,8 +30,12 @@ def test_three_stages_from_the_command_line(tmp_path, capsys):
     c = tmp_path / "c"
     assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
                  "--out", str(tmp_path / "s2t")]) == 0
-    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
-                 "--eval-data", str(c / "tts.jsonl"), "--out", str(tmp_path / "t2c")]) == 0
+    extra = c / "tts_extra.jsonl"  # a second TTS manifest (the recipe's extra sentences)
+    extra.write_text((c / "tts.jsonl").read_text().replace('"id": "t', '"id": "x'))
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"), str(extra),
+                 "--eval-data", str(c / "tts.jsonl"), "--out", str(tmp_path / "t2c"),
+                 "--set", "train.keep_best=true"]) == 0
+    assert (tmp_path / "t2c" / "best" / "best.json").is_file()
     for target, extra in (("pseudo", ["--pseudo-labels", "offline"]), ("gold-units", [])):
         out = tmp_path / f"echo-{target}"
         assert main(["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
@@ -41,6 +45,7 @@ def test_three_stages_from_the_command_line(tmp_path, capsys):
         assert (out / "model" / "model.safetensors").is_file()
     assert (tmp_path / "echo-pseudo" / "pseudo_labels.jsonl").is_file()
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert lines[1]["train_examples"] == 12  # both TTS manifests
     assert [r["stage"] for r in lines] == ["s2t", "t2c", "echo", "echo"]
     assert all(r["steps"] == 2 for r in lines)
 

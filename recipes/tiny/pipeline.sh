@@ -3,8 +3,9 @@
 #
 #   bash recipes/tiny/pipeline.sh                 # the full corpus (3,300 train / 300 test)
 #   LIMIT=450 S2T_STEPS=300 bash recipes/tiny/pipeline.sh   # a smaller run
-#   STEP=t2c bash recipes/tiny/pipeline.sh        # one step only (data, units, mix, s2t, t2c,
-#                                                 #  echo, gold, bundle, eval)
+#   STEP=t2c bash recipes/tiny/pipeline.sh        # one step only (data, units, mix, ttsx, s2t,
+#                                                 #  t2c, echo, gold, bundle, eval)
+#   BIGBENCH=/path/to/bigbench STEP=ttsx bash ... # extra T2C sentences (make_tts_text.py)
 #
 # Every step is resumable or cached; rerunning skips finished work (training resumes from its
 # last checkpoint). One torch thread per process: S2T runs beside the unit steps and the T2C on
@@ -22,7 +23,8 @@ VOICE=${VOICE:-en-gb}          # a further training voice (never en-us: the test
 KM=recipes/tiny/vocoder-k500/km500.joblib
 VOCODER=recipes/tiny/vocoder-k500/vocoder
 VOCAB=${VOCAB:-2000}
-S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-3000}; ECHO_STEPS=${ECHO_STEPS:-1500}
+S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-4000}; ECHO_STEPS=${ECHO_STEPS:-1500}
+TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all ~19,800)
 run() { [ "$STEP" = all ] || [ "$STEP" = "$1" ]; }
 common=(--threads 1 --set "data.unit_language=$R/units/language")
 
@@ -43,22 +45,34 @@ if run units; then
         --on-missing drop --out "$DATA/$s/dialogues_units.jsonl"
   done
 fi
+if run ttsx; then  # more for the T2C to learn pronunciation from: qa_wikidata facts, test held out
+  if [ -n "${BIGBENCH:-}" ]; then
+    .venv/bin/python recipes/tiny/make_tts_text.py --source "$BIGBENCH" --corpus "$DATA" \
+        --out "$DATA/tts_extra" --limit "$TTSX_LIMIT" --workers 2
+    $ECHOX units extract --manifest "$DATA/tts_extra/tts.jsonl" --kmeans "$KM" \
+        --out "$DATA/tts_extra/tts_units.jsonl"
+  else
+    echo "ttsx: BIGBENCH (the BIG-bench sdist or folder, see make_questions.py) is not set; skipped" >&2
+  fi
+fi
 if run s2t; then
   $ECHOX train s2t --recipe recipes/tiny/s2t.yaml --out "$R/s2t" --max-steps "$S2T_STEPS" --resume \
       --data "$DATA/train/dialogues.jsonl" "$DATA/train/dialogues_$VOICE.jsonl" "$DATA/train/asr.jsonl" \
       --eval-data "$DATA/test/dialogues.jsonl" --threads 1
 fi
 if run t2c; then
+  extra=(); [ -f "$DATA/tts_extra/tts_units.jsonl" ] && extra=("$DATA/tts_extra/tts_units.jsonl")
   $ECHOX train t2c --recipe recipes/tiny/t2c.yaml --out "$R/t2c" --max-steps "$T2C_STEPS" --resume \
-      --data "$DATA/train/tts_units.jsonl" --eval-data "$DATA/test/tts_units.jsonl" "${common[@]}"
+      --data "$DATA/train/tts_units.jsonl" "${extra[@]}" --eval-data "$DATA/test/tts_units.jsonl" \
+      "${common[@]}"
 fi
 if run echo; then
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$R/s2t/model" --t2c-from "$R/t2c/model" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$R/s2t/model" --t2c-from "$R/t2c/best" \
       --out "$R/echo" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$R/s2t/model" --t2c-from "$R/t2c/model" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$R/s2t/model" --t2c-from "$R/t2c/best" \
       --target gold-units --out "$R/gold" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi

@@ -145,8 +145,10 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
     encode = _unit_encoder(data.unit_language, model.t2c.num_units)
     if stage == "t2c":
 
-        def tts(path: str, lim: int | None) -> Dataset:
-            recs = read_jsonl(path, "tts", on_error="skip").records
+        def tts(paths: Any, lim: int | None) -> Dataset:
+            """One TTS manifest or several read as one; `lim` counts over all, in order."""
+            recs = [r for p in (paths if isinstance(paths, (list, tuple)) else [paths])
+                    for r in read_jsonl(p, "tts", on_error="skip").records]
             return T2CDataset(recs[:lim] if lim else recs, model.tokenizer, encode)
 
         return (tts(train_path, limit), tts(eval_path, eval_limit) if eval_path else None,
@@ -281,8 +283,6 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.data is not None:  # one manifest (a string, as every stage takes) or several
-        if len(args.data) > 1 and args.stage not in ("s2t", "echo"):
-            raise ConfigError(f"--data: stage {args.stage} takes one manifest, got {len(args.data)}")
         args.data = args.data[0] if len(args.data) == 1 else list(args.data)
     recipe = load_stage_recipe(args.recipe, args.set or [], args.override, args.stage)
     if args.data:
@@ -308,7 +308,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                indent=2, default=str))
     res = trainer.train(resume=args.resume, stop_at=args.stop_at)
     if trainer.acc.is_main_process:
-        print(json.dumps({"stage": args.stage, "steps": res.step, "first_loss": round(res.first_loss, 4),
+        print(json.dumps({"stage": args.stage, "train_examples": len(train),  # type: ignore[arg-type]
+                          "steps": res.step, "first_loss": round(res.first_loss, 4),
                           "last_loss": round(res.last_loss, 4), "steps_per_s": round(res.steps_per_s, 3),
                           "eval": res.eval_losses[-1:] or None, "output": str(out / "model")}))
     return 0

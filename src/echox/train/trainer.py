@@ -31,6 +31,7 @@ from echox.model.echox import EchoX
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+BEST_FILE = "best.json"  # in <output_dir>/best: {"step", "eval_loss"}
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # ours -> accelerate's
 
 
@@ -61,6 +62,9 @@ class TrainConfig:
     eval_batches: int = 0  # 0 = the whole eval set
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2
+    # Also keep the model of the lowest eval loss seen so far in <output_dir>/best (its
+    # best.json gives the step and loss): a stage that overfits hands on its best point
+    keep_best: bool = False
     log_every: int = 1
     seed: int = 0
     num_workers: int = 0
@@ -267,6 +271,7 @@ class Trainer:
                                           collate_fn=collate_fn)
         self.step = 0
         self.writer = None
+        self.best: tuple[int, float] | None = None  # (step, eval loss) of <out>/best
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _save(self, final: bool = False) -> Path:
@@ -300,6 +305,28 @@ class Trainer:
         self.acc.wait_for_everyone()
         return folder
 
+    def _read_best(self) -> tuple[int, float] | None:
+        try:
+            rec = json.loads((self.out / "best" / BEST_FILE).read_text())
+            return int(rec["step"]), float(rec["eval_loss"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save_best(self, ev: float) -> None:
+        """Write <out>/best when `ev` is the lowest eval loss so far (`train.keep_best`)."""
+        if self.best is not None and ev >= self.best[1]:
+            return
+        self.best = (self.step, ev)
+        full_state = self.acc.get_state_dict(self.model)
+        if self.acc.is_main_process:
+            self.acc.unwrap_model(self.model).save_pretrained(
+                self.out / "best",
+                extra_files={"training_args.json": json.dumps(asdict(self.cfg), indent=2),
+                             BEST_FILE: json.dumps({"step": self.step, "eval_loss": ev})},
+                full_state=full_state,
+            )
+        self.acc.wait_for_everyone()
+
     def _resume(self, resume: str | Path) -> None:
         if str(resume) == "latest":
             folder = find_latest_checkpoint(self.out)
@@ -322,6 +349,7 @@ class Trainer:
             _set_rng_state(torch.load(rng, weights_only=False))
         else:
             log.warning("no RNG state for this process in %s; dropout noise will differ", folder)
+        self.best = self._read_best()
         self.acc.print(f"resumed from {folder} at step {self.step}")
 
     # ---- loop ----------------------------------------------------------------------------
@@ -413,6 +441,8 @@ class Trainer:
                 if ev is not None:
                     rec["eval_loss"] = ev
                     evals.append((self.step, ev))
+                    if cfg.keep_best:
+                        self._save_best(ev)
             if self.step % cfg.log_every == 0 or self.step == end:
                 self._log(rec)
             bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rec['steps_per_s']:.2f}")
@@ -426,6 +456,8 @@ class Trainer:
                 if ev is not None:
                     evals.append((self.step, ev))
                     self._log({"step": self.step, "eval_loss": ev})
+                    if cfg.keep_best:
+                        self._save_best(ev)
             self._save(final=True)
             if self.acc.is_main_process:
                 plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
