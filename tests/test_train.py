@@ -135,6 +135,39 @@ def test_keep_best_keeps_the_lowest_eval_loss_model(tmp_path):
     assert json.loads((out / "best" / "best.json").read_text())["step"] == step
 
 
+def test_spelling_t2c_trains_and_echo_takes_its_config(tmp_path):
+    """A T2C with a spelling encoder (t2c.spelling_dim) trains in Stage II, and Stage III on
+    a Stage I model without one adopts the Stage II T2C config, spelling weights included."""
+    spelled = stages.prepare_model("t2c", preset_config("tiny-random", ["t2c.spelling_dim=8"]))
+    assert torch.count_nonzero(spelled.t2c.spelling.out.weight) == 0  # starts as the plain T2C
+    _run("t2c", tmp_path, model=spelled, max_steps=2, save_every=0, lr=0.05)
+    w = spelled.t2c.spelling.out.weight.detach().clone()
+    assert torch.count_nonzero(w) > 0  # the spelling encoder learned
+    _run("s2t", tmp_path, max_steps=1, save_every=0)
+    m = stages.prepare_model("echo", init=tmp_path / "s2t" / "model", t2c_from=tmp_path / "t2c" / "model")
+    assert m.config.t2c.spelling_dim == 8
+    torch.testing.assert_close(m.t2c.spelling.out.weight, w)
+    torch.testing.assert_close(m.echo.spelling.out.weight, w)  # the echo decoder is a copy
+    ids = m.tokenizer("Brazil", add_special_tokens=False)["input_ids"]
+    plain = m.llm.embed(torch.tensor(ids))
+    assert not torch.allclose(m.text_condition([ids])[0], plain)  # the L_den target spells too
+
+
+def test_spelling_tells_apart_tokens_of_different_text():
+    from echox.model.unit_decoder import SpellingEncoder
+
+    enc = SpellingEncoder(d_out=6, dim=4, max_chars=5)
+    torch.nn.init.normal_(enc.out.weight)
+    words = {0: "Brazil", 1: "Chile", 2: "", 3: "Brazilian"}  # 3: same first 5 bytes as 0
+    enc.token_text = words.__getitem__
+    out = enc(torch.tensor([0, 1, 2, 0, 3]))
+    assert out.shape == (5, 6)
+    torch.testing.assert_close(out[0], out[3])  # the same token, the same vector
+    assert not torch.allclose(out[0], out[1])
+    torch.testing.assert_close(out[2], enc.out.bias)  # no text: nothing pooled
+    torch.testing.assert_close(out[4], out[0])  # only max_chars bytes are read
+
+
 def test_echo_needs_previous_stages(tmp_path):
     with pytest.raises(stages.StageError, match="needs --init"):
         stages.prepare_model("echo", preset_config("tiny-random"))

@@ -148,6 +148,12 @@ class T2CConfig:
     # generation stops at EOS, or after this many units per condition token (+16)
     max_units_per_token: int = 8
     trainable: bool = True
+    # "echox" layout: > 0 adds what each text token *spells* to its condition vector (a small
+    # byte-level encoder of the token's text, zero at init; docs/results.md, session 10). The
+    # LLM's embeddings say what a token means, not how it sounds: a T2C that reads them alone
+    # says a word of the same kind ("Chile" for "Brazil"). 0 = the authors' condition.
+    spelling_dim: int = 0
+    spelling_chars: int = 24  # bytes of a token's text that are read
     # "echox": our own token space (units, EOS and two prefix tokens). "authors": the released
     # checkpoints' T2C (echox.model.unit_decoder_authors): inputs in the LLM's embedding space (LLM token
     # rows + `unit_embedding` rows) go through `adapter`; it predicts LLM tokens + unit tokens
@@ -181,6 +187,10 @@ class T2CConfig:
         _check(self.unit_vocab_size >= 2, f"{path}.unit_vocab_size", "must be >= 2")
         _check(self.max_positions >= 16, f"{path}.max_positions", "must be >= 16")
         _check(self.max_units_per_token >= 1, f"{path}.max_units_per_token", "must be >= 1")
+        _check(self.spelling_dim >= 0, f"{path}.spelling_dim", "must be >= 0")
+        _check(self.spelling_chars >= 1, f"{path}.spelling_chars", "must be >= 1")
+        _check(self.spelling_dim == 0 or self.layout == "echox", f"{path}.spelling_dim",
+               "only the 'echox' layout has a spelling encoder")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from echox.config import EchoXConfig
+from echox.config import EchoXConfig, T2CConfig
 from echox.hub import resolve
 from echox.model import losses
 from echox.model.batch import S2TBatch, T2CBatch, collate_s2t
@@ -156,6 +156,18 @@ class EchoX(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.adapter.mm_projector1.weight.device
+
+    def use_t2c_config(self, cfg: T2CConfig) -> None:
+        """Fresh T2C and echo decoders of another `echox`-layout T2C config (e.g. a Stage II
+        checkpoint with a spelling encoder, loaded into a Stage I model that has none)."""
+        if cfg.layout != "echox" or self.config.t2c.layout != "echox":
+            raise ValueError("use_t2c_config: only the 'echox' layout")
+        cfg.validate()
+        d, dev = self.llm.hidden_size, self.device
+        self.t2c = UnitDecoder(cfg, d).to(dev)
+        self.echo = UnitDecoder(cfg, d).to(dev)
+        self.echo.load_state_dict(self.t2c.state_dict())
+        self.config.t2c = cfg
 
     def init_echo_from_t2c(self) -> None:
         """Stage III starts the echo decoder from the trained T2C."""
@@ -335,10 +347,17 @@ class EchoX(nn.Module):
 
     # ---- Stage II: T2C -------------------------------------------------------------------
     def text_condition(self, text_ids: list[list[int]]) -> list[torch.Tensor]:
-        """Frozen LLM token embeddings of each text: the T2C's input."""
+        """The T2C's input per text: the frozen LLM token embeddings, plus what each token
+        spells when the T2C has a spelling encoder (`t2c.spelling_dim`; it trains with the T2C)."""
+        ids = [torch.tensor(t, dtype=torch.long, device=self.device) for t in text_ids]
         with torch.no_grad():
-            return [self.llm.embed(torch.tensor(t, dtype=torch.long, device=self.device)).detach()
-                    for t in text_ids]
+            emb = [self.llm.embed(i).detach() for i in ids]
+        spell = getattr(self.t2c, "spelling", None)
+        if spell is None:
+            return emb
+        if spell.token_text is None:
+            spell.token_text = lambda i: self.tokenizer.decode([i])
+        return [e + spell(i).to(e.dtype) for e, i in zip(emb, ids)]
 
     def forward_t2c(self, batch: T2CBatch) -> tuple[torch.Tensor, UnitOutput]:
         out = self.t2c(self.text_condition(batch.text_ids), batch.units)

@@ -63,6 +63,53 @@ def decoder_step(model: nn.Module, lm_head: nn.Module, embeds: torch.Tensor, mas
     return lm_head(h), h, output_cache(out)
 
 
+class SpellingEncoder(nn.Module):
+    """What each text token spells, as a vector added to its condition (`t2c.spelling_dim`).
+
+    The bytes of a token's text (up to `max_chars`) are embedded with their positions, go
+    through two width-3 convolutions and are max-pooled over the token, then projected to the
+    condition size. The projection starts at zero, so a T2C trained without it starts from
+    where it was. `token_text(id)` gives a token's text; the owner (EchoX) sets it from its
+    tokenizer, and each token's bytes are looked up once.
+    """
+
+    def __init__(self, d_out: int, dim: int, max_chars: int = 24) -> None:
+        super().__init__()
+        self.max_chars = max_chars
+        self.chars = nn.Embedding(257, dim, padding_idx=0)  # byte + 1; 0 pads
+        self.pos = nn.Embedding(max_chars, dim)
+        self.conv1 = nn.Conv1d(dim, dim, 3, padding=1)
+        self.conv2 = nn.Conv1d(dim, dim, 3, padding=1)
+        self.out = nn.Linear(dim, d_out)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.token_text: Any = None  # Callable[[int], str]
+        self._bytes: dict[int, list[int]] = {}
+
+    def _spell(self, ids: list[int]) -> torch.Tensor:
+        if self.token_text is None:
+            raise RuntimeError("SpellingEncoder.token_text is not set (EchoX sets it from its tokenizer)")
+        rows = torch.zeros(len(ids), self.max_chars, dtype=torch.long)
+        for r, i in enumerate(ids):
+            b = self._bytes.get(i)
+            if b is None:
+                b = self._bytes[i] = [x + 1 for x in self.token_text(i).encode("utf-8")[: self.max_chars]]
+            rows[r, : len(b)] = torch.tensor(b, dtype=torch.long)
+        return rows
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [n] -> [n, d_out]."""
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        c = self._spell(uniq.tolist()).to(self.out.weight.device)  # [u, L]
+        x = self.chars(c) + self.pos.weight[None]
+        x = nn.functional.gelu(self.conv1(x.transpose(1, 2)))
+        x = nn.functional.gelu(self.conv2(x)).transpose(1, 2)  # [u, L, dim]
+        has = c > 0
+        x = x.masked_fill(~has[..., None], float("-inf")).amax(1)
+        x = torch.where(has.any(1, keepdim=True), x, torch.zeros_like(x))  # a token with no text
+        return self.out(x)[inv]
+
+
 class UnitDecoder(nn.Module):
     def __init__(self, cfg: T2CConfig, d_cond: int) -> None:
         from transformers import LlamaConfig, LlamaModel
@@ -94,6 +141,8 @@ class UnitDecoder(nn.Module):
             )
         )
         self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
+        self.spelling = (SpellingEncoder(d_cond, cfg.spelling_dim, cfg.spelling_chars)
+                         if cfg.spelling_dim > 0 else None)
         self.requires_grad_(cfg.trainable)
 
     # ---- sequence building ---------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from echox.config import EchoXConfig
+from echox.config import EchoXConfig, T2CConfig
 from echox.errors import CheckpointError, StageError
 from echox.model.batch import S2TBatch, T2CBatch, collate_t2c
 from echox.model.checkpoint import load_weights, verify_checkpoint
@@ -101,6 +101,9 @@ def _load_t2c(model: EchoX, folder: Path) -> None:
     diff = [k for k in ("hidden_size", "num_layers", "num_heads", "unit_vocab_size") if theirs.get(k) != ours[k]]
     if diff:
         raise StageError(f"--t2c-from {folder}: its T2C differs from the model's in {diff}")
+    if any(theirs.get(k, 0) != ours[k] for k in ("spelling_dim", "spelling_chars")):
+        # a spelling encoder only adds to the T2C's condition: take the Stage II config
+        model.use_t2c_config(T2CConfig(**{**ours, **{k: v for k, v in theirs.items() if k in ours}}))
     if meta["config"]["llm"]["name_or_path"] != model.config.llm.name_or_path:
         raise StageError(f"--t2c-from {folder}: trained on LLM embeddings of "
                          f"{meta['config']['llm']['name_or_path']}, not {model.config.llm.name_or_path}")
