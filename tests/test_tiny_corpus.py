@@ -249,3 +249,27 @@ def test_piper_stopped_midway_keeps_its_wavs_and_reports_no_failure(tmp_path):
     rest = [(t, p) for t, p in jobs if not p.is_file()]
     made2, failed2 = piper_synthesize(rest, workers=2)
     assert failed2 == [] and made + made2 == 5 and all(p.is_file() for _, p in jobs)
+
+
+def test_extra_t2c_sentences_hold_out_the_test_facts_and_subjects(tmp_path):
+    """recipes/tiny/make_tts_text.py: facts behind test questions, and facts naming a test
+    question's subject, never become T2C sentences; the rest read as answers."""
+    path = MAKE_QUESTIONS.parent / "make_tts_text.py"
+    spec = importlib.util.spec_from_file_location("make_tts_text", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    task = {"examples": [
+        {"input": "The capital of Japan is", "target": "Tokyo"},                  # 0: a test fact
+        {"input": "The official language of Japan is", "target": "Japanese"},     # 1: test subject
+        {"input": "The capital of Afghanistan is", "target": "Kabul"},
+        {"input": "The color of the flag of Chad is", "target": ["blue", "yellow", "red"]},
+        {"input": "The capital of Afghanistan is", "target": "Kabul"},            # a duplicate
+        {"input": "The capital of Peru is", "target": ["U"]},                     # no usable answer
+    ]}
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["wd-00002"], "test": ["wd-00000", "gk-001"]}))
+    held, subjects = module.test_subjects(tmp_path, task)
+    assert held == {0} and subjects == {"japan"}
+    rows = module.sentences(task, held, subjects)
+    assert rows == [("wdx-00002", "The capital of Afghanistan is Kabul."),
+                    ("wdx-00003", "The color of the flag of Chad is blue, yellow and red.")]
