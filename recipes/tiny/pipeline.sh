@@ -24,7 +24,7 @@ KM=recipes/tiny/vocoder-k500/km500.joblib
 VOCODER=recipes/tiny/vocoder-k500/vocoder
 VOCAB=${VOCAB:-2000}
 S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-4000}; ECHO_STEPS=${ECHO_STEPS:-1500}
-TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all ~19,800)
+TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all 17,952)
 run() { [ "$STEP" = all ] || [ "$STEP" = "$1" ]; }
 common=(--threads 1 --set "data.unit_language=$R/units/language")
 
