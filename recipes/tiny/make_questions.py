@@ -194,19 +194,26 @@ def clean_answers(target: object) -> list[str]:
     return out
 
 
-def to_question(cloze: str) -> tuple[str, str] | None:
-    """``(relation, question)`` for a qa_wikidata cloze, or None when no template fits."""
+def match_template(cloze: str) -> tuple[str, str, str] | None:
+    """``(relation, subject, question template)`` of the first template a cloze fits, or None."""
     text = cloze.replace("[MASK]", "").strip()
     for rel, pattern, template, _ in _COMPILED:
         m = pattern.match(text)
-        if m is None:
-            continue
-        subject = " ".join(m.group("x").split())
-        if not subject or len(subject) > 60 or _BAD_SUBJECT.search(subject):
-            return None
-        question = template.format(x=subject)
-        return rel, question[0].upper() + question[1:]
+        if m is not None:
+            return rel, " ".join(m.group("x").split()), template
     return None
+
+
+def to_question(cloze: str) -> tuple[str, str] | None:
+    """``(relation, question)`` for a qa_wikidata cloze, or None when no template fits."""
+    matched = match_template(cloze)
+    if matched is None:
+        return None
+    rel, subject, template = matched
+    if not subject or len(subject) > 60 or _BAD_SUBJECT.search(subject):
+        return None
+    question = template.format(x=subject)
+    return rel, question[0].upper() + question[1:]
 
 
 def wikidata_questions(task: dict) -> list[Question]:

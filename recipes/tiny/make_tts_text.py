@@ -34,9 +34,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_questions import _COMPILED, QuestionSourceError, clean_answers, read_task  # noqa: E402
+from make_questions import QuestionSourceError, clean_answers, match_template, read_task  # noqa: E402
 
-from echox.data.tiny_corpus import piper_synthesize  # noqa: E402
+from echox.data.tiny_corpus import _done, piper_synthesize  # noqa: E402
 from echox.fileio import atomic_write_text  # noqa: E402
 
 
@@ -60,12 +60,9 @@ def test_subjects(corpus: Path, task: dict) -> tuple[set[int], set[str]]:
             continue
         i = int(str(qid)[3:])
         indices.add(i)
-        cloze = " ".join(task["examples"][i]["input"].replace("[MASK]", "").split())
-        for _, pattern, _, _ in _COMPILED:  # the patterns that made the question
-            m = pattern.match(cloze)
-            if m is not None:
-                subjects.add(" ".join(m.group("x").split()).casefold())
-                break
+        matched = match_template(task["examples"][i]["input"])  # what made the question
+        if matched is not None:
+            subjects.add(matched[1].casefold())
     return indices, subjects
 
 
@@ -113,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows[: args.limit]
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = [{"id": rid, "text": text, "audio": f"audio/{rid}.wav"} for rid, text in rows]
-    todo = [(r["text"], args.out / r["audio"]) for r in manifest
-            if not ((args.out / r["audio"]).is_file() and (args.out / r["audio"]).stat().st_size > 44)]
+    todo = [(r["text"], args.out / r["audio"]) for r in manifest if not _done(args.out / r["audio"])]
     print(f"{len(rows)} sentences ({len(held_out)} test facts and "
           f"{len(subjects)} test subjects held out); {len(todo)} to speak", flush=True)
     made, failed = piper_synthesize(todo, progress=True, workers=args.workers)
