@@ -41,3 +41,44 @@ def test_ctc_loss_skips_rows_without_transcript():
     none = losses.ctc_loss(logits, torch.tensor([10, 10]), torch.full((2, 3), IGNORE), 0)
     assert none.item() == 0.0
     none.backward()  # graph stays alive
+
+
+def _attn(p: torch.Tensor, width: int, c0: int, q0: int) -> torch.Tensor:
+    """One layer [1, 1, width, width] holding p [nq, nc] at (q0.., c0..)."""
+    a = torch.zeros(1, 1, width, width)
+    a[0, 0, q0:q0 + p.shape[0], c0:c0 + p.shape[1]] = p
+    return a
+
+
+def test_guided_attention_prefers_the_diagonal():
+    nq, nc = 8, 4
+    diag = torch.zeros(nq, nc)
+    diag[torch.arange(nq), torch.arange(nq) * nc // nq] = 1.0  # reads the text in order
+    anti = diag.flip(1)  # reads it backwards
+    span = [(1, nc, 6, nq)]
+    good = float(losses.guided_attention_loss([_attn(diag, 16, 1, 6)], span))
+    bad = float(losses.guided_attention_loss([_attn(anti, 16, 1, 6)], span))
+    assert good < 0.05
+    assert bad > 0.5
+    # mass outside the condition (on earlier units) is free: only the shape over the text counts
+    assert float(losses.guided_attention_loss([_attn(diag * 0.1, 16, 1, 6)], span)) == pytest.approx(good)
+    # the cost of one query that looks only at key k: 1 - exp(-d^2 / 2 sigma^2)
+    one = torch.zeros(1, nc)
+    one[0, 3] = 1.0
+    d = 3.5 / nc - 0.5
+    want = 1 - torch.exp(torch.tensor(-(d**2) / (2 * 0.2**2)))
+    got = losses.guided_attention_loss([_attn(one, 8, 1, 6)], [(1, nc, 6, 1)], sigma=0.2)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_guided_attention_guides_only_the_first_heads_and_needs_maps():
+    nq, nc = 6, 3
+    a = torch.zeros(1, 2, 12, 12)
+    a[0, 0, 4:10, 1:4] = torch.eye(nc).repeat_interleave(2, 0)  # head 0: diagonal
+    a[0, 1, 4:10, 1:4] = torch.eye(nc).flip(1).repeat_interleave(2, 0)  # head 1: backwards
+    span = [(1, nc, 4, nq)]
+    first = float(losses.guided_attention_loss([a], span, heads=1))
+    both = float(losses.guided_attention_loss([a], span, heads=0))
+    assert first < both
+    with pytest.raises(ValueError, match="no attention maps"):
+        losses.guided_attention_loss([], span)

@@ -154,6 +154,13 @@ class T2CConfig:
     # says a word of the same kind ("Chile" for "Brazil"). 0 = the authors' condition.
     spelling_dim: int = 0
     spelling_chars: int = 24  # bytes of a token's text that are read
+    # "echox" layout: > 0 adds a guided-attention loss (losses.guided_attention_loss) times this
+    # weight, pulling each unit's attention over the condition towards the diagonal, so that the
+    # T2C reads the text in order instead of skipping or swapping words (docs/results.md,
+    # session 11). Training uses eager attention then (it needs the attention maps).
+    align_weight: float = 0.0
+    align_sigma: float = 0.2  # width of the diagonal band, in fractions of the sequence
+    align_heads: int = 0  # heads guided in each layer, the first ones (0 = all)
     # "echox": our own token space (units, EOS and two prefix tokens). "authors": the released
     # checkpoints' T2C (echox.model.unit_decoder_authors): inputs in the LLM's embedding space (LLM token
     # rows + `unit_embedding` rows) go through `adapter`; it predicts LLM tokens + unit tokens
@@ -174,6 +181,11 @@ class T2CConfig:
         _check(self.rope_scaling is None or isinstance(self.rope_scaling, dict),
                f"{path}.rope_scaling", "must be a mapping or null")
         _check(self.rms_norm_eps > 0, f"{path}.rms_norm_eps", "must be > 0")
+        _check(self.align_weight >= 0, f"{path}.align_weight", "must be >= 0")
+        _check(self.align_sigma > 0, f"{path}.align_sigma", "must be > 0")
+        _check(self.align_heads >= 0, f"{path}.align_heads", "must be >= 0")
+        _check(self.align_weight == 0 or self.layout == "echox", f"{path}.align_weight",
+               "the guided-attention loss is for the 'echox' layout only")
         _check(self.hidden_size >= 1, f"{path}.hidden_size", "must be >= 1")
         _check(self.num_layers >= 1, f"{path}.num_layers", f"must be >= 1, got {self.num_layers}")
         _check(self.num_heads >= 1, f"{path}.num_heads", "must be >= 1")

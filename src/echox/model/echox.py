@@ -361,7 +361,14 @@ class EchoX(nn.Module):
 
     def forward_t2c(self, batch: T2CBatch) -> tuple[torch.Tensor, UnitOutput]:
         out = self.t2c(self.text_condition(batch.text_ids), batch.units)
-        return losses.aligned_ce_loss(out.logits, out.labels), out
+        return self._unit_loss(out), out
+
+    def _unit_loss(self, out: UnitOutput) -> torch.Tensor:
+        """CE on the units, plus `t2c.align_weight` × the guided-attention cost if any."""
+        loss = losses.aligned_ce_loss(out.logits, out.labels)
+        if out.align is not None:
+            loss = loss + self.config.t2c.align_weight * out.align
+        return loss
 
     # ---- Stage III: echo -----------------------------------------------------------------
     def response_states(self, s2t: S2TOutput, batch: S2TBatch) -> list[tuple[torch.Tensor, list[int]]]:
@@ -419,7 +426,7 @@ class EchoX(nn.Module):
             raise ValueError(f"{len(hs)} response segments but {len(targets)} unit sequences")
         cond = [self.denoiser(h) for h in hs]  # Adapter(H) per segment
         uo = self.echo(cond, targets)
-        l_echo = losses.aligned_ce_loss(uo.logits, uo.labels)
+        l_echo = self._unit_loss(uo)
         emb = torch.cat(self.text_condition(xs))
         l_den = losses.denoise_loss(torch.cat(cond), emb)
         tot = losses.stage3_total(l_echo, l_den, s2t.loss, self.config.loss.den_lambda,
@@ -432,8 +439,8 @@ class EchoX(nn.Module):
             o = self.forward_s2t(batch)  # type: ignore[arg-type]
             return StepOutput(o.loss, {"ce": o.ce.item(), "ctc": o.ctc.item()})
         if task == "t2c":
-            loss, _ = self.forward_t2c(batch)  # type: ignore[arg-type]
-            return StepOutput(loss, {})
+            loss, uo = self.forward_t2c(batch)  # type: ignore[arg-type]
+            return StepOutput(loss, {} if uo.align is None else {"align": uo.align.item()})
         if task == "echo":
             e = self.forward_echo(batch, **kw)  # type: ignore[arg-type]
             return StepOutput(e.loss, {"echo": e.echo.item(), "den": e.den.item(),

@@ -79,3 +79,41 @@ def stage3_total(
         if den > 0:
             eff = min(lam, cap * float(l_echo.detach()) / den)
     return Stage3Loss(l_echo + eff * l_den + l_s2t, eff)
+
+
+def guided_attention_loss(
+    attentions: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    spans: list[tuple[int, int, int, int]],
+    heads: int = 0,
+    sigma: float = 0.2,
+) -> torch.Tensor:
+    """Guided attention (Tachibana et al., 2017, "Efficiently Trainable Text-to-Speech System
+    Based on Deep Convolutional Networks with Guided Attention"), for a decoder-only T2C.
+
+    attentions: per layer [B, H, L, L] attention probabilities. spans[b] = (cond_start,
+    cond_len, query_start, query_len): row b's condition keys and the unit queries that should
+    read them in order. Each query's attention over the condition keys is renormalised, and
+    its mass at relative distance d = |j/J − k/K| from the diagonal costs 1 − exp(−d²/2σ²).
+    Only the first `heads` heads of each layer are guided (0 = all); the others, and the mass
+    on earlier units, stay free. Returns the mean cost per (layer, head, query) in [0, 1).
+    """
+    if not attentions or not spans:
+        raise ValueError("guided_attention_loss: no attention maps or no rows")
+    if sigma <= 0:
+        raise ValueError(f"guided_attention_loss: sigma must be > 0, got {sigma}")
+    costs = []
+    for b, (c0, nc, q0, nq) in enumerate(spans):
+        if nc <= 0 or nq <= 0:
+            continue
+        dev = attentions[0].device
+        k = (torch.arange(nc, device=dev, dtype=torch.float32) + 0.5) / nc
+        j = (torch.arange(nq, device=dev, dtype=torch.float32) + 0.5) / nq
+        w = 1.0 - torch.exp(-((j[:, None] - k[None, :]) ** 2) / (2.0 * sigma * sigma))  # [nq, nc]
+        for a in attentions:
+            h = a.shape[1] if heads <= 0 else min(heads, a.shape[1])
+            p = a[b, :h, q0:q0 + nq, c0:c0 + nc].float()  # [h, nq, nc]
+            p = p / p.sum(-1, keepdim=True).clamp_min(1e-8)
+            costs.append((p * w).sum(-1).reshape(-1))
+    if not costs:
+        return attentions[0].sum() * 0.0
+    return torch.cat(costs).mean()

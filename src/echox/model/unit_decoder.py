@@ -27,6 +27,7 @@ from echox.model.generation import (
     iter_decode,
     output_cache,
 )
+from echox.model.losses import guided_attention_loss
 from echox.model.prompt import IGNORE
 
 
@@ -34,12 +35,16 @@ from echox.model.prompt import IGNORE
 class UnitOutput:
     logits: torch.Tensor  # [B, L, V_units + specials]
     labels: torch.Tensor  # [B, L], next-token targets already aligned (no shift needed)
+    # the guided-attention cost (t2c.align_weight > 0, teacher forcing), unweighted; else None
+    align: torch.Tensor | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None  # per layer [B, H, L, L], when asked
 
 
 def teacher_forced(model: nn.Module, lm_head: nn.Module, embs: list[torch.Tensor],
-                   labs: list[torch.Tensor]) -> UnitOutput:
+                   labs: list[torch.Tensor], attentions: bool = False) -> UnitOutput:
     """Per-row decoder inputs [L_i, H] and labels [L_i] -> logits of the right-padded batch
-    (shared by the T2C layouts of `UnitDecoder` and the authors' `AuthorsUnitDecoder`)."""
+    (shared by the T2C layouts of `UnitDecoder` and the authors' `AuthorsUnitDecoder`).
+    `attentions` also returns the attention maps (the model must use eager attention)."""
     b, width = len(embs), max(e.shape[0] for e in embs)
     x = embs[0].new_zeros(b, width, embs[0].shape[-1])
     labels = torch.full((b, width), IGNORE, dtype=torch.long, device=x.device)
@@ -48,6 +53,11 @@ def teacher_forced(model: nn.Module, lm_head: nn.Module, embs: list[torch.Tensor
         x[i, : e.shape[0]] = e
         labels[i, : lb.shape[0]] = lb
         mask[i, : e.shape[0]] = 1
+    if attentions:
+        out = model(inputs_embeds=x, attention_mask=mask, use_cache=False, output_attentions=True)
+        if not out.attentions:
+            raise RuntimeError("the unit decoder returned no attention maps (it needs eager attention)")
+        return UnitOutput(lm_head(out.last_hidden_state), labels, attentions=tuple(out.attentions))
     out = model(inputs_embeds=x, attention_mask=mask, use_cache=False)
     return UnitOutput(lm_head(out.last_hidden_state), labels)
 
@@ -140,6 +150,8 @@ class UnitDecoder(nn.Module):
                 eos_token_id=self.eos_id,
             )
         )
+        if cfg.align_weight > 0:  # the guided-attention loss reads the attention maps
+            self.model.set_attn_implementation("eager")
         self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
         self.spelling = (SpellingEncoder(d_cond, cfg.spelling_dim, cfg.spelling_chars)
                          if cfg.spelling_dim > 0 else None)
@@ -175,8 +187,18 @@ class UnitDecoder(nn.Module):
         return embs, labs
 
     def forward(self, cond: list[torch.Tensor], units: list[list[int]]) -> UnitOutput:
-        """Teacher-forced logits; rows are right-padded."""
-        return teacher_forced(self.model, self.lm_head, *self._rows(cond, units))
+        """Teacher-forced logits; rows are right-padded. With `align_weight` > 0, also the
+        guided-attention cost of the unit queries (the unit prefix .. the last unit) over the
+        condition positions (1 .. n) in `UnitOutput.align` (in training mode only)."""
+        embs, labs = self._rows(cond, units)
+        if self.cfg.align_weight <= 0 or not self.training:  # eval losses stay plain CE
+            return teacher_forced(self.model, self.lm_head, embs, labs)
+        out = teacher_forced(self.model, self.lm_head, embs, labs, attentions=True)
+        spans = [(1, c.shape[0], c.shape[0] + 1, len(u) + 1) for c, u in zip(cond, units)]
+        out.align = guided_attention_loss(out.attentions, spans, self.cfg.align_heads,
+                                          self.cfg.align_sigma)
+        out.attentions = None  # [B, H, L, L] per layer: not kept past the loss
+        return out
 
     # ---- generation ----------------------------------------------------------------------
     def _step(self, embeds, mask, pos, cache):  # type: ignore[no-untyped-def]
