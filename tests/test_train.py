@@ -333,3 +333,7 @@ def test_guided_attention_t2c_trains_and_eval_loss_stays_ce(tmp_path):
     units = m.units_from_text(["Paris."])  # decoding runs on the eager attention too
     assert isinstance(units[0], list)
     _run("t2c", tmp_path, model=m, max_steps=2, save_every=0)
+    _run("s2t", tmp_path, max_steps=1, save_every=0)
+    e = stages.prepare_model("echo", init=tmp_path / "s2t" / "model", t2c_from=tmp_path / "t2c" / "model")
+    assert e.config.t2c.align_weight == 2.0  # Stage III adopts the Stage II T2C config
+    assert e.echo.model.config._attn_implementation == "eager"

@@ -90,7 +90,6 @@ def _load_t2c(model: EchoX, folder: Path) -> None:
     """Take the trained T2C of a Stage II checkpoint, checking it fits."""
     from dataclasses import asdict
 
-
     try:
         meta = verify_checkpoint(folder)
     except CheckpointError as e:
@@ -101,8 +100,11 @@ def _load_t2c(model: EchoX, folder: Path) -> None:
     diff = [k for k in ("hidden_size", "num_layers", "num_heads", "unit_vocab_size") if theirs.get(k) != ours[k]]
     if diff:
         raise StageError(f"--t2c-from {folder}: its T2C differs from the model's in {diff}")
-    if any(theirs.get(k, 0) != ours[k] for k in ("spelling_dim", "spelling_chars")):
-        # a spelling encoder only adds to the T2C's condition: take the Stage II config
+    own = {"spelling_dim": 0, "spelling_chars": 24, "align_weight": 0.0, "align_sigma": 0.2,
+           "align_heads": 0}
+    if any(theirs.get(k, v) != ours[k] for k, v in own.items()):
+        # a spelling encoder only adds to the T2C's condition, and the guided-attention loss
+        # only to its training loss: take the Stage II config (the echo decoder is its copy)
         model.use_t2c_config(T2CConfig(**{**ours, **{k: v for k, v in theirs.items() if k in ours}}))
     if meta["config"]["llm"]["name_or_path"] != model.config.llm.name_or_path:
         raise StageError(f"--t2c-from {folder}: trained on LLM embeddings of "
