@@ -4,8 +4,10 @@ import os
 
 import pytest
 
-from echox.errors import ResolveError
+from echox.errors import ConversionError, ResolveError
 from echox.hub import cache_dir, resolve
+from echox.hub.cache import cached_conversion
+from echox.hub.whisper_ct2 import atomic_output_dir
 
 
 def test_builtin_is_materialised_once(tmp_path):
@@ -16,6 +18,28 @@ def test_builtin_is_materialised_once(tmp_path):
     assert (a / "config.json").stat().st_mtime == mtime
     with pytest.raises(ResolveError, match="unknown built-in"):
         resolve("builtin:nope")
+
+
+def test_conversion_race_keeps_the_winner(tmp_path, monkeypatch):
+    """Two processes convert the same packaged model at once (two jobs started together on a
+    new machine): the one that finds the folder already written uses it instead of failing;
+    a conversion that fails for another reason still fails."""
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path))
+
+    def loses_the_race(dst):
+        with atomic_output_dir(dst) as tmp:  # the other process's conversion lands first
+            (tmp / "config.json").write_text("{}")
+        with atomic_output_dir(dst):
+            raise AssertionError("never reached: the folder exists now")
+
+    dst = cached_conversion("racing-model", loses_the_race)
+    assert dst == tmp_path / "packaged" / "racing-model" and (dst / "config.json").is_file()
+
+    def broken(dst):
+        raise ConversionError("the packaged file is corrupt")
+
+    with pytest.raises(ConversionError, match="corrupt"):
+        cached_conversion("broken-model", broken)
 
 
 def test_local_folder_and_errors(tmp_path):

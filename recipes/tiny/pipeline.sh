@@ -56,7 +56,10 @@ if run ttsx; then  # more for the T2C to learn pronunciation from: qa_wikidata f
   fi
 fi
 if run s2t; then
-  $ECHOX train s2t --recipe recipes/tiny/s2t.yaml --out "$R/s2t" --max-steps "$S2T_STEPS" --resume \
+  # S2T_INIT: continue from an earlier Stage I model (e.g. a slim copy kept from a run on another
+  # machine); S2T_STEPS then counts this run's steps only.
+  init=(); [ -n "${S2T_INIT:-}" ] && init=(--init "$S2T_INIT")
+  $ECHOX train s2t --recipe recipes/tiny/s2t.yaml --out "$R/s2t" --max-steps "$S2T_STEPS" --resume "${init[@]}" \
       --data "$DATA/train/dialogues.jsonl" "$DATA/train/dialogues_$VOICE.jsonl" "$DATA/train/asr.jsonl" \
       --eval-data "$DATA/test/dialogues.jsonl" --threads 1
 fi

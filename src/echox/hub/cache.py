@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from echox.errors import ConversionError
+
 log = logging.getLogger(__name__)
 
 
@@ -20,5 +22,12 @@ def cached_conversion(name: str, convert: Callable[[Path], object]) -> Path:
     dst = cache_dir() / "packaged" / name
     if not (dst / "config.json").is_file():
         log.warning("converting the packaged %s into %s (once)", name, dst)
-        convert(dst)
+        try:
+            convert(dst)
+        except ConversionError:
+            # Two processes started at once (e.g. two training jobs on a new machine): the
+            # other one's conversion landed between our check and our write. Use it.
+            if not (dst / "config.json").is_file():
+                raise
+            log.warning("another process converted %s first; using its %s", name, dst)
     return dst
