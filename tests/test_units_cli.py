@@ -164,6 +164,15 @@ def test_bad_inputs_exit_2_with_one_line(corpus: Path, tmp_path: Path,
     assert "echox units attach" in _err(capsys)
     assert main([*ext, "--manifest", tts, "--layer", "2"]) == 2
     assert "differs from 1" in _err(capsys)
+    assert main([*ext, "--manifest", tts, "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in _err(capsys)
+    assert main([*ext, "--manifest", tts, "--window-seconds", "99"]) == 2
+    assert "window_seconds=99" in _err(capsys)
+    w1 = ["--manifest", tts, "--cache", str(tmp_path / "w1")]
+    assert main([*ext, *w1, "--window-seconds", "1", "--threads", "1"]) == 0
+    assert "(0 from cache, 12 computed)" in capsys.readouterr().out
+    assert main([*ext, *w1]) == 2  # the 30 s window never reads the 1 s window's units
+    assert "holds units of another extractor" in _err(capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "z", "text": "hi", "audio": "missing.wav"}) + "\n")
     assert main([*ext, "--manifest", str(bad)]) == 2

@@ -181,6 +181,26 @@ def test_whisper_longer_than_window() -> None:
         WhisperLayerFeatures("builtin:tiny-random-whisper", layer=3)
 
 
+def test_whisper_shorter_window() -> None:
+    """`window_seconds` pads to a shorter window: same frame counts, longer clips split at it,
+    the window in the cache key (its features differ: Whisper attends to the padding), so the extractor's fingerprint differs."""
+    native = WhisperLayerFeatures("builtin:tiny-random-whisper", layer=1)
+    short = WhisperLayerFeatures("builtin:tiny-random-whisper", layer=1, window_seconds=1.0)
+    assert short.window_samples == SR and native.window_samples == 3 * SR
+    assert short.describe()["window_seconds"] == 1.0 and "window_seconds" not in native.describe()
+    same = WhisperLayerFeatures("builtin:tiny-random-whisper", layer=1, window_seconds=3.0)
+    assert same.describe() == native.describe()  # the native window: older caches stay valid
+    wav = tones(2.5)
+    a, b = native([wav])[0], short([wav])[0]
+    assert a.shape == b.shape == (math.ceil(wav.size / 320), 32)
+    assert not np.allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(b[:50], short([wav[:SR]])[0], atol=1e-5)  # whole 1 s windows
+    with pytest.raises(UnitError, match="window_seconds"):
+        WhisperLayerFeatures("builtin:tiny-random-whisper", layer=1, window_seconds=9.0)
+    km = UnitKMeans.fit(a, n_clusters=4, seed=0, n_init=1)
+    assert UnitExtractor(short, km).fingerprint() != UnitExtractor(native, km).fingerprint()
+
+
 # ----------------------------------------------------------------------------- units
 
 

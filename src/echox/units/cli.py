@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from echox.data.manifest import read_jsonl, write_jsonl
 from echox.errors import ManifestError, UnitError
@@ -75,10 +76,14 @@ class FeatureSpec:
             )
         return cls(kind, model)  # type: ignore[arg-type]
 
-    def build(self, layer: int, device: str | None = None) -> Any:
+    def build(self, layer: int, device: str | None = None,
+              window_seconds: float | None = None) -> Any:
         """The FeatureExtractor for `layer` (imported lazily: loading a model is slow)."""
         if self.kind == "whisper":
-            return WhisperLayerFeatures(self.model, layer=layer, device=device)
+            return WhisperLayerFeatures(self.model, layer=layer, device=device,
+                                        window_seconds=window_seconds)
+        if window_seconds is not None:
+            raise UnitError("--window-seconds applies to whisper: features only")
         return HubertFeatures(self.model, layer=layer, device=device)
 
     def __str__(self) -> str:
@@ -291,7 +296,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out.with_name(out.stem + ".cache")
     t0 = time.perf_counter()
-    extractor = UnitExtractor(spec.build(layer, args.device), km)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UnitError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    extractor = UnitExtractor(spec.build(layer, args.device, args.window_seconds), km)
     n_cached = sum(_cache_path(cache, k).is_file() for k, _ in items) if cache.is_dir() else 0
     units = extract_corpus(items, extractor, cache, batch_size=args.batch_size,
                            progress=not args.quiet, on_error="skip" if args.skip_bad_audio else "raise")
@@ -492,6 +501,10 @@ def extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad-audio", action="store_true", help="drop unreadable audio, don't stop")
     p.add_argument("--device", help="cpu / cuda (default: the GPU when there is one)")
+    p.add_argument("--window-seconds", type=float,
+                   help="whisper features: pad each utterance to this window instead of 30 s "
+                        "(faster; units differ slightly, docs/units.md)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -222,6 +222,11 @@ class WhisperLayerFeatures(FeatureExtractor):
     its own padded window (RESOURCES.md: packing several utterances into one window gives
     worse units). Longer utterances are cut into whole windows (`on_too_long="split"`) whose
     frames are concatenated, or refused (`"error"`).
+
+    `window_seconds` below Whisper's native 30 s pads each utterance to a shorter window (as
+    the EchoX encoder does, `encoder.window_seconds`): fewer padded frames to run, at the price
+    of slightly different features (padding is attended to). Its units are not those of a
+    k-means trained on 30 s windows unless measured to agree (docs/units.md); caches key on it.
     """
 
     def __init__(
@@ -230,12 +235,19 @@ class WhisperLayerFeatures(FeatureExtractor):
         layer: int,
         device: str | torch.device | None = None,
         on_too_long: Literal["split", "error"] = "split",
+        window_seconds: float | None = None,
     ) -> None:
         if on_too_long not in ("split", "error"):
             raise UnitError(f"on_too_long must be 'split' or 'error', got {on_too_long!r}")
         self.name = str(name_or_path)
         folder = resolve(self.name)
-        enc = WhisperSpeechEncoder.from_folder(folder)
+        try:
+            enc = WhisperSpeechEncoder.from_folder(folder, window_seconds=window_seconds)
+        except ValueError as err:
+            raise UnitError(str(err)) from err
+        full = json.loads((Path(folder) / "config.json").read_text())["max_source_positions"]
+        native = enc.whisper.config.max_source_positions == full
+        self.window_seconds = None if native else float(window_seconds)  # type: ignore[arg-type]
         n_layers = len(enc.whisper.layers)
         if not 0 <= layer <= n_layers:
             raise UnitError(f"layer {layer} out of range: {folder} has {n_layers} layers (0..N)")
@@ -264,7 +276,10 @@ class WhisperLayerFeatures(FeatureExtractor):
         return self.front.max_samples
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "model": self.name, "layer": self.layer}
+        d = {**super().describe(), "model": self.name, "layer": self.layer}
+        if self.window_seconds is not None:  # the native window keeps older caches' key
+            d["window_seconds"] = self.window_seconds
+        return d
 
     def _windows(self, i: int, wav: np.ndarray) -> list[np.ndarray]:
         if wav.size <= self.window_samples:
