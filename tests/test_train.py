@@ -324,7 +324,7 @@ def test_guided_attention_t2c_trains_and_eval_loss_stays_ce(tmp_path):
     _, uo = m.forward_t2c(batch)
     ce = float(losses.aligned_ce_loss(uo.logits, uo.labels).detach())
     assert float(ev.loss.detach()) == pytest.approx(ce, rel=1e-5)
-    assert float(out.loss) == pytest.approx(ce + 2.0 * align, rel=1e-4)
+    assert float(out.loss.detach()) == pytest.approx(ce + 2.0 * align, rel=1e-4)
     m.train()
     m.zero_grad()
     m(batch, "t2c").loss.backward()
