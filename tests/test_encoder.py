@@ -12,6 +12,8 @@ def test_window_truncation_and_frontend():
     full = WhisperSpeechEncoder.from_folder(folder)
     short = WhisperSpeechEncoder.from_folder(folder, window_seconds=1.5)
     assert full.window_frames == 300 and short.window_frames == 150
+    assert full.native_window and not short.native_window
+    assert WhisperSpeechEncoder.from_folder(folder, window_seconds=3.0).native_window
     fe = LogMelFrontEnd(folder, short.num_mel_bins, short.window_frames)
     feats = fe([noise(0.5), noise(1.2, 1)])
     assert feats.features.shape == (2, 80, 150)

@@ -6,6 +6,7 @@
 #   STEP=t2c bash recipes/tiny/pipeline.sh        # one step only (data, units, mix, ttsx, s2t,
 #                                                 #  t2c, echo, gold, bundle, eval)
 #   BIGBENCH=/path/to/bigbench STEP=ttsx bash ... # extra T2C sentences (make_tts_text.py)
+#   S2T_THREADS=2 OMP_NUM_THREADS=2 STEP=s2t bash ...  # Stage I alone on both cores
 #
 # Every step is resumable or cached; rerunning skips finished work (training resumes from its
 # last checkpoint). One torch thread per process: S2T runs beside the unit steps and the T2C on
@@ -65,7 +66,7 @@ if run s2t; then
   init=(); [ -n "${S2T_INIT:-}" ] && init=(--init "$S2T_INIT")
   $ECHOX train s2t --recipe recipes/tiny/s2t.yaml --out "$R/s2t" --max-steps "$S2T_STEPS" --resume "${init[@]}" \
       --data "$DATA/train/dialogues.jsonl" "$DATA/train/dialogues_$VOICE.jsonl" "$DATA/train/asr.jsonl" \
-      --eval-data "$DATA/test/dialogues.jsonl" --threads 1
+      --eval-data "$DATA/test/dialogues.jsonl" --threads "${S2T_THREADS:-1}"
 fi
 if run t2c; then
   extra=(); [ -f "$DATA/tts_extra/tts_units.jsonl" ] && extra=("$DATA/tts_extra/tts_units.jsonl")

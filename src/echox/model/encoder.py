@@ -103,6 +103,9 @@ class WhisperSpeechEncoder(nn.Module):
         self.d_model: int = cfg.d_model
         self.num_mel_bins: int = cfg.num_mel_bins
         self.window_frames: int = 2 * cfg.max_source_positions  # mel frames per window
+        # Whether the window is the checkpoint's own (30 s for real Whisper) or a shortened one;
+        # `from_folder` sets it False when `window_seconds` cuts the positional embeddings.
+        self.native_window: bool = True
 
     @classmethod
     def from_folder(
@@ -119,6 +122,7 @@ class WhisperSpeechEncoder(nn.Module):
             raise CheckpointError(f"Whisper config missing: {folder / 'config.json'}")
         cfg = WhisperConfig.from_pretrained(folder)
         sd = _load_encoder_state(folder)
+        native_positions = cfg.max_source_positions
         if window_seconds is not None:
             positions = int(round(window_seconds * SAMPLE_RATE / HOP / 2))
             if not 1 <= positions <= cfg.max_source_positions:
@@ -136,7 +140,9 @@ class WhisperSpeechEncoder(nn.Module):
                 f"Whisper encoder weights in {folder} do not fit its config: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        return cls(enc, trainable=trainable)
+        out = cls(enc, trainable=trainable)
+        out.native_window = cfg.max_source_positions == native_positions
+        return out
 
     def train(self, mode: bool = True) -> "WhisperSpeechEncoder":
         super().train(mode)

@@ -245,9 +245,7 @@ class WhisperLayerFeatures(FeatureExtractor):
             enc = WhisperSpeechEncoder.from_folder(folder, window_seconds=window_seconds)
         except ValueError as err:
             raise UnitError(str(err)) from err
-        full = json.loads((Path(folder) / "config.json").read_text())["max_source_positions"]
-        native = enc.whisper.config.max_source_positions == full
-        self.window_seconds = None if native else float(window_seconds)  # type: ignore[arg-type]
+        self.window_seconds = None if enc.native_window else float(window_seconds)  # type: ignore[arg-type]
         n_layers = len(enc.whisper.layers)
         if not 0 <= layer <= n_layers:
             raise UnitError(f"layer {layer} out of range: {folder} has {n_layers} layers (0..N)")
