@@ -1,10 +1,13 @@
 """Is one vocoder really better than another? Paired bootstrap over the clips of bench runs.
 
     python bench/compare_wer.py runs/bench_a.json runs/bench_b.json [--baseline NAME] [--n 100]
+    python bench/compare_wer.py runs/tiny/eval-t2c-ctl/echo-t2c runs/tiny/eval-t2c-ga/echo-t2c
 
-Reads the `--json` files of `bench/vocoder.py` (they keep every transcript), lines their
-records up by id, and prints for each system (the original audio, then every variant of every
-file) the corpus WER and, against the baseline, the WER difference with a 95 % interval from a
+Reads the `--json` files of `bench/vocoder.py` (they keep every transcript) or the T2C
+intelligibility runs of `bench/tiny_results.py` (a folder with an `items.jsonl` of `id`, `text`,
+`transcript`), lines their records up by id, and prints for each system (the original audio
+when a vocoder file is given, then every variant of every file, or the run folder's
+`parent/name`) the corpus WER and, against the baseline, the WER difference with a 95 % interval from a
 paired bootstrap over clips (resampling whole clips, as their errors are not independent
 words). Only the clips that all files share are used.
 
@@ -21,27 +24,53 @@ import sys
 from pathlib import Path
 
 
+def _eval_run(path: Path) -> dict:
+    """A `bench/tiny_results.py` T2C run folder (or its items.jsonl) in the vocoder-bench shape."""
+    items = path / "items.jsonl" if path.is_dir() else path
+    if not items.is_file():
+        raise SystemExit(f"{path}: no items.jsonl (a T2C run of bench/tiny_results.py)")
+    recs = []
+    for n, line in enumerate(items.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            recs.append({"id": r["id"], "ref": r["text"], "hyp": r["transcript"]})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SystemExit(f"{items}:{n}: not an item with id, text and transcript") from None
+    run = items.parent
+    name = f"{run.parent.name}/{run.name}" if run.parent.name else run.name
+    return {"records": recs, "variants": {name: {"hypotheses": [r["hyp"] for r in recs]}}}
+
+
 def load_systems(paths: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
     """(shared record ids, {system: transcripts in id order}, references in id order)."""
     per_file = []
     for p in paths:
-        res = json.loads(Path(p).read_text())
+        path = Path(p)
+        if not path.exists():
+            raise SystemExit(f"{p}: no such file or folder")
+        res = _eval_run(path) if path.is_dir() or path.suffix == ".jsonl" else json.loads(path.read_text())
         if "records" not in res:
             raise SystemExit(f"{p}: no per-record transcripts (rerun bench/vocoder.py with --json)")
         ids = [r["id"] for r in res["records"]]
         if len(set(ids)) != len(ids):
             raise SystemExit(f"{p}: record ids are not unique")
-        per_file.append((Path(p).stem, res, ids))
+        per_file.append(("" if path.is_dir() or path.suffix == ".jsonl" else path.stem, res, ids))
     shared = [i for i in per_file[0][2] if all(i in set(f[2]) for f in per_file[1:])]
     if not shared:
         raise SystemExit("the files share no record ids")
     first = {r["id"]: r for r in per_file[0][1]["records"]}
     refs = [first[i]["ref"] for i in shared]
-    systems: dict[str, list[str]] = {"original": [first[i]["original"] for i in shared]}
+    systems: dict[str, list[str]] = {}
+    if all("original" in first[i] for i in shared):
+        systems["original"] = [first[i]["original"] for i in shared]
     for stem, res, ids in per_file:
         pos = {i: k for k, i in enumerate(ids)}
         for name, v in res["variants"].items():
-            label = f"{stem}:{name}"
+            label = f"{stem}:{name}" if stem else name
+            if label in systems:
+                raise SystemExit(f"two inputs are both called {label!r}")
             systems[label] = [v["hypotheses"][pos[i]] for i in shared]
     return shared, systems, refs
 
@@ -70,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     edits = {k: np.array([edit_distance(r, normalize_words(h)) for r, h in zip(ref_words, hyps)],
                          dtype=np.float64) for k, hyps in systems.items()}
     names = list(systems)
-    base = args.baseline or (names[1] if len(names) > 1 else names[0])
+    base = args.baseline or (names[1] if len(names) > 1 and names[0] == "original" else names[0])
     if base not in edits:
         raise SystemExit(f"--baseline {base!r} is not one of {names}")
     rng = np.random.default_rng(args.seed)

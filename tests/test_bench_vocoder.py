@@ -96,3 +96,27 @@ def test_compare_wer_pairs_clips_by_id(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit, match="no per-record"):
         (tmp_path / "old.json").write_text(json.dumps({"variants": {}}))
         _compare().main([str(tmp_path / "old.json")])
+
+
+def test_compare_wer_reads_t2c_eval_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The T2C runs of bench/tiny_results.py (items.jsonl folders) pair up by id the same way."""
+    def run(name, hyps):
+        d = tmp_path / name / "echo-t2c"
+        d.mkdir(parents=True)
+        (d / "items.jsonl").write_text("".join(
+            json.dumps({"id": i, "text": "one two three four", "transcript": h}) + "\n"
+            for i, h in hyps.items()))
+        return d
+
+    a = run("ctl", {"p": "one two three", "q": "one two"})  # 1 + 2 edits
+    b = run("ga", {"q": "one two three four", "p": "one two three four"})
+    assert _compare().main([str(a), str(b / "items.jsonl"), "--samples", "100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 clips, 8 reference words") and "original" not in out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "| 0.375 | - | - |" in rows["ctl/echo-t2c"]
+    assert "| 0.000 | -0.375 |" in rows["ga/echo-t2c"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "items.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit, match="items.jsonl:1"):
+        _compare().main([str(tmp_path / "bad")])
