@@ -122,8 +122,48 @@ def test_slim_checkpoint_for_shipping(make_model, tmp_path):
                                rtol=0.02, atol=0.02)
     torch.testing.assert_close(back.forward_echo(b, [[1, 2, 3, 4]]).units.logits,
                                m.forward_echo(b, [[1, 2, 3, 4]]).units.logits, rtol=0.02, atol=0.02)
-    with pytest.raises(CheckpointError, match="only \\['t2c'\\]"):
+    with pytest.raises(CheckpointError, match="trained with stage echo"):
         m.save_pretrained(tmp_path / "bad", omit_parts=("echo",))
+    with pytest.raises(CheckpointError, match="can be left out"):
+        m.save_pretrained(tmp_path / "bad", omit_parts=("adapter",))
+
+
+def test_export_keeps_only_trained_parts(make_model, tmp_path, capsys):
+    """`echox train export` of a Stage I model: adapter + LoRA in float16, no T2C, echo
+    decoder or denoiser; it loads back as a Stage I model with the same S2T outputs (to fp16),
+    and is a valid `--init` for stage echo."""
+    from safetensors import safe_open
+
+    from echox.cli import main
+    from echox.train.stages import prepare_model
+
+    m = make_model()
+    _perturb(m)
+    m.trained_stages = ["s2t"]
+    src = m.save_pretrained(tmp_path / "s2t")
+    out = tmp_path / "warm"
+    assert main(["train", "export", "--model", str(src), "--out", str(out)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["omitted_parts"] == ["t2c", "echo", "denoiser"] and rep["dtype"] == "float16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes & {"adapter", "llm"} == {"adapter", "llm"}
+    assert not prefixes & {"t2c", "echo", "denoiser"}
+    back = EchoX.from_pretrained(out)
+    assert back.trained_stages == ["s2t"]
+    m.eval()
+    back.eval()
+    b = m.collate([[Turn("user", audio=noise(0.9, 3), transcript="hi"),
+                    Turn("assistant", text="Hello there.")]])
+    torch.testing.assert_close(back.forward_s2t(b).logits, m.forward_s2t(b).logits,
+                               rtol=0.02, atol=0.02)
+    t2c = tmp_path / "t2c"
+    m.trained_stages = ["t2c"]
+    m.save_pretrained(t2c)
+    echo = prepare_model("echo", init=out, t2c_from=t2c)  # the warm start feeds Stage III
+    torch.testing.assert_close(echo.echo.state_dict(), m.t2c.state_dict())
+    assert main(["train", "export", "--model", str(src), "--out", str(out)]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_added_token_rows_come_from_the_gathered_state(make_model, tmp_path):

@@ -37,7 +37,7 @@ class Command:
 
 
 GROUPS: dict[str, str] = {
-    "train": "train a stage of EchoX: s2t, t2c, echo",
+    "train": "train a stage of EchoX: s2t, t2c, echo; export a slim checkpoint",
     "units": "speech units: k-means, extraction, unit language",
     "data": "build corpora and check manifests",
     "vocoder": "train, distil and export unit vocoders",
@@ -60,6 +60,8 @@ COMMANDS: tuple[Command, ...] = (
       for stage, what in (("s2t", "Stage I: speech to text (adapter + LoRA)"),
                           ("t2c", "Stage II: text to units"),
                           ("echo", "Stage III: echo training on the S2T model's hidden states"))),
+    Command(("train", "export"), "echox.train.export", "export_options", "cmd_export",
+            "a slim float16 copy of a checkpoint: only the parts a stage trained", doc=True),
     Command(("units", "train-kmeans"), "echox.units.cli", "train_kmeans_options", "cmd_train_kmeans",
             "fit k-means on frame features of manifests' audio"),
     Command(("units", "extract"), "echox.units.cli", "extract_options", "cmd_extract",

@@ -82,7 +82,10 @@ def _weight(model: EchoX, module: torch.nn.Module, full_state: dict[str, torch.T
     return module.weight
 
 
-OMITTABLE = ("t2c",)  # parts inference never runs (the T2C only labels Stage III's data)
+# Parts a checkpoint may leave out: the T2C (inference never runs it; it only labels Stage
+# III's data), and the echo decoder and denoiser while no echo stage has trained them (a Stage I
+# warm start). An omitted part keeps its initial weights on load.
+OMITTABLE = ("t2c", "echo", "denoiser")
 
 
 def save_checkpoint(
@@ -106,8 +109,14 @@ def save_checkpoint(
     bad = sorted(set(omit_parts) - set(OMITTABLE))
     if bad:
         raise CheckpointError(f"cannot omit {bad}: only {list(OMITTABLE)} can be left out")
-    if model.t2c is model.echo and "t2c" not in omit_parts:  # one module (t2c.layout=authors):
-        omit_parts = (*omit_parts, "t2c")  # stored once, under echo.
+    if {"echo", "denoiser"} & set(omit_parts) and "echo" in model.trained_stages:
+        raise CheckpointError("cannot omit the echo decoder or the denoiser of a model trained "
+                              "with stage echo")
+    if model.t2c is model.echo:  # one module (t2c.layout=authors), stored once, under echo
+        if "echo" in omit_parts and "t2c" in model.trained_stages and "t2c" not in omit_parts:
+            raise CheckpointError("cannot omit echo: with t2c.layout=authors it is the trained T2C")
+        if "t2c" not in omit_parts:
+            omit_parts = (*omit_parts, "t2c")
     state = trained_state(model, full_state)
     drop = tuple(f"{p}." for p in omit_parts)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)

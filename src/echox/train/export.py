@@ -1,0 +1,60 @@
+"""`echox train export`: a slim copy of a training checkpoint, to keep or to start from.
+
+    echox train export --model runs/tiny/s2t/model --out recipes/tiny/warm/s2t
+
+A training checkpoint stores every part that has weights of its own, in float32, trained or
+not: a Stage I model carries a T2C, an echo decoder and a denoiser that no stage has touched
+(for the tiny model 24 of its 37 M stored parameters). The export keeps only what a trained
+stage wrote (the parts no stage trained are left out and get their initial weights again on
+load), in float16 by default. `--drop-t2c` also leaves out a trained T2C, as a shipped bundle
+does. The copy is an ordinary EchoX checkpoint: `--init` of `echox train`, `EchoX.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from echox.errors import CheckpointError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}
+
+
+def untrained_parts(trained_stages: list[str], drop_t2c: bool = False) -> tuple[str, ...]:
+    """The omittable parts that none of `trained_stages` trained (plus the T2C if asked)."""
+    omit = []
+    if drop_t2c or "t2c" not in trained_stages:
+        omit.append("t2c")
+    if "echo" not in trained_stages:
+        omit += ["echo", "denoiser"]
+    return tuple(omit)
+
+
+def export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="an EchoX checkpoint folder (e.g. runs/tiny/s2t/model)")
+    p.add_argument("--out", required=True, help="the new folder (must not exist)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                   help="weights' storage type (loading casts back to the model's); default float16")
+    p.add_argument("--drop-t2c", action="store_true",
+                   help="leave out the T2C even if trained (inference never runs it)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from echox.model.echox import EchoX
+
+    src, out = Path(args.model), Path(args.out)
+    if out.exists():
+        raise CheckpointError(f"--out {out} already exists; give a new folder")
+    model = EchoX.from_pretrained(src)
+    omit = untrained_parts(model.trained_stages, args.drop_t2c)
+    if model.t2c is model.echo and "t2c" not in omit:  # t2c.layout=authors: one module, kept
+        omit = tuple(p for p in omit if p != "echo")
+    model.save_pretrained(out, omit_parts=omit, dtype=DTYPES[args.dtype])
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(json.dumps({"model": str(src), "out": str(out), "trained_stages": model.trained_stages,
+                      "omitted_parts": list(omit), "dtype": args.dtype,
+                      "megabytes": round(size / 1e6, 1)}))
+    return 0
