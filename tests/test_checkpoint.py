@@ -93,6 +93,17 @@ def test_weights_that_do_not_fit_are_reported(make_model, tmp_path):
         EchoX.from_pretrained(folder)
 
 
+def _same_s2t_to_fp16(m, back):
+    """The reloaded float16 copy gives the original's S2T logits to fp16 precision; the batch."""
+    m.eval()
+    back.eval()
+    b = m.collate([[Turn("user", audio=noise(0.9, 3), transcript="hi"),
+                    Turn("assistant", text="Hello there.")]])
+    torch.testing.assert_close(back.forward_s2t(b).logits, m.forward_s2t(b).logits,
+                               rtol=0.02, atol=0.02)
+    return b
+
+
 def test_slim_checkpoint_for_shipping(make_model, tmp_path):
     """omit the T2C and store float16: smaller, loads back in float32, same outputs to fp16."""
     from safetensors import safe_open
@@ -114,12 +125,7 @@ def test_slim_checkpoint_for_shipping(make_model, tmp_path):
     back = EchoX.from_pretrained(slim)
     assert back.trained_stages == ["s2t", "echo"]
     assert all(p.dtype == torch.float32 for p in back.parameters())
-    m.eval()
-    back.eval()
-    b = m.collate([[Turn("user", audio=noise(0.9, 3), transcript="hi"),
-                    Turn("assistant", text="Hello there.")]])
-    torch.testing.assert_close(back.forward_s2t(b).logits, m.forward_s2t(b).logits,
-                               rtol=0.02, atol=0.02)
+    b = _same_s2t_to_fp16(m, back)
     torch.testing.assert_close(back.forward_echo(b, [[1, 2, 3, 4]]).units.logits,
                                m.forward_echo(b, [[1, 2, 3, 4]]).units.logits, rtol=0.02, atol=0.02)
     with pytest.raises(CheckpointError, match="trained with stage echo"):
@@ -151,12 +157,7 @@ def test_export_keeps_only_trained_parts(make_model, tmp_path, capsys):
     assert not prefixes & {"t2c", "echo", "denoiser"}
     back = EchoX.from_pretrained(out)
     assert back.trained_stages == ["s2t"]
-    m.eval()
-    back.eval()
-    b = m.collate([[Turn("user", audio=noise(0.9, 3), transcript="hi"),
-                    Turn("assistant", text="Hello there.")]])
-    torch.testing.assert_close(back.forward_s2t(b).logits, m.forward_s2t(b).logits,
-                               rtol=0.02, atol=0.02)
+    _same_s2t_to_fp16(m, back)
     t2c = tmp_path / "t2c"
     m.trained_stages = ["t2c"]
     m.save_pretrained(t2c)
