@@ -50,13 +50,14 @@ def load_systems(paths: list[str]) -> tuple[list[str], dict[str, list[str]], lis
         path = Path(p)
         if not path.exists():
             raise SystemExit(f"{p}: no such file or folder")
-        res = _eval_run(path) if path.is_dir() or path.suffix == ".jsonl" else json.loads(path.read_text())
+        is_run = path.is_dir() or path.suffix == ".jsonl"  # a tiny_results.py T2C run
+        res = _eval_run(path) if is_run else json.loads(path.read_text())
         if "records" not in res:
             raise SystemExit(f"{p}: no per-record transcripts (rerun bench/vocoder.py with --json)")
         ids = [r["id"] for r in res["records"]]
         if len(set(ids)) != len(ids):
             raise SystemExit(f"{p}: record ids are not unique")
-        per_file.append(("" if path.is_dir() or path.suffix == ".jsonl" else path.stem, res, ids))
+        per_file.append(("" if is_run else path.stem, res, ids))
     shared = [i for i in per_file[0][2] if all(i in set(f[2]) for f in per_file[1:])]
     if not shared:
         raise SystemExit("the files share no record ids")

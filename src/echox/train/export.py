@@ -1,6 +1,6 @@
 """`echox train export`: a slim copy of a training checkpoint, to keep or to start from.
 
-    echox train export --model runs/tiny/s2t/model --out recipes/tiny/warm/s2t
+    echox train export --model runs/tiny/s2t/model --out recipes/tiny/s2t-warm
 
 A training checkpoint stores every part that has weights of its own, in float32, trained or
 not: a Stage I model carries a T2C, an echo decoder and a denoiser that no stage has touched
@@ -23,13 +23,16 @@ from echox.errors import CheckpointError
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}
 
 
-def untrained_parts(trained_stages: list[str], drop_t2c: bool = False) -> tuple[str, ...]:
-    """The omittable parts that none of `trained_stages` trained (plus the T2C if asked)."""
+def untrained_parts(trained_stages: list[str], drop_t2c: bool = False,
+                    shared_t2c_echo: bool = False) -> tuple[str, ...]:
+    """The omittable parts that none of `trained_stages` trained (plus the T2C if asked).
+    `shared_t2c_echo` (t2c.layout=authors: one module) keeps the echo decoder with a kept T2C."""
     omit = []
-    if drop_t2c or "t2c" not in trained_stages:
+    keep_t2c = not drop_t2c and "t2c" in trained_stages
+    if not keep_t2c:
         omit.append("t2c")
     if "echo" not in trained_stages:
-        omit += ["echo", "denoiser"]
+        omit += ["denoiser"] if shared_t2c_echo and keep_t2c else ["echo", "denoiser"]
     return tuple(omit)
 
 
@@ -49,9 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists():
         raise CheckpointError(f"--out {out} already exists; give a new folder")
     model = EchoX.from_pretrained(src)
-    omit = untrained_parts(model.trained_stages, args.drop_t2c)
-    if model.t2c is model.echo and "t2c" not in omit:  # t2c.layout=authors: one module, kept
-        omit = tuple(p for p in omit if p != "echo")
+    omit = untrained_parts(model.trained_stages, args.drop_t2c, shared_t2c_echo=model.t2c is model.echo)
     model.save_pretrained(out, omit_parts=omit, dtype=DTYPES[args.dtype])
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(json.dumps({"model": str(src), "out": str(out), "trained_stages": model.trained_stages,
