@@ -92,3 +92,14 @@ def test_lookback_keys_all_lets_dropped_frames_through():
     assert (~seen["kept"]).sum().item() == 1 and (~seen["all"]).sum().item() == 10
     with pytest.raises(ValueError, match="lookback_keys"):
         SpeechAdapter(6, 16, 40, blank_id=7, lookback_keys="some")
+
+
+def test_no_shrink_passes_every_valid_frame():
+    torch.manual_seed(0)
+    a = SpeechAdapter(6, 16, 40, blank_id=7, num_heads=4, lookback_dropout=0.0, shrink=False).eval()
+    enc = torch.randn(2, 20, 6)
+    out = a(enc, torch.tensor([20, 9]))
+    # pair-concat halves the frames: 10 and 5 valid, all of them kept, padding zeroed
+    assert out.lengths.tolist() == out.frame_lengths.tolist() == [10, 5]
+    assert out.embeds.shape[1] == 10 and out.embeds[1, 5:].abs().sum() == 0
+    assert out.embeds[1, :5].abs().sum() > 0

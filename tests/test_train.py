@@ -337,3 +337,33 @@ def test_guided_attention_t2c_trains_and_eval_loss_stays_ce(tmp_path):
     e = stages.prepare_model("echo", init=tmp_path / "s2t" / "model", t2c_from=tmp_path / "t2c" / "model")
     assert e.config.t2c.align_weight == 2.0  # Stage III adopts the Stage II T2C config
     assert e.echo.model.config._attn_implementation == "eager"
+
+
+def test_init_overrides_reconfigure_the_adapter(tmp_path, make_model):
+    from echox.errors import StageError
+
+    m = make_model(["adapter.ctc_head=tied", "adapter.blank_head=true"])
+    m.trained_stages = ["s2t"]
+    with torch.no_grad():  # a "trained" adapter: weights that a fresh one would not have
+        m.adapter.mm_projector1.weight.add_(0.5)
+    folder = m.save_pretrained(tmp_path / "s2t")
+    feats = torch.randn(1, 4, m.llm.hidden_size)
+    before = m.adapter.ctc_head(feats)
+
+    got = stages.prepare_model("s2t", init=folder,
+                               init_overrides=["adapter.ctc_head=linear", "adapter.shrink=false"])
+    a = got.adapter
+    assert got.config.adapter.ctc_head == "linear" and not got.config.adapter.shrink and not a.shrink
+    torch.testing.assert_close(a.mm_projector1.weight, m.adapter.mm_projector1.weight)
+    # the new linear head starts as the tied head it replaces, and it trains
+    torch.testing.assert_close(a.ctc_head(feats), before)
+    assert a.audio_feature_head.weight.requires_grad and a.blank_head.weight.requires_grad
+    assert got.trained_stages == ["s2t"]
+
+    same = stages.prepare_model("s2t", init=folder, init_overrides=["adapter.lookback_keys=kept"])
+    assert same.config.adapter.lookback_keys == "kept" and same.adapter.lookback_keys == "kept"
+    torch.testing.assert_close(same.adapter.ctc_head(feats), before)
+    kept = stages.prepare_model("s2t", init=folder, init_overrides=["llm.lora.r=4"])  # ignored
+    assert kept.config.llm.lora.r == m.config.llm.lora.r
+    with pytest.raises(StageError, match="unknown key"):
+        stages.prepare_model("s2t", init=folder, init_overrides=["adapter.nonsense=1"])

@@ -59,6 +59,9 @@ class SpeechAdapterConfig:
     dropout: float = 0.0
     lookback_dropout: float = 0.1
     drop_blank: bool = False  # authors keep one frame per blank run; dropping them is optional
+    # False: no CTC shrink, every valid frame goes to the LLM (the no-shrink baseline; the CTC
+    # loss still trains the head)
+    shrink: bool = True
     # "linear": a bias-free Linear to the LLM vocabulary (authors); "tied": reuse the LLM's
     # frozen output embeddings (no extra parameters: 28M fewer for SmolLM2)
     ctc_head: str = "linear"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from echox.config import EchoXConfig, T2CConfig
+from echox.config import EchoXConfig, SpeechAdapterConfig, T2CConfig
 from echox.hub import resolve
 from echox.model import losses
 from echox.model.batch import S2TBatch, T2CBatch, collate_s2t
@@ -117,15 +117,7 @@ class EchoX(nn.Module):
         with torch.random.fork_rng(devices=[]):  # deterministic: LoRA init included
             torch.manual_seed(config.seed)
             llm = LLM.from_folder(llm_dir, config.llm, tokenizer=tokenizer, device=device, dtype=dtype)
-            a = config.adapter
-            adapter = SpeechAdapter(
-                encoder.d_model, llm.hidden_size, llm.vocab_size, blank_id=llm.audio_token_id,
-                num_heads=a.num_heads, ffn_mult=a.ffn_mult, dropout=a.dropout,
-                lookback_dropout=a.lookback_dropout, drop_blank=a.drop_blank, trainable=a.trainable,
-                tied_head=llm.base.get_output_embeddings() if a.ctc_head == "tied" else None,
-                blank_head=a.blank_head, lookback_keys=a.lookback_keys,
-                encoder_attention=a.encoder_attention,
-            )
+            adapter = _make_adapter(config.adapter, encoder.d_model, llm)
             if config.t2c.layout == "authors":
                 t2c = AuthorsUnitDecoder(config.t2c, llm.hidden_size, llm.vocab_size, llm.tokenizer,
                                          llm.base.get_input_embeddings())
@@ -168,6 +160,39 @@ class EchoX(nn.Module):
         self.echo = UnitDecoder(cfg, d).to(dev)
         self.echo.load_state_dict(self.t2c.state_dict())
         self.config.t2c = cfg
+
+    def reconfigure_adapter(self, cfg: SpeechAdapterConfig) -> dict[str, list[str]]:
+        """Swap in an adapter of another config, keeping every trained weight that still fits.
+
+        For experiments that continue a trained Stage I with a changed adapter (no shrink, a
+        linear CTC head instead of the tied one, ...). Weights whose name and shape are unchanged
+        are copied; the rest start fresh. A new linear CTC head starts as a copy of the LLM's
+        output embeddings (what the tied head computed), with the trained blank logit's weight
+        in the blank row when there was one. Returns the names that started fresh ("new") and
+        the old weights that were dropped ("dropped").
+        """
+        cfg.validate()
+        old = self.adapter
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            new = _make_adapter(cfg, self.encoder.d_model, self.llm)
+        new.to(self.device)
+        theirs, ours = old.state_dict(), new.state_dict()
+        fits = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+        new.load_state_dict(fits, strict=False)
+        fresh = sorted(set(ours) - set(fits))
+        if new.audio_feature_head is not None and old.audio_feature_head is None:
+            with torch.no_grad():
+                w = self.llm.base.get_output_embeddings().weight
+                new.audio_feature_head.weight.copy_(w.to(new.audio_feature_head.weight.dtype))
+                if old.blank_head is not None:  # keep the learned blank logit (its bias is lost)
+                    new.audio_feature_head.weight[old.blank_id].copy_(old.blank_head.weight[0])
+            fresh.remove("audio_feature_head.weight")
+        new.requires_grad_(old.trainable)
+        new.trainable = old.trainable
+        self.adapter = new
+        self.config.adapter = cfg
+        return {"new": fresh, "dropped": sorted(set(theirs) - set(fits))}
 
     def init_echo_from_t2c(self) -> None:
         """Stage III starts the echo decoder from the trained T2C."""
@@ -496,3 +521,14 @@ class EchoX(nn.Module):
         """`units_from_hidden` for one segment [n, D], yielding units as the echo decoder
         samples them (the streaming engine voices the first ones before the last exist)."""
         yield from self.echo.iter_generate(self.denoiser(hidden.to(self.device)), sampling)
+
+
+def _make_adapter(a: SpeechAdapterConfig, d_whisper: int, llm: LLM) -> SpeechAdapter:
+    return SpeechAdapter(
+        d_whisper, llm.hidden_size, llm.vocab_size, blank_id=llm.audio_token_id,
+        num_heads=a.num_heads, ffn_mult=a.ffn_mult, dropout=a.dropout,
+        lookback_dropout=a.lookback_dropout, drop_blank=a.drop_blank, trainable=a.trainable,
+        tied_head=llm.base.get_output_embeddings() if a.ctc_head == "tied" else None,
+        blank_head=a.blank_head, lookback_keys=a.lookback_keys,
+        encoder_attention=a.encoder_attention, shrink=a.shrink,
+    )

@@ -79,6 +79,7 @@ class SpeechAdapter(nn.Module):
         blank_head: bool = False,
         lookback_keys: str = "kept",
         encoder_attention: str = "frames",
+        shrink: bool = True,
     ) -> None:
         super().__init__()
         if d_llm % num_heads:
@@ -89,6 +90,7 @@ class SpeechAdapter(nn.Module):
             raise ValueError(f"encoder_attention must be 'frames' or 'self', got {encoder_attention!r}")
         self.blank_id = blank_id
         self.drop_blank = drop_blank
+        self.shrink = shrink
         self.encoder_attention = encoder_attention
         self.lookback_keys = lookback_keys
         self.trainable = trainable
@@ -147,7 +149,10 @@ class SpeechAdapter(nn.Module):
         feats = self.out_norm(x)  # [N, T, D] = F
         ctc_logits = self.ctc_head(feats)  # [N, T, V]
 
-        keep = shrink_mask(ctc_logits.argmax(-1), valid, self.blank_id, self.drop_blank)
+        if self.shrink:
+            keep = shrink_mask(ctc_logits.argmax(-1), valid, self.blank_id, self.drop_blank)
+        else:  # the no-shrink baseline: every valid frame is a query
+            keep = valid
         sh = gather_kept(keep)
         idx = sh.index[..., None].expand(-1, -1, feats.shape[-1])
         queries = torch.gather(feats, 1, idx)  # [N, S, D]

@@ -291,9 +291,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe["data"].eval = args.eval_data
     cfg = train_config(args.stage, recipe, args)
     model_cfg = None if args.init else load_config(str(recipe["model"]), list(recipe.get("overrides") or []))
-    model = stages.prepare_model(args.stage, model_cfg, init=args.init, t2c_from=args.t2c_from)
-    if args.init and recipe.get("overrides"):
-        log.warning("--init given: the model config comes from the checkpoint; overrides ignored")
+    model = stages.prepare_model(args.stage, model_cfg, init=args.init, t2c_from=args.t2c_from,
+                                 init_overrides=_model_sets(args) if args.init else None)
+    if args.init and set(recipe.get("overrides") or []) - set(_model_sets(args)):
+        log.warning("--init given: the model config comes from the checkpoint; the recipe's "
+                    "overrides are ignored (`--set model.adapter.*` may change the adapter)")
     if cfg.cache_encoder:  # before build_data: echo's offline pseudo-labels read it too
         model.enable_feature_cache(encoder_cache_root(cfg))
     train, ev, collate, kwargs = build_data(args.stage, model, cfg, recipe["data"])
@@ -313,6 +315,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                           "last_loss": round(res.last_loss, 4), "steps_per_s": round(res.steps_per_s, 3),
                           "eval": res.eval_losses[-1:] or None, "output": str(out / "model")}))
     return 0
+
+
+def _model_sets(args: argparse.Namespace) -> list[str]:
+    """The `--set model.*` options, as model overrides."""
+    return [s.strip()[len("model."):] for s in (args.set or []) if s.strip().startswith("model.")]
 
 
 def stage_options(p: argparse.ArgumentParser) -> None:

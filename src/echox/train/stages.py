@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from echox.config import EchoXConfig, T2CConfig
-from echox.errors import CheckpointError, StageError
+from echox.config import EchoXConfig, T2CConfig, apply_overrides
+from echox.errors import CheckpointError, ConfigError, StageError
 from echox.model.batch import S2TBatch, T2CBatch, collate_t2c
 from echox.model.checkpoint import load_weights, verify_checkpoint
 from echox.model.echox import EchoX
@@ -47,10 +47,13 @@ def prepare_model(
     config: EchoXConfig | None = None,
     init: str | Path | None = None,
     t2c_from: str | Path | None = None,
+    init_overrides: list[str] | None = None,
 ) -> EchoX:
     """The model a stage starts from, with its prerequisites checked.
 
-    s2t / t2c: fresh from `config`, or continue from `init`.
+    s2t / t2c: fresh from `config`, or continue from `init`. `init_overrides` change the
+    adapter of an `init` model (`adapter.key=value` only: e.g. `adapter.shrink=false`), keeping
+    the trained weights that still fit (`EchoX.reconfigure_adapter`).
     echo: `init` must hold a Stage-I (s2t) model; the trained T2C comes from `t2c_from`
     (a Stage-II output) or from `init` itself when it already has one.
     """
@@ -59,6 +62,8 @@ def prepare_model(
         if not init.is_dir():
             raise StageError(f"--init {init}: checkpoint folder not found")
         model = EchoX.from_pretrained(init)
+        if init_overrides:
+            _reconfigure(model, init_overrides)
     elif stage == "echo":
         raise StageError(
             "stage echo needs --init <Stage I (s2t) checkpoint> and --t2c-from <Stage II (t2c) "
@@ -84,6 +89,25 @@ def prepare_model(
             model.init_echo_from_t2c()
     apply_stage(model, stage)
     return model
+
+
+def _reconfigure(model: EchoX, overrides: list[str]) -> None:
+    ignored = [o for o in overrides if not o.strip().startswith("adapter.")]
+    if ignored:
+        log.warning("--init: the model config comes from the checkpoint; only adapter settings "
+                    "may change, so these are ignored: %s", ", ".join(ignored))
+    overrides = [o for o in overrides if o not in ignored]
+    if not overrides:
+        return
+    try:
+        cfg = apply_overrides(model.config, overrides)
+    except ConfigError as e:
+        raise StageError(str(e)) from e
+    if cfg.adapter == model.config.adapter:
+        return
+    changed = model.reconfigure_adapter(cfg.adapter)
+    log.info("adapter reconfigured (%s): fresh %s, dropped %s", ", ".join(overrides),
+             changed["new"] or "none", changed["dropped"] or "none")
 
 
 def _load_t2c(model: EchoX, folder: Path) -> None:
