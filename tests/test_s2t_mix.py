@@ -159,3 +159,29 @@ def test_train_speed_bench_runs_every_stage_and_variant(tmp_path, capsys):
     assert by[("s2t", "cache")]["mean_loss"] == pytest.approx(by[("s2t", "defaults")]["mean_loss"], rel=1e-5)
     assert by[("s2t", "cache")]["fill_s"] is not None
     assert "speed-up" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # runs piper
+def test_asr_extra_speaks_texts_into_asr_turns_and_resumes(tmp_path):
+    from echox.data.s2t_mix import build_asr_extra
+
+    corpus = _corpus(tmp_path)
+    texts = tmp_path / "extra.jsonl"
+    texts.write_text('{"id": "xa", "text": "Which country is Lisbon in?"}\n'
+                     '{"id": "xb", "text": "What language is Hamlet in?"}\n')
+    counts = build_asr_extra(corpus, texts, workers=1)
+    assert counts == {"extra_made": 2, "extra_failed": 0, "extra_asr_turns": 2}
+    rows = [json.loads(x) for x in (corpus / "train" / "asr_extra.jsonl").read_text().splitlines()]
+    assert [r["conversations"][1]["value"] for r in rows] == ["Which country is Lisbon in?",
+                                                             "What language is Hamlet in?"]
+    user = rows[0]["conversations"][0]
+    assert user["prompt"] == ASR_PROMPT and user["audio"] == "audio/x/xa.wav"
+    wav, sr = sf.read(corpus / "train" / "audio" / "x" / "xa.wav")
+    assert sr > 0 and wav.size > sr // 2  # at least half a second of speech
+    assert build_asr_extra(corpus, texts, workers=1)["extra_made"] == 0  # kept, not remade
+    texts.write_text('{"id": "xa", "text": "one"}\n{"id": "xa", "text": "two"}\n')
+    with pytest.raises(ManifestError, match="duplicate id"):
+        build_asr_extra(corpus, texts)
+    texts.write_text('{"id": "../up", "text": "one"}\n')
+    with pytest.raises(ManifestError, match="line 1"):
+        build_asr_extra(corpus, texts)

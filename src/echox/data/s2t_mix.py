@@ -9,6 +9,9 @@
 - `train/asr.jsonl`: ASR turns. The user turn is a clip with an instruction beside it
   (`"prompt": "Transcribe this audio."`), the assistant turn its exact text. Clips: the
   piper questions, the piper answers and the extra voice's questions.
+- with `--asr-extra TEXTS.jsonl` (rows `{"id", "text"}`, e.g. `recipes/tiny/asr_extra.jsonl`):
+  `train/audio/x/<id>.wav`, each text spoken by piper (the training voice), and
+  `train/asr_extra.jsonl`, their ASR turns: more names to hear than the corpus has.
 
 Train S2T on all three with `--data train/dialogues.jsonl train/dialogues_en-gb.jsonl
 train/asr.jsonl` (or `data.train: [...]` in the recipe). The step is resumable: wav files
@@ -23,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from echox.data.tiny_corpus import espeak_synthesize
+from echox.data.tiny_corpus import espeak_synthesize, piper_synthesize
 from echox.errors import ManifestError
 from echox.fileio import atomic_write_text
 
@@ -86,9 +89,37 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
     return counts
 
 
+def build_asr_extra(corpus: str | Path, texts: str | Path, workers: int = 2,
+                    progress: bool = False) -> dict[str, int]:
+    """Speak `texts` (JSONL rows with "id" and "text") with piper into `corpus/train/audio/x/`
+    and write their ASR turns to `corpus/train/asr_extra.jsonl`; wavs already made are kept."""
+    train = Path(corpus) / "train"
+    if not train.is_dir():
+        raise ManifestError(f"{train} not found: build the corpus first (echox data build-tiny)")
+    rows = _read(Path(texts))
+    jobs, ids = [], set()
+    for i, r in enumerate(rows, 1):
+        rid, text = r.get("id"), r.get("text")
+        if not isinstance(rid, str) or not rid or "/" in rid or not isinstance(text, str) or not text.strip():
+            raise ManifestError(f"{texts} line {i}: expected {{\"id\": str, \"text\": str}}")
+        if rid in ids:
+            raise ManifestError(f"{texts} line {i}: duplicate id {rid!r}")
+        ids.add(rid)
+        jobs.append((text, train / "audio" / "x" / f"{rid}.wav"))
+    todo = [(t, p) for t, p in jobs if not p.is_file()]
+    made, failed = piper_synthesize(todo, progress=progress, workers=workers, desc="asr extra")
+    turns = [asr_turn(r["id"], r["text"], f"audio/x/{r['id']}.wav")
+             for r, (_, p) in zip(rows, jobs) if p.is_file()]
+    _write(train / "asr_extra.jsonl", turns)
+    return {"extra_made": made, "extra_failed": len(failed), "extra_asr_turns": len(turns)}
+
+
 def cmd_s2t_mix(args: argparse.Namespace) -> int:
     counts = build_s2t_mix(args.corpus, voice=args.voice or None, asr=not args.no_asr,
                            progress=not args.quiet)
+    if args.asr_extra:
+        counts.update(build_asr_extra(args.corpus, args.asr_extra, workers=args.workers,
+                                      progress=not args.quiet))
     print(f"s2t mix in {Path(args.corpus) / 'train'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
@@ -98,6 +129,10 @@ def s2t_mix_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voice", default="en-gb", help="espeak-ng voice of the extra question audio "
                    "('' for none; never en-us, the test voice)")
     p.add_argument("--no-asr", action="store_true", help="no ASR turns")
+    p.add_argument("--asr-extra", metavar="TEXTS.jsonl",
+                   help="more ASR text ({id, text} rows, e.g. recipes/tiny/asr_extra.jsonl), spoken "
+                        "by piper into train/asr_extra.jsonl")
+    p.add_argument("--workers", type=int, default=2, help="piper processes for --asr-extra")
     p.add_argument("--quiet", action="store_true")
     return p
 
