@@ -8,6 +8,13 @@ removed) with its word error rate against the question text. A printed table sum
 (means; WER over all words); `--show K` prints the first K transcripts. An adapter that
 never predicts a blank keeps one frame per run of equal tokens, so a long run of one token
 (e.g. "?") swallows whatever was said there.
+
+`--llm-asr` also asks the LLM itself to transcribe each question (the Stage I ASR prompt,
+"Transcribe this audio.", greedy, `--batch-size` at a time): what reaches the LLM, whatever
+the shrink does. That is the measure for a no-shrink adapter, whose CTC head does not choose
+the LLM's inputs. Both transcripts are also scored by their *name recall*: the share of the
+question's names (its capitalised words after the first) that the transcript contains, since
+the entity is what an answer needs and what the adapter used to lose.
 """
 
 from __future__ import annotations
@@ -32,6 +39,34 @@ def probe(model, wave: np.ndarray) -> dict:
             "ctc_text": model.tokenizer.decode(collapsed).strip()}
 
 
+def names(question: str) -> list[str]:
+    """The capitalised words of a question after its first word ("Which country is José
+    Mojica a citizen of?" -> ["josé", "mojica"]), casefolded, without punctuation."""
+    words = [w.strip(".,?!;:'\"()") for w in question.split()[1:]]
+    return [w.casefold() for w in words if w[:1].isupper()]
+
+
+def name_recall(question: str, transcript: str) -> tuple[int, int]:
+    """(names found in the transcript, names in the question)."""
+    want = names(question)
+    heard = {w.strip(".,?!;:'\"()").casefold() for w in transcript.split()}
+    return sum(w in heard for w in want), len(want)
+
+
+def llm_transcripts(model, waves: list[np.ndarray], batch_size: int) -> list[str]:
+    from echox.data.s2t_mix import ASR_PROMPT
+    from echox.model.generation import SamplingConfig
+    from echox.model.prompt import Turn
+
+    out: list[str] = []
+    sampling = SamplingConfig(max_new_tokens=40)
+    for i in range(0, len(waves), batch_size):
+        dialogues = [[Turn("user", text=ASR_PROMPT, audio=w)] for w in waves[i: i + batch_size]]
+        with torch.no_grad():
+            out += [t.strip() for t in model.generate_text(dialogues, sampling).texts]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="EchoX checkpoint or bundle folder")
@@ -40,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--show", type=int, default=5, help="print this many transcripts")
     p.add_argument("--json", help="write per-question rows here")
+    p.add_argument("--llm-asr", action="store_true", help="also the LLM's own transcript (see above)")
+    p.add_argument("--batch-size", type=int, default=16, help="--llm-asr: questions per generate call")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from echox.audio import load_audio
@@ -48,22 +85,38 @@ def main(argv: list[str] | None = None) -> int:
 
     model = EchoX.from_pretrained(args.model).eval()
     qa = Path(args.qa)
-    rows = []
+    rows, waves = [], []
     for line in qa.read_text().splitlines()[: args.n]:
         item = json.loads(line)
         wave = load_audio(str(qa.parent / item["audio"]), 16000)
+        waves.append(wave)
         r = probe(model, wave)
         r.update(id=item["id"], question=item["question"])
         ref = normalize_words(item["question"])
         r["errors"], r["words"] = edit_distance(ref, normalize_words(r["ctc_text"])), len(ref)
+        r["names_ctc"], r["names"] = name_recall(item["question"], r["ctc_text"])
         rows.append(r)
+    if args.llm_asr:
+        for r, text in zip(rows, llm_transcripts(model, waves, args.batch_size)):
+            r["llm_text"] = text
+            r["llm_errors"] = edit_distance(normalize_words(r["question"]), normalize_words(text))
+            r["names_llm"] = name_recall(r["question"], text)[0]
     for r in rows[: args.show]:
         print(f"{r['question']!r}\n  -> {r['ctc_text']!r} ({r['kept']}/{r['frames']} kept)")
-    wer = sum(r["errors"] for r in rows) / max(sum(r["words"] for r in rows), 1)
-    print(f"{'model':<40} {'n':>4} {'frames':>7} {'kept':>6} {'blank':>6} {'CTC WER':>8}")
-    print(f"{args.model[-40:]:<40} {len(rows):>4} {np.mean([r['frames'] for r in rows]):7.1f} "
-          f"{np.mean([r['kept'] for r in rows]):6.1f} {np.mean([r['blank_share'] for r in rows]):6.2f} "
-          f"{wer:8.3f}")
+        if "llm_text" in r:
+            print(f"  LLM: {r['llm_text']!r}")
+    words, n_names = max(sum(r["words"] for r in rows), 1), max(sum(r["names"] for r in rows), 1)
+    wer = sum(r["errors"] for r in rows) / words
+    head = f"{'model':<40} {'n':>4} {'frames':>7} {'kept':>6} {'blank':>6} {'CTC WER':>8} {'CTC names':>9}"
+    line = (f"{args.model[-40:]:<40} {len(rows):>4} {np.mean([r['frames'] for r in rows]):7.1f} "
+            f"{np.mean([r['kept'] for r in rows]):6.1f} {np.mean([r['blank_share'] for r in rows]):6.2f} "
+            f"{wer:8.3f} {sum(r['names_ctc'] for r in rows) / n_names:9.3f}")
+    if args.llm_asr:
+        head += f" {'LLM WER':>8} {'LLM names':>9}"
+        line += (f" {sum(r['llm_errors'] for r in rows) / words:8.3f}"
+                 f" {sum(r['names_llm'] for r in rows) / n_names:9.3f}")
+    print(head)
+    print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

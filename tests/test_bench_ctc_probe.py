@@ -1,0 +1,51 @@
+"""bench/ctc_probe.py: name recall, and a run end to end on tiny-random (with --llm-asr)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import soundfile as sf
+from conftest import noise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("bench_ctc_probe", ROOT / "bench" / "ctc_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_names_and_recall():
+    p = _probe()
+    q = "Which country is José Mojica a citizen of?"
+    assert p.names(q) == ["josé", "mojica"]
+    assert p.names("What is the capital of Japan?") == ["japan"]
+    assert p.name_recall(q, "Which country is Jose Mojica a citizen of?") == (1, 2)
+    assert p.name_recall(q, "which country is josé mojica, a citizen of") == (2, 2)
+    assert p.name_recall("How many legs do horses have?", "anything") == (0, 0)
+
+
+def test_probe_runs_with_llm_asr(tmp_path, make_model, capsys):
+    p = _probe()
+    m = make_model()
+    folder = m.save_pretrained(tmp_path / "m")
+    (tmp_path / "audio").mkdir()
+    rows = []
+    for i, q in enumerate(["What is the capital of Japan?", "Who wrote Hamlet?"]):
+        sf.write(tmp_path / "audio" / f"{i}.wav", noise(1.0 + 0.3 * i, i), 16000)
+        rows.append({"id": f"q{i}", "question": q, "answers": ["x"], "audio": f"audio/{i}.wav"})
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rows.json"
+    assert p.main(["--model", str(folder), "--qa", str(qa), "--n", "2", "--llm-asr",
+                   "--batch-size", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "LLM WER" in table[-2] and "CTC names" in table[-2]
+    got = json.loads(out.read_text())
+    assert [r["names"] for r in got] == [1, 1]
+    assert all(isinstance(r["llm_text"], str) and r["llm_errors"] >= 0 for r in got)
