@@ -46,6 +46,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from echox.eval.stats import paired_bootstrap
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BUNDLES = ("echo", "gold")
@@ -89,26 +91,11 @@ def check_run_dir(folder: Path, settings: dict[str, Any]) -> None:
     path.write_text(json.dumps({**settings, "items_before_run_json": existing}, indent=2) + "\n")
 
 
+
 def percentile(values: list[float], q: float) -> float | None:
     import numpy as np
 
     return float(np.percentile(values, q)) if values else None
-
-
-def paired_bootstrap(diffs: list[float], resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, Any]:
-    """Mean of per-question differences and its percentile bootstrap interval."""
-    import numpy as np
-
-    d = np.asarray(diffs, dtype=np.float64)
-    if d.size == 0:
-        raise ValueError("no paired items to bootstrap")
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(means, [tail, 100 - tail])
-    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size),
-            "resamples": resamples, "seed": seed, "level": level}
 
 
 def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:

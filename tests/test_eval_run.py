@@ -46,7 +46,7 @@ class Scripted:
         return Answer(f"I think answer{item.id[-1]} is right" if item.id != "q1" else "no idea")
 
 
-def test_runner_scores_and_resumes(tmp_path, bench):
+def test_runner_scores_and_resumes(tmp_path, bench, capsys):
     items = load_benchmark(bench)
     full = run_eval(items, Scripted(), "s2t", tmp_path / "full", bench, progress=False)
     assert full.n == 4 and full.accuracy == pytest.approx(0.75)  # q1 misses; q3's gold is empty
@@ -58,8 +58,19 @@ def test_runner_scores_and_resumes(tmp_path, bench):
     resumed = run_eval(items, b, "s2t", tmp_path / "part", bench, progress=False)
     assert a.calls == 2 and b.calls == 2  # only the missing items were answered
     assert (resumed.n, resumed.accuracy) == (full.n, full.accuracy)
-    sums = compare_runs([tmp_path / "full", tmp_path / "part"], tmp_path / "bars.png")
-    assert len(sums) == 2 and (tmp_path / "bars.png").stat().st_size > 1000
+    other = tmp_path / "other"  # the full run with one hit turned into a miss
+    other.mkdir()
+    recs = [json.loads(x) for x in (tmp_path / "full" / "items.jsonl").read_text().splitlines()]
+    flip = next(r for r in recs if r["hit"])
+    flip["hit"] = False
+    (other / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (other / "summary.json").write_text((tmp_path / "full" / "summary.json").read_text())
+    capsys.readouterr()
+    sums = compare_runs([tmp_path / "full", tmp_path / "part", other], tmp_path / "bars.png")
+    assert len(sums) == 3 and (tmp_path / "bars.png").stat().st_size > 1000
+    lines = capsys.readouterr().out.splitlines()
+    assert "+0.0 pts [+0.0, +0.0] on 4 shared" in lines[2]  # same answers as the first run
+    assert "-25.0 pts" in lines[3] and "on 4 shared" in lines[3]
 
 
 def test_s2t_answerer_on_tiny_bundle(bundle_dir, bench):

@@ -33,6 +33,7 @@ from echox.data.match import exist_match
 from echox.data.tiny_corpus import greedy_shrinking
 from echox.errors import EvalError
 from echox.eval.benchmarks import QAItem, open_benchmark
+from echox.eval.stats import paired_bootstrap
 from echox.hub import resolve
 from echox.infer.asr import make_asr
 from echox.infer.bundle import add_device_options, check_device, default_bundle, load_bundle
@@ -347,9 +348,17 @@ def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
         if not p.is_file():
             raise EvalError(f"no summary.json in {d}: run `echox eval` there first")
         sums.append(EvalSummary(**json.loads(p.read_text())))
-    print(f"{'run':<28} {'mode':<5} {'n':>5} {'accuracy':>9}")
-    for s in sums:
-        print(f"{s.name:<28} {s.mode:<5} {s.n:>5} {100 * s.accuracy:>8.1f}%")
+    # each run against the first, on the questions both answered: a paired difference
+    hits = [{k: bool(r["hit"]) for k, r in _done(Path(d) / "items.jsonl").items()} for d in run_dirs]
+    print(f"{'run':<28} {'mode':<5} {'n':>5} {'accuracy':>9}   vs the first run (paired, 95 % bootstrap)")
+    for i, (d, s) in enumerate(zip(run_dirs, sums)):
+        line = f"{Path(d).name:<28} {s.mode:<5} {s.n:>5} {100 * s.accuracy:>8.1f}%"
+        shared = sorted(set(hits[0]) & set(hits[i]))
+        if i and shared:
+            b = paired_bootstrap([hits[i][k] - hits[0][k] for k in shared])
+            line += (f"   {100 * b['mean']:+.1f} pts [{100 * b['lo']:+.1f}, {100 * b['hi']:+.1f}]"
+                     f" on {b['n']} shared")
+        print(line)
     if png is not None:
         import matplotlib
 
