@@ -363,7 +363,26 @@ def test_init_overrides_reconfigure_the_adapter(tmp_path, make_model):
     same = stages.prepare_model("s2t", init=folder, init_overrides=["adapter.lookback_keys=kept"])
     assert same.config.adapter.lookback_keys == "kept" and same.adapter.lookback_keys == "kept"
     torch.testing.assert_close(same.adapter.ctc_head(feats), before)
-    kept = stages.prepare_model("s2t", init=folder, init_overrides=["llm.lora.r=4"])  # ignored
-    assert kept.config.llm.lora.r == m.config.llm.lora.r
+    kept = stages.prepare_model("s2t", init=folder, init_overrides=["llm.lora.r=4", "loss.s2t_weight=0"])
+    assert kept.config.llm.lora.r == m.config.llm.lora.r  # ignored: LoRA weights fit one r
+    assert kept.config.loss.s2t_weight == 0  # loss weights apply
     with pytest.raises(StageError, match="unknown key"):
         stages.prepare_model("s2t", init=folder, init_overrides=["adapter.nonsense=1"])
+
+
+def test_ctc_only_stage_i_never_runs_the_llm(make_model):
+    m = make_model()
+    batch = m.collate(dialogues(2))
+    full = m.forward_s2t(batch)
+    m.config.loss.s2t_weight = 0.0
+
+    def no_llm(*a, **k):
+        raise AssertionError("the LLM ran")
+
+    m.llm.forward = no_llm
+    out = m(batch, task="s2t")
+    assert out.metrics["ce"] == 0.0
+    torch.testing.assert_close(out.loss, m.config.loss.ctc_weight * full.ctc)
+    out.loss.backward()
+    assert m.adapter.mm_projector1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in m.llm.named_parameters() if "lora_" in n)

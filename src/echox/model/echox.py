@@ -370,6 +370,13 @@ class EchoX(nn.Module):
         loss = self.config.loss.s2t_weight * ce + self.config.loss.ctc_weight * ctc
         return S2TOutput(out.logits, out.hidden, merged, speech, loss, ce, ctc)
 
+    def ctc_only_loss(self, batch: S2TBatch) -> torch.Tensor:
+        """Stage I with `loss.s2t_weight: 0`: the adapter alone learns to hear (CTC on the
+        transcripts) and the LLM is never run, a cheap pre-training of the adapter on ASR audio."""
+        speech = self.encode_speech(batch.audio)
+        return losses.ctc_loss(speech.ctc_logits, speech.frame_lengths,
+                               batch.ctc_targets.to(self.device), self.llm.audio_token_id)
+
     # ---- Stage II: T2C -------------------------------------------------------------------
     def text_condition(self, text_ids: list[list[int]]) -> list[torch.Tensor]:
         """The T2C's input per text: the frozen LLM token embeddings, plus what each token
@@ -461,6 +468,9 @@ class EchoX(nn.Module):
     def forward(self, batch: S2TBatch | T2CBatch, task: str, **kw: Any) -> StepOutput:
         """One entry point for training (DDP wraps `__call__`): task = s2t | t2c | echo."""
         if task == "s2t":
+            if self.config.loss.s2t_weight == 0 and batch.audio:  # type: ignore[union-attr]
+                ctc = self.ctc_only_loss(batch)  # type: ignore[arg-type]
+                return StepOutput(self.config.loss.ctc_weight * ctc, {"ce": 0.0, "ctc": ctc.item()})
             o = self.forward_s2t(batch)  # type: ignore[arg-type]
             return StepOutput(o.loss, {"ce": o.ce.item(), "ctc": o.ctc.item()})
         if task == "t2c":

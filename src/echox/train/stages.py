@@ -52,8 +52,9 @@ def prepare_model(
     """The model a stage starts from, with its prerequisites checked.
 
     s2t / t2c: fresh from `config`, or continue from `init`. `init_overrides` change the
-    adapter of an `init` model (`adapter.key=value` only: e.g. `adapter.shrink=false`), keeping
-    the trained weights that still fit (`EchoX.reconfigure_adapter`).
+    adapter or the loss weights of an `init` model (`adapter.key=value` / `loss.key=value`
+    only: e.g. `adapter.shrink=false`), keeping the trained weights that still fit
+    (`EchoX.reconfigure_adapter`).
     echo: `init` must hold a Stage-I (s2t) model; the trained T2C comes from `t2c_from`
     (a Stage-II output) or from `init` itself when it already has one.
     """
@@ -92,10 +93,10 @@ def prepare_model(
 
 
 def _reconfigure(model: EchoX, overrides: list[str]) -> None:
-    ignored = [o for o in overrides if not o.strip().startswith("adapter.")]
+    ignored = [o for o in overrides if not o.strip().startswith(("adapter.", "loss."))]
     if ignored:
-        log.warning("--init: the model config comes from the checkpoint; only adapter settings "
-                    "may change, so these are ignored: %s", ", ".join(ignored))
+        log.warning("--init: the model config comes from the checkpoint; only adapter and loss "
+                    "settings may change, so these are ignored: %s", ", ".join(ignored))
     overrides = [o for o in overrides if o not in ignored]
     if not overrides:
         return
@@ -103,6 +104,7 @@ def _reconfigure(model: EchoX, overrides: list[str]) -> None:
         cfg = apply_overrides(model.config, overrides)
     except ConfigError as e:
         raise StageError(str(e)) from e
+    model.config.loss = cfg.loss  # weights only: nothing to rebuild
     if cfg.adapter == model.config.adapter:
         return
     changed = model.reconfigure_adapter(cfg.adapter)
