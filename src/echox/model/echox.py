@@ -371,7 +371,7 @@ class EchoX(nn.Module):
         return S2TOutput(out.logits, out.hidden, merged, speech, loss, ce, ctc)
 
     def ctc_only_loss(self, batch: S2TBatch) -> torch.Tensor:
-        """Stage I with `loss.s2t_weight: 0`: the adapter alone learns to hear (CTC on the
+        """Stage I with `train.ctc_only`: the adapter alone learns to hear (CTC on the
         transcripts) and the LLM is never run, a cheap pre-training of the adapter on ASR audio."""
         speech = self.encode_speech(batch.audio)
         return losses.ctc_loss(speech.ctc_logits, speech.frame_lengths,
@@ -468,9 +468,9 @@ class EchoX(nn.Module):
     def forward(self, batch: S2TBatch | T2CBatch, task: str, **kw: Any) -> StepOutput:
         """One entry point for training (DDP wraps `__call__`): task = s2t | t2c | echo."""
         if task == "s2t":
-            if self.config.loss.s2t_weight == 0 and batch.audio:  # type: ignore[union-attr]
+            if kw.get("ctc_only"):
                 ctc = self.ctc_only_loss(batch)  # type: ignore[arg-type]
-                return StepOutput(self.config.loss.ctc_weight * ctc, {"ce": 0.0, "ctc": ctc.item()})
+                return StepOutput(ctc, {"ctc": ctc.item()})
             o = self.forward_s2t(batch)  # type: ignore[arg-type]
             return StepOutput(o.loss, {"ce": o.ce.item(), "ctc": o.ctc.item()})
         if task == "t2c":

@@ -157,7 +157,8 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
     train = _dialogues(train_path, limit, max_s, perturb=[tuple(p) for p in perturb] if perturb else None)
     ev = _dialogues(eval_path, eval_limit, max_s) if eval_path else None
     if stage == "s2t":
-        return train, ev, make_s2t_collator(model.prompt, model.tokenizer, units="ignore"), {}
+        return (train, ev, make_s2t_collator(model.prompt, model.tokenizer, units="ignore"),
+                {"ctc_only": True} if cfg.ctc_only else {})
     gold = cfg.target == "gold-units"
     extras = None
     if not gold and cfg.pseudo_labels == "offline":

@@ -53,6 +53,9 @@ class TrainConfig:
     # Read the frozen speech encoder's outputs from a disk cache keyed by clip content and
     # encoder (echox.model.feature_cache): each clip is encoded once, not once per epoch
     cache_encoder: bool = False
+    # Stage I only: train the adapter on the CTC loss alone, never running the LLM (a cheap
+    # pre-training of the adapter on ASR audio; LoRA does not change)
+    ctc_only: bool = False
     encoder_cache_dir: str | None = None  # default $ECHOX_CACHE/encoder-features
     # Batches of examples of similar length (less padding): each epoch's shuffle is cut into
     # pools of `group_pool` batches, sorted by length inside a pool, and the batches shuffled
