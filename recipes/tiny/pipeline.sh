@@ -7,6 +7,8 @@
 #                                                 #  t2c, echo, gold, bundle, eval)
 #   BIGBENCH=/path/to/bigbench STEP=ttsx bash ... # extra T2C sentences (make_tts_text.py)
 #   S2T_THREADS=2 OMP_NUM_THREADS=2 STEP=s2t bash ...  # Stage I alone on both cores
+#   S2T_INIT=recipes/tiny/s2t-warm S2T_RUN=runs/tiny/s2t2 STEP=s2t bash ...  # continue the kept
+#                                                 #  Stage I in a new run folder (echo/gold use it)
 #
 # Every step is resumable or cached; rerunning skips finished work (training resumes from its
 # last checkpoint). One torch thread per process: S2T runs beside the unit steps and the T2C on
@@ -21,6 +23,8 @@ DATA=${DATA:-data/tiny${LIMIT}}
 R=${RUNS:-runs/tiny${LIMIT}}
 STEP=${STEP:-all}
 VOICE=${VOICE:-en-gb}          # a further training voice (never en-us: the test voice)
+ASR_EXTRA=${ASR_EXTRA-recipes/tiny/asr_extra.jsonl}  # questions about non-corpus subjects, as ASR turns
+S2T_RUN=${S2T_RUN:-$R/s2t}     # Stage I's run folder; echo and gold start from its model/
 KM=recipes/tiny/vocoder-k500/km500.joblib
 VOCODER=recipes/tiny/vocoder-k500/vocoder
 VOCAB=${VOCAB:-2000}
@@ -35,8 +39,8 @@ common=(--threads 1 --set "data.unit_language=$R/units/language")
 if run data; then
   $ECHOX data build-tiny --out "$DATA" ${LIMIT:+--limit $LIMIT}
 fi
-if run mix; then  # ASR turns + the further voice (Stage I only)
-  $ECHOX data s2t-mix --corpus "$DATA" --voice "$VOICE"
+if run mix; then  # ASR turns + the further voice (Stage I only), + more ASR text (ASR_EXTRA="" for none)
+  $ECHOX data s2t-mix --corpus "$DATA" --voice "$VOICE" ${ASR_EXTRA:+--asr-extra "$ASR_EXTRA"}
 fi
 if run units; then
   for s in train test; do
@@ -64,8 +68,9 @@ if run s2t; then
   # S2T_INIT: continue from an earlier Stage I model (e.g. a slim copy kept from a run on another
   # machine); S2T_STEPS then counts this run's steps only.
   init=(); [ -n "${S2T_INIT:-}" ] && init=(--init "$S2T_INIT")
-  $ECHOX train s2t --recipe recipes/tiny/s2t.yaml --out "$R/s2t" --max-steps "$S2T_STEPS" --resume "${init[@]}" \
-      --data "$DATA/train/dialogues.jsonl" "$DATA/train/dialogues_$VOICE.jsonl" "$DATA/train/asr.jsonl" \
+  asrx=(); [ -f "$DATA/train/asr_extra.jsonl" ] && asrx=("$DATA/train/asr_extra.jsonl")
+  $ECHOX train s2t --recipe recipes/tiny/s2t.yaml --out "$S2T_RUN" --max-steps "$S2T_STEPS" --resume "${init[@]}" \
+      --data "$DATA/train/dialogues.jsonl" "$DATA/train/dialogues_$VOICE.jsonl" "$DATA/train/asr.jsonl" "${asrx[@]}" \
       --eval-data "$DATA/test/dialogues.jsonl" --threads "${S2T_THREADS:-1}"
 fi
 if run t2c; then
@@ -75,12 +80,12 @@ if run t2c; then
       "${common[@]}"
 fi
 if run echo; then
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$R/s2t/model" --t2c-from "$R/t2c/best" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$R/t2c/best" \
       --out "$R/echo" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$R/s2t/model" --t2c-from "$R/t2c/best" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$R/t2c/best" \
       --target gold-units --out "$R/gold" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
