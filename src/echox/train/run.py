@@ -296,7 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  init_overrides=_model_sets(args) if args.init else None)
     if args.init and set(recipe.get("overrides") or []) - set(_model_sets(args)):
         log.warning("--init given: the model config comes from the checkpoint; the recipe's "
-                    "overrides are ignored (`--set model.adapter.*` may change the adapter)")
+                    "overrides are ignored (`--set model.adapter.*` and `model.loss.*` still apply)")
     if cfg.cache_encoder:  # before build_data: echo's offline pseudo-labels read it too
         model.enable_feature_cache(encoder_cache_root(cfg))
     train, ev, collate, kwargs = build_data(args.stage, model, cfg, recipe["data"])
