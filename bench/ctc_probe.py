@@ -39,17 +39,20 @@ def probe(model, wave: np.ndarray) -> dict:
             "ctc_text": model.tokenizer.decode(collapsed).strip()}
 
 
+_PUNCT = ".,?!;:'\"()"
+
+
 def names(question: str) -> list[str]:
     """The capitalised words of a question after its first word ("Which country is José
     Mojica a citizen of?" -> ["josé", "mojica"]), casefolded, without punctuation."""
-    words = [w.strip(".,?!;:'\"()") for w in question.split()[1:]]
+    words = [w.strip(_PUNCT) for w in question.split()[1:]]
     return [w.casefold() for w in words if w[:1].isupper()]
 
 
 def name_recall(question: str, transcript: str) -> tuple[int, int]:
     """(names found in the transcript, names in the question)."""
     want = names(question)
-    heard = {w.strip(".,?!;:'\"()").casefold() for w in transcript.split()}
+    heard = {w.strip(_PUNCT).casefold() for w in transcript.split()}
     return sum(w in heard for w in want), len(want)
 
 

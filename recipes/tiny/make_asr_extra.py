@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     used = corpus_subjects(args.questions)
     corpus_text = {json.loads(x)["question"].casefold()
                    for x in args.questions.read_text(encoding="utf-8").splitlines()}
+    named = [s for s in used if len(s) > 3]  # subjects long enough to search for in a text
     seen, pool = set(), []
     for q in wikidata_questions(read_task(args.source, "qa_wikidata")):
         m = match_template(q.cloze)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         text = q.question.casefold()
         if not subject or subject in used or text in corpus_text or text in seen:
             continue
-        if any(s in text for s in used if len(s) > 3):  # names a corpus subject elsewhere
+        if any(s in text for s in named):  # names a corpus subject elsewhere
             continue
         seen.add(text)
         pool.append(q)
