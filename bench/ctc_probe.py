@@ -32,7 +32,7 @@ def probe(model, wave: np.ndarray) -> dict:
     with torch.no_grad():
         out = model.encode_speech([wave])
     n = int(out.frame_lengths[0])
-    ids = out.ctc_logits[0, :n].argmax(-1).tolist()
+    ids = model.adapter.ctc_token_ids(out.ctc_logits[0, :n].argmax(-1)).tolist()
     blank = model.adapter.blank_id
     collapsed = [t for i, t in enumerate(ids) if (i == 0 or t != ids[i - 1]) and t != blank]
     return {"frames": n, "kept": int(out.lengths[0]), "blank_share": sum(t == blank for t in ids) / n,

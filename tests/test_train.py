@@ -385,3 +385,74 @@ def test_ctc_only_stage_i_never_runs_the_llm(make_model):
     out.loss.backward()
     assert m.adapter.mm_projector1.weight.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in m.llm.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("head", ["tied", "linear"])
+def test_restricted_ctc_vocabulary_is_the_full_head_on_its_columns(head, tmp_path, make_model):
+    import torch.nn.functional as F
+
+    m = make_model([f"adapter.ctc_head={head}", "adapter.blank_head=true"] if head == "tied"
+                   else ["adapter.ctc_head=linear"])
+    feats = torch.randn(2, 5, m.llm.hidden_size)
+    full = m.adapter.ctc_head(feats)
+    ids = [3, 7, 11, 20, 42]
+    n = m.restrict_ctc(ids)
+    a = m.adapter
+    cols = sorted(set(ids) | {a.blank_id})
+    assert n == len(cols) == a.ctc_vocab == m.config.adapter.ctc_vocab
+    assert a.ctc_columns.tolist() == cols and a.ctc_columns[a.ctc_blank] == a.blank_id
+    torch.testing.assert_close(a.ctc_head(feats), full[..., cols])  # the same logits, fewer columns
+    assert a.ctc_token_ids(torch.tensor([0, a.ctc_blank])).tolist() == [3, a.blank_id]
+
+    # targets map to columns; a token outside them is left out of its row
+    tg = torch.tensor([[7, 99, 42], [11, -100, -100]])
+    assert a.ctc_target_index(tg, -100).tolist() == [[cols.index(7), cols.index(42), -100],
+                                                     [cols.index(11), -100, -100]]
+    # the CTC loss is the softmax over the columns only
+    batch = m.collate([[Turn("user", audio=noise(1.0, 1), transcript="q"), Turn("assistant", text="Yes.")]])
+    batch.ctc_targets = torch.tensor([[7, 42, 7]])
+    out = m.forward_s2t(batch)
+    logp = out.speech.ctc_logits.float().log_softmax(-1).transpose(0, 1)
+    want = F.ctc_loss(logp, torch.tensor([cols.index(7), cols.index(42), cols.index(7)]),
+                      out.speech.frame_lengths, torch.tensor([3]), blank=a.ctc_blank, zero_infinity=True)
+    assert out.speech.ctc_logits.shape[-1] == len(cols)
+    torch.testing.assert_close(out.ctc, want)
+    out.loss.backward()
+    assert a.mm_projector1.weight.grad.abs().sum() > 0
+
+    m.trained_stages = ["s2t"]
+    back = EchoX.from_pretrained(m.save_pretrained(tmp_path / "m", dtype=torch.float16))
+    assert back.adapter.ctc_columns.tolist() == cols and back.config.adapter.ctc_vocab == len(cols)
+    torch.testing.assert_close(back.adapter.ctc_head(feats), a.ctc_head(feats), atol=2e-2, rtol=2e-2)
+
+
+def test_restrict_ctc_checks_its_ids(make_model):
+    m = make_model()
+    with pytest.raises(ValueError, match="token ids must lie"):
+        m.restrict_ctc([m.llm.vocab_size + 5])
+    with pytest.raises(ValueError, match="ctc_vocab"):
+        m.adapter.set_ctc_columns([1, 2])
+
+
+def test_train_ctc_vocab_transcripts_sets_the_columns_once(tmp_path, make_model):
+    from echox.data.datasets import ConcatDataset, S2TDataset
+    from echox.data.manifest import read_jsonl
+    from echox.train.run import restrict_ctc_to_transcripts
+
+    import soundfile as sf
+
+    sf.write(tmp_path / "a.wav", noise(0.5), 16000)
+    lines = [{"id": f"d{i}", "conversations": [{"from": "user", "value": text, "audio": "a.wav"},
+                                              {"from": "assistant", "value": "ok"}]}
+             for i, text in enumerate(["the red fox", "a blue fox"])]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    recs = read_jsonl(tmp_path / "d.jsonl", "dialogue").records
+    data = ConcatDataset([S2TDataset(recs[:1], tmp_path), S2TDataset(recs[1:], tmp_path)])
+    assert data.transcripts() == ["the red fox", "a blue fox"]
+    m = make_model()
+    restrict_ctc_to_transcripts(m, data)
+    want = {i for t in data.transcripts() for i in m.tokenizer(t, add_special_tokens=False)["input_ids"]}
+    assert set(m.adapter.ctc_columns.tolist()) == want | {m.adapter.blank_id}
+    before = m.adapter.ctc_columns.clone()
+    restrict_ctc_to_transcripts(m, S2TDataset(recs[:1], tmp_path))  # already restricted: kept
+    assert torch.equal(m.adapter.ctc_columns, before)

@@ -68,6 +68,11 @@ class SpeechAdapterConfig:
     # with a tied head: the blank logit from a small trainable Linear (the tied blank row, the
     # placeholder's frozen embedding, cannot learn; a tied head then never predicted a blank)
     blank_head: bool = False
+    # 0: the CTC softmax runs over the LLM's whole vocabulary. N: over N token ids only (the
+    # blank among them), stored with the weights as `adapter.ctc_columns`; `train.ctc_vocab:
+    # transcripts` picks the ids of the training transcripts. A 49k-way softmax per frame is
+    # most of a CTC-only step on a CPU (docs/training.md)
+    ctc_vocab: int = 0
     # the look-back's keys: "kept" frames of F only, or "all" valid frames of F
     lookback_keys: str = "kept"
     mask_padding: bool = True  # False = authors' behaviour: all frames of the 30 s window count
@@ -81,6 +86,8 @@ class SpeechAdapterConfig:
     def validate(self, path: str = "adapter") -> None:
         _check(self.num_heads >= 1, f"{path}.num_heads", f"must be >= 1, got {self.num_heads}")
         _check(self.ffn_mult >= 1, f"{path}.ffn_mult", f"must be >= 1, got {self.ffn_mult}")
+        _check(self.ctc_vocab == 0 or self.ctc_vocab >= 2, f"{path}.ctc_vocab",
+               f"must be 0 (the whole vocabulary) or >= 2, got {self.ctc_vocab}")
         _check(self.ctc_head in ("linear", "tied"), f"{path}.ctc_head",
                f"must be 'linear' or 'tied', got {self.ctc_head!r}")
         _check(self.lookback_keys in ("kept", "all"), f"{path}.lookback_keys",

@@ -78,6 +78,13 @@ class S2TDataset(Dataset):
         """A cheap size of dialogue `i` (characters of its turns' text), for length grouping."""
         return sum(len(m.value or "") + len(m.transcript or "") for m in self.records[i].conversations)
 
+    def transcripts(self) -> list[str]:
+        """The transcript of every user audio turn (the CTC targets), without reading audio."""
+        return [m.transcript if m.transcript is not None else m.value
+                for r in self.records for m in r.conversations
+                if m.role == "user" and m.audio is not None
+                and (m.transcript if m.transcript is not None else m.value)]
+
     def _load(self, src: Any) -> np.ndarray:
         wav = load_audio(src, 16000, max_seconds=self.max_audio_seconds, on_too_long=self.on_too_long)
         if self.perturb:
@@ -118,6 +125,9 @@ class ConcatDataset(Dataset):
     def length(self, i: int) -> int:
         part, j = self._locate(i)
         return part.length(j)  # type: ignore[attr-defined]
+
+    def transcripts(self) -> list[str]:
+        return [t for p in self.parts for t in p.transcripts()]  # type: ignore[attr-defined]
 
 
 def perturb_audio(wav: np.ndarray, speed: float, gain: float,

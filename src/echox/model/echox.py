@@ -184,15 +184,40 @@ class EchoX(nn.Module):
         if new.audio_feature_head is not None and old.audio_feature_head is None:
             with torch.no_grad():
                 w = self.llm.base.get_output_embeddings().weight
+                if new.ctc_vocab:  # a restricted head: the rows of its columns
+                    w = w.index_select(0, new.ctc_columns.to(w.device))
                 new.audio_feature_head.weight.copy_(w.to(new.audio_feature_head.weight.dtype))
                 if old.blank_head is not None:  # keep the learned blank logit (its bias is lost)
-                    new.audio_feature_head.weight[old.blank_id].copy_(old.blank_head.weight[0])
+                    new.audio_feature_head.weight[new.ctc_blank].copy_(old.blank_head.weight[0])
             fresh.remove("audio_feature_head.weight")
         new.requires_grad_(old.trainable)
         new.trainable = old.trainable
         self.adapter = new
         self.config.adapter = cfg
         return {"new": fresh, "dropped": sorted(set(theirs) - set(fits))}
+
+    def restrict_ctc(self, token_ids: list[int]) -> int:
+        """Run the CTC softmax over `token_ids` (plus the blank) instead of the whole vocabulary,
+        keeping every trained adapter weight (a linear head keeps its rows for those ids).
+        Returns the number of CTC columns."""
+        ids = sorted(set(int(i) for i in token_ids) | {self.adapter.blank_id})
+        if ids[0] < 0 or ids[-1] >= self.llm.vocab_size:
+            raise ValueError(f"restrict_ctc: token ids must lie in [0, {self.llm.vocab_size})")
+        old_head = self.adapter.audio_feature_head
+        old_cols = self.adapter.ctc_columns if self.adapter.ctc_vocab else None
+        if old_cols is not None and old_head is not None and not set(ids) <= set(old_cols.tolist()):
+            raise ValueError("restrict_ctc: a restricted linear head has no rows for new ids")
+        cfg = SpeechAdapterConfig(**{**vars(self.config.adapter), "ctc_vocab": len(ids)})
+        self.reconfigure_adapter(cfg)
+        self.adapter.set_ctc_columns(ids)
+        if old_head is not None:  # the old head's rows for the kept ids
+            rows = torch.tensor(ids, device=old_head.weight.device)
+            if old_cols is not None:
+                pos = {int(t): j for j, t in enumerate(old_cols.tolist())}
+                rows = torch.tensor([pos[i] for i in ids], device=old_head.weight.device)
+            with torch.no_grad():
+                self.adapter.audio_feature_head.weight.copy_(old_head.weight[rows])
+        return len(ids)
 
     def init_echo_from_t2c(self) -> None:
         """Stage III starts the echo decoder from the trained T2C."""
@@ -363,8 +388,7 @@ class EchoX(nn.Module):
         else:
             ce = out.logits.sum() * 0.0
         if speech is not None and self.config.loss.ctc_weight > 0:
-            ctc = losses.ctc_loss(speech.ctc_logits, speech.frame_lengths,
-                                  batch.ctc_targets.to(self.device), self.llm.audio_token_id)
+            ctc = self._ctc(speech, batch)
         else:
             ctc = ce.new_zeros(())
         loss = self.config.loss.s2t_weight * ce + self.config.loss.ctc_weight * ctc
@@ -373,9 +397,11 @@ class EchoX(nn.Module):
     def ctc_only_loss(self, batch: S2TBatch) -> torch.Tensor:
         """Stage I with `train.ctc_only`: the adapter alone learns to hear (CTC on the
         transcripts) and the LLM is never run, a cheap pre-training of the adapter on ASR audio."""
-        speech = self.encode_speech(batch.audio)
-        return losses.ctc_loss(speech.ctc_logits, speech.frame_lengths,
-                               batch.ctc_targets.to(self.device), self.llm.audio_token_id)
+        return self._ctc(self.encode_speech(batch.audio), batch)
+
+    def _ctc(self, speech: AdapterOutput, batch: S2TBatch) -> torch.Tensor:
+        targets = self.adapter.ctc_target_index(batch.ctc_targets.to(self.device), IGNORE)
+        return losses.ctc_loss(speech.ctc_logits, speech.frame_lengths, targets, self.adapter.ctc_blank)
 
     # ---- Stage II: T2C -------------------------------------------------------------------
     def text_condition(self, text_ids: list[list[int]]) -> list[torch.Tensor]:
@@ -540,5 +566,5 @@ def _make_adapter(a: SpeechAdapterConfig, d_whisper: int, llm: LLM) -> SpeechAda
         lookback_dropout=a.lookback_dropout, drop_blank=a.drop_blank, trainable=a.trainable,
         tied_head=llm.base.get_output_embeddings() if a.ctc_head == "tied" else None,
         blank_head=a.blank_head, lookback_keys=a.lookback_keys,
-        encoder_attention=a.encoder_attention, shrink=a.shrink,
+        encoder_attention=a.encoder_attention, shrink=a.shrink, ctc_vocab=a.ctc_vocab,
     )

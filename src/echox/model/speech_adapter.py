@@ -58,7 +58,7 @@ def gather_kept(keep: torch.Tensor) -> ShrinkResult:
 class AdapterOutput:
     embeds: torch.Tensor  # [N, S, D] shrunk speech embeddings for the LLM (padded)
     lengths: torch.Tensor  # [N] valid shrunk frames
-    ctc_logits: torch.Tensor  # [N, T, V] CTC logits over the LLM vocabulary
+    ctc_logits: torch.Tensor  # [N, T, V] CTC logits over the LLM vocabulary (or its ctc_columns)
     frame_lengths: torch.Tensor  # [N] valid frames after pair-concat (CTC input lengths)
 
 
@@ -80,6 +80,7 @@ class SpeechAdapter(nn.Module):
         lookback_keys: str = "kept",
         encoder_attention: str = "frames",
         shrink: bool = True,
+        ctc_vocab: int = 0,
     ) -> None:
         super().__init__()
         if d_llm % num_heads:
@@ -94,6 +95,16 @@ class SpeechAdapter(nn.Module):
         self.encoder_attention = encoder_attention
         self.lookback_keys = lookback_keys
         self.trainable = trainable
+        # `ctc_vocab` > 0: the CTC softmax runs over that many token ids (`ctc_columns`, a
+        # buffer saved with the weights; the blank among them) instead of the whole vocabulary
+        self.ctc_vocab = ctc_vocab
+        if ctc_vocab:
+            if ctc_vocab < 2:
+                raise ValueError(f"adapter.ctc_vocab={ctc_vocab}: the blank and at least one token")
+            cols = torch.arange(ctc_vocab, dtype=torch.long)  # placeholder ids until
+            if blank_id >= ctc_vocab:  # `set_ctc_columns` or a checkpoint sets them
+                cols[-1] = blank_id
+            self.register_buffer("ctc_columns", cols)
         self.mm_projector1 = nn.Linear(2 * d_whisper, d_llm)
         self.asr_transformer_encoder = nn.TransformerEncoderLayer(
             d_llm, num_heads, dim_feedforward=ffn_mult * d_llm, dropout=dropout,
@@ -101,7 +112,7 @@ class SpeechAdapter(nn.Module):
         )
         self.out_norm = nn.LayerNorm(d_llm)
         if tied_head is None:
-            self.audio_feature_head = nn.Linear(d_llm, vocab_size, bias=False)
+            self.audio_feature_head = nn.Linear(d_llm, ctc_vocab or vocab_size, bias=False)
         else:  # the LLM's frozen output embeddings; kept out of this module's parameters
             self.audio_feature_head = None
             self._tied = [tied_head]
@@ -112,17 +123,60 @@ class SpeechAdapter(nn.Module):
         self.atten_layer_norm = nn.LayerNorm(d_llm)
         self.requires_grad_(trainable)
 
+    def set_ctc_columns(self, token_ids: list[int] | torch.Tensor) -> None:
+        """The token ids of a restricted CTC vocabulary (`ctc_vocab` of them, the blank included)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if not self.ctc_vocab or ids.numel() != self.ctc_vocab:
+            raise ValueError(f"set_ctc_columns: {ids.numel()} ids for an adapter with ctc_vocab={self.ctc_vocab}")
+        if ids.unique().numel() != ids.numel() or not bool((ids == self.blank_id).any()):
+            raise ValueError("set_ctc_columns: the ids must be distinct and include the blank")
+        self.ctc_columns.copy_(ids.to(self.ctc_columns.device))
+
+    @property
+    def ctc_blank(self) -> int:
+        """The blank's index among the CTC logits."""
+        if not self.ctc_vocab:
+            return self.blank_id
+        hit = torch.nonzero(self.ctc_columns == self.blank_id).flatten()
+        if hit.numel() != 1:
+            raise ValueError("the adapter's CTC columns do not hold the blank once")
+        return int(hit[0])
+
+    def ctc_token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """CTC logit indices (e.g. an argmax) -> LLM token ids."""
+        return self.ctc_columns[index] if self.ctc_vocab else index
+
+    def ctc_target_index(self, targets: torch.Tensor, ignore: int) -> torch.Tensor:
+        """Transcript token ids [N, S] (padded with `ignore`) -> CTC logit indices, left-aligned;
+        tokens outside a restricted vocabulary are left out of the target."""
+        if not self.ctc_vocab:
+            return targets
+        top = max(int(self.ctc_columns.max()), int(targets.max()) if targets.numel() else 0)
+        lookup = torch.full((top + 1,), -1, dtype=torch.long, device=targets.device)
+        lookup[self.ctc_columns.to(targets.device)] = torch.arange(self.ctc_vocab, device=targets.device)
+        idx = torch.where(targets >= 0, lookup[targets.clamp_min(0)], torch.full_like(targets, -1))
+        keep = idx >= 0
+        out = torch.full_like(targets, ignore)
+        for r in range(targets.shape[0]):
+            row = idx[r][keep[r]]
+            out[r, : row.numel()] = row
+        return out
+
     def ctc_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """CTC logits [..., V] over the LLM vocabulary, or [..., ctc_vocab] over `ctc_columns`."""
         if self.audio_feature_head is not None:
             logits = self.audio_feature_head(feats)
         else:
-            head = self._tied[0]
-            logits = feats.to(head.weight.dtype) @ head.weight.T
+            w = self._tied[0].weight
+            if self.ctc_vocab:
+                w = w.index_select(0, self.ctc_columns.to(w.device))
+            logits = feats.to(w.dtype) @ w.T
         if self.blank_head is not None:
+            b = self.ctc_blank
             blank = self.blank_head(feats.to(self.blank_head.weight.dtype)).squeeze(-1)
             onehot = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
-            onehot[self.blank_id] = 1.0
-            logits = logits + (blank.to(logits.dtype) - logits[..., self.blank_id])[..., None] * onehot
+            onehot[b] = 1.0
+            logits = logits + (blank.to(logits.dtype) - logits[..., b])[..., None] * onehot
         return logits
 
     def forward(self, enc: torch.Tensor, enc_lengths: torch.Tensor | None) -> AdapterOutput:
@@ -150,7 +204,7 @@ class SpeechAdapter(nn.Module):
         ctc_logits = self.ctc_head(feats)  # [N, T, V]
 
         if self.shrink:
-            keep = shrink_mask(ctc_logits.argmax(-1), valid, self.blank_id, self.drop_blank)
+            keep = shrink_mask(ctc_logits.argmax(-1), valid, self.ctc_blank, self.drop_blank)
         else:  # the no-shrink baseline: every valid frame is a query
             keep = valid
         sh = gather_kept(keep)

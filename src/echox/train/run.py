@@ -269,6 +269,22 @@ def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
     return recs
 
 
+def restrict_ctc_to_transcripts(model: Any, train: Any) -> None:
+    """`train.ctc_vocab: transcripts`: the CTC softmax over the token ids of the training
+    transcripts (and the blank). A model that already has a restricted CTC vocabulary (a
+    checkpoint made this way) keeps its own, so a continued run sees the same columns."""
+    if model.adapter.ctc_vocab:
+        log.info("CTC vocabulary: the checkpoint's %d columns", model.adapter.ctc_vocab)
+        return
+    texts = train.transcripts() if hasattr(train, "transcripts") else []
+    if not texts:
+        raise ConfigError("train.ctc_vocab: transcripts, but the training data has no transcribed audio")
+    ids = {i for t in texts for i in model.tokenizer(t, add_special_tokens=False)["input_ids"]}
+    n = model.restrict_ctc(sorted(ids))
+    log.info("CTC vocabulary: %d token ids of %d training transcripts (of %d)", n, len(texts),
+             model.llm.vocab_size)
+
+
 def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[int]], list[int]] | None:
     """Raw units -> unit-language tokens, when the T2C speaks a unit language."""
     if not language_dir:
@@ -300,6 +316,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.cache_encoder:  # before build_data: echo's offline pseudo-labels read it too
         model.enable_feature_cache(encoder_cache_root(cfg))
     train, ev, collate, kwargs = build_data(args.stage, model, cfg, recipe["data"])
+    if cfg.ctc_vocab == "transcripts":
+        restrict_ctc_to_transcripts(model, train)
     if args.prepare_data:  # sources read (and hub datasets made local) once
         print(json.dumps({"stage": args.stage, "train_examples": len(train),  # type: ignore[arg-type]
                           "eval_examples": len(ev) if ev is not None else 0}))  # type: ignore[arg-type]

@@ -56,6 +56,10 @@ class TrainConfig:
     # Stage I only: train the adapter on the CTC loss alone, never running the LLM (a cheap
     # pre-training of the adapter on ASR audio; LoRA does not change)
     ctc_only: bool = False
+    # Stage I: "transcripts" runs the CTC softmax over the token ids of the training
+    # transcripts only (`adapter.ctc_vocab`, kept in the checkpoint) instead of the LLM's
+    # whole vocabulary; "" keeps the model's own CTC vocabulary
+    ctc_vocab: str = ""
     encoder_cache_dir: str | None = None  # default $ECHOX_CACHE/encoder-features
     # Batches of examples of similar length (less padding): each epoch's shuffle is cut into
     # pools of `group_pool` batches, sorted by length inside a pool, and the batches shuffled
@@ -94,6 +98,7 @@ class TrainConfig:
         check(self.precision in PRECISIONS, "precision", f"fp32 | bf16 | fp16; got {self.precision!r}")
         check(self.group_pool >= 1, "group_pool", f"must be >= 1, got {self.group_pool}")
         check(self.pseudo_labels in ("online", "offline"), "pseudo_labels", "online | offline")
+        check(self.ctc_vocab in ("", "transcripts"), "ctc_vocab", f"'' or 'transcripts'; got {self.ctc_vocab!r}")
         check(self.target in ("pseudo", "gold-units"), "target", "pseudo | gold-units")
 
 
