@@ -14,7 +14,11 @@ system prompt); the others add one setting each, and `fast` adds them all:
              before timing (the fill is timed apart: `fill_s`);
 - `bf16`     train.precision: bf16 (autocast; weights and optimizer stay fp32);
 - `group`    train.group_by_length: batches of similar length;
-- `prompt`   the short system prompt of the tiny recipes (`--short-prompt`).
+- `prompt`   the short system prompt of the tiny recipes (`--short-prompt`);
+- `ctc`      (S2T only) `fast` with train.ctc_only: the adapter on the CTC loss alone, the
+             LLM never runs (its loss column is the CTC loss, and its tokens are not run);
+- `ctc-vocab` the same with train.ctc_vocab: transcripts (the CTC softmax over the token
+             ids of the timed examples' transcripts instead of the whole vocabulary).
 
 Echo is timed on gold units of each answer (the baseline target, same shapes as offline
 pseudo-labels) so that no T2C decode runs inside the timing. Columns: examples/s, tokens/s
@@ -48,7 +52,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "group": {"group_by_length": True},
     "prompt": {"prompt": SHORT_PROMPT},
     "fast": {"cache_encoder": True, "precision": "bf16", "group_by_length": True, "prompt": SHORT_PROMPT},
+    # S2T only: `fast` on the CTC loss alone (train.ctc_only), over the whole vocabulary and
+    # over the training transcripts' token ids (train.ctc_vocab: transcripts)
+    "ctc": {"cache_encoder": True, "precision": "bf16", "group_by_length": True, "prompt": SHORT_PROMPT,
+            "ctc_only": True},
+    "ctc-vocab": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
+                  "prompt": SHORT_PROMPT, "ctc_only": True, "ctc_vocab": "transcripts"},
 }
+S2T_ONLY = ("ctc", "ctc-vocab")
 T2C_VARIANTS = ("defaults", "bf16", "group", "fast")
 
 
@@ -153,6 +164,12 @@ def run_one(stage: str, variant: str, threads: int, args: argparse.Namespace, mo
         prompt = None
     model = _model(stage, prompt, models, args.model)
     data, collate, kwargs = _data(stage, model, args)
+    if opts.get("ctc_only"):
+        kwargs = {**kwargs, "ctc_only": True}
+    if opts.get("ctc_vocab") == "transcripts":
+        from echox.train.run import restrict_ctc_to_transcripts
+
+        restrict_ctc_to_transcripts(model, data)
     fill = None
     if opts.get("cache_encoder"):
         fill = _fill_cache(model, data, tmp / "cache")
@@ -263,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             for stage in args.stages:
                 base = None
                 for variant in args.variants:
+                    if stage != "s2t" and variant in S2T_ONLY:
+                        continue
                     if stage == "t2c" and variant not in T2C_VARIANTS:
                         continue
                     row, _ = run_one(stage, variant, threads, args, models, tmp)

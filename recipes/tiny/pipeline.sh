@@ -9,6 +9,8 @@
 #   S2T_THREADS=2 OMP_NUM_THREADS=2 STEP=s2t bash ...  # Stage I alone on both cores
 #   S2T_INIT=recipes/tiny/s2t-warm S2T_RUN=runs/tiny/s2t2 STEP=s2t bash ...  # continue the kept
 #                                                 #  Stage I in a new run folder (echo/gold use it)
+#   CTC_INIT=recipes/tiny/s2t-warm STEP=ctc bash ...  # the adapter's CTC-only pre-training from
+#                                                 #  a kept Stage I (Stage I then starts from it)
 #
 # Every step is resumable or cached; rerunning skips finished work (training resumes from its
 # last checkpoint). One torch thread per process: S2T runs beside the unit steps and the T2C on
@@ -28,6 +30,8 @@ S2T_RUN=${S2T_RUN:-$R/s2t}     # Stage I's run folder; echo and gold start from 
 KM=recipes/tiny/vocoder-k500/km500.joblib
 VOCODER=recipes/tiny/vocoder-k500/vocoder
 VOCAB=${VOCAB:-2000}
+CTC_RUN=${CTC_RUN:-$R/ctc}     # the CTC-only pre-training's run folder; Stage I starts from its model/
+CTC_STEPS=${CTC_STEPS:-2000}   # batches of 32 ASR clips (0 = no CTC-only pre-training)
 S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-4000}; ECHO_STEPS=${ECHO_STEPS:-1500}
 TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all 17,952)
 # UNITS_WINDOW=10: extract units in 10 s Whisper windows, 4.4x faster than the 30 s the k-means
@@ -64,11 +68,23 @@ if run ttsx; then  # more for the T2C to learn pronunciation from: qa_wikidata f
     echo "ttsx: BIGBENCH (the BIG-bench sdist or folder, see make_questions.py) is not set; skipped" >&2
   fi
 fi
+asrx=(); [ -f "$DATA/train/asr_extra.jsonl" ] && asrx=("$DATA/train/asr_extra.jsonl")
+if run ctc && [ "$CTC_STEPS" -gt 0 ]; then
+  # The adapter alone on the CTC loss of every ASR clip, its softmax over the transcripts' token
+  # ids: many cheap passes over the audio before Stage I (docs/training.md). CTC_INIT: start
+  # from an earlier Stage I model (else a fresh adapter).
+  init=(); [ -n "${CTC_INIT:-}" ] && init=(--init "$CTC_INIT")
+  $ECHOX train s2t --recipe recipes/tiny/s2t.yaml --out "$CTC_RUN" --max-steps "$CTC_STEPS" --resume "${init[@]}" \
+      --data "$DATA/train/asr.jsonl" "${asrx[@]}" --threads "${S2T_THREADS:-1}" \
+      --set train.ctc_only=true --set train.batch_size=32 --set train.warmup_steps=20 \
+      --set train.eval_every=0 --set train.save_every=100
+fi
 if run s2t; then
   # S2T_INIT: continue from an earlier Stage I model (e.g. a slim copy kept from a run on another
-  # machine); S2T_STEPS then counts this run's steps only.
+  # machine); S2T_STEPS then counts this run's steps only. Without it, Stage I starts from the
+  # CTC-only pre-training's model when there is one.
   init=(); [ -n "${S2T_INIT:-}" ] && init=(--init "$S2T_INIT")
-  asrx=(); [ -f "$DATA/train/asr_extra.jsonl" ] && asrx=("$DATA/train/asr_extra.jsonl")
+  [ -z "${S2T_INIT:-}" ] && [ -f "$CTC_RUN/model/config.json" ] && init=(--init "$CTC_RUN/model")
   $ECHOX train s2t --recipe recipes/tiny/s2t.yaml --out "$S2T_RUN" --max-steps "$S2T_STEPS" --resume "${init[@]}" \
       --data "$DATA/train/dialogues.jsonl" "$DATA/train/dialogues_$VOICE.jsonl" "$DATA/train/asr.jsonl" "${asrx[@]}" \
       --eval-data "$DATA/test/dialogues.jsonl" --threads "${S2T_THREADS:-1}"
