@@ -18,7 +18,9 @@ system prompt); the others add one setting each, and `fast` adds them all:
 - `ctc`      (S2T only) `fast` with train.ctc_only: the adapter on the CTC loss alone, the
              LLM never runs (its loss column is the CTC loss, and its tokens are not run);
 - `ctc-vocab` the same with train.ctc_vocab: transcripts (the CTC softmax over the token
-             ids of the timed examples' transcripts instead of the whole vocabulary).
+             ids of the timed examples' transcripts, or of `--ctc-vocab-data`'s, instead of
+             the whole vocabulary);
+- `fast-vocab` (S2T only) `fast` with train.ctc_vocab: transcripts (whole Stage I steps).
 
 Echo is timed on gold units of each answer (the baseline target, same shapes as offline
 pseudo-labels) so that no T2C decode runs inside the timing. Columns: examples/s, tokens/s
@@ -54,12 +56,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fast": {"cache_encoder": True, "precision": "bf16", "group_by_length": True, "prompt": SHORT_PROMPT},
     # S2T only: `fast` on the CTC loss alone (train.ctc_only), over the whole vocabulary and
     # over the training transcripts' token ids (train.ctc_vocab: transcripts)
+    "fast-vocab": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
+                   "prompt": SHORT_PROMPT, "ctc_vocab": "transcripts"},
     "ctc": {"cache_encoder": True, "precision": "bf16", "group_by_length": True, "prompt": SHORT_PROMPT,
             "ctc_only": True},
     "ctc-vocab": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
                   "prompt": SHORT_PROMPT, "ctc_only": True, "ctc_vocab": "transcripts"},
 }
-S2T_ONLY = ("ctc", "ctc-vocab")
+S2T_ONLY = ("fast-vocab", "ctc", "ctc-vocab")
 T2C_VARIANTS = ("defaults", "bf16", "group", "fast")
 
 
@@ -169,7 +173,17 @@ def run_one(stage: str, variant: str, threads: int, args: argparse.Namespace, mo
     if opts.get("ctc_vocab") == "transcripts":
         from echox.train.run import restrict_ctc_to_transcripts
 
-        restrict_ctc_to_transcripts(model, data)
+        vocab_data = data
+        if args.ctc_vocab_data:  # the columns of a whole corpus, not only the timed examples
+            from echox.data.manifest import read_jsonl  # noqa: I001
+            from echox.data.datasets import ConcatDataset, S2TDataset
+
+            parts = []
+            for f in args.ctc_vocab_data:
+                rep = read_jsonl(f, "dialogue", on_error="skip")
+                parts.append(S2TDataset(rep.records, rep.base_dir))
+            vocab_data = ConcatDataset(parts)
+        restrict_ctc_to_transcripts(model, vocab_data)
     fill = None
     if opts.get("cache_encoder"):
         fill = _fill_cache(model, data, tmp / "cache")
@@ -244,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unit-language", help="unit-language folder for T2C/Echo targets (default raw units)")
     p.add_argument("--n", type=int, default=256, help="examples of each manifest to use")
     p.add_argument("--stages", nargs="+", default=["s2t", "t2c", "echo"], choices=["s2t", "t2c", "echo"])
+    p.add_argument("--ctc-vocab-data", nargs="+", default=None, metavar="JSONL",
+                   help="dialogue manifests whose transcripts give the CTC columns of the "
+                        "*-vocab variants (default: the timed examples' transcripts)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--steps", type=int, default=0,
