@@ -171,18 +171,11 @@ def run_one(stage: str, variant: str, threads: int, args: argparse.Namespace, mo
     if opts.get("ctc_only"):
         kwargs = {**kwargs, "ctc_only": True}
     if opts.get("ctc_vocab") == "transcripts":
-        from echox.train.run import restrict_ctc_to_transcripts
+        from echox.train.run import _dialogues, restrict_ctc_to_transcripts
 
-        vocab_data = data
-        if args.ctc_vocab_data:  # the columns of a whole corpus, not only the timed examples
-            from echox.data.manifest import read_jsonl  # noqa: I001
-            from echox.data.datasets import ConcatDataset, S2TDataset
-
-            parts = []
-            for f in args.ctc_vocab_data:
-                rep = read_jsonl(f, "dialogue", on_error="skip")
-                parts.append(S2TDataset(rep.records, rep.base_dir))
-            vocab_data = ConcatDataset(parts)
+        # the columns of a whole corpus (--ctc-vocab-data), or of the timed examples
+        vocab_data = (_dialogues(args.ctc_vocab_data, None, model.config.encoder.max_seconds)
+                      if args.ctc_vocab_data else data)
         restrict_ctc_to_transcripts(model, vocab_data)
     fill = None
     if opts.get("cache_encoder"):

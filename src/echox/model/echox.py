@@ -6,6 +6,7 @@ dataclass; generation state lives in `echox.model.generation` or the inference e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,8 +208,7 @@ class EchoX(nn.Module):
         old_cols = self.adapter.ctc_columns if self.adapter.ctc_vocab else None
         if old_cols is not None and old_head is not None and not set(ids) <= set(old_cols.tolist()):
             raise ValueError("restrict_ctc: a restricted linear head has no rows for new ids")
-        cfg = SpeechAdapterConfig(**{**vars(self.config.adapter), "ctc_vocab": len(ids)})
-        self.reconfigure_adapter(cfg)
+        self.reconfigure_adapter(dataclasses.replace(self.config.adapter, ctc_vocab=len(ids)))
         self.adapter.set_ctc_columns(ids)
         if old_head is not None:  # the old head's rows for the kept ids
             rows = torch.tensor(ids, device=old_head.weight.device)

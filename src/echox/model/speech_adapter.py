@@ -155,12 +155,11 @@ class SpeechAdapter(nn.Module):
         lookup = torch.full((top + 1,), -1, dtype=torch.long, device=targets.device)
         lookup[self.ctc_columns.to(targets.device)] = torch.arange(self.ctc_vocab, device=targets.device)
         idx = torch.where(targets >= 0, lookup[targets.clamp_min(0)], torch.full_like(targets, -1))
-        keep = idx >= 0
+        sh = gather_kept(idx >= 0)  # the mapped tokens of each row, left-aligned
         out = torch.full_like(targets, ignore)
-        for r in range(targets.shape[0]):
-            row = idx[r][keep[r]]
-            out[r, : row.numel()] = row
-        return out
+        out[:, : sh.index.shape[1]] = torch.gather(idx, 1, sh.index)
+        pad = torch.arange(out.shape[1], device=out.device)[None, :] >= sh.lengths[:, None]
+        return out.masked_fill(pad, ignore)
 
     def ctc_head(self, feats: torch.Tensor) -> torch.Tensor:
         """CTC logits [..., V] over the LLM vocabulary, or [..., ctc_vocab] over `ctc_columns`."""

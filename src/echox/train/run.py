@@ -316,12 +316,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.cache_encoder:  # before build_data: echo's offline pseudo-labels read it too
         model.enable_feature_cache(encoder_cache_root(cfg))
     train, ev, collate, kwargs = build_data(args.stage, model, cfg, recipe["data"])
-    if cfg.ctc_vocab == "transcripts":
-        restrict_ctc_to_transcripts(model, train)
     if args.prepare_data:  # sources read (and hub datasets made local) once
         print(json.dumps({"stage": args.stage, "train_examples": len(train),  # type: ignore[arg-type]
                           "eval_examples": len(ev) if ev is not None else 0}))  # type: ignore[arg-type]
         return 0
+    if cfg.ctc_vocab == "transcripts":  # before the trainer builds its optimizer
+        restrict_ctc_to_transcripts(model, train)
     trainer = Trainer(model, cfg, train, collate, ev, step_kwargs=kwargs)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
