@@ -1,5 +1,6 @@
 """Smoke tests of the one training loop for all stages (tiny random configs, CPU)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -456,3 +457,33 @@ def test_train_ctc_vocab_transcripts_sets_the_columns_once(tmp_path, make_model)
     before = m.adapter.ctc_columns.clone()
     restrict_ctc_to_transcripts(m, S2TDataset(recs[:1], tmp_path))  # already restricted: kept
     assert torch.equal(m.adapter.ctc_columns, before)
+
+
+def test_extra_adapter_layers_start_as_the_identity_and_learn(tmp_path, make_model):
+    """`adapter.extra_layers`: an adapter grown from a trained one computes what it did (zero
+    residual branches), its new layers get gradients, and a checkpoint keeps them."""
+    m = make_model(["adapter.lookback_dropout=0.0"]).eval()
+    wave = [noise(1.0, 3)]
+    with torch.no_grad():
+        before = m.encode_speech(wave)
+    changed = m.reconfigure_adapter(dataclasses.replace(m.config.adapter, extra_layers=2))
+    assert changed["dropped"] == [] and all(k.startswith("extra_layers.") for k in changed["new"])
+    assert len(m.adapter.extra_layers) == 2 and m.config.adapter.extra_layers == 2
+    m.eval()
+    with torch.no_grad():
+        after = m.encode_speech(wave)
+    torch.testing.assert_close(after.ctc_logits, before.ctc_logits)
+    torch.testing.assert_close(after.embeds, before.embeds)
+
+    m.train()
+    batch = m.collate([[Turn("user", audio=wave[0], transcript="q"), Turn("assistant", text="Yes.")]])
+    m.forward_s2t(batch).loss.backward()
+    for layer in m.adapter.extra_layers:
+        assert layer.linear2.weight.grad.abs().sum() > 0  # the zero branch is not stuck at zero
+
+    m.trained_stages = ["s2t"]
+    back = EchoX.from_pretrained(m.save_pretrained(tmp_path / "m"))
+    assert back.config.adapter.extra_layers == 2
+    torch.testing.assert_close(back.adapter.extra_layers[1].linear1.weight, m.adapter.extra_layers[1].linear1.weight)
+    with pytest.raises(ValueError, match="extra_layers"):
+        dataclasses.replace(m.config.adapter, extra_layers=-1).validate()

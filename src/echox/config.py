@@ -81,6 +81,11 @@ class SpeechAdapterConfig:
     # sequence-first and is given batch-first tensors, so it attends across the audio turns
     # it is given at once; their inference code gives it one turn at a time: one key per query)
     encoder_attention: str = "frames"
+    # more Transformer layers after that one (ours, not the authors'): the one layer's adapter
+    # could not fit its own training transcripts (docs/results.md, session 16). They start as
+    # the identity, so `--init` from a trained adapter with `--set model.adapter.extra_layers=N`
+    # continues from what it computed
+    extra_layers: int = 0
     trainable: bool = True
 
     def validate(self, path: str = "adapter") -> None:
@@ -88,6 +93,7 @@ class SpeechAdapterConfig:
         _check(self.ffn_mult >= 1, f"{path}.ffn_mult", f"must be >= 1, got {self.ffn_mult}")
         _check(self.ctc_vocab == 0 or self.ctc_vocab >= 2, f"{path}.ctc_vocab",
                f"must be 0 (the whole vocabulary) or >= 2, got {self.ctc_vocab}")
+        _check(self.extra_layers >= 0, f"{path}.extra_layers", f"must be >= 0, got {self.extra_layers}")
         _check(self.ctc_head in ("linear", "tied"), f"{path}.ctc_head",
                f"must be 'linear' or 'tied', got {self.ctc_head!r}")
         _check(self.lookback_keys in ("kept", "all"), f"{path}.lookback_keys",

@@ -81,6 +81,7 @@ class SpeechAdapter(nn.Module):
         encoder_attention: str = "frames",
         shrink: bool = True,
         ctc_vocab: int = 0,
+        extra_layers: int = 0,
     ) -> None:
         super().__init__()
         if d_llm % num_heads:
@@ -110,6 +111,19 @@ class SpeechAdapter(nn.Module):
             d_llm, num_heads, dim_feedforward=ffn_mult * d_llm, dropout=dropout,
             batch_first=True, norm_first=True,
         )
+        # More Transformer layers over the frames (ours; the authors' adapter has the one above).
+        # Their residual branches start at zero, so an adapter grown from a trained one computes
+        # what it did until they learn (`EchoX.reconfigure_adapter` keeps every other weight).
+        self.extra_layers = nn.ModuleList()
+        for _ in range(extra_layers):
+            layer = nn.TransformerEncoderLayer(
+                d_llm, num_heads, dim_feedforward=ffn_mult * d_llm, dropout=dropout,
+                batch_first=True, norm_first=True,
+            )
+            for lin in (layer.self_attn.out_proj, layer.linear2):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            self.extra_layers.append(layer)
         self.out_norm = nn.LayerNorm(d_llm)
         if tied_head is None:
             self.audio_feature_head = nn.Linear(d_llm, ctc_vocab or vocab_size, bias=False)
@@ -199,6 +213,8 @@ class SpeechAdapter(nn.Module):
             x = self.asr_transformer_encoder(x, src_mask=~eye)
         else:
             x = self.asr_transformer_encoder(x, src_key_padding_mask=~valid)
+        for layer in self.extra_layers:
+            x = layer(x, src_key_padding_mask=~valid)
         feats = self.out_norm(x)  # [N, T, D] = F
         ctc_logits = self.ctc_head(feats)  # [N, T, V]
 
