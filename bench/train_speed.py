@@ -62,8 +62,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "ctc_only": True},
     "ctc-vocab": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
                   "prompt": SHORT_PROMPT, "ctc_only": True, "ctc_vocab": "transcripts"},
+    # Echo only: `fast` with the S2T model frozen (train.freeze_s2t): its response states are
+    # computed once (the fill column) and a step trains the denoiser and echo decoder alone
+    "frozen": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
+               "prompt": SHORT_PROMPT, "freeze_s2t": True},
 }
 S2T_ONLY = ("fast-vocab", "ctc", "ctc-vocab")
+ECHO_ONLY = ("frozen",)
 T2C_VARIANTS = ("defaults", "bf16", "group", "fast")
 
 
@@ -180,6 +185,14 @@ def run_one(stage: str, variant: str, threads: int, args: argparse.Namespace, mo
     fill = None
     if opts.get("cache_encoder"):
         fill = _fill_cache(model, data, tmp / "cache")
+    if opts.get("freeze_s2t"):
+        from echox.train import stages
+
+        stages.apply_stage(model, stage, freeze_s2t=True)
+        t0 = time.perf_counter()
+        data.states = stages.precompute_states(model, [data[i].turns for i in range(len(data))],
+                                               tmp / f"states-{threads}")
+        fill = (fill or 0.0) + time.perf_counter() - t0
     out = tmp / f"{stage}-{variant}-{threads}"
     per_epoch = len(data) // args.batch_size
     steps = steps or args.steps or per_epoch
@@ -290,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             for stage in args.stages:
                 base = None
                 for variant in args.variants:
-                    if stage != "s2t" and variant in S2T_ONLY:
+                    if (stage != "s2t" and variant in S2T_ONLY) or (stage != "echo" and variant in ECHO_ONLY):
                         continue
                     if stage == "t2c" and variant not in T2C_VARIANTS:
                         continue

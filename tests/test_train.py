@@ -487,3 +487,41 @@ def test_extra_adapter_layers_start_as_the_identity_and_learn(tmp_path, make_mod
     torch.testing.assert_close(back.adapter.extra_layers[1].linear1.weight, m.adapter.extra_layers[1].linear1.weight)
     with pytest.raises(ValueError, match="extra_layers"):
         dataclasses.replace(m.config.adapter, extra_layers=-1).validate()
+
+
+def test_frozen_s2t_echo_reads_cached_states(tmp_path, make_model, caplog):
+    """`train.freeze_s2t`: the response states are computed once and cached; a step on them
+    gives the echo and denoising losses of a step that runs the S2T model, without L_S2T."""
+    m = make_model(["t2c.max_positions=64"]).eval()
+    d = [[Turn("user", audio=noise(0.6, 1)), Turn("assistant", text="A longer answer here.")],
+         [Turn("user", audio=noise(0.8, 2)), Turn("assistant", text="Short.")]]
+    units = [[1, 2, 3], [4, 5, 6, 7]]
+    cache = tmp_path / "states"
+    states = stages.precompute_states(m, d, cache)
+    files = sorted(cache.rglob("*.safetensors"))
+    assert len(files) == 2 and [len(s) for s in states] == [1, 1]
+    ex = [stages.EchoExample(t, units=[u], states=s) for t, u, s in zip(d, units, states)]
+    batch = stages.echo_collator(m)(ex)
+    cached = m.forward_echo(batch)
+    batch.states = None
+    full = m.forward_echo(batch)
+    assert float(cached.s2t) == 0.0 and float(full.s2t) > 0
+    torch.testing.assert_close(cached.echo, full.echo, atol=2e-3, rtol=2e-3)  # float16 states
+    torch.testing.assert_close(cached.den, full.den, atol=2e-3, rtol=2e-3)
+
+    # cached: read back, not recomputed; a corrupt file is recomputed with a warning
+    files[0].write_bytes(b"not a safetensors file")
+    with caplog.at_level("WARNING"):
+        again = stages.precompute_states(m, d, cache)
+    assert "unreadable cached states" in caplog.text
+    for a, b in zip(again, states):
+        torch.testing.assert_close(a[0], b[0])
+    # another S2T model (changed adapter weights) never reads these states
+    with torch.no_grad():
+        m.adapter.mm_projector1.bias.add_(0.5)
+    stages.precompute_states(m, d, cache)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
+    # states that do not fit the batch's responses are refused
+    batch.states = [s[0][:-1] for s in states]
+    with pytest.raises(ValueError, match="stale states cache"):
+        m.forward_echo(batch)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import soundfile as sf
 
 from echox.cli import main
@@ -57,3 +58,33 @@ def test_train_errors_are_one_line(tmp_path, capsys):
     assert "recipe not found" in capsys.readouterr().err
     assert main(["train", "s2t", "--set", "train.nonsense=1", "--data", "x"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_echo_with_a_frozen_s2t_model_trains_only_the_speech_side(tmp_path, capsys):
+    """`--set train.freeze_s2t=true`: the adapter and LoRA stay as Stage I left them, the
+    response states are cached in the run folder, and the echo decoder learns."""
+    from safetensors.torch import load_file
+
+    _write_corpus(tmp_path / "c")
+    c = tmp_path / "c"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 2, lr: 0.003}\n")
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--out", str(tmp_path / "s2t")]) == 0
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                 "--out", str(tmp_path / "t2c")]) == 0
+    out = tmp_path / "echo"
+    assert main(["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--init", str(tmp_path / "s2t" / "model"), "--t2c-from", str(tmp_path / "t2c" / "model"),
+                 "--target", "gold-units", "--out", str(out), "--set", "model.t2c.max_positions=64",
+                 "--set", "train.freeze_s2t=true", "--set", "train.cut_segments=false"]) == 0
+    before, after = load_file(str(tmp_path / "s2t" / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    s2t_keys = [k for k in before if k.startswith("adapter.") or "lora_" in k]
+    echo_keys = [k for k in after if k.startswith("echo.")]
+    assert s2t_keys and echo_keys
+    assert all(torch.equal(before[k], after[k]) for k in s2t_keys)
+    t2c = load_file(str(tmp_path / "t2c" / "model" / "model.safetensors"))
+    assert any(not torch.equal(after[k], t2c[k.replace("echo.", "t2c.", 1)]) for k in echo_keys)
+    assert len(list((out / "states").rglob("*.safetensors"))) == 6
+    assert main(["train", "s2t", "--data", "x", "--set", "train.freeze_s2t=true"]) == 2
+    assert "freeze_s2t" in capsys.readouterr().err

@@ -22,6 +22,9 @@ class S2TBatch:
     # Stage III: units per response (or per segment), in response order; None = online labels
     units: list[list[int]] | None = None
     segments: list[list[tuple[int, int]]] | None = None  # per response, [start, end) in tokens
+    # Stage III with a frozen S2T model: its hidden states H per response, precomputed
+    # (`echox.train.stages.precompute_states`); the step then skips the S2T forward
+    states: list[torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> "S2TBatch":
         for name in ("input_ids", "attention_mask", "labels", "ctc_targets"):

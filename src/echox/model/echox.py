@@ -438,6 +438,15 @@ class EchoX(nn.Module):
                 out.append((s2t.hidden[b, idx - 1], batch.input_ids[b, start:end].tolist()))
         return out
 
+    def cached_response_states(self, batch: S2TBatch) -> list[tuple[torch.Tensor, list[int]]]:
+        """`response_states` from the batch's precomputed states (a frozen S2T model)."""
+        ids = [batch.input_ids[b, s:e].tolist() for b, spans in enumerate(batch.response_spans) for s, e in spans]
+        states = batch.states or []
+        if len(states) != len(ids) or any(h.shape[0] != len(x) for h, x in zip(states, ids)):
+            raise ValueError("the batch's cached response states do not fit its responses "
+                             "(a stale states cache? delete it to recompute)")
+        return [(h.to(self.device, torch.float32), x) for h, x in zip(states, ids)]
+
     def trigger_segments(self, hidden: torch.Tensor) -> list[tuple[int, int]]:
         """Where the streaming trigger would cut a response with these hidden states."""
         scores = trigger_scores(hidden.detach(), self.trigger_row())
@@ -473,8 +482,13 @@ class EchoX(nn.Module):
         """L = L_echo + λ·L_den + L_S2T. `units`: gold or precomputed pseudo-labels per segment;
         None decodes pseudo-labels online with the frozen T2C. `cut` splits responses where
         the streaming trigger would (unless the batch carries its segments)."""
-        s2t = self.forward_s2t(batch)
-        hs, xs = self.segment_states(self.response_states(s2t, batch), batch.segments, cut)
+        if batch.states is not None:  # a frozen S2T model: its states were computed once
+            responses = self.cached_response_states(batch)
+            l_s2t = responses[0][0].new_zeros((), dtype=torch.float32)
+        else:
+            s2t = self.forward_s2t(batch)
+            responses, l_s2t = self.response_states(s2t, batch), s2t.loss
+        hs, xs = self.segment_states(responses, batch.segments, cut)
         if not hs:
             raise ValueError("the batch has no response tokens to echo")
         targets = units if units is not None else batch.units
@@ -487,9 +501,9 @@ class EchoX(nn.Module):
         l_echo = self._unit_loss(uo)
         emb = torch.cat(self.text_condition(xs))
         l_den = losses.denoise_loss(torch.cat(cond), emb)
-        tot = losses.stage3_total(l_echo, l_den, s2t.loss, self.config.loss.den_lambda,
+        tot = losses.stage3_total(l_echo, l_den, l_s2t, self.config.loss.den_lambda,
                                   self.config.loss.den_cap)
-        return EchoOutput(tot.total, l_echo, l_den, s2t.loss, tot.lam, uo, targets)
+        return EchoOutput(tot.total, l_echo, l_den, l_s2t, tot.lam, uo, targets)
 
     def forward(self, batch: S2TBatch | T2CBatch, task: str, **kw: Any) -> StepOutput:
         """One entry point for training (DDP wraps `__call__`): task = s2t | t2c | echo."""

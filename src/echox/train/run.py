@@ -91,8 +91,10 @@ class EchoDataset(Dataset):
     """S2T dialogues as echo examples: gold units, precomputed pseudo-labels, or none (online)."""
 
     def __init__(self, base: Dataset, extras: list[tuple[list, list]] | None, gold: bool,
-                 encode: Callable[[list[int]], list[int]] | None = None) -> None:
+                 encode: Callable[[list[int]], list[int]] | None = None,
+                 states: list[list[Any]] | None = None) -> None:
         self.base, self.extras, self.gold, self.encode = base, extras, gold, encode
+        self.states = states  # a frozen S2T model's response states per dialogue (freeze_s2t)
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -101,6 +103,12 @@ class EchoDataset(Dataset):
         return self.base.length(i)  # type: ignore[attr-defined]
 
     def __getitem__(self, i: int) -> stages.EchoExample:
+        out = self._example(i)
+        if self.states is not None:
+            out.states = self.states[i]
+        return out
+
+    def _example(self, i: int) -> stages.EchoExample:
         ex = self.base[i]
         if self.gold:
             if ex.units is None:
@@ -167,8 +175,14 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
             Path(cfg.output_dir) / "pseudo_labels.jsonl", cut=cfg.cut_segments)
         extras = [(e.segments, e.units) for e in extras]
     kwargs = {"cut": cfg.cut_segments and not gold}
-    ev_ds = EchoDataset(ev, None, gold, encode) if ev is not None else None
-    return EchoDataset(train, extras, gold, encode), ev_ds, stages.echo_collator(model), kwargs
+    states = ev_states = None
+    if cfg.freeze_s2t:  # the frozen S2T model runs once per dialogue, not once per step
+        root = Path(cfg.output_dir) / "states"
+        states = stages.precompute_states(model, [train[i].turns for i in range(len(train))], root)
+        if ev is not None:
+            ev_states = stages.precompute_states(model, [ev[i].turns for i in range(len(ev))], root)
+    ev_ds = EchoDataset(ev, None, gold, encode, ev_states) if ev is not None else None
+    return EchoDataset(train, extras, gold, encode, states), ev_ds, stages.echo_collator(model), kwargs
 
 
 # Keys of a mapping in `data.train` / `data.eval` (stages s2t and echo).
@@ -309,7 +323,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args.stage, recipe, args)
     model_cfg = None if args.init else load_config(str(recipe["model"]), list(recipe.get("overrides") or []))
     model = stages.prepare_model(args.stage, model_cfg, init=args.init, t2c_from=args.t2c_from,
-                                 init_overrides=_model_sets(args) if args.init else None)
+                                 init_overrides=_model_sets(args) if args.init else None,
+                                 freeze_s2t=cfg.freeze_s2t)
     if args.init and set(recipe.get("overrides") or []) - set(_model_sets(args)):
         log.warning("--init given: the model config comes from the checkpoint; the recipe's "
                     "overrides are ignored (`--set model.adapter.*` and `model.loss.*` still apply)")

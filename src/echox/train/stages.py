@@ -38,8 +38,13 @@ STAGE_PARTS: dict[str, set[str]] = {
 }
 
 
-def apply_stage(model: EchoX, stage: str) -> None:
-    model.set_trainable({p: p in STAGE_PARTS[stage] for p in PARTS})
+# Stage III with `train.freeze_s2t`: the S2T model (adapter + LoRA) stays as Stage I left it
+FROZEN_S2T_ECHO_PARTS = {"echo", "denoiser"}
+
+
+def apply_stage(model: EchoX, stage: str, freeze_s2t: bool = False) -> None:
+    parts = FROZEN_S2T_ECHO_PARTS if stage == "echo" and freeze_s2t else STAGE_PARTS[stage]
+    model.set_trainable({p: p in parts for p in PARTS})
 
 
 def prepare_model(
@@ -48,6 +53,7 @@ def prepare_model(
     init: str | Path | None = None,
     t2c_from: str | Path | None = None,
     init_overrides: list[str] | None = None,
+    freeze_s2t: bool = False,
 ) -> EchoX:
     """The model a stage starts from, with its prerequisites checked.
 
@@ -88,7 +94,7 @@ def prepare_model(
             )
         if "echo" not in model.trained_stages:
             model.init_echo_from_t2c()
-    apply_stage(model, stage)
+    apply_stage(model, stage, freeze_s2t)
     return model
 
 
@@ -160,6 +166,7 @@ class EchoExample:
     turns: list[Turn]
     segments: list[list[tuple[int, int]]] | None = None  # per response
     units: list[list[int]] | None = None  # per segment (offline pseudo-labels or gold units)
+    states: list[torch.Tensor] | None = None  # per response: a frozen S2T model's H, precomputed
 
 
 def s2t_collator(model: EchoX) -> Callable[[list[list[Turn]]], S2TBatch]:
@@ -173,6 +180,8 @@ def echo_collator(model: EchoX) -> Callable[[list[EchoExample]], S2TBatch]:
             batch.units = [u for e in examples for u in e.units]  # type: ignore[union-attr]
         if all(e.segments is not None for e in examples):
             batch.segments = [s for e in examples for s in e.segments]  # type: ignore[union-attr]
+        if all(e.states is not None for e in examples):
+            batch.states = [h for e in examples for h in e.states]  # type: ignore[union-attr]
         return batch
 
     return collate
@@ -231,6 +240,66 @@ def precompute_pseudo_labels(
         EchoExample(d, [[tuple(sg) for sg in segs] for segs in done[k]["segments"]], done[k]["units"])
         for d, k in zip(dialogues, keys)
     ]
+
+
+def s2t_fingerprint(model: EchoX) -> str:
+    """A digest of what makes the S2T model's response states: its config, the adapter's
+    weights and the LLM's trainable (LoRA) weights."""
+    cfg = model.config.to_dict()
+    h = hashlib.sha1(json.dumps({k: cfg.get(k) for k in ("encoder", "adapter", "llm")},
+                                sort_keys=True, default=str).encode())
+    named = list(model.adapter.state_dict().items())
+    named += [(n, p) for n, p in model.llm.named_parameters() if "lora_" in n]
+    for n, t in named:
+        h.update(n.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def precompute_states(model: EchoX, dialogues: Sequence[list[Turn]], cache: Path,
+                      batch_size: int = 8) -> list[list[torch.Tensor]]:
+    """A frozen S2T model's teacher-forced response states H (float16), per dialogue and
+    response, computed once: one safetensors file per dialogue under `cache/<fingerprint>/`
+    (the fingerprint of the S2T weights, so another model never reads them), written
+    atomically. A corrupt file is recomputed, with a warning."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    folder = cache / s2t_fingerprint(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [_dialogue_key(d) for d in dialogues]
+    out: list[list[torch.Tensor] | None] = [None] * len(dialogues)
+    for i, k in enumerate(keys):
+        f = folder / f"{k}.safetensors"
+        if f.is_file():
+            try:
+                t = load_file(str(f))
+                out[i] = [t[f"r{j}"] for j in range(len(t))]
+            except (SafetensorError, OSError, KeyError, ValueError) as e:
+                log.warning("%s: unreadable cached states (%s); recomputing", f, e)
+    todo = [i for i, h in enumerate(out) if h is None]
+    was = model.training
+    model.eval()
+    try:
+        for s in range(0, len(todo), batch_size):
+            idx = todo[s:s + batch_size]
+            batch = model.collate([dialogues[i] for i in idx])
+            responses = model.response_states(model.forward_s2t(batch), batch)
+            r = 0
+            for i, spans in zip(idx, batch.response_spans):
+                hs = [responses[r + j][0].to(torch.float16).cpu().contiguous() for j in range(len(spans))]
+                r += len(spans)
+                f = folder / f"{keys[i]}.safetensors"
+                tmp = f.with_suffix(".tmp")
+                save_file({f"r{j}": h for j, h in enumerate(hs)}, str(tmp))
+                tmp.replace(f)
+                out[i] = hs
+    finally:
+        model.train(was)
+    if todo:
+        log.info("response states: %d computed, %d cached (%s)", len(todo), len(keys) - len(todo), folder)
+    return out  # type: ignore[return-value]
 
 
 def _dialogue_key(turns: list[Turn]) -> str:

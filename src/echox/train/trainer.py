@@ -82,6 +82,11 @@ class TrainConfig:
     cut_segments: bool = True  # cut responses where the streaming trigger would
     pseudo_labels: str = "online"  # online | offline (precomputed + cached)
     target: str = "pseudo"  # pseudo | gold-units (the baseline)
+    # Stage III with the S2T model (adapter + LoRA) frozen and no L_S2T term: its response
+    # states H are computed once per dialogue (cached in <output_dir>/states, keyed by the S2T
+    # weights) and a step runs only the denoising adapter and the echo decoder. Ours, not the
+    # paper's (whose total loss trains the S2T too): far cheaper on a CPU (docs/training.md)
+    freeze_s2t: bool = False
 
     def __post_init__(self) -> None:
         def check(cond: bool, key: str, msg: str) -> None:
@@ -98,6 +103,7 @@ class TrainConfig:
         check(self.precision in PRECISIONS, "precision", f"fp32 | bf16 | fp16; got {self.precision!r}")
         check(self.group_pool >= 1, "group_pool", f"must be >= 1, got {self.group_pool}")
         check(self.pseudo_labels in ("online", "offline"), "pseudo_labels", "online | offline")
+        check(not self.freeze_s2t or self.stage == "echo", "freeze_s2t", "applies to stage echo only")
         check(self.ctc_vocab in ("", "transcripts"), "ctc_vocab", f"'' or 'transcripts'; got {self.ctc_vocab!r}")
         check(self.target in ("pseudo", "gold-units"), "target", "pseudo | gold-units")
 
