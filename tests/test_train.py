@@ -509,6 +509,13 @@ def test_frozen_s2t_echo_reads_cached_states(tmp_path, make_model, caplog):
     torch.testing.assert_close(cached.echo, full.echo, atol=2e-3, rtol=2e-3)  # float16 states
     torch.testing.assert_close(cached.den, full.den, atol=2e-3, rtol=2e-3)
 
+    # offline pseudo-labels from the cached states: the segments and units of an S2T forward
+    cut = dict(cut=True, batch_size=2)
+    pl = stages.precompute_pseudo_labels(m, d, tmp_path / "a.jsonl", **cut)
+    pl_states = stages.precompute_pseudo_labels(m, d, tmp_path / "b.jsonl", states=states, **cut)
+    assert [e.segments for e in pl_states] == [e.segments for e in pl]
+    assert [e.units for e in pl_states] == [e.units for e in pl]
+
     # cached: read back, not recomputed; a corrupt file is recomputed with a warning
     files[0].write_bytes(b"not a safetensors file")
     with caplog.at_level("WARNING"):

@@ -168,19 +168,19 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
         return (train, ev, make_s2t_collator(model.prompt, model.tokenizer, units="ignore"),
                 {"ctc_only": True} if cfg.ctc_only else {})
     gold = cfg.target == "gold-units"
-    extras = None
-    if not gold and cfg.pseudo_labels == "offline":
-        extras = stages.precompute_pseudo_labels(
-            model, [train[i].turns for i in range(len(train))],
-            Path(cfg.output_dir) / "pseudo_labels.jsonl", cut=cfg.cut_segments)
-        extras = [(e.segments, e.units) for e in extras]
-    kwargs = {"cut": cfg.cut_segments and not gold}
+    turns = [train[i].turns for i in range(len(train))]
     states = ev_states = None
     if cfg.freeze_s2t:  # the frozen S2T model runs once per dialogue, not once per step
         root = Path(cfg.output_dir) / "states"
-        states = stages.precompute_states(model, [train[i].turns for i in range(len(train))], root)
+        states = stages.precompute_states(model, turns, root)
         if ev is not None:
             ev_states = stages.precompute_states(model, [ev[i].turns for i in range(len(ev))], root)
+    extras = None
+    if not gold and cfg.pseudo_labels == "offline":
+        extras = stages.precompute_pseudo_labels(
+            model, turns, Path(cfg.output_dir) / "pseudo_labels.jsonl", cut=cfg.cut_segments, states=states)
+        extras = [(e.segments, e.units) for e in extras]
+    kwargs = {"cut": cfg.cut_segments and not gold}
     ev_ds = EchoDataset(ev, None, gold, encode, ev_states) if ev is not None else None
     return EchoDataset(train, extras, gold, encode, states), ev_ds, stages.echo_collator(model), kwargs
 

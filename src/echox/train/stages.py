@@ -200,10 +200,13 @@ def t2c_collator(model: EchoX, encode_units: Callable[[list[int]], list[int]] | 
 
 @torch.no_grad()
 def precompute_pseudo_labels(
-    model: EchoX, dialogues: Sequence[list[Turn]], cache: Path, cut: bool, batch_size: int = 4
+    model: EchoX, dialogues: Sequence[list[Turn]], cache: Path, cut: bool, batch_size: int = 16,
+    states: Sequence[list[torch.Tensor]] | None = None,
 ) -> list[EchoExample]:
     """Offline mode: segments (trigger cuts on the S2T model's teacher-forced states) and the
-    frozen T2C's units for each segment, cached in a JSONL keyed by the dialogue's text."""
+    frozen T2C's units for each segment, cached in a JSONL keyed by the dialogue's text.
+    `states`: the dialogues' precomputed response states (a frozen S2T model), so the S2T model
+    is not run again. The T2C decodes the segments of `batch_size` dialogues at once."""
     done: dict[str, dict[str, Any]] = {}
     if cache.is_file():
         for line in cache.read_text().splitlines():
@@ -221,20 +224,30 @@ def precompute_pseudo_labels(
         for s in range(0, len(todo), batch_size):
             idx = todo[s:s + batch_size]
             batch = model.collate([dialogues[i] for i in idx])
-            s2t = model.forward_s2t(batch)
-            responses = model.response_states(s2t, batch)
-            r = 0
-            for i, spans in zip(idx, batch.response_spans):
-                segs_all, units_all = [], []
+            if states is not None:
+                batch.states = [h for i in idx for h in states[i]]
+                responses = model.cached_response_states(batch)
+            else:
+                responses = model.response_states(model.forward_s2t(batch), batch)
+            r, segs_of, texts = 0, [], []
+            for spans in batch.response_spans:
+                segs_all = []
                 for _ in spans:
                     h, x = responses[r]
                     r += 1
                     segs = model.trigger_segments(h) if cut else [(0, len(x))]
                     segs_all.append([list(sg) for sg in segs])
-                    units_all.extend(model.pseudo_labels([x[a:b] for a, b in segs]))
-                rec = {"key": keys[i], "segments": segs_all, "units": units_all}
+                    texts.extend(x[a:b] for a, b in segs)
+                segs_of.append(segs_all)
+            units = model.pseudo_labels(texts) if texts else []
+            u = 0
+            for i, segs_all in zip(idx, segs_of):
+                n = sum(len(sg) for sg in segs_all)
+                rec = {"key": keys[i], "segments": segs_all, "units": units[u:u + n]}
+                u += n
                 done[keys[i]] = rec
                 f.write(json.dumps(rec) + "\n")
+            f.flush()
     model.train(was)
     return [
         EchoExample(d, [[tuple(sg) for sg in segs] for segs in done[k]["segments"]], done[k]["units"])
