@@ -209,8 +209,8 @@ class SlowFirstEngine(Engine):
     """Segment 0 finishes last: delivery must still follow segment order."""
 
     def stream_segment(self, hidden: torch.Tensor, index: int = 0,
-                       stop: threading.Event | None = None) -> Iterator[SpeechPiece]:
-        for piece in super().stream_segment(hidden, index, stop):
+                       stop: threading.Event | None = None, ids: list[int] | None = None) -> Iterator[SpeechPiece]:
+        for piece in super().stream_segment(hidden, index, stop, ids):
             if index == 0:
                 time.sleep(0.1)
             yield piece
@@ -232,9 +232,9 @@ class RecordingEngine(Engine):
         self.finished: list[int] = []
 
     def stream_segment(self, hidden: torch.Tensor, index: int = 0,
-                       stop: threading.Event | None = None) -> Iterator[SpeechPiece]:
+                       stop: threading.Event | None = None, ids: list[int] | None = None) -> Iterator[SpeechPiece]:
         self.started.append(index)
-        for piece in super().stream_segment(hidden, index, stop):
+        for piece in super().stream_segment(hidden, index, stop, ids):
             time.sleep(0.15)
             if piece.last:
                 self.finished.append(index)
@@ -397,3 +397,24 @@ def test_unit_mel_vocoder_bundle(bundle: Bundle, tmp_path: Path) -> None:
         events = run(eng, text="hi")
     chunks = [e for e in events if isinstance(e, AudioChunk)]
     assert len(chunks) > events[-1].stats.segments and events[-1].audio.size > 0
+
+
+def test_a_byte_reading_echo_decoder_speaks_through_the_engine(tmp_path: Path) -> None:
+    """`t2c.char_condition`: the engine hands each segment's token ids to the echo decoder,
+    which reads Adapter(H) byte by byte; without the ids it refuses in one clear line."""
+    from echox.config import preset_config
+    from echox.model.echox import EchoX
+
+    model = EchoX.build(preset_config("tiny-random", TRIGGER + ["t2c.char_condition=true"]))
+    with torch.no_grad():
+        model.echo.lm_head.weight[model.echo.eos_id] = 0.0
+    torch.manual_seed(0)
+    b = load_bundle(save_bundle(tmp_path / "chars", model, CodeHiFiGAN(CodeHiFiGANConfig.tiny()).eval()))
+    with Engine(b, greedy(**SMALL_CHUNKS)) as eng:
+        events = run(eng, text="spell")
+    assert any(isinstance(e, AudioChunk) and e.audio.size for e in events)
+    h = torch.randn(3, b.model.llm.hidden_size)
+    with pytest.raises(ValueError, match="token ids"):
+        b.model.units_from_hidden([h], UNITS)
+    ids = [5, 6, 7]
+    assert list(b.model.iter_units_from_hidden(h, UNITS, ids)) == b.model.units_from_hidden([h], UNITS, [ids])[0]

@@ -505,7 +505,7 @@ def test_frozen_s2t_echo_reads_cached_states(tmp_path, make_model, caplog):
     cached = m.forward_echo(batch)
     batch.states = None
     full = m.forward_echo(batch)
-    assert float(cached.s2t) == 0.0 and float(full.s2t) > 0
+    assert float(cached.s2t) == 0.0 and float(full.s2t.detach()) > 0
     torch.testing.assert_close(cached.echo, full.echo, atol=2e-3, rtol=2e-3)  # float16 states
     torch.testing.assert_close(cached.den, full.den, atol=2e-3, rtol=2e-3)
 
@@ -532,3 +532,35 @@ def test_frozen_s2t_echo_reads_cached_states(tmp_path, make_model, caplog):
     batch.states = [s[0][:-1] for s in states]
     with pytest.raises(ValueError, match="stale states cache"):
         m.forward_echo(batch)
+
+
+def test_char_condition_reads_the_text_byte_by_byte(tmp_path):
+    """`t2c.char_condition`: each token's condition is repeated once per byte of its text with
+    that byte's embedding; the T2C trains on it, Stage III adopts it with the T2C, and the
+    echo decoder reads Adapter(H) the same way."""
+    from echox.model.unit_decoder import CharCondition
+
+    cc = CharCondition(4, max_chars=3)
+    cc.token_text = {0: "ab", 1: "", 2: "wxyz"}.__getitem__
+    cond = torch.randn(3, 4)
+    out = cc(cond, [0, 1, 2])
+    assert out.shape == (2 + 1 + 3, 4)  # "ab", one row for no text, "wxy" (max_chars)
+    torch.testing.assert_close(out[0] - out[1], cc.chars.weight[ord("a") + 1] - cc.chars.weight[ord("b") + 1]
+                               + cc.pos.weight[0] - cc.pos.weight[1])
+    torch.testing.assert_close(out[2], cond[1] + cc.chars.weight[0] + cc.pos.weight[0])
+    with pytest.raises(ValueError, match="token ids"):
+        cc(cond, [0, 1])
+
+    m = stages.prepare_model("t2c", preset_config("tiny-random", ["t2c.char_condition=true"]))
+    w0 = m.t2c.char_condition.chars.weight.detach().clone()
+    _run("t2c", tmp_path, model=m, max_steps=2, save_every=0, lr=0.05)
+    assert not torch.equal(m.t2c.char_condition.chars.weight, w0)  # the byte embeddings learn
+    assert m.pseudo_labels([m.tokenizer("Tokyo", add_special_tokens=False)["input_ids"]]) is not None
+    _run("s2t", tmp_path, max_steps=1, save_every=0)
+    e = stages.prepare_model("echo", init=tmp_path / "s2t" / "model", t2c_from=tmp_path / "t2c" / "model")
+    assert e.config.t2c.char_condition
+    torch.testing.assert_close(e.echo.char_condition.chars.weight, m.t2c.char_condition.chars.weight)
+    batch = e.collate([[Turn("user", audio=noise(0.5, 4)), Turn("assistant", text="Tokyo is big.")]])
+    out = e.forward_echo(batch, units=[[1, 2, 3]])
+    out.loss.backward()
+    assert e.echo.char_condition.chars.weight.grad.abs().sum() > 0

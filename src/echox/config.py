@@ -170,6 +170,14 @@ class T2CConfig:
     # says a word of the same kind ("Chile" for "Brazil"). 0 = the authors' condition.
     spelling_dim: int = 0
     spelling_chars: int = 24  # bytes of a token's text that are read
+    # "echox" layout: the condition goes to the decoder one *byte* of text at a time: each
+    # token's vector is repeated once per byte of its text (up to `char_max`), plus that byte's
+    # embedding and its place in the token. The decoder reads the text letter by letter, as
+    # a TTS does, instead of one vector per token that it must learn to pronounce (ours;
+    # docs/results.md, session 16). The echo decoder reads Adapter(H) the same way, so it needs
+    # the segment's token ids.
+    char_condition: bool = False
+    char_max: int = 16
     # "echox" layout: > 0 adds a guided-attention loss (losses.guided_attention_loss) times this
     # weight, pulling each unit's attention over the condition towards the diagonal, so that the
     # T2C reads the text in order instead of skipping or swapping words (docs/results.md,
@@ -219,6 +227,9 @@ class T2CConfig:
         _check(self.spelling_chars >= 1, f"{path}.spelling_chars", "must be >= 1")
         _check(self.spelling_dim == 0 or self.layout == "echox", f"{path}.spelling_dim",
                "only the 'echox' layout has a spelling encoder")
+        _check(self.char_max >= 1, f"{path}.char_max", "must be >= 1")
+        _check(not self.char_condition or self.layout == "echox", f"{path}.char_condition",
+               "only the 'echox' layout reads the text by bytes")
 
 
 @dataclass

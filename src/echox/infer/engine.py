@@ -166,8 +166,10 @@ class Engine:
         return float(F.cosine_similarity(hidden.float(), self.trigger_row, dim=0))
 
     def stream_segment(self, hidden: torch.Tensor, index: int = 0,
-                       stop: threading.Event | None = None) -> Iterator[SpeechPiece]:
+                       stop: threading.Event | None = None,
+                       ids: list[int] | None = None) -> Iterator[SpeechPiece]:
         """States [n, D] of one segment -> audio pieces, made as the echo decoder goes.
+        `ids`: the segment's text tokens (an echo decoder that reads by bytes needs them).
 
         Units are cut into chunks by the config's schedule and rendered by the vocoder's
         streaming API; a piece is yielded as soon as the vocoder returns it. The piece of the
@@ -193,7 +195,7 @@ class Engine:
             n_chunks = 0
             size = cfg.chunk_size(0)
             stream = self.bundle.unit_stream()  # the units of each token as soon as they are known
-            for tok in self.model.iter_units_from_hidden(hidden, sampling):
+            for tok in self.model.iter_units_from_hidden(hidden, sampling, ids):
                 if stopped():
                     return
                 tokens.append(tok)
@@ -235,9 +237,10 @@ class Engine:
         if not stopped():
             yield piece(np.concatenate(rest) if rest else np.zeros(0, dtype=np.float32), True)
 
-    def synthesize_segment(self, hidden: torch.Tensor, index: int = 0) -> SegmentSpeech:
+    def synthesize_segment(self, hidden: torch.Tensor, index: int = 0,
+                           ids: list[int] | None = None) -> SegmentSpeech:
         """States [n, D] of one segment -> echo tokens, units and audio, all at once."""
-        pieces = list(self.stream_segment(hidden, index))
+        pieces = list(self.stream_segment(hidden, index, ids=ids))
         return SegmentSpeech([t for p in pieces for t in p.tokens],
                              [u for p in pieces for u in p.units],
                              np.concatenate([p.audio for p in pieces]))
@@ -274,9 +277,10 @@ class _Pending:
 
 
 def _voice(engine: Engine, hidden: torch.Tensor, index: int,
-           out: queue.SimpleQueue[SpeechPiece | object], stop: threading.Event) -> None:
+           out: queue.SimpleQueue[SpeechPiece | object], stop: threading.Event,
+           ids: list[int] | None = None) -> None:
     """Worker: put the segment's pieces on `out` as they are made."""
-    for piece in engine.stream_segment(hidden, index, stop):
+    for piece in engine.stream_segment(hidden, index, stop, ids=ids):
         out.put(piece)
 
 
@@ -352,7 +356,8 @@ class Session:
         start, end = seg
         h = torch.stack(turn.hidden[start:end])  # [n, D]
         pieces: queue.SimpleQueue[SpeechPiece | object] = queue.SimpleQueue()
-        future = self.engine.pool.submit(_voice, self.engine, h, index, pieces, stop)
+        future = self.engine.pool.submit(_voice, self.engine, h, index, pieces, stop,
+                                         list(turn.tokens[start:end]))
         future.add_done_callback(lambda _: pieces.put(_DONE))  # also runs when cancelled
         pending.append(_Pending(index, pieces, future))
         text = self.engine.model.tokenizer.decode(turn.tokens[start:end], skip_special_tokens=True)

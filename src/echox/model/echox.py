@@ -417,8 +417,19 @@ class EchoX(nn.Module):
             spell.token_text = lambda i: self.tokenizer.decode([i])
         return [e + spell(i).to(e.dtype) for e, i in zip(emb, ids)]
 
+    def _reader(self, decoder: nn.Module, cond: list[torch.Tensor], ids: list[list[int]] | None) -> list[torch.Tensor]:
+        """What a unit decoder (T2C or echo) reads: its token-level conditions, byte by byte
+        when it has a `t2c.char_condition`."""
+        chars = getattr(decoder, "char_condition", None)
+        if chars is None:
+            return cond
+        if chars.token_text is None:
+            chars.token_text = lambda i: self.tokenizer.decode([i])
+        return decoder.expand(cond, ids)
+
     def forward_t2c(self, batch: T2CBatch) -> tuple[torch.Tensor, UnitOutput]:
-        out = self.t2c(self.text_condition(batch.text_ids), batch.units)
+        cond = self._reader(self.t2c, self.text_condition(batch.text_ids), batch.text_ids)
+        out = self.t2c(cond, batch.units)
         return self._unit_loss(out), out
 
     def _unit_loss(self, out: UnitOutput) -> torch.Tensor:
@@ -497,7 +508,7 @@ class EchoX(nn.Module):
         if len(targets) != len(hs):
             raise ValueError(f"{len(hs)} response segments but {len(targets)} unit sequences")
         cond = [self.denoiser(h) for h in hs]  # Adapter(H) per segment
-        uo = self.echo(cond, targets)
+        uo = self.echo(self._reader(self.echo, cond, xs), targets)
         l_echo = self._unit_loss(uo)
         emb = torch.cat(self.text_condition(xs))
         l_den = losses.denoise_loss(torch.cat(cond), emb)
@@ -528,7 +539,7 @@ class EchoX(nn.Module):
         was = self.t2c.training
         self.t2c.eval()
         try:
-            return self.t2c.generate(self.text_condition(text_ids), sampling)
+            return self.t2c.generate(self._reader(self.t2c, self.text_condition(text_ids), text_ids), sampling)
         finally:
             self.t2c.train(was)
 
@@ -560,17 +571,21 @@ class EchoX(nn.Module):
         return self.pseudo_labels(ids, sampling)
 
     @torch.no_grad()
-    def units_from_hidden(self, hidden: list[torch.Tensor], sampling: SamplingConfig | None = None) -> list[list[int]]:
-        """Echo path: Adapter(H) -> echo decoder -> units."""
-        return self.echo.generate([self.denoiser(h.to(self.device)) for h in hidden], sampling)
+    def units_from_hidden(self, hidden: list[torch.Tensor], sampling: SamplingConfig | None = None,
+                          ids: list[list[int]] | None = None) -> list[list[int]]:
+        """Echo path: Adapter(H) -> echo decoder -> units. `ids`: each segment's token ids
+        (needed by an echo decoder that reads its condition by bytes)."""
+        cond = [self.denoiser(h.to(self.device)) for h in hidden]
+        return self.echo.generate(self._reader(self.echo, cond, ids), sampling)
 
     @torch.no_grad()
     def iter_units_from_hidden(
-        self, hidden: torch.Tensor, sampling: SamplingConfig | None = None
+        self, hidden: torch.Tensor, sampling: SamplingConfig | None = None, ids: list[int] | None = None
     ) -> Iterator[int]:
         """`units_from_hidden` for one segment [n, D], yielding units as the echo decoder
         samples them (the streaming engine voices the first ones before the last exist)."""
-        yield from self.echo.iter_generate(self.denoiser(hidden.to(self.device)), sampling)
+        (cond,) = self._reader(self.echo, [self.denoiser(hidden.to(self.device))], None if ids is None else [ids])
+        yield from self.echo.iter_generate(cond, sampling)
 
 
 def _make_adapter(a: SpeechAdapterConfig, d_whisper: int, llm: LLM) -> SpeechAdapter:

@@ -120,6 +120,47 @@ class SpellingEncoder(nn.Module):
         return self.out(x)[inv]
 
 
+class CharCondition(nn.Module):
+    """The condition one byte of text at a time (`t2c.char_condition`).
+
+    Each token's condition vector [D] is repeated once per byte of the token's text (up to
+    `max_chars`; a token with no text keeps one row), and each row gets the embedding of its
+    byte and of its place in the token. `token_text(id)` gives a token's text (EchoX sets it
+    from its tokenizer); each token's bytes are looked up once.
+    """
+
+    def __init__(self, d: int, max_chars: int = 16) -> None:
+        super().__init__()
+        self.max_chars = max_chars
+        self.chars = nn.Embedding(257, d)  # byte + 1; 0: a token with no text
+        self.pos = nn.Embedding(max_chars, d)
+        nn.init.normal_(self.chars.weight, std=0.1)  # about the size of an LLM embedding's entries
+        nn.init.normal_(self.pos.weight, std=0.1)
+        self.token_text: Any = None  # Callable[[int], str]
+        self._bytes: dict[int, list[int]] = {}
+
+    def spell(self, i: int) -> list[int]:
+        b = self._bytes.get(i)
+        if b is None:
+            if self.token_text is None:
+                raise RuntimeError("CharCondition.token_text is not set (EchoX sets it from its tokenizer)")
+            b = [x + 1 for x in self.token_text(i).encode("utf-8")[: self.max_chars]] or [0]
+            self._bytes[i] = b
+        return b
+
+    def forward(self, cond: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """cond [n, D] for the tokens `ids` -> [sum of their byte counts, D]."""
+        if cond.shape[0] != len(ids):
+            raise ValueError(f"{cond.shape[0]} condition rows for {len(ids)} token ids")
+        spelled = [self.spell(int(i)) for i in ids]
+        dev = self.chars.weight.device
+        counts = torch.tensor([len(b) for b in spelled], device=cond.device)
+        chars = torch.tensor([c for b in spelled for c in b], dtype=torch.long, device=dev)
+        pos = torch.tensor([j for b in spelled for j in range(len(b))], dtype=torch.long, device=dev)
+        rows = cond.repeat_interleave(counts, dim=0)
+        return rows + (self.chars(chars) + self.pos(pos)).to(rows.dtype)
+
+
 class UnitDecoder(nn.Module):
     def __init__(self, cfg: T2CConfig, d_cond: int) -> None:
         from transformers import LlamaConfig, LlamaModel
@@ -155,7 +196,18 @@ class UnitDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
         self.spelling = (SpellingEncoder(d_cond, cfg.spelling_dim, cfg.spelling_chars)
                          if cfg.spelling_dim > 0 else None)
+        self.char_condition = CharCondition(d_cond, cfg.char_max) if cfg.char_condition else None
         self.requires_grad_(cfg.trainable)
+
+    def expand(self, cond: list[torch.Tensor], ids: list[list[int]] | None) -> list[torch.Tensor]:
+        """Token-level conditions -> what the decoder reads: byte-level with `char_condition`
+        (then `ids`, each condition's token ids, are needed), else unchanged."""
+        if self.char_condition is None:
+            return cond
+        if ids is None:
+            raise ValueError("this decoder reads its condition by bytes (t2c.char_condition): "
+                             "give the token ids of each condition")
+        return [self.char_condition(c, list(i)) for c, i in zip(cond, ids, strict=True)]
 
     # ---- sequence building ---------------------------------------------------------------
     def _special(self, idx: int, device: torch.device) -> torch.Tensor:

@@ -133,7 +133,7 @@ def _load_t2c(model: EchoX, folder: Path) -> None:
     if diff:
         raise StageError(f"--t2c-from {folder}: its T2C differs from the model's in {diff}")
     own = {"spelling_dim": 0, "spelling_chars": 24, "align_weight": 0.0, "align_sigma": 0.2,
-           "align_heads": 0}
+           "align_heads": 0, "char_condition": False, "char_max": 16}
     if any(theirs.get(k, v) != ours[k] for k, v in own.items()):
         # a spelling encoder only adds to the T2C's condition, and the guided-attention loss
         # only to its training loss: take the Stage II config (the echo decoder is its copy)
