@@ -27,6 +27,7 @@ STEP=${STEP:-all}
 VOICE=${VOICE:-en-gb}          # a further training voice (never en-us: the test voice)
 ASR_EXTRA=${ASR_EXTRA-recipes/tiny/asr_extra.jsonl}  # questions about non-corpus subjects, as ASR turns
 S2T_RUN=${S2T_RUN:-$R/s2t}     # Stage I's run folder; echo and gold start from its model/
+T2C_RUN=${T2C_RUN:-$R/t2c}     # Stage II's run folder; echo and gold take its best/ T2C
 KM=recipes/tiny/vocoder-k500/km500.joblib
 VOCODER=recipes/tiny/vocoder-k500/vocoder
 VOCAB=${VOCAB:-2000}
@@ -91,17 +92,17 @@ if run s2t; then
 fi
 if run t2c; then
   extra=(); [ -f "$DATA/tts_extra/tts_units.jsonl" ] && extra=("$DATA/tts_extra/tts_units.jsonl")
-  $ECHOX train t2c --recipe recipes/tiny/t2c.yaml --out "$R/t2c" --max-steps "$T2C_STEPS" --resume \
+  $ECHOX train t2c --recipe recipes/tiny/t2c.yaml --out "$T2C_RUN" --max-steps "$T2C_STEPS" --resume \
       --data "$DATA/train/tts_units.jsonl" "${extra[@]}" --eval-data "$DATA/test/tts_units.jsonl" \
       "${common[@]}"
 fi
 if run echo; then
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$R/t2c/best" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$T2C_RUN/best" \
       --out "$R/echo" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$R/t2c/best" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$T2C_RUN/best" \
       --target gold-units --out "$R/gold" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
