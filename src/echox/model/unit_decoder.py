@@ -73,7 +73,27 @@ def decoder_step(model: nn.Module, lm_head: nn.Module, embeds: torch.Tensor, mas
     return lm_head(h), h, output_cache(out)
 
 
-class SpellingEncoder(nn.Module):
+class _ReadsTokenText(nn.Module):
+    """A module that reads the bytes of each token's text: `token_text(id)` gives the text (the
+    owner, EchoX, sets it from its tokenizer); each token's first `max_chars` bytes (+ 1, so 0
+    can pad) are looked up once."""
+
+    def __init__(self, max_chars: int) -> None:
+        super().__init__()
+        self.max_chars = max_chars
+        self.token_text: Any = None  # Callable[[int], str]
+        self._bytes: dict[int, list[int]] = {}
+
+    def token_bytes(self, i: int) -> list[int]:
+        b = self._bytes.get(i)
+        if b is None:
+            if self.token_text is None:
+                raise RuntimeError(f"{type(self).__name__}.token_text is not set (EchoX sets it from its tokenizer)")
+            b = self._bytes[i] = [x + 1 for x in self.token_text(i).encode("utf-8")[: self.max_chars]]
+        return b
+
+
+class SpellingEncoder(_ReadsTokenText):
     """What each text token spells, as a vector added to its condition (`t2c.spelling_dim`).
 
     The bytes of a token's text (up to `max_chars`) are embedded with their positions, go
@@ -84,8 +104,7 @@ class SpellingEncoder(nn.Module):
     """
 
     def __init__(self, d_out: int, dim: int, max_chars: int = 24) -> None:
-        super().__init__()
-        self.max_chars = max_chars
+        super().__init__(max_chars)
         self.chars = nn.Embedding(257, dim, padding_idx=0)  # byte + 1; 0 pads
         self.pos = nn.Embedding(max_chars, dim)
         self.conv1 = nn.Conv1d(dim, dim, 3, padding=1)
@@ -93,17 +112,11 @@ class SpellingEncoder(nn.Module):
         self.out = nn.Linear(dim, d_out)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.token_text: Any = None  # Callable[[int], str]
-        self._bytes: dict[int, list[int]] = {}
 
     def _spell(self, ids: list[int]) -> torch.Tensor:
-        if self.token_text is None:
-            raise RuntimeError("SpellingEncoder.token_text is not set (EchoX sets it from its tokenizer)")
         rows = torch.zeros(len(ids), self.max_chars, dtype=torch.long)
         for r, i in enumerate(ids):
-            b = self._bytes.get(i)
-            if b is None:
-                b = self._bytes[i] = [x + 1 for x in self.token_text(i).encode("utf-8")[: self.max_chars]]
+            b = self.token_bytes(i)
             rows[r, : len(b)] = torch.tensor(b, dtype=torch.long)
         return rows
 
@@ -120,7 +133,7 @@ class SpellingEncoder(nn.Module):
         return self.out(x)[inv]
 
 
-class CharCondition(nn.Module):
+class CharCondition(_ReadsTokenText):
     """The condition one byte of text at a time (`t2c.char_condition`).
 
     Each token's condition vector [D] is repeated once per byte of the token's text (up to
@@ -130,29 +143,17 @@ class CharCondition(nn.Module):
     """
 
     def __init__(self, d: int, max_chars: int = 16) -> None:
-        super().__init__()
-        self.max_chars = max_chars
+        super().__init__(max_chars)
         self.chars = nn.Embedding(257, d)  # byte + 1; 0: a token with no text
         self.pos = nn.Embedding(max_chars, d)
         nn.init.normal_(self.chars.weight, std=0.1)  # about the size of an LLM embedding's entries
         nn.init.normal_(self.pos.weight, std=0.1)
-        self.token_text: Any = None  # Callable[[int], str]
-        self._bytes: dict[int, list[int]] = {}
-
-    def spell(self, i: int) -> list[int]:
-        b = self._bytes.get(i)
-        if b is None:
-            if self.token_text is None:
-                raise RuntimeError("CharCondition.token_text is not set (EchoX sets it from its tokenizer)")
-            b = [x + 1 for x in self.token_text(i).encode("utf-8")[: self.max_chars]] or [0]
-            self._bytes[i] = b
-        return b
 
     def forward(self, cond: torch.Tensor, ids: list[int]) -> torch.Tensor:
         """cond [n, D] for the tokens `ids` -> [sum of their byte counts, D]."""
         if cond.shape[0] != len(ids):
             raise ValueError(f"{cond.shape[0]} condition rows for {len(ids)} token ids")
-        spelled = [self.spell(int(i)) for i in ids]
+        spelled = [self.token_bytes(int(i)) or [0] for i in ids]
         dev = self.chars.weight.device
         counts = torch.tensor([len(b) for b in spelled], device=cond.device)
         chars = torch.tensor([c for b in spelled for c in b], dtype=torch.long, device=dev)

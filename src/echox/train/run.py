@@ -168,7 +168,9 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
         return (train, ev, make_s2t_collator(model.prompt, model.tokenizer, units="ignore"),
                 {"ctc_only": True} if cfg.ctc_only else {})
     gold = cfg.target == "gold-units"
-    turns = [train[i].turns for i in range(len(train))]
+    offline = not gold and cfg.pseudo_labels == "offline"
+    # every training dialogue, loaded once, for the steps that run the S2T model over them all
+    turns = [train[i].turns for i in range(len(train))] if cfg.freeze_s2t or offline else []
     states = ev_states = None
     if cfg.freeze_s2t:  # the frozen S2T model runs once per dialogue, not once per step
         root = Path(cfg.output_dir) / "states"
@@ -176,7 +178,7 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
         if ev is not None:
             ev_states = stages.precompute_states(model, [ev[i].turns for i in range(len(ev))], root)
     extras = None
-    if not gold and cfg.pseudo_labels == "offline":
+    if offline:
         extras = stages.precompute_pseudo_labels(
             model, turns, Path(cfg.output_dir) / "pseudo_labels.jsonl", cut=cfg.cut_segments, states=states)
         extras = [(e.segments, e.units) for e in extras]
