@@ -33,7 +33,7 @@ VOCODER=recipes/tiny/vocoder-k500/vocoder
 VOCAB=${VOCAB:-2000}
 CTC_RUN=${CTC_RUN:-$R/ctc}     # the CTC-only pre-training's run folder; Stage I starts from its model/
 CTC_STEPS=${CTC_STEPS:-2000}   # batches of 32 ASR clips (0 = no CTC-only pre-training)
-S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-4000}; ECHO_STEPS=${ECHO_STEPS:-1500}
+S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-3000}; ECHO_STEPS=${ECHO_STEPS:-1000}  # the shipped v1
 TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all 17,952)
 # UNITS_WINDOW=10: extract units in 10 s Whisper windows, 4.4x faster than the 30 s the k-means
 # and vocoder were trained on; the vocoder's WER on them was 0.223 vs 0.215 (40 answers,
@@ -102,6 +102,10 @@ if run echo; then
       --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
+  # the same frozen S2T model: it reads the response states Stage III cached (keyed by the S2T
+  # weights, so a stale entry is never read)
+  mkdir -p "$R/echo/states" "$R/gold"
+  [ -e "$R/gold/states" ] || ln -s ../echo/states "$R/gold/states"
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$T2C_RUN/best" \
       --target gold-units --out "$R/gold" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
