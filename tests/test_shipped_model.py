@@ -20,15 +20,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_output(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("demo") / "answer.wav"
-    mp = pytest.MonkeyPatch()
-    mp.delenv("ECHOX_MODEL", raising=False)  # the embedded bundle
-    try:
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            assert main(["demo", "-o", str(out)]) == 0
-        return buf.getvalue()
-    finally:
-        mp.undo()
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        mp.delenv("ECHOX_MODEL", raising=False)  # the embedded bundle
+        assert main(["demo", "-o", str(out)]) == 0
+    return buf.getvalue()
 
 
 def _line(text: str, label: str) -> str:
