@@ -5,6 +5,8 @@
 #   LIMIT=450 S2T_STEPS=300 bash recipes/tiny/pipeline.sh   # a smaller run
 #   STEP=t2c bash recipes/tiny/pipeline.sh        # one step only (data, units, mix, ttsx, s2t,
 #                                                 #  t2c, echo, gold, bundle, eval)
+#   STEP=data,units,ttsx,t2c THREADS=2 OMP_NUM_THREADS=2 bash ...  # several steps in order, on
+#                                                 #  both cores
 #   BIGBENCH=/path/to/bigbench STEP=ttsx bash ... # extra T2C sentences (make_tts_text.py)
 #   S2T_THREADS=2 OMP_NUM_THREADS=2 STEP=s2t bash ...  # Stage I alone on both cores
 #   S2T_INIT=recipes/tiny/s2t-warm S2T_RUN=runs/tiny/s2t2 STEP=s2t bash ...  # continue the kept
@@ -28,6 +30,9 @@ VOICE=${VOICE:-en-gb}          # a further training voice (never en-us: the test
 ASR_EXTRA=${ASR_EXTRA-recipes/tiny/asr_extra.jsonl}  # questions about non-corpus subjects, as ASR turns
 S2T_RUN=${S2T_RUN:-$R/s2t}     # Stage I's run folder; echo and gold start from its model/
 T2C_RUN=${T2C_RUN:-$R/t2c}     # Stage II's run folder; echo and gold take its best/ T2C
+ECHO_RUN=${ECHO_RUN:-$R/echo}  # Stage III's run folder, and the gold-unit baseline's
+GOLD_RUN=${GOLD_RUN:-$R/gold}
+THREADS=${THREADS:-1}          # torch threads of the T2C/Echo/gold/units steps (S2T: S2T_THREADS)
 KM=recipes/tiny/vocoder-k500/km500.joblib
 VOCODER=recipes/tiny/vocoder-k500/vocoder
 VOCAB=${VOCAB:-2000}
@@ -35,11 +40,13 @@ CTC_RUN=${CTC_RUN:-$R/ctc}     # the CTC-only pre-training's run folder; Stage I
 CTC_STEPS=${CTC_STEPS:-2000}   # batches of 32 ASR clips (0 = no CTC-only pre-training)
 S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-3000}; ECHO_STEPS=${ECHO_STEPS:-1000}  # the shipped v1
 TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all 17,952)
+# their units come from 10 s windows (4.4x faster; the sentences are short, see UNITS_WINDOW)
+TTSX_WINDOW=${TTSX_WINDOW:-10}
 # UNITS_WINDOW=10: extract units in 10 s Whisper windows, 4.4x faster than the 30 s the k-means
 # and vocoder were trained on; the vocoder's WER on them was 0.223 vs 0.215 (40 answers,
 # docs/units.md). Off by default: the measured T2Cs were trained on 30 s units.
-run() { [ "$STEP" = all ] || [ "$STEP" = "$1" ]; }
-common=(--threads 1 --set "data.unit_language=$R/units/language")
+run() { [ "$STEP" = all ] || [[ ",$STEP," == *",$1,"* ]]; }  # STEP=all, one step, or a list: units,t2c
+common=(--threads "$THREADS" --set "data.unit_language=$R/units/language")
 
 if run data; then
   $ECHOX data build-tiny --out "$DATA" ${LIMIT:+--limit $LIMIT}
@@ -50,7 +57,7 @@ fi
 if run units; then
   for s in train test; do
     $ECHOX units extract --manifest "$DATA/$s/tts.jsonl" --kmeans "$KM" --out "$DATA/$s/tts_units.jsonl" \
-        ${UNITS_WINDOW:+--window-seconds $UNITS_WINDOW}
+        --threads "$THREADS" ${UNITS_WINDOW:+--window-seconds $UNITS_WINDOW}
   done
   [ -f "$R/units/language/unit_language.json" ] || $ECHOX units train-language \
       --manifest "$DATA/train/tts_units.jsonl" --num-units 500 --vocab-size "$VOCAB" --out "$R/units/language"
@@ -63,8 +70,8 @@ if run ttsx; then  # more for the T2C to learn pronunciation from: qa_wikidata f
   if [ -n "${BIGBENCH:-}" ]; then
     .venv/bin/python recipes/tiny/make_tts_text.py --source "$BIGBENCH" --corpus "$DATA" \
         --out "$DATA/tts_extra" --limit "$TTSX_LIMIT" --workers 2
-    $ECHOX units extract --manifest "$DATA/tts_extra/tts.jsonl" --kmeans "$KM" \
-        --out "$DATA/tts_extra/tts_units.jsonl" ${UNITS_WINDOW:+--window-seconds $UNITS_WINDOW}
+    $ECHOX units extract --manifest "$DATA/tts_extra/tts.jsonl" --kmeans "$KM" --threads "$THREADS" \
+        --out "$DATA/tts_extra/tts_units.jsonl" ${TTSX_WINDOW:+--window-seconds $TTSX_WINDOW}
   else
     echo "ttsx: BIGBENCH (the BIG-bench sdist or folder, see make_questions.py) is not set; skipped" >&2
   fi
@@ -98,16 +105,16 @@ if run t2c; then
 fi
 if run echo; then
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$T2C_RUN/best" \
-      --out "$R/echo" --max-steps "$ECHO_STEPS" --resume \
+      --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
   # the same frozen S2T model: it reads the response states Stage III cached (keyed by the S2T
   # weights, so a stale entry is never read)
-  mkdir -p "$R/echo/states" "$R/gold"
-  [ -e "$R/gold/states" ] || ln -s ../echo/states "$R/gold/states"
+  mkdir -p "$ECHO_RUN/states" "$GOLD_RUN"
+  [ -e "$GOLD_RUN/states" ] || ln -s "$(realpath --relative-to="$GOLD_RUN" "$ECHO_RUN/states")" "$GOLD_RUN/states"
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$T2C_RUN/best" \
-      --target gold-units --out "$R/gold" --max-steps "$ECHO_STEPS" --resume \
+      --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
 if run bundle; then
