@@ -167,6 +167,37 @@ def test_export_keeps_only_trained_parts(make_model, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_export_drop_echo_gives_a_stage_one_model(make_model, tmp_path, capsys):
+    """`--drop-echo` of a model trained by stages s2t and echo (a shipped bundle): the copy has
+    the adapter and LoRA only, records stage s2t alone, and a new Stage III run from it starts
+    its echo decoder again as a copy of the given T2C (not the old echo decoder)."""
+    from echox.cli import main
+    from echox.train.stages import prepare_model
+
+    m = make_model()
+    _perturb(m)
+    m.trained_stages = ["s2t", "echo"]
+    src = m.save_pretrained(tmp_path / "bundle", omit_parts=("t2c",))
+    out = tmp_path / "s2t-only"
+    assert main(["train", "export", "--model", str(src), "--drop-echo", "--out", str(out)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["trained_stages"] == ["s2t"]
+    assert rep["omitted_parts"] == ["t2c", "echo", "denoiser"]
+    back = EchoX.from_pretrained(out)
+    assert back.trained_stages == ["s2t"]
+    _same_s2t_to_fp16(m, back)
+    t2c_model = make_model()
+    with torch.no_grad():
+        for p in t2c_model.t2c.parameters():
+            p.add_(0.5)
+    t2c_model.trained_stages = ["t2c"]
+    t2c = t2c_model.save_pretrained(tmp_path / "t2c")
+    echo = prepare_model("echo", init=out, t2c_from=t2c)
+    torch.testing.assert_close(echo.echo.state_dict(), t2c_model.t2c.state_dict())
+    kept = prepare_model("echo", init=src, t2c_from=t2c)  # without it the old echo decoder stays
+    assert not torch.equal(next(iter(kept.echo.parameters())), next(iter(echo.echo.parameters())))
+
+
 def test_added_token_rows_come_from_the_gathered_state(make_model, tmp_path):
     """Under FSDP the live weights are shards (FSDP1: a flat slice or empty; FSDP2: a DTensor
     whose indexing is a collective, a hang when only rank 0 saves): the rows of added tokens

@@ -3,8 +3,8 @@
 #
 #   bash recipes/tiny/pipeline.sh                 # the full corpus (3,300 train / 300 test)
 #   LIMIT=450 S2T_STEPS=300 bash recipes/tiny/pipeline.sh   # a smaller run
-#   STEP=t2c bash recipes/tiny/pipeline.sh        # one step only (data, units, mix, ttsx, s2t,
-#                                                 #  t2c, echo, gold, bundle, eval)
+#   STEP=t2c bash recipes/tiny/pipeline.sh        # one step only (data, mix, units, ttsx, ctc,
+#                                                 #  s2t, t2c, echo, gold, bundle, eval)
 #   STEP=data,units,ttsx,t2c THREADS=2 OMP_NUM_THREADS=2 bash ...  # several steps in order, on
 #                                                 #  both cores
 #   BIGBENCH=/path/to/bigbench STEP=ttsx bash ... # extra T2C sentences (make_tts_text.py)
@@ -30,6 +30,9 @@ VOICE=${VOICE:-en-gb}          # a further training voice (never en-us: the test
 ASR_EXTRA=${ASR_EXTRA-recipes/tiny/asr_extra.jsonl}  # questions about non-corpus subjects, as ASR turns
 S2T_RUN=${S2T_RUN:-$R/s2t}     # Stage I's run folder; echo and gold start from its model/
 T2C_RUN=${T2C_RUN:-$R/t2c}     # Stage II's run folder; echo and gold take its best/ T2C
+# the Stage I model Echo and gold start from; on a new machine, the shipped bundle's S2T:
+# S2T_MODEL=src/echox/assets/models/tiny (its slim, float16 adapter and LoRA)
+S2T_MODEL=${S2T_MODEL:-$S2T_RUN/model}
 ECHO_RUN=${ECHO_RUN:-$R/echo}  # Stage III's run folder, and the gold-unit baseline's
 GOLD_RUN=${GOLD_RUN:-$R/gold}
 THREADS=${THREADS:-1}          # torch threads of the T2C/Echo/gold/units steps (S2T: S2T_THREADS)
@@ -104,7 +107,7 @@ if run t2c; then
       "${common[@]}"
 fi
 if run echo; then
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$T2C_RUN/best" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_RUN/best" \
       --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
@@ -113,25 +116,19 @@ if run gold; then  # the baseline the paper argues against: same steps, gold uni
   # weights, so a stale entry is never read)
   mkdir -p "$ECHO_RUN/states" "$GOLD_RUN"
   [ -e "$GOLD_RUN/states" ] || ln -s "$(realpath --relative-to="$GOLD_RUN" "$ECHO_RUN/states")" "$GOLD_RUN/states"
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_RUN/model" --t2c-from "$T2C_RUN/best" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_RUN/best" \
       --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
-if run bundle; then
-  for m in echo gold; do
-    [ -d "$R/$m/model" ] && $ECHOX bundle --model "$R/$m/model" --vocoder "$VOCODER" \
-        --unit-language "$R/units/language" --slim --out "$R/bundle-$m"
+if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
+  for run_dir in "$ECHO_RUN" "$GOLD_RUN"; do
+    [ -d "$run_dir/model" ] && $ECHOX bundle --model "$run_dir/model" --vocoder "$VOCODER" \
+        --unit-language "$R/units/language" --slim --out "$R/bundle-$(basename "$run_dir")"
   done
 fi
-if run eval; then
-  for m in echo gold; do
-    for mode in s2t s2s; do
-      $ECHOX eval --model "$R/bundle-$m" --benchmark "local:$DATA/test/qa.jsonl" --mode "$mode" \
-          --out "$R/eval/$m-$mode"
-    done
-    $ECHOX eval --model "$R/bundle-$m" --benchmark "local:$DATA/test/qa_espeak.jsonl" --mode s2t \
-        --out "$R/eval/$m-s2t-espeak"
-  done
-  $ECHOX eval --mode text --config recipes/tiny/model.yaml --benchmark "local:$DATA/test/qa.jsonl" \
-      --out "$R/eval/text"
+if run eval; then  # the model card's table on the 300 test questions (bench/tiny_results.py):
+  # text LLM, S2T, S2S, espeak-ng S2T, ASR-WER, T2C WER, first-audio latency, the gap's interval
+  .venv/bin/python bench/tiny_results.py --echo "$R/bundle-$(basename "$ECHO_RUN")" \
+      --gold "$R/bundle-$(basename "$GOLD_RUN")" --t2c "$T2C_RUN/best" --data "$DATA/test" \
+      --config recipes/tiny/model.yaml --out "${RESULTS:-$R/results}" --threads "$THREADS"
 fi

@@ -7,7 +7,11 @@ not: a Stage I model carries a T2C, an echo decoder and a denoiser that no stage
 (for the tiny model 24 of its 37 M stored parameters). The export keeps only what a trained
 stage wrote (the parts no stage trained are left out and get their initial weights again on
 load), in float16 by default. `--drop-t2c` also leaves out a trained T2C, as a shipped bundle
-does. The copy is an ordinary EchoX checkpoint: `--init` of `echox train`, `EchoX.from_pretrained`.
+does. `--drop-echo` leaves out a trained echo decoder and denoiser and records the model as not
+trained by Stage III: the Stage I model inside a bundle, for a new Stage III run whose echo
+decoder starts again from its T2C (`echox train export --model src/echox/assets/models/tiny
+--drop-echo --out runs/tiny/s2t-v1`). The copy is an ordinary EchoX checkpoint: `--init` of
+`echox train`, `EchoX.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ def export_options(p: argparse.ArgumentParser) -> None:
                    help="weights' storage type (loading casts back to the model's); default float16")
     p.add_argument("--drop-t2c", action="store_true",
                    help="leave out the T2C even if trained (inference never runs it)")
+    p.add_argument("--drop-echo", action="store_true",
+                   help="leave out the echo decoder and denoiser even if trained, and drop stage "
+                        "echo from the copy's trained stages (a Stage I model to start Stage III again)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -52,6 +59,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists():
         raise CheckpointError(f"--out {out} already exists; give a new folder")
     model = EchoX.from_pretrained(src)
+    if args.drop_echo:
+        if model.t2c is model.echo and "t2c" in model.trained_stages and not args.drop_t2c:
+            raise CheckpointError("--drop-echo: with t2c.layout=authors the echo decoder is the "
+                                  "trained T2C; add --drop-t2c to leave out both")
+        model.trained_stages = [s for s in model.trained_stages if s != "echo"]
     omit = untrained_parts(model.trained_stages, args.drop_t2c, shared_t2c_echo=model.t2c is model.echo)
     model.save_pretrained(out, omit_parts=omit, dtype=DTYPES[args.dtype])
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
