@@ -15,12 +15,16 @@ system prompt); the others add one setting each, and `fast` adds them all:
 - `bf16`     train.precision: bf16 (autocast; weights and optimizer stay fp32);
 - `group`    train.group_by_length: batches of similar length;
 - `prompt`   the short system prompt of the tiny recipes (`--short-prompt`);
+- `share`    train.share_prompt: the tokens every row starts with (system prompt, chat
+             template) run once per batch, their KV cache shared (on in every row below;
+             the rows above, `defaults` included, turn it off);
 - `ctc`      (S2T only) `fast` with train.ctc_only: the adapter on the CTC loss alone, the
              LLM never runs (its loss column is the CTC loss, and its tokens are not run);
 - `ctc-vocab` the same with train.ctc_vocab: transcripts (the CTC softmax over the token
              ids of the timed examples' transcripts, or of `--ctc-vocab-data`'s, instead of
              the whole vocabulary);
-- `fast-vocab` (S2T only) `fast` with train.ctc_vocab: transcripts (whole Stage I steps).
+- `fast-vocab` (S2T only) `fast` with train.ctc_vocab: transcripts (whole Stage I steps);
+  `fast-vocab-noshare` the same without train.share_prompt.
 
 Echo is timed on gold units of each answer (the baseline target, same shapes as offline
 pseudo-labels) so that no T2C decode runs inside the timing. Columns: examples/s, tokens/s
@@ -47,17 +51,23 @@ from typing import Any
 import torch
 
 SHORT_PROMPT = "Answer in one short sentence."
+NO_SHARE = {"share_prompt": False}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "cache": {"cache_encoder": True},
-    "bf16": {"precision": "bf16"},
-    "group": {"group_by_length": True},
-    "prompt": {"prompt": SHORT_PROMPT},
+    "defaults": {**NO_SHARE},
+    "cache": {"cache_encoder": True, **NO_SHARE},
+    "bf16": {"precision": "bf16", **NO_SHARE},
+    "group": {"group_by_length": True, **NO_SHARE},
+    "prompt": {"prompt": SHORT_PROMPT, **NO_SHARE},
+    # train.share_prompt: the tokens all rows start with run once per batch
+    "share": {},
     "fast": {"cache_encoder": True, "precision": "bf16", "group_by_length": True, "prompt": SHORT_PROMPT},
     # S2T only: `fast` on the CTC loss alone (train.ctc_only), over the whole vocabulary and
     # over the training transcripts' token ids (train.ctc_vocab: transcripts)
     "fast-vocab": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
                    "prompt": SHORT_PROMPT, "ctc_vocab": "transcripts"},
+    # the same without train.share_prompt (what `fast-vocab` was before it)
+    "fast-vocab-noshare": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
+                           "prompt": SHORT_PROMPT, "ctc_vocab": "transcripts", **NO_SHARE},
     "ctc": {"cache_encoder": True, "precision": "bf16", "group_by_length": True, "prompt": SHORT_PROMPT,
             "ctc_only": True},
     "ctc-vocab": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
@@ -67,7 +77,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frozen": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
                "prompt": SHORT_PROMPT, "freeze_s2t": True},
 }
-S2T_ONLY = ("fast-vocab", "ctc", "ctc-vocab")
+S2T_ONLY = ("fast-vocab", "fast-vocab-noshare", "ctc", "ctc-vocab")
 ECHO_ONLY = ("frozen",)
 T2C_VARIANTS = ("defaults", "bf16", "group", "fast")
 

@@ -142,3 +142,45 @@ def test_stopped_rows_leave_the_batch_and_the_cache():
                  [stop], SamplingConfig(temperature=0.0, max_new_tokens=10))
     assert res.tokens == [[], [1, 1], [1]] and res.stopped == [True, True, True]
     assert sizes == [3, 2, 1]
+
+
+def test_shared_prompt_prefix_runs_once_with_the_same_answers(make_model):
+    """generate_text runs the tokens all rows start with (system prompt, template) once and
+    each row's own inputs after its padding: the tokens and states are those of the plain
+    left-padded prefill of every row's whole prompt."""
+    from echox.model.echox import shared_prefix_length
+    from echox.model.generation import decode
+
+    m = make_model()
+    m.eval()
+    dialogues = [_dialogues()[0], [Turn("user", audio=noise(1.1, 7))], _dialogues()[1]]
+    s = SamplingConfig(max_new_tokens=12)
+    batch = m.collate(dialogues, add_generation_prompt=True)
+    p = shared_prefix_length(batch.input_ids, batch.attention_mask, m.llm.audio_token_id)
+    assert p > 0  # the chat template's start at least
+    merged, _ = m.embed_inputs(batch, padding_side="left")
+    with torch.no_grad():
+        plain = decode(m._llm_step, m.llm.embed, merged.inputs_embeds, merged.attention_mask,
+                       m.llm.stop_ids, s, suppress_ids=m.llm.added_token_ids)
+    calls = []
+    step = m._llm_step
+    m._llm_step = lambda e, *a: calls.append(e.shape) or step(e, *a)
+    got = m.generate_text(dialogues, s)
+    assert got.token_ids == plain.tokens
+    for a, b in zip(got.hidden, plain.hidden):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert calls[0] == (1, p, m.llm.hidden_size)  # the shared tokens: one row, once
+    assert calls[1][0] == 3 and calls[1][1] == merged.inputs_embeds.shape[1] - p
+
+
+def test_shared_prefix_length_rules():
+    from echox.model.echox import shared_prefix_length
+
+    ids = torch.tensor([[1, 2, 3, 9, 5, 0], [1, 2, 3, 4, 0, 0], [1, 2, 7, 4, 4, 4]])
+    mask = (ids != 0).long()
+    assert shared_prefix_length(ids, mask, audio_token_id=99) == 2
+    assert shared_prefix_length(ids[:2], mask[:2], audio_token_id=99) == 3  # row 1: 4 tokens
+    assert shared_prefix_length(ids[:2], mask[:2], audio_token_id=3) == 2  # stops at audio
+    assert shared_prefix_length(ids[1:2], mask[1:2], audio_token_id=99) == 3  # keeps one own
+    one = torch.tensor([[1, 0]])
+    assert shared_prefix_length(one, (one != 0).long(), audio_token_id=99) == 0

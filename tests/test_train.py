@@ -564,3 +564,32 @@ def test_char_condition_reads_the_text_byte_by_byte(tmp_path):
     out = e.forward_echo(batch, units=[[1, 2, 3]])
     out.loss.backward()
     assert e.echo.char_condition.chars.weight.grad.abs().sum() > 0
+
+
+def test_shared_prompt_runs_once_with_the_same_loss_and_gradients(make_model):
+    """A Stage I batch runs the tokens every row starts with once (their KV cache repeated for
+    the rows): the loss, logits, hidden states and every gradient are those of one pass over
+    the whole batch. A multi-turn row with text before its audio shares less."""
+    m = make_model(["llm.lora.dropout=0.0"])
+    batch = m.collate(dialogues(3) + [[Turn("user", text="Hi."), Turn("assistant", text="Hello."),
+                                        Turn("user", audio=noise(0.7, 9), transcript="q"),
+                                        Turn("assistant", text="Sure.")]])
+    calls = []
+    llm_forward = m.llm.forward
+    m.llm.forward = lambda e, *a, **k: calls.append(tuple(e.shape[:2])) or llm_forward(e, *a, **k)
+    split = m.forward_s2t(batch)
+    assert len(calls) == 2 and calls[0][0] == 1 and calls[0][1] > 0  # the shared part: one row
+    split.loss.backward()
+    g_split = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    calls.clear()
+    full = m.forward_s2t(batch, share_prompt=False)  # one pass over the whole batch
+    assert len(calls) == 1
+    full.loss.backward()
+    g_full = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(split.loss, full.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split.logits, full.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split.hidden, full.hidden, rtol=1e-4, atol=1e-5)
+    assert g_split.keys() == g_full.keys() and any("lora_" in n for n in g_full)
+    for n in g_full:
+        torch.testing.assert_close(g_split[n], g_full[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -377,12 +377,18 @@ class EchoX(nn.Module):
         )
 
     # ---- Stage I: S2T --------------------------------------------------------------------
-    def forward_s2t(self, batch: S2TBatch) -> S2TOutput:
+    def forward_s2t(self, batch: S2TBatch, share_prompt: bool = True) -> S2TOutput:
+        """Stage I's loss. `share_prompt`: the leading tokens every row has (system prompt,
+        chat template) run once for the batch (the same loss and gradients, less work)."""
         merged, speech = self.embed_inputs(batch)
         targets = merged.labels[:, 1:]  # position p predicts the label at p + 1
         keep = torch.nonzero((targets != IGNORE).any(0)).flatten()
-        out: LLMOutput = self.llm(merged.inputs_embeds, merged.attention_mask, merged.position_ids,
-                                  logits_to_keep=keep if keep.numel() else 1)
+        p = self._shared_prompt(batch, merged, keep) if share_prompt else 0
+        if p:
+            out = self._llm_shared_prefix(merged, p, keep)
+        else:
+            out = self.llm(merged.inputs_embeds, merged.attention_mask, merged.position_ids,
+                           logits_to_keep=keep if keep.numel() else 1)
         if keep.numel():
             ce = losses.aligned_ce_loss(out.logits, targets[:, keep])
         else:
@@ -393,6 +399,36 @@ class EchoX(nn.Module):
             ctc = ce.new_zeros(())
         loss = self.config.loss.s2t_weight * ce + self.config.loss.ctc_weight * ctc
         return S2TOutput(out.logits, out.hidden, merged, speech, loss, ce, ctc)
+
+    def _shared_prompt(self, batch: S2TBatch, merged: MergedInputs, keep: torch.Tensor) -> int:
+        """How many leading positions (system prompt, chat template) every row of a training
+        batch shares and no loss reads: they run once for the batch (`_llm_shared_prefix`).
+        0 when there is nothing to share (one row, or a label inside the shared tokens)."""
+        b = batch.input_ids.shape[0]
+        if b < 2 or not keep.numel():
+            return 0
+        p = shared_prefix_length(batch.input_ids, batch.attention_mask, self.llm.audio_token_id)
+        # the shared tokens come before any speech block, so they sit at the same merged
+        # positions; position p - 1 would predict the label at p, so no kept logit may be there
+        return min(p, int(keep[0]))
+
+    def _llm_shared_prefix(self, merged: MergedInputs, p: int, keep: torch.Tensor) -> LLMOutput:
+        """The LLM over a right-padded batch whose first `p` inputs are the same in every row:
+        those run once (one row, their KV cache repeated for all rows, gradients summed back
+        through the repeat) and the rest of each row attends to them. The same logits and
+        hidden states as one pass over the whole batch, for about (L - p) / L of its cost."""
+        b = merged.inputs_embeds.shape[0]
+        mask = merged.attention_mask
+        head = self.llm(merged.inputs_embeds[:1, :p], mask[:1, :p], merged.position_ids[:1, :p],
+                        use_cache=True, logits_to_keep=1)
+        cache = head.past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):  # a cache that cannot repeat rows
+            return self.llm(merged.inputs_embeds, mask, merged.position_ids, logits_to_keep=keep)
+        cache.batch_repeat_interleave(b)
+        tail = self.llm(merged.inputs_embeds[:, p:], mask, merged.position_ids[:, p:],
+                        past_key_values=cache, logits_to_keep=keep - p)
+        hidden = torch.cat([head.hidden.expand(b, -1, -1), tail.hidden], dim=1)
+        return LLMOutput(tail.logits, hidden, None)
 
     def ctc_only_loss(self, batch: S2TBatch) -> torch.Tensor:
         """Stage I with `train.ctc_only`: the adapter alone learns to hear (CTC on the
@@ -489,7 +525,7 @@ class EchoX(nn.Module):
         return hs, xs
 
     def forward_echo(self, batch: S2TBatch, units: list[list[int]] | None = None,
-                     cut: bool = False) -> EchoOutput:
+                     cut: bool = False, share_prompt: bool = True) -> EchoOutput:
         """L = L_echo + λ·L_den + L_S2T. `units`: gold or precomputed pseudo-labels per segment;
         None decodes pseudo-labels online with the frozen T2C. `cut` splits responses where
         the streaming trigger would (unless the batch carries its segments)."""
@@ -497,7 +533,7 @@ class EchoX(nn.Module):
             responses = self.cached_response_states(batch)
             l_s2t = responses[0][0].new_zeros((), dtype=torch.float32)
         else:
-            s2t = self.forward_s2t(batch)
+            s2t = self.forward_s2t(batch, share_prompt)
             responses, l_s2t = self.response_states(s2t, batch), s2t.loss
         hs, xs = self.segment_states(responses, batch.segments, cut)
         if not hs:
@@ -522,7 +558,7 @@ class EchoX(nn.Module):
             if kw.get("ctc_only"):
                 ctc = self.ctc_only_loss(batch)  # type: ignore[arg-type]
                 return StepOutput(ctc, {"ctc": ctc.item()})
-            o = self.forward_s2t(batch)  # type: ignore[arg-type]
+            o = self.forward_s2t(batch, kw.get("share_prompt", True))  # type: ignore[arg-type]
             return StepOutput(o.loss, {"ce": o.ce.item(), "ctc": o.ctc.item()})
         if task == "t2c":
             loss, uo = self.forward_t2c(batch)  # type: ignore[arg-type]
@@ -556,11 +592,18 @@ class EchoX(nn.Module):
         """Speech and/or text history -> the next assistant turn, with per-token hidden states."""
         sampling = sampling or SamplingConfig()
         batch = self.collate(dialogues, add_generation_prompt=True)
+        # The tokens every dialogue starts with (system prompt, chat template) run once for the
+        # batch; each row's own inputs follow them after its left padding.
+        p = shared_prefix_length(batch.input_ids, batch.attention_mask, self.llm.audio_token_id)
+        shared = self.llm.embed(batch.input_ids[:1, :p].to(self.device)) if p else None
+        if p:
+            batch = dataclasses.replace(batch, input_ids=batch.input_ids[:, p:],
+                                        attention_mask=batch.attention_mask[:, p:], labels=batch.labels[:, p:])
         merged, _ = self.embed_inputs(batch, padding_side="left")
         res: DecodeResult = decode(
             self._llm_step, lambda ids: self.llm.embed(ids), merged.inputs_embeds,
             merged.attention_mask, self.llm.stop_ids, sampling, use_cache=use_cache,
-            suppress_ids=self.llm.added_token_ids,
+            suppress_ids=self.llm.added_token_ids, shared=shared,
         )
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
         return TextGeneration(res.tokens, texts, res.hidden, res.stopped)
@@ -586,6 +629,19 @@ class EchoX(nn.Module):
         samples them (the streaming engine voices the first ones before the last exist)."""
         (cond,) = self._reader(self.echo, [self.denoiser(hidden.to(self.device))], None if ids is None else [ids])
         yield from self.echo.iter_generate(cond, sampling)
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_id: int) -> int:
+    """How many leading tokens all rows of a right-padded batch [B, L] share, stopping before
+    the first audio placeholder and leaving every row at least one token of its own."""
+    valid = attention_mask.bool()
+    n = int(valid.sum(1).min()) - 1
+    if n <= 0:
+        return 0
+    head = input_ids[:, :n]
+    same = (head == head[:1]).all(0) & valid[:, :n].all(0) & (head[0] != audio_token_id)
+    bad = (~same).nonzero()
+    return int(bad[0, 0]) if bad.numel() else n
 
 
 def _make_adapter(a: SpeechAdapterConfig, d_whisper: int, llm: LLM) -> SpeechAdapter:

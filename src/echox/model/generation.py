@@ -128,20 +128,53 @@ class DecodeStep:
 
 def start_decode(
     prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, stop_ids: list[int],
-    sampling: SamplingConfig,
+    sampling: SamplingConfig, shared: torch.Tensor | None = None, cache: Any = None,
 ) -> DecodeState:
-    """The state before the first step, for left-padded prefixes [B, L, D] / [B, L]."""
+    """The state before the first step, for left-padded prefixes [B, L, D] / [B, L].
+
+    `shared` [1, P, D]: inputs every row starts with, before its left padding (the layout is
+    [shared][padding][prefix]; positions count valid inputs only, so a row's positions are
+    those of its inputs without the padding). `cache`: the KV cache of `shared` already
+    expanded to B rows (`prefill_shared`); the first step then runs on `prefix_embeds` only.
+    """
     b, device = prefix_embeds.shape[0], prefix_embeds.device
     gen = None
     if sampling.seed is not None and sampling.temperature > 0:
         gen = torch.Generator(device=device).manual_seed(sampling.seed)
     mask = prefix_mask.long()
+    embeds = prefix_embeds
+    p = 0
+    if shared is not None:
+        p = shared.shape[1]
+        mask = torch.cat([mask.new_ones(b, p), mask], dim=1)
+        embeds = torch.cat([shared.to(prefix_embeds.dtype).expand(b, -1, -1), prefix_embeds], dim=1)
     pos_all = (mask.cumsum(-1) - 1).clamp(min=0)
+    inp, pos = embeds, pos_all
+    if cache is not None:
+        if shared is None:
+            raise ValueError("start_decode: a cache without the shared inputs it holds")
+        inp, pos = prefix_embeds, pos_all[:, p:]
     return DecodeState(
-        mask=mask, pos_all=pos_all, embeds=prefix_embeds, inp=prefix_embeds, pos=pos_all,
+        mask=mask, pos_all=pos_all, embeds=embeds, inp=inp, pos=pos,
         done=torch.zeros(b, dtype=torch.bool, device=device),
-        stop=torch.tensor(stop_ids, device=device, dtype=torch.long), generator=gen,
+        stop=torch.tensor(stop_ids, device=device, dtype=torch.long), generator=gen, cache=cache,
     )
+
+
+@torch.no_grad()
+def prefill_shared(step: StepFn, shared: torch.Tensor, rows: int) -> Any:
+    """The KV cache of `shared` [1, P, D] computed once and repeated for `rows` rows, or None
+    when the model's cache cannot be repeated (then `decode` runs the shared inputs per row)."""
+    p = shared.shape[1]
+    mask = torch.ones(1, p, dtype=torch.long, device=shared.device)
+    pos = torch.arange(p, device=shared.device)[None]
+    _, _, cache = step(shared, mask, pos, None)
+    if rows > 1:
+        repeat = getattr(cache, "batch_repeat_interleave", None)
+        if repeat is None:
+            return None
+        repeat(rows)
+    return cache
 
 
 @torch.no_grad()
@@ -222,19 +255,23 @@ def decode(
     sampling: SamplingConfig,
     use_cache: bool = True,
     suppress_ids: list[int] | None = None,
+    shared: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Generate from left-padded prefixes [B, L, D] / [B, L]; all steps at once.
 
     A row that has stopped leaves the batch (and the KV cache): a batch costs as much as its
     rows still answering, not B times its longest answer. Each row's tokens are those it gets
     alone (rows never see each other; the left padding keeps every row's positions).
+    `shared` [1, P, D]: inputs that come before every row's prefix (a system prompt and chat
+    template all rows have): with the KV cache they run once, not once per row.
     """
     b = prefix_embeds.shape[0]
     tokens: list[list[int]] = [[] for _ in range(b)]
     hiddens: list[list[torch.Tensor]] = [[] for _ in range(b)]
     stopped = [False] * b
     width = prefix_embeds.shape[-1]
-    state = start_decode(prefix_embeds, prefix_mask, stop_ids, sampling)
+    cache = prefill_shared(step, shared, b) if shared is not None and use_cache else None
+    state = start_decode(prefix_embeds, prefix_mask, stop_ids, sampling, shared=shared, cache=cache)
     rows = list(range(b))  # the original index of each row still in `state`
     while state.steps < sampling.max_new_tokens and rows:
         st = decode_step(step, embed, state, sampling, use_cache, suppress_ids)

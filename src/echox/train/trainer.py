@@ -60,6 +60,10 @@ class TrainConfig:
     # transcripts only (`adapter.ctc_vocab`, kept in the checkpoint) instead of the LLM's
     # whole vocabulary; "" keeps the model's own CTC vocabulary
     ctc_vocab: str = ""
+    # Stages I and III: the tokens every row of a batch starts with (system prompt, chat
+    # template) run once per batch, their KV cache shared by the rows; the same loss and
+    # gradients (tested), less LLM work (docs/training.md). Off only to measure it.
+    share_prompt: bool = True
     encoder_cache_dir: str | None = None  # default $ECHOX_CACHE/encoder-features
     # Batches of examples of similar length (less padding): each epoch's shuffle is cut into
     # pools of `group_pool` batches, sorted by length inside a pool, and the batches shuffled
@@ -229,7 +233,9 @@ class Trainer:
 
         self.cfg = cfg
         self.task = task or cfg.stage
-        self.step_kwargs = step_kwargs or {}
+        self.step_kwargs = dict(step_kwargs or {})
+        if cfg.stage in ("s2t", "echo"):
+            self.step_kwargs["share_prompt"] = cfg.share_prompt
         self.out = Path(cfg.output_dir)
         _release_single_process_state(PRECISIONS[cfg.precision])
         self.acc = Accelerator(
