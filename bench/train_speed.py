@@ -24,7 +24,8 @@ system prompt); the others add one setting each, and `fast` adds them all:
              ids of the timed examples' transcripts, or of `--ctc-vocab-data`'s, instead of
              the whole vocabulary);
 - `fast-vocab` (S2T only) `fast` with train.ctc_vocab: transcripts (whole Stage I steps);
-  `fast-vocab-noshare` the same without train.share_prompt.
+  `fast-vocab-noshare` the same without train.share_prompt; `fast-eager` the same with
+  train.llm_attention: eager; `eager` is `fast` with it (S2T and Echo).
 
 Echo is timed on gold units of each answer (the baseline target, same shapes as offline
 pseudo-labels) so that no T2C decode runs inside the timing. Columns: examples/s, tokens/s
@@ -61,10 +62,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # train.share_prompt: the tokens all rows start with run once per batch
     "share": {},
     "fast": {"cache_encoder": True, "precision": "bf16", "group_by_length": True, "prompt": SHORT_PROMPT},
+    # `fast` with train.llm_attention: eager (S2T and Echo)
+    "eager": {"cache_encoder": True, "precision": "bf16", "group_by_length": True, "prompt": SHORT_PROMPT,
+              "llm_attention": "eager"},
     # S2T only: `fast` on the CTC loss alone (train.ctc_only), over the whole vocabulary and
     # over the training transcripts' token ids (train.ctc_vocab: transcripts)
     "fast-vocab": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
                    "prompt": SHORT_PROMPT, "ctc_vocab": "transcripts"},
+    # `fast-vocab` with train.llm_attention: eager (plain matmul attention while training)
+    "fast-eager": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
+                   "prompt": SHORT_PROMPT, "ctc_vocab": "transcripts", "llm_attention": "eager"},
     # the same without train.share_prompt (what `fast-vocab` was before it)
     "fast-vocab-noshare": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
                            "prompt": SHORT_PROMPT, "ctc_vocab": "transcripts", **NO_SHARE},
@@ -77,7 +84,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frozen": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
                "prompt": SHORT_PROMPT, "freeze_s2t": True},
 }
-S2T_ONLY = ("fast-vocab", "fast-vocab-noshare", "ctc", "ctc-vocab")
+S2T_ONLY = ("fast-vocab", "fast-eager", "fast-vocab-noshare", "ctc", "ctc-vocab")
 ECHO_ONLY = ("frozen",)
 T2C_VARIANTS = ("defaults", "bf16", "group", "fast")
 

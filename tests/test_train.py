@@ -593,3 +593,18 @@ def test_shared_prompt_runs_once_with_the_same_loss_and_gradients(make_model):
     assert g_split.keys() == g_full.keys() and any("lora_" in n for n in g_full)
     for n in g_full:
         torch.testing.assert_close(g_split[n], g_full[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_llm_attention_setting_switches_the_kernel_not_the_loss(tmp_path):
+    """train.llm_attention: eager trains with plain matmul attention: the same losses as the
+    default kernel (up to float rounding), and a bad name is refused."""
+    from echox.errors import ConfigError
+
+    sdpa_model, sdpa = _run("s2t", tmp_path / "a", max_steps=3, save_every=0)
+    eager_model, eager = _run("s2t", tmp_path / "b", max_steps=3, save_every=0, llm_attention="eager")
+    assert eager_model.llm.base.config._attn_implementation == "eager"
+    assert sdpa_model.llm.base.config._attn_implementation != "eager"
+    assert eager.first_loss == pytest.approx(sdpa.first_loss, rel=1e-4)
+    assert eager.last_loss == pytest.approx(sdpa.last_loss, rel=1e-3)
+    with pytest.raises(ConfigError, match="llm_attention"):
+        TrainConfig(llm_attention="flash")

@@ -64,6 +64,10 @@ class TrainConfig:
     # template) run once per batch, their KV cache shared by the rows; the same loss and
     # gradients (tested), less LLM work (docs/training.md). Off only to measure it.
     share_prompt: bool = True
+    # The LLM's attention kernel while training ("" = the model's, transformers' sdpa): on a
+    # CPU, "eager" (plain matmuls) trains short sequences faster, since the sdpa kernel's
+    # backward is slow there (docs/training.md). Inference is not affected.
+    llm_attention: str = ""
     encoder_cache_dir: str | None = None  # default $ECHOX_CACHE/encoder-features
     # Batches of examples of similar length (less padding): each epoch's shuffle is cut into
     # pools of `group_pool` batches, sorted by length inside a pool, and the batches shuffled
@@ -110,6 +114,8 @@ class TrainConfig:
         check(not self.freeze_s2t or self.stage == "echo", "freeze_s2t", "applies to stage echo only")
         check(self.ctc_vocab in ("", "transcripts"), "ctc_vocab", f"'' or 'transcripts'; got {self.ctc_vocab!r}")
         check(self.target in ("pseudo", "gold-units"), "target", "pseudo | gold-units")
+        check(self.llm_attention in ("", "eager", "sdpa"), "llm_attention",
+              f"'', eager or sdpa; got {self.llm_attention!r}")
 
 
 class ShardedBatches(Sampler[list[int]]):
@@ -257,6 +263,8 @@ class Trainer:
             )
         if cfg.stage not in model.trained_stages:
             model.trained_stages.append(cfg.stage)
+        if cfg.llm_attention:
+            model.llm.base.set_attn_implementation(cfg.llm_attention)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"stage {cfg.stage}: no trainable parameters")
