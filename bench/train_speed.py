@@ -25,7 +25,9 @@ system prompt); the others add one setting each, and `fast` adds them all:
              the whole vocabulary);
 - `fast-vocab` (S2T only) `fast` with train.ctc_vocab: transcripts (whole Stage I steps);
   `fast-vocab-noshare` the same without train.share_prompt; `fast-eager` the same with
-  train.llm_attention: eager; `eager` is `fast` with it (S2T and Echo).
+  train.llm_attention: eager, for S2T and Echo (an Echo run starts from a Stage I model
+  that carries the restricted CTC head, so its joint L_S2T uses it too); `eager` is `fast`
+  with eager attention (S2T and Echo).
 
 Echo is timed on gold units of each answer (the baseline target, same shapes as offline
 pseudo-labels) so that no T2C decode runs inside the timing. Columns: examples/s, tokens/s
@@ -84,7 +86,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frozen": {"cache_encoder": True, "precision": "bf16", "group_by_length": True,
                "prompt": SHORT_PROMPT, "freeze_s2t": True},
 }
-S2T_ONLY = ("fast-vocab", "fast-eager", "fast-vocab-noshare", "ctc", "ctc-vocab")
+S2T_ONLY = ("fast-vocab", "fast-vocab-noshare", "ctc", "ctc-vocab")
 ECHO_ONLY = ("frozen",)
 T2C_VARIANTS = ("defaults", "bf16", "group", "fast")
 
