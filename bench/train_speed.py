@@ -197,9 +197,13 @@ def run_one(stage: str, variant: str, threads: int, args: argparse.Namespace, mo
     if opts.get("ctc_vocab") == "transcripts":
         from echox.train.run import _dialogues, restrict_ctc_to_transcripts
 
-        # the columns of a whole corpus (--ctc-vocab-data), or of the timed examples
-        vocab_data = (_dialogues(args.ctc_vocab_data, None, model.config.encoder.max_seconds)
-                      if args.ctc_vocab_data else data)
+        # the columns of a whole corpus (--ctc-vocab-data), or of the timed examples (Echo's
+        # examples carry no transcripts: those of the --dialogues file)
+        if args.ctc_vocab_data or stage == "echo":
+            vocab_data = _dialogues(args.ctc_vocab_data or [args.dialogues], None,
+                                    model.config.encoder.max_seconds)
+        else:
+            vocab_data = data
         restrict_ctc_to_transcripts(model, vocab_data)
     fill = None
     if opts.get("cache_encoder"):

@@ -148,11 +148,12 @@ def test_train_speed_bench_runs_every_stage_and_variant(tmp_path, capsys):
     assert mod.main(["--model", "tiny-random", "--dialogues", str(train / "dialogues.jsonl"),
                      "--tts", str(train / "tts_units.jsonl"), "--n", "3", "--batch-size", "2",
                      "--steps", "1", "--warmup", "1", "--threads", "1",
-                     "--variants", "defaults", "cache", "fast", "frozen", "--json", str(out)]) == 0
+                     "--variants", "defaults", "cache", "fast", "fast-eager", "frozen", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     assert [(r["stage"], r["variant"]) for r in got] == [
-        ("s2t", "defaults"), ("s2t", "cache"), ("s2t", "fast"), ("t2c", "defaults"), ("t2c", "fast"),
-        ("echo", "defaults"), ("echo", "cache"), ("echo", "fast"), ("echo", "frozen")]
+        ("s2t", "defaults"), ("s2t", "cache"), ("s2t", "fast"), ("s2t", "fast-eager"), ("t2c", "defaults"),
+        ("t2c", "fast"), ("echo", "defaults"), ("echo", "cache"), ("echo", "fast"), ("echo", "fast-eager"),
+        ("echo", "frozen")]
     assert all(r["examples_per_s"] > 0 and np.isfinite(r["mean_loss"]) for r in got)
     by = {(r["stage"], r["variant"]): r for r in got}
     # the cache changes no loss: the same batches give the same mean loss
