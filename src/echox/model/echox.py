@@ -595,8 +595,9 @@ class EchoX(nn.Module):
         # The tokens every dialogue starts with (system prompt, chat template) run once for the
         # batch; each row's own inputs follow them after its left padding.
         p = shared_prefix_length(batch.input_ids, batch.attention_mask, self.llm.audio_token_id)
-        shared = self.llm.embed(batch.input_ids[:1, :p].to(self.device)) if p else None
+        shared = None
         if p:
+            shared = self.llm.embed(batch.input_ids[:1, :p].to(self.device))
             batch = dataclasses.replace(batch, input_ids=batch.input_ids[:, p:],
                                         attention_mask=batch.attention_mask[:, p:], labels=batch.labels[:, p:])
         merged, _ = self.embed_inputs(batch, padding_side="left")
