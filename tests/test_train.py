@@ -371,6 +371,28 @@ def test_init_overrides_reconfigure_the_adapter(tmp_path, make_model):
         stages.prepare_model("s2t", init=folder, init_overrides=["adapter.nonsense=1"])
 
 
+def test_init_override_sets_the_lora_dropout(tmp_path, make_model):
+    m = make_model()
+    m.trained_stages = ["s2t"]
+    folder = m.save_pretrained(tmp_path / "s2t")
+
+    def drops(model):
+        return [d for mod in model.llm.model.modules()
+                if isinstance(getattr(mod, "lora_dropout", None), torch.nn.ModuleDict)
+                for d in mod.lora_dropout.values()]
+
+    on = stages.prepare_model("s2t", init=folder, init_overrides=["llm.lora.dropout=0.3"])
+    assert on.config.llm.lora.dropout == 0.3 and drops(on)
+    assert all(isinstance(d, torch.nn.Dropout) and d.p == 0.3 for d in drops(on))
+    # the saved model records the new value; 0 puts peft's identity back (no masks drawn)
+    again = stages.prepare_model("s2t", init=on.save_pretrained(tmp_path / "on"),
+                                 init_overrides=["llm.lora.dropout=0"])
+    assert again.config.llm.lora.dropout == 0.0
+    assert all(isinstance(d, torch.nn.Identity) for d in drops(again))
+    with pytest.raises(ValueError, match="LoRA dropout"):
+        again.llm.set_lora_dropout(1.5)
+
+
 def test_ctc_only_stage_i_never_runs_the_llm(make_model):
     m = make_model()
     batch = m.collate(dialogues(2))

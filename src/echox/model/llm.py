@@ -90,6 +90,22 @@ class LLM(nn.Module):
             model.requires_grad_(cfg.trainable)
         return cls(model, tok, cfg)
 
+    def set_lora_dropout(self, p: float) -> int:
+        """Set the dropout before every LoRA layer (0: peft's identity, no masks drawn).
+
+        Returns how many LoRA layers changed; the config records the new value."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {p}")
+        n = 0
+        for module in self.model.modules():
+            drops = getattr(module, "lora_dropout", None)
+            if isinstance(drops, nn.ModuleDict):
+                for name in list(drops.keys()):
+                    drops[name] = nn.Dropout(p) if p > 0 else nn.Identity()
+                    n += 1
+        self.cfg.lora.dropout = p
+        return n
+
     # ---- helpers -------------------------------------------------------------------------
     @property
     def base(self) -> nn.Module:

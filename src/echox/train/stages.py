@@ -58,8 +58,8 @@ def prepare_model(
     """The model a stage starts from, with its prerequisites checked.
 
     s2t / t2c: fresh from `config`, or continue from `init`. `init_overrides` change the
-    adapter or the loss weights of an `init` model (`adapter.key=value` / `loss.key=value`
-    only: e.g. `adapter.shrink=false`), keeping the trained weights that still fit
+    adapter, the loss weights or the LoRA dropout of an `init` model (`adapter.key=value`,
+    `loss.key=value`, `llm.lora.dropout=p` only: e.g. `adapter.shrink=false`), keeping the trained weights that still fit
     (`EchoX.reconfigure_adapter`).
     echo: `init` must hold a Stage-I (s2t) model; the trained T2C comes from `t2c_from`
     (a Stage-II output) or from `init` itself when it already has one.
@@ -99,10 +99,11 @@ def prepare_model(
 
 
 def _reconfigure(model: EchoX, overrides: list[str]) -> None:
-    ignored = [o for o in overrides if not o.strip().startswith(("adapter.", "loss."))]
+    ignored = [o for o in overrides
+               if not o.strip().startswith(("adapter.", "loss.", "llm.lora.dropout="))]
     if ignored:
-        log.warning("--init: the model config comes from the checkpoint; only adapter and loss "
-                    "settings may change, so these are ignored: %s", ", ".join(ignored))
+        log.warning("--init: the model config comes from the checkpoint; only adapter, loss and "
+                    "llm.lora.dropout settings may change, so these are ignored: %s", ", ".join(ignored))
     overrides = [o for o in overrides if o not in ignored]
     if not overrides:
         return
@@ -111,6 +112,10 @@ def _reconfigure(model: EchoX, overrides: list[str]) -> None:
     except ConfigError as e:
         raise StageError(str(e)) from e
     model.config.loss = cfg.loss  # weights only: nothing to rebuild
+    if cfg.llm.lora.dropout != model.config.llm.lora.dropout:
+        n = model.llm.set_lora_dropout(cfg.llm.lora.dropout)
+        model.config.llm.lora.dropout = cfg.llm.lora.dropout
+        log.info("LoRA dropout set to %s on %d layers", cfg.llm.lora.dropout, n)
     if cfg.adapter == model.config.adapter:
         return
     changed = model.reconfigure_adapter(cfg.adapter)
