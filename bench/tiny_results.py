@@ -27,7 +27,9 @@ runs, so `--out runs/tiny/eval` reuses them), plus `<bundle>-t2c`. Runs resume: 
 missing from a folder's `items.jsonl` are answered, and a bundle is loaded only when one of its
 runs has work left, so a rerun on finished folders just rebuilds the table. Each folder gets a
 `run.json` with its settings; reusing a folder made with other settings is an error. Two bundle
-options naming the same folder share their runs.
+options naming the same folder share their runs; two bundles with the same S2T part (equal
+encoder, adapter and LLM settings and adapter, LoRA and added-row tensors, as Stage III with a
+frozen S2T model leaves them) share their s2t runs.
 
 Writes `OUT/results.md` (the table, also printed), `OUT/results.json` (every number, the
 paths, the equivalent `echox eval` commands) and `OUT/results.png` (accuracy bars). A missing
@@ -138,6 +140,28 @@ def t2c_weights_sha(folder: Path) -> str:
         picked = [k for k in keys if k.startswith("t2c.")] or [k for k in keys if k.startswith("echo.")]
         h = hashlib.sha256()
         for k in picked:
+            t = f.get_tensor(k).contiguous()
+            h.update(k.encode())
+            h.update(str(t.dtype).encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def s2t_fingerprint(folder: Path) -> str:
+    """Hash of everything a text answer depends on: the encoder, adapter and LLM settings and
+    the adapter, LLM (LoRA) and added-row tensors. Two bundles with the same fingerprint give
+    the same S2T answers, so their s2t runs are run once."""
+    import torch
+    from safetensors import safe_open
+
+    cfg = checkpoint_meta(folder).get("config", {})
+    h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in ("encoder", "adapter", "llm")},
+                                  sort_keys=True).encode())
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        for k in sorted(f.keys()):
+            if not k.startswith(("adapter.", "llm.", "_added_rows")):
+                continue
             t = f.get_tensor(k).contiguous()
             h.update(k.encode())
             h.update(str(t.dtype).encode())
@@ -384,7 +408,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     text_acc = accuracy(text_recs)
 
     # ---- per bundle
-    shared: dict[tuple[Path, str], str] = {}  # (bundle, run kind) -> the bundle that ran it
+    shared: dict[tuple[Any, str], str] = {}  # (bundle or S2T fingerprint, run kind) -> who ran it
     t2c_shared: dict[str, str] = {}  # T2C fingerprint -> the bundle that ran it
     metrics: dict[str, dict[str, Any]] = {}
     per_item: dict[str, dict[str, dict[str, Any]]] = {}
@@ -401,21 +425,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     for b, path in bundles.items():
         m: dict[str, Any] = {"bundle": str(path), "text_accuracy": text_acc}
         recs: dict[str, dict[str, dict[str, Any]]] = {}
-        common = f"--model {path} --max-new-tokens {args.max_new_tokens}"
         kinds = [("s2t", "s2t", qa, ids), ("s2s", "s2s", qa, ids)]
         if espeak_ids is not None:
             kinds.append(("s2t-espeak", "s2t", qa_e, espeak_ids))
+        s2t_key = s2t_fingerprint(path)
         for kind, mode, bench_file, kind_ids in kinds:
-            owner = shared.setdefault((path, kind), b)
+            # the text answers depend on the S2T part only: bundles that share it share the s2t runs
+            owner = shared.setdefault((s2t_key if mode == "s2t" else path, kind), b)
             name = f"{owner}-{kind}"
-            settings = {"mode": mode, "benchmark": str(bench_file.resolve()), "model": str(path),
+            run_path = bundles[owner]  # the run is the owner's: its settings, its model
+            settings = {"mode": mode, "benchmark": str(bench_file.resolve()), "model": str(run_path),
                         "max_new_tokens": args.max_new_tokens}
             if mode == "s2s":
                 settings["asr"] = ctx.asr_name()
-                make = lambda: S2SAnswerer(ctx.bundle(path), max_new_tokens=args.max_new_tokens)  # noqa: E731
+                make = lambda: S2SAnswerer(ctx.bundle(run_path), max_new_tokens=args.max_new_tokens)  # noqa: E731
             else:
-                make = lambda: S2TAnswerer(ctx.bundle(path).model, args.max_new_tokens)  # noqa: E731
+                make = lambda: S2TAnswerer(ctx.bundle(run_path).model, args.max_new_tokens)  # noqa: E731
             bs = 1 if mode == "s2s" else batch
+            common = f"--model {run_path} --max-new-tokens {args.max_new_tokens}"
             cmd = (f"echox eval --mode {mode} {common} --benchmark local:{bench_file}{lim} "
                    f"--batch-size {bs} {'--asr ' + args.asr + ' ' if mode == 's2s' else ''}"
                    f"--out {ctx.out / name}")

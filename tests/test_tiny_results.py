@@ -211,3 +211,36 @@ def test_paired_bootstrap_is_ordered_and_reproducible() -> None:
     assert a == bench.paired_bootstrap(diffs, 500, seed=3)
     assert a["lo"] <= a["mean"] <= a["hi"] and a["mean"] == pytest.approx(0.25)
     assert bench.paired_bootstrap([0, 0], 100)["lo"] == 0.0
+
+
+def test_tiny_results_shares_s2t_runs_of_an_equal_s2t_part(tmp_path: Path, corpus: Path) -> None:
+    """Stage III with a frozen S2T model changes only the echo decoder and denoiser: the two
+    bundles' s2t runs are run once (the S2T answers would be the same), their s2s runs twice."""
+    from test_engine import make_bundle_parts
+
+    from echox.infer.bundle import save_bundle
+
+    paths = {}
+    for name in ("echo", "gold"):
+        model, voc = make_bundle_parts()
+        if name == "gold":
+            torch.manual_seed(3)
+            with torch.no_grad():
+                for part in (model.echo, model.denoiser):
+                    for p in part.parameters():
+                        p.add_(0.05 * torch.randn_like(p))
+        paths[name] = save_bundle(tmp_path / name, model, voc)
+    bench = _script()
+    assert bench.s2t_fingerprint(paths["echo"]) == bench.s2t_fingerprint(paths["gold"])
+    out = tmp_path / "res"
+    assert bench.main(_args(corpus, out, **paths)) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["metrics"]["gold"]["shared_runs"] == {"s2t": "echo-s2t", "s2t-espeak": "echo-s2t-espeak"}
+    assert not (out / "gold-s2t").exists() and (out / "gold-s2s" / "items.jsonl").is_file()
+    assert res["metrics"]["gold"]["s2t_accuracy"] == res["metrics"]["echo"]["s2t_accuracy"]
+    # a different adapter makes a different fingerprint
+    model, voc = make_bundle_parts()
+    with torch.no_grad():
+        next(model.adapter.parameters()).add_(0.1)
+    other = save_bundle(tmp_path / "other", model, voc)
+    assert bench.s2t_fingerprint(other) != bench.s2t_fingerprint(paths["echo"])
