@@ -130,8 +130,10 @@ def test_slim_checkpoint_for_shipping(make_model, tmp_path):
                                m.forward_echo(b, [[1, 2, 3, 4]]).units.logits, rtol=0.02, atol=0.02)
     with pytest.raises(CheckpointError, match="trained with stage echo"):
         m.save_pretrained(tmp_path / "bad", omit_parts=("echo",))
-    with pytest.raises(CheckpointError, match="can be left out"):
+    with pytest.raises(CheckpointError, match="trained with stage s2t"):
         m.save_pretrained(tmp_path / "bad", omit_parts=("adapter",))
+    with pytest.raises(CheckpointError, match="can be left out"):
+        m.save_pretrained(tmp_path / "bad", omit_parts=("encoder",))
 
 
 def test_export_keeps_only_trained_parts(make_model, tmp_path, capsys):
@@ -165,6 +167,38 @@ def test_export_keeps_only_trained_parts(make_model, tmp_path, capsys):
     torch.testing.assert_close(echo.echo.state_dict(), m.t2c.state_dict())
     assert main(["train", "export", "--model", str(src), "--out", str(out)]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_of_a_stage_two_model_keeps_the_t2c_alone(make_model, tmp_path, capsys):
+    """`echox train export` of a Stage II model: only the T2C (and the added token rows), in
+    float16; the untrained adapter and LoRA are left out. It loads back with the same T2C (to
+    fp16) and is a valid `--t2c-from` of stage echo."""
+    from safetensors import safe_open
+
+    from echox.cli import main
+    from echox.train.stages import prepare_model
+
+    m = make_model()
+    _perturb(m)
+    m.trained_stages = ["t2c"]
+    src = m.save_pretrained(tmp_path / "t2c")
+    out = tmp_path / "t2c-warm"
+    assert main(["train", "export", "--model", str(src), "--out", str(out)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["trained_stages"] == ["t2c"]
+    assert sorted(rep["omitted_parts"]) == ["adapter", "denoiser", "echo", "llm"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"t2c", "_added_rows"}
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (src / "model.safetensors").stat().st_size
+    back = EchoX.from_pretrained(out)
+    assert back.trained_stages == ["t2c"]
+    for (k, a), b in zip(m.t2c.state_dict().items(), back.t2c.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a.half().float(), msg=k)
+    s2t = make_model(seed=1)
+    s2t.trained_stages = ["s2t"]
+    echo = prepare_model("echo", init=s2t.save_pretrained(tmp_path / "s2t"), t2c_from=out)
+    torch.testing.assert_close(echo.echo.state_dict(), back.t2c.state_dict())
 
 
 def test_export_drop_echo_gives_a_stage_one_model(make_model, tmp_path, capsys):

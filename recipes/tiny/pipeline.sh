@@ -34,6 +34,10 @@ T2C_RUN=${T2C_RUN:-$R/t2c}     # Stage II's run folder; echo and gold take its b
 # echox train export --model src/echox/assets/models/tiny --drop-echo --out runs/tiny/s2t-v1,
 # then S2T_MODEL=runs/tiny/s2t-v1 (not the bundle itself: it would keep its old echo decoder)
 S2T_MODEL=${S2T_MODEL:-$S2T_RUN/model}
+# the unit language (docs/units.md) and the T2C that Echo/gold start from and eval measures; on a
+# new machine, the kept pair: UNIT_LANG=recipes/tiny/t2c-warm/unit_language T2C_MODEL=recipes/tiny/t2c-warm
+UNIT_LANG=${UNIT_LANG:-$R/units/language}
+T2C_MODEL=${T2C_MODEL:-$T2C_RUN/best}
 ECHO_RUN=${ECHO_RUN:-$R/echo}  # Stage III's run folder, and the gold-unit baseline's
 GOLD_RUN=${GOLD_RUN:-$R/gold}
 THREADS=${THREADS:-1}          # torch threads of the T2C/Echo/gold/units steps (S2T: S2T_THREADS)
@@ -50,7 +54,7 @@ TTSX_WINDOW=${TTSX_WINDOW:-10}
 # and vocoder were trained on; the vocoder's WER on them was 0.223 vs 0.215 (40 answers,
 # docs/units.md). Off by default: the measured T2Cs were trained on 30 s units.
 run() { [ "$STEP" = all ] || [[ ",$STEP," == *",$1,"* ]]; }  # STEP=all, one step, or a list: units,t2c
-common=(--threads "$THREADS" --set "data.unit_language=$R/units/language")
+common=(--threads "$THREADS" --set "data.unit_language=$UNIT_LANG")
 
 if run data; then
   $ECHOX data build-tiny --out "$DATA" ${LIMIT:+--limit $LIMIT}
@@ -63,8 +67,8 @@ if run units; then
     $ECHOX units extract --manifest "$DATA/$s/tts.jsonl" --kmeans "$KM" --out "$DATA/$s/tts_units.jsonl" \
         --threads "$THREADS" ${UNITS_WINDOW:+--window-seconds $UNITS_WINDOW}
   done
-  [ -f "$R/units/language/unit_language.json" ] || $ECHOX units train-language \
-      --manifest "$DATA/train/tts_units.jsonl" --num-units 500 --vocab-size "$VOCAB" --out "$R/units/language"
+  [ -f "$UNIT_LANG/unit_language.json" ] || $ECHOX units train-language \
+      --manifest "$DATA/train/tts_units.jsonl" --num-units 500 --vocab-size "$VOCAB" --out "$UNIT_LANG"
   for s in train test; do  # gold units on each answer: the baseline's targets
     $ECHOX units attach --dialogues "$DATA/$s/dialogues.jsonl" --tts-units "$DATA/$s/tts_units.jsonl" \
         --on-missing drop --out "$DATA/$s/dialogues_units.jsonl"
@@ -108,7 +112,7 @@ if run t2c; then
       "${common[@]}"
 fi
 if run echo; then
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_RUN/best" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
       --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
@@ -117,19 +121,19 @@ if run gold; then  # the baseline the paper argues against: same steps, gold uni
   # weights, so a stale entry is never read)
   mkdir -p "$ECHO_RUN/states" "$GOLD_RUN"
   [ -e "$GOLD_RUN/states" ] || ln -s "$(realpath --relative-to="$GOLD_RUN" "$ECHO_RUN/states")" "$GOLD_RUN/states"
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_RUN/best" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
       --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
 if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
   for run_dir in "$ECHO_RUN" "$GOLD_RUN"; do
     [ -d "$run_dir/model" ] && $ECHOX bundle --model "$run_dir/model" --vocoder "$VOCODER" \
-        --unit-language "$R/units/language" --slim --out "$R/bundle-$(basename "$run_dir")"
+        --unit-language "$UNIT_LANG" --slim --out "$R/bundle-$(basename "$run_dir")"
   done
 fi
 if run eval; then  # the model card's table on the 300 test questions (bench/tiny_results.py):
   # text LLM, S2T, S2S, espeak-ng S2T, ASR-WER, T2C WER, first-audio latency, the gap's interval
   .venv/bin/python bench/tiny_results.py --echo "$R/bundle-$(basename "$ECHO_RUN")" \
-      --gold "$R/bundle-$(basename "$GOLD_RUN")" --t2c "$T2C_RUN/best" --data "$DATA/test" \
+      --gold "$R/bundle-$(basename "$GOLD_RUN")" --t2c "$T2C_MODEL" --data "$DATA/test" \
       --config recipes/tiny/model.yaml --out "${RESULTS:-$R/results}" --threads "$THREADS"
 fi

@@ -83,9 +83,10 @@ def _weight(model: EchoX, module: torch.nn.Module, full_state: dict[str, torch.T
 
 
 # Parts a checkpoint may leave out: the T2C (inference never runs it; it only labels Stage
-# III's data), and the echo decoder and denoiser while no echo stage has trained them (a Stage I
-# warm start). An omitted part keeps its initial weights on load.
-OMITTABLE = ("t2c", "echo", "denoiser")
+# III's data), the echo decoder and denoiser while no echo stage has trained them (a Stage I
+# warm start), and the speech adapter and the LLM's own weights (LoRA) while no s2t stage has
+# trained them (a Stage II model kept alone). An omitted part keeps its initial weights on load.
+OMITTABLE = ("t2c", "echo", "denoiser", "adapter", "llm")
 
 
 def save_checkpoint(
@@ -112,6 +113,9 @@ def save_checkpoint(
     if {"echo", "denoiser"} & set(omit_parts) and "echo" in model.trained_stages:
         raise CheckpointError("cannot omit the echo decoder or the denoiser of a model trained "
                               "with stage echo")
+    if {"adapter", "llm"} & set(omit_parts) and "s2t" in model.trained_stages:
+        raise CheckpointError("cannot omit the speech adapter or the LLM's weights of a model "
+                              "trained with stage s2t")
     if model.t2c is model.echo:  # one module (t2c.layout=authors), stored once, under echo
         if "echo" in omit_parts and "t2c" in model.trained_stages and "t2c" not in omit_parts:
             raise CheckpointError("cannot omit echo: with t2c.layout=authors it is the trained T2C")

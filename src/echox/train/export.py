@@ -6,7 +6,8 @@ A training checkpoint stores every part that has weights of its own, in float32,
 not: a Stage I model carries a T2C, an echo decoder and a denoiser that no stage has touched
 (for the tiny model 24 of its 37 M stored parameters). The export keeps only what a trained
 stage wrote (the parts no stage trained are left out and get their initial weights again on
-load), in float16 by default. `--drop-t2c` also leaves out a trained T2C, as a shipped bundle
+load), in float16 by default: a Stage II model keeps its T2C alone, without the adapter and LoRA
+that no s2t stage trained (`recipes/tiny/t2c-warm`, a `--t2c-from` of Stage III). `--drop-t2c` also leaves out a trained T2C, as a shipped bundle
 does. `--drop-echo` leaves out a trained echo decoder and denoiser and records the model as not
 trained by Stage III: the Stage I model inside a bundle, for a new Stage III run whose echo
 decoder starts again from its T2C (`echox train export --model src/echox/assets/models/tiny
@@ -31,7 +32,7 @@ def untrained_parts(trained_stages: list[str], drop_t2c: bool = False,
                     shared_t2c_echo: bool = False) -> tuple[str, ...]:
     """The omittable parts that none of `trained_stages` trained (plus the T2C if asked).
     `shared_t2c_echo` (t2c.layout=authors: one module) keeps the echo decoder with a kept T2C."""
-    omit = []
+    omit = [] if "s2t" in trained_stages else ["adapter", "llm"]
     keep_t2c = not drop_t2c and "t2c" in trained_stages
     if not keep_t2c:
         omit.append("t2c")
