@@ -129,22 +129,26 @@ def checkpoint_meta(folder: Path) -> dict[str, Any]:
         raise Stop(f"cannot read {folder / 'config.json'}: {e}") from e
 
 
-def t2c_weights_sha(folder: Path) -> str:
-    """Hash of a checkpoint's T2C tensors (`t2c.*`; `echo.*` when the T2C is the echo decoder)."""
+def _hash_tensors(h: Any, folder: Path, pick: Callable[[list[str]], list[str]]) -> None:
+    """Feed `h` the name, dtype, shape and bytes of the tensors `pick` chooses from the sorted
+    keys of `folder`'s weights."""
     import torch
     from safetensors import safe_open
 
-    path = folder / "model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        keys = sorted(f.keys())
-        picked = [k for k in keys if k.startswith("t2c.")] or [k for k in keys if k.startswith("echo.")]
-        h = hashlib.sha256()
-        for k in picked:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        for k in pick(sorted(f.keys())):
             t = f.get_tensor(k).contiguous()
             h.update(k.encode())
             h.update(str(t.dtype).encode())
             h.update(str(tuple(t.shape)).encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def t2c_weights_sha(folder: Path) -> str:
+    """Hash of a checkpoint's T2C tensors (`t2c.*`; `echo.*` when the T2C is the echo decoder)."""
+    h = hashlib.sha256()
+    _hash_tensors(h, folder, lambda keys: [k for k in keys if k.startswith("t2c.")]
+                  or [k for k in keys if k.startswith("echo.")])
     return h.hexdigest()
 
 
@@ -152,21 +156,11 @@ def s2t_fingerprint(folder: Path) -> str:
     """Hash of everything a text answer depends on: the encoder, adapter and LLM settings and
     the adapter, LLM (LoRA) and added-row tensors. Two bundles with the same fingerprint give
     the same S2T answers, so their s2t runs are run once."""
-    import torch
-    from safetensors import safe_open
-
     cfg = checkpoint_meta(folder).get("config", {})
     h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in ("encoder", "adapter", "llm")},
                                   sort_keys=True).encode())
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        for k in sorted(f.keys()):
-            if not k.startswith(("adapter.", "llm.", "_added_rows")):
-                continue
-            t = f.get_tensor(k).contiguous()
-            h.update(k.encode())
-            h.update(str(t.dtype).encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    _hash_tensors(h, folder, lambda keys: [k for k in keys
+                                           if k.startswith(("adapter.", "llm.", "_added_rows"))])
     return h.hexdigest()
 
 

@@ -136,25 +136,35 @@ def test_slim_checkpoint_for_shipping(make_model, tmp_path):
         m.save_pretrained(tmp_path / "bad", omit_parts=("encoder",))
 
 
+def _export(make_model, tmp_path, capsys, stages: list[str], name: str):
+    """A perturbed tiny-random model recorded as trained by `stages`, saved and exported with
+    `echox train export`: (model, its folder, the export, the printed report, the weight-name
+    prefixes in the export)."""
+    from safetensors import safe_open
+
+    from echox.cli import main
+
+    m = make_model()
+    _perturb(m)
+    m.trained_stages = stages
+    src = m.save_pretrained(tmp_path / stages[-1])
+    out = tmp_path / name
+    assert main(["train", "export", "--model", str(src), "--out", str(out)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    return m, src, out, rep, prefixes
+
+
 def test_export_keeps_only_trained_parts(make_model, tmp_path, capsys):
     """`echox train export` of a Stage I model: adapter + LoRA in float16, no T2C, echo
     decoder or denoiser; it loads back as a Stage I model with the same S2T outputs (to fp16),
     and is a valid `--init` for stage echo."""
-    from safetensors import safe_open
-
     from echox.cli import main
     from echox.train.stages import prepare_model
 
-    m = make_model()
-    _perturb(m)
-    m.trained_stages = ["s2t"]
-    src = m.save_pretrained(tmp_path / "s2t")
-    out = tmp_path / "warm"
-    assert main(["train", "export", "--model", str(src), "--out", str(out)]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    m, src, out, rep, prefixes = _export(make_model, tmp_path, capsys, ["s2t"], "warm")
     assert rep["omitted_parts"] == ["t2c", "echo", "denoiser"] and rep["dtype"] == "float16"
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        prefixes = {k.split(".")[0] for k in f.keys()}
     assert prefixes & {"adapter", "llm"} == {"adapter", "llm"}
     assert not prefixes & {"t2c", "echo", "denoiser"}
     back = EchoX.from_pretrained(out)
@@ -173,22 +183,11 @@ def test_export_of_a_stage_two_model_keeps_the_t2c_alone(make_model, tmp_path, c
     """`echox train export` of a Stage II model: only the T2C (and the added token rows), in
     float16; the untrained adapter and LoRA are left out. It loads back with the same T2C (to
     fp16) and is a valid `--t2c-from` of stage echo."""
-    from safetensors import safe_open
-
-    from echox.cli import main
     from echox.train.stages import prepare_model
 
-    m = make_model()
-    _perturb(m)
-    m.trained_stages = ["t2c"]
-    src = m.save_pretrained(tmp_path / "t2c")
-    out = tmp_path / "t2c-warm"
-    assert main(["train", "export", "--model", str(src), "--out", str(out)]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    m, src, out, rep, prefixes = _export(make_model, tmp_path, capsys, ["t2c"], "t2c-warm")
     assert rep["trained_stages"] == ["t2c"]
     assert sorted(rep["omitted_parts"]) == ["adapter", "denoiser", "echo", "llm"]
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        prefixes = {k.split(".")[0] for k in f.keys()}
     assert prefixes == {"t2c", "_added_rows"}
     assert (out / "model.safetensors").stat().st_size < 0.6 * (src / "model.safetensors").stat().st_size
     back = EchoX.from_pretrained(out)
