@@ -46,7 +46,9 @@ VOCODER=recipes/tiny/vocoder-k500/vocoder
 VOCAB=${VOCAB:-2000}
 CTC_RUN=${CTC_RUN:-$R/ctc}     # the CTC-only pre-training's run folder; Stage I starts from its model/
 CTC_STEPS=${CTC_STEPS:-2000}   # batches of 32 ASR clips (0 = no CTC-only pre-training)
-S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-3000}; ECHO_STEPS=${ECHO_STEPS:-1000}  # the shipped v1
+# Stage I and III: the shipped v1's; Stage II: recipes/tiny/t2c-warm's (4,000 steps on the 13,600
+# utterances of the units and ttsx steps; v1's T2C had 3,000 on the 6,600 corpus ones)
+S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-4000}; ECHO_STEPS=${ECHO_STEPS:-1000}
 TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all 17,952)
 # their units come from 10 s windows (4.4x faster; the sentences are short, see UNITS_WINDOW)
 TTSX_WINDOW=${TTSX_WINDOW:-10}
