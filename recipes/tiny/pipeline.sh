@@ -29,7 +29,7 @@ STEP=${STEP:-all}
 VOICE=${VOICE:-en-gb}          # a further training voice (never en-us: the test voice)
 ASR_EXTRA=${ASR_EXTRA-recipes/tiny/asr_extra.jsonl}  # questions about non-corpus subjects, as ASR turns
 S2T_RUN=${S2T_RUN:-$R/s2t}     # Stage I's run folder (its model/ is S2T_MODEL's default)
-T2C_RUN=${T2C_RUN:-$R/t2c}     # Stage II's run folder; echo and gold take its best/ T2C
+T2C_RUN=${T2C_RUN:-$R/t2c}     # Stage II's run folder; its best/ is T2C_MODEL's default
 # the Stage I model Echo and gold start from; on a new machine, the shipped bundle's S2T part:
 # echox train export --model src/echox/assets/models/tiny --drop-echo --out runs/tiny/s2t-v1,
 # then S2T_MODEL=runs/tiny/s2t-v1 (not the bundle itself: it would keep its old echo decoder)

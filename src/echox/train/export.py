@@ -2,17 +2,17 @@
 
     echox train export --model runs/tiny/s2t/model --out recipes/tiny/s2t-warm
 
-A training checkpoint stores every part that has weights of its own, in float32, trained or
-not: a Stage I model carries a T2C, an echo decoder and a denoiser that no stage has touched
-(for the tiny model 24 of its 37 M stored parameters). The export keeps only what a trained
-stage wrote (the parts no stage trained are left out and get their initial weights again on
-load), in float16 by default: a Stage II model keeps its T2C alone, without the adapter and LoRA
-that no s2t stage trained (`recipes/tiny/t2c-warm`, a `--t2c-from` of Stage III). `--drop-t2c` also leaves out a trained T2C, as a shipped bundle
-does. `--drop-echo` leaves out a trained echo decoder and denoiser and records the model as not
-trained by Stage III: the Stage I model inside a bundle, for a new Stage III run whose echo
-decoder starts again from its T2C (`echox train export --model src/echox/assets/models/tiny
---drop-echo --out runs/tiny/s2t-v1`). The copy is an ordinary EchoX checkpoint: `--init` of
-`echox train`, `EchoX.from_pretrained`.
+A training checkpoint stores every part that has weights of its own, in float32, trained or not:
+a Stage I model carries a T2C, an echo decoder and a denoiser that no stage has touched (for the
+tiny model 24 of its 37 M stored parameters). The export keeps only what a trained stage wrote
+(the parts no stage trained are left out and get their initial weights again on load), in
+float16 by default: a Stage II model keeps its T2C alone, without the adapter and LoRA that no
+s2t stage trained (`recipes/tiny/t2c-warm`, a `--t2c-from` of Stage III). `--drop-t2c` also
+leaves out a trained T2C, as a shipped bundle does. `--drop-echo` leaves out a trained echo
+decoder and denoiser and records the model as not trained by Stage III: the Stage I model inside
+a bundle, for a new Stage III run whose echo decoder starts again from its T2C (`echox train
+export --model src/echox/assets/models/tiny --drop-echo --out runs/tiny/s2t-v1`). The copy is an
+ordinary EchoX checkpoint: `--init` of `echox train`, `EchoX.from_pretrained`.
 """
 
 from __future__ import annotations
