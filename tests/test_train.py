@@ -630,3 +630,17 @@ def test_llm_attention_setting_switches_the_kernel_not_the_loss(tmp_path):
     assert eager.last_loss == pytest.approx(sdpa.last_loss, rel=1e-3)
     with pytest.raises(ConfigError, match="llm_attention"):
         TrainConfig(llm_attention="flash")
+
+
+def test_max_minutes_stops_the_run_and_saves_the_final_model(tmp_path):
+    # a limit that is over after the first step: the run ends there, as if at max_steps
+    model, res = _run("s2t", tmp_path, max_steps=50, save_every=2, max_minutes=1e-9)
+    out = tmp_path / "s2t"
+    assert res.step == 1
+    assert EchoX.from_pretrained(out / "model").trained_stages == ["s2t"]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1]
+    from echox.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_minutes"):
+        _cfg(tmp_path, "s2t", max_minutes=-1)

@@ -172,15 +172,17 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
     # every training dialogue, loaded once, for the steps that run the S2T model over them all
     turns = [train[i].turns for i in range(len(train))] if cfg.freeze_s2t or offline else []
     states = ev_states = None
+    sizes = {"batch_size": cfg.precompute_batch} if cfg.precompute_batch else {}
     if cfg.freeze_s2t:  # the frozen S2T model runs once per dialogue, not once per step
         root = Path(cfg.output_dir) / "states"
-        states = stages.precompute_states(model, turns, root)
+        states = stages.precompute_states(model, turns, root, **sizes)
         if ev is not None:
-            ev_states = stages.precompute_states(model, [ev[i].turns for i in range(len(ev))], root)
+            ev_states = stages.precompute_states(model, [ev[i].turns for i in range(len(ev))], root, **sizes)
     extras = None
     if offline:
         extras = stages.precompute_pseudo_labels(
-            model, turns, Path(cfg.output_dir) / "pseudo_labels.jsonl", cut=cfg.cut_segments, states=states)
+            model, turns, Path(cfg.output_dir) / "pseudo_labels.jsonl", cut=cfg.cut_segments, states=states,
+            **sizes)
         extras = [(e.segments, e.units) for e in extras]
     kwargs = {"cut": cfg.cut_segments and not gold}
     ev_ds = EchoDataset(ev, None, gold, encode, ev_states) if ev is not None else None

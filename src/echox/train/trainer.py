@@ -40,6 +40,10 @@ class TrainConfig:
     stage: str = "s2t"  # s2t | t2c | echo
     output_dir: str = "runs/s2t"
     max_steps: int = 100  # optimizer steps
+    # Stop this run after this many minutes (0 = no limit) and save the final model as if
+    # max_steps were reached: a fixed slice of a rented GPU. The schedule still runs over
+    # max_steps, so set max_steps to what fits (recipes/tiny/device measures it first).
+    max_minutes: float = 0.0
     batch_size: int = 4  # per process, per micro-batch
     grad_accum: int = 1
     lr: float = 1e-4
@@ -95,6 +99,10 @@ class TrainConfig:
     # weights) and a step runs only the denoising adapter and the echo decoder. Ours, not the
     # paper's (whose total loss trains the S2T too): far cheaper on a CPU (docs/training.md)
     freeze_s2t: bool = False
+    # Stage III: dialogues per batch when the frozen S2T model's states and the offline
+    # pseudo-labels are computed before training (0 = 8 and 16, sized for a CPU; a GPU takes
+    # hundreds)
+    precompute_batch: int = 0
 
     def __post_init__(self) -> None:
         def check(cond: bool, key: str, msg: str) -> None:
@@ -104,9 +112,11 @@ class TrainConfig:
         check(self.stage in ("s2t", "t2c", "echo"), "stage", f"must be s2t, t2c or echo; got {self.stage!r}")
         for k in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every"):
             check(getattr(self, k) >= 1, k, f"must be >= 1, got {getattr(self, k)}")
-        for k in ("eval_every", "eval_batches", "save_every", "warmup_steps", "num_workers", "threads"):
+        for k in ("eval_every", "eval_batches", "save_every", "warmup_steps", "num_workers", "threads",
+                  "precompute_batch"):
             check(getattr(self, k) >= 0, k, f"must be >= 0, got {getattr(self, k)}")
         check(self.lr > 0, "lr", "must be > 0")
+        check(self.max_minutes >= 0, "max_minutes", f"must be >= 0, got {self.max_minutes}")
         check(self.schedule in ("cosine", "linear", "constant"), "schedule", "cosine | linear | constant")
         check(self.precision in PRECISIONS, "precision", f"fp32 | bf16 | fp16; got {self.precision!r}")
         check(self.group_pool >= 1, "group_pool", f"must be >= 1, got {self.group_pool}")
@@ -411,6 +421,15 @@ class Trainer:
                 if k != "step" and isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, rec["step"])
 
+    def _out_of_time(self, t0: float) -> bool:
+        """Whether `train.max_minutes` has passed since `t0`, decided by the main process's
+        clock so that every process stops at the same step."""
+        if not self.cfg.max_minutes:
+            return False
+        late = float(time.time() - t0 >= 60.0 * self.cfg.max_minutes)
+        flag = torch.tensor([late if self.acc.is_main_process else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+
     def train(self, resume: str | Path | None = None, stop_at: int | None = None) -> TrainResult:
         """Run to `max_steps` (or stop early after step `stop_at`, e.g. to test resuming)."""
         from tqdm.auto import tqdm
@@ -439,7 +458,8 @@ class Trainer:
         evals: list[tuple[int, float]] = []
         t0, steps0, samples = time.time(), self.step, 0
         batches = self._batches()
-        while self.step < end:
+        timed_out = False
+        while self.step < end and not timed_out:
             acc_loss, acc_metrics = 0.0, {}
             for _ in range(cfg.grad_accum):
                 batch = next(batches).to(self.acc.device)
@@ -475,10 +495,15 @@ class Trainer:
                 self._log(rec)
             bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rec['steps_per_s']:.2f}")
             bar.update(1)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+            timed_out = self._out_of_time(t0)
+            if (cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
+                    and not timed_out):
                 self._save()
         bar.close()
-        if self.step >= cfg.max_steps:
+        if timed_out and self.acc.is_main_process:
+            log.warning("train.max_minutes=%g reached at step %d of %d: saving the final model",
+                        cfg.max_minutes, self.step, cfg.max_steps)
+        if self.step >= cfg.max_steps or timed_out:
             if self.eval_loader is not None and not (cfg.eval_every and self.step % cfg.eval_every == 0):
                 ev = self.evaluate()
                 if ev is not None:
