@@ -644,3 +644,5 @@ def test_max_minutes_stops_the_run_and_saves_the_final_model(tmp_path):
 
     with pytest.raises(ConfigError, match="max_minutes"):
         _cfg(tmp_path, "s2t", max_minutes=-1)
+    with pytest.raises(ConfigError, match="precompute_batch"):
+        _cfg(tmp_path, "echo", precompute_batch=-1)
