@@ -38,7 +38,7 @@ def test_the_text_answer_names_tokyo(demo_output):
     assert "tokyo" in _line(demo_output, "answer").lower(), demo_output
 
 
-SPEECH_MISS = ("EchoX-Tiny v1's speech is not yet intelligible enough: Whisper tiny.en does not "
+SPEECH_MISS = ("EchoX-Tiny v2's speech is not yet intelligible enough: Whisper tiny.en does not "
                "hear 'Tokyo' in the spoken answer (MODEL_CARD.md, docs/results.md)")
 
 
