@@ -38,10 +38,5 @@ def test_the_text_answer_names_tokyo(demo_output):
     assert "tokyo" in _line(demo_output, "answer").lower(), demo_output
 
 
-SPEECH_MISS = ("EchoX-Tiny v2's speech is not yet intelligible enough: Whisper tiny.en does not "
-               "hear 'Tokyo' in the spoken answer (MODEL_CARD.md, docs/results.md)")
-
-
-@pytest.mark.xfail(strict=True, reason=SPEECH_MISS)
 def test_whisper_hears_tokyo_in_the_spoken_answer(demo_output):
     assert "tokyo" in _line(demo_output, "what Whisper tiny.en hears").lower(), demo_output
