@@ -49,3 +49,19 @@ def test_tied_ctc_head_has_no_own_parameters(make_model, tmp_path):
     again = EchoX.from_pretrained(tmp_path / "c")
     again.eval()
     assert torch.equal(again.forward_s2t(b).logits, out.logits)
+
+
+def test_frontend_batched_on_a_device_matches_clip_by_clip():
+    """The GPU path (one batched STFT, `device=`) gives the per-clip CPU features; run here on
+    the CPU, the same code as on a GPU."""
+    folder = resolve("builtin:tiny-random-whisper")
+    fe = LogMelFrontEnd(folder, 80, 300)
+    waves = [noise(0.5), noise(2.9, 1), noise(1.7, 2) * 0.01]
+    one = fe(waves)
+    batched = fe(waves, device="cpu")
+    assert batched.features.shape == one.features.shape == (3, 80, 300)
+    assert batched.lengths.tolist() == one.lengths.tolist() == [50, 290, 170]
+    assert torch.allclose(batched.features, one.features, atol=1e-4)
+    assert not torch.equal(batched.features[0], batched.features[2])  # each clip its own max
+    with pytest.raises(ValueError, match="longer than the encoder window"):
+        fe([noise(3.5)], device="cpu")

@@ -187,3 +187,31 @@ def test_asr_extra_speaks_texts_into_asr_turns_and_resumes(tmp_path):
     texts.write_text('{"id": "../up", "text": "one"}\n')
     with pytest.raises(ManifestError, match="line 1"):
         build_asr_extra(corpus, texts)
+
+
+def test_asr_tts_turns_link_clips_already_spoken(tmp_path):
+    from echox.data.s2t_mix import build_asr_tts
+
+    corpus = _corpus(tmp_path)
+    extra = tmp_path / "tts_extra"
+    (extra / "audio").mkdir(parents=True)
+    sf.write(extra / "audio" / "f1.wav", noise(0.6, 3), 16000)
+    sf.write(extra / "audio" / "f2.wav", noise(0.4, 4), 16000)
+    man = extra / "tts.jsonl"
+    man.write_text('{"id": "f1", "text": "The capital of Peru is Lima.", "audio": "audio/f1.wav"}\n'
+                   '{"id": "f2", "text": "Basra is in Iraq.", "audio": "audio/f2.wav"}\n'
+                   '{"id": "f3", "text": "Gone.", "audio": "audio/f3.wav"}\n')
+    assert build_asr_tts(corpus, man) == {"tts_asr_turns": 2, "tts_missing_audio": 1}
+    train = corpus / "train"
+    recs = read_jsonl(train / "asr_tts.jsonl", DialogueRecord).records
+    assert [r.conversations[1].value for r in recs] == ["The capital of Peru is Lima.", "Basra is in Iraq."]
+    assert recs[0].conversations[0].prompt == ASR_PROMPT
+    ds = S2TDataset(recs, train)  # the clips resolve under train/
+    assert np.allclose(ds[0].turns[0].audio, sf.read(extra / "audio" / "f1.wav", dtype="float32")[0])
+    assert build_asr_tts(corpus, man)["tts_asr_turns"] == 2  # again: the links are kept
+    man.write_text('{"id": "f1", "text": "x"}\n')
+    with pytest.raises(ManifestError, match="line 1"):
+        build_asr_tts(corpus, man)
+    man.write_text('{"id": "f9", "text": "x", "audio": "audio/none.wav"}\n')
+    with pytest.raises(ManifestError, match="none of its 1 clips"):
+        build_asr_tts(corpus, man)

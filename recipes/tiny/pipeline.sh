@@ -62,7 +62,8 @@ if run data; then
   $ECHOX data build-tiny --out "$DATA" ${LIMIT:+--limit $LIMIT}
 fi
 if run mix; then  # ASR turns + the further voice (Stage I only), + more ASR text (ASR_EXTRA="" for none)
-  $ECHOX data s2t-mix --corpus "$DATA" --voice "$VOICE" ${ASR_EXTRA:+--asr-extra "$ASR_EXTRA"}
+  tx=(); [ -f "$DATA/tts_extra/tts.jsonl" ] && tx=(--asr-tts "$DATA/tts_extra/tts.jsonl")
+  $ECHOX data s2t-mix --corpus "$DATA" --voice "$VOICE" ${ASR_EXTRA:+--asr-extra "$ASR_EXTRA"} "${tx[@]}"
 fi
 if run units; then
   for s in train test; do
@@ -82,11 +83,13 @@ if run ttsx; then  # more for the T2C to learn pronunciation from: qa_wikidata f
         --out "$DATA/tts_extra" --limit "$TTSX_LIMIT" --workers 2
     $ECHOX units extract --manifest "$DATA/tts_extra/tts.jsonl" --kmeans "$KM" --threads "$THREADS" \
         --out "$DATA/tts_extra/tts_units.jsonl" ${TTSX_WINDOW:+--window-seconds $TTSX_WINDOW}
+    # the same clips are ASR turns for Stage I too (train/asr_tts.jsonl)
+    $ECHOX data s2t-mix --corpus "$DATA" --voice "" --no-asr --asr-tts "$DATA/tts_extra/tts.jsonl"
   else
     echo "ttsx: BIGBENCH (the BIG-bench sdist or folder, see make_questions.py) is not set; skipped" >&2
   fi
 fi
-asrx=(); [ -f "$DATA/train/asr_extra.jsonl" ] && asrx=("$DATA/train/asr_extra.jsonl")
+asrx=(); for f in asr_extra asr_tts; do [ -f "$DATA/train/$f.jsonl" ] && asrx+=("$DATA/train/$f.jsonl"); done
 if run ctc && [ "$CTC_STEPS" -gt 0 ]; then
   # The adapter alone on the CTC loss of every ASR clip, its softmax over the transcripts' token
   # ids: many cheap passes over the audio before Stage I (docs/training.md). CTC_INIT: start

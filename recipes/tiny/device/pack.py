@@ -29,6 +29,7 @@ from pathlib import Path
 
 MANIFESTS = ("asr.jsonl", "asr_extra.jsonl", "dialogues.jsonl", "dialogues_en-gb.jsonl",
              "dialogues_units.jsonl")
+OPTIONAL = ("asr_tts.jsonl",)  # `echox data s2t-mix --asr-tts`: packed when it is there
 
 
 def _opus(src: Path, dst: Path, kbps: int) -> None:
@@ -45,8 +46,10 @@ def _manifests(data: Path, stage: Path, audio_cache: Path, kbps_questions: int, 
                workers: int) -> None:
     """Copy the manifests with every .wav clip renamed .opus, encoding the clips they name."""
     jobs: dict[str, int] = {}
-    for name in MANIFESTS:
+    for name in MANIFESTS + OPTIONAL:
         src = data / name
+        if name in OPTIONAL and not src.is_file():
+            continue
         if not src.is_file():
             sys.exit(f"pack: {src} is missing (run the recipe's data and mix steps first)")
         out = []
@@ -90,7 +93,8 @@ def pack(args: argparse.Namespace) -> None:
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(args.whisper, stage / Path(args.whisper).name)
     shutil.copytree(args.s2t, stage / "s2t")
-    shutil.copytree(args.t2c, stage / "t2c")
+    if args.t2c:
+        shutil.copytree(args.t2c, stage / "t2c")
     _manifests(Path(args.data), stage, out / "audio-cache", args.kbps_questions, args.kbps, args.workers)
     tar = out / "payload.tar"  # gzip -1: the weights and Opus clips hardly shrink, the rest does
     with tarfile.open(tar, "w:gz", compresslevel=1) as tf:
@@ -153,7 +157,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--data", default="data/tiny/train")
     p.add_argument("--s2t", required=True, help="the Stage I model to continue from")
-    p.add_argument("--t2c", required=True, help="the kept T2C (Stage III's --t2c-from)")
+    p.add_argument("--t2c", help="the kept T2C (Stage III's --t2c-from); without it, Stage I only")
     p.add_argument("--whisper", required=True, help="the converted whisper-tiny.en folder, encoder only")
     p.add_argument("--wheels", nargs="+", required=True)
     p.add_argument("--kbps-questions", type=int, default=16)

