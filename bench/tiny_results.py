@@ -608,7 +608,8 @@ def render_table(result: dict[str, Any]) -> str:
                          f"{LABELS[t2c['same_as']]}; its T2C WER is that run's.")
         shared = result["metrics"][b].get("shared_runs")
         if shared:
-            lines.append(f"- {LABELS[b]}: same bundle folder as another column; runs shared "
+            lines.append(f"- {LABELS[b]}: the same S2T weights (or bundle) as another column, so the "
+                         f"text answers are the same; its runs are that column's "
                          f"({', '.join(sorted(shared.values()))}).")
     for key, why in result["skipped"].items():
         lines.append(f"- skipped {key}: {why}")
