@@ -209,9 +209,11 @@ def test_asr_tts_turns_link_clips_already_spoken(tmp_path):
     ds = S2TDataset(recs, train)  # the clips resolve under train/
     assert np.allclose(ds[0].turns[0].audio, sf.read(extra / "audio" / "f1.wav", dtype="float32")[0])
     assert build_asr_tts(corpus, man)["tts_asr_turns"] == 2  # again: the links are kept
-    man.write_text('{"id": "f1", "text": "x"}\n')
-    with pytest.raises(ManifestError, match="line 1"):
-        build_asr_tts(corpus, man)
-    man.write_text('{"id": "f9", "text": "x", "audio": "audio/none.wav"}\n')
-    with pytest.raises(ManifestError, match="none of its 1 clips"):
-        build_asr_tts(corpus, man)
+    bad = {'{"id": "f1", "text": "x"}': "line 1",  # no audio
+           '{"id": "f9", "text": "x", "audio": "audio/none.wav"}': "none of its 1 clips",
+           '{"id": "f1", "text": "x", "audio": "audio/f1.wav"}\n{"id": "f1", "text": "y", "audio": "audio/f2.wav"}':
+               "duplicate id"}
+    for rows, message in bad.items():
+        man.write_text(rows + "\n")
+        with pytest.raises(ManifestError, match=message):
+            build_asr_tts(corpus, man)
