@@ -51,6 +51,23 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _id_text_rows(path: Path, audio: bool = False) -> list[dict[str, Any]]:
+    """The rows of `path`, each checked: a unique "id" usable as a file name, a non-empty
+    "text" and, with `audio`, an "audio" path."""
+    rows = _read(path)
+    ids: set[str] = set()
+    want = '{"id": str, "text": str' + (', "audio": str}' if audio else "}")
+    for i, r in enumerate(rows, 1):
+        rid, text = r.get("id"), r.get("text")
+        if (not isinstance(rid, str) or not rid or "/" in rid or not isinstance(text, str)
+                or not text.strip() or (audio and not (isinstance(r.get("audio"), str) and r["audio"]))):
+            raise ManifestError(f"{path} line {i}: expected {want}")
+        if rid in ids:
+            raise ManifestError(f"{path} line {i}: duplicate id {rid!r}")
+        ids.add(rid)
+    return rows
+
+
 def asr_turn(rid: str, text: str, audio: str) -> dict[str, Any]:
     return {"id": f"asr-{rid}", "conversations": [
         {"from": "user", "value": text, "audio": audio, "prompt": ASR_PROMPT},
@@ -101,16 +118,8 @@ def build_asr_extra(corpus: str | Path, texts: str | Path, workers: int = 2,
     train = Path(corpus) / "train"
     if not train.is_dir():
         raise ManifestError(f"{train} not found: build the corpus first (echox data build-tiny)")
-    rows = _read(Path(texts))
-    jobs, ids = [], set()
-    for i, r in enumerate(rows, 1):
-        rid, text = r.get("id"), r.get("text")
-        if not isinstance(rid, str) or not rid or "/" in rid or not isinstance(text, str) or not text.strip():
-            raise ManifestError(f"{texts} line {i}: expected {{\"id\": str, \"text\": str}}")
-        if rid in ids:
-            raise ManifestError(f"{texts} line {i}: duplicate id {rid!r}")
-        ids.add(rid)
-        jobs.append((text, train / "audio" / "x" / f"{rid}.wav"))
+    rows = _id_text_rows(Path(texts))
+    jobs = [(r["text"], train / "audio" / "x" / f"{r['id']}.wav") for r in rows]
     todo = [(t, p) for t, p in jobs if not p.is_file()]
     made, failed = piper_synthesize(todo, progress=progress, workers=workers, desc="asr extra")
     turns = [asr_turn(r["id"], r["text"], f"audio/x/{r['id']}.wav")
@@ -130,18 +139,12 @@ def build_asr_tts(corpus: str | Path, tts_manifest: str | Path) -> dict[str, int
     if not train.is_dir():
         raise ManifestError(f"{train} not found: build the corpus first (echox data build-tiny)")
     src = Path(tts_manifest)
-    rows = _read(src)
+    rows = _id_text_rows(src, audio=True)
     dst_dir = train / "audio" / "tx"
     dst_dir.mkdir(parents=True, exist_ok=True)
-    turns, missing, ids = [], 0, set()
-    for i, r in enumerate(rows, 1):
-        rid, text, audio = r.get("id"), r.get("text"), r.get("audio")
-        if (not isinstance(rid, str) or not rid or "/" in rid or not isinstance(text, str)
-                or not text.strip() or not isinstance(audio, str) or not audio):
-            raise ManifestError(f"{src} line {i}: expected {{\"id\": str, \"text\": str, \"audio\": str}}")
-        if rid in ids:
-            raise ManifestError(f"{src} line {i}: duplicate id {rid!r}")
-        ids.add(rid)
+    turns, missing = [], 0
+    for r in rows:
+        rid, text, audio = r["id"], r["text"], r["audio"]
         clip = Path(audio) if Path(audio).is_absolute() else src.parent / audio
         if not clip.is_file():
             missing += 1
