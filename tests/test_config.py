@@ -25,6 +25,7 @@ def test_overrides_parse_types():
     [
         ("llm.lora.r=0", "llm.lora.r"),
         ("t2c.hidden_size=30", "t2c.hidden_size"),
+        ("t2c.beams=0", "t2c.beams"),
         ("llm.dtype=float8", "llm.dtype"),
         ("llm.lora.r=abc", "llm.lora.r: expected an integer"),
         ("adapter.drop_blank=3", "adapter.drop_blank"),

@@ -292,6 +292,20 @@ def test_forward_touches_every_tensor(bundle) -> None:
             p.requires_grad_(False)
 
 
+def test_beam_search_runs_on_the_authors_decoder(bundle) -> None:
+    """Beam search (`num_beams` > 1) through the authors' layout finds the fixture's chain
+    too, with and without the KV cache."""
+    from dataclasses import replace
+
+    m = bundle.model
+    h = torch.randn(4, 32)
+    s = replace(m.echo.default_sampling(4), num_beams=3)
+    with torch.no_grad():
+        cond = m.denoiser.eval()(h)
+        uncached = m.echo.generate([cond], s, use_cache=False)[0]
+    assert m.units_from_hidden([h], s)[0] == uncached == [tok_id(t) for t in CHAIN]
+
+
 def test_segment_units_stream_through_the_engine(bundle) -> None:
     from echox.infer.engine import Engine, EngineConfig
 

@@ -418,3 +418,29 @@ def test_a_byte_reading_echo_decoder_speaks_through_the_engine(tmp_path: Path) -
         b.model.units_from_hidden([h], UNITS)
     ids = [5, 6, 7]
     assert list(b.model.iter_units_from_hidden(h, UNITS, ids)) == b.model.units_from_hidden([h], UNITS, [ids])[0]
+
+
+def test_unit_beams_stored_by_echox_bundle_reach_the_engine(bundle_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`echox bundle --unit-beams 3`: the bundle's decoders search by default, and the engine
+    (no unit sampling of its own) voices each segment with the units that search gives."""
+    from echox.cli import main
+
+    args = ["bundle", "--model", str(bundle_dir), "--vocoder", str(bundle_dir / "vocoder")]
+    assert main([*args, "--unit-beams", "3", "--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
+    b = load_bundle(tmp_path / "b")
+    assert b.model.config.t2c.beams == 3 and b.model.echo.cfg.beams == 3
+    with Engine(b, EngineConfig.greedy(max_new_tokens=12, **SMALL_CHUNKS)) as eng:
+        s = eng.session()
+        events = list(s.respond(text="hello there"))
+        hidden = torch.stack(s.turn.hidden)
+    final = events[-1]
+    assert isinstance(final, Final) and len(final.segments) >= 2
+    by_segment = pieces_by_segment(events)
+    for i, (a, e) in enumerate(final.segments):
+        units = b.model.units_from_hidden([hidden[a:e]])[0]
+        assert units and [u for c in by_segment[i] for u in c.units] == units
+    assert main([*args, "--unit-beams", "0", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--unit-beams must be >= 1" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

@@ -184,3 +184,104 @@ def test_shared_prefix_length_rules():
     assert shared_prefix_length(ids[1:2], mask[1:2], audio_token_id=99) == 3  # keeps one own
     one = torch.tensor([[1, 0]])
     assert shared_prefix_length(one, (one != 0).long(), audio_token_id=99) == 0
+
+
+def _toy_chain():
+    """A toy next-token table (tokens 0, 1; 2 stops): the logits depend on the last input
+    only. Greedy takes 0 first (0.6), but every continuation after 0 is worth at most 1/3;
+    1 then stop is worth 0.4 x 0.99."""
+    import math
+
+    table = torch.log(torch.tensor([
+        [1 / 3, 1 / 3, 1 / 3],  # after 0
+        [0.005, 0.005, 0.99],  # after 1
+        [1 / 3, 1 / 3, 1 / 3],  # (after a stop: never fed)
+        [0.6, 0.4, 1e-9],  # after the start
+    ]))
+    dim = 4
+
+    class Cache:
+        def __init__(self, b: int) -> None:
+            self.b = b
+
+        def batch_select_indices(self, keep: torch.Tensor) -> None:
+            self.b = keep.numel()
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(ids, dim).float()
+
+    def step(inp, mask, pos, cache):  # type: ignore[no-untyped-def]
+        assert cache is None or cache.b == inp.shape[0]
+        last = inp[:, -1].argmax(-1)  # [B]
+        logits = table[last][:, None].expand(-1, inp.shape[1], -1).clone()
+        return logits, torch.zeros(inp.shape[0], inp.shape[1], dim), Cache(inp.shape[0])
+
+    def score(seq: list[int]) -> float:  # summed log-prob of seq + stop
+        prev, s = 3, 0.0
+        for t in [*seq, 2]:
+            s += float(table[prev, t])
+            prev = t
+        return s
+
+    start = embed(torch.tensor([[3]]))  # [1, 1, D]
+    return step, embed, start, score, math
+
+
+def test_beam_search_finds_what_greedy_misses():
+    from itertools import product
+
+    from echox.model.generation import beam_search, decode
+
+    step, embed, start, score, _ = _toy_chain()
+    s = SamplingConfig(max_new_tokens=4)
+    greedy = decode(step, embed, start, torch.ones(1, 1), [2], s).tokens[0]
+    assert greedy[0] == 0
+    # every sequence of up to 3 tokens (the 4th step can only stop), raw scores (penalty 0)
+    best = max((list(p) for n in range(4) for p in product([0, 1], repeat=n)), key=score)
+    assert best == [1]
+    for use_cache in (True, False):
+        one = beam_search(step, embed, start, [2], SamplingConfig(max_new_tokens=4),
+                          use_cache=use_cache)
+        assert one.tokens == greedy  # one beam is greedy decoding
+        two = beam_search(step, embed, start, [2],
+                          SamplingConfig(max_new_tokens=4, num_beams=2, length_penalty=0.0),
+                          use_cache=use_cache)
+        assert two.tokens == best and two.stopped
+        assert abs(two.score - score(best)) < 1e-5
+
+
+def test_beam_search_without_a_stop_returns_the_best_open_hypothesis():
+    from echox.model.generation import beam_search
+
+    step, embed, start, score, _ = _toy_chain()
+    res = beam_search(step, embed, start, [], SamplingConfig(max_new_tokens=3, num_beams=2))
+    assert not res.stopped and len(res.tokens) == 3
+
+
+def test_beam_settings_are_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="num_beams"):
+        SamplingConfig(num_beams=0)
+    with pytest.raises(ValueError, match="temperature 0"):
+        SamplingConfig(num_beams=2, temperature=0.7)
+
+
+def test_unit_decoders_beam_search_from_their_config(make_model):
+    """`t2c.beams` > 1: both decoders search by default; cached == uncached, stream == full,
+    and one row alone == the same row in a batch."""
+    m = make_model()
+    m.eval()
+    cond = [torch.randn(5, m.llm.hidden_size), torch.randn(9, m.llm.hidden_size)]
+    greedy = m.t2c.generate(cond)
+    for dec in (m.t2c, m.echo):
+        dec.cfg.beams = 3  # both read the same T2CConfig
+    s = m.t2c.default_sampling(9)
+    assert s.num_beams == 3 and s.temperature == 0
+    a = m.t2c.generate(cond)
+    assert a == m.t2c.generate(cond, use_cache=False)
+    assert a == [m.t2c.generate([c])[0] for c in cond]
+    assert list(m.t2c.iter_generate(cond[1])) == a[1]
+    assert all(0 <= u < m.t2c.num_units for x in a for u in x)
+    assert m.echo.generate(cond) == a  # the echo decoder starts as a copy of the T2C
+    assert m.t2c.generate(cond, SamplingConfig(max_new_tokens=s.max_new_tokens)) == greedy

@@ -199,6 +199,13 @@ def test_offline_pseudo_labels_cached_and_cut(tmp_path, make_model):
     batch = stages.echo_collator(m)(ex)
     out = m.forward_echo(batch)
     assert out.targets == ex[0].units
+    # beam-searched labels are other labels: the same cache file does not hand back greedy ones
+    m.config.t2c.beams = 3
+    beamed = stages.precompute_pseudo_labels(m, d, cache, cut=True)
+    assert len(cache.read_text().splitlines()) == 2
+    texts = [m.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["A longer answer here."]]
+    assert len(beamed[0].units) == len(segs) and beamed[0].units[0] == m.pseudo_labels(
+        [texts[0][segs[0][0]:segs[0][1]]])[0]
 
 
 @pytest.mark.slow
@@ -391,6 +398,19 @@ def test_init_override_sets_the_lora_dropout(tmp_path, make_model):
     assert all(isinstance(d, torch.nn.Identity) for d in drops(again))
     with pytest.raises(ValueError, match="LoRA dropout"):
         again.llm.set_lora_dropout(1.5)
+
+
+def test_init_override_sets_the_unit_decoding(tmp_path, make_model):
+    """`--set t2c.beams=N` with `--init`: the pseudo-labels' (and the saved model's) decoding;
+    architecture settings of the T2C stay the checkpoint's."""
+    m = make_model()
+    m.trained_stages = ["s2t"]
+    folder = m.save_pretrained(tmp_path / "s2t")
+    got = stages.prepare_model("s2t", init=folder, init_overrides=[
+        "t2c.beams=4", "t2c.length_penalty=0.5", "t2c.num_layers=5"])
+    assert (got.config.t2c.beams, got.config.t2c.length_penalty) == (4, 0.5)
+    assert got.echo.default_sampling(3).num_beams == 4
+    assert got.config.t2c.num_layers == m.config.t2c.num_layers
 
 
 def test_ctc_only_stage_i_never_runs_the_llm(make_model):

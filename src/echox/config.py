@@ -163,6 +163,11 @@ class T2CConfig:
     dropout: float = 0.0
     # generation stops at EOS, or after this many units per condition token (+16)
     max_units_per_token: int = 8
+    # Decoding when no sampling is given (pseudo-labels, the engine's speech): 1 = greedy,
+    # > 1 = beam search over that many hypotheses, scored by log-probability / length **
+    # `length_penalty` (measured for the tiny model in docs/results.md, session 23)
+    beams: int = 1
+    length_penalty: float = 1.0
     trainable: bool = True
     # "echox" layout: > 0 adds what each text token *spells* to its condition vector (a small
     # byte-level encoder of the token's text, zero at init; docs/results.md, session 10). The
@@ -223,6 +228,7 @@ class T2CConfig:
         _check(self.unit_vocab_size >= 2, f"{path}.unit_vocab_size", "must be >= 2")
         _check(self.max_positions >= 16, f"{path}.max_positions", "must be >= 16")
         _check(self.max_units_per_token >= 1, f"{path}.max_units_per_token", "must be >= 1")
+        _check(self.beams >= 1, f"{path}.beams", f"must be >= 1, got {self.beams}")
         _check(self.spelling_dim >= 0, f"{path}.spelling_dim", "must be >= 0")
         _check(self.spelling_chars >= 1, f"{path}.spelling_chars", "must be >= 1")
         _check(self.spelling_dim == 0 or self.layout == "echox", f"{path}.spelling_dim",

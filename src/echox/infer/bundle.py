@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from echox.errors import CheckpointError, UnitError
+from echox.errors import CheckpointError, ConfigError, UnitError
 from echox.hub import cache_dir
 from echox.model.echox import EchoX
 from echox.units.language import UnitLanguage
@@ -271,9 +271,25 @@ def cmd_bundle(args: Any) -> int:
             lang = UnitLanguage.load(args.unit_language)
         except Exception as e:  # noqa: BLE001 - UnitError and OS errors
             raise CheckpointError(f"cannot load the unit language {args.unit_language}: {e}") from e
+    set_unit_decoding(model, args.unit_beams, args.unit_length_penalty)
     out = save_bundle(args.out, model, vocoder, lang, slim=args.slim)
     print(json.dumps({"bundle": str(out), **bundle_info(Bundle(model, vocoder, lang, out))}))
     return 0
+
+
+def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | None) -> None:
+    """Store how the T2C and echo decoders decode by default (`t2c.beams`,
+    `t2c.length_penalty`); None keeps the checkpoint's setting."""
+    cfg = model.config.t2c
+    if beams is not None:
+        if beams < 1:
+            raise ConfigError(f"--unit-beams must be >= 1, got {beams}")
+        cfg.beams = beams
+    if length_penalty is not None:
+        cfg.length_penalty = length_penalty
+    for dec in (model.t2c, model.echo):  # both read the model's T2C config
+        if dec is not None and dec.cfg is not cfg:
+            dec.cfg.beams, dec.cfg.length_penalty = cfg.beams, cfg.length_penalty
 
 
 def bundle_options(p: argparse.ArgumentParser) -> None:
@@ -284,5 +300,9 @@ def bundle_options(p: argparse.ArgumentParser) -> None:
                                      "LJSpeech, small, or a generator folder/file")
     p.add_argument("--slim", action="store_true",
                    help="inference only: leave out the T2C and store float16 weights")
+    p.add_argument("--unit-beams", type=int, help="speech units by beam search over N hypotheses "
+                   "(1 = greedy; default: the checkpoint's t2c.beams)")
+    p.add_argument("--unit-length-penalty", type=float,
+                   help="beam score = log-probability / length ** this (default: the checkpoint's)")
     p.add_argument("--out", required=True, help="bundle folder to write")
 

@@ -55,6 +55,10 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    # > 1: beam search (deterministic; temperature must be 0). A hypothesis is scored by its
+    # summed log-probability over (tokens + 1 for the stop token) ** length_penalty.
+    num_beams: int = 1
+    length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -63,6 +67,10 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("beam search is deterministic: use temperature 0 with num_beams > 1")
 
 
 @dataclass
@@ -291,3 +299,106 @@ def decode(
                 rows = [rows[j] for j in keep.tolist()]
     hidden_out = [torch.stack(h) if h else prefix_embeds.new_zeros(0, width) for h in hiddens]
     return DecodeResult(tokens, hidden_out, stopped)
+
+
+@dataclass
+class BeamResult:
+    tokens: list[int]  # the best hypothesis, without the stop token
+    score: float  # its summed log-probability (the stop token's included when `stopped`)
+    stopped: bool  # False when it ran to max_new_tokens
+
+
+@torch.no_grad()
+def beam_search(
+    step: StepFn,
+    embed: EmbedFn,
+    prefix_embeds: torch.Tensor,
+    stop_ids: list[int],
+    sampling: SamplingConfig,
+    use_cache: bool = True,
+    suppress_ids: list[int] | None = None,
+) -> BeamResult:
+    """Beam search from one prefix [1, L, D]: `sampling.num_beams` hypotheses are kept, each
+    step's candidates are their top continuations, and a hypothesis that picks a stop token
+    is set aside with its length-normalised score. It ends when `num_beams` hypotheses have
+    stopped and none still open scores better, or after `max_new_tokens` steps.
+
+    The beams run as one batch. With the KV cache (a transformers cache that can select rows)
+    each step feeds one token per beam; without it every step re-reads all inputs.
+    """
+    if prefix_embeds.shape[0] != 1:
+        raise ValueError(f"beam_search: one prefix at a time, got {prefix_embeds.shape[0]}")
+    k, alpha = sampling.num_beams, sampling.length_penalty
+    stop = set(stop_ids)
+    device = prefix_embeds.device
+    n_prefix = prefix_embeds.shape[1]
+
+    def norm(score: float, length: int) -> float:
+        return score / float(length) ** alpha
+
+    def logprobs(logits: torch.Tensor) -> torch.Tensor:
+        last = logits[:, -1].float()
+        if suppress_ids:
+            last[:, suppress_ids] = float("-inf")
+        return torch.log_softmax(last, dim=-1)
+
+    mask = torch.ones(1, n_prefix, dtype=torch.long, device=device)
+    pos = torch.arange(n_prefix, device=device)[None]
+    logits, _, cache = step(prefix_embeds, mask, pos, None)
+    scores = logprobs(logits)  # [1, V]: one open hypothesis, the empty one
+    beams: list[list[int]] = [[]]
+    base = torch.zeros(1, device=device)
+    done: list[tuple[float, float, list[int]]] = []  # (normalised, raw score, tokens)
+    embeds = prefix_embeds
+    for t in range(sampling.max_new_tokens):
+        total = scores + base[:, None]  # [n, V]
+        vocab = total.shape[1]
+        top = total.flatten().topk(min(2 * k, total.numel()))
+        keep_src, keep_tok, keep_score = [], [], []
+        for s, flat in zip(top.values.tolist(), top.indices.tolist()):
+            if s == float("-inf"):
+                break
+            src, tok = divmod(flat, vocab)
+            if tok in stop:
+                done.append((norm(s, t + 1), s, beams[src]))
+            else:
+                keep_src.append(src)
+                keep_tok.append(tok)
+                keep_score.append(s)
+            if len(keep_src) == k:
+                break
+        if not keep_src:
+            break
+        beams = [beams[j] + [tok] for j, tok in zip(keep_src, keep_tok)]
+        base = torch.tensor(keep_score, device=device)
+        best_done = max((d[0] for d in done), default=float("-inf"))
+        # stop once `num_beams` have ended and the best open one, scored at its length now,
+        # is no better (the usual heuristic: an open one could still gain from the penalty)
+        if len(done) >= k and best_done >= norm(max(keep_score), t + 2):
+            break
+        if t + 1 == sampling.max_new_tokens:
+            break
+        src_t = torch.tensor(keep_src, device=device)
+        new = embed(torch.tensor(keep_tok, device=device)[:, None]).to(prefix_embeds.dtype)
+        n, width = len(beams), n_prefix + t + 1
+        mask = torch.ones(n, width, dtype=torch.long, device=device)
+        if use_cache:
+            select = getattr(cache, "batch_select_indices", None)
+            if select is None:
+                raise ValueError("beam_search: this model's KV cache cannot select rows; "
+                                 "use use_cache=False")
+            select(src_t)  # repeated indices copy a row: the first step fans one row out
+            pos = torch.full((n, 1), width - 1, dtype=torch.long, device=device)
+            logits, _, cache = step(new, mask, pos, cache)
+        else:
+            embeds = torch.cat([embeds[src_t], new], dim=1)  # [n, width, D]
+            pos = torch.arange(width, device=device)[None].expand(n, -1)
+            logits, _, _ = step(embeds, mask, pos, None)
+        scores = logprobs(logits)
+    if done:
+        _, raw, toks = max(done, key=lambda d: d[0])
+        return BeamResult(list(toks), raw, True)
+    if not beams or not beams[0]:
+        return BeamResult([], 0.0, False)
+    i = max(range(len(beams)), key=lambda j: norm(float(base[j]), len(beams[j])))
+    return BeamResult(beams[i], float(base[i]), False)

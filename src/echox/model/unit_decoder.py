@@ -22,6 +22,7 @@ from echox.config import T2CConfig
 from echox.model.generation import (
     DecodeResult,
     SamplingConfig,
+    beam_search,
     cache_kwargs,
     decode,
     iter_decode,
@@ -71,6 +72,15 @@ def decoder_step(model: nn.Module, lm_head: nn.Module, embeds: torch.Tensor, mas
     )
     h = out.last_hidden_state
     return lm_head(h), h, output_cache(out)
+
+
+def beam_rows(step: Any, embed: Any, embs: list[torch.Tensor], eos_id: int,
+              sampling: list[SamplingConfig], use_cache: bool = True,
+              suppress_ids: list[int] | None = None) -> list[list[int]]:
+    """Beam search for each row's inputs [L_i, H] with its own settings, one row at a time
+    (so a row's units are those it gets alone)."""
+    return [beam_search(step, embed, e[None], [eos_id], s, use_cache, suppress_ids).tokens
+            for e, s in zip(embs, sampling, strict=True)]
 
 
 class _ReadsTokenText(nn.Module):
@@ -261,10 +271,12 @@ class UnitDecoder(nn.Module):
     def _suppress_ids(self) -> list[int]:
         return [self.text_prefix_id, self.unit_prefix_id, self.pad_id]
 
-    def greedy_sampling(self, cond_len: int) -> SamplingConfig:
-        """Greedy decoding with a unit budget proportional to the condition's length."""
+    def default_sampling(self, cond_len: int) -> SamplingConfig:
+        """The config's decoding (greedy, or `beams` > 1) with a unit budget proportional to
+        the condition's length."""
         budget = self.cfg.max_units_per_token * cond_len + 16
-        return SamplingConfig(max_new_tokens=min(self.cfg.max_positions // 2, budget))
+        return SamplingConfig(max_new_tokens=min(self.cfg.max_positions // 2, budget),
+                              num_beams=self.cfg.beams, length_penalty=self.cfg.length_penalty)
 
     @torch.no_grad()
     def generate(
@@ -272,8 +284,12 @@ class UnitDecoder(nn.Module):
     ) -> list[list[int]]:
         """Units for each condition sequence (EOS-terminated, specials never emitted)."""
         embs, _ = self._rows(cond, None)
+        rows = [sampling or self.default_sampling(c.shape[0]) for c in cond]
+        if rows[0].num_beams > 1:  # row by row, each with its own unit budget by default
+            return beam_rows(self._step, self.model.embed_tokens, embs, self.eos_id, rows,
+                             use_cache, self._suppress_ids)
         if sampling is None:
-            sampling = self.greedy_sampling(max(c.shape[0] for c in cond))
+            sampling = self.default_sampling(max(c.shape[0] for c in cond))
         b, width = len(embs), max(e.shape[0] for e in embs)
         x = embs[0].new_zeros(b, width, embs[0].shape[-1])
         mask = torch.zeros(b, width, dtype=torch.long, device=x.device)
@@ -295,9 +311,14 @@ class UnitDecoder(nn.Module):
 
         A single row needs no padding, so the steps (and a seeded sampler's draws) are those
         of `generate([cond])`: the units are the same. Closing the iterator stops decoding.
+        With beam search the units come only when the search has ended.
         """
         (emb,), _ = self._rows([cond], None)
-        sampling = sampling or self.greedy_sampling(cond.shape[0])
+        sampling = sampling or self.default_sampling(cond.shape[0])
+        if sampling.num_beams > 1:
+            yield from beam_rows(self._step, self.model.embed_tokens, [emb], self.eos_id,
+                                 [sampling], use_cache, self._suppress_ids)[0]
+            return
         x = emb[None]  # [1, L, H]
         mask = torch.ones(1, x.shape[1], dtype=torch.long, device=x.device)
         for st in iter_decode(self._step, lambda ids: self.model.embed_tokens(ids), x, mask,

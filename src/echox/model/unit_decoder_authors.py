@@ -31,7 +31,7 @@ from echox.config import T2CConfig
 from echox.errors import CheckpointError
 from echox.model.generation import DecodeResult, SamplingConfig, decode, iter_decode
 from echox.model.prompt import IGNORE
-from echox.model.unit_decoder import UnitOutput, decoder_step, teacher_forced
+from echox.model.unit_decoder import UnitOutput, beam_rows, decoder_step, teacher_forced
 
 
 def token_ids(tokenizer: Any, tokens: list[str], what: str) -> list[int]:
@@ -143,18 +143,22 @@ class AuthorsUnitDecoder(nn.Module):
     def _step(self, embeds, mask, pos, cache):  # type: ignore[no-untyped-def]
         return decoder_step(self.model, self.lm_head, embeds, mask, pos, cache)
 
-    def greedy_sampling(self, cond_len: int) -> SamplingConfig:
-        """Greedy, as released: at most `max_positions` new tokens (the authors' 2048) and at
-        most `max_units_per_token` per condition vector (+16)."""
+    def default_sampling(self, cond_len: int) -> SamplingConfig:
+        """Greedy as released (unless the config sets `beams`): at most `max_positions` new
+        tokens (the authors' 2048) and at most `max_units_per_token` per condition vector (+16)."""
         budget = self.cfg.max_units_per_token * cond_len + 16
-        return SamplingConfig(max_new_tokens=max(1, min(self.cfg.max_positions, budget)))
+        return SamplingConfig(max_new_tokens=max(1, min(self.cfg.max_positions, budget)),
+                              num_beams=self.cfg.beams, length_penalty=self.cfg.length_penalty)
 
     @torch.no_grad()
     def generate(self, cond: list[torch.Tensor], sampling: SamplingConfig | None = None,
                  use_cache: bool = True) -> list[list[int]]:
         """Tokens for each condition [n, D_llm] (EOS-terminated, EOS not included)."""
         embs, _ = self._rows(cond, None)
-        sampling = sampling or self.greedy_sampling(max(c.shape[0] for c in cond))
+        rows = [sampling or self.default_sampling(c.shape[0]) for c in cond]
+        if rows[0].num_beams > 1:  # row by row, each with its own token budget by default
+            return beam_rows(self._step, self.embed, embs, self.eos_id, rows, use_cache)
+        sampling = sampling or self.default_sampling(max(c.shape[0] for c in cond))
         b, width = len(embs), max(e.shape[0] for e in embs)
         x = embs[0].new_zeros(b, width, embs[0].shape[-1])
         mask = torch.zeros(b, width, dtype=torch.long, device=x.device)
@@ -170,7 +174,10 @@ class AuthorsUnitDecoder(nn.Module):
                       use_cache: bool = True) -> Iterator[int]:
         """`generate` for one condition [n, D_llm], yielding each token as it is sampled."""
         (emb,), _ = self._rows([cond], None)
-        sampling = sampling or self.greedy_sampling(cond.shape[0])
+        sampling = sampling or self.default_sampling(cond.shape[0])
+        if sampling.num_beams > 1:  # the tokens come when the search has ended
+            yield from beam_rows(self._step, self.embed, [emb], self.eos_id, [sampling], use_cache)[0]
+            return
         x = emb[None]  # [1, L, H]
         mask = torch.ones(1, x.shape[1], dtype=torch.long, device=x.device)
         for st in iter_decode(self._step, self.embed, x, mask, stop_ids=[self.eos_id],

@@ -100,10 +100,12 @@ def prepare_model(
 
 def _reconfigure(model: EchoX, overrides: list[str]) -> None:
     ignored = [o for o in overrides
-               if not o.strip().startswith(("adapter.", "loss.", "llm.lora.dropout="))]
+               if not o.strip().startswith(("adapter.", "loss.", "llm.lora.dropout=", "t2c.beams=",
+                                            "t2c.length_penalty="))]
     if ignored:
-        log.warning("--init: the model config comes from the checkpoint; only adapter, loss and "
-                    "llm.lora.dropout settings may change, so these are ignored: %s", ", ".join(ignored))
+        log.warning("--init: the model config comes from the checkpoint; only adapter, loss, "
+                    "llm.lora.dropout and the unit decoding (t2c.beams, t2c.length_penalty) "
+                    "settings may change, so these are ignored: %s", ", ".join(ignored))
     overrides = [o for o in overrides if o not in ignored]
     if not overrides:
         return
@@ -112,6 +114,8 @@ def _reconfigure(model: EchoX, overrides: list[str]) -> None:
     except ConfigError as e:
         raise StageError(str(e)) from e
     model.config.loss = cfg.loss  # weights only: nothing to rebuild
+    # decoding only (the pseudo-labels'); the decoders read this config object
+    model.config.t2c.beams, model.config.t2c.length_penalty = cfg.t2c.beams, cfg.t2c.length_penalty
     if cfg.llm.lora.dropout != model.config.llm.lora.dropout:
         n = model.llm.set_lora_dropout(cfg.llm.lora.dropout)
         model.config.llm.lora.dropout = cfg.llm.lora.dropout
@@ -220,7 +224,9 @@ def precompute_pseudo_labels(
                 done[rec["key"]] = rec
             except (json.JSONDecodeError, KeyError):
                 log.warning("%s: skipping a malformed cache line", cache)
-    keys = [_dialogue_key(d) for d in dialogues]
+    t2c = model.config.t2c
+    decoding = f"|beams={t2c.beams},length_penalty={t2c.length_penalty}" if t2c.beams > 1 else ""
+    keys = [_dialogue_key(d) + decoding for d in dialogues]  # greedy keys as before
     todo = [i for i, k in enumerate(keys) if k not in done]
     was = model.training
     model.eval()
