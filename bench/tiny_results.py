@@ -265,13 +265,15 @@ def t2c_run(ctx: Context, name: str, bundle_path: Path, source: Path, answers: l
     if todo:
         print(f"[{name}] voicing {len(todo)} of {len(answers)} answers through the T2C",
               file=sys.stderr)
-        from echox.infer.bundle import Bundle, check_bundle
+        from echox.infer.bundle import Bundle, check_bundle, set_unit_decoding
         from echox.model.echox import EchoX
 
         bundle = ctx.bundle(bundle_path)
-        if source != bundle_path:  # a slim bundle: the T2C comes from another checkpoint
-            bundle = Bundle(EchoX.from_pretrained(source).eval(), bundle.vocoder,
-                            bundle.unit_language, bundle.path)
+        if source != bundle_path:  # a slim bundle: the T2C comes from another checkpoint,
+            t2c = EchoX.from_pretrained(source).eval()  # decoding as the bundle does
+            own = bundle.model.config.t2c
+            set_unit_decoding(t2c, own.beams, own.length_penalty)
+            bundle = Bundle(t2c, bundle.vocoder, bundle.unit_language, bundle.path)
             check_bundle(bundle)
         asr = ctx.asr()
         sr = bundle.vocoder.sample_rate
@@ -536,8 +538,14 @@ def t2c_for(ctx: Context, b: str, path: Path, answers: list[dict[str, Any]],
         ctx.skipped[f"t2c_wer:{b}"] = reason
         return {"skipped": reason}
     src_meta = checkpoint_meta(source)
-    fp = hashlib.sha256("|".join([t2c_weights_sha(source), str(folder_sha(path / "vocoder")),
-                                  str(folder_sha(path / "unit_language"))]).encode()).hexdigest()
+    # the bundle's unit decoding (greedy runs keep their old fingerprint)
+    t2c_cfg = (meta.get("config") or {}).get("t2c") or {}
+    beams, penalty = int(t2c_cfg.get("beams", 1)), float(t2c_cfg.get("length_penalty", 1.0))
+    parts = [t2c_weights_sha(source), str(folder_sha(path / "vocoder")),
+             str(folder_sha(path / "unit_language"))]
+    if beams > 1:
+        parts.append(f"beams={beams},length_penalty={penalty}")
+    fp = hashlib.sha256("|".join(parts).encode()).hexdigest()
     owner = t2c_shared.setdefault(fp, b)
     name = f"{owner}-t2c"
     settings = {"mode": "t2c", "t2c_fingerprint": fp, "asr": ctx.asr_name()}
@@ -545,7 +553,7 @@ def t2c_for(ctx: Context, b: str, path: Path, answers: list[dict[str, Any]],
     refs = [recs[a["id"]]["text"] for a in answers]
     hyps = [recs[a["id"]]["transcript"] for a in answers]
     out = {"wer": corpus_wer(refs, hyps) if answers else None, "n": len(answers),
-           "source": str(source), "fingerprint": fp, "run": str(ctx.out / name),
+           "source": str(source), "fingerprint": fp, "run": str(ctx.out / name), "beams": beams,
            "t2c_trained": "t2c" in (src_meta.get("trained_stages") or []),
            "audio_seconds": sum(recs[a["id"]]["audio_seconds"] for a in answers)}
     if owner != b:

@@ -177,6 +177,16 @@ def test_tiny_results_slim_bundle_takes_the_t2c_from_t2c(tmp_path: Path, bundles
     assert not res["skipped"] and t2c["source"] == str(bundles["echo"].resolve()) and t2c["n"] == 1
     assert res["metrics"]["echo"]["t2c_wer"] >= 0.0
     assert res["gap_difference"] is None and "needs --echo and --gold" in (out / "results.md").read_text()
+    # a slim bundle that decodes units by beam search: the --t2c checkpoint decodes as it does,
+    # in a run of its own (not the greedy one above)
+    model.config.t2c.beams = 2
+    beamed = save_bundle(tmp_path / "slim-beams", model, voc, slim=True)
+    args[args.index("--echo") + 1] = str(beamed)
+    args[args.index("--out") + 1] = str(tmp_path / "res-beams")
+    assert bench.main(args + ["--t2c", str(bundles["echo"])]) == 0
+    res = json.loads((tmp_path / "res-beams" / "results.json").read_text())
+    assert res["metrics"]["echo"]["t2c"]["beams"] == 2 and t2c["beams"] == 1
+    assert res["metrics"]["echo"]["t2c"]["fingerprint"] != t2c["fingerprint"]
 
 
 def test_tiny_results_t2c_only(tmp_path: Path, bundles: dict[str, Path], corpus: Path) -> None:
