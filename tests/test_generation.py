@@ -250,6 +250,26 @@ def test_beam_search_finds_what_greedy_misses():
         assert abs(two.score - score(best)) < 1e-5
 
 
+def test_beam_search_rows_in_one_batch_equal_each_row_alone():
+    """Left-padded rows of different lengths and budgets: each gets what it gets alone, and a
+    row that ends leaves the batch while the others go on."""
+    from echox.model.generation import beam_search, beam_search_rows
+
+    step, embed, start, _, _ = _toy_chain()
+    short = start  # [1, 1, D]: the start state
+    long_ = embed(torch.tensor([[3, 0, 1]]))  # ends after a 1: stops at once
+    x = torch.cat([torch.cat([torch.zeros_like(start), torch.zeros_like(start), short], 1), long_])
+    mask = torch.tensor([[0, 0, 1], [1, 1, 1]])
+    cfgs = [SamplingConfig(max_new_tokens=4, num_beams=2, length_penalty=0.0),
+            SamplingConfig(max_new_tokens=2, num_beams=3)]
+    for use_cache in (True, False):
+        both = beam_search_rows(step, embed, x, mask, [2], cfgs, use_cache=use_cache)
+        alone = [beam_search(step, embed, short, [2], cfgs[0], use_cache=use_cache),
+                 beam_search(step, embed, long_, [2], cfgs[1], use_cache=use_cache)]
+        assert [r.tokens for r in both] == [r.tokens for r in alone] == [[1], []]
+        assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(both, alone))
+
+
 def test_beam_search_without_a_stop_returns_the_best_open_hypothesis():
     from echox.model.generation import beam_search
 

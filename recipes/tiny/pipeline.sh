@@ -40,6 +40,9 @@ UNIT_LANG=${UNIT_LANG:-$R/units/language}
 T2C_MODEL=${T2C_MODEL:-$T2C_RUN/best}
 ECHO_RUN=${ECHO_RUN:-$R/echo}  # Stage III's run folder, and the gold-unit baseline's
 GOLD_RUN=${GOLD_RUN:-$R/gold}
+# speech units by beam search over UNIT_BEAMS hypotheses (1 = greedy): the pseudo-labels of the
+# echo step, and the decoding that the echo/gold models and their bundles keep (docs/results.md)
+UNIT_BEAMS=${UNIT_BEAMS:-4}
 THREADS=${THREADS:-1}          # torch threads of the T2C/Echo/gold/units steps (S2T: S2T_THREADS)
 KM=recipes/tiny/vocoder-k500/km500.joblib
 VOCODER=recipes/tiny/vocoder-k500/vocoder
@@ -118,7 +121,7 @@ if run t2c; then
 fi
 if run echo; then
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
-      --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume \
+      --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume --set "model.t2c.beams=$UNIT_BEAMS" \
       --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
@@ -127,13 +130,13 @@ if run gold; then  # the baseline the paper argues against: same steps, gold uni
   mkdir -p "$ECHO_RUN/states" "$GOLD_RUN"
   [ -e "$GOLD_RUN/states" ] || ln -s "$(realpath --relative-to="$GOLD_RUN" "$ECHO_RUN/states")" "$GOLD_RUN/states"
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
-      --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume \
+      --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume --set "model.t2c.beams=$UNIT_BEAMS" \
       --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
 if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
   for run_dir in "$ECHO_RUN" "$GOLD_RUN"; do
     [ -d "$run_dir/model" ] && $ECHOX bundle --model "$run_dir/model" --vocoder "$VOCODER" \
-        --unit-language "$UNIT_LANG" --slim --out "$R/bundle-$(basename "$run_dir")"
+        --unit-language "$UNIT_LANG" --unit-beams "$UNIT_BEAMS" --slim --out "$R/bundle-$(basename "$run_dir")"
   done
 fi
 if run eval; then  # the model card's table on the 300 test questions (bench/tiny_results.py):

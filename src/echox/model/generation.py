@@ -318,23 +318,42 @@ def beam_search(
     use_cache: bool = True,
     suppress_ids: list[int] | None = None,
 ) -> BeamResult:
-    """Beam search from one prefix [1, L, D]: `sampling.num_beams` hypotheses are kept, each
-    step's candidates are their top continuations, and a hypothesis that picks a stop token
-    is set aside with its length-normalised score. It ends when `num_beams` hypotheses have
-    stopped and none still open scores better, or after `max_new_tokens` steps.
-
-    The beams run as one batch. With the KV cache (a transformers cache that can select rows)
-    each step feeds one token per beam; without it every step re-reads all inputs.
-    """
+    """`beam_search_rows` for one prefix [1, L, D]."""
     if prefix_embeds.shape[0] != 1:
-        raise ValueError(f"beam_search: one prefix at a time, got {prefix_embeds.shape[0]}")
-    k, alpha = sampling.num_beams, sampling.length_penalty
-    stop = set(stop_ids)
-    device = prefix_embeds.device
-    n_prefix = prefix_embeds.shape[1]
+        raise ValueError(f"beam_search: one prefix, got {prefix_embeds.shape[0]}")
+    mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
+    return beam_search_rows(step, embed, prefix_embeds, mask, stop_ids, [sampling], use_cache,
+                            suppress_ids)[0]
 
-    def norm(score: float, length: int) -> float:
-        return score / float(length) ** alpha
+
+@torch.no_grad()
+def beam_search_rows(
+    step: StepFn,
+    embed: EmbedFn,
+    prefix_embeds: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    stop_ids: list[int],
+    sampling: list[SamplingConfig],
+    use_cache: bool = True,
+    suppress_ids: list[int] | None = None,
+) -> list[BeamResult]:
+    """Beam search from left-padded prefixes [B, L, D] / [B, L], row i with `sampling[i]`
+    (`num_beams`, `length_penalty`, `max_new_tokens`). Each row keeps its hypotheses; each
+    step's candidates are their top continuations, and one that picks a stop token is set
+    aside with its length-normalised score. A row ends when `num_beams` hypotheses have
+    stopped and its best open one, scored at its length now, is no better (the usual
+    heuristic), or after its `max_new_tokens` steps; it then leaves the batch.
+
+    All rows' beams run as one batch. With the KV cache (a transformers cache that can select
+    rows) each step feeds one token per beam; without it every step re-reads all inputs.
+    """
+    b, device = prefix_embeds.shape[0], prefix_embeds.device
+    if len(sampling) != b:
+        raise ValueError(f"beam_search_rows: {b} prefixes but {len(sampling)} sampling configs")
+    stop = set(stop_ids)
+
+    def norm(r: int, score: float, length: int) -> float:
+        return score / float(length) ** sampling[r].length_penalty
 
     def logprobs(logits: torch.Tensor) -> torch.Tensor:
         last = logits[:, -1].float()
@@ -342,63 +361,85 @@ def beam_search(
             last[:, suppress_ids] = float("-inf")
         return torch.log_softmax(last, dim=-1)
 
-    mask = torch.ones(1, n_prefix, dtype=torch.long, device=device)
-    pos = torch.arange(n_prefix, device=device)[None]
-    logits, _, cache = step(prefix_embeds, mask, pos, None)
-    scores = logprobs(logits)  # [1, V]: one open hypothesis, the empty one
-    beams: list[list[int]] = [[]]
-    base = torch.zeros(1, device=device)
-    done: list[tuple[float, float, list[int]]] = []  # (normalised, raw score, tokens)
+    mask = prefix_mask.long()
+    pos_all = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, _, cache = step(prefix_embeds, mask, pos_all, None)
+    scores = logprobs(logits)  # [n, V]: batch row j holds hypothesis hyps[j] of row owner[j]
+    owner = list(range(b))
+    hyps: list[list[int]] = [[] for _ in range(b)]
+    base = torch.zeros(b, device=device)
+    next_pos = mask.sum(-1)  # [n] the position of the token each batch row feeds next
     embeds = prefix_embeds
-    for t in range(sampling.max_new_tokens):
-        total = scores + base[:, None]  # [n, V]
+    done: list[list[tuple[float, float, list[int]]]] = [[] for _ in range(b)]
+    open_: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]  # the last open beams
+    t = 0
+    while owner:
+        total = (scores + base[:, None]).cpu()
         vocab = total.shape[1]
-        top = total.flatten().topk(min(2 * k, total.numel()))
-        keep_src, keep_tok, keep_score = [], [], []
-        for s, flat in zip(top.values.tolist(), top.indices.tolist()):
-            if s == float("-inf"):
-                break
-            src, tok = divmod(flat, vocab)
-            if tok in stop:
-                done.append((norm(s, t + 1), s, beams[src]))
-            else:
-                keep_src.append(src)
-                keep_tok.append(tok)
-                keep_score.append(s)
-            if len(keep_src) == k:
-                break
-        if not keep_src:
+        src: list[int] = []
+        toks: list[int] = []
+        new_scores: list[float] = []
+        new_owner: list[int] = []
+        j = 0
+        while j < len(owner):  # each row's beams are contiguous in the batch
+            r, k = owner[j], sampling[owner[j]].num_beams
+            e = j
+            while e < len(owner) and owner[e] == r:
+                e += 1
+            block = total[j:e]
+            top = block.flatten().topk(min(2 * k, block.numel()))
+            keep: list[tuple[int, int, float]] = []
+            for sc, flat in zip(top.values.tolist(), top.indices.tolist()):
+                if sc == float("-inf"):
+                    break
+                i, tok = divmod(flat, vocab)
+                if tok in stop:
+                    done[r].append((norm(r, sc, t + 1), sc, hyps[j + i]))
+                else:
+                    keep.append((j + i, tok, sc))
+                if len(keep) == k:
+                    break
+            open_[r] = [(sc, hyps[i] + [tok]) for i, tok, sc in keep]
+            best_done = max((d[0] for d in done[r]), default=float("-inf"))
+            ended = (not keep or t + 1 >= sampling[r].max_new_tokens
+                     or (len(done[r]) >= k and best_done >= norm(r, max(x[2] for x in keep), t + 2)))
+            if not ended:
+                for i, tok, sc in keep:
+                    src.append(i)
+                    toks.append(tok)
+                    new_scores.append(sc)
+                    new_owner.append(r)
+            j = e
+        if not src:
             break
-        beams = [beams[j] + [tok] for j, tok in zip(keep_src, keep_tok)]
-        base = torch.tensor(keep_score, device=device)
-        best_done = max((d[0] for d in done), default=float("-inf"))
-        # stop once `num_beams` have ended and the best open one, scored at its length now,
-        # is no better (the usual heuristic: an open one could still gain from the penalty)
-        if len(done) >= k and best_done >= norm(max(keep_score), t + 2):
-            break
-        if t + 1 == sampling.max_new_tokens:
-            break
-        src_t = torch.tensor(keep_src, device=device)
-        new = embed(torch.tensor(keep_tok, device=device)[:, None]).to(prefix_embeds.dtype)
-        n, width = len(beams), n_prefix + t + 1
-        mask = torch.ones(n, width, dtype=torch.long, device=device)
+        src_t = torch.tensor(src, device=device)
+        hyps = [hyps[i] + [tok] for i, tok in zip(src, toks)]
+        owner, base = new_owner, torch.tensor(new_scores, device=device)
+        new = embed(torch.tensor(toks, device=device)[:, None]).to(prefix_embeds.dtype)  # [n, 1, D]
+        mask = torch.cat([mask[src_t], mask.new_ones(len(src), 1)], dim=1)
+        next_pos = next_pos[src_t]
         if use_cache:
             select = getattr(cache, "batch_select_indices", None)
             if select is None:
-                raise ValueError("beam_search: this model's KV cache cannot select rows; "
+                raise ValueError("beam search: this model's KV cache cannot select rows; "
                                  "use use_cache=False")
-            select(src_t)  # repeated indices copy a row: the first step fans one row out
-            pos = torch.full((n, 1), width - 1, dtype=torch.long, device=device)
-            logits, _, cache = step(new, mask, pos, cache)
+            select(src_t)  # repeated indices copy a row: the first step fans each row out
+            logits, _, cache = step(new, mask, next_pos[:, None], cache)
         else:
-            embeds = torch.cat([embeds[src_t], new], dim=1)  # [n, width, D]
-            pos = torch.arange(width, device=device)[None].expand(n, -1)
-            logits, _, _ = step(embeds, mask, pos, None)
+            embeds = torch.cat([embeds[src_t], new], dim=1)
+            pos_all = torch.cat([pos_all[src_t], next_pos[:, None]], dim=1)
+            logits, _, _ = step(embeds, mask, pos_all, None)
+        next_pos = next_pos + 1
         scores = logprobs(logits)
-    if done:
-        _, raw, toks = max(done, key=lambda d: d[0])
-        return BeamResult(list(toks), raw, True)
-    if not beams or not beams[0]:
-        return BeamResult([], 0.0, False)
-    i = max(range(len(beams)), key=lambda j: norm(float(base[j]), len(beams[j])))
-    return BeamResult(beams[i], float(base[i]), False)
+        t += 1
+    out = []
+    for r in range(b):
+        if done[r]:
+            _, raw, toks_r = max(done[r], key=lambda d: d[0])
+            out.append(BeamResult(list(toks_r), raw, True))
+        elif open_[r]:
+            sc, toks_r = max(open_[r], key=lambda o: norm(r, o[0], len(o[1])))
+            out.append(BeamResult(toks_r, sc, False))
+        else:
+            out.append(BeamResult([], 0.0, False))
+    return out

@@ -22,7 +22,7 @@ from echox.config import T2CConfig
 from echox.model.generation import (
     DecodeResult,
     SamplingConfig,
-    beam_search,
+    beam_search_rows,
     cache_kwargs,
     decode,
     iter_decode,
@@ -74,13 +74,25 @@ def decoder_step(model: nn.Module, lm_head: nn.Module, embeds: torch.Tensor, mas
     return lm_head(h), h, output_cache(out)
 
 
+def left_pad(embs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [L_i, H] -> left-padded inputs [B, L, H] and their mask [B, L] (batched decoding)."""
+    b, width = len(embs), max(e.shape[0] for e in embs)
+    x = embs[0].new_zeros(b, width, embs[0].shape[-1])
+    mask = torch.zeros(b, width, dtype=torch.long, device=x.device)
+    for i, e in enumerate(embs):
+        x[i, width - e.shape[0]:] = e
+        mask[i, width - e.shape[0]:] = 1
+    return x, mask
+
+
 def beam_rows(step: Any, embed: Any, embs: list[torch.Tensor], eos_id: int,
               sampling: list[SamplingConfig], use_cache: bool = True,
               suppress_ids: list[int] | None = None) -> list[list[int]]:
-    """Beam search for each row's inputs [L_i, H] with its own settings, one row at a time
-    (so a row's units are those it gets alone)."""
-    return [beam_search(step, embed, e[None], [eos_id], s, use_cache, suppress_ids).tokens
-            for e, s in zip(embs, sampling, strict=True)]
+    """Beam search for each row's inputs [L_i, H] with its own settings, all rows in one
+    batch (each row's units are those it gets alone)."""
+    x, mask = left_pad(embs)
+    res = beam_search_rows(step, embed, x, mask, [eos_id], sampling, use_cache, suppress_ids)
+    return [r.tokens for r in res]
 
 
 class _ReadsTokenText(nn.Module):
@@ -285,17 +297,12 @@ class UnitDecoder(nn.Module):
         """Units for each condition sequence (EOS-terminated, specials never emitted)."""
         embs, _ = self._rows(cond, None)
         rows = [sampling or self.default_sampling(c.shape[0]) for c in cond]
-        if rows[0].num_beams > 1:  # row by row, each with its own unit budget by default
+        if rows[0].num_beams > 1:  # one batch; by default each row has its own unit budget
             return beam_rows(self._step, self.model.embed_tokens, embs, self.eos_id, rows,
                              use_cache, self._suppress_ids)
         if sampling is None:
             sampling = self.default_sampling(max(c.shape[0] for c in cond))
-        b, width = len(embs), max(e.shape[0] for e in embs)
-        x = embs[0].new_zeros(b, width, embs[0].shape[-1])
-        mask = torch.zeros(b, width, dtype=torch.long, device=x.device)
-        for i, e in enumerate(embs):  # left padding for batched decoding
-            x[i, width - e.shape[0]:] = e
-            mask[i, width - e.shape[0]:] = 1
+        x, mask = left_pad(embs)
         res: DecodeResult = decode(
             self._step, lambda ids: self.model.embed_tokens(ids), x, mask,
             stop_ids=[self.eos_id], sampling=sampling, use_cache=use_cache,

@@ -31,7 +31,7 @@ from echox.config import T2CConfig
 from echox.errors import CheckpointError
 from echox.model.generation import DecodeResult, SamplingConfig, decode, iter_decode
 from echox.model.prompt import IGNORE
-from echox.model.unit_decoder import UnitOutput, beam_rows, decoder_step, teacher_forced
+from echox.model.unit_decoder import UnitOutput, beam_rows, decoder_step, left_pad, teacher_forced
 
 
 def token_ids(tokenizer: Any, tokens: list[str], what: str) -> list[int]:
@@ -156,15 +156,10 @@ class AuthorsUnitDecoder(nn.Module):
         """Tokens for each condition [n, D_llm] (EOS-terminated, EOS not included)."""
         embs, _ = self._rows(cond, None)
         rows = [sampling or self.default_sampling(c.shape[0]) for c in cond]
-        if rows[0].num_beams > 1:  # row by row, each with its own token budget by default
+        if rows[0].num_beams > 1:  # one batch; by default each row has its own token budget
             return beam_rows(self._step, self.embed, embs, self.eos_id, rows, use_cache)
         sampling = sampling or self.default_sampling(max(c.shape[0] for c in cond))
-        b, width = len(embs), max(e.shape[0] for e in embs)
-        x = embs[0].new_zeros(b, width, embs[0].shape[-1])
-        mask = torch.zeros(b, width, dtype=torch.long, device=x.device)
-        for i, e in enumerate(embs):  # left padding for batched decoding
-            x[i, width - e.shape[0]:] = e
-            mask[i, width - e.shape[0]:] = 1
+        x, mask = left_pad(embs)
         res: DecodeResult = decode(self._step, self.embed, x, mask, stop_ids=[self.eos_id],
                                    sampling=sampling, use_cache=use_cache)
         return res.tokens
