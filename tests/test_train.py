@@ -152,6 +152,10 @@ def test_spelling_t2c_trains_and_echo_takes_its_config(tmp_path):
     ids = m.tokenizer("Brazil", add_special_tokens=False)["input_ids"]
     plain = m.llm.embed(torch.tensor(ids))
     assert not torch.allclose(m.text_condition([ids])[0], plain)  # the L_den target spells too
+    # the Stage II config is adopted, but the unit decoding set beside --init stays
+    m = stages.prepare_model("echo", init=tmp_path / "s2t" / "model", t2c_from=tmp_path / "t2c" / "model",
+                             init_overrides=["t2c.beams=3"])
+    assert m.config.t2c.spelling_dim == 8 and m.config.t2c.beams == 3 and m.echo.cfg.beams == 3
 
 
 def test_spelling_tells_apart_tokens_of_different_text():

@@ -58,9 +58,10 @@ def prepare_model(
     """The model a stage starts from, with its prerequisites checked.
 
     s2t / t2c: fresh from `config`, or continue from `init`. `init_overrides` change the
-    adapter, the loss weights or the LoRA dropout of an `init` model (`adapter.key=value`,
-    `loss.key=value`, `llm.lora.dropout=p` only: e.g. `adapter.shrink=false`), keeping the trained weights that still fit
-    (`EchoX.reconfigure_adapter`).
+    adapter, the loss weights, the LoRA dropout or the unit decoding of an `init` model
+    (`adapter.key=value`, `loss.key=value`, `llm.lora.dropout=p`, `t2c.beams=n`,
+    `t2c.length_penalty=a` only: e.g. `adapter.shrink=false`), keeping the trained weights
+    that still fit (`EchoX.reconfigure_adapter`).
     echo: `init` must hold a Stage-I (s2t) model; the trained T2C comes from `t2c_from`
     (a Stage-II output) or from `init` itself when it already has one.
     """
@@ -146,7 +147,10 @@ def _load_t2c(model: EchoX, folder: Path) -> None:
     if any(theirs.get(k, v) != ours[k] for k, v in own.items()):
         # a spelling encoder only adds to the T2C's condition, and the guided-attention loss
         # only to its training loss: take the Stage II config (the echo decoder is its copy)
-        model.use_t2c_config(T2CConfig(**{**ours, **{k: v for k, v in theirs.items() if k in ours}}))
+        # (the decoding stays the model's own: `--set model.t2c.beams` beside --init)
+        decoding = ("beams", "length_penalty")
+        model.use_t2c_config(T2CConfig(**{**ours, **{k: v for k, v in theirs.items()
+                                                     if k in ours and k not in decoding}}))
     if meta["config"]["llm"]["name_or_path"] != model.config.llm.name_or_path:
         raise StageError(f"--t2c-from {folder}: trained on LLM embeddings of "
                          f"{meta['config']['llm']['name_or_path']}, not {model.config.llm.name_or_path}")
