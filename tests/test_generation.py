@@ -186,19 +186,19 @@ def test_shared_prefix_length_rules():
     assert shared_prefix_length(one, (one != 0).long(), audio_token_id=99) == 0
 
 
-def _toy_chain():
-    """A toy next-token table (tokens 0, 1; 2 stops): the logits depend on the last input
-    only. Greedy takes 0 first (0.6), but every continuation after 0 is worth at most 1/3;
-    1 then stop is worth 0.4 x 0.99."""
+def _toy_chain(probs=None):
+    """A toy next-token table (tokens 0, 1; 2 stops; row 3 is the start): the logits depend on
+    the last input only. The default: greedy takes 0 first (0.6), but every continuation
+    after 0 is worth at most 1/3; 1 then stop is worth 0.4 x 0.99."""
     import math
 
-    table = torch.log(torch.tensor([
+    table = torch.log(torch.tensor(probs or [
         [1 / 3, 1 / 3, 1 / 3],  # after 0
         [0.005, 0.005, 0.99],  # after 1
         [1 / 3, 1 / 3, 1 / 3],  # (after a stop: never fed)
         [0.6, 0.4, 1e-9],  # after the start
     ]))
-    dim = 4
+    dim = table.shape[0]
 
     class Cache:
         def __init__(self, b: int) -> None:
@@ -268,6 +268,35 @@ def test_beam_search_rows_in_one_batch_equal_each_row_alone():
                  beam_search(step, embed, long_, [2], cfgs[1], use_cache=use_cache)]
         assert [r.tokens for r in both] == [r.tokens for r in alone] == [[1], []]
         assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(both, alone))
+
+
+def test_streamed_beam_tokens_come_before_the_search_ends():
+    """`iter_beam_tokens` yields a token once every hypothesis starts with it: here both beams
+    go through 0 (0.98) before they part (0.6 / 0.4) and stop, so 0 comes out a step before
+    the search ends, and the tokens are the search's result."""
+    from echox.model.generation import beam_search, iter_beam_tokens
+
+    step, embed, start, _, _ = _toy_chain([
+        [0.0, 0.6, 0.4, 1e-9, 0.0],  # after 0: 1 or 2
+        [1e-9, 0.005, 0.005, 0.99, 0.0],  # after 1: stop
+        [1e-9, 0.005, 0.005, 0.99, 0.0],  # after 2: stop
+        [1 / 4] * 4 + [0.0],  # (after a stop)
+        [0.98, 0.01, 0.01, 1e-9, 0.0],  # the start
+    ])
+    start = embed(torch.tensor([[4]]))
+    calls = []
+
+    def counted(*a):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return step(*a)
+
+    s = SamplingConfig(max_new_tokens=6, num_beams=2)
+    seen = []
+    for tok in iter_beam_tokens(counted, embed, start, [3], s):
+        seen.append((tok, len(calls)))
+    total = len(calls)
+    assert [t for t, _ in seen] == beam_search(step, embed, start, [3], s).tokens == [0, 1]
+    assert seen[0][1] < total  # 0 was out before the last model call
 
 
 def test_beam_search_without_a_stop_returns_the_best_open_hypothesis():

@@ -326,6 +326,50 @@ def beam_search(
                             suppress_ids)[0]
 
 
+@dataclass
+class BeamStep:
+    """What `beam_search_steps` knows after a step: for each row, the tokens every hypothesis
+    still in the running starts with (`settled`: the result will start with them too), and,
+    after the last step, the results."""
+
+    settled: list[list[int]]
+    results: list[BeamResult] | None = None
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    if not seqs:
+        return []
+    n = min(len(x) for x in seqs)
+    for i in range(n):
+        if any(x[i] != seqs[0][i] for x in seqs):
+            return seqs[0][:i]
+    return seqs[0][:n]
+
+
+def iter_beam_tokens(
+    step: StepFn,
+    embed: EmbedFn,
+    prefix_embeds: torch.Tensor,
+    stop_ids: list[int],
+    sampling: SamplingConfig,
+    use_cache: bool = True,
+    suppress_ids: list[int] | None = None,
+) -> Iterator[int]:
+    """`beam_search` for one prefix [1, L, D], streamed: each token is yielded as soon as every
+    hypothesis still in the running (stopped ones included) starts with it, so the tokens are
+    those of the result, in order, most of them before the search ends."""
+    mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
+    sent: list[int] = []
+    for st in beam_search_steps(step, embed, prefix_embeds, mask, stop_ids, [sampling],
+                                use_cache, suppress_ids):
+        toks = st.settled[0]
+        if toks[:len(sent)] != sent[:len(toks)]:
+            raise RuntimeError("beam search: a settled token changed")  # cannot happen
+        for tok in toks[len(sent):]:
+            sent.append(tok)
+            yield tok
+
+
 @torch.no_grad()
 def beam_search_rows(
     step: StepFn,
@@ -337,6 +381,25 @@ def beam_search_rows(
     use_cache: bool = True,
     suppress_ids: list[int] | None = None,
 ) -> list[BeamResult]:
+    """`beam_search_steps` run to the end: each row's best hypothesis."""
+    last = None
+    for last in beam_search_steps(step, embed, prefix_embeds, prefix_mask, stop_ids, sampling,
+                                  use_cache, suppress_ids):
+        pass
+    assert last is not None and last.results is not None
+    return last.results
+
+
+def beam_search_steps(
+    step: StepFn,
+    embed: EmbedFn,
+    prefix_embeds: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    stop_ids: list[int],
+    sampling: list[SamplingConfig],
+    use_cache: bool = True,
+    suppress_ids: list[int] | None = None,
+) -> Iterator[BeamStep]:
     """Beam search from left-padded prefixes [B, L, D] / [B, L], row i with `sampling[i]`
     (`num_beams`, `length_penalty`, `max_new_tokens`). Each row keeps its hypotheses; each
     step's candidates are their top continuations, and one that picks a stop token is set
@@ -346,6 +409,8 @@ def beam_search_rows(
 
     All rows' beams run as one batch. With the KV cache (a transformers cache that can select
     rows) each step feeds one token per beam; without it every step re-reads all inputs.
+    A `BeamStep` is yielded after every step (the last one carries the results), so a caller
+    can stream the tokens all hypotheses agree on before the search ends.
     """
     b, device = prefix_embeds.shape[0], prefix_embeds.device
     if len(sampling) != b:
@@ -363,7 +428,8 @@ def beam_search_rows(
 
     mask = prefix_mask.long()
     pos_all = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, _, cache = step(prefix_embeds, mask, pos_all, None)
+    with torch.no_grad():
+        logits, _, cache = step(prefix_embeds, mask, pos_all, None)
     scores = logprobs(logits)  # [n, V]: batch row j holds hypothesis hyps[j] of row owner[j]
     owner = list(range(b))
     hyps: list[list[int]] = [[] for _ in range(b)]
@@ -412,23 +478,28 @@ def beam_search_rows(
             j = e
         if not src:
             break
+        hyps_next = [hyps[i] + [tok] for i, tok in zip(src, toks)]
+        yield BeamStep([_common_prefix([h for h, o in zip(hyps_next, new_owner) if o == r]
+                                       + [d[2] for d in done[r]]) for r in range(b)])
         src_t = torch.tensor(src, device=device)
-        hyps = [hyps[i] + [tok] for i, tok in zip(src, toks)]
+        hyps = hyps_next
         owner, base = new_owner, torch.tensor(new_scores, device=device)
-        new = embed(torch.tensor(toks, device=device)[:, None]).to(prefix_embeds.dtype)  # [n, 1, D]
+        with torch.no_grad():
+            new = embed(torch.tensor(toks, device=device)[:, None]).to(prefix_embeds.dtype)
         mask = torch.cat([mask[src_t], mask.new_ones(len(src), 1)], dim=1)
         next_pos = next_pos[src_t]
-        if use_cache:
-            select = getattr(cache, "batch_select_indices", None)
-            if select is None:
-                raise ValueError("beam search: this model's KV cache cannot select rows; "
-                                 "use use_cache=False")
-            select(src_t)  # repeated indices copy a row: the first step fans each row out
-            logits, _, cache = step(new, mask, next_pos[:, None], cache)
-        else:
-            embeds = torch.cat([embeds[src_t], new], dim=1)
-            pos_all = torch.cat([pos_all[src_t], next_pos[:, None]], dim=1)
-            logits, _, _ = step(embeds, mask, pos_all, None)
+        with torch.no_grad():
+            if use_cache:
+                select = getattr(cache, "batch_select_indices", None)
+                if select is None:
+                    raise ValueError("beam search: this model's KV cache cannot select rows; "
+                                     "use use_cache=False")
+                select(src_t)  # repeated indices copy a row: the first step fans each row out
+                logits, _, cache = step(new, mask, next_pos[:, None], cache)
+            else:
+                embeds = torch.cat([embeds[src_t], new], dim=1)
+                pos_all = torch.cat([pos_all[src_t], next_pos[:, None]], dim=1)
+                logits, _, _ = step(embeds, mask, pos_all, None)
         next_pos = next_pos + 1
         scores = logprobs(logits)
         t += 1
@@ -442,4 +513,4 @@ def beam_search_rows(
             out.append(BeamResult(toks_r, sc, False))
         else:
             out.append(BeamResult([], 0.0, False))
-    return out
+    yield BeamStep([r.tokens for r in out], out)

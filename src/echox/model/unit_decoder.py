@@ -23,6 +23,7 @@ from echox.model.generation import (
     DecodeResult,
     SamplingConfig,
     beam_search_rows,
+    iter_beam_tokens,
     cache_kwargs,
     decode,
     iter_decode,
@@ -318,13 +319,13 @@ class UnitDecoder(nn.Module):
 
         A single row needs no padding, so the steps (and a seeded sampler's draws) are those
         of `generate([cond])`: the units are the same. Closing the iterator stops decoding.
-        With beam search the units come only when the search has ended.
+        With beam search a unit comes once every hypothesis still in the running agrees on it.
         """
         (emb,), _ = self._rows([cond], None)
         sampling = sampling or self.default_sampling(cond.shape[0])
-        if sampling.num_beams > 1:
-            yield from beam_rows(self._step, self.model.embed_tokens, [emb], self.eos_id,
-                                 [sampling], use_cache, self._suppress_ids)[0]
+        if sampling.num_beams > 1:  # each unit once every hypothesis agrees on it
+            yield from iter_beam_tokens(self._step, self.model.embed_tokens, emb[None], [self.eos_id],
+                                        sampling, use_cache, self._suppress_ids)
             return
         x = emb[None]  # [1, L, H]
         mask = torch.ones(1, x.shape[1], dtype=torch.long, device=x.device)

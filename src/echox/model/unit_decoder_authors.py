@@ -29,7 +29,7 @@ from torch import nn
 
 from echox.config import T2CConfig
 from echox.errors import CheckpointError
-from echox.model.generation import DecodeResult, SamplingConfig, decode, iter_decode
+from echox.model.generation import DecodeResult, SamplingConfig, decode, iter_beam_tokens, iter_decode
 from echox.model.prompt import IGNORE
 from echox.model.unit_decoder import UnitOutput, beam_rows, decoder_step, left_pad, teacher_forced
 
@@ -170,8 +170,9 @@ class AuthorsUnitDecoder(nn.Module):
         """`generate` for one condition [n, D_llm], yielding each token as it is sampled."""
         (emb,), _ = self._rows([cond], None)
         sampling = sampling or self.default_sampling(cond.shape[0])
-        if sampling.num_beams > 1:  # the tokens come when the search has ended
-            yield from beam_rows(self._step, self.embed, [emb], self.eos_id, [sampling], use_cache)[0]
+        if sampling.num_beams > 1:  # each token once every hypothesis agrees on it
+            yield from iter_beam_tokens(self._step, self.embed, emb[None], [self.eos_id], sampling,
+                                        use_cache)
             return
         x = emb[None]  # [1, L, H]
         mask = torch.ones(1, x.shape[1], dtype=torch.long, device=x.device)
