@@ -28,7 +28,7 @@ class EngineConfig:
     """How a turn is decoded and voiced."""
 
     sampling: SamplingConfig = field(default_factory=_default_sampling)  # text
-    unit_sampling: SamplingConfig | None = None  # echo decoder; None = greedy, its default cap
+    unit_sampling: SamplingConfig | None = None  # echo decoder; None = its config (t2c.beams), its default cap
     stream: bool = True  # False: synthesise after the text is complete
     whole_response: bool = False  # without streaming: one echo segment, not trigger cuts
     workers: int = 1  # speech worker threads
