@@ -227,10 +227,18 @@ def _toy_chain(probs=None):
     return step, embed, start, score, math
 
 
+def beam_search(step, embed, prefix, stop_ids, sampling, use_cache=True):  # type: ignore[no-untyped-def]
+    """One prefix [1, L, D], searched to its end."""
+    from echox.model.generation import beam_results, beam_search_steps
+
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long)
+    return beam_results(beam_search_steps(step, embed, prefix, mask, stop_ids, [sampling], use_cache))[0]
+
+
 def test_beam_search_finds_what_greedy_misses():
     from itertools import product
 
-    from echox.model.generation import beam_search, decode
+    from echox.model.generation import decode
 
     step, embed, start, score, _ = _toy_chain()
     s = SamplingConfig(max_new_tokens=4)
@@ -250,10 +258,10 @@ def test_beam_search_finds_what_greedy_misses():
         assert abs(two.score - score(best)) < 1e-5
 
 
-def test_beam_search_rows_in_one_batch_equal_each_row_alone():
+def test_beam_search_of_rows_in_one_batch_equals_each_row_alone():
     """Left-padded rows of different lengths and budgets: each gets what it gets alone, and a
     row that ends leaves the batch while the others go on."""
-    from echox.model.generation import beam_search, beam_search_rows
+    from echox.model.generation import beam_results, beam_search_steps
 
     step, embed, start, _, _ = _toy_chain()
     short = start  # [1, 1, D]: the start state
@@ -263,7 +271,7 @@ def test_beam_search_rows_in_one_batch_equal_each_row_alone():
     cfgs = [SamplingConfig(max_new_tokens=4, num_beams=2, length_penalty=0.0),
             SamplingConfig(max_new_tokens=2, num_beams=3)]
     for use_cache in (True, False):
-        both = beam_search_rows(step, embed, x, mask, [2], cfgs, use_cache=use_cache)
+        both = beam_results(beam_search_steps(step, embed, x, mask, [2], cfgs, use_cache=use_cache))
         alone = [beam_search(step, embed, short, [2], cfgs[0], use_cache=use_cache),
                  beam_search(step, embed, long_, [2], cfgs[1], use_cache=use_cache)]
         assert [r.tokens for r in both] == [r.tokens for r in alone] == [[1], []]
@@ -274,7 +282,7 @@ def test_streamed_beam_tokens_come_before_the_search_ends():
     """`iter_beam_tokens` yields a token once every hypothesis starts with it: here both beams
     go through 0 (0.98) before they part (0.6 / 0.4) and stop, so 0 comes out a step before
     the search ends, and the tokens are the search's result."""
-    from echox.model.generation import beam_search, iter_beam_tokens
+    from echox.model.generation import iter_beam_tokens
 
     step, embed, start, _, _ = _toy_chain([
         [0.0, 0.6, 0.4, 1e-9, 0.0],  # after 0: 1 or 2
@@ -300,8 +308,6 @@ def test_streamed_beam_tokens_come_before_the_search_ends():
 
 
 def test_beam_search_without_a_stop_returns_the_best_open_hypothesis():
-    from echox.model.generation import beam_search
-
     step, embed, start, score, _ = _toy_chain()
     res = beam_search(step, embed, start, [], SamplingConfig(max_new_tokens=3, num_beams=2))
     assert not res.stopped and len(res.tokens) == 3

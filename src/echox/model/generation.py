@@ -308,24 +308,6 @@ class BeamResult:
     stopped: bool  # False when it ran to max_new_tokens
 
 
-@torch.no_grad()
-def beam_search(
-    step: StepFn,
-    embed: EmbedFn,
-    prefix_embeds: torch.Tensor,
-    stop_ids: list[int],
-    sampling: SamplingConfig,
-    use_cache: bool = True,
-    suppress_ids: list[int] | None = None,
-) -> BeamResult:
-    """`beam_search_rows` for one prefix [1, L, D]."""
-    if prefix_embeds.shape[0] != 1:
-        raise ValueError(f"beam_search: one prefix, got {prefix_embeds.shape[0]}")
-    mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
-    return beam_search_rows(step, embed, prefix_embeds, mask, stop_ids, [sampling], use_cache,
-                            suppress_ids)[0]
-
-
 @dataclass
 class BeamStep:
     """What `beam_search_steps` knows after a step: for each row, the tokens every hypothesis
@@ -355,7 +337,7 @@ def iter_beam_tokens(
     use_cache: bool = True,
     suppress_ids: list[int] | None = None,
 ) -> Iterator[int]:
-    """`beam_search` for one prefix [1, L, D], streamed: each token is yielded as soon as every
+    """Beam search (`beam_search_steps`) for one prefix [1, L, D], streamed: each token is yielded as soon as every
     hypothesis still in the running (stopped ones included) starts with it, so the tokens are
     those of the result, in order, most of them before the search ends."""
     mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
@@ -370,23 +352,13 @@ def iter_beam_tokens(
             yield tok
 
 
-@torch.no_grad()
-def beam_search_rows(
-    step: StepFn,
-    embed: EmbedFn,
-    prefix_embeds: torch.Tensor,
-    prefix_mask: torch.Tensor,
-    stop_ids: list[int],
-    sampling: list[SamplingConfig],
-    use_cache: bool = True,
-    suppress_ids: list[int] | None = None,
-) -> list[BeamResult]:
-    """`beam_search_steps` run to the end: each row's best hypothesis."""
+def beam_results(steps: Iterator[BeamStep]) -> list[BeamResult]:
+    """Run a `beam_search_steps` search to its end: each row's best hypothesis."""
     last = None
-    for last in beam_search_steps(step, embed, prefix_embeds, prefix_mask, stop_ids, sampling,
-                                  use_cache, suppress_ids):
+    for last in steps:
         pass
-    assert last is not None and last.results is not None
+    if last is None or last.results is None:
+        raise RuntimeError("beam search: the search yielded no results")
     return last.results
 
 
@@ -414,7 +386,7 @@ def beam_search_steps(
     """
     b, device = prefix_embeds.shape[0], prefix_embeds.device
     if len(sampling) != b:
-        raise ValueError(f"beam_search_rows: {b} prefixes but {len(sampling)} sampling configs")
+        raise ValueError(f"beam search: {b} prefixes but {len(sampling)} sampling configs")
     stop = set(stop_ids)
 
     def norm(r: int, score: float, length: int) -> float:

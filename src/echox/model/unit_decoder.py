@@ -22,7 +22,8 @@ from echox.config import T2CConfig
 from echox.model.generation import (
     DecodeResult,
     SamplingConfig,
-    beam_search_rows,
+    beam_results,
+    beam_search_steps,
     iter_beam_tokens,
     cache_kwargs,
     decode,
@@ -92,8 +93,8 @@ def beam_rows(step: Any, embed: Any, embs: list[torch.Tensor], eos_id: int,
     """Beam search for each row's inputs [L_i, H] with its own settings, all rows in one
     batch (each row's units are those it gets alone)."""
     x, mask = left_pad(embs)
-    res = beam_search_rows(step, embed, x, mask, [eos_id], sampling, use_cache, suppress_ids)
-    return [r.tokens for r in res]
+    steps = beam_search_steps(step, embed, x, mask, [eos_id], sampling, use_cache, suppress_ids)
+    return [r.tokens for r in beam_results(steps)]
 
 
 class _ReadsTokenText(nn.Module):
