@@ -40,9 +40,11 @@ UNIT_LANG=${UNIT_LANG:-$R/units/language}
 T2C_MODEL=${T2C_MODEL:-$T2C_RUN/best}
 ECHO_RUN=${ECHO_RUN:-$R/echo}  # Stage III's run folder, and the gold-unit baseline's
 GOLD_RUN=${GOLD_RUN:-$R/gold}
-# speech units by beam search over UNIT_BEAMS hypotheses (1 = greedy): the pseudo-labels of the
-# echo step, and the decoding that the echo/gold models and their bundles keep (docs/results.md)
+# speech units by beam search over UNIT_BEAMS hypotheses (1 = greedy) in the bundles (v2.1), and
+# over LABEL_BEAMS in the echo step's pseudo-labels: 4 beams there cost several times the labelling
+# time and gave no better Echo (docs/results.md, session 23), so greedy by default
 UNIT_BEAMS=${UNIT_BEAMS:-4}
+LABEL_BEAMS=${LABEL_BEAMS:-1}
 THREADS=${THREADS:-1}          # torch threads of the T2C/Echo/gold/units steps (S2T: S2T_THREADS)
 KM=recipes/tiny/vocoder-k500/km500.joblib
 VOCODER=recipes/tiny/vocoder-k500/vocoder
@@ -121,7 +123,7 @@ if run t2c; then
 fi
 if run echo; then
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
-      --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume --set "model.t2c.beams=$UNIT_BEAMS" \
+      --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume --set "model.t2c.beams=$LABEL_BEAMS" \
       --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
@@ -130,7 +132,7 @@ if run gold; then  # the baseline the paper argues against: same steps, gold uni
   mkdir -p "$ECHO_RUN/states" "$GOLD_RUN"
   [ -e "$GOLD_RUN/states" ] || ln -s "$(realpath --relative-to="$GOLD_RUN" "$ECHO_RUN/states")" "$GOLD_RUN/states"
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
-      --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume --set "model.t2c.beams=$UNIT_BEAMS" \
+      --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume \
       --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
 if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
