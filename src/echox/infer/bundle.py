@@ -279,7 +279,8 @@ def cmd_bundle(args: Any) -> int:
 
 def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | None) -> None:
     """Store how the T2C and echo decoders decode by default (`t2c.beams`,
-    `t2c.length_penalty`); None keeps the checkpoint's setting."""
+    `t2c.length_penalty`; both decoders read this config object); None keeps the checkpoint's
+    setting."""
     cfg = model.config.t2c
     if beams is not None:
         if beams < 1:
@@ -287,9 +288,6 @@ def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | N
         cfg.beams = beams
     if length_penalty is not None:
         cfg.length_penalty = length_penalty
-    for dec in (model.t2c, model.echo):  # both read the model's T2C config
-        if dec is not None and dec.cfg is not cfg:
-            dec.cfg.beams, dec.cfg.length_penalty = cfg.beams, cfg.length_penalty
 
 
 def bundle_options(p: argparse.ArgumentParser) -> None:

@@ -28,7 +28,8 @@ class EngineConfig:
     """How a turn is decoded and voiced."""
 
     sampling: SamplingConfig = field(default_factory=_default_sampling)  # text
-    unit_sampling: SamplingConfig | None = None  # echo decoder; None = its config (t2c.beams), its default cap
+    # echo decoder; None = its config's decoding (`t2c.beams`) and default unit cap
+    unit_sampling: SamplingConfig | None = None
     stream: bool = True  # False: synthesise after the text is complete
     whole_response: bool = False  # without streaming: one echo segment, not trigger cuts
     workers: int = 1  # speech worker threads

@@ -337,9 +337,10 @@ def iter_beam_tokens(
     use_cache: bool = True,
     suppress_ids: list[int] | None = None,
 ) -> Iterator[int]:
-    """Beam search (`beam_search_steps`) for one prefix [1, L, D], streamed: each token is yielded as soon as every
-    hypothesis still in the running (stopped ones included) starts with it, so the tokens are
-    those of the result, in order, most of them before the search ends."""
+    """Beam search (`beam_search_steps`) for one prefix [1, L, D], streamed: each token is
+    yielded as soon as every hypothesis still in the running (stopped ones included) starts
+    with it, so the tokens are those of the result, in order, most of them before the search
+    ends."""
     mask = torch.ones(prefix_embeds.shape[:2], dtype=torch.long, device=prefix_embeds.device)
     sent: list[int] = []
     for st in beam_search_steps(step, embed, prefix_embeds, mask, stop_ids, [sampling],
@@ -362,6 +363,7 @@ def beam_results(steps: Iterator[BeamStep]) -> list[BeamResult]:
     return last.results
 
 
+@torch.no_grad()
 def beam_search_steps(
     step: StepFn,
     embed: EmbedFn,
@@ -400,8 +402,7 @@ def beam_search_steps(
 
     mask = prefix_mask.long()
     pos_all = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits, _, cache = step(prefix_embeds, mask, pos_all, None)
+    logits, _, cache = step(prefix_embeds, mask, pos_all, None)
     scores = logprobs(logits)  # [n, V]: batch row j holds hypothesis hyps[j] of row owner[j]
     owner = list(range(b))
     hyps: list[list[int]] = [[] for _ in range(b)]
@@ -456,22 +457,20 @@ def beam_search_steps(
         src_t = torch.tensor(src, device=device)
         hyps = hyps_next
         owner, base = new_owner, torch.tensor(new_scores, device=device)
-        with torch.no_grad():
-            new = embed(torch.tensor(toks, device=device)[:, None]).to(prefix_embeds.dtype)
+        new = embed(torch.tensor(toks, device=device)[:, None]).to(prefix_embeds.dtype)
         mask = torch.cat([mask[src_t], mask.new_ones(len(src), 1)], dim=1)
         next_pos = next_pos[src_t]
-        with torch.no_grad():
-            if use_cache:
-                select = getattr(cache, "batch_select_indices", None)
-                if select is None:
-                    raise ValueError("beam search: this model's KV cache cannot select rows; "
-                                     "use use_cache=False")
-                select(src_t)  # repeated indices copy a row: the first step fans each row out
-                logits, _, cache = step(new, mask, next_pos[:, None], cache)
-            else:
-                embeds = torch.cat([embeds[src_t], new], dim=1)
-                pos_all = torch.cat([pos_all[src_t], next_pos[:, None]], dim=1)
-                logits, _, _ = step(embeds, mask, pos_all, None)
+        if use_cache:
+            select = getattr(cache, "batch_select_indices", None)
+            if select is None:
+                raise ValueError("beam search: this model's KV cache cannot select rows; "
+                                 "use use_cache=False")
+            select(src_t)  # repeated indices copy a row: the first step fans each row out
+            logits, _, cache = step(new, mask, next_pos[:, None], cache)
+        else:
+            embeds = torch.cat([embeds[src_t], new], dim=1)
+            pos_all = torch.cat([pos_all[src_t], next_pos[:, None]], dim=1)
+            logits, _, _ = step(embeds, mask, pos_all, None)
         next_pos = next_pos + 1
         scores = logprobs(logits)
         t += 1
