@@ -63,3 +63,28 @@ def test_demo_checks_the_question_before_the_model(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path / "a.mp3"), *nope]) == 2
     err = capsys.readouterr().err
     assert "a.mp3" in err and "unsupported suffix" in err and "nope" not in err
+
+
+def test_demo_transcribes_the_file_it_wrote(tmp_path, capsys, monkeypatch):
+    """The transcript line is what Whisper hears in the written answer (its 16-bit samples),
+    not in the float samples before writing: on a marginal word the rounding alone changed what
+    Whisper heard (docs/results.md, session 24)."""
+    import echox.infer.demo as demo
+
+    heard: list[tuple[np.ndarray, int]] = []
+
+    class Recorder:  # stands in for faster-whisper: records what it is given
+        def transcribe(self, audio, sample_rate=16000):
+            heard.append((np.asarray(audio).copy(), sample_rate))
+            return "recorded"
+
+    monkeypatch.setattr(demo, "FasterWhisperASR", Recorder)
+    monkeypatch.delenv("ECHOX_MODEL", raising=False)
+    out = tmp_path / "answer.wav"
+    assert main(["demo", "-o", str(out), "--max-new-tokens", "8"]) == 0
+    assert "what Whisper tiny.en hears: 'recorded'" in capsys.readouterr().out
+    (audio, rate), = heard
+    wav, sr = sf.read(out, dtype="float32")
+    assert rate == sr and audio.dtype == np.float32
+    np.testing.assert_array_equal(audio, wav)  # exactly the file's samples
+    assert np.array_equal(np.round(audio * 32768), audio * 32768)  # 16-bit steps

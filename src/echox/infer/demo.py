@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from echox.audio import check_output_path, save_audio
+from echox.audio import check_output_path, load_audio, save_audio
 from echox.config import preset_config
 from echox.errors import CheckpointError
 from echox.infer.asr import FasterWhisperASR
@@ -98,7 +98,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     save_audio(out, final.audio, final.sample_rate, clip=True)
     print(f"spoken answer: {out} ({final.audio.size / final.sample_rate:.2f} s)")
     if not args.no_asr:
-        print(f"what Whisper tiny.en hears: {FasterWhisperASR().transcribe(final.audio, final.sample_rate)!r}")
+        # What is in the file, as a listener gets it (16-bit samples), not the float samples
+        # before writing: on a marginal word the rounding alone can change what Whisper hears.
+        heard = load_audio(out, final.sample_rate, max_seconds=None)
+        print(f"what Whisper tiny.en hears: {FasterWhisperASR().transcribe(heard, final.sample_rate)!r}")
     return 0
 
 
