@@ -97,6 +97,38 @@ def beam_rows(step: Any, embed: Any, embs: list[torch.Tensor], eos_id: int,
     return [r.tokens for r in beam_results(steps)]
 
 
+def generate_rows(step: Any, embed: Any, embs: list[torch.Tensor], cond_lens: list[int], eos_id: int,
+                  sampling: SamplingConfig | None, default: Any, use_cache: bool = True,
+                  suppress_ids: list[int] | None = None) -> list[list[int]]:
+    """A unit decoder's `generate`: each row's inputs [L_i, H] (the condition of `cond_lens[i]`
+    vectors, with the decoder's own specials), decoded to EOS (not included). `sampling=None`:
+    `default(cond_len)`, the decoder's config; with beams each row gets its own unit budget,
+    greedy or sampled rows share the longest condition's."""
+    rows = [sampling or default(n) for n in cond_lens]
+    if rows[0].num_beams > 1:  # one batch; by default each row has its own unit budget
+        return beam_rows(step, embed, embs, eos_id, rows, use_cache, suppress_ids)
+    x, mask = left_pad(embs)
+    res: DecodeResult = decode(step, embed, x, mask, stop_ids=[eos_id],
+                               sampling=sampling or default(max(cond_lens)), use_cache=use_cache,
+                               suppress_ids=suppress_ids)
+    return res.tokens
+
+
+def iter_row(step: Any, embed: Any, emb: torch.Tensor, eos_id: int, sampling: SamplingConfig,
+             use_cache: bool = True, suppress_ids: list[int] | None = None) -> Iterator[int]:
+    """`generate_rows` for one row [L, H], yielding each unit as soon as it is sampled (with
+    beams: once every hypothesis still in the running agrees on it). A single row needs no
+    padding, so the steps (and a seeded sampler's draws) are those of the batched call."""
+    if sampling.num_beams > 1:
+        yield from iter_beam_tokens(step, embed, emb[None], [eos_id], sampling, use_cache, suppress_ids)
+        return
+    mask = torch.ones(1, emb.shape[0], dtype=torch.long, device=emb.device)
+    for st in iter_decode(step, embed, emb[None], mask, stop_ids=[eos_id], sampling=sampling,
+                          use_cache=use_cache, suppress_ids=suppress_ids):
+        if bool(st.emitted[0]):
+            yield int(st.ids[0])
+
+
 class _ReadsTokenText(nn.Module):
     """A module that reads the bytes of each token's text: `token_text(id)` gives the text (the
     owner, EchoX, sets it from its tokenizer); each token's first `max_chars` bytes (+ 1, so 0
@@ -298,40 +330,18 @@ class UnitDecoder(nn.Module):
     ) -> list[list[int]]:
         """Units for each condition sequence (EOS-terminated, specials never emitted)."""
         embs, _ = self._rows(cond, None)
-        rows = [sampling or self.default_sampling(c.shape[0]) for c in cond]
-        if rows[0].num_beams > 1:  # one batch; by default each row has its own unit budget
-            return beam_rows(self._step, self.model.embed_tokens, embs, self.eos_id, rows,
-                             use_cache, self._suppress_ids)
-        if sampling is None:
-            sampling = self.default_sampling(max(c.shape[0] for c in cond))
-        x, mask = left_pad(embs)
-        res: DecodeResult = decode(
-            self._step, lambda ids: self.model.embed_tokens(ids), x, mask,
-            stop_ids=[self.eos_id], sampling=sampling, use_cache=use_cache,
-            suppress_ids=self._suppress_ids,
-        )
-        return res.tokens
+        return generate_rows(self._step, self.model.embed_tokens, embs, [c.shape[0] for c in cond],
+                             self.eos_id, sampling, self.default_sampling, use_cache,
+                             self._suppress_ids)
 
     @torch.no_grad()
     def iter_generate(
         self, cond: torch.Tensor, sampling: SamplingConfig | None = None, use_cache: bool = True
     ) -> Iterator[int]:
-        """`generate` for one condition [n, D], yielding each unit as soon as it is sampled.
-
-        A single row needs no padding, so the steps (and a seeded sampler's draws) are those
-        of `generate([cond])`: the units are the same. Closing the iterator stops decoding.
-        With beam search a unit comes once every hypothesis still in the running agrees on it.
-        """
+        """`generate` for one condition [n, D], yielding each unit as soon as it is sampled
+        (the same units; closing the iterator stops decoding; with beam search a unit comes
+        once every hypothesis still in the running agrees on it)."""
         (emb,), _ = self._rows([cond], None)
-        sampling = sampling or self.default_sampling(cond.shape[0])
-        if sampling.num_beams > 1:  # each unit once every hypothesis agrees on it
-            yield from iter_beam_tokens(self._step, self.model.embed_tokens, emb[None], [self.eos_id],
-                                        sampling, use_cache, self._suppress_ids)
-            return
-        x = emb[None]  # [1, L, H]
-        mask = torch.ones(1, x.shape[1], dtype=torch.long, device=x.device)
-        for st in iter_decode(self._step, lambda ids: self.model.embed_tokens(ids), x, mask,
-                              stop_ids=[self.eos_id], sampling=sampling, use_cache=use_cache,
-                              suppress_ids=self._suppress_ids):
-            if bool(st.emitted[0]):
-                yield int(st.ids[0])
+        yield from iter_row(self._step, self.model.embed_tokens, emb, self.eos_id,
+                            sampling or self.default_sampling(cond.shape[0]), use_cache,
+                            self._suppress_ids)

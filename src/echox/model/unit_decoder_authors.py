@@ -29,9 +29,9 @@ from torch import nn
 
 from echox.config import T2CConfig
 from echox.errors import CheckpointError
-from echox.model.generation import DecodeResult, SamplingConfig, decode, iter_beam_tokens, iter_decode
+from echox.model.generation import SamplingConfig
 from echox.model.prompt import IGNORE
-from echox.model.unit_decoder import UnitOutput, beam_rows, decoder_step, left_pad, teacher_forced
+from echox.model.unit_decoder import UnitOutput, decoder_step, generate_rows, iter_row, teacher_forced
 
 
 def token_ids(tokenizer: Any, tokens: list[str], what: str) -> list[int]:
@@ -155,31 +155,16 @@ class AuthorsUnitDecoder(nn.Module):
                  use_cache: bool = True) -> list[list[int]]:
         """Tokens for each condition [n, D_llm] (EOS-terminated, EOS not included)."""
         embs, _ = self._rows(cond, None)
-        rows = [sampling or self.default_sampling(c.shape[0]) for c in cond]
-        if rows[0].num_beams > 1:  # one batch; by default each row has its own token budget
-            return beam_rows(self._step, self.embed, embs, self.eos_id, rows, use_cache)
-        sampling = sampling or self.default_sampling(max(c.shape[0] for c in cond))
-        x, mask = left_pad(embs)
-        res: DecodeResult = decode(self._step, self.embed, x, mask, stop_ids=[self.eos_id],
-                                   sampling=sampling, use_cache=use_cache)
-        return res.tokens
+        return generate_rows(self._step, self.embed, embs, [c.shape[0] for c in cond], self.eos_id,
+                             sampling, self.default_sampling, use_cache)
 
     @torch.no_grad()
     def iter_generate(self, cond: torch.Tensor, sampling: SamplingConfig | None = None,
                       use_cache: bool = True) -> Iterator[int]:
         """`generate` for one condition [n, D_llm], yielding each token as it is sampled."""
         (emb,), _ = self._rows([cond], None)
-        sampling = sampling or self.default_sampling(cond.shape[0])
-        if sampling.num_beams > 1:  # each token once every hypothesis agrees on it
-            yield from iter_beam_tokens(self._step, self.embed, emb[None], [self.eos_id], sampling,
-                                        use_cache)
-            return
-        x = emb[None]  # [1, L, H]
-        mask = torch.ones(1, x.shape[1], dtype=torch.long, device=x.device)
-        for st in iter_decode(self._step, self.embed, x, mask, stop_ids=[self.eos_id],
-                              sampling=sampling, use_cache=use_cache):
-            if bool(st.emitted[0]):
-                yield int(st.ids[0])
+        yield from iter_row(self._step, self.embed, emb, self.eos_id,
+                            sampling or self.default_sampling(cond.shape[0]), use_cache)
 
 
 def authors_t2c_sizes(llm_config: dict[str, Any]) -> dict[str, int]:
