@@ -180,6 +180,11 @@ def test_asr_extra_speaks_texts_into_asr_turns_and_resumes(tmp_path):
     assert user["prompt"] == ASR_PROMPT and user["audio"] == "audio/x/xa.wav"
     wav, sr = sf.read(corpus / "train" / "audio" / "x" / "xa.wav")
     assert sr > 0 and wav.size > sr // 2  # at least half a second of speech
+    # the same clips as a TTS manifest (units for the T2C), audio relative to train/
+    tts = [json.loads(x) for x in (corpus / "train" / "asr_extra_tts.jsonl").read_text().splitlines()]
+    assert tts == [{"id": "xa", "text": "Which country is Lisbon in?", "audio": "audio/x/xa.wav"},
+                   {"id": "xb", "text": "What language is Hamlet in?", "audio": "audio/x/xb.wav"}]
+    assert all((corpus / "train" / r["audio"]).is_file() for r in tts)
     assert build_asr_extra(corpus, texts, workers=1)["extra_made"] == 0  # kept, not remade
     texts.write_text('{"id": "xa", "text": "one"}\n{"id": "xa", "text": "two"}\n')
     with pytest.raises(ManifestError, match="duplicate id"):

@@ -8,6 +8,8 @@
 #   STEP=data,units,ttsx,t2c THREADS=2 OMP_NUM_THREADS=2 bash ...  # several steps in order, on
 #                                                 #  both cores
 #   BIGBENCH=/path/to/bigbench STEP=ttsx bash ... # extra T2C sentences (make_tts_text.py)
+#   T2C_INIT=recipes/tiny/t2c-warm T2C_LR=3e-4 T2C_STEPS=1500 STEP=t2c bash ...  # continue the kept
+#                                                 #  T2C at a lower lr (how t2c-warm was made, session 24)
 #   S2T_THREADS=2 OMP_NUM_THREADS=2 STEP=s2t bash ...  # Stage I alone on both cores
 #   S2T_INIT=recipes/tiny/s2t-warm S2T_RUN=runs/tiny/s2t2 STEP=s2t bash ...  # continue the kept
 #                                                 #  Stage I in a new run folder (echo/gold use it)
@@ -117,7 +119,10 @@ if run s2t; then
 fi
 if run t2c; then
   extra=(); [ -f "$DATA/tts_extra/tts_units.jsonl" ] && extra=("$DATA/tts_extra/tts_units.jsonl")
+  # T2C_INIT: continue from a kept T2C (e.g. recipes/tiny/t2c-warm) with T2C_LR (e.g. 3e-4)
+  init=(); [ -n "${T2C_INIT:-}" ] && init=(--init "$T2C_INIT")
   $ECHOX train t2c --recipe recipes/tiny/t2c.yaml --out "$T2C_RUN" --max-steps "$T2C_STEPS" --resume \
+      "${init[@]}" ${T2C_LR:+--lr $T2C_LR} \
       --data "$DATA/train/tts_units.jsonl" "${extra[@]}" --eval-data "$DATA/test/tts_units.jsonl" \
       "${common[@]}"
 fi

@@ -114,7 +114,9 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
 def build_asr_extra(corpus: str | Path, texts: str | Path, workers: int = 2,
                     progress: bool = False) -> dict[str, int]:
     """Speak `texts` (JSONL rows with "id" and "text") with piper into `corpus/train/audio/x/`
-    and write their ASR turns to `corpus/train/asr_extra.jsonl`; wavs already made are kept."""
+    and write their ASR turns to `corpus/train/asr_extra.jsonl`, and the same clips as a TTS
+    manifest (`{"id", "text", "audio"}`) to `corpus/train/asr_extra_tts.jsonl`, for `echox
+    units extract` (more T2C data); wavs already made are kept."""
     train = Path(corpus) / "train"
     if not train.is_dir():
         raise ManifestError(f"{train} not found: build the corpus first (echox data build-tiny)")
@@ -122,9 +124,11 @@ def build_asr_extra(corpus: str | Path, texts: str | Path, workers: int = 2,
     jobs = [(r["text"], train / "audio" / "x" / f"{r['id']}.wav") for r in rows]
     todo = [(t, p) for t, p in jobs if not p.is_file()]
     made, failed = piper_synthesize(todo, progress=progress, workers=workers, desc="asr extra")
-    turns = [asr_turn(r["id"], r["text"], f"audio/x/{r['id']}.wav")
-             for r, (_, p) in zip(rows, jobs) if p.is_file()]
+    spoken = [r for r, (_, p) in zip(rows, jobs) if p.is_file()]
+    turns = [asr_turn(r["id"], r["text"], f"audio/x/{r['id']}.wav") for r in spoken]
     _write(train / "asr_extra.jsonl", turns)
+    _write(train / "asr_extra_tts.jsonl",
+           [{"id": r["id"], "text": r["text"], "audio": f"audio/x/{r['id']}.wav"} for r in spoken])
     return {"extra_made": made, "extra_failed": len(failed), "extra_asr_turns": len(turns)}
 
 
