@@ -121,14 +121,13 @@ def build_asr_extra(corpus: str | Path, texts: str | Path, workers: int = 2,
     if not train.is_dir():
         raise ManifestError(f"{train} not found: build the corpus first (echox data build-tiny)")
     rows = _id_text_rows(Path(texts))
-    jobs = [(r["text"], train / "audio" / "x" / f"{r['id']}.wav") for r in rows]
-    todo = [(t, p) for t, p in jobs if not p.is_file()]
+    clips = [{"id": r["id"], "text": r["text"], "audio": f"audio/x/{r['id']}.wav"} for r in rows]
+    todo = [(c["text"], train / c["audio"]) for c in clips if not (train / c["audio"]).is_file()]
     made, failed = piper_synthesize(todo, progress=progress, workers=workers, desc="asr extra")
-    spoken = [r for r, (_, p) in zip(rows, jobs) if p.is_file()]
-    turns = [asr_turn(r["id"], r["text"], f"audio/x/{r['id']}.wav") for r in spoken]
+    spoken = [c for c in clips if (train / c["audio"]).is_file()]
+    turns = [asr_turn(c["id"], c["text"], c["audio"]) for c in spoken]
     _write(train / "asr_extra.jsonl", turns)
-    _write(train / "asr_extra_tts.jsonl",
-           [{"id": r["id"], "text": r["text"], "audio": f"audio/x/{r['id']}.wav"} for r in spoken])
+    _write(train / "asr_extra_tts.jsonl", spoken)
     return {"extra_made": made, "extra_failed": len(failed), "extra_asr_turns": len(turns)}
 
 
