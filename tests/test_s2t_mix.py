@@ -222,3 +222,32 @@ def test_asr_tts_turns_link_clips_already_spoken(tmp_path):
         man.write_text(rows + "\n")
         with pytest.raises(ManifestError, match=message):
             build_asr_tts(corpus, man)
+
+
+def test_echo_extra_answers_each_spoken_question_and_resumes(tmp_path):
+    from echox.data.s2t_mix import build_echo_extra
+
+    corpus = _corpus(tmp_path)
+    train = corpus / "train"
+    with pytest.raises(ManifestError, match="asr_extra_tts.jsonl not found"):
+        build_echo_extra(corpus)
+    clips = [{"id": f"x{i}", "text": q, "audio": f"audio/q/x{i}.wav"} for i, q in enumerate(QS)]
+    (train / "asr_extra_tts.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clips))
+    (corpus / "build.json").write_text(json.dumps(
+        {"llm": "builtin:tiny-random-llama", "system_prompt": "Be brief.", "max_new_tokens": 4}))
+    counts = build_echo_extra(corpus, batch_size=2)
+    assert counts["extra_answers_made"] == 3
+    rows = [json.loads(x) for x in (train / "dialogues_extra.jsonl").read_text().splitlines()]
+    answers = {json.loads(x)["id"]: json.loads(x)["answer"]
+               for x in (train / "answers_extra.jsonl").read_text().splitlines()}
+    assert len(answers) == 3 and len(rows) == counts["extra_dialogues"] == sum(map(bool, answers.values()))
+    for r in rows:
+        user, bot = r["conversations"]
+        assert user["audio"] == f"audio/q/{r['id']}.wav" and user["value"] == QS[int(r["id"][1:])]
+        assert bot["from"] == "assistant" and bot["value"] == answers[r["id"]]
+    # a torn last answer line is redone, the others are kept
+    lines = (train / "answers_extra.jsonl").read_text().splitlines()
+    (train / "answers_extra.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:5])
+    assert build_echo_extra(corpus, batch_size=2)["extra_answers_made"] == 1
+    assert build_echo_extra(corpus, batch_size=2)["extra_answers_made"] == 0
+    assert len((train / "dialogues_extra.jsonl").read_text().splitlines()) == counts["extra_dialogues"]

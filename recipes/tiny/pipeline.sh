@@ -42,6 +42,9 @@ UNIT_LANG=${UNIT_LANG:-$R/units/language}
 T2C_MODEL=${T2C_MODEL:-$T2C_RUN/best}
 ECHO_RUN=${ECHO_RUN:-$R/echo}  # Stage III's run folder, and the gold-unit baseline's
 GOLD_RUN=${GOLD_RUN:-$R/gold}
+# 1: Stage III also trains on the asr_extra questions (STEP=mix spoke them), answered by the
+# corpus's text LLM (train/dialogues_extra.jsonl); the gold-unit baseline cannot (no answer audio)
+ECHO_EXTRA=${ECHO_EXTRA:-}
 # speech units by beam search over UNIT_BEAMS hypotheses (1 = greedy) in the bundles (v2.1), and
 # over LABEL_BEAMS in the echo step's pseudo-labels: 4 beams there cost several times the labelling
 # time and gave no better Echo (docs/results.md, session 23), so greedy by default
@@ -127,9 +130,14 @@ if run t2c; then
       "${common[@]}"
 fi
 if run echo; then
+  edata=("$DATA/train/dialogues.jsonl")
+  if [ -n "$ECHO_EXTRA" ]; then  # Echo needs no answer audio: the spoken asr_extra questions too
+    $ECHOX data s2t-mix --corpus "$DATA" --voice '' --no-asr --echo-extra --llm-threads "$THREADS"
+    edata+=("$DATA/train/dialogues_extra.jsonl")
+  fi
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
       --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume --set "model.t2c.beams=$LABEL_BEAMS" \
-      --data "$DATA/train/dialogues.jsonl" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
+      --data "${edata[@]}" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
   # the same frozen S2T model: it reads the response states Stage III cached (keyed by the S2T

@@ -31,7 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from echox.data.tiny_corpus import espeak_synthesize, piper_synthesize
+from echox.data.tiny_corpus import _read_answers, espeak_synthesize, generate_answers, piper_synthesize
 from echox.errors import ManifestError
 from echox.fileio import atomic_write_text
 
@@ -168,6 +168,50 @@ def build_asr_tts(corpus: str | Path, tts_manifest: str | Path) -> dict[str, int
     return {"tts_asr_turns": len(turns), "tts_missing_audio": missing}
 
 
+def build_echo_extra(corpus: str | Path, batch_size: int = 64, threads: int = 1,
+                     progress: bool = False) -> dict[str, int]:
+    """Stage III dialogues from the clips `build_asr_extra` spoke: each question of
+    `corpus/train/asr_extra_tts.jsonl` with the corpus's own text-LLM answer (the LLM, system
+    prompt and answer length of `corpus/build.json`), written to `train/dialogues_extra.jsonl`.
+    Echo training needs no answer audio (its targets are the T2C's units of the answer text), so
+    every spoken question is a Stage III dialogue. Answers are appended per batch to
+    `train/answers_extra.jsonl`, so an interrupted run resumes."""
+    train = Path(corpus) / "train"
+    clips_path = train / "asr_extra_tts.jsonl"
+    build_path = Path(corpus) / "build.json"
+    for need in (clips_path, build_path):
+        if not need.is_file():
+            raise ManifestError(f"{need} not found: build the corpus and its --asr-extra clips first")
+    build = json.loads(build_path.read_text(encoding="utf-8"))
+    clips = _id_text_rows(clips_path, audio=True)
+    answers_path = train / "answers_extra.jsonl"
+    done = _read_answers(answers_path)
+    todo = [c for c in clips if c["id"] not in done]
+    if todo:
+        batches = generate_answers(build["llm"], [c["text"] for c in todo],
+                                   system_prompt=build.get("system_prompt"), batch_size=batch_size,
+                                   max_new_tokens=int(build.get("max_new_tokens", 48)),
+                                   threads=threads, progress=progress)
+        torn = answers_path.is_file() and not answers_path.read_bytes().endswith(b"\n")
+        with answers_path.open("a", encoding="utf-8") as f:
+            if torn and answers_path.stat().st_size:
+                f.write("\n")  # end a line torn by a kill, so the next record starts its own
+            start = 0
+            for batch in batches:
+                for c, (answer, hit_eos) in zip(todo[start : start + len(batch)], batch):
+                    rec = {"id": c["id"], "answer": answer, "hit_eos": hit_eos}
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    done[c["id"]] = rec
+                f.flush()
+                start += len(batch)
+    rows = [{"id": c["id"], "conversations": [
+                {"from": "user", "value": c["text"], "audio": c["audio"]},
+                {"from": "assistant", "value": done[c["id"]]["answer"]}]}
+            for c in clips if done[c["id"]]["answer"]]
+    _write(train / "dialogues_extra.jsonl", rows)
+    return {"extra_answers_made": len(todo), "extra_dialogues": len(rows)}
+
+
 def cmd_s2t_mix(args: argparse.Namespace) -> int:
     counts = build_s2t_mix(args.corpus, voice=args.voice or None, asr=not args.no_asr,
                            progress=not args.quiet)
@@ -176,6 +220,8 @@ def cmd_s2t_mix(args: argparse.Namespace) -> int:
                                       progress=not args.quiet))
     if args.asr_tts:
         counts.update(build_asr_tts(args.corpus, args.asr_tts))
+    if args.echo_extra:
+        counts.update(build_echo_extra(args.corpus, threads=args.llm_threads, progress=not args.quiet))
     print(f"s2t mix in {Path(args.corpus) / 'train'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
@@ -192,6 +238,10 @@ def s2t_mix_options(p: argparse.ArgumentParser) -> None:
                    help="clips already spoken ({id, text, audio} rows, e.g. data/tiny/tts_extra/tts.jsonl) "
                         "as ASR turns in train/asr_tts.jsonl; keep test facts out of it")
     p.add_argument("--workers", type=int, default=2, help="piper processes for --asr-extra")
+    p.add_argument("--echo-extra", action="store_true",
+                   help="Stage III dialogues from the --asr-extra clips: the corpus's text LLM answers "
+                        "each question (train/dialogues_extra.jsonl)")
+    p.add_argument("--llm-threads", type=int, default=1, help="torch CPU threads of --echo-extra's LLM")
     p.add_argument("--quiet", action="store_true")
     return p
 
