@@ -31,7 +31,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from echox.data.tiny_corpus import _read_answers, espeak_synthesize, generate_answers, piper_synthesize
+from echox.data.tiny_corpus import (_open_answers, _read_answers, espeak_synthesize, generate_answers,
+                                   piper_synthesize)
 from echox.errors import ManifestError
 from echox.fileio import atomic_write_text
 
@@ -192,10 +193,7 @@ def build_echo_extra(corpus: str | Path, batch_size: int = 64, threads: int = 1,
                                    system_prompt=build.get("system_prompt"), batch_size=batch_size,
                                    max_new_tokens=int(build.get("max_new_tokens", 48)),
                                    threads=threads, progress=progress)
-        torn = answers_path.is_file() and not answers_path.read_bytes().endswith(b"\n")
-        with answers_path.open("a", encoding="utf-8") as f:
-            if torn and answers_path.stat().st_size:
-                f.write("\n")  # end a line torn by a kill, so the next record starts its own
+        with _open_answers(answers_path) as f:
             start = 0
             for batch in batches:
                 for c, (answer, hit_eos) in zip(todo[start : start + len(batch)], batch):

@@ -435,6 +435,16 @@ def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
     return cached
 
 
+def _open_answers(path: Path) -> Any:
+    """`path` opened for appending answers; a last line torn by a kill (no newline) is ended
+    first, so the next record starts its own line instead of being lost with it."""
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    f = path.open("a", encoding="utf-8")
+    if torn:
+        f.write("\n")
+    return f
+
+
 def _check_config(out: Path, config: dict[str, Any]) -> None:
     """Refuse to mix answers of another LLM or prompt into an existing corpus folder."""
     path = out / "build.json"
@@ -559,7 +569,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
     with ThreadPoolExecutor(1) as background:
         speaking = background.submit(speak_in_background)
         try:
-            with answers_path.open("a", encoding="utf-8") as f:
+            with _open_answers(answers_path) as f:
                 batches = generate_answers(llm, [q.question for q in todo],
                                            system_prompt=system_prompt, batch_size=batch_size,
                                            max_new_tokens=max_new_tokens, threads=llm_threads,
