@@ -8,6 +8,9 @@ each bundle given (either may be left out):
 
 - text-LLM accuracy: the base LLM of `--config` with its system prompt answers the question
   text (`echox eval --mode text`; the upper bound, the same for both bundles);
+- cascade accuracy: `--asr` (Whisper tiny.en) transcribes the spoken question and the same
+  text LLM answers the transcript (`--mode cascade`): what an ear as good as that ASR would
+  give, the same for both bundles;
 - S2T accuracy on the piper voice (`qa.jsonl`, `--mode s2t`) and on the espeak-ng en-us copy
   (`qa_espeak.jsonl`);
 - S2S accuracy: the spoken answer -> Whisper tiny.en -> the match rule (`--mode s2s`);
@@ -54,7 +57,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BUNDLES = ("echo", "gold")
 LABELS = {"echo": "Echo", "gold": "Gold-unit baseline"}
-ACCURACY_ROWS = (("text_accuracy", "Text LLM"), ("s2t_accuracy", "S2T (piper)"),
+ACCURACY_ROWS = (("text_accuracy", "Text LLM"), ("cascade_accuracy", "Cascade"),
+                 ("s2t_accuracy", "S2T (piper)"),
                  ("s2s_accuracy", "S2S"), ("s2t_espeak_accuracy", "S2T (espeak-ng)"))
 
 
@@ -355,7 +359,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from echox.config import load_config
     from echox.eval.benchmarks import open_benchmark
-    from echox.eval.run import DEFAULT_BATCH_SIZE, S2SAnswerer, S2TAnswerer, TextAnswerer
+    from echox.eval.run import (DEFAULT_BATCH_SIZE, CascadeAnswerer, S2SAnswerer, S2TAnswerer,
+                                TextAnswerer)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -402,6 +407,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         f"echox eval --mode text --llm {shlex.quote(llm)} --system-prompt {shlex.quote(prompt or '')} "
         f"--benchmark local:{qa}{lim} --batch-size {batch} --out {ctx.out / 'text'}", batch)
     text_acc = accuracy(text_recs)
+    # ---- the cascade: the ASR hears the question, the same LLM answers (the same for every bundle)
+    cascade_recs = eval_run(
+        ctx, "cascade", "cascade", qa, ids,
+        {"mode": "cascade", "benchmark": str(qa.resolve()), "llm": llm, "system_prompt": prompt,
+         "asr": ctx.asr_name()},
+        lambda: CascadeAnswerer(ctx.asr(), TextAnswerer(llm, prompt or None)),
+        f"echox eval --mode cascade --asr {args.asr} --llm {shlex.quote(llm)} --system-prompt "
+        f"{shlex.quote(prompt or '')} --benchmark local:{qa}{lim} --batch-size {batch} "
+        f"--out {ctx.out / 'cascade'}", batch)
+    cascade_acc = accuracy(cascade_recs)
 
     # ---- per bundle
     shared: dict[tuple[Any, str], str] = {}  # (bundle or S2T fingerprint, run kind) -> who ran it
@@ -419,7 +434,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"--kmeans recipes/tiny/vocoder-k500/km500.joblib --out {tts_units}`")
 
     for b, path in bundles.items():
-        m: dict[str, Any] = {"bundle": str(path), "text_accuracy": text_acc}
+        m: dict[str, Any] = {"bundle": str(path), "text_accuracy": text_acc,
+                             "cascade_accuracy": cascade_acc}
         recs: dict[str, dict[str, dict[str, Any]]] = {}
         kinds = [("s2t", "s2t", qa, ids), ("s2s", "s2s", qa, ids)]
         if espeak_ids is not None:
@@ -485,7 +501,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "config": args.config, "llm": llm, "system_prompt": prompt, "asr": args.asr,
         "max_new_tokens": args.max_new_tokens, "batch_size": batch, "threads": args.threads,
         "t2c_checkpoint": args.t2c, "bundles": {b: str(p) for b, p in bundles.items()},
-        "text_accuracy": text_acc, "metrics": metrics, "gap_difference": boot,
+        "text_accuracy": text_acc, "cascade_accuracy": cascade_acc, "metrics": metrics, "gap_difference": boot,
         "runs": ctx.runs, "commands": {"this": shlex.join(["python", "bench/tiny_results.py", *argv]),
                                        **ctx.commands},
         "skipped": ctx.skipped, "notes": ctx.notes,
@@ -588,6 +604,8 @@ def render_table(result: dict[str, Any]) -> str:
 
     row("Text-LLM accuracy (upper bound)",
         [fmt_pct(result["text_accuracy"])] * max(len(bundles), 1))
+    row(f"Cascade accuracy ({asr} hears the question, the text LLM answers)",
+        [fmt_pct(result["cascade_accuracy"])] * max(len(bundles), 1))
     row("S2T accuracy (piper voice)", _cells(result, lambda m: fmt_pct(m["s2t_accuracy"])))
     row(f"S2S accuracy (speech → {asr})", _cells(result, lambda m: fmt_pct(m["s2s_accuracy"])))
     row("S2T accuracy (espeak-ng en-us voice)",
@@ -641,7 +659,8 @@ def plot(result: dict[str, Any], png: Path) -> None:
     width = 0.8 / len(bundles)
     fig, ax = plt.subplots(figsize=(8, 4))
     for k, b in enumerate(bundles):
-        m = result["metrics"].get(b, {"text_accuracy": result["text_accuracy"]})
+        m = result["metrics"].get(b, {"text_accuracy": result["text_accuracy"],
+                                      "cascade_accuracy": result["cascade_accuracy"]})
         vals = [m.get(key) for key, _ in ACCURACY_ROWS]  # None: skipped
         bars = ax.bar(x + (k - (len(bundles) - 1) / 2) * width,
                       [0.0 if v is None else 100 * v for v in vals], width,

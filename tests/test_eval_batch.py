@@ -18,7 +18,7 @@ from echox.audio import load_audio
 from echox.cli import main
 from echox.errors import AudioError, EvalError
 from echox.eval.benchmarks import QAItem, open_benchmark
-from echox.eval.run import S2TAnswerer, TextAnswerer, run_eval
+from echox.eval.run import CascadeAnswerer, S2TAnswerer, TextAnswerer, run_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 LLM = "builtin:tiny-random-llama"
@@ -131,6 +131,69 @@ def test_text_batch_is_token_identical_to_generate() -> None:
     assert [a.text for a in together] == texts
     assert ans.answer(items[3]).token_ids == want[3]
     assert all(a.stats["batch"] == len(items) for a in together)
+
+
+# ---------------------------------------------------------------- cascade
+
+
+class HeardByLength:
+    """An ASR stand-in for the unit test: each clip's "transcript" is a question picked by the
+    clip's length (the real ASR runs in test_eval_cli_cascade_with_faster_whisper)."""
+
+    name = "by-length"
+
+    def __init__(self, heard: dict[int, str]) -> None:
+        self.heard, self.calls = heard, 0
+
+    def transcribe(self, audio: np.ndarray, sample_rate: int = 16000) -> str:
+        self.calls += 1
+        return self.heard[audio.size]
+
+
+def test_cascade_answers_what_the_asr_heard(tmp_path: Path) -> None:
+    text = TextAnswerer(LLM, "Answer in one short sentence.", max_new_tokens=8)
+    items = spoken_items()
+    sizes = [load_audio(it.audio, 16000, orig_sr=it.sampling_rate).size for it in items]
+    # the ASR mishears the first two questions as each other's
+    heard = [QUESTIONS[1], QUESTIONS[0], *QUESTIONS[2:]]
+    asr = HeardByLength(dict(zip(sizes, heard)))
+    cascade = CascadeAnswerer(asr, text)
+    got = cascade.answer_batch(items)
+    want = text.answer_batch([QAItem(it.id, h, it.answers, None, None, None)
+                              for it, h in zip(items, heard)])
+    assert [a.token_ids for a in got] == [a.token_ids for a in want]
+    assert [a.heard for a in got] == heard and asr.calls == len(items)
+    assert got[0].token_ids != got[1].token_ids  # the answers really follow what was heard
+    assert all(a.stats["asr_ms"] >= 0 and a.stats["ms"] >= a.stats["asr_ms"] for a in got)
+    # gold answers that the LLM's answer to the heard question holds are hits; `heard` is kept
+    items[2].answers = [got[2].text.split()[0]] if got[2].text.split() else ["x"]
+    s = run_eval(items, cascade, "cascade", tmp_path / "c", "t", progress=False, batch_size=3)
+    recs = {r["id"]: r for r in records(tmp_path / "c" / "items.jsonl")}
+    assert s.mode == "cascade" and s.n == 5
+    assert [recs[it.id]["heard"] for it in items] == heard
+    assert recs["q2"]["hit"] is bool(got[2].text.split())
+    with pytest.raises(EvalError, match="CascadeAnswerer"):
+        run_eval(items, text, "cascade", tmp_path / "t", "t", progress=False)
+
+
+@pytest.mark.slow
+def test_eval_cli_cascade_with_faster_whisper(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The packaged spoken question through Whisper tiny.en and the tiny random LLM."""
+    q = ROOT / "src" / "echox" / "assets" / "question.wav"
+    (tmp_path / "qa.jsonl").write_text(json.dumps(
+        {"id": "japan", "audio": str(q), "question": "What is the capital of Japan?",
+         "answers": ["Tokyo"]}) + "\n")
+    out = tmp_path / "cascade"
+    args = ["eval", "--mode", "cascade", "--llm", LLM, "--benchmark",
+            f"local:{tmp_path / 'qa.jsonl'}", "--out", str(out)]
+    assert main(args) == 0
+    (rec,) = records(out / "items.jsonl")
+    assert "capital of japan" in rec["heard"].lower()
+    assert json.loads((out / "summary.json").read_text())["mode"] == "cascade"
+    assert "cascade accuracy" in capsys.readouterr().out
+    assert main([*args, "--device", "cuda"]) == 2  # the cascade's LLM runs on the CPU
+    assert "--device" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- runner: resume and errors

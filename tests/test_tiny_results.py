@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ["Text-LLM accuracy", "S2T accuracy (piper voice)", "S2S accuracy",
+ROWS = ["Text-LLM accuracy", "Cascade accuracy", "S2T accuracy (piper voice)", "S2S accuracy",
         "S2T accuracy (espeak-ng en-us voice)", "S2T − S2S gap", "ASR-WER",
         "T2C intelligibility WER", "First-audio latency, median", "First-audio latency, p90",
         "Gap Echo − Gold, paired bootstrap"]
@@ -95,10 +95,13 @@ def test_tiny_results_table_json_png_and_cheap_rerun(tmp_path: Path, bundles: di
     assert (out / "results.png").stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())
     assert res["n"] == 2 and not res["skipped"]
-    assert 0.0 <= res["text_accuracy"] <= 1.0
+    assert 0.0 <= res["text_accuracy"] <= 1.0 and 0.0 <= res["cascade_accuracy"] <= 1.0
+    heard = [json.loads(x) for x in Path(res["runs"]["cascade"], "items.jsonl").read_text().splitlines()]
+    assert len(heard) == 2 and all(isinstance(r["heard"], str) for r in heard)
     for b in ("echo", "gold"):
         m = res["metrics"][b]
-        for key in ("text_accuracy", "s2t_accuracy", "s2s_accuracy", "s2t_espeak_accuracy"):
+        for key in ("text_accuracy", "cascade_accuracy", "s2t_accuracy", "s2s_accuracy",
+                    "s2t_espeak_accuracy"):
             assert 0.0 <= m[key] <= 1.0, (b, key)
         assert -1.0 <= m["gap"] <= 1.0
         assert m["gap"] == pytest.approx(m["s2t_accuracy"] - m["s2s_accuracy"])
@@ -112,7 +115,7 @@ def test_tiny_results_table_json_png_and_cheap_rerun(tmp_path: Path, bundles: di
     assert boot["n"] == 2 and -1.0 <= boot["lo"] <= boot["mean"] <= boot["hi"] <= 1.0
     assert res["metrics"]["echo"]["t2c_wer"] == res["metrics"]["gold"]["t2c_wer"]
     assert not (out / "gold-t2c").exists()
-    for name in ("text", "echo-s2t", "echo-s2s", "echo-s2t-espeak", "gold-s2s", "echo-t2c"):
+    for name in ("text", "cascade", "echo-s2t", "echo-s2s", "echo-s2t-espeak", "gold-s2s", "echo-t2c"):
         assert Path(res["runs"][name], "items.jsonl").is_file(), name
         assert name == "echo-t2c" or res["commands"][name].startswith("echox eval --mode ")
     assert "same T2C" in table

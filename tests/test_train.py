@@ -210,6 +210,20 @@ def test_offline_pseudo_labels_cached_and_cut(tmp_path, make_model):
     texts = [m.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["A longer answer here."]]
     assert len(beamed[0].units) == len(segs) and beamed[0].units[0] == m.pseudo_labels(
         [texts[0][segs[0][0]:segs[0][1]]])[0]
+    # another T2C's labels are other labels too: the cache keys carry the T2C's weights
+    m.config.t2c.beams = 1
+    with torch.no_grad():
+        next(m.t2c.parameters()).add_(0.5)
+    retrained = stages.precompute_pseudo_labels(m, d, cache, cut=True)
+    assert len(cache.read_text().splitlines()) == 3
+    assert retrained[0].units[0] == m.pseudo_labels([texts[0][segs[0][0]:segs[0][1]]])[0]
+    # and so do another Stage I model's (the cuts come from its states), when cutting
+    with torch.no_grad():
+        next(m.adapter.parameters()).add_(0.5)
+    stages.precompute_pseudo_labels(m, d, cache, cut=True)
+    assert len(cache.read_text().splitlines()) == 4
+    stages.precompute_pseudo_labels(m, d, cache, cut=True)
+    assert len(cache.read_text().splitlines()) == 4
 
 
 @pytest.mark.slow

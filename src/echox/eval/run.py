@@ -3,9 +3,12 @@
 Modes:
 - `text`: the text LLM answers the question text (the knowledge upper bound);
 - `s2t`:  EchoX answers the spoken question in text; the text is matched;
-- `s2s`:  EchoX answers in speech; the speech is transcribed by an ASR and matched.
+- `s2s`:  EchoX answers in speech; the speech is transcribed by an ASR and matched;
+- `cascade`: the ASR (`--asr`) transcribes the spoken question and the text LLM of `text`
+  mode answers the transcript: the pipeline baseline, and what the speech model's ear would
+  give with that ASR in its place. Each record keeps what was heard (`heard`).
 
-`text` and `s2t` answer `--batch-size` questions at a time, greedily, with the prompts padded
+`text`, `s2t` and `cascade` answer `--batch-size` questions at a time, greedily, with the prompts padded
 on the left: a question gets the answer it gets alone (up to float rounding in the batched
 matrix products); `s2s` answers one question at a time through the streaming engine.
 
@@ -20,7 +23,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
@@ -55,6 +58,7 @@ class Answer:
     sample_rate: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)  # the generated ids, stop token excluded
+    heard: str | None = None  # cascade: the ASR's transcript of the spoken question
 
 
 class Answerer(Protocol):
@@ -71,7 +75,7 @@ def check_batch_size(mode: str, batch_size: int) -> None:
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
     if mode == "s2s" and batch_size > 1:
         raise EvalError(f"--batch-size {batch_size}: mode s2s answers one question at a time "
-                        "through the streaming engine; use 1 (or modes text / s2t)")
+                        "through the streaming engine; use 1 (or modes text / s2t / cascade)")
 
 
 def _batch_stats(seconds: float, n: int, tokens: int) -> dict[str, Any]:
@@ -162,6 +166,32 @@ class S2TAnswerer:
         return [Answer(text.strip(), stats=_batch_stats(seconds, len(items), len(ids)),
                        token_ids=list(ids))
                 for text, ids in zip(g.texts, g.token_ids)]
+
+    def answer(self, item: QAItem) -> Answer:
+        return self.answer_batch([item])[0]
+
+
+class CascadeAnswerer:
+    """The cascade baseline: an ASR transcribes each spoken question, then the text LLM
+    (`TextAnswerer`) answers the transcripts in one batch. Its accuracy against text mode's is
+    what the ASR's mistakes cost; against s2t mode's, how the speech model's ear compares."""
+
+    def __init__(self, asr: Any, text: TextAnswerer) -> None:
+        self.asr, self.text = asr, text
+
+    def answer_batch(self, items: Sequence[QAItem]) -> list[Answer]:
+        """Transcribe every question, then answer the transcripts together, in order."""
+        if not items:
+            return []
+        t0 = time.perf_counter()
+        heard = [self.asr.transcribe(_wav16k(it), 16000).strip() for it in items]
+        asr_ms = 1000 * (time.perf_counter() - t0) / len(items)
+        answers = self.text.answer_batch([replace(it, question=h) for it, h in zip(items, heard)])
+        for ans, h in zip(answers, heard):
+            ans.heard = h
+            ans.stats["asr_ms"] = asr_ms
+            ans.stats["ms"] = ans.stats.get("ms", 0.0) + asr_ms
+        return answers
 
     def answer(self, item: QAItem) -> Answer:
         return self.answer_batch([item])[0]
@@ -294,6 +324,8 @@ def _score(item: QAItem, ans: Answer, mode: str, asr: Any, out_dir: Path,
                       clip=True)
         rec["transcript"] = hyp
         rec["audio_seconds"] = 0.0 if ans.audio is None else ans.audio.size / (ans.sample_rate or 16000)
+    if ans.heard is not None:
+        rec["heard"] = ans.heard
     rec["hit"] = exist_match(hyp, item.answers)
     return rec
 
@@ -314,6 +346,8 @@ def run_eval(
 
     if mode == "s2s" and asr is None:
         raise EvalError("mode s2s needs an ASR to transcribe the speech output")
+    if mode == "cascade" and not isinstance(answerer, CascadeAnswerer):
+        raise EvalError("mode cascade needs a CascadeAnswerer (an ASR and a text LLM)")
     check_batch_size(mode, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "items.jsonl"
@@ -393,12 +427,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bench = open_benchmark(args.benchmark, limit=args.limit, decode_audio=args.mode != "text")
     out = Path(args.out or f"runs/eval/{args.mode}")
     asr = None
-    if args.mode == "text":
+    if args.mode in ("text", "cascade"):
         if args.device != "cpu" or args.dtype not in (None, "fp32"):
-            raise EvalError("--device / --dtype apply to the s2t and s2s modes (a bundle); "
-                            "text mode runs its LLM on the CPU in float32")
+            raise EvalError(f"--device / --dtype apply to the s2t and s2s modes (a bundle); "
+                            f"{args.mode} mode runs its LLM on the CPU in float32")
         llm = args.llm or load_config(args.config).llm.name_or_path
         answerer: Answerer = TextAnswerer(llm, args.system_prompt or None)
+        if args.mode == "cascade":
+            answerer = CascadeAnswerer(make_asr(args.asr), answerer)
     else:
         check_device(args.device)
         bundle = load_bundle(args.model or default_bundle(), device=args.device, dtype=args.dtype)
@@ -419,18 +455,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="EchoX bundle folder (default: the embedded tiny model)")
     p.add_argument("--benchmark", help="llama-questions | web-questions | trivia-qa | NAME=PATH | local:PATH")
-    p.add_argument("--mode", choices=["text", "s2t", "s2s"], default="s2s")
+    p.add_argument("--mode", choices=["text", "s2t", "s2s", "cascade"], default="s2s")
 
     add_device_options(p)
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--out", help="run folder (default runs/eval/<mode>); an existing one resumes")
-    p.add_argument("--asr", default="faster-whisper", help="faster-whisper[:PATH] | transformers[:NAME]")
-    p.add_argument("--llm", help="text mode: the LLM (default: the config's LLM)")
-    p.add_argument("--config", default="tiny", help="text mode: preset/YAML naming the LLM")
-    p.add_argument("--system-prompt", default="Answer in one short sentence.", help="text mode")
+    p.add_argument("--asr", default="faster-whisper",
+                   help="s2s: transcribes the spoken answers; cascade: the spoken questions. "
+                        "faster-whisper[:PATH] | transformers[:NAME]")
+    p.add_argument("--llm", help="text / cascade mode: the LLM (default: the config's LLM)")
+    p.add_argument("--config", default="tiny", help="text / cascade mode: preset/YAML naming the LLM")
+    p.add_argument("--system-prompt", default="Answer in one short sentence.", help="text / cascade mode")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"text / s2t: questions answered together, greedy (default "
+                   help=f"text / s2t / cascade: questions answered together, greedy (default "
                         f"{DEFAULT_BATCH_SIZE}); s2s answers one at a time")
     p.add_argument("--no-stream", action="store_true", help="s2s: synthesize the whole response at once")
     p.add_argument("--save-audio", action="store_true", help="s2s: keep each spoken answer as a wav")

@@ -217,7 +217,10 @@ def precompute_pseudo_labels(
     states: Sequence[list[torch.Tensor]] | None = None,
 ) -> list[EchoExample]:
     """Offline mode: segments (trigger cuts on the S2T model's teacher-forced states) and the
-    frozen T2C's units for each segment, cached in a JSONL keyed by the dialogue's text.
+    frozen T2C's units for each segment, cached in a JSONL keyed by the dialogue's text, the
+    decoding, the T2C's weights (`t2c_fingerprint`) and, when `cut`, the S2T model's weights
+    (the cuts come from its states): a run folder reused with another T2C or Stage I model
+    decodes its labels anew instead of reading the old ones.
     `states`: the dialogues' precomputed response states (a frozen S2T model), so the S2T model
     is not run again. The T2C decodes the segments of `batch_size` dialogues at once."""
     done: dict[str, dict[str, Any]] = {}
@@ -230,8 +233,12 @@ def precompute_pseudo_labels(
                 log.warning("%s: skipping a malformed cache line", cache)
     t2c = model.config.t2c
     decoding = f"|beams={t2c.beams},length_penalty={t2c.length_penalty}" if t2c.beams > 1 else ""
-    keys = [_dialogue_key(d) + decoding for d in dialogues]  # greedy keys as before
+    decoding += f"|t2c={t2c_fingerprint(model)}" + (f"|s2t={s2t_fingerprint(model)}" if cut else "")
+    keys = [_dialogue_key(d) + decoding for d in dialogues]
     todo = [i for i, k in enumerate(keys) if k not in done]
+    if done:
+        log.info("%s: %d of %d dialogues' labels cached for these models, %d to decode",
+                 cache, len(keys) - len(todo), len(keys), len(todo))
     was = model.training
     model.eval()
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +286,18 @@ def s2t_fingerprint(model: EchoX) -> str:
     named = list(model.adapter.state_dict().items())
     named += [(n, p) for n, p in model.llm.named_parameters() if "lora_" in n]
     for n, t in named:
+        h.update(n.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def t2c_fingerprint(model: EchoX) -> str:
+    """A digest of what makes the frozen T2C's pseudo-labels: its config, the LLM it reads the
+    response's embeddings from and the T2C's weights."""
+    cfg = model.config.to_dict()
+    h = hashlib.sha1(json.dumps({k: cfg.get(k) for k in ("t2c", "llm")}, sort_keys=True,
+                                default=str).encode())
+    for n, t in model.t2c.state_dict().items():
         h.update(n.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
