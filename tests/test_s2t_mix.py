@@ -251,3 +251,45 @@ def test_echo_extra_answers_each_spoken_question_and_resumes(tmp_path):
     assert build_echo_extra(corpus, batch_size=2)["extra_answers_made"] == 1
     assert build_echo_extra(corpus, batch_size=2)["extra_answers_made"] == 0
     assert len((train / "dialogues_extra.jsonl").read_text().splitlines()) == counts["extra_dialogues"]
+
+
+@pytest.mark.slow  # runs piper
+def test_speak_extra_answers_makes_a_tts_manifest_that_attaches(tmp_path):
+    from echox.cli import main
+    from echox.data.s2t_mix import speak_extra_answers
+
+    corpus = _corpus(tmp_path)
+    train = corpus / "train"
+    with pytest.raises(ManifestError, match="dialogues_extra.jsonl not found"):
+        speak_extra_answers(corpus)
+    rows = [{"id": f"x{i}", "conversations": [
+        {"from": "user", "value": q, "audio": f"audio/q/x{i}.wav"},
+        {"from": "assistant", "value": a}]}
+        for i, (q, a) in enumerate([("Where is Lima?", "Lima is in Peru."),
+                                    ("Who wrote Hamlet?", "Shakespeare wrote Hamlet.")])]
+    (train / "dialogues_extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = speak_extra_answers(corpus, workers=1)
+    assert counts == {"extra_answers_spoken": 2, "extra_answers_failed": 0, "extra_answer_clips": 2}
+    tts = [json.loads(x) for x in (train / "answers_extra_tts.jsonl").read_text().splitlines()]
+    assert tts == [{"id": "x0", "text": "Lima is in Peru.", "audio": "audio/xa/x0.wav"},
+                   {"id": "x1", "text": "Shakespeare wrote Hamlet.", "audio": "audio/xa/x1.wav"}]
+    wav, sr = sf.read(train / "audio" / "xa" / "x1.wav")
+    assert sr > 0 and wav.size > sr // 2
+    assert speak_extra_answers(corpus, workers=1)["extra_answers_spoken"] == 0  # kept
+    # the clips' ids are the dialogues': units attach pairs them up (gold units of the answers)
+    units = [{**r, "units": [3, 4, 5]} for r in tts]
+    (train / "answers_extra_units.jsonl").write_text("".join(json.dumps(r) + "\n" for r in units))
+    assert main(["units", "attach", "--dialogues", str(train / "dialogues_extra.jsonl"), "--tts-units",
+                       str(train / "answers_extra_units.jsonl"), "--out",
+                       str(train / "dialogues_extra_units.jsonl")]) == 0
+    got = [json.loads(x) for x in (train / "dialogues_extra_units.jsonl").read_text().splitlines()]
+    assert len(got) == 2 and all(r["conversations"][1]["units"] == [3, 4, 5] for r in got)
+
+
+def test_speak_answers_needs_echo_extra(tmp_path, capsys):
+    from echox.cli import main
+
+    corpus = _corpus(tmp_path)
+    assert main(["data", "s2t-mix", "--corpus", str(corpus), "--voice", "", "--no-asr",
+                 "--speak-answers", "--quiet"]) == 2
+    assert "--speak-answers speaks the --echo-extra answers" in capsys.readouterr().err

@@ -3,8 +3,8 @@
 #
 #   bash recipes/tiny/pipeline.sh                 # the full corpus (3,300 train / 300 test)
 #   LIMIT=450 S2T_STEPS=300 bash recipes/tiny/pipeline.sh   # a smaller run
-#   STEP=t2c bash recipes/tiny/pipeline.sh        # one step only (data, mix, units, ttsx, ctc,
-#                                                 #  s2t, t2c, echo, gold, bundle, eval)
+#   STEP=t2c bash recipes/tiny/pipeline.sh        # one step only (data, mix, units, ttsx, xans,
+#                                                 #  ctc, s2t, t2c, echo, gold, bundle, eval)
 #   STEP=data,units,ttsx,t2c THREADS=2 OMP_NUM_THREADS=2 bash ...  # several steps in order, on
 #                                                 #  both cores
 #   BIGBENCH=/path/to/bigbench STEP=ttsx bash ... # extra T2C sentences (make_tts_text.py)
@@ -43,7 +43,8 @@ T2C_MODEL=${T2C_MODEL:-$T2C_RUN/best}
 ECHO_RUN=${ECHO_RUN:-$R/echo}  # Stage III's run folder, and the gold-unit baseline's
 GOLD_RUN=${GOLD_RUN:-$R/gold}
 # 1: Stage III also trains on the asr_extra questions (STEP=mix spoke them), answered by the
-# corpus's text LLM (train/dialogues_extra.jsonl); the gold-unit baseline cannot (no answer audio)
+# corpus's text LLM (train/dialogues_extra.jsonl); the gold-unit baseline too, on the units of
+# those answers spoken by piper (STEP=xans: train/dialogues_extra_units.jsonl)
 ECHO_EXTRA=${ECHO_EXTRA:-}
 # speech units by beam search over UNIT_BEAMS hypotheses (1 = greedy) in the bundles (v2.1), and
 # over LABEL_BEAMS in the echo step's pseudo-labels: 4 beams there cost several times the labelling
@@ -99,6 +100,21 @@ if run ttsx; then  # more for the T2C to learn pronunciation from: qa_wikidata f
     echo "ttsx: BIGBENCH (the BIG-bench sdist or folder, see make_questions.py) is not set; skipped" >&2
   fi
 fi
+# the extra questions' answers: the corpus's LLM answers them, piper speaks the answers (~35 min
+# on 2 cores); their units are more T2C data (the t2c step reads them when they exist) and the
+# gold units of the extra Stage III dialogues (the gold step's, with ECHO_EXTRA). STEP=all runs it
+# with ECHO_EXTRA=1 only.
+if { [ "$STEP" != all ] && run xans; } || { [ "$STEP" = all ] && [ -n "$ECHO_EXTRA" ]; }; then
+  [ -n "$ASR_EXTRA" ] || { echo "xans: needs the asr_extra questions (ASR_EXTRA, STEP=mix)" >&2; exit 2; }
+  $ECHOX data s2t-mix --corpus "$DATA" --voice '' --no-asr --echo-extra --speak-answers \
+      --llm-threads "$THREADS"
+  $ECHOX units extract --manifest "$DATA/train/answers_extra_tts.jsonl" --kmeans "$KM" \
+      --out "$DATA/train/answers_extra_units.jsonl" --threads "$THREADS" \
+      ${UNITS_WINDOW:+--window-seconds $UNITS_WINDOW}
+  $ECHOX units attach --dialogues "$DATA/train/dialogues_extra.jsonl" \
+      --tts-units "$DATA/train/answers_extra_units.jsonl" --on-missing drop \
+      --out "$DATA/train/dialogues_extra_units.jsonl"
+fi
 asrx=(); for f in asr_extra asr_tts; do [ -f "$DATA/train/$f.jsonl" ] && asrx+=("$DATA/train/$f.jsonl"); done
 if run ctc && [ "$CTC_STEPS" -gt 0 ]; then
   # The adapter alone on the CTC loss of every ASR clip, its softmax over the transcripts' token
@@ -121,7 +137,8 @@ if run s2t; then
       --eval-data "$DATA/test/dialogues.jsonl" --threads "${S2T_THREADS:-1}"
 fi
 if run t2c; then
-  extra=(); [ -f "$DATA/tts_extra/tts_units.jsonl" ] && extra=("$DATA/tts_extra/tts_units.jsonl")
+  extra=(); for f in tts_extra/tts_units train/answers_extra_units; do  # ttsx and xans, when made
+    [ -f "$DATA/$f.jsonl" ] && extra+=("$DATA/$f.jsonl"); done
   # T2C_INIT: continue from a kept T2C (e.g. recipes/tiny/t2c-warm) with T2C_LR (e.g. 3e-4)
   init=(); [ -n "${T2C_INIT:-}" ] && init=(--init "$T2C_INIT")
   $ECHOX train t2c --recipe recipes/tiny/t2c.yaml --out "$T2C_RUN" --max-steps "$T2C_STEPS" --resume \
@@ -144,9 +161,15 @@ if run gold; then  # the baseline the paper argues against: same steps, gold uni
   # weights, so a stale entry is never read)
   mkdir -p "$ECHO_RUN/states" "$GOLD_RUN"
   [ -e "$GOLD_RUN/states" ] || ln -s "$(realpath --relative-to="$GOLD_RUN" "$ECHO_RUN/states")" "$GOLD_RUN/states"
+  gdata=("$DATA/train/dialogues_units.jsonl")
+  if [ -n "$ECHO_EXTRA" ]; then  # the same dialogues as Echo's
+    [ -f "$DATA/train/dialogues_extra_units.jsonl" ] || {
+      echo "gold: ECHO_EXTRA needs $DATA/train/dialogues_extra_units.jsonl: run STEP=xans first" >&2; exit 2; }
+    gdata+=("$DATA/train/dialogues_extra_units.jsonl")
+  fi
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
       --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume \
-      --data "$DATA/train/dialogues_units.jsonl" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
+      --data "${gdata[@]}" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
 if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
   for run_dir in "$ECHO_RUN" "$GOLD_RUN"; do

@@ -17,6 +17,11 @@
   split's): `train/asr_tts.jsonl`, an ASR turn per clip, nothing synthesised. The clips are
   linked (or copied, across file systems) into `train/audio/tx/`, so every training manifest
   names audio under `train/`.
+- with `--echo-extra` (after `--asr-extra`): the corpus's text LLM answers every extra question,
+  `train/dialogues_extra.jsonl` (Stage III dialogues); with `--speak-answers` too, piper speaks
+  those answers into `train/audio/xa/<id>.wav`, listed in `train/answers_extra_tts.jsonl`
+  (`{"id", "text", "audio"}`, the dialogue's id): after `echox units extract`, more answers for
+  the T2C to learn from, and the gold units of the extra dialogues.
 
 Train S2T on all three with `--data train/dialogues.jsonl train/dialogues_en-gb.jsonl
 train/asr.jsonl` (or `data.train: [...]` in the recipe). The step is resumable: wav files
@@ -210,6 +215,24 @@ def build_echo_extra(corpus: str | Path, batch_size: int = 64, threads: int = 1,
     return {"extra_answers_made": len(todo), "extra_dialogues": len(rows)}
 
 
+def speak_extra_answers(corpus: str | Path, workers: int = 2, progress: bool = False
+                        ) -> dict[str, int]:
+    """Piper speaks the answers of `train/dialogues_extra.jsonl` (`build_echo_extra`) into
+    `train/audio/xa/<id>.wav` and lists them in `train/answers_extra_tts.jsonl` (`{"id",
+    "text", "audio"}`, ids those of the dialogues, so `echox units attach` pairs them up);
+    wavs already made are kept."""
+    train = Path(corpus) / "train"
+    dialogues = _read(train / "dialogues_extra.jsonl")
+    clips = [{"id": d["id"], "text": d["conversations"][-1]["value"], "audio": f"audio/xa/{d['id']}.wav"}
+             for d in dialogues]
+    todo = [(c["text"], train / c["audio"]) for c in clips if not (train / c["audio"]).is_file()]
+    made, failed = piper_synthesize(todo, progress=progress, workers=workers, desc="extra answers")
+    spoken = [c for c in clips if (train / c["audio"]).is_file()]
+    _write(train / "answers_extra_tts.jsonl", spoken)
+    return {"extra_answers_spoken": made, "extra_answers_failed": len(failed),
+            "extra_answer_clips": len(spoken)}
+
+
 def cmd_s2t_mix(args: argparse.Namespace) -> int:
     counts = build_s2t_mix(args.corpus, voice=args.voice or None, asr=not args.no_asr,
                            progress=not args.quiet)
@@ -220,6 +243,10 @@ def cmd_s2t_mix(args: argparse.Namespace) -> int:
         counts.update(build_asr_tts(args.corpus, args.asr_tts))
     if args.echo_extra:
         counts.update(build_echo_extra(args.corpus, threads=args.llm_threads, progress=not args.quiet))
+    if args.speak_answers:
+        if not args.echo_extra:
+            raise ManifestError("--speak-answers speaks the --echo-extra answers: give both")
+        counts.update(speak_extra_answers(args.corpus, workers=args.workers, progress=not args.quiet))
     print(f"s2t mix in {Path(args.corpus) / 'train'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
@@ -235,10 +262,14 @@ def s2t_mix_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asr-tts", metavar="TTS.jsonl",
                    help="clips already spoken ({id, text, audio} rows, e.g. data/tiny/tts_extra/tts.jsonl) "
                         "as ASR turns in train/asr_tts.jsonl; keep test facts out of it")
-    p.add_argument("--workers", type=int, default=2, help="piper processes for --asr-extra")
+    p.add_argument("--workers", type=int, default=2,
+                   help="piper processes for --asr-extra and --speak-answers")
     p.add_argument("--echo-extra", action="store_true",
                    help="Stage III dialogues from the --asr-extra clips: the corpus's text LLM answers "
                         "each question (train/dialogues_extra.jsonl)")
+    p.add_argument("--speak-answers", action="store_true",
+                   help="with --echo-extra: piper speaks its answers (train/answers_extra_tts.jsonl): "
+                        "T2C data and gold units for the extra dialogues, after `echox units extract`")
     p.add_argument("--llm-threads", type=int, default=1, help="torch CPU threads of --echo-extra's LLM")
     p.add_argument("--quiet", action="store_true")
     return p
