@@ -15,6 +15,10 @@ the shrink does. That is the measure for a no-shrink adapter, whose CTC head doe
 the LLM's inputs. Both transcripts are also scored by their *name recall*: the share of the
 question's names (its capitalised words after the first) that the transcript contains, since
 the entity is what an answer needs and what the adapter used to lose.
+
+`--asr faster-whisper` also transcribes each question with a whole ASR (default Whisper
+tiny.en: the encoder the adapter reads, with Whisper's own decoder), scored the same way: how
+much of what the adapter misses that encoder still carries.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write per-question rows here")
     p.add_argument("--llm-asr", action="store_true", help="also the LLM's own transcript (see above)")
     p.add_argument("--batch-size", type=int, default=16, help="--llm-asr: questions per generate call")
+    p.add_argument("--asr", help="also this ASR's transcript, e.g. faster-whisper (Whisper tiny.en) "
+                                 "or transformers:NAME (echox.infer.asr.make_asr)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from echox.audio import load_audio
@@ -104,10 +110,20 @@ def main(argv: list[str] | None = None) -> int:
             r["llm_text"] = text
             r["llm_errors"] = edit_distance(normalize_words(r["question"]), normalize_words(text))
             r["names_llm"] = name_recall(r["question"], text)[0]
+    if args.asr:
+        from echox.infer.asr import make_asr
+
+        asr = make_asr(args.asr)
+        for r, wave in zip(rows, waves):
+            r["asr_text"] = asr.transcribe(wave, 16000).strip()
+            r["asr_errors"] = edit_distance(normalize_words(r["question"]), normalize_words(r["asr_text"]))
+            r["names_asr"] = name_recall(r["question"], r["asr_text"])[0]
     for r in rows[: args.show]:
         print(f"{r['question']!r}\n  -> {r['ctc_text']!r} ({r['kept']}/{r['frames']} kept)")
         if "llm_text" in r:
             print(f"  LLM: {r['llm_text']!r}")
+        if "asr_text" in r:
+            print(f"  ASR: {r['asr_text']!r}")
     words, n_names = max(sum(r["words"] for r in rows), 1), max(sum(r["names"] for r in rows), 1)
     wer = sum(r["errors"] for r in rows) / words
     head = f"{'model':<40} {'n':>4} {'frames':>7} {'kept':>6} {'blank':>6} {'CTC WER':>8} {'CTC names':>9}"
@@ -118,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         head += f" {'LLM WER':>8} {'LLM names':>9}"
         line += (f" {sum(r['llm_errors'] for r in rows) / words:8.3f}"
                  f" {sum(r['names_llm'] for r in rows) / n_names:9.3f}")
+    if args.asr:
+        head += f" {'ASR WER':>8} {'ASR names':>9}"
+        line += (f" {sum(r['asr_errors'] for r in rows) / words:8.3f}"
+                 f" {sum(r['names_asr'] for r in rows) / n_names:9.3f}")
     print(head)
     print(line)
     if args.json:

@@ -49,3 +49,21 @@ def test_probe_runs_with_llm_asr(tmp_path, make_model, capsys):
     got = json.loads(out.read_text())
     assert [r["names"] for r in got] == [1, 1]
     assert all(isinstance(r["llm_text"], str) and r["llm_errors"] >= 0 for r in got)
+
+
+def test_probe_scores_a_whole_asr_beside_the_adapter(tmp_path, make_model, capsys):
+    """`--asr faster-whisper`: Whisper tiny.en transcribes the packaged spoken question."""
+    p = _probe()
+    folder = make_model().save_pretrained(tmp_path / "m")
+    wav = ROOT / "src" / "echox" / "assets" / "question.wav"
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "japan", "question": "What is the capital of Japan?",
+                              "answers": ["Tokyo"], "audio": str(wav)}) + "\n")
+    out = tmp_path / "rows.json"
+    assert p.main(["--model", str(folder), "--qa", str(qa), "--n", "1", "--asr", "faster-whisper",
+                   "--json", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "ASR WER" in table[-2] and "ASR names" in table[-2]
+    (row,) = json.loads(out.read_text())
+    assert "japan" in row["asr_text"].lower() and row["names_asr"] == 1 and row["asr_errors"] <= 1
+    assert float(table[-1].split()[-1]) == 1.0  # every name heard
