@@ -169,7 +169,7 @@ def test_cascade_answers_what_the_asr_heard(tmp_path: Path) -> None:
     items[2].answers = [got[2].text.split()[0]] if got[2].text.split() else ["x"]
     s = run_eval(items, cascade, "cascade", tmp_path / "c", "t", progress=False, batch_size=3)
     recs = {r["id"]: r for r in records(tmp_path / "c" / "items.jsonl")}
-    assert s.mode == "cascade" and s.n == 5
+    assert s.mode == "cascade" and s.n == 5 and s.asr == "by-length"
     assert [recs[it.id]["heard"] for it in items] == heard
     assert recs["q2"]["hit"] is bool(got[2].text.split())
     with pytest.raises(EvalError, match="CascadeAnswerer"):

@@ -369,7 +369,7 @@ def run_eval(
         name=out_dir.name, mode=mode, benchmark=benchmark, n=len(recs),
         accuracy=sum(bool(r["hit"]) for r in recs) / max(len(recs), 1),
         mean_latency_ms=float(np.mean(lat)) if lat else None,
-        asr=getattr(asr, "name", None),
+        asr=getattr(asr if asr is not None else getattr(answerer, "asr", None), "name", None),
     )
     (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary
