@@ -113,6 +113,26 @@ def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
     return wer(refs, hyps)
 
 
+def audio_digest(qa: Path, ids: list[str]) -> str:
+    """A digest of the spoken questions' audio (ids in order, each clip's bytes). piper's voice
+    samples noise, so a rebuilt corpus speaks its test questions anew: two tables compare
+    question by question only when they were measured on the same audio, the same digest."""
+    from echox.model.checkpoint import sha256_file
+
+    where = {}
+    for line in qa.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            where[rec["id"]] = rec.get("audio")
+    h = hashlib.sha256()
+    for i in ids:
+        a = where.get(i)
+        clip = (Path(a) if Path(a).is_absolute() else qa.parent / a) if a else None
+        h.update(i.encode())
+        h.update((sha256_file(clip) if clip is not None and clip.is_file() else "-").encode())
+    return h.hexdigest()[:16]
+
+
 def folder_sha(folder: Path) -> str | None:
     from echox.model.checkpoint import sha256_file
 
@@ -496,7 +516,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     result = {
         "n": len(ids), "n_espeak": len(espeak_ids) if espeak_ids is not None else None,
-        "data": str(data), "benchmarks": {"piper": str(qa), "espeak": str(qa_e),
+        "data": str(data), "test_audio": audio_digest(qa, ids), "benchmarks": {"piper": str(qa), "espeak": str(qa_e),
                                           "tts_units": str(tts_units)},
         "config": args.config, "llm": llm, "system_prompt": prompt, "asr": args.asr,
         "max_new_tokens": args.max_new_tokens, "batch_size": batch, "threads": args.threads,
@@ -592,7 +612,8 @@ def render_table(result: dict[str, Any]) -> str:
     asr = "Whisper tiny.en" if result["asr"] == "faster-whisper" else result["asr"]
     head = [LABELS[b] for b in bundles] if bundles else ["(no bundle)"]
     lines = [f"EchoX-Tiny on the first {result['n']} test questions of `{result['data']}` "
-             f"(text LLM: {result['llm']}; spoken answers scored with {asr})", "",
+             f"(text LLM: {result['llm']}; spoken answers scored with {asr}; question audio "
+             f"{result.get('test_audio', '?')})", "",
              "| | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
 
     def row(label: str, cells: Iterable[str]) -> None:

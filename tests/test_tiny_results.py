@@ -95,6 +95,7 @@ def test_tiny_results_table_json_png_and_cheap_rerun(tmp_path: Path, bundles: di
     assert (out / "results.png").stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())
     assert res["n"] == 2 and not res["skipped"]
+    assert res["test_audio"] in table and len(res["test_audio"]) == 16
     assert 0.0 <= res["text_accuracy"] <= 1.0 and 0.0 <= res["cascade_accuracy"] <= 1.0
     heard = [json.loads(x) for x in Path(res["runs"]["cascade"], "items.jsonl").read_text().splitlines()]
     assert len(heard) == 2 and all(isinstance(r["heard"], str) for r in heard)
@@ -132,6 +133,13 @@ def test_tiny_results_table_json_png_and_cheap_rerun(tmp_path: Path, bundles: di
     assert bench.main(_args(corpus, out, **bundles)) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["metrics"] == res["metrics"] and again["gap_difference"] == res["gap_difference"]
+    assert again["test_audio"] == res["test_audio"]
+    # the same questions spoken anew (piper samples noise): another digest
+    clip = corpus / "audio" / "q" / "wd-0.wav"
+    wav, sr = sf.read(clip)
+    sf.write(clip, wav * 0.5, sr)
+    assert bench.audio_digest(corpus / "qa.jsonl", ["wd-0", "wd-1"]) != res["test_audio"]
+    sf.write(clip, wav, sr)
 
 
 def test_tiny_results_shared_bundle_and_skips(tmp_path: Path, bundles: dict[str, Path],
