@@ -384,12 +384,12 @@ def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
         sums.append(EvalSummary(**json.loads(p.read_text())))
     # each run against the first, on the questions both answered: a paired difference
     hits = [{k: bool(r["hit"]) for k, r in _done(Path(d) / "items.jsonl").items()} for d in run_dirs]
-    print(f"{'run':<28} {'mode':<5} {'n':>5} {'accuracy':>9}   vs the first run (paired, 95 % bootstrap)")
+    print(f"{'run':<28} {'mode':<7} {'n':>5} {'accuracy':>9}   vs the first run (paired, 95 % bootstrap)")
     names = [Path(d).name for d in run_dirs]
     if len(set(names)) < len(names):  # e.g. several runs/<arm>/s2t: name them by their parent too
         names = [f"{Path(d).parent.name}/{Path(d).name}" for d in run_dirs]
     for i, (s, name) in enumerate(zip(sums, names)):
-        line = f"{name[-28:]:<28} {s.mode:<5} {s.n:>5} {100 * s.accuracy:>8.1f}%"
+        line = f"{name[-28:]:<28} {s.mode:<7} {s.n:>5} {100 * s.accuracy:>8.1f}%"
         shared = sorted(set(hits[0]) & set(hits[i]))
         if i and shared:
             b = paired_bootstrap([hits[i][k] - hits[0][k] for k in shared])
