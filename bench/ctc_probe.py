@@ -105,19 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         r["errors"], r["words"] = edit_distance(ref, normalize_words(r["ctc_text"])), len(ref)
         r["names_ctc"], r["names"] = name_recall(item["question"], r["ctc_text"])
         rows.append(r)
+    def score(r: dict, who: str, text: str) -> None:
+        r[f"{who}_text"] = text
+        r[f"{who}_errors"] = edit_distance(normalize_words(r["question"]), normalize_words(text))
+        r[f"names_{who}"] = name_recall(r["question"], text)[0]
+
     if args.llm_asr:
         for r, text in zip(rows, llm_transcripts(model, waves, args.batch_size)):
-            r["llm_text"] = text
-            r["llm_errors"] = edit_distance(normalize_words(r["question"]), normalize_words(text))
-            r["names_llm"] = name_recall(r["question"], text)[0]
+            score(r, "llm", text)
     if args.asr:
         from echox.infer.asr import make_asr
 
         asr = make_asr(args.asr)
         for r, wave in zip(rows, waves):
-            r["asr_text"] = asr.transcribe(wave, 16000).strip()
-            r["asr_errors"] = edit_distance(normalize_words(r["question"]), normalize_words(r["asr_text"]))
-            r["names_asr"] = name_recall(r["question"], r["asr_text"])[0]
+            score(r, "asr", asr.transcribe(wave, 16000).strip())
     for r in rows[: args.show]:
         print(f"{r['question']!r}\n  -> {r['ctc_text']!r} ({r['kept']}/{r['frames']} kept)")
         if "llm_text" in r:
@@ -130,14 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     line = (f"{args.model[-40:]:<40} {len(rows):>4} {np.mean([r['frames'] for r in rows]):7.1f} "
             f"{np.mean([r['kept'] for r in rows]):6.1f} {np.mean([r['blank_share'] for r in rows]):6.2f} "
             f"{wer:8.3f} {sum(r['names_ctc'] for r in rows) / n_names:9.3f}")
-    if args.llm_asr:
-        head += f" {'LLM WER':>8} {'LLM names':>9}"
-        line += (f" {sum(r['llm_errors'] for r in rows) / words:8.3f}"
-                 f" {sum(r['names_llm'] for r in rows) / n_names:9.3f}")
-    if args.asr:
-        head += f" {'ASR WER':>8} {'ASR names':>9}"
-        line += (f" {sum(r['asr_errors'] for r in rows) / words:8.3f}"
-                 f" {sum(r['names_asr'] for r in rows) / n_names:9.3f}")
+    for who, on in (("llm", args.llm_asr), ("asr", args.asr)):
+        if on:
+            head += f" {who.upper() + ' WER':>8} {who.upper() + ' names':>9}"
+            line += (f" {sum(r[f'{who}_errors'] for r in rows) / words:8.3f}"
+                     f" {sum(r[f'names_{who}'] for r in rows) / n_names:9.3f}")
     print(head)
     print(line)
     if args.json:

@@ -113,23 +113,16 @@ def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
     return wer(refs, hyps)
 
 
-def audio_digest(qa: Path, ids: list[str]) -> str:
-    """A digest of the spoken questions' audio (ids in order, each clip's bytes). piper's voice
-    samples noise, so a rebuilt corpus speaks its test questions anew: two tables compare
+def audio_digest(items: Iterable[Any]) -> str:
+    """A digest of the spoken questions' audio (`QAItem`s in order: id, each clip's bytes). piper's
+    voice samples noise, so a rebuilt corpus speaks its test questions anew: two tables compare
     question by question only when they were measured on the same audio, the same digest."""
     from echox.model.checkpoint import sha256_file
 
-    where = {}
-    for line in qa.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            where[rec["id"]] = rec.get("audio")
     h = hashlib.sha256()
-    for i in ids:
-        a = where.get(i)
-        clip = (Path(a) if Path(a).is_absolute() else qa.parent / a) if a else None
-        h.update(i.encode())
-        h.update((sha256_file(clip) if clip is not None and clip.is_file() else "-").encode())
+    for it in items:
+        h.update(it.id.encode())
+        h.update((sha256_file(Path(it.audio_path)) if it.audio_path else "-").encode())
     return h.hexdigest()[:16]
 
 
@@ -404,7 +397,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     batch = args.batch_size or DEFAULT_BATCH_SIZE
     lim = f" --limit {args.n}" if args.n else ""
 
-    ids = [it.id for it in open_benchmark(f"local:{qa}", limit=args.n, decode_audio=False)]
+    questions = list(open_benchmark(f"local:{qa}", limit=args.n, decode_audio=False))
+    ids = [it.id for it in questions]
     if len(set(ids)) != len(ids):
         raise Stop(f"{qa}: question ids are not unique")
     espeak_ids = ([it.id for it in open_benchmark(f"local:{qa_e}", limit=args.n, decode_audio=False)]
@@ -516,7 +510,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     result = {
         "n": len(ids), "n_espeak": len(espeak_ids) if espeak_ids is not None else None,
-        "data": str(data), "test_audio": audio_digest(qa, ids), "benchmarks": {"piper": str(qa), "espeak": str(qa_e),
+        "data": str(data), "test_audio": audio_digest(questions), "benchmarks": {"piper": str(qa), "espeak": str(qa_e),
                                           "tts_units": str(tts_units)},
         "config": args.config, "llm": llm, "system_prompt": prompt, "asr": args.asr,
         "max_new_tokens": args.max_new_tokens, "batch_size": batch, "threads": args.threads,

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -277,30 +277,30 @@ def precompute_pseudo_labels(
     ]
 
 
-def s2t_fingerprint(model: EchoX) -> str:
-    """A digest of what makes the S2T model's response states: its config, the adapter's
-    weights and the LLM's trainable (LoRA) weights."""
+def _weights_digest(model: EchoX, config_keys: tuple[str, ...],
+                    named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha1 of the config sections `config_keys` and the named tensors, 16 hex digits."""
     cfg = model.config.to_dict()
-    h = hashlib.sha1(json.dumps({k: cfg.get(k) for k in ("encoder", "adapter", "llm")},
-                                sort_keys=True, default=str).encode())
-    named = list(model.adapter.state_dict().items())
-    named += [(n, p) for n, p in model.llm.named_parameters() if "lora_" in n]
+    h = hashlib.sha1(json.dumps({k: cfg.get(k) for k in config_keys}, sort_keys=True,
+                                default=str).encode())
     for n, t in named:
         h.update(n.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
+def s2t_fingerprint(model: EchoX) -> str:
+    """A digest of what makes the S2T model's response states: its config, the adapter's
+    weights and the LLM's trainable (LoRA) weights."""
+    named = list(model.adapter.state_dict().items())
+    named += [(n, p) for n, p in model.llm.named_parameters() if "lora_" in n]
+    return _weights_digest(model, ("encoder", "adapter", "llm"), named)
+
+
 def t2c_fingerprint(model: EchoX) -> str:
     """A digest of what makes the frozen T2C's pseudo-labels: its config, the LLM it reads the
     response's embeddings from and the T2C's weights."""
-    cfg = model.config.to_dict()
-    h = hashlib.sha1(json.dumps({k: cfg.get(k) for k in ("t2c", "llm")}, sort_keys=True,
-                                default=str).encode())
-    for n, t in model.t2c.state_dict().items():
-        h.update(n.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return _weights_digest(model, ("t2c", "llm"), model.t2c.state_dict().items())
 
 
 @torch.no_grad()
