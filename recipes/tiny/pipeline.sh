@@ -42,10 +42,12 @@ UNIT_LANG=${UNIT_LANG:-$R/units/language}
 T2C_MODEL=${T2C_MODEL:-$T2C_RUN/best}
 ECHO_RUN=${ECHO_RUN:-$R/echo}  # Stage III's run folder, and the gold-unit baseline's
 GOLD_RUN=${GOLD_RUN:-$R/gold}
-# 1: Stage III also trains on the asr_extra questions (STEP=mix spoke them), answered by the
-# corpus's text LLM (train/dialogues_extra.jsonl); the gold-unit baseline too, on the units of
-# those answers spoken by piper (STEP=xans: train/dialogues_extra_units.jsonl)
-ECHO_EXTRA=${ECHO_EXTRA:-}
+# 1 (the default; ECHO_EXTRA= for none): Stage III also trains on the asr_extra questions
+# (STEP=mix spoke them), answered by the corpus's text LLM (train/dialogues_extra.jsonl); the
+# gold-unit baseline too, on the units of those answers spoken by piper (STEP=xans:
+# train/dialogues_extra_units.jsonl). The shipped v4 was trained so (docs/results.md, session 27)
+ECHO_EXTRA=${ECHO_EXTRA-1}
+[ -n "$ASR_EXTRA" ] || ECHO_EXTRA=   # no asr_extra questions (ASR_EXTRA=""): no extra dialogues
 # speech units by beam search over UNIT_BEAMS hypotheses (1 = greedy) in the bundles (v2.1), and
 # over LABEL_BEAMS in the echo step's pseudo-labels: 4 beams there cost several times the labelling
 # time and gave no better Echo (docs/results.md, session 23), so greedy by default
@@ -103,7 +105,7 @@ fi
 # the extra questions' answers: the corpus's LLM answers them, piper speaks the answers (~35 min
 # on 2 cores); their units are more T2C data (the t2c step reads them when they exist) and the
 # gold units of the extra Stage III dialogues (the gold step's, with ECHO_EXTRA). STEP=all runs it
-# with ECHO_EXTRA=1 only.
+# with ECHO_EXTRA=1 (the default) only.
 if { [ "$STEP" != all ] && run xans; } || { [ "$STEP" = all ] && [ -n "$ECHO_EXTRA" ]; }; then
   [ -n "$ASR_EXTRA" ] || { echo "xans: needs the asr_extra questions (ASR_EXTRA, STEP=mix)" >&2; exit 2; }
   $ECHOX data s2t-mix --corpus "$DATA" --voice '' --no-asr --echo-extra --speak-answers \
