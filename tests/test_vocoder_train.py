@@ -101,6 +101,19 @@ def test_train_on_crops_with_holdout_and_periodic_saves(tmp_path) -> None:
         train_unit2mel(pairs, cfg, steps=1, holdout=6, progress=False)
 
 
+def test_continued_training_reports_where_it_starts() -> None:
+    cfg = Unit2MelConfig.tiny(hop_length=HOP)
+    pairs = _synthetic_pairs(cfg, 6)
+    first = train_unit2mel(pairs, cfg, steps=2, batch_size=2, progress=False, holdout=2)
+    assert [e["step"] for e in first["evals"]] == [2]  # a fresh model has no step-0 row
+    start = first["evals"][-1]["mel"]
+    res = train_unit2mel(pairs, cfg, steps=2, batch_size=2, progress=False, holdout=2,
+                         model=first["model"], eval_every=1)
+    assert [e["step"] for e in res["evals"]] == [0, 1, 2]
+    assert res["evals"][0]["mel"] == pytest.approx(start, rel=1e-5)
+    assert res["evals"][1]["mel"] != pytest.approx(start, rel=1e-6)  # it trained
+
+
 # ----------------------------------------------------------------------------- echox vocoder train
 
 

@@ -291,6 +291,7 @@ def train_unit2mel(
     examples = examples[:len(examples) - holdout]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    continued = model is not None
     if model is None:
         model = Unit2Mel(cfg)
         with torch.no_grad():
@@ -302,6 +303,11 @@ def train_unit2mel(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98),
                             weight_decay=weight_decay)
     evals: list[dict[str, float]] = []
+    if held and continued:  # where a continued model starts, so its gain can be read off
+        evals.append({"step": 0, **evaluate_unit2mel(model, held, device=device)})
+        if progress:
+            print(f"[unit2mel] held-out ({len(held)}) step 0: mel {evals[0]['mel']:.4f} "
+                  f"dur {evals[0]['duration']:.4f}", file=sys.stderr, flush=True)
     run_args = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                 "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
                 "segment_frames": segment_frames, "examples": len(examples), "holdout": holdout}
