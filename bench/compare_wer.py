@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("results", nargs="+", help="bench/vocoder.py --json files")
     ap.add_argument("--baseline", help="system to compare against (default: the first variant)")
     ap.add_argument("--n", type=int, help="use only the first N shared clips")
+    ap.add_argument("--exclude", action="append", default=[], metavar="ID",
+                    help="leave this clip out (repeatable), e.g. an answer whose text is an LLM loop")
     ap.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -90,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     from echox.eval.wer import edit_distance, normalize_words
 
     ids, systems, refs = load_systems(args.results)
+    if args.exclude:
+        unknown = sorted(set(args.exclude) - set(ids))
+        if unknown:
+            raise SystemExit(f"--exclude: no shared clip has the id {unknown[0]!r}")
+        keep = [k for k, i in enumerate(ids) if i not in set(args.exclude)]
+        ids, refs = [ids[k] for k in keep], [refs[k] for k in keep]
+        systems = {name: [v[k] for k in keep] for name, v in systems.items()}
     if args.n:
         ids, refs = ids[: args.n], refs[: args.n]
         systems = {k: v[: args.n] for k, v in systems.items()}

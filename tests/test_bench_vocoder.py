@@ -96,6 +96,14 @@ def test_compare_wer_pairs_clips_by_id(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit, match="no per-record"):
         (tmp_path / "old.json").write_text(json.dumps({"variants": {}}))
         _compare().main([str(tmp_path / "old.json")])
+    # --exclude drops a clip from every system: only a is left (x 1 edit, y 1 edit, 4 words)
+    assert _compare().main([str(tmp_path / "x.json"), str(tmp_path / "y.json"), "--exclude", "c",
+                            "--samples", "50"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 clips, 4 reference words")
+    assert "| 0.250 | +0.000 |" in [ln for ln in out.splitlines() if ln.startswith("| y:own")][0]
+    with pytest.raises(SystemExit, match="no shared clip has the id 'b'"):  # b is not in y
+        _compare().main([str(tmp_path / "x.json"), str(tmp_path / "y.json"), "--exclude", "b"])
 
 
 def test_compare_wer_reads_t2c_eval_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

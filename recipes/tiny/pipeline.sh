@@ -4,7 +4,8 @@
 #   bash recipes/tiny/pipeline.sh                 # the full corpus (3,300 train / 300 test)
 #   LIMIT=450 S2T_STEPS=300 bash recipes/tiny/pipeline.sh   # a smaller run
 #   STEP=t2c bash recipes/tiny/pipeline.sh        # one step only (data, mix, units, ttsx, xans,
-#                                                 #  ctc, s2t, t2c, echo, gold, bundle, eval)
+#                                                 #  ctc, s2t, t2c, echo, gold, bundle, eval;
+#                                                 #  vocoder only when named)
 #   STEP=data,units,ttsx,t2c THREADS=2 OMP_NUM_THREADS=2 bash ...  # several steps in order, on
 #                                                 #  both cores
 #   BIGBENCH=/path/to/bigbench STEP=ttsx bash ... # extra T2C sentences (make_tts_text.py)
@@ -55,7 +56,7 @@ UNIT_BEAMS=${UNIT_BEAMS:-4}
 LABEL_BEAMS=${LABEL_BEAMS:-1}
 THREADS=${THREADS:-1}          # torch threads of the T2C/Echo/gold/units steps (S2T: S2T_THREADS)
 KM=recipes/tiny/vocoder-k500/km500.joblib
-VOCODER=recipes/tiny/vocoder-k500/vocoder
+VOCODER=${VOCODER:-recipes/tiny/vocoder-k500/vocoder}  # the bundles' vocoder (STEP=vocoder makes another)
 VOCAB=${VOCAB:-2000}
 CTC_RUN=${CTC_RUN:-$R/ctc}     # the CTC-only pre-training's run folder; Stage I starts from its model/
 CTC_STEPS=${CTC_STEPS:-2000}   # batches of 32 ASR clips (0 = no CTC-only pre-training)
@@ -172,6 +173,34 @@ if run gold; then  # the baseline the paper argues against: same steps, gold uni
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
       --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume \
       --data "${gdata[@]}" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
+fi
+# the vocoder's unit->mel continued on the units of all training utterances (corpus + xans answers,
+# 10,600), from recipes/tiny/vocoder-k500/vocoder-v1; only when named (STEP=vocoder). VOC_STEPS
+# steps at lr 2e-4, then twice as many from there with another seed, then the int8 ONNX folder at
+# VOCODER_OUT, which VOCODER=... bundles. Session 28 measured it (docs/results.md): a little
+# clearer on piper's own units, not on the decoders', so the committed vocoder stays
+if [ "$STEP" != all ] && run vocoder; then
+  VOC_RUN=${VOC_RUN:-$R/u2m}; VOC_STEPS=${VOC_STEPS:-1200}; VOC_ROUNDS=${VOC_ROUNDS:-2}
+  .venv/bin/python - "$DATA/train" <<'PY'
+import json, random, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+rows = [l for f in ("tts_units.jsonl", "answers_extra_units.jsonl") if (d / f).is_file()
+        for l in (d / f).read_text().splitlines()
+        if l.strip() and all(json.loads(l).get(k) for k in ("units", "counts", "audio"))]
+random.Random(0).shuffle(rows)  # the last 40 are the held-out pairs
+(d / "vocoder_units.jsonl").write_text("\n".join(rows) + "\n")
+PY
+  init=recipes/tiny/vocoder-k500/vocoder-v1
+  for ((k = 1; k <= VOC_ROUNDS; k++)); do
+    [ -f "$VOC_RUN-$k/model/config.json" ] || $ECHOX vocoder train --init "$init" \
+        --data "$DATA/train/vocoder_units.jsonl" --segment-frames 256 --holdout 40 --eval-every 200 \
+        --save-every 200 --batch-size 16 --lr 2e-4 --max-steps "$((VOC_STEPS * k))" \
+        --threads "$THREADS" --set train.seed=$((k - 1)) --out "$VOC_RUN-$k"
+    init=$VOC_RUN-$k/model
+  done
+  $ECHOX vocoder onnx --vocoder "$init" --calibrate "$DATA/train/tts_units.jsonl" --int8-stages 1,2 \
+      --float16 --threads "$THREADS" --out "${VOCODER_OUT:-$R/vocoder}"
 fi
 if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
   for run_dir in "$ECHO_RUN" "$GOLD_RUN"; do
