@@ -93,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ids, systems, refs = load_systems(args.results)
     if args.exclude:
-        unknown = sorted(set(args.exclude) - set(ids))
+        excluded = set(args.exclude)
+        unknown = sorted(excluded - set(ids))
         if unknown:
             raise SystemExit(f"--exclude: no shared clip has the id {unknown[0]!r}")
-        keep = [k for k, i in enumerate(ids) if i not in set(args.exclude)]
+        keep = [k for k, i in enumerate(ids) if i not in excluded]
         ids, refs = [ids[k] for k in keep], [refs[k] for k in keep]
         systems = {name: [v[k] for k in keep] for name, v in systems.items()}
     if args.n:

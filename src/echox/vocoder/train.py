@@ -303,11 +303,16 @@ def train_unit2mel(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98),
                             weight_decay=weight_decay)
     evals: list[dict[str, float]] = []
-    if held and continued:  # where a continued model starts, so its gain can be read off
-        evals.append({"step": 0, **evaluate_unit2mel(model, held, device=device)})
+
+    def evaluate_held(done: int) -> None:
+        ev = {"step": done, **evaluate_unit2mel(model, held, device=device)}
+        evals.append(ev)
         if progress:
-            print(f"[unit2mel] held-out ({len(held)}) step 0: mel {evals[0]['mel']:.4f} "
-                  f"dur {evals[0]['duration']:.4f}", file=sys.stderr, flush=True)
+            print(f"[unit2mel] held-out ({len(held)}) step {done}: mel {ev['mel']:.4f} "
+                  f"dur {ev['duration']:.4f}", file=sys.stderr, flush=True)
+
+    if held and continued:  # where a continued model starts, so its gain can be read off
+        evaluate_held(0)
     run_args = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                 "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
                 "segment_frames": segment_frames, "examples": len(examples), "holdout": holdout}
@@ -325,11 +330,7 @@ def train_unit2mel(
 
     def after_step(done: int, log: TrainLog) -> None:
         if held and ((eval_every and done % eval_every == 0) or done == steps):
-            ev = {"step": done, **evaluate_unit2mel(model, held, device=device)}
-            evals.append(ev)
-            if progress:
-                print(f"[unit2mel] held-out ({len(held)}) step {done}: mel {ev['mel']:.4f} "
-                      f"dur {ev['duration']:.4f}", file=sys.stderr, flush=True)
+            evaluate_held(done)
         if out_dir is not None and save_every and done % save_every == 0 and done < steps:
             _save(model, out_dir, {**run_args, "steps_done": done,
                                    "loss": log.history[-1]["loss"] if log.history else None})
