@@ -20,6 +20,20 @@ def test_overrides_parse_types():
     assert cfg.llm.lora.target_modules == ["q_proj", "v_proj"]
 
 
+def test_float_fields_take_exponents_without_a_dot(tmp_path):
+    # PyYAML (YAML 1.1) reads 2e-4 as the string '2e-4'; a float field takes it as a number
+    cfg = preset_config("tiny-random", ["loss.den_cap=2e-4", "denoiser.dropout=1E-1"])
+    assert cfg.loss.den_cap == pytest.approx(2e-4) and cfg.denoiser.dropout == pytest.approx(0.1)
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: tiny-random\nloss:\n  den_cap: 5e-3\n")
+    assert EchoXConfig.from_yaml(p).loss.den_cap == pytest.approx(5e-3)
+    with pytest.raises(ConfigError, match="denoiser.dropout: expected a number"):
+        preset_config("tiny-random", ["denoiser.dropout=e-4"])
+    # optional fields (float | None) are checked too
+    with pytest.raises(ConfigError, match="loss.den_cap: expected a number"):
+        preset_config("tiny-random", ["loss.den_cap=abc"])
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [

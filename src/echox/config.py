@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
@@ -379,12 +381,16 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(str(e)) from e
 
 
+# a number in exponent form without a dot (2e-4, 1E5): a string to PyYAML, a float to users
+_EXP_FLOAT = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")
+
+
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, path)
     origin = get_origin(tp)
     args = get_args(tp)
-    if origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin is Union or origin is types.UnionType:  # Optional[X] and X | None
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
@@ -402,6 +408,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
