@@ -231,6 +231,29 @@ def encoder_cache_root(cfg: TrainConfig) -> Path:
     return Path(cfg.encoder_cache_dir) if cfg.encoder_cache_dir else cache_dir() / "encoder-features"
 
 
+def heap_trimmer() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None off glibc.
+
+    A CPU step allocates and frees activations whose sizes change with every batch (utterances
+    of every length). glibc keeps freed memory on its heap, and past buffers of 128 KiB it
+    raises the size above which it maps memory instead; the heap then fragments and a
+    process's memory grows with each new shape. A Stage III run on 7,300 dialogues grew by
+    about 35 MB a step until the kernel killed it at 16.7 GB (docs/results.md, session 29).
+    Trimming after each step hands the freed pages back.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
 class Trainer:
     def __init__(
         self,
@@ -459,6 +482,7 @@ class Trainer:
         t0, steps0, samples = time.time(), self.step, 0
         batches = self._batches()
         timed_out = False
+        trim = heap_trimmer() if self.acc.device.type == "cpu" else None
         while self.step < end and not timed_out:
             acc_loss, acc_metrics = 0.0, {}
             for _ in range(cfg.grad_accum):
@@ -477,6 +501,8 @@ class Trainer:
                     acc_metrics[k] = acc_metrics.get(k, 0.0) + v / cfg.grad_accum
                 samples += cfg.batch_size * self.acc.num_processes
             self.step += 1
+            if trim is not None:
+                trim(0)
             loss = float(self.acc.gather(torch.tensor([acc_loss], device=self.acc.device)).mean())
             first = loss if math.isnan(first) else first
             last = loss
