@@ -63,6 +63,10 @@ CTC_STEPS=${CTC_STEPS:-2000}   # batches of 32 ASR clips (0 = no CTC-only pre-tr
 # Stage I and III: the shipped v1's; Stage II: recipes/tiny/t2c-warm's (4,000 steps on the 13,600
 # utterances of the units and ttsx steps; v1's T2C had 3,000 on the 6,600 corpus ones)
 S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-4000}; ECHO_STEPS=${ECHO_STEPS:-1000}
+# to continue a trained Echo / gold-unit model instead of starting from S2T_MODEL (session 29:
+# ECHO_INIT=runs/tiny/echo7/model ECHO_LR=2e-4 ECHO_STEPS=1200 ECHO_RUN=runs/tiny/echo9), and the
+# learning rate of both (default: recipes/tiny/echo.yaml's 3e-4)
+ECHO_INIT=${ECHO_INIT:-}; GOLD_INIT=${GOLD_INIT:-}; ECHO_LR=${ECHO_LR:-}
 TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all 17,952)
 # their units come from 10 s windows (4.4x faster; the sentences are short, see UNITS_WINDOW)
 TTSX_WINDOW=${TTSX_WINDOW:-10}
@@ -155,8 +159,9 @@ if run echo; then
     $ECHOX data s2t-mix --corpus "$DATA" --voice '' --no-asr --echo-extra --llm-threads "$THREADS"
     edata+=("$DATA/train/dialogues_extra.jsonl")
   fi
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "${ECHO_INIT:-$S2T_MODEL}" --t2c-from "$T2C_MODEL" \
       --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume --set "model.t2c.beams=$LABEL_BEAMS" \
+      ${ECHO_LR:+--set "train.lr=$ECHO_LR"} \
       --data "${edata[@]}" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
@@ -170,8 +175,9 @@ if run gold; then  # the baseline the paper argues against: same steps, gold uni
       echo "gold: ECHO_EXTRA needs $DATA/train/dialogues_extra_units.jsonl: run STEP=xans first" >&2; exit 2; }
     gdata+=("$DATA/train/dialogues_extra_units.jsonl")
   fi
-  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "$S2T_MODEL" --t2c-from "$T2C_MODEL" \
+  $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "${GOLD_INIT:-$S2T_MODEL}" --t2c-from "$T2C_MODEL" \
       --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume \
+      ${ECHO_LR:+--set "train.lr=$ECHO_LR"} \
       --data "${gdata[@]}" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
 # the vocoder's unit->mel continued on the units of all training utterances (corpus + xans answers,
