@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -697,7 +698,5 @@ def test_cpu_steps_hand_freed_heap_back(tmp_path, monkeypatch):
     assert res.step == 3 and calls == [0, 0, 0]
     monkeypatch.undo()
     trim = trainer_mod.heap_trimmer()
-    import platform
-
     if platform.libc_ver()[0] == "glibc":
         assert trim is not None and trim(0) in (0, 1)

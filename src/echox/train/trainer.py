@@ -245,12 +245,13 @@ def heap_trimmer() -> Callable[[int], int] | None:
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+    if not name:
         return None
-    if fn is not None:
-        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    try:
+        fn = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # no libc to load, or one without malloc_trim (musl, macOS)
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
 
 
