@@ -11,6 +11,12 @@ when a vocoder file is given, then every variant of every file, or the run folde
 paired bootstrap over clips (resampling whole clips, as their errors are not independent
 words). Only the clips that all files share are used.
 
+S2S runs of `echox eval` (`items.jsonl` with `text` = the model's own text answer and
+`transcript` = Whisper's hearing of its speech) work the same way. When the runs' text answers
+differ (e.g. two models whose S2T parts differ), each run is scored against its own answers: a
+WER is its edits over its own reference words, and the bootstrap resamples the same clips for
+every run.
+
 Why: on this corpus a single clip where Whisper loops ("... the North Sea to the North Sea
 ...") can add 80 word errors, so two runs of the vocoder bench can differ by 2 points for
 reasons that have nothing to do with the vocoder.
@@ -43,8 +49,11 @@ def _eval_run(path: Path) -> dict:
     return {"records": recs, "variants": {name: {"hypotheses": [r["hyp"] for r in recs]}}}
 
 
-def load_systems(paths: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
-    """(shared record ids, {system: transcripts in id order}, references in id order)."""
+def load_systems(paths: list[str]) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
+    """(shared record ids, {system: transcripts in id order}, {system: its references in id order}).
+
+    A vocoder-bench file's variants (and its "original") share the file's references; a run
+    folder's references are its own `text` fields."""
     per_file = []
     for p in paths:
         path = Path(p)
@@ -62,17 +71,20 @@ def load_systems(paths: list[str]) -> tuple[list[str], dict[str, list[str]], lis
     if not shared:
         raise SystemExit("the files share no record ids")
     first = {r["id"]: r for r in per_file[0][1]["records"]}
-    refs = [first[i]["ref"] for i in shared]
     systems: dict[str, list[str]] = {}
+    refs: dict[str, list[str]] = {}
     if all("original" in first[i] for i in shared):
         systems["original"] = [first[i]["original"] for i in shared]
+        refs["original"] = [first[i]["ref"] for i in shared]
     for stem, res, ids in per_file:
         pos = {i: k for k, i in enumerate(ids)}
+        own = [res["records"][pos[i]]["ref"] for i in shared]
         for name, v in res["variants"].items():
             label = f"{stem}:{name}" if stem else name
             if label in systems:
                 raise SystemExit(f"two inputs are both called {label!r}")
             systems[label] = [v["hypotheses"][pos[i]] for i in shared]
+            refs[label] = own
     return shared, systems, refs
 
 
@@ -98,35 +110,46 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"--exclude: no shared clip has the id {unknown[0]!r}")
         keep = [k for k, i in enumerate(ids) if i not in excluded]
-        ids, refs = [ids[k] for k in keep], [refs[k] for k in keep]
+        ids = [ids[k] for k in keep]
         systems = {name: [v[k] for k in keep] for name, v in systems.items()}
+        refs = {name: [v[k] for k in keep] for name, v in refs.items()}
     if args.n:
-        ids, refs = ids[: args.n], refs[: args.n]
+        ids = ids[: args.n]
         systems = {k: v[: args.n] for k, v in systems.items()}
-    ref_words = [normalize_words(r) for r in refs]
-    words = np.array([len(r) for r in ref_words], dtype=np.float64)
-    if words.sum() == 0:
+        refs = {k: v[: args.n] for k, v in refs.items()}
+    ref_words = {k: [normalize_words(r) for r in v] for k, v in refs.items()}
+    words = {k: np.array([len(r) for r in v], dtype=np.float64) for k, v in ref_words.items()}
+    if any(w.sum() == 0 for w in words.values()):
         raise SystemExit("the references hold no words")
-    edits = {k: np.array([edit_distance(r, normalize_words(h)) for r, h in zip(ref_words, hyps)],
+    edits = {k: np.array([edit_distance(r, normalize_words(h)) for r, h in zip(ref_words[k], hyps)],
                          dtype=np.float64) for k, hyps in systems.items()}
     names = list(systems)
+    own_refs = len({tuple(v) for v in refs.values()}) > 1
     base = args.baseline or (names[1] if len(names) > 1 and names[0] == "original" else names[0])
     if base not in edits:
         raise SystemExit(f"--baseline {base!r} is not one of {names}")
     rng = np.random.default_rng(args.seed)
     draws = rng.integers(0, len(ids), size=(args.samples, len(ids)))  # the same clips for all
-    w = words[draws].sum(1)
-    print(f"{len(ids)} clips, {int(words.sum())} reference words; differences against {base}, "
-          f"95 % paired-bootstrap interval ({args.samples} resamples)\n")
+    base_words = words[base]
+    if own_refs:
+        differ = sum(len({refs[k][j] for k in names}) > 1 for j in range(len(ids)))
+        print(f"{len(ids)} clips; each system against its own text answers (they differ on "
+              f"{differ}; {int(base_words.sum())} reference words for {base}); differences against "
+              f"{base}, 95 % paired-bootstrap interval ({args.samples} resamples)\n")
+    else:
+        print(f"{len(ids)} clips, {int(base_words.sum())} reference words; differences against {base}, "
+              f"95 % paired-bootstrap interval ({args.samples} resamples)\n")
     print("| system | WER | minus baseline | 95 % interval |\n|---|---|---|---|")
+    base_wer = edits[base].sum() / base_words.sum()
+    base_draws = edits[base][draws].sum(1) / base_words[draws].sum(1)
     for k in names:
-        wer = edits[k].sum() / words.sum()
+        wer = edits[k].sum() / words[k].sum()
         if k == base:
             print(f"| {k} | {wer:.3f} | - | - |")
             continue
-        diff = (edits[k][draws].sum(1) - edits[base][draws].sum(1)) / w
+        diff = edits[k][draws].sum(1) / words[k][draws].sum(1) - base_draws
         lo, hi = np.percentile(diff, [2.5, 97.5])
-        point = (edits[k].sum() - edits[base].sum()) / words.sum()
+        point = wer - base_wer
         print(f"| {k} | {wer:.3f} | {point:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
     return 0
 

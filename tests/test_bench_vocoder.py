@@ -124,6 +124,23 @@ def test_compare_wer_reads_t2c_eval_runs(tmp_path: Path, capsys: pytest.CaptureF
     rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
     assert "| 0.375 | - | - |" in rows["ctl/echo-t2c"]
     assert "| 0.000 | -0.375 |" in rows["ga/echo-t2c"]
+    # S2S runs whose text answers differ: each is scored against its own text
+    def s2s(name, recs):
+        d = tmp_path / name / "echo-s2s"
+        d.mkdir(parents=True)
+        (d / "items.jsonl").write_text("".join(
+            json.dumps({"id": i, "text": t, "transcript": h}) + "\n" for i, (t, h) in recs.items()))
+        return d
+
+    old = s2s("v4", {"p": ("one two three four", "one two"), "q": ("five six", "five six")})  # 2 / 6
+    new = s2s("v5", {"p": ("ten", "ten"), "q": ("five six seven", "five six")})  # 1 / 4
+    assert _compare().main([str(old), str(new), "--samples", "100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 clips; each system against its own text answers (they differ on 2; "
+                          "6 reference words for v4/echo-s2s)")
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "| 0.333 | - | - |" in rows["v4/echo-s2s"]
+    assert "| 0.250 | -0.083 |" in rows["v5/echo-s2s"]
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "items.jsonl").write_text("{not json\n")
     with pytest.raises(SystemExit, match="items.jsonl:1"):
