@@ -67,6 +67,12 @@ S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-4000}; ECHO_STEPS=${ECHO_ST
 # ECHO_INIT=runs/tiny/echo7/model ECHO_LR=2e-4 ECHO_STEPS=1200 ECHO_RUN=runs/tiny/echo9), and the
 # learning rate of both (default: recipes/tiny/echo.yaml's 3e-4)
 ECHO_INIT=${ECHO_INIT:-}; GOLD_INIT=${GOLD_INIT:-}; ECHO_LR=${ECHO_LR:-}
+# ECHO_JOINT=1: the paper's joint Stage III loss (L_echo + λ·L_den + L_S2T; the S2T model trains
+# too, train.freeze_s2t=false), for Echo and the gold-unit baseline alike; about 20x slower a step
+# on a CPU than the recipe's frozen S2T model (session 30: batch 8, ECHO_BATCH=8, 0.19 step/s)
+ECHO_JOINT=${ECHO_JOINT:-}; ECHO_BATCH=${ECHO_BATCH:-}
+stage3=(${ECHO_LR:+--set "train.lr=$ECHO_LR"} ${ECHO_JOINT:+--set train.freeze_s2t=false}
+        ${ECHO_BATCH:+--set "train.batch_size=$ECHO_BATCH"})
 TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all 17,952)
 # their units come from 10 s windows (4.4x faster; the sentences are short, see UNITS_WINDOW)
 TTSX_WINDOW=${TTSX_WINDOW:-10}
@@ -161,7 +167,7 @@ if run echo; then
   fi
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "${ECHO_INIT:-$S2T_MODEL}" --t2c-from "$T2C_MODEL" \
       --out "$ECHO_RUN" --max-steps "$ECHO_STEPS" --resume --set "model.t2c.beams=$LABEL_BEAMS" \
-      ${ECHO_LR:+--set "train.lr=$ECHO_LR"} \
+      "${stage3[@]}" \
       --data "${edata[@]}" --eval-data "$DATA/test/dialogues.jsonl" "${common[@]}"
 fi
 if run gold; then  # the baseline the paper argues against: same steps, gold units of the answer audio
@@ -177,7 +183,7 @@ if run gold; then  # the baseline the paper argues against: same steps, gold uni
   fi
   $ECHOX train echo --recipe recipes/tiny/echo.yaml --init "${GOLD_INIT:-$S2T_MODEL}" --t2c-from "$T2C_MODEL" \
       --target gold-units --out "$GOLD_RUN" --max-steps "$ECHO_STEPS" --resume \
-      ${ECHO_LR:+--set "train.lr=$ECHO_LR"} \
+      "${stage3[@]}" \
       --data "${gdata[@]}" --eval-data "$DATA/test/dialogues_units.jsonl" "${common[@]}"
 fi
 # the vocoder's unit->mel continued on the units of all training utterances (corpus + xans answers,
