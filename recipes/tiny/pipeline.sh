@@ -68,8 +68,9 @@ S2T_STEPS=${S2T_STEPS:-3000}; T2C_STEPS=${T2C_STEPS:-4000}; ECHO_STEPS=${ECHO_ST
 # learning rate of both (default: recipes/tiny/echo.yaml's 3e-4)
 ECHO_INIT=${ECHO_INIT:-}; GOLD_INIT=${GOLD_INIT:-}; ECHO_LR=${ECHO_LR:-}
 # ECHO_JOINT=1: the paper's joint Stage III loss (L_echo + λ·L_den + L_S2T; the S2T model trains
-# too, train.freeze_s2t=false), for Echo and the gold-unit baseline alike; about 20x slower a step
-# on a CPU than the recipe's frozen S2T model (session 30: batch 8, ECHO_BATCH=8, 0.19 step/s)
+# too, train.freeze_s2t=false), for Echo and the gold-unit baseline alike; about 3x the time per
+# example of the frozen S2T model on a CPU (session 30: ECHO_BATCH=8 at 0.19 step/s, 1.5 examples/s;
+# echo7's frozen batches of 16: about 5 examples/s)
 ECHO_JOINT=${ECHO_JOINT:-}; ECHO_BATCH=${ECHO_BATCH:-}
 stage3=(${ECHO_LR:+--set "train.lr=$ECHO_LR"} ${ECHO_JOINT:+--set train.freeze_s2t=false}
         ${ECHO_BATCH:+--set "train.batch_size=$ECHO_BATCH"})
