@@ -72,8 +72,11 @@ ECHO_INIT=${ECHO_INIT:-}; GOLD_INIT=${GOLD_INIT:-}; ECHO_LR=${ECHO_LR:-}
 # example of the frozen S2T model on a CPU (session 30: ECHO_BATCH=8 at 0.19 step/s, 1.5 examples/s;
 # echo7's frozen batches of 16: about 5 examples/s)
 ECHO_JOINT=${ECHO_JOINT:-}; ECHO_BATCH=${ECHO_BATCH:-}
+# ECHO_SEED: the batch order's seed (default 0). A continued run (ECHO_INIT/GOLD_INIT) with the seed
+# its init ran with draws the same batches in the same order again (session 31); give it another
+ECHO_SEED=${ECHO_SEED:-}
 stage3=(${ECHO_LR:+--set "train.lr=$ECHO_LR"} ${ECHO_JOINT:+--set train.freeze_s2t=false}
-        ${ECHO_BATCH:+--set "train.batch_size=$ECHO_BATCH"})
+        ${ECHO_BATCH:+--set "train.batch_size=$ECHO_BATCH"} ${ECHO_SEED:+--set "train.seed=$ECHO_SEED"})
 TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all 17,952)
 # their units come from 10 s windows (4.4x faster; the sentences are short, see UNITS_WINDOW)
 TTSX_WINDOW=${TTSX_WINDOW:-10}
