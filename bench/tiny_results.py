@@ -82,12 +82,18 @@ def read_items(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+# settings a run records only when they are not the default: absent on one side, present on
+# the other is a difference too
+OPTIONAL_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size")
+
+
 def check_run_dir(folder: Path, settings: dict[str, Any]) -> None:
     """A run folder keeps the settings it was made with (`run.json`); others are an error."""
     path = folder / "run.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        keys = [*settings, *(k for k in OPTIONAL_SETTINGS if k in old and k not in settings)]
+        diff = {k: (old.get(k), settings.get(k)) for k in keys if old.get(k) != settings.get(k)}
         if diff:
             raise Stop(f"{folder} was made with other settings {diff} (old, new): delete it "
                        "or pass another --out")
@@ -333,6 +339,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "the T2C row go one at a time")
     ap.add_argument("--threads", type=int, default=0, help="torch and CTranslate2 threads (0 = default)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="s2t / s2s answer length cap")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="text answers of every mode: CTRL repetition penalty (1 = off)")
+    ap.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                    help="text answers of every mode: no N-gram twice in an answer (0 = off)")
     ap.add_argument("--asr", default="faster-whisper",
                     help="ASR of the spoken answers (default: Whisper tiny.en, faster-whisper)")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
@@ -374,6 +384,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from echox.eval.benchmarks import open_benchmark
     from echox.eval.run import (DEFAULT_BATCH_SIZE, CascadeAnswerer, S2SAnswerer, S2TAnswerer,
                                 TextAnswerer)
+    from echox.model.generation import SamplingConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -411,24 +422,41 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.t2c_only:
         return t2c_only(ctx, ids, tts_units, bundles, argv)
 
+    # ---- decoding: greedy, with the repetition guards when asked (recorded only when on, so
+    # runs made before the guards existed stay reusable)
+    try:
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                  repetition_penalty=args.repetition_penalty,
+                                  no_repeat_ngram_size=args.no_repeat_ngram)
+    except ValueError as e:
+        raise Stop(str(e)) from None
+    guard: dict[str, Any] = {}
+    guard_flags = ""
+    if sampling.repetition_penalty != 1.0:
+        guard["repetition_penalty"] = sampling.repetition_penalty
+        guard_flags += f" --repetition-penalty {sampling.repetition_penalty}"
+    if sampling.no_repeat_ngram_size:
+        guard["no_repeat_ngram_size"] = sampling.no_repeat_ngram_size
+        guard_flags += f" --no-repeat-ngram {sampling.no_repeat_ngram_size}"
+
     # ---- text LLM: the upper bound, the same for every bundle
     cfg = load_config(args.config)
     llm, prompt = cfg.llm.name_or_path, cfg.llm.system_prompt
     text_recs = eval_run(
         ctx, "text", "text", qa, ids,
-        {"mode": "text", "benchmark": str(qa.resolve()), "llm": llm, "system_prompt": prompt},
-        lambda: TextAnswerer(llm, prompt or None),
+        {"mode": "text", "benchmark": str(qa.resolve()), "llm": llm, "system_prompt": prompt, **guard},
+        lambda: TextAnswerer(llm, prompt or None, guard=sampling),
         f"echox eval --mode text --llm {shlex.quote(llm)} --system-prompt {shlex.quote(prompt or '')} "
-        f"--benchmark local:{qa}{lim} --batch-size {batch} --out {ctx.out / 'text'}", batch)
+        f"--benchmark local:{qa}{lim} --batch-size {batch}{guard_flags} --out {ctx.out / 'text'}", batch)
     text_acc = accuracy(text_recs)
     # ---- the cascade: the ASR hears the question, the same LLM answers (the same for every bundle)
     cascade_recs = eval_run(
         ctx, "cascade", "cascade", qa, ids,
         {"mode": "cascade", "benchmark": str(qa.resolve()), "llm": llm, "system_prompt": prompt,
-         "asr": ctx.asr_name()},
-        lambda: CascadeAnswerer(ctx.asr(), TextAnswerer(llm, prompt or None)),
+         "asr": ctx.asr_name(), **guard},
+        lambda: CascadeAnswerer(ctx.asr(), TextAnswerer(llm, prompt or None, guard=sampling)),
         f"echox eval --mode cascade --asr {args.asr} --llm {shlex.quote(llm)} --system-prompt "
-        f"{shlex.quote(prompt or '')} --benchmark local:{qa}{lim} --batch-size {batch} "
+        f"{shlex.quote(prompt or '')} --benchmark local:{qa}{lim} --batch-size {batch}{guard_flags} "
         f"--out {ctx.out / 'cascade'}", batch)
     cascade_acc = accuracy(cascade_recs)
 
@@ -461,14 +489,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             name = f"{owner}-{kind}"
             run_path = bundles[owner]  # the run is the owner's: its settings, its model
             settings = {"mode": mode, "benchmark": str(bench_file.resolve()), "model": str(run_path),
-                        "max_new_tokens": args.max_new_tokens}
+                        "max_new_tokens": args.max_new_tokens, **guard}
             if mode == "s2s":
                 settings["asr"] = ctx.asr_name()
-                make = lambda: S2SAnswerer(ctx.bundle(run_path), max_new_tokens=args.max_new_tokens)  # noqa: E731
+                make = lambda: S2SAnswerer(ctx.bundle(run_path), sampling=sampling)  # noqa: E731
             else:
-                make = lambda: S2TAnswerer(ctx.bundle(run_path).model, args.max_new_tokens)  # noqa: E731
+                make = lambda: S2TAnswerer(ctx.bundle(run_path).model, sampling=sampling)  # noqa: E731
             bs = 1 if mode == "s2s" else batch
-            common = f"--model {run_path} --max-new-tokens {args.max_new_tokens}"
+            common = f"--model {run_path} --max-new-tokens {args.max_new_tokens}{guard_flags}"
             cmd = (f"echox eval --mode {mode} {common} --benchmark local:{bench_file}{lim} "
                    f"--batch-size {bs} {'--asr ' + args.asr + ' ' if mode == 's2s' else ''}"
                    f"--out {ctx.out / name}")
@@ -513,7 +541,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "data": str(data), "test_audio": audio_digest(questions), "benchmarks": {"piper": str(qa), "espeak": str(qa_e),
                                           "tts_units": str(tts_units)},
         "config": args.config, "llm": llm, "system_prompt": prompt, "asr": args.asr,
-        "max_new_tokens": args.max_new_tokens, "batch_size": batch, "threads": args.threads,
+        "max_new_tokens": args.max_new_tokens, **guard, "batch_size": batch,
+        "threads": args.threads,
         "t2c_checkpoint": args.t2c, "bundles": {b: str(p) for b, p in bundles.items()},
         "text_accuracy": text_acc, "cascade_accuracy": cascade_acc, "metrics": metrics, "gap_difference": boot,
         "runs": ctx.runs, "commands": {"this": shlex.join(["python", "bench/tiny_results.py", *argv]),
@@ -600,6 +629,16 @@ def _cells(result: dict[str, Any], get: Callable[[dict[str, Any]], str]) -> list
     return [get(result["metrics"][b]) for b in result["metrics"]]
 
 
+def _decoding(result: dict[str, Any]) -> str:
+    """How the text answers were decoded, in words."""
+    guards = []
+    if result.get("repetition_penalty", 1.0) != 1.0:
+        guards.append(f"repetition penalty {result['repetition_penalty']}")
+    if result.get("no_repeat_ngram_size"):
+        guards.append(f"no repeated {result['no_repeat_ngram_size']}-gram")
+    return "greedy text" + (", " + ", ".join(guards) if guards else "")
+
+
 def render_table(result: dict[str, Any]) -> str:
     bundles = list(result["metrics"])
     skipped = result["skipped"]
@@ -607,7 +646,7 @@ def render_table(result: dict[str, Any]) -> str:
     head = [LABELS[b] for b in bundles] if bundles else ["(no bundle)"]
     lines = [f"EchoX-Tiny on the first {result['n']} test questions of `{result['data']}` "
              f"(text LLM: {result['llm']}; spoken answers scored with {asr}; question audio "
-             f"{result.get('test_audio', '?')})", "",
+             f"{result.get('test_audio', '?')}; {_decoding(result)})", "",
              "| | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
 
     def row(label: str, cells: Iterable[str]) -> None:

@@ -444,3 +444,19 @@ def test_unit_beams_stored_by_echox_bundle_reach_the_engine(bundle_dir: Path, tm
     err = capsys.readouterr().err
     assert "--unit-beams must be >= 1" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_repetition_guard_reaches_the_engine(bundle: Bundle) -> None:
+    """The engine's streamed text decoding applies the guard as `generate_text` does."""
+    guarded = SamplingConfig(max_new_tokens=30, no_repeat_ngram_size=1)
+    counts = []
+    for sampling in (SamplingConfig(max_new_tokens=30), guarded):
+        with Engine(bundle, EngineConfig(sampling=sampling, unit_sampling=UNITS)) as eng:
+            final = run(eng, text="tell me more")[-1]
+        assert isinstance(final, Final)
+        want = bundle.model.generate_text([[Turn("user", text="tell me more")]], sampling)
+        assert final.token_ids == want.token_ids[0]
+        counts.append((len(final.token_ids), len(set(final.token_ids))))
+    free, guard = counts
+    assert free[1] < free[0]  # the random model repeats itself...
+    assert guard[1] == guard[0] > 1  # ...and with the guard no token comes twice

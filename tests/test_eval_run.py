@@ -10,6 +10,7 @@ import soundfile as sf
 from echox.cli import main
 from echox.eval.benchmarks import load_benchmark
 from echox.eval.run import Answer, S2TAnswerer, compare_runs, run_eval
+from echox.model.generation import SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,12 @@ def test_s2t_answerer_on_tiny_bundle(bundle_dir, bench):
     from echox.infer.bundle import load_bundle
 
     items = load_benchmark(bench, limit=1)
-    ans = S2TAnswerer(load_bundle(bundle_dir).model, max_new_tokens=6).answer(items[0])
+    model = load_bundle(bundle_dir).model
+    ans = S2TAnswerer(model, max_new_tokens=6).answer(items[0])
     assert isinstance(ans.text, str) and ans.stats["tokens"] <= 6
+    guarded = S2TAnswerer(model, sampling=SamplingConfig(max_new_tokens=12, no_repeat_ngram_size=1))
+    ids = guarded.answer(items[0]).token_ids
+    assert len(ids) > 1 and len(set(ids)) == len(ids)  # no token twice
 
 
 @pytest.mark.slow
@@ -96,7 +101,12 @@ def test_eval_cli_s2s_with_faster_whisper(tmp_path, bundle_dir, bench, capsys):
     assert json.loads((out / "summary.json").read_text())["accuracy"] == summary["accuracy"]
 
 
-def test_eval_cli_errors(tmp_path, capsys):
+def test_eval_cli_errors(tmp_path, capsys, bundle_dir, bench):
+    for bad in (["--no-repeat-ngram", "-1"], ["--repetition-penalty", "0"]):
+        args = ["eval", "--benchmark", bench, "--mode", "s2t", "--model", str(bundle_dir), *bad]
+        assert main(args + ["--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert "decoding options" in err and len(err.strip().splitlines()) == 1
     assert main(["eval", "--benchmark", "nope", "--mode", "s2t", "--model", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err
     assert main(["eval", "--compare", str(tmp_path)]) == 2

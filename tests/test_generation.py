@@ -340,3 +340,69 @@ def test_unit_decoders_beam_search_from_their_config(make_model):
     assert all(0 <= u < m.t2c.num_units for x in a for u in x)
     assert m.echo.generate(cond) == a  # the echo decoder starts as a copy of the T2C
     assert m.t2c.generate(cond, SamplingConfig(max_new_tokens=s.max_new_tokens)) == greedy
+
+
+def _repeats(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_repetition_guard_rules():
+    from echox.model.generation import banned_ngram_tokens, guard_repetition
+
+    assert banned_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]  # "1 2 3" exists; "1 2" is the tail
+    assert banned_ngram_tokens([1, 2, 3, 1, 2, 4, 1, 2], 3) == [3, 4]
+    assert banned_ngram_tokens([5, 6, 5], 2) == [6]
+    assert banned_ngram_tokens([5, 6, 5], 1) == [5, 6]
+    assert banned_ngram_tokens([5, 6, 5], 0) == [] and banned_ngram_tokens([5, 6], 3) == []
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
+    cfgs = [SamplingConfig(repetition_penalty=2.0), SamplingConfig(no_repeat_ngram_size=2)]
+    guard_repetition(logits, [[0, 1, 0], [3, 2, 3]], cfgs)
+    # row 0: seen 0 and 1: a positive logit halves, a negative one doubles (CTRL's rule)
+    assert logits[0].tolist() == [1.0, -2.0, 0.5, 3.0]
+    # row 1: "3 2" was said, the tail is 3, so 2 is banned
+    assert logits[1, 2] == float("-inf") and logits[1, [0, 1, 3]].tolist() == [2.0, -1.0, 3.0]
+    import pytest
+
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingConfig(repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        SamplingConfig(no_repeat_ngram_size=-1)
+
+
+def test_no_repeat_ngram_greedy_text(make_model):
+    """A tiny random LLM loops; the guard stops every repeated bigram, with or without the KV
+    cache, and a row in a batch (whose rows stop at different steps) gets what it gets alone."""
+    m = make_model()
+    m.eval()
+    free = m.generate_text(_dialogues(), SamplingConfig(max_new_tokens=40))
+    assert any(_repeats(t, 2) for t in free.token_ids)  # the guard has work to do
+    s = SamplingConfig(max_new_tokens=40, no_repeat_ngram_size=2)
+    a = m.generate_text(_dialogues(), s, use_cache=True)
+    b = m.generate_text(_dialogues(), s, use_cache=False)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != free.token_ids
+    assert not any(_repeats(t, 2) for t in a.token_ids)
+    alone = [m.generate_text([d], s).token_ids[0] for d in _dialogues()]
+    assert alone == a.token_ids
+    p = m.generate_text(_dialogues(), SamplingConfig(max_new_tokens=40, repetition_penalty=5.0))
+    assert p.token_ids != free.token_ids
+
+
+def test_beam_search_with_no_repeat_ngram():
+    from echox.model.generation import beam_results, beam_search_steps
+
+    step, embed, start, _, _ = _toy_chain([
+        [0.7, 0.2, 0.1],  # after 0: 0 again
+        [0.6, 0.3, 0.1],
+        [0.3, 0.6, 0.1],
+        [0.9, 0.05, 0.05],  # the start
+    ])
+    free = beam_search(step, embed, start, [], SamplingConfig(max_new_tokens=3, num_beams=2))
+    assert free.tokens == [0, 0, 0]
+    s = SamplingConfig(max_new_tokens=3, num_beams=2, no_repeat_ngram_size=1)
+    one = beam_search(step, embed, start, [], s)
+    assert sorted(one.tokens) == [0, 1, 2]  # three different tokens: none may come twice
+    x = torch.cat([start, start])
+    both = beam_results(beam_search_steps(step, embed, x, torch.ones(2, 1), [], [s, s]))
+    assert [r.tokens for r in both] == [one.tokens, one.tokens]

@@ -273,3 +273,36 @@ def test_extra_t2c_sentences_hold_out_the_test_facts_and_subjects(tmp_path):
     rows = module.sentences(task, held, subjects)
     assert rows == [("wdx-00002", "The capital of Afghanistan is Kabul."),
                     ("wdx-00003", "The color of the flag of Chad is blue, yellow and red.")]
+
+
+def test_greedy_shrinking_repetition_guard():
+    """With `no_repeat_ngram_size` no row repeats a bigram of its new tokens, and each row of a
+    batch whose rows end at different steps gets what it gets alone."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from echox.model.generation import SamplingConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 64, (4, 6))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 2, 0, 3]):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+
+    def bigram_repeats(row: list[int]) -> bool:
+        grams = list(zip(row, row[1:]))
+        return len(grams) != len(set(grams))
+
+    free = greedy_shrinking(model, ids, mask, 30, {2})
+    assert any(bigram_repeats(r) for r in free)
+    guard = SamplingConfig(no_repeat_ngram_size=2)
+    eos = {greedy_shrinking(model, ids[:1], mask[:1], 30, {2}, guard=guard)[0][4]}  # row 0 ends at 5
+    got = greedy_shrinking(model, ids, mask, 30, eos, guard=guard)
+    assert not any(bigram_repeats(r) for r in got)
+    alone = [greedy_shrinking(model, ids[i:i + 1], mask[i:i + 1], 30, eos, guard=guard)[0]
+             for i in range(4)]
+    assert got == alone and len(got[0]) == 5

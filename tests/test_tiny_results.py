@@ -167,6 +167,21 @@ def test_tiny_results_shared_bundle_and_skips(tmp_path: Path, bundles: dict[str,
     assert not (out / "gold-s2s").exists()
     boot = res["gap_difference"]
     assert boot["lo"] == boot["hi"] == boot["mean"] == 0.0  # identical runs: no difference
+    assert "greedy text)" in table  # no repetition guard
+    # the guard is part of a run's settings: the folders made without it are not reused
+    assert bench.main(args + ["--no-repeat-ngram", "2"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    args[args.index("--out") + 1] = str(tmp_path / "guarded")
+    assert bench.main(args + ["--no-repeat-ngram", "2", "--repetition-penalty", "1.5"]) == 0
+    assert "greedy text, repetition penalty 1.5, no repeated 2-gram" in capsys.readouterr().out
+    res = json.loads((tmp_path / "guarded" / "results.json").read_text())
+    assert res["no_repeat_ngram_size"] == 2 and res["repetition_penalty"] == 1.5
+    for name in ("text", "cascade", "echo-s2t", "echo-s2s"):
+        assert "--repetition-penalty 1.5 --no-repeat-ngram 2" in res["commands"][name], name
+        run = json.loads((tmp_path / "guarded" / name / "run.json").read_text())
+        assert run["no_repeat_ngram_size"] == 2, name
+    # nor are guarded folders reused by a run without the guard
+    assert bench.main(args) == 2 and "other settings" in capsys.readouterr().err
 
 
 def test_tiny_results_slim_bundle_takes_the_t2c_from_t2c(tmp_path: Path, bundles: dict[str, Path],

@@ -45,7 +45,7 @@ from echox.audio import audio_duration
 from echox.data.match import exist_match
 from echox.errors import DataBuildError
 from echox.hub import resolve
-from echox.model.generation import cache_kwargs
+from echox.model.generation import SamplingConfig, cache_kwargs, guard_repetition
 
 __all__ = [
     "DEFAULT_QUESTIONS", "DEFAULT_SYSTEM_PROMPT", "QAQuestion", "Split",
@@ -193,12 +193,13 @@ def _tidy(text: str, hit_eos: bool) -> str:
 
 
 def greedy_shrinking(model: Any, input_ids: Any, attention_mask: Any, max_new_tokens: int,
-                     eos_ids: set[int]) -> list[list[int]]:
+                     eos_ids: set[int], guard: SamplingConfig | None = None) -> list[list[int]]:
     """Batched greedy decoding that drops each row from the batch once it has ended.
 
     Same tokens as ``model.generate(do_sample=False)`` on left-padded prompts, but a row
     that hit EOS costs nothing afterwards (with ``generate`` every row of a batch runs to
     the longest answer). Returns each row's new tokens, EOS included when it was reached.
+    `guard`: its repetition guards (over each row's new tokens) apply; its other fields do not.
     """
     import torch
     from transformers import DynamicCache
@@ -217,6 +218,9 @@ def greedy_shrinking(model: Any, input_ids: Any, attention_mask: Any, max_new_to
                        use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]
         last_pos = positions[:, -1]
         for step in range(max_new_tokens):
+            if guard is not None and guard.guards_repetition:
+                logits = logits.float()
+                guard_repetition(logits, [rows[r] for r in alive.tolist()], [guard] * len(alive))
             nxt = logits.argmax(-1)  # [b]
             for slot, tok_id in zip(alive.tolist(), nxt.tolist()):
                 rows[slot].append(tok_id)

@@ -39,7 +39,8 @@ from echox.eval.benchmarks import QAItem, open_benchmark
 from echox.eval.stats import paired_bootstrap
 from echox.hub import resolve
 from echox.infer.asr import make_asr
-from echox.infer.bundle import add_device_options, check_device, default_bundle, load_bundle
+from echox.infer.bundle import (add_device_options, add_repetition_options, check_device, default_bundle,
+                                load_bundle)
 from echox.infer.engine import Engine, EngineConfig, Final
 from echox.model.generation import SamplingConfig
 from echox.model.prompt import Turn
@@ -98,7 +99,8 @@ class TextAnswerer:
     computing a row once it has ended.
     """
 
-    def __init__(self, llm: str, system_prompt: str | None = None, max_new_tokens: int = 48) -> None:
+    def __init__(self, llm: str, system_prompt: str | None = None, max_new_tokens: int = 48,
+                 guard: SamplingConfig | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,6 +119,7 @@ class TextAnswerer:
             eos = self.tok.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
         self.system_prompt, self.max_new_tokens = system_prompt, max_new_tokens
+        self.guard = guard  # its repetition guards apply; its other fields do not
 
     def prompt(self, question: str) -> str:
         """The chat prompt of one question, ending where the assistant's answer starts."""
@@ -132,7 +135,7 @@ class TextAnswerer:
         enc = self.tok([self.prompt(it.question) for it in items], return_tensors="pt",
                        padding=True, add_special_tokens=False)
         rows = greedy_shrinking(self.model, enc["input_ids"], enc["attention_mask"],
-                                self.max_new_tokens, self.eos_ids)
+                                self.max_new_tokens, self.eos_ids, guard=self.guard)
         seconds = time.perf_counter() - t0
         out = []
         for row in rows:
@@ -152,8 +155,9 @@ class S2TAnswerer:
     speech + text prompts on the left.
     """
 
-    def __init__(self, model: Any, max_new_tokens: int = 64) -> None:
-        self.model, self.sampling = model, SamplingConfig(max_new_tokens=max_new_tokens)
+    def __init__(self, model: Any, max_new_tokens: int = 64, sampling: SamplingConfig | None = None) -> None:
+        self.model = model
+        self.sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens)
 
     def answer_batch(self, items: Sequence[QAItem]) -> list[Answer]:
         """Greedy text answers to several spoken questions at once, in their order."""
@@ -200,8 +204,9 @@ class CascadeAnswerer:
 class S2SAnswerer:
     """EchoX answering in speech through the streaming engine."""
 
-    def __init__(self, bundle: Any, stream: bool = True, max_new_tokens: int = 64) -> None:
-        cfg = EngineConfig(sampling=SamplingConfig(max_new_tokens=max_new_tokens), stream=stream)
+    def __init__(self, bundle: Any, stream: bool = True, max_new_tokens: int = 64,
+                 sampling: SamplingConfig | None = None) -> None:
+        cfg = EngineConfig(sampling=sampling or SamplingConfig(max_new_tokens=max_new_tokens), stream=stream)
         self.engine = Engine(bundle, cfg)
 
     def answer(self, item: QAItem) -> Answer:
@@ -424,6 +429,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if batch_size is None:
         batch_size = 1 if args.mode == "s2s" else DEFAULT_BATCH_SIZE
     check_batch_size(args.mode, batch_size)
+    sampling = eval_sampling(args)  # checked before anything slow
     bench = open_benchmark(args.benchmark, limit=args.limit, decode_audio=args.mode != "text")
     out = Path(args.out or f"runs/eval/{args.mode}")
     asr = None
@@ -432,16 +438,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise EvalError(f"--device / --dtype apply to the s2t and s2s modes (a bundle); "
                             f"{args.mode} mode runs its LLM on the CPU in float32")
         llm = args.llm or load_config(args.config).llm.name_or_path
-        answerer: Answerer = TextAnswerer(llm, args.system_prompt or None)
+        answerer: Answerer = TextAnswerer(llm, args.system_prompt or None, guard=sampling)
         if args.mode == "cascade":
             answerer = CascadeAnswerer(make_asr(args.asr), answerer)
     else:
         check_device(args.device)
         bundle = load_bundle(args.model or default_bundle(), device=args.device, dtype=args.dtype)
         if args.mode == "s2t":
-            answerer = S2TAnswerer(bundle.model, args.max_new_tokens)
+            answerer = S2TAnswerer(bundle.model, sampling=sampling)
         else:
-            answerer = S2SAnswerer(bundle, stream=not args.no_stream, max_new_tokens=args.max_new_tokens)
+            answerer = S2SAnswerer(bundle, stream=not args.no_stream, sampling=sampling)
             asr = make_asr(args.asr)
     s = run_eval(bench, answerer, args.mode, out, args.benchmark, asr=asr,
                  save_audio=args.save_audio, total=len(bench), batch_size=batch_size)
@@ -450,6 +456,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.png:
         compare_runs([out], Path(args.png))
     return 0
+
+
+def eval_sampling(args: argparse.Namespace) -> SamplingConfig:
+    """Greedy text decoding with the run's answer length and repetition guards."""
+    try:
+        return SamplingConfig(max_new_tokens=args.max_new_tokens,
+                              repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram)
+    except ValueError as e:
+        raise EvalError(f"decoding options: {e}") from None
 
 
 def eval_options(p: argparse.ArgumentParser) -> None:
@@ -467,6 +483,7 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="text / cascade mode: preset/YAML naming the LLM")
     p.add_argument("--system-prompt", default="Answer in one short sentence.", help="text / cascade mode")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    add_repetition_options(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"text / s2t / cascade: questions answered together, greedy (default "
                         f"{DEFAULT_BATCH_SIZE}); s2s answers one at a time")

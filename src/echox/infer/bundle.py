@@ -175,6 +175,15 @@ def add_device_options(p: Any, default_device: str = "cpu") -> None:
                         "e.g. a bfloat16 LLM with float32 speech parts); bf16 or fp16 on a GPU")
 
 
+def add_repetition_options(p: Any) -> None:
+    """`--repetition-penalty` and `--no-repeat-ngram`: guards against looping text answers."""
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="text: divide a generated token's logit by this when it comes again "
+                        "(> 1 discourages repeats; 1 = off)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="text: never generate the same N tokens twice in one answer (0 = off)")
+
+
 def check_device(device: str) -> None:
     """A clear error for a device this torch cannot use (e.g. cuda on a CPU build)."""
     try:

@@ -59,6 +59,12 @@ class SamplingConfig:
     # summed log-probability over (tokens + 1 for the stop token) ** length_penalty.
     num_beams: int = 1
     length_penalty: float = 1.0
+    # Repetition guards over the tokens generated so far (the prompt is speech and is not
+    # counted). repetition_penalty > 1 lowers a seen token's logit (divided by it when
+    # positive, multiplied when negative: the CTRL rule that transformers also uses);
+    # no_repeat_ngram_size = n > 0 forbids any n-gram from occurring twice. Off by default.
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -71,6 +77,14 @@ class SamplingConfig:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError("beam search is deterministic: use temperature 0 with num_beams > 1")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+
+    @property
+    def guards_repetition(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
 
 @dataclass
@@ -95,6 +109,33 @@ def sample_next(
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
 
 
+def banned_ngram_tokens(history: list[int], n: int) -> list[int]:
+    """The tokens that would complete an n-gram already in `history` (none when n == 0)."""
+    if n <= 0 or len(history) < n:
+        return []
+    if n == 1:
+        return sorted(set(history))
+    tail = history[len(history) - n + 1:]
+    return sorted({history[k + n - 1] for k in range(len(history) - n + 1)
+                   if history[k:k + n - 1] == tail})
+
+
+def guard_repetition(logits: torch.Tensor, histories: list[list[int]],
+                     configs: list[SamplingConfig]) -> None:
+    """Apply each row's repetition guards (`SamplingConfig.repetition_penalty`,
+    `no_repeat_ngram_size`) to its logits [B, V] in place; row i has generated `histories[i]`."""
+    for i, (hist, cfg) in enumerate(zip(histories, configs)):
+        if not hist:
+            continue
+        if cfg.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(hist)), device=logits.device)
+            v = logits[i, seen]
+            logits[i, seen] = torch.where(v > 0, v / cfg.repetition_penalty, v * cfg.repetition_penalty)
+        banned = banned_ngram_tokens(hist, cfg.no_repeat_ngram_size)
+        if banned:
+            logits[i, banned] = float("-inf")
+
+
 @dataclass
 class DecodeState:
     """Everything one decode loop carries between steps, held by the caller (explicit state:
@@ -111,6 +152,7 @@ class DecodeState:
     cache: Any = None  # the model's KV cache (None before the first step / uncached)
     pending: torch.Tensor | None = None  # [B] ids sampled last step, not yet fed back
     steps: int = 0
+    history: list[list[int]] = field(default_factory=list)  # per row: the ids fed back so far
 
     @property
     def prefix_len(self) -> int:
@@ -166,6 +208,7 @@ def start_decode(
         mask=mask, pos_all=pos_all, embeds=embeds, inp=inp, pos=pos,
         done=torch.zeros(b, dtype=torch.bool, device=device),
         stop=torch.tensor(stop_ids, device=device, dtype=torch.long), generator=gen, cache=cache,
+        history=[[] for _ in range(b)],
     )
 
 
@@ -199,6 +242,8 @@ def decode_step(
         state.pos_all = torch.cat([state.pos_all, new_pos], dim=1)
         state.embeds = torch.cat([state.embeds, new_emb], dim=1)
         state.inp, state.pos = new_emb, new_pos
+        for row, tok in zip(state.history, state.pending.tolist()):
+            row.append(tok)
         state.pending = None
     if use_cache:
         logits, hidden, state.cache = step(state.inp, state.mask, state.pos, state.cache)
@@ -207,6 +252,8 @@ def decode_step(
     last_logits = logits[:, -1].float()  # [B, V]
     if suppress_ids:
         last_logits[:, suppress_ids] = float("-inf")
+    if sampling.guards_repetition:
+        guard_repetition(last_logits, state.history, [sampling] * b)
     nxt = sample_next(last_logits, sampling.temperature, sampling.top_p, state.generator)  # [B]
     is_stop = torch.isin(nxt, state.stop) if state.stop.numel() else torch.zeros_like(state.done)
     finished = state.done.clone()
@@ -250,6 +297,7 @@ def keep_rows(state: DecodeState, keep: torch.Tensor) -> bool:
         setattr(state, name, getattr(state, name)[keep])
     if state.pending is not None:
         state.pending = state.pending[keep]
+    state.history = [state.history[j] for j in keep.tolist()]
     return True
 
 
@@ -394,18 +442,23 @@ def beam_search_steps(
     def norm(r: int, score: float, length: int) -> float:
         return score / float(length) ** sampling[r].length_penalty
 
-    def logprobs(logits: torch.Tensor) -> torch.Tensor:
+    guard = any(c.guards_repetition for c in sampling)
+
+    def logprobs(logits: torch.Tensor, hyps: list[list[int]], owner: list[int]) -> torch.Tensor:
         last = logits[:, -1].float()
         if suppress_ids:
             last[:, suppress_ids] = float("-inf")
+        if guard:
+            guard_repetition(last, hyps, [sampling[r] for r in owner])
         return torch.log_softmax(last, dim=-1)
 
     mask = prefix_mask.long()
     pos_all = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, _, cache = step(prefix_embeds, mask, pos_all, None)
-    scores = logprobs(logits)  # [n, V]: batch row j holds hypothesis hyps[j] of row owner[j]
     owner = list(range(b))
     hyps: list[list[int]] = [[] for _ in range(b)]
+    # [n, V]: batch row j holds hypothesis hyps[j] of row owner[j]
+    scores = logprobs(logits, hyps, owner)
     base = torch.zeros(b, device=device)
     next_pos = mask.sum(-1)  # [n] the position of the token each batch row feeds next
     embeds = prefix_embeds
@@ -472,7 +525,7 @@ def beam_search_steps(
             pos_all = torch.cat([pos_all[src_t], next_pos[:, None]], dim=1)
             logits, _, _ = step(embeds, mask, pos_all, None)
         next_pos = next_pos + 1
-        scores = logprobs(logits)
+        scores = logprobs(logits, hyps, owner)
         t += 1
     out = []
     for r in range(b):
