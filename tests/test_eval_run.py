@@ -84,6 +84,13 @@ def test_s2t_answerer_on_tiny_bundle(bundle_dir, bench):
     guarded = S2TAnswerer(model, sampling=SamplingConfig(max_new_tokens=12, no_repeat_ngram_size=1))
     ids = guarded.answer(items[0]).token_ids
     assert len(ids) > 1 and len(set(ids)) == len(ids)  # no token twice
+    from echox.eval.run import S2SAnswerer
+
+    bundle = load_bundle(bundle_dir)
+    whole = S2SAnswerer(bundle, stream=False, whole_response=True, max_new_tokens=6)
+    assert whole.engine.cfg.whole_response and not whole.engine.cfg.stream
+    ans = whole.answer(items[0])
+    assert ans.stats["segments"] <= 1 and ans.stats["text_tokens"] <= 6
 
 
 @pytest.mark.slow
@@ -102,11 +109,13 @@ def test_eval_cli_s2s_with_faster_whisper(tmp_path, bundle_dir, bench, capsys):
 
 
 def test_eval_cli_errors(tmp_path, capsys, bundle_dir, bench):
-    for bad in (["--no-repeat-ngram", "-1"], ["--repetition-penalty", "0"]):
+    for bad, says in ((["--no-repeat-ngram", "-1"], "decoding options"),
+                      (["--repetition-penalty", "0"], "decoding options"),
+                      (["--mode", "s2s", "--whole-response"], "--no-stream")):
         args = ["eval", "--benchmark", bench, "--mode", "s2t", "--model", str(bundle_dir), *bad]
         assert main(args + ["--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
-        assert "decoding options" in err and len(err.strip().splitlines()) == 1
+        assert says in err and len(err.strip().splitlines()) == 1
     assert main(["eval", "--benchmark", "nope", "--mode", "s2t", "--model", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err
     assert main(["eval", "--compare", str(tmp_path)]) == 2

@@ -205,8 +205,9 @@ class S2SAnswerer:
     """EchoX answering in speech through the streaming engine."""
 
     def __init__(self, bundle: Any, stream: bool = True, max_new_tokens: int = 64,
-                 sampling: SamplingConfig | None = None) -> None:
-        cfg = EngineConfig(sampling=sampling or SamplingConfig(max_new_tokens=max_new_tokens), stream=stream)
+                 sampling: SamplingConfig | None = None, whole_response: bool = False) -> None:
+        cfg = EngineConfig(sampling=sampling or SamplingConfig(max_new_tokens=max_new_tokens), stream=stream,
+                           whole_response=whole_response)
         self.engine = Engine(bundle, cfg)
 
     def answer(self, item: QAItem) -> Answer:
@@ -430,6 +431,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size = 1 if args.mode == "s2s" else DEFAULT_BATCH_SIZE
     check_batch_size(args.mode, batch_size)
     sampling = eval_sampling(args)  # checked before anything slow
+    if args.whole_response and not args.no_stream:
+        raise EvalError("--whole-response needs --no-stream (a streamed answer is voiced segment by segment)")
     bench = open_benchmark(args.benchmark, limit=args.limit, decode_audio=args.mode != "text")
     out = Path(args.out or f"runs/eval/{args.mode}")
     asr = None
@@ -447,7 +450,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.mode == "s2t":
             answerer = S2TAnswerer(bundle.model, sampling=sampling)
         else:
-            answerer = S2SAnswerer(bundle, stream=not args.no_stream, sampling=sampling)
+            answerer = S2SAnswerer(bundle, stream=not args.no_stream, sampling=sampling,
+                                   whole_response=args.whole_response)
             asr = make_asr(args.asr)
     s = run_eval(bench, answerer, args.mode, out, args.benchmark, asr=asr,
                  save_audio=args.save_audio, total=len(bench), batch_size=batch_size)
@@ -487,7 +491,10 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"text / s2t / cascade: questions answered together, greedy (default "
                         f"{DEFAULT_BATCH_SIZE}); s2s answers one at a time")
-    p.add_argument("--no-stream", action="store_true", help="s2s: synthesize the whole response at once")
+    p.add_argument("--no-stream", action="store_true",
+                   help="s2s: voice the answer after its text is complete (the same segments)")
+    p.add_argument("--whole-response", action="store_true",
+                   help="s2s, with --no-stream: one echo segment for the whole answer, no trigger cuts")
     p.add_argument("--save-audio", action="store_true", help="s2s: keep each spoken answer as a wav")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="table + bar chart of finished runs")
     p.add_argument("--png", help="bar chart path")
