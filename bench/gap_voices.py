@@ -1,0 +1,96 @@
+"""The paper's claim, Echo's S2T − S2S gap against the gold-unit baseline's, over several voices.
+
+    python bench/gap_voices.py \
+        --voice piper runs/tiny/results30/echo-s2t runs/tiny/results30/echo-s2s \
+                      runs/tiny/results30/gold-s2t runs/tiny/results30/gold-s2s \
+        --voice espeak runs/tiny/results30/echo-s2t-espeak runs/s32/espeak-echo-s2s \
+                       runs/tiny/results30/gold-s2t-espeak runs/s32/espeak-gold-s2s
+
+Each `--voice NAME ECHO_S2T ECHO_S2S GOLD_S2T GOLD_S2S` names four finished `echox eval` run
+folders on the same questions spoken in one voice. Per question, gap = s2t hit − s2s hit, and
+the difference is gap_echo − gap_gold. Prints a table: each voice's gaps and the mean
+difference with its paired bootstrap interval (questions resampled), then the voices pooled:
+each question's difference averaged over the voices, so a question is resampled with all its
+voices (they are the same question, not independent ones). Only questions every run answered
+count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from echox.eval.stats import paired_bootstrap
+
+
+class Stop(Exception):
+    """Bad input: one line on stderr, exit status 2."""
+
+
+def hits(run: Path) -> dict[str, bool]:
+    path = run / "items.jsonl"
+    if not path.is_file():
+        raise Stop(f"no {path}: run `echox eval` there first")
+    out: dict[str, bool] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out[str(rec["id"])] = bool(rec["hit"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise Stop(f"{path}:{n}: not an eval record ({e})") from None
+    return out
+
+
+def pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except Stop as e:
+        print(f"gap_voices: {e}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str] | None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--voice", nargs=5, action="append", required=True,
+                    metavar=("NAME", "ECHO_S2T", "ECHO_S2S", "GOLD_S2T", "GOLD_S2S"))
+    ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    voices = []
+    for name, *runs in args.voice:
+        es2t, es2s, gs2t, gs2s = (hits(Path(r)) for r in runs)
+        voices.append((name, es2t, es2s, gs2t, gs2s))
+    shared = set.intersection(*(set(h) for v in voices for h in v[1:]))
+    ids = [i for i in voices[0][1] if i in shared]  # the first run's order (the benchmark's)
+    if not ids:
+        raise Stop("the runs share no question")
+    print(f"{len(ids)} questions answered by every run; {args.resamples} resamples, seed {args.seed}")
+    print("| voice | Echo gap | gold gap | Echo − gold, paired 95 % |")
+    print("|---|---:|---:|---:|")
+    per_voice = []
+    for name, es2t, es2s, gs2t, gs2s in voices:
+        ge = [int(es2t[i]) - int(es2s[i]) for i in ids]
+        gg = [int(gs2t[i]) - int(gs2s[i]) for i in ids]
+        d = [a - b for a, b in zip(ge, gg)]
+        per_voice.append(d)
+        b = paired_bootstrap(d, args.resamples, args.seed)
+        print(f"| {name} | {pts(sum(ge) / len(ids))} | {pts(sum(gg) / len(ids))} | "
+              f"{pts(b['mean'])} [{pts(b['lo'])}, {pts(b['hi'])}] |")
+    if len(voices) > 1:
+        pooled = [sum(col) / len(col) for col in zip(*per_voice)]
+        b = paired_bootstrap(pooled, args.resamples, args.seed)
+        print(f"| all {len(voices)} voices (per question, averaged) | | | "
+              f"{pts(b['mean'])} [{pts(b['lo'])}, {pts(b['hi'])}] |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""bench/gap_voices.py: the Echo − gold gap difference per voice and pooled over voices."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_gap_voices", ROOT / "bench" / "gap_voices.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(folder: Path, hits: list[int], ids: list[str] | None = None) -> str:
+    folder.mkdir(parents=True)
+    ids = ids or [f"q{i}" for i in range(len(hits))]
+    folder.joinpath("items.jsonl").write_text(
+        "".join(json.dumps({"id": i, "hit": bool(h)}) + "\n" for i, h in zip(ids, hits)))
+    return str(folder)
+
+
+def test_gap_per_voice_and_pooled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _script()
+    # voice a: Echo loses 1 of 4 hits in speech, gold 2 of 4: difference -1/4
+    a = [_run(tmp_path / "a" / n, h) for n, h in
+         (("es2t", [1, 1, 1, 1]), ("es2s", [1, 1, 1, 0]), ("gs2t", [1, 1, 1, 1]), ("gs2s", [1, 1, 0, 0]))]
+    # voice b: both lose nothing; one more question (q4) that voice a lacks: not counted
+    b = [_run(tmp_path / "b" / n, h) for n, h in
+         (("es2t", [0, 1, 0, 1, 1]), ("es2s", [0, 1, 0, 1, 0]), ("gs2t", [1, 0, 0, 0, 1]),
+          ("gs2s", [1, 0, 0, 0, 1]))]
+    assert bench.main(["--voice", "a", *a, "--voice", "b", *b, "--resamples", "500"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("4 questions answered by every run")
+    assert "| a | +25.0 | +50.0 | -25.0 [" in out
+    assert "| b | +0.0 | +0.0 | +0.0 [+0.0, +0.0] |" in out
+    assert "| all 2 voices (per question, averaged) | | | -12.5 [" in out
+
+
+def test_gap_voices_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _script()
+    runs = [_run(tmp_path / n, [1]) for n in ("w", "x", "y")]
+    assert bench.main(["--voice", "v", *runs, str(tmp_path / "missing")]) == 2
+    assert "items.jsonl: run `echox eval` there first" in capsys.readouterr().err
+    other = _run(tmp_path / "z", [1], ids=["other"])
+    assert bench.main(["--voice", "v", *runs, other]) == 2
+    assert "share no question" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "items.jsonl").write_text("{not json\n")
+    assert bench.main(["--voice", "v", *runs, str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "items.jsonl:1: not an eval record" in err and len(err.strip().splitlines()) == 1
