@@ -64,6 +64,11 @@ def run(argv: list[str] | None) -> int:
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.resamples < 1:
+        raise Stop(f"--resamples must be >= 1, got {args.resamples}")
+    names = [v[0] for v in args.voice]
+    if len(set(names)) < len(names):
+        raise Stop(f"two voices share a name: {names}")
     voices = []
     for name, *runs in args.voice:
         es2t, es2s, gs2t, gs2s = (hits(Path(r)) for r in runs)

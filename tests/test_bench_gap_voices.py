@@ -52,6 +52,10 @@ def test_gap_voices_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     other = _run(tmp_path / "z", [1], ids=["other"])
     assert bench.main(["--voice", "v", *runs, other]) == 2
     assert "share no question" in capsys.readouterr().err
+    assert bench.main(["--voice", "v", *runs, runs[0], "--resamples", "0"]) == 2
+    assert "--resamples must be >= 1" in capsys.readouterr().err
+    assert bench.main(["--voice", "v", *runs, runs[0], "--voice", "v", *runs, runs[0]]) == 2
+    assert "share a name" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "items.jsonl").write_text("{not json\n")
     assert bench.main(["--voice", "v", *runs, str(tmp_path / "bad")]) == 2

@@ -111,7 +111,8 @@ def test_eval_cli_s2s_with_faster_whisper(tmp_path, bundle_dir, bench, capsys):
 def test_eval_cli_errors(tmp_path, capsys, bundle_dir, bench):
     for bad, says in ((["--no-repeat-ngram", "-1"], "decoding options"),
                       (["--repetition-penalty", "0"], "decoding options"),
-                      (["--mode", "s2s", "--whole-response"], "--no-stream")):
+                      (["--mode", "s2s", "--whole-response"], "--no-stream"),
+                      (["--no-stream"], "--mode s2s only")):
         args = ["eval", "--benchmark", bench, "--mode", "s2t", "--model", str(bundle_dir), *bad]
         assert main(args + ["--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err

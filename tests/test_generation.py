@@ -348,6 +348,8 @@ def _repeats(tokens: list[int], n: int) -> bool:
 
 
 def test_repetition_guard_rules():
+    import pytest
+
     from echox.model.generation import banned_ngram_tokens, guard_repetition
 
     assert banned_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]  # "1 2 3" exists; "1 2" is the tail
@@ -362,8 +364,12 @@ def test_repetition_guard_rules():
     assert logits[0].tolist() == [1.0, -2.0, 0.5, 3.0]
     # row 1: "3 2" was said, the tail is 3, so 2 is banned
     assert logits[1, 2] == float("-inf") and logits[1, [0, 1, 3]].tolist() == [2.0, -1.0, 3.0]
-    import pytest
-
+    # a ban that would leave no token at all is lifted (here n = 1 over the whole vocabulary)
+    full = torch.tensor([[0.5, 0.25, -0.75]])
+    guard_repetition(full, [[0, 1, 2]], [SamplingConfig(no_repeat_ngram_size=1)])
+    assert full.tolist() == [[0.5, 0.25, -0.75]]
+    with pytest.raises(ValueError, match="histories"):
+        guard_repetition(full, [], [SamplingConfig(no_repeat_ngram_size=1)])
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingConfig(repetition_penalty=0.0)
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
@@ -372,7 +378,7 @@ def test_repetition_guard_rules():
 
 def test_no_repeat_ngram_greedy_text(make_model):
     """A tiny random LLM loops; the guard stops every repeated bigram, with or without the KV
-    cache, and a row in a batch (whose rows stop at different steps) gets what it gets alone."""
+    cache, and a row in a batch gets what it gets alone."""
     m = make_model()
     m.eval()
     free = m.generate_text(_dialogues(), SamplingConfig(max_new_tokens=40))
@@ -387,6 +393,23 @@ def test_no_repeat_ngram_greedy_text(make_model):
     assert alone == a.token_ids
     p = m.generate_text(_dialogues(), SamplingConfig(max_new_tokens=40, repetition_penalty=5.0))
     assert p.token_ids != free.token_ids
+
+
+def test_guarded_rows_keep_their_histories_when_one_leaves_the_batch(make_model):
+    """Row 0 is made to stop early (one of its tokens becomes a stop token): the rows left in
+    the batch keep their own histories, so each still gets what it gets alone."""
+    m = make_model()
+    m.eval()
+    s = SamplingConfig(max_new_tokens=30, repetition_penalty=5.0)
+    rows = m.generate_text(_dialogues(), s).token_ids
+    k = next(k for k in range(2, 20) if rows[0][k] not in rows[0][:k] and rows[0][k] not in rows[1][:k + 2])
+    gen = m.llm.base.generation_config
+    gen.eos_token_id = [*m.llm.stop_ids, rows[0][k]]
+    both = m.generate_text(_dialogues(), s)
+    alone = [m.generate_text([d], s).token_ids[0] for d in _dialogues()]
+    assert both.token_ids == alone
+    assert both.stopped[0] and len(both.token_ids[0]) == k  # row 0 left the batch at step k
+    assert len(both.token_ids[1]) > k + 1  # row 1 went on without it
 
 
 def test_beam_search_with_no_repeat_ngram():

@@ -199,7 +199,8 @@ def greedy_shrinking(model: Any, input_ids: Any, attention_mask: Any, max_new_to
     Same tokens as ``model.generate(do_sample=False)`` on left-padded prompts, but a row
     that hit EOS costs nothing afterwards (with ``generate`` every row of a batch runs to
     the longest answer). Returns each row's new tokens, EOS included when it was reached.
-    `guard`: its repetition guards (over each row's new tokens) apply; its other fields do not.
+    `guard`: its repetition guards apply, over each row's new tokens only (not the prompt's, as
+    transformers would); its other fields do not.
     """
     import torch
     from transformers import DynamicCache

@@ -431,6 +431,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size = 1 if args.mode == "s2s" else DEFAULT_BATCH_SIZE
     check_batch_size(args.mode, batch_size)
     sampling = eval_sampling(args)  # checked before anything slow
+    if (args.no_stream or args.whole_response) and args.mode != "s2s":
+        raise EvalError("--no-stream and --whole-response apply to --mode s2s only")
     if args.whole_response and not args.no_stream:
         raise EvalError("--whole-response needs --no-stream (a streamed answer is voiced segment by segment)")
     bench = open_benchmark(args.benchmark, limit=args.limit, decode_audio=args.mode != "text")

@@ -59,9 +59,10 @@ class SamplingConfig:
     # summed log-probability over (tokens + 1 for the stop token) ** length_penalty.
     num_beams: int = 1
     length_penalty: float = 1.0
-    # Repetition guards over the tokens generated so far (the prompt is speech and is not
-    # counted). repetition_penalty > 1 lowers a seen token's logit (divided by it when
-    # positive, multiplied when negative: the CTRL rule that transformers also uses);
+    # Repetition guards over the answer's own tokens (transformers counts the prompt's too).
+    # repetition_penalty > 1 lowers a generated token's logit (divided by it when positive,
+    # multiplied when negative: CTRL's rule, on the logits as transformers' greedy and sampled
+    # decoding apply it; beam search applies it to the logits too, before the softmax);
     # no_repeat_ngram_size = n > 0 forbids any n-gram from occurring twice. Off by default.
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
@@ -123,7 +124,11 @@ def banned_ngram_tokens(history: list[int], n: int) -> list[int]:
 def guard_repetition(logits: torch.Tensor, histories: list[list[int]],
                      configs: list[SamplingConfig]) -> None:
     """Apply each row's repetition guards (`SamplingConfig.repetition_penalty`,
-    `no_repeat_ngram_size`) to its logits [B, V] in place; row i has generated `histories[i]`."""
+    `no_repeat_ngram_size`) to its logits [B, V] in place; row i has generated `histories[i]`.
+    A row the n-gram ban would leave without any allowed token keeps its logits unbanned."""
+    if not len(histories) == len(configs) == logits.shape[0]:
+        raise ValueError(f"guard_repetition: {logits.shape[0]} rows, {len(histories)} histories, "
+                         f"{len(configs)} configs")
     for i, (hist, cfg) in enumerate(zip(histories, configs)):
         if not hist:
             continue
@@ -133,7 +138,10 @@ def guard_repetition(logits: torch.Tensor, histories: list[list[int]],
             logits[i, seen] = torch.where(v > 0, v / cfg.repetition_penalty, v * cfg.repetition_penalty)
         banned = banned_ngram_tokens(hist, cfg.no_repeat_ngram_size)
         if banned:
+            before = logits[i, banned].clone()
             logits[i, banned] = float("-inf")
+            if bool(torch.isneginf(logits[i]).all()):
+                logits[i, banned] = before
 
 
 @dataclass
