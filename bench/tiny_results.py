@@ -445,7 +445,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     text_recs = eval_run(
         ctx, "text", "text", qa, ids,
         {"mode": "text", "benchmark": str(qa.resolve()), "llm": llm, "system_prompt": prompt, **guard},
-        lambda: TextAnswerer(llm, prompt or None, guard=sampling),
+        lambda: TextAnswerer(llm, prompt or None, decoding=sampling),
         f"echox eval --mode text --llm {shlex.quote(llm)} --system-prompt {shlex.quote(prompt or '')} "
         f"--benchmark local:{qa}{lim} --batch-size {batch}{guard_flags} --out {ctx.out / 'text'}", batch)
     text_acc = accuracy(text_recs)
@@ -454,7 +454,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         ctx, "cascade", "cascade", qa, ids,
         {"mode": "cascade", "benchmark": str(qa.resolve()), "llm": llm, "system_prompt": prompt,
          "asr": ctx.asr_name(), **guard},
-        lambda: CascadeAnswerer(ctx.asr(), TextAnswerer(llm, prompt or None, guard=sampling)),
+        lambda: CascadeAnswerer(ctx.asr(), TextAnswerer(llm, prompt or None, decoding=sampling)),
         f"echox eval --mode cascade --asr {args.asr} --llm {shlex.quote(llm)} --system-prompt "
         f"{shlex.quote(prompt or '')} --benchmark local:{qa}{lim} --batch-size {batch}{guard_flags} "
         f"--out {ctx.out / 'cascade'}", batch)

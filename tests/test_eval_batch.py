@@ -19,6 +19,7 @@ from echox.cli import main
 from echox.errors import AudioError, EvalError
 from echox.eval.benchmarks import QAItem, open_benchmark
 from echox.eval.run import CascadeAnswerer, S2TAnswerer, TextAnswerer, run_eval
+from echox.model.generation import SamplingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 LLM = "builtin:tiny-random-llama"
@@ -99,15 +100,16 @@ def test_s2t_batch_is_token_identical_to_one_at_a_time(make_model: Any) -> None:
 # ---------------------------------------------------------------- text
 
 
-def reference_text_answer(ans: TextAnswerer, question: str, eos: list[int]) -> list[int]:
-    """The answer as `echox eval` made it before batching: `generate` on one question."""
+def reference_text_answer(ans: TextAnswerer, question: str, eos: list[int], beams: int = 1) -> list[int]:
+    """The answer as `echox eval` made it before batching: `generate` on one question (greedy,
+    or transformers' beam search), without its EOS."""
     msgs = [{"role": "system", "content": ans.system_prompt},
             {"role": "user", "content": question}]
     ids = ans.tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
                                       return_dict=True)
     with torch.no_grad():
         out = ans.model.generate(**ids, max_new_tokens=ans.max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=ans.tok.pad_token_id)
+                                 num_beams=beams, eos_token_id=eos, pad_token_id=ans.tok.pad_token_id)
     row = out[0, ids["input_ids"].shape[1]:].tolist()
     return row[:-1] if row and row[-1] in eos else row
 
@@ -131,6 +133,29 @@ def test_text_batch_is_token_identical_to_generate() -> None:
     assert [a.text for a in together] == texts
     assert ans.answer(items[3]).token_ids == want[3]
     assert all(a.stats["batch"] == len(items) for a in together)
+
+
+def test_text_beam_search_is_transformers_beam_search() -> None:
+    """`--text-beams`: the text LLM's answers by beam search, batched. Where no hypothesis
+    ends before the length limit they are those of transformers' `generate(num_beams=...)`;
+    where some end, the rule for when a row is done differs from transformers' default (a row
+    ends once N hypotheses have ended and the best of them beats every open one, which then
+    cannot compete: `beam_search_steps`), so there each row is checked against itself alone."""
+    ans = TextAnswerer(LLM, "Answer in one short sentence.", max_new_tokens=12,
+                       decoding=SamplingConfig(num_beams=3))
+    items = [QAItem(f"t{i}", q, ["x"], None, None, None) for i, q in enumerate(QUESTIONS)]
+    want = [reference_text_answer(ans, q, sorted(ans.eos_ids), beams=3) for q in QUESTIONS]
+    assert all(len(w) == ans.max_new_tokens for w in want)  # the random LLM never says EOS
+    together = ans.answer_batch(items)
+    assert [a.token_ids for a in together] == want
+    assert want != [reference_text_answer(ans, q, sorted(ans.eos_ids)) for q in QUESTIONS]
+    assert ans.answer(items[1]).token_ids == want[1]
+
+    ans.eos_ids = set(stop_on(want, [(0, 3), (3, 8)]))  # hypotheses end at different steps
+    together = [a.token_ids for a in ans.answer_batch(items)]
+    assert together == [ans.answer(it).token_ids for it in items]
+    assert len({len(t) for t in together}) > 1 and min(len(t) for t in together) < ans.max_new_tokens
+    assert not any(set(t) & ans.eos_ids for t in together)
 
 
 # ---------------------------------------------------------------- cascade
@@ -313,6 +338,20 @@ def test_cli_batched_equals_one_at_a_time(tmp_path: Path, bench: str, bundle_dir
         outs[bs] = records(out / "items.jsonl")
     assert [r["text"] for r in outs["3"]] == [r["text"] for r in outs["1"]]
     assert [r["stats"]["batch"] for r in outs["3"]] == [3, 3, 3, 2, 2]
+
+
+@pytest.mark.parametrize("mode", ["text", "s2t"])
+def test_cli_text_beams(tmp_path: Path, bench: str, bundle_dir: Path, mode: str) -> None:
+    """`--text-beams 3`: batched equals one at a time, and the answers are not greedy's."""
+    outs = {}
+    for name, extra in (("greedy", []), ("b1", ["--text-beams", "3", "--batch-size", "1"]),
+                        ("b3", ["--text-beams", "3", "--batch-size", "3"])):
+        out = tmp_path / name
+        assert main(["eval", "--mode", mode, "--llm", LLM, "--model", str(bundle_dir),
+                     "--benchmark", bench, "--out", str(out), "--max-new-tokens", "8", *extra]) == 0
+        outs[name] = [r["text"] for r in records(out / "items.jsonl")]
+    assert outs["b3"] == outs["b1"]
+    assert outs["b3"] != outs["greedy"]
 
 
 def _bench_script() -> Any:

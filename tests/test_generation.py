@@ -429,3 +429,57 @@ def test_beam_search_with_no_repeat_ngram():
     x = torch.cat([start, start])
     both = beam_results(beam_search_steps(step, embed, x, torch.ones(2, 1), [], [s, s]))
     assert [r.tokens for r in both] == [one.tokens, one.tokens]
+
+
+# ---- text answers by beam search -------------------------------------------------------------
+
+
+def test_text_beam_search_of_one_beam_is_greedy_with_its_hidden_states(make_model, monkeypatch):
+    """One beam is greedy: `beam_decode` gives greedy's tokens, and its teacher-forced pass
+    gives the states greedy recorded (the shared prefix, left padding of the prompts and right
+    padding of the answers all in play)."""
+    import echox.model.echox as echox_mod
+    from echox.model.generation import beam_decode
+
+    m = make_model()
+    m.eval()
+    greedy = m.generate_text(_dialogues(), SamplingConfig(max_new_tokens=10))
+    calls = []
+
+    def through_beams(*a, **kw):  # generate_text's own call, answered by beam_decode instead
+        calls.append(a[5])
+        return beam_decode(*a, **kw)
+
+    monkeypatch.setattr(echox_mod, "decode", through_beams)
+    beams = m.generate_text(_dialogues(), SamplingConfig(max_new_tokens=10))
+    assert len(calls) == 1 and calls[0].num_beams == 1
+    assert beams.token_ids == greedy.token_ids and beams.stopped == greedy.stopped
+    for hb, hg, t in zip(beams.hidden, greedy.hidden, greedy.token_ids):
+        assert hb.shape == hg.shape == (len(t), m.llm.hidden_size)
+        torch.testing.assert_close(hb, hg, rtol=1e-4, atol=1e-4)
+
+
+def _answer_logprob(m, ids: list[int], hidden: torch.Tensor) -> float:
+    """The summed log-probability of an answer, from the states that produced its tokens."""
+    logits = (hidden @ m.llm.base.get_output_embeddings().weight.T).float()
+    logits[:, m.llm.added_token_ids] = float("-inf")  # generation suppresses them
+    return float(torch.log_softmax(logits, -1)[torch.arange(len(ids)), ids].sum())
+
+
+def test_text_beam_search_rows_in_a_batch_equal_rows_alone(make_model):
+    m = make_model()
+    m.eval()
+    s = SamplingConfig(max_new_tokens=10, num_beams=3)
+    together = m.generate_text(_dialogues(), s)
+    alone = [m.generate_text([d], s) for d in _dialogues()]
+    assert together.token_ids == [a.token_ids[0] for a in alone]
+    for i, a in enumerate(alone):
+        assert together.hidden[i].shape == (len(a.token_ids[0]), m.llm.hidden_size)
+        torch.testing.assert_close(together.hidden[i], a.hidden[0], rtol=1e-4, atol=1e-4)
+    # this random model never stops within 10 tokens, so each answer is the likeliest of the
+    # search's last beams: here likelier than greedy's, which the search did not keep
+    greedy = m.generate_text(_dialogues(), SamplingConfig(max_new_tokens=10))
+    assert not any(together.stopped) and not any(greedy.stopped)
+    assert together.token_ids != greedy.token_ids
+    for b_ids, b_h, g_ids, g_h in zip(together.token_ids, together.hidden, greedy.token_ids, greedy.hidden):
+        assert _answer_logprob(m, b_ids, b_h) >= _answer_logprob(m, g_ids, g_h) - 1e-4

@@ -42,7 +42,8 @@ from echox.infer.asr import make_asr
 from echox.infer.bundle import (add_device_options, add_repetition_options, check_device, default_bundle,
                                 load_bundle)
 from echox.infer.engine import Engine, EngineConfig, Final
-from echox.model.generation import SamplingConfig
+from echox.model.generation import (SamplingConfig, beam_results, beam_search_steps, cache_kwargs,
+                                     output_cache)
 from echox.model.prompt import Turn
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,13 @@ class TextAnswerer:
     Questions are answered in batches: chat prompts padded on the left with the tokenizer's
     pad token (its EOS when it has none) and decoded greedily by the corpus builder's
     `greedy_shrinking`, which gives each row the tokens `generate` gives it alone and stops
-    computing a row once it has ended.
+    computing a row once it has ended. `decoding`: its repetition guards apply, and with
+    `num_beams > 1` the answers come from beam search (`beam_decode`, the search the speech
+    model's text answers use); its `max_new_tokens` does not (the answerer's own does).
     """
 
     def __init__(self, llm: str, system_prompt: str | None = None, max_new_tokens: int = 48,
-                 guard: SamplingConfig | None = None) -> None:
+                 decoding: SamplingConfig | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,7 +122,7 @@ class TextAnswerer:
             eos = self.tok.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
         self.system_prompt, self.max_new_tokens = system_prompt, max_new_tokens
-        self.guard = guard  # its repetition guards apply; its other fields do not
+        self.decoding = decoding
 
     def prompt(self, question: str) -> str:
         """The chat prompt of one question, ending where the assistant's answer starts."""
@@ -128,14 +131,17 @@ class TextAnswerer:
         return self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
     def answer_batch(self, items: Sequence[QAItem]) -> list[Answer]:
-        """Greedy answers to several questions at once, in their order."""
+        """Answers to several questions at once, in their order."""
         if not items:
             return []
         t0 = time.perf_counter()
         enc = self.tok([self.prompt(it.question) for it in items], return_tensors="pt",
                        padding=True, add_special_tokens=False)
-        rows = greedy_shrinking(self.model, enc["input_ids"], enc["attention_mask"],
-                                self.max_new_tokens, self.eos_ids, guard=self.guard)
+        if self.decoding is not None and self.decoding.num_beams > 1:
+            rows = self._beams(enc["input_ids"], enc["attention_mask"])
+        else:
+            rows = greedy_shrinking(self.model, enc["input_ids"], enc["attention_mask"],
+                                    self.max_new_tokens, self.eos_ids, guard=self.decoding)
         seconds = time.perf_counter() - t0
         out = []
         for row in rows:
@@ -144,6 +150,25 @@ class TextAnswerer:
                               stats=_batch_stats(seconds, len(items), len(ids)), token_ids=ids))
         return out
 
+    def _beams(self, input_ids: Any, attention_mask: Any) -> list[list[int]]:
+        """Each row's beam-search answer (no EOS), all rows in one batch."""
+        import torch
+
+        model = self.model
+
+        def step(embeds, mask, pos, cache):  # type: ignore[no-untyped-def]
+            out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                        logits_to_keep=1, **cache_kwargs(model, cache))
+            return out.logits, out.logits, output_cache(out)  # the search reads no hidden states
+
+        embed = model.get_input_embeddings()
+        assert self.decoding is not None
+        sampling = replace(self.decoding, max_new_tokens=self.max_new_tokens)
+        with torch.inference_mode():
+            found = beam_results(beam_search_steps(step, embed, embed(input_ids), attention_mask,
+                                                   sorted(self.eos_ids), [sampling] * len(input_ids)))
+        return [r.tokens for r in found]
+
     def answer(self, item: QAItem) -> Answer:
         return self.answer_batch([item])[0]
 
@@ -151,8 +176,8 @@ class TextAnswerer:
 class S2TAnswerer:
     """EchoX answering the spoken question in text (no speech synthesis).
 
-    A batch of questions is one greedy `EchoX.generate_text` call, which pads the merged
-    speech + text prompts on the left.
+    A batch of questions is one `EchoX.generate_text` call (greedy, or beam search with
+    `sampling.num_beams > 1`), which pads the merged speech + text prompts on the left.
     """
 
     def __init__(self, model: Any, max_new_tokens: int = 64, sampling: SamplingConfig | None = None) -> None:
@@ -160,7 +185,7 @@ class S2TAnswerer:
         self.sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens)
 
     def answer_batch(self, items: Sequence[QAItem]) -> list[Answer]:
-        """Greedy text answers to several spoken questions at once, in their order."""
+        """Text answers to several spoken questions at once, in their order."""
         if not items:
             return []
         t0 = time.perf_counter()
@@ -431,6 +456,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size = 1 if args.mode == "s2s" else DEFAULT_BATCH_SIZE
     check_batch_size(args.mode, batch_size)
     sampling = eval_sampling(args)  # checked before anything slow
+    if sampling.num_beams > 1 and args.mode == "s2s":
+        raise EvalError("--text-beams applies to the text, cascade and s2t modes; the streaming "
+                        "engine of s2s decodes its text greedily")
     if (args.no_stream or args.whole_response) and args.mode != "s2s":
         raise EvalError("--no-stream and --whole-response apply to --mode s2s only")
     if args.whole_response and not args.no_stream:
@@ -443,7 +471,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise EvalError(f"--device / --dtype apply to the s2t and s2s modes (a bundle); "
                             f"{args.mode} mode runs its LLM on the CPU in float32")
         llm = args.llm or load_config(args.config).llm.name_or_path
-        answerer: Answerer = TextAnswerer(llm, args.system_prompt or None, guard=sampling)
+        answerer: Answerer = TextAnswerer(llm, args.system_prompt or None, decoding=sampling)
         if args.mode == "cascade":
             answerer = CascadeAnswerer(make_asr(args.asr), answerer)
     else:
@@ -465,11 +493,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def eval_sampling(args: argparse.Namespace) -> SamplingConfig:
-    """Greedy text decoding with the run's answer length and repetition guards."""
+    """The run's text decoding: greedy or beam search, its answer length and repetition guards."""
     try:
         return SamplingConfig(max_new_tokens=args.max_new_tokens,
                               repetition_penalty=args.repetition_penalty,
-                              no_repeat_ngram_size=args.no_repeat_ngram)
+                              no_repeat_ngram_size=args.no_repeat_ngram,
+                              num_beams=args.text_beams, length_penalty=args.text_length_penalty)
     except ValueError as e:
         raise EvalError(f"decoding options: {e}") from None
 
@@ -490,6 +519,10 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt", default="Answer in one short sentence.", help="text / cascade mode")
     p.add_argument("--max-new-tokens", type=int, default=64)
     add_repetition_options(p)
+    p.add_argument("--text-beams", type=int, default=1, metavar="N",
+                   help="text / cascade / s2t: text answers by beam search over N hypotheses (1 = greedy)")
+    p.add_argument("--text-length-penalty", type=float, default=1.0, metavar="A",
+                   help="with --text-beams: a hypothesis scores its log-probability / length ** A")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"text / s2t / cascade: questions answered together, greedy (default "
                         f"{DEFAULT_BATCH_SIZE}); s2s answers one at a time")

@@ -328,7 +328,11 @@ def decode(
     alone (rows never see each other; the left padding keeps every row's positions).
     `shared` [1, P, D]: inputs that come before every row's prefix (a system prompt and chat
     template all rows have): with the KV cache they run once, not once per row.
+    With `sampling.num_beams > 1` the tokens come from beam search instead (`beam_decode`).
     """
+    if sampling.num_beams > 1:
+        return beam_decode(step, embed, prefix_embeds, prefix_mask, stop_ids, sampling,
+                           use_cache, suppress_ids, shared)
     b = prefix_embeds.shape[0]
     tokens: list[list[int]] = [[] for _ in range(b)]
     hiddens: list[list[torch.Tensor]] = [[] for _ in range(b)]
@@ -355,6 +359,54 @@ def decode(
                 rows = [rows[j] for j in keep.tolist()]
     hidden_out = [torch.stack(h) if h else prefix_embeds.new_zeros(0, width) for h in hiddens]
     return DecodeResult(tokens, hidden_out, stopped)
+
+
+@torch.no_grad()
+def beam_decode(
+    step: StepFn,
+    embed: EmbedFn,
+    prefix_embeds: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    stop_ids: list[int],
+    sampling: SamplingConfig,
+    use_cache: bool = True,
+    suppress_ids: list[int] | None = None,
+    shared: torch.Tensor | None = None,
+) -> DecodeResult:
+    """`decode` by beam search: each row's best hypothesis (`beam_search_steps`, every row with
+    `sampling`), and the hidden state that produced each of its tokens.
+
+    The search keeps no hidden states, so they come from one more pass over each row's prefix
+    and answer (teacher-forced, the answers right-padded): the states greedy decoding would
+    have recorded had it picked the same tokens, up to float rounding between a cached step
+    and a whole pass. `shared` [1, P, D] is put before every row's left padding, as `decode`
+    lays it out (here it runs once per row).
+    """
+    b = prefix_embeds.shape[0]
+    mask = prefix_mask.long()
+    embeds = prefix_embeds
+    if shared is not None:
+        embeds = torch.cat([shared.to(embeds.dtype).expand(b, -1, -1), embeds], dim=1)
+        mask = torch.cat([mask.new_ones(b, shared.shape[1]), mask], dim=1)
+    results = beam_results(beam_search_steps(step, embed, embeds, mask, stop_ids, [sampling] * b,
+                                             use_cache, suppress_ids))
+    tokens = [r.tokens for r in results]
+    n = max(len(t) for t in tokens)
+    # as `decode` does, an empty answer's states are [0, D] (no step produced a token)
+    hidden = [prefix_embeds.new_zeros(0, prefix_embeds.shape[-1]) for _ in tokens]
+    if n:
+        ids = torch.tensor([t + [t[-1] if t else 0] * (n - len(t)) for t in tokens], device=embeds.device)
+        ans_mask = torch.tensor([[1] * len(t) + [0] * (n - len(t)) for t in tokens],
+                                device=embeds.device, dtype=mask.dtype)
+        # the state that produced token i sits where token i - 1 (or the prefix's end) was fed
+        full = torch.cat([embeds, embed(ids[:, :-1]).to(embeds.dtype)], dim=1)
+        full_mask = torch.cat([mask, ans_mask[:, :-1]], dim=1)
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        _, states, _ = step(full, full_mask, pos, None)
+        start = embeds.shape[1] - 1
+        hidden = [states[r, start:start + len(t)] if t else states.new_zeros(0, states.shape[-1])
+                  for r, t in enumerate(tokens)]
+    return DecodeResult(tokens, hidden, [r.stopped for r in results])
 
 
 @dataclass
