@@ -155,6 +155,17 @@ def test_decode_audio_false_skips_audio(tmp_path: Path) -> None:
     assert items[0].sampling_rate is None and items[0].question.startswith("What")
 
 
+def test_text_only_question_file_serves_text_mode(tmp_path: Path) -> None:
+    """A question file with no audio column: fine without decoding, a clear error with it."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"id": "q1", "question": "Capital of Japan?", "answers": ["Tokyo"]}) + "\n")
+    (item,) = load_benchmark(f"local:{path}", decode_audio=False)
+    assert (item.id, item.question, item.answers, item.audio, item.audio_path) == \
+        ("q1", "Capital of Japan?", ["Tokyo"], None, None)
+    with pytest.raises(EvalError, match="no audio column"):
+        load_benchmark(f"local:{path}")
+
+
 def _write_local(root: Path) -> Path:
     (root / "wavs").mkdir()
     sf.write(root / "wavs" / "a.wav", _sine(1000, 16000), 16000)

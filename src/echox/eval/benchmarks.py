@@ -186,7 +186,10 @@ class Benchmark:
         self.question_col = _pick(columns, (*schema.question_cols, *_QUESTION_COLS),
                                   "question", source)
         self.answer_col = _pick(columns, (*schema.answer_cols, *_ANSWER_COLS), "answer", source)
-        self.audio_col = _pick(columns, _audio_candidates(rows, columns), "audio", source)
+        # text mode reads no audio: a question file without an audio column serves it too
+        audio_cols = _audio_candidates(rows, columns)
+        self.audio_col: str | None = (_pick(columns, audio_cols, "audio", source)
+                                      if decode_audio or any(c in columns for c in audio_cols) else None)
         self.id_col = next((c for c in _ID_COLS if c in columns), None)
         self._len = len(rows) if limit is None else min(limit, len(rows))
 
@@ -217,7 +220,8 @@ class Benchmark:
         answers = parse_answers(row.get(self.answer_col), where)
         raw_id = row.get(self.id_col) if self.id_col else None
         item_id = str(raw_id) if raw_id not in (None, "") else f"{self.name}-{index}"
-        audio, sr, path = self._audio(row.get(self.audio_col), where)
+        audio, sr, path = (None, None, None) if self.audio_col is None else \
+            self._audio(row.get(self.audio_col), where)
         return QAItem(id=item_id, question=question.strip(), answers=answers, audio=audio,
                       sampling_rate=sr, audio_path=path)
 
@@ -319,10 +323,11 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
 
 
 def _check_jsonl_columns(bench: Benchmark, rows: list[dict[str, Any]], lines: list[int]) -> None:
-    """Every line must carry the question, answer and audio keys found in the first."""
+    """Every line must carry the question, answer and audio keys found in the first (no audio
+    key where the file has none and its audio is not decoded)."""
     for row, lineno in zip(rows, lines):
         for col in (bench.question_col, bench.answer_col, bench.audio_col):
-            if col not in row:
+            if col is not None and col not in row:
                 raise EvalError(f"{bench.source} line {lineno}: missing key {col!r}")
 
 
