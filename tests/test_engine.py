@@ -460,3 +460,27 @@ def test_repetition_guard_reaches_the_engine(bundle: Bundle) -> None:
     free, guard = counts
     assert free[1] < free[0]  # the random model repeats itself...
     assert guard[1] == guard[0] > 1  # ...and with the guard no token comes twice
+
+
+def test_text_beams_reach_the_engine(bundle: Bundle) -> None:
+    """With `num_beams > 1` the engine speaks `generate_text`'s beam answer, cut and voiced
+    from the same states, after the search has ended."""
+    beams = SamplingConfig(max_new_tokens=12, num_beams=3)
+    with Engine(bundle, EngineConfig(sampling=beams, unit_sampling=UNITS)) as eng:
+        s = eng.session()
+        events = list(s.respond(text="tell me more"))
+        turn = s.turn
+    final = events[-1]
+    assert isinstance(final, Final)
+    want = bundle.model.generate_text([[Turn("user", text="tell me more")]], beams)
+    greedy_ids = bundle.model.generate_text([[Turn("user", text="tell me more")]],
+                                            SamplingConfig(max_new_tokens=12)).token_ids[0]
+    assert final.token_ids == want.token_ids[0] != greedy_ids
+    hidden = torch.stack(turn.hidden)
+    torch.testing.assert_close(hidden, want.hidden[0], rtol=1e-4, atol=1e-5)
+    expected = segment_boundaries(trigger_scores(hidden, bundle.model.trigger_row()),
+                                  bundle.model.config.trigger)
+    assert final.segments == expected and final.audio.size > 0
+    for i, (a, b) in enumerate(expected):
+        units = bundle.model.units_from_hidden([hidden[a:b]], UNITS)[0]
+        assert [u for c in pieces_by_segment(events)[i] for u in c.units] == units

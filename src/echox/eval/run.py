@@ -39,8 +39,8 @@ from echox.eval.benchmarks import QAItem, open_benchmark
 from echox.eval.stats import paired_bootstrap
 from echox.hub import resolve
 from echox.infer.asr import make_asr
-from echox.infer.bundle import (add_device_options, add_repetition_options, check_device, default_bundle,
-                                load_bundle)
+from echox.infer.bundle import (add_device_options, add_text_decoding_options, check_device, default_bundle,
+                                load_bundle, text_decoding)
 from echox.infer.engine import Engine, EngineConfig, Final
 from echox.model.generation import (SamplingConfig, beam_results, beam_search_steps, cache_kwargs,
                                      output_cache)
@@ -456,9 +456,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size = 1 if args.mode == "s2s" else DEFAULT_BATCH_SIZE
     check_batch_size(args.mode, batch_size)
     sampling = eval_sampling(args)  # checked before anything slow
-    if sampling.num_beams > 1 and args.mode == "s2s":
-        raise EvalError("--text-beams applies to the text, cascade and s2t modes; the streaming "
-                        "engine of s2s decodes its text greedily")
     if (args.no_stream or args.whole_response) and args.mode != "s2s":
         raise EvalError("--no-stream and --whole-response apply to --mode s2s only")
     if args.whole_response and not args.no_stream:
@@ -495,10 +492,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def eval_sampling(args: argparse.Namespace) -> SamplingConfig:
     """The run's text decoding: greedy or beam search, its answer length and repetition guards."""
     try:
-        return SamplingConfig(max_new_tokens=args.max_new_tokens,
-                              repetition_penalty=args.repetition_penalty,
-                              no_repeat_ngram_size=args.no_repeat_ngram,
-                              num_beams=args.text_beams, length_penalty=args.text_length_penalty)
+        return SamplingConfig(max_new_tokens=args.max_new_tokens, **text_decoding(args))
     except ValueError as e:
         raise EvalError(f"decoding options: {e}") from None
 
@@ -518,11 +512,7 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="text / cascade mode: preset/YAML naming the LLM")
     p.add_argument("--system-prompt", default="Answer in one short sentence.", help="text / cascade mode")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    add_repetition_options(p)
-    p.add_argument("--text-beams", type=int, default=1, metavar="N",
-                   help="text / cascade / s2t: text answers by beam search over N hypotheses (1 = greedy)")
-    p.add_argument("--text-length-penalty", type=float, default=1.0, metavar="A",
-                   help="with --text-beams: a hypothesis scores its log-probability / length ** A")
+    add_text_decoding_options(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"text / s2t / cascade: questions answered together, greedy (default "
                         f"{DEFAULT_BATCH_SIZE}); s2s answers one at a time")

@@ -175,13 +175,25 @@ def add_device_options(p: Any, default_device: str = "cpu") -> None:
                         "e.g. a bfloat16 LLM with float32 speech parts); bf16 or fp16 on a GPU")
 
 
-def add_repetition_options(p: Any) -> None:
-    """`--repetition-penalty` and `--no-repeat-ngram`: guards against looping text answers."""
+def add_text_decoding_options(p: Any) -> None:
+    """How text answers are decoded beside greedy/sampling: guards against looping answers
+    (`--repetition-penalty`, `--no-repeat-ngram`) and beam search (`--text-beams`)."""
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="text: divide a generated token's logit by this when it comes again "
                         "(> 1 discourages repeats; 1 = off)")
     p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
                    help="text: never generate the same N tokens twice in one answer (0 = off)")
+    p.add_argument("--text-beams", type=int, default=1, metavar="N",
+                   help="text answers by beam search over N hypotheses (1 = greedy); spoken "
+                        "answers then start once the search has ended")
+    p.add_argument("--text-length-penalty", type=float, default=1.0, metavar="A",
+                   help="with --text-beams: a hypothesis scores its log-probability / length ** A")
+
+
+def text_decoding(args: Any) -> dict[str, Any]:
+    """The `SamplingConfig` fields `add_text_decoding_options` set."""
+    return {"repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram,
+            "num_beams": args.text_beams, "length_penalty": args.text_length_penalty}
 
 
 def check_device(device: str) -> None:

@@ -63,6 +63,7 @@ from echox.infer.events import (
 from echox.model.encoder import check_speech_length
 from echox.model.generation import (
     DecodeState,
+    beam_decode,
     iter_decode,
     start_decode,
 )
@@ -363,6 +364,25 @@ class Session:
         text = self.engine.model.tokenizer.decode(turn.tokens[start:end], skip_special_tokens=True)
         return Segment(index, start, end, text)
 
+    def _tokens(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The answer's tokens, each with the hidden state [D] that produced it. Greedy or
+        sampled tokens come one step at a time; with `num_beams > 1` all of them come once the
+        search has ended (`beam_decode`), so text and speech start later."""
+        model, cfg, turn = self.engine.model, self.engine.cfg, self.turn
+        assert turn is not None
+        if cfg.sampling.num_beams > 1:
+            res = beam_decode(model._llm_step, model.llm.embed, turn.decode.embeds, turn.decode.mask,
+                              model.llm.stop_ids, cfg.sampling, use_cache=cfg.use_cache,
+                              suppress_ids=model.llm.added_token_ids)
+            yield from zip(res.tokens[0], res.hidden[0])
+            return
+        for st in iter_decode(model._llm_step, model.llm.embed, turn.decode.embeds,
+                              turn.decode.mask, model.llm.stop_ids, cfg.sampling,
+                              use_cache=cfg.use_cache, suppress_ids=model.llm.added_token_ids,
+                              state=turn.decode):
+            if bool(st.emitted[0]):  # not the stop token
+                yield int(st.ids[0]), st.hidden[0].clone()  # a copy: the prefix states can go
+
     def _stream(self, user: Turn, t0: float) -> Iterator[Event]:
         engine, cfg = self.engine, self.engine.cfg
         turn = self.turn = self._start(user)
@@ -408,15 +428,8 @@ class Session:
             yield self._submit(seg, pending, stop)
 
         try:
-            model = engine.model
-            for st in iter_decode(model._llm_step, model.llm.embed, turn.decode.embeds,
-                                  turn.decode.mask, model.llm.stop_ids, cfg.sampling,
-                                  use_cache=cfg.use_cache, suppress_ids=model.llm.added_token_ids,
-                                  state=turn.decode):
-                if not bool(st.emitted[0]):
-                    continue  # the stop token
-                h = st.hidden[0].clone()  # [D]; a copy, so the prefix states can be freed
-                turn.tokens.append(int(st.ids[0]))
+            for tok, h in self._tokens():
+                turn.tokens.append(tok)
                 turn.hidden.append(h)
                 yield from text_event(final=False)
                 turn.scores.append(engine.trigger_score(h))

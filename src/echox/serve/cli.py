@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from echox.errors import ConfigError, EchoXError
-from echox.infer.bundle import (add_device_options, add_repetition_options, check_device, default_bundle,
-                                load_bundle)
+from echox.infer.bundle import (add_device_options, add_text_decoding_options, check_device, default_bundle,
+                                load_bundle, text_decoding)
 from echox.infer.engine import Engine, EngineConfig
 from echox.model.generation import SamplingConfig
 from echox.serve.app import ServeConfig, create_app
@@ -55,8 +55,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     try:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                  repetition_penalty=args.repetition_penalty,
-                                  no_repeat_ngram_size=args.no_repeat_ngram)
+                                  **text_decoding(args))
         cfg = EngineConfig(sampling=sampling, workers=args.speech_workers,
                            chunk_units=args.chunk_units, first_chunk_units=args.first_chunk_units)
         serve_cfg = ServeConfig(
@@ -129,7 +128,7 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     d.add_argument("--temperature", type=float, default=0.2, help="text sampling; 0 = greedy")
     d.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    add_repetition_options(d)
+    add_text_decoding_options(d)
     d.add_argument("--seed", type=int, help="seed for sampling")
     d.add_argument("--chunk-units", type=int, default=40,
                    help="units per audio chunk after a segment's first; 0 = whole segments")
