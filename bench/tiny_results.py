@@ -84,7 +84,10 @@ def read_items(path: Path) -> dict[str, dict[str, Any]]:
 
 # settings a run records only when they are not the default: absent on one side, present on
 # the other is a difference too
-OPTIONAL_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size")
+# (SamplingConfig field, the option that sets it, its default): how the text answers decode
+DECODING = (("repetition_penalty", "--repetition-penalty", 1.0), ("no_repeat_ngram_size", "--no-repeat-ngram", 0),
+            ("num_beams", "--text-beams", 1), ("length_penalty", "--text-length-penalty", 1.0))
+OPTIONAL_SETTINGS = tuple(name for name, _, _ in DECODING)
 
 
 def check_run_dir(folder: Path, settings: dict[str, Any]) -> None:
@@ -343,6 +346,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="text answers of every mode: CTRL repetition penalty (1 = off)")
     ap.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
                     help="text answers of every mode: no N-gram twice in an answer (0 = off)")
+    ap.add_argument("--text-beams", type=int, default=1, metavar="N",
+                    help="text answers of every mode: beam search over N hypotheses (1 = greedy)")
+    ap.add_argument("--text-length-penalty", type=float, default=1.0, metavar="A",
+                    help="with --text-beams: a hypothesis scores its log-probability / length ** A")
     ap.add_argument("--asr", default="faster-whisper",
                     help="ASR of the spoken answers (default: Whisper tiny.en, faster-whisper)")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
@@ -422,22 +429,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.t2c_only:
         return t2c_only(ctx, ids, tts_units, bundles, argv)
 
-    # ---- decoding: greedy, with the repetition guards when asked (recorded only when on, so
-    # runs made before the guards existed stay reusable)
+    # ---- decoding: greedy unless asked otherwise (beams, repetition guards); each setting is
+    # recorded only when it is not the default, so runs made before it existed stay reusable
     try:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
                                   repetition_penalty=args.repetition_penalty,
-                                  no_repeat_ngram_size=args.no_repeat_ngram)
+                                  no_repeat_ngram_size=args.no_repeat_ngram,
+                                  num_beams=args.text_beams, length_penalty=args.text_length_penalty)
     except ValueError as e:
         raise Stop(str(e)) from None
     guard: dict[str, Any] = {}
     guard_flags = ""
-    if sampling.repetition_penalty != 1.0:
-        guard["repetition_penalty"] = sampling.repetition_penalty
-        guard_flags += f" --repetition-penalty {sampling.repetition_penalty}"
-    if sampling.no_repeat_ngram_size:
-        guard["no_repeat_ngram_size"] = sampling.no_repeat_ngram_size
-        guard_flags += f" --no-repeat-ngram {sampling.no_repeat_ngram_size}"
+    for name, flag, default in DECODING:
+        if getattr(sampling, name) != default:
+            guard[name] = getattr(sampling, name)
+            guard_flags += f" {flag} {guard[name]}"
 
     # ---- text LLM: the upper bound, the same for every bundle
     cfg = load_config(args.config)
@@ -632,11 +638,15 @@ def _cells(result: dict[str, Any], get: Callable[[dict[str, Any]], str]) -> list
 def _decoding(result: dict[str, Any]) -> str:
     """How the text answers were decoded, in words."""
     guards = []
+    beams = result.get("num_beams", 1)
+    if result.get("length_penalty", 1.0) != 1.0:
+        guards.append(f"length penalty {result['length_penalty']}")
     if result.get("repetition_penalty", 1.0) != 1.0:
         guards.append(f"repetition penalty {result['repetition_penalty']}")
     if result.get("no_repeat_ngram_size"):
         guards.append(f"no repeated {result['no_repeat_ngram_size']}-gram")
-    return "greedy text" + (", " + ", ".join(guards) if guards else "")
+    how = f"text by beam search over {beams}" if beams > 1 else "greedy text"
+    return how + (", " + ", ".join(guards) if guards else "")
 
 
 def render_table(result: dict[str, Any]) -> str:

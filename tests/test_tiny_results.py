@@ -182,6 +182,14 @@ def test_tiny_results_shared_bundle_and_skips(tmp_path: Path, bundles: dict[str,
         assert run["no_repeat_ngram_size"] == 2, name
     # nor are guarded folders reused by a run without the guard
     assert bench.main(args) == 2 and "other settings" in capsys.readouterr().err
+    # text beams: recorded, passed on, and named in the table's header
+    args[args.index("--out") + 1] = str(tmp_path / "beams")
+    assert bench.main(args + ["--text-beams", "2"]) == 0
+    assert "text by beam search over 2)" in capsys.readouterr().out
+    res = json.loads((tmp_path / "beams" / "results.json").read_text())
+    assert res["num_beams"] == 2 and "length_penalty" not in res
+    for name in ("text", "cascade", "echo-s2t", "echo-s2s"):
+        assert "--text-beams 2" in res["commands"][name], name
 
 
 def test_tiny_results_slim_bundle_takes_the_t2c_from_t2c(tmp_path: Path, bundles: dict[str, Path],
