@@ -98,8 +98,8 @@ class TextAnswerer:
     pad token (its EOS when it has none) and decoded greedily by the corpus builder's
     `greedy_shrinking`, which gives each row the tokens `generate` gives it alone and stops
     computing a row once it has ended. `decoding`: its repetition guards apply, and with
-    `num_beams > 1` the answers come from beam search (`beam_decode`, the search the speech
-    model's text answers use); its `max_new_tokens` does not (the answerer's own does).
+    `num_beams > 1` the answers come from beam search (`beam_search_steps`, as the speech
+    model's answers do); its `max_new_tokens` does not (the answerer's own does).
     """
 
     def __init__(self, llm: str, system_prompt: str | None = None, max_new_tokens: int = 48,
@@ -514,7 +514,7 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     add_text_decoding_options(p)
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"text / s2t / cascade: questions answered together, greedy (default "
+                   help=f"text / s2t / cascade: questions answered together (default "
                         f"{DEFAULT_BATCH_SIZE}); s2s answers one at a time")
     p.add_argument("--no-stream", action="store_true",
                    help="s2s: voice the answer after its text is complete (the same segments)")
