@@ -152,3 +152,22 @@ def test_bad_input_fails_before_the_model_load(bundle_dir: Path, tmp_path: Path,
     one_line_error(capsys, chat("-o", str(tmp_path / "turns.mp3")), "turns_1.mp3",
                    "unsupported suffix")  # interactive
     assert loads == []
+
+
+def test_chat_text_beams(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--text-beams` speaks the beam answer; the sampling temperature then defaults to 0, and
+    an explicit one is a one-line error."""
+    from echox.infer.bundle import load_bundle
+    from echox.model.generation import SamplingConfig
+    from echox.model.prompt import Turn
+
+    args = ["chat", "--model", str(bundle_dir), "--text", "tell me more", "-o", str(tmp_path / "a.wav"),
+            "--max-new-tokens", "12"]
+    assert main([*args, "--text-beams", "3"]) == 0
+    out = capsys.readouterr().out
+    model = load_bundle(bundle_dir).model
+    want = [model.generate_text([[Turn("user", text="tell me more")]],
+                                SamplingConfig(max_new_tokens=12, num_beams=n)).texts[0] for n in (3, 1)]
+    assert want[0] != want[1] and want[0].strip() in out
+    one_line_error(capsys, main([*args, "--text-beams", "3", "--temperature", "0.5"]),
+                   "sampling options", "temperature 0")

@@ -190,6 +190,23 @@ def add_text_decoding_options(p: Any) -> None:
                    help="with --text-beams: a hypothesis scores its log-probability / length ** A")
 
 
+DEFAULT_TEMPERATURE = 0.2  # echox chat / serve: a little sampling, unless beams are asked for
+
+
+def add_sampling_options(p: Any) -> None:
+    """`--temperature` and `--top-p` of `echox chat` / `echox serve`."""
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"text sampling; 0 = greedy (default {DEFAULT_TEMPERATURE}, or 0 with --text-beams)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+
+
+def sampling_temperature(args: Any) -> float:
+    """`--temperature`, or its default: beam search is deterministic, so 0 with `--text-beams`."""
+    if args.temperature is not None:
+        return float(args.temperature)
+    return 0.0 if getattr(args, "text_beams", 1) > 1 else DEFAULT_TEMPERATURE
+
+
 def text_decoding(args: Any) -> dict[str, Any]:
     """The `SamplingConfig` fields `add_text_decoding_options` set."""
     return {"repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram,

@@ -19,8 +19,8 @@ from typing import Any, TextIO
 from echox.audio import check_output_path, save_audio
 from echox.config import EncoderConfig
 from echox.errors import EchoXError
-from echox.infer.bundle import (add_device_options, add_text_decoding_options, check_device, default_bundle,
-                                load_bundle, text_decoding)
+from echox.infer.bundle import (add_device_options, add_sampling_options, add_text_decoding_options, check_device,
+                                default_bundle, load_bundle, sampling_temperature, text_decoding)
 from echox.infer.engine import (
     Engine,
     EngineConfig,
@@ -70,7 +70,7 @@ def _engine(args: argparse.Namespace) -> Any:
 
     try:  # check the options before the slow model load
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                  temperature=sampling_temperature(args), top_p=args.top_p, seed=args.seed,
                                   **text_decoding(args))
     except ValueError as e:
         raise EchoXError(f"sampling options: {e}") from e
@@ -184,8 +184,7 @@ def chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--whole-response", action="store_true",
                    help="with --no-stream: one echo segment for the whole answer")
     p.add_argument("--stats", action="store_true", help="print latency statistics per turn")
-    p.add_argument("--temperature", type=float, default=0.2, help="text sampling; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    add_sampling_options(p)
     add_text_decoding_options(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible answers)")

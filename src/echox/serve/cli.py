@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from echox.errors import ConfigError, EchoXError
-from echox.infer.bundle import (add_device_options, add_text_decoding_options, check_device, default_bundle,
-                                load_bundle, text_decoding)
+from echox.infer.bundle import (add_device_options, add_sampling_options, add_text_decoding_options, check_device,
+                                default_bundle, load_bundle, sampling_temperature, text_decoding)
 from echox.infer.engine import Engine, EngineConfig
 from echox.model.generation import SamplingConfig
 from echox.serve.app import ServeConfig, create_app
@@ -54,7 +54,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     token = args.token or os.environ.get(ENV_TOKEN) or None
     try:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                  temperature=sampling_temperature(args), top_p=args.top_p, seed=args.seed,
                                   **text_decoding(args))
         cfg = EngineConfig(sampling=sampling, workers=args.speech_workers,
                            chunk_units=args.chunk_units, first_chunk_units=args.first_chunk_units)
@@ -126,8 +126,7 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     d = p.add_argument_group("decoding")
     d.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
-    d.add_argument("--temperature", type=float, default=0.2, help="text sampling; 0 = greedy")
-    d.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    add_sampling_options(d)
     add_text_decoding_options(d)
     d.add_argument("--seed", type=int, help="seed for sampling")
     d.add_argument("--chunk-units", type=int, default=40,
