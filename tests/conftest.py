@@ -6,6 +6,8 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -17,6 +19,23 @@ import torch
 # Tiny models gain nothing from several threads, and threads beyond the free cores slow
 # everything down by an order of magnitude on a shared machine.
 torch.set_num_threads(int(os.environ.get("ECHOX_TEST_THREADS", "1")))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str | Path, name: str | None = None) -> ModuleType:
+    """A script that is not a package module (`bench/*.py`, `recipes/*/*.py`), imported from
+    its file; relative paths are from the repository root. It is registered in `sys.modules`
+    under `name` (default: its stem), where dataclasses look their module up while defining."""
+    path = ROOT / path
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session", autouse=True)

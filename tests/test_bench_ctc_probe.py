@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import soundfile as sf
-from conftest import noise
+from conftest import load_script, noise
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _probe():
-    spec = importlib.util.spec_from_file_location("bench_ctc_probe", ROOT / "bench" / "ctc_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/ctc_probe.py", "bench_ctc_probe")
 
 
 def test_names_and_recall():

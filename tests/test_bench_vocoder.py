@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,21 +10,17 @@ import pytest
 import soundfile as sf
 import torch
 from test_vocoder_unit2mel import tiny_generator
+from conftest import load_script
 
 from echox.vocoder.io import save_generator, save_vocoder
 from echox.vocoder.unit2mel import Unit2Mel, Unit2MelConfig
 from echox.vocoder.unit_mel import UnitMelVocoder
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script(name: str):
     """A `bench/` script as a module."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"bench/{name}.py", f"bench_{name}")
 
 
 def _bench():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import noise
+from conftest import load_script, noise
 
 from echox.audio import load_audio
 from echox.cli import main
@@ -355,12 +353,7 @@ def test_cli_text_beams(tmp_path: Path, bench: str, bundle_dir: Path, mode: str)
 
 
 def _bench_script() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_eval_speed", ROOT / "bench" / "eval_speed.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/eval_speed.py", "bench_eval_speed")
 
 
 def test_bench_eval_speed_runs(bench: str, bundle_dir: Path,

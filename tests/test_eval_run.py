@@ -1,7 +1,6 @@
 """`echox eval` end to end on a tiny random bundle and a local benchmark file."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

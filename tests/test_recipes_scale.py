@@ -8,7 +8,6 @@ docs/training.md). The GPU recipe and the tested one differ only in the override
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from conftest import load_script
 
 from echox.cli import main
 
@@ -78,9 +78,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _shard(d / "EchoX-Dialogues" / "shard-001", 4, 4)
     _shard(d / "EchoX-Dialogues-heldout" / "shard-002", 8, 2)
     _asr_parquet(d / "asr", 4)
-    spec = importlib.util.spec_from_file_location("dialogues_tts", ROOT / "recipes/3b/dialogues_tts.py")
-    tts_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tts_script)  # type: ignore[union-attr]
+    tts_script = load_script("recipes/3b/dialogues_tts.py")
     for src, out in (("EchoX-Dialogues", "tts"), ("EchoX-Dialogues-heldout", "tts/heldout")):
         assert tts_script.main([str(d / src), "--out", str(d / out)]) == 0
     rng = np.random.default_rng(0)
@@ -267,10 +265,7 @@ def test_memory_plan_builds_the_published_sizes_that_docs_quote():
     trainable / frozen sizes docs/scale.md quotes for the 3B S2T stage (its first table)."""
     from echox.config import load_config
 
-    spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "bench/memory_plan.py")
-    mp = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("memory_plan", mp)  # its dataclasses look their module up
-    spec.loader.exec_module(mp)  # type: ignore[union-attr]
+    mp = load_script("bench/memory_plan.py")
 
     parts = mp.build_parts(load_config(str(ROOT / "recipes/3b/model.yaml")))
     assert all(p.is_meta for m in parts.values() for p in m.parameters())

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import noise
+from conftest import load_script, noise
 
 from echox.data.datasets import ConcatDataset, S2TDataset, perturb_audio
 from echox.data.manifest import DialogueRecord, read_jsonl
@@ -129,9 +129,6 @@ def test_concat_dataset_and_several_manifests(tmp_path):
 
 def test_train_speed_bench_runs_every_stage_and_variant(tmp_path, capsys):
     """bench/train_speed.py end to end on tiny-random (speed is not checked, only the table)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
 
     corpus = _corpus(tmp_path)
     train = corpus / "train"
@@ -139,11 +136,7 @@ def test_train_speed_bench_runs_every_stage_and_variant(tmp_path, capsys):
     rng = np.random.default_rng(0)
     (train / "tts_units.jsonl").write_text("".join(
         json.dumps({**r, "units": rng.integers(0, 50, 12).tolist()}) + "\n" for r in rows))
-    path = Path(__file__).resolve().parent.parent / "bench" / "train_speed.py"
-    spec = importlib.util.spec_from_file_location("bench_train_speed", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train_speed"] = mod
-    spec.loader.exec_module(mod)
+    mod = load_script("bench/train_speed.py", "bench_train_speed")
     out = tmp_path / "rows.json"
     assert mod.main(["--model", "tiny-random", "--dialogues", str(train / "dialogues.jsonl"),
                      "--tts", str(train / "tts_units.jsonl"), "--n", "3", "--batch-size", "2",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from echox.data.tiny_corpus import (
     DEFAULT_QUESTIONS,
@@ -27,15 +26,7 @@ MAKE_QUESTIONS = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "mak
 @pytest.fixture(scope="module")
 def mq():
     """The recipe's question script, imported from its file (it is not a package module)."""
-    spec = importlib.util.spec_from_file_location("make_questions", MAKE_QUESTIONS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_questions"] = module  # dataclasses look their module up while defining
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop("make_questions", None)
-    return module
+    return load_script(MAKE_QUESTIONS)
 
 
 @pytest.mark.parametrize(
@@ -254,11 +245,7 @@ def test_piper_stopped_midway_keeps_its_wavs_and_reports_no_failure(tmp_path):
 def test_extra_t2c_sentences_hold_out_the_test_facts_and_subjects(tmp_path):
     """recipes/tiny/make_tts_text.py: facts behind test questions, and facts naming a test
     question's subject, never become T2C sentences; the rest read as answers."""
-    path = MAKE_QUESTIONS.parent / "make_tts_text.py"
-    spec = importlib.util.spec_from_file_location("make_tts_text", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(MAKE_QUESTIONS.parent / "make_tts_text.py")
     task = {"examples": [
         {"input": "The capital of Japan is", "target": "Tokyo"},                  # 0: a test fact
         {"input": "The official language of Japan is", "target": "Japanese"},     # 1: test subject

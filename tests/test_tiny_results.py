@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 ROWS = ["Text-LLM accuracy", "Cascade accuracy", "S2T accuracy (piper voice)", "S2S accuracy",
         "S2T accuracy (espeak-ng en-us voice)", "S2T − S2S gap", "ASR-WER",
         "T2C intelligibility WER", "First-audio latency, median", "First-audio latency, p90",
@@ -20,12 +19,7 @@ ROWS = ["Text-LLM accuracy", "Cascade accuracy", "S2T accuracy (piper voice)", "
 
 
 def _script() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_tiny_results",
-                                                  ROOT / "bench" / "tiny_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/tiny_results.py", "bench_tiny_results")
 
 
 @pytest.fixture(scope="module")
