@@ -122,8 +122,8 @@ def test_train_size_caps_train_and_keeps_the_test_split():
         split_questions(qs, train_size=-1)
 
 
-def test_greedy_shrinking_matches_generate():
-    """Dropping finished rows must not change any row's greedy tokens."""
+def _tiny_llama():
+    """A seeded 2-layer random Llama (vocabulary 64, EOS 2) for the greedy decoding tests."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -131,7 +131,14 @@ def test_greedy_shrinking_matches_generate():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_greedy_shrinking_matches_generate():
+    """Dropping finished rows must not change any row's greedy tokens."""
+    import torch
+
+    model = _tiny_llama()
     ids = torch.randint(3, 64, (5, 7))
     mask = torch.ones_like(ids)
     for row, pad in enumerate([0, 2, 0, 4, 1]):  # left padding of different lengths
@@ -266,15 +273,10 @@ def test_greedy_shrinking_repetition_guard():
     """With `no_repeat_ngram_size` no row repeats a bigram of its new tokens, and each row of a
     batch whose rows end at different steps gets what it gets alone."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from echox.model.generation import SamplingConfig
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
+    model = _tiny_llama()
     ids = torch.randint(3, 64, (4, 6))
     mask = torch.ones_like(ids)
     for row, pad in enumerate([0, 2, 0, 3]):
