@@ -184,6 +184,18 @@ class DecodeStep:
         return ~(self.stopped | self.finished)
 
 
+def with_shared(prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor,
+                shared: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prefixes [B, L, D] / [B, L] with `shared` [1, P, D] put before every row's
+    padding: [shared][padding][prefix] and its mask (long)."""
+    mask = prefix_mask.long()
+    if shared is None:
+        return prefix_embeds, mask
+    b = prefix_embeds.shape[0]
+    return (torch.cat([shared.to(prefix_embeds.dtype).expand(b, -1, -1), prefix_embeds], dim=1),
+            torch.cat([mask.new_ones(b, shared.shape[1]), mask], dim=1))
+
+
 def start_decode(
     prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, stop_ids: list[int],
     sampling: SamplingConfig, shared: torch.Tensor | None = None, cache: Any = None,
@@ -199,13 +211,8 @@ def start_decode(
     gen = None
     if sampling.seed is not None and sampling.temperature > 0:
         gen = torch.Generator(device=device).manual_seed(sampling.seed)
-    mask = prefix_mask.long()
-    embeds = prefix_embeds
-    p = 0
-    if shared is not None:
-        p = shared.shape[1]
-        mask = torch.cat([mask.new_ones(b, p), mask], dim=1)
-        embeds = torch.cat([shared.to(prefix_embeds.dtype).expand(b, -1, -1), prefix_embeds], dim=1)
+    embeds, mask = with_shared(prefix_embeds, prefix_mask, shared)
+    p = 0 if shared is None else shared.shape[1]
     pos_all = (mask.cumsum(-1) - 1).clamp(min=0)
     inp, pos = embeds, pos_all
     if cache is not None:
@@ -382,20 +389,15 @@ def beam_decode(
     and a whole pass. `shared` [1, P, D] is put before every row's left padding, as `decode`
     lays it out (here it runs once per row).
     """
-    b = prefix_embeds.shape[0]
-    mask = prefix_mask.long()
-    embeds = prefix_embeds
-    if shared is not None:
-        embeds = torch.cat([shared.to(embeds.dtype).expand(b, -1, -1), embeds], dim=1)
-        mask = torch.cat([mask.new_ones(b, shared.shape[1]), mask], dim=1)
-    results = beam_results(beam_search_steps(step, embed, embeds, mask, stop_ids, [sampling] * b,
-                                             use_cache, suppress_ids))
+    embeds, mask = with_shared(prefix_embeds, prefix_mask, shared)
+    results = beam_results(beam_search_steps(step, embed, embeds, mask, stop_ids,
+                                             [sampling] * prefix_embeds.shape[0], use_cache, suppress_ids))
     tokens = [r.tokens for r in results]
     n = max(len(t) for t in tokens)
     # as `decode` does, an empty answer's states are [0, D] (no step produced a token)
     hidden = [prefix_embeds.new_zeros(0, prefix_embeds.shape[-1]) for _ in tokens]
     if n:
-        ids = torch.tensor([t + [t[-1] if t else 0] * (n - len(t)) for t in tokens], device=embeds.device)
+        ids = torch.tensor([t + [0] * (n - len(t)) for t in tokens], device=embeds.device)  # 0: masked
         ans_mask = torch.tensor([[1] * len(t) + [0] * (n - len(t)) for t in tokens],
                                 device=embeds.device, dtype=mask.dtype)
         # the state that produced token i sits where token i - 1 (or the prefix's end) was fed
