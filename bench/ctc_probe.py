@@ -36,7 +36,8 @@ def probe(model, wave: np.ndarray) -> dict:
     with torch.no_grad():
         out = model.encode_speech([wave])
     n = int(out.frame_lengths[0])
-    ids = model.adapter.ctc_token_ids(out.ctc_logits[0, :n].argmax(-1)).tolist()
+    # each frame's argmax as the shrink reads it (with the adapter's shrink_blank_penalty)
+    ids = model.adapter.ctc_token_ids(model.adapter.shrink_argmax(out.ctc_logits[0, :n])).tolist()
     blank = model.adapter.blank_id
     collapsed = [t for i, t in enumerate(ids) if (i == 0 or t != ids[i - 1]) and t != blank]
     return {"frames": n, "kept": int(out.lengths[0]), "blank_share": sum(t == blank for t in ids) / n,

@@ -43,6 +43,7 @@ def test_float_fields_take_exponents_without_a_dot(tmp_path):
         ("llm.dtype=float8", "llm.dtype"),
         ("llm.lora.r=abc", "llm.lora.r: expected an integer"),
         ("adapter.drop_blank=3", "adapter.drop_blank"),
+        ("adapter.shrink_blank_penalty=-1", "adapter.shrink_blank_penalty"),
         ("denoiser.dropout=1.5", "denoiser.dropout"),
         ("t2c.nonsense=1", "unknown key"),
         ("llm.lora.target_modules=[]", "target_modules"),

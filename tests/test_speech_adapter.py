@@ -103,3 +103,28 @@ def test_no_shrink_passes_every_valid_frame():
     assert out.lengths.tolist() == out.frame_lengths.tolist() == [10, 5]
     assert out.embeds.shape[1] == 10 and out.embeds[1, 5:].abs().sum() == 0
     assert out.embeds[1, :5].abs().sum() > 0
+
+
+def test_shrink_blank_penalty_keeps_frames_where_the_blank_barely_wins():
+    torch.manual_seed(0)
+    kw = dict(num_heads=4, lookback_dropout=0.0)
+    plain = SpeechAdapter(6, 16, 40, blank_id=7, **kw).eval()
+    pen = SpeechAdapter(6, 16, 40, blank_id=7, shrink_blank_penalty=1.0, **kw).eval()
+    pen.load_state_dict(plain.state_dict())
+    # frames: token 3, blank by 0.5 over token 5, blank by 0.5 over token 5, blank by 3 over token 5
+    logits = torch.full((1, 4, 40), -10.0)
+    logits[0, 0, 3] = 2.0
+    for t, margin in ((1, 0.5), (2, 0.5), (3, 3.0)):
+        logits[0, t, 7], logits[0, t, 5] = 1.0 + margin, 1.0
+    assert plain.shrink_argmax(logits).tolist() == [[3, 7, 7, 7]]
+    assert pen.shrink_argmax(logits).tolist() == [[3, 5, 5, 7]]
+    assert pen.shrink_argmax(logits)[0, 3] == 7 and logits[0, 1, 7] == 1.5  # the logits are not changed
+    for m in (plain, pen):
+        m.ctc_head = lambda f: logits.expand(f.shape[0], -1, -1)  # noqa: B023
+    enc = torch.randn(1, 8, 6)
+    a, b = plain(enc, torch.tensor([8])), pen(enc, torch.tensor([8]))
+    # runs: [3][7 7 7] -> 2 frames; [3][5 5][7] -> 3 frames. The CTC logits (the loss's) are the same
+    assert a.lengths.tolist() == [2] and b.lengths.tolist() == [3]
+    torch.testing.assert_close(a.ctc_logits, b.ctc_logits)
+    with pytest.raises(ValueError, match="shrink_blank_penalty"):
+        SpeechAdapter(6, 16, 40, blank_id=7, shrink_blank_penalty=-1.0)

@@ -77,6 +77,10 @@ class SpeechAdapterConfig:
     ctc_vocab: int = 0
     # the look-back's keys: "kept" frames of F only, or "all" valid frames of F
     lookback_keys: str = "kept"
+    # subtracted from the blank's logit when the shrink picks each frame's CTC argmax (never in
+    # the CTC loss): > 0 keeps frames where the head hesitates between the blank and a token,
+    # the blank penalty that CTC decoders use against deletions (docs/results.md, session 34)
+    shrink_blank_penalty: float = 0.0
     mask_padding: bool = True  # False = authors' behaviour: all frames of the 30 s window count
     # the adapter's Transformer layer: "frames" attend to each other; "self": each frame attends
     # only to itself, which is what the released checkpoints compute (their layer is built
@@ -100,6 +104,8 @@ class SpeechAdapterConfig:
                f"must be 'linear' or 'tied', got {self.ctc_head!r}")
         _check(self.lookback_keys in ("kept", "all"), f"{path}.lookback_keys",
                f"must be 'kept' or 'all', got {self.lookback_keys!r}")
+        _check(self.shrink_blank_penalty >= 0, f"{path}.shrink_blank_penalty",
+               f"must be >= 0, got {self.shrink_blank_penalty}")
         _check(self.encoder_attention in ("frames", "self"), f"{path}.encoder_attention",
                f"must be 'frames' or 'self', got {self.encoder_attention!r}")
         for name in ("dropout", "lookback_dropout"):

@@ -654,5 +654,5 @@ def _make_adapter(a: SpeechAdapterConfig, d_whisper: int, llm: LLM) -> SpeechAda
         tied_head=llm.base.get_output_embeddings() if a.ctc_head == "tied" else None,
         blank_head=a.blank_head, lookback_keys=a.lookback_keys,
         encoder_attention=a.encoder_attention, shrink=a.shrink, ctc_vocab=a.ctc_vocab,
-        extra_layers=a.extra_layers,
+        extra_layers=a.extra_layers, shrink_blank_penalty=a.shrink_blank_penalty,
     )

@@ -82,6 +82,7 @@ class SpeechAdapter(nn.Module):
         shrink: bool = True,
         ctc_vocab: int = 0,
         extra_layers: int = 0,
+        shrink_blank_penalty: float = 0.0,
     ) -> None:
         super().__init__()
         if d_llm % num_heads:
@@ -92,6 +93,9 @@ class SpeechAdapter(nn.Module):
             raise ValueError(f"encoder_attention must be 'frames' or 'self', got {encoder_attention!r}")
         self.blank_id = blank_id
         self.drop_blank = drop_blank
+        if shrink_blank_penalty < 0:
+            raise ValueError(f"shrink_blank_penalty must be >= 0, got {shrink_blank_penalty}")
+        self.shrink_blank_penalty = float(shrink_blank_penalty)
         self.shrink = shrink
         self.encoder_attention = encoder_attention
         self.lookback_keys = lookback_keys
@@ -192,6 +196,16 @@ class SpeechAdapter(nn.Module):
             logits = logits + (blank.to(logits.dtype) - logits[..., b])[..., None] * onehot
         return logits
 
+    def shrink_argmax(self, ctc_logits: torch.Tensor) -> torch.Tensor:
+        """Each frame's CTC argmax [N, T] as the shrink reads it: with the blank's logit lowered
+        by `shrink_blank_penalty` (0: the plain argmax)."""
+        if not self.shrink_blank_penalty:
+            return ctc_logits.argmax(-1)
+        b = self.ctc_blank
+        logits = ctc_logits.clone()
+        logits[..., b] -= self.shrink_blank_penalty
+        return logits.argmax(-1)
+
     def forward(self, enc: torch.Tensor, enc_lengths: torch.Tensor | None) -> AdapterOutput:
         """enc: [N, T_w, d_w] Whisper output; enc_lengths: [N] valid frames (None = all)."""
         n, t_w, d_w = enc.shape
@@ -219,7 +233,7 @@ class SpeechAdapter(nn.Module):
         ctc_logits = self.ctc_head(feats)  # [N, T, V]
 
         if self.shrink:
-            keep = shrink_mask(ctc_logits.argmax(-1), valid, self.ctc_blank, self.drop_blank)
+            keep = shrink_mask(self.shrink_argmax(ctc_logits), valid, self.ctc_blank, self.drop_blank)
         else:  # the no-shrink baseline: every valid frame is a query
             keep = valid
         sh = gather_kept(keep)
