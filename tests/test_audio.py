@@ -298,7 +298,7 @@ def test_save_failure_keeps_old_file_and_no_temp(
         raise OSError("disk full")
 
     monkeypatch.setattr("echox.audio.sf.write", broken_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(AudioError, match="keep.wav.*cannot be written.*disk full"):
         save_audio(target, sine(440.0, 0.5, 8000), 8000)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.wav"]
@@ -374,6 +374,34 @@ def test_truncated_wav_is_refused(tmp_path: Path) -> None:
     st = _wav_bytes(np.stack([sine(440.0, 0.5, 8000)] * 2, axis=1), 8000, subtype="FLOAT")
     with pytest.raises(AudioError, match=r"header says 4000 samples.*holds 3999"):
         load_audio(st[:-1])
+
+
+def test_wav_cut_inside_its_header_is_a_clear_error(tmp_path: Path) -> None:
+    """Every prefix of a WAV file is refused with an AudioError (never a struct.error), by
+    load_audio and by audio_info, which also refuses a file cut inside its samples."""
+    from echox.audio import audio_info
+
+    whole = _wav_bytes(sine(440.0, 0.1, 16000))
+    for n in range(1, 44):
+        with pytest.raises(AudioError):
+            load_audio(whole[:n])
+    (tmp_path / "cut.wav").write_bytes(whole[:100])
+    with pytest.raises(AudioError, match=r"cut\.wav.*truncated WAV file"):
+        audio_info(tmp_path / "cut.wav")
+    (tmp_path / "ok.wav").write_bytes(whole)
+    assert audio_info(tmp_path / "ok.wav").frames == 1600
+
+
+def test_save_audio_turns_os_errors_into_one_line(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import echox.audio as audio_mod
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audio_mod, "atomic_open", full_disk)
+    with pytest.raises(AudioError, match=r"a\.wav.*cannot be written \(No space left on device\)"):
+        save_audio(tmp_path / "a.wav", sine(440.0, 0.1, 16000), 16000)
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,8 @@ def test_chat_interactive(bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.
                           capsys: pytest.CaptureFixture[str]) -> None:
     q = tmp_path / "q.wav"
     sf.write(q, noise(0.5), 16000)
-    lines = f"hello\n\n{q}\n{tmp_path / 'missing.wav'}\n/reset\nagain\n/quit\nnever\n"
+    lines = (f"hello\n\n{q}\n{tmp_path / 'missing.wav'}\n/nonsense\n/nowhere.wav\n{tmp_path}\n"
+             f"/reset\n{'why ' * 80}\n/quit\nnever\n")  # a typed line too long for a file name
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     monkeypatch.chdir(tmp_path)
     code = main(["chat", "--model", str(bundle_dir), *FAST])
@@ -67,6 +68,8 @@ def test_chat_interactive(bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.
     assert code == 0, cap.err
     assert "missing.wav" in cap.err and "not found" in cap.err  # the bad turn did not end it
     assert "history cleared" in cap.err
+    assert "unknown command /nonsense" in cap.err and "is a folder" in cap.err  # not sent as text
+    assert "/nowhere.wav" in cap.err and "unknown command /nowhere" not in cap.err
     made = sorted(p.name for p in tmp_path.glob("answer_*.wav"))
     assert made == ["answer_1.wav", "answer_2.wav", "answer_3.wav"]
 
@@ -151,7 +154,51 @@ def test_bad_input_fails_before_the_model_load(bundle_dir: Path, tmp_path: Path,
     one_line_error(capsys, chat(str(q), "-o", str(tmp_path / "dir.wav")), "dir.wav", "is a folder")
     one_line_error(capsys, chat("-o", str(tmp_path / "turns.mp3")), "turns_1.mp3",
                    "unsupported suffix")  # interactive
+    one_line_error(capsys, chat(str(q), "-o", str(q)), "would overwrite the question")
+    whole = cut.read_bytes()
+    for n in (12, 20, 30, 40):  # cut inside the RIFF, fmt and data headers
+        head = tmp_path / f"head{n}.wav"
+        head.write_bytes(whole[:n])
+        one_line_error(capsys, chat(str(head)), f"head{n}.wav")
     assert loads == []
+    with pytest.raises(SystemExit) as exit_:  # parsed with the options, before anything else
+        chat(str(q), "--threads", "-1")
+    assert exit_.value.code == 2 and "--threads: must be >= 1, got -1" in capsys.readouterr().err
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from echox.errors import AudioError
+
+    args = ["chat", str(tmp_path / "missing.wav"), "--model", str(tmp_path / "nope")]
+    one_line_error(capsys, main(args), "missing.wav")
+    for debug in (["--debug", *args], [*args, "--debug"]):
+        with pytest.raises(AudioError, match="missing.wav"):
+            main(debug)
+
+
+def test_warnings_are_one_line(bundle_dir: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A near-silent question warns on one line, without Python's source line under it."""
+    import warnings
+
+    q = tmp_path / "quiet.wav"
+    sf.write(q, noise(0.5) * 1e-6, 16000)
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        # what Python's own showwarning does (pytest records warnings instead of showing them)
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        code = main(["chat", str(q), "--model", str(bundle_dir), "-o", str(tmp_path / "a.wav"),
+                     *FAST])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "silent" in line or "AudioWarning" in line]
+    assert warned and all(line.startswith("echox: warning: ") for line in warned), err
+    assert "load_audio(" not in err
 
 
 def test_chat_text_beams(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -63,6 +63,25 @@ def test_demo_checks_the_question_before_the_model(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path / "a.mp3"), *nope]) == 2
     err = capsys.readouterr().err
     assert "a.mp3" in err and "unsupported suffix" in err and "nope" not in err
+    assert main(["demo", "--max-new-tokens", "-1", *nope]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "echox: error: --max-new-tokens must be >= 1, got -1"
+
+
+def test_demo_refuses_a_long_question_before_the_load(tmp_path, capsys, monkeypatch):
+    """Over the default bundle's encoder.max_seconds (30 s, read from its config.json), the
+    question is refused before the bundle is loaded, naming the option that raises it."""
+    from echox.infer import demo
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the bundle was loaded before the question was checked")
+
+    monkeypatch.setattr(demo, "load_bundle", no_load)
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(31 * 16000, np.float32) + 0.1, 16000)
+    assert main(["demo", "--question", str(long), "--no-asr", "-o", str(tmp_path / "a.wav")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "long.wav" in err and "the limit is 30 s" in err and "--max-audio-seconds" in err
 
 
 def test_demo_transcribes_the_file_it_wrote(tmp_path, capsys, monkeypatch):

@@ -446,6 +446,45 @@ def test_unit_beams_stored_by_echox_bundle_reach_the_engine(bundle_dir: Path, tm
     assert not (tmp_path / "bad").exists()
 
 
+def test_echox_bundle_never_replaces_unasked(bundle: Bundle, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """An existing --out is refused before the load unless --force; a bundle given as --model
+    keeps its own vocoder and unit language when none are named."""
+    from echox.cli import main
+    from echox.units.language import UnitLanguage
+
+    rng = np.random.default_rng(0)
+    motifs = [rng.integers(0, 30, size=4).tolist() for _ in range(12)]
+    seqs = [[u for j in rng.integers(0, 12, size=6) for u in motifs[j]] for _ in range(200)]
+    bundle_dir = save_bundle(tmp_path / "src", bundle.model, bundle.vocoder,
+                             UnitLanguage.train(seqs, num_units=30, vocab_size=50))
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    (tmp_path / "q.wav").write_bytes(b"RIFF")
+    for out in (precious, tmp_path / "q.wav"):
+        assert main(["bundle", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "exists; pass --force" in err and len(err.strip().splitlines()) == 1
+    assert (precious / "notes.txt").read_text() == "keep"
+    assert (tmp_path / "q.wav").read_bytes() == b"RIFF"
+    assert main(["bundle", "--model", str(bundle_dir), "--out", str(precious), "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "keeping the vocoder of" in err
+    assert not (precious / "notes.txt").exists()
+    assert "keeping the unit language of" in err
+    kept = load_bundle(precious)
+    assert kept.vocoder is not None and kept.unit_language.vocab_size == 50
+    # --force never replaces a folder that holds the bundle's own sources
+    assert main(["bundle", "--model", str(precious), "--out", str(tmp_path), "--force"]) == 2
+    assert "would delete what the bundle is made from" in capsys.readouterr().err
+    assert (precious / "config.json").is_file()
+    assert main(["bundle", "--model", str(bundle_dir), "--out", str(tmp_path / "q.wav"),
+                 "--force"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_repetition_guard_reaches_the_engine(bundle: Bundle) -> None:
     """The engine's streamed text decoding applies the guard as `generate_text` does."""
     guarded = SamplingConfig(max_new_tokens=30, no_repeat_ngram_size=1)

@@ -215,6 +215,23 @@ def test_malformed_jsonl_line_is_named(tmp_path: Path) -> None:
         load_benchmark(f"local:{path}")
 
 
+def test_non_utf8_line_and_truncated_audio_are_named(tmp_path: Path) -> None:
+    path = _write_local(tmp_path)
+    with path.open("ab") as f:
+        f.write(b'{"audio": "wavs/a.wav", "question": "caf\xe9", "answers": ["x"]}\n')
+    with pytest.raises(EvalError, match=r"qa\.jsonl line 4: not UTF-8 text"):
+        load_benchmark(f"local:{path}")
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(EvalError, match="line 1: malformed JSON"):
+        load_benchmark(f"local:{path}")
+    (tmp_path / "cut").mkdir()
+    _write_local(tmp_path / "cut")
+    wav = tmp_path / "cut" / "wavs" / "a.wav"
+    wav.write_bytes(wav.read_bytes()[:44 + 1000])  # half of its 1,000 samples
+    with pytest.raises(EvalError, match=r"line 1: audio file .*a\.wav: truncated WAV file"):
+        load_benchmark(f"local:{tmp_path / 'cut' / 'qa.jsonl'}")
+
+
 def test_local_jsonl_missing_key_and_missing_audio(tmp_path: Path) -> None:
     sf.write(tmp_path / "a.wav", _sine(100, 16000), 16000)
     good = {"audio": "a.wav", "question": "q", "answers": ["a"]}

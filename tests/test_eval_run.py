@@ -117,6 +117,25 @@ def test_eval_cli_errors(tmp_path, capsys, bundle_dir, bench):
         assert main(args + ["--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "file.txt").write_text("keep me")
+    args = ["eval", "--benchmark", bench, "--mode", "s2t", "--model", str(bundle_dir)]
+    assert main([*args, "--out", str(tmp_path / "file.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file; give a run folder" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+    # a question over --max-audio-seconds (the clips are 0.73 s) names the item and its file
+    assert main([*args, "--max-audio-seconds", "0.5", "--out", str(tmp_path / "short")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the loader's progress bar
+    assert last.startswith("echox: error: item q0 (") and "q0.wav" in last, err
+    assert "the limit is 0.5 s" in last and "Traceback" not in err
+    assert main([*args, "--max-audio-seconds", "0", "--out", str(tmp_path / "zero")]) == 2
+    assert "--max-audio-seconds must be" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()  # refused before the run folder is made
+    assert main(["eval", "--benchmark", bench, "--mode", "s2s", "--asr", "bogus:x",
+                 "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "asr")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown ASR 'bogus:x'" in err and "nope" not in err
     assert main(["eval", "--benchmark", "nope", "--mode", "s2t", "--model", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err
     assert main(["eval", "--compare", str(tmp_path)]) == 2

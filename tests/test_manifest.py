@@ -208,6 +208,19 @@ def test_validate_manifest_checks_audio(tmp_path):
     assert ok.ok and ok.n_audio == 2  # the user audio only
 
 
+def test_validate_flags_a_truncated_wav_and_refuses_a_bad_limit(tmp_path, capsys):
+    from echox.cli import main
+
+    data = _wav(tmp_path / "a.wav", 1.0).read_bytes()
+    (tmp_path / "a.wav").write_bytes(data[:len(data) // 2])
+    p = tmp_path / "asr.jsonl"
+    p.write_text(json.dumps({"audio": "a.wav", "text": "cut"}) + "\n")
+    rep = validate_manifest(p, "asr", check_audio=True)
+    assert [n for n, _ in rep.audio_issues] == [1] and "truncated WAV" in rep.audio_issues[0][1]
+    assert main(["data", "validate", str(p), "--schema", "asr", "--max-seconds", "-1"]) == 2
+    assert "--max-seconds must be" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- HF datasets
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import re
 import socket
 import subprocess
@@ -234,6 +235,10 @@ def test_chat_refuses_bad_requests(engine: Engine) -> None:
             (c.post("/v1/chat", files={"audio": ("q.wav", wav(1.0), "audio/wav")}), 413,
              "too_large"),
             (c.get("/v1/chat"), 405, "method_not_allowed"),
+            (c.post("/v1/chat", content=b"[" * 20_000 + b"]" * 20_000,  # nested too deeply
+                    headers={"content-type": "application/json"}), 400, "bad_request"),
+            (c.post("/v1/chat", files={"audio": ("q.wav", wav(0.2), "audio/wav")},
+                    data={"history": "[" * 20_000 + "]" * 20_000}), 400, "bad_request"),
         ]
         for r, status, code in cases:
             assert r.status_code == status and r.json()["error"]["code"] == code, r.text
@@ -293,6 +298,8 @@ def test_ws_refuses_bad_messages_and_keeps_serving(engine: Engine) -> None:
         error(ws, 400, "bad_message", "not JSON")
         ws.send_text("[1, 2]")
         error(ws, 400, "bad_message", "type")
+        ws.send_text("[" * 20_000 + "]" * 20_000)
+        error(ws, 400, "bad_message", "not JSON")
         ws.send_json({"type": "dance"})
         error(ws, 400, "bad_message", "unknown message type 'dance'")
         ws.send_json({"type": "audio", "format": "mp9"})
@@ -456,8 +463,19 @@ def test_serve_cli_defaults_help_and_option_errors(capsys: pytest.CaptureFixture
     # options are checked before the model is loaded (the folder does not even exist)
     assert main(["serve", "--model", str(tmp_path / "none"), "--workers", "0"]) == 2
     assert "serve.workers" in capsys.readouterr().err
-    assert main(["serve", "--model", str(tmp_path / "none")]) == 2
+    assert main(["serve", "--model", str(tmp_path / "none"), "--port", "0"]) == 2
     assert "none" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use: one line, before the model load
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--model", str(tmp_path / "none"), "--port", port]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"echox: error: cannot listen on 127.0.0.1:{port}") and "none" not in err
+        assert len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["serve", "--threads", "0"])
+    assert "--threads: must be >= 1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- live server
@@ -511,6 +529,26 @@ def test_live_server_frees_the_slot_of_a_client_that_hangs_up(engine: Engine) ->
         wait_until(lambda: httpx.get(f"http://{addr}/health").json()["running"] == 0, 3)
         h = httpx.get(f"http://{addr}/health").json()
         assert h["stopped"] == 2 and h["status"] == "ok"
+
+
+def test_live_server_client_leaving_mid_upload_is_not_a_failure(
+        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that hangs up while sending its body is no model failure: nothing is logged
+    as "turn failed", no turn runs, and the server answers the next request."""
+    import httpx
+
+    with live(create_app(engine, ServeConfig())) as addr:
+        host, port = addr.split(":")
+        with caplog.at_level(logging.INFO):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                             b'{"text": "hel')
+            time.sleep(0.5)
+            r = httpx.post(f"http://{addr}/v1/chat", json={"text": "hi"}, timeout=60)
+        assert r.status_code == 200
+        assert not [rec for rec in caplog.records if "turn failed" in rec.getMessage()]
+        assert httpx.get(f"http://{addr}/health").json()["status"] == "ok"
 
 
 def test_load_bench_on_a_live_echox_serve(bundle_dir: Path) -> None:

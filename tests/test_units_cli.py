@@ -164,8 +164,10 @@ def test_bad_inputs_exit_2_with_one_line(corpus: Path, tmp_path: Path,
     assert "echox units attach" in _err(capsys)
     assert main([*ext, "--manifest", tts, "--layer", "2"]) == 2
     assert "differs from 1" in _err(capsys)
-    assert main([*ext, "--manifest", tts, "--threads", "0"]) == 2
-    assert "--threads must be >= 1" in _err(capsys)
+    with pytest.raises(SystemExit) as exit_:  # refused while the options are parsed
+        main([*ext, "--manifest", tts, "--threads", "0"])
+    assert exit_.value.code == 2
+    assert "argument --threads: must be >= 1, got 0" in capsys.readouterr().err
     assert main([*ext, "--manifest", tts, "--window-seconds", "99"]) == 2
     assert "window_seconds=99" in _err(capsys)
     w1 = ["--manifest", tts, "--cache", str(tmp_path / "w1")]

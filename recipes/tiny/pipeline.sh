@@ -221,7 +221,7 @@ fi
 if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
   for run_dir in "$ECHO_RUN" "$GOLD_RUN"; do
     [ -d "$run_dir/model" ] && $ECHOX bundle --model "$run_dir/model" --vocoder "$VOCODER" \
-        --unit-language "$UNIT_LANG" --unit-beams "$UNIT_BEAMS" --slim --out "$R/bundle-$(basename "$run_dir")"
+        --unit-language "$UNIT_LANG" --unit-beams "$UNIT_BEAMS" --slim --force --out "$R/bundle-$(basename "$run_dir")"
   done
 fi
 if run eval; then  # the model card's table on the 300 test questions (bench/tiny_results.py):

@@ -116,7 +116,8 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
     """Read an audio file's header (rate, frames, channels) without decoding it.
 
     Raises:
-        AudioError: the file is missing, empty, or not a format soundfile can read.
+        AudioError: the file is missing, empty, not a format soundfile can read, or a WAV
+            file shorter than its header says.
     """
     p = _existing_file(path)
     try:
@@ -125,6 +126,7 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
         raise AudioError(f"'{p}': not a readable audio file ({err})") from err
     if info.samplerate <= 0:
         raise AudioError(f"'{p}': header gives an invalid sample rate {info.samplerate}")
+    check_wav_complete(str(p), f"'{p}'")  # libsndfile's frame count trusts a cut file
     return AudioInfo(
         sample_rate=int(info.samplerate),
         frames=int(info.frames),
@@ -175,6 +177,8 @@ def _wav_shortfall(fh: io.BufferedIOBase | io.BytesIO, total: int) -> tuple[int,
         cid = fh.read(4)
         (size,) = struct.unpack(order + "I", fh.read(4))
         body = pos + 8
+        if cid in (b"ds64", b"fmt ") and body + min(size, 24) > total:
+            return None  # cut inside its header: libsndfile refuses it with its own message
         if cid == b"ds64" and size >= 24:
             data64 = struct.unpack("<QQ", fh.read(16))[1]
         elif cid == b"fmt " and size >= 14:
@@ -193,8 +197,9 @@ def _wav_shortfall(fh: io.BufferedIOBase | io.BytesIO, total: int) -> tuple[int,
     return None
 
 
-def _check_complete(handle: str | io.BytesIO, name: str) -> None:
-    """Refuse a WAV file that is shorter than its header says (a truncated file)."""
+def check_wav_complete(handle: str | io.BytesIO, name: str) -> None:
+    """Refuse a WAV file that is shorter than its header says (a truncated file); other
+    formats and complete files pass. Reads chunk headers only."""
     if isinstance(handle, io.BytesIO):
         total = handle.getbuffer().nbytes
         short = _wav_shortfall(handle, total)
@@ -345,7 +350,7 @@ def load_audio(
                 f"unsupported audio source type {type(source).__name__}; "
                 "expected a path, bytes or a numpy array"
             )
-        _check_complete(handle, name)
+        check_wav_complete(handle, name)
         data, rate = _decode(handle, name, max_seconds, on_too_long)  # [T, C]
         if orig_sr is not None and _check_rate(orig_sr, "orig_sr") != rate:
             raise AudioError(f"{name}: orig_sr={orig_sr} disagrees with the file's rate {rate} Hz")
@@ -501,6 +506,9 @@ def save_audio(
                 )
             data = np.clip(data, -1.0, 1.0)
 
-    with atomic_open(p, "wb") as fh:
-        sf.write(fh, data, sr, format=fmt, subtype=subtype)
+    try:
+        with atomic_open(p, "wb") as fh:
+            sf.write(fh, data, sr, format=fmt, subtype=subtype)
+    except OSError as err:  # a read-only or full disk, a path that turned into a folder, ...
+        raise AudioError(f"'{p}': cannot be written ({err.strerror or err})") from err
     return p

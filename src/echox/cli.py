@@ -159,6 +159,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             kw.update(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         cp = sub.add_parser(name, **kw)
         _function(module, cmd.options)(cp)
+        # also after the command's words (`echox chat q.wav --debug`); SUPPRESS keeps a
+        # --debug given before them
+        cp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
         cp.set_defaults(func=_function(module, cmd.run), **cmd.defaults)
     return p
 
@@ -170,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    shown = warnings.formatwarning
+    if not args.debug:  # one line per warning, as errors are (not the source line under it)
+        warnings.formatwarning = _one_line_warning
     try:
         return func(args)
     except EchoXError as e:
@@ -180,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("echox: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = shown
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    return f"echox: warning: {message}\n"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -341,6 +341,24 @@ class EchoXConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type` for a whole number >= `minimum` (e.g. `--threads`): a bad value is
+    refused while the options are parsed, before any slow work, with argparse's exit status 2."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """A YAML file whose top level is a mapping; clear ConfigErrors otherwise."""
     p = Path(path)

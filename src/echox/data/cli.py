@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 
 from echox.data.manifest import validate_manifest
+from echox.errors import ManifestError
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise ManifestError(f"--max-seconds must be a number of seconds > 0, got {args.max_seconds}")
     bad = 0
     for path in args.manifest:
         rep = validate_manifest(path, args.schema, check_audio=not args.no_audio,

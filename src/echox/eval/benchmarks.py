@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from echox.errors import EvalError
+from echox.audio import check_wav_complete
+from echox.errors import AudioError, EvalError
 
 __all__ = [
     "BENCHMARKS",
@@ -144,14 +145,17 @@ def _pick(columns: Sequence[str], preferred: Sequence[str], what: str, source: s
     for col in preferred:
         if col in columns:
             return col
-    raise EvalError(
-        f"{source}: no {what} column; looked for {list(preferred)}, found {list(columns)}"
-    )
+    looked = list(dict.fromkeys(preferred))  # a schema's names and the common ones overlap
+    raise EvalError(f"{source}: no {what} column; looked for {looked}, found {list(columns)}")
 
 
 def _read_audio_file(path: Path, where: str) -> tuple[np.ndarray, int]:
     if not path.is_file():
         raise EvalError(f"{where}: audio file {path} does not exist")
+    try:
+        check_wav_complete(str(path), f"{where}: audio file {path}")
+    except AudioError as err:
+        raise EvalError(str(err)) from err
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [T, C]
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
@@ -160,6 +164,10 @@ def _read_audio_file(path: Path, where: str) -> tuple[np.ndarray, int]:
 
 
 def _read_audio_bytes(blob: bytes, where: str) -> tuple[np.ndarray, int]:
+    try:
+        check_wav_complete(io.BytesIO(blob), f"{where}: the stored audio bytes")
+    except AudioError as err:
+        raise EvalError(str(err)) from err
     try:
         data, sr = sf.read(io.BytesIO(blob), dtype="float32", always_2d=True)  # [T, C]
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
@@ -303,13 +311,21 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     """Parse a JSONL file into dicts, naming the line of any malformed entry."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise EvalError(f"{path} line {lineno}: not UTF-8 text ({err.reason} at byte "
+                                f"{err.start})") from err
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, RecursionError) as err:
+                if isinstance(err, RecursionError):
+                    raise EvalError(f"{path} line {lineno}: malformed JSON (nested too "
+                                    "deeply)") from err
                 raise EvalError(f"{path} line {lineno}: malformed JSON ({err.msg})") from err
             if not isinstance(obj, dict):
                 raise EvalError(

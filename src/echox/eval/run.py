@@ -34,14 +34,14 @@ from echox.audio import save_audio as write
 from echox.config import load_config
 from echox.data.match import exist_match
 from echox.data.tiny_corpus import greedy_shrinking
-from echox.errors import EvalError
+from echox.errors import AudioError, EvalError
 from echox.eval.benchmarks import QAItem, open_benchmark
 from echox.eval.stats import paired_bootstrap
 from echox.hub import resolve
-from echox.infer.asr import make_asr
+from echox.infer.asr import check_asr_spec, make_asr
 from echox.infer.bundle import (add_device_options, add_text_decoding_options, check_device, default_bundle,
                                 load_bundle, text_decoding)
-from echox.infer.engine import Engine, EngineConfig, Final
+from echox.infer.engine import Engine, EngineConfig, Final, check_max_audio_seconds
 from echox.model.generation import (SamplingConfig, beam_results, beam_search_steps, cache_kwargs,
                                      output_cache)
 from echox.model.prompt import Turn
@@ -333,7 +333,11 @@ def _answers(answerer: Answerer, batch: list[QAItem]) -> Iterator[tuple[QAItem, 
             return
     for item in batch:
         t0 = time.perf_counter()
-        ans = answerer.answer(item)
+        try:
+            ans = answerer.answer(item)
+        except AudioError as err:  # name the item at fault: a benchmark holds hundreds
+            where = item.audio_path or "its audio"
+            raise type(err)(f"item {item.id} ({where}): {err}") from err
         yield item, ans, time.perf_counter() - t0
     if batch_error is not None:
         raise batch_error
@@ -460,20 +464,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise EvalError("--no-stream and --whole-response apply to --mode s2s only")
     if args.whole_response and not args.no_stream:
         raise EvalError("--whole-response needs --no-stream (a streamed answer is voiced segment by segment)")
-    bench = open_benchmark(args.benchmark, limit=args.limit, decode_audio=args.mode != "text")
-    out = Path(args.out or f"runs/eval/{args.mode}")
-    asr = None
     if args.mode in ("text", "cascade"):
         if args.device != "cpu" or args.dtype not in (None, "fp32"):
             raise EvalError(f"--device / --dtype apply to the s2t and s2s modes (a bundle); "
                             f"{args.mode} mode runs its LLM on the CPU in float32")
+        if args.max_audio_seconds is not None:
+            raise EvalError(f"--max-audio-seconds applies to the s2t and s2s modes; {args.mode} "
+                            "mode gives the questions to the text LLM or the ASR")
+    else:
+        check_device(args.device)
+        if args.max_audio_seconds is not None:
+            check_max_audio_seconds(args.max_audio_seconds)
+    if args.mode in ("s2s", "cascade"):
+        check_asr_spec(args.asr)
+    bench = open_benchmark(args.benchmark, limit=args.limit, decode_audio=args.mode != "text")
+    out = Path(args.out or f"runs/eval/{args.mode}")
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} is a file; give a run folder")
+    try:  # before anything slow: a run folder that cannot be made fails now, not after the load
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"--out {out}: cannot create the run folder ({e.strerror or e})") from e
+    asr = None
+    if args.mode in ("text", "cascade"):
         llm = args.llm or load_config(args.config).llm.name_or_path
         answerer: Answerer = TextAnswerer(llm, args.system_prompt or None, decoding=sampling)
         if args.mode == "cascade":
             answerer = CascadeAnswerer(make_asr(args.asr), answerer)
     else:
-        check_device(args.device)
         bundle = load_bundle(args.model or default_bundle(), device=args.device, dtype=args.dtype)
+        if args.max_audio_seconds is not None:  # the limit the model and the engine read
+            bundle.model.config.encoder.max_seconds = float(args.max_audio_seconds)
         if args.mode == "s2t":
             answerer = S2TAnswerer(bundle.model, sampling=sampling)
         else:
@@ -503,6 +524,9 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["text", "s2t", "s2s", "cascade"], default="s2s")
 
     add_device_options(p)
+    p.add_argument("--max-audio-seconds", type=float, metavar="S",
+                   help="s2t / s2s: longest spoken question answered, in seconds (default: the "
+                        "model's encoder.max_seconds, 30); a longer one stops the run with one line")
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--out", help="run folder (default runs/eval/<mode>); an existing one resumes")
     p.add_argument("--asr", default="faster-whisper",

@@ -130,10 +130,18 @@ def _materialise_builtin(name: str) -> Path:
     dst = cache_dir() / "builtin" / name
     if (dst / "config.json").is_file():
         return dst
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        with atomic_dir(dst) as tmp:
-            BUILTINS[name](tmp)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a test model of a few kB: no "Writing model shards" bar
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            with atomic_dir(dst) as tmp:
+                BUILTINS[name](tmp)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return dst
 
 

@@ -85,11 +85,19 @@ class TransformersWhisperASR:
         return self._proc.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
 
+def check_asr_spec(spec: str) -> tuple[str, str]:
+    """`(kind, argument)` of an ASR spec, refused at once when the kind is unknown (before
+    anything slow is loaded)."""
+    kind, _, arg = spec.partition(":")
+    if kind not in ("faster-whisper", "transformers"):
+        raise CheckpointError(f"unknown ASR {spec!r}; use faster-whisper[:PATH] or "
+                              "transformers[:NAME]")
+    return kind, arg
+
+
 def make_asr(spec: str) -> ASR:
     """`faster-whisper[:PATH]` or `transformers[:NAME_OR_PATH]`."""
-    kind, _, arg = spec.partition(":")
+    kind, arg = check_asr_spec(spec)
     if kind == "faster-whisper":
         return FasterWhisperASR(arg or None)
-    if kind == "transformers":
-        return TransformersWhisperASR(arg or "openai/whisper-large-v3")
-    raise CheckpointError(f"unknown ASR {spec!r}; use faster-whisper[:PATH] or transformers[:NAME]")
+    return TransformersWhisperASR(arg or "openai/whisper-large-v3")

@@ -289,11 +289,31 @@ def bundle_info(bundle: Bundle) -> dict[str, Any]:
 
 def cmd_bundle(args: Any) -> int:
     """`echox bundle`: an EchoX checkpoint + vocoder + unit language -> one bundle folder."""
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.force:  # checked before the load; nothing is replaced unasked
+        what = "folder" if out.is_dir() else "file"
+        raise CheckpointError(f"--out {out}: a {what} of that name exists; pass --force to "
+                              "replace it")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; a bundle is a folder")
+    for source in (args.model, args.vocoder, args.unit_language):
+        if source and out.resolve() in Path(source).resolve().parents:
+            raise CheckpointError(f"--out {out} holds {source}: replacing it would delete what "
+                                  "the bundle is made from; give another --out")
     model = EchoX.from_pretrained(args.model)
+    src = Path(args.model)
+    # a bundle given as --model keeps its own vocoder and unit language unless others are named
+    vocoder_path = args.vocoder or (src / VOCODER_DIR if (src / VOCODER_DIR).is_dir() else None)
+    language_path = args.unit_language or (
+        src / UNIT_LANGUAGE_DIR if (src / UNIT_LANGUAGE_DIR).is_dir() else None)
+    for name, given, used in (("vocoder", args.vocoder, vocoder_path),
+                              ("unit language", args.unit_language, language_path)):
+        if used is not None and given is None:
+            print(f"echox bundle: keeping the {name} of {src} ({used})", file=sys.stderr)
     if "echo" not in model.trained_stages:
         print(f"echox: warning: {args.model} was not trained with stage echo "
               f"({model.trained_stages}); its speech output is untrained", file=sys.stderr)
-    vocoder = load_vocoder(args.vocoder) if args.vocoder else None
+    vocoder = load_vocoder(vocoder_path) if vocoder_path else None
     if args.hifigan:
         if not isinstance(vocoder, UnitMelVocoder):
             raise CheckpointError("--hifigan needs a unit->mel --vocoder (not a CodeHiFiGAN)")
@@ -304,13 +324,15 @@ def cmd_bundle(args: Any) -> int:
         vocoder = UnitMelVocoder(vocoder.unit2mel, generator, vocoder.output_sr,
                                  vocoder.default_context_units, hifigan=args.hifigan)
     lang = None
-    if args.unit_language:
+    if language_path:
         try:
-            lang = UnitLanguage.load(args.unit_language)
+            lang = _load_unit_language(Path(language_path))
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - UnitError and OS errors
-            raise CheckpointError(f"cannot load the unit language {args.unit_language}: {e}") from e
+            raise CheckpointError(f"cannot load the unit language {language_path}: {e}") from e
     set_unit_decoding(model, args.unit_beams, args.unit_length_penalty)
-    out = save_bundle(args.out, model, vocoder, lang, slim=args.slim)
+    out = save_bundle(out, model, vocoder, lang, slim=args.slim)
     print(json.dumps({"bundle": str(out), **bundle_info(Bundle(model, vocoder, lang, out))}))
     return 0
 
@@ -330,8 +352,10 @@ def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | N
 
 def bundle_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="EchoX checkpoint (e.g. runs/tiny/echo/model)")
-    p.add_argument("--vocoder", help="vocoder folder (unit->mel model, or fairseq g_* + vocoder_config.json)")
-    p.add_argument("--unit-language", help="unit language folder (echox units train-language)")
+    p.add_argument("--vocoder", help="vocoder folder (unit->mel model, or fairseq g_* + "
+                   "vocoder_config.json; default: --model's own vocoder/ when it is a bundle)")
+    p.add_argument("--unit-language", help="unit language folder (echox units train-language; "
+                   "default: --model's own unit_language/ when it is a bundle)")
     p.add_argument("--hifigan", help="replace the unit->mel vocoder's HiFi-GAN: universal, "
                                      "LJSpeech, small, or a generator folder/file")
     p.add_argument("--slim", action="store_true",
@@ -340,5 +364,7 @@ def bundle_options(p: argparse.ArgumentParser) -> None:
                    "(1 = greedy; default: the checkpoint's t2c.beams)")
     p.add_argument("--unit-length-penalty", type=float,
                    help="beam score = log-probability / length ** this (default: the checkpoint's)")
-    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--out", required=True, help="bundle folder to write (a new one)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists (the whole folder: what else it holds is lost)")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from echox.audio import check_output_path, save_audio
-from echox.config import EncoderConfig
-from echox.errors import EchoXError
+from echox.config import EncoderConfig, int_at_least
+from echox.errors import AudioError, EchoXError
 from echox.infer.bundle import (add_device_options, add_sampling_options, add_text_decoding_options, check_device,
                                 default_bundle, load_bundle, sampling_temperature, text_decoding)
 from echox.infer.engine import (
@@ -62,6 +62,8 @@ def check_inputs(args: argparse.Namespace, limit: float | None) -> None:
     if args.input is None and args.text is None:  # interactive: answer_1.wav, answer_2.wav, ...
         out = out.with_name(f"{out.stem}_1{out.suffix or '.wav'}")
     check_output_path(out)
+    if args.input is not None and out.exists() and out.resolve() == Path(args.input).resolve():
+        raise AudioError(f"'{out}': the answer would overwrite the question; give another -o")
 
 
 def _engine(args: argparse.Namespace) -> Any:
@@ -118,6 +120,16 @@ def _run_turn(session: Any, out: Path, show_stats: bool, stdout: TextIO,
         stdout.flush()
 
 
+def _path_kind(line: str) -> tuple[bool, bool]:
+    """(exists, is a folder) for a typed line; (False, False) for text no path can be (too
+    long a name, a NUL byte)."""
+    try:
+        p = Path(line)
+        return p.exists(), p.is_dir()
+    except (OSError, ValueError):
+        return False, False
+
+
 def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     """Multi-turn dialogue from stdin lines; errors of one turn do not end the session."""
     base = Path(args.output or "answer.wav")
@@ -140,7 +152,15 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
             session.reset()
             print("echox: history cleared", file=sys.stderr)
             continue
-        is_audio = line.lower().endswith(AUDIO_SUFFIXES) or Path(line).is_file()
+        named = line.lower().endswith(AUDIO_SUFFIXES)
+        exists, folder = _path_kind(line)
+        if line.startswith("/") and "/" not in line[1:] and not named and not exists:
+            print(f"echox: error: unknown command {line.split()[0]}; /reset, /quit", file=sys.stderr)
+            continue
+        if folder and "/" in line:  # a path typed by mistake (a one-word question stays text)
+            print(f"echox: error: '{line}' is a folder, not an audio file", file=sys.stderr)
+            continue
+        is_audio = named or (exists and not folder)
         out = base.with_name(f"{base.stem}_{n + 1}{base.suffix or '.wav'}")
         try:
             _run_turn(session, out, args.stats, stdout,
@@ -193,7 +213,7 @@ def chat_options(p: argparse.ArgumentParser) -> None:
                    help="units per audio chunk after a segment's first; 0 = whole segments")
     p.add_argument("--first-chunk-units", type=int, default=20,
                    help="units in a segment's first audio chunk (smaller: earlier audio)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int_at_least(1), help="torch intra-op threads (default: torch's)")
 
     add_device_options(p)
     add_max_audio_option(p)

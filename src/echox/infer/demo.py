@@ -17,10 +17,10 @@ from typing import Any
 
 from echox.audio import check_output_path, load_audio, save_audio
 from echox.config import preset_config
-from echox.errors import CheckpointError
+from echox.errors import CheckpointError, ConfigError
 from echox.infer.asr import FasterWhisperASR
 from echox.infer.bundle import Bundle, default_bundle, load_bundle
-from echox.infer.chat import add_max_audio_option
+from echox.infer.chat import add_max_audio_option, question_limit
 from echox.infer.engine import (
     AudioChunk,
     Engine,
@@ -52,8 +52,16 @@ def _random_bundle() -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.max_audio_seconds is not None:  # before the slow model load
         check_max_audio_seconds(args.max_audio_seconds)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     question = Path(args.question) if args.question else packaged_question()
-    load_question(question, args.max_audio_seconds)  # a bad question fails before the load
+    try:
+        folder: Path | None = Path(args.model) if args.model else default_bundle()
+    except CheckpointError:  # no bundle anywhere: the fallback below says so
+        folder = None
+    limit = (question_limit(folder, args.max_audio_seconds) if folder is not None
+             else args.max_audio_seconds)
+    load_question(question, limit)  # a bad or too long question fails before the load
     check_output_path(args.output)
     t0 = time.perf_counter()
     if args.model:

@@ -37,6 +37,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.staticfiles import StaticFiles
 
 from echox.errors import AudioError, ConfigError, PromptError
@@ -302,7 +303,7 @@ class _Conversation:
     async def on_text(self, raw: str) -> None:
         try:
             msg = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise ApiError(400, "bad_message", "text messages must be JSON objects with a "
                            "\"type\"; this one is not JSON") from None
         kind = msg.get("type") if isinstance(msg, dict) else None
@@ -421,10 +422,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, "too_large", f"the request is {length} bytes, over the limit "
                            f"of {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, "too_large", f"the request is over the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "too_large", f"the request is over the limit of {limit} bytes")
+    except ClientDisconnect:  # the client left while sending: nobody to answer, nothing failed
+        raise ApiError(499, "client_disconnected", "the client left before the request ended") from None
     return bytes(body)
 
 
@@ -464,14 +468,14 @@ async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any,
         if isinstance(history, str):
             try:
                 history = json.loads(history)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise ApiError(400, "bad_request", "history must be JSON") from None
         return audio, form.get("text"), history, form.get("return_audio")
     if ctype == "application/json":
         body = await _read_body(request, limit * 4 // 3 + ENVELOPE)
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "bad_request", "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "bad_request", "the JSON body must be an object")

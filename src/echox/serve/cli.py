@@ -22,12 +22,15 @@ config, e.g. a bfloat16 LLM beside float32 speech parts). README, "Serving" and 
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
+from echox.config import int_at_least
 from echox.errors import ConfigError, EchoXError
 from echox.infer.bundle import (add_device_options, add_sampling_options, add_text_decoding_options, check_device,
                                 default_bundle, load_bundle, sampling_temperature, text_decoding)
@@ -69,6 +72,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         raise EchoXError(f"serve options: {e}") from e
     if not 0 <= args.port <= 65535:
         raise EchoXError(f"--port must be 0-65535, got {args.port}")
+    check_port_free(args.host, args.port)  # before the slow model load
     if not _is_loopback(args.host) and token is None:
         print(f"echox serve: warning: listening on {args.host} without --token: anyone who "
               "can reach this port can use the model", file=sys.stderr)
@@ -85,6 +89,30 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         print("echox serve: this bundle has no vocoder: text answers only", file=sys.stderr)
     engine = Engine(bundle, cfg, max_audio_seconds=args.max_audio_seconds)
     return engine, create_app(engine, serve_cfg)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse at once an address uvicorn could not listen on, such as a port another program
+    uses (uvicorn would find out only after the model load, and say it in several lines of
+    log). Every address `host` resolves to is tried, as uvicorn binds them all."""
+    if port == 0:  # any free port
+        return
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise EchoXError(f"--host {host}: cannot resolve it ({e.strerror})") from e
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                s.bind(address)
+            except OSError as e:
+                hint = {errno.EADDRINUSE: "pass another --port, or stop the program that uses it",
+                        errno.EACCES: "ports below 1024 need privileges: pass --port 1024 or above",
+                        errno.EADDRNOTAVAIL: "this machine has no such address: check --host"}
+                raise EchoXError(f"cannot listen on {shown} ({e.strerror}); "
+                                 f"{hint.get(e.errno, 'check --host and --port')}") from e
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -123,7 +151,7 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--vocoder", help="vocoder folder replacing the bundle's own")
     m.add_argument("--unit-language", help="unit-language folder replacing the bundle's own")
     add_device_options(m)
-    m.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    m.add_argument("--threads", type=int_at_least(1), help="torch intra-op threads (default: torch's)")
     d = p.add_argument_group("decoding")
     d.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     add_sampling_options(d)
@@ -144,7 +172,9 @@ def serve_options(p: argparse.ArgumentParser) -> None:
                      help="largest audio upload per turn, MiB (default 16)")
     lim.add_argument("--max-audio-seconds", type=float, metavar="S",
                      help="longest spoken question, in seconds (default: the model's "
-                          "encoder.max_seconds, 30); longer speech is encoded window by window")
+                          "encoder.max_seconds, 30); longer ones are refused (413 "
+                          "audio_too_long). Speech longer than the encoder window is encoded "
+                          "window by window")
     lim.add_argument("--max-text-chars", type=int, default=2000,
                      help="longest typed question (default 2000)")
     lim.add_argument("--turn-timeout", type=float, default=120.0,

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
-from echox.config import load_config, load_recipe
+from echox.config import int_at_least, load_config, load_recipe
 from echox.data.datasets import (
     ConcatDataset,
     S2TDataset,
@@ -383,7 +383,8 @@ def stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["pseudo", "gold-units"],
                    help="echo: pseudo-labels from the frozen T2C (EchoX) or gold units (baseline)")
     p.add_argument("--pseudo-labels", choices=["online", "offline"])
-    p.add_argument("--threads", type=int, help="torch threads per process (1 on a busy CPU)")
+    p.add_argument("--threads", type=int_at_least(0),
+                   help="torch threads per process (1 on a busy CPU; 0 = torch's default)")
     p.add_argument("--stop-at", type=int, help="stop after this step (checkpoints stay resumable)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override, e.g. --set train.warmup_steps=10 --set model.llm.lora.r=8")

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from echox.config import int_at_least
 from echox.data.manifest import read_jsonl, write_jsonl
 from echox.errors import ManifestError, UnitError
 from echox.units.extract import (
@@ -296,9 +297,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out.with_name(out.stem + ".cache")
     t0 = time.perf_counter()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UnitError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:  # >= 1: checked by the parser
         torch.set_num_threads(args.threads)
     extractor = UnitExtractor(spec.build(layer, args.device, args.window_seconds), km)
     n_cached = sum(_cache_path(cache, k).is_file() for k, _ in items) if cache.is_dir() else 0
@@ -504,7 +503,7 @@ def extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-seconds", type=float,
                    help="whisper features: pad each utterance to this window instead of 30 s "
                         "(faster; units differ slightly, docs/units.md)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
