@@ -88,3 +88,44 @@ def test_echo_with_a_frozen_s2t_model_trains_only_the_speech_side(tmp_path, caps
     assert len(list((out / "states").rglob("*.safetensors"))) == 6
     assert main(["train", "s2t", "--data", "x", "--set", "train.freeze_s2t=true"]) == 2
     assert "freeze_s2t" in capsys.readouterr().err
+
+
+def test_a_run_folder_is_never_overwritten_and_bad_eval_data_keeps_the_model(tmp_path, capsys):
+    """A second run into a folder with checkpoints needs --resume (else its steps would be
+    replaced or mixed); bad eval data, found at the end, costs no trained step; too little
+    data and an --out that is a file are one line each."""
+    _write_corpus(tmp_path / "c")
+    c = tmp_path / "c"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 2, lr: 0.003}\n")
+    run = ["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+           "--out", str(tmp_path / "t2c")]
+    assert main(run) == 0
+    ckpts = sorted(p.name for p in (tmp_path / "t2c" / "checkpoints").iterdir())
+    before = (tmp_path / "t2c" / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*run, "--set", "train.lr=0.0001"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the checkpoints of an earlier run" in err and "--resume" in err
+    assert sorted(p.name for p in (tmp_path / "t2c" / "checkpoints").iterdir()) == ckpts
+    assert (tmp_path / "t2c" / "model" / "model.safetensors").read_bytes() == before
+    assert main([*run, "--resume"]) == 0  # continuing it is fine
+    for ck in (tmp_path / "t2c" / "checkpoints").iterdir():  # every checkpoint broken
+        (ck / "checksums.json").unlink()
+    capsys.readouterr()
+    assert main([*run, "--resume"]) == 2
+    assert "is complete" in capsys.readouterr().err
+    bad_eval = c / "bad_eval.jsonl"  # units past the model's 50
+    bad_eval.write_text(json.dumps({"id": "e", "text": "hi", "units": [1, 2, 999]}) + "\n")
+    out = tmp_path / "t2c-eval"
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                 "--eval-data", str(bad_eval), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("echox: error: ") and "fall outside [0, 50)" in err
+    assert (out / "model" / "model.safetensors").is_file()  # the 2 steps were kept
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                 "--set", "train.batch_size=100", "--out", str(tmp_path / "big")]) == 2
+    assert "fewer than one global batch" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("keep")
+    assert main([*run[:-1], str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "keep"

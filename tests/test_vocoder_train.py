@@ -172,3 +172,25 @@ def test_train_vocoder_cli_grows_a_trained_model(tmp_path, capsys) -> None:
     assert main(["vocoder", "train", "--grow-decoder", "1", "--data", str(manifest),
                  "--out", str(tmp_path / "c"), "--max-steps", "1", *tiny]) != 0
     assert "give --init" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):
+    """0 is a value, not "unset" (no silent 2,000 steps); bad steps, lr, batch or holdout are one
+    line before any training; a malformed manifest line is skipped as the stages skip it."""
+    from echox.cli import main
+
+    manifest, tiny = _cli_vocoder_data(tmp_path)
+    base = ["vocoder", "train", "--data", str(manifest), "--out", str(tmp_path / "a"), *tiny]
+    for bad, says in ((["--max-steps", "0"], "--max-steps"), (["--lr", "-1"], "--lr"),
+                      (["--batch-size", "-2"], "--batch-size"), (["--lr", "inf"], "--lr"),
+                      (["--holdout", "-1", "--max-steps", "1"], "--holdout must be 0 to")):
+        assert main([*base, *bad]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "a" / "model").exists()
+    with manifest.open("a") as f:
+        f.write("{bad\n")
+    assert main([*base, "--max-steps", "1", "--batch-size", "2"]) == 0
+    (tmp_path / "afile").write_text("keep")
+    assert main([*base[:4], "--out", str(tmp_path / "afile"), *tiny, "--max-steps", "1"]) == 2
+    assert "is a file" in capsys.readouterr().err

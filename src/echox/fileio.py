@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from echox.errors import ConfigError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -76,3 +78,19 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bool = True) -> Path:
+    """Refuse, before any slow work, an output path that cannot be made: a `folder` that is an
+    existing file, or a path below a file. Returns the path."""
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise ConfigError(f"{option} {p} is a file; give a folder")
+    if not folder and p.is_dir():
+        raise ConfigError(f"{option} {p} is a folder; give a file path")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {p}: {parent} is a file, not a folder")
+            break
+    return p

@@ -44,6 +44,7 @@ from typing import Any
 from echox.audio import audio_duration
 from echox.data.match import exist_match
 from echox.errors import DataBuildError
+from echox.fileio import check_out_path
 from echox.hub import resolve
 from echox.model.generation import SamplingConfig, cache_kwargs, guard_repetition
 
@@ -634,6 +635,9 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
+    check_out_path(args.out)
+    if args.batch_size < 1:
+        raise DataBuildError(f"--batch-size must be >= 1, got {args.batch_size}")
     summary = build_tiny_corpus(
         args.out, limit=args.limit, test_size=args.test_size, seed=args.seed, llm=args.llm,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from echox.config import T2CConfig
+from echox.errors import UnitError
 from echox.model.generation import (
     DecodeResult,
     SamplingConfig,
@@ -286,7 +287,9 @@ class UnitDecoder(nn.Module):
             if units is not None:
                 u = torch.as_tensor(units[i], dtype=torch.long, device=device)
                 if u.numel() and (u.min() < 0 or u.max() >= self.num_units):
-                    raise ValueError(f"units of row {i} fall outside [0, {self.num_units})")
+                    raise UnitError(f"units of row {i} fall outside [0, {self.num_units}): "
+                                    "the data's units are not this model's (another k-means "
+                                    "or unit language?)")
                 parts.append(self.model.embed_tokens(u))
                 lab += u.tolist() + [self.eos_id]  # unit prefix predicts u_1, ..., u_m predicts eos
             else:

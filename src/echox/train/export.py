@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from echox.errors import CheckpointError
+from echox.fileio import check_out_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}
 
@@ -59,6 +60,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     src, out = Path(args.model), Path(args.out)
     if out.exists():
         raise CheckpointError(f"--out {out} already exists; give a new folder")
+    check_out_path(out)
     model = EchoX.from_pretrained(src)
     if args.drop_echo:
         if model.t2c is model.echo and "t2c" in model.trained_stages and not args.drop_t2c:

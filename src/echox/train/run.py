@@ -44,9 +44,10 @@ from echox.data.manifest import (
 )
 from echox.data.s2t_mix import ASR_PROMPT
 from echox.errors import ConfigError, ManifestError
+from echox.fileio import check_out_path
 from echox.hub import cache_dir
 from echox.train import stages
-from echox.train.trainer import TrainConfig, Trainer, encoder_cache_root
+from echox.train.trainer import TrainConfig, Trainer, check_no_checkpoints, encoder_cache_root
 from echox.units.language import UnitLanguage
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,17 @@ class StageData:
     eval_limit: int | None = 32
     unit_language: str | None = None  # a unit-language folder: T2C/echo targets in its tokens
     perturb: list[list[float]] | None = None  # [[speed, gain], ...] copies of each S2T clip
+
+    def __post_init__(self) -> None:
+        for key in ("limit", "eval_limit"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key} must be >= 1 (or unset), got {value}")
+        for pair in self.perturb or []:
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                    or not all(isinstance(v, (int, float)) and v > 0 for v in pair)):
+                raise ConfigError(f"data.perturb: each copy is [speed, gain], two numbers > 0; "
+                                  f"got {pair!r}")
 
 
 STAGE_SECTIONS: dict[str, type | None] = {"model": None, "overrides": None, "train": TrainConfig,
@@ -325,6 +337,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.eval_data:
         recipe["data"].eval = args.eval_data
     cfg = train_config(args.stage, recipe, args)
+    check_out_path(cfg.output_dir)  # before the model is built and the data read
+    if args.resume is None and not args.prepare_data:
+        check_no_checkpoints(Path(cfg.output_dir))
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ConfigError(f"--stop-at must be >= 1, got {args.stop_at}")
     model_cfg = None if args.init else load_config(str(recipe["model"]), list(recipe.get("overrides") or []))
     model = stages.prepare_model(args.stage, model_cfg, init=args.init, t2c_from=args.t2c_from,
                                  init_overrides=_model_sets(args) if args.init else None,

@@ -115,7 +115,7 @@ class TrainConfig:
         for k in ("eval_every", "eval_batches", "save_every", "warmup_steps", "num_workers", "threads",
                   "precompute_batch"):
             check(getattr(self, k) >= 0, k, f"must be >= 0, got {getattr(self, k)}")
-        check(self.lr > 0, "lr", "must be > 0")
+        check(0 < self.lr < math.inf, "lr", f"must be a finite number > 0, got {self.lr}")
         check(self.max_minutes >= 0, "max_minutes", f"must be >= 0, got {self.max_minutes}")
         check(self.schedule in ("cosine", "linear", "constant"), "schedule", "cosine | linear | constant")
         check(self.precision in PRECISIONS, "precision", f"fp32 | bf16 | fp16; got {self.precision!r}")
@@ -126,6 +126,20 @@ class TrainConfig:
         check(self.target in ("pseudo", "gold-units"), "target", "pseudo | gold-units")
         check(self.llm_attention in ("", "eager", "sdpa"), "llm_attention",
               f"'', eager or sdpa; got {self.llm_attention!r}")
+
+
+def check_no_checkpoints(out: Path, resuming: bool = False) -> None:
+    """Refuse to start a run in a folder that holds another run's checkpoints: its steps would
+    be overwritten or mixed with the new ones. `resuming`: every checkpoint there is broken."""
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    if not steps:
+        return
+    if resuming:
+        raise CheckpointError(f"--resume: none of the checkpoints in {out / 'checkpoints'} "
+                              f"({', '.join(steps)}) is complete; remove them to start afresh "
+                              "there, or give a new --out")
+    raise CheckpointError(f"{out} holds the checkpoints of an earlier run (last {steps[-1]}); "
+                          "pass --resume to continue it, or give a new --out")
 
 
 class ShardedBatches(Sampler[list[int]]):
@@ -141,8 +155,9 @@ class ShardedBatches(Sampler[list[int]]):
     def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int,
                  lengths: Sequence[int] | None = None, pool: int = 32) -> None:
         if n < batch_size * world:
-            raise ValueError(
-                f"{n} examples are fewer than one global batch ({batch_size} x {world} processes)"
+            raise ConfigError(
+                f"{n} examples are fewer than one global batch ({batch_size} x {world} processes): "
+                "give more data or a smaller train.batch_size"
             )
         if lengths is not None and len(lengths) != n:
             raise ValueError(f"{len(lengths)} lengths for {n} examples")
@@ -393,6 +408,7 @@ class Trainer:
         if str(resume) == "latest":
             folder = find_latest_checkpoint(self.out)
             if folder is None:
+                check_no_checkpoints(self.out, resuming=True)
                 log.warning("--resume latest: no checkpoint in %s; starting fresh", self.out)
                 return
         else:
@@ -465,7 +481,9 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume is not None:
+        if resume is None:
+            check_no_checkpoints(self.out)
+        else:
             self._resume(resume)
         if self.acc.is_main_process:
             try:
@@ -531,6 +549,7 @@ class Trainer:
             log.warning("train.max_minutes=%g reached at step %d of %d: saving the final model",
                         cfg.max_minutes, self.step, cfg.max_steps)
         if self.step >= cfg.max_steps or timed_out:
+            self._save(final=True)  # first: bad eval data must not cost the trained model
             if self.eval_loader is not None and not (cfg.eval_every and self.step % cfg.eval_every == 0):
                 ev = self.evaluate()
                 if ev is not None:
@@ -538,7 +557,6 @@ class Trainer:
                     self._log({"step": self.step, "eval_loss": ev})
                     if cfg.keep_best:
                         self._save_best(ev)
-            self._save(final=True)
             if self.acc.is_main_process:
                 plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
         if self.writer is not None:

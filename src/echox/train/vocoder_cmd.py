@@ -25,6 +25,7 @@ from typing import Any
 from echox.audio import load_audio
 from echox.config import int_at_least, load_recipe
 from echox.data.manifest import read_jsonl
+from echox.fileio import check_out_path
 from echox.errors import ConfigError, EchoXError
 from echox.vocoder.distill import (
     DistillConfig,
@@ -53,8 +54,15 @@ def load_pairs(manifest: str, sample_rate: int, limit: int | None = None) -> lis
     path = Path(manifest)
     if not path.is_file():
         raise ConfigError(f"vocoder data not found: {path}")
-    raw = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    rep = read_jsonl(path, "tts", on_error="skip")
+    rep = read_jsonl(path, "tts", on_error="skip")  # names and skips malformed lines
+    raw = []
+    for x in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(x) if x.strip() else None
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            raw.append(obj)
     pairs = []
     for obj in raw[:limit] if limit else raw:
         if not obj.get("units") or not obj.get("counts") or not obj.get("audio"):
@@ -126,15 +134,27 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
         raise ConfigError("--grow-decoder / --add-postnet grow a trained model: give --init")
     else:
         cfg = recipe["vocoder"]
-    out = Path(args.output_dir or tr.output_dir)
+    out = check_out_path(args.output_dir or tr.output_dir)
+
+    def given(value: Any, default: Any) -> Any:  # an option, when given (0 included)
+        return default if value is None else value
+
+    steps, lr = given(args.max_steps, tr.max_steps), given(args.lr, tr.lr)
+    batch_size, holdout = given(args.batch_size, tr.batch_size), given(args.holdout, tr.holdout)
+    if not (steps >= 1 and batch_size >= 1 and 0 < lr < float("inf")):
+        raise ConfigError(f"--max-steps and --batch-size must be >= 1 and --lr a finite number "
+                          f"> 0; got {steps}, {batch_size}, {lr}")
     pairs = load_pairs(train_path, cfg.sample_rate, data.limit)
+    if not 0 <= holdout < len(pairs):
+        raise ConfigError(f"--holdout must be 0 to {len(pairs) - 1} (the data has {len(pairs)} "
+                          f"pairs), got {holdout}")
     res = train_unit2mel(
-        pairs, cfg, steps=args.max_steps or tr.max_steps, lr=args.lr or tr.lr,
-        batch_size=args.batch_size or tr.batch_size, out_dir=out / "unit2mel",
+        pairs, cfg, steps=steps, lr=lr,
+        batch_size=batch_size, out_dir=out / "unit2mel",
         log_every=tr.log_every, seed=tr.seed, model=init, warmup=tr.warmup,
-        segment_frames=args.segment_frames or tr.segment_frames,
-        holdout=args.holdout or tr.holdout, eval_every=args.eval_every or tr.eval_every,
-        save_every=args.save_every or tr.save_every,
+        segment_frames=given(args.segment_frames, tr.segment_frames),
+        holdout=holdout, eval_every=given(args.eval_every, tr.eval_every),
+        save_every=given(args.save_every, tr.save_every),
     )
     voc = UnitMelVocoder(res["model"].eval(), load_named_generator(tr.hifigan),
                          output_sr=tr.output_sr, hifigan=tr.hifigan)
@@ -269,7 +289,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--threads", type=int_at_least(0),
                    help="torch threads (1 on a busy CPU; 0 = torch's default)")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation interval")
+    p.add_argument("--eval-every", type=int, help="held-out evaluation interval (0 = none)")
 
 
 def train_options(p: argparse.ArgumentParser) -> None:
@@ -281,10 +301,10 @@ def train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", help="continue training this Unit2Mel (or unit->mel vocoder) folder")
     p.add_argument("--segment-frames", type=int,
                    help="train on random crops of at most this many mel frames (faster steps)")
-    p.add_argument("--holdout", type=int, default=0,
-                   help="keep the manifest's last N pairs out and report their mel L1")
-    p.add_argument("--save-every", type=int, default=0,
-                   help="also save OUT/unit2mel every N steps (continue with --init)")
+    p.add_argument("--holdout", type=int,
+                   help="keep the manifest's last N pairs out and report their mel L1 (default: the recipe's)")
+    p.add_argument("--save-every", type=int,
+                   help="also save OUT/unit2mel every N steps (continue with --init; default: the recipe's)")
     p.add_argument("--grow-decoder", type=int, default=0, metavar="N",
                    help="with --init: add N decoder blocks that start as the identity")
     p.add_argument("--add-postnet", type=int, default=0, metavar="LAYERS",

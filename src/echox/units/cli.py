@@ -38,6 +38,7 @@ import torch
 from echox.config import int_at_least
 from echox.data.manifest import read_jsonl, write_jsonl
 from echox.errors import ManifestError, UnitError
+from echox.fileio import check_out_path
 from echox.units.extract import (
     HubertFeatures,
     UnitExtractor,
@@ -245,6 +246,9 @@ def cmd_train_kmeans(args: argparse.Namespace) -> int:
         raise UnitError(f"--k must be >= 1, got {args.k}")
     if args.max_frames < args.k:
         raise UnitError(f"--k {args.k} needs at least that many frames, but --max-frames is {args.max_frames}")
+    if args.batch_size < 1:
+        raise UnitError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_out_path(args.out, folder=False)
     items = _kmeans_items(args.manifest, args.dialogue_roles)
     t0 = time.perf_counter()
     feats = spec.build(args.layer, args.device)
@@ -385,6 +389,9 @@ _TABLE_HEAD = ("| vocab size | units/token | units p50 / p90 / p99 | tokens p50 
 
 
 def cmd_train_language(args: argparse.Namespace) -> int:
+    check_out_path(args.out)
+    if args.min_frequency < 0:
+        raise UnitError(f"--min-frequency must be >= 0, got {args.min_frequency}")
     seqs = _unit_sequences(args.manifest, args.exclude_id_suffix)
     k = _num_units(args, seqs)
     train_idx, held_idx = split_heldout(len(seqs), args.heldout, args.seed)
