@@ -56,6 +56,7 @@ log "payload ready"
 if [ -z "${REUSE_S2T:-}" ]; then  # REUSE_S2T=1: Stage III only, on the Stage I of an earlier run
 # 1. CTC-only passes of the adapter over every ASR clip (batch 64): CTC_PCT % of the budget
 m=$(( $(left) * ${CTC_PCT:-10} / 100 )); mm=$($PY -c "print($m/60)")
+rm -rf "$R/ctc" "$R/s2t"  # each run trains afresh (echox train refuses a folder with checkpoints)
 "${E[@]}" train s2t --recipe recipes/tiny/s2t.yaml --out "$R/ctc" --init "$P/s2t" --max-steps "${CTC_STEPS:-1000}" \
     --data "${asr[@]}" "${gpu[@]}" --set train.ctc_only=true \
     --set train.batch_size=${CTC_BATCH:-64} --set train.warmup_steps=20 --set train.save_every=0 \
@@ -97,6 +98,7 @@ for target in pseudo gold-units; do
                  2>/dev/null || echo "$echo_steps")
     out=$R/gold; data=$DT/dialogues_units.jsonl; mkdir -p "$out"; ln -sfn "$R/echo/states" "$out/states"
   fi
+  rm -rf "$out/checkpoints" "$out/model"  # afresh; the cached states of this Stage I stay
   "${E[@]}" train echo --recipe recipes/tiny/echo.yaml --init "$R/s2t/model" --t2c-from "$P/t2c" \
       --target $target --out "$out" --max-steps "$echo_steps" --data "$data" "${gpu[@]}" \
       --set "data.unit_language=$P/t2c/unit_language" --set train.save_every=100000 \
