@@ -11,7 +11,7 @@ from conftest import load_script, noise
 
 from echox.data.datasets import ConcatDataset, S2TDataset, perturb_audio
 from echox.data.manifest import DialogueRecord, read_jsonl
-from echox.data.s2t_mix import ASR_PROMPT, build_s2t_mix
+from echox.data.s2t_mix import ASR_PROMPT, build_asr_tts, build_s2t_mix
 from echox.errors import ManifestError
 
 QS = ["What is the capital of Japan?", "Who wrote Hamlet?", "How many legs has a spider?"]
@@ -67,6 +67,32 @@ def test_mix_refuses_the_test_voice_and_a_missing_corpus(tmp_path):
         build_s2t_mix(tmp_path / "nothing")
     counts = build_s2t_mix(corpus, voice=None)  # ASR turns only
     assert counts == {"asr_turns": 6}
+
+
+def test_mix_names_bad_lines_and_checks_options_first(tmp_path, capsys):
+    from echox.cli import main
+
+    corpus = _corpus(tmp_path)
+    assert main(["data", "s2t-mix", "--corpus", str(corpus), "--speak-answers", "--quiet"]) == 2
+    assert "give both" in capsys.readouterr().err
+    assert not (corpus / "train" / "asr.jsonl").exists()  # refused before anything was made
+    with (corpus / "train" / "dialogues.jsonl").open("a") as f:
+        f.write("{broken\n")
+    with pytest.raises(ManifestError, match=r"dialogues\.jsonl line 4: malformed JSON"):
+        build_s2t_mix(corpus, voice=None)
+    with pytest.raises(ManifestError, match=r"nope\.jsonl not found: check the path"):
+        build_asr_tts(corpus, tmp_path / "nope.jsonl")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs the espeak-ng program (scripts/setup.sh installs it)")
+def test_mix_refuses_an_unknown_voice_and_a_dialogue_without_turns(tmp_path):
+    corpus = _corpus(tmp_path)
+    with pytest.raises(ManifestError, match="espeak-ng spoke none of 3 questions"):
+        build_s2t_mix(corpus, voice="xx-nosuchvoice")
+    with (corpus / "train" / "dialogues.jsonl").open("a") as f:
+        f.write(json.dumps({"id": "y"}) + "\n")
+    with pytest.raises(ManifestError, match=r"y: no \"conversations\""):
+        build_s2t_mix(corpus, voice="en-gb")
 
 
 def test_prompt_beside_audio_round_trips_and_reaches_the_template(make_model):

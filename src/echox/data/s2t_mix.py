@@ -36,6 +36,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from echox.config import int_at_least
 from echox.data.tiny_corpus import (_open_answers, _read_answers, espeak_synthesize, generate_answers,
                                    piper_synthesize)
 from echox.errors import ManifestError
@@ -47,10 +48,30 @@ ASR_PROMPT = "Transcribe this audio."
 TEST_VOICE = "en-us"  # the test split's espeak-ng voice (echox.data.tiny_corpus)
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
+def _read(path: Path, hint: str = "build the corpus first (echox data build-tiny)") -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file; a malformed line, or one that is not an object, is
+    an error naming its line."""
     if not path.is_file():
-        raise ManifestError(f"{path} not found: build the corpus first (echox data build-tiny)")
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        raise ManifestError(f"{path} not found: {hint}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ManifestError(f"{path} line {n}: malformed JSON ({e})") from e
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path} line {n}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _conversations(d: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    conv = d.get("conversations")
+    if not isinstance(conv, list) or not conv or not all(isinstance(t, dict) for t in conv):
+        raise ManifestError(f"{where} {d.get('id', '?')}: no \"conversations\" list of turns")
+    return conv
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -60,7 +81,7 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> None:
 def _id_text_rows(path: Path, audio: bool = False) -> list[dict[str, Any]]:
     """The rows of `path`, each checked: a unique "id" usable as a file name, a non-empty
     "text" and, with `audio`, an "audio" path."""
-    rows = _read(path)
+    rows = _read(path, hint="check the path")
     ids: set[str] = set()
     want = '{"id": str, "text": str' + (', "audio": str}' if audio else "}")
     for i, r in enumerate(rows, 1):
@@ -95,10 +116,13 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
         folder = f"q_{voice.replace('+', '_')}"
         jobs = []
         for d in dialogues:
-            user = d["conversations"][0]
+            user = _conversations(d, str(train / "dialogues.jsonl"))[0]
             jobs.append((user["value"], train / "audio" / folder / f"{d['id']}.wav"))
         todo = [(t, p) for t, p in jobs if not p.is_file()]
         made, failed = espeak_synthesize(todo, progress=progress, voice=voice)
+        if todo and not made:  # e.g. a voice espeak-ng does not have: not an empty manifest
+            raise ManifestError(f"--voice {voice}: espeak-ng spoke none of {len(todo)} questions; "
+                                "check the voice name (espeak-ng --voices)")
         bad = {Path(p) for p in failed}
         for d, (_, path) in zip(dialogues, jobs):
             if path in bad or not path.is_file():
@@ -234,6 +258,8 @@ def speak_extra_answers(corpus: str | Path, workers: int = 2, progress: bool = F
 
 
 def cmd_s2t_mix(args: argparse.Namespace) -> int:
+    if args.speak_answers and not args.echo_extra:  # before anything is spoken or rewritten
+        raise ManifestError("--speak-answers speaks the --echo-extra answers: give both")
     counts = build_s2t_mix(args.corpus, voice=args.voice or None, asr=not args.no_asr,
                            progress=not args.quiet)
     if args.asr_extra:
@@ -244,8 +270,6 @@ def cmd_s2t_mix(args: argparse.Namespace) -> int:
     if args.echo_extra:
         counts.update(build_echo_extra(args.corpus, threads=args.llm_threads, progress=not args.quiet))
     if args.speak_answers:
-        if not args.echo_extra:
-            raise ManifestError("--speak-answers speaks the --echo-extra answers: give both")
         counts.update(speak_extra_answers(args.corpus, workers=args.workers, progress=not args.quiet))
     print(f"s2t mix in {Path(args.corpus) / 'train'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
@@ -270,7 +294,7 @@ def s2t_mix_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speak-answers", action="store_true",
                    help="with --echo-extra: piper speaks its answers (train/answers_extra_tts.jsonl): "
                         "T2C data and gold units for the extra dialogues, after `echox units extract`")
-    p.add_argument("--llm-threads", type=int, default=1, help="torch CPU threads of --echo-extra's LLM")
+    p.add_argument("--llm-threads", type=int_at_least(1), default=1, help="torch CPU threads of --echo-extra's LLM")
     p.add_argument("--quiet", action="store_true")
     return p
 

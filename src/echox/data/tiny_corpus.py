@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from echox.audio import audio_duration
+from echox.config import int_at_least
 from echox.data.match import exist_match
 from echox.errors import DataBuildError
 from echox.fileio import check_out_path
@@ -667,7 +668,7 @@ def build_tiny_options(p: argparse.ArgumentParser) -> None:
                    help="system prompt of the answering LLM ('' for the template's default)")
     p.add_argument("--questions", default=None,
                    help="question JSONL (default: recipes/tiny/questions.jsonl)")
-    p.add_argument("--llm-threads", type=int, default=1, help="torch CPU threads of the LLM")
+    p.add_argument("--llm-threads", type=int_at_least(1), default=1, help="torch CPU threads of the LLM")
     p.add_argument("--piper-workers", type=int, default=2,
                    help="piper processes speaking the answers side by side")
     p.add_argument("--no-espeak", action="store_true", help="skip the espeak-ng test voice")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -70,7 +71,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     omit = untrained_parts(model.trained_stages, args.drop_t2c, shared_t2c_echo=model.t2c is model.echo)
     model.save_pretrained(out, omit_parts=omit, dtype=DTYPES[args.dtype])
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(json.dumps({"model": str(src), "out": str(out), "trained_stages": model.trained_stages,
+    stages = json.loads((out / "config.json").read_text()).get("trained_stages", [])  # as written
+    if not stages:
+        print(f"echox: warning: {out} keeps no trained stage (every trained part was left out)",
+              file=sys.stderr)
+    print(json.dumps({"model": str(src), "out": str(out), "trained_stages": stages,
                       "omitted_parts": list(omit), "dtype": args.dtype,
                       "megabytes": round(size / 1e6, 1)}))
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -366,10 +367,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     res = trainer.train(resume=args.resume, stop_at=args.stop_at)
     if trainer.acc.is_main_process:
         print(json.dumps({"stage": args.stage, "train_examples": len(train),  # type: ignore[arg-type]
-                          "steps": res.step, "first_loss": round(res.first_loss, 4),
-                          "last_loss": round(res.last_loss, 4), "steps_per_s": round(res.steps_per_s, 3),
-                          "eval": res.eval_losses[-1:] or None, "output": str(out / "model")}))
+                          "steps": res.step, "first_loss": _number(res.first_loss),
+                          "last_loss": _number(res.last_loss), "steps_per_s": round(res.steps_per_s, 3),
+                          "eval": res.eval_losses[-1:] or None,
+                          # the stage's model once max_steps are done; none after --stop-at
+                          "output": str(out / "model") if res.step >= cfg.max_steps else None}))
     return 0
+
+
+def _number(x: float) -> float | None:
+    """A loss for the JSON summary: None when no step ran (NaN is not JSON)."""
+    return None if math.isnan(x) else round(x, 4)
 
 
 def _model_sets(args: argparse.Namespace) -> list[str]:

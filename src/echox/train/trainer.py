@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from echox.errors import CheckpointError, ConfigError
+from echox.fileio import atomic_write_text
 from echox.hub import cache_dir
 from echox.model.checkpoint import load_weights, verify_checkpoint
 from echox.model.echox import EchoX
@@ -428,7 +429,24 @@ class Trainer:
         else:
             log.warning("no RNG state for this process in %s; dropout noise will differ", folder)
         self.best = self._read_best()
+        self._drop_metrics_after(self.step)
         self.acc.print(f"resumed from {folder} at step {self.step}")
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Forget the logged rows of the steps after `step` (an interrupted run logged them past
+        its last checkpoint; the resumed run logs them again)."""
+        path = self.out / "metrics.jsonl"
+        if not self.acc.is_main_process or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) > step:
+                    continue
+            except (ValueError, TypeError, AttributeError):
+                continue  # a line cut by the interruption
+            kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
 
     # ---- loop ----------------------------------------------------------------------------
     def _batches(self) -> Iterator[Any]:
