@@ -80,3 +80,14 @@ def test_direct_construction_validates():
     cfg = preset_config("tiny-random")
     with pytest.raises(ConfigError):
         apply_overrides(cfg, ["t2c.num_heads=5"])  # 32 % 5 != 0
+
+
+def test_malformed_yaml_is_one_line_naming_the_place(tmp_path):
+    from echox.config import read_yaml_mapping
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("train:\n  lr: 0.1\n  batch_size: {2\n")
+    with pytest.raises(ConfigError) as e:
+        read_yaml_mapping(bad, "recipe")
+    msg = str(e.value)
+    assert "\n" not in msg and "r.yaml: not valid YAML at line" in msg, msg

@@ -164,6 +164,8 @@ def test_bad_inputs_exit_2_with_one_line(corpus: Path, tmp_path: Path,
     assert "echox units attach" in _err(capsys)
     assert main([*ext, "--manifest", tts, "--layer", "2"]) == 2
     assert "differs from 1" in _err(capsys)
+    assert main([*ext, "--manifest", tts, "--device", "gpu9"]) == 2
+    assert "--device 'gpu9': not a torch device" in _err(capsys)
     with pytest.raises(SystemExit) as exit_:  # refused while the options are parsed
         main([*ext, "--manifest", tts, "--threads", "0"])
     assert exit_.value.code == 2

@@ -197,10 +197,25 @@ def _unit_sequences(paths: Sequence[str], exclude_suffixes: Sequence[str]) -> li
     return out
 
 
+def _device(name: str | None) -> str | None:
+    """`--device`, checked before any model is loaded onto it (None: the default)."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UnitError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnitError(f"--device {name}: this machine has no CUDA GPU that torch can use")
+    return name
+
+
 def _num_units(args: argparse.Namespace, seqs: list[tuple[str, list[int]]]) -> int:
     """K from --num-units, else from --kmeans, else the largest unit + 1 (with a note)."""
     if args.num_units is not None:
         k = int(args.num_units)
+        if k < 1:
+            raise UnitError(f"--num-units must be >= 1, got {k}")
     elif args.kmeans:
         k = UnitKMeans.load(args.kmeans).n_clusters
     else:
@@ -251,7 +266,7 @@ def cmd_train_kmeans(args: argparse.Namespace) -> int:
     check_out_path(args.out, folder=False)
     items = _kmeans_items(args.manifest, args.dialogue_roles)
     t0 = time.perf_counter()
-    feats = spec.build(args.layer, args.device)
+    feats = spec.build(args.layer, _device(args.device))
     km = train_kmeans_on_corpus(items, feats, n_clusters=args.k, max_frames=args.max_frames,
                                 seed=args.seed, batch_size=args.batch_size, out_path=args.out,
                                 progress=not args.quiet)
@@ -303,7 +318,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.threads is not None:  # >= 1: checked by the parser
         torch.set_num_threads(args.threads)
-    extractor = UnitExtractor(spec.build(layer, args.device, args.window_seconds), km)
+    extractor = UnitExtractor(spec.build(layer, _device(args.device), args.window_seconds), km)
     n_cached = sum(_cache_path(cache, k).is_file() for k, _ in items) if cache.is_dir() else 0
     units = extract_corpus(items, extractor, cache, batch_size=args.batch_size,
                            progress=not args.quiet, on_error="skip" if args.skip_bad_audio else "raise")
