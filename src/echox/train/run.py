@@ -232,9 +232,7 @@ def _dialogue_source(src: Any) -> tuple[list[Any], Path | None]:
     p = Path(str(src))
     lim = opts.get("limit")
     if not (p.is_dir() or p.suffix == ".json"):  # a JSONL manifest
-        rep = read_jsonl(p, "dialogue", on_error="skip")
-        if rep.bad_lines:
-            log.warning("%s: skipped %d bad line(s)", p, len(rep.bad_lines))
+        rep = read_jsonl(p, "dialogue", on_error="skip")  # it names each bad line it skips
         return rep.records[:lim] if lim is not None else rep.records, rep.base_dir
     if p.is_dir() and not (p / "data.json").is_file():
         shards = sorted(p.rglob("data.json"))

@@ -520,49 +520,51 @@ class Trainer:
         batches = self._batches()
         timed_out = False
         trim = heap_trimmer() if self.acc.device.type == "cpu" else None
-        while self.step < end and not timed_out:
-            acc_loss, acc_metrics = 0.0, {}
-            for _ in range(cfg.grad_accum):
-                batch = next(batches).to(self.acc.device)
-                with self.acc.accumulate(self.model), self.acc.autocast():
-                    out = self.model(batch, task=self.task, **self.step_kwargs)
-                    self.acc.backward(out.loss)
-                    if self.acc.sync_gradients and cfg.max_grad_norm > 0:
-                        self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    self.opt.step()
-                    if self.acc.sync_gradients:
-                        self.sched.step()
-                    self.opt.zero_grad()
-                acc_loss += out.loss.item() / cfg.grad_accum
-                for k, v in out.metrics.items():
-                    acc_metrics[k] = acc_metrics.get(k, 0.0) + v / cfg.grad_accum
-                samples += cfg.batch_size * self.acc.num_processes
-            self.step += 1
-            if trim is not None:
-                trim(0)
-            loss = float(self.acc.gather(torch.tensor([acc_loss], device=self.acc.device)).mean())
-            first = loss if math.isnan(first) else first
-            last = loss
-            dt = max(time.time() - t0, 1e-9)
-            rec = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
-                   "steps_per_s": (self.step - steps0) / dt, "samples_per_s": samples / dt,
-                   **{f"train/{k}": v for k, v in acc_metrics.items()}}
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
-                ev = self.evaluate()
-                if ev is not None:
-                    rec["eval_loss"] = ev
-                    evals.append((self.step, ev))
-                    if cfg.keep_best:
-                        self._save_best(ev)
-            if self.step % cfg.log_every == 0 or self.step == end:
-                self._log(rec)
-            bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rec['steps_per_s']:.2f}")
-            bar.update(1)
-            timed_out = self._out_of_time(t0)
-            if (cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
-                    and not timed_out):
-                self._save()
-        bar.close()
+        try:  # an error mid-run ends the bar's line first: its message gets a line of its own
+            while self.step < end and not timed_out:
+                acc_loss, acc_metrics = 0.0, {}
+                for _ in range(cfg.grad_accum):
+                    batch = next(batches).to(self.acc.device)
+                    with self.acc.accumulate(self.model), self.acc.autocast():
+                        out = self.model(batch, task=self.task, **self.step_kwargs)
+                        self.acc.backward(out.loss)
+                        if self.acc.sync_gradients and cfg.max_grad_norm > 0:
+                            self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                        self.opt.step()
+                        if self.acc.sync_gradients:
+                            self.sched.step()
+                        self.opt.zero_grad()
+                    acc_loss += out.loss.item() / cfg.grad_accum
+                    for k, v in out.metrics.items():
+                        acc_metrics[k] = acc_metrics.get(k, 0.0) + v / cfg.grad_accum
+                    samples += cfg.batch_size * self.acc.num_processes
+                self.step += 1
+                if trim is not None:
+                    trim(0)
+                loss = float(self.acc.gather(torch.tensor([acc_loss], device=self.acc.device)).mean())
+                first = loss if math.isnan(first) else first
+                last = loss
+                dt = max(time.time() - t0, 1e-9)
+                rec = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
+                       "steps_per_s": (self.step - steps0) / dt, "samples_per_s": samples / dt,
+                       **{f"train/{k}": v for k, v in acc_metrics.items()}}
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    ev = self.evaluate()
+                    if ev is not None:
+                        rec["eval_loss"] = ev
+                        evals.append((self.step, ev))
+                        if cfg.keep_best:
+                            self._save_best(ev)
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    self._log(rec)
+                bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rec['steps_per_s']:.2f}")
+                bar.update(1)
+                timed_out = self._out_of_time(t0)
+                if (cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
+                        and not timed_out):
+                    self._save()
+        finally:
+            bar.close()
         if timed_out and self.acc.is_main_process:
             log.warning("train.max_minutes=%g reached at step %d of %d: saving the final model",
                         cfg.max_minutes, self.step, cfg.max_steps)
