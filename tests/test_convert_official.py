@@ -418,6 +418,17 @@ def test_damaged_folder_one_line_exit_2(tmp_path: Path, capsys, how: str, messag
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_force_never_replaces_the_source(tmp_path: Path, capsys) -> None:
+    fx = build_authors_folder(tmp_path, shards=2)
+    before = sorted(p.name for p in fx.src.iterdir())
+    capsys.readouterr()
+    for out in (fx.src, fx.src.parent):
+        rc = main(["convert", "official", str(fx.src), str(out), "--force"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "would delete the checkpoint being converted" in err, err
+    assert sorted(p.name for p in fx.src.iterdir()) == before
+
+
 def test_copy_memory_does_not_grow_with_the_tensor(tmp_path: Path) -> None:
     """A 128 MB tensor is copied with the streaming writer in a fresh process: its peak RSS
     grows by about two blocks, not by the tensor."""

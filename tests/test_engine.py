@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from conftest import noise
 
-from echox.errors import AudioError, CheckpointError, ConfigError
+from echox.errors import AudioError, CheckpointError, ConfigError, PromptError
 from echox.infer.bundle import Bundle, default_bundle, load_bundle, save_bundle
 from echox.infer.engine import (
     AudioChunk,
@@ -271,6 +271,29 @@ def test_two_turn_dialogue_keeps_history(bundle: Bundle) -> None:
     assert any(prompt[i:i + len(answer)] == answer for i in range(len(prompt)))
     s.reset()
     assert s.history == [] and s.turn is None
+
+
+def test_one_turn_at_a_time_per_session(bundle: Bundle) -> None:
+    """A second respond() or a reset() while a turn is being answered is a clear PromptError
+    (two turns would share the streaming state); once the first is read or closed, both work."""
+    with Engine(bundle, greedy()) as eng:
+        s = eng.session()
+        g1 = s.respond(text="first question")
+        next(g1)
+        with pytest.raises(PromptError, match="still answering its last turn"):
+            s.respond(text="second question")
+        with pytest.raises(PromptError, match="reset: this session is still answering"):
+            s.reset()
+        rest = list(g1)
+        assert isinstance(rest[-1], Final) and len(s.history) == 2
+        g2 = s.respond(text="second question")
+        next(g2)
+        g2.close()  # abandoned: the history keeps the first exchange only
+        assert len(s.history) == 2
+        assert isinstance(list(s.respond(text="third"))[-1], Final) and len(s.history) == 4
+        for bad in (123, ["hi"], b"hello"):
+            with pytest.raises(PromptError, match="text must be a string"):
+                s.respond(text=bad)  # type: ignore[arg-type]
 
 
 def test_latency_stats_are_consistent(bundle: Bundle) -> None:

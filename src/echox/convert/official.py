@@ -488,6 +488,12 @@ def cmd_convert_official(args: Any) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not args.force:
         raise ConversionError(f"{out} exists; pass --force to replace it")
+    src = Path(args.src).expanduser().resolve()
+    if out.resolve() == src or out.resolve() in src.parents:
+        raise ConversionError(f"OUT {out} holds SRC {args.src}: replacing it would delete the "
+                              "checkpoint being converted; give another OUT")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"OUT {out} is a file; the bundle is a folder")
     report = convert_official(args.src, out, audio_tower=args.audio_tower, prompt=args.prompt)
     n = report["counts"]
     print(f"wrote {out}: {n['llm']} LLM tensors -> llm/, {n['model']} speech/T2C tensors -> "

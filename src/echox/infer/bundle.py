@@ -136,6 +136,8 @@ def load_bundle(
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"model bundle folder not found: {folder}")
+    if device is not None:
+        check_device(str(device))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     model = EchoX.from_pretrained(folder, device=dev, dtype=parse_dtype(dtype)).eval()
 

@@ -292,9 +292,16 @@ class Session:
         self.engine = engine
         self.history: list[Turn] = list(history or [])
         self.turn: TurnState | None = None
+        self._answering = False  # a respond() iterator is started and not yet finished or closed
+
+    def _check_idle(self, what: str) -> None:
+        if self._answering:
+            raise PromptError(f"{what}: this session is still answering its last turn; read its "
+                              "iterator to the end (or close() it) first")
 
     def reset(self) -> None:
         """Forget the dialogue."""
+        self._check_idle("reset")
         self.history = []
         self.turn = None
 
@@ -304,6 +311,8 @@ class Session:
         `encoder.max_seconds`: longer speech raises `AudioTooLongError`, one line that names
         `--max-audio-seconds`)."""
         model = self.engine.model
+        if text is not None and not isinstance(text, str):
+            raise PromptError(f"text must be a string, got {type(text).__name__}")
         if audio is None and not (text and text.strip()):
             raise PromptError("a user turn needs speech (a wav path, bytes or samples) or text")
         wav = None
@@ -320,6 +329,7 @@ class Session:
         iterator finishes.
         """
         t0 = time.perf_counter()
+        self._check_idle("respond")
         user = self.user_turn(audio, text, sample_rate)
         return self._stream(user, t0)
 
@@ -384,6 +394,14 @@ class Session:
                 yield int(st.ids[0]), st.hidden[0].clone()  # a copy: the prefix states can go
 
     def _stream(self, user: Turn, t0: float) -> Iterator[Event]:
+        self._check_idle("respond")  # two iterators made before either started
+        self._answering = True
+        try:
+            yield from self._answer(user, t0)
+        finally:
+            self._answering = False
+
+    def _answer(self, user: Turn, t0: float) -> Iterator[Event]:
         engine, cfg = self.engine, self.engine.cfg
         turn = self.turn = self._start(user)
         stats = LatencyStats(prefix_tokens=turn.prefix_len)
