@@ -294,6 +294,13 @@ def test_one_turn_at_a_time_per_session(bundle: Bundle) -> None:
         for bad in (123, ["hi"], b"hello"):
             with pytest.raises(PromptError, match="text must be a string"):
                 s.respond(text=bad)  # type: ignore[arg-type]
+        with pytest.raises(PromptError, match="over the LLM's 1024"):  # tiny-random: 1024
+            list(s.respond(text="hello " * 2000))
+        assert len(s.history) == 4  # the refused turn left no trace
+        with pytest.raises(AudioError):
+            s.respond(audio=noise(0.5, 1), sample_rate=0)
+        with pytest.raises(PromptError, match=r"history\[0\] is a dict, not a Turn"):
+            eng.session([{"role": "user", "text": "hi"}])  # type: ignore[list-item]
 
 
 def test_latency_stats_are_consistent(bundle: Bundle) -> None:

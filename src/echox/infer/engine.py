@@ -94,7 +94,8 @@ def load_question(audio: AudioInput, limit: float | None, sr: int = 16000,
     the slow model load. A file longer than `limit` is refused from its header alone.
     """
     if isinstance(audio, np.ndarray):
-        wav = load_audio(audio, sr, max_seconds=None, orig_sr=sample_rate or sr)
+        wav = load_audio(audio, sr, max_seconds=None,
+                         orig_sr=sample_rate if sample_rate is not None else sr)
         name = "question audio"
     elif isinstance(audio, (str, Path, bytes, bytearray)):
         name = "question audio"
@@ -291,6 +292,10 @@ class Session:
     def __init__(self, engine: Engine, history: list[Turn] | None = None) -> None:
         self.engine = engine
         self.history: list[Turn] = list(history or [])
+        for i, t in enumerate(self.history):
+            if not isinstance(t, Turn):
+                raise PromptError(f"history[{i}] is a {type(t).__name__}, not a Turn "
+                                  "(echox.model.prompt.Turn(role, text=..., audio=...))")
         self.turn: TurnState | None = None
         self._answering = False  # a respond() iterator is started and not yet finished or closed
 
@@ -339,6 +344,12 @@ class Session:
         with torch.no_grad():
             batch = model.collate([self.history + [user]], add_generation_prompt=True)
             merged, _ = model.embed_inputs(batch, padding_side="left")  # [1, L, D]
+        n = int(merged.inputs_embeds.shape[1])
+        limit = getattr(getattr(model.llm.model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and n + cfg.sampling.max_new_tokens > limit:
+            raise PromptError(f"the prompt is {n} positions and the answer may take "
+                              f"{cfg.sampling.max_new_tokens} more, over the LLM's {limit}: "
+                              "shorten the text or the history (or reset the session)")
         state = start_decode(merged.inputs_embeds, merged.attention_mask,
                              model.llm.stop_ids, cfg.sampling)
         return TurnState(state, int(merged.inputs_embeds.shape[1]),
