@@ -288,3 +288,14 @@ def test_malformed_config_and_checksum_values(make_model, tmp_path):
     (folder / "checksums.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(CheckpointError, match=r"corrupt checkpoint file .*checksums\.json"):
         EchoX.from_pretrained(folder)
+    (folder / "checksums.json").write_text("{}")  # would verify nothing
+    with pytest.raises(CheckpointError, match=r"lists no checksum for config\.json, model\.safetensors"):
+        EchoX.from_pretrained(folder)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    from echox.model.checkpoint import sha256_file
+
+    sums = {n: sha256_file(folder / n) for n in ("config.json", "model.safetensors")}
+    (folder / "checksums.json").write_text(json.dumps({**sums, "../outside.txt": sha256_file(outside)}))
+    with pytest.raises(CheckpointError, match=r"'\.\./outside\.txt' is not a file inside"):
+        EchoX.from_pretrained(folder)

@@ -177,8 +177,16 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
         raise CheckpointError(f"corrupt checkpoint file {sums_path}: expected a JSON object of "
                               f"file name -> sha256, got {_json_kind(sums)}")
+    unlisted = [n for n in (CONFIG, WEIGHTS) if n not in sums]
+    if unlisted:  # e.g. `{}`: nothing would be verified
+        raise CheckpointError(f"corrupt checkpoint file {sums_path}: it lists no checksum for "
+                              f"{', '.join(unlisted)}")
+    root = folder.resolve()
     for name, digest in sums.items():
         p = folder / name
+        if root not in (folder / name).resolve().parents:
+            raise CheckpointError(f"corrupt checkpoint file {sums_path}: {name!r} is not a file "
+                                  "inside the checkpoint folder")
         if not p.is_file():
             raise CheckpointError(f"checkpoint file missing: {p}")
         if sha256_file(p) != digest:
