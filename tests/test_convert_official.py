@@ -397,6 +397,15 @@ def _damage(src: Path, how: str) -> None:
         save_file(sd, str(f))
     elif how == "no vocoder":
         (src / "g_00500000").unlink()
+    elif how == "config not an object":
+        (src / "config.json").write_text("5")
+    elif how == "config not utf-8":
+        (src / "config.json").write_bytes(b"\xff\xfe{")
+    elif how == "wrong config types":
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "adapter_size": "x", "audio_tower": 5}))
+    elif how == "bad weight map":
+        (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 5}}))
 
 
 @pytest.mark.parametrize("how, message", [
@@ -406,6 +415,10 @@ def _damage(src: Path, how: str) -> None:
     ("unknown tensor", "does not have, e.g. model.asr_transformer_encoder.layers.1.norm1.weight"),
     ("no vocoder", "no vocoder"),
     ("missing tensor", "1 tensor(s) missing, e.g. unit_translator.aligner_MLP.3.bias"),
+    ("config not an object", "not an EchoX config (a JSON object), got int"),
+    ("config not utf-8", "config.json: not JSON"),
+    ("wrong config types", "wrong type of audio_tower (5: expected a string), adapter_size ('x': expected a whole number)"),
+    ("bad weight map", "not a weight index (its weight_map values must be file names)"),
 ])
 def test_damaged_folder_one_line_exit_2(tmp_path: Path, capsys, how: str, message: str) -> None:
     fx = build_authors_folder(tmp_path, shards=2)

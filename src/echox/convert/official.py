@@ -109,8 +109,12 @@ def _shards(src: Path) -> list[Path]:
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (src / index).is_file():
             try:
-                names = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                weight_map = json.loads((src / index).read_text(encoding="utf-8"))["weight_map"]
+                names = sorted(set(weight_map.values()))
+                if not all(isinstance(n, str) for n in names):
+                    raise TypeError("its weight_map values must be file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError,
+                    TypeError) as e:
                 raise ConversionError(f"{src / index}: not a weight index ({e})") from e
             missing = [n for n in names if not (src / n).is_file()]
             if missing:
@@ -129,14 +133,25 @@ def read_source(src: Path) -> Source:
     if not src.is_dir():
         raise ConversionError(f"source folder not found: {src}")
     try:
-        config = json.loads((src / "config.json").read_text())
+        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ConversionError(f"{src}: no config.json") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{src / 'config.json'}: not JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ConversionError(f"{src / 'config.json'}: not an EchoX config (a JSON object), got "
+                              f"{type(config).__name__}")
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise ConversionError(f"{src / 'config.json'}: not an EchoX config, it lacks {missing}")
+    texts = ("audio_tower", "unit_output")  # the rest are whole numbers
+    wrong = [k for k in REQUIRED if not isinstance(config[k], str if k in texts else int)
+             or isinstance(config[k], bool)]
+    if wrong:
+        raise ConversionError(f"{src / 'config.json'}: wrong type of "
+                              + ", ".join(f"{k} ({config[k]!r}: expected "
+                                          f"{'a string' if k in texts else 'a whole number'})"
+                                          for k in wrong))
     if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConversionError(f"{src}: no tokenizer (tokenizer.json / tokenizer_config.json)")
     try:  # with the LLM's config: transformers does not know the model type "EchoX"
