@@ -29,6 +29,8 @@ import json
 import sys
 from pathlib import Path
 
+from echox.config import int_at_least
+
 
 def _eval_run(path: Path) -> dict:
     """A `bench/tiny_results.py` T2C run folder (or its items.jsonl) in the vocoder-bench shape."""
@@ -92,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="bench/vocoder.py --json files")
     ap.add_argument("--baseline", help="system to compare against (default: the first variant)")
-    ap.add_argument("--n", type=int, help="use only the first N shared clips")
+    ap.add_argument("--n", type=int_at_least(1), help="use only the first N shared clips")
     ap.add_argument("--exclude", action="append", default=[], metavar="ID",
                     help="leave this clip out (repeatable), e.g. an answer whose text is an LLM loop")
-    ap.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--samples", type=int_at_least(1), default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -155,4 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _cli import run
+
+    sys.exit(run(main))

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from echox.config import int_at_least
+
 
 def probe(model, wave: np.ndarray) -> dict:
     with torch.no_grad():
@@ -79,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="EchoX checkpoint or bundle folder")
     p.add_argument("--qa", default="data/tiny/test/qa.jsonl", help="local: QA JSONL with audio")
-    p.add_argument("--n", type=int, default=100)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n", type=int_at_least(1), default=100)
+    p.add_argument("--threads", type=int_at_least(1), default=1)
     p.add_argument("--show", type=int, default=5, help="print this many transcripts")
     p.add_argument("--json", help="write per-question rows here")
     p.add_argument("--llm-asr", action="store_true", help="also the LLM's own transcript (see above)")
-    p.add_argument("--batch-size", type=int, default=16, help="--llm-asr: questions per generate call")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="--llm-asr: questions per generate call")
     p.add_argument("--asr", help="also this ASR's transcript, e.g. faster-whisper (Whisper tiny.en) "
                                  "or transformers:NAME (echox.infer.asr.make_asr)")
     args = p.parse_args(argv)
@@ -145,4 +147,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _cli import run
+
+    sys.exit(run(main))

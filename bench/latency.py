@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from echox.config import int_at_least
+
 
 @dataclass
 class Row:
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model bundle folder")
     ap.add_argument("--questions", required=True, type=Path, help="QA JSONL (local: schema)")
-    ap.add_argument("--n", type=int, default=20, help="questions to run")
+    ap.add_argument("--n", type=int_at_least(1), default=20, help="questions to run")
     ap.add_argument("--input", choices=["audio", "text"], default="audio",
                     help="ask with the recorded question (default) or its text")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="units per audio chunk after a segment's first; 0 = whole segments")
     ap.add_argument("--first-chunk-units", type=int, default=20,
                     help="units in a segment's first audio chunk")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int_at_least(1), help="torch intra-op threads")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted runs first (lazy init)")
     ap.add_argument("--json", type=Path, help="also write the rows and summary here")
     args = ap.parse_args(argv)

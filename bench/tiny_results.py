@@ -51,6 +51,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from echox.config import int_at_least
 from echox.eval.stats import paired_bootstrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -336,11 +337,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--t2c", help="T2C checkpoint for bundles stored without one (slim), e.g. "
                                   "runs/tiny/t2c/model")
     ap.add_argument("--out", default="runs/tiny/results", help="output folder (runs go in it)")
-    ap.add_argument("--n", type=int, help="first N questions only (a smoke run)")
+    ap.add_argument("--n", type=int_at_least(1), help="first N questions only (a smoke run)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="text / s2t: questions answered together (default 16); s2s and "
                          "the T2C row go one at a time")
-    ap.add_argument("--threads", type=int, default=0, help="torch and CTranslate2 threads (0 = default)")
+    ap.add_argument("--threads", type=int_at_least(0), default=0, help="torch and CTranslate2 threads (0 = default)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="s2t / s2s answer length cap")
     ap.add_argument("--repetition-penalty", type=float, default=1.0,
                     help="text answers of every mode: CTRL repetition penalty (1 = off)")
@@ -352,7 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="with --text-beams: a hypothesis scores its log-probability / length ** A")
     ap.add_argument("--asr", default="faster-whisper",
                     help="ASR of the spoken answers (default: Whisper tiny.en, faster-whisper)")
-    ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--resamples", type=int_at_least(1), default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--t2c-only", action="store_true",
                     help="only the T2C intelligibility row (e.g. right after Stage II, before "
@@ -743,4 +744,6 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _cli import run
+
+    sys.exit(run(main))

@@ -140,3 +140,18 @@ def test_compare_wer_reads_t2c_eval_runs(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "bad" / "items.jsonl").write_text("{not json\n")
     with pytest.raises(SystemExit, match="items.jsonl:1"):
         _compare().main([str(tmp_path / "bad")])
+
+
+def test_bench_scripts_end_bad_input_with_one_line(tmp_path):
+    """Run as scripts, the bench tools report an input error on one line with status 2."""
+    import subprocess
+    import sys as _sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([_sys.executable, str(root / "bench" / "compare_wer.py"),
+                        str(tmp_path / "nope.json"), str(tmp_path / "x.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"compare_wer: error: {tmp_path / 'nope.json'}: no such file or folder"
+    r = subprocess.run([_sys.executable, str(root / "bench" / "compare_wer.py"), "a", "b", "--samples", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--samples: must be >= 1" in r.stderr
