@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="uncounted runs first (lazy init)")
     ap.add_argument("--json", type=Path, help="also write the rows and summary here")
     args = ap.parse_args(argv)
+    if args.json is not None:  # before the run, not after it: the rows would be lost
+        from echox.fileio import check_out_path
+
+        check_out_path(args.json, "--json", folder=False)
 
     import torch
 
@@ -156,16 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_cli(argv: list[str] | None = None) -> int:
-    """Bad input (missing bundle, unreadable audio) prints one line, exit status 2."""
-    from echox.errors import AudioError, CheckpointError, ConfigError
-
-    try:
-        return main(argv)
-    except (AudioError, CheckpointError, ConfigError) as e:
-        print(f"latency: error: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(run_cli())
+    from _cli import run
+
+    sys.exit(run(main))
