@@ -363,3 +363,12 @@ def test_t2c_dataset_and_collator(tok):
     assert shifted[1].unit_ids == [101, 102, 103, 105]
     with pytest.raises(ManifestError, match=r"1 of 3 TTS records have no 'units' \(first: 2\)"):
         T2CDataset(recs + [TtsRecord("No units yet.", audio="x.wav")], tok)
+
+
+def test_a_deeply_nested_line_is_a_bad_line(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps({"text": "ok"}) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    rep = read_jsonl(p, "tts", on_error="skip")
+    assert len(rep.records) == 1 and rep.bad_lines == [(2, "malformed JSON (nested too deeply)")]
+    with pytest.raises(ManifestError, match=r"t\.jsonl:2: malformed JSON \(nested too deeply\)"):
+        read_jsonl(p, "tts")

@@ -53,7 +53,7 @@ from echox.convert.tensor_files import (
     same_bytes,
 )
 from echox.errors import ConversionError, UnitError, VocoderError
-from echox.fileio import atomic_dir
+from echox.fileio import atomic_dir, check_out_path
 from echox.infer.bundle import UNIT_LANGUAGE_DIR, VOCODER_DIR
 from echox.model.checkpoint import CHECKSUMS, CONFIG, FORMAT_VERSION, WEIGHTS, sha256_file
 from echox.model.denoiser import DenoisingAdapter
@@ -507,8 +507,7 @@ def cmd_convert_official(args: Any) -> int:
     if out.resolve() == src or out.resolve() in src.parents:
         raise ConversionError(f"OUT {out} holds SRC {args.src}: replacing it would delete the "
                               "checkpoint being converted; give another OUT")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"OUT {out} is a file; the bundle is a folder")
+    check_out_path(out, "OUT")  # the bundle is a folder
     report = convert_official(args.src, out, audio_tower=args.audio_tower, prompt=args.prompt)
     n = report["counts"]
     print(f"wrote {out}: {n['llm']} LLM tensors -> llm/, {n['model']} speech/T2C tensors -> "

@@ -357,6 +357,9 @@ def _scan_jsonl(path: Path, cls: type[R], on_error: OnError,
                 _bad(path, lineno, f"malformed JSON ({err.msg} at column {err.colno})", on_error,
                      report)
                 continue
+            except RecursionError:
+                _bad(path, lineno, "malformed JSON (nested too deeply)", on_error, report)
+                continue
             where = f"{path}:{lineno}"
             try:
                 yield lineno, cls.from_json(obj, where)

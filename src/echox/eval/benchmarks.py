@@ -322,11 +322,10 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
                 continue
             try:
                 obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as err:
-                if isinstance(err, RecursionError):
-                    raise EvalError(f"{path} line {lineno}: malformed JSON (nested too "
-                                    "deeply)") from err
+            except json.JSONDecodeError as err:
                 raise EvalError(f"{path} line {lineno}: malformed JSON ({err.msg})") from err
+            except RecursionError as err:
+                raise EvalError(f"{path} line {lineno}: malformed JSON (nested too deeply)") from err
             if not isinstance(obj, dict):
                 raise EvalError(
                     f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}"

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from echox.errors import CheckpointError, ConfigError, UnitError
+from echox.fileio import check_out_path
 from echox.hub import cache_dir
 from echox.model.echox import EchoX
 from echox.units.language import UnitLanguage
@@ -296,8 +297,7 @@ def cmd_bundle(args: Any) -> int:
         what = "folder" if out.is_dir() else "file"
         raise CheckpointError(f"--out {out}: a {what} of that name exists; pass --force to "
                               "replace it")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out} is a file; a bundle is a folder")
+    check_out_path(out)  # a bundle is a folder
     for source in (args.model, args.vocoder, args.unit_language):
         if source and out.resolve() in Path(source).resolve().parents:
             raise CheckpointError(f"--out {out} holds {source}: replacing it would delete what "

@@ -55,14 +55,9 @@ def load_pairs(manifest: str, sample_rate: int, limit: int | None = None) -> lis
     if not path.is_file():
         raise ConfigError(f"vocoder data not found: {path}")
     rep = read_jsonl(path, "tts", on_error="skip")  # names and skips malformed lines
-    raw = []
-    for x in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            obj = json.loads(x) if x.strip() else None
-        except (json.JSONDecodeError, RecursionError):
-            continue
-        if isinstance(obj, dict):
-            raw.append(obj)
+    # the good lines again, for "counts" (not a TTS field); split on "\n" only, as read_jsonl does
+    lines = path.read_bytes().split(b"\n")
+    raw = [json.loads(lines[n - 1]) for n in rep.lines]
     pairs = []
     for obj in raw[:limit] if limit else raw:
         if not obj.get("units") or not obj.get("counts") or not obj.get("audio"):
