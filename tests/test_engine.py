@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from conftest import noise
 
-from echox.errors import AudioError, CheckpointError, ConfigError, PromptError
+from echox.errors import AudioError, CheckpointError, ConfigError, EngineClosedError, PromptError
 from echox.infer.bundle import Bundle, default_bundle, load_bundle, save_bundle
 from echox.infer.engine import (
     AudioChunk,
@@ -251,6 +251,27 @@ def test_early_stop_cancels_speech(bundle: Bundle) -> None:
         events.close()  # the listener goes away after the first piece
     # close() waited for the pool: segment 0 stopped mid-way, the queued ones never ran
     assert eng.started == [0] and eng.finished == []
+
+
+def test_closed_engine_answers_no_more(bundle: Bundle) -> None:
+    """After close() the engine starts no new worker pool (one nobody would shut down): a turn
+    still being read, a new turn and a new session all raise EngineClosedError."""
+    eng = RecordingEngine(bundle, greedy(**SMALL_CHUNKS))
+    s = eng.session()
+    events = s.respond(text="stop early")
+    for ev in events:
+        if isinstance(ev, AudioChunk):
+            break
+    eng.close()
+    with pytest.raises(EngineClosedError, match="closed"):
+        list(events)
+    assert eng._pool is None and not s._answering
+    with pytest.raises(EngineClosedError, match="make a new Engine"):
+        s.respond(text="again")
+    with pytest.raises(EngineClosedError):
+        eng.session()
+    assert eng._pool is None
+    eng.close()  # twice is harmless
 
 
 def test_two_turn_dialogue_keeps_history(bundle: Bundle) -> None:

@@ -185,7 +185,9 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_engine_limit(bundle_dir: Path, tmp_path: Path) -> None:
     from echox.errors import ConfigError
     from echox.infer.bundle import load_bundle
-    from echox.infer.engine import Engine
+    from echox.infer.engine import Engine, EngineConfig
+    from echox.infer.events import Final
+    from echox.model.generation import SamplingConfig
 
     bundle = load_bundle(bundle_dir)
     with Engine(bundle) as eng:
@@ -194,13 +196,24 @@ def test_engine_limit(bundle_dir: Path, tmp_path: Path) -> None:
         assert turn.audio is not None and turn.audio.size == int(2.5 * WIN * 16000)
         with pytest.raises(AudioTooLongError, match=r"^question audio is 31.0 s; the limit is 30 s"):
             eng.session().user_turn(audio=noise(31.0))
-    with Engine(bundle, max_audio_seconds=5) as eng:
-        assert eng.model.config.encoder.max_seconds == 5.0
+    with Engine(bundle, max_audio_seconds=5) as eng, Engine(bundle) as other:
+        assert eng.max_audio_seconds == 5.0
+        # the limit is the engine's own: the shared model config and another engine keep 30 s
+        assert eng.model.config.encoder.max_seconds == 30.0 and other.max_audio_seconds == 30.0
         f = tmp_path / "six.wav"
         sf.write(f, noise(6.0), 16000)
         with pytest.raises(AudioTooLongError, match=r"six.wav': question audio is 6.0 s.*limit is 5 s "
                            r"\(to accept longer speech, pass --max-audio-seconds N;"):
             eng.session().respond(audio=f)
+        assert other.session().user_turn(audio=f).audio is not None
+    # a limit over the model config's is honoured through the encoder too (not refused there)
+    with Engine(bundle, max_audio_seconds=40, cfg=EngineConfig(sampling=SamplingConfig(
+            temperature=0.0, max_new_tokens=2))) as eng:
+        events = list(eng.session().respond(audio=noise(32.0)))
+        assert isinstance(events[-1], Final)
+        assert eng.model.config.encoder.max_seconds == 30.0
+        with pytest.raises(AudioTooLongError, match="limit is 40 s"):
+            eng.session().user_turn(audio=noise(41.0))
     with pytest.raises(ConfigError, match="--max-audio-seconds"):
         Engine(bundle, max_audio_seconds=0)
 

@@ -50,6 +50,10 @@ class PromptError(EchoXError, ValueError):
     """A dialogue cannot be rendered with this tokenizer's chat template."""
 
 
+class EngineClosedError(EchoXError, RuntimeError):
+    """An inference engine (or a session of it) was used after `close()`."""
+
+
 class ManifestError(EchoXError, ValueError):
     """A data manifest (JSON lines) is missing, malformed or points at missing files."""
 

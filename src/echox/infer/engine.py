@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from echox.audio import audio_info, check_question_length, load_audio
-from echox.errors import AudioError, ConfigError, PromptError
+from echox.errors import AudioError, ConfigError, EngineClosedError, PromptError
 from echox.infer.bundle import Bundle
 from echox.infer.events import (
     AudioChunk,
@@ -127,17 +127,25 @@ class Engine:
     def __init__(self, bundle: Bundle, cfg: EngineConfig | None = None,
                  max_audio_seconds: float | None = None) -> None:
         """`max_audio_seconds` (None = the model's `encoder.max_seconds`, 30 s by default) is
-        the longest spoken question accepted; it is set on the model, whose encoder takes a
-        clip longer than its window as consecutive windows."""
+        the longest spoken question this engine accepts; the encoder takes a clip longer than
+        its window as consecutive windows. It is the engine's own: other engines on the same
+        bundle keep theirs, and the model's config is not changed."""
         self.bundle = bundle
         self.cfg = cfg or EngineConfig()
         self.model = bundle.model.eval()
-        if max_audio_seconds is not None:
-            self.model.config.encoder.max_seconds = check_max_audio_seconds(max_audio_seconds)
+        self.max_audio_seconds = (float(self.model.config.encoder.max_seconds)
+                                  if max_audio_seconds is None
+                                  else check_max_audio_seconds(max_audio_seconds))
         self.vocoder = bundle.vocoder
         with torch.no_grad():
             self.trigger_row = self.model.trigger_row().detach().float()  # [D]
         self._pool: ThreadPoolExecutor | None = None
+        self.closed = False
+
+    def check_open(self) -> None:
+        """Raise `EngineClosedError` once `close()` has been called."""
+        if self.closed:
+            raise EngineClosedError("this engine is closed; make a new Engine to answer more turns")
 
     @property
     def sample_rate(self) -> int:
@@ -145,11 +153,16 @@ class Engine:
 
     @property
     def pool(self) -> ThreadPoolExecutor:
+        self.check_open()  # a closed engine never starts a new pool that nobody shuts down
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="echox-speech")
         return self._pool
 
     def close(self) -> None:
+        """Wait for the speech worker running now and cancel the queued ones; the engine and its
+        sessions answer no more turns (`EngineClosedError`, also from a turn still being read
+        when it next needs speech). Closing twice is harmless."""
+        self.closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -161,6 +174,7 @@ class Engine:
         self.close()
 
     def session(self, history: list[Turn] | None = None) -> Session:
+        self.check_open()
         return Session(self, history)
 
     def trigger_score(self, hidden: torch.Tensor) -> float:
@@ -312,8 +326,8 @@ class Session:
 
     def user_turn(self, audio: AudioInput = None, text: str | None = None,
                   sample_rate: int | None = None) -> Turn:
-        """Validate and load the user's input (speech as 16 kHz mono, at most the model's
-        `encoder.max_seconds`: longer speech raises `AudioTooLongError`, one line that names
+        """Validate and load the user's input (speech as 16 kHz mono, at most the engine's
+        `max_audio_seconds`: longer speech raises `AudioTooLongError`, one line that names
         `--max-audio-seconds`)."""
         model = self.engine.model
         if text is not None and not isinstance(text, str):
@@ -322,7 +336,7 @@ class Session:
             raise PromptError("a user turn needs speech (a wav path, bytes or samples) or text")
         wav = None
         if audio is not None:
-            wav = load_question(audio, model.config.encoder.max_seconds,
+            wav = load_question(audio, self.engine.max_audio_seconds,
                                 model.frontend.sample_rate, sample_rate)
         return Turn("user", text=text if text and text.strip() else None, audio=wav)
 
@@ -334,6 +348,7 @@ class Session:
         iterator finishes.
         """
         t0 = time.perf_counter()
+        self.engine.check_open()
         self._check_idle("respond")
         user = self.user_turn(audio, text, sample_rate)
         return self._stream(user, t0)
@@ -343,7 +358,8 @@ class Session:
         model, cfg = self.engine.model, self.engine.cfg
         with torch.no_grad():
             batch = model.collate([self.history + [user]], add_generation_prompt=True)
-            merged, _ = model.embed_inputs(batch, padding_side="left")  # [1, L, D]
+            merged, _ = model.embed_inputs(batch, padding_side="left",
+                                           max_seconds=self.engine.max_audio_seconds)  # [1, L, D]
         n = int(merged.inputs_embeds.shape[1])
         limit = getattr(getattr(model.llm.model, "config", None), "max_position_embeddings", None)
         if isinstance(limit, int) and n + cfg.sampling.max_new_tokens > limit:
@@ -432,6 +448,8 @@ class Session:
                 except queue.Empty:
                     return
                 if item is _DONE:  # the worker ended before its last piece
+                    if p.future.cancelled():  # close() cancelled it before it started
+                        raise EngineClosedError("the engine was closed during this turn")
                     p.future.result()  # raises the worker's error
                     raise RuntimeError(f"the speech worker of segment {p.index} ended early")
                 if item.last:

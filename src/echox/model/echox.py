@@ -239,10 +239,12 @@ class EchoX(nn.Module):
         """Log-mels; on a GPU the batch's STFT runs there in one call."""
         return self.frontend(audio, device=self.device if self.device.type != "cpu" else None)
 
-    def _speech_waves(self, audio: list[np.ndarray]) -> list[np.ndarray]:
+    def _speech_waves(self, audio: list[np.ndarray],
+                      max_seconds: float | None = None) -> list[np.ndarray]:
         """Each clip as a float32 mono waveform, checked: non-empty, mono, and no longer than
-        `encoder.max_seconds` (`AudioTooLongError`, a ValueError, names the option to raise it)."""
-        limit = self.config.encoder.max_seconds
+        `max_seconds` (None: the config's `encoder.max_seconds`; `AudioTooLongError`, a
+        ValueError, names the option to raise it)."""
+        limit = self.config.encoder.max_seconds if max_seconds is None else max_seconds
         waves = []
         for i, w in enumerate(audio):
             w = np.ascontiguousarray(w, dtype=np.float32)
@@ -258,7 +260,8 @@ class EchoX(nn.Module):
         win = self.frontend.max_samples
         return [max(1, -(-np.asarray(w).size // win)) for w in audio]
 
-    def encode_frames(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_frames(self, audio: list[np.ndarray],
+                      max_seconds: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Whisper encoder output [N, T, d_w] and valid frames [N].
 
         When every clip fits one encoder window (`frontend.max_seconds`) this is the output for
@@ -271,8 +274,9 @@ class EchoX(nn.Module):
         (T = most windows x T_w); lengths are the summed valid frames of the pieces. A window
         is `max_source_positions` x 320 samples, so the cuts fall on whole encoder frames (mel
         frame pairs) and a row's valid frames are the whole clip's: ceil(samples / 320).
+        `max_seconds`: the longest clip accepted (None: the config's `encoder.max_seconds`).
         """
-        waves = self._speech_waves(audio)
+        waves = self._speech_waves(audio, max_seconds)
         counts = self._window_counts(waves)
         if max(counts, default=1) == 1:  # every clip fits one window: the original path
             feats = self.featurize(waves)
@@ -307,14 +311,15 @@ class EchoX(nn.Module):
                                  keep_padding=not self.config.adapter.mask_padding)
         self.feature_cache = EncoderCache(root, fp)
 
-    def _cached_frames(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached_frames(self, audio: list[np.ndarray],
+                       max_seconds: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`encode_frames` through the cache: only the frames the adapter reads are stored
         (each clip's valid frames rounded up to a pair, or all frames of its windows when
         padding is not masked), and a batch is rebuilt from them, zero-padded. Clips longer
         than one window are cached whole, like the others (one entry per clip)."""
         cache = self.feature_cache
         assert cache is not None
-        waves = self._speech_waves(audio)  # the same checks as the uncached path
+        waves = self._speech_waves(audio, max_seconds)  # the same checks as the uncached path
         counts = self._window_counts(waves)
         t_w = self.encoder.window_frames // 2  # encoder frames per window
         keys = [cache.key(w) for w in waves]
@@ -322,7 +327,7 @@ class EchoX(nn.Module):
         todo = [i for i, g in enumerate(got) if g is None]
         if todo:  # in full precision whatever the step's autocast: entries do not depend on it
             with torch.autocast(self.device.type, enabled=False):
-                enc, lengths = self.encode_frames([waves[i] for i in todo])
+                enc, lengths = self.encode_frames([waves[i] for i in todo], max_seconds)
             for j, i in enumerate(todo):
                 valid = int(lengths[j])
                 width = counts[i] * t_w  # the frames of this clip's windows in its row
@@ -338,17 +343,19 @@ class EchoX(nn.Module):
         lengths = torch.tensor([v for _, v in got], dtype=torch.long)  # type: ignore[misc]
         return out.to(self.device), lengths.to(self.device)
 
-    def encode_speech(self, audio: list[np.ndarray]) -> AdapterOutput:
+    def encode_speech(self, audio: list[np.ndarray],
+                      max_seconds: float | None = None) -> AdapterOutput:
         """Encoder frames -> adapter. With `adapter.mask_padding` the adapter reads each clip's
         valid frames. Without it (the authors' mode) a batch of one-window clips is read whole
         (every frame of the window, as always); when a clip of the batch spans several windows,
         each clip reads all frames of all its windows (its last window's padding included, as
         a one-window clip reads its whole window) and only the zero rows that pad it to the
-        longest clip are masked, so a clip gives the same result in any batch."""
+        longest clip are masked, so a clip gives the same result in any batch. `max_seconds`:
+        the longest clip accepted (None: the config's `encoder.max_seconds`)."""
         if self.feature_cache is not None and not self.encoder.trainable:
-            enc, lengths = self._cached_frames(audio)
+            enc, lengths = self._cached_frames(audio, max_seconds)
         else:
-            enc, lengths = self.encode_frames(audio)  # [N, T, d_w], [N]
+            enc, lengths = self.encode_frames(audio, max_seconds)  # [N, T, d_w], [N]
         if self.config.adapter.mask_padding:
             return self.adapter(enc, lengths)
         counts = self._window_counts(audio)
@@ -358,8 +365,11 @@ class EchoX(nn.Module):
         read = torch.tensor([k * t_w for k in counts], dtype=torch.long, device=enc.device)
         return self.adapter(enc, read)
 
-    def embed_inputs(self, batch: S2TBatch, padding_side: str = "right") -> tuple[MergedInputs, AdapterOutput | None]:
-        speech = self.encode_speech(batch.audio) if batch.audio else None
+    def embed_inputs(self, batch: S2TBatch, padding_side: str = "right",
+                     max_seconds: float | None = None) -> tuple[MergedInputs, AdapterOutput | None]:
+        """Text embeddings with each audio placeholder replaced by its clip's adapter output.
+        `max_seconds`: the longest clip accepted (None: the config's `encoder.max_seconds`)."""
+        speech = self.encode_speech(batch.audio, max_seconds) if batch.audio else None
         text = self.llm.embed(batch.input_ids.to(self.device))  # [B, L, D]
         merged = merge_speech(
             batch.input_ids.to(self.device), batch.attention_mask.to(self.device),

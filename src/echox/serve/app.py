@@ -110,12 +110,12 @@ class ServeConfig:
 
 
 def model_audio_limit(engine: Any) -> float:
-    """The longest speech the engine accepts: `encoder.max_seconds` where the config has it,
-    else one encoder window."""
+    """The longest speech the engine accepts: its own `max_audio_seconds`, else the model
+    config's `encoder.max_seconds`, else one encoder window."""
     enc = getattr(getattr(engine.model, "config", None), "encoder", None)
-    value = getattr(enc, "max_seconds", None)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
+    for value in (getattr(engine, "max_audio_seconds", None), getattr(enc, "max_seconds", None)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
     return float(engine.model.frontend.max_seconds)
 
 
