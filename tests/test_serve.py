@@ -242,6 +242,20 @@ def test_chat_refuses_bad_requests(engine: Engine) -> None:
         ]
         for r, status, code in cases:
             assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+        # a multipart body cut short (no closing boundary) or without a boundary parameter
+        whole = (b"--XyZ\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nhello\r\n"
+                 b"--XyZ\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"q.wav\""
+                 b"\r\nContent-Type: audio/wav\r\n\r\n" + wav(0.3) + b"\r\n--XyZ--\r\n")
+        ok = c.post("/v1/chat", content=whole,
+                    headers={"content-type": "multipart/form-data; boundary=XyZ"})
+        assert ok.status_code == 200, ok.text
+        for body, ctype, words in (
+                (whole[: len(whole) // 2], "multipart/form-data; boundary=XyZ", "cut short"),
+                (whole[:40], "multipart/form-data; boundary=\"XyZ\"", "cut short"),
+                (whole, "multipart/form-data", "no boundary")):
+            r = c.post("/v1/chat", content=body, headers={"content-type": ctype})
+            err = r.json()["error"]
+            assert (r.status_code, err["code"]) == (400, "bad_request") and words in err["message"]
         assert c.post("/v1/chat", json={"text": "fine"}).status_code == 200
 
 

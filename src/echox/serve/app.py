@@ -446,12 +446,28 @@ def _flag(value: Any, name: str) -> bool:
     raise ApiError(400, "bad_request", f"{name} must be true or false, got {value!r}")
 
 
+def _check_multipart_end(content_type: str, body: bytes) -> None:
+    """A multipart body must hold its closing delimiter ("--BOUNDARY--"): without it the body
+    was cut short, and the parser would silently return the parts it had read so far."""
+    boundary = None
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        raise ApiError(400, "bad_request", "bad multipart body: the Content-Type has no boundary")
+    if b"--" + boundary.encode("latin-1", "replace") + b"--" not in body:
+        raise ApiError(400, "bad_request", "bad multipart body: it ends before its closing "
+                       "boundary (was the upload cut short?)")
+
+
 async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any, Any, Any]:
     """(audio file bytes, text, history, return_audio) from a multipart, JSON or raw-audio body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = st.limits.max_upload_bytes
     if ctype == "multipart/form-data":
         body = await _read_body(request, limit + ENVELOPE)
+        _check_multipart_end(request.headers.get("content-type", ""), body)
         try:
             form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=8,
                                          max_part_size=4 * st.limits.max_text_chars
