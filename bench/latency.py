@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", choices=["audio", "text"], default="audio",
                     help="ask with the recorded question (default) or its text")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--workers", type=int, default=1, help="speech worker threads")
+    ap.add_argument("--speech-workers", "--workers", dest="workers", type=int_at_least(1), default=1,
+                    help="speech worker threads (as echox serve --speech-workers)")
     ap.add_argument("--chunk-units", type=int, default=40,
                     help="units per audio chunk after a segment's first; 0 = whole segments")
     ap.add_argument("--first-chunk-units", type=int, default=20,

@@ -164,6 +164,11 @@ def test_bad_input_fails_before_the_model_load(bundle_dir: Path, tmp_path: Path,
     with pytest.raises(SystemExit) as exit_:  # parsed with the options, before anything else
         chat(str(q), "--threads", "-1")
     assert exit_.value.code == 2 and "--threads: must be >= 1, got -1" in capsys.readouterr().err
+    for opt in ("--speech-workers", "--workers"):  # the serve name and the older one
+        with pytest.raises(SystemExit) as exit_:
+            chat(str(q), opt, "0")
+        assert exit_.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err
+    assert loads == []
 
 
 def test_debug_after_the_command_shows_the_traceback(tmp_path: Path,

@@ -208,7 +208,9 @@ def chat_options(p: argparse.ArgumentParser) -> None:
     add_text_decoding_options(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible answers)")
-    p.add_argument("--workers", type=int, default=1, help="speech worker threads")
+    p.add_argument("--speech-workers", "--workers", dest="workers", type=int_at_least(1), default=1,
+                   help="speech worker threads (as echox serve --speech-workers; --workers is "
+                        "the older name)")
     p.add_argument("--chunk-units", type=int, default=40,
                    help="units per audio chunk after a segment's first; 0 = whole segments")
     p.add_argument("--first-chunk-units", type=int, default=20,

@@ -161,7 +161,8 @@ def serve_options(p: argparse.ArgumentParser) -> None:
                    help="units per audio chunk after a segment's first; 0 = whole segments")
     d.add_argument("--first-chunk-units", type=int, default=20,
                    help="units in a segment's first audio chunk (smaller: earlier audio)")
-    d.add_argument("--speech-workers", type=int, default=1, help="speech threads per engine")
+    d.add_argument("--speech-workers", type=int, default=1,
+                   help="speech threads per engine (as echox chat --speech-workers)")
     lim = p.add_argument_group("load and limits")
     lim.add_argument("--workers", type=int, default=1, help="turns decoded at once (default 1)")
     lim.add_argument("--queue", type=int, default=8,
