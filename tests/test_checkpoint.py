@@ -78,6 +78,27 @@ def test_missing_and_corrupt_files_are_named(make_model, tmp_path):
         EchoX.from_pretrained(folder)
 
 
+def test_a_tokenizer_missing_or_broken_outside_the_checksums(make_model, tmp_path):
+    """checksums.json written by an older save (or edited) may not list the tokenizer files:
+    a missing or unreadable tokenizer is still a CheckpointError naming its folder."""
+    import json
+    import shutil
+
+    folder = make_model().save_pretrained(tmp_path / "ckpt")
+    sums = folder / "checksums.json"
+    kept = {k: v for k, v in json.loads(sums.read_text()).items() if not k.startswith("tokenizer")}
+    sums.write_text(json.dumps(kept))
+    EchoX.from_pretrained(folder)  # complete: loads
+    good = folder / "tokenizer" / "tokenizer.json"
+    text = good.read_text()
+    good.write_text(text[: len(text) // 2])  # half-written
+    with pytest.raises(CheckpointError, match=r"tokenizer: the checkpoint's tokenizer cannot be read"):
+        EchoX.from_pretrained(folder)
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(CheckpointError, match=r"tokenizer: the checkpoint's tokenizer is missing"):
+        EchoX.from_pretrained(folder)
+
+
 def test_weights_that_do_not_fit_are_reported(make_model, tmp_path):
     m = make_model()
     folder = m.save_pretrained(tmp_path / "ckpt")

@@ -227,6 +227,22 @@ def _local_base_models(folder: Path, config: EchoXConfig) -> EchoXConfig:
     return EchoXConfig.from_dict(data)
 
 
+def _checkpoint_tokenizer(folder: Path, audio_token: str) -> Any:
+    """The tokenizer saved in the checkpoint; a missing or unreadable one is a CheckpointError
+    (a folder whose checksums do not list its tokenizer files is not caught by them)."""
+    tdir = folder / "tokenizer"
+    if not tdir.is_dir() or not any((tdir / n).is_file()
+                                    for n in ("tokenizer.json", "tokenizer_config.json")):
+        raise CheckpointError(f"{tdir}: the checkpoint's tokenizer is missing (the folder is "
+                              "incomplete: copy it again, or save the model again)")
+    try:
+        return load_tokenizer(tdir, audio_token)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{tdir}: the checkpoint's tokenizer cannot be read "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})"
+                              ) from e
+
+
 def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> EchoX:
     """Load a checkpoint folder. `device`: the LLM's weights are read straight onto it and the
@@ -238,7 +254,7 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
         config = EchoXConfig.from_dict(meta["config"])
     except ConfigError as e:
         raise CheckpointError(f"{folder / CONFIG}: invalid config: {e}") from e
-    tok = load_tokenizer(folder / "tokenizer", config.llm.audio_token)
+    tok = _checkpoint_tokenizer(folder, config.llm.audio_token)
     # (a model saved again names the folder's own base models by their absolute paths)
     model = cls.build(_local_base_models(folder, config), tokenizer=tok, device=device, dtype=dtype)
     omitted = meta.get("omitted_parts") or []
