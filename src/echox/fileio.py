@@ -53,6 +53,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def _remove(path: Path) -> None:
+    """Delete a folder tree, a file or a link (best effort: a leftover is only clutter)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
     """Yield a scratch folder beside `dst`; on success it replaces `dst` in one rename.
@@ -68,14 +77,18 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        if dst.exists():
+        moved = dst.exists() or dst.is_symlink()
+        if moved:
             os.replace(dst, old)
         try:
             os.replace(tmp, dst)
         except OSError:
-            if not dst.is_dir():  # not a lost race: a real failure
+            if not dst.is_dir():  # not a lost race: a real failure; put the old one back
+                if moved and not dst.exists():
+                    os.replace(old, dst)
                 raise
-        shutil.rmtree(old, ignore_errors=True)
+        if moved:
+            _remove(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
