@@ -295,3 +295,24 @@ def test_greedy_shrinking_repetition_guard():
     alone = [greedy_shrinking(model, ids[i:i + 1], mask[i:i + 1], 30, eos, guard=guard)[0]
              for i in range(4)]
     assert got == alone and len(got[0]) == 5
+
+
+def test_build_tiny_refuses_bad_numbers_before_any_work(tmp_path, capsys):
+    """Counts are checked while the options are parsed (CLI) or first thing (API): nothing
+    is written, no model is loaded."""
+    from echox.cli import main
+
+    out = tmp_path / "corpus"
+    for opt, value in (("--limit", "1"), ("--test-size", "0"), ("--train-size", "-1"),
+                       ("--batch-size", "0"), ("--max-new-tokens", "0"),
+                       ("--piper-workers", "0"), ("--llm-threads", "x")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["data", "build-tiny", "--out", str(out), opt, value])
+        assert exit_.value.code == 2
+        assert f"{opt}: " in capsys.readouterr().err
+    for kw in ({"piper_workers": 0}, {"max_new_tokens": 0}, {"batch_size": 2.5},
+               {"limit": 1}, {"train_size": -1}, {"llm_threads": True}):
+        name = next(iter(kw))
+        with pytest.raises(DataBuildError, match=f"{name} must be a whole number"):
+            build_tiny_corpus(out, progress=False, **kw)
+    assert not out.exists()

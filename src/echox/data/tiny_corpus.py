@@ -521,6 +521,14 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
     t0 = time.perf_counter()
     if set(voices) - {"piper", "espeak"} or "piper" not in voices:
         raise DataBuildError(f"voices must contain 'piper' and may add 'espeak'; got {voices}")
+    for name, value, least in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1),
+                               ("llm_threads", llm_threads, 1), ("piper_workers", piper_workers, 1),
+                               ("test_size", test_size, 1), ("limit", limit, 2),
+                               ("train_size", train_size, 0)):
+        if value is None and name in ("limit", "train_size"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DataBuildError(f"{name} must be a whole number >= {least}, got {value!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, {"llm": llm, "system_prompt": system_prompt,
@@ -637,8 +645,6 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
     check_out_path(args.out)
-    if args.batch_size < 1:
-        raise DataBuildError(f"--batch-size must be >= 1, got {args.batch_size}")
     summary = build_tiny_corpus(
         args.out, limit=args.limit, test_size=args.test_size, seed=args.seed, llm=args.llm,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -652,15 +658,15 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 
 def build_tiny_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="data/tiny", help="output folder (default: data/tiny)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=int_at_least(2), default=None,
                    help="use only this many questions in total (about 10%% of them test)")
-    p.add_argument("--test-size", type=int, default=300, help="test questions (default: 300)")
-    p.add_argument("--train-size", type=int, default=DEFAULT_TRAIN_SIZE,
+    p.add_argument("--test-size", type=int_at_least(1), default=300, help="test questions (default: 300)")
+    p.add_argument("--train-size", type=int_at_least(0), default=DEFAULT_TRAIN_SIZE,
                    help=f"train questions (default: {DEFAULT_TRAIN_SIZE}, which with the "
                         "300 test ones builds in under an hour on 2 cores; 0 = all 3,900)")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=int_at_least(1), default=64,
                    help="LLM generation batch size (larger batches answer faster on a CPU)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="LLM answer length limit")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=48, help="LLM answer length limit")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.add_argument("--llm", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                    help="text LLM that answers (hub id, local folder or builtin:NAME)")
@@ -669,7 +675,7 @@ def build_tiny_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", default=None,
                    help="question JSONL (default: recipes/tiny/questions.jsonl)")
     p.add_argument("--llm-threads", type=int_at_least(1), default=1, help="torch CPU threads of the LLM")
-    p.add_argument("--piper-workers", type=int, default=2,
+    p.add_argument("--piper-workers", type=int_at_least(1), default=2,
                    help="piper processes speaking the answers side by side")
     p.add_argument("--no-espeak", action="store_true", help="skip the espeak-ng test voice")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
