@@ -12,7 +12,10 @@ from echox.errors import EchoXError
 
 
 def run(main: Callable[[], int]) -> int:
-    """`sys.exit(run(main))`: main's status, or 2 with one line for an input error."""
+    """main's status, or 2 with one line for an input error. A script ends with
+    `import _cli; sys.exit(_cli.run(main))` under `if __name__ == "__main__":` (imported
+    there, since tests load the scripts without bench/ on sys.path; and as a module, since
+    `from _cli import run` would replace a script's own `run`)."""
     name = Path(sys.argv[0]).stem
     try:
         return main()

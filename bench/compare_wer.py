@@ -157,6 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from _cli import run
+    import _cli
 
-    sys.exit(run(main))
+    sys.exit(_cli.run(main))

@@ -12,25 +12,44 @@ the LLM uses `--threads` torch threads (1, as in the corpus build).
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from pathlib import Path
+
+from echox.config import int_at_least
+from echox.fileio import json_lines
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def main() -> None:
+def read_questions(path: Path) -> list[str]:
+    """The `question` of each record of a JSONL file; a bad file or line stops with one line."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
+    out = []
+    for i, rec, error in json_lines(path):
+        if error is not None or not isinstance(rec, dict) or "question" not in rec:
+            raise SystemExit(f"{path}:{i}: not a JSON record with a question"
+                             + (f" ({error})" if error else ""))
+        out.append(str(rec["question"]))
+    if not out:
+        raise SystemExit(f"{path}: holds no questions")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", default=None,
                     help="JSONL with a `question` field (default: recipes/tiny/questions.jsonl)")
-    ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n", type=int_at_least(1), default=128)
+    ap.add_argument("--batch-size", type=int_at_least(1), default=64)
+    ap.add_argument("--max-new-tokens", type=int_at_least(1), default=48)
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
     ap.add_argument("--llm", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    questions = read_questions(Path(args.questions)) if args.questions else None
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -39,10 +58,7 @@ def main() -> None:
     from echox.hub import resolve
 
     torch.set_num_threads(args.threads)
-    if args.questions:
-        rows = [json.loads(x) for x in Path(args.questions).read_text().splitlines() if x.strip()]
-        questions = [r["question"] for r in rows]
-    else:
+    if questions is None:
         questions = [q.question for q in load_questions()]
     questions = questions[: args.n]
     folder = resolve(args.llm)
@@ -84,7 +100,10 @@ def main() -> None:
     for mode, (sec, rows) in results.items():
         same = sum(a == b for a, b in zip(rows, ref))
         print(f"| {mode} | {sec:.1f} | {60 * len(rows) / sec:.0f} | {same}/{len(rows)} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import _cli
+
+    sys.exit(_cli.run(main))

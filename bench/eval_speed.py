@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from echox.config import int_at_least
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -129,22 +131,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmark", default="local:data/tiny/test/qa.jsonl",
                     help="a benchmark spec of `echox eval` (local:PATH, NAME=PATH, ...)")
-    ap.add_argument("--n", type=int, default=32, help="first N items")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--n", type=int_at_least(1), default=32, help="first N items")
+    ap.add_argument("--batch-size", type=int_at_least(1), default=16)
     ap.add_argument("--modes", default="text,s2t", help="comma-separated: text, s2t")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads")
     ap.add_argument("--model", help="s2t: EchoX bundle folder (default: as `echox eval`)")
     ap.add_argument("--llm", help="text: the LLM (default: the --config's LLM)")
     ap.add_argument("--config", default="tiny", help="text: preset/YAML naming the LLM")
     ap.add_argument("--system-prompt", default="Answer in one short sentence.", help="text")
-    ap.add_argument("--max-new-tokens", type=int, default=None,
+    ap.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
                     help="default: as `echox eval` (48 text, 64 s2t)")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"text", "s2t"}:
         ap.error(f"--modes takes text and/or s2t, got {args.modes!r}")
-    if args.n < 1 or args.batch_size < 1 or args.threads < 1:
-        ap.error("--n, --batch-size and --threads must be at least 1")
     args.modes = modes
     return args
 
@@ -163,4 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import _cli
+
+    sys.exit(_cli.run(main))

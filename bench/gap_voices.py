@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from echox.config import int_at_least
 from echox.eval.stats import paired_bootstrap
 
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except Stop as e:
-        print(f"gap_voices: {e}", file=sys.stderr)
+        print(f"gap_voices: error: {e}", file=sys.stderr)
         return 2
 
 
@@ -61,11 +62,9 @@ def run(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--voice", nargs=5, action="append", required=True,
                     metavar=("NAME", "ECHO_S2T", "ECHO_S2S", "GOLD_S2T", "GOLD_S2S"))
-    ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--resamples", type=int_at_least(1), default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.resamples < 1:
-        raise Stop(f"--resamples must be >= 1, got {args.resamples}")
     names = [v[0] for v in args.voice]
     if len(set(names)) < len(names):
         raise Stop(f"two voices share a name: {names}")
@@ -98,4 +97,6 @@ def run(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import _cli
+
+    sys.exit(_cli.run(main))

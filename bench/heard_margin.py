@@ -12,9 +12,12 @@ A word heard in every copy is firm; one that comes and goes with noise 50 dB bel
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import numpy as np
+
+from echox.config import int_at_least
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--word", required=True, help="the word to look for in each transcript")
     p.add_argument("--snr", type=float, nargs="+", default=[50.0, 40.0, 30.0],
                    help="white-noise levels, dB below the speech's RMS")
-    p.add_argument("--copies", type=int, default=10, help="noisy copies per level (seeds 0..N-1)")
+    p.add_argument("--copies", type=int_at_least(1), default=10, help="noisy copies per level (seeds 0..N-1)")
     p.add_argument("--gains", type=float, nargs="+", default=[0.5, 0.8, 1.25],
                    help="other gains than the file's own (clipped to [-1, 1])")
-    p.add_argument("--threads", type=int, default=1, help="torch / CTranslate2 threads")
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch / CTranslate2 threads")
     args = p.parse_args(argv)
+    if not all(math.isfinite(x) for x in args.snr):
+        p.error(f"--snr: levels must be finite numbers, got {args.snr}")
+    if not all(0 < x < math.inf for x in args.gains):
+        p.error(f"--gains: gains must be finite numbers > 0, got {args.gains}")
 
     import torch
 
@@ -66,4 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import _cli
+
+    sys.exit(_cli.run(main))

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from echox.config import int_at_least
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -29,11 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hifigan", default="universal", help="packaged name or generator folder")
     ap.add_argument("--stages", nargs="+", default=["", "1", "1,2", "0,1,2"],
                     help="stage sets to try ('' = float32 on ONNX Runtime)")
-    ap.add_argument("--calib", type=int, default=16, help="calibration clips")
-    ap.add_argument("--test", type=int, default=8, help="test clips (after the calibration ones)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--calib", type=int_at_least(1), default=16, help="calibration clips")
+    ap.add_argument("--test", type=int_at_least(1), default=8, help="test clips (after the calibration ones)")
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
+    ap.add_argument("--reps", type=int_at_least(1), default=3)
     args = ap.parse_args(argv)
+    try:
+        stage_sets = [[int(s) for s in text.split(",") if s.strip()] for text in args.stages]
+    except ValueError:
+        ap.error(f"--stages: each set is comma-separated stage numbers, got {args.stages}")
 
     import numpy as np
     import torch
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     path = Path(args.manifest)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
     recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     audio = [path.parent / r["audio"] for r in recs if r.get("audio")][: args.calib + args.test]
     if len(audio) < args.calib + args.test:
@@ -83,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         rows = [("torch float32", timed(gen), (float("inf"), 0.0, 0.0))]
     with tempfile.TemporaryDirectory() as work:
-        for text in args.stages:
-            stages = [int(s) for s in text.split(",") if s.strip()]
+        for stages in stage_sets:
             folder = Path(work) / f"s{'_'.join(map(str, stages)) or 'fp32'}"
             t0 = time.perf_counter()
             convert_generator_onnx(gen, folder, stages, calib)
@@ -103,4 +110,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import _cli
+
+    sys.exit(_cli.run(main))

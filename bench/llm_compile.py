@@ -17,20 +17,23 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+
+from echox.config import int_at_least
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[52, 60, 47, 66])
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
+    ap.add_argument("--steps", type=int_at_least(1), default=8, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed steps before the timed ones")
+    ap.add_argument("--batch", type=int_at_least(1), default=8)
+    ap.add_argument("--lengths", type=int_at_least(1), nargs="+", default=[52, 60, 47, 66])
     ap.add_argument("--config", default="recipes/tiny/model.yaml")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
 
@@ -76,7 +79,10 @@ def main() -> None:
     print(f"{'variant':10s} {'s/step':>8s} {'speed-up':>9s} {'compile_s':>10s} {'max |dloss|':>12s}")
     print(f"{'eager':10s} {e:8.2f} {1.0:8.2f}x {'':>10s} {'':>12s}")
     print(f"{'compiled':10s} {c:8.2f} {e / c:8.2f}x {compile_s:10.1f} {diff:12.2e}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import _cli
+
+    sys.exit(_cli.run(main))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -33,6 +34,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from echox.config import int_at_least
 
 MAX_CLIENTS = 64
 MAX_DURATION = 600.0
@@ -204,7 +207,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str
     deadline = time.monotonic() + args.startup_timeout
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"load: echox serve exited ({proc.returncode}):\n"
+            raise SystemExit(f"echox serve exited ({proc.returncode}):\n"
                              f"{log.read_text()[-3000:]}")
         try:
             get_json(base + "/health", 2)
@@ -212,7 +215,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str
         except OSError:
             if time.monotonic() > deadline:
                 proc.kill()
-                raise SystemExit(f"load: echox serve did not come up in {args.startup_timeout} s"
+                raise SystemExit(f"echox serve did not come up in {args.startup_timeout} s"
                                  f":\n{log.read_text()[-3000:]}") from None
             time.sleep(0.5)
 
@@ -231,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     g = p.add_argument_group("the server this starts (without --url)")
     g.add_argument("--model", help="bundle folder (default: echox serve's default bundle)")
-    g.add_argument("--workers", type=int, default=1)
-    g.add_argument("--queue", type=int, default=8)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--threads", type=int, help="torch threads of the server")
+    g.add_argument("--workers", type=int_at_least(1), default=1)
+    g.add_argument("--queue", type=int_at_least(0), default=8)
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
+    g.add_argument("--threads", type=int_at_least(1), help="torch threads of the server")
     g.add_argument("--startup-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
@@ -243,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--duration must be in (0, {MAX_DURATION:g}]")
     if not 0 <= args.grace <= MAX_DURATION:
         p.error(f"--grace must be in [0, {MAX_DURATION:g}]")
+    if not 0 < args.startup_timeout < math.inf:
+        p.error("--startup-timeout must be a finite number of seconds > 0")
     if args.question:
+        if not Path(args.question).is_file():
+            raise SystemExit(f"--question {args.question}: no such file")
         question = Path(args.question).read_bytes()
     else:
         from echox.infer.demo import packaged_question
@@ -312,4 +319,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import _cli
+
+    sys.exit(_cli.run(main))

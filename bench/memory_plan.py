@@ -510,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="model FLOPs utilisation assumed for GPU-hours (default 0.30)")
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args(argv)
+    if not 0 < args.mfu <= 1:
+        ap.error(f"--mfu must be a fraction in (0, 1], got {args.mfu}")
     torch.set_num_threads(1)
     p = plan(args.preset, args.mfu, Workload())
     print(fmt(p))
@@ -519,4 +521,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import _cli
+
+    sys.exit(_cli.run(main))

@@ -10,23 +10,25 @@ without calibration, next to the same distance for silence. Prints a table.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from echox.audio import load_audio
+from echox.config import int_at_least
 from echox.vocoder.distill import prune_generator
 from echox.vocoder.hifigan import mel_spectrogram
 from echox.vocoder.io import load_hifigan
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--audio", default="src/echox/assets/question.wav")
     ap.add_argument("--teacher", default="universal")
-    ap.add_argument("--widths", type=int, nargs="+", default=[384, 256, 192, 128])
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--widths", type=int_at_least(1), nargs="+", default=[384, 256, 192, 128])
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     teacher = load_hifigan(args.teacher)
     spec = teacher.config.mel
@@ -48,7 +50,10 @@ def main() -> None:
             plain = dist(prune_generator(teacher, w).eval()(test))
             calibrated = dist(prune_generator(teacher, w, calibration_mel=cal).eval()(test))
             print(f"| {w} | {plain:.2f} | {calibrated:.2f} | {silence:.2f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import _cli
+
+    sys.exit(_cli.run(main))

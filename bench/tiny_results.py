@@ -744,6 +744,6 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
 
 if __name__ == "__main__":
-    from _cli import run
+    import _cli
 
-    sys.exit(run(main))
+    sys.exit(_cli.run(main))

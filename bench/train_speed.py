@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import tempfile
 import time
@@ -52,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from echox.config import int_at_least
 
 SHORT_PROMPT = "Answer in one short sentence."
 NO_SHARE = {"share_prompt": False}
@@ -293,32 +296,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dialogues", default="data/tiny/train/dialogues.jsonl")
     p.add_argument("--tts", default="data/tiny/train/tts_units.jsonl", help="TTS JSONL with units")
     p.add_argument("--unit-language", help="unit-language folder for T2C/Echo targets (default raw units)")
-    p.add_argument("--n", type=int, default=256, help="examples of each manifest to use")
+    p.add_argument("--n", type=int_at_least(1), default=256, help="examples of each manifest to use")
     p.add_argument("--stages", nargs="+", default=["s2t", "t2c", "echo"], choices=["s2t", "t2c", "echo"])
     p.add_argument("--ctc-vocab-data", nargs="+", default=None, metavar="JSONL",
                    help="dialogue manifests whose transcripts give the CTC columns of the "
                         "*-vocab variants (default: the timed examples' transcripts)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--steps", type=int, default=0,
+    p.add_argument("--threads", nargs="+", type=int_at_least(1), default=[1, 2])
+    p.add_argument("--steps", type=int_at_least(0), default=0,
                    help="timed steps per run (default: one epoch of the --n examples, so that every "
                         "variant trains on the same examples)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed forward/backward passes first")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed forward/backward passes first")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--curve", type=int, default=0, help="S2T fp32 vs bf16 loss curves over N steps")
+    p.add_argument("--curve", type=int_at_least(0), default=0, help="S2T fp32 vs bf16 loss curves over N steps")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                    help="--curve: the precisions to run (run them in two processes and merge the "
                         "--json files with --show-curves)")
     p.add_argument("--show-curves", nargs="+", metavar="JSON", help="print the curves of earlier --json files")
     p.add_argument("--json", help="write the rows (or curves) here")
     args = p.parse_args(argv)
+    if not 0 < args.lr < math.inf:
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.batch_size > args.n:
+        p.error(f"--batch-size ({args.batch_size}) must be <= --n ({args.n})")
     with tempfile.TemporaryDirectory(prefix="train_speed-") as t:
         tmp = Path(t)
         if args.show_curves:
             merged: dict[str, list[float]] = {}
             for f in args.show_curves:
                 merged.update(json.loads(Path(f).read_text()))
+            if not {"fp32", "bf16"} <= set(merged):
+                raise SystemExit(f"--show-curves: need fp32 and bf16 curves, got {sorted(merged)}")
             show_curves(merged)
             return 0
         if args.curve:
@@ -351,4 +360,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import _cli
+
+    sys.exit(_cli.run(main))

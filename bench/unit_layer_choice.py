@@ -26,18 +26,21 @@ from pathlib import Path
 import numpy as np
 
 from echox.audio import load_audio
+from echox.config import int_at_least
 from echox.units.extract import WhisperLayerFeatures
 from echox.units.kmeans import UnitKMeans, dedup
 
 
 def read_manifest(path: Path, max_utts: int) -> list[tuple[str, np.ndarray]]:
     """(text, 16 kHz waveform) pairs from the first `max_utts` records."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
         rec = json.loads(line)
-        if "audio" not in rec or "text" not in rec:
+        if not isinstance(rec, dict) or "audio" not in rec or "text" not in rec:
             raise SystemExit(f"{path}:{n + 1}: record needs 'audio' and 'text' fields")
         audio = Path(rec["audio"])
         out.append((rec["text"], load_audio(audio if audio.is_absolute() else path.parent / audio)))
@@ -69,21 +72,25 @@ def measure(
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", type=Path, required=True, help="JSONL of {text, audio} records")
     ap.add_argument("--model", default="openai/whisper-tiny.en", help="Whisper hub id or folder")
-    ap.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--ks", type=int, nargs="+", default=[100, 500])
-    ap.add_argument("--max-utts", type=int, default=200, help="utterances read from the manifest")
+    ap.add_argument("--layers", type=int_at_least(0), nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--ks", type=int_at_least(1), nargs="+", default=[100, 500])
+    ap.add_argument("--max-utts", type=int_at_least(2), default=200, help="utterances read from the manifest")
     ap.add_argument("--heldout", type=float, default=0.1, help="fraction held out for scoring")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int_at_least(1), default=8)
     ap.add_argument("--json", type=Path, help="also write the rows here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not 0 < args.heldout < 1:
+        ap.error(f"--heldout must be a fraction in (0, 1), got {args.heldout}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     data = read_manifest(args.manifest, args.max_utts)
     n_held = max(1, round(args.heldout * len(data)))
+    if n_held >= len(data):
+        raise SystemExit(f"--heldout {args.heldout} of {len(data)} utterances leaves none to train on")
     held_text = data[:n_held]
     seconds = sum(w.size for _, w in held_text) / 16000
     chars = sum(len(t) for t, _ in held_text)
@@ -107,7 +114,10 @@ def main() -> None:
               f"{r['units_per_char']:.2f} | {r['rel_inertia']:.3f} | {r['usage']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import _cli
+
+    sys.exit(_cli.run(main))

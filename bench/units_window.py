@@ -23,16 +23,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from echox.config import int_at_least
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", default="data/tiny/test/tts.jsonl", help="TTS JSONL with audio")
     p.add_argument("--kmeans", default="recipes/tiny/vocoder-k500/km500.joblib")
-    p.add_argument("--n", type=int, default=48, help="first N utterances")
+    p.add_argument("--n", type=int_at_least(1), default=48, help="first N utterances")
     p.add_argument("--windows", default="30,15,10", help="comma-separated seconds; 30 is the reference")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--threads", type=int_at_least(1), default=1)
     args = p.parse_args(argv)
+    try:
+        windows = [float(w) for w in args.windows.split(",")]
+    except ValueError:
+        windows = []
+    if not windows or not all(0 < w < np.inf for w in windows):
+        p.error(f"--windows takes comma-separated seconds > 0, got {args.windows!r}")
 
     from echox.audio import load_audio
     from echox.units.cli import _extractor_spec
@@ -44,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"units_window: {manifest} not found (echox data build-tiny makes it)", file=sys.stderr)
         return 2
     recs = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()][: args.n]
+    if not recs or not all(isinstance(r, dict) and "audio" in r for r in recs):
+        raise SystemExit(f"{manifest}: needs records with an 'audio' field")
     wavs = [load_audio(str(manifest.parent / r["audio"]), 16000) for r in recs]
     km = UnitKMeans.load(args.kmeans)
     spec, layer = _extractor_spec(argparse.Namespace(kmeans=args.kmeans, features=None, layer=None))
-    windows = [float(w) for w in args.windows.split(",")]
     if 30.0 not in windows:
         windows.insert(0, 30.0)
 
@@ -75,4 +84,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import _cli
+
+    sys.exit(_cli.run(main))

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from echox.config import int_at_least
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -27,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocoder", required=True, help="vocoder folder (UnitMelVocoder or fairseq CodeHiFiGAN)")
     ap.add_argument("--manifest", required=True, help="TTS JSONL with text, audio and units")
-    ap.add_argument("--n", type=int, default=50, help="records to use")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--n", type=int_at_least(1), default=50, help="records to use")
+    ap.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0 = default)")
     ap.add_argument("--hifigan", action="append",
                     help="unit->mel vocoders: HiFi-GAN to measure (repeatable; default: its own)")
     ap.add_argument("--copy-synthesis", action="store_true",
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.manifest)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
     recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     recs = [r for r in recs if r.get("units") and r.get("audio")][: args.n]
     if not recs:
@@ -145,4 +149,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import _cli
+
+    sys.exit(_cli.run(main))

@@ -47,8 +47,10 @@ def test_gap_voices_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     other = _run(tmp_path / "z", [1], ids=["other"])
     assert bench.main(["--voice", "v", *runs, other]) == 2
     assert "share no question" in capsys.readouterr().err
-    assert bench.main(["--voice", "v", *runs, runs[0], "--resamples", "0"]) == 2
-    assert "--resamples must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused while the options are parsed
+        bench.main(["--voice", "v", *runs, runs[0], "--resamples", "0"])
+    assert stop.value.code == 2
+    assert "argument --resamples: must be >= 1, got 0" in capsys.readouterr().err
     assert bench.main(["--voice", "v", *runs, runs[0], "--voice", "v", *runs, runs[0]]) == 2
     assert "share a name" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()

@@ -58,3 +58,33 @@ def test_a_failed_final_rename_puts_the_old_folder_back(tmp_path: Path,
         (tmp / "new.txt").write_text("new")
     assert _names(tmp_path) == ["out"] and _names(dst) == ["keep.txt"]
     assert len(calls) == 3  # out -> .old, the failed .tmp -> out, .old -> out
+
+
+def test_json_lines_costs_a_bad_line_only(tmp_path: Path) -> None:
+    from echox.fileio import json_lines
+
+    p = tmp_path / "rows.jsonl"
+    p.write_bytes(b'{"a": 1}\n\n  \nnot json\n\xff\xfe\n' + b"[" * 5000 + b"]" * 5000
+                  + b'\n[1, 2]\n{"torn": ')
+    got = list(json_lines(p))
+    assert [g.lineno for g in got] == [1, 4, 5, 6, 7, 8]  # blank lines are skipped
+    assert got[0].value == {"a": 1} and got[0].error is None and got[4].value == [1, 2]
+    assert got[1].error.startswith("malformed JSON (Expecting value at column 1")
+    assert got[2].error.startswith("not UTF-8 text (invalid start byte at byte 0")
+    assert got[3].error == "malformed JSON (nested too deeply)"
+    assert got[5].value is None and got[5].error.startswith("malformed JSON")
+    with pytest.raises(FileNotFoundError):
+        list(json_lines(tmp_path / "none.jsonl"))
+
+
+def test_json_objects_skips_damaged_lines_of_a_resume_file(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A results or labels cache keeps what it can read; anything else is done again."""
+    from echox.fileio import json_objects
+
+    p = tmp_path / "done.jsonl"
+    p.write_bytes(b'{"id": "a", "x": 1}\n[1]\n{"id": ["unhashable"]}\n{"x": 2}\n\xff\n'
+                  b'{"id": 7}\n{"id": "b"')
+    assert [(n, r["id"]) for n, r in json_objects(p, "id")] == [(1, "a"), (6, 7)]
+    assert [r.message.split(":")[1] for r in caplog.records] == ["2", "3", "4", "5", "7"]
+    assert list(json_objects(tmp_path / "none.jsonl", "id")) == []

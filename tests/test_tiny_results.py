@@ -285,3 +285,21 @@ def test_tiny_results_shares_s2t_runs_of_an_equal_s2t_part(tmp_path: Path, corpu
         next(model.adapter.parameters()).add_(0.1)
     other = save_bundle(tmp_path / "other", model, voc)
     assert bench.s2t_fingerprint(other) != bench.s2t_fingerprint(paths["echo"])
+
+
+def test_run_as_a_script_an_input_error_is_one_line(tmp_path: Path) -> None:
+    """The script's own `__main__` path (loading it as a module skips it): a missing input is
+    one line and exit 2. It once called bench/_cli's run() in place of the script's own."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "tiny_results.py"), "--echo",
+                        str(tmp_path / "none"), "--data", str(tmp_path / "test"),
+                        "--out", str(tmp_path / "out"), "--threads", "1"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("tiny_results: missing ") and "qa.jsonl" in r.stderr

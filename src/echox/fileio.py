@@ -1,17 +1,19 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then one rename.
+"""Files: atomic writes, output-path checks and the one JSON-lines reader.
 
-A reader (or a killed run) never sees half a file; the result gets the usual permissions
-(0666 minus the umask), not mkstemp's private 0600.
+An atomic write is a temp file in the same folder, fsync, then one rename: a reader (or a
+killed run) never sees half a file; the result gets the usual permissions (0666 minus the
+umask), not mkstemp's private 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator, NamedTuple
 
 from echox.errors import ConfigError
 
@@ -107,3 +109,51 @@ def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bo
                 raise ConfigError(f"{option} {p}: {parent} is a file, not a folder")
             break
     return p
+
+
+class JsonLine(NamedTuple):
+    """One non-blank line of a JSON-lines file: its value, or why it could not be read."""
+
+    lineno: int  # 1-based
+    value: Any  # None when `error` is set
+    error: str | None  # "not UTF-8 text (...)" or "malformed JSON (...)"
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[JsonLine]:
+    """Each non-blank line of a JSON-lines file, parsed. The file is read by bytes, so a
+    line that is not UTF-8, is not JSON (a torn last line, say) or is nested too deeply costs
+    that line only: it comes with `error` set, and the caller decides whether to stop, skip
+    or redo it. A missing file raises FileNotFoundError."""
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield JsonLine(lineno, None, f"not UTF-8 text ({err.reason} at byte {err.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield JsonLine(lineno, json.loads(line), None)
+            except json.JSONDecodeError as err:
+                yield JsonLine(lineno, None, f"malformed JSON ({err.msg} at column {err.colno})")
+            except RecursionError:
+                yield JsonLine(lineno, None, "malformed JSON (nested too deeply)")
+
+
+def json_objects(path: str | os.PathLike, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The readable JSON objects holding a string (or int) `key` of a file a run appends to and resumes from (a
+    results or labels cache): a damaged line (a kill mid-write, an edit) is skipped with a
+    warning, so its item is done again. A missing file yields nothing."""
+    import logging
+
+    p = Path(path)
+    if not p.is_file():
+        return
+    for lineno, value, error in json_lines(p):
+        if error is None and isinstance(value, dict) and isinstance(value.get(key), (str, int)):
+            yield lineno, value
+        else:
+            logging.getLogger(__name__).warning("%s:%d: damaged line skipped (%s); its item is "
+                                                "done again", p, lineno,
+                                                error or f"no {key!r} string in a JSON object")

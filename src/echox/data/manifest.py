@@ -35,15 +35,12 @@ import numpy as np
 
 from echox.audio import audio_info, load_audio
 from echox.errors import AudioError, ManifestError
-from echox.fileio import atomic_open
+from echox.fileio import atomic_open, json_lines
 from echox.model.prompt import Turn
 
-__all__ = [ "AudioRef", "AsrRecord", "TtsRecord", "DialogueMessage", "DialogueRecord",
-    "SCHEMAS", "ManifestReport", "ValidationReport", "read_jsonl", "iter_jsonl", "write_jsonl",
-    "read_dialogues_json", "validate_manifest", "load_hf_asr", "load_hf_dialogues",
-    "S2TExample", "S2TDataset", "make_s2t_collator", "T2CExample", "T2CDataset",
-    "collate_t2c_examples",
-]
+__all__ = ["AudioRef", "AsrRecord", "TtsRecord", "DialogueMessage", "DialogueRecord", "SCHEMAS",
+           "ManifestReport", "ValidationReport", "read_jsonl", "iter_jsonl", "write_jsonl",
+           "read_dialogues_json", "validate_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -342,29 +339,15 @@ def _scan_jsonl(path: Path, cls: type[R], on_error: OnError,
                 report: ManifestReport) -> Iterator[tuple[int, R]]:
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                _bad(path, lineno, f"not UTF-8 text ({err.reason})", on_error, report)
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                _bad(path, lineno, f"malformed JSON ({err.msg} at column {err.colno})", on_error,
-                     report)
-                continue
-            except RecursionError:
-                _bad(path, lineno, "malformed JSON (nested too deeply)", on_error, report)
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield lineno, cls.from_json(obj, where)
-            except ManifestError as err:
-                _bad(path, lineno, _strip_where(err, where), on_error, report)
+    for lineno, obj, error in json_lines(path):
+        if error is not None:
+            _bad(path, lineno, error, on_error, report)
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield lineno, cls.from_json(obj, where)
+        except ManifestError as err:
+            _bad(path, lineno, _strip_where(err, where), on_error, report)
 
 
 def iter_jsonl(path: str | os.PathLike, schema: type[R] | str,

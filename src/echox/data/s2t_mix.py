@@ -40,7 +40,7 @@ from echox.config import int_at_least
 from echox.data.tiny_corpus import (_open_answers, _read_answers, espeak_synthesize, generate_answers,
                                    piper_synthesize)
 from echox.errors import ManifestError
-from echox.fileio import atomic_write_text
+from echox.fileio import atomic_write_text, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,9 @@ def _read(path: Path, hint: str = "build the corpus first (echox data build-tiny
     if not path.is_file():
         raise ManifestError(f"{path} not found: {hint}")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise ManifestError(f"{path} line {n}: malformed JSON ({e})") from e
+    for n, row, error in json_lines(path):
+        if error is not None:
+            raise ManifestError(f"{path} line {n}: {error}")
         if not isinstance(row, dict):
             raise ManifestError(f"{path} line {n}: expected a JSON object")
         rows.append(row)

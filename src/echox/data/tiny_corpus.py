@@ -45,14 +45,14 @@ from echox.audio import audio_duration
 from echox.config import int_at_least
 from echox.data.match import exist_match
 from echox.errors import DataBuildError
-from echox.fileio import check_out_path
+from echox.fileio import check_out_path, json_lines, json_objects
 from echox.hub import resolve
 from echox.model.generation import SamplingConfig, cache_kwargs, guard_repetition
 
 __all__ = [
     "DEFAULT_QUESTIONS", "DEFAULT_SYSTEM_PROMPT", "QAQuestion", "Split",
     "CorpusSummary", "load_questions", "split_questions", "generate_answers",
-    "piper_synthesize", "espeak_synthesize", "build_tiny_corpus", "add_cli", "main",
+    "piper_synthesize", "espeak_synthesize", "build_tiny_corpus",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,26 +124,24 @@ def load_questions(path: str | os.PathLike | None = None) -> list[QAQuestion]:
     if not p.is_file():
         raise DataBuildError(f"question file not found: {p} (see recipes/tiny/make_questions.py)")
     merged: dict[str, QAQuestion] = {}
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                qid, text, answers = str(obj["id"]), obj["question"], obj["answers"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataBuildError(f"{p}:{lineno}: not a question record ({err})") from err
-            if isinstance(answers, str):
-                answers = [answers]
-            if not isinstance(text, str) or not text.strip() or not answers:
-                raise DataBuildError(f"{p}:{lineno}: empty question or answer list")
-            key = " ".join(text.split()).casefold()
-            if key in merged:
-                old = merged[key]
-                extra = tuple(a for a in answers if a not in old.answers)
-                merged[key] = QAQuestion(old.id, old.question, old.answers + extra)
-            else:
-                merged[key] = QAQuestion(qid, " ".join(text.split()), tuple(map(str, answers)))
+    for lineno, obj, error in json_lines(p):
+        if error is not None:
+            raise DataBuildError(f"{p}:{lineno}: not a question record ({error})")
+        try:
+            qid, text, answers = str(obj["id"]), obj["question"], obj["answers"]
+        except (KeyError, TypeError) as err:
+            raise DataBuildError(f"{p}:{lineno}: not a question record ({err})") from err
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(text, str) or not text.strip() or not answers:
+            raise DataBuildError(f"{p}:{lineno}: empty question or answer list")
+        key = " ".join(text.split()).casefold()
+        if key in merged:
+            old = merged[key]
+            extra = tuple(a for a in answers if a not in old.answers)
+            merged[key] = QAQuestion(old.id, old.question, old.answers + extra)
+        else:
+            merged[key] = QAQuestion(qid, " ".join(text.split()), tuple(map(str, answers)))
     ids = [q.id for q in merged.values()]
     if not ids or len(set(ids)) != len(ids):
         raise DataBuildError(f"{p}: no questions, or question ids that are not unique")
@@ -431,15 +429,7 @@ def _write_json_atomic(path: Path, obj: Any, lines: bool = False) -> None:
 
 def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
     """Cached answers by id; a torn last line (killed mid-write) is ignored and redone."""
-    cached: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-                cached[rec["id"]] = rec
-            except (json.JSONDecodeError, KeyError, TypeError):
-                log.warning("%s: ignoring a damaged line", path)
-    return cached
+    return {rec["id"]: rec for _, rec in json_objects(path, "id")}
 
 
 def _open_answers(path: Path) -> Any:

@@ -37,6 +37,7 @@ import soundfile as sf
 
 from echox.audio import check_wav_complete
 from echox.errors import AudioError, EvalError
+from echox.fileio import json_lines
 
 __all__ = [
     "BENCHMARKS",
@@ -311,27 +312,13 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     """Parse a JSONL file into dicts, naming the line of any malformed entry."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise EvalError(f"{path} line {lineno}: not UTF-8 text ({err.reason} at byte "
-                                f"{err.start})") from err
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalError(f"{path} line {lineno}: malformed JSON ({err.msg})") from err
-            except RecursionError as err:
-                raise EvalError(f"{path} line {lineno}: malformed JSON (nested too deeply)") from err
-            if not isinstance(obj, dict):
-                raise EvalError(
-                    f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}"
-                )
-            rows.append(obj)
-            lines.append(lineno)
+    for lineno, obj, error in json_lines(path):
+        if error is not None:
+            raise EvalError(f"{path} line {lineno}: {error}")
+        if not isinstance(obj, dict):
+            raise EvalError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+        lines.append(lineno)
     if not rows:
         raise EvalError(f"{path}: the file has no entries")
     return rows, lines

@@ -37,6 +37,7 @@ from echox.data.tiny_corpus import greedy_shrinking
 from echox.errors import AudioError, EvalError
 from echox.eval.benchmarks import QAItem, open_benchmark
 from echox.eval.stats import paired_bootstrap
+from echox.fileio import json_objects
 from echox.hub import resolve
 from echox.infer.asr import check_asr_spec, make_asr
 from echox.infer.bundle import (add_device_options, add_text_decoding_options, check_device, default_bundle,
@@ -263,15 +264,7 @@ class EvalSummary:
 
 
 def _done(path: Path) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            try:
-                rec = json.loads(line)
-                out[rec["id"]] = rec
-            except (json.JSONDecodeError, KeyError, TypeError):
-                log.warning("%s:%d: unreadable result line, item will be redone", path, i)
-    return out
+    return {rec["id"]: rec for _, rec in json_objects(path, "id")}
 
 
 def _pending_batches(items: Iterable[QAItem], size: int, done: dict[str, Any],

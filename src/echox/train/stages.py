@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from echox.config import EchoXConfig, T2CConfig, apply_overrides
 from echox.errors import CheckpointError, ConfigError, StageError
+from echox.fileio import json_objects
 from echox.model.batch import S2TBatch, T2CBatch, collate_t2c
 from echox.model.checkpoint import load_weights, verify_checkpoint
 from echox.model.echox import EchoX
@@ -223,14 +224,7 @@ def precompute_pseudo_labels(
     decodes its labels anew instead of reading the old ones.
     `states`: the dialogues' precomputed response states (a frozen S2T model), so the S2T model
     is not run again. The T2C decodes the segments of `batch_size` dialogues at once."""
-    done: dict[str, dict[str, Any]] = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done[rec["key"]] = rec
-            except (json.JSONDecodeError, KeyError):
-                log.warning("%s: skipping a malformed cache line", cache)
+    done = {rec["key"]: rec for _, rec in json_objects(cache, "key")}
     t2c = model.config.t2c
     decoding = f"|beams={t2c.beams},length_penalty={t2c.length_penalty}" if t2c.beams > 1 else ""
     decoding += f"|t2c={t2c_fingerprint(model)}" + (f"|s2t={s2t_fingerprint(model)}" if cut else "")

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from echox.errors import CheckpointError, ConfigError
-from echox.fileio import atomic_write_text
+from echox.fileio import atomic_write_text, json_lines
 from echox.hub import cache_dir
 from echox.model.checkpoint import load_weights, verify_checkpoint
 from echox.model.echox import EchoX
@@ -439,13 +439,13 @@ class Trainer:
         if not self.acc.is_main_process or not path.is_file():
             return
         kept = []
-        for line in path.read_text().splitlines():
+        for _, rec, error in json_lines(path):
             try:
-                if int(json.loads(line).get("step", 0)) > step:
-                    continue
+                if error is not None or int(rec.get("step", 0)) > step:
+                    continue  # a line cut by the interruption, or a step to be logged again
             except (ValueError, TypeError, AttributeError):
-                continue  # a line cut by the interruption
-            kept.append(line + "\n")
+                continue
+            kept.append(json.dumps(rec) + "\n")
         atomic_write_text(path, "".join(kept))
 
     # ---- loop ----------------------------------------------------------------------------
@@ -591,7 +591,8 @@ def plot_loss_curve(metrics: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    recs = [r for _, r, error in json_lines(metrics) if error is None and isinstance(r, dict)
+            and "step" in r]  # a line torn by a kill is left out
     tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
     ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))

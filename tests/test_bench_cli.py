@@ -1,0 +1,73 @@
+"""The bench scripts treat bad input as `echox` does: a bad count or value is refused while the
+options are parsed (argparse, exit 2, the option named), and run as a script, an input error
+found later (a missing or unreadable file) is one line on stderr and exit 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = "/nonexistent/echox-bench-input"  # every argv below names it, so no run gets far
+
+# (script, argv, the message argparse gives); the other arguments point at missing files
+BAD_OPTIONS = [
+    ("corpus_llm", ["--threads", "0", "--questions", MISSING], "argument --threads: must be >= 1, got 0"),
+    ("corpus_llm", ["--n", "x", "--questions", MISSING], "argument --n: expected a whole number, got 'x'"),
+    ("eval_speed", ["--max-new-tokens", "0", "--benchmark", f"local:{MISSING}"],
+     "argument --max-new-tokens: must be >= 1, got 0"),
+    ("heard_margin", [MISSING, "--word", "w", "--copies", "0"], "argument --copies: must be >= 1, got 0"),
+    ("heard_margin", [MISSING, "--word", "w", "--gains", "0"], "--gains: gains must be finite numbers > 0"),
+    ("hifigan_int8", ["--manifest", MISSING, "--reps", "0"], "argument --reps: must be >= 1, got 0"),
+    ("hifigan_int8", ["--manifest", MISSING, "--stages", "1,x"], "--stages: each set is comma-separated"),
+    ("llm_compile", ["--steps", "0", "--config", MISSING], "argument --steps: must be >= 1, got 0"),
+    ("llm_compile", ["--warmup", "-1", "--config", MISSING], "argument --warmup: must be >= 0, got -1"),
+    ("load", ["--workers", "0", "--question", MISSING], "argument --workers: must be >= 1, got 0"),
+    ("load", ["--startup-timeout", "nan", "--question", MISSING], "--startup-timeout must be a finite"),
+    ("train_speed", ["--threads", "1", "0", "--show-curves", MISSING], "argument --threads: must be >= 1, got 0"),
+    ("train_speed", ["--lr", "0", "--show-curves", MISSING], "--lr must be a finite number > 0"),
+    ("units_window", ["--n", "0", "--manifest", MISSING], "argument --n: must be >= 1, got 0"),
+    ("units_window", ["--windows", "30,abc", "--manifest", MISSING], "--windows takes comma-separated seconds"),
+    ("vocoder", ["--vocoder", MISSING, "--manifest", MISSING, "--n", "0"], "argument --n: must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), BAD_OPTIONS,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_OPTIONS)])
+def test_bad_option_is_refused_while_parsing(name: str, argv: list[str], message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    script = load_script(f"bench/{name}.py", f"bench_{name}")
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _script(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *argv],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    return r.stderr.strip()
+
+
+def test_missing_or_bad_input_file_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "none.jsonl"
+    assert _one_line(_script("corpus_llm", "--questions", str(missing))) == \
+        f"corpus_llm: error: {missing}: no such file"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Who?"}\n{not json\n')
+    assert _one_line(_script("corpus_llm", "--questions", str(bad))).startswith(
+        f"corpus_llm: error: {bad}:2: not a JSON record with a question")
+    assert _one_line(_script("hifigan_int8", "--manifest", str(missing))) == \
+        f"hifigan_int8: error: {missing}: no such file"
+    assert _one_line(_script("train_speed", "--show-curves", str(missing))).startswith("train_speed: error: ")
