@@ -24,6 +24,7 @@ from the authors' public model code (FreedomIntelligence/EchoX, `models/echox_s2
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import shutil

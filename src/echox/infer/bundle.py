@@ -38,8 +38,7 @@ from echox.vocoder.io import load_named_generator, load_vocoder, save_vocoder
 from echox.vocoder.unit_mel import UnitMelVocoder
 
 if TYPE_CHECKING:
-    from echox.model.echox import EchoX
-    from echox.units.language import UnitLanguage
+    import argparse
 
 VOCODER_DIR = "vocoder"
 UNIT_LANGUAGE_DIR = "unit_language"

@@ -51,7 +51,7 @@ from echox.units.kmeans import UnitKMeans
 from echox.units.language import UnitLanguage, compression_stats, plot_stats
 
 __all__ = [
-    "FeatureSpec", "Manifest", "add_cli", "cmd_attach", "cmd_extract", "cmd_stats",
+    "FeatureSpec", "Manifest", "cmd_attach", "cmd_extract", "cmd_stats",
     "cmd_train_kmeans", "cmd_train_language", "kmeans_meta_path", "read_manifest", "split_heldout",
 ]
 
