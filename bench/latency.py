@@ -5,7 +5,7 @@
 Each question runs in a fresh streaming session with greedy decoding. A question row is the
 `local:` QA schema (`{"id", "audio", "question", "answers"}`, audio relative to the file);
 rows without audio (or `--input text`) are asked as text. The paper reports 27.17 tokens to
-the first segment on average (SPEC §Streaming); `first_segment_tokens` is that number,
+the first segment on average (the paper); `first_segment_tokens` is that number,
 `first_audio_tokens` adds the wait for the worker to voice the segment's first audio chunk
 (`--first-chunk-units` units; `--chunk-units 0` voices whole segments, as before chunking).
 """

@@ -9,7 +9,7 @@ manifest), fits k-means per (layer, K) on a training split and reports on held-o
   comparable across layers of different scale;
 - usage: perplexity of the held-out unit histogram / K (how much of the codebook is used).
 
-None of these measures intelligibility: RESOURCES.md's resynthesis WER does (layers 2-3 of
+None of these measures intelligibility: the resynthesis WER of docs/units.md does (layers 2-3 of
 tiny.en best). Example:
     python bench/unit_layer_choice.py --manifest data/tiny/train.jsonl --layers 1 2 3 4 --ks 100 500
 """

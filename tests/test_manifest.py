@@ -221,6 +221,18 @@ def test_validate_flags_a_truncated_wav_and_refuses_a_bad_limit(tmp_path, capsys
     assert "--max-seconds must be" in capsys.readouterr().err
 
 
+def test_validate_cli_reports_each_bad_line_once(tmp_path, capsys, caplog):
+    from echox.cli import main
+
+    p = tmp_path / "asr.jsonl"
+    p.write_text('{"audio": "a.wav"}\n{oops\n')
+    assert main(["data", "validate", str(p), "--schema", "asr", "--no-audio"]) == 1
+    out, err = capsys.readouterr()
+    printed = out + err + caplog.text
+    assert printed.count(":1:") + printed.count("line 1") == 1, printed
+    assert printed.count(":2:") + printed.count("line 2") == 1, printed
+
+
 # ---------------------------------------------------------------- HF datasets
 
 

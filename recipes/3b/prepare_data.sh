@@ -6,7 +6,7 @@
 #   MHUBERT=/models/mhubert-base-25hz KM1000=/models/mhubert_L11_km1000.bin \
 #       bash recipes/3b/prepare_data.sh
 #
-# Needs: huggingface-cli (pip install huggingface_hub) and a login where the datasets ask for
+# Needs: hf (pip install huggingface_hub) and a login where the datasets ask for
 # one; a GPU for the unit extraction (DEVICE, default cuda); disk for the audio (several TB).
 # MHUBERT: the paper's unit model, mHuBERT, as a transformers HuBERT folder or hub id; KM1000:
 # the k-means with 1000 clusters on its layer 11 (a joblib file, as fairseq's km1000 files
@@ -23,11 +23,11 @@ ECHOX=${ECHOX:-echox}
 PY=${PYTHON:-python}
 DEVICE=${DEVICE:-cuda}
 
-# 1. EchoX-Dialogues (SPEC.md's layout: tar shards, each a data.json and the wavs it names;
+# 1. EchoX-Dialogues (the layout: tar shards, each a data.json and the wavs it names;
 #    read off a third-party loader, not verified here), one folder per shard. The last shard
 #    is held out: the evaluation losses of the S2T and Echo recipes.
 if [ ! -d "$D/EchoX-Dialogues" ]; then
-  huggingface-cli download KurtDu/EchoX-Dialogues --repo-type dataset --local-dir "$D/EchoX-Dialogues-tar"
+  hf download KurtDu/EchoX-Dialogues --repo-type dataset --local-dir "$D/EchoX-Dialogues-tar"
   rm -rf "$D/EchoX-Dialogues.part" && mkdir -p "$D/EchoX-Dialogues.part" "$D/EchoX-Dialogues-heldout"
   find "$D/EchoX-Dialogues-tar" -name '*.tar' | sort | while read -r t; do
     n=$(basename "$t" .tar); mkdir -p "$D/EchoX-Dialogues.part/$n"; tar -xf "$t" -C "$D/EchoX-Dialogues.part/$n"
@@ -39,7 +39,7 @@ fi
 
 # 2. MLS English, a subset of its parquet shards (columns audio, transcript)
 if [ ! -d "$D/mls_eng" ]; then
-  huggingface-cli download parler-tts/mls_eng --repo-type dataset \
+  hf download parler-tts/mls_eng --repo-type dataset \
       --include "${MLS_INCLUDE:-data/train-000[0-2]?-of-01416.parquet}" \
       --local-dir "$D/mls_eng"
 fi

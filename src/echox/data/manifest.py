@@ -6,7 +6,7 @@ Three record schemas, one per kind of data:
 * :class:`TtsRecord` ``{"text", "audio"?, "units"?, "id"?}`` - Stage II; ``units`` are the
   precomputed speech units of ``audio`` (the T2C's targets).
 * :class:`DialogueRecord` ``{"id"?, "conversations": [{"from", "value", "audio"?,
-  "transcript"?, "wer"?, "units"?}]}`` - the EchoX-Dialogues layout (SPEC.md): ``from`` is
+  "transcript"?, "wer"?, "units"?}]}`` - the EchoX-Dialogues layout: ``from`` is
   user/assistant (ShareGPT's human/gpt are mapped), and for a user turn with audio ``value`` is
   the transcript of that audio. Assistant ``units`` are the speech units of the response.
 
@@ -15,7 +15,8 @@ hub may hold the encoded file bytes instead of a path (see :func:`load_hf_asr`).
 
 Every reader names ``file:line`` (or ``source row N``) of a bad entry: with
 ``on_error="stop"`` it raises :class:`ManifestError`, with ``"skip"`` it logs a warning, keeps
-going and reports the bad lines. The HF loaders (:mod:`echox.data.hf`) and the torch datasets
+going and reports the bad lines, and with ``"report"`` it only reports them (for a caller that
+prints the report itself, as ``echox data validate`` does). The HF loaders (:mod:`echox.data.hf`) and the torch datasets
 and collators that turn records into the batches of ``echox.model.batch``
 (:mod:`echox.data.datasets`) live in their own modules.
 """
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 #: A path (str, relative to the manifest folder unless absolute) or an encoded audio file.
 AudioRef = Union[str, bytes]
-OnError = Literal["stop", "skip"]
+OnError = Literal["stop", "skip", "report"]
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
@@ -321,7 +322,8 @@ class ManifestReport:
 def _bad(path: Path, line: int, reason: str, on_error: OnError, report: ManifestReport) -> None:
     if on_error == "stop":
         raise ManifestError(f"{path}:{line}: {reason}")
-    log.warning("%s:%d: %s (skipped)", path, line, reason)
+    if on_error == "skip":
+        log.warning("%s:%d: %s (skipped)", path, line, reason)
     report.bad_lines.append((line, reason))
 
 
@@ -331,8 +333,8 @@ def _strip_where(err: ManifestError, where: str) -> str:
 
 
 def _check_on_error(on_error: str) -> None:
-    if on_error not in ("stop", "skip"):
-        raise ManifestError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    if on_error not in ("stop", "skip", "report"):
+        raise ManifestError(f"on_error must be 'stop', 'skip' or 'report', got {on_error!r}")
 
 
 def _scan_jsonl(path: Path, cls: type[R], on_error: OnError,
@@ -369,7 +371,7 @@ def read_jsonl(path: str | os.PathLike, schema: type[R] | str,
     for lineno, rec in _scan_jsonl(p, _schema(schema), on_error, rep):
         rep.records.append(rec)
         rep.lines.append(lineno)
-    if rep.bad_lines:
+    if rep.bad_lines and on_error == "skip":
         log.warning("%s: %d record(s) read, %d bad line(s) skipped", p, len(rep), len(rep.bad_lines))
     return rep
 
@@ -451,9 +453,9 @@ def validate_manifest(path: str | os.PathLike, schema: type[R] | str, check_audi
     p = Path(path)
     cls = _schema(schema)
     if p.is_dir() or p.suffix == ".json":
-        rep = read_dialogues_json(p, on_error="skip")
+        rep = read_dialogues_json(p, on_error="report")
     else:
-        rep = read_jsonl(p, cls, on_error="skip")
+        rep = read_jsonl(p, cls, on_error="report")
     issues: list[tuple[int, str]] = []
     n_audio, seconds = 0, 0.0
     checked = zip(rep.records, rep.lines) if check_audio else iter(())

@@ -1,8 +1,7 @@
 """The ``qa-exist-match`` metric of UltraEval-Audio, used for the paper's spoken-QA tables.
 
 A prediction is a hit when one gold answer, tokenised, appears as a contiguous run of the
-prediction's tokens. The tokeniser follows SPEC.md §Evaluation, which restates the rule of
-UltraEval-Audio's ``QAExistMatchEvaluator`` (``audio_evals/evaluator/qa_exact_match.py``, whose
+prediction's tokens. The tokeniser follows the rule of UltraEval-Audio's ``QAExistMatchEvaluator`` (``audio_evals/evaluator/qa_exact_match.py``, whose
 ``SimpleTokenizer`` comes from DPR); this is a re-implementation without the ``regex`` package:
 
 1. Unicode NFD normalisation (accents become base letter + combining mark);

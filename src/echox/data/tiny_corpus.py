@@ -1,12 +1,12 @@
 """Build the spoken-QA corpus of the ``tiny`` recipe from the vendored BIG-bench questions.
 
 Why self-distillation: EchoX's S2T and Echo stages train on the text LLM's *own* answers (the
-response X' of SPEC.md), so every target is a sentence the LLM can already produce and the
+paper's response X'), so every target is a sentence the LLM can already produce and the
 speech side learns to preserve knowledge instead of learning new facts. The steps:
 
 1. questions (``recipes/tiny/questions.jsonl``) are deduplicated and split by question;
 2. the text LLM answers each one (chat template, greedy, batched, left padding) and the answer
-   is scored against the gold answers with the SPEC's exist-match;
+   is scored against the gold answers with UltraEval-Audio's exist-match (`echox.data.match`);
 3. piper's ``joe`` voice speaks every question (S2T input) and every answer (T2C / vocoder data);
    piper is GPL-3 and runs only as an external program (``python -m piper``), loaded once for
    many sentences;

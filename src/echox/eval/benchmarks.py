@@ -83,7 +83,7 @@ class BenchmarkSchema:
     aliases: tuple[str, ...] = ()
 
 
-# Hub ids and answer columns from SPEC.md §Evaluation; the question columns are those of the
+# Hub ids and answer columns of the UltraEval-Audio protocol the paper uses; the question columns are those of the
 # hub copies (Llama Questions names it "Questions").
 BENCHMARKS: dict[str, BenchmarkSchema] = {
     s.name: s

@@ -40,7 +40,7 @@ from echox.eval.stats import paired_bootstrap
 from echox.fileio import json_objects
 from echox.hub import resolve
 from echox.infer.asr import check_asr_spec, make_asr
-from echox.infer.bundle import (add_device_options, add_text_decoding_options, check_device, default_bundle,
+from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_text_decoding_options, check_device, default_bundle,
                                 load_bundle, text_decoding)
 from echox.infer.engine import Engine, EngineConfig, Final, check_max_audio_seconds
 from echox.model.generation import (SamplingConfig, beam_results, beam_search_steps, cache_kwargs,
@@ -512,7 +512,7 @@ def eval_sampling(args: argparse.Namespace) -> SamplingConfig:
 
 
 def eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="EchoX bundle folder (default: the embedded tiny model)")
+    p.add_argument("--model", help=f"EchoX bundle folder {DEFAULT_MODEL_HELP}")
     p.add_argument("--benchmark", help="llama-questions | web-questions | trivia-qa | NAME=PATH | local:PATH")
     p.add_argument("--mode", choices=["text", "s2t", "s2s", "cascade"], default="s2s")
 

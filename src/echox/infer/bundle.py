@@ -90,8 +90,13 @@ def shipped_bundle() -> Path:
     return Path(str(resources.files("echox") / "assets" / "models" / "tiny"))
 
 
+DEFAULT_MODEL_HELP = ("(default: $ECHOX_MODEL, then ~/.cache/echox/models/tiny, then the "
+                      "embedded tiny model)")
+
+
 def default_bundle() -> Path:
-    """Where `echox chat` finds a model without `--model`: $ECHOX_MODEL, then the cache."""
+    """Where `echox chat`, `demo`, `eval` and `serve` find a model without `--model`:
+    $ECHOX_MODEL, then ~/.cache/echox/models/tiny, then the embedded tiny model."""
     looked: list[str] = []
     env = os.environ.get(ENV_MODEL)
     if env:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from echox.audio import check_output_path, save_audio
 from echox.config import EncoderConfig, int_at_least
 from echox.errors import AudioError, EchoXError
-from echox.infer.bundle import (add_device_options, add_sampling_options, add_text_decoding_options, check_device,
+from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_sampling_options, add_text_decoding_options, check_device,
                                 default_bundle, load_bundle, sampling_temperature, text_decoding)
 from echox.infer.engine import (
     Engine,
@@ -193,8 +193,7 @@ def add_max_audio_option(p: argparse.ArgumentParser) -> None:
 def chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", help="spoken question (wav/flac/ogg); omit for interactive")
     p.add_argument("--text", help="typed question (with an input wav: text after the speech)")
-    p.add_argument("--model", help="model bundle folder (default: $ECHOX_MODEL, then "
-                                   "~/.cache/echox/models/tiny)")
+    p.add_argument("--model", help=f"model bundle folder {DEFAULT_MODEL_HELP}")
     p.add_argument("--vocoder", help="vocoder folder replacing the bundle's own")
     p.add_argument("--unit-language", help="unit-language folder replacing the bundle's own")
     p.add_argument("-o", "--output", help="answer audio (default answer.wav; interactive: "

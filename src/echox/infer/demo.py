@@ -19,7 +19,7 @@ from echox.audio import check_output_path, load_audio, save_audio
 from echox.config import preset_config
 from echox.errors import CheckpointError, ConfigError
 from echox.infer.asr import FasterWhisperASR
-from echox.infer.bundle import Bundle, default_bundle, load_bundle
+from echox.infer.bundle import DEFAULT_MODEL_HELP, Bundle, default_bundle, load_bundle
 from echox.infer.chat import add_max_audio_option, question_limit
 from echox.infer.engine import (
     AudioChunk,
@@ -114,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def demo_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="bundle folder (default: the embedded tiny model)")
+    p.add_argument("--model", help=f"bundle folder {DEFAULT_MODEL_HELP}")
     p.add_argument("--question", help="a wav/flac/ogg question (default: the packaged one)")
     p.add_argument("-o", "--output", default="answer.wav", help="where to write the spoken answer")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -1,4 +1,4 @@
-"""Streaming inference: text token by token, speech in chunks within segments (SPEC §Streaming).
+"""Streaming inference: text token by token, speech in chunks within segments (the authors' trigger rule).
 
 `Engine` holds what does not change between dialogues (the bundle, the trigger row, a
 worker pool); a `Session` owns one dialogue. All streaming state is explicit and lives on the

@@ -1,4 +1,4 @@
-"""Segment trigger for streaming speech output (the authors' rule, SPEC §Streaming).
+"""Segment trigger for streaming speech output (the authors' rule, from their inference code).
 
 s_t = cos(h_t, W_lm[period]) for the hidden state h_t that produced token t. At step t the
 trigger judges c = t − delay: it cuts the segment [start, c] when s_c is the maximum of s over

@@ -11,7 +11,7 @@ A recipe is a YAML file::
 Command-line options override the recipe; `--set train.lr=3e-4` / `--set model.t2c.num_layers=2`
 set any field. `--override FILE` applies a second recipe-shaped file over the first (e.g. the
 CPU dry run of a GPU recipe: tiny sizes and local data, docs/scale.md). Data sources may also be
-EchoX-Dialogues shard folders and Hugging Face datasets (see `_dialogue_source`).
+EchoX-Dialogues shard folders and Hugging Face datasets (docs/training.md, "Data layout").
 """
 
 from __future__ import annotations
@@ -347,7 +347,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  freeze_s2t=cfg.freeze_s2t)
     if args.init and set(recipe.get("overrides") or []) - set(_model_sets(args)):
         log.warning("--init given: the model config comes from the checkpoint; the recipe's "
-                    "overrides are ignored (`--set model.adapter.*` and `model.loss.*` still apply)")
+                    "overrides are ignored (`--set model.adapter.*`, `model.loss.*`, "
+                    "`model.llm.lora.dropout`, `model.t2c.beams` and `model.t2c.length_penalty` "
+                    "still apply)")
     if cfg.cache_encoder:  # before build_data: echo's offline pseudo-labels read it too
         model.enable_feature_cache(encoder_cache_root(cfg))
     train, ev, collate, kwargs = build_data(args.stage, model, cfg, recipe["data"])

@@ -1,4 +1,4 @@
-"""`echox units`: make speech units and the unit language from manifests (SPEC §6).
+"""`echox units`: make speech units and the unit language from manifests (docs/units.md).
 
 The pipeline, one subcommand per step::
 
@@ -499,7 +499,7 @@ def train_kmeans_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", action="append", required=True,
                    help="TTS (audio) or dialogues JSONL; repeatable")
     p.add_argument("--features", required=True, help="whisper:<model> or hubert:<model>")
-    p.add_argument("--layer", type=int, required=True, help="hidden layer (RESOURCES.md: 2-3 of tiny.en)")
+    p.add_argument("--layer", type=int, required=True, help="hidden layer (2-3 of tiny.en resynthesize best: docs/units.md)")
     p.add_argument("--k", type=int, default=500, help="number of clusters (units)")
     p.add_argument("--max-frames", type=int, default=200_000, help="frames sampled for the fit")
     p.add_argument("--dialogue-roles", choices=["user", "assistant", "both"], default="both",

@@ -1,6 +1,6 @@
 """K-means speech units: frame features -> cluster ids -> deduplicated unit sequences.
 
-SPEC §6: units are self-supervised frame features quantised by k-means (mHuBERT layer 11 with
+As in the paper, units are self-supervised frame features quantised by k-means (mHuBERT layer 11 with
 1000 clusters at full scale), with consecutive duplicates removed. The community km1000 models
 are joblib-pickled sklearn (MiniBatch)KMeans objects; `UnitKMeans` writes the same kind of file
 and reads those, plus a plain `.npy` of centroids.

@@ -1,4 +1,4 @@
-"""Unit language: frequent unit n-grams merged into "words" (SPEC §6).
+"""Unit language: frequent unit n-grams merged into "words" (docs/units.md).
 
 Zhang et al. 2025 (arXiv 2505.15333) shorten speech-unit sequences by merging frequent n-grams
 into tokens; EchoX's T2C predicts such tokens, each written like `837_81_194`, and splits them
@@ -55,7 +55,7 @@ def text_to_units(text: str) -> list[int]:
 def parse_unit_strings(strs: str | Iterable[str], num_units: int) -> list[int]:
     """Units from token strings: `837_81_194`, or the released `<|unit_▁837_81|>` form.
 
-    As in the authors' decoder (SPEC appendix), every integer inside is taken and ids >=
+    As in the authors' decoder (their inference code), every integer inside is taken and ids >=
     num_units are dropped.
     """
     if isinstance(strs, str):

@@ -3,7 +3,7 @@
 The released EchoX checkpoints (see `echox.model.unit_decoder_authors`) predict `unit_vocab_size`
 tokens written `<|unit_X|>` after the LLM vocabulary. X holds SentencePiece-style `▁` markers
 and underscore-joined km1000 ids, e.g. `<|unit_▁837_81|>`. The authors' decoder (facts read off
-their public `inference/echox_stream.py`, SPEC appendix) joins the X of all generated unit
+their public `inference/echox_stream.py`) joins the X of all generated unit
 tokens into one string, takes every integer in it and drops ids >= 1000. Because the string is
 joined first, a number may run across a token boundary (`▁83` + `7_81` reads 837, 81), so
 streaming decoding holds back a trailing run of digits until the next token shows where it
