@@ -139,3 +139,34 @@ def test_eval_cli_errors(tmp_path, capsys, bundle_dir, bench):
     assert main(["eval", "--benchmark", "nope", "--mode", "s2t", "--model", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err
     assert main(["eval", "--compare", str(tmp_path)]) == 2
+
+
+def test_compare_refuses_what_is_not_an_eval_run(tmp_path, capsys):
+    """A summary.json that is not an eval summary, items without `hit` and a bad --png are one
+    line each (they were TypeError / KeyError / matplotlib tracebacks)."""
+    import json
+
+    from echox.cli import main
+
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "summary.json").write_text(json.dumps(
+        {"name": "good", "mode": "s2t", "benchmark": "local", "n": 2, "accuracy": 0.5,
+         "mean_latency_ms": None}))
+    (good / "items.jsonl").write_text('{"id": "1", "hit": true}\n{"id": "2"}\n{"id": "3", "hi')
+    cases = {"{}": "not an echox eval summary", "[1]": "not an echox eval summary",
+             "{oops": "not a readable JSON file",
+             json.dumps({"name": "b", "mode": "s2t", "benchmark": "x", "n": "2",
+                         "accuracy": 0.5, "mean_latency_ms": None}): "a value of the wrong type"}
+    for i, (text, words) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}"
+        bad.mkdir()
+        (bad / "summary.json").write_text(text)
+        assert main(["eval", "--compare", str(good), str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("echox: error: ") and words in err and err.count("\n") == 1, err
+    for png, words in ((tmp_path, "is a folder"), (tmp_path / "bars.nope", "not supported")):
+        assert main(["eval", "--compare", str(good), "--png", str(png)]) == 2
+        assert words in capsys.readouterr().err
+    assert main(["eval", "--compare", str(good), str(good), "--png", str(tmp_path / "b.png")]) == 0
+    assert "on 1 shared" in capsys.readouterr().out and (tmp_path / "b.png").is_file()

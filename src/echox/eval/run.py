@@ -23,7 +23,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
@@ -37,7 +37,7 @@ from echox.data.tiny_corpus import greedy_shrinking
 from echox.errors import AudioError, EvalError
 from echox.eval.benchmarks import QAItem, open_benchmark
 from echox.eval.stats import paired_bootstrap
-from echox.fileio import json_objects
+from echox.fileio import check_out_path, json_objects
 from echox.hub import resolve
 from echox.infer.asr import check_asr_spec, make_asr
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_text_decoding_options, check_device, default_bundle,
@@ -403,15 +403,35 @@ def run_eval(
     return summary
 
 
+def read_summary(run_dir: Path) -> EvalSummary:
+    """The `summary.json` of an `echox eval` run folder; anything else is one EvalError."""
+    p = Path(run_dir) / "summary.json"
+    if not p.is_file():
+        raise EvalError(f"no summary.json in {run_dir}: run `echox eval` there first")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise EvalError(f"{p}: not a readable JSON file ({type(e).__name__})") from e
+    known = {f.name for f in fields(EvalSummary)}
+    if not isinstance(data, dict) or not known - {"asr"} <= set(data):
+        raise EvalError(f"{p}: not an echox eval summary (it needs {sorted(known - {'asr'})})")
+    s = EvalSummary(**{k: v for k, v in data.items() if k in known})
+    number = (int, float)
+    if (not all(isinstance(v, str) for v in (s.name, s.mode, s.benchmark))
+            or not isinstance(s.n, int) or isinstance(s.accuracy, bool)
+            or not isinstance(s.accuracy, number)
+            or not (s.mean_latency_ms is None or isinstance(s.mean_latency_ms, number))):
+        raise EvalError(f"{p}: not an echox eval summary (a value of the wrong type)")
+    return s
+
+
 def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
-    sums = []
-    for d in run_dirs:
-        p = Path(d) / "summary.json"
-        if not p.is_file():
-            raise EvalError(f"no summary.json in {d}: run `echox eval` there first")
-        sums.append(EvalSummary(**json.loads(p.read_text())))
+    if png is not None:
+        check_out_path(png, "--png", folder=False)
+    sums = [read_summary(Path(d)) for d in run_dirs]
     # each run against the first, on the questions both answered: a paired difference
-    hits = [{k: bool(r["hit"]) for k, r in _done(Path(d) / "items.jsonl").items()} for d in run_dirs]
+    hits = [{k: bool(r["hit"]) for k, r in _done(Path(d) / "items.jsonl").items() if "hit" in r}
+            for d in run_dirs]
     print(f"{'run':<28} {'mode':<7} {'n':>5} {'accuracy':>9}   vs the first run (paired, 95 % bootstrap)")
     names = [Path(d).name for d in run_dirs]
     if len(set(names)) < len(names):  # e.g. several runs/<arm>/s2t: name them by their parent too
@@ -436,9 +456,13 @@ def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
         ax.set_ylabel("accuracy (%)")
         ax.set_title(sums[0].benchmark if sums else "")
         fig.tight_layout()
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
+        try:
+            png.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(png, dpi=100)
+        except (OSError, ValueError) as e:  # an unwritable folder, an unknown image suffix
+            raise EvalError(f"--png {png}: {e}") from e
+        finally:
+            plt.close(fig)
     return sums
 
 
