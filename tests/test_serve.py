@@ -320,6 +320,7 @@ def test_ws_refuses_bad_messages_and_keeps_serving(engine: Engine) -> None:
         error(ws, 400, "bad_request", "unknown audio format")
         ws.send_json({"type": "audio", "format": "pcm_s16le"})
         error(ws, 400, "bad_request", "sample_rate")
+        ws.send_json({"type": "end"})  # the end of the refused turn: no second error
         ws.send_json({"type": "end"})
         error(ws, 400, "empty_turn")
         ws.send_json({"type": "text", "text": " "})

@@ -51,6 +51,7 @@ from echox.serve.inputs import (
     check_text,
     decode_file,
     pcm_s16le,
+    shown,
     wav_bytes,
 )
 
@@ -280,9 +281,15 @@ class _Conversation:
             await self.stop_turn()  # a client that left frees its slot now
 
     async def stop_turn(self) -> bool:
-        """Stop the running turn, if any; returns whether one was running."""
+        """Stop the running turn, if any; returns whether one was stopped before its final (or
+        error) event. One that has sent it is only tidying up: it keeps its slot until its
+        thread has returned."""
         task, self.task = self.task, None
         if task is None or task.done():
+            return False
+        if self.replied:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
             return False
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -303,9 +310,10 @@ class _Conversation:
     async def on_text(self, raw: str) -> None:
         try:
             msg = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: also a number of 4300+ digits
             raise ApiError(400, "bad_message", "text messages must be JSON objects with a "
-                           "\"type\"; this one is not JSON") from None
+                           "\"type\"; this one is not JSON (or holds a number too long to "
+                           "read)") from None
         kind = msg.get("type") if isinstance(msg, dict) else None
         if not isinstance(kind, str):
             raise ApiError(400, "bad_message", "a message must be a JSON object with a string "
@@ -313,10 +321,13 @@ class _Conversation:
         if kind == "ping":
             await self.send({"type": "pong"})
         elif kind == "audio":
-            self.rejected = False
-            self.buffer = None
-            self.buffer = AudioBuffer(msg.get("format", "file"), msg.get("sample_rate"),
-                                      self.st.limits)
+            self.buffer, self.rejected = None, False
+            try:
+                self.buffer = AudioBuffer(msg.get("format", "file"), msg.get("sample_rate"),
+                                          self.st.limits)
+            except ApiError:  # its frames are not read as a file: dropped up to the end
+                self.rejected = True
+                raise
         elif kind == "end":
             buffer, rejected = self.buffer, self.rejected
             self.buffer, self.rejected = None, False
@@ -330,24 +341,26 @@ class _Conversation:
                                "or a \"text\"")
             self.start(audio, text)
         elif kind == "text":
+            self.rejected = False  # a typed turn ends an upload that was refused
             await self.idle()
             text = check_text(msg.get("text"), self.st.limits)
             if text is None:
                 raise ApiError(400, "empty_text", "a text message needs a non-empty \"text\"")
             self.start(None, text)
-        elif kind == "cancel":
+        elif kind == "cancel":  # always answered; "turn" names the turn it stopped, if any
             self.buffer, self.rejected = None, False
             turn = self.turns
-            if await self.stop_turn():
-                await self.send({"type": "cancelled", "turn": turn})
+            stopped = await self.stop_turn()
+            await self.send({"type": "cancelled", "turn": turn} if stopped
+                            else {"type": "cancelled"})
         elif kind == "reset":
             await self.idle()
             self.session.reset()
             self.buffer, self.rejected = None, False
             await self.send({"type": "reset"})
         else:
-            raise ApiError(400, "bad_message", f"unknown message type {kind!r}; expected one of "
-                           f"{', '.join(MESSAGE_TYPES)}")
+            raise ApiError(400, "bad_message", f"unknown message type {shown(kind)}; expected "
+                           f"one of {', '.join(MESSAGE_TYPES)}")
 
     async def idle(self) -> None:
         """Refuse a new turn while one is answered. A turn that has sent its final event is
@@ -416,10 +429,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past `limit` bytes (from Content-Length first)."""
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
-            raise ApiError(400, "bad_request", f"bad Content-Length {length!r}")
-        if int(length) > limit:
-            raise ApiError(413, "too_large", f"the request is {length} bytes, over the limit "
+        if not (length.isascii() and length.isdigit()):
+            raise ApiError(400, "bad_request", f"bad Content-Length {shown(length)}")
+        digits = length.lstrip("0") or "0"
+        if len(digits) > 18 or int(digits) > limit:  # (int() refuses 4300+ digits)
+            size = digits if len(digits) <= 18 else "over 10^18"
+            raise ApiError(413, "too_large", f"the request is {size} bytes, over the limit "
                            f"of {limit} bytes")
     body = bytearray()
     try:
@@ -484,14 +499,14 @@ async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any,
         if isinstance(history, str):
             try:
                 history = json.loads(history)
-            except (json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # ValueError: also a number of 4300+ digits
                 raise ApiError(400, "bad_request", "history must be JSON") from None
         return audio, form.get("text"), history, form.get("return_audio")
     if ctype == "application/json":
         body = await _read_body(request, limit * 4 // 3 + ENVELOPE)
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # also bad UTF-8, or a number of 4300+ digits
             raise ApiError(400, "bad_request", "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "bad_request", "the JSON body must be an object")
@@ -640,14 +655,16 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
             refusal = ApiError(503, "too_many_connections", f"the server holds its limit of "
                                f"{cfg.max_connections} conversations; retry later", 5)
             code = 1013  # try again later
-        await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
         if refusal is not None:
+            await ws.accept(subprotocol=subprotocol)
             with contextlib.suppress(Exception):
                 await ws.send_text(json.dumps({"type": "error", **refusal.body()}))
                 await ws.close(code)
             return
-        st.connections += 1
+        st.connections += 1  # before the handshake's await: no two handshakes take one place
         try:
+            await ws.accept(subprotocol=subprotocol)
             await _Conversation(st, ws).run()
         finally:
             st.connections -= 1

@@ -21,13 +21,21 @@ from echox.errors import AudioError, EchoXError
 from echox.model.prompt import Turn
 
 __all__ = ["AUDIO_FORMATS", "ApiError", "AudioBuffer", "Limits", "PCM_FORMATS", "check_history",
-           "check_text", "decode_file", "pcm_s16le"]
+           "check_text", "decode_file", "pcm_s16le", "shown"]
 
 #: Raw PCM layouts a WebSocket client may stream: numpy dtype and bytes per sample (mono).
 PCM_FORMATS: dict[str, tuple[str, int]] = {"pcm_s16le": ("<i2", 2), "pcm_f32le": ("<f4", 4)}
 #: "file": the bytes of a wav/flac/ogg file, possibly split over several frames.
 AUDIO_FORMATS = ("file", *PCM_FORMATS)
 MIN_RATE, MAX_RATE = 8000, 192000
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A client's value as an error message quotes it: short (a client may send megabytes)."""
+    if value is not None and not isinstance(value, (str, int, float)):
+        return f"a JSON {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class ApiError(EchoXError):
@@ -77,7 +85,8 @@ class Limits:
 
 
 def check_text(text: Any, limits: Limits, what: str = "text") -> str | None:
-    """A user's typed text: None when absent or blank; refused when not a string or too long."""
+    """A user's typed text: None when absent or blank; refused when not a string, too long or
+    not valid Unicode."""
     if text is None:
         return None
     if not isinstance(text, str):
@@ -85,6 +94,11 @@ def check_text(text: Any, limits: Limits, what: str = "text") -> str | None:
     if len(text) > limits.max_text_chars:
         raise ApiError(413, "text_too_long", f"{what} is {len(text)} characters long, over the "
                        f"limit of {limits.max_text_chars}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800": no tokenizer takes it
+        raise ApiError(400, "bad_request", f"{what} is not valid Unicode text (it holds a "
+                       "lone surrogate code point, such as \\ud800)") from None
     return text if text.strip() else None
 
 
@@ -145,13 +159,13 @@ class AudioBuffer:
 
     def __init__(self, fmt: str, sample_rate: int | None, limits: Limits) -> None:
         if fmt not in AUDIO_FORMATS:
-            raise ApiError(400, "bad_request", f"unknown audio format {fmt!r}; use one of "
+            raise ApiError(400, "bad_request", f"unknown audio format {shown(fmt)}; use one of "
                            f"{', '.join(AUDIO_FORMATS)}")
         if fmt in PCM_FORMATS:
             if (isinstance(sample_rate, bool) or not isinstance(sample_rate, int)
                     or not MIN_RATE <= sample_rate <= MAX_RATE):
                 raise ApiError(400, "bad_request", f"{fmt} needs an integer sample_rate between "
-                               f"{MIN_RATE} and {MAX_RATE}, got {sample_rate!r}")
+                               f"{MIN_RATE} and {MAX_RATE}, got {shown(sample_rate)}")
         self.fmt = fmt
         self.sample_rate = sample_rate
         self.limits = limits

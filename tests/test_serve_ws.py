@@ -1,0 +1,280 @@
+"""`WS /v1/stream` against an adversarial client: wrong types, refused uploads, cancels at odd
+moments, long numbers, lone surrogates, handshakes racing for the last connection place.
+
+Each test checks the answer the protocol (docs/api.md) promises and that the connection (or
+the next one) still serves. The tiny random engine and the helpers come from test_serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from conftest import noise
+from test_serve import (  # noqa: F401 - `engine` is a fixture
+    client,
+    engine,
+    turn_events,
+    wait_until,
+    wav,
+)
+
+from echox.infer.engine import Engine
+from echox.serve.app import ServeConfig, create_app
+
+
+def error(ws: Any, status: int, code: str, words: str = "") -> dict[str, Any]:
+    ev = ws.receive_json()
+    assert ev["type"] == "error" and (ev["status"], ev["code"]) == (status, code), ev
+    assert words in ev["message"], ev
+    return ev
+
+
+def pong(ws: Any) -> None:
+    """The next message is the answer to a ping: nothing else was sent before it."""
+    ws.send_json({"type": "ping"})
+    assert ws.receive_json() == {"type": "pong"}
+
+
+def pong_after(ws: Any, expected: dict[str, Any]) -> None:
+    """The next message is `expected`, then the answer to a ping (which keeps a server that
+    sends nothing from hanging the test)."""
+    ws.send_json({"type": "ping"})
+    assert ws.receive_json() == expected
+    assert ws.receive_json() == {"type": "pong"}
+
+
+class SlowTidyEngine:
+    """The real engine, but a turn's iterator takes 0.5 s to return after its final event
+    (as the engine does while it stops its speech workers); `tidied` is set when it has."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.tidied = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def session(self, history: Any = None) -> Any:
+        s = self._engine.session(history)
+        respond = s.respond
+
+        def slow(*args: Any, **kw: Any) -> Iterator[Any]:
+            events = respond(*args, **kw)
+
+            def tidy() -> Iterator[Any]:
+                yield from events
+                time.sleep(0.5)
+                self.tidied.set()
+
+            return tidy()
+
+        s.respond = slow
+        return s
+
+
+def test_ws_cancel_is_always_answered(engine: Engine) -> None:
+    """`cancel` is answered by `cancelled` also when no answer is under way (before any turn,
+    twice, after the final event): a client waiting for the acknowledgement never hangs."""
+    with client(engine) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "cancel"})
+        pong_after(ws, {"type": "cancelled"})
+        ws.send_json({"type": "text", "text": "hello"})
+        assert turn_events(ws)[-1]["type"] == "final"
+        for _ in range(2):
+            ws.send_json({"type": "cancel"})
+            pong_after(ws, {"type": "cancelled"})
+        ws.send_json({"type": "text", "text": "still there?"})
+        assert turn_events(ws)[-1]["turn"] == 2
+
+
+def test_ws_cancel_after_the_final_event_lets_the_turn_tidy_up(engine: Engine) -> None:
+    """A turn that has sent its final event is not "cancelled": the cancel waits until its
+    thread has returned (its worker slot is not given back early)."""
+    slow = SlowTidyEngine(engine)
+    with client(slow) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "text", "text": "hello"})
+        assert turn_events(ws)[-1]["type"] == "final"
+        ws.send_json({"type": "cancel"})
+        assert ws.receive_json() == {"type": "cancelled"}
+        assert slow.tidied.is_set()
+        h = c.get("/health").json()
+        assert (h["running"], h["served"], h["stopped"]) == (0, 1, 0)
+
+
+BAD_AUDIO_MESSAGES = [
+    ({"format": "pcm_s16le", "sample_rate": "16000"}, "got '16000'"),
+    ({"format": "pcm_s16le", "sample_rate": 16000.0}, "got 16000.0"),
+    ({"format": "pcm_s16le", "sample_rate": -16000}, "got -16000"),
+    ({"format": "pcm_s16le", "sample_rate": 10 ** 12}, "got 1000000000000"),
+    ({"format": "pcm_f32le", "sample_rate": True}, "got True"),
+    ({"format": "pcm_f32le", "sample_rate": [16000]}, "got a JSON list"),
+    ({"format": "pcm_s16le"}, "got None"),
+    ({"format": "mp3", "sample_rate": 16000}, "unknown audio format 'mp3'"),
+    ({"format": None}, "unknown audio format None"),
+    ({"format": {"pcm": 1}}, "unknown audio format a JSON dict"),
+]
+
+
+def test_ws_a_refused_audio_message_drops_its_frames(engine: Engine) -> None:
+    """A refused `audio` message gets one error; the frames and `end` that follow it belong to
+    the refused turn and are dropped (before, they were read as an audio file: a second,
+    confusing bad_audio error for the same turn)."""
+    pcm = (noise(0.5) * 30000).astype("<i2").tobytes()
+    with client(engine) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        for fields, words in BAD_AUDIO_MESSAGES:
+            ws.send_json({"type": "audio", **fields, "history": [{"role": 5}]})
+            error(ws, 400, "bad_request", words)
+            ws.send_bytes(pcm[:4000])
+            ws.send_bytes(pcm[4000:])
+            ws.send_json({"type": "end"})
+            pong(ws)
+        # a valid audio message (extra fields ignored) still starts a turn
+        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": 16000, "x": [1]})
+        ws.send_bytes(pcm)
+        ws.send_json({"type": "end"})
+        assert turn_events(ws)[-1]["type"] == "final"
+
+
+def test_ws_a_typed_turn_ends_a_refused_upload(engine: Engine) -> None:
+    """After a 413 on an upload the client abandons, a typed turn ends it: a file sent next
+    (binary frames, no `audio` message) is answered, not silently dropped."""
+    with client(engine, max_upload_bytes=20_000) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        for _ in range(25):  # many small frames, over the limit together
+            ws.send_bytes(b"\x00" * 1000)
+        error(ws, 413, "too_large", "over the limit of 20000 bytes")
+        ws.send_json({"type": "text", "text": "never mind"})
+        assert turn_events(ws)[-1]["type"] == "final"
+        ws.send_bytes(wav(0.5))
+        ws.send_json({"type": "end"})
+        ws.send_json({"type": "ping"})
+        events = []
+        while not events or events[-1]["type"] != "pong":  # the turn's first events, the pong
+            msg = ws.receive()
+            if msg.get("text") is not None:
+                events.append(json.loads(msg["text"]))
+        wait_until(lambda: c.get("/health").json()["served"] == 2, 30)  # before: dropped
+        if "final" not in [e["type"] for e in events]:
+            events += turn_events(ws)
+        assert next(e for e in events if e["type"] == "final")["turn"] == 2
+
+
+def test_ws_long_numbers_and_lone_surrogates_are_bad_input(engine: Engine) -> None:
+    """JSON with a number of 4300+ digits (a ValueError in Python, not a JSONDecodeError) or
+    text with a lone surrogate ("\\ud800": no tokenizer takes it) is the client's mistake: a
+    400, not a dropped connection or a 500 "the model failed"."""
+    with client(engine) as c:
+        with c.websocket_connect("/v1/stream") as ws:
+            ws.receive_json()
+            ws.send_text('{"type": "audio", "format": "pcm_s16le", "sample_rate": '
+                         + "1" * 5000 + "}")
+            error(ws, 400, "bad_message", "not JSON")
+            ws.send_text('{"type": "text", "text": "hi \\ud800 there"}')
+            error(ws, 400, "bad_request", "lone surrogate")
+            ws.send_bytes(wav(0.3))
+            ws.send_text('{"type": "end", "text": "\\udfff"}')
+            error(ws, 400, "bad_request", "lone surrogate")
+            pong(ws)
+            ws.send_json({"type": "text", "text": "fine"})
+            assert turn_events(ws)[-1]["type"] == "final"
+        long_number = b'{"text": "hi", "x": ' + b"1" * 5000 + b"}"
+        cases = [
+            c.post("/v1/chat", content=long_number, headers={"content-type": "application/json"}),
+            c.post("/v1/chat", files={"audio": ("q.wav", wav(0.3), "audio/wav")},
+                   data={"history": "[" + "1" * 5000 + "]"}),
+            c.post("/v1/chat", content=b'{"text": "hi \\ud800"}',
+                   headers={"content-type": "application/json"}),
+            c.post("/v1/chat", content=json.dumps({"text": "hi", "history": [
+                {"role": "user", "text": "\ud800"}, {"role": "assistant", "text": "ok"}]}),
+                headers={"content-type": "application/json"}),
+            c.post("/v1/chat", content=wav(0.3),
+                   headers={"content-type": "audio/wav", "content-length": "9" * 5000}),
+        ]
+        for r, status in zip(cases, (400, 400, 400, 400, 413), strict=True):
+            assert r.status_code == status, r.text
+            assert len(r.text) < 400, r.text  # the 5000 digits are not echoed
+        assert c.post("/v1/chat", json={"text": "fine"}).status_code == 200
+
+
+def test_ws_errors_do_not_echo_huge_values(engine: Engine) -> None:
+    """An error quotes what the client sent in a few characters, not its megabytes."""
+    with client(engine) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "x" * 200_000})
+        ev = error(ws, 400, "bad_message", "unknown message type 'xxx")
+        assert len(ev["message"]) < 200
+        ws.send_json({"type": "audio", "format": "y" * 200_000})
+        assert len(error(ws, 400, "bad_request", "unknown audio format")["message"]) < 200
+        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": "9" * 200_000})
+        assert len(error(ws, 400, "bad_request", "sample_rate")["message"]) < 200
+        pong(ws)
+
+
+def test_ws_handshakes_racing_for_the_last_place(engine: Engine) -> None:
+    """Two handshakes at once with one place left: one conversation, one 503 (before, both
+    were checked before either was counted, and both were let in)."""
+    app = create_app(engine, ServeConfig(max_connections=1))
+    scope = {"type": "websocket", "asgi": {"version": "3.0"}, "scheme": "ws",
+             "http_version": "1.1", "path": "/v1/stream", "raw_path": b"/v1/stream",
+             "query_string": b"", "root_path": "", "headers": [(b"host", b"testserver")],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "subprotocols": []}
+
+    async def both() -> list[list[dict[str, Any]]]:
+        inboxes = [asyncio.Queue(), asyncio.Queue()]
+        sent: list[list[dict[str, Any]]] = [[], []]
+
+        def conversation(i: int) -> Any:
+            inboxes[i].put_nowait({"type": "websocket.connect"})
+
+            async def send(msg: dict[str, Any]) -> None:
+                if msg["type"] == "websocket.accept":
+                    await asyncio.sleep(0.05)  # the handshake's answer is being written
+                sent[i].append(msg)
+
+            return app(dict(scope), inboxes[i].get, send)
+
+        tasks = [asyncio.create_task(conversation(i)) for i in (0, 1)]
+        for _ in range(200):
+            if all(any("text" in m for m in s) for s in sent):
+                break
+            await asyncio.sleep(0.01)
+        for q in inboxes:
+            q.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return sent
+
+    try:
+        sent = asyncio.run(both())
+    finally:
+        app.state.echox.close()
+    first = sorted(json.loads(next(m["text"] for m in s if "text" in m))["type"] for s in sent)
+    assert first == ["error", "ready"], sent
+    refused = next(s for s in sent if json.loads(s[1]["text"])["type"] == "error")
+    assert json.loads(refused[1]["text"])["code"] == "too_many_connections"
+    assert refused[-1] == {"type": "websocket.close", "code": 1013, "reason": ""}
+    assert app.state.echox.connections == 0
+
+
+def test_ws_next_connection_works_after_a_client_leaves_mid_answer(engine: Engine) -> None:
+    """A client that closes while its answer streams frees its place and its worker: with one
+    of each, the next connection is let in and answered."""
+    with client(engine, max_connections=1, workers=1, queue_size=0) as c:
+        for _ in range(3):
+            with c.websocket_connect("/v1/stream") as ws:
+                assert ws.receive_json()["type"] == "ready"
+                ws.send_json({"type": "text", "text": "hello"})
+                assert ws.receive_json()["type"] == "start"
+        with c.websocket_connect("/v1/stream") as ws:
+            assert ws.receive_json()["type"] == "ready"
+            ws.send_json({"type": "text", "text": "hello"})
+            assert turn_events(ws)[-1]["type"] == "final"
+        h = c.get("/health").json()
+        assert (h["connections"], h["running"], h["refused"]) == (0, 0, 0)
