@@ -323,7 +323,7 @@ class _Conversation:
         elif kind == "audio":
             self.buffer, self.rejected = None, False
             try:
-                self.buffer = AudioBuffer(msg.get("format", "file"), msg.get("sample_rate"),
+                self.buffer = AudioBuffer(msg.get("format") or "file", msg.get("sample_rate"),
                                           self.st.limits)
             except ApiError:  # its frames are not read as a file: dropped up to the end
                 self.rejected = True

@@ -32,7 +32,7 @@ from typing import Any
 
 from echox.config import int_at_least
 from echox.errors import ConfigError, EchoXError
-from echox.infer.bundle import (add_device_options, add_sampling_options, add_text_decoding_options, check_device,
+from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_sampling_options, add_text_decoding_options, check_device,
                                 default_bundle, load_bundle, sampling_temperature, text_decoding)
 from echox.infer.engine import Engine, EngineConfig
 from echox.model.generation import SamplingConfig
@@ -145,8 +145,7 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     m = p.add_argument_group("model")
-    m.add_argument("--model", help="model bundle folder (default: $ECHOX_MODEL, then "
-                                   "~/.cache/echox/models/tiny, then the embedded model)")
+    m.add_argument("--model", help=f"model bundle folder {DEFAULT_MODEL_HELP}")
     m.add_argument("--model-id", help="name shown by /v1/models (default: the folder's name)")
     m.add_argument("--vocoder", help="vocoder folder replacing the bundle's own")
     m.add_argument("--unit-language", help="unit-language folder replacing the bundle's own")

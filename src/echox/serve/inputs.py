@@ -162,6 +162,8 @@ class AudioBuffer:
             raise ApiError(400, "bad_request", f"unknown audio format {shown(fmt)}; use one of "
                            f"{', '.join(AUDIO_FORMATS)}")
         if fmt in PCM_FORMATS:
+            if isinstance(sample_rate, float) and sample_rate.is_integer():
+                sample_rate = int(sample_rate)  # 16000.0: how some JSON clients write 16000
             if (isinstance(sample_rate, bool) or not isinstance(sample_rate, int)
                     or not MIN_RATE <= sample_rate <= MAX_RATE):
                 raise ApiError(400, "bad_request", f"{fmt} needs an integer sample_rate between "
