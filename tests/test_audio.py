@@ -469,3 +469,42 @@ def test_check_output_path(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(AudioError, match="is not a folder"):
         check_output_path(tmp_path / "file" / "a.wav")
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 2)])
+def test_empty_two_d_arrays(shape: tuple[int, int], tmp_path: Path) -> None:
+    with pytest.raises(AudioError, match="zero length"):
+        load_audio(np.zeros(shape, np.float32), orig_sr=16000)
+    with pytest.raises(AudioError, match="zero-length"):
+        save_audio(tmp_path / "e.wav", np.zeros(shape, np.float32), 16000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_absurd_sample_rates_are_refused_not_resampled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resampling from 10^12 Hz would build a filter of ~10^9 taps: the process ran out of
+    memory and was killed."""
+    x = sine(440.0, 0.1, 16000)
+
+    def no_resampling(*_: object) -> None:
+        raise AssertionError("resampled an absurd rate instead of refusing it")
+
+    with monkeypatch.context() as m:
+        m.setattr("echox.audio.resample_poly", no_resampling)
+        with pytest.raises(AudioError, match="sample rate"):
+            load_audio(x, orig_sr=10**12)
+        with pytest.raises(AudioError, match="sample rate"):
+            load_audio(x, 10**9, orig_sr=16000)
+    assert load_audio(sine(440.0, 0.1, 768000), 16000, orig_sr=768000).shape == (1600,)
+
+
+def test_save_errors_from_libsndfile_are_one_line(tmp_path: Path) -> None:
+    x = sine(440.0, 0.1, 16000)
+    with pytest.raises(AudioError, match="with 1600 channel"):  # [C, T] given for [T, C]
+        save_audio(tmp_path / "ct.wav", np.stack([x, x]), 16000)
+    with pytest.raises(AudioError, match="FLAC"):
+        save_audio(tmp_path / "hi.flac", x, 1_000_000)  # a rate FLAC cannot store
+    with pytest.raises(AudioError, match="sample rate"):
+        save_audio(tmp_path / "huge.wav", x, 10**12)
+    assert list(tmp_path.iterdir()) == []
+    save_audio(tmp_path / "half.wav", x.astype(np.float16), 16000)  # any float dtype is written
+    assert sf.info(str(tmp_path / "half.wav")).frames == x.size

@@ -320,3 +320,40 @@ def test_malformed_config_and_checksum_values(make_model, tmp_path):
     (folder / "checksums.json").write_text(json.dumps({**sums, "../outside.txt": sha256_file(outside)}))
     with pytest.raises(CheckpointError, match=r"'\.\./outside\.txt' is not a file inside"):
         EchoX.from_pretrained(folder)
+
+
+def test_save_never_deletes_what_is_not_a_checkpoint(make_model, tmp_path):
+    """Saving replaces the whole folder: a file there, or a folder of other files, was deleted."""
+    m = make_model()
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="it is a file"):
+        m.save_pretrained(tmp_path / "notes.txt")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("a,b")
+    with pytest.raises(CheckpointError, match=r"holds other files \(data.csv\)"):
+        m.save_pretrained(other)
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint"):
+        m.save_pretrained(tmp_path / "notes.txt" / "ckpt")  # below a file
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in other.iterdir()] == ["data.csv"]
+    (tmp_path / "empty").mkdir()
+    m.save_pretrained(tmp_path / "empty")  # an empty folder, or a checkpoint, is replaced
+    m.save_pretrained(tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes.txt", "other"]
+    m.save_pretrained(other, replace=True)  # asked for (`echox bundle --force`)
+    assert not (other / "data.csv").exists() and (other / "config.json").is_file()
+
+
+def test_save_refuses_bad_extra_files_and_dtypes(make_model, tmp_path):
+    m = make_model()
+    for name in ("../escape.txt", str(tmp_path / "abs.txt"), "a/b.txt", "config.json"):
+        with pytest.raises(CheckpointError, match="plain file name"):
+            m.save_pretrained(tmp_path / "ckpt", extra_files={name: "x"})
+    with pytest.raises(CheckpointError, match="floating torch dtype"):
+        m.save_pretrained(tmp_path / "ckpt", dtype=torch.int8)  # weights would become garbage
+    with pytest.raises(CheckpointError, match="floating torch dtype"):
+        m.save_pretrained(tmp_path / "ckpt", dtype="float16")
+    with pytest.raises(CheckpointError, match="tuple of part names"):
+        m.save_pretrained(tmp_path / "ckpt", omit_parts="t2c")
+    assert list(tmp_path.iterdir()) == []

@@ -483,3 +483,63 @@ def test_text_beam_search_rows_in_a_batch_equal_rows_alone(make_model):
     assert together.token_ids != greedy.token_ids
     for b_ids, b_h, g_ids, g_h in zip(together.token_ids, together.hidden, greedy.token_ids, greedy.hidden):
         assert _answer_logprob(m, b_ids, b_h) >= _answer_logprob(m, g_ids, g_h) - 1e-4
+
+
+def test_sampling_values_that_would_fail_mid_decode_are_refused():
+    """NaN/inf temperatures crashed torch.multinomial, a float n-gram size a slice, a string
+    seed the generator; a float max_new_tokens ran one step more than asked."""
+    import pytest
+
+    from echox.errors import ConfigError
+
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")},
+                {"length_penalty": float("nan")}, {"repetition_penalty": float("inf")},
+                {"max_new_tokens": 2.5}, {"max_new_tokens": "4"}, {"num_beams": 2.5},
+                {"no_repeat_ngram_size": 1.5}, {"seed": "x"}, {"max_new_tokens": True}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            SamplingConfig(**bad)
+    SamplingConfig(max_new_tokens=3, temperature=1, top_p=1, seed=0)  # ints for floats are fine
+
+
+def test_generate_text_refuses_bad_dialogues(make_model):
+    import pytest
+
+    from echox.errors import ConfigError, PromptError
+
+    m = make_model()
+    m.eval()
+    s = SamplingConfig(max_new_tokens=2)
+    user = Turn("user", text="hi")
+    for dialogues, match in (([], "non-empty list of dialogues"),  # was a torch RuntimeError
+                             ([[]], "but it is empty"),
+                             ([[user, Turn("assistant", text="Hello.")]], "not an assistant turn"),
+                             ([user], "must be a list of Turns"),
+                             ([[{"role": "user", "content": "hi"}]], "must be a list of Turns")):
+        with pytest.raises(PromptError, match=match):
+            m.generate_text(dialogues, s)
+    with pytest.raises(ConfigError, match="SamplingConfig"):
+        m.generate_text([[user]], {"max_new_tokens": 2})
+
+
+def test_units_from_hidden_and_text_refuse_bad_input(make_model):
+    import pytest
+
+    from echox.errors import PromptError, UnitError
+
+    m = make_model()
+    m.eval()
+    d = m.llm.hidden_size
+    s = SamplingConfig(max_new_tokens=2)
+    nan = torch.full((3, d), float("nan"))
+    for hidden, match in (([], "non-empty list"), ([torch.randn(0, d)], r"\(0, 32\)"),
+                          ([torch.randn(3, d + 1)], r"\(3, 33\)"),  # was a matmul error
+                          ([torch.ones(3, d, dtype=torch.long)], "int64"),
+                          ([torch.randn(3, d).numpy()], "ndarray"),
+                          ([nan], "NaN or inf")):  # NaN states gave units 0, 0, 0, ...
+        with pytest.raises(UnitError, match=match):
+            m.units_from_hidden(hidden, s)
+    with pytest.raises(UnitError, match="NaN or inf"):
+        list(m.iter_units_from_hidden(nan, s))
+    for texts in ([], [""], "hello", [None]):  # "hello" gave one answer per character
+        with pytest.raises(PromptError, match="non-empty list of non-empty strings"):
+            m.units_from_text(texts, s)

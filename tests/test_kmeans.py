@@ -127,3 +127,36 @@ def test_dim_mismatch_and_bad_files(tmp_path: Path) -> None:
     np.save(tmp_path / "vec.npy", np.zeros(4))
     with pytest.raises(UnitError, match=r"\[K, D\]"):
         UnitKMeans.load(tmp_path / "vec.npy")
+
+
+def test_non_finite_and_complex_inputs_are_refused(tmp_path: Path) -> None:
+    """NaN frames would all become unit 0; complex numbers would lose their imaginary part."""
+    _, _, centres = _blobs(seed=7)
+    km = UnitKMeans(centres)
+    frames = np.zeros((3, centres.shape[1]), dtype=np.float32)
+    frames[1, 2] = np.nan
+    with pytest.raises(UnitError, match="NaN or inf"):
+        km.predict(frames)
+    with pytest.raises(UnitError, match="real numbers"):
+        km.predict(np.zeros((3, centres.shape[1]), dtype=complex))
+    np.save(tmp_path / "complex.npy", centres.astype(complex))
+    with pytest.raises(UnitError, match="real numbers"):
+        UnitKMeans.load(tmp_path / "complex.npy")
+
+
+def test_save_errors_are_one_line_and_keep_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, centres = _blobs(seed=8)
+    km = UnitKMeans(centres)
+    with pytest.raises(UnitError, match="cannot write the k-means file"):
+        km.save(tmp_path)  # a folder
+    km.save(tmp_path / "km.npy")
+    before = (tmp_path / "km.npy").read_bytes()
+
+    def full_disk(*_: object, **__: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("echox.units.kmeans.np.save", full_disk)
+    with pytest.raises(UnitError, match="No space left"):
+        UnitKMeans(centres + 1.0).save(tmp_path / "km.npy")
+    assert (tmp_path / "km.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["km.npy"]  # no temp file left

@@ -1,10 +1,11 @@
 """Placeholder expansion: labels, masks and positions after speech of different lengths."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import noise
 
-from echox.errors import PromptError
+from echox.errors import AudioError, PromptError
 from echox.model.prompt import IGNORE, Turn, merge_speech
 
 
@@ -86,3 +87,30 @@ def test_prompt_errors(make_model):
     with pytest.raises(PromptError, match="1 audio placeholders but 0 speech"):
         merge_speech(batch.input_ids, batch.attention_mask, batch.labels,
                      m.llm.embed(batch.input_ids), None, None, m.llm.audio_token_id)
+
+
+@pytest.mark.parametrize("audio, match", [
+    (np.zeros(1600, np.int16), "dtype int16"),  # PCM: amplitudes in the thousands
+    (np.zeros((1600, 2), np.float32), "mono waveform"),
+    (np.zeros(0, np.float32), "mono waveform"),
+    (np.full(1600, np.nan, np.float32), "NaN or inf"),
+    (np.array([0.1, np.inf] * 800, np.float32), "NaN or inf"),
+    ("question.wav", "dtype <U12"),
+])
+def test_turn_refuses_unusable_audio(audio, match):
+    """Such audio went through the model: NaN gave a confident answer, int16 a wrong one."""
+    with pytest.raises(AudioError, match=match):
+        Turn("user", audio=audio)
+
+
+def test_turn_text_must_be_a_string_and_assistant_audio_is_ignored(make_model):
+    for bad in (5, b"hi", ["hi"]):
+        with pytest.raises(PromptError, match="text must be a string"):
+            Turn("user", text=bad)
+    with pytest.raises(PromptError, match="transcript must be a string"):
+        Turn("user", audio=noise(0.2), transcript=3)
+    assert Turn("user", audio=noise(0.2).tolist()).audio is not None  # a list of floats is fine
+    m = make_model()
+    plain = m.prompt.encode([Turn("user", text="hi"), Turn("assistant", text="Yes.")])
+    spoken = m.prompt.encode([Turn("user", text="hi"), Turn("assistant", text="Yes.", audio=noise(0.2))])
+    assert spoken.input_ids == plain.input_ids and spoken.audio == []

@@ -160,3 +160,24 @@ def test_plot_stats(lang: UnitLanguage, corpus: list[np.ndarray], tmp_path: Path
     out = tmp_path / "plots" / "compression.png"
     plot_stats(rows, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("bad", [[1.7, 2.2], "12", [True, False], None, [2**70], [float("nan")]])
+def test_ids_that_are_not_integers_are_refused(lang: UnitLanguage, bad: object) -> None:
+    """Casting would truncate 1.7 to unit 1 or read the string "12" as id 12: silently wrong."""
+    with pytest.raises(UnitError, match="must be integer ids"):
+        lang.encode(bad)  # type: ignore[arg-type]
+    with pytest.raises(UnitError, match="must be integer ids"):
+        lang.decode(bad)  # type: ignore[arg-type]
+    with pytest.raises(UnitError, match="must be an integer"):
+        lang.token_units(1.5)  # type: ignore[arg-type]
+    assert lang.encode(np.array([1, 2], np.uint8)) == lang.encode([1, 2])  # any int dtype is fine
+
+
+def test_metadata_with_a_bad_vocab_size(lang: UnitLanguage, tmp_path: Path) -> None:
+    lang.save(tmp_path / "l")
+    meta = json.loads((tmp_path / "l" / "unit_language.json").read_text(encoding="utf-8"))
+    meta["vocab_size"] = "many"
+    (tmp_path / "l" / "unit_language.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(UnitError, match="corrupt unit-language metadata"):
+        UnitLanguage.load(tmp_path / "l")

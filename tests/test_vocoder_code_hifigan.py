@@ -307,6 +307,13 @@ def test_bad_input() -> None:
         model(torch.zeros(1, 2, 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("units", [[[1, 2], [3, 4]], "123", None, [1.5, 2.5]])
+def test_synthesize_takes_one_sequence_of_integer_ids(units: object) -> None:
+    """A batch [B, T] used to come back as row 0's audio alone (the rest dropped silently)."""
+    with pytest.raises(VocoderInputError, match=r"units must be integer ids \[T\]"):
+        tiny_model().synthesize(units, dur_prediction=False)  # type: ignore[arg-type]
+
+
 def test_receptive_field_bound_holds() -> None:
     """Changing one unit changes audio only within `receptive_field_frames` units of it."""
     model = tiny_model()

@@ -28,6 +28,9 @@ def test_vocoder_rejects_a_mismatched_hifigan_and_bad_units() -> None:
     with pytest.warns(UserWarning, match="dropped 2 unit ids"):
         audio = voc.synthesize([1, 2, 500, -1])
     assert audio.size > 0
+    for bad in ([1.5, 2.7], "12", [True, False]):  # were cast: units 1, 2 / 1, 2 / 1, 0
+        with pytest.raises(VocoderInputError, match="integer ids"):
+            voc.synthesize(bad)  # type: ignore[arg-type]
 
 
 def test_synthesize_length_at_16k() -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "AudioWarning",
     "AudioInfo",
     "AudioSource",
+    "MAX_SAMPLE_RATE",
     "MIN_QUESTION_SECONDS",
     "SILENCE_PEAK",
     "audio_info",
@@ -44,6 +45,10 @@ AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 
 #: Peak amplitude below which an input is treated as silence (warned about, not rejected).
 SILENCE_PEAK = 1e-4
+
+#: Highest sample rate accepted, in Hz (768 kHz is the highest in common use). Resampling
+#: from a much higher rate would build a filter of billions of taps and run out of memory.
+MAX_SAMPLE_RATE = 1_000_000
 
 #: Shortest spoken question accepted, in seconds: less is a click, not a question.
 MIN_QUESTION_SECONDS = 0.1
@@ -80,8 +85,8 @@ def _check_rate(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise AudioError(f"{name} must be a positive integer sample rate in Hz, got {value!r}")
     rate = int(value)
-    if rate <= 0:
-        raise AudioError(f"{name} must be a positive sample rate in Hz, got {rate}")
+    if not 0 < rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{name} must be a sample rate in (0, {MAX_SAMPLE_RATE}] Hz, got {rate}")
     return rate
 
 
@@ -238,7 +243,7 @@ def _decode(
     try:
         with sf.SoundFile(handle) as f:
             rate = int(f.samplerate)
-            if rate <= 0:
+            if not 0 < rate <= MAX_SAMPLE_RATE:
                 raise AudioError(f"{name}: header gives an invalid sample rate {rate}")
             frames = -1
             if max_seconds is not None and f.frames > _max_frames(max_seconds, rate):
@@ -355,7 +360,7 @@ def load_audio(
         if orig_sr is not None and _check_rate(orig_sr, "orig_sr") != rate:
             raise AudioError(f"{name}: orig_sr={orig_sr} disagrees with the file's rate {rate} Hz")
 
-    if data.shape[0] == 0:
+    if data.size == 0:  # [0, C], or a [C, 0] array read as C frames of no channel
         raise AudioError(f"{name}: audio has zero length")
     _check_finite(data, name)
 
@@ -493,9 +498,11 @@ def save_audio(
         raise AudioError(f"'{p}': expected float samples in [-1, 1], got dtype {data.dtype}")
     if data.ndim not in (1, 2):
         raise AudioError(f"'{p}': expected a [T] or [T, C] array, got shape {data.shape}")
-    if data.shape[0] == 0:
-        raise AudioError(f"'{p}': refusing to write zero-length audio")
+    if data.size == 0:
+        raise AudioError(f"'{p}': refusing to write zero-length audio (shape {data.shape})")
     _check_finite(data, f"'{p}'")
+    if data.dtype not in (np.float32, np.float64):  # what libsndfile takes; float16 -> float32
+        data = data.astype(np.float32 if data.dtype.itemsize < 4 else np.float64)
     if subtype.startswith(("PCM", "ULAW", "ALAW")):
         peak = float(np.max(np.abs(data)))
         if peak > 1.0:
@@ -511,4 +518,8 @@ def save_audio(
             sf.write(fh, data, sr, format=fmt, subtype=subtype)
     except OSError as err:  # a read-only or full disk, a path that turned into a folder, ...
         raise AudioError(f"'{p}': cannot be written ({err.strerror or err})") from err
+    except sf.SoundFileError as err:  # a rate or channel count the format cannot hold
+        channels = data.shape[1] if data.ndim == 2 else 1
+        raise AudioError(f"'{p}': cannot be written as {fmt} with {channels} channel(s) at "
+                         f"{sr} Hz ({err})") from err
     return p

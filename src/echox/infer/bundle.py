@@ -260,8 +260,10 @@ def save_bundle(
     unit_language: UnitLanguage | None = None,
     extra_files: dict[str, str] | None = None,
     slim: bool = False,
+    replace: bool = False,
 ) -> Path:
     """Write model + vocoder + unit language atomically; all files go into checksums.json.
+    `replace`: replace a `folder` that is neither a checkpoint nor empty (`--force`).
 
     `slim` writes what inference needs, in float16: no T2C (only training uses it), and the
     vocoder's weights halved too. Loading casts back to float32, so a slim bundle answers
@@ -279,7 +281,7 @@ def save_bundle(
     bundle = Bundle(model, vocoder, unit_language, folder)
     check_bundle(bundle)
     model.save_pretrained(folder, extra_files=extra_files, extra_writer=write_parts,
-                          omit_parts=("t2c",) if slim else (), dtype=dtype)
+                          omit_parts=("t2c",) if slim else (), dtype=dtype, replace=replace)
     return folder
 
 
@@ -338,7 +340,7 @@ def cmd_bundle(args: Any) -> int:
         except Exception as e:  # noqa: BLE001 - UnitError and OS errors
             raise CheckpointError(f"cannot load the unit language {language_path}: {e}") from e
     set_unit_decoding(model, args.unit_beams, args.unit_length_penalty)
-    out = save_bundle(out, model, vocoder, lang, slim=args.slim)
+    out = save_bundle(out, model, vocoder, lang, slim=args.slim, replace=args.force)
     print(json.dumps({"bundle": str(out), **bundle_info(Bundle(model, vocoder, lang, out))}))
     return 0
 

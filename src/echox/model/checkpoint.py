@@ -97,16 +97,28 @@ def save_checkpoint(
     full_state: dict[str, torch.Tensor] | None = None,
     omit_parts: tuple[str, ...] = (),
     dtype: torch.dtype | None = None,
+    replace: bool = False,
 ) -> Path:
     """Write the checkpoint atomically; `extra_writer(tmp)` may add files (e.g. optimizer
-    state) that are renamed into place together with the weights.
+    state) that are renamed into place together with the weights. An existing `folder` must
+    be a checkpoint or empty (`check_save_folder`) unless `replace` (e.g. `--force`).
 
     For shipping, `omit_parts=("t2c",)` leaves out the T2C (its stage is then no longer
     recorded as trained) and `dtype=torch.float16` halves the file; loading casts back to the
     model's dtype.
     """
-    from safetensors.torch import save_file
-
+    if not replace:
+        check_save_folder(folder)
+    if isinstance(omit_parts, str):
+        raise CheckpointError(f"omit_parts must be a tuple of part names, got {omit_parts!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"dtype must be a floating torch dtype (torch.float16, ...), "
+                              f"got {dtype!r}")
+    reserved = {CONFIG, WEIGHTS, CHECKSUMS, "tokenizer"}
+    for name in extra_files or {}:
+        if Path(name).name != name or name in reserved or name in ("", ".", ".."):
+            raise CheckpointError(f"extra file name {name!r} must be a plain file name other "
+                                  f"than {sorted(reserved)}")
     bad = sorted(set(omit_parts) - set(OMITTABLE))
     if bad:
         raise CheckpointError(f"cannot omit {bad}: only {list(OMITTABLE)} can be left out")
@@ -126,6 +138,42 @@ def save_checkpoint(
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
              for k, v in state.items() if not k.startswith(drop)}
     stages = [s for s in model.trained_stages if s not in omit_parts or model.t2c is model.echo]
+    try:
+        _write_checkpoint(model, folder, state, stages, omit_parts, dtype, extra_files, extra_writer)
+    except OSError as e:  # a read-only folder, a full disk, a parent that is a file, ...
+        raise CheckpointError(f"cannot write the checkpoint {folder}: {e.strerror or e}") from e
+    return folder
+
+
+def check_save_folder(folder: Path) -> None:
+    """Refuse to save over anything but an EchoX checkpoint or an empty folder: saving
+    replaces the whole folder, which would delete a file or unrelated files there."""
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if not folder.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {folder}: it is a file, not a folder")
+    others = sorted(p.name for p in folder.iterdir())
+    if others and not _holds_checkpoint(folder):
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise CheckpointError(f"cannot save a checkpoint to {folder}: it holds other files "
+                              f"({shown}) that saving would delete; give a new or empty folder")
+
+
+def _holds_checkpoint(folder: Path) -> bool:
+    """Whether `folder` has an EchoX config.json (a checkpoint saved before, or a bundle)."""
+    try:
+        meta = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError):  # missing, unreadable or not JSON
+        return False
+    return isinstance(meta, dict) and meta.get("format") == "echox"
+
+
+def _write_checkpoint(model: EchoX, folder: Path, state: dict[str, torch.Tensor],
+                      stages: list[str], omit_parts: tuple[str, ...], dtype: torch.dtype | None,
+                      extra_files: dict[str, str] | None,
+                      extra_writer: Callable[[Path], None] | None) -> None:
+    from safetensors.torch import save_file
+
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         meta: dict[str, Any] = {
@@ -147,7 +195,6 @@ def save_checkpoint(
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
-    return folder
 
 
 def _json_kind(value: object) -> str:

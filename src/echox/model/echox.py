@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from echox.config import EchoXConfig, SpeechAdapterConfig, T2CConfig
+from echox.errors import AudioError, ConfigError, PromptError, UnitError
 from echox.hub import resolve
 from echox.model import losses
 from echox.model.batch import S2TBatch, T2CBatch, collate_s2t
@@ -140,11 +141,13 @@ class EchoX(nn.Module):
 
     def save_pretrained(self, folder: str | Path, extra_files: dict[str, str] | None = None,
                         extra_writer: Any = None, full_state: dict[str, torch.Tensor] | None = None,
-                        omit_parts: tuple[str, ...] = (), dtype: torch.dtype | None = None) -> Path:
-        """See `echox.model.checkpoint.save_checkpoint` (`omit_parts`/`dtype` slim a shipped copy)."""
+                        omit_parts: tuple[str, ...] = (), dtype: torch.dtype | None = None,
+                        replace: bool = False) -> Path:
+        """See `echox.model.checkpoint.save_checkpoint` (`omit_parts`/`dtype` slim a shipped copy;
+        `replace` replaces a `folder` that is neither a checkpoint nor empty)."""
         return save_checkpoint(self, Path(folder), extra_files=extra_files,
                                extra_writer=extra_writer, full_state=full_state,
-                               omit_parts=omit_parts, dtype=dtype)
+                               omit_parts=omit_parts, dtype=dtype, replace=replace)
 
     @property
     def device(self) -> torch.device:
@@ -249,7 +252,7 @@ class EchoX(nn.Module):
         for i, w in enumerate(audio):
             w = np.ascontiguousarray(w, dtype=np.float32)
             if w.ndim != 1 or w.size == 0:
-                raise ValueError(f"utterance {i}: expected a non-empty mono waveform, got {w.shape}")
+                raise AudioError(f"utterance {i}: expected a non-empty mono waveform, got {w.shape}")
             check_speech_length(w.size, limit,
                                 "question audio" if len(audio) == 1 else f"utterance {i}'s audio")
             waves.append(w)
@@ -601,7 +604,17 @@ class EchoX(nn.Module):
         self, dialogues: list[list[Turn]], sampling: SamplingConfig | None = None, use_cache: bool = True
     ) -> TextGeneration:
         """Speech and/or text history -> the next assistant turn, with per-token hidden states."""
-        sampling = sampling or SamplingConfig()
+        sampling = _sampling_or_default(sampling)
+        if not isinstance(dialogues, (list, tuple)) or not dialogues:
+            raise PromptError("generate_text needs a non-empty list of dialogues "
+                              "(each a list of Turns ending with a user turn)")
+        for i, d in enumerate(dialogues):
+            if not isinstance(d, (list, tuple)) or not all(isinstance(t, Turn) for t in d):
+                raise PromptError(f"dialogue {i} must be a list of Turns "
+                                  f"(echox.model.prompt.Turn), got {type(d).__name__}")
+            if not d or d[-1].role != "user":
+                raise PromptError(f"dialogue {i} must end with a user turn to answer, "
+                                  f"{'but it is empty' if not d else 'not an assistant turn'}")
         batch = self.collate(dialogues, add_generation_prompt=True)
         # The tokens every dialogue starts with (system prompt, chat template) run once for the
         # batch; each row's own inputs follow them after its left padding.
@@ -622,16 +635,34 @@ class EchoX(nn.Module):
 
     @torch.no_grad()
     def units_from_text(self, texts: list[str], sampling: SamplingConfig | None = None) -> list[list[int]]:
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts \
+                or not all(isinstance(t, str) and t for t in texts):
+            raise PromptError("units_from_text needs a non-empty list of non-empty strings")
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return self.pseudo_labels(ids, sampling)
+        return self.pseudo_labels(ids, _sampling_or_none(sampling))
 
     @torch.no_grad()
     def units_from_hidden(self, hidden: list[torch.Tensor], sampling: SamplingConfig | None = None,
                           ids: list[list[int]] | None = None) -> list[list[int]]:
         """Echo path: Adapter(H) -> echo decoder -> units. `ids`: each segment's token ids
         (needed by an echo decoder that reads its condition by bytes)."""
+        if not isinstance(hidden, (list, tuple)) or not hidden:
+            raise UnitError("units_from_hidden needs a non-empty list of hidden states [n, D]")
+        for i, h in enumerate(hidden):
+            self._check_hidden(h, f"hidden[{i}]")
         cond = [self.denoiser(h.to(self.device)) for h in hidden]
-        return self.echo.generate(self._reader(self.echo, cond, ids), sampling)
+        return self.echo.generate(self._reader(self.echo, cond, ids), _sampling_or_none(sampling))
+
+    def _check_hidden(self, h: Any, what: str) -> None:
+        """Hidden states the echo path can read: a float tensor [n >= 1, hidden_size], finite."""
+        d = self.llm.hidden_size
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.dim() != 2 \
+                or h.shape[0] == 0 or h.shape[1] != d:
+            got = f"{h.dtype} {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
+            raise UnitError(f"{what}: expected a float tensor [n >= 1, {d}] of LLM hidden states, "
+                            f"got {got}")
+        if not bool(torch.isfinite(h).all()):
+            raise UnitError(f"{what}: the hidden states contain NaN or inf")
 
     @torch.no_grad()
     def iter_units_from_hidden(
@@ -639,8 +670,21 @@ class EchoX(nn.Module):
     ) -> Iterator[int]:
         """`units_from_hidden` for one segment [n, D], yielding units as the echo decoder
         samples them (the streaming engine voices the first ones before the last exist)."""
+        self._check_hidden(hidden, "hidden")
         (cond,) = self._reader(self.echo, [self.denoiser(hidden.to(self.device))], None if ids is None else [ids])
-        yield from self.echo.iter_generate(cond, sampling)
+        yield from self.echo.iter_generate(cond, _sampling_or_none(sampling))
+
+
+def _sampling_or_none(sampling: Any) -> SamplingConfig | None:
+    """`sampling` checked: a `SamplingConfig` or None (the caller's default)."""
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise ConfigError(f"sampling must be an echox.model.generation.SamplingConfig or None, "
+                          f"got {type(sampling).__name__}")
+    return sampling
+
+
+def _sampling_or_default(sampling: Any) -> SamplingConfig:
+    return _sampling_or_none(sampling) or SamplingConfig()
 
 
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_token_id: int) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from echox.errors import PromptError
+from echox.errors import AudioError, PromptError
 
 IGNORE = -100
 
@@ -30,10 +30,35 @@ class Turn:
     def __post_init__(self) -> None:
         if self.role not in ("user", "assistant"):
             raise PromptError(f"turn role must be 'user' or 'assistant', got {self.role!r}")
+        for name in ("text", "transcript"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise PromptError(f"the {self.role} turn's {name} must be a string, got "
+                                  f"{type(value).__name__}")
         if self.text is None and self.audio is None:
             raise PromptError(f"a {self.role} turn needs text or audio")
         if self.role == "assistant" and self.audio is not None and self.text is None:
             raise PromptError("assistant turns need their text (the response)")
+        if self.audio is not None:
+            check_waveform(self.audio, f"{self.role} turn audio")
+
+
+def check_waveform(audio: Any, what: str) -> None:
+    """Refuse audio that is not float samples [T] (non-empty, finite): `AudioError` naming
+    `what`. Integer PCM or other rates and channel layouts go through `echox.audio.load_audio`."""
+    try:
+        wav = np.asarray(audio)
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. a CUDA tensor, a ragged list
+        raise AudioError(f"{what}: not a sample array ({type(audio).__name__}: {e})") from e
+    if wav.dtype.kind != "f":
+        raise AudioError(f"{what}: expected 16 kHz float samples in [-1, 1], got dtype {wav.dtype} "
+                         "(convert other input with echox.audio.load_audio(x, orig_sr=...))")
+    if wav.ndim != 1 or wav.size == 0:
+        hint = " (mix channels down with echox.audio.load_audio)" if wav.ndim == 2 else ""
+        raise AudioError(f"{what}: expected a non-empty mono waveform [T], got shape {wav.shape}"
+                         + hint)
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{what}: audio contains NaN or inf samples")
 
 
 @dataclass
@@ -64,7 +89,7 @@ class PromptBuilder:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _content(self, t: Turn) -> str:
-        if t.audio is not None:
+        if t.audio is not None and t.role == "user":  # an assistant's audio is no model input
             return self.audio_token if not t.text else f"{self.audio_token}\n{t.text}"
         return t.text or ""
 

@@ -20,6 +20,7 @@ from typing import Any, Union
 import numpy as np
 
 from echox.errors import UnitError
+from echox.fileio import atomic_open
 
 try:  # torch is optional here; accept its tensors when it is installed
     import torch
@@ -57,8 +58,8 @@ def _to_numpy_2d(features: Any, what: str = "features") -> np.ndarray:
     arr = np.asarray(features)
     if arr.ndim != 2:
         raise UnitError(f"{what} must be a 2-D [frames, dim] array, got shape {tuple(arr.shape)}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise UnitError(f"{what} must be numeric, got dtype {arr.dtype}")
+    if arr.dtype.kind not in "iuf":  # complex would lose its imaginary part
+        raise UnitError(f"{what} must be real numbers, got dtype {arr.dtype}")
     return arr.astype(np.float32, copy=False)
 
 
@@ -67,8 +68,8 @@ def _check_centroids(centroids: Any, source: str) -> np.ndarray:
     arr = np.asarray(centroids)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise UnitError(f"{source}: centroids must be a [K, D] matrix, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise UnitError(f"{source}: centroids must be numeric, got dtype {arr.dtype}")
+    if arr.dtype.kind not in "iuf":
+        raise UnitError(f"{source}: centroids must be real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
         raise UnitError(f"{source}: centroids contain NaN or inf")
@@ -206,6 +207,8 @@ class UnitKMeans:
                 f"feature dim mismatch: features have dim {x.shape[1]}, "
                 f"the k-means model expects {self.dim}"
             )
+        if not np.isfinite(x).all():  # NaN frames would all become unit 0
+            raise UnitError("features contain NaN or inf")
         out = np.empty(x.shape[0], dtype=np.int64)
         c = self.centroids  # [K, D]
         for lo in range(0, x.shape[0], _PREDICT_CHUNK):
@@ -233,11 +236,15 @@ class UnitKMeans:
         import joblib
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".npy":
-            np.save(path, self.centroids)
-        else:
-            joblib.dump(self._as_sklearn(), path)
+        obj = self.centroids if path.suffix == ".npy" else self._as_sklearn()
+        try:  # atomically: a failed write leaves an older file at `path` whole
+            with atomic_open(path, "wb") as fh:
+                if path.suffix == ".npy":
+                    np.save(fh, obj)
+                else:
+                    joblib.dump(obj, fh)
+        except OSError as exc:
+            raise UnitError(f"cannot write the k-means file {path}: {exc.strerror or exc}") from exc
 
     @classmethod
     def load(cls, path: str | Path) -> UnitKMeans:

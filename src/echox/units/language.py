@@ -16,6 +16,7 @@ merged tokens follow in merge order. With vocab_size == num_units the language i
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,9 +39,22 @@ FORMAT_VERSION = 1
 _INT_RE = re.compile(r"[0-9]+")  # ASCII digits only; `\d` would also match other scripts
 
 
+def _ids(values: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
+    """Integer ids as int64 [N] (an array is flattened); floats, bools, strings and None are a
+    `UnitError`: casting them would truncate 1.7 to 1 or read "12" as id 12."""
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UnitError(f"{what} must be integer ids, got {type(values).__name__}") from exc
+    if arr.size and arr.dtype.kind not in "iu":
+        of = f" of {arr.dtype}" if arr.ndim else ""
+        raise UnitError(f"{what} must be integer ids, got {type(values).__name__}{of}")
+    return arr.astype(np.int64).reshape(-1)
+
+
 def units_to_text(units: Sequence[int] | np.ndarray, num_units: int) -> str:
     """Unit ids -> one private-use character per unit; rejects ids outside [0, num_units)."""
-    arr = np.asarray(units, dtype=np.int64).reshape(-1)
+    arr = _ids(units, "units")
     if arr.size and (arr.min() < 0 or arr.max() >= num_units):
         bad = int(arr[(arr < 0) | (arr >= num_units)][0])
         raise UnitError(f"unit id {bad} is outside [0, {num_units})")
@@ -202,7 +216,7 @@ class UnitLanguage:
         """Token ids -> units."""
         out: list[int] = []
         table = self._token_units
-        for tid in np.asarray(token_ids, dtype=np.int64).reshape(-1).tolist():
+        for tid in _ids(token_ids, "token ids").tolist():
             if not 0 <= tid < len(table):
                 raise UnitError(f"token id {tid} is outside [0, {len(table)})")
             out.extend(table[tid])
@@ -210,6 +224,8 @@ class UnitLanguage:
 
     def token_units(self, token_id: int) -> tuple[int, ...]:
         """The units one token stands for."""
+        if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+            raise UnitError(f"a token id must be an integer, got {token_id!r}")
         if not 0 <= token_id < len(self._token_units):
             raise UnitError(f"token id {token_id} is outside [0, {len(self._token_units)})")
         return self._token_units[token_id]
@@ -219,7 +235,7 @@ class UnitLanguage:
         return "_".join(str(u) for u in self.token_units(token_id))
 
     def tokens_to_str(self, token_ids: Sequence[int] | np.ndarray) -> list[str]:
-        return [self.token_str(int(t)) for t in np.asarray(token_ids).reshape(-1).tolist()]
+        return [self.token_str(t) for t in _ids(token_ids, "token ids").tolist()]
 
     def units_from_strings(self, strs: str | Iterable[str]) -> list[int]:
         """Units from written tokens (`837_81_194` or `<|unit_▁837_81|>`); ids >= num_units dropped."""
@@ -254,6 +270,7 @@ class UnitLanguage:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             num_units = int(meta["num_units"])
             max_token_units = int(meta.get("max_token_units", 0))
+            vocab_size = int(meta["vocab_size"]) if "vocab_size" in meta else None
         except (ValueError, KeyError, TypeError) as exc:
             raise UnitError(f"{meta_path}: corrupt unit-language metadata ({exc})") from exc
         if meta.get("format") != FORMAT_NAME or meta.get("unit_char_base") != UNIT_CHAR_BASE:
@@ -263,7 +280,7 @@ class UnitLanguage:
         except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
             raise UnitError(f"{tok_path}: corrupt tokenizer file ({exc})") from exc
         lang = cls(tokenizer, num_units, max_token_units)
-        if "vocab_size" in meta and int(meta["vocab_size"]) != lang.vocab_size:
+        if vocab_size is not None and vocab_size != lang.vocab_size:
             raise UnitError(
                 f"{directory}: metadata says vocab_size {meta['vocab_size']}, "
                 f"tokenizer has {lang.vocab_size}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import numbers
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -138,13 +140,17 @@ class Vocoder(ABC):
         crossfaded. The last `crossfade_ms` of a chunk is held back until the next chunk (or
         the end). Extra keyword options go to the implementation's `synthesize_chunk`.
         """
-        if crossfade_ms < 0:
-            raise VocoderInputError(f"crossfade_ms must be >= 0, got {crossfade_ms}")
-        n_ctx = self.default_context_units if context_units is None else context_units
+        if not (isinstance(crossfade_ms, numbers.Real) and 0 <= crossfade_ms < math.inf):
+            raise VocoderInputError(f"crossfade_ms must be a finite number >= 0, "
+                                    f"got {crossfade_ms!r}")
+        if context_units is not None and (isinstance(context_units, bool) or not isinstance(
+                context_units, numbers.Integral) or context_units < 0):
+            raise VocoderInputError(f"context_units must be an integer >= 0, got {context_units!r}")
+        n_ctx = self.default_context_units if context_units is None else int(context_units)
         fader = StreamCrossfader(int(round(crossfade_ms * self.sample_rate / 1000.0)))
         history: list[int] = []
-        for chunk in unit_chunks:
-            chunk = [int(u) for u in chunk]
+        for i, chunk in enumerate(unit_chunks):
+            chunk = unit_ids(chunk, f"unit chunk {i}")
             if not chunk:
                 continue
             context = history[max(0, len(history) - n_ctx) :] if n_ctx > 0 else []
@@ -159,6 +165,25 @@ class Vocoder(ABC):
 
 
 # ----------------------------------------------------------------------------- shared helpers
+
+
+def unit_ids(units: Any, what: str = "units") -> list[int]:
+    """`units` (a list, numpy array or tensor of integer ids [T]) as a list of ints; anything
+    else (floats, bools, a string, a 2-D array) is a `VocoderInputError` naming `what`. Range
+    checks are the vocoder's own (it drops ids outside its codebook)."""
+    given = type(units).__name__
+    try:
+        if isinstance(units, torch.Tensor):
+            units = units.detach().cpu()
+        elif not isinstance(units, (np.ndarray, list, tuple)):
+            units = list(units)  # an iterator of ids (a string becomes characters: refused)
+        arr = np.asarray(units)
+    except (TypeError, ValueError) as exc:  # not iterable, a ragged list, ...
+        raise VocoderInputError(f"{what} must be integer ids [T], got {given}") from exc
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise VocoderInputError(f"{what} must be integer ids [T], got {given} of {arr.dtype} "
+                                f"{arr.shape}")
+    return [int(u) for u in arr.tolist()]
 
 
 @contextlib.contextmanager

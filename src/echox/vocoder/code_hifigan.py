@@ -27,7 +27,7 @@ from echox.errors import (
     VocoderFileNotFoundError,
     VocoderInputError,
 )
-from echox.vocoder.base import ChunkAudio, Vocoder, eval_mode, read_json, skipped_chunk
+from echox.vocoder.base import ChunkAudio, Vocoder, eval_mode, read_json, skipped_chunk, unit_ids
 from echox.vocoder.hifigan import HiFiGANLayers, fold_weight_norm, hifigan_reach_frames
 
 # ----------------------------------------------------------------------------- config
@@ -307,8 +307,9 @@ class CodeHiFiGAN(HiFiGANLayers, Vocoder):
         self, units: Sequence[int], dur_prediction: bool = True, speaker: int | None = None
     ) -> np.ndarray:
         """Render one unit sequence to float32 mono audio [S] (always in eval mode)."""
+        ids = unit_ids(units)  # one sequence: a batch [B, T] goes to `generate`
         with eval_mode(self):
-            audio = self.generate(units, dur_prediction, speaker).audio[0]
+            audio = self.generate(ids, dur_prediction, speaker).audio[0]
         return audio.float().cpu().numpy()
 
     @torch.inference_mode()

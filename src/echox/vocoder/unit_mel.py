@@ -18,7 +18,7 @@ from scipy.signal import resample_poly
 from torch import nn
 
 from echox.errors import VocoderConfigError, VocoderInputError
-from echox.vocoder.base import ChunkAudio, Vocoder, skipped_chunk
+from echox.vocoder.base import ChunkAudio, Vocoder, skipped_chunk, unit_ids
 from echox.vocoder.hifigan import hifigan_reach_frames
 from echox.vocoder.onnx import OnnxSpec
 from echox.vocoder.unit2mel import Unit2Mel
@@ -80,10 +80,7 @@ class UnitMelVocoder(nn.Module, Vocoder):
 
     def _clean(self, units: Sequence[int], warn: bool = True) -> list[int]:
         n = self.unit2mel.config.num_units
-        try:
-            ids = [int(u) for u in units]
-        except (TypeError, ValueError) as exc:
-            raise VocoderInputError(f"units must be integer ids, got {units!r:.80}") from exc
+        ids = unit_ids(units)
         kept = [u for u in ids if 0 <= u < n]
         if warn and len(kept) < len(ids):
             warnings.warn(f"dropped {len(ids) - len(kept)} unit ids outside [0, {n})", stacklevel=3)
@@ -109,6 +106,7 @@ class UnitMelVocoder(nn.Module, Vocoder):
 
     def synthesize(self, units: Sequence[int]) -> np.ndarray:
         """Units -> float32 mono audio [S] at `output_sr`; S = round(frames * hop * out_sr / sr)."""
+        units = unit_ids(units)
         ids = self._clean(units)
         if not ids:
             raise VocoderInputError(f"no valid unit ids to synthesise (got {len(units)})")
