@@ -259,3 +259,12 @@ def test_evaluate_averages_the_wave_loss_over_locked_windows_only() -> None:
     torch.testing.assert_close(got["mel"], sum(float(r["mel"]) for r in rows) / 4)
     assert evaluate(student, TeacherPool(pool.mels, pool.audio, 2, HOP, torch.zeros(4, dtype=torch.bool)),
                     cfg)["wave"] == 0.0
+
+
+def test_save_generator_refuses_a_folder_of_other_files(tmp_path):
+    from echox.errors import ConfigError
+
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds other files"):
+        save_generator(generator(8, 0), tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "mine"

@@ -244,3 +244,20 @@ def test_grow_rejects_bad_requests() -> None:
         grow_unit2mel(grow_unit2mel(model, postnet_layers=2), postnet_layers=2)
     with pytest.raises(VocoderConfigError, match="n_dec_layers"):
         Unit2MelConfig.tiny(n_dec_layers=-2)
+
+
+def test_save_never_deletes_what_is_not_an_earlier_save(tmp_path) -> None:
+    """A save replaces its folder whole: a file there, or a folder of other files, is refused
+    (they were deleted); an empty folder or an earlier save is replaced."""
+    from echox.errors import ConfigError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        tiny_model().save_pretrained(tmp_path / "notes.txt")
+    with pytest.raises(ConfigError, match=r"holds other files \(notes.txt\)"):
+        tiny_model().save_pretrained(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    tiny_model().save_pretrained(tmp_path / "empty")
+    tiny_model().save_pretrained(tmp_path / "empty")  # an earlier save: replaced
+    assert Unit2Mel.from_pretrained(tmp_path / "empty") is not None

@@ -95,6 +95,23 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_replaceable(folder: str | os.PathLike, what: str = "saving") -> Path:
+    """Refuse to replace `folder` whole (as an atomic save does) where that would delete what
+    is not an earlier save: a file, or a folder that is neither empty nor holds a config.json.
+    Returns the path."""
+    p = Path(folder)
+    if not (p.exists() or p.is_symlink()):
+        return p
+    if not p.is_dir():
+        raise ConfigError(f"{p} is a file, not a folder: {what} would replace it")
+    names = sorted(x.name for x in p.iterdir())
+    if names and "config.json" not in names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ConfigError(f"{p} holds other files ({shown}) that {what} would delete; give a "
+                          "new or empty folder")
+    return p
+
+
 def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bool = True) -> Path:
     """Refuse, before any slow work, an output path that cannot be made: a `folder` that is an
     existing file, or a path below a file. Returns the path."""

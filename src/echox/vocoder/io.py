@@ -27,7 +27,7 @@ from echox.errors import (
     VocoderError,
     VocoderFileNotFoundError,
 )
-from echox.fileio import atomic_dir
+from echox.fileio import atomic_dir, check_replaceable
 from echox.hub.packaged import HIFIGAN_NAMES, packaged_hifigan
 from echox.vocoder.base import Vocoder, load_weights, save_weights
 from echox.vocoder.code_hifigan import CodeHiFiGAN
@@ -88,7 +88,7 @@ def save_generator(generator: HiFiGANGenerator, folder: Path | str,
     """Write `config.json` (original HiFi-GAN schema, plus `extra` under "echox") and
     `generator.safetensors` into `folder`, atomically; `dtype` (e.g. float16) stores smaller
     weights, which `load_generator` casts back to float32."""
-    folder = Path(folder)
+    folder = check_replaceable(folder, "saving the generator")
     config = generator.config.to_dict()
     if extra:
         config["echox"] = extra
@@ -230,7 +230,10 @@ def save_vocoder(vocoder: Vocoder, folder: str | Path, dtype: torch.dtype | None
     """Write a vocoder in the layout `load_vocoder` reads; `dtype` (e.g. float16) stores a
     unit->mel vocoder's weights smaller (a CodeHiFiGAN is written as fairseq does)."""
     folder = Path(folder)
-    if isinstance(vocoder, CodeHiFiGAN):
+    if isinstance(vocoder, CodeHiFiGAN):  # two files written into the folder, nothing removed
+        if folder.exists() and not folder.is_dir():
+            raise VocoderCheckpointError(f"cannot save the vocoder to {folder}: it is a file, "
+                                         "not a folder")
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in vocoder.state_dict().items()}
         torch.save({"generator": state}, folder / FAIRSEQ_CHECKPOINT)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from echox.errors import ConversionError, VocoderCheckpointError, VocoderInputError
-from echox.fileio import atomic_dir
+from echox.fileio import atomic_dir, check_replaceable
 from echox.hub import cache_dir
 from echox.vocoder.hifigan import GENERATOR_CONFIG, HiFiGANConfig, HiFiGANGenerator
 
@@ -144,6 +144,7 @@ def convert_generator_onnx(
     meta = {"runtime": RUNTIME, "int8_stages": stages, "calibration_mels": len(calibration)}
     meta.update(extra or {})
     config = generator.config.to_dict() | {"echox": meta}
+    check_replaceable(folder, "saving the ONNX generator")
     with atomic_dir(Path(folder)) as tmp, tempfile.TemporaryDirectory() as work:
         fp32 = export_onnx(generator, Path(work) / "fp32.onnx")
         if stages:
