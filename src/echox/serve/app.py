@@ -264,7 +264,10 @@ class _Conversation:
 
     async def run(self) -> None:
         info = {k: v for k, v in self.st.info().items() if k not in ("id", "object")}
-        await self.send({"type": "ready", "model": self.st.model_id, **info})
+        try:
+            await self.send({"type": "ready", "model": self.st.model_id, **info})
+        except Exception:  # noqa: BLE001 - the client left during the handshake: no one to serve
+            return
         try:
             while True:
                 msg = await self.ws.receive()
