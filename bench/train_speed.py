@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.lr < math.inf:
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
-    if args.batch_size > args.n:
+    if args.batch_size > args.n and not args.show_curves:
         p.error(f"--batch-size ({args.batch_size}) must be <= --n ({args.n})")
     with tempfile.TemporaryDirectory(prefix="train_speed-") as t:
         tmp = Path(t)

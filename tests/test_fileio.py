@@ -65,9 +65,10 @@ def test_json_lines_costs_a_bad_line_only(tmp_path: Path) -> None:
 
     p = tmp_path / "rows.jsonl"
     p.write_bytes(b'{"a": 1}\n\n  \nnot json\n\xff\xfe\n' + b"[" * 5000 + b"]" * 5000
-                  + b'\n[1, 2]\n{"torn": ')
+                  + b'\n[1, 2]\n{"torn": \n{"n": ' + b"9" * 5000 + b"}\n")
     got = list(json_lines(p))
-    assert [g.lineno for g in got] == [1, 4, 5, 6, 7, 8]  # blank lines are skipped
+    assert [g.lineno for g in got] == [1, 4, 5, 6, 7, 8, 9]  # blank lines are skipped
+    assert got[6].error == "malformed JSON (a number too long to read)"
     assert got[0].value == {"a": 1} and got[0].error is None and got[4].value == [1, 2]
     assert got[1].error.startswith("malformed JSON (Expecting value at column 1")
     assert got[2].error.startswith("not UTF-8 text (invalid start byte at byte 0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -151,19 +152,23 @@ def json_lines(path: str | os.PathLike) -> Iterator[JsonLine]:
             if not line.strip():
                 continue
             try:
-                yield JsonLine(lineno, json.loads(line), None)
+                value = json.loads(line)
             except json.JSONDecodeError as err:
                 yield JsonLine(lineno, None, f"malformed JSON ({err.msg} at column {err.colno})")
+            except ValueError:  # an integer of 4300+ digits, which Python will not convert
+                yield JsonLine(lineno, None, "malformed JSON (a number too long to read)")
             except RecursionError:
                 yield JsonLine(lineno, None, "malformed JSON (nested too deeply)")
+            else:
+                yield JsonLine(lineno, value, None)
 
 
-def json_objects(path: str | os.PathLike, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_objects(path: str | os.PathLike, key: str,
+                 log: logging.Logger | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """The readable JSON objects holding a string (or int) `key` of a file a run appends to and resumes from (a
     results or labels cache): a damaged line (a kill mid-write, an edit) is skipped with a
-    warning, so its item is done again. A missing file yields nothing."""
-    import logging
-
+    warning (on `log`, the caller's logger), so its item is done again. A missing file yields
+    nothing."""
     p = Path(path)
     if not p.is_file():
         return
@@ -171,6 +176,6 @@ def json_objects(path: str | os.PathLike, key: str) -> Iterator[tuple[int, dict[
         if error is None and isinstance(value, dict) and isinstance(value.get(key), (str, int)):
             yield lineno, value
         else:
-            logging.getLogger(__name__).warning("%s:%d: damaged line skipped (%s); its item is "
-                                                "done again", p, lineno,
-                                                error or f"no {key!r} string in a JSON object")
+            why = error or f"not a JSON object with a string or integer {key!r}"
+            (log or logging.getLogger(__name__)).warning(
+                "%s:%d: damaged line skipped (%s); its item is done again", p, lineno, why)

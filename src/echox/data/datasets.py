@@ -2,7 +2,7 @@
 
 `S2TDataset` + `make_s2t_collator` (Stages I and III: spoken dialogues -> `S2TBatch`) and
 `T2CDataset` + `collate_t2c_examples` (Stage II: text tokens -> unit targets, `T2CBatch`).
-Split out of `echox.data.manifest`, which re-exports every name here.
+(`echox.data.manifest` holds the records they read.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Three record schemas, one per kind of data:
   the transcript of that audio. Assistant ``units`` are the speech units of the response.
 
 Audio paths are relative to the manifest's folder unless absolute. Records read from the HF
-hub may hold the encoded file bytes instead of a path (see :func:`load_hf_asr`).
+hub may hold the encoded file bytes instead of a path (see `echox.data.hf.load_hf_asr`).
 
 Every reader names ``file:line`` (or ``source row N``) of a bad entry: with
 ``on_error="stop"`` it raises :class:`ManifestError`, with ``"skip"`` it logs a warning, keeps

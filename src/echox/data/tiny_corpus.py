@@ -126,7 +126,7 @@ def load_questions(path: str | os.PathLike | None = None) -> list[QAQuestion]:
     merged: dict[str, QAQuestion] = {}
     for lineno, obj, error in json_lines(p):
         if error is not None:
-            raise DataBuildError(f"{p}:{lineno}: not a question record ({error})")
+            raise DataBuildError(f"{p}:{lineno}: not a question record: {error}")
         try:
             qid, text, answers = str(obj["id"]), obj["question"], obj["answers"]
         except (KeyError, TypeError) as err:
@@ -429,7 +429,7 @@ def _write_json_atomic(path: Path, obj: Any, lines: bool = False) -> None:
 
 def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
     """Cached answers by id; a torn last line (killed mid-write) is ignored and redone."""
-    return {rec["id"]: rec for _, rec in json_objects(path, "id")}
+    return {rec["id"]: rec for _, rec in json_objects(path, "id", log)}
 
 
 def _open_answers(path: Path) -> Any:

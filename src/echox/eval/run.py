@@ -264,7 +264,7 @@ class EvalSummary:
 
 
 def _done(path: Path) -> dict[str, dict[str, Any]]:
-    return {rec["id"]: rec for _, rec in json_objects(path, "id")}
+    return {rec["id"]: rec for _, rec in json_objects(path, "id", log)}
 
 
 def _pending_batches(items: Iterable[QAItem], size: int, done: dict[str, Any],

@@ -140,6 +140,7 @@ class Engine:
         with torch.no_grad():
             self.trigger_row = self.model.trigger_row().detach().float()  # [D]
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()  # close() and a session making the pool
         self.closed = False
 
     def check_open(self) -> None:
@@ -153,19 +154,21 @@ class Engine:
 
     @property
     def pool(self) -> ThreadPoolExecutor:
-        self.check_open()  # a closed engine never starts a new pool that nobody shuts down
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="echox-speech")
-        return self._pool
+        with self._pool_lock:
+            self.check_open()  # a closed engine never starts a new pool that nobody shuts down
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="echox-speech")
+            return self._pool
 
     def close(self) -> None:
         """Wait for the speech worker running now and cancel the queued ones; the engine and its
         sessions answer no more turns (`EngineClosedError`, also from a turn still being read
         when it next needs speech). Closing twice is harmless."""
-        self.closed = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        with self._pool_lock:
+            self.closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> Engine:
         return self
@@ -394,8 +397,13 @@ class Session:
         start, end = seg
         h = torch.stack(turn.hidden[start:end])  # [n, D]
         pieces: queue.SimpleQueue[SpeechPiece | object] = queue.SimpleQueue()
-        future = self.engine.pool.submit(_voice, self.engine, h, index, pieces, stop,
-                                         list(turn.tokens[start:end]))
+        try:
+            future = self.engine.pool.submit(_voice, self.engine, h, index, pieces, stop,
+                                             list(turn.tokens[start:end]))
+        except RuntimeError as e:  # the pool was shut down between its lookup and the submit
+            if self.engine.closed:
+                raise EngineClosedError("the engine was closed during this turn") from e
+            raise
         future.add_done_callback(lambda _: pieces.put(_DONE))  # also runs when cancelled
         pending.append(_Pending(index, pieces, future))
         text = self.engine.model.tokenizer.decode(turn.tokens[start:end], skip_special_tokens=True)

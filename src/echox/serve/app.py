@@ -325,8 +325,9 @@ class _Conversation:
             await self.send({"type": "pong"})
         elif kind == "audio":
             self.buffer, self.rejected = None, False
+            fmt = msg.get("format")
             try:
-                self.buffer = AudioBuffer(msg.get("format") or "file", msg.get("sample_rate"),
+                self.buffer = AudioBuffer("file" if fmt is None else fmt, msg.get("sample_rate"),
                                           self.st.limits)
             except ApiError:  # its frames are not read as a file: dropped up to the end
                 self.rejected = True

@@ -224,7 +224,7 @@ def precompute_pseudo_labels(
     decodes its labels anew instead of reading the old ones.
     `states`: the dialogues' precomputed response states (a frozen S2T model), so the S2T model
     is not run again. The T2C decodes the segments of `batch_size` dialogues at once."""
-    done = {rec["key"]: rec for _, rec in json_objects(cache, "key")}
+    done = {rec["key"]: rec for _, rec in json_objects(cache, "key", log)}
     t2c = model.config.t2c
     decoding = f"|beams={t2c.beams},length_penalty={t2c.length_penalty}" if t2c.beams > 1 else ""
     decoding += f"|t2c={t2c_fingerprint(model)}" + (f"|s2t={s2t_fingerprint(model)}" if cut else "")

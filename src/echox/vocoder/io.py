@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from echox.errors import (
+    ConfigError,
     PackagedModelMissingError,
     VocoderCheckpointError,
     VocoderError,
@@ -231,9 +232,9 @@ def save_vocoder(vocoder: Vocoder, folder: str | Path, dtype: torch.dtype | None
     unit->mel vocoder's weights smaller (a CodeHiFiGAN is written as fairseq does)."""
     folder = Path(folder)
     if isinstance(vocoder, CodeHiFiGAN):  # two files written into the folder, nothing removed
-        if folder.exists() and not folder.is_dir():
-            raise VocoderCheckpointError(f"cannot save the vocoder to {folder}: it is a file, "
-                                         "not a folder")
+        if folder.exists() and not folder.is_dir():  # as check_replaceable says it
+            raise ConfigError(f"{folder} is a file, not a folder: saving the vocoder would "
+                              "replace it")
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in vocoder.state_dict().items()}
         torch.save({"generator": state}, folder / FAIRSEQ_CHECKPOINT)
