@@ -278,3 +278,17 @@ def test_memory_plan_builds_the_published_sizes_that_docs_quote():
     assert row.rsplit(" | ", 1)[0] in doc
     ddp_static = sum(st["memory"]["DDP"].values())
     assert 18e9 < ddp_static < 22e9  # weights + grads + AdamW + buckets, before activations
+
+
+def test_tiny_pipeline_refuses_an_unknown_step(tmp_path: Path) -> None:
+    """A misspelt STEP (`s2tt`) ran nothing and exited 0; now it names the steps, exit 2."""
+    root = Path(__file__).resolve().parents[1]
+    for step in ("s2tt", "units,eval2"):
+        r = subprocess.run(["bash", str(root / "recipes" / "tiny" / "pipeline.sh")],
+                           capture_output=True, text=True, timeout=60, cwd=root,
+                           env={**os.environ, "STEP": step, "RUNS": str(tmp_path / "runs"),
+                                "DATA": str(tmp_path / "data")})
+        assert r.returncode == 2, r.stderr
+        bad = step.split(",")[-1]
+        assert f"unknown STEP '{bad}'" in r.stderr and " s2t " in r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()

@@ -84,6 +84,12 @@ TTSX_WINDOW=${TTSX_WINDOW:-10}
 # and vocoder were trained on; the vocoder's WER on them was 0.223 vs 0.215 (40 answers,
 # docs/units.md). Off by default: the measured T2Cs were trained on 30 s units.
 run() { [ "$STEP" = all ] || [[ ",$STEP," == *",$1,"* ]]; }  # STEP=all, one step, or a list: units,t2c
+STEPS=" data mix units ttsx xans ctc s2t t2c echo gold vocoder bundle eval "
+if [ "$STEP" != all ]; then  # a misspelt step would otherwise run nothing and succeed
+  for s in ${STEP//,/ }; do
+    [[ "$STEPS" == *" $s "* ]] || { echo "pipeline: unknown STEP '$s'; steps:$STEPS(or all)" >&2; exit 2; }
+  done
+fi
 common=(--threads "$THREADS" --set "data.unit_language=$UNIT_LANG")
 
 if run data; then
