@@ -89,3 +89,17 @@ def test_json_objects_skips_damaged_lines_of_a_resume_file(tmp_path: Path,
     assert [(n, r["id"]) for n, r in json_objects(p, "id")] == [(1, "a"), (6, 7)]
     assert [r.message.split(":")[1] for r in caplog.records] == ["2", "3", "4", "5", "7"]
     assert list(json_objects(tmp_path / "none.jsonl", "id")) == []
+
+
+def test_json_object_lines_names_the_first_bad_line(tmp_path: Path) -> None:
+    from echox.errors import ManifestError
+    from echox.fileio import json_object_lines
+
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"a": 1}\n\n{"b": 2}\n')
+    assert json_object_lines(p, ManifestError) == [(1, {"a": 1}), (3, {"b": 2})]
+    for text, words in (('{"a": 1}\n[1]\n', "line 2: expected a JSON object, got list"),
+                        ('{"a": 1}\n{"b": \n', "line 2: malformed JSON")):
+        p.write_text(text)
+        with pytest.raises(ManifestError, match=words):
+            json_object_lines(p, ManifestError)

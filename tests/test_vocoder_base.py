@@ -22,25 +22,6 @@ def test_crossfade_helpers() -> None:
     np.testing.assert_array_equal(stream[:6], np.arange(6))
 
 
-def test_generic_vocoder_default_stream() -> None:
-    """A vocoder that implements only `synthesize` streams with overlapping crossfades."""
-
-    class Constant(Vocoder):
-        @property
-        def sample_rate(self) -> int:
-            return 1000
-
-        def synthesize(self, units: list[int]) -> np.ndarray:
-            return np.full(len(units) * 10, 0.5, dtype=np.float32)
-
-    voc = Constant()
-    out = np.concatenate(list(voc.synthesize_stream([[1, 2], [3, 4, 5]], crossfade_ms=4.0)))
-    assert len(out) == 50 - 4
-    assert isinstance(voc.synthesize_chunk([1], [0], 4), ChunkAudio)
-    with pytest.raises(VocoderInputError):
-        list(voc.synthesize_stream([[1]], crossfade_ms=-1))
-
-
 class _Counting(Vocoder):
     """Ten samples of 0.5 per unit at 1 kHz."""
 
@@ -50,6 +31,16 @@ class _Counting(Vocoder):
 
     def synthesize(self, units: list[int]) -> np.ndarray:
         return np.full(len(units) * 10, 0.5, dtype=np.float32)
+
+
+def test_generic_vocoder_default_stream() -> None:
+    """A vocoder that implements only `synthesize` streams with overlapping crossfades."""
+    voc = _Counting()
+    out = np.concatenate(list(voc.synthesize_stream([[1, 2], [3, 4, 5]], crossfade_ms=4.0)))
+    assert len(out) == 50 - 4
+    assert isinstance(voc.synthesize_chunk([1], [0], 4), ChunkAudio)
+    with pytest.raises(VocoderInputError):
+        list(voc.synthesize_stream([[1]], crossfade_ms=-1))
 
 
 @pytest.mark.parametrize("chunk", [[1.5, 2.7], "12", [[1, 2], [3, 4]], None, 7, [True]])

@@ -163,6 +163,20 @@ def json_lines(path: str | os.PathLike) -> Iterator[JsonLine]:
                 yield JsonLine(lineno, value, None)
 
 
+def json_object_lines(path: str | os.PathLike,
+                      error: type[Exception]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every line of a JSON-lines file that must hold only JSON
+    objects: the first line that does not (or cannot be read) raises `error`, naming it."""
+    rows = []
+    for lineno, value, why in json_lines(path):
+        if why is None and not isinstance(value, dict):
+            why = f"expected a JSON object, got {type(value).__name__}"
+        if why is not None:
+            raise error(f"{path} line {lineno}: {why}")
+        rows.append((lineno, value))
+    return rows
+
+
 def json_objects(path: str | os.PathLike, key: str,
                  log: logging.Logger | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """The readable JSON objects holding a string (or int) `key` of a file a run appends to and resumes from (a

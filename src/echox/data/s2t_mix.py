@@ -40,7 +40,7 @@ from echox.config import int_at_least
 from echox.data.tiny_corpus import (_open_answers, _read_answers, espeak_synthesize, generate_answers,
                                    piper_synthesize)
 from echox.errors import ManifestError
-from echox.fileio import atomic_write_text, json_lines
+from echox.fileio import atomic_write_text, json_object_lines
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,7 @@ def _read(path: Path, hint: str = "build the corpus first (echox data build-tiny
     an error naming its line."""
     if not path.is_file():
         raise ManifestError(f"{path} not found: {hint}")
-    rows = []
-    for n, row, error in json_lines(path):
-        if error is not None:
-            raise ManifestError(f"{path} line {n}: {error}")
-        if not isinstance(row, dict):
-            raise ManifestError(f"{path} line {n}: expected a JSON object")
-        rows.append(row)
-    return rows
+    return [row for _, row in json_object_lines(path, ManifestError)]
 
 
 def _conversations(d: dict[str, Any], where: str) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ import soundfile as sf
 
 from echox.audio import check_wav_complete
 from echox.errors import AudioError, EvalError
-from echox.fileio import json_lines
+from echox.fileio import json_object_lines
 
 __all__ = [
     "BENCHMARKS",
@@ -310,15 +310,8 @@ def _choose_split(splits: Sequence[str], split: str | None, default: str, source
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     """Parse a JSONL file into dicts, naming the line of any malformed entry."""
-    rows: list[dict[str, Any]] = []
-    lines: list[int] = []
-    for lineno, obj, error in json_lines(path):
-        if error is not None:
-            raise EvalError(f"{path} line {lineno}: {error}")
-        if not isinstance(obj, dict):
-            raise EvalError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-        rows.append(obj)
-        lines.append(lineno)
+    got = json_object_lines(path, EvalError)
+    rows, lines = [obj for _, obj in got], [n for n, _ in got]
     if not rows:
         raise EvalError(f"{path}: the file has no entries")
     return rows, lines
