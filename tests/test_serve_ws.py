@@ -286,3 +286,17 @@ def test_ws_next_connection_works_after_a_client_leaves_mid_answer(engine: Engin
             assert turn_events(ws)[-1]["type"] == "final"
         h = c.get("/health").json()
         assert (h["connections"], h["running"], h["refused"]) == (0, 0, 0)
+
+
+def test_ws_a_typed_turn_drops_audio_not_yet_ended(engine: Engine) -> None:
+    """Frames sent before a `text` turn, without their `end`, are dropped when it starts (as
+    a new `audio` message drops them): a later lone `end` has no audio to answer."""
+    pcm = (noise(0.5) * 30000).astype("<i2").tobytes()
+    with client(engine) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": 16000})
+        ws.send_bytes(pcm)
+        ws.send_json({"type": "text", "text": "something else"})
+        assert turn_events(ws)[-1]["type"] == "final"
+        ws.send_json({"type": "end"})
+        error(ws, 400, "empty_turn")

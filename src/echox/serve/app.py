@@ -350,6 +350,7 @@ class _Conversation:
             text = check_text(msg.get("text"), self.st.limits)
             if text is None:
                 raise ApiError(400, "empty_text", "a text message needs a non-empty \"text\"")
+            self.buffer = None  # a new turn drops audio not yet ended, as a new audio message does
             self.start(None, text)
         elif kind == "cancel":  # always answered; "turn" names the turn it stopped, if any
             self.buffer, self.rejected = None, False
