@@ -84,6 +84,26 @@ def test_stream_at_16k_keeps_length_and_continuity() -> None:
     assert steps.max() <= 1.5 * np.abs(np.diff(full)).max()
 
 
+def test_a_long_sequence_is_rendered_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `max_units_at_once`, synthesize goes through the streaming path (memory grows with
+    the square of the units in one pass): the same length and, away from joins, the same audio."""
+    voc = UnitMelVocoder(_local_model(), tiny_generator(), output_sr=22050, context_units=1000)
+    units = [int(u) for u in np.random.default_rng(2).integers(0, 20, 40)]
+    full = voc.synthesize(units)
+    calls: list[int] = []
+    infer = voc.unit2mel.infer
+    monkeypatch.setattr(voc.unit2mel, "infer", lambda ids: calls.append(len(ids)) or infer(ids))
+    monkeypatch.setattr(voc, "max_units_at_once", 16)
+    chunked = voc.synthesize(units)
+    assert len(calls) == 3 and calls[0] == 16  # three passes: 16, then context + 16, context + 8
+    assert chunked.dtype == np.float32 and len(chunked) == len(full) == 40 * 3 * HOP
+    reach = hifigan_reach_frames(voc.generator.config) * HOP
+    far = np.ones(len(full), dtype=bool)
+    for j in (16 * 3 * HOP, 32 * 3 * HOP):
+        far[j - reach - 2 * 221 : j + 1] = False  # HiFi-GAN's reach and the 10 ms crossfade
+    np.testing.assert_allclose(chunked[far], full[far], atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- folders
 
 

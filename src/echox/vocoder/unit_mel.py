@@ -104,12 +104,23 @@ class UnitMelVocoder(nn.Module, Vocoder):
         """Time-major mel [1, F, M] -> audio [F * hop] at the HiFi-GAN rate."""
         return self.generator(mel.transpose(1, 2))[0].float().cpu().numpy()
 
+    #: Longest unit sequence rendered in one pass (about 3 minutes of speech). The unit->mel
+    #: model attends over all units at once, so memory grows with their square (60,000 units
+    #: asked for about 29 GB); a longer one goes through `synthesize_stream` in chunks.
+    max_units_at_once = 4096
+
     def synthesize(self, units: Sequence[int]) -> np.ndarray:
-        """Units -> float32 mono audio [S] at `output_sr`; S = round(frames * hop * out_sr / sr)."""
+        """Units -> float32 mono audio [S] at `output_sr`; S = round(frames * hop * out_sr / sr)
+        for up to `max_units_at_once` valid units. A longer sequence is rendered in chunks of
+        that size, each with left context and a 10 ms crossfade, as the streaming path does."""
         units = unit_ids(units)
         ids = self._clean(units)
         if not ids:
             raise VocoderInputError(f"no valid unit ids to synthesise (got {len(units)})")
+        size = self.max_units_at_once
+        if len(ids) > size:
+            chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+            return np.concatenate(list(self.synthesize_stream(chunks))).astype(np.float32)
         return self._resample(self._vocode(self.unit2mel.infer(ids).mel))
 
     def synthesize_chunk(
