@@ -326,7 +326,7 @@ def test_save_never_deletes_what_is_not_a_checkpoint(make_model, tmp_path):
     """Saving replaces the whole folder: a file there, or a folder of other files, was deleted."""
     m = make_model()
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="it is a file"):
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
         m.save_pretrained(tmp_path / "notes.txt")
     other = tmp_path / "other"
     other.mkdir()

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, NamedTuple
+from typing import IO, Any, Callable, Iterator, NamedTuple
 
 from echox.errors import ConfigError
 
@@ -96,20 +96,24 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_replaceable(folder: str | os.PathLike, what: str = "saving") -> Path:
+def check_replaceable(folder: str | os.PathLike, what: str = "saving", *,
+                      is_earlier_save: Callable[[Path], bool] | None = None,
+                      error: type[Exception] = ConfigError) -> Path:
     """Refuse to replace `folder` whole (as an atomic save does) where that would delete what
-    is not an earlier save: a file, or a folder that is neither empty nor holds a config.json.
-    Returns the path."""
+    is not an earlier save: a file, or a folder that is neither empty nor an earlier save.
+    `is_earlier_save(folder)` says what counts as one (default: the folder holds a
+    config.json); the refusal is raised as `error`. Returns the path."""
     p = Path(folder)
     if not (p.exists() or p.is_symlink()):
         return p
     if not p.is_dir():
-        raise ConfigError(f"{p} is a file, not a folder: {what} would replace it")
+        raise error(f"{p} is a file, not a folder: {what} would replace it")
     names = sorted(x.name for x in p.iterdir())
-    if names and "config.json" not in names:
+    earlier = is_earlier_save or (lambda d: (d / "config.json").is_file())
+    if names and not earlier(p):
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise ConfigError(f"{p} holds other files ({shown}) that {what} would delete; give a "
-                          "new or empty folder")
+        raise error(f"{p} holds other files ({shown}) that {what} would delete; give a "
+                    "new or empty folder")
     return p
 
 

@@ -24,7 +24,7 @@ import torch
 from echox import __version__
 from echox.config import EchoXConfig
 from echox.errors import CheckpointError, ConfigError
-from echox.fileio import atomic_dir
+from echox.fileio import atomic_dir, check_replaceable
 from echox.model.llm import load_tokenizer
 
 # The functions take the EchoX model (echox.model.echox) duck-typed, so this module never
@@ -148,15 +148,8 @@ def save_checkpoint(
 def check_save_folder(folder: Path) -> None:
     """Refuse to save over anything but an EchoX checkpoint or an empty folder: saving
     replaces the whole folder, which would delete a file or unrelated files there."""
-    if not (folder.exists() or folder.is_symlink()):
-        return
-    if not folder.is_dir():
-        raise CheckpointError(f"cannot save a checkpoint to {folder}: it is a file, not a folder")
-    others = sorted(p.name for p in folder.iterdir())
-    if others and not _holds_checkpoint(folder):
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise CheckpointError(f"cannot save a checkpoint to {folder}: it holds other files "
-                              f"({shown}) that saving would delete; give a new or empty folder")
+    check_replaceable(folder, "saving a checkpoint", is_earlier_save=_holds_checkpoint,
+                      error=CheckpointError)
 
 
 def _holds_checkpoint(folder: Path) -> bool:
