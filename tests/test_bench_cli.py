@@ -19,6 +19,7 @@ MISSING = "/nonexistent/echox-bench-input"  # every argv below names it, so no r
 BAD_OPTIONS = [
     ("corpus_llm", ["--threads", "0", "--questions", MISSING], "argument --threads: must be >= 1, got 0"),
     ("corpus_llm", ["--n", "x", "--questions", MISSING], "argument --n: expected a whole number, got 'x'"),
+    ("cpu_bf16", ["--reps", "0"], "argument --reps: must be >= 1, got 0"),
     ("eval_speed", ["--max-new-tokens", "0", "--benchmark", f"local:{MISSING}"],
      "argument --max-new-tokens: must be >= 1, got 0"),
     ("heard_margin", [MISSING, "--word", "w", "--copies", "0"], "argument --copies: must be >= 1, got 0"),

@@ -301,9 +301,39 @@ def test_length_grouped_batches_cover_each_epoch_and_cut_padding():
 
 
 @pytest.mark.parametrize("stage", ["s2t", "t2c"])
-def test_bf16_training_runs(stage, tmp_path):
+def test_bf16_training_runs(stage, tmp_path, monkeypatch):
+    from echox.train import trainer
+
+    # bf16 autocast itself, on any CPU (the tiny config is cheap even where bf16 is emulated)
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: True)
     _, res = _run(stage, tmp_path, precision="bf16", max_steps=3, save_every=0)
     assert res.step == 3 and torch.isfinite(torch.tensor(res.last_loss))
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(tmp_path, monkeypatch, caplog):
+    from echox.train import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="echox.train.trainer"):
+        assert trainer.effective_precision("bf16", cuda=False) == "fp32"
+    assert "no native bfloat16" in caplog.text
+    assert trainer.effective_precision("bf16", cuda=True) == "bf16"  # a GPU keeps it
+    assert trainer.effective_precision("fp16", cuda=False) == "fp16"  # only bf16 is swapped
+    assert trainer.effective_precision("fp32", cuda=False) == "fp32"
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: True)
+    assert trainer.effective_precision("bf16", cuda=False) == "bf16"
+    # the trainer runs what effective_precision says
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: False)
+    model = stages.prepare_model("t2c", preset_config("tiny-random"))
+    tr = Trainer(model, _cfg(tmp_path, "t2c", precision="bf16", max_steps=1, save_every=0),
+                 stages.ListDataset(t2c_examples()), stages.t2c_collator(model))
+    assert tr.precision == "fp32" and tr.acc.mixed_precision == "no"
+
+
+def test_cpu_bf16_probe_answers_a_bool():
+    from echox.train.trainer import cpu_has_fast_bf16
+
+    assert cpu_has_fast_bf16() in (True, False)
 
 
 def test_grouping_needs_sizable_items(tmp_path):

@@ -53,7 +53,8 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float = 1.0
     # fp32 | bf16 | fp16: autocast through accelerate's mixed precision (bf16 runs on CPUs
-    # with AVX512-BF16 / AMX too); weights and optimizer states stay float32
+    # with AVX512-BF16 / AMX too; on other CPUs it falls back to fp32, see
+    # effective_precision); weights and optimizer states stay float32
     precision: str = "fp32"
     # Read the frozen speech encoder's outputs from a disk cache keyed by clip content and
     # encoder (echox.model.feature_cache): each clip is encoded once, not once per epoch
@@ -230,6 +231,33 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). Elsewhere, e.g. on
+    AVX2-only CPUs, torch emulates bf16 matmuls, far slower than float32 (docs/training.md)."""
+    import torch.cpu as tcpu
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(tcpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # a private probe that changed: treat as absent
+            continue
+    return False
+
+
+def effective_precision(precision: str, *, cuda: bool | None = None) -> str:
+    """The precision a run really uses: bf16 asked for on a CPU without native bf16 falls back
+    to fp32 (with a warning), because emulated bf16 autocast makes a step many times slower."""
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if precision == "bf16" and not cuda and not cpu_has_fast_bf16():
+        log.warning("train.precision=bf16, but this CPU has no native bfloat16 (AVX512-BF16 or "
+                    "AMX): training in fp32 instead, which is far faster here")
+        return "fp32"
+    return precision
+
+
 def _release_single_process_state(mixed_precision: str) -> None:
     """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with
     another precision. A single process (tests, `bench/train_speed.py`) may build several
@@ -293,10 +321,11 @@ class Trainer:
         if cfg.stage in ("s2t", "echo"):
             self.step_kwargs["share_prompt"] = cfg.share_prompt
         self.out = Path(cfg.output_dir)
-        _release_single_process_state(PRECISIONS[cfg.precision])
+        self.precision = effective_precision(cfg.precision)
+        _release_single_process_state(PRECISIONS[self.precision])
         self.acc = Accelerator(
             gradient_accumulation_steps=cfg.grad_accum,
-            mixed_precision=PRECISIONS[cfg.precision],
+            mixed_precision=PRECISIONS[self.precision],
             # No accelerator here: run (and under `accelerate launch`/torchrun, distribute) on
             # CPU processes with gloo.
             cpu=not torch.cuda.is_available(),
