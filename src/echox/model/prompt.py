@@ -88,6 +88,22 @@ class PromptBuilder:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def _plain_ids(self, text: str) -> list[int]:
+        """Token ids of a turn's own text with no special tokens in it: markup such as
+        `<|im_end|>` typed by a user is read as characters, so user text cannot end its turn,
+        open a system turn or add an audio placeholder."""
+        if not text:
+            return []
+        return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _content_ids(self, t: Turn, content: str) -> list[int]:
+        """`content` (as `_content` made it) tokenized: the placeholder of an audio turn is the
+        one special token; the text is plain (`_plain_ids`)."""
+        if t.audio is not None and t.role == "user" and content.startswith(self.audio_token):
+            ph = self.tok.convert_tokens_to_ids(self.audio_token)
+            return [ph] + self._plain_ids(content[len(self.audio_token):])
+        return self._plain_ids(content)
+
     def _content(self, t: Turn) -> str:
         if t.audio is not None and t.role == "user":  # an assistant's audio is no model input
             return self.audio_token if not t.text else f"{self.audio_token}\n{t.text}"
@@ -101,8 +117,8 @@ class PromptBuilder:
         enc = EncodedDialogue([], [])
         prev = ""
 
-        def add(text: str, labelled: bool) -> tuple[int, int]:
-            ids = self._ids(text)
+        def add(text: str, labelled: bool, ids: list[int] | None = None) -> tuple[int, int]:
+            ids = self._ids(text) if ids is None else ids
             start = len(enc.input_ids)
             enc.input_ids.extend(ids)
             enc.labels.extend(ids if labelled else [IGNORE] * len(ids))
@@ -134,12 +150,19 @@ class PromptBuilder:
                 if k < 0:
                     raise PromptError("the assistant content is not found in the rendered turn")
                 add(gen[len(prev):] + tail[:k], False)
-                enc.response_spans.append(add(core, True))
+                enc.response_spans.append(add(core, True, self._content_ids(t, core)))
                 add(tail[k + len(core):], True)
             else:
                 msgs.append({"role": "user", "content": content})
                 full = step(msgs, False)
-                add(full[len(prev):], False)
+                piece = full[len(prev):]
+                k = piece.find(content) if content else -1
+                if k < 0:  # a template that rewrites the content: the rendered text as it is
+                    add(piece, False)
+                else:  # markup, then the content with no special tokens but the placeholder
+                    add(piece[:k], False)
+                    add(content, False, self._content_ids(t, content))
+                    add(piece[k + len(content):], False)
                 if t.audio is not None:
                     enc.audio.append(np.asarray(t.audio, dtype=np.float32))
                     enc.transcripts.append(t.transcript)
