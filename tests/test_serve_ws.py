@@ -300,3 +300,21 @@ def test_ws_a_typed_turn_drops_audio_not_yet_ended(engine: Engine) -> None:
         assert turn_events(ws)[-1]["type"] == "final"
         ws.send_json({"type": "end"})
         error(ws, 400, "empty_turn")
+
+
+def test_ws_an_end_with_a_refused_text_keeps_the_audio(engine: Engine) -> None:
+    """An `end` whose text is refused used to drop the turn's audio with it: the client had to
+    upload it again. Now the same audio is answered by the next `end`."""
+    pcm = (noise(0.5) * 30000).astype("<i2").tobytes()
+    with client(engine) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": 16000})
+        ws.send_bytes(pcm)
+        ws.send_json({"type": "end", "text": 5})
+        error(ws, 400, "bad_request", "text must be a string")
+        ws.send_json({"type": "end", "text": "x" * 100_000})
+        error(ws, 413, "text_too_long")
+        ws.send_json({"type": "end"})
+        events = turn_events(ws)
+        assert events[-1]["type"] == "final" and events[-1]["turn"] == 1
+        wait_until(lambda: c.get("/health").json()["served"] == 1, 30)

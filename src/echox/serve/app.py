@@ -333,12 +333,14 @@ class _Conversation:
                 self.rejected = True
                 raise
         elif kind == "end":
-            buffer, rejected = self.buffer, self.rejected
-            self.buffer, self.rejected = None, False
-            if rejected:
-                return  # its error was sent when the audio was refused
+            if self.rejected:  # its error was sent when the audio was refused
+                self.buffer, self.rejected = None, False
+                return
+            # a turn still running or a refused text keeps the audio: the client may send
+            # "end" again once the turn is over, or with a text that is allowed
             await self.idle()
             text = check_text(msg.get("text"), self.st.limits)
+            buffer, self.buffer = self.buffer, None
             audio = await asyncio.to_thread(buffer.decode, self.st.in_rate) if buffer else None
             if audio is None and text is None:
                 raise ApiError(400, "empty_turn", "an end message needs audio frames before it "
