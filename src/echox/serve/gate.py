@@ -151,13 +151,26 @@ class ThreadTurn:
         return item
 
     async def stop(self) -> None:
-        """Stop the thread (if it still runs) and wait until it has returned."""
+        """Stop the thread (if it still runs) and wait until it has returned, even when the
+        waiting task is cancelled again meanwhile (say at shutdown): the caller's slot is
+        given back only then, and the cancellation is passed on after."""
         self.cancel.set()
+        cancelled = False
         try:
-            await asyncio.shield(self._future)  # `work` reports its errors through the queue
+            while True:
+                try:
+                    await asyncio.shield(self._future)  # `work` reports errors through the queue
+                    break
+                except asyncio.CancelledError:
+                    if not self._future.cancelled():  # this task was: wait on for the thread
+                        cancelled = True
+                    if self._future.done():  # returned, or cancelled before it started
+                        break
         finally:
             if self.finished:
                 self.gate.served += 1
                 self.gate.observe(time.monotonic() - self.started)
             else:
                 self.gate.stopped += 1
+        if cancelled:
+            raise asyncio.CancelledError
