@@ -174,6 +174,17 @@ def test_ids_that_are_not_integers_are_refused(lang: UnitLanguage, bad: object) 
     assert lang.encode(np.array([1, 2], np.uint8)) == lang.encode([1, 2])  # any int dtype is fine
 
 
+def test_several_sequences_at_once_are_refused(lang: UnitLanguage) -> None:
+    """A [2, N] array was flattened into one sequence: its rows ran together."""
+    two = np.array([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(UnitError, match=r"one sequence \[N\], got shape \(2, 3\).*encode_batch"):
+        lang.encode(two)
+    with pytest.raises(UnitError, match="one sequence"):
+        lang.decode(np.zeros((2, 2), np.int64))
+    assert lang.encode(two[:1]) == lang.encode([1, 2, 3])  # a batch of one is its sequence
+    assert lang.encode_batch(list(two)) == [lang.encode([1, 2, 3]), lang.encode([4, 5, 6])]
+
+
 def test_metadata_with_a_bad_vocab_size(lang: UnitLanguage, tmp_path: Path) -> None:
     lang.save(tmp_path / "l")
     meta = json.loads((tmp_path / "l" / "unit_language.json").read_text(encoding="utf-8"))

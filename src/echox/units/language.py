@@ -40,8 +40,9 @@ _INT_RE = re.compile(r"[0-9]+")  # ASCII digits only; `\d` would also match othe
 
 
 def _ids(values: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
-    """Integer ids as int64 [N] (an array is flattened); floats, bools, strings and None are a
-    `UnitError`: casting them would truncate 1.7 to 1 or read "12" as id 12."""
+    """Integer ids as int64 [N]: one sequence ([N], or [1, N] as a model's batch of one).
+    Floats, bools, strings and None are a `UnitError` (casting them would truncate 1.7 to 1 or
+    read "12" as id 12), and so are several sequences at once, which were read as one."""
     try:
         arr = np.asarray(values)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -49,6 +50,9 @@ def _ids(values: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
     if arr.size and arr.dtype.kind not in "iu":
         of = f" of {arr.dtype}" if arr.ndim else ""
         raise UnitError(f"{what} must be integer ids, got {type(values).__name__}{of}")
+    if arr.ndim > 1 and int(np.prod(arr.shape[:-1])) != 1:
+        raise UnitError(f"{what} must be one sequence [N], got shape {tuple(arr.shape)} (for "
+                        "many sequences, give them one at a time or to encode_batch)")
     return arr.astype(np.int64).reshape(-1)
 
 
