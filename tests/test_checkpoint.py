@@ -357,3 +357,22 @@ def test_save_refuses_bad_extra_files_and_dtypes(make_model, tmp_path):
     with pytest.raises(CheckpointError, match="tuple of part names"):
         m.save_pretrained(tmp_path / "ckpt", omit_parts="t2c")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [None, 5, {"w": 1}, b"/tmp/x", ""])
+def test_a_folder_that_is_not_a_path_is_a_checkpoint_error(bad, tmp_path):
+    """from_pretrained(None) was a TypeError from pathlib; now the error names what was given."""
+    from echox.infer.bundle import load_bundle
+    from echox.model.echox import EchoX
+
+    with pytest.raises(CheckpointError, match="must be a path"):
+        EchoX.from_pretrained(bad)
+    with pytest.raises(CheckpointError, match="must be a path"):
+        load_bundle(bad)
+    with pytest.raises(CheckpointError, match="dtype must be a torch.dtype"):
+        EchoX.from_pretrained(tmp_path, dtype="float16")
+
+
+def test_save_pretrained_to_a_folder_that_is_not_a_path(make_model):
+    with pytest.raises(CheckpointError, match="must be a path"):
+        make_model().save_pretrained(None)

@@ -29,6 +29,7 @@ import torch
 from echox.errors import CheckpointError, ConfigError, UnitError
 from echox.fileio import check_out_path
 from echox.hub import cache_dir
+from echox.model.checkpoint import checkpoint_folder
 from echox.model.echox import EchoX
 from echox.units.language import UnitLanguage
 from echox.units.unit_tokens import META_FILE, UnitTokens
@@ -138,7 +139,7 @@ def load_bundle(
     present. The model is returned in eval mode on `device` (default: CPU), its weights read
     straight onto it (`EchoX.from_pretrained`); `dtype` (bf16 / fp16 / fp32 or a torch dtype)
     holds every model weight in it (default: the config's dtypes). The vocoder stays float32."""
-    folder = Path(path).expanduser()
+    folder = checkpoint_folder(path, "model bundle folder")
     if not folder.is_dir():
         raise CheckpointError(f"model bundle folder not found: {folder}")
     if device is not None:

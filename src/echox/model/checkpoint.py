@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -143,6 +144,15 @@ def save_checkpoint(
     except OSError as e:  # a read-only folder, a full disk, a parent that is a file, ...
         raise CheckpointError(f"cannot write the checkpoint {folder}: {e.strerror or e}") from e
     return folder
+
+
+def checkpoint_folder(folder: Any, what: str = "checkpoint folder") -> Path:
+    """`folder` as a Path; anything but a str or os.PathLike (None, a dict of weights, a
+    model) is a `CheckpointError` naming what was given, not a TypeError from deep inside."""
+    if isinstance(folder, bytes) or not isinstance(folder, (str, os.PathLike)) or not str(folder):
+        raise CheckpointError(f"a {what} must be a path (str or os.PathLike), got "
+                              f"{type(folder).__name__}{' (empty)' if folder == '' else ''}")
+    return Path(folder).expanduser()
 
 
 def check_save_folder(folder: Path) -> None:

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from echox.config import EchoXConfig, SpeechAdapterConfig, T2CConfig
-from echox.errors import AudioError, ConfigError, PromptError, UnitError
+from echox.errors import AudioError, CheckpointError, ConfigError, PromptError, UnitError
 from echox.hub import resolve
 from echox.model import losses
 from echox.model.batch import S2TBatch, T2CBatch, collate_s2t
-from echox.model.checkpoint import load_checkpoint, save_checkpoint
+from echox.model.checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint
 from echox.model.denoiser import DenoisingAdapter
 from echox.model.encoder import (
     HOP,
@@ -137,7 +137,9 @@ class EchoX(nn.Module):
                         dtype: torch.dtype | None = None) -> "EchoX":
         """`device`/`dtype`: see `echox.model.checkpoint.load_checkpoint` (default: CPU, the
         config's dtypes)."""
-        return load_checkpoint(cls, Path(folder), device=device, dtype=dtype)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+        return load_checkpoint(cls, checkpoint_folder(folder), device=device, dtype=dtype)
 
     def save_pretrained(self, folder: str | Path, extra_files: dict[str, str] | None = None,
                         extra_writer: Any = None, full_state: dict[str, torch.Tensor] | None = None,
@@ -145,7 +147,7 @@ class EchoX(nn.Module):
                         replace: bool = False) -> Path:
         """See `echox.model.checkpoint.save_checkpoint` (`omit_parts`/`dtype` slim a shipped copy;
         `replace` replaces a `folder` that is neither a checkpoint nor empty)."""
-        return save_checkpoint(self, Path(folder), extra_files=extra_files,
+        return save_checkpoint(self, checkpoint_folder(folder), extra_files=extra_files,
                                extra_writer=extra_writer, full_state=full_state,
                                omit_parts=omit_parts, dtype=dtype, replace=replace)
 
