@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from echox.train.trainer import cpu_has_fast_bf16, effective_precision
+    from echox.model.precision import cpu_has_fast_bf16
+    from echox.train.trainer import effective_precision
 
     native = cpu_has_fast_bf16()
     uses = effective_precision("bf16", cuda=False)

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--show-curves: need fp32 and bf16 curves, got {sorted(merged)}")
             show_curves(merged)
             return 0
-        from echox.train.trainer import cpu_has_fast_bf16
+        from echox.model.precision import cpu_has_fast_bf16
 
         if not torch.cuda.is_available() and not cpu_has_fast_bf16():
             print("note: this CPU has no native bfloat16, so precision bf16 runs in fp32 here "

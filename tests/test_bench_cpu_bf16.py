@@ -11,7 +11,10 @@ def test_cpu_bf16_table_and_json(tmp_path, capsys, monkeypatch):
     from echox.train import trainer
 
     script = load_script("bench/cpu_bf16.py", "bench_cpu_bf16")
+    from echox.model import precision
+
     monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     out = tmp_path / "r.json"
     assert script.main(["--size", "16", "--width", "64", "--seq", "4", "--batch", "1",
                         "--reps", "1", "--json", str(out)]) == 0

@@ -574,3 +574,18 @@ def test_text_beams_reach_the_engine(bundle: Bundle) -> None:
     for i, (a, b) in enumerate(expected):
         units = bundle.model.units_from_hidden([hidden[a:b]], UNITS)[0]
         assert [u for c in pieces_by_segment(events)[i] for u in c.units] == units
+
+
+def test_half_precision_on_a_cpu_without_it_warns(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """bf16 weights on an AVX2-only CPU made every matmul emulated: the load says so."""
+    import echox.infer.bundle as bundle_mod
+
+    monkeypatch.setattr(bundle_mod, "slow_on_cpu", lambda dt: dt == torch.bfloat16)
+    with caplog.at_level("WARNING", logger="echox.infer.bundle"):
+        load_bundle(bundle_dir, dtype="bf16")
+    assert "held in bfloat16" in caplog.text and "--dtype fp32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="echox.infer.bundle"):
+        load_bundle(bundle_dir)  # the config's float32: nothing to say
+    assert "held in" not in caplog.text

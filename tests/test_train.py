@@ -330,10 +330,15 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(tmp_path, monkeypa
     assert tr.precision == "fp32" and tr.acc.mixed_precision == "no"
 
 
-def test_cpu_bf16_probe_answers_a_bool():
-    from echox.train.trainer import cpu_has_fast_bf16
+def test_cpu_precision_probes(monkeypatch):
+    from echox.model import precision
 
-    assert cpu_has_fast_bf16() in (True, False)
+    assert precision.cpu_has_fast_bf16() in (True, False)
+    assert precision.cpu_has_fast_fp16() in (True, False)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_fast_fp16", lambda: True)
+    assert precision.slow_on_cpu(torch.bfloat16) and not precision.slow_on_cpu(torch.float16)
+    assert not precision.slow_on_cpu(torch.float32) and not precision.slow_on_cpu(None)
 
 
 def test_grouping_needs_sizable_items(tmp_path):

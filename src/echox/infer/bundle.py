@@ -17,6 +17,7 @@ When the bundle has a unit language, the echo decoder emits its tokens and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -31,12 +32,15 @@ from echox.fileio import check_out_path
 from echox.hub import cache_dir
 from echox.model.checkpoint import checkpoint_folder
 from echox.model.echox import EchoX
+from echox.model.precision import slow_on_cpu
 from echox.units.language import UnitLanguage
 from echox.units.unit_tokens import META_FILE, UnitTokens
 from echox.vocoder.base import Vocoder
 from echox.vocoder.code_hifigan import CodeHiFiGAN
 from echox.vocoder.io import load_named_generator, load_vocoder, save_vocoder
 from echox.vocoder.unit_mel import UnitMelVocoder
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import argparse
@@ -146,6 +150,11 @@ def load_bundle(
         check_device(str(device))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     model = EchoX.from_pretrained(folder, device=dev, dtype=parse_dtype(dtype)).eval()
+    held = parse_dtype(dtype) or DTYPES.get(model.config.llm.dtype)
+    if dev.type == "cpu" and slow_on_cpu(held):
+        log.warning("the LLM's weights are held in %s, which this CPU computes only by emulation "
+                    "(no native half precision): answers will be many times slower than with "
+                    "--dtype fp32", str(held).removeprefix("torch."))
 
     if vocoder is None and (folder / VOCODER_DIR).is_dir():
         vocoder = folder / VOCODER_DIR
@@ -180,7 +189,8 @@ def add_device_options(p: Any, default_device: str = "cpu") -> None:
                         "the weights are read straight onto it")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                    help="hold every model weight in this dtype (default: the bundle's config, "
-                        "e.g. a bfloat16 LLM with float32 speech parts); bf16 or fp16 on a GPU")
+                        "e.g. a bfloat16 LLM with float32 speech parts); bf16 or fp16 on a GPU (a CPU "
+                        "without native half precision runs them many times slower)")
 
 
 def add_text_decoding_options(p: Any) -> None:

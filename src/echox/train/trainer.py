@@ -28,6 +28,7 @@ from echox.fileio import atomic_write_text, json_lines
 from echox.hub import cache_dir
 from echox.model.checkpoint import load_weights, verify_checkpoint
 from echox.model.echox import EchoX
+from echox.model.precision import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -229,21 +230,6 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
         except CheckpointError as e:
             log.warning("skipping a broken checkpoint: %s", e)
     return None
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). Elsewhere, e.g. on
-    AVX2-only CPUs, torch emulates bf16 matmuls, far slower than float32 (docs/training.md)."""
-    import torch.cpu as tcpu
-
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(tcpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # a private probe that changed: treat as absent
-            continue
-    return False
 
 
 def effective_precision(precision: str, *, cuda: bool | None = None) -> str:
