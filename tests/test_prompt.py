@@ -129,6 +129,11 @@ def test_markup_in_a_turn_text_is_read_as_characters(make_model):
     assert evil in tok.decode(enc.input_ids)
     (s, e), = enc.response_spans
     assert tok.decode(enc.input_ids[s:e]) == "ok " + evil
+    # text equal to a role name or a piece of markup is found where the template put it
+    for text in ("user", "eot_id", "header_id|>", "<|eot_id|>"):
+        enc = m.prompt.encode([Turn("user", text=text), Turn("assistant", text="ok")])
+        assert sum(t in special for t in enc.input_ids) == sum(t in special for t in plain.input_ids)
+        assert tok.decode(enc.input_ids) == tok.decode(plain.input_ids).replace("hi", text, 1)
     # an audio turn keeps its one placeholder; its text is plain too
     enc = m.prompt.encode([Turn("user", audio=noise(0.2), text=evil), Turn("assistant", text="ok")])
     assert enc.input_ids.count(m.llm.audio_token_id) == 1 and len(enc.audio) == 1

@@ -18,6 +18,7 @@ import torch
 from echox.errors import AudioError, PromptError
 
 IGNORE = -100
+_SENTINEL = "\ue000echox-turn-content\ue000"  # private-use characters: in no text or template
 
 
 @dataclass
@@ -109,6 +110,21 @@ class PromptBuilder:
             return self.audio_token if not t.text else f"{self.audio_token}\n{t.text}"
         return t.text or ""
 
+    def _content_span(self, msgs: list[dict[str, str]], full: str, start: int
+                      ) -> tuple[int, int] | None:
+        """[a, b) of the last message's content in `full` (its rendering), found by rendering a
+        sentinel in its place: the template's markup around it, whatever the content holds
+        (text equal to a role name, or to a piece of markup). None when the template does not
+        render the content once and unchanged around it."""
+        probe = self._render(msgs[:-1] + [{**msgs[-1], "content": _SENTINEL}], False)
+        if probe.count(_SENTINEL) != 1:
+            return None
+        before, after = probe.split(_SENTINEL)
+        if (len(before) < start or len(before) + len(after) > len(full)
+                or not full.startswith(before) or not full.endswith(after)):
+            return None
+        return len(before), len(full) - len(after)
+
     def encode(self, turns: list[Turn], add_generation_prompt: bool = False) -> EncodedDialogue:
         """Token ids with labels on every assistant turn (content and end-of-turn markup)."""
         msgs: list[dict[str, str]] = []
@@ -155,14 +171,14 @@ class PromptBuilder:
             else:
                 msgs.append({"role": "user", "content": content})
                 full = step(msgs, False)
-                piece = full[len(prev):]
-                k = piece.find(content) if content else -1
-                if k < 0:  # a template that rewrites the content: the rendered text as it is
-                    add(piece, False)
+                span = self._content_span(msgs, full, len(prev))
+                if span is None:  # the template's markup could not be told apart: as rendered
+                    add(full[len(prev):], False)
                 else:  # markup, then the content with no special tokens but the placeholder
-                    add(piece[:k], False)
-                    add(content, False, self._content_ids(t, content))
-                    add(piece[k + len(content):], False)
+                    a, b = span
+                    add(full[len(prev):a], False)
+                    add(full[a:b], False, self._content_ids(t, full[a:b]))
+                    add(full[b:], False)
                 if t.audio is not None:
                     enc.audio.append(np.asarray(t.audio, dtype=np.float32))
                     enc.transcripts.append(t.transcript)
