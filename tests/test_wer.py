@@ -15,3 +15,10 @@ def test_corpus_wer():
         wer(["x"], [])
     with pytest.raises(ValueError, match="no words"):
         wer(["!"], ["a"])
+
+
+def test_typographic_apostrophes_are_apostrophes():
+    # an LLM's text answer often writes "’"; Whisper writes "'": the same words
+    assert normalize_words("It’s Dalí’s ‘Paris’") == ["its", "dalis", "paris"]
+    assert normalize_words("itʼs") == ["its"]
+    assert wer(["It’s the capital."], ["it's the capital"]) == 0.0

@@ -7,9 +7,13 @@ import unicodedata
 from typing import Sequence
 
 
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
 def normalize_words(text: str) -> list[str]:
-    """Lowercase, strip accents and punctuation; numbers and words stay."""
-    t = unicodedata.normalize("NFKD", text)
+    """Lowercase, strip accents and punctuation; numbers and words stay. Apostrophes (also the
+    typographic ’ ‘ ʼ) join their word: "it’s" is "its"."""
+    t = unicodedata.normalize("NFKD", text).translate(_APOSTROPHES)
     t = "".join(c for c in t if not unicodedata.combining(c)).lower()
     t = re.sub(r"[^\w\s']", " ", t).replace("'", "")
     return t.split()
