@@ -292,6 +292,7 @@ def t2c_run(ctx: Context, name: str, bundle_path: Path, source: Path, answers: l
     if todo:
         print(f"[{name}] voicing {len(todo)} of {len(answers)} answers through the T2C",
               file=sys.stderr)
+        from echox.eval.run import open_to_append
         from echox.infer.bundle import Bundle, check_bundle, set_unit_decoding
         from echox.model.echox import EchoX
 
@@ -304,7 +305,7 @@ def t2c_run(ctx: Context, name: str, bundle_path: Path, source: Path, answers: l
             check_bundle(bundle)
         asr = ctx.asr()
         sr = bundle.vocoder.sample_rate
-        with open(path, "a") as f:
+        with open_to_append(path) as f:
             # one answer at a time: in a batch the T2C's greedy unit budget is the longest
             # text's, so an answer that never stops would get more units than alone
             for a in todo:

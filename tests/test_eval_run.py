@@ -170,3 +170,73 @@ def test_compare_refuses_what_is_not_an_eval_run(tmp_path, capsys):
         assert words in capsys.readouterr().err
     assert main(["eval", "--compare", str(good), str(good), "--png", str(tmp_path / "b.png")]) == 0
     assert "on 1 shared" in capsys.readouterr().out and (tmp_path / "b.png").is_file()
+
+
+def test_resume_after_a_torn_last_line_keeps_the_next_record(tmp_path, bench):
+    """A run killed mid-write leaves a last line without its newline: the next record appended
+    must start a line of its own, or it is glued to the fragment and lost from items.jsonl."""
+    from echox.eval.run import _done
+
+    items = load_benchmark(bench)
+    run_eval(items[:2], Scripted(), "s2t", tmp_path, bench, progress=False)
+    with open(tmp_path / "items.jsonl", "a") as f:
+        f.write('{"id": "q2", "question": "Quest')  # torn: no newline
+    resumed = run_eval(items, Scripted(), "s2t", tmp_path, bench, progress=False)
+    assert resumed.n == 4
+    assert sorted(_done(tmp_path / "items.jsonl")) == ["q0", "q1", "q2", "q3"]
+    again = Scripted()
+    run_eval(items, again, "s2t", tmp_path, bench, progress=False)
+    assert again.calls == 0  # every record is on disk: nothing is answered twice
+
+
+def test_summary_counts_the_items_of_this_benchmark_only(tmp_path, bench):
+    """A folder that already holds other items (a run without --limit, another benchmark in
+    the default runs/eval/<mode>) must not add them to this run's n and accuracy."""
+    items = load_benchmark(bench)
+    run_eval(items, Scripted(), "s2t", tmp_path, bench, progress=False)  # 3 hits of 4
+    part = run_eval(items[:2], Scripted(), "s2t", tmp_path, bench, progress=False)
+    assert (part.n, part.accuracy) == (2, 0.5)  # q0 hits, q1 misses
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert (saved["n"], saved["accuracy"]) == (2, 0.5)
+
+
+def test_eval_cli_refuses_to_resume_with_other_settings(tmp_path, bundle_dir, bench, capsys):
+    """An existing --out resumes: with another model (or mode, benchmark, decoding) its records
+    would be counted as this run's answers, so the run is refused before anything loads."""
+    import shutil
+
+    other = shutil.copytree(bundle_dir, tmp_path / "other-bundle")
+    out = tmp_path / "run"
+    args = ["eval", "--benchmark", bench, "--mode", "s2t", "--limit", "2", "--out", str(out),
+            "--max-new-tokens", "4"]
+    assert main([*args, "--model", str(bundle_dir)]) == 0
+    assert main([*args, "--model", str(bundle_dir)]) == 0  # the same settings resume
+    capsys.readouterr()
+    for extra in (["--model", str(other)], ["--model", str(bundle_dir), "--text-beams", "2"],
+                  ["--model", str(bundle_dir), "--mode", "s2s", "--no-stream"]):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "other settings" in err and len(err.strip().splitlines()) == 1, err
+    assert json.loads((out / "summary.json").read_text())["n"] == 2
+    # a run that failed before its first answer (a mistyped --model) binds the folder to nothing
+    out2 = tmp_path / "run2"
+    args2 = [a if a != str(out) else str(out2) for a in args]
+    assert main([*args2, "--model", str(tmp_path / "no-such-bundle")]) == 2
+    assert main([*args2, "--model", str(bundle_dir)]) == 0
+
+
+def test_a_repeated_item_id_is_an_error_not_a_skipped_question(tmp_path):
+    """Two questions with one id: the second was skipped as done, so n and the accuracy were
+    over one question (here 1 of 1 instead of 1 of 2)."""
+    from echox.errors import EvalError
+    from echox.eval.benchmarks import QAItem
+
+    items = [QAItem("x", "The capital of France?", ["Paris"], None, None, None),
+             QAItem("x", "The capital of Spain?", ["Madrid"], None, None, None)]
+
+    class Paris:
+        def answer(self, item):
+            return Answer("Paris")
+
+    with pytest.raises(EvalError, match="'x' occurs twice"):
+        run_eval(items, Paris(), "text", tmp_path, "b", progress=False)

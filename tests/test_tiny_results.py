@@ -303,3 +303,22 @@ def test_run_as_a_script_an_input_error_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("tiny_results: missing ") and "qa.jsonl" in r.stderr
+
+
+def test_t2c_run_resumes_after_a_torn_last_line(tmp_path: Path) -> None:
+    """A T2C run killed mid-write leaves a last line without its newline: the next record must
+    not be glued to it (and lost, so the item is voiced again on every rerun)."""
+    from types import SimpleNamespace
+
+    bench = _script()
+    voc = SimpleNamespace(sample_rate=16000, synthesize=lambda units: np.zeros(160 * len(units)))
+    model = SimpleNamespace(units_from_text=lambda texts: [[1, 2, 3] for _ in texts])
+    bundle = SimpleNamespace(model=model, vocoder=voc, units=lambda toks: list(toks))
+    ctx = SimpleNamespace(out=tmp_path, runs={}, bundle=lambda path: bundle,
+                          asr=lambda: SimpleNamespace(transcribe=lambda audio, sr: "heard"))
+    answers = [{"id": f"a{i}", "text": f"answer {i}"} for i in range(3)]
+    bench.t2c_run(ctx, "t2c", tmp_path / "b", tmp_path / "b", answers[:1], {"mode": "t2c"})
+    with open(tmp_path / "t2c" / "items.jsonl", "a") as f:
+        f.write('{"id": "a1", "text": "ans')  # torn: no newline
+    bench.t2c_run(ctx, "t2c", tmp_path / "b", tmp_path / "b", answers, {"mode": "t2c"})
+    assert sorted(bench.read_items(tmp_path / "t2c" / "items.jsonl")) == ["a0", "a1", "a2"]

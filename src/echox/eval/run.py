@@ -13,8 +13,8 @@ on the left: a question gets the answer it gets alone (up to float rounding in t
 matrix products); `s2s` answers one question at a time through the streaming engine.
 
 Each run writes `items.jsonl` (one scored item per line, appended as it goes, so an
-interrupted run resumes where it stopped) and `summary.json`; `--compare` draws a bar chart
-of several runs.
+interrupted run resumes where it stopped), `eval.json` (its settings: a folder resumes only
+with the same) and `summary.json`; `--compare` draws a bar chart of several runs.
 """
 
 from __future__ import annotations
@@ -267,6 +267,18 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
     return {rec["id"]: rec for _, rec in json_objects(path, "id", log)}
 
 
+def open_to_append(path: Path) -> Any:
+    """`path` opened to append records, one per line: a torn last line (a run killed
+    mid-write) is ended first, so the next record is not glued to it and lost."""
+    f = open(path, "a")
+    if f.tell():  # appending starts at the end
+        with open(path, "rb") as last:
+            last.seek(-1, 2)
+            if last.read(1) != b"\n":
+                f.write("\n")
+    return f
+
+
 def _pending_batches(items: Iterable[QAItem], size: int, done: dict[str, Any],
                      skipped: Any) -> Iterator[list[QAItem]]:
     """The items not done yet, in order, `size` at a time (`skipped()` is called per done one).
@@ -363,7 +375,8 @@ def run_eval(
     asr: Any = None, save_audio: bool = False, progress: bool = True, total: int | None = None,
     batch_size: int = 1,
 ) -> EvalSummary:
-    """Answer and score every item not yet in `out_dir/items.jsonl`, then write the summary.
+    """Answer and score every item not yet in `out_dir/items.jsonl`, then write the summary of
+    `items` (records of other items the folder holds are kept but not counted).
 
     Items go to the answerer `batch_size` at a time (see :func:`check_batch_size`); each
     record is appended and flushed as soon as it is scored, so an interrupted run loses at
@@ -380,8 +393,17 @@ def run_eval(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "items.jsonl"
     done = _done(path)
-    with open(path, "a") as f, tqdm(total=total, disable=not progress, desc=f"eval {mode}") as bar:
-        for batch in _pending_batches(items, batch_size, done, lambda: bar.update(1)):
+    seen: dict[str, None] = {}  # this benchmark's ids: the summary counts these, not the whole file
+
+    def noted(items: Iterable[QAItem]) -> Iterator[QAItem]:
+        for item in items:
+            if item.id in seen:  # it would be skipped as done: a question never scored
+                raise EvalError(f"item id {item.id!r} occurs twice in {benchmark}; ids must be unique")
+            seen[item.id] = None
+            yield item
+
+    with open_to_append(path) as f, tqdm(total=total, disable=not progress, desc=f"eval {mode}") as bar:
+        for batch in _pending_batches(noted(items), batch_size, done, lambda: bar.update(1)):
             for item, ans, answer_s in _answers(answerer, batch):
                 t0 = time.perf_counter()
                 rec = _score(item, ans, mode, asr, out_dir, save_audio)
@@ -391,7 +413,7 @@ def run_eval(
                 f.flush()
                 done[item.id] = rec
                 bar.update(1)
-    recs = list(done.values())
+    recs = [done[i] for i in seen]
     lat = [r["latency_ms"] for r in recs if "latency_ms" in r]
     summary = EvalSummary(
         name=out_dir.name, mode=mode, benchmark=benchmark, n=len(recs),
@@ -502,9 +524,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EvalError(f"--out {out}: cannot create the run folder ({e.strerror or e})") from e
-    asr = None
+    settings: dict[str, Any] = {"mode": args.mode, "benchmark": args.benchmark, **asdict(sampling)}
     if args.mode in ("text", "cascade"):
         llm = args.llm or load_config(args.config).llm.name_or_path
+        settings.update(llm=llm, system_prompt=args.system_prompt or None)
+        del settings["max_new_tokens"]  # the text answerer keeps its own
+    else:
+        settings["model"] = str(args.model or default_bundle())
+    if args.mode in ("s2s", "cascade"):
+        settings["asr"] = args.asr
+    if args.mode == "s2s":
+        settings.update(stream=not args.no_stream, whole_response=args.whole_response)
+    check_run_settings(out, settings)
+    asr = None
+    if args.mode in ("text", "cascade"):
         answerer: Answerer = TextAnswerer(llm, args.system_prompt or None, decoding=sampling)
         if args.mode == "cascade":
             answerer = CascadeAnswerer(make_asr(args.asr), answerer)
@@ -527,6 +560,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
+    """A run folder resumes only with the settings it was started with (`eval.json`): the
+    records of another mode, model, benchmark or decoding would count as this run's answers.
+    A folder with no scored item yet (a run that failed before its first answer, say on a
+    mistyped --model) takes the new settings."""
+    path = out / "eval.json"
+    settings = json.loads(json.dumps(settings))  # as they read back
+    if path.is_file() and _done(out / "items.jsonl"):
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvalError(f"{path}: not a readable JSON file ({type(e).__name__})") from e
+        if not isinstance(old, dict):
+            raise EvalError(f"{path}: not the settings of an echox eval run")
+        diff = {k: (old.get(k), settings.get(k)) for k in dict.fromkeys([*old, *settings])
+                if old.get(k) != settings.get(k)}
+        if diff:
+            raise EvalError(f"--out {out} holds a run made with other settings {diff} (old, new): "
+                            "give another --out or delete it")
+        return
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def eval_sampling(args: argparse.Namespace) -> SamplingConfig:
     """The run's text decoding: greedy or beam search, its answer length and repetition guards."""
     try:
@@ -545,7 +601,8 @@ def eval_options(p: argparse.ArgumentParser) -> None:
                    help="s2t / s2s: longest spoken question answered, in seconds (default: the "
                         "model's encoder.max_seconds, 30); a longer one stops the run with one line")
     p.add_argument("--limit", type=int, help="first N items only")
-    p.add_argument("--out", help="run folder (default runs/eval/<mode>); an existing one resumes")
+    p.add_argument("--out", help="run folder (default runs/eval/<mode>); an existing one resumes "
+                                    "(with the settings it was started with)")
     p.add_argument("--asr", default="faster-whisper",
                    help="s2s: transcribes the spoken answers; cascade: the spoken questions. "
                         "faster-whisper[:PATH] | transformers[:NAME]")
