@@ -43,6 +43,7 @@ missing `qa_espeak.jsonl` or `tts_units.jsonl` only skip their row.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -74,7 +75,7 @@ def read_items(path: Path) -> dict[str, dict[str, Any]]:
     """`items.jsonl` of a run as {id: record}; unreadable lines (an interrupted write) are skipped."""
     out: dict[str, dict[str, Any]] = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # torn: skipped
             try:
                 rec = json.loads(line)
                 out[rec["id"]] = rec
@@ -121,6 +122,15 @@ def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
     if not any(normalize_words(r) for r in refs):
         return None
     return wer(refs, hyps)
+
+
+@functools.lru_cache(maxsize=None)
+def file_audio_digest(bench_file: Path) -> str:
+    """`audio_digest` of every question of a benchmark file (not only the first --n: a smoke
+    run's folder stays usable for the full run)."""
+    from echox.eval.benchmarks import open_benchmark
+
+    return audio_digest(open_benchmark(f"local:{bench_file}", decode_audio=False))
 
 
 def audio_digest(items: Iterable[Any]) -> str:
@@ -497,7 +507,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             name = f"{owner}-{kind}"
             run_path = bundles[owner]  # the run is the owner's: its settings, its model
             settings = {"mode": mode, "benchmark": str(bench_file.resolve()), "model": str(run_path),
-                        "max_new_tokens": args.max_new_tokens, **guard}
+                        "max_new_tokens": args.max_new_tokens, **guard,
+                        # a rebuilt corpus speaks its questions anew: its runs start afresh
+                        "audio": file_audio_digest(bench_file)}
             if mode == "s2s":
                 settings["asr"] = ctx.asr_name()
                 make = lambda: S2SAnswerer(ctx.bundle(run_path), sampling=sampling)  # noqa: E731

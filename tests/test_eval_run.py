@@ -119,6 +119,9 @@ def test_eval_cli_errors(tmp_path, capsys, bundle_dir, bench):
         assert says in err and len(err.strip().splitlines()) == 1
     (tmp_path / "file.txt").write_text("keep me")
     args = ["eval", "--benchmark", bench, "--mode", "s2t", "--model", str(bundle_dir)]
+    with pytest.raises(SystemExit) as stop:  # an empty run would report accuracy 0.0
+        main([*args, "--limit", "0", "--out", str(tmp_path / "none")])
+    assert stop.value.code == 2 and "--limit: must be >= 1" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "file.txt")]) == 2
     err = capsys.readouterr().err
     assert "is a file; give a run folder" in err and len(err.strip().splitlines()) == 1

@@ -136,7 +136,13 @@ def test_tiny_results_table_json_png_and_cheap_rerun(tmp_path: Path, bundles: di
 
     items = list(open_benchmark(f"local:{corpus / 'qa.jsonl'}", limit=2, decode_audio=False))
     assert bench.audio_digest(items) != res["test_audio"]
+    # and the runs made on the old audio are not reused for it (they were, under the new digest)
+    bench.file_audio_digest.cache_clear()
+    capsys.readouterr()
+    assert bench.main(_args(corpus, out, **bundles)) == 2
+    assert "other settings" in capsys.readouterr().err
     sf.write(clip, wav, sr)
+    bench.file_audio_digest.cache_clear()
 
 
 def test_tiny_results_shared_bundle_and_skips(tmp_path: Path, bundles: dict[str, Path],

@@ -31,7 +31,7 @@ import numpy as np
 
 from echox.audio import load_audio
 from echox.audio import save_audio as write
-from echox.config import load_config
+from echox.config import int_at_least, load_config
 from echox.data.match import exist_match
 from echox.data.tiny_corpus import greedy_shrinking
 from echox.errors import AudioError, EvalError
@@ -600,7 +600,7 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-audio-seconds", type=float, metavar="S",
                    help="s2t / s2s: longest spoken question answered, in seconds (default: the "
                         "model's encoder.max_seconds, 30); a longer one stops the run with one line")
-    p.add_argument("--limit", type=int, help="first N items only")
+    p.add_argument("--limit", type=int_at_least(1), help="first N items only")
     p.add_argument("--out", help="run folder (default runs/eval/<mode>); an existing one resumes "
                                     "(with the settings it was started with)")
     p.add_argument("--asr", default="faster-whisper",
