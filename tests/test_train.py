@@ -370,6 +370,13 @@ def test_train_config_checks_precision():
 
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="bf32")
+    # ranges that torch and numpy would refuse later with a traceback
+    with pytest.raises(ConfigError, match="weight_decay"):
+        TrainConfig(weight_decay=-5.0)
+    with pytest.raises(ConfigError, match="seed"):
+        TrainConfig(seed=-1)
+    with pytest.raises(ConfigError, match="seed"):
+        TrainConfig(seed=2**32)
 
 
 def test_guided_attention_t2c_trains_and_eval_loss_stays_ce(tmp_path):

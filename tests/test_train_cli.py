@@ -129,3 +129,105 @@ def test_a_run_folder_is_never_overwritten_and_bad_eval_data_keeps_the_model(tmp
     (tmp_path / "afile").write_text("keep")
     assert main([*run[:-1], str(tmp_path / "afile")]) == 2
     assert "is a file" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "keep"
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("echox: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing(tmp_path, capsys):
+    """Audio far louder than speech (finite samples, log-mels that are not) makes the loss NaN:
+    the run stops with one line before it saves anything, instead of writing a model of NaN
+    weights and exiting 0."""
+    _write_corpus(tmp_path / "c")
+    c = tmp_path / "c"
+    sf.write(c / "audio" / "loud.wav", np.full(16000, 1e30, np.float32), 16000, subtype="FLOAT")
+    recs = [json.loads(x) for x in (c / "dialogues.jsonl").read_text().splitlines()[:6]]
+    recs[0]["conversations"][0]["audio"] = "audio/loud.wav"
+    (c / "loud.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "s2t"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 6, max_steps: 3, lr: 0.003, save_every: 1}\n")
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "loud.jsonl"),
+                 "--out", str(out)]) == 2
+    assert "the training loss is nan" in _one_error_line(capsys)
+    assert not (out / "model").exists() and not (out / "checkpoints").exists()
+
+
+def test_resume_survives_a_damaged_last_checkpoint_and_refuses_another_stage(tmp_path, capsys):
+    """The last checkpoint's RNG file (written after its checksums) cut by a kill, or its
+    config.json damaged: --resume goes on (from it, or from the one before, whose step folder
+    is then written anew). A checkpoint of another stage is one line, not a traceback."""
+    _write_corpus(tmp_path / "c")
+    c = tmp_path / "c"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 4, lr: 0.003, "
+                      "save_every: 1, keep_last: 3}\n")
+    run = ["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+           "--out", str(tmp_path / "t2c")]
+    ck = tmp_path / "t2c" / "checkpoints"
+    assert main([*run, "--stop-at", "3"]) == 0
+    (ck / "step-000003" / "rng_state_0.pt").write_bytes(b"garbage")
+    assert main([*run, "--resume", "--stop-at", "3"]) == 0  # from step 3, without its RNG
+    (ck / "step-000003" / "config.json").write_text("{garb")
+    assert main([*run, "--resume"]) == 0  # from step 2; step 3 is written again
+    from echox.model.checkpoint import verify_checkpoint
+
+    verify_checkpoint(ck / "step-000003")
+    steps = [json.loads(x)["step"] for x in (tmp_path / "t2c" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--out", str(tmp_path / "s2t"), "--resume", str(ck / "step-000002")]) == 2
+    assert "checkpoint of stage t2c" in _one_error_line(capsys)
+
+
+def test_resume_names_settings_that_differ_from_the_checkpoint(tmp_path, caplog):
+    """A resumed run given another lr keeps the checkpoint's (its optimizer holds it): said in
+    a warning, with the other changed settings."""
+    _write_corpus(tmp_path / "c")
+    c = tmp_path / "c"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 3, lr: 0.003, save_every: 1}\n")
+    run = ["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+           "--out", str(tmp_path / "t2c")]
+    assert main([*run, "--stop-at", "2"]) == 0
+    with caplog.at_level("WARNING"):
+        assert main([*run, "--resume", "--lr", "0.1", "--max-steps", "4"]) == 0
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "max_steps 3 -> 4" in msg and "lr 0.003 -> 0.1" in msg and "stay the checkpoint's" in msg
+
+
+def test_an_out_folder_taken_by_other_files_is_refused_before_training(tmp_path, capsys):
+    """What a run writes in --out must not be taken by something else: refused up front with
+    one line (not a traceback, or an error after training), and nothing there is touched. The
+    metrics of an earlier run there that saved no checkpoint are not mixed into the new run's."""
+    _write_corpus(tmp_path / "c")
+    c = tmp_path / "c"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 2, lr: 0.003}\n")
+    cases = {"metrics.jsonl/": "is a folder", "tb": "is a file", "checkpoints": "is a file",
+             "model/mine.txt": "holds other files", "recipe.json": "not written by `echox train`",
+             "loss_curve.png/": "is a folder"}
+    for i, (path, message) in enumerate(cases.items()):
+        out = tmp_path / f"o{i}"
+        p = out / path.rstrip("/")
+        if path.endswith("/"):
+            p.mkdir(parents=True)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("keep")
+        assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                     "--out", str(out)]) == 2, path
+        assert message in _one_error_line(capsys), path
+        assert set(out.rglob("*")) == {x for x in (p.parent, p) if x != out}, path
+        assert p.is_dir() or p.read_text() == "keep"
+    out = tmp_path / "killed"  # a run killed before its first checkpoint left these rows
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                 "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 5.0

@@ -48,7 +48,13 @@ from echox.errors import ConfigError, ManifestError
 from echox.fileio import check_out_path
 from echox.hub import cache_dir
 from echox.train import stages
-from echox.train.trainer import TrainConfig, Trainer, check_no_checkpoints, encoder_cache_root
+from echox.train.trainer import (
+    TrainConfig,
+    Trainer,
+    check_no_checkpoints,
+    check_run_folder,
+    encoder_cache_root,
+)
 from echox.units.language import UnitLanguage
 
 log = logging.getLogger(__name__)
@@ -339,6 +345,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_out_path(cfg.output_dir)  # before the model is built and the data read
     if args.resume is None and not args.prepare_data:
         check_no_checkpoints(Path(cfg.output_dir))
+    if not args.prepare_data:
+        check_run_folder(Path(cfg.output_dir), keep_best=cfg.keep_best)
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at must be >= 1, got {args.stop_at}")
     model_cfg = None if args.init else load_config(str(recipe["model"]), list(recipe.get("overrides") or []))

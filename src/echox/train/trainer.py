@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from echox.errors import CheckpointError, ConfigError
+from echox.errors import CheckpointError, ConfigError, StageError
 from echox.fileio import atomic_write_text, json_lines
 from echox.hub import cache_dir
-from echox.model.checkpoint import load_weights, verify_checkpoint
+from echox.model.checkpoint import check_save_folder, load_weights, verify_checkpoint
 from echox.model.echox import EchoX
 from echox.model.precision import cpu_has_fast_bf16
 
@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 BEST_FILE = "best.json"  # in <output_dir>/best: {"step", "eval_loss"}
+# TrainConfig fields that change what a step computes; `--resume` names those that differ
+# from the checkpoint's (lr and weight_decay stay the checkpoint's: its optimizer holds them)
+RESUME_SETTINGS = ("max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
+                   "schedule", "max_grad_norm", "precision", "ctc_only", "ctc_vocab",
+                   "group_by_length", "group_pool", "seed", "cut_segments", "pseudo_labels",
+                   "target", "freeze_s2t")
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # ours -> accelerate's
 
 
@@ -119,6 +125,9 @@ class TrainConfig:
                   "precompute_batch"):
             check(getattr(self, k) >= 0, k, f"must be >= 0, got {getattr(self, k)}")
         check(0 < self.lr < math.inf, "lr", f"must be a finite number > 0, got {self.lr}")
+        check(0 <= self.weight_decay < math.inf, "weight_decay",
+              f"must be a finite number >= 0, got {self.weight_decay}")
+        check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
         check(self.max_minutes >= 0, "max_minutes", f"must be >= 0, got {self.max_minutes}")
         check(self.schedule in ("cosine", "linear", "constant"), "schedule", "cosine | linear | constant")
         check(self.precision in PRECISIONS, "precision", f"fp32 | bf16 | fp16; got {self.precision!r}")
@@ -143,6 +152,33 @@ def check_no_checkpoints(out: Path, resuming: bool = False) -> None:
                               "there, or give a new --out")
     raise CheckpointError(f"{out} holds the checkpoints of an earlier run (last {steps[-1]}); "
                           "pass --resume to continue it, or give a new --out")
+
+
+def check_run_folder(out: Path, keep_best: bool = False) -> None:
+    """Refuse, before the model is built and the data read, an output folder where what a run
+    writes is taken by something else: a folder where it writes a file (recipe.json,
+    metrics.jsonl, loss_curve.png) or the reverse, a `model/` (or, with `keep_best`, `best/`)
+    that holds other files than a checkpoint (saving replaces it whole), or a recipe.json that
+    no run wrote (a run writes its own over it)."""
+    for name in ("recipe.json", "metrics.jsonl", "loss_curve.png"):
+        if (out / name).is_dir():
+            raise ConfigError(f"--out {out}: {out / name} is a folder, where a run writes a file; "
+                              "give another --out")
+    for name in ("checkpoints", "tb", "model", "best"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise ConfigError(f"--out {out}: {out / name} is a file, where a run writes a folder; "
+                              "give another --out")
+    for name in ("model", "best") if keep_best else ("model",):
+        check_save_folder(out / name)
+    recipe = out / "recipe.json"
+    if recipe.is_file():
+        try:
+            rec = json.loads(recipe.read_text())
+        except (OSError, ValueError):
+            rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("train"), dict)):
+            raise ConfigError(f"--out {out}: its recipe.json was not written by `echox train`, and "
+                              "a run would replace it; give another --out")
 
 
 class ShardedBatches(Sampler[list[int]]):
@@ -378,11 +414,13 @@ class Trainer:
                 "train_config": asdict(self.cfg), "num_processes": self.acc.num_processes,
             }
             unwrapped = self.acc.unwrap_model(self.model)
+            # `replace`: a step folder already there is this run's own, skipped on resume as
+            # broken (a config.json cut by a kill, say); the new one takes its place
             unwrapped.save_pretrained(
                 folder,
                 extra_files={"training_args.json": json.dumps(asdict(self.cfg), indent=2)},
                 extra_writer=lambda tmp: torch.save(state, tmp / STATE_FILE),
-                full_state=full_state,
+                full_state=full_state, replace=folder.is_dir(),
             )
             for old in sorted((self.out / "checkpoints").glob("step-*"))[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -433,19 +471,44 @@ class Trainer:
         if not (folder / STATE_FILE).is_file():
             raise CheckpointError(f"cannot resume: {folder / STATE_FILE} is missing")
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        was = (state.get("train_config") or {}).get("stage") if isinstance(state, dict) else None
+        if was is not None and was != self.cfg.stage:
+            raise CheckpointError(f"cannot resume stage {self.cfg.stage} from {folder}: it is a "
+                                  f"checkpoint of stage {was}")
         load_weights(self.acc.unwrap_model(self.model), folder)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.sampler.epoch, self.sampler.index = int(state["epoch"]), int(state["index"])
+        self._warn_changed_settings(state.get("train_config") if isinstance(state, dict) else None)
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            self.sampler.epoch, self.sampler.index = int(state["epoch"]), int(state["index"])
+        except (KeyError, TypeError, ValueError) as e:  # another run's trainable parameters
+            raise CheckpointError(f"cannot resume from {folder}: its optimizer state does not fit "
+                                  f"this run's trainable parameters ({e})") from e
         rng = folder / f"rng_state_{self.acc.process_index}.pt"
+        restored = False
         if rng.is_file() and state.get("num_processes") == self.acc.num_processes:
-            _set_rng_state(torch.load(rng, weights_only=False))
-        else:
+            try:  # written after the checkpoint, outside its checksums: a kill can cut it
+                _set_rng_state(torch.load(rng, weights_only=False))
+                restored = True
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with it, go on without it
+                log.warning("unreadable RNG state %s (%s: %s)", rng, type(e).__name__, e)
+        if not restored:
             log.warning("no RNG state for this process in %s; dropout noise will differ", folder)
         self.best = self._read_best()
         self._drop_metrics_after(self.step)
         self.acc.print(f"resumed from {folder} at step {self.step}")
+
+    def _warn_changed_settings(self, was: Any) -> None:
+        """Name the settings of `RESUME_SETTINGS` that differ from the checkpoint's."""
+        if not isinstance(was, dict):
+            return
+        now = asdict(self.cfg)
+        changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in RESUME_SETTINGS if k in was and was[k] != now[k]]
+        if changed:
+            log.warning("--resume: the checkpoint was trained with other settings (%s); the run "
+                        "goes on with the new ones, except lr and weight_decay, which stay the "
+                        "checkpoint's", ", ".join(changed))
 
     def _drop_metrics_after(self, step: int) -> None:
         """Forget the logged rows of the steps after `step` (an interrupted run logged them past
@@ -518,6 +581,8 @@ class Trainer:
             check_no_checkpoints(self.out)
         else:
             self._resume(resume)
+        if self.step == 0:  # rows of an earlier run here that was stopped before a checkpoint
+            self._drop_metrics_after(0)
         if self.acc.is_main_process:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -557,6 +622,11 @@ class Trainer:
                 if trim is not None:
                     trim(0)
                 loss = float(self.acc.gather(torch.tensor([acc_loss], device=self.acc.device)).mean())
+                if not math.isfinite(loss):  # every process sees the gathered loss: all stop
+                    raise StageError(
+                        f"step {self.step}: the training loss is {loss}, so the run stops and "
+                        "saves nothing of this step (a too high train.lr, or a batch the model "
+                        "cannot use, such as audio far louder than speech)")
                 first = loss if math.isnan(first) else first
                 last = loss
                 dt = max(time.time() - t0, 1e-9)
