@@ -747,3 +747,17 @@ def test_cpu_steps_hand_freed_heap_back(tmp_path, monkeypatch):
     trim = trainer_mod.heap_trimmer()
     if platform.libc_ver()[0] == "glibc":
         assert trim is not None and trim(0) in (0, 1)
+
+
+def test_resume_from_a_run_folder_takes_its_newest_checkpoint(tmp_path):
+    """`--resume runs/x` (the run, not runs/x/checkpoints/step-N) said a config.json was missing."""
+    from echox.errors import CheckpointError
+
+    _run("t2c", tmp_path / "a", max_steps=4, save_every=2)
+    _, res = _run("t2c", tmp_path / "b", max_steps=6, save_every=2, resume=str(tmp_path / "a" / "t2c"))
+    assert res.step == 6
+    rows = [json.loads(x) for x in (tmp_path / "b" / "t2c" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [5, 6]  # it went on from a's step 4
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        _run("t2c", tmp_path / "c", max_steps=6, resume=str(tmp_path / "empty"))

@@ -409,7 +409,8 @@ def stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", dest="output_dir", help="output folder (checkpoints, logs, model/)")
     p.add_argument("--init", help="start from this EchoX checkpoint (echo: the Stage I output)")
     p.add_argument("--t2c-from", help="echo: take the trained T2C from this Stage II checkpoint")
-    p.add_argument("--resume", nargs="?", const="latest", help="resume: 'latest' or a checkpoint folder")
+    p.add_argument("--resume", nargs="?", const="latest", help="resume: 'latest' (the --out run's newest checkpoint), a checkpoint folder, or "
+                        "another run folder (its newest checkpoint)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

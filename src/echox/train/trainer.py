@@ -467,6 +467,12 @@ class Trainer:
                 return
         else:
             folder = Path(resume)
+            if (folder / "checkpoints").is_dir() and not (folder / "config.json").exists():
+                run = folder  # a run folder: its newest complete checkpoint
+                folder = find_latest_checkpoint(run)
+                if folder is None:
+                    raise CheckpointError(f"cannot resume from {run}: no complete checkpoint in "
+                                          f"{run / 'checkpoints'}")
             verify_checkpoint(folder)
         if not (folder / STATE_FILE).is_file():
             raise CheckpointError(f"cannot resume: {folder / STATE_FILE} is missing")
