@@ -761,3 +761,17 @@ def test_resume_from_a_run_folder_takes_its_newest_checkpoint(tmp_path):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         _run("t2c", tmp_path / "c", max_steps=6, resume=str(tmp_path / "empty"))
+
+
+def test_a_nan_eval_loss_never_becomes_the_best(tmp_path):
+    model = stages.prepare_model("t2c", preset_config("tiny-random"))
+    tr = Trainer(model, _cfg(tmp_path, "t2c", keep_best=True, max_steps=1, save_every=0),
+                 stages.ListDataset(t2c_examples()), stages.t2c_collator(model))
+    tr.step = 1
+    tr._save_best(float("nan"))
+    assert tr.best is None and not (tmp_path / "t2c" / "best").exists()
+    tr._save_best(2.5)
+    tr.step = 2
+    tr._save_best(float("nan"))
+    assert tr.best == (1, 2.5)
+    assert json.loads((tmp_path / "t2c" / "best" / "best.json").read_text())["step"] == 1

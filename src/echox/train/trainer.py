@@ -444,7 +444,11 @@ class Trainer:
             return None
 
     def _save_best(self, ev: float) -> None:
-        """Write <out>/best when `ev` is the lowest eval loss so far (`train.keep_best`)."""
+        """Write <out>/best when `ev` is the lowest eval loss so far (`train.keep_best`); a loss
+        that is not finite never is (NaN compares false with everything: it replaced the best)."""
+        if not math.isfinite(ev):
+            log.warning("step %d: the eval loss is %s; %s/best is kept as it is", self.step, ev, self.out)
+            return
         if self.best is not None and ev >= self.best[1]:
             return
         self.best = (self.step, ev)
