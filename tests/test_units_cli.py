@@ -219,3 +219,110 @@ def test_read_manifest_keeps_fields_and_odd_line_breaks(tmp_path: Path) -> None:
     m = read_manifest(p)
     assert m.kind == "tts" and m.raw == recs and m.lines == [1, 2]
     assert [m.key(0), m.key(1)] == ["a", "m.jsonl:2"]
+
+
+def test_outputs_are_checked_first_and_inputs_never_replaced(
+        corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tts = tmp_path / "tts.jsonl"  # a copy beside its audio, so the corpus stays as it was
+    tts.write_text((corpus / "tts.jsonl").read_text().replace("audio/", str(corpus / "audio") + "/"))
+    before = tts.read_bytes()
+    km = tmp_path / "km.joblib"
+    kmeans = ["units", "train-kmeans", "--manifest", str(tts), "--features", TINY, "--layer", "1",
+              "--k", "8", "--quiet"]
+    assert main([*kmeans, "--out", str(tts)]) == 2  # would overwrite its own manifest
+    assert "is the input" in _err(capsys)
+    with pytest.raises(SystemExit):
+        main([*kmeans, "--out", str(km), "--seed", "-1"])
+    assert "--seed: must be >= 0" in capsys.readouterr().err
+    assert main([*kmeans, "--out", str(km)]) == 0
+    capsys.readouterr()
+
+    ext = ["units", "extract", "--manifest", str(tts), "--kmeans", str(km), "--quiet"]
+    (tmp_path / "folder").mkdir()
+    assert main([*ext, "--out", str(tmp_path / "folder")]) == 2
+    assert "is a folder" in _err(capsys)
+    assert main([*ext, "--out", str(tts)]) == 2
+    assert "is the input" in _err(capsys)
+    assert main([*ext, "--out", str(tmp_path / "u.jsonl"), "--cache", str(tts)]) == 2
+    assert "--cache" in _err(capsys) and tts.read_bytes() == before
+    assert main([*ext, "--out", str(tmp_path / "u.jsonl"), "--cache", str(corpus)]) == 2
+    assert "holds other files" in _err(capsys)
+    for w in ("nan", "inf"):
+        assert main([*ext, "--out", str(tmp_path / "u.jsonl"), "--window-seconds", w]) == 2
+        assert "--window-seconds must be" in _err(capsys)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    assert main([*ext[:3], str(deep), *ext[4:], "--out", str(tmp_path / "u.jsonl")]) == 2
+    assert "nested too deeply" in _err(capsys)
+    assert tts.read_bytes() == before and not (tmp_path / "u.jsonl").exists()
+
+    # the k-means' side file: not an object, or another k-means' (a stale pairing)
+    meta = tmp_path / "km.joblib.json"
+    good = meta.read_text()
+    meta.write_text("[1, 2]\n")
+    assert main([*ext, "--out", str(tmp_path / "u.jsonl")]) == 2
+    assert "not a k-means side file" in _err(capsys)
+    meta.write_text(good.replace('"k": 8', '"k": 16'))
+    assert main([*ext, "--out", str(tmp_path / "u.jsonl")]) == 2
+    assert "belongs to another k-means" in _err(capsys)
+    meta.write_text(good)
+    # a retrain killed while saving never leaves the new k-means beside the old side file
+    from echox.units.kmeans import UnitKMeans
+
+    def killed(self: UnitKMeans, path: str) -> None:
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(UnitKMeans, "save", killed)
+        assert main([*kmeans, "--out", str(km), "--layer", "0"]) == 130
+    capsys.readouterr()
+    assert not meta.exists()
+    assert main([*kmeans, "--out", str(km)]) == 0
+    capsys.readouterr()
+
+    units = tmp_path / "units.jsonl"
+    assert main([*ext, "--out", str(units)]) == 0
+    capsys.readouterr()
+    units_bytes = units.read_bytes()
+    att = ["units", "attach", "--dialogues", str(corpus / "dialogues.jsonl"), "--tts-units", str(units)]
+    assert main([*att, "--out", str(units)]) == 2
+    assert "is the input" in _err(capsys) and units.read_bytes() == units_bytes
+
+    # unit-language folders: never one of other files; replaced whole, so a killed save
+    # leaves the old language
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_text("{}")
+    lang = ["units", "train-language", "--manifest", str(units), "--kmeans", str(km), "--vocab-size", "12"]
+    assert main([*lang, "--out", str(model)]) == 2
+    assert "holds other files" in _err(capsys) and (model / "tokenizer.json").read_text() == "{}"
+    with pytest.raises(SystemExit):
+        main([*lang, "--out", str(tmp_path / "l"), "--seed", "-3"])
+    capsys.readouterr()
+    assert main([*lang, "--out", str(tmp_path / "l")]) == 0
+    capsys.readouterr()
+    old = {p.name: p.read_bytes() for p in (tmp_path / "l").iterdir()}
+
+    def half(self: UnitLanguage, directory: str) -> None:
+        (Path(directory) / "tokenizer.json").write_text("{}")
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(UnitLanguage, "save", half)
+        assert main([*lang[:-1], "16", "--out", str(tmp_path / "l")]) == 130
+    capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "l").iterdir()} == old
+
+    stats = ["units", "stats", "--manifest", str(units), "--kmeans", str(km), "--vocab-sizes", "8,12"]
+    assert main([*stats, "--json", str(units)]) == 2
+    assert "is the input" in _err(capsys) and units.read_bytes() == units_bytes
+    assert main([*stats, "--json", str(tmp_path / "folder")]) == 2
+    assert "is a folder" in _err(capsys)
+    assert main([*stats, "--png", str(tmp_path / "plot.xyz")]) == 2
+    assert "ending in .png" in _err(capsys)
+    assert main([*stats, "--save-dir", str(tts)]) == 2
+    assert "is a file" in _err(capsys)
+    small = tmp_path / "k4"
+    UnitLanguage.identity(4).save(small)
+    assert main([*stats, "--language", str(small)]) == 2
+    assert "has K=4 units" in _err(capsys)
+    assert tts.read_bytes() == before and units.read_bytes() == units_bytes

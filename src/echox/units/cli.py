@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -38,8 +39,10 @@ import torch
 from echox.config import int_at_least
 from echox.data.manifest import read_jsonl, write_jsonl
 from echox.errors import ManifestError, UnitError
-from echox.fileio import check_out_path
+from echox.fileio import (atomic_dir, atomic_write_text, check_out_path, check_replaceable,
+                          json_lines)
 from echox.units.extract import (
+    CACHE_META,
     HubertFeatures,
     UnitExtractor,
     WhisperLayerFeatures,
@@ -48,7 +51,7 @@ from echox.units.extract import (
     train_kmeans_on_corpus,
 )
 from echox.units.kmeans import UnitKMeans
-from echox.units.language import UnitLanguage, compression_stats, plot_stats
+from echox.units.language import META_FILE, UnitLanguage, compression_stats, plot_stats
 
 __all__ = [
     "FeatureSpec", "Manifest", "cmd_attach", "cmd_extract", "cmd_stats",
@@ -127,13 +130,12 @@ def read_manifest(path: str | os.PathLike, kind: str | None = None) -> Manifest:
     # split on "\n" only, as read_jsonl does: str.splitlines() also breaks at U+2028 and friends
     lines = p.read_bytes().decode("utf-8", errors="replace").split("\n")
     if kind is None:
-        first = next((ln for ln in lines if ln.strip()), None)
+        first = next(json_lines(p), None)  # a line too deep or too long to read is an error too
         if first is None:
             raise ManifestError(f"{p}: the manifest is empty")
-        try:
-            obj = json.loads(first)
-        except json.JSONDecodeError as err:
-            raise ManifestError(f"{p}: first record is not JSON ({err.msg})") from err
+        if first.error is not None:
+            raise ManifestError(f"{p}:{first.lineno}: first record is {first.error}")
+        obj = first.value
         kind = "dialogue" if isinstance(obj, dict) and "conversations" in obj else "tts"
     rep = read_jsonl(p, kind, on_error="stop")
     if not rep.records:
@@ -210,6 +212,32 @@ def _device(name: str | None) -> str | None:
     return name
 
 
+def _out_file(path: str | os.PathLike, option: str, inputs: Sequence[str | os.PathLike]) -> Path:
+    """An output file, checked before any slow work: not a folder, not below a file, and not
+    one of the `inputs` (writing it would replace what the command reads)."""
+    out = check_out_path(path, option, folder=False)
+    for src in inputs:
+        if out.is_file() and Path(src).is_file() and os.path.samefile(out, src):
+            raise UnitError(f"{option} {out} is the input {src}: writing it would replace the "
+                            "input; give another file")
+    return out
+
+
+def _check_cache_dir(cache: Path) -> None:
+    """`--cache` must be a folder that is new, empty or an extraction cache (hash-named
+    shards, `extractor.json`): shards are never written among other files."""
+    if cache.exists() and not cache.is_dir():
+        raise UnitError(f"--cache {cache} is a file; give a folder")
+    check_out_path(cache, "--cache")
+    if cache.is_dir() and not (cache / CACHE_META).is_file():
+        other = sorted(x.name for x in cache.iterdir()
+                       if not (x.is_dir() and re.fullmatch(r"[0-9a-f]{2}", x.name)))
+        if other:
+            shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+            raise UnitError(f"--cache {cache} holds other files ({shown}), not a unit cache; "
+                            "give a new or empty folder")
+
+
 def _num_units(args: argparse.Namespace, seqs: list[tuple[str, list[int]]]) -> int:
     """K from --num-units, else from --kmeans, else the largest unit + 1 (with a note)."""
     if args.num_units is not None:
@@ -263,31 +291,48 @@ def cmd_train_kmeans(args: argparse.Namespace) -> int:
         raise UnitError(f"--k {args.k} needs at least that many frames, but --max-frames is {args.max_frames}")
     if args.batch_size < 1:
         raise UnitError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_out_path(args.out, folder=False)
+    _out_file(args.out, "--out", args.manifest)
+    _out_file(kmeans_meta_path(args.out), "k-means side file", args.manifest)
     items = _kmeans_items(args.manifest, args.dialogue_roles)
     t0 = time.perf_counter()
     feats = spec.build(args.layer, _device(args.device))
     km = train_kmeans_on_corpus(items, feats, n_clusters=args.k, max_frames=args.max_frames,
-                                seed=args.seed, batch_size=args.batch_size, out_path=args.out,
-                                progress=not args.quiet)
+                                seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
     meta = {"features": str(spec), "layer": args.layer, "k": km.n_clusters, "dim": km.dim,
             "max_frames": args.max_frames, "seed": args.seed,
             "manifests": [str(Path(m).resolve()) for m in args.manifest]}
-    kmeans_meta_path(args.out).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    # The old side file goes first: a run killed between the two writes leaves a k-means
+    # without one (extract then asks for --features/--layer), never one that names another
+    # layer or K.
+    kmeans_meta_path(args.out).unlink(missing_ok=True)
+    km.save(args.out)
+    atomic_write_text(kmeans_meta_path(args.out), json.dumps(meta, indent=1) + "\n")
     print(f"k-means K={km.n_clusters} on {spec} layer {args.layer} ({len(items)} audio files) "
           f"-> {args.out} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
-def _extractor_spec(args: argparse.Namespace) -> tuple[FeatureSpec, int]:
+def _extractor_spec(args: argparse.Namespace, km: UnitKMeans) -> tuple[FeatureSpec, int]:
     """--features/--layer, defaulting to (and checked against) the k-means' side file."""
     meta_path = kmeans_meta_path(args.kmeans)
     meta: dict[str, Any] = {}
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise UnitError(f"{meta_path}: not readable JSON ({err})") from err
+        if (not isinstance(meta, dict)
+                or not isinstance(meta.get("features", ""), str)
+                or isinstance(meta.get("layer"), bool)
+                or not isinstance(meta.get("layer", 0), int)):
+            raise UnitError(f"{meta_path}: not a k-means side file (expected an object with a "
+                            "string 'features' and an integer 'layer')")
+        for key, have in (("k", km.n_clusters), ("dim", km.dim)):
+            if key in meta and meta[key] != have:
+                raise UnitError(f"{meta_path} describes a k-means with {key} {meta[key]}, but "
+                                f"{args.kmeans} has {have}: the side file belongs to another "
+                                "k-means (train it again, or remove the side file and give "
+                                "--features and --layer)")
     features = args.features or meta.get("features")
     layer = args.layer if args.layer is not None else meta.get("layer")
     if features is None or layer is None:
@@ -302,19 +347,23 @@ def _extractor_spec(args: argparse.Namespace) -> tuple[FeatureSpec, int]:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    out = _out_file(args.out, "--out", [args.manifest])
+    cache = Path(args.cache) if args.cache else out.with_name(out.stem + ".cache")
+    _check_cache_dir(cache)
+    if args.window_seconds is not None and not (math.isfinite(args.window_seconds)
+                                                and args.window_seconds > 0):
+        raise UnitError(f"--window-seconds must be a number of seconds > 0, got {args.window_seconds}")
     m = read_manifest(args.manifest)
     if m.kind != "tts":
         raise UnitError(f"{m.path} is a dialogues manifest: extract units from the TTS manifest "
                         "of the responses, then `echox units attach` them")
     km = UnitKMeans.load(args.kmeans)
-    spec, layer = _extractor_spec(args)
+    spec, layer = _extractor_spec(args, km)
     items: list[tuple[str, Path]] = []
     for i, rec in enumerate(m.records):
         if not isinstance(rec.audio, str):
             raise ManifestError(f"{m.path}:{m.lines[i]}: record has no audio to extract units from")
         items.append((m.key(i), m.audio_path(rec.audio)))
-    out = Path(args.out)
-    cache = Path(args.cache) if args.cache else out.with_name(out.stem + ".cache")
     t0 = time.perf_counter()
     if args.threads is not None:  # >= 1: checked by the parser
         torch.set_num_threads(args.threads)
@@ -346,6 +395,7 @@ def _norm_text(s: str) -> str:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
+    out = _out_file(args.out, "--out", [args.dialogues, args.tts_units])
     d = read_manifest(args.dialogues)
     t = read_manifest(args.tts_units)
     if d.kind != "dialogue":
@@ -355,7 +405,6 @@ def cmd_attach(args: argparse.Namespace) -> int:
     by_id = {t.key(i): rec for i, rec in enumerate(t.records) if rec.units}
     if not by_id:
         raise UnitError(f"{t.path}: no record has units (run `echox units extract` first)")
-    out = Path(args.out)
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
     mismatched: list[str] = []
@@ -403,8 +452,25 @@ _TABLE_HEAD = ("| vocab size | units/token | units p50 / p90 / p99 | tokens p50 
                "|---|---|---|---|")
 
 
+def _language_dir(path: str | os.PathLike, option: str) -> Path:
+    """A unit-language folder to be replaced whole: new, empty or an earlier unit language
+    (never a folder of other files, such as a model's, whose tokenizer.json it would replace)."""
+    check_out_path(path, option)
+    return check_replaceable(path, f"saving a unit language ({option})", error=UnitError,
+                             is_earlier_save=lambda d: (d / META_FILE).is_file())
+
+
+def _save_language(lang: UnitLanguage, folder: Path, info: dict[str, Any] | None = None) -> None:
+    """Write the language (and its train_stats.json) in one rename: a killed run leaves the
+    old folder or the new one, never a mix."""
+    with atomic_dir(folder) as tmp:
+        lang.save(tmp)
+        if info is not None:
+            (tmp / "train_stats.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
 def cmd_train_language(args: argparse.Namespace) -> int:
-    check_out_path(args.out)
+    out = _language_dir(args.out, "--out")
     if args.min_frequency < 0:
         raise UnitError(f"--min-frequency must be >= 0, got {args.min_frequency}")
     seqs = _unit_sequences(args.manifest, args.exclude_id_suffix)
@@ -413,17 +479,17 @@ def cmd_train_language(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     lang = UnitLanguage.train([seqs[i][1] for i in train_idx], num_units=k, vocab_size=args.vocab_size,
                               max_token_units=args.max_token_units, min_frequency=args.min_frequency)
-    lang.save(args.out)
     info: dict[str, Any] = {"num_units": k, "vocab_size": lang.vocab_size, "asked_vocab_size": args.vocab_size,
                             "max_token_units": args.max_token_units, "train_sequences": len(train_idx),
                             "heldout_sequences": len(held_idx), "seed": args.seed}
+    if held_idx:
+        info["heldout"] = compression_stats(lang, [seqs[i][1] for i in held_idx])
+    _save_language(lang, out, info)
     print(f"unit language: {lang.vocab_size} tokens over K={k} units, trained on {len(train_idx)} "
           f"sequences in {time.perf_counter() - t0:.1f}s -> {args.out}")
     if held_idx:
-        s = compression_stats(lang, [seqs[i][1] for i in held_idx])
-        info["heldout"] = s
-        print(f"held-out {len(held_idx)} sequences:\n{_TABLE_HEAD}\n{_stats_line(s, args.vocab_size)}")
-    (Path(args.out) / "train_stats.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        print(f"held-out {len(held_idx)} sequences:\n{_TABLE_HEAD}\n"
+              f"{_stats_line(info['heldout'], args.vocab_size)}")
     return 0
 
 
@@ -441,6 +507,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     sizes = _vocab_sizes(args.vocab_sizes)
     if not sizes and not args.language:
         raise UnitError("give --vocab-sizes to train languages, or --language DIR to load them")
+    # every output is checked before any language is trained
+    if args.json:
+        _out_file(args.json, "--json", args.manifest)
+    if args.png:
+        _out_file(args.png, "--png", args.manifest)
+        _check_plot_suffix(args.png)
+    save_dirs = {v: _language_dir(Path(args.save_dir) / f"v{v}", "--save-dir")
+                 for v in sizes} if args.save_dir else {}
     seqs = _unit_sequences(args.manifest, args.exclude_id_suffix)
     k = _num_units(args, seqs) if sizes else 0
     for v in sizes:
@@ -452,15 +526,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     held = [seqs[i][1] for i in held_idx]
     rows: list[tuple[int | None, dict[str, float]]] = []
     notes: list[str] = []
+    top = max(max(u) for u in held if u) if any(held) else -1
     for d in args.language or []:
-        rows.append((None, compression_stats(UnitLanguage.load(d), held)))
+        loaded = UnitLanguage.load(d)
+        if top >= loaded.num_units:
+            raise UnitError(f"--language {d} has K={loaded.num_units} units, but the manifest "
+                            f"holds unit {top}: it belongs to another k-means")
+        rows.append((None, compression_stats(loaded, held)))
         notes.append(f"loaded {d}")
     for v in sizes:
         t0 = time.perf_counter()
         lang = UnitLanguage.train([seqs[i][1] for i in train_idx], num_units=k, vocab_size=v,
                                   max_token_units=args.max_token_units, min_frequency=args.min_frequency)
-        if args.save_dir:
-            lang.save(Path(args.save_dir) / f"v{v}")
+        if v in save_dirs:
+            _save_language(lang, save_dirs[v])
         rows.append((v, compression_stats(lang, held)))
         notes.append("")
         print(f"[units] vocab {v}: trained in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -473,9 +552,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
         plot_stats(stats, args.png)
         print(f"plot -> {args.png}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([{"asked_vocab_size": a, **s} for a, s in rows], indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps([{"asked_vocab_size": a, **s} for a, s in rows],
+                                                indent=1) + "\n")
     return 0
+
+
+def _check_plot_suffix(path: str) -> None:
+    """`--png`: a suffix matplotlib writes (without one it would add `.png` to the name)."""
+    from matplotlib.figure import Figure
+
+    kinds = Figure().canvas.get_supported_filetypes()
+    if Path(path).suffix.lower().lstrip(".") not in kinds:
+        raise UnitError(f"--png {path}: give a file name ending in .png (or one of "
+                        f"{', '.join('.' + k for k in sorted(kinds))})")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -489,7 +578,7 @@ def _common_lang(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-token-units", type=int, default=8, help="longest token, in units")
     p.add_argument("--min-frequency", type=int, default=2, help="least count of an n-gram to merge")
     p.add_argument("--heldout", type=float, default=0.1, help="fraction held out to measure compression")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the held-out split")
     p.add_argument("--exclude-id-suffix", action="append", default=[], metavar="SUFFIX",
                    help="skip records whose id ends so; e.g. --exclude-id-suffix=-q drops the tiny "
                         "corpus' questions (write it with '=' when it starts with '-')")
@@ -505,7 +594,7 @@ def train_kmeans_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dialogue-roles", choices=["user", "assistant", "both"], default="both",
                    help="which turns' audio of a dialogues manifest to use")
     p.add_argument("--out", required=True, help="k-means file (.joblib, or .npy for centroids)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", help="cpu / cuda (default: the GPU when there is one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

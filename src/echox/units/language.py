@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from echox.errors import UnitError
+from echox.fileio import atomic_open
 from echox.units.kmeans import dedup
 
 # Unicode Private Use Area U+E000..U+F8FF: 6400 code points, never touched by normalisers.
@@ -354,6 +355,8 @@ def plot_stats(rows: Sequence[Mapping[str, float]], path: str | Path) -> None:
     fig.suptitle("Unit language: compression vs vocabulary size")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:  # atomically: a failed or killed write leaves an older plot whole
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
