@@ -384,3 +384,15 @@ def test_a_deeply_nested_line_is_a_bad_line(tmp_path):
     assert len(rep.records) == 1 and rep.bad_lines == [(2, "malformed JSON (nested too deeply)")]
     with pytest.raises(ManifestError, match=r"t\.jsonl:2: malformed JSON \(nested too deeply\)"):
         read_jsonl(p, "tts")
+
+
+def test_read_dialogues_json_too_deep_or_too_long_is_a_manifest_error(tmp_path):
+    """A data.json nested past Python's recursion limit, or with a 5,000-digit number, is one
+    clear error (`echox data validate` exits 2), not a traceback."""
+    bad = tmp_path / "data.json"
+    bad.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError, match="not a readable JSON file"):
+        read_dialogues_json(bad)
+    bad.write_text('[{"id": ' + "1" * 5000 + "}]")
+    with pytest.raises(ManifestError, match="not a readable JSON file"):
+        read_dialogues_json(bad)

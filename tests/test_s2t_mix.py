@@ -312,3 +312,51 @@ def test_speak_answers_needs_echo_extra(tmp_path, capsys):
     assert main(["data", "s2t-mix", "--corpus", str(corpus), "--voice", "", "--no-asr",
                  "--speak-answers", "--quiet"]) == 2
     assert "--speak-answers speaks the --echo-extra answers" in capsys.readouterr().err
+
+
+def test_mix_names_rows_without_id_or_text_and_ids_that_are_paths(tmp_path, capsys):
+    """A dialogue or TTS row with no id, a first turn with no value, or an id such as
+    `../../x` (which would write a wav outside the corpus) is one error naming its line;
+    nothing is spoken or written."""
+    from echox.cli import main
+
+    corpus = _corpus(tmp_path)
+    train = corpus / "train"
+    good = (train / "dialogues.jsonl").read_text()
+    for row in ({"conversations": [{"from": "user", "value": "q", "audio": "audio/q/x0.wav"}]},
+                {"id": "z", "conversations": [{"from": "user", "audio": "audio/q/x0.wav"}]},
+                {"id": "../../../evil", "conversations": [
+                    {"from": "user", "value": "q", "audio": "audio/q/x0.wav"}]}):
+        (train / "dialogues.jsonl").write_text(good + json.dumps(row) + "\n")
+        with pytest.raises(ManifestError, match=r"dialogues\.jsonl line 4: expected an \"id\""):
+            build_s2t_mix(corpus, voice="en-gb")
+    assert not (tmp_path / "evil.wav").exists() and not (train / "audio" / "q_en-gb").exists()
+    (train / "dialogues.jsonl").write_text(good)
+    with (train / "tts.jsonl").open("a") as f:
+        f.write(json.dumps({"text": "no id", "audio": "audio/a/x0.wav"}) + "\n")
+    assert main(["data", "s2t-mix", "--corpus", str(corpus), "--voice", "", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'tts.jsonl line 7: expected an "id"' in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["data", "s2t-mix", "--corpus", str(corpus), "--workers", "0"])
+    assert "--workers: must be >= 1" in capsys.readouterr().err
+    assert not (train / "asr.jsonl").exists()
+
+
+def test_asr_tts_rerun_replaces_a_clip_whose_row_names_other_audio(tmp_path):
+    """The resumed step keeps a linked clip only while it is still the row's audio: a TTS
+    manifest that now names another file for the same id gets that file, not the old one."""
+    corpus = _corpus(tmp_path)
+    train = corpus / "train"
+    src = tmp_path / "tts_extra"
+    src.mkdir()
+    sf.write(src / "one.wav", noise(0.5, 1), 16000)
+    sf.write(src / "two.wav", noise(0.6, 2), 16000)
+    manifest = src / "tts.jsonl"
+    manifest.write_text(json.dumps({"id": "f1", "text": "Fact one.", "audio": "one.wav"}) + "\n")
+    build_asr_tts(corpus, manifest)
+    clip = train / "audio" / "tx" / "f1.wav"
+    assert clip.read_bytes() == (src / "one.wav").read_bytes()
+    manifest.write_text(json.dumps({"id": "f1", "text": "Fact two.", "audio": "two.wav"}) + "\n")
+    assert build_asr_tts(corpus, manifest)["tts_asr_turns"] == 1
+    assert clip.read_bytes() == (src / "two.wav").read_bytes()

@@ -316,3 +316,31 @@ def test_build_tiny_refuses_bad_numbers_before_any_work(tmp_path, capsys):
         with pytest.raises(DataBuildError, match=f"{name} must be a whole number"):
             build_tiny_corpus(out, progress=False, **kw)
     assert not out.exists()
+
+
+def test_bad_question_files_and_build_json_are_one_line_errors(tmp_path, capsys):
+    """answers that are not a list, an id that is a path, and a damaged build.json stop the
+    build with one line; a refused question file leaves no folder (nor build.json) behind."""
+    from echox.cli import main
+
+    ok = {"id": "b", "question": "Who wrote Hamlet?", "answers": ["Shakespeare"]}
+    out = tmp_path / "corpus"
+    for bad, why in (({"id": "a", "question": "Why?", "answers": 5}, "'answers' must be"),
+                     ({"id": "../../evil", "question": "Why?", "answers": ["x"]}, "file name")):
+        q = _write(tmp_path / "q.jsonl", [bad, ok])
+        with pytest.raises(DataBuildError, match=why):
+            load_questions(q)
+        assert main(["data", "build-tiny", "--out", str(out), "--questions", str(q), "--limit", "2",
+                     "--no-espeak", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and len(err.splitlines()) == 1
+        assert not out.exists()
+    q = _write(tmp_path / "q.jsonl", [{**ok, "id": "a", "question": "Why?"}, ok])
+    out.mkdir()
+    for text in ("{broken", "[1]"):
+        (out / "build.json").write_text(text)
+        assert main(["data", "build-tiny", "--out", str(out), "--questions", str(q), "--limit", "2",
+                     "--no-espeak", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "build.json" in err and len(err.splitlines()) == 1
+        assert (out / "build.json").read_text() == text

@@ -389,7 +389,7 @@ def read_dialogues_json(path: str | os.PathLike, on_error: OnError = "stop") -> 
         raise ManifestError(f"{p}: data.json not found (extract the tar shard first)")
     try:
         items = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # also a number too long, a list too deep
         raise ManifestError(f"{p}: not a readable JSON file ({err})") from err
     if not isinstance(items, list):
         raise ManifestError(f"{p}: expected a JSON list of dialogues, got {type(items).__name__}")

@@ -63,6 +63,11 @@ def _conversations(d: dict[str, Any], where: str) -> list[dict[str, Any]]:
     return conv
 
 
+def _file_id(rid: Any) -> bool:
+    """An id usable as a file name inside its folder (no path of its own: never `a/b`, `..`)."""
+    return isinstance(rid, str) and bool(rid) and "/" not in rid and rid not in (".", "..")
+
+
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -75,7 +80,7 @@ def _id_text_rows(path: Path, audio: bool = False) -> list[dict[str, Any]]:
     want = '{"id": str, "text": str' + (', "audio": str}' if audio else "}")
     for i, r in enumerate(rows, 1):
         rid, text = r.get("id"), r.get("text")
-        if (not isinstance(rid, str) or not rid or "/" in rid or not isinstance(text, str)
+        if (not _file_id(rid) or not isinstance(text, str)
                 or not text.strip() or (audio and not (isinstance(r.get("audio"), str) and r["audio"]))):
             raise ManifestError(f"{path} line {i}: expected {want}")
         if rid in ids:
@@ -104,8 +109,12 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
                               "voice (e.g. en-gb, en-gb-x-rp, en-029) so the test voice stays unseen")
         folder = f"q_{voice.replace('+', '_')}"
         jobs = []
-        for d in dialogues:
-            user = _conversations(d, str(train / "dialogues.jsonl"))[0]
+        where = train / "dialogues.jsonl"
+        for i, d in enumerate(dialogues, 1):
+            user = _conversations(d, f"{where} line {i}:")[0]
+            if not _file_id(d.get("id")) or not isinstance(user.get("value"), str):
+                raise ManifestError(f"{where} line {i}: expected an \"id\" usable as a file name "
+                                    "and a first turn with a \"value\" string")
             jobs.append((user["value"], train / "audio" / folder / f"{d['id']}.wav"))
         todo = [(t, p) for t, p in jobs if not p.is_file()]
         made, failed = espeak_synthesize(todo, progress=progress, voice=voice)
@@ -122,7 +131,14 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
         _write(train / f"dialogues_{voice}.jsonl", extra)
         counts.update(voice_made=made, voice_failed=len(failed), voice_dialogues=len(extra))
     if asr:
-        rows = [asr_turn(r["id"], r["text"], r["audio"]) for r in tts if r.get("text") and r.get("audio")]
+        rows = []
+        for i, r in enumerate(tts, 1):
+            if not (isinstance(r.get("text"), str) and r["text"] and isinstance(r.get("audio"), str)):
+                continue
+            if not isinstance(r.get("id"), (str, int)) or isinstance(r["id"], bool):
+                raise ManifestError(f"{train / 'tts.jsonl'} line {i}: expected an \"id\" beside "
+                                    "its \"text\" and \"audio\"")
+            rows.append(asr_turn(str(r["id"]), r["text"], r["audio"]))
         rows += [asr_turn(e["id"], e["conversations"][0]["value"], e["conversations"][0]["audio"])
                  for e in extra]
         _write(train / "asr.jsonl", rows)
@@ -154,6 +170,7 @@ def build_asr_tts(corpus: str | Path, tts_manifest: str | Path) -> dict[str, int
     """ASR turns from clips already spoken: each row of `tts_manifest` (`{"id", "text",
     "audio"}`, audio relative to its folder) becomes a turn of `corpus/train/asr_tts.jsonl`,
     its clip hard-linked (copied when it cannot be) to `train/audio/tx/<id>.wav`."""
+    import filecmp
     import os
     import shutil
 
@@ -172,7 +189,10 @@ def build_asr_tts(corpus: str | Path, tts_manifest: str | Path) -> dict[str, int
             missing += 1
             continue
         out = dst_dir / f"{rid}{clip.suffix}"
-        if not out.is_file():
+        # a clip made by an earlier run is kept only while it is still this row's audio (the
+        # manifest may now name another file for the same id): else it is replaced
+        if not out.is_file() or not (os.path.samefile(clip, out)
+                                     or filecmp.cmp(clip, out, shallow=False)):
             tmp = out.with_name(out.name + ".tmp")
             tmp.unlink(missing_ok=True)
             try:
@@ -275,7 +295,7 @@ def s2t_mix_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asr-tts", metavar="TTS.jsonl",
                    help="clips already spoken ({id, text, audio} rows, e.g. data/tiny/tts_extra/tts.jsonl) "
                         "as ASR turns in train/asr_tts.jsonl; keep test facts out of it")
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--workers", type=int_at_least(1), default=2,
                    help="piper processes for --asr-extra and --speak-answers")
     p.add_argument("--echo-extra", action="store_true",
                    help="Stage III dialogues from the --asr-extra clips: the corpus's text LLM answers "

@@ -133,8 +133,12 @@ def load_questions(path: str | os.PathLike | None = None) -> list[QAQuestion]:
             raise DataBuildError(f"{p}:{lineno}: not a question record ({err})") from err
         if isinstance(answers, str):
             answers = [answers]
+        if not isinstance(answers, list):
+            raise DataBuildError(f"{p}:{lineno}: 'answers' must be a string or a list of them")
         if not isinstance(text, str) or not text.strip() or not answers:
             raise DataBuildError(f"{p}:{lineno}: empty question or answer list")
+        if not qid or "/" in qid or qid in (".", ".."):  # it names the question's wav files
+            raise DataBuildError(f"{p}:{lineno}: id {qid!r} cannot be a file name")
         key = " ".join(text.split()).casefold()
         if key in merged:
             old = merged[key]
@@ -446,7 +450,12 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
     """Refuse to mix answers of another LLM or prompt into an existing corpus folder."""
     path = out / "build.json"
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise DataBuildError(f"{path}: not readable JSON ({err}); is {out} a tiny corpus?") from err
+        if not isinstance(old, dict):
+            raise DataBuildError(f"{path}: expected a JSON object; is {out} a tiny corpus?")
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if diff:
             raise DataBuildError(f"{out} was built with other answer settings {diff} (old, new); "
@@ -520,10 +529,11 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise DataBuildError(f"{name} must be a whole number >= {least}, got {value!r}")
     out = Path(out_dir)
+    # the questions first: a bad question file leaves no folder and no build.json behind
+    split = split_questions(load_questions(questions), test_size, limit, seed, train_size)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, {"llm": llm, "system_prompt": system_prompt,
                         "max_new_tokens": max_new_tokens})
-    split = split_questions(load_questions(questions), test_size, limit, seed, train_size)
     _write_json_atomic(out / "split.json", {"train": [q.id for q in split.train],
                                             "test": [q.id for q in split.test]})
     named = [("test", q) for q in split.test] + [("train", q) for q in split.train]
