@@ -296,6 +296,16 @@ def test_extract_corpus_cache_and_resume(
     with pytest.warns(UnitCacheWarning, match="unreadable"):
         again = extract_corpus(corpus, ex, cache, progress=False)
     assert counting.seen == 6 and again == second
+    # an id whose clip was spoken anew (a rebuilt corpus) is recomputed, not read from the cache
+    save_audio(corpus[1][1], tones(1.4, seed=9), SR)
+    fresh = extract_corpus(corpus, ex, cache, progress=False)
+    assert counting.seen == 7 and fresh["utt/1"] != second["utt/1"]
+    assert fresh["utt/1"] == UnitExtractor(whisper_feats, kmeans)([load_audio(corpus[1][1])])[0]
+    # an entry written before the audio digest was kept is still read
+    entry = next(p for p in cache.rglob("*.json") if '"utt/2"' in p.read_text())
+    entry.write_text(json.dumps({k: v for k, v in json.loads(entry.read_text()).items()
+                                 if k != "audio_sha1"}))
+    assert extract_corpus(corpus, ex, cache, progress=False) == fresh and counting.seen == 7
     # another k-means may not reuse the folder
     other = UnitExtractor(whisper_feats, UnitKMeans(kmeans.centroids[::-1].copy()))
     with pytest.raises(UnitError, match="another extractor"):

@@ -397,13 +397,27 @@ def _cache_path(cache_dir: Path, item_id: str) -> Path:
     return cache_dir / h[:2] / f"{h}.json"
 
 
-def _read_cached(path: Path, item_id: str) -> UnitSequence | None:
+def _audio_sha1(path: Path) -> str | None:
+    """The digest of an utterance's audio file (None when it cannot be read: the extraction
+    then reports it)."""
+    try:
+        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _read_cached(path: Path, item_id: str, audio: Path | None = None) -> UnitSequence | None:
+    """The cached units of `item_id`, or None: none cached, or cached from other audio than
+    `audio` now holds (an id whose clip was spoken anew or now names another file). Entries
+    written before the audio digest was kept are taken as they are."""
     if not path.is_file():
         return None
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
         if d.get("id") != item_id:
             raise UnitError(f"holds id {d.get('id')!r}")
+        if audio is not None and "audio_sha1" in d and d["audio_sha1"] != _audio_sha1(audio):
+            return None
         return UnitSequence.from_dict(d)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(
@@ -495,7 +509,7 @@ def extract_corpus(
     found: dict[str, UnitSequence] = {}
     todo: list[tuple[str, Path]] = []
     for item_id, path in pairs:
-        seq = _read_cached(_cache_path(cache, item_id), item_id)
+        seq = _read_cached(_cache_path(cache, item_id), item_id, Path(path))
         if seq is None:
             todo.append((item_id, path))
         else:
@@ -504,8 +518,10 @@ def extract_corpus(
     for batch in _batches(todo, batch_size):
         ids, wavs = _load_items(batch, on_error)
         if wavs:
+            where = dict(batch)
             for item_id, seq in zip(ids, extractor(wavs)):
-                text = json.dumps({"id": item_id, **seq.to_dict()}, separators=(",", ":"))
+                text = json.dumps({"id": item_id, "audio_sha1": _audio_sha1(Path(where[item_id])),
+                                   **seq.to_dict()}, separators=(",", ":"))
                 atomic_write_text(_cache_path(cache, item_id), text)
                 found[item_id] = seq
         bar.update(len(batch))
