@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int_at_least(1), help="use only the first N shared clips")
     ap.add_argument("--exclude", action="append", default=[], metavar="ID",
                     help="leave this clip out (repeatable), e.g. an answer whose text is an LLM loop")
+    ap.add_argument("--cap", action="store_true",
+                    help="count a clip's errors up to its reference words at most: a clip where "
+                         "the speech or Whisper loops counts as all wrong, not many times wrong "
+                         "(the bootstrap interval is then far less driven by a few such clips)")
     ap.add_argument("--samples", type=int_at_least(1), default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the references hold no words")
     edits = {k: np.array([edit_distance(r, normalize_words(h)) for r, h in zip(ref_words[k], hyps)],
                          dtype=np.float64) for k, hyps in systems.items()}
+    if args.cap:
+        edits = {k: np.minimum(e, words[k]) for k, e in edits.items()}
     names = list(systems)
     own_refs = len({tuple(v) for v in refs.values()}) > 1
     base = args.baseline or (names[1] if len(names) > 1 and names[0] == "original" else names[0])
@@ -141,18 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{len(ids)} clips, {int(base_words.sum())} reference words; differences against {base}, "
               f"95 % paired-bootstrap interval ({args.samples} resamples)\n")
-    print("| system | WER | minus baseline | 95 % interval |\n|---|---|---|---|")
+    if args.cap:
+        print("errors per clip capped at its reference words (--cap)\n")
+    print("| system | WER | minus baseline | 95 % interval | clips better / worse |\n"
+          "|---|---|---|---|---|")
     base_wer = edits[base].sum() / base_words.sum()
     base_draws = edits[base][draws].sum(1) / base_words[draws].sum(1)
     for k in names:
         wer = edits[k].sum() / words[k].sum()
         if k == base:
-            print(f"| {k} | {wer:.3f} | - | - |")
+            print(f"| {k} | {wer:.3f} | - | - | - |")
             continue
         diff = edits[k][draws].sum(1) / words[k][draws].sum(1) - base_draws
         lo, hi = np.percentile(diff, [2.5, 97.5])
         point = wer - base_wer
-        print(f"| {k} | {wer:.3f} | {point:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+        # per clip, its error rate against the baseline's (each on its own reference words)
+        rate, base_rate = edits[k] / np.maximum(words[k], 1), edits[base] / np.maximum(base_words, 1)
+        better, worse = int((rate < base_rate).sum()), int((rate > base_rate).sum())
+        print(f"| {k} | {wer:.3f} | {point:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {better} / {worse} |")
     return 0
 
 

@@ -118,7 +118,14 @@ def test_compare_wer_reads_t2c_eval_runs(tmp_path: Path, capsys: pytest.CaptureF
     assert out.startswith("2 clips, 8 reference words") and "original" not in out
     rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
     assert "| 0.375 | - | - |" in rows["ctl/echo-t2c"]
-    assert "| 0.000 | -0.375 |" in rows["ga/echo-t2c"]
+    assert "| 0.000 | -0.375 |" in rows["ga/echo-t2c"] and rows["ga/echo-t2c"].endswith("| 2 / 0 |")
+    # --cap: a looping clip (12 errors on 4 words) counts as 4 errors, not 12
+    c = run("loop", {"p": "one two three four " + "north sea " * 6, "q": "one two three four"})
+    assert _compare().main([str(b), str(c), "--samples", "100"]) == 0
+    assert "| 1.500 | +1.500 |" in capsys.readouterr().out  # 12 / 8
+    assert _compare().main([str(b), str(c), "--samples", "100", "--cap"]) == 0
+    out = capsys.readouterr().out
+    assert "capped" in out and "| 0.500 | +0.500 | [+0.000, +1.000] | 0 / 1 |" in out  # 4 / 8
     # S2S runs whose text answers differ: each is scored against its own text
     def s2s(name, recs):
         d = tmp_path / name / "echo-s2s"
