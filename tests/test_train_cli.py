@@ -23,6 +23,16 @@ def _write_corpus(root, n=6):
     (root / "tts.jsonl").write_text("\n".join(json.dumps(t) for t in tts) + "\n")
 
 
+def _t2c_run(tmp_path, train):
+    """A tiny corpus in tmp_path/c, a recipe with `train` settings, and the `echox train t2c`
+    argv of a run into tmp_path/t2c."""
+    _write_corpus(tmp_path / "c")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: tiny-random\ntrain: {{{train}}}\n")
+    return tmp_path / "c", recipe, ["train", "t2c", "--recipe", str(recipe), "--data",
+                                    str(tmp_path / "c" / "tts.jsonl"), "--out", str(tmp_path / "t2c")]
+
+
 def test_three_stages_from_the_command_line(tmp_path, capsys):
     _write_corpus(tmp_path / "c")
     recipe = tmp_path / "r.yaml"
@@ -94,12 +104,7 @@ def test_a_run_folder_is_never_overwritten_and_bad_eval_data_keeps_the_model(tmp
     """A second run into a folder with checkpoints needs --resume (else its steps would be
     replaced or mixed); bad eval data, found at the end, costs no trained step; too little
     data and an --out that is a file are one line each."""
-    _write_corpus(tmp_path / "c")
-    c = tmp_path / "c"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 2, lr: 0.003}\n")
-    run = ["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
-           "--out", str(tmp_path / "t2c")]
+    c, recipe, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
     assert main(run) == 0
     ckpts = sorted(p.name for p in (tmp_path / "t2c" / "checkpoints").iterdir())
     before = (tmp_path / "t2c" / "model" / "model.safetensors").read_bytes()
@@ -161,13 +166,8 @@ def test_resume_survives_a_damaged_last_checkpoint_and_refuses_another_stage(tmp
     """The last checkpoint's RNG file (written after its checksums) cut by a kill, or its
     config.json damaged: --resume goes on (from it, or from the one before, whose step folder
     is then written anew). A checkpoint of another stage is one line, not a traceback."""
-    _write_corpus(tmp_path / "c")
-    c = tmp_path / "c"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 4, lr: 0.003, "
-                      "save_every: 1, keep_last: 3}\n")
-    run = ["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
-           "--out", str(tmp_path / "t2c")]
+    c, recipe, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 4, lr: 0.003, save_every: 1, "
+                                        "keep_last: 3")
     ck = tmp_path / "t2c" / "checkpoints"
     assert main([*run, "--stop-at", "3"]) == 0
     (ck / "step-000003" / "rng_state_0.pt").write_bytes(b"garbage")
@@ -187,12 +187,7 @@ def test_resume_survives_a_damaged_last_checkpoint_and_refuses_another_stage(tmp
 def test_resume_names_settings_that_differ_from_the_checkpoint(tmp_path, caplog):
     """A resumed run given another lr keeps the checkpoint's (its optimizer holds it): said in
     a warning, with the other changed settings."""
-    _write_corpus(tmp_path / "c")
-    c = tmp_path / "c"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 3, lr: 0.003, save_every: 1}\n")
-    run = ["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
-           "--out", str(tmp_path / "t2c")]
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 3, lr: 0.003, save_every: 1")
     assert main([*run, "--stop-at", "2"]) == 0
     with caplog.at_level("WARNING"):
         assert main([*run, "--resume", "--lr", "0.1", "--max-steps", "4"]) == 0
