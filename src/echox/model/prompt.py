@@ -97,26 +97,20 @@ class PromptBuilder:
             return []
         return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    def _content_ids(self, t: Turn, content: str) -> list[int]:
-        """`content` (as `_content` made it) tokenized: the placeholder of an audio turn is the
-        one special token; the text is plain (`_plain_ids`)."""
-        if t.audio is not None and t.role == "user" and content.startswith(self.audio_token):
-            ph = self.tok.convert_tokens_to_ids(self.audio_token)
-            return [ph] + self._plain_ids(content[len(self.audio_token):])
-        return self._plain_ids(content)
-
     def _content(self, t: Turn) -> str:
         if t.audio is not None and t.role == "user":  # an assistant's audio is no model input
             return self.audio_token if not t.text else f"{self.audio_token}\n{t.text}"
         return t.text or ""
 
-    def _content_span(self, msgs: list[dict[str, str]], full: str, start: int
-                      ) -> tuple[int, int] | None:
-        """[a, b) of the last message's content in `full` (its rendering), found by rendering a
-        sentinel in its place: the template's markup around it, whatever the content holds
-        (text equal to a role name, or to a piece of markup). None when the template does not
-        render the content once and unchanged around it."""
-        probe = self._render(msgs[:-1] + [{**msgs[-1], "content": _SENTINEL}], False)
+    def _text_span(self, t: Turn, msgs: list[dict[str, str]], full: str, start: int
+                   ) -> tuple[int, int] | None:
+        """[a, b) of the user turn's typed text in `full` (the rendering that ends with it),
+        found by rendering a sentinel in the text's place (the placeholder, if any, stays
+        where it is, so a template that lays out audio turns apart renders it the same way):
+        the template's markup around it, whatever the text holds (a role name, a piece of
+        markup). None when the template does not render the text once and unchanged."""
+        probe_turn = Turn("user", text=_SENTINEL, audio=t.audio)
+        probe = self._render(msgs[:-1] + [{**msgs[-1], "content": self._content(probe_turn)}], False)
         if probe.count(_SENTINEL) != 1:
             return None
         before, after = probe.split(_SENTINEL)
@@ -166,18 +160,18 @@ class PromptBuilder:
                 if k < 0:
                     raise PromptError("the assistant content is not found in the rendered turn")
                 add(gen[len(prev):] + tail[:k], False)
-                enc.response_spans.append(add(core, True, self._content_ids(t, core)))
+                enc.response_spans.append(add(core, True, self._plain_ids(core)))
                 add(tail[k + len(core):], True)
             else:
                 msgs.append({"role": "user", "content": content})
                 full = step(msgs, False)
-                span = self._content_span(msgs, full, len(prev))
-                if span is None:  # the template's markup could not be told apart: as rendered
+                span = self._text_span(t, msgs, full, len(prev)) if t.text else None
+                if span is None:  # no typed text (or a template that hides it): as rendered
                     add(full[len(prev):], False)
-                else:  # markup, then the content with no special tokens but the placeholder
+                else:  # markup (and the placeholder), then the typed text with no special tokens
                     a, b = span
                     add(full[len(prev):a], False)
-                    add(full[a:b], False, self._content_ids(t, full[a:b]))
+                    add(full[a:b], False, self._plain_ids(full[a:b]))
                     add(full[b:], False)
                 if t.audio is not None:
                     enc.audio.append(np.asarray(t.audio, dtype=np.float32))
