@@ -302,7 +302,7 @@ def t2c_run(ctx: Context, name: str, bundle_path: Path, source: Path, answers: l
     if todo:
         print(f"[{name}] voicing {len(todo)} of {len(answers)} answers through the T2C",
               file=sys.stderr)
-        from echox.eval.run import open_to_append
+        from echox.fileio import open_to_append
         from echox.infer.bundle import Bundle, check_bundle, set_unit_decoding
         from echox.model.echox import EchoX
 

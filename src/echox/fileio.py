@@ -96,6 +96,18 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def open_to_append(path: str | os.PathLike) -> IO[str]:
+    """`path` opened to append JSON lines (UTF-8): a last line torn by a kill (no newline) is
+    ended first, so the next record starts a line of its own instead of being lost with it."""
+    f = open(path, "a", encoding="utf-8")
+    if f.tell():  # appending starts at the end
+        with open(path, "rb") as last:
+            last.seek(-1, os.SEEK_END)
+            if last.read(1) != b"\n":
+                f.write("\n")
+    return f
+
+
 def check_replaceable(folder: str | os.PathLike, what: str = "saving", *,
                       is_earlier_save: Callable[[Path], bool] | None = None,
                       error: type[Exception] = ConfigError) -> Path:

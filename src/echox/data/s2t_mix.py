@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from echox.config import int_at_least
-from echox.data.tiny_corpus import (_open_answers, _read_answers, espeak_synthesize, generate_answers,
+from echox.data.tiny_corpus import (_read_answers, espeak_synthesize, generate_answers,
                                    piper_synthesize)
 from echox.errors import ManifestError
-from echox.fileio import atomic_write_text, json_object_lines
+from echox.fileio import atomic_write_text, json_object_lines, open_to_append
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def build_echo_extra(corpus: str | Path, batch_size: int = 64, threads: int = 1,
                                    system_prompt=build.get("system_prompt"), batch_size=batch_size,
                                    max_new_tokens=int(build.get("max_new_tokens", 48)),
                                    threads=threads, progress=progress)
-        with _open_answers(answers_path) as f:
+        with open_to_append(answers_path) as f:
             start = 0
             for batch in batches:
                 for c, (answer, hit_eos) in zip(todo[start : start + len(batch)], batch):

@@ -45,7 +45,7 @@ from echox.audio import audio_duration
 from echox.config import int_at_least
 from echox.data.match import exist_match
 from echox.errors import DataBuildError
-from echox.fileio import check_out_path, json_lines, json_objects
+from echox.fileio import check_out_path, json_lines, json_objects, open_to_append
 from echox.hub import resolve
 from echox.model.generation import SamplingConfig, cache_kwargs, guard_repetition
 
@@ -436,16 +436,6 @@ def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
     return {rec["id"]: rec for _, rec in json_objects(path, "id", log)}
 
 
-def _open_answers(path: Path) -> Any:
-    """`path` opened for appending answers; a last line torn by a kill (no newline) is ended
-    first, so the next record starts its own line instead of being lost with it."""
-    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    f = path.open("a", encoding="utf-8")
-    if torn:
-        f.write("\n")
-    return f
-
-
 def _check_config(out: Path, config: dict[str, Any]) -> None:
     """Refuse to mix answers of another LLM or prompt into an existing corpus folder."""
     path = out / "build.json"
@@ -584,7 +574,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
     with ThreadPoolExecutor(1) as background:
         speaking = background.submit(speak_in_background)
         try:
-            with _open_answers(answers_path) as f:
+            with open_to_append(answers_path) as f:
                 batches = generate_answers(llm, [q.question for q in todo],
                                            system_prompt=system_prompt, batch_size=batch_size,
                                            max_new_tokens=max_new_tokens, threads=llm_threads,

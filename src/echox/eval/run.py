@@ -37,7 +37,7 @@ from echox.data.tiny_corpus import greedy_shrinking
 from echox.errors import AudioError, EvalError
 from echox.eval.benchmarks import QAItem, open_benchmark
 from echox.eval.stats import paired_bootstrap
-from echox.fileio import check_out_path, json_objects
+from echox.fileio import check_out_path, json_objects, open_to_append
 from echox.hub import resolve
 from echox.infer.asr import check_asr_spec, make_asr
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_text_decoding_options, check_device, default_bundle,
@@ -265,18 +265,6 @@ class EvalSummary:
 
 def _done(path: Path) -> dict[str, dict[str, Any]]:
     return {rec["id"]: rec for _, rec in json_objects(path, "id", log)}
-
-
-def open_to_append(path: Path) -> Any:
-    """`path` opened to append records, one per line: a torn last line (a run killed
-    mid-write) is ended first, so the next record is not glued to it and lost."""
-    f = open(path, "a")
-    if f.tell():  # appending starts at the end
-        with open(path, "rb") as last:
-            last.seek(-1, 2)
-            if last.read(1) != b"\n":
-                f.write("\n")
-    return f
 
 
 def _pending_batches(items: Iterable[QAItem], size: int, done: dict[str, Any],

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from echox.config import EchoXConfig, T2CConfig, apply_overrides
 from echox.errors import CheckpointError, ConfigError, StageError
-from echox.fileio import json_objects
+from echox.fileio import json_objects, open_to_append
 from echox.model.batch import S2TBatch, T2CBatch, collate_t2c
 from echox.model.checkpoint import load_weights, verify_checkpoint
 from echox.model.echox import EchoX
@@ -236,7 +236,7 @@ def precompute_pseudo_labels(
     was = model.training
     model.eval()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache, "a") as f:
+    with open_to_append(cache) as f:  # a line torn by a kill is ended first
         for s in range(0, len(todo), batch_size):
             idx = todo[s:s + batch_size]
             batch = model.collate([dialogues[i] for i in idx])
