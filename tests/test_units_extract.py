@@ -304,7 +304,7 @@ def test_extract_corpus_cache_and_resume(
     # an entry written before the audio digest was kept is still read
     entry = next(p for p in cache.rglob("*.json") if '"utt/2"' in p.read_text())
     entry.write_text(json.dumps({k: v for k, v in json.loads(entry.read_text()).items()
-                                 if k != "audio_sha1"}))
+                                 if k != "audio_sha256"}))
     assert extract_corpus(corpus, ex, cache, progress=False) == fresh and counting.seen == 7
     # another k-means may not reuse the folder
     other = UnitExtractor(whisper_feats, UnitKMeans(kmeans.centroids[::-1].copy()))

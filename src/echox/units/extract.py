@@ -32,6 +32,7 @@ from echox.audio import load_audio
 from echox.errors import UnitError
 from echox.fileio import atomic_write_text
 from echox.hub import resolve
+from echox.model.checkpoint import sha256_file
 from echox.model.encoder import LogMelFrontEnd, WhisperSpeechEncoder
 from echox.units.kmeans import UnitKMeans, dedup_with_counts
 
@@ -397,11 +398,11 @@ def _cache_path(cache_dir: Path, item_id: str) -> Path:
     return cache_dir / h[:2] / f"{h}.json"
 
 
-def _audio_sha1(path: Path) -> str | None:
-    """The digest of an utterance's audio file (None when it cannot be read: the extraction
-    then reports it)."""
+def _audio_digest(path: Path) -> str | None:
+    """`sha256_file` of an utterance's audio file (None when it cannot be read: the
+    extraction then reports it)."""
     try:
-        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+        return sha256_file(Path(path))
     except OSError:
         return None
 
@@ -416,7 +417,7 @@ def _read_cached(path: Path, item_id: str, audio: Path | None = None) -> UnitSeq
         d = json.loads(path.read_text(encoding="utf-8"))
         if d.get("id") != item_id:
             raise UnitError(f"holds id {d.get('id')!r}")
-        if audio is not None and "audio_sha1" in d and d["audio_sha1"] != _audio_sha1(audio):
+        if audio is not None and "audio_sha256" in d and d["audio_sha256"] != _audio_digest(audio):
             return None
         return UnitSequence.from_dict(d)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -520,7 +521,7 @@ def extract_corpus(
         if wavs:
             where = dict(batch)
             for item_id, seq in zip(ids, extractor(wavs)):
-                text = json.dumps({"id": item_id, "audio_sha1": _audio_sha1(Path(where[item_id])),
+                text = json.dumps({"id": item_id, "audio_sha256": _audio_digest(Path(where[item_id])),
                                    **seq.to_dict()}, separators=(",", ":"))
                 atomic_write_text(_cache_path(cache, item_id), text)
                 found[item_id] = seq
