@@ -243,3 +243,58 @@ def test_a_repeated_item_id_is_an_error_not_a_skipped_question(tmp_path):
 
     with pytest.raises(EvalError, match="'x' occurs twice"):
         run_eval(items, Paris(), "text", tmp_path, "b", progress=False)
+
+
+def test_compare_refuses_runs_whose_ids_name_other_questions(tmp_path, capsys):
+    """A local file without ids numbers its rows (`local-0`, ...): runs over two files, or
+    over one file reordered, were paired row by row as if they were the same questions."""
+    qs = [("The capital of France?", "Paris"), ("The capital of Spain?", "Madrid"),
+          ("The capital of Italy?", "Rome")]
+
+    class Capitals:
+        def answer(self, item):
+            return Answer("Paris")
+
+    runs = {}
+    for name, rows in (("a", qs), ("again", qs), ("reordered", qs[::-1])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"question": q, "answers": [a]}) + "\n" for q, a in rows))
+        items = load_benchmark(f"local:{path}", decode_audio=False)
+        assert [it.id for it in items] == ["local-0", "local-1", "local-2"]
+        runs[name] = tmp_path / "runs" / name
+        run_eval(items, Capitals(), "text", runs[name], f"local:{path}", progress=False)
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(runs["a"]), str(runs["reordered"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be paired" in err, err
+    assert "'local-0' is 'The capital of Italy?'" in err and "'The capital of France?'" in err
+    assert main(["eval", "--compare", str(runs["a"]), str(runs["again"])]) == 0  # the same file
+    assert "+0.0 pts [+0.0, +0.0] on 3 shared" in capsys.readouterr().out
+
+
+def test_s2s_latency_is_the_models_and_the_answers_asr_is_apart(tmp_path, bench):
+    """The s2s latency counted the ASR of the spoken answer (and the wav write) as the
+    model's: a slow ASR made the model look slow."""
+    import time
+
+    class Speaker:
+        def answer(self, item):
+            return Answer("answer0", np.zeros(1600, np.float32), 16000)
+
+    class SlowASR:
+        name = "slow"
+
+        def transcribe(self, audio, sr):
+            time.sleep(0.3)
+            return "answer0"
+
+    items = load_benchmark(bench, limit=2)
+    s = run_eval(items, Speaker(), "s2s", tmp_path, bench, asr=SlowASR(), save_audio=True,
+                 progress=False)
+    assert s.mean_latency_ms < 150 and s.mean_answer_asr_ms >= 300
+    recs = [json.loads(x) for x in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert all(r["latency_ms"] < 150 and r["answer_asr_ms"] >= 300 for r in recs)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["mean_latency_ms"] == s.mean_latency_ms
+    assert saved["mean_answer_asr_ms"] == s.mean_answer_asr_ms
+    assert (tmp_path / "audio" / "q0.wav").is_file()

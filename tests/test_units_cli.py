@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import json
 from pathlib import Path
 
@@ -326,3 +327,49 @@ def test_outputs_are_checked_first_and_inputs_never_replaced(
     assert main([*stats, "--language", str(small)]) == 2
     assert "has K=4 units" in _err(capsys)
     assert tts.read_bytes() == before and units.read_bytes() == units_bytes
+
+
+def test_extract_summary_counts_add_up_to_the_records(
+        corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dropped row was counted as computed, and a stale cache entry (audio spoken anew,
+    recomputed) as read from the cache: cached + computed + dropped must be the records."""
+    root = tmp_path / "c"
+    shutil.copytree(corpus, root)
+    rows = _read(root / "tts.jsonl") + [{"id": "gone", "text": "Gone.", "audio": "audio/gone.wav"}]
+    (root / "tts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    km = tmp_path / "km.joblib"
+    assert main(["units", "train-kmeans", "--manifest", str(corpus / "tts.jsonl"), "--features", TINY,
+                 "--layer", "1", "--k", "8", "--out", str(km), "--quiet"]) == 0
+    ext = ["units", "extract", "--manifest", str(root / "tts.jsonl"), "--kmeans", str(km),
+           "--out", str(tmp_path / "u.jsonl"), "--skip-bad-audio", "--quiet"]
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="skipping 'gone'"):
+        assert main(ext) == 0
+    assert "units for 12 of 13 records (0 from cache, 12 computed, 1 dropped)" in capsys.readouterr().out
+    sf.write(root / "audio" / "a0.wav", _speechlike(1.1, seed=99), SR)
+    with pytest.warns(UserWarning, match="skipping 'gone'"):
+        assert main(ext) == 0
+    assert "units for 12 of 13 records (11 from cache, 1 computed, 1 dropped)" in capsys.readouterr().out
+    assert len(_read(tmp_path / "u.jsonl")) == 12
+
+
+def test_attach_refuses_an_id_repeated_with_other_units(
+        corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The last of two records with one id silently won; now they must be the same record."""
+    tts = tmp_path / "tts_units.jsonl"
+    recs = [{"id": f"x{i}", "text": f"Answer {i}.", "units": [i, i + 1]} for i in range(6)]
+    att = ["units", "attach", "--dialogues", str(corpus / "dialogues.jsonl"), "--tts-units", str(tts),
+           "--out", str(tmp_path / "d.jsonl")]
+    for dup, says in (({"id": "x2", "text": "Answer 2.", "units": [7]}, "different units"),
+                      ({"id": "x2", "text": "Answer two.", "units": [2, 3]}, "different text")):
+        tts.write_text("".join(json.dumps(r) + "\n" for r in [*recs, dup]))
+        assert main(att) == 2
+        err = _err(capsys)
+        assert f"id 'x2' is on lines 3 and 7 with {says}" in err and str(tts) in err, err
+        assert not (tmp_path / "d.jsonl").exists()
+    same = {"id": "x2", "text": "Answer  2.", "units": [2, 3]}  # the same record again: harmless
+    tts.write_text("".join(json.dumps(r) + "\n" for r in [*recs, same]))
+    assert main(att) == 0
+    assert "6 assistant turns of 6 dialogues" in capsys.readouterr().out
+    got = {d["id"]: d["conversations"][1]["units"] for d in _read(tmp_path / "d.jsonl")}
+    assert got == {r["id"]: r["units"] for r in recs}

@@ -298,8 +298,10 @@ def test_extract_corpus_cache_and_resume(
     assert counting.seen == 6 and again == second
     # an id whose clip was spoken anew (a rebuilt corpus) is recomputed, not read from the cache
     save_audio(corpus[1][1], tones(1.4, seed=9), SR)
-    fresh = extract_corpus(corpus, ex, cache, progress=False)
+    report: dict[str, int] = {}
+    fresh = extract_corpus(corpus, ex, cache, progress=False, report=report)
     assert counting.seen == 7 and fresh["utt/1"] != second["utt/1"]
+    assert report == {"cached": 4, "computed": 1, "dropped": 0}
     assert fresh["utt/1"] == UnitExtractor(whisper_feats, kmeans)([load_audio(corpus[1][1])])[0]
     # an entry written before the audio digest was kept is still read
     entry = next(p for p in cache.rglob("*.json") if '"utt/2"' in p.read_text())
@@ -322,9 +324,12 @@ def test_extract_corpus_bad_items(
     missing = [corpus[0], ("gone", tmp_path / "nope.wav")]
     with pytest.raises(AudioError, match="not found"):
         extract_corpus(missing, ex, tmp_path / "c2", progress=False)
+    report: dict[str, int] = {}
     with pytest.warns(UserWarning, match="skipping 'gone'"):
-        out = extract_corpus(missing, ex, tmp_path / "c3", progress=False, on_error="skip")
+        out = extract_corpus(missing, ex, tmp_path / "c3", progress=False, on_error="skip",
+                             report=report)
     assert list(out) == [corpus[0][0]]
+    assert report == {"cached": 0, "computed": 1, "dropped": 1}
 
 
 def test_sample_features_and_train_kmeans(

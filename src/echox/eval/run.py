@@ -23,7 +23,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
@@ -254,8 +254,9 @@ class EvalSummary:
     benchmark: str
     n: int
     accuracy: float
-    mean_latency_ms: float | None
+    mean_latency_ms: float | None  # the model's answering time, the answer's ASR left out
     asr: str | None = None
+    mean_answer_asr_ms: float | None = None  # s2s: the ASR of the spoken answer, for scoring
 
     def line(self) -> str:
         lat = f", mean latency {self.mean_latency_ms:.0f} ms" if self.mean_latency_ms else ""
@@ -338,7 +339,8 @@ def _answers(answerer: Answerer, batch: list[QAItem]) -> Iterator[tuple[QAItem, 
 
 def _score(item: QAItem, ans: Answer, mode: str, asr: Any, out_dir: Path,
            save_audio: bool) -> dict[str, Any]:
-    """One `items.jsonl` record, without latency and stats: the answer matched to the gold."""
+    """One `items.jsonl` record, without latency and stats: the answer matched to the gold
+    (in s2s mode its transcript, with the time the ASR took, `answer_asr_ms`)."""
     rec: dict[str, Any] = {"id": item.id, "question": item.question, "answers": item.answers,
                            "text": ans.text}
     hyp = ans.text
@@ -346,7 +348,9 @@ def _score(item: QAItem, ans: Answer, mode: str, asr: Any, out_dir: Path,
         if ans.audio is None or ans.audio.size == 0:
             hyp = ""
         else:
+            t0 = time.perf_counter()
             hyp = asr.transcribe(ans.audio, ans.sample_rate or 16000)
+            rec["answer_asr_ms"] = 1000 * (time.perf_counter() - t0)
             if save_audio:
                 write(out_dir / "audio" / f"{item.id}.wav", ans.audio, ans.sample_rate or 16000,
                       clip=True)
@@ -369,7 +373,9 @@ def run_eval(
     Items go to the answerer `batch_size` at a time (see :func:`check_batch_size`); each
     record is appended and flushed as soon as it is scored, so an interrupted run loses at
     most the batch in flight. A record's `latency_ms` is its share of the batch's answering
-    time plus its own scoring time.
+    time: the model's (in cascade mode the question's ASR too), not the scoring's; in s2s mode
+    the ASR of the spoken answer is timed apart (`answer_asr_ms`, its mean in the summary's
+    `mean_answer_asr_ms`).
     """
     from tqdm.auto import tqdm
 
@@ -393,9 +399,8 @@ def run_eval(
     with open_to_append(path) as f, tqdm(total=total, disable=not progress, desc=f"eval {mode}") as bar:
         for batch in _pending_batches(noted(items), batch_size, done, lambda: bar.update(1)):
             for item, ans, answer_s in _answers(answerer, batch):
-                t0 = time.perf_counter()
                 rec = _score(item, ans, mode, asr, out_dir, save_audio)
-                rec["latency_ms"] = 1000 * (answer_s + time.perf_counter() - t0)
+                rec["latency_ms"] = 1000 * answer_s
                 rec["stats"] = ans.stats
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
@@ -403,11 +408,13 @@ def run_eval(
                 bar.update(1)
     recs = [done[i] for i in seen]
     lat = [r["latency_ms"] for r in recs if "latency_ms" in r]
+    asr_ms = [r["answer_asr_ms"] for r in recs if "answer_asr_ms" in r]
     summary = EvalSummary(
         name=out_dir.name, mode=mode, benchmark=benchmark, n=len(recs),
         accuracy=sum(bool(r["hit"]) for r in recs) / max(len(recs), 1),
         mean_latency_ms=float(np.mean(lat)) if lat else None,
         asr=getattr(asr if asr is not None else getattr(answerer, "asr", None), "name", None),
+        mean_answer_asr_ms=float(np.mean(asr_ms)) if asr_ms else None,
     )
     (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary
@@ -423,16 +430,30 @@ def read_summary(run_dir: Path) -> EvalSummary:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise EvalError(f"{p}: not a readable JSON file ({type(e).__name__})") from e
     known = {f.name for f in fields(EvalSummary)}
-    if not isinstance(data, dict) or not known - {"asr"} <= set(data):
-        raise EvalError(f"{p}: not an echox eval summary (it needs {sorted(known - {'asr'})})")
+    required = {f.name for f in fields(EvalSummary) if f.default is MISSING}
+    if not isinstance(data, dict) or not required <= set(data):
+        raise EvalError(f"{p}: not an echox eval summary (it needs {sorted(required)})")
     s = EvalSummary(**{k: v for k, v in data.items() if k in known})
     number = (int, float)
     if (not all(isinstance(v, str) for v in (s.name, s.mode, s.benchmark))
             or not isinstance(s.n, int) or isinstance(s.accuracy, bool)
             or not isinstance(s.accuracy, number)
-            or not (s.mean_latency_ms is None or isinstance(s.mean_latency_ms, number))):
+            or not all(v is None or isinstance(v, number)
+                       for v in (s.mean_latency_ms, s.mean_answer_asr_ms))):
         raise EvalError(f"{p}: not an echox eval summary (a value of the wrong type)")
     return s
+
+
+def _check_same_questions(first_dir: Path, first: dict[str, dict[str, Any]], run_dir: Path,
+                          run: dict[str, dict[str, Any]]) -> None:
+    """Runs are paired by item id, and an id can name another question in another file (a
+    local file without ids numbers its rows: `local-0`, ...): such runs are refused."""
+    for k in sorted(first.keys() & run.keys()):
+        a, b = first[k].get("question"), run[k].get("question")
+        if isinstance(a, str) and isinstance(b, str) and a.split() != b.split():
+            raise EvalError(f"{run_dir} cannot be paired with {first_dir}: item {k!r} is {b!r} "
+                            f"in the one and {a!r} in the other (a local benchmark without ids "
+                            "names its rows by number: give each question an 'id')")
 
 
 def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
@@ -440,8 +461,10 @@ def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
         check_out_path(png, "--png", folder=False)
     sums = [read_summary(Path(d)) for d in run_dirs]
     # each run against the first, on the questions both answered: a paired difference
-    hits = [{k: bool(r["hit"]) for k, r in _done(Path(d) / "items.jsonl").items() if "hit" in r}
-            for d in run_dirs]
+    recs = [_done(Path(d) / "items.jsonl") for d in run_dirs]
+    for d, rs in zip(run_dirs[1:], recs[1:]):
+        _check_same_questions(run_dirs[0], recs[0], d, rs)
+    hits = [{k: bool(r["hit"]) for k, r in rs.items() if "hit" in r} for rs in recs]
     print(f"{'run':<28} {'mode':<7} {'n':>5} {'accuracy':>9}   vs the first run (paired, 95 % bootstrap)")
     names = [Path(d).name for d in run_dirs]
     if len(set(names)) < len(names):  # e.g. several runs/<arm>/s2t: name them by their parent too

@@ -46,7 +46,6 @@ from echox.units.extract import (
     HubertFeatures,
     UnitExtractor,
     WhisperLayerFeatures,
-    _cache_path,
     extract_corpus,
     train_kmeans_on_corpus,
 )
@@ -368,9 +367,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.threads is not None:  # >= 1: checked by the parser
         torch.set_num_threads(args.threads)
     extractor = UnitExtractor(spec.build(layer, _device(args.device), args.window_seconds), km)
-    n_cached = sum(_cache_path(cache, k).is_file() for k, _ in items) if cache.is_dir() else 0
+    report: dict[str, int] = {}
     units = extract_corpus(items, extractor, cache, batch_size=args.batch_size,
-                           progress=not args.quiet, on_error="skip" if args.skip_bad_audio else "raise")
+                           progress=not args.quiet, on_error="skip" if args.skip_bad_audio else "raise",
+                           report=report)
     rows, n_units, n_frames = [], 0, 0
     for i, obj in enumerate(m.raw):
         seq = units.get(m.key(i))
@@ -382,8 +382,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if not rows:
         raise UnitError(f"{m.path}: no utterance gave units")
     write_jsonl(out, rows)
-    dropped = len(m.records) - len(rows)
-    print(f"units for {len(rows)} records ({n_cached} from cache, {len(items) - n_cached} computed"
+    dropped = report["dropped"]
+    print(f"units for {len(rows)}{f' of {len(items)}' if dropped else ''} records "
+          f"({report['cached']} from cache, {report['computed']} computed"
           f"{f', {dropped} dropped' if dropped else ''}): {n_units} units from {n_frames} frames "
           f"({100 * n_units / max(n_frames, 1):.0f}% kept after dedup) -> {out} "
           f"[run lengths in {cache}] in {time.perf_counter() - t0:.1f}s")
@@ -394,6 +395,20 @@ def _norm_text(s: str) -> str:
     return re.sub(r"\s+", " ", s).strip()
 
 
+def _units_by_id(t: Manifest) -> dict[str, Any]:
+    """The records of a TTS manifest that have units, by id. An id on several records is an
+    error unless they carry the same units and text (then any one of them will do)."""
+    first: dict[str, int] = {}
+    for i, rec in enumerate(t.records):
+        j = first.setdefault(t.key(i), i)
+        other = t.records[j]
+        if other.units != rec.units or _norm_text(other.text) != _norm_text(rec.text):
+            what = "units" if other.units != rec.units else "text"
+            raise UnitError(f"--tts-units {t.path}: id {t.key(i)!r} is on lines {t.lines[j]} and "
+                            f"{t.lines[i]} with different {what}; give each record its own id")
+    return {key: t.records[i] for key, i in first.items() if t.records[i].units}
+
+
 def cmd_attach(args: argparse.Namespace) -> int:
     out = _out_file(args.out, "--out", [args.dialogues, args.tts_units])
     d = read_manifest(args.dialogues)
@@ -402,7 +417,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         raise UnitError(f"--dialogues {d.path}: not a dialogues manifest (no 'conversations')")
     if t.kind != "tts":
         raise UnitError(f"--tts-units {t.path}: not a TTS manifest")
-    by_id = {t.key(i): rec for i, rec in enumerate(t.records) if rec.units}
+    by_id = _units_by_id(t)
     if not by_id:
         raise UnitError(f"{t.path}: no record has units (run `echox units extract` first)")
     rows: list[dict[str, Any]] = []
@@ -621,7 +636,9 @@ def extract_options(p: argparse.ArgumentParser) -> None:
 
 def attach_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dialogues", required=True, help="dialogues JSONL; a dialogue id X matches TTS id X")
-    p.add_argument("--tts-units", required=True, help="TTS JSONL with units (from extract)")
+    p.add_argument("--tts-units", required=True,
+                   help="TTS JSONL with units (from extract); an id may repeat only on records "
+                        "with the same units and text, else it is an error")
     p.add_argument("--out", required=True, help="output dialogues JSONL")
     p.add_argument("--on-missing", choices=["error", "drop", "keep"], default="error",
                    help="a dialogue without units: stop, leave it out, or keep it without units")

@@ -489,12 +489,16 @@ def extract_corpus(
     batch_size: int = 8,
     progress: bool = True,
     on_error: Literal["raise", "skip"] = "raise",
+    report: dict[str, int] | None = None,
 ) -> dict[str, UnitSequence]:
     """Units of every `(id, audio_path)`, cached per utterance and resumable.
 
     Cached utterances are read, not recomputed; a corrupt cache file is recomputed with a
     :class:`UnitCacheWarning`. Audio that cannot be read raises, or with `on_error="skip"` is
-    left out of the result with a warning. Returns the units in item order.
+    left out of the result with a warning. Returns the units in item order. `report`, when
+    given, is filled with how many utterances were read from the cache (`cached`), computed
+    (`computed`, stale or corrupt cache entries included) and left out (`dropped`); the three
+    add up to the number of items.
     """
     from tqdm import tqdm
 
@@ -515,7 +519,8 @@ def extract_corpus(
             todo.append((item_id, path))
         else:
             found[item_id] = seq
-    bar = tqdm(total=len(pairs), initial=len(found), unit="utt", desc="units", disable=not progress)
+    n_cached = len(found)
+    bar = tqdm(total=len(pairs), initial=n_cached, unit="utt", desc="units", disable=not progress)
     for batch in _batches(todo, batch_size):
         ids, wavs = _load_items(batch, on_error)
         if wavs:
@@ -527,6 +532,9 @@ def extract_corpus(
                 found[item_id] = seq
         bar.update(len(batch))
     bar.close()
+    if report is not None:
+        report.update(cached=n_cached, computed=len(found) - n_cached,
+                      dropped=len(pairs) - len(found))
     return {item_id: found[item_id] for item_id, _ in pairs if item_id in found}
 
 
