@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -775,3 +776,18 @@ def test_a_nan_eval_loss_never_becomes_the_best(tmp_path):
     tr._save_best(float("nan"))
     assert tr.best == (1, 2.5)
     assert json.loads((tmp_path / "t2c" / "best" / "best.json").read_text())["step"] == 1
+
+
+def test_stop_requests_wait_for_the_step_but_a_second_ctrl_c_does_not(tmp_path):
+    model = stages.prepare_model("t2c", preset_config("tiny-random"))
+    tr = Trainer(model, _cfg(tmp_path, "t2c"), stages.ListDataset(t2c_examples()), stages.t2c_collator(model))
+    tr.request_stop(signal.SIGTERM)
+    tr.request_stop(signal.SIGTERM)  # a process manager's repeat changes nothing
+    assert tr.stop_signal == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        tr.request_stop(signal.SIGINT)
+    res = tr.train()
+    ck = tmp_path / "t2c" / "checkpoints" / "step-000001"
+    assert (res.step, res.stopped_by, res.last_checkpoint) == (1, signal.SIGTERM, (1, ck))
+    assert (ck / "model.safetensors").is_file()  # the step it stopped after is kept
+    assert not (tmp_path / "t2c" / "model").exists()

@@ -1,12 +1,16 @@
 """`echox train` end to end on manifests the test writes (tiny random model)."""
 
 import json
+import os
+import signal
 
 import numpy as np
+import pytest
 import torch
 import soundfile as sf
 
 from echox.cli import main
+from echox.train.trainer import Trainer
 
 
 def _write_corpus(root, n=6):
@@ -226,3 +230,110 @@ def test_an_out_folder_taken_by_other_files_is_refused_before_training(tmp_path,
                  "--out", str(out)]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 5.0
+
+
+@pytest.fixture
+def sigterm_guard():
+    """A SIGTERM that `echox train` leaves unhandled fails the test instead of killing pytest."""
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the test: echox train did not handle it")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def _echox_lines(capsys):
+    return [x for x in capsys.readouterr().err.splitlines() if x.startswith("echox")]
+
+
+def test_sigterm_stops_between_steps_with_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch,
+                                                                      sigterm_guard):
+    """SIGTERM killed a run with exit status 143 and no word on where it stood."""
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 5, lr: 0.003, save_every: 2")
+    log = Trainer._log
+
+    def kill_at_step_3(self, rec):
+        log(self, rec)
+        if rec["step"] == 3 and "loss" in rec:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_log", kill_at_step_3)
+    assert main(run) == 143
+    assert _echox_lines(capsys) == ["echox train: stopped by SIGTERM at step 3; the last checkpoint "
+                                    "is step 3: resume with --resume"]
+    out = tmp_path / "t2c"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert not (out / "model").exists()
+    monkeypatch.undo()
+    assert main([*run, "--resume"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_sigint_during_a_save_lets_it_finish(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while a checkpoint is written: the save completes (its RNG file too), the run
+    stops there with one line and status 130, and that checkpoint is the one to resume."""
+    from echox.model.checkpoint import verify_checkpoint
+    from echox.model.echox import EchoX
+
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 6, lr: 0.003, save_every: 2")
+    save = EchoX.save_pretrained
+
+    def interrupted_save(self, folder, *args, extra_writer=None, **kw):
+        def writer(tmp):
+            if folder.name == "step-000004":
+                os.kill(os.getpid(), signal.SIGINT)
+            extra_writer(tmp)
+        return save(self, folder, *args, extra_writer=writer if extra_writer else None, **kw)
+
+    monkeypatch.setattr(EchoX, "save_pretrained", interrupted_save)
+    assert main(run) == 130
+    assert _echox_lines(capsys) == ["echox train: stopped by SIGINT at step 4; the last checkpoint "
+                                    "is step 4: resume with --resume"]
+    ck = tmp_path / "t2c" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["step-000002", "step-000004"]
+    verify_checkpoint(ck / "step-000004")
+    assert (ck / "step-000004" / "rng_state_0.pt").is_file()
+
+
+def test_sigterm_before_training_began_is_one_line(tmp_path, capsys, monkeypatch, sigterm_guard):
+    from echox.train import run as run_mod
+
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
+    build = run_mod.build_data
+
+    def killed_while_reading(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build(*args, **kw)
+
+    monkeypatch.setattr(run_mod, "build_data", killed_while_reading)
+    assert main(run) == 143
+    assert _echox_lines(capsys) == ["echox train: stopped by SIGTERM before training began"]
+
+
+def test_a_save_cut_by_a_kill_is_cleared_by_the_next_run(tmp_path, capsys):
+    """A kill midway through a save leaves its scratch folder (`atomic_dir`'s
+    `.step-000003.tmp-<pid>`): the resumed run removes it, and what a save had moved aside."""
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 3, lr: 0.003, save_every: 1")
+    assert main([*run, "--stop-at", "2"]) == 0
+    out = tmp_path / "t2c"
+    for leftover in (out / "checkpoints" / ".step-000003.tmp-999999", out / ".model.tmp-999999",
+                     out / "checkpoints" / ".step-000002.old-999999"):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half")
+    assert main([*run, "--resume"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_file_given_as_a_checkpoint_folder_is_one_line(tmp_path, capsys):
+    """`--init afile` said "checkpoint folder not found"."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a checkpoint")
+    assert main(["train", "t2c", "--init", str(afile), "--data", str(tmp_path / "x.jsonl"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert _one_error_line(capsys) == f"echox: error: --init {afile} is a file, not a checkpoint folder"
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
+    assert main([*run, "--resume", str(afile)]) == 2
+    assert _one_error_line(capsys) == f"echox: error: --resume {afile} is a file, not a checkpoint folder"

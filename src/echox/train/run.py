@@ -17,12 +17,15 @@ EchoX-Dialogues shard folders and Hugging Face datasets (docs/training.md, "Data
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import logging
+import signal
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch.utils.data import Dataset
 
@@ -45,12 +48,13 @@ from echox.data.manifest import (
 )
 from echox.data.s2t_mix import ASR_PROMPT
 from echox.errors import ConfigError, ManifestError
-from echox.fileio import check_out_path
+from echox.fileio import atomic_write_text, check_out_path
 from echox.hub import cache_dir
 from echox.train import stages
 from echox.train.trainer import (
     TrainConfig,
     Trainer,
+    TrainResult,
     check_no_checkpoints,
     check_run_folder,
     encoder_cache_root,
@@ -333,7 +337,49 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
     return lang.encode
 
 
+class _Stopped(BaseException):
+    """SIGTERM before training began (no `except Exception` on the way catches it)."""
+
+
+def _stop_at_once(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
+@contextlib.contextmanager
+def _handled(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """`handler` for those of `signals` that this process does not ignore, while inside."""
+    before = {s: signal.getsignal(s) for s in signals}
+    for s, was in before.items():
+        if was is not signal.SIG_IGN:
+            signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, was in before.items():
+            signal.signal(s, signal.SIG_DFL if was is None else was)
+
+
+def _stopped_line(res: TrainResult) -> str:
+    """The one line of a run stopped by a signal: where it stopped and how to go on."""
+    head = f"echox train: stopped by {signal.Signals(res.stopped_by).name} at step {res.step}"
+    if res.last_checkpoint is None:
+        return f"{head}, before its first checkpoint: run it again to start over"
+    step, folder = res.last_checkpoint
+    if folder.parent.resolve() == (res.output_dir / "checkpoints").resolve():
+        return f"{head}; the last checkpoint is step {step}: resume with --resume"
+    return f"{head}; the last checkpoint is step {step}, {folder}: resume with --resume {folder}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        with _handled((signal.SIGTERM,), _stop_at_once):  # until the training loop takes it
+            return _train(args)
+    except _Stopped:
+        print("echox train: stopped by SIGTERM before training began", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.data is not None:  # one manifest (a string, as every stage takes) or several
         args.data = args.data[0] if len(args.data) == 1 else list(args.data)
     recipe = load_stage_recipe(args.recipe, args.set or [], args.override, args.stage)
@@ -370,9 +416,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(model, cfg, train, collate, ev, step_kwargs=kwargs)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({**recipe, "train": asdict(cfg), "data": asdict(recipe["data"])},
-                                               indent=2, default=str))
-    res = trainer.train(resume=args.resume, stop_at=args.stop_at)
+    atomic_write_text(out / "recipe.json", json.dumps({**recipe, "train": asdict(cfg), "data": asdict(recipe["data"])},
+                                                      indent=2, default=str))
+    with _handled((signal.SIGINT, signal.SIGTERM), trainer.request_stop):
+        res = trainer.train(resume=args.resume, stop_at=args.stop_at)
+    if res.stopped_by:
+        if trainer.acc.is_main_process:
+            print(_stopped_line(res), file=sys.stderr)
+        return 128 + res.stopped_by
     if trainer.acc.is_main_process:
         print(json.dumps({"stage": args.stage, "train_examples": len(train),  # type: ignore[arg-type]
                           "steps": res.step, "first_loss": _number(res.first_loss),

@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -243,6 +244,8 @@ class TrainResult:
     steps_per_s: float
     output_dir: Path
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    stopped_by: int = 0  # the signal (`Trainer.request_stop`) that ended the run before max_steps
+    last_checkpoint: tuple[int, Path] | None = None  # (step, folder) a run stopped here resumes from
 
 
 def _rng_state() -> dict[str, Any]:
@@ -266,6 +269,21 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
         except CheckpointError as e:
             log.warning("skipping a broken checkpoint: %s", e)
     return None
+
+
+def remove_stale_saves(out: Path) -> None:
+    """Clear what a save killed midway left in a run folder: `atomic_dir`'s scratch copies
+    (`checkpoints/.step-000004.tmp-<pid>`, `.model.tmp-<pid>`) go, and a folder it had moved
+    aside (`.model.old-<pid>`) goes too, or is put back where the new one never took its place."""
+    for folder, name in ((out / "checkpoints", "step-*"), (out, "model"), (out, "best")):
+        for tmp in folder.glob(f".{name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in folder.glob(f".{name}.old-*"):
+            dst = folder / old.name[1:].rsplit(".old-", 1)[0]
+            if dst.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.replace(dst)
 
 
 def effective_precision(precision: str, *, cuda: bool | None = None) -> str:
@@ -401,6 +419,8 @@ class Trainer:
         self.step = 0
         self.writer = None
         self.best: tuple[int, float] | None = None  # (step, eval loss) of <out>/best
+        self.stop_signal = 0  # set by `request_stop`
+        self.last_checkpoint: tuple[int, Path] | None = None  # (step, folder) saved or resumed from
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _save(self, final: bool = False) -> Path:
@@ -427,6 +447,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         torch.save(_rng_state(), folder / f"rng_state_{self.acc.process_index}.pt")
         self.acc.wait_for_everyone()
+        self.last_checkpoint = (self.step, folder)
         if final and self.acc.is_main_process:  # the stage's output for the next stage
             self.acc.unwrap_model(self.model).save_pretrained(
                 self.out / "model",
@@ -471,6 +492,8 @@ class Trainer:
                 return
         else:
             folder = Path(resume)
+            if folder.is_file():
+                raise CheckpointError(f"--resume {folder} is a file, not a checkpoint folder")
             if (folder / "checkpoints").is_dir() and not (folder / "config.json").exists():
                 run = folder  # a run folder: its newest complete checkpoint
                 folder = find_latest_checkpoint(run)
@@ -506,6 +529,7 @@ class Trainer:
         if not restored:
             log.warning("no RNG state for this process in %s; dropout noise will differ", folder)
         self.best = self._read_best()
+        self.last_checkpoint = (self.step, folder)
         self._drop_metrics_after(self.step)
         self.acc.print(f"resumed from {folder} at step {self.step}")
 
@@ -576,6 +600,19 @@ class Trainer:
         flag = torch.tensor([late if self.acc.is_main_process else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
 
+    def request_stop(self, signum: int, frame: Any = None) -> None:
+        """A handler for SIGINT and SIGTERM: the run stops after the step (and the save) in
+        progress, every process at the same step, and saves a checkpoint of that step. Ctrl-C
+        again interrupts at once."""
+        if self.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop_signal = self.stop_signal or signum
+
+    def _stop_requested(self) -> int:
+        """The signal that asked any process to stop, or 0: the same on every process."""
+        got = torch.tensor([self.stop_signal], device=self.acc.device)
+        return int(self.acc.gather(got).max())
+
     def train(self, resume: str | Path | None = None, stop_at: int | None = None) -> TrainResult:
         """Run to `max_steps` (or stop early after step `stop_at`, e.g. to test resuming)."""
         from tqdm.auto import tqdm
@@ -587,6 +624,8 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.acc.is_main_process:
+            remove_stale_saves(self.out)
         if resume is None:
             check_no_checkpoints(self.out)
         else:
@@ -608,10 +647,10 @@ class Trainer:
         evals: list[tuple[int, float]] = []
         t0, steps0, samples = time.time(), self.step, 0
         batches = self._batches()
-        timed_out = False
+        timed_out, stop = False, 0
         trim = heap_trimmer() if self.acc.device.type == "cpu" else None
         try:  # an error mid-run ends the bar's line first: its message gets a line of its own
-            while self.step < end and not timed_out:
+            while self.step < end and not timed_out and not stop:
                 acc_loss, acc_metrics = 0.0, {}
                 for _ in range(cfg.grad_accum):
                     batch = next(batches).to(self.acc.device)
@@ -658,12 +697,16 @@ class Trainer:
                 if (cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
                         and not timed_out):
                     self._save()
+                stop = self._stop_requested()
+                if stop and self.step < cfg.max_steps and (self.last_checkpoint or (0,))[0] != self.step:
+                    self._save()  # a stopped run (a preempted job, Ctrl-C) keeps every step it made
         finally:
             bar.close()
-        if timed_out and self.acc.is_main_process:
+        stopped_by = stop if self.step < cfg.max_steps else 0
+        if timed_out and not stopped_by and self.acc.is_main_process:
             log.warning("train.max_minutes=%g reached at step %d of %d: saving the final model",
                         cfg.max_minutes, self.step, cfg.max_steps)
-        if self.step >= cfg.max_steps or timed_out:
+        if (self.step >= cfg.max_steps or timed_out) and not stopped_by:
             self._save(final=True)  # first: bad eval data must not cost the trained model
             if self.eval_loader is not None and not (cfg.eval_every and self.step % cfg.eval_every == 0):
                 ev = self.evaluate()
@@ -677,7 +720,8 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         dt = max(time.time() - t0, 1e-9)
-        return TrainResult(self.step, first, last, (self.step - steps0) / dt, self.out, evals)
+        return TrainResult(self.step, first, last, (self.step - steps0) / dt, self.out, evals,
+                           stopped_by, self.last_checkpoint)
 
 
 def plot_loss_curve(metrics: Path, png: Path) -> None:
