@@ -309,7 +309,7 @@ def test_sigterm_before_training_began_is_one_line(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(run_mod, "build_data", killed_while_reading)
     assert main(run) == 143
-    assert _echox_lines(capsys) == ["echox train: stopped by SIGTERM before training began"]
+    assert _echox_lines(capsys) == ["echox: stopped by SIGTERM"]
 
 
 def test_a_save_cut_by_a_kill_is_cleared_by_the_next_run(tmp_path, capsys):

@@ -7,7 +7,8 @@ runs it. Modules never register themselves; this table is the one place that lis
 `echox demo` do not load the training stack).
 
 Errors that users can cause (a bad config, a missing checkpoint, bad audio) are `EchoXError`s:
-one clear line on stderr and exit status 2; `--debug` shows the traceback.
+one clear line on stderr and exit status 2; `--debug` shows the traceback. Ctrl-C and SIGTERM
+stop a command with one line (status 130 / 143), its `finally` and `with` blocks run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -177,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     shown = warnings.formatwarning
     if not args.debug:  # one line per warning, as errors are (not the source line under it)
         warnings.formatwarning = _one_line_warning
+    term_before = signal.getsignal(signal.SIGTERM)
+    on_term = term_before is not signal.SIG_IGN and threading.current_thread() is threading.main_thread()
+    if on_term:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return func(args)
     except EchoXError as e:
@@ -187,8 +194,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("echox: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("echox: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         warnings.formatwarning = shown
+        if on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if term_before is None else term_before)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is (as Ctrl-C raises KeyboardInterrupt), so that its
+    cleanup runs: half-written files are removed, a server shuts down, a run saves."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,

@@ -337,14 +337,6 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
     return lang.encode
 
 
-class _Stopped(BaseException):
-    """SIGTERM before training began (no `except Exception` on the way catches it)."""
-
-
-def _stop_at_once(signum: int, frame: Any) -> None:
-    raise _Stopped
-
-
 @contextlib.contextmanager
 def _handled(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> Iterator[None]:
     """`handler` for those of `signals` that this process does not ignore, while inside."""
@@ -371,15 +363,6 @@ def _stopped_line(res: TrainResult) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    try:
-        with _handled((signal.SIGTERM,), _stop_at_once):  # until the training loop takes it
-            return _train(args)
-    except _Stopped:
-        print("echox train: stopped by SIGTERM before training began", file=sys.stderr)
-        return 128 + signal.SIGTERM
-
-
-def _train(args: argparse.Namespace) -> int:
     if args.data is not None:  # one manifest (a string, as every stage takes) or several
         args.data = args.data[0] if len(args.data) == 1 else list(args.data)
     recipe = load_stage_recipe(args.recipe, args.set or [], args.override, args.stage)

@@ -1,0 +1,33 @@
+"""`echox` entry point: what every command shares."""
+
+import os
+import signal
+
+from echox import cli
+
+
+def test_sigterm_stops_a_command_with_one_line_and_its_cleanup_runs(capsys, monkeypatch):
+    """SIGTERM killed any command at once (status 143, no word, no `finally`): a half-written
+    file stayed behind. It now stops the command as Ctrl-C does, with its own line."""
+    cleaned = []
+
+    def killed(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not stop the command")
+        finally:
+            cleaned.append(True)
+
+    def unhandled(signum, frame):  # in place of the default, which would kill pytest
+        raise AssertionError("SIGTERM reached the test: echox did not handle it")
+
+    monkeypatch.setattr("echox.infer.demo.cmd_demo", killed)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert cli.main(["demo"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the handler it found, put back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert cleaned == [True]
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("echox")] == \
+        ["echox: stopped by SIGTERM"]
