@@ -103,3 +103,20 @@ def test_json_object_lines_names_the_first_bad_line(tmp_path: Path) -> None:
         p.write_text(text)
         with pytest.raises(ManifestError, match=words):
             json_object_lines(p, ManifestError)
+
+
+def test_clear_interrupted_removes_scratch_and_puts_back_a_folder_moved_aside(tmp_path):
+    """A kill inside `atomic_dir` leaves its scratch copy, and between its two renames the old
+    folder moved aside with nothing in its place."""
+    from echox.fileio import clear_interrupted
+
+    (tmp_path / ".model.tmp-123").mkdir()
+    (tmp_path / ".model.old-123").mkdir()
+    (tmp_path / ".model.old-123" / "w").write_text("kept")
+    (tmp_path / "best").mkdir()
+    (tmp_path / ".best.old-7").mkdir()
+    (tmp_path / ".other.tmp-1").mkdir()
+    clear_interrupted(tmp_path, "model")
+    clear_interrupted(tmp_path, "best")
+    assert (tmp_path / "model" / "w").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-1", "best", "model"]

@@ -791,3 +791,17 @@ def test_stop_requests_wait_for_the_step_but_a_second_ctrl_c_does_not(tmp_path):
     assert (res.step, res.stopped_by, res.last_checkpoint) == (1, signal.SIGTERM, (1, ck))
     assert (ck / "model.safetensors").is_file()  # the step it stopped after is kept
     assert not (tmp_path / "t2c" / "model").exists()
+
+
+def _worker_ignores_sigterm(batch):
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_dataloader_workers_leave_sigterm_to_the_main_process(tmp_path):
+    """A SIGTERM to the whole process group killed the DataLoader workers, and the run ended
+    with "DataLoader worker ... is killed by signal" instead of stopping and saving."""
+    model = stages.prepare_model("t2c", preset_config("tiny-random"))
+    tr = Trainer(model, _cfg(tmp_path, "t2c", num_workers=1), stages.ListDataset(t2c_examples()),
+                 _worker_ignores_sigterm)
+    assert all(tr.loader)
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the main process keeps its own

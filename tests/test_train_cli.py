@@ -337,3 +337,26 @@ def test_a_file_given_as_a_checkpoint_folder_is_one_line(tmp_path, capsys):
     _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
     assert main([*run, "--resume", str(afile)]) == 2
     assert _one_error_line(capsys) == f"echox: error: --resume {afile} is a file, not a checkpoint folder"
+
+
+def test_a_run_outside_the_main_thread_trains_without_the_stop_handler(tmp_path, capsys):
+    """Python sets signal handlers only in the main thread: `echox train` called from another
+    thread (a notebook's or a scheduler's worker) stopped with a ValueError before training."""
+    import threading
+
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 1, lr: 0.003")
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    got = []
+
+    def in_a_thread():
+        try:
+            got.append(main(run))
+        except BaseException as e:  # noqa: BLE001 - shown by the assertion below
+            got.append(e)
+
+    t = threading.Thread(target=in_a_thread)
+    t.start()
+    t.join()
+    assert got == [0]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert (tmp_path / "t2c" / "model").is_dir()

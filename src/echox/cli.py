@@ -7,8 +7,9 @@ runs it. Modules never register themselves; this table is the one place that lis
 `echox demo` do not load the training stack).
 
 Errors that users can cause (a bad config, a missing checkpoint, bad audio) are `EchoXError`s:
-one clear line on stderr and exit status 2; `--debug` shows the traceback. Ctrl-C and SIGTERM
-stop a command with one line (status 130 / 143), its `finally` and `with` blocks run.
+one clear line on stderr and exit status 2; `--debug` shows the traceback. SIGTERM stops a
+command as Ctrl-C does, its `finally` and `with` blocks run, with one line and status 143 (a
+systemd unit of `echox serve` sets `SuccessExitStatus=143`).
 """
 
 from __future__ import annotations
@@ -182,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = _one_line_warning
     term_before = signal.getsignal(signal.SIGTERM)
     on_term = term_before is not signal.SIG_IGN and threading.current_thread() is threading.main_thread()
-    if on_term:
-        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if on_term:
+            signal.signal(signal.SIGTERM, _raise_terminated)
         return func(args)
     except EchoXError as e:
         if args.debug:

@@ -96,6 +96,22 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def clear_interrupted(folder: str | os.PathLike, name: str = "*") -> None:
+    """Clear what `atomic_dir`s killed midway left in `folder` for the folders matching `name`:
+    scratch copies (`.<name>.tmp-<pid>`) go, and a folder moved aside (`.<name>.old-<pid>`) goes
+    too, or is put back where its replacement never took its place."""
+    folder = Path(folder)
+    for tmp in folder.glob(f".{name}.tmp-*"):
+        _remove(tmp)
+    for old in folder.glob(f".{name}.old-*"):
+        dst = folder / old.name[1:].rsplit(".old-", 1)[0]
+        if dst.exists() or dst.is_symlink():
+            _remove(old)
+        else:
+            with contextlib.suppress(OSError):
+                os.replace(old, dst)
+
+
 def open_to_append(path: str | os.PathLike) -> IO[str]:
     """`path` opened to append JSON lines (UTF-8): a last line torn by a kill (no newline) is
     ended first, so the next record starts a line of its own instead of being lost with it."""

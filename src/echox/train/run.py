@@ -23,6 +23,7 @@ import math
 import logging
 import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -339,12 +340,16 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
 
 @contextlib.contextmanager
 def _handled(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> Iterator[None]:
-    """`handler` for those of `signals` that this process does not ignore, while inside."""
+    """`handler` for those of `signals` that this process does not ignore, while inside. Only
+    the main thread can set handlers: in another one the signals keep theirs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     before = {s: signal.getsignal(s) for s in signals}
-    for s, was in before.items():
-        if was is not signal.SIG_IGN:
-            signal.signal(s, handler)
-    try:
+    try:  # a signal between two of these still finds every handler put back
+        for s, was in before.items():
+            if was is not signal.SIG_IGN:
+                signal.signal(s, handler)
         yield
     finally:
         for s, was in before.items():

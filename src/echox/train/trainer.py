@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from echox.errors import CheckpointError, ConfigError, StageError
-from echox.fileio import atomic_write_text, json_lines
+from echox.fileio import atomic_write_text, clear_interrupted, json_lines
 from echox.hub import cache_dir
 from echox.model.checkpoint import check_save_folder, load_weights, verify_checkpoint
 from echox.model.echox import EchoX
@@ -272,18 +272,16 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def remove_stale_saves(out: Path) -> None:
-    """Clear what a save killed midway left in a run folder: `atomic_dir`'s scratch copies
-    (`checkpoints/.step-000004.tmp-<pid>`, `.model.tmp-<pid>`) go, and a folder it had moved
-    aside (`.model.old-<pid>`) goes too, or is put back where the new one never took its place."""
+    """Clear what a save killed midway left in a run folder (`fileio.clear_interrupted`)."""
     for folder, name in ((out / "checkpoints", "step-*"), (out, "model"), (out, "best")):
-        for tmp in folder.glob(f".{name}.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        for old in folder.glob(f".{name}.old-*"):
-            dst = folder / old.name[1:].rsplit(".old-", 1)[0]
-            if dst.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.replace(dst)
+        clear_interrupted(folder, name)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: a SIGTERM sent to the whole process group (a preempted job,
+    `systemctl stop`) is left to the main process, which stops after its step and saves; a
+    worker killed by it would end the run with an error instead. Workers exit with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def effective_precision(precision: str, *, cuda: bool | None = None) -> str:
@@ -411,7 +409,8 @@ class Trainer:
         if cfg.cache_encoder and getattr(model, "feature_cache", None) is None:
             model.enable_feature_cache(encoder_cache_root(cfg))
         self.loader = DataLoader(train_data, batch_sampler=self.sampler, collate_fn=collate_fn,
-                                 num_workers=cfg.num_workers)
+                                 num_workers=cfg.num_workers,
+                                 worker_init_fn=_ignore_stop_signals if cfg.num_workers else None)
         self.eval_loader = None
         if eval_data is not None and len(eval_data) > 0:
             self.eval_loader = DataLoader(eval_data, batch_size=cfg.batch_size, shuffle=False,
@@ -626,6 +625,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
             remove_stale_saves(self.out)
+        self.acc.wait_for_everyone()  # every process then finds the same checkpoints
         if resume is None:
             check_no_checkpoints(self.out)
         else:
