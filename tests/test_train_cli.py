@@ -271,7 +271,16 @@ def test_sigterm_stops_between_steps_with_one_line_and_the_run_resumes(tmp_path,
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
 
 
-def test_sigint_during_a_save_lets_it_finish(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C as a terminal delivers it: a job started in the background (`cmd &`, as CI may
+    be) inherits SIGINT ignored, and `echox train` rightly leaves an ignored signal alone."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_during_a_save_lets_it_finish(tmp_path, capsys, monkeypatch, sigint_default):
     """Ctrl-C while a checkpoint is written: the save completes (its RNG file too), the run
     stops there with one line and status 130, and that checkpoint is the one to resume."""
     from echox.model.checkpoint import verify_checkpoint
