@@ -357,14 +357,11 @@ def _handled(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> I
 
 
 def _stopped_line(res: TrainResult) -> str:
-    """The one line of a run stopped by a signal: where it stopped and how to go on."""
-    head = f"echox train: stopped by {signal.Signals(res.stopped_by).name} at step {res.step}"
-    if res.last_checkpoint is None:
-        return f"{head}, before its first checkpoint: run it again to start over"
-    step, folder = res.last_checkpoint
-    if folder.parent.resolve() == (res.output_dir / "checkpoints").resolve():
-        return f"{head}; the last checkpoint is step {step}: resume with --resume"
-    return f"{head}; the last checkpoint is step {step}, {folder}: resume with --resume {folder}"
+    """The one line of a run stopped by a signal. A stop saves the step it stopped after in
+    this run's checkpoints (`Trainer.train`), so --resume goes on from there."""
+    step, _ = res.last_checkpoint or (res.step, None)
+    return (f"echox train: stopped by {signal.Signals(res.stopped_by).name} at step {res.step}; "
+            f"the last checkpoint is step {step}: resume with --resume")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
