@@ -19,7 +19,6 @@ import importlib
 import os
 import signal
 import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -27,6 +26,7 @@ from typing import Any, Callable
 
 from echox import __version__
 from echox.errors import EchoXError
+from echox.signals import handled
 
 
 @dataclass(frozen=True)
@@ -181,12 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     shown = warnings.formatwarning
     if not args.debug:  # one line per warning, as errors are (not the source line under it)
         warnings.formatwarning = _one_line_warning
-    term_before = signal.getsignal(signal.SIGTERM)
-    on_term = term_before is not signal.SIG_IGN and threading.current_thread() is threading.main_thread()
     try:
-        if on_term:
-            signal.signal(signal.SIGTERM, _raise_terminated)
-        return func(args)
+        with handled((signal.SIGTERM,), _raise_terminated):
+            return func(args)
     except EchoXError as e:
         if args.debug:
             raise
@@ -200,8 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGTERM
     finally:
         warnings.formatwarning = shown
-        if on_term:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if term_before is None else term_before)
 
 
 class Terminated(BaseException):

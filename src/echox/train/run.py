@@ -17,16 +17,14 @@ EchoX-Dialogues shard folders and Hugging Face datasets (docs/training.md, "Data
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import logging
 import signal
 import sys
-import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
@@ -51,6 +49,7 @@ from echox.data.s2t_mix import ASR_PROMPT
 from echox.errors import ConfigError, ManifestError
 from echox.fileio import atomic_write_text, check_out_path
 from echox.hub import cache_dir
+from echox.signals import handled
 from echox.train import stages
 from echox.train.trainer import (
     TrainConfig,
@@ -338,24 +337,6 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
     return lang.encode
 
 
-@contextlib.contextmanager
-def _handled(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> Iterator[None]:
-    """`handler` for those of `signals` that this process does not ignore, while inside. Only
-    the main thread can set handlers: in another one the signals keep theirs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {s: signal.getsignal(s) for s in signals}
-    try:  # a signal between two of these still finds every handler put back
-        for s, was in before.items():
-            if was is not signal.SIG_IGN:
-                signal.signal(s, handler)
-        yield
-    finally:
-        for s, was in before.items():
-            signal.signal(s, signal.SIG_DFL if was is None else was)
-
-
 def _stopped_line(res: TrainResult) -> str:
     """The one line of a run stopped by a signal. A stop saves the step it stopped after in
     this run's checkpoints (`Trainer.train`), so --resume goes on from there."""
@@ -403,7 +384,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.json", json.dumps({**recipe, "train": asdict(cfg), "data": asdict(recipe["data"])},
                                                       indent=2, default=str))
-    with _handled((signal.SIGINT, signal.SIGTERM), trainer.request_stop):
+    with handled((signal.SIGINT, signal.SIGTERM), trainer.request_stop):
         res = trainer.train(resume=args.resume, stop_at=args.stop_at)
     if res.stopped_by:
         if trainer.acc.is_main_process:
