@@ -376,3 +376,16 @@ def test_a_folder_that_is_not_a_path_is_a_checkpoint_error(bad, tmp_path):
 def test_save_pretrained_to_a_folder_that_is_not_a_path(make_model):
     with pytest.raises(CheckpointError, match="must be a path"):
         make_model().save_pretrained(None)
+
+
+def test_option_folder_names_the_option_for_a_file_or_a_missing_folder(tmp_path):
+    """`--init`, `--t2c-from` and `--resume` share this check (`echox train`)."""
+    from echox.model.checkpoint import option_folder
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(CheckpointError, match=r"^--resume .*afile is a file, not a checkpoint folder$"):
+        option_folder("--resume", afile)
+    with pytest.raises(CheckpointError, match=r"^--init .*nothere: checkpoint folder not found$"):
+        option_folder("--init", str(tmp_path / "nothere"))
+    assert option_folder("--t2c-from", str(tmp_path)) == tmp_path

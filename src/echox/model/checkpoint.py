@@ -212,6 +212,17 @@ def _json_kind(value: object) -> str:
     return f"{kinds.get(type(value), type(value).__name__)}: {shown}"
 
 
+def option_folder(option: str, path: str | Path) -> Path:
+    """The checkpoint folder that a command-line option names, refused in one line when it is a
+    file or does not exist (before `verify_checkpoint` looks inside)."""
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{option} {path} is a file, not a checkpoint folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{option} {path}: checkpoint folder not found")
+    return path
+
+
 def verify_checkpoint(folder: Path) -> dict[str, Any]:
     """Check presence and checksums; return the parsed config.json."""
     if not folder.is_dir():

@@ -25,7 +25,7 @@ from echox.config import EchoXConfig, T2CConfig, apply_overrides
 from echox.errors import CheckpointError, ConfigError, StageError
 from echox.fileio import json_objects, open_to_append
 from echox.model.batch import S2TBatch, T2CBatch, collate_t2c
-from echox.model.checkpoint import load_weights, verify_checkpoint
+from echox.model.checkpoint import load_weights, option_folder, verify_checkpoint
 from echox.model.echox import EchoX
 from echox.model.prompt import Turn
 
@@ -67,7 +67,7 @@ def prepare_model(
     (a Stage-II output) or from `init` itself when it already has one.
     """
     if init is not None:
-        init = _checkpoint_dir("--init", init)
+        init = option_folder("--init", init)
         model = EchoX.from_pretrained(init)
         if init_overrides:
             _reconfigure(model, init_overrides)
@@ -87,7 +87,7 @@ def prepare_model(
                 f"{model.trained_stages or 'no stages'}); run `echox train s2t` first"
             )
         if t2c_from is not None:
-            _load_t2c(model, _checkpoint_dir("--t2c-from", t2c_from))
+            _load_t2c(model, option_folder("--t2c-from", t2c_from))
         elif "t2c" not in model.trained_stages:
             raise StageError(
                 "stage echo needs a trained T2C: pass --t2c-from <Stage II checkpoint>"
@@ -96,16 +96,6 @@ def prepare_model(
             model.init_echo_from_t2c()
     apply_stage(model, stage, freeze_s2t)
     return model
-
-
-def _checkpoint_dir(option: str, path: str | Path) -> Path:
-    """The checkpoint folder an option names, refused in one line when it is not a folder."""
-    path = Path(path)
-    if path.is_file():
-        raise StageError(f"{option} {path} is a file, not a checkpoint folder")
-    if not path.is_dir():
-        raise StageError(f"{option} {path}: checkpoint folder not found")
-    return path
 
 
 def _reconfigure(model: EchoX, overrides: list[str]) -> None:

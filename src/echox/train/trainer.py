@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from echox.errors import CheckpointError, ConfigError, StageError
 from echox.fileio import atomic_write_text, clear_interrupted, json_lines
 from echox.hub import cache_dir
-from echox.model.checkpoint import check_save_folder, load_weights, verify_checkpoint
+from echox.model.checkpoint import check_save_folder, load_weights, option_folder, verify_checkpoint
 from echox.model.echox import EchoX
 from echox.model.precision import cpu_has_fast_bf16
 
@@ -490,9 +490,7 @@ class Trainer:
                 log.warning("--resume latest: no checkpoint in %s; starting fresh", self.out)
                 return
         else:
-            folder = Path(resume)
-            if folder.is_file():
-                raise CheckpointError(f"--resume {folder} is a file, not a checkpoint folder")
+            folder = option_folder("--resume", resume)
             if (folder / "checkpoints").is_dir() and not (folder / "config.json").exists():
                 run = folder  # a run folder: its newest complete checkpoint
                 folder = find_latest_checkpoint(run)
