@@ -365,3 +365,22 @@ def test_whisper_tiny_en_layer_features() -> None:
     out = f(wavs)
     assert [a.shape for a in out] == [(math.ceil(w.size / 320), 384) for w in wavs]
     assert all(np.isfinite(a).all() for a in out)
+
+
+def test_extract_corpus_a_clip_too_short_for_hubert(hubert_group: Path, tmp_path: Path) -> None:
+    """One clip shorter than HuBERT's receptive field stopped the whole extraction, even with
+    on_error="skip", naming only its place in the batch ("waveform 1")."""
+    feats = HubertFeatures(hubert_group, layer=1, device="cpu")
+    ex = UnitExtractor(feats, UnitKMeans(np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)))
+    items = []
+    for name, wav in (("a", tones(0.5)), ("tiny", np.full(100, 0.1, np.float32)), ("b", tones(0.7, seed=1))):
+        save_audio(tmp_path / f"{name}.wav", wav, SR)
+        items.append((name, tmp_path / f"{name}.wav"))
+    with pytest.raises(UnitError, match=r"^'tiny': waveform 0: 100 samples is shorter"):
+        extract_corpus(items, ex, tmp_path / "c1", batch_size=3, progress=False)
+    report: dict[str, int] = {}
+    with pytest.warns(UserWarning, match="skipping 'tiny'"):
+        out = extract_corpus(items, ex, tmp_path / "c2", batch_size=3, progress=False,
+                             on_error="skip", report=report)
+    assert list(out) == ["a", "b"] and report == {"cached": 0, "computed": 2, "dropped": 1}
+    assert out["b"] == ex([load_audio(tmp_path / "b.wav")])[0]

@@ -467,6 +467,22 @@ def _load_items(
     return ids, wavs
 
 
+def _extract_batch(extractor: UnitExtractor, ids: list[str], wavs: list[np.ndarray],
+                   on_error: Literal["raise", "skip"]) -> list[tuple[str, UnitSequence]]:
+    """The units of one batch. A clip the model cannot take (shorter than HuBERT's receptive
+    field, say) fails the whole batch: then each clip goes alone, so the error names the
+    utterance, and with `on_error="skip"` only that one is left out, with a warning."""
+    try:
+        return list(zip(ids, extractor(wavs)))
+    except UnitError as exc:
+        if len(wavs) > 1:
+            return [pair for i, w in zip(ids, wavs) for pair in _extract_batch(extractor, [i], [w], on_error)]
+        if on_error == "raise":
+            raise UnitError(f"{ids[0]!r}: {exc}") from exc
+        warnings.warn(f"skipping {ids[0]!r}: {exc}", UserWarning, stacklevel=3)
+        return []
+
+
 def _as_items(items: Iterable[tuple[Any, str | Path]]) -> list[tuple[str, Path]]:
     out, seen = [], set()
     for pair in items:
@@ -525,7 +541,7 @@ def extract_corpus(
         ids, wavs = _load_items(batch, on_error)
         if wavs:
             where = dict(batch)
-            for item_id, seq in zip(ids, extractor(wavs)):
+            for item_id, seq in _extract_batch(extractor, ids, wavs, on_error):
                 text = json.dumps({"id": item_id, "audio_sha256": _audio_digest(Path(where[item_id])),
                                    **seq.to_dict()}, separators=(",", ":"))
                 atomic_write_text(_cache_path(cache, item_id), text)
