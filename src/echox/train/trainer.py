@@ -9,9 +9,11 @@ progress, TensorBoard and a loss-curve PNG.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -603,6 +605,12 @@ class Trainer:
         again interrupts at once."""
         if self.stop_signal and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.stop_signal and self.acc.is_main_process:
+            # os.write, not print: a handler can run inside tqdm's own write to stderr
+            again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
+            with contextlib.suppress(OSError):
+                os.write(2, f"\nechox train: {signal.Signals(signum).name}: stopping after the step "
+                            f"in progress, with a checkpoint of it{again}\n".encode())
         self.stop_signal = self.stop_signal or signum
 
     def _stop_requested(self) -> int:
