@@ -298,3 +298,27 @@ def test_s2s_latency_is_the_models_and_the_answers_asr_is_apart(tmp_path, bench)
     assert saved["mean_latency_ms"] == s.mean_latency_ms
     assert saved["mean_answer_asr_ms"] == s.mean_answer_asr_ms
     assert (tmp_path / "audio" / "q0.wav").is_file()
+
+
+def test_a_resumed_s2s_run_leaves_older_latencies_out_of_the_mean(tmp_path, bench, caplog):
+    """Records written before the answer's ASR was timed apart hold it in latency_ms; a run
+    resumed over them averaged the two kinds."""
+    class Speaker:
+        def answer(self, item):
+            return Answer("answer1", np.zeros(1600, np.float32), 16000)
+
+    class ASR:
+        name = "quick"
+
+        def transcribe(self, audio, sr):
+            return "answer1"
+
+    items = load_benchmark(bench, limit=2)
+    old = {"id": items[0].id, "question": items[0].question, "answers": items[0].answers,
+           "text": "answer0", "transcript": "answer0", "audio_seconds": 0.1, "hit": True,
+           "latency_ms": 5000.0, "stats": {}}
+    (tmp_path / "items.jsonl").write_text(json.dumps(old) + "\n")
+    with caplog.at_level("WARNING"):
+        s = run_eval(items, Speaker(), "s2s", tmp_path, bench, asr=ASR(), progress=False)
+    assert s.n == 2 and s.mean_latency_ms < 1000  # the new record's alone
+    assert "1 of 2 records" in caplog.text and "older echox" in caplog.text
