@@ -120,3 +120,20 @@ def test_clear_interrupted_removes_scratch_and_puts_back_a_folder_moved_aside(tm
     clear_interrupted(tmp_path, "best")
     assert (tmp_path / "model" / "w").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-1", "best", "model"]
+
+
+def test_a_missing_folder_names_the_version_a_cut_short_save_moved_aside(tmp_path):
+    """A kill between `atomic_dir`'s two renames leaves no `model/` and its previous version as
+    `.model.old-<pid>`; loading said only "not found", as if nothing was there."""
+    from echox.errors import CheckpointError
+    from echox.fileio import moved_aside_hint
+    from echox.model.checkpoint import verify_checkpoint
+
+    assert moved_aside_hint(tmp_path / "model") == ""
+    (tmp_path / ".model.old-4242").mkdir()
+    hint = moved_aside_hint(tmp_path / "model")
+    assert str(tmp_path / ".model.old-4242") in hint and "rename it to model" in hint
+    with pytest.raises(CheckpointError) as e:
+        verify_checkpoint(tmp_path / "model")
+    assert str(e.value) == f"checkpoint folder not found: {tmp_path / 'model'}{hint}"
+    assert "\n" not in str(e.value)

@@ -112,6 +112,18 @@ def clear_interrupted(folder: str | os.PathLike, name: str = "*") -> None:
                 os.replace(old, dst)
 
 
+def moved_aside_hint(dst: str | os.PathLike) -> str:
+    """For a missing folder: where an `atomic_dir` killed between its two renames left the
+    previous version (`.<name>.old-<pid>` beside it), as a clause to end an error line with;
+    "" when there is none."""
+    dst = Path(dst)
+    olds = sorted(dst.parent.glob(f".{dst.name}.old-*")) if dst.name else []
+    if not olds:
+        return ""
+    return (f" (a save there was cut short: its previous version is {olds[-1]}; rename it to "
+            f"{dst.name} to use it)")
+
+
 def open_to_append(path: str | os.PathLike) -> IO[str]:
     """`path` opened to append JSON lines (UTF-8): a last line torn by a kill (no newline) is
     ended first, so the next record starts a line of its own instead of being lost with it."""

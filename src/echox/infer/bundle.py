@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from echox.errors import CheckpointError, ConfigError, UnitError
-from echox.fileio import check_out_path
+from echox.fileio import check_out_path, moved_aside_hint
 from echox.hub import cache_dir
 from echox.model.checkpoint import checkpoint_folder
 from echox.model.echox import EchoX
@@ -145,7 +145,7 @@ def load_bundle(
     holds every model weight in it (default: the config's dtypes). The vocoder stays float32."""
     folder = checkpoint_folder(path, "model bundle folder")
     if not folder.is_dir():
-        raise CheckpointError(f"model bundle folder not found: {folder}")
+        raise CheckpointError(f"model bundle folder not found: {folder}{moved_aside_hint(folder)}")
     if device is not None:
         check_device(str(device))
     dev = torch.device(device) if device is not None else torch.device("cpu")

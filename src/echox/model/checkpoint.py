@@ -25,7 +25,7 @@ import torch
 from echox import __version__
 from echox.config import EchoXConfig
 from echox.errors import CheckpointError, ConfigError
-from echox.fileio import atomic_dir, check_replaceable
+from echox.fileio import atomic_dir, check_replaceable, moved_aside_hint
 from echox.model.llm import load_tokenizer
 
 # The functions take the EchoX model (echox.model.echox) duck-typed, so this module never
@@ -219,14 +219,14 @@ def option_folder(option: str, path: str | Path) -> Path:
     if path.is_file():
         raise CheckpointError(f"{option} {path} is a file, not a checkpoint folder")
     if not path.is_dir():
-        raise CheckpointError(f"{option} {path}: checkpoint folder not found")
+        raise CheckpointError(f"{option} {path}: checkpoint folder not found{moved_aside_hint(path)}")
     return path
 
 
 def verify_checkpoint(folder: Path) -> dict[str, Any]:
     """Check presence and checksums; return the parsed config.json."""
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {folder}")
+        raise CheckpointError(f"checkpoint folder not found: {folder}{moved_aside_hint(folder)}")
     sums_path = folder / CHECKSUMS
     for required in (CONFIG, WEIGHTS, CHECKSUMS):
         if not (folder / required).is_file():

@@ -28,7 +28,7 @@ from echox.errors import (
     VocoderError,
     VocoderFileNotFoundError,
 )
-from echox.fileio import atomic_dir, check_replaceable
+from echox.fileio import atomic_dir, check_replaceable, moved_aside_hint
 from echox.hub.packaged import HIFIGAN_NAMES, packaged_hifigan
 from echox.vocoder.base import Vocoder, load_weights, save_weights
 from echox.vocoder.code_hifigan import CodeHiFiGAN
@@ -210,7 +210,7 @@ def load_vocoder(folder: str | Path, device: str | torch.device = "cpu") -> Voco
     """A vocoder folder: fairseq CodeHiFiGAN (g_* + vocoder_config.json) or a UnitMelVocoder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise VocoderCheckpointError(f"vocoder folder not found: {folder}")
+        raise VocoderCheckpointError(f"vocoder folder not found: {folder}{moved_aside_hint(folder)}")
     ckpt = _fairseq_checkpoint(folder) if (folder / FAIRSEQ_CONFIG).is_file() else None
     if (folder / FAIRSEQ_CONFIG).is_file() and ckpt is None:
         raise VocoderCheckpointError(f"{folder}: has {FAIRSEQ_CONFIG} but no g_* generator "
