@@ -797,12 +797,13 @@ def test_stop_requests_wait_for_the_step_but_a_second_ctrl_c_does_not(tmp_path, 
 
 
 def _worker_ignores_sigterm(batch):
-    return signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-def test_dataloader_workers_leave_sigterm_to_the_main_process(tmp_path):
+def test_dataloader_workers_leave_sigterm_and_ctrl_c_to_the_main_process(tmp_path):
     """A SIGTERM to the whole process group killed the DataLoader workers, and the run ended
-    with "DataLoader worker ... is killed by signal" instead of stopping and saving."""
+    with "DataLoader worker ... is killed by signal" instead of stopping and saving; a Ctrl-C
+    ran each worker's copy of the stop handler, which printed its line once per worker."""
     model = stages.prepare_model("t2c", preset_config("tiny-random"))
     tr = Trainer(model, _cfg(tmp_path, "t2c", num_workers=1), stages.ListDataset(t2c_examples()),
                  _worker_ignores_sigterm)

@@ -376,7 +376,7 @@ def test_extract_corpus_a_clip_too_short_for_hubert(hubert_group: Path, tmp_path
     for name, wav in (("a", tones(0.5)), ("tiny", np.full(100, 0.1, np.float32)), ("b", tones(0.7, seed=1))):
         save_audio(tmp_path / f"{name}.wav", wav, SR)
         items.append((name, tmp_path / f"{name}.wav"))
-    with pytest.raises(UnitError, match=r"^'tiny': waveform 0: 100 samples is shorter"):
+    with pytest.raises(UnitError, match=r"^'tiny': 100 samples is shorter than the model's receptive field$"):
         extract_corpus(items, ex, tmp_path / "c1", batch_size=3, progress=False)
     report: dict[str, int] = {}
     with pytest.warns(UserWarning, match="skipping 'tiny'"):

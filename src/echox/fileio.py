@@ -8,6 +8,7 @@ umask), not mkstemp's private 0600.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -101,7 +102,7 @@ def clear_interrupted(folder: str | os.PathLike, name: str = "*") -> None:
     scratch copies (`.<name>.tmp-<pid>`) go, and a folder moved aside (`.<name>.old-<pid>`) goes
     too, or is put back where its replacement never took its place."""
     folder = Path(folder)
-    for tmp in folder.glob(f".{name}.tmp-*"):
+    for tmp in folder.glob(f".{name}.tmp-*"):  # name is a pattern ("step-*")
         _remove(tmp)
     for old in folder.glob(f".{name}.old-*"):
         dst = folder / old.name[1:].rsplit(".old-", 1)[0]
@@ -117,10 +118,11 @@ def moved_aside_hint(dst: str | os.PathLike) -> str:
     previous version (`.<name>.old-<pid>` beside it), as a clause to end an error line with;
     "" when there is none."""
     dst = Path(dst)
-    olds = sorted(dst.parent.glob(f".{dst.name}.old-*")) if dst.name else []
+    olds = list(dst.parent.glob(f".{glob.escape(dst.name)}.old-*")) if dst.name else []
     if not olds:
         return ""
-    return (f" (a save there was cut short: its previous version is {olds[-1]}; rename it to "
+    newest = max(olds, key=lambda p: p.stat().st_mtime)
+    return (f" (a save there was cut short: its previous version is {newest}; rename it to "
             f"{dst.name} to use it)")
 
 

@@ -411,8 +411,10 @@ def run_eval(
     older = [r for r in recs if mode == "s2s" and r.get("audio_seconds") and "answer_asr_ms" not in r]
     if older:
         log.warning("%d of %d records in %s were written by an older echox, whose s2s latency_ms "
-                    "includes the ASR of the spoken answer: the mean latency leaves them out",
-                    len(older), len(recs), out_dir / "items.jsonl")
+                    "includes the ASR of the spoken answer: the mean latency leaves them out (%s)",
+                    len(older), len(recs), out_dir / "items.jsonl",
+                    "none is left, so it is empty" if len(older) == len(recs)
+                    else f"it is the mean of the other {len(recs) - len(older)}")
     left_out = {id(r) for r in older}
     lat = [r["latency_ms"] for r in recs if "latency_ms" in r and id(r) not in left_out]
     asr_ms = [r["answer_asr_ms"] for r in recs if "answer_asr_ms" in r]

@@ -282,8 +282,11 @@ def remove_stale_saves(out: Path) -> None:
 def _ignore_stop_signals(worker_id: int) -> None:
     """In a DataLoader worker: a SIGTERM sent to the whole process group (a preempted job,
     `systemctl stop`) is left to the main process, which stops after its step and saves; a
-    worker killed by it would end the run with an error instead. Workers exit with their parent."""
+    worker killed by it would end the run with an error instead. Ctrl-C reaches the whole
+    foreground group too: a worker would run the stop handler it was forked with (and print its
+    line again). Workers exit with their parent."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def effective_precision(precision: str, *, cuda: bool | None = None) -> str:
@@ -350,8 +353,6 @@ class Trainer:
         step_kwargs: dict[str, Any] | None = None,
         task: str | None = None,
     ) -> None:
-        import os
-
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
@@ -421,6 +422,7 @@ class Trainer:
         self.writer = None
         self.best: tuple[int, float] | None = None  # (step, eval loss) of <out>/best
         self.stop_signal = 0  # set by `request_stop`
+        self._pid = os.getpid()  # a forked copy (a DataLoader worker) does not speak for the run
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, folder) saved or resumed from
 
     # ---- checkpoints ---------------------------------------------------------------------
@@ -605,7 +607,7 @@ class Trainer:
         again interrupts at once."""
         if self.stop_signal and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        if not self.stop_signal and self.acc.is_main_process:
+        if not self.stop_signal and self.acc.is_main_process and os.getpid() == self._pid:
             # os.write, not print: a handler can run inside tqdm's own write to stderr
             again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
             with contextlib.suppress(OSError):

@@ -624,8 +624,8 @@ def extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output TTS JSONL with units")
     p.add_argument("--cache", help="per-utterance cache (units + run lengths); default <out>.cache/")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--skip-bad-audio", action="store_true", help="drop audio that cannot be read or is too short for the speech model "
-                        "(a warning names each), don't stop")
+    p.add_argument("--skip-bad-audio", action="store_true", help="drop audio that cannot be read or that the speech model cannot take "
+                        "(too short, NaN samples; a warning names each), don't stop")
     p.add_argument("--device", help="cpu / cuda (default: the GPU when there is one)")
     p.add_argument("--window-seconds", type=float,
                    help="whisper features: pad each utterance to this window instead of 30 s "

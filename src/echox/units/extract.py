@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -477,9 +478,10 @@ def _extract_batch(extractor: UnitExtractor, ids: list[str], wavs: list[np.ndarr
     except UnitError as exc:
         if len(wavs) > 1:
             return [pair for i, w in zip(ids, wavs) for pair in _extract_batch(extractor, [i], [w], on_error)]
+        why = re.sub(r"^waveform \d+: ", "", str(exc))  # the clip is named instead
         if on_error == "raise":
-            raise UnitError(f"{ids[0]!r}: {exc}") from exc
-        warnings.warn(f"skipping {ids[0]!r}: {exc}", UserWarning, stacklevel=3)
+            raise UnitError(f"{ids[0]!r}: {why}") from exc
+        warnings.warn(f"skipping {ids[0]!r}: {why}", UserWarning, stacklevel=3)
         return []
 
 
@@ -510,8 +512,9 @@ def extract_corpus(
     """Units of every `(id, audio_path)`, cached per utterance and resumable.
 
     Cached utterances are read, not recomputed; a corrupt cache file is recomputed with a
-    :class:`UnitCacheWarning`. Audio that cannot be read raises, or with `on_error="skip"` is
-    left out of the result with a warning. Returns the units in item order. `report`, when
+    :class:`UnitCacheWarning`. Audio that cannot be read, or that the speech model cannot take
+    (shorter than its receptive field, NaN samples, ...), raises naming the utterance, or with
+    `on_error="skip"` is left out of the result with a warning. Returns the units in item order. `report`, when
     given, is filled with how many utterances were read from the cache (`cached`), computed
     (`computed`, stale or corrupt cache entries included) and left out (`dropped`); the three
     add up to the number of items.
