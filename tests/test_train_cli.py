@@ -346,6 +346,9 @@ def test_a_file_given_as_a_checkpoint_folder_is_one_line(tmp_path, capsys):
     _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
     assert main([*run, "--resume", str(afile)]) == 2
     assert _one_error_line(capsys) == f"echox: error: --resume {afile} is a file, not a checkpoint folder"
+    gone = tmp_path / "gone"
+    assert main([*run, "--resume", str(gone)]) == 2
+    assert _one_error_line(capsys) == f"echox: error: --resume {gone}: checkpoint folder not found"
 
 
 def test_a_run_outside_the_main_thread_trains_without_the_stop_handler(tmp_path, capsys):
