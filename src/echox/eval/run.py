@@ -407,16 +407,17 @@ def run_eval(
                 done[item.id] = rec
                 bar.update(1)
     recs = [done[i] for i in seen]
-    # s2s records written before the answer's ASR was timed apart hold it in latency_ms
-    older = [r for r in recs if mode == "s2s" and r.get("audio_seconds") and "answer_asr_ms" not in r]
-    if older:
+    def older(r: dict[str, Any]) -> bool:  # s2s, written before the answer's ASR was timed apart
+        return mode == "s2s" and bool(r.get("audio_seconds")) and "answer_asr_ms" not in r
+
+    n_older = sum(map(older, recs))
+    if n_older:
         log.warning("%d of %d records in %s were written by an older echox, whose s2s latency_ms "
                     "includes the ASR of the spoken answer: the mean latency leaves them out (%s)",
-                    len(older), len(recs), out_dir / "items.jsonl",
-                    "none is left, so it is empty" if len(older) == len(recs)
-                    else f"it is the mean of the other {len(recs) - len(older)}")
-    left_out = {id(r) for r in older}
-    lat = [r["latency_ms"] for r in recs if "latency_ms" in r and id(r) not in left_out]
+                    n_older, len(recs), out_dir / "items.jsonl",
+                    "none is left, so it is empty" if n_older == len(recs)
+                    else f"it is the mean of the other {len(recs) - n_older}")
+    lat = [r["latency_ms"] for r in recs if "latency_ms" in r and not older(r)]
     asr_ms = [r["answer_asr_ms"] for r in recs if "answer_asr_ms" in r]
     summary = EvalSummary(
         name=out_dir.name, mode=mode, benchmark=benchmark, n=len(recs),
