@@ -796,6 +796,25 @@ def test_stop_requests_wait_for_the_step_but_a_second_ctrl_c_does_not(tmp_path, 
     assert not (tmp_path / "t2c" / "model").exists()
 
 
+
+def test_a_stop_during_the_final_save_says_the_run_is_finishing(tmp_path, capfd):
+    model = stages.prepare_model("t2c", preset_config("tiny-random"))
+    tr = Trainer(model, _cfg(tmp_path, "t2c", max_steps=1, save_every=0),
+                 stages.ListDataset(t2c_examples()), stages.t2c_collator(model))
+    save = tr._save
+
+    def save_with_a_signal(final: bool = False):
+        if final:
+            tr.request_stop(signal.SIGTERM)  # a job scheduler's stop while the model is saved
+        return save(final)
+
+    tr._save = save_with_a_signal
+    res = tr.train()
+    assert res.stopped_by == 0 and (tmp_path / "t2c" / "model" / "model.safetensors").is_file()
+    # it used to promise a stop "after the step in progress" with a checkpoint, and then went on
+    assert [x for x in capfd.readouterr().err.splitlines() if x.startswith("echox")] == [
+        "echox train: SIGTERM: the last step is made: finishing the final save and eval"]
+
 def _worker_ignores_sigterm(batch):
     return signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 

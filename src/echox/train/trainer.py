@@ -422,6 +422,7 @@ class Trainer:
         self.writer = None
         self.best: tuple[int, float] | None = None  # (step, eval loss) of <out>/best
         self.stop_signal = 0  # set by `request_stop`
+        self._finishing = False  # the last step is made: the final save and eval are running
         self._pid = os.getpid()  # a forked copy (a DataLoader worker) does not speak for the run
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, folder) saved or resumed from
 
@@ -610,9 +611,10 @@ class Trainer:
         if not self.stop_signal and self.acc.is_main_process and os.getpid() == self._pid:
             # os.write, not print: a handler can run inside tqdm's own write to stderr
             again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
+            what = ("the last step is made: finishing the final save and eval" if self._finishing
+                    else "stopping after the step in progress, with a checkpoint of it")
             with contextlib.suppress(OSError):
-                os.write(2, f"\nechox train: {signal.Signals(signum).name}: stopping after the step "
-                            f"in progress, with a checkpoint of it{again}\n".encode())
+                os.write(2, f"\nechox train: {signal.Signals(signum).name}: {what}{again}\n".encode())
         self.stop_signal = self.stop_signal or signum
 
     def _stop_requested(self) -> int:
@@ -630,6 +632,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.acc.process_index)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+        self._finishing = False
         self.out.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
             remove_stale_saves(self.out)
@@ -710,6 +713,7 @@ class Trainer:
                     self._save()  # a stopped run (a preempted job, Ctrl-C) keeps every step it made
         finally:
             bar.close()
+        self._finishing = True  # a stop asked from here on still gets the final save and eval
         stopped_by = stop if self.step < cfg.max_steps else 0
         if timed_out and not stopped_by and self.acc.is_main_process:
             log.warning("train.max_minutes=%g reached at step %d of %d: saving the final model",
