@@ -91,3 +91,15 @@ def test_malformed_yaml_is_one_line_naming_the_place(tmp_path):
         read_yaml_mapping(bad, "recipe")
     msg = str(e.value)
     assert "\n" not in msg and "r.yaml: not valid YAML at line" in msg, msg
+
+
+def test_a_damaged_json_config_is_one_config_error_naming_it(tmp_path):
+    import json
+
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(preset_config("tiny-random").to_dict()))
+    assert EchoXConfig.from_json_file(p) == preset_config("tiny-random")
+    for raw, why in ((b'{"llm": {', "malformed JSON"), (b"\xff", "not UTF-8 text")):
+        p.write_bytes(raw)
+        with pytest.raises(ConfigError, match=f"config file {p}: {why}"):
+            EchoXConfig.from_json_file(p)

@@ -118,6 +118,14 @@ def test_read_ct2_parses_and_rejects_bad_files(tmp_path: Path) -> None:
         convert_ct2_whisper(other, tmp_path / "dst", progress=False)
     assert not (tmp_path / "dst").exists()
 
+    cut = tmp_path / "cut"  # a config.json cut short was a json.JSONDecodeError traceback
+    cut.mkdir()
+    _write_ct2(cut / "model.bin", "WhisperSpec", {"a/weight": w})
+    (cut / "config.json").write_text('{"suppress_ids": [1,')
+    with pytest.raises(ConversionError, match=f"{cut / 'config.json'}: malformed JSON"):
+        convert_ct2_whisper(cut, tmp_path / "dst", progress=False)
+    assert not (tmp_path / "dst").exists()
+
 
 @pytest.fixture(scope="module")
 def tiny_hf_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:

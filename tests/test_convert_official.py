@@ -406,6 +406,8 @@ def _damage(src: Path, how: str) -> None:
         (src / "config.json").write_text(json.dumps({**cfg, "adapter_size": "x", "audio_tower": 5}))
     elif how == "bad weight map":
         (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 5}}))
+    elif how == "tower config cut short":  # was a json.JSONDecodeError traceback
+        (src.parent / "whisper-tiny-test" / "config.json").write_text('{"d_model": 3')
 
 
 @pytest.mark.parametrize("how, message", [
@@ -419,6 +421,7 @@ def _damage(src: Path, how: str) -> None:
     ("config not utf-8", "config.json: not JSON"),
     ("wrong config types", "wrong type of audio_tower (5: expected a string), adapter_size ('x': expected a whole number)"),
     ("bad weight map", "not a weight index (its weight_map values must be file names)"),
+    ("tower config cut short", "whisper-tiny-test/config.json: malformed JSON"),
 ])
 def test_damaged_folder_one_line_exit_2(tmp_path: Path, capsys, how: str, message: str) -> None:
     fx = build_authors_folder(tmp_path, shards=2)

@@ -33,6 +33,21 @@ def test_missing_whisper_files(tmp_path):
         WhisperSpeechEncoder.from_folder(tmp_path)
 
 
+def test_a_damaged_weight_index_is_one_error_naming_it(tmp_path):
+    """A Whisper folder with a sharded-weights index that is cut short or holds no weight_map
+    (it was a json.JSONDecodeError or a KeyError traceback)."""
+    import shutil
+
+    shutil.copy(resolve("builtin:tiny-random-whisper") / "config.json", tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    for text, why in (('{"weight_map": {"model.encoder.', "malformed JSON"),
+                      ("[]", "expected a JSON object, got list"),
+                      ('{"metadata": {}}', 'expected a "weight_map" object')):
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=f"Whisper weight index {index}: {why}"):
+            WhisperSpeechEncoder.from_folder(tmp_path)
+
+
 def test_tied_ctc_head_has_no_own_parameters(make_model, tmp_path):
     from echox.model.echox import EchoX
     from echox.model.prompt import Turn

@@ -105,6 +105,35 @@ def test_json_object_lines_names_the_first_bad_line(tmp_path: Path) -> None:
             json_object_lines(p, ManifestError)
 
 
+def test_read_json_object_names_the_file_and_why(tmp_path: Path) -> None:
+    """A damaged whole JSON file (a write cut short, another encoding, a list) is one error
+    naming the file, in the words of the JSON-lines reader; a missing file stays a
+    FileNotFoundError, for the caller to say what belongs there."""
+    from echox.errors import UnitError
+    from echox.fileio import read_json_object
+
+    p = tmp_path / "meta.json"
+    p.write_text('{"a": [1, 2]}\n')
+    assert read_json_object(p, UnitError) == {"a": [1, 2]}
+    cases = {b"": "empty file (expected a JSON object)",
+             b'{"a": [1,': "malformed JSON (Expecting value at line 1 column 10)",
+             b'{\n"a" 1}': "malformed JSON (Expecting ':' delimiter at line 2 column 5)",
+             b"\xff\xfe{}": "not UTF-8 text (invalid start byte at byte 0)",
+             b"[]": "expected a JSON object, got list", b"3": "expected a JSON object, got int",
+             b"null": "expected a JSON object, got null",
+             b"[" * 100_000: "malformed JSON (nested too deeply)",
+             b'{"n": ' + b"9" * 5000 + b"}": "malformed JSON (a number too long to read)"}
+    for raw, why in cases.items():
+        p.write_bytes(raw)
+        with pytest.raises(UnitError) as err:
+            read_json_object(p, UnitError, "unit side file")
+        assert str(err.value) == f"unit side file {p}: {why}"
+    with pytest.raises(FileNotFoundError):
+        read_json_object(tmp_path / "none.json", UnitError)
+    with pytest.raises(UnitError, match="cannot read it"):
+        read_json_object(tmp_path, UnitError)
+
+
 def test_clear_interrupted_removes_scratch_and_puts_back_a_folder_moved_aside(tmp_path):
     """A kill inside `atomic_dir` leaves its scratch copy, and between its two renames the old
     folder moved aside with nothing in its place."""

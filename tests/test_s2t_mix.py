@@ -272,6 +272,23 @@ def test_echo_extra_answers_each_spoken_question_and_resumes(tmp_path):
     assert len((train / "dialogues_extra.jsonl").read_text().splitlines()) == counts["extra_dialogues"]
 
 
+def test_echo_extra_refuses_damaged_corpus_settings(tmp_path):
+    """A build.json cut short, not an object or without its LLM was a traceback
+    (json.JSONDecodeError, AttributeError, KeyError); now one error naming it, nothing written."""
+    from echox.data.s2t_mix import build_echo_extra
+
+    corpus = _corpus(tmp_path)
+    clip = {"id": "x0", "text": QS[0], "audio": "audio/q/x0.wav"}
+    (corpus / "train" / "asr_extra_tts.jsonl").write_text(json.dumps(clip) + "\n")
+    for text, why in (('{"llm": "builtin:tiny', "malformed JSON"),
+                      ("[]", "expected a JSON object, got list"),
+                      ('{"system_prompt": "Be brief."}', 'no "llm"')):
+        (corpus / "build.json").write_text(text)
+        with pytest.raises(ManifestError, match=f"corpus settings {corpus / 'build.json'}: {why}"):
+            build_echo_extra(corpus)
+    assert not (corpus / "train" / "answers_extra.jsonl").exists()
+
+
 @pytest.mark.slow  # runs piper
 def test_speak_extra_answers_makes_a_tts_manifest_that_attaches(tmp_path):
     from echox.cli import main

@@ -136,6 +136,25 @@ def test_load_errors(lang: UnitLanguage, tmp_path: Path) -> None:
         UnitLanguage.load(tmp_path / "badmeta")
 
 
+def test_damaged_unit_tokens_file_is_one_unit_error(tmp_path: Path) -> None:
+    """A bundle's unit_tokens.json (the released model's unit language) that is not UTF-8, not
+    an object or missing a key was a UnicodeDecodeError, AttributeError or KeyError traceback
+    from `echox chat`."""
+    from echox.units.unit_tokens import META_FILE, UnitTokens
+
+    UnitTokens(["0", "1", "2"], offset=10, num_units=3).save(tmp_path)
+    assert UnitTokens.load(tmp_path).texts == ["0", "1", "2"]
+    p = tmp_path / META_FILE
+    good = json.loads(p.read_text(encoding="utf-8"))
+    for raw, why in ((b"\xff{}", "not UTF-8 text"), (p.read_bytes()[:20], "malformed JSON"),
+                     (b"[]", "expected a JSON object, got list"),
+                     (json.dumps({k: v for k, v in good.items() if k != "texts"}).encode(),
+                      'expected "texts"')):
+        p.write_bytes(raw)
+        with pytest.raises(UnitError, match=f"{p}: {why}"):
+            UnitTokens.load(tmp_path)
+
+
 def test_bad_inputs(lang: UnitLanguage) -> None:
     with pytest.raises(UnitError, match="outside"):
         lang.encode([1, NUM_UNITS])

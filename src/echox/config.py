@@ -9,7 +9,6 @@ built-in names that :mod:`echox.hub` resolves.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import types
 from dataclasses import asdict, dataclass, field, fields
@@ -19,6 +18,7 @@ from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from echox.errors import ConfigError
+from echox.fileio import read_json_object
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and speech assistant. You are able to understand the speech "
@@ -338,7 +338,7 @@ class EchoXConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "EchoXConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json_object(path, ConfigError, "config file"))
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

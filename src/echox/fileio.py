@@ -1,4 +1,4 @@
-"""Files: atomic writes, output-path checks and the one JSON-lines reader.
+"""Files: atomic writes, output-path checks and the one JSON-lines and JSON-object readers.
 
 An atomic write is a temp file in the same folder, fsync, then one rename: a reader (or a
 killed run) never sees half a file; the result gets the usual permissions (0666 minus the
@@ -197,16 +197,20 @@ def json_lines(path: str | os.PathLike) -> Iterator[JsonLine]:
                 continue
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield JsonLine(lineno, None, f"malformed JSON ({err.msg} at column {err.colno})")
-            except ValueError:  # an integer of 4300+ digits, which Python will not convert
-                yield JsonLine(lineno, None, "malformed JSON (a number too long to read)")
-            except RecursionError:
-                yield JsonLine(lineno, None, "malformed JSON (nested too deeply)")
-            else:
-                yield JsonLine(lineno, value, None)
+            yield JsonLine(lineno, *_loads(line, where=lambda err: f"column {err.colno}"))
+
+
+def _loads(text: str, where: Callable[[json.JSONDecodeError], str]) -> tuple[Any, str | None]:
+    """(value, None) for JSON `text`, or (None, why not) in the words every reader here uses;
+    `where` places a syntax error (a column of a line, a line and column of a file)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, f"malformed JSON ({err.msg} at {where(err)})"
+    except ValueError:  # an integer of 4300+ digits, which Python will not convert
+        return None, "malformed JSON (a number too long to read)"
+    except RecursionError:
+        return None, "malformed JSON (nested too deeply)"
 
 
 def json_object_lines(path: str | os.PathLike,
@@ -221,6 +225,36 @@ def json_object_lines(path: str | os.PathLike,
             raise error(f"{path} line {lineno}: {why}")
         rows.append((lineno, value))
     return rows
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception],
+                     what: str = "") -> dict[str, Any]:
+    """The JSON object a whole file holds (a config, an index, a side file). A file that is
+    empty or cut short, not UTF-8, not JSON or JSON but not an object raises `error`, one line
+    naming the file (after `what`, e.g. "audio tower config") and why, so that a damaged file
+    is a clear error instead of a traceback. A missing file raises FileNotFoundError, as
+    `json_lines` does: the caller knows what belongs there and says so; any other failure to
+    read it (a folder, no permission) is `error` too. Keys are the caller's to check."""
+    p = Path(path)
+    name = f"{what} {p}" if what else str(p)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise error(f"{name}: cannot read it ({err.strerror or err})") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{name}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not text.strip():
+        raise error(f"{name}: empty file (expected a JSON object)")
+    value, why = _loads(text, where=lambda err: f"line {err.lineno} column {err.colno}")
+    if why is None and not isinstance(value, dict):
+        why = f"expected a JSON object, got {'null' if value is None else type(value).__name__}"
+    if why is not None:
+        raise error(f"{name}: {why}")
+    return value
 
 
 def json_objects(path: str | os.PathLike, key: str,

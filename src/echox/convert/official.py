@@ -54,7 +54,7 @@ from echox.convert.tensor_files import (
     same_bytes,
 )
 from echox.errors import ConversionError, UnitError, VocoderError
-from echox.fileio import atomic_dir, check_out_path
+from echox.fileio import atomic_dir, check_out_path, read_json_object
 from echox.infer.bundle import UNIT_LANGUAGE_DIR, VOCODER_DIR
 from echox.model.checkpoint import CHECKSUMS, CONFIG, FORMAT_VERSION, WEIGHTS, sha256_file
 from echox.model.denoiser import DenoisingAdapter
@@ -211,7 +211,7 @@ def _audio_tower(name: str, src: Path, override: str | None) -> tuple[str, str]:
 def _check_tower(tower: str, adapter_size: int) -> None:
     cfg = Path(tower) / "config.json"
     if cfg.is_file():
-        d = json.loads(cfg.read_text()).get("d_model")
+        d = read_json_object(cfg, ConversionError, "audio tower config").get("d_model")
         if d is not None and int(d) != adapter_size:
             raise ConversionError(f"audio tower {tower} has d_model {d} but config.json's "
                                   f"adapter_size is {adapter_size}")

@@ -40,7 +40,7 @@ from echox.config import int_at_least
 from echox.data.tiny_corpus import (_read_answers, espeak_synthesize, generate_answers,
                                    piper_synthesize)
 from echox.errors import ManifestError
-from echox.fileio import atomic_write_text, json_object_lines, open_to_append
+from echox.fileio import atomic_write_text, json_object_lines, open_to_append, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,10 @@ def build_echo_extra(corpus: str | Path, batch_size: int = 64, threads: int = 1,
     for need in (clips_path, build_path):
         if not need.is_file():
             raise ManifestError(f"{need} not found: build the corpus and its --asr-extra clips first")
-    build = json.loads(build_path.read_text(encoding="utf-8"))
+    build = read_json_object(build_path, ManifestError, "corpus settings")
+    if not isinstance(build.get("llm"), str):
+        raise ManifestError(f"corpus settings {build_path}: no \"llm\" (the text LLM that "
+                            "answered its questions); is it a tiny corpus?")
     clips = _id_text_rows(clips_path, audio=True)
     answers_path = train / "answers_extra.jsonl"
     done = _read_answers(answers_path)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from echox.errors import ConversionError, PackagedModelMissingError
-from echox.fileio import atomic_dir
+from echox.fileio import atomic_dir, read_json_object
 
 if TYPE_CHECKING:
     from transformers import WhisperConfig
@@ -362,7 +362,7 @@ def convert_ct2_whisper(
         raise ConversionError(f"{src}: expected a WhisperSpec model, got {ct2.spec!r}")
     report_progress(progress, f"read {len(ct2.variables)} tensors from {src / 'model.bin'}", t0)
     cfg_path = src / "config.json"
-    ct2_cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    ct2_cfg = read_json_object(cfg_path, ConversionError) if cfg_path.is_file() else {}
     ids = _token_ids(src)
     config = _whisper_config(ct2, ids, ct2_cfg)
     state = ct2_whisper_state_dict(ct2)

@@ -7,7 +7,6 @@ Whisper-large-v3 run on the same code path.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from echox.errors import AudioTooLongError, CheckpointError
+from echox.fileio import read_json_object
 
 HOP = 160  # Whisper's mel hop at 16 kHz
 SAMPLE_RATE = 16000
@@ -58,7 +58,10 @@ def _load_encoder_state(folder: Path) -> dict[str, torch.Tensor]:
     files: list[Path]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index, CheckpointError, "Whisper weight index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"Whisper weight index {index}: expected a \"weight_map\" object "
+                                  "of tensor name -> file name")
         files = sorted({folder / f for k, f in weight_map.items() if "encoder." in k})
     elif (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
@@ -76,7 +79,7 @@ def _load_encoder_state(folder: Path) -> dict[str, torch.Tensor]:
                         out[k] = fh.get_tensor(k)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot read Whisper weights {f}: {e}") from e
-    return _strip_encoder_prefix(out, files[0])
+    return _strip_encoder_prefix(out, files[0] if files else index)
 
 
 def _strip_encoder_prefix(sd: dict[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from echox.errors import UnitError
+from echox.fileio import read_json_object
 
 META_FILE = "unit_tokens.json"
 FORMAT_NAME = "echox-unit-tokens"
@@ -93,18 +94,25 @@ class UnitTokens:
         d.mkdir(parents=True, exist_ok=True)
         (d / META_FILE).write_text(json.dumps({
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "offset": self.offset,
-            "num_units": self._num_units, "texts": self.texts}, ensure_ascii=False, indent=0))
+            "num_units": self._num_units, "texts": self.texts}, ensure_ascii=False, indent=0),
+            encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | Path) -> "UnitTokens":
         p = Path(directory) / META_FILE
         try:
-            meta = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            meta = read_json_object(p, UnitError)
+        except FileNotFoundError as e:
             raise UnitError(f"cannot read {p}: {e}") from e
-        if meta.get("format") != FORMAT_NAME or meta.get("format_version", 0) > FORMAT_VERSION:
+        version = meta.get("format_version", 0)
+        if meta.get("format") != FORMAT_NAME or not isinstance(version, int) or version > FORMAT_VERSION:
             raise UnitError(f"{p}: not an {FORMAT_NAME} file of version <= {FORMAT_VERSION}")
-        return cls(meta["texts"], meta["offset"], meta["num_units"])
+        texts, offset, num_units = meta.get("texts"), meta.get("offset"), meta.get("num_units")
+        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)
+                and isinstance(offset, int) and isinstance(num_units, int)):
+            raise UnitError(f"{p}: expected \"texts\" (a list of strings), \"offset\" and "
+                            "\"num_units\" (whole numbers)")
+        return cls(texts, offset, num_units)
 
     def __repr__(self) -> str:
         return (f"UnitTokens({len(self.texts)} <|unit_...|> tokens from id {self.offset}, "
