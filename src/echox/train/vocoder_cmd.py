@@ -49,15 +49,22 @@ from echox.vocoder.unit2mel import Unit2Mel, Unit2MelConfig, grow_unit2mel
 from echox.vocoder.unit_mel import UnitMelVocoder
 
 
+def _tts_objects(path: Path) -> tuple[Any, list[dict[str, Any]]]:
+    """The TTS manifest's report and the JSON object of each of its good records, whole (for
+    "counts", which is not a TTS field). Malformed lines (cut short by a kill, not UTF-8) are
+    named and skipped by `read_jsonl`, so a record's line is read again only when it is good;
+    split on "\n" only, as read_jsonl does."""
+    rep = read_jsonl(path, "tts", on_error="skip")
+    lines = path.read_bytes().split(b"\n")
+    return rep, [json.loads(lines[n - 1]) for n in rep.lines]
+
+
 def load_pairs(manifest: str, sample_rate: int, limit: int | None = None) -> list[tuple[list[int], list[int], Any]]:
     """(units, run lengths, waveform at `sample_rate`) for every record that has them."""
     path = Path(manifest)
     if not path.is_file():
         raise ConfigError(f"vocoder data not found: {path}")
-    rep = read_jsonl(path, "tts", on_error="skip")  # names and skips malformed lines
-    # the good lines again, for "counts" (not a TTS field); split on "\n" only, as read_jsonl does
-    lines = path.read_bytes().split(b"\n")
-    raw = [json.loads(lines[n - 1]) for n in rep.lines]
+    rep, raw = _tts_objects(path)
     pairs = []
     for obj in raw[:limit] if limit else raw:
         if not obj.get("units") or not obj.get("counts") or not obj.get("audio"):
@@ -172,8 +179,7 @@ def _mels_from_manifest(manifest: str, spec: Any, limit: int | None, unit2mel: A
     path = Path(manifest)
     if not path.is_file():
         raise ConfigError(f"hifigan data not found: {path}")
-    rep = read_jsonl(path, "tts", on_error="skip")
-    raw = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rep, raw = _tts_objects(path)
     real, predicted, targets = [], [], []
     for obj in raw[:limit] if limit else raw:
         if not isinstance(obj, dict) or not obj.get("audio"):
