@@ -94,9 +94,11 @@ OPTIONAL_SETTINGS = tuple(name for name, _, _ in DECODING)
 
 def check_run_dir(folder: Path, settings: dict[str, Any]) -> None:
     """A run folder keeps the settings it was made with (`run.json`); others are an error."""
+    from echox.fileio import atomic_write_text, read_json_object
+
     path = folder / "run.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json_object(path, Stop)
         keys = [*settings, *(k for k in OPTIONAL_SETTINGS if k in old and k not in settings)]
         diff = {k: (old.get(k), settings.get(k)) for k in keys if old.get(k) != settings.get(k)}
         if diff:
@@ -105,7 +107,7 @@ def check_run_dir(folder: Path, settings: dict[str, Any]) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     existing = len(read_items(folder / "items.jsonl"))
-    path.write_text(json.dumps({**settings, "items_before_run_json": existing}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({**settings, "items_before_run_json": existing}, indent=2) + "\n")
 
 
 

@@ -328,3 +328,15 @@ def test_t2c_run_resumes_after_a_torn_last_line(tmp_path: Path) -> None:
         f.write('{"id": "a1", "text": "ans')  # torn: no newline
     bench.t2c_run(ctx, "t2c", tmp_path / "b", tmp_path / "b", answers, {"mode": "t2c"})
     assert sorted(bench.read_items(tmp_path / "t2c" / "items.jsonl")) == ["a0", "a1", "a2"]
+
+
+def test_a_damaged_run_json_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A run folder's settings cut short (a kill in an older, non-atomic write) or replaced by
+    another file stop the script with one line naming it; it was a JSONDecodeError traceback."""
+    bench = _script()
+    bench.check_run_dir(tmp_path / "run", {"mode": "s2t"})
+    bench.check_run_dir(tmp_path / "run", {"mode": "s2t"})  # the same settings: reused
+    for damaged, says in (('{"mode": "s2', "malformed JSON"), ("[1]", "expected a JSON object")):
+        (tmp_path / "run" / "run.json").write_text(damaged)
+        with pytest.raises(bench.Stop, match=f"run.json: {says}"):
+            bench.check_run_dir(tmp_path / "run", {"mode": "s2t"})
