@@ -101,6 +101,25 @@ def nan_wav() -> bytes:
     return wav(data=x, subtype="FLOAT")
 
 
+def streamed_flac(seconds: float) -> bytes:
+    """A FLAC file as an encoder writing to a pipe leaves it: STREAMINFO's total samples is 0
+    (unknown), and libsndfile reports 2^63 - 1 frames."""
+    buf = io.BytesIO()
+    sf.write(buf, noise(seconds), 16000, format="FLAC", subtype="PCM_16")
+    data = bytearray(buf.getvalue())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO comes first
+    fields = int.from_bytes(data[18:26], "big") & ~((1 << 36) - 1)  # rate, channels, bits; total
+    data[18:26] = fields.to_bytes(8, "big")
+    return bytes(data)
+
+
+def many_channel_flac(seconds: float, channels: int = 8, sr: int = 192000) -> bytes:
+    """Silence in many channels at a high rate: a few KB that decode to megabytes."""
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((int(sr * seconds), channels), np.int16), sr, format="FLAC")
+    return buf.getvalue()
+
+
 def turn_events(ws: Any) -> list[dict[str, Any]]:
     """Messages of one turn up to its final (or error) event; audio headers get their bytes."""
     out: list[dict[str, Any]] = []
@@ -193,6 +212,18 @@ BAD_UPLOADS = {
                  "over the limit of 1.5 s (this server's limits.max_audio_seconds in GET "
                  "/v1/models; its operator sets it with echox serve --max-audio-seconds)"),
     "empty": (b"", 400, "empty_audio", "empty"),
+    # finite samples far beyond full scale: the features overflowed into NaN, a 500 "the
+    # model failed" with a traceback in the log
+    "huge samples": (wav(data=noise(0.3) * 1e30, subtype="FLOAT"), 400, "bad_audio",
+                     "far outside the [-1, 1] of float audio"),
+    # a rate whose resampling filter has 20 million taps: 10 s and 1 GB for a 0.6 MB upload
+    "odd rate": (wav(data=np.tile(noise(1.0), 19)[:300_000], sr=999_983), 400, "bad_audio",
+                 "a sample rate of 999983 Hz is not read"),
+    # 45 KB of FLAC that decode to 46 MB (and a 58 KB Ogg of 64 channels to 1.7 GB, 12 s)
+    "many channels": (many_channel_flac(1.0), 413, "too_large",
+                      "1.5 s of stereo at 192000 Hz"),
+    # no length in the header: libsndfile's 2^63 - 1 frames were allocated, a 500
+    "no length": (streamed_flac(0.5), 400, "bad_audio", "the file does not give its length"),
 }
 
 
@@ -212,6 +243,31 @@ def test_chat_refuses_bad_audio_and_keeps_serving(engine: Engine, name: str) -> 
             assert err["status"] == status and words in err["message"], err
         assert c.get("/health").json()["status"] == "ok"
         assert c.post("/v1/chat", json={"text": "still there?"}).status_code == 200
+
+
+def test_chat_reads_a_high_rate_that_resamples_cheaply(engine: Engine) -> None:
+    """Rates are refused by the cost of their resampling, not by size: 352.8 kHz (441/20 of
+    16 kHz) is read, and so are the rates up to 192 kHz, as before."""
+    with client(engine) as c:
+        r = c.post("/v1/chat", content=wav(data=np.tile(noise(1.0), 7)[:105_840], sr=352_800),
+                   headers={"content-type": "audio/wav"})
+        assert r.status_code == 200, r.text
+
+
+def test_chat_reads_a_history_at_its_limits_in_every_encoding(engine: Engine) -> None:
+    """A request within the documented limits (2 x history_turns items of max_text_chars) fits
+    its body in JSON and in multipart: it used to be refused as "bad multipart body: Part
+    exceeded maximum size of 23KB" (and over a JSON body's limit with a small upload limit).
+    Here it reaches the model, whose 1024 positions (the tiny LLM) it is over."""
+    history = [{"role": r, "text": "\u00e9" * 2000}
+               for _ in range(8) for r in ("user", "assistant")]
+    with client(engine, max_upload_bytes=20_000) as c:
+        for r in (c.post("/v1/chat", json={"text": "and now?", "history": history}),
+                  c.post("/v1/chat", data={"text": "and now?", "history": json.dumps(history)},
+                         files={"audio": ("q.wav", wav(0.3), "audio/wav")})):
+            err = r.json()["error"]
+            assert (r.status_code, err["code"]) == (400, "bad_request"), r.text
+            assert "the prompt is" in err["message"] and "over the LLM's 1024" in err["message"]
 
 
 def test_chat_refuses_bad_requests(engine: Engine) -> None:
@@ -239,6 +295,9 @@ def test_chat_refuses_bad_requests(engine: Engine) -> None:
                     headers={"content-type": "application/json"}), 400, "bad_request"),
             (c.post("/v1/chat", files={"audio": ("q.wav", wav(0.2), "audio/wav")},
                     data={"history": "[" * 20_000 + "]" * 20_000}), 400, "bad_request"),
+            # the audio under another name: it was dropped, and the text answered alone
+            (c.post("/v1/chat", files={"file": ("q.wav", wav(0.3), "audio/wav")},
+                    data={"text": "what did I say?"}), 400, "bad_request"),
         ]
         for r, status, code in cases:
             assert r.status_code == status and r.json()["error"]["code"] == code, r.text
@@ -406,6 +465,22 @@ def test_ws_token_origin_and_connection_limit(engine: Engine) -> None:
                 assert e.value.code == 1013
     with client(engine, allow_origins=("http://evil.example",)) as c:
         assert c.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200
+
+
+def test_an_origin_that_is_no_url_is_refused_not_a_500(engine: Engine) -> None:
+    """An Origin urlsplit cannot parse ("http://[::1") was a 500 "the model failed" over HTTP
+    and an exception in the WebSocket handshake (no answer at all): now a 403 like any other."""
+    with client(engine) as c:
+        for origin in ("http://[::1", "http://["):
+            r = c.post("/v1/chat", json={"text": "hi"}, headers={"Origin": origin})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin"
+            with c.websocket_connect("/v1/stream", headers={"Origin": origin}) as ws:
+                assert ws.receive_json()["code"] == "forbidden_origin"
+                with pytest.raises(WebSocketDisconnect) as e:
+                    ws.receive_json()
+                assert e.value.code == 1008
+        r = c.post("/v1/chat", json={"text": "hi"}, headers={"Origin": "http://testserver"})
+        assert r.status_code == 200
 
 
 def test_busy_queue_cancel_and_disconnect_free_the_worker(engine: Engine) -> None:

@@ -14,10 +14,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from conftest import noise
 from test_serve import (  # noqa: F401 - `engine` is a fixture
     client,
     engine,
+    streamed_flac,
     turn_events,
     wait_until,
     wav,
@@ -226,14 +228,17 @@ def test_ws_errors_do_not_echo_huge_values(engine: Engine) -> None:
         pong(ws)
 
 
+WS_SCOPE = {"type": "websocket", "asgi": {"version": "3.0"}, "scheme": "ws",
+            "http_version": "1.1", "path": "/v1/stream", "raw_path": b"/v1/stream",
+            "query_string": b"", "root_path": "", "headers": [(b"host", b"testserver")],
+            "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "subprotocols": []}
+
+
 def test_ws_handshakes_racing_for_the_last_place(engine: Engine) -> None:
     """Two handshakes at once with one place left: one conversation, one 503 (before, both
     were checked before either was counted, and both were let in)."""
     app = create_app(engine, ServeConfig(max_connections=1))
-    scope = {"type": "websocket", "asgi": {"version": "3.0"}, "scheme": "ws",
-             "http_version": "1.1", "path": "/v1/stream", "raw_path": b"/v1/stream",
-             "query_string": b"", "root_path": "", "headers": [(b"host", b"testserver")],
-             "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "subprotocols": []}
+    scope = WS_SCOPE
 
     async def both() -> list[list[dict[str, Any]]]:
         inboxes = [asyncio.Queue(), asyncio.Queue()]
@@ -318,3 +323,120 @@ def test_ws_an_end_with_a_refused_text_keeps_the_audio(engine: Engine) -> None:
         events = turn_events(ws)
         assert events[-1]["type"] == "final" and events[-1]["turn"] == 1
         wait_until(lambda: c.get("/health").json()["served"] == 1, 30)
+
+
+def test_ws_a_client_that_stops_reading_frees_its_worker_at_the_turn_timeout(
+        engine: Engine) -> None:
+    """A client that stops reading mid-answer (its socket buffers full, the server's send
+    waits) held its worker for ever, past the turn timeout: every other turn got 503 busy.
+    Now a send is given up at the turn timeout: the worker is free, and another conversation
+    is answered while the silent client is still connected."""
+    app = create_app(engine, ServeConfig(workers=1, queue_size=0, turn_timeout=0.5))
+
+    def conversation(text: str, reads: bool) -> tuple[asyncio.Task[None], list[dict[str, Any]],
+                                                      asyncio.Queue[dict[str, Any]]]:
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        got: list[dict[str, Any]] = []
+
+        async def send(msg: dict[str, Any]) -> None:
+            if not msg.get("text"):  # the handshake's accept
+                return
+            ev = json.loads(msg["text"])
+            if not reads and ev["type"] not in ("ready", "start"):
+                await asyncio.Event().wait()  # the client reads nothing more: never sent
+            got.append(ev)
+
+        inbox.put_nowait({"type": "websocket.connect"})
+        inbox.put_nowait({"type": "websocket.receive",
+                          "text": json.dumps({"type": "text", "text": text})})
+        return asyncio.create_task(app(dict(WS_SCOPE), inbox.get, send)), got, inbox
+
+    async def main() -> tuple[float, tuple[int, int, int], list[str]]:
+        gate = app.state.echox.gate
+        silent, got, inbox = conversation("hello", reads=False)
+        t0 = time.monotonic()
+        while not any(e.get("type") == "start" for e in got) and time.monotonic() - t0 < 30:
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()  # the turn runs; the client reads no more
+        while gate.admitted and time.monotonic() - t0 < 10:
+            await asyncio.sleep(0.02)
+        freed_after = time.monotonic() - t0
+        state = (gate.running, gate.admitted, gate.stopped)
+        app.state.echox.cfg.turn_timeout = 60.0  # the next turn's answer is not timed: a busy CPU
+        other, other_got, other_inbox = conversation("me next", reads=True)
+        while (not any(e.get("type") in ("final", "error") for e in other_got)
+               and time.monotonic() - t0 < 30):
+            await asyncio.sleep(0.02)
+        for q in (inbox, other_inbox):
+            q.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(other, 10)
+        silent.cancel()  # its error event is never read: stop waiting on it
+        await asyncio.gather(silent, return_exceptions=True)
+        return freed_after, state, [e.get("type") for e in other_got]
+
+    try:
+        freed_after, state, other = asyncio.run(main())
+    finally:
+        app.state.echox.close()
+    assert state == (0, 0, 1) and freed_after < 5, (state, freed_after)
+    assert other[0] == "ready" and other[-1] == "final", other
+
+
+class BrokenResetEngine:
+    """The real engine, but a session's `reset` fails with an error the server does not
+    expect (a stand-in for any bug met while handling a message)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def session(self, history: Any = None) -> Any:
+        s = self._engine.session(history)
+
+        def reset() -> None:
+            raise KeyError("a bug")
+
+        s.reset = reset
+        return s
+
+
+def test_ws_an_unexpected_error_answers_the_message_and_keeps_the_conversation(
+        engine: Engine) -> None:
+    """An error the server does not expect while it handles a message is a 500 `error`
+    event (logged); it used to end the connection, and the conversation's history with it."""
+    with client(BrokenResetEngine(engine)) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "text", "text": "hello"})
+        first = turn_events(ws)[-1]
+        ws.send_json({"type": "reset"})
+        error(ws, 500, "internal", "KeyError")
+        pong(ws)
+        ws.send_json({"type": "text", "text": "hello"})
+        second = turn_events(ws)[-1]
+        assert (first["type"], second["type"], second["turn"]) == ("final", "final", 2)
+        assert second["stats"]["prefix_tokens"] > first["stats"]["prefix_tokens"]  # history
+
+
+def test_ws_audio_the_model_cannot_take_is_a_400_and_the_conversation_goes_on(
+        engine: Engine) -> None:
+    """A streamed FLAC (no length in its header) ended the connection (a ValueError from an
+    allocation of 2^63 frames); samples of 1e30 were a 500 "the model failed" after the turn
+    had started. Both are refused before the turn, and the conversation goes on."""
+    with client(engine) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "text", "text": "hello"})
+        assert turn_events(ws)[-1]["type"] == "final"
+        ws.send_bytes(streamed_flac(0.5))
+        ws.send_json({"type": "end"})
+        error(ws, 400, "bad_audio", "the file does not give its length")
+        ws.send_bytes(wav(0.5))
+        ws.send_json({"type": "end"})
+        assert turn_events(ws)[-1]["turn"] == 2
+        ws.send_json({"type": "audio", "format": "pcm_f32le", "sample_rate": 16000})
+        ws.send_bytes((noise(0.5) * np.float32(1e30)).astype("<f4").tobytes())
+        ws.send_json({"type": "end"})
+        error(ws, 400, "bad_audio", "far outside the [-1, 1]")
+        ws.send_json({"type": "text", "text": "still there?"})
+        assert turn_events(ws)[-1]["turn"] == 3

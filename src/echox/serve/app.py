@@ -24,7 +24,7 @@ import json
 import logging
 import resource
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocketDisconnect
 
 from echox.errors import AudioError, ConfigError, PromptError
 from echox.infer.events import AudioChunk, Final, Segment, TextDelta
@@ -189,7 +190,11 @@ class _State:
         origin = headers.get("origin")
         if origin is None or "*" in self.cfg.allow_origins or origin in self.cfg.allow_origins:
             return
-        if urlsplit(origin).netloc.lower() == headers.get("host", "").lower():
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:  # "http://[::1": a 500 "the model failed" (a WebSocket: no answer)
+            netloc = None
+        if netloc is not None and netloc.lower() == headers.get("host", "").lower():
             return
         raise ApiError(403, "forbidden_origin", f"requests from origin {origin} are not allowed "
                        "(start the server with --allow-origin to allow it)")
@@ -280,6 +285,10 @@ class _Conversation:
                         await self.on_text(msg["text"])
                 except ApiError as e:
                     await self.send_error(e)
+                except WebSocketDisconnect:  # an answer (a pong) to a client that has left
+                    break
+                except Exception as e:  # noqa: BLE001 - a bug: a 500 answers this message
+                    await self.send_error(_api_error(e))  # (logged); the conversation stays
         finally:
             await self.stop_turn()  # a client that left frees its slot now
 
@@ -388,17 +397,19 @@ class _Conversation:
         st, t0 = self.st, time.monotonic()
 
         async def queued(position: int) -> None:
-            await self.send({"type": "queued", "turn": n, "position": position})
+            await self.within(time.monotonic() + st.cfg.turn_timeout,
+                              self.send({"type": "queued", "turn": n, "position": position}))
 
         try:
             async with st.gate.slot(queued):
                 queue_ms = (time.monotonic() - t0) * 1000
-                await self.send({"type": "start", "turn": n, "queue_ms": round(queue_ms, 1)})
+                deadline = time.monotonic() + st.cfg.turn_timeout
+                await self.within(deadline, self.send({"type": "start", "turn": n,
+                                                       "queue_ms": round(queue_ms, 1)}))
                 turn = ThreadTurn(st.gate, lambda: _respond(self.session, audio, text, st.in_rate))
                 try:
-                    deadline = time.monotonic() + st.cfg.turn_timeout
                     while (ev := await turn.next(max(0.0, deadline - time.monotonic()))) is not None:
-                        await self.send_event(n, ev, queue_ms)
+                        await self.within(deadline, self.send_event(n, ev, queue_ms))
                 finally:
                     await turn.stop()
             keep = 2 * st.cfg.history_turns
@@ -409,6 +420,22 @@ class _Conversation:
         except Exception as e:  # noqa: BLE001 - every failure becomes an error event
             self.replied = True
             await self.send_error(_api_error(e), n)
+
+    async def within(self, deadline: float, sending: Awaitable[None]) -> None:
+        """Await `sending` (a send) until `deadline` (time.monotonic()), else a 504: a client
+        that stops reading must not hold its worker, or its place in the queue, for ever (its
+        send used to wait for the client, past the turn timeout)."""
+        task = asyncio.ensure_future(sending)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            if not task.done():  # timed out, or this turn was cancelled meanwhile
+                task.cancel()
+        if not done:
+            raise ApiError(504, "timeout", "the client did not read the answer within the "
+                           f"server's turn timeout ({self.st.cfg.turn_timeout:g} s); the answer "
+                           "was stopped")
+        task.result()
 
     async def send_event(self, n: int, ev: Any, queue_ms: float) -> None:
         if isinstance(ev, TextDelta):
@@ -483,19 +510,30 @@ def _check_multipart_end(content_type: str, body: bytes) -> None:
                        "boundary (was the upload cut short?)")
 
 
+def _text_bytes(limits: Limits) -> int:
+    """Bytes `text` and a whole `history` may take at their limits, JSON-escaped (up to 12
+    bytes a character: "\\ud83d\\ude00"), so that a request within the limits fits its body."""
+    return (2 * limits.history_turns + 1) * (12 * limits.max_text_chars + 64)
+
+
 async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any, Any, Any]:
     """(audio file bytes, text, history, return_audio) from a multipart, JSON or raw-audio body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = st.limits.max_upload_bytes
+    texts = _text_bytes(st.limits)
     if ctype == "multipart/form-data":
-        body = await _read_body(request, limit + ENVELOPE)
+        body = await _read_body(request, limit + ENVELOPE + texts)
         _check_multipart_end(request.headers.get("content-type", ""), body)
         try:
             form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=8,
-                                         max_part_size=4 * st.limits.max_text_chars
-                                         + 16 * 1024).parse()
+                                         max_part_size=texts + 16 * 1024).parse()
         except MultiPartException as e:
             raise ApiError(400, "bad_request", f"bad multipart body: {e}") from e
+        for key, value in form.multi_items():  # a file under another name: its audio was lost
+            if isinstance(value, UploadFile) and key not in ("audio", "text", "history",
+                                                             "return_audio"):
+                raise ApiError(400, "bad_request", f"the file field {shown(key)} is not read: "
+                               "send the audio file as the field 'audio'")
         upload = form.get("audio")
         audio = None
         if isinstance(upload, UploadFile):
@@ -510,7 +548,7 @@ async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any,
                 raise ApiError(400, "bad_request", "history must be JSON") from None
         return audio, form.get("text"), history, form.get("return_audio")
     if ctype == "application/json":
-        body = await _read_body(request, limit * 4 // 3 + ENVELOPE)
+        body = await _read_body(request, limit * 4 // 3 + ENVELOPE + texts)
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):  # also bad UTF-8, or a number of 4300+ digits
