@@ -497,6 +497,51 @@ def test_absurd_sample_rates_are_refused_not_resampled(monkeypatch: pytest.Monke
     assert load_audio(sine(440.0, 0.1, 768000), 16000, orig_sr=768000).shape == (1600,)
 
 
+
+def test_rates_that_resample_only_at_a_huge_cost_are_refused(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """999,983 Hz -> 16 kHz is a polyphase filter of ~20 million taps: 10 s and a gigabyte for
+    a 0.6 MB file. A rate is judged by that cost, not by its size: 352.8 kHz (441/20 of 16 kHz)
+    and every rate up to 192 kHz still convert."""
+    x = sine(440.0, 0.05, 999_983)
+    sf.write(tmp_path / "odd.wav", x, 999_983)
+
+    def no_resampling(*_: object) -> None:
+        raise AssertionError("resampled instead of refusing")
+
+    with monkeypatch.context() as m:
+        m.setattr("echox.audio.resample_poly", no_resampling)
+        for source, kw in ((tmp_path / "odd.wav", {}), (x, {"orig_sr": 999_983})):
+            with pytest.raises(AudioError, match="a sample rate of 999983 Hz is not read"):
+                load_audio(source, **kw)
+    assert load_audio(sine(440.0, 0.1, 352_800), orig_sr=352_800).shape == (1600,)
+    assert abs(load_audio(sine(440.0, 0.1, 191_999), orig_sr=191_999).size - 1600) <= 1
+
+
+@pytest.mark.parametrize("peak", [1e10, 1e30])
+def test_samples_far_beyond_full_scale_are_refused(tmp_path: Path, peak: float) -> None:
+    """Finite samples of 1e30 went through, and the model's features overflowed into NaN: a
+    traceback from the sampler in `echox chat`. Anything louder than an int32 scale is refused."""
+    x = sine(440.0, 0.2, 16000) * peak
+    sf.write(tmp_path / "loud.wav", x, 16000, subtype="FLOAT")
+    for source, kw in ((tmp_path / "loud.wav", {}), (x, {"orig_sr": 16000})):
+        with pytest.raises(AudioError, match="far outside the \\[-1, 1\\] of float audio"):
+            load_audio(source, **kw)
+    assert np.abs(load_audio(sine(440.0, 0.2, 16000) * 1000.0, orig_sr=16000)).max() > 400
+
+
+def test_a_file_with_no_length_is_refused(tmp_path: Path) -> None:
+    """A FLAC written to a pipe has no total in its header (libsndfile: 2^63 - 1 frames):
+    reading it tried to allocate that many, or called it 10^14 s too long."""
+    sf.write(tmp_path / "q.flac", sine(440.0, 0.5, 16000), 16000, format="FLAC", subtype="PCM_16")
+    data = bytearray((tmp_path / "q.flac").read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO comes first
+    data[18:26] = (int.from_bytes(data[18:26], "big") & ~((1 << 36) - 1)).to_bytes(8, "big")
+    (tmp_path / "piped.flac").write_bytes(bytes(data))
+    for max_seconds in (30.0, None):
+        with pytest.raises(AudioError, match="piped.flac': the file does not give its length"):
+            load_audio(tmp_path / "piped.flac", max_seconds=max_seconds)
+
 def test_save_errors_from_libsndfile_are_one_line(tmp_path: Path) -> None:
     x = sine(440.0, 0.1, 16000)
     with pytest.raises(AudioError, match="with 1600 channel"):  # [C, T] given for [T, C]

@@ -50,6 +50,15 @@ SILENCE_PEAK = 1e-4
 #: from a much higher rate would build a filter of billions of taps and run out of memory.
 MAX_SAMPLE_RATE = 1_000_000
 
+#: Largest up or down factor of a resampling (192 kHz -> 16 kHz is 12): the filter grows with
+#: it, so 999,983 Hz -> 16 kHz (a factor of 999,983) would take seconds and a gigabyte. Every
+#: rate up to this many Hz converts to any rate up to it.
+MAX_RESAMPLE_FACTOR = 192_000
+
+#: Largest sample magnitude read: louder than any integer PCM scale (int32) is no recording,
+#: and finite values far beyond it (1e20) overflow the model's features into NaN.
+MAX_PEAK = float(2**31)
+
 #: Shortest spoken question accepted, in seconds: less is a click, not a question.
 MIN_QUESTION_SECONDS = 0.1
 
@@ -102,11 +111,25 @@ def _describe(source: AudioSource) -> str:
 
 
 def _check_finite(wav: np.ndarray, where: str) -> None:
-    """Reject NaN/inf: they poison every downstream feature (log-mel, units) silently."""
+    """Reject NaN/inf: they poison every downstream feature (log-mel, units) silently; and
+    finite samples beyond `MAX_PEAK`, which overflow those features into NaN (a traceback from
+    the sampler, once)."""
     if not np.all(np.isfinite(wav)):
         n_nan = int(np.isnan(wav).sum())
         n_inf = int(np.isinf(wav).sum())
         raise AudioError(f"{where}: audio contains non-finite samples ({n_nan} NaN, {n_inf} inf)")
+    peak = float(np.max(np.abs(wav))) if wav.size else 0.0
+    if peak > MAX_PEAK:
+        raise AudioError(f"{where}: samples reach {peak:.3g}, far outside the [-1, 1] of float "
+                         "audio (or any integer PCM scale): not a recording")
+
+
+def _check_resample(rate: int, sr: int, where: str) -> None:
+    """Refuse a conversion whose polyphase filter would be huge (`MAX_RESAMPLE_FACTOR`)."""
+    if rate != sr and max(rate, sr) // math.gcd(rate, sr) > MAX_RESAMPLE_FACTOR:
+        raise AudioError(f"{where}: a sample rate of {rate} Hz is not read: converting it to "
+                         f"{sr} Hz would take seconds and gigabytes (any rate up to "
+                         f"{MAX_RESAMPLE_FACTOR} Hz is read; resample the file)")
 
 
 def _max_frames(max_seconds: float, sr: int) -> int:
@@ -234,17 +257,25 @@ def _decode(
     name: str,
     max_seconds: float | None,
     on_too_long: Literal["error", "truncate"],
+    sr: int,
 ) -> tuple[np.ndarray, int]:
     """Decode a file or in-memory file to ``[T, C]`` float32, checking length before reading.
 
     The header is checked first so an over-long file is refused (or truncated) without
-    decoding all of it.
+    decoding all of it, and so are a rate that would not resample to ``sr`` at a sane cost
+    and a header with no length.
     """
     try:
         with sf.SoundFile(handle) as f:
             rate = int(f.samplerate)
             if not 0 < rate <= MAX_SAMPLE_RATE:
                 raise AudioError(f"{name}: header gives an invalid sample rate {rate}")
+            _check_resample(rate, sr, name)
+            if not 0 <= f.frames < 1 << 62:  # libsndfile's 2^63 - 1: reading allocated that
+                # many (or called it seconds too long); its read() cannot reach such a file's
+                # end either ("Internal psf_fseek() failed")
+                raise AudioError(f"{name}: the file does not give its length (a FLAC written "
+                                 "to a pipe?); write it with its length, or as a WAV")
             frames = -1
             if max_seconds is not None and f.frames > _max_frames(max_seconds, rate):
                 if on_too_long == "error":
@@ -320,8 +351,10 @@ def load_audio(
 
     Raises:
         AudioError: missing/empty/undecodable file, a WAV file shorter than its header says
-            (truncated), zero-length or non-finite audio, bad sample rate, or input longer
-            than ``max_seconds`` with ``on_too_long="error"``.
+            (truncated), a header with no length, zero-length or non-finite audio, samples
+            beyond ``MAX_PEAK``, a bad sample rate or one that resamples to ``sr`` only at a huge
+            cost (``MAX_RESAMPLE_FACTOR``), or input longer than ``max_seconds`` with
+            ``on_too_long="error"``.
     Warns:
         AudioWarning: the audio is silence only (peak below ``SILENCE_PEAK``).
     """
@@ -338,6 +371,7 @@ def load_audio(
         if orig_sr is None:
             raise AudioError(f"{name}: orig_sr is required when passing a sample array")
         rate = _check_rate(orig_sr, "orig_sr")
+        _check_resample(rate, sr, name)
         data = _array_to_2d(source, name)  # [T, C]
         if max_seconds is not None and data.shape[0] > _max_frames(max_seconds, rate):
             if on_too_long == "error":
@@ -356,7 +390,7 @@ def load_audio(
                 "expected a path, bytes or a numpy array"
             )
         check_wav_complete(handle, name)
-        data, rate = _decode(handle, name, max_seconds, on_too_long)  # [T, C]
+        data, rate = _decode(handle, name, max_seconds, on_too_long, sr)  # [T, C]
         if orig_sr is not None and _check_rate(orig_sr, "orig_sr") != rate:
             raise AudioError(f"{name}: orig_sr={orig_sr} disagrees with the file's rate {rate} Hz")
 
