@@ -223,3 +223,42 @@ def test_chat_text_beams(bundle_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert want[0] != want[1] and want[0].strip() in out
     one_line_error(capsys, main([*args, "--text-beams", "3", "--temperature", "0.5"]),
                    "sampling options", "temperature 0")
+
+
+def test_interactive_odd_input_costs_one_turn_and_no_question_is_overwritten(
+        bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A line of non-UTF-8 bytes was a traceback (UnicodeDecodeError from a strict stdin, or a
+    tokenizer TypeError on its surrogates) that ended the session; a question named like the
+    turn's answer file (answer_1.wav left by an earlier session) was overwritten by its answer."""
+    q = tmp_path / "answer_1.wav"
+    sf.write(q, noise(0.5), 16000)
+    kept = q.read_bytes()
+    raw = b"answer_1.wav\n\xff\xfe caf\xe9\nhello\nagain"  # EOF mid-line: still a turn
+    strict = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", strict)
+    monkeypatch.chdir(tmp_path)
+    code = main(["chat", "--model", str(bundle_dir), *FAST])
+    cap = capsys.readouterr()
+    assert code == 0 and "Traceback" not in cap.err, cap.err
+    assert "echox: error: the typed text is not valid UTF-8" in cap.err
+    assert q.read_bytes() == kept  # the question is still the question
+    made = sorted(p.name for p in tmp_path.glob("answer_*.wav"))
+    assert made == ["answer_1.wav", "answer_2.wav", "answer_3.wav", "answer_4.wav"]
+    monkeypatch.setattr(sys, "stdin", None)  # `echox chat <&-`: refused before the load
+    one_line_error(capsys, main(["chat", "--model", str(tmp_path / "nope"), *FAST]),
+                   "standard input, which is closed")
+
+
+def test_out_of_range_numbers_are_one_line(bundle_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`--seed` beyond what torch seeds was an OverflowError traceback; `--max-audio-seconds
+    1e308` overflowed counting the limit in samples (it now allows any length)."""
+    one_line_error(capsys, main(["chat", "--model", str(bundle_dir), "--text", "hi",
+                                 "--seed", str(2**64), *FAST]), "seed must be in")
+    q = tmp_path / "q.wav"
+    sf.write(q, noise(0.5), 16000)
+    out = tmp_path / "a.wav"
+    code = main(["chat", str(q), "--model", str(bundle_dir), "-o", str(out),
+                 "--max-audio-seconds", "1e308", *FAST])
+    assert code == 0 and out.is_file(), capsys.readouterr().err

@@ -107,3 +107,20 @@ def test_demo_transcribes_the_file_it_wrote(tmp_path, capsys, monkeypatch):
     assert rate == sr and audio.dtype == np.float32
     np.testing.assert_array_equal(audio, wav)  # exactly the file's samples
     assert np.array_equal(np.round(audio * 32768), audio * 32768)  # 16-bit steps
+
+
+def test_demo_never_overwrites_its_question(tmp_path, capsys):
+    """`-o` naming the question file replaced the question with the answer (echox chat refuses
+    it); `--max-audio-seconds 1e308` was an OverflowError traceback. Both before the load."""
+    q = tmp_path / "q.wav"
+    sf.write(q, np.full(8000, 0.1, np.float32), 16000)
+    kept = q.read_bytes()
+    nope = ["--model", str(tmp_path / "nope"), "--no-asr"]
+    assert main(["demo", "--question", str(q), "-o", str(tmp_path / "." / "q.wav"), *nope]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("echox: error: ") and "would overwrite the question" in err
+    assert "\n" not in err and q.read_bytes() == kept
+    assert main(["demo", "--question", str(q), "--max-audio-seconds", "1e308",
+                 "-o", str(tmp_path / "a.wav"), *nope]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("echox: error: ") and "nope" in err and "\n" not in err

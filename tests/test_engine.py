@@ -536,6 +536,37 @@ def test_echox_bundle_never_replaces_unasked(bundle: Bundle, tmp_path: Path,
     assert "is a file" in capsys.readouterr().err
 
 
+def test_echox_bundle_force_never_replaces_a_part_of_its_source(
+        bundle: Bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--force` with --out the source's own vocoder/ replaced it with the new bundle (the
+    source was left without its vocoder), and --out the source itself was re-saved in place,
+    losing what else the folder held: both are refused before the load."""
+    import hashlib
+
+    from echox.cli import main
+
+    src = save_bundle(tmp_path / "src", bundle.model, bundle.vocoder)
+    (src / "notes.txt").write_text("keep")
+
+    def digest() -> str:
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+    before = digest()
+    for out, says in ((src / "vocoder", "lies inside"), (src, "is"),
+                      (src / "tokenizer", "lies inside")):
+        assert main(["bundle", "--model", str(src), "--out", str(out), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} {says} {src}: replacing it would delete" in err, err
+        assert len(err.strip().splitlines()) == 1
+    other = save_bundle(tmp_path / "other", bundle.model)  # the vocoder named, not implied
+    assert main(["bundle", "--model", str(other), "--vocoder", str(src / "vocoder"),
+                 "--out", str(src / "vocoder"), "--force"]) == 2
+    assert "would delete what the bundle is made from" in capsys.readouterr().err
+    assert digest() == before
+    load_bundle(src)  # still whole
+
+
 def test_repetition_guard_reaches_the_engine(bundle: Bundle) -> None:
     """The engine's streamed text decoding applies the guard as `generate_text` does."""
     guarded = SamplingConfig(max_new_tokens=30, no_repeat_ngram_size=1)

@@ -313,3 +313,28 @@ def test_audio_cell_as_array_or_path_dict(tmp_path: Path) -> None:
     np.testing.assert_allclose(first.audio, _sine(200, 8000), atol=1e-6)
     assert second.audio is not None and second.audio.shape == (300,)
     assert second.audio_path == str(tmp_path / "a.wav")
+
+
+def test_malformed_audio_cells_and_questions_are_named(tmp_path: Path) -> None:
+    """Audio cells of the wrong type inside a dict and a question JSON spells as a lone
+    surrogate were ValueError / TypeError / OverflowError tracebacks (the question's from the
+    tokenizer, in text mode): each is now an EvalError naming its line."""
+    sf.write(tmp_path / "a.wav", _sine(300, 16000), 16000)
+    good = {"id": "q", "question": "q", "answers": ["a"]}
+    array, rate = "the audio array is not an array", "the audio sampling_rate must be a number"
+    cases = [({"array": "abc", "sampling_rate": 16000}, array),
+             ({"array": [[0.1], [0.2, 0.3]], "sampling_rate": 16000}, array),  # ragged
+             ({"array": [0.1, 0.2], "sampling_rate": "x"}, rate),
+             ({"array": [0.1, 0.2], "sampling_rate": float("inf")}, rate),
+             ({"bytes": "UklGRg=="}, "the audio bytes must be bytes, got a str"),
+             ({"path": 5}, "the audio path must be a string, got 5")]
+    path = tmp_path / "x.jsonl"
+    for cell, says in cases:
+        path.write_text(json.dumps({**good, "audio": cell}) + "\n", encoding="utf-8")
+        with pytest.raises(EvalError, match=f"x\\.jsonl line 1: {says}"):
+            load_benchmark(f"local:{path}")
+    path.write_text('{"question": "caf\\udce9", "answers": ["a"], "audio": "a.wav"}\n',
+                    encoding="utf-8")
+    for decode in (True, False):
+        with pytest.raises(EvalError, match="line 1: the question is not valid Unicode text"):
+            load_benchmark(f"local:{path}", decode_audio=decode)

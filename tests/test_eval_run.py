@@ -322,3 +322,43 @@ def test_a_resumed_s2s_run_leaves_older_latencies_out_of_the_mean(tmp_path, benc
         s = run_eval(items, Speaker(), "s2s", tmp_path, bench, asr=ASR(), progress=False)
     assert s.n == 2 and s.mean_latency_ms < 1000  # the new record's alone
     assert "1 of 2 records" in caplog.text and "older echox" in caplog.text
+
+
+def test_eval_keeps_to_its_run_folder(tmp_path, bundle_dir, bench, capsys):
+    """An --out holding another command's summary.json (a corpus build's) had it overwritten by
+    the run's; a folder in the place of items.jsonl was an IsADirectoryError traceback; and
+    with --save-audio an id such as `/abs/x` or `../x` wrote the answer outside the run folder,
+    over whatever file was there."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "summary.json").write_text('{"items": {"train": 5}}')
+    args = ["eval", "--benchmark", bench, "--mode", "s2t", "--model", str(bundle_dir),
+            "--limit", "1", "--max-new-tokens", "2"]
+    assert main([*args, "--out", str(corpus)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a summary.json of something else" in err and err.count("\n") == 1, err
+    assert (corpus / "summary.json").read_text() == '{"items": {"train": 5}}'
+    (tmp_path / "odd" / "items.jsonl").mkdir(parents=True)
+    assert main([*args, "--out", str(tmp_path / "odd")]) == 2
+    err = capsys.readouterr().err
+    assert "items.jsonl is not a file" in err and err.count("\n") == 1, err
+
+    victim = tmp_path / "victim.wav"
+    victim.write_text("keep")
+    items = load_benchmark(bench, limit=2)
+    items[0].id, items[1].id = str(tmp_path / "victim"), "../../victim"
+
+    class Speaker:
+        def answer(self, item):
+            return Answer("answer0", np.full(1600, 0.1, np.float32), 16000)
+
+    class ASR:
+        name = "stub"
+
+        def transcribe(self, audio, sr):
+            return "answer0"
+
+    run_dir = tmp_path / "runs" / "s2s"
+    run_eval(items, Speaker(), "s2s", run_dir, bench, asr=ASR(), save_audio=True, progress=False)
+    assert victim.read_text() == "keep" and not (tmp_path / "runs" / "victim.wav").exists()
+    assert len(list((run_dir / "audio").glob("*.wav"))) == 2

@@ -226,6 +226,11 @@ class Benchmark:
         question = row.get(self.question_col)
         if not isinstance(question, str):
             raise EvalError(f"{where}: question must be a string, got {question!r}")
+        try:  # JSON's "\ud800" reads as a string that no tokenizer takes (a TypeError)
+            question.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EvalError(f"{where}: the question is not valid Unicode text (it holds a lone "
+                            "surrogate code point, such as \\ud800)") from None
         answers = parse_answers(row.get(self.answer_col), where)
         raw_id = row.get(self.id_col) if self.id_col else None
         item_id = str(raw_id) if raw_id not in (None, "") else f"{self.name}-{index}"
@@ -255,17 +260,29 @@ class Benchmark:
         if not isinstance(value, dict):
             raise EvalError(f"{where}: cannot read audio from a {type(value).__name__}")
         stored = value.get("path")
+        if stored and not isinstance(stored, str):
+            raise EvalError(f"{where}: the audio path must be a string, got {stored!r}")
         on_disk = self._resolve(stored) if stored else None
         real_path = str(on_disk) if on_disk is not None and on_disk.is_file() else None
         if value.get("array") is not None:  # already decoded (older datasets, hand-made rows)
             sr = value.get("sampling_rate")
             if sr is None:
                 raise EvalError(f"{where}: audio array without a sampling_rate")
-            arr = np.asarray(value["array"], dtype=np.float32)
+            if isinstance(sr, bool) or not isinstance(sr, (int, float, np.number)) \
+                    or not np.isfinite(sr):
+                raise EvalError(f"{where}: the audio sampling_rate must be a number, got {sr!r}")
+            try:
+                arr = np.asarray(value["array"], dtype=np.float32)
+            except (TypeError, ValueError) as err:  # strings, ragged lists, dicts
+                raise EvalError(f"{where}: the audio array is not an array of numbers ({err})") \
+                    from None
             if arr.ndim == 2:  # [T, C] or [C, T]: average over the shorter (channel) axis
                 arr = arr.mean(axis=int(np.argmin(arr.shape)))  # [T]
             return (arr if self._decode else None), (int(sr) if self._decode else None), real_path
         if value.get("bytes"):
+            if not isinstance(value["bytes"], (bytes, bytearray)):  # JSON holds no bytes
+                raise EvalError(f"{where}: the audio bytes must be bytes, got a "
+                                f"{type(value['bytes']).__name__}")
             if not self._decode:
                 return None, None, real_path
             audio, sr = _read_audio_bytes(value["bytes"], where)

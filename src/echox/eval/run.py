@@ -337,6 +337,13 @@ def _answers(answerer: Answerer, batch: list[QAItem]) -> Iterator[tuple[QAItem, 
         raise batch_error
 
 
+def _audio_name(item_id: str) -> str:
+    """The file name of an item's spoken answer in `audio/`: its id with path separators (and
+    NUL) replaced, so that an id such as `../x` or `/data/q1` stays inside the run folder
+    instead of overwriting a file elsewhere."""
+    return "".join("_" if c in "/\\\0" else c for c in item_id) + ".wav"
+
+
 def _score(item: QAItem, ans: Answer, mode: str, asr: Any, out_dir: Path,
            save_audio: bool) -> dict[str, Any]:
     """One `items.jsonl` record, without latency and stats: the answer matched to the gold
@@ -352,8 +359,8 @@ def _score(item: QAItem, ans: Answer, mode: str, asr: Any, out_dir: Path,
             hyp = asr.transcribe(ans.audio, ans.sample_rate or 16000)
             rec["answer_asr_ms"] = 1000 * (time.perf_counter() - t0)
             if save_audio:
-                write(out_dir / "audio" / f"{item.id}.wav", ans.audio, ans.sample_rate or 16000,
-                      clip=True)
+                write(out_dir / "audio" / _audio_name(item.id), ans.audio,
+                      ans.sample_rate or 16000, clip=True)
         rec["transcript"] = hyp
         rec["audio_seconds"] = 0.0 if ans.audio is None else ans.audio.size / (ans.sample_rate or 16000)
     if ans.heard is not None:
@@ -541,6 +548,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/eval/{args.mode}")
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} is a file; give a run folder")
+    check_run_folder(out)
     try:  # before anything slow: a run folder that cannot be made fails now, not after the load
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -579,6 +587,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.png:
         compare_runs([out], Path(args.png))
     return 0
+
+
+def check_run_folder(out: Path) -> None:
+    """Refuse a folder whose files a run would overwrite but did not write: a summary.json
+    without the items.jsonl or eval.json every run writes first is another command's (a corpus
+    build's, a vocoder distillation's), and a folder in the place of a run file cannot be
+    written."""
+    names = ("items.jsonl", "eval.json", "summary.json")
+    for name in names:
+        if (out / name).exists() and not (out / name).is_file():
+            raise EvalError(f"--out {out}: its {name} is not a file; give another --out")
+    if (out / "summary.json").exists() and not any((out / n).exists() for n in names[:2]):
+        raise EvalError(f"--out {out} holds a summary.json of something else than an eval run "
+                        "(no items.jsonl or eval.json), which the run would overwrite; give "
+                        "another --out")
 
 
 def check_run_settings(out: Path, settings: dict[str, Any]) -> None:

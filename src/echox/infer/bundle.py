@@ -315,16 +315,20 @@ def cmd_bundle(args: Any) -> int:
         raise CheckpointError(f"--out {out}: a {what} of that name exists; pass --force to "
                               "replace it")
     check_out_path(out)  # a bundle is a folder
-    for source in (args.model, args.vocoder, args.unit_language):
-        if source and out.resolve() in Path(source).resolve().parents:
-            raise CheckpointError(f"--out {out} holds {source}: replacing it would delete what "
-                                  "the bundle is made from; give another --out")
-    model = EchoX.from_pretrained(args.model)
     src = Path(args.model)
     # a bundle given as --model keeps its own vocoder and unit language unless others are named
     vocoder_path = args.vocoder or (src / VOCODER_DIR if (src / VOCODER_DIR).is_dir() else None)
     language_path = args.unit_language or (
         src / UNIT_LANGUAGE_DIR if (src / UNIT_LANGUAGE_DIR).is_dir() else None)
+    hifigan = args.hifigan if args.hifigan and Path(args.hifigan).exists() else None
+    for source in (args.model, vocoder_path, language_path, hifigan):
+        # --force replaces --out whole: it must not be a source, hold one or lie inside one
+        # (the --model's vocoder/ or tokenizer/)
+        how = _overlap(out.resolve(), Path(source).resolve()) if source and out.exists() else None
+        if how:
+            raise CheckpointError(f"--out {out} {how} {source}: replacing it would delete what "
+                                  "the bundle is made from; give another --out")
+    model = EchoX.from_pretrained(args.model)
     for name, given, used in (("vocoder", args.vocoder, vocoder_path),
                               ("unit language", args.unit_language, language_path)):
         if used is not None and given is None:
@@ -354,6 +358,15 @@ def cmd_bundle(args: Any) -> int:
     out = save_bundle(out, model, vocoder, lang, slim=args.slim, replace=args.force)
     print(json.dumps({"bundle": str(out), **bundle_info(Bundle(model, vocoder, lang, out))}))
     return 0
+
+
+def _overlap(out: Path, source: Path) -> str | None:
+    """How resolved `out` overlaps resolved `source` ("is", "holds", "lies inside"), or None."""
+    if out == source:
+        return "is"
+    if out in source.parents:
+        return "holds"
+    return "lies inside" if source in out.parents else None
 
 
 def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | None) -> None:

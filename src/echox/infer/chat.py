@@ -61,6 +61,9 @@ def check_inputs(args: argparse.Namespace, limit: float | None) -> None:
     out = Path(args.output or "answer.wav")
     if args.input is None and args.text is None:  # interactive: answer_1.wav, answer_2.wav, ...
         out = out.with_name(f"{out.stem}_1{out.suffix or '.wav'}")
+        if sys.stdin is None:  # started with stdin closed (`<&-`): no turn can be read
+            raise EchoXError("interactive chat reads its turns from standard input, which is "
+                             "closed; give a question file or --text")
     check_output_path(out)
     if args.input is not None and out.exists() and out.resolve() == Path(args.input).resolve():
         raise AudioError(f"'{out}': the answer would overwrite the question; give another -o")
@@ -134,7 +137,10 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
     """Multi-turn dialogue from stdin lines; errors of one turn do not end the session."""
     base = Path(args.output or "answer.wav")
     n = 0
+    asked: set[Path] = set()  # the audio files read as questions: no answer overwrites them
     prompt = sys.stderr.isatty() and stdin.isatty()
+    if hasattr(stdin, "reconfigure"):  # a line of non-UTF-8 bytes is that turn's error, not a
+        stdin.reconfigure(errors="surrogateescape")  # UnicodeDecodeError ending the session
     print("echox: a wav path = spoken turn, other text = typed turn; /reset, /quit",
           file=sys.stderr)
     while True:
@@ -162,6 +168,11 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
             continue
         is_audio = named or (exists and not folder)
         out = base.with_name(f"{base.stem}_{n + 1}{base.suffix or '.wav'}")
+        if is_audio and exists:
+            asked.add(Path(line).resolve())
+        while out.resolve() in asked:  # a question read this session (say an answer_1.wav
+            n += 1  # left by an earlier session) is not overwritten: the answer skips its number
+            out = base.with_name(f"{base.stem}_{n + 1}{base.suffix or '.wav'}")
         try:
             _run_turn(session, out, args.stats, stdout,
                       audio=line if is_audio else None, text=None if is_audio else line)

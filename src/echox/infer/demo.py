@@ -17,7 +17,7 @@ from typing import Any
 
 from echox.audio import check_output_path, load_audio, save_audio
 from echox.config import preset_config
-from echox.errors import CheckpointError, ConfigError
+from echox.errors import AudioError, CheckpointError, ConfigError
 from echox.infer.asr import FasterWhisperASR
 from echox.infer.bundle import DEFAULT_MODEL_HELP, Bundle, default_bundle, load_bundle
 from echox.infer.chat import add_max_audio_option, question_limit
@@ -62,7 +62,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     limit = (question_limit(folder, args.max_audio_seconds) if folder is not None
              else args.max_audio_seconds)
     load_question(question, limit)  # a bad or too long question fails before the load
-    check_output_path(args.output)
+    out = check_output_path(args.output)
+    if out.exists() and out.resolve() == question.resolve():
+        raise AudioError(f"'{out}': the answer would overwrite the question; give another -o")
     t0 = time.perf_counter()
     if args.model:
         bundle = load_bundle(args.model)
@@ -102,7 +104,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if final.audio.size == 0:
         print("no speech was produced (the model emitted no units)")
         return 0
-    out = Path(args.output)
     save_audio(out, final.audio, final.sample_rate, clip=True)
     print(f"spoken answer: {out} ({final.audio.size / final.sample_rate:.2f} s)")
     if not args.no_asr:

@@ -77,6 +77,16 @@ __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final
 AudioInput = str | Path | bytes | np.ndarray | None
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: a line read from non-UTF-8 input (surrogate-escaped
+    bytes) or JSON's "\\ud800" does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_max_audio_seconds(value: object) -> float:
     """A valid `--max-audio-seconds` / `max_audio_seconds` as float; ConfigError otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
@@ -335,6 +345,9 @@ class Session:
         model = self.engine.model
         if text is not None and not isinstance(text, str):
             raise PromptError(f"text must be a string, got {type(text).__name__}")
+        if text is not None and not _is_unicode(text):  # no tokenizer takes it (a TypeError)
+            raise PromptError("the typed text is not valid UTF-8 (it holds bytes no character "
+                              "is made of, or a lone surrogate such as \\ud800)")
         if audio is None and not (text and text.strip()):
             raise PromptError("a user turn needs speech (a wav path, bytes or samples) or text")
         wav = None

@@ -8,6 +8,7 @@ Whisper-large-v3 run on the same code path.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,10 @@ SAMPLE_RATE = 16000
 
 
 def limit_samples(max_seconds: float, sr: int = SAMPLE_RATE) -> int:
-    """Samples allowed in `max_seconds` at `sr` (tiny epsilon so exactly 30.0 s passes)."""
-    return int(math.floor(max_seconds * sr + 1e-6))
+    """Samples allowed in `max_seconds` at `sr` (tiny epsilon so exactly 30.0 s passes); a
+    limit too large to count in samples (`--max-audio-seconds 1e308`) allows any length."""
+    samples = max_seconds * sr + 1e-6
+    return int(math.floor(samples)) if math.isfinite(samples) else sys.maxsize
 
 
 def too_long_message(seconds: float, max_seconds: float, what: str = "question audio") -> str:
