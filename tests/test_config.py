@@ -103,3 +103,25 @@ def test_a_damaged_json_config_is_one_config_error_naming_it(tmp_path):
         p.write_bytes(raw)
         with pytest.raises(ConfigError, match=f"config file {p}: {why}"):
             EchoXConfig.from_json_file(p)
+
+
+def test_bad_recipe_bytes_set_values_and_t2c_dropout_are_one_line_config_errors(tmp_path):
+    """A recipe that is not UTF-8 was a UnicodeDecodeError; a `--set` value that is not YAML
+    gave PyYAML's message over several lines; a T2C dropout outside [0, 1) passed the checks
+    and failed in the first step's attention kernel (a RuntimeError)."""
+    from echox.config import load_recipe, read_yaml_mapping
+    from echox.train.trainer import TrainConfig
+
+    bad = tmp_path / "r.yaml"
+    bad.write_bytes(b"model: tiny-random\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match="r.yaml: not UTF-8 text"):
+        read_yaml_mapping(bad, "recipe")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, {"train": TrainConfig}, sets=["train.lr=["])
+    assert "\n" not in str(e.value) and "not valid YAML at line 1" in str(e.value), str(e.value)
+    with pytest.raises(ConfigError) as e:
+        preset_config("tiny-random", ["llm.lora.r=["])
+    assert "\n" not in str(e.value) and "not valid YAML at line 1" in str(e.value), str(e.value)
+    for p in ("2", "-0.1", ".nan"):
+        with pytest.raises(ConfigError, match="t2c.dropout: must be in"):
+            preset_config("tiny-random", [f"t2c.dropout={p}"])

@@ -136,6 +136,16 @@ def test_bad_dialogue_role_and_units(tmp_path):
     assert [r.id for r in rep] == ["ok"] and [n for n, _ in rep.bad_lines] == [2, 3, 4]
 
 
+def test_a_unit_id_beyond_int64_is_a_bad_line(tmp_path):
+    """`units: [1e30 as an integer]` was read, and Stage II training stopped with an
+    OverflowError traceback when it made the batch's tensor."""
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps({"id": "a", "text": "hi", "units": [2**63, 2]}) + "\n"
+                 + json.dumps({"id": "b", "text": "hi", "units": [2**63 - 1, 2]}) + "\n")
+    rep = read_jsonl(p, "tts", on_error="skip")
+    assert [r.id for r in rep] == ["b"] and [n for n, _ in rep.bad_lines] == [1]
+
+
 # ---------------------------------------------------------------- data.json and validation
 
 

@@ -148,13 +148,14 @@ def _one_error_line(capsys):
 
 
 def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing(tmp_path, capsys):
-    """Audio far louder than speech (finite samples, log-mels that are not) makes the loss NaN:
-    the run stops with one line before it saves anything, instead of writing a model of NaN
-    weights and exiting 0."""
+    """A learning rate far too high makes the loss overflow after the first step: the run
+    stops with one line before it saves anything, instead of writing a model of NaN weights
+    and exiting 0. (Audio loud enough to do it, samples of 1e30, is now refused when read.)"""
     _write_corpus(tmp_path / "c")
     c = tmp_path / "c"
     sf.write(c / "audio" / "loud.wav", np.full(16000, 1e30, np.float32), 16000, subtype="FLOAT")
     recs = [json.loads(x) for x in (c / "dialogues.jsonl").read_text().splitlines()[:6]]
+    (c / "six.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     recs[0]["conversations"][0]["audio"] = "audio/loud.wav"
     (c / "loud.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "s2t"
@@ -162,8 +163,15 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_saves_nothing(tmp_path, cap
     recipe.write_text("model: tiny-random\ntrain: {batch_size: 6, max_steps: 3, lr: 0.003, save_every: 1}\n")
     assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "loud.jsonl"),
                  "--out", str(out)]) == 2
-    assert "the training loss is nan" in _one_error_line(capsys)
-    assert not (out / "model").exists() and not (out / "checkpoints").exists()
+    assert "not a recording" in _one_error_line(capsys)
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 6, max_steps: 3, lr: 1.0e+30, "
+                      "warmup_steps: 0, max_grad_norm: 0, save_every: 1}\n")
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "six.jsonl"),
+                 "--out", str(out)]) == 2
+    assert "the training loss is" in _one_error_line(capsys)
+    # the finite first step was saved; nothing of the step whose loss overflowed
+    assert not (out / "model").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
 
 
 def test_resume_survives_a_damaged_last_checkpoint_and_refuses_another_stage(tmp_path, capsys):
@@ -372,3 +380,22 @@ def test_a_run_outside_the_main_thread_trains_without_the_stop_handler(tmp_path,
     assert got == [0]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert (tmp_path / "t2c" / "model").is_dir()
+
+
+def test_recipe_overrides_lora_targets_and_a_finished_run_resumed_elsewhere(tmp_path, capsys):
+    """`overrides: 5` in a recipe was a TypeError; LoRA target modules that name no module of
+    the LLM were peft's traceback; --resume from another run folder whose last checkpoint is
+    its final step, into a new --out, ran no step and then failed plotting the metrics it had
+    not written (FileNotFoundError)."""
+    c, recipe, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003, save_every: 1")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny-random\noverrides: 5\n")
+    assert main([*run[:2], "--recipe", str(bad), *run[4:]]) == 2
+    assert "overrides must be a list" in _one_error_line(capsys)
+    assert main([*run, "--set", "model.llm.lora.target_modules=[nosuch]"]) == 2
+    assert "llm.lora.target_modules: none of ['nosuch']" in _one_error_line(capsys)
+    assert not (tmp_path / "t2c" / "checkpoints").exists()
+    assert main(run) == 0
+    out = tmp_path / "again"
+    assert main([*run[:-1], str(out), "--resume", str(tmp_path / "t2c")]) == 0
+    assert (out / "model" / "model.safetensors").is_file()

@@ -211,3 +211,16 @@ def test_metadata_with_a_bad_vocab_size(lang: UnitLanguage, tmp_path: Path) -> N
     (tmp_path / "l" / "unit_language.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(UnitError, match="corrupt unit-language metadata"):
         UnitLanguage.load(tmp_path / "l")
+
+
+def test_sizes_beyond_what_the_bpe_trainer_takes_are_unit_errors() -> None:
+    """`echox units train-language --max-token-units 1e23` (or --min-frequency) was an
+    OverflowError traceback, and --vocab-size 1e11 aborted the process: the BPE trainer sized
+    a table by it and the allocation failed in Rust, with no Python error at all."""
+    seqs = [[1, 2, 3, 1, 2, 3]] * 4
+    with pytest.raises(UnitError, match="max_token_units must be in"):
+        UnitLanguage.train(seqs, num_units=8, vocab_size=12, max_token_units=10**23)
+    with pytest.raises(UnitError, match="min_frequency must be in"):
+        UnitLanguage.train(seqs, num_units=8, vocab_size=12, min_frequency=10**23)
+    with pytest.raises(UnitError, match="vocab_size must be <="):
+        UnitLanguage.train(seqs, num_units=8, vocab_size=10**11)

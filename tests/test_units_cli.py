@@ -281,6 +281,13 @@ def test_outputs_are_checked_first_and_inputs_never_replaced(
     assert main([*kmeans, "--out", str(km)]) == 0
     capsys.readouterr()
 
+    # nor the k-means it reads, or its side file (extract replaced the k-means with units)
+    km_bytes, meta_bytes = km.read_bytes(), meta.read_bytes()
+    for over in (km, meta):
+        assert main([*ext, "--out", str(over)]) == 2
+        assert "is the input" in _err(capsys)
+    assert km.read_bytes() == km_bytes and meta.read_bytes() == meta_bytes
+
     units = tmp_path / "units.jsonl"
     assert main([*ext, "--out", str(units)]) == 0
     capsys.readouterr()
@@ -316,6 +323,8 @@ def test_outputs_are_checked_first_and_inputs_never_replaced(
     stats = ["units", "stats", "--manifest", str(units), "--kmeans", str(km), "--vocab-sizes", "8,12"]
     assert main([*stats, "--json", str(units)]) == 2
     assert "is the input" in _err(capsys) and units.read_bytes() == units_bytes
+    assert main([*stats, "--json", str(km)]) == 2
+    assert "is the input" in _err(capsys) and km.read_bytes() == km_bytes
     assert main([*stats, "--json", str(tmp_path / "folder")]) == 2
     assert "is a folder" in _err(capsys)
     assert main([*stats, "--png", str(tmp_path / "plot.xyz")]) == 2

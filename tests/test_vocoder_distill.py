@@ -282,3 +282,33 @@ def test_distill_data_with_a_torn_line_skips_it(tmp_path) -> None:
     (tmp_path / "m.jsonl").write_bytes(b'{"text": "hi", "audio": "a.wav"}\n{"text": "cut\n\xff\xfe\n')
     real, predicted, _ = _mels_from_manifest(str(tmp_path / "m.jsonl"), MelSpec(), None, None)
     assert len(real) == 1 and real[0].shape[0] == MelSpec().n_mels and predicted == []
+
+
+def test_distill_cli_numbers_out_and_pool_files_are_checked_first(tmp_path, capsys) -> None:
+    """`echox vocoder distill`: --max-steps 0 (or --batch-size / --lr 0) silently meant the
+    defaults (3000 steps); --lr nan, --windows 0 and --student-channels -3 were tracebacks, as
+    were an --out that is a file and a --pool / --teacher-from that is not a pool file."""
+    from echox.cli import main
+
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"text": "hi", "audio": "nope.wav"}) + "\n")
+    base = ["vocoder", "distill", "--teacher", "small", "--data", str(m), "--threads", "1"]
+    out = ["--out", str(tmp_path / "s")]
+    for bad, says in ((["--max-steps", "0"], "steps must be > 0"),
+                      (["--batch-size", "0"], "batch_size must be > 0"),
+                      (["--lr", "nan"], "--lr must be a finite number"),
+                      (["--windows", "0"], "--windows must be >= 1"),
+                      (["--student-channels", "-3"], "--student-channels must be >= 1"),
+                      (["--limit", "-1"], "--limit must be >= 1"),
+                      (["--out", str(tmp_path / "afile")], "is a file"),
+                      ([*out, "--pool", str(tmp_path / "bad.safetensors")], "not a readable teacher pool"),
+                      ([*out, "--pool", str(m)], "not a readable teacher pool")):
+        assert main([*base, *(out if "--out" not in bad else []), *bad]) == 2, bad
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.startswith("echox: error: ")]
+        assert len(lines) == 1 and says in lines[0] and "Traceback" not in err, (bad, err)
+    assert (tmp_path / "afile").read_text() == "keep" and not (tmp_path / "s").exists()
+    with pytest.raises(VocoderCheckpointError, match="not a readable teacher pool"):
+        TeacherPool.load(tmp_path / "bad.safetensors")

@@ -183,7 +183,8 @@ def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):
     base = ["vocoder", "train", "--data", str(manifest), "--out", str(tmp_path / "a"), *tiny]
     for bad, says in ((["--max-steps", "0"], "--max-steps"), (["--lr", "-1"], "--lr"),
                       (["--batch-size", "-2"], "--batch-size"), (["--lr", "inf"], "--lr"),
-                      (["--holdout", "-1", "--max-steps", "1"], "--holdout must be 0 to")):
+                      (["--holdout", "-1", "--max-steps", "1"], "--holdout must be 0 to"),
+                      (["--segment-frames", "0"], "--segment-frames must be >= 1")):  # a ValueError
         assert main([*base, *bad]) == 2, bad
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err, err

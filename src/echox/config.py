@@ -224,6 +224,7 @@ class T2CConfig:
         _check(self.align_weight == 0 or self.layout == "echox", f"{path}.align_weight",
                "the guided-attention loss is for the 'echox' layout only")
         _check(self.hidden_size >= 1, f"{path}.hidden_size", "must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.num_layers >= 1, f"{path}.num_layers", f"must be >= 1, got {self.num_layers}")
         _check(self.num_heads >= 1, f"{path}.num_heads", "must be >= 1")
         _check(
@@ -365,15 +366,22 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}), so not a YAML {what}") from e
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}: not valid YAML{where} ({problem})") from e
+        raise ConfigError(f"{p}: not valid YAML{_yaml_problem(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what of a YAML error, on one line (PyYAML's own message spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{where} ({problem})"
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -500,7 +508,7 @@ def load_recipe(path: str | Path | None, sections: dict[str, type | None], *,
             try:
                 parsed = yaml.safe_load(val)
             except yaml.YAMLError as e:
-                raise ConfigError(f"--set {s!r}: the value is not valid YAML ({e})") from e
+                raise ConfigError(f"--set {s!r}: the value is not valid YAML{_yaml_problem(e)}") from e
             _set_dotted(raw[section], rest, parsed)
         else:
             typed = sorted(k for k, c in sections.items() if c is not None)
@@ -536,7 +544,7 @@ def apply_overrides(cfg: EchoXConfig, overrides: list[str]) -> EchoXConfig:
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {ov!r}: value is not valid YAML ({e})") from e
+            raise ConfigError(f"override {ov!r}: value is not valid YAML{_yaml_problem(e)}") from e
     return EchoXConfig.from_dict(data)
 
 

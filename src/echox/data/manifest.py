@@ -98,8 +98,8 @@ def _opt_units(obj: Mapping[str, Any], where: str) -> list[int] | None:
     if v is None:
         return None
     if not isinstance(v, (list, tuple, np.ndarray)) or not all(
-        isinstance(u, (int, np.integer)) and not isinstance(u, bool) and u >= 0 for u in v
-    ):
+        isinstance(u, (int, np.integer)) and not isinstance(u, bool) and 0 <= u < 2**63 for u in v
+    ):  # (< 2**63: a unit id beyond int64 is no unit, and no tensor holds it)
         raise ManifestError(f"{where}: 'units' must be a list of non-negative integers")
     return [int(u) for u in v]
 

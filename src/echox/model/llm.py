@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from echox.config import LLMConfig
-from echox.errors import CheckpointError
+from echox.errors import CheckpointError, ConfigError
 from echox.model.generation import cache_kwargs, output_cache
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,6 +77,12 @@ class LLM(nn.Module):
             from peft import LoraConfig as PeftLoraConfig
             from peft import get_peft_model
 
+            targets = list(cfg.lora.target_modules)
+            names = [n for n, _ in model.named_modules()]
+            if targets != ["all-linear"] and not any(
+                    n == t or n.endswith("." + t) for t in targets for n in names):
+                raise ConfigError(f"llm.lora.target_modules: none of {targets} names a module "
+                                  f"of the LLM in {folder}")  # (peft's error, a traceback)
             model = get_peft_model(
                 model,
                 PeftLoraConfig(

@@ -96,10 +96,14 @@ def load_stage_recipe(path: str | None, sets: list[str], override: str | None = 
                       stage: str = "s2t") -> dict[str, Any]:
     """A stage recipe (see the module docstring) through `echox.config.load_recipe`:
     {"model": name or YAML, "overrides": [...], "train": TrainConfig, "data": StageData}."""
-    return load_recipe(path, STAGE_SECTIONS, override=override, sets=sets,
-                       defaults={"model": "tiny", "overrides": [],
-                                 "train": {"stage": stage, "output_dir": f"runs/{stage}"}},
-                       set_as_overrides={"model": "overrides"})
+    recipe = load_recipe(path, STAGE_SECTIONS, override=override, sets=sets,
+                         defaults={"model": "tiny", "overrides": [],
+                                   "train": {"stage": stage, "output_dir": f"runs/{stage}"}},
+                         set_as_overrides={"model": "overrides"})
+    ovs = recipe["overrides"]
+    if ovs is not None and (not isinstance(ovs, list) or not all(isinstance(o, str) for o in ovs)):
+        raise ConfigError(f"overrides must be a list of key.path=value strings, got {ovs!r}")
+    return recipe
 
 
 def train_config(stage: str, recipe: dict[str, Any], args: argparse.Namespace) -> TrainConfig:

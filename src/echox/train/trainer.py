@@ -727,7 +727,8 @@ class Trainer:
                     self._log({"step": self.step, "eval_loss": ev})
                     if cfg.keep_best:
                         self._save_best(ev)
-            if self.acc.is_main_process:
+            # no metrics when no step ran here (--resume from another run's final checkpoint)
+            if self.acc.is_main_process and (self.out / "metrics.jsonl").is_file():
                 plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
         if self.writer is not None:
             self.writer.close()

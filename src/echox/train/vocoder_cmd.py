@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -146,6 +147,10 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     if not (steps >= 1 and batch_size >= 1 and 0 < lr < float("inf")):
         raise ConfigError(f"--max-steps and --batch-size must be >= 1 and --lr a finite number "
                           f"> 0; got {steps}, {batch_size}, {lr}")
+    segment_frames = given(args.segment_frames, tr.segment_frames)
+    if segment_frames is not None and segment_frames < 1:
+        raise ConfigError(f"--segment-frames must be >= 1 (or unset: whole utterances), got "
+                          f"{segment_frames}")
     pairs = load_pairs(train_path, cfg.sample_rate, data.limit)
     if not 0 <= holdout < len(pairs):
         raise ConfigError(f"--holdout must be 0 to {len(pairs) - 1} (the data has {len(pairs)} "
@@ -154,7 +159,7 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
         pairs, cfg, steps=steps, lr=lr,
         batch_size=batch_size, out_dir=out / "unit2mel",
         log_every=tr.log_every, seed=tr.seed, model=init, warmup=tr.warmup,
-        segment_frames=given(args.segment_frames, tr.segment_frames),
+        segment_frames=segment_frames,
         holdout=holdout, eval_every=given(args.eval_every, tr.eval_every),
         save_every=given(args.save_every, tr.save_every),
     )
@@ -211,9 +216,19 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.output_dir or "runs/hifigan-small")
+    out = check_out_path(args.output_dir or "runs/hifigan-small")
     pool_path = Path(args.pool) if args.pool else out / "teacher_pool.safetensors"
     teacher_name = args.teacher or "universal"
+    # every number before the slow pool: 0 is a value, not "the default" (it ran 3000 steps)
+    cfg = DistillConfig(**{k: v for k, v in (("steps", args.max_steps), ("batch_size", args.batch_size),
+                                             ("lr", args.lr), ("eval_every", args.eval_every or None))
+                           if v is not None})
+    if not math.isfinite(cfg.lr):
+        raise ConfigError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    for name, value in (("--windows", args.windows), ("--student-channels", args.student_channels),
+                        ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     if pool_path.is_file():
         pool = TeacherPool.load(pool_path)
         print(f"[distill] reusing {pool.mels.shape[0]} teacher windows from {pool_path}",
@@ -257,9 +272,6 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         pool.save(pool_path)
     train_pool, eval_pool = pool.split(max(8, int(pool.mels.shape[0]) // 20))
-    cfg = DistillConfig(steps=args.max_steps or 3000, batch_size=args.batch_size or 16,
-                        lr=args.lr or 5e-4, **({"eval_every": args.eval_every}
-                                               if args.eval_every else {}))
     width = args.student_channels or HiFiGANConfig.v2().upsample_initial_channel
     if args.init:  # continue a student
 

@@ -346,7 +346,7 @@ def _extractor_spec(args: argparse.Namespace, km: UnitKMeans) -> tuple[FeatureSp
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    out = _out_file(args.out, "--out", [args.manifest])
+    out = _out_file(args.out, "--out", [args.manifest, args.kmeans, kmeans_meta_path(args.kmeans)])
     cache = Path(args.cache) if args.cache else out.with_name(out.stem + ".cache")
     _check_cache_dir(cache)
     if args.window_seconds is not None and not (math.isfinite(args.window_seconds)
@@ -523,10 +523,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not sizes and not args.language:
         raise UnitError("give --vocab-sizes to train languages, or --language DIR to load them")
     # every output is checked before any language is trained
+    inputs = [*args.manifest, *([args.kmeans, kmeans_meta_path(args.kmeans)] if args.kmeans else [])]
     if args.json:
-        _out_file(args.json, "--json", args.manifest)
+        _out_file(args.json, "--json", inputs)
     if args.png:
-        _out_file(args.png, "--png", args.manifest)
+        _out_file(args.png, "--png", inputs)
         _check_plot_suffix(args.png)
     save_dirs = {v: _language_dir(Path(args.save_dir) / f"v{v}", "--save-dir")
                  for v in sizes} if args.save_dir else {}

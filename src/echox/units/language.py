@@ -31,6 +31,10 @@ from echox.units.kmeans import dedup
 # Unicode Private Use Area U+E000..U+F8FF: 6400 code points, never touched by normalisers.
 UNIT_CHAR_BASE = 0xE000
 MAX_UNITS = 0xF8FF - UNIT_CHAR_BASE + 1  # 6400
+# Far beyond any useful unit language (its tokens are rows of the T2C's embedding), and still
+# a table the BPE trainer can allocate: it sizes one by the asked vocabulary, and a larger one
+# aborted the process (a Rust allocation failure, no Python error)
+MAX_VOCAB = 1 << 20
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "unit_language.json"
@@ -147,8 +151,12 @@ class UnitLanguage:
             raise UnitError(f"num_units must be in [1, {MAX_UNITS}], got {num_units}")
         if vocab_size < num_units:
             raise UnitError(f"vocab_size ({vocab_size}) must be >= num_units ({num_units})")
-        if max_token_units < 1:
-            raise UnitError(f"max_token_units must be >= 1, got {max_token_units}")
+        if vocab_size > MAX_VOCAB:
+            raise UnitError(f"vocab_size must be <= {MAX_VOCAB}, got {vocab_size}")
+        if not 1 <= max_token_units <= MAX_VOCAB:
+            raise UnitError(f"max_token_units must be in [1, {MAX_VOCAB}], got {max_token_units}")
+        if not 0 <= min_frequency < 2**63:
+            raise UnitError(f"min_frequency must be in [0, 2**63), got {min_frequency}")
         if vocab_size == num_units or max_token_units == 1:
             return cls.identity(num_units)
 

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from echox.errors import VocoderConfigError, VocoderInputError
+from echox.errors import VocoderCheckpointError, VocoderConfigError, VocoderInputError
 from echox.vocoder.base import eval_mode
 from echox.vocoder.hifigan import (
     LRELU_SLOPE,
@@ -115,11 +115,15 @@ class TeacherPool:
 
     @classmethod
     def load(cls, path: str | Path) -> TeacherPool:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            mels, audio = f.get_tensor("mels"), f.get_tensor("audio")
-            locked = f.get_tensor("locked").bool() if "locked" in f.keys() else None  # noqa: SIM118 (not a dict)
-        return cls(mels, audio, int(meta["valid"]), int(meta["hop"]), locked)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                mels, audio = f.get_tensor("mels"), f.get_tensor("audio")
+                locked = f.get_tensor("locked").bool() if "locked" in f.keys() else None  # noqa: SIM118 (not a dict)
+            return cls(mels, audio, int(meta["valid"]), int(meta["hop"]), locked)
+        except (OSError, KeyError, ValueError, SafetensorError) as e:  # a torn or foreign file
+            raise VocoderCheckpointError(f"{path}: not a readable teacher pool "
+                                         f"({type(e).__name__}: {e})") from e
 
     @classmethod
     def cat(cls, pools: Sequence[TeacherPool]) -> TeacherPool:
