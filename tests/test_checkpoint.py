@@ -38,6 +38,9 @@ def test_save_load_gives_bit_identical_logits(make_model, tmp_path):
     files = sorted(p.name for p in folder.iterdir())
     assert files == ["checksums.json", "config.json", "model.safetensors", "tokenizer"]
     assert not list(tmp_path.glob(".ckpt*")), "temp folders must be gone"
+    # every file as readable as the config beside it (safetensors alone writes its file 0600)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
     m2 = EchoX.from_pretrained(folder)
     after = _outputs(m2)
     for a, b in zip(before, after):

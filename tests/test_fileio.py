@@ -166,3 +166,22 @@ def test_a_missing_folder_names_the_version_a_cut_short_save_moved_aside(tmp_pat
         verify_checkpoint(tmp_path / "model")
     assert str(e.value) == f"checkpoint folder not found: {tmp_path / 'model'}{hint}"
     assert "\n" not in str(e.value)
+
+
+def test_save_tensors_gives_the_usual_permissions(tmp_path: Path) -> None:
+    """safetensors creates its file 0600: weights another user (a shared model folder, a
+    container's user) could not read, beside a config they could."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from echox.fileio import save_tensors
+
+    old = os.umask(0o022)
+    try:
+        path = save_tensors({"w": torch.arange(3.0)}, tmp_path / "w.safetensors", {"format": "pt"})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert torch.equal(load_file(path)["w"], torch.arange(3.0))

@@ -45,6 +45,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def save_tensors(tensors: dict[str, Any], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """safetensors' `save_file` with the usual permissions (0666 minus the umask): safetensors
+    creates its file 0600, so weights saved by one user could not be read by another (a shared
+    model folder, a container run as another user) while the config beside them could."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.fspath(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+    return Path(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_open(path, "w") as f:
         f.write(text)

@@ -25,7 +25,7 @@ import torch
 from echox import __version__
 from echox.config import EchoXConfig
 from echox.errors import CheckpointError, ConfigError
-from echox.fileio import atomic_dir, check_replaceable, moved_aside_hint
+from echox.fileio import atomic_dir, check_replaceable, moved_aside_hint, save_tensors
 from echox.model.llm import load_tokenizer
 
 # The functions take the EchoX model (echox.model.echox) duck-typed, so this module never
@@ -175,10 +175,8 @@ def _write_checkpoint(model: EchoX, folder: Path, state: dict[str, torch.Tensor]
                       stages: list[str], omit_parts: tuple[str, ...], dtype: torch.dtype | None,
                       extra_files: dict[str, str] | None,
                       extra_writer: Callable[[Path], None] | None) -> None:
-    from safetensors.torch import save_file
-
     with atomic_dir(folder) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_tensors(state, tmp / WEIGHTS, metadata={"format": "pt"})
         meta: dict[str, Any] = {
             "format": "echox", "format_version": FORMAT_VERSION, "echox_version": __version__,
             "config": model.config.to_dict(),

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from echox.config import EchoXConfig, T2CConfig, apply_overrides
 from echox.errors import CheckpointError, ConfigError, StageError
-from echox.fileio import json_objects, open_to_append
+from echox.fileio import json_objects, open_to_append, save_tensors
 from echox.model.batch import S2TBatch, T2CBatch, collate_t2c
 from echox.model.checkpoint import load_weights, option_folder, verify_checkpoint
 from echox.model.echox import EchoX
@@ -303,7 +303,7 @@ def precompute_states(model: EchoX, dialogues: Sequence[list[Turn]], cache: Path
     (the fingerprint of the S2T weights, so another model never reads them), written
     atomically. A corrupt file is recomputed, with a warning."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     folder = cache / s2t_fingerprint(model)
     folder.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def precompute_states(model: EchoX, dialogues: Sequence[list[Turn]], cache: Path
                 r += len(spans)
                 f = folder / f"{keys[i]}.safetensors"
                 tmp = f.with_suffix(".tmp")
-                save_file({f"r{j}": h for j, h in enumerate(hs)}, str(tmp))
+                save_tensors({f"r{j}": h for j, h in enumerate(hs)}, tmp)
                 tmp.replace(f)
                 out[i] = hs
     finally:

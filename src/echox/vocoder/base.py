@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from echox.errors import (
@@ -33,6 +33,7 @@ from echox.errors import (
     VocoderFileNotFoundError,
     VocoderInputError,
 )
+from echox.fileio import save_tensors
 
 
 def crossfade(
@@ -219,7 +220,7 @@ def save_weights(module: nn.Module, path: Path, dtype: torch.dtype | None = None
     """`module`'s state dict as safetensors; `dtype` (e.g. float16) stores floating tensors
     smaller, and `load_weights` casts them back."""
     state = {k: _stored(v, dtype) for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+    save_tensors(state, path, metadata={"format": "pt"})
 
 
 def load_weights(module: nn.Module, path: Path) -> None:

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from echox.errors import VocoderCheckpointError, VocoderConfigError, VocoderInputError
+from echox.fileio import save_tensors
 from echox.vocoder.base import eval_mode
 from echox.vocoder.hifigan import (
     LRELU_SLOPE,
@@ -109,9 +109,9 @@ class TeacherPool:
 
     def save(self, path: str | Path) -> None:
         assert self.locked is not None
-        save_file({"mels": self.mels.contiguous(), "audio": self.audio.contiguous(),
-                   "locked": self.locked.to(torch.uint8).contiguous()}, str(path),
-                  metadata={"valid": str(self.valid), "hop": str(self.hop)})
+        save_tensors({"mels": self.mels.contiguous(), "audio": self.audio.contiguous(),
+                      "locked": self.locked.to(torch.uint8).contiguous()}, path,
+                     metadata={"valid": str(self.valid), "hop": str(self.hop)})
 
     @classmethod
     def load(cls, path: str | Path) -> TeacherPool:

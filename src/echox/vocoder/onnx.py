@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from echox.errors import ConversionError, VocoderCheckpointError, VocoderInputError
-from echox.fileio import atomic_dir, check_replaceable
+from echox.fileio import atomic_dir, check_replaceable, save_tensors
 from echox.hub import cache_dir
 from echox.vocoder.hifigan import GENERATOR_CONFIG, HiFiGANConfig, HiFiGANGenerator
 
@@ -248,8 +248,8 @@ class OnnxSpec:
 
     def save_calibration(self, folder: Path) -> None:
         if self.calibration:
-            save_file({f"mel.{i}": torch.from_numpy(np.asarray(m, np.float32)).half().contiguous()
-                       for i, m in enumerate(self.calibration)}, str(folder / CALIBRATION_FILE))
+            save_tensors({f"mel.{i}": torch.from_numpy(np.asarray(m, np.float32)).half().contiguous()
+                          for i, m in enumerate(self.calibration)}, folder / CALIBRATION_FILE)
 
     @classmethod
     def from_meta(cls, meta: dict, folder: Path) -> OnnxSpec:
