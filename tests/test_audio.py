@@ -553,3 +553,13 @@ def test_save_errors_from_libsndfile_are_one_line(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     save_audio(tmp_path / "half.wav", x.astype(np.float16), 16000)  # any float dtype is written
     assert sf.info(str(tmp_path / "half.wav")).frames == x.size
+
+
+def test_saving_clips_loud_samples_that_reading_refuses(tmp_path: Path) -> None:
+    """The peak limit is for reading: `save_audio(clip=True)` still clips samples of 3e9 (a
+    model's runaway output) to full scale instead of refusing them."""
+    x = sine(440.0, 0.1, 16000) * 6e9  # peak 3e9
+    save_audio(tmp_path / "a.wav", x, 16000, clip=True)
+    assert np.abs(sf.read(tmp_path / "a.wav")[0]).max() > 0.99
+    with pytest.raises(AudioError, match="far outside"):
+        load_audio(x, orig_sr=16000)

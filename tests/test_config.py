@@ -125,3 +125,14 @@ def test_bad_recipe_bytes_set_values_and_t2c_dropout_are_one_line_config_errors(
     for p in ("2", "-0.1", ".nan"):
         with pytest.raises(ConfigError, match="t2c.dropout: must be in"):
             preset_config("tiny-random", [f"t2c.dropout={p}"])
+
+
+@pytest.mark.parametrize("overrides", ["5", "llm.lora.r=4"])
+def test_recipe_overrides_not_a_list_are_refused_before_a_set_joins_them(tmp_path, overrides):
+    """`overrides: 5` with `--set model.*` was a TypeError traceback, and a string was split
+    into one-letter overrides ("override 'l'")."""
+    from echox.train.run import load_stage_recipe
+
+    (tmp_path / "r.yaml").write_text(f"overrides: {overrides}\n")
+    with pytest.raises(ConfigError, match="overrides must be a list of key.path=value strings"):
+        load_stage_recipe(str(tmp_path / "r.yaml"), ["model.llm.lora.alpha=8"])

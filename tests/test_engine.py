@@ -565,6 +565,10 @@ def test_echox_bundle_force_never_replaces_a_part_of_its_source(
     assert "would delete what the bundle is made from" in capsys.readouterr().err
     assert digest() == before
     load_bundle(src)  # still whole
+    # a folder of its own inside the source (an earlier bundle there) is no part of it
+    (src / "bundle").mkdir()
+    assert main(["bundle", "--model", str(src), "--out", str(src / "bundle"), "--force"]) == 0
+    assert load_bundle(src / "bundle") is not None and load_bundle(src) is not None
 
 
 def test_repetition_guard_reaches_the_engine(bundle: Bundle) -> None:

@@ -653,3 +653,12 @@ def test_load_bench_on_a_live_echox_serve(bundle_dir: Path) -> None:
     assert report["served"] > 0 and report["healthy_after"] is True
     assert set(report["errors"]) <= {"busy"}  # only clean 503s
     assert report["first_audio_ms"]["p50"] is not None and report["server_peak_rss_mb"] > 0
+
+
+def test_a_huge_max_audio_seconds_decodes_uploads_instead_of_failing_them() -> None:
+    """`--max-audio-seconds 1e308` made every upload a 500 (an OverflowError counting the
+    samples a file may decode to); it now means no limit there, as it does for chat and demo."""
+    from echox.serve.inputs import Limits, decode_file
+
+    limits = Limits(max_upload_bytes=1 << 20, max_audio_seconds=1e308, max_text_chars=100)
+    assert decode_file(wav(0.3), limits).size == 4800

@@ -111,13 +111,16 @@ def _describe(source: AudioSource) -> str:
 
 
 def _check_finite(wav: np.ndarray, where: str) -> None:
-    """Reject NaN/inf: they poison every downstream feature (log-mel, units) silently; and
-    finite samples beyond `MAX_PEAK`, which overflow those features into NaN (a traceback from
-    the sampler, once)."""
+    """Reject NaN/inf: they poison every downstream feature (log-mel, units) silently."""
     if not np.all(np.isfinite(wav)):
         n_nan = int(np.isnan(wav).sum())
         n_inf = int(np.isinf(wav).sum())
         raise AudioError(f"{where}: audio contains non-finite samples ({n_nan} NaN, {n_inf} inf)")
+
+
+def _check_peak(wav: np.ndarray, where: str) -> None:
+    """Reject finite samples beyond `MAX_PEAK` on reading: they overflow the features into NaN
+    (a traceback from the sampler, once). Writing clips them instead (`save_audio(clip=True)`)."""
     peak = float(np.max(np.abs(wav))) if wav.size else 0.0
     if peak > MAX_PEAK:
         raise AudioError(f"{where}: samples reach {peak:.3g}, far outside the [-1, 1] of float "
@@ -397,6 +400,7 @@ def load_audio(
     if data.size == 0:  # [0, C], or a [C, 0] array read as C frames of no channel
         raise AudioError(f"{name}: audio has zero length")
     _check_finite(data, name)
+    _check_peak(data, name)
 
     wav = data.mean(axis=1, dtype=np.float64) if data.shape[1] > 1 else data[:, 0]  # [T]
     if rate != sr:

@@ -503,7 +503,10 @@ def load_recipe(path: str | Path | None, sections: dict[str, type | None], *,
             raise ConfigError(f"--set {s!r}: expected section.key=value")
         if set_as_overrides and section in set_as_overrides:
             target = set_as_overrides[section]
-            raw[target] = list(raw.get(target) or []) + [f"{rest}={val}"]
+            given = raw.get(target) or []
+            if not isinstance(given, list) or not all(isinstance(o, str) for o in given):
+                raise ConfigError(f"{target} must be a list of key.path=value strings, got {given!r}")
+            raw[target] = [*given, f"{rest}={val}"]
         elif sections.get(section) is not None:
             try:
                 parsed = yaml.safe_load(val)

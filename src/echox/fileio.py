@@ -53,7 +53,8 @@ def save_tensors(tensors: dict[str, Any], path: str | os.PathLike,
     from safetensors.torch import save_file
 
     save_file(tensors, os.fspath(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    with contextlib.suppress(PermissionError, NotImplementedError):  # vfat, some CIFS/NFS mounts
+        os.chmod(path, 0o666 & ~_umask())
     return Path(path)
 
 

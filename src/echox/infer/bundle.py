@@ -361,12 +361,21 @@ def cmd_bundle(args: Any) -> int:
 
 
 def _overlap(out: Path, source: Path) -> str | None:
-    """How resolved `out` overlaps resolved `source` ("is", "holds", "lies inside"), or None."""
+    """How resolved `out` overlaps resolved `source` ("is", "holds", "lies inside": one of the
+    source's own parts, such as its vocoder/), or None. Another folder inside the source (an
+    earlier bundle at `<model>/bundle`) is no part of it: replacing it deletes nothing used."""
     if out == source:
         return "is"
     if out in source.parents:
         return "holds"
-    return "lies inside" if source in out.parents else None
+    if source not in out.parents:
+        return None
+    first = out.relative_to(source).parts[0]
+    try:
+        listed = {Path(k).parts[0] for k in json.loads((source / "checksums.json").read_text())}
+    except (OSError, ValueError, TypeError, AttributeError):
+        listed = set()
+    return "lies inside" if first in {"tokenizer", VOCODER_DIR, UNIT_LANGUAGE_DIR, *listed} else None
 
 
 def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | None) -> None:

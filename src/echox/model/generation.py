@@ -85,8 +85,9 @@ class SamplingConfig:
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what torch can seed
-            raise ConfigError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:  # torch seeds to 2**64; the
+            # engine adds each segment's index to it
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -79,7 +79,7 @@ class LLM(nn.Module):
 
             targets = list(cfg.lora.target_modules)
             names = [n for n, _ in model.named_modules()]
-            if targets != ["all-linear"] and not any(
+            if not any(
                     n == t or n.endswith("." + t) for t in targets for n in names):
                 raise ConfigError(f"llm.lora.target_modules: none of {targets} names a module "
                                   f"of the LLM in {folder}")  # (peft's error, a traceback)

@@ -249,12 +249,15 @@ class _Conversation:
         self.task: asyncio.Task[None] | None = None
         self.replied = False  # the running turn has sent its final (or error) event
         self.lock = asyncio.Lock()  # an audio header and its binary frame go out together
+        self.stalled = False  # a send timed out (`within`): nothing more is written to this client
 
     @property
     def busy(self) -> bool:
         return self.task is not None and not self.task.done()
 
     async def send(self, msg: dict[str, Any], data: bytes | None = None) -> None:
+        if self.stalled:  # a frame after a cut-off one (an audio header's missing bytes, say)
+            raise WebSocketDisconnect(1008)  # would break the protocol: this client is gone
         async with self.lock:
             await self.ws.send_text(json.dumps(msg))
             if data is not None:
@@ -432,6 +435,7 @@ class _Conversation:
             if not task.done():  # timed out, or this turn was cancelled meanwhile
                 task.cancel()
         if not done:
+            self.stalled = True  # its 504 is not sent either: it would wait on the same client
             raise ApiError(504, "timeout", "the client did not read the answer within the "
                            f"server's turn timeout ({self.st.cfg.turn_timeout:g} s); the answer "
                            "was stopped")

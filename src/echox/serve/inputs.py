@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +73,8 @@ class Limits:
     @property
     def max_decoded_samples(self) -> int:
         """Samples (all channels) an audio file may decode to."""
-        return math.ceil(self.max_audio_seconds * MAX_RATE * DECODE_CHANNELS)
+        samples = self.max_audio_seconds * MAX_RATE * DECODE_CHANNELS
+        return math.ceil(samples) if math.isfinite(samples) else sys.maxsize  # 1e308 s: no limit
 
     def too_long(self, seconds: float) -> ApiError:
         """A client cannot raise the limit: the message names the server's own setting."""
