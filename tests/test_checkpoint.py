@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pytest
@@ -34,13 +35,17 @@ def test_save_load_gives_bit_identical_logits(make_model, tmp_path):
     _perturb(m)
     m.echo.load_state_dict({k: v + 0.01 for k, v in m.t2c.state_dict().items()})  # echo != t2c
     before = _outputs(m)
-    folder = m.save_pretrained(tmp_path / "ckpt")
+    old_umask = os.umask(0o022)  # (under 077 every file would be 0600, and the check below moot)
+    try:
+        folder = m.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(old_umask)
     files = sorted(p.name for p in folder.iterdir())
     assert files == ["checksums.json", "config.json", "model.safetensors", "tokenizer"]
     assert not list(tmp_path.glob(".ckpt*")), "temp folders must be gone"
     # every file as readable as the config beside it (safetensors alone writes its file 0600)
     modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
-    assert len(set(modes.values())) == 1, modes
+    assert set(modes.values()) == {0o644}, modes
     m2 = EchoX.from_pretrained(folder)
     after = _outputs(m2)
     for a, b in zip(before, after):

@@ -326,6 +326,9 @@ def test_malformed_audio_cells_and_questions_are_named(tmp_path: Path) -> None:
              ({"array": [[0.1], [0.2, 0.3]], "sampling_rate": 16000}, array),  # ragged
              ({"array": [0.1, 0.2], "sampling_rate": "x"}, rate),
              ({"array": [0.1, 0.2], "sampling_rate": float("inf")}, rate),
+             ({"array": [0.1, 0.2], "sampling_rate": 2**70}, rate),  # a TypeError in isfinite
+             ({"array": [0.1, 0.2], "sampling_rate": 16000.5}, rate),  # was cut to 16000
+             ({"array": [0.1, 0.2], "sampling_rate": 0}, rate),
              ({"bytes": "UklGRg=="}, "the audio bytes must be bytes, got a str"),
              ({"path": 5}, "the audio path must be a string, got 5")]
     path = tmp_path / "x.jsonl"

@@ -362,3 +362,7 @@ def test_eval_keeps_to_its_run_folder(tmp_path, bundle_dir, bench, capsys):
     run_eval(items, Speaker(), "s2s", run_dir, bench, asr=ASR(), save_audio=True, progress=False)
     assert victim.read_text() == "keep" and not (tmp_path / "runs" / "victim.wav").exists()
     assert len(list((run_dir / "audio").glob("*.wav"))) == 2
+    from echox.eval.run import _audio_name
+
+    names = [_audio_name(i) for i in ("a/b", "a_b", "a\\b", "q1")]
+    assert len(set(names)) == 4 and names[3] == "q1.wav" and all("/" not in n for n in names)

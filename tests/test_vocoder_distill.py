@@ -312,3 +312,17 @@ def test_distill_cli_numbers_out_and_pool_files_are_checked_first(tmp_path, caps
     assert (tmp_path / "afile").read_text() == "keep" and not (tmp_path / "s").exists()
     with pytest.raises(VocoderCheckpointError, match="not a readable teacher pool"):
         TeacherPool.load(tmp_path / "bad.safetensors")
+
+
+def test_distill_eval_every_zero_evaluates_only_at_the_end(tmp_path) -> None:
+    """`--eval-every 0` ("only at the end", as for `vocoder train`) evaluated at every step
+    (a `max(1, 0)`), and the CLI turned it into the default 500; negative is refused."""
+    pool = build_pool(generator(32, 1), mels(), n_windows=12, window_frames=40, progress=False)
+    train, held = pool.split(4)
+    cfg = DistillConfig(steps=3, batch_size=2, segment_frames=8, margin_frames=4, lr=1e-3,
+                        warmup=1, log_every=1, eval_every=0, stft_resolutions=RES)
+    res = distill(train, cfg, student=generator(8, 2), eval_pool=held, out_dir=tmp_path / "s",
+                  progress=False)
+    assert [e["step"] for e in res["eval"]] == [3]
+    with pytest.raises(VocoderConfigError, match="eval_every must be >= 0"):
+        DistillConfig(eval_every=-1)

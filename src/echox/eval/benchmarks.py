@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from echox.audio import check_wav_complete
+from echox.audio import MAX_SAMPLE_RATE, check_wav_complete
 from echox.errors import AudioError, EvalError
 from echox.fileio import json_object_lines
 
@@ -268,9 +268,11 @@ class Benchmark:
             sr = value.get("sampling_rate")
             if sr is None:
                 raise EvalError(f"{where}: audio array without a sampling_rate")
-            if isinstance(sr, bool) or not isinstance(sr, (int, float, np.number)) \
-                    or not np.isfinite(sr):
-                raise EvalError(f"{where}: the audio sampling_rate must be a number, got {sr!r}")
+            rate = float(sr) if isinstance(sr, (int, float, np.number)) \
+                and not isinstance(sr, bool) else float("nan")  # (2**70 is a float too)
+            if not (0 < rate <= MAX_SAMPLE_RATE and rate == int(rate)):
+                raise EvalError(f"{where}: the audio sampling_rate must be a number of Hz in (0, "
+                                f"{MAX_SAMPLE_RATE}], got {sr!r}")
             try:
                 arr = np.asarray(value["array"], dtype=np.float32)
             except (TypeError, ValueError) as err:  # strings, ragged lists, dicts

@@ -20,6 +20,7 @@ with the same) and `summary.json`; `--compare` draws a bar chart of several runs
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -340,8 +341,12 @@ def _answers(answerer: Answerer, batch: list[QAItem]) -> Iterator[tuple[QAItem, 
 def _audio_name(item_id: str) -> str:
     """The file name of an item's spoken answer in `audio/`: its id with path separators (and
     NUL) replaced, so that an id such as `../x` or `/data/q1` stays inside the run folder
-    instead of overwriting a file elsewhere."""
-    return "".join("_" if c in "/\\\0" else c for c in item_id) + ".wav"
+    instead of overwriting a file elsewhere; a replaced id gets a digest of itself, so that
+    `a/b` and `a_b` do not share a file."""
+    safe = "".join("_" if c in "/\\\0" else c for c in item_id)
+    if safe != item_id:
+        safe += "-" + hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return safe + ".wav"
 
 
 def _score(item: QAItem, ans: Answer, mode: str, asr: Any, out_dir: Path,

@@ -221,7 +221,7 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
     teacher_name = args.teacher or "universal"
     # every number before the slow pool: 0 is a value, not "the default" (it ran 3000 steps)
     cfg = DistillConfig(**{k: v for k, v in (("steps", args.max_steps), ("batch_size", args.batch_size),
-                                             ("lr", args.lr), ("eval_every", args.eval_every or None))
+                                             ("lr", args.lr), ("eval_every", args.eval_every))
                            if v is not None})
     if not math.isfinite(cfg.lr):
         raise ConfigError(f"--lr must be a finite number > 0, got {cfg.lr}")
@@ -302,7 +302,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--threads", type=int_at_least(0),
                    help="torch threads (1 on a busy CPU; 0 = torch's default)")
-    p.add_argument("--eval-every", type=int, help="held-out evaluation interval (0 = none)")
+    p.add_argument("--eval-every", type=int, help="held-out evaluation interval (0 = only at the end)")
 
 
 def train_options(p: argparse.ArgumentParser) -> None:

@@ -77,6 +77,8 @@ class DistillConfig:
                 raise VocoderConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.margin_frames < 0 or self.lr <= 0:
             raise VocoderConfigError("margin_frames must be >= 0 and lr > 0")
+        if self.eval_every < 0:
+            raise VocoderConfigError(f"eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
 
 
 @dataclass
@@ -458,7 +460,8 @@ def distill(
         return _losses(student, mels, target, cfg, locked)
 
     def after_step(done: int, log: TrainLog) -> None:
-        if eval_pool is not None and (done % max(1, cfg.eval_every) == 0 or done == cfg.steps):
+        if eval_pool is not None and ((cfg.eval_every and done % cfg.eval_every == 0)
+                                      or done == cfg.steps):  # 0: only at the end
             evals.append({"step": done, **evaluate(student, eval_pool, cfg)})
             if progress:
                 print(f"[distill] held-out at {done}: " + " ".join(
