@@ -563,3 +563,14 @@ def test_saving_clips_loud_samples_that_reading_refuses(tmp_path: Path) -> None:
     assert np.abs(sf.read(tmp_path / "a.wav")[0]).max() > 0.99
     with pytest.raises(AudioError, match="far outside"):
         load_audio(x, orig_sr=16000)
+
+
+def test_a_limit_too_large_to_count_in_frames_allows_any_length() -> None:
+    """`max_seconds=1e308` overflowed counting frames (an OverflowError traceback from
+    `--max-audio-seconds 1e308`); it now means no limit, as in the encoder, which counts the
+    same way."""
+    from echox.model.encoder import check_speech_length
+
+    x = sine(440.0, 0.2, 16000)
+    assert load_audio(x, orig_sr=16000, max_seconds=1e308).size == 3200
+    check_speech_length(10**12, 1e308)  # no error

@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,9 +136,11 @@ def _check_resample(rate: int, sr: int, where: str) -> None:
                          f"{MAX_RESAMPLE_FACTOR} Hz is read; resample the file)")
 
 
-def _max_frames(max_seconds: float, sr: int) -> int:
-    """Frames allowed in ``max_seconds`` at ``sr`` (tiny epsilon so 30.0 s of audio passes)."""
-    return int(math.floor(max_seconds * sr + 1e-6))
+def max_frames(max_seconds: float, sr: int) -> int:
+    """Frames allowed in ``max_seconds`` at ``sr`` (tiny epsilon so 30.0 s of audio passes); a
+    limit too large to count in frames (``1e308`` s) allows any length."""
+    frames = max_seconds * sr + 1e-6
+    return int(math.floor(frames)) if math.isfinite(frames) else sys.maxsize
 
 
 # --------------------------------------------------------------------------- reading
@@ -280,10 +283,10 @@ def _decode(
                 raise AudioError(f"{name}: the file does not give its length (a FLAC written "
                                  "to a pipe?); write it with its length, or as a WAV")
             frames = -1
-            if max_seconds is not None and f.frames > _max_frames(max_seconds, rate):
+            if max_seconds is not None and f.frames > max_frames(max_seconds, rate):
                 if on_too_long == "error":
                     raise _too_long(name, f.frames / rate, max_seconds)
-                frames = _max_frames(max_seconds, rate)
+                frames = max_frames(max_seconds, rate)
             data = f.read(frames=frames, dtype="float32", always_2d=True)  # [T, C]
     except (sf.SoundFileError, RuntimeError) as err:
         raise AudioError(f"{name}: not a readable audio file ({err})") from err
@@ -376,10 +379,10 @@ def load_audio(
         rate = _check_rate(orig_sr, "orig_sr")
         _check_resample(rate, sr, name)
         data = _array_to_2d(source, name)  # [T, C]
-        if max_seconds is not None and data.shape[0] > _max_frames(max_seconds, rate):
+        if max_seconds is not None and data.shape[0] > max_frames(max_seconds, rate):
             if on_too_long == "error":
                 raise _too_long(name, data.shape[0] / rate, max_seconds)
-            data = data[: _max_frames(max_seconds, rate)]
+            data = data[: max_frames(max_seconds, rate)]
     else:
         if isinstance(source, (bytes, bytearray, memoryview)):
             if len(source) == 0:
@@ -407,7 +410,7 @@ def load_audio(
         g = math.gcd(sr, rate)
         wav = resample_poly(wav.astype(np.float64), sr // g, rate // g)  # [T * sr / rate]
         if max_seconds is not None:  # rounding in resample_poly may add one sample
-            wav = wav[: _max_frames(max_seconds, sr)]
+            wav = wav[: max_frames(max_seconds, sr)]
     wav = np.ascontiguousarray(wav, dtype=np.float32)  # [T']
 
     peak = float(np.max(np.abs(wav))) if wav.size else 0.0
@@ -459,7 +462,7 @@ def split_audio(
         raise AudioError(f"split_audio expects a 1-D [T] waveform, got shape {wav.shape}")
     if wav.size == 0:
         raise AudioError("split_audio got a zero-length waveform")
-    chunk = _max_frames(max_seconds, sr)
+    chunk = max_frames(max_seconds, sr)
     hop = chunk - int(round(overlap_seconds * sr))
     if chunk < 1 or hop < 1:
         raise AudioError(

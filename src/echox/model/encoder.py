@@ -8,7 +8,6 @@ Whisper-large-v3 run on the same code path.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from echox.audio import max_frames
 from echox.errors import AudioTooLongError, CheckpointError
 from echox.fileio import read_json_object
 
@@ -23,11 +23,6 @@ HOP = 160  # Whisper's mel hop at 16 kHz
 SAMPLE_RATE = 16000
 
 
-def limit_samples(max_seconds: float, sr: int = SAMPLE_RATE) -> int:
-    """Samples allowed in `max_seconds` at `sr` (tiny epsilon so exactly 30.0 s passes); a
-    limit too large to count in samples (`--max-audio-seconds 1e308`) allows any length."""
-    samples = max_seconds * sr + 1e-6
-    return int(math.floor(samples)) if math.isfinite(samples) else sys.maxsize
 
 
 def too_long_message(seconds: float, max_seconds: float, what: str = "question audio") -> str:
@@ -45,7 +40,7 @@ def too_long_message(seconds: float, max_seconds: float, what: str = "question a
 def check_speech_length(n_samples: int, max_seconds: float, what: str = "question audio",
                         sr: int = SAMPLE_RATE) -> None:
     """Raise `AudioTooLongError` when `n_samples` at `sr` exceed `max_seconds`."""
-    if n_samples > limit_samples(max_seconds, sr):
+    if n_samples > max_frames(max_seconds, sr):
         raise AudioTooLongError(too_long_message(n_samples / sr, max_seconds, what))
 
 
