@@ -378,6 +378,10 @@ def test_train_config_checks_precision():
         TrainConfig(seed=-1)
     with pytest.raises(ConfigError, match="seed"):
         TrainConfig(seed=2**32)
+    for norm in (float("nan"), -1.0, float("inf")):  # NaN turned gradient clipping off silently
+        with pytest.raises(ConfigError, match="max_grad_norm"):
+            TrainConfig(max_grad_norm=norm)
+    assert TrainConfig(max_grad_norm=0.0).max_grad_norm == 0.0  # 0: no clipping
 
 
 def test_guided_attention_t2c_trains_and_eval_loss_stays_ce(tmp_path):

@@ -184,6 +184,8 @@ def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):
     for bad, says in ((["--max-steps", "0"], "--max-steps"), (["--lr", "-1"], "--lr"),
                       (["--batch-size", "-2"], "--batch-size"), (["--lr", "inf"], "--lr"),
                       (["--holdout", "-1", "--max-steps", "1"], "--holdout must be 0 to"),
+                      (["--eval-every", "-5"], "--eval-every must be >= 0"),
+                      (["--save-every", "-1"], "--save-every must be >= 0"),
                       (["--segment-frames", "0"], "--segment-frames must be >= 1")):  # a ValueError
         assert main([*base, *bad]) == 2, bad
         err = capsys.readouterr().err.strip()

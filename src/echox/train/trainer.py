@@ -131,6 +131,8 @@ class TrainConfig:
         check(0 <= self.weight_decay < math.inf, "weight_decay",
               f"must be a finite number >= 0, got {self.weight_decay}")
         check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
+        check(0 <= self.max_grad_norm < math.inf, "max_grad_norm",  # NaN turned clipping off
+              f"must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
         check(self.max_minutes >= 0, "max_minutes", f"must be >= 0, got {self.max_minutes}")
         check(self.schedule in ("cosine", "linear", "constant"), "schedule", "cosine | linear | constant")
         check(self.precision in PRECISIONS, "precision", f"fp32 | bf16 | fp16; got {self.precision!r}")

@@ -151,6 +151,10 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     if segment_frames is not None and segment_frames < 1:
         raise ConfigError(f"--segment-frames must be >= 1 (or unset: whole utterances), got "
                           f"{segment_frames}")
+    for option, value in (("--eval-every", given(args.eval_every, tr.eval_every)),
+                          ("--save-every", given(args.save_every, tr.save_every))):
+        if value is not None and value < 0:
+            raise ConfigError(f"{option} must be >= 0 (0: none), got {value}")
     pairs = load_pairs(train_path, cfg.sample_rate, data.limit)
     if not 0 <= holdout < len(pairs):
         raise ConfigError(f"--holdout must be 0 to {len(pairs) - 1} (the data has {len(pairs)} "
