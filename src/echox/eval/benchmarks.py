@@ -38,6 +38,7 @@ import soundfile as sf
 from echox.audio import MAX_SAMPLE_RATE, check_wav_complete
 from echox.errors import AudioError, EvalError
 from echox.fileio import json_object_lines
+from echox.model.prompt import is_unicode
 
 __all__ = [
     "BENCHMARKS",
@@ -226,11 +227,9 @@ class Benchmark:
         question = row.get(self.question_col)
         if not isinstance(question, str):
             raise EvalError(f"{where}: question must be a string, got {question!r}")
-        try:  # JSON's "\ud800" reads as a string that no tokenizer takes (a TypeError)
-            question.encode("utf-8")
-        except UnicodeEncodeError:
+        if not is_unicode(question):  # JSON's "\ud800"
             raise EvalError(f"{where}: the question is not valid Unicode text (it holds a lone "
-                            "surrogate code point, such as \\ud800)") from None
+                            "surrogate code point, such as \\ud800)")
         answers = parse_answers(row.get(self.answer_col), where)
         raw_id = row.get(self.id_col) if self.id_col else None
         item_id = str(raw_id) if raw_id not in (None, "") else f"{self.name}-{index}"

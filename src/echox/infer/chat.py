@@ -53,6 +53,12 @@ def question_limit(folder: Path, max_audio_seconds: float | None) -> float | Non
     return float(value)
 
 
+def check_not_question(out: Path, question: Path) -> None:
+    """Refuse an answer path that is the question file (`chat q.wav -o q.wav`, `demo`)."""
+    if out.exists() and out.resolve() == question.resolve():
+        raise AudioError(f"'{out}': the answer would overwrite the question; give another -o")
+
+
 def check_inputs(args: argparse.Namespace, limit: float | None) -> None:
     """Check the spoken question (readable, complete, not too short or long) and that the
     answer can be written, so that a bad input fails at once, not after the model load."""
@@ -65,8 +71,8 @@ def check_inputs(args: argparse.Namespace, limit: float | None) -> None:
             raise EchoXError("interactive chat reads its turns from standard input, which is "
                              "closed; give a question file or --text")
     check_output_path(out)
-    if args.input is not None and out.exists() and out.resolve() == Path(args.input).resolve():
-        raise AudioError(f"'{out}': the answer would overwrite the question; give another -o")
+    if args.input is not None:
+        check_not_question(out, Path(args.input))
 
 
 def _engine(args: argparse.Namespace) -> Any:

@@ -17,10 +17,10 @@ from typing import Any
 
 from echox.audio import check_output_path, load_audio, save_audio
 from echox.config import preset_config
-from echox.errors import AudioError, CheckpointError, ConfigError
+from echox.errors import CheckpointError, ConfigError
 from echox.infer.asr import FasterWhisperASR
 from echox.infer.bundle import DEFAULT_MODEL_HELP, Bundle, default_bundle, load_bundle
-from echox.infer.chat import add_max_audio_option, question_limit
+from echox.infer.chat import add_max_audio_option, check_not_question, question_limit
 from echox.infer.engine import (
     AudioChunk,
     Engine,
@@ -63,8 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
              else args.max_audio_seconds)
     load_question(question, limit)  # a bad or too long question fails before the load
     out = check_output_path(args.output)
-    if out.exists() and out.resolve() == question.resolve():
-        raise AudioError(f"'{out}': the answer would overwrite the question; give another -o")
+    check_not_question(out, question)
     t0 = time.perf_counter()
     if args.model:
         bundle = load_bundle(args.model)

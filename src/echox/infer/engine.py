@@ -67,7 +67,7 @@ from echox.model.generation import (
     iter_decode,
     start_decode,
 )
-from echox.model.prompt import Turn
+from echox.model.prompt import Turn, is_unicode
 from echox.model.trigger import SegmentTrigger
 
 __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final", "LatencyStats",
@@ -75,16 +75,6 @@ __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final
            "load_question"]
 
 AudioInput = str | Path | bytes | np.ndarray | None
-
-
-def _is_unicode(text: str) -> bool:
-    """Whether `text` encodes as UTF-8: a line read from non-UTF-8 input (surrogate-escaped
-    bytes) or JSON's "\\ud800" does not."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_max_audio_seconds(value: object) -> float:
@@ -345,7 +335,7 @@ class Session:
         model = self.engine.model
         if text is not None and not isinstance(text, str):
             raise PromptError(f"text must be a string, got {type(text).__name__}")
-        if text is not None and not _is_unicode(text):  # no tokenizer takes it (a TypeError)
+        if text is not None and not is_unicode(text):
             raise PromptError("the typed text is not valid UTF-8 (it holds bytes no character "
                               "is made of, or a lone surrogate such as \\ud800)")
         if audio is None and not (text and text.strip()):

@@ -44,6 +44,16 @@ class Turn:
             check_waveform(self.audio, f"{self.role} turn audio")
 
 
+def is_unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8, as every tokenizer needs: a line read from non-UTF-8
+    input (surrogate-escaped bytes) or JSON's "\\ud800" does not (a TypeError in the tokenizer)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_waveform(audio: Any, what: str) -> None:
     """Refuse audio that is not float samples [T] (non-empty, finite): `AudioError` naming
     `what`. Integer PCM or other rates and channel layouts go through `echox.audio.load_audio`."""

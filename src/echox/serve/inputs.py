@@ -20,7 +20,7 @@ import soundfile as sf
 
 from echox.audio import AudioWarning, check_question_length, load_audio
 from echox.errors import AudioError, EchoXError
-from echox.model.prompt import Turn
+from echox.model.prompt import Turn, is_unicode
 
 __all__ = ["AUDIO_FORMATS", "ApiError", "AudioBuffer", "Limits", "PCM_FORMATS", "check_history",
            "check_text", "decode_file", "pcm_s16le", "shown"]
@@ -105,11 +105,9 @@ def check_text(text: Any, limits: Limits, what: str = "text") -> str | None:
     if len(text) > limits.max_text_chars:
         raise ApiError(413, "text_too_long", f"{what} is {len(text)} characters long, over the "
                        f"limit of {limits.max_text_chars}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # JSON's "\ud800": no tokenizer takes it
+    if not is_unicode(text):  # JSON's "\ud800"
         raise ApiError(400, "bad_request", f"{what} is not valid Unicode text (it holds a "
-                       "lone surrogate code point, such as \\ud800)") from None
+                       "lone surrogate code point, such as \\ud800)")
     return text if text.strip() else None
 
 
