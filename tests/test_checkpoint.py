@@ -397,3 +397,20 @@ def test_option_folder_names_the_option_for_a_file_or_a_missing_folder(tmp_path)
     with pytest.raises(CheckpointError, match=r"^--init .*nothere: checkpoint folder not found$"):
         option_folder("--init", str(tmp_path / "nothere"))
     assert option_folder("--t2c-from", str(tmp_path)) == tmp_path
+
+
+@pytest.mark.parametrize("text", ['{"a": ' + "7" * 5000 + "}", "[" * 100_000 + "]" * 100_000],
+                         ids=["number-too-long", "too-deep"])
+def test_checkpoint_json_too_long_or_too_deep_is_one_error(make_model, tmp_path, text):
+    """Python refuses a 4300+-digit integer with a plain ValueError and deep nesting with a
+    RecursionError; both were tracebacks from `from_pretrained` and from saving over it."""
+    folder = make_model().save_pretrained(tmp_path / "ckpt")
+    _rewrite(folder, "config.json", text)
+    with pytest.raises(CheckpointError, match=r"corrupt checkpoint file .*config\.json"):
+        EchoX.from_pretrained(folder)
+    with pytest.raises(CheckpointError, match=r"holds other files"):
+        make_model().save_pretrained(folder)  # no longer recognisably a checkpoint: kept
+    assert (folder / "config.json").read_text() == text
+    (folder / "checksums.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"corrupt checkpoint file .*checksums\.json"):
+        EchoX.from_pretrained(folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,107 @@ def test_save_tensors_gives_the_usual_permissions(tmp_path: Path) -> None:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert torch.equal(load_file(path)["w"], torch.arange(3.0))
+
+
+# A whole-file JSON reader that caught only JSONDecodeError let two damaged files through as
+# tracebacks: an integer of 4300+ digits (a plain ValueError) and nesting deeper than the
+# recursion limit (RecursionError). Each reader below must turn both into its one-line error.
+_TOO_LONG = '{"format_version": ' + "7" * 5000 + "}"
+_TOO_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _eval_summary(d):
+    from echox.eval.run import read_summary
+
+    (d / "summary.json").write_text(d.joinpath("payload").read_text())
+    read_summary(d)
+
+
+def _eval_settings(d):
+    from echox.eval.run import check_run_settings
+
+    (d / "eval.json").write_text(d.joinpath("payload").read_text())
+    (d / "items.jsonl").write_text('{"id": "q1", "hit": true}\n')
+    check_run_settings(d, {"mode": "s2t"})
+
+
+def _vocoder_json(d):
+    from echox.vocoder.base import read_json
+
+    (d / "x.json").write_text(d.joinpath("payload").read_text())
+    read_json(d / "x.json", "vocoder config")
+
+
+def _hifigan_config(d):
+    from echox.vocoder.hifigan import HiFiGANConfig
+
+    (d / "config.json").write_text(d.joinpath("payload").read_text())
+    HiFiGANConfig.from_json(d / "config.json")
+
+
+def _unit2mel_meta(d):
+    from echox.vocoder.unit2mel import Unit2Mel
+
+    (d / "config.json").write_text(d.joinpath("payload").read_text())
+    (d / "model.safetensors").write_bytes(b"")
+    Unit2Mel.read_meta(d)
+
+
+def _unit_language(d):
+    from echox.units.language import UnitLanguage
+
+    (d / "unit_language.json").write_text(d.joinpath("payload").read_text())
+    (d / "tokenizer.json").write_text("{}")
+    UnitLanguage.load(d)
+
+
+def _train_recipe(d):
+    from echox.train.trainer import check_run_folder
+
+    (d / "recipe.json").write_text(d.joinpath("payload").read_text())
+    check_run_folder(d)
+
+
+def _safetensors_header(d):
+    from echox.convert.tensor_files import read_safetensors_header
+
+    head = d.joinpath("payload").read_bytes()
+    (d / "w.safetensors").write_bytes(len(head).to_bytes(8, "little") + head)
+    read_safetensors_header(d / "w.safetensors")
+
+
+def _whisper_vocabulary(d):
+    from echox.hub.whisper_ct2 import _token_ids
+
+    (d / "vocabulary.json").write_text(d.joinpath("payload").read_text())
+    _token_ids(d)
+
+
+def _official_index(d):
+    from echox.convert.official import _shards
+
+    (d / "model.safetensors.index.json").write_text(d.joinpath("payload").read_text())
+    _shards(d)
+
+
+@pytest.mark.parametrize("payload", [_TOO_LONG, _TOO_DEEP], ids=["number-too-long", "too-deep"])
+@pytest.mark.parametrize(("reader", "error", "says"), [
+    (_eval_summary, "EvalError", "not a readable JSON file"),
+    (_eval_settings, "EvalError", "not a readable JSON file"),
+    (_vocoder_json, "VocoderConfigError", "not valid JSON"),
+    (_hifigan_config, "VocoderCheckpointError", "cannot read HiFi-GAN config"),
+    (_unit2mel_meta, "VocoderCheckpointError", "not valid JSON"),
+    (_unit_language, "UnitError", "corrupt unit-language metadata"),
+    (_train_recipe, "ConfigError", "was not written by `echox train`"),
+    (_safetensors_header, "CheckpointError", "corrupt safetensors header"),
+    (_whisper_vocabulary, "ConversionError", "not a Whisper vocabulary"),
+    (_official_index, "ConversionError", "not a weight index"),
+], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+def test_whole_file_json_readers_refuse_numbers_too_long_and_nesting_too_deep(
+        tmp_path, payload, reader, error, says):
+    from echox import errors
+
+    (tmp_path / "payload").write_text(payload)
+    with pytest.raises(getattr(errors, error), match=re.escape(says)) as info:
+        reader(tmp_path)
+    assert "\n" not in str(info.value)  # one line

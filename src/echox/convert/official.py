@@ -114,7 +114,7 @@ def _shards(src: Path) -> list[Path]:
                 names = sorted(set(weight_map.values()))
                 if not all(isinstance(n, str) for n in names):
                     raise TypeError("its weight_map values must be file names")
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError,
+            except (ValueError, RecursionError, KeyError, AttributeError,
                     TypeError) as e:
                 raise ConversionError(f"{src / index}: not a weight index ({e})") from e
             missing = [n for n in names if not (src / n).is_file()]
@@ -137,7 +137,7 @@ def read_source(src: Path) -> Source:
         config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ConversionError(f"{src}: no config.json") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise ConversionError(f"{src / 'config.json'}: not JSON ({e})") from e
     if not isinstance(config, dict):
         raise ConversionError(f"{src / 'config.json'}: not an EchoX config (a JSON object), got "

@@ -57,14 +57,18 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
         try:
             meta = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     out = {}
     for name, e in meta.items():
         if name == "__metadata__":
             continue
         try:
             dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
+                raise TypeError("data_offsets must be integers")
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: corrupt header entry for {name}") from err
         if dtype not in ELEMENT_BYTES:

@@ -449,7 +449,7 @@ def read_summary(run_dir: Path) -> EvalSummary:
         raise EvalError(f"no summary.json in {run_dir}: run `echox eval` there first")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         raise EvalError(f"{p}: not a readable JSON file ({type(e).__name__})") from e
     known = {f.name for f in fields(EvalSummary)}
     required = {f.name for f in fields(EvalSummary) if f.default is MISSING}
@@ -619,7 +619,7 @@ def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
     if path.is_file() and _done(out / "items.jsonl"):
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:
             raise EvalError(f"{path}: not a readable JSON file ({type(e).__name__})") from e
         if not isinstance(old, dict):
             raise EvalError(f"{path}: not the settings of an echox eval run")

@@ -267,11 +267,15 @@ def _token_ids(src_dir: Path) -> dict[str, int]:
     for name in ("vocabulary.json", "vocabulary.txt"):
         path = src_dir / name
         if path.is_file():
-            if name.endswith(".json"):
-                tokens = json.loads(path.read_text(encoding="utf-8"))
-            else:
-                tokens = path.read_text(encoding="utf-8").split("\n")
-            index = {tok: i for i, tok in enumerate(tokens)}
+            try:
+                text = path.read_text(encoding="utf-8")
+                tokens = json.loads(text) if name.endswith(".json") else text.split("\n")
+                index = {tok: i for i, tok in enumerate(tokens)}
+            except (ValueError, RecursionError, TypeError) as err:  # not UTF-8 / JSON; a dict in the list
+                raise ConversionError(f"{path}: not a Whisper vocabulary ({err})") from err
+            if not isinstance(tokens, list):
+                raise ConversionError(f"{path}: not a Whisper vocabulary (expected a JSON list "
+                                      "of tokens)")
             wanted = ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>")
             missing = [t for t in wanted if t not in index]
             if missing:

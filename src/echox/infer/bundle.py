@@ -373,7 +373,7 @@ def _overlap(out: Path, source: Path) -> str | None:
     first = out.relative_to(source).parts[0]
     try:
         listed = {Path(k).parts[0] for k in json.loads((source / "checksums.json").read_text())}
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, RecursionError, TypeError, AttributeError):
         listed = set()
     return "lies inside" if first in {"tokenizer", VOCODER_DIR, UNIT_LANGUAGE_DIR, *listed} else None
 

@@ -46,7 +46,7 @@ def question_limit(folder: Path, max_audio_seconds: float | None) -> float | Non
     try:
         meta = json.loads((Path(folder) / "config.json").read_text())
         value = meta["config"]["encoder"].get("max_seconds", EncoderConfig.max_seconds)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         return None

@@ -166,7 +166,7 @@ def _holds_checkpoint(folder: Path) -> bool:
     """Whether `folder` has an EchoX config.json (a checkpoint saved before, or a bundle)."""
     try:
         meta = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError):  # missing, unreadable or not JSON
+    except (OSError, ValueError, RecursionError):  # missing, unreadable or not JSON
         return False
     return isinstance(meta, dict) and meta.get("format") == "echox"
 
@@ -231,7 +231,7 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint file missing: {folder / required}")
     try:
         sums = json.loads(sums_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also a number too long, a list too deep
         raise CheckpointError(f"corrupt checkpoint file {sums_path}: {e}") from e
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
         raise CheckpointError(f"corrupt checkpoint file {sums_path}: expected a JSON object of "
@@ -252,7 +252,7 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint file corrupt or half-written (checksum mismatch): {p}")
     try:
         meta = json.loads((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also a number too long, a list too deep
         raise CheckpointError(f"corrupt checkpoint file {folder / CONFIG}: {e}") from e
     if not isinstance(meta, dict):
         raise CheckpointError(f"{folder / CONFIG} is not an EchoX checkpoint config: expected a "

@@ -179,7 +179,7 @@ def check_run_folder(out: Path, keep_best: bool = False) -> None:
     if recipe.is_file():
         try:
             rec = json.loads(recipe.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             rec = None
         if not (isinstance(rec, dict) and isinstance(rec.get("train"), dict)):
             raise ConfigError(f"--out {out}: its recipe.json was not written by `echox train`, and "
@@ -467,7 +467,7 @@ class Trainer:
         try:
             rec = json.loads((self.out / "best" / BEST_FILE).read_text())
             return int(rec["step"]), float(rec["eval_loss"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, RecursionError, KeyError, TypeError):
             return None
 
     def _save_best(self, ev: float) -> None:

@@ -421,7 +421,7 @@ def _read_cached(path: Path, item_id: str, audio: Path | None = None) -> UnitSeq
         if audio is not None and "audio_sha256" in d and d["audio_sha256"] != _audio_digest(audio):
             return None
         return UnitSequence.from_dict(d)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(
             f"unit cache file {path} for {item_id!r} is unreadable ({exc}); recomputing",
             UnitCacheWarning,
@@ -436,7 +436,7 @@ def _check_cache_meta(cache_dir: Path, fingerprint: dict[str, Any]) -> None:
     if meta.is_file():
         try:
             old = json.loads(meta.read_text(encoding="utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):
             old = None
         if old != json.loads(json.dumps(fingerprint)):
             raise UnitError(

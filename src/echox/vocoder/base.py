@@ -212,7 +212,7 @@ def read_json(path: Path, what: str) -> Any:
         raise VocoderFileNotFoundError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise VocoderConfigError(f"{path}: not valid JSON ({exc})") from exc
 
 

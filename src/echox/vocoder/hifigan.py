@@ -214,7 +214,7 @@ class HiFiGANConfig:
         """Read an original HiFi-GAN `config.json` (only resblock type "1" is supported)."""
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise VocoderCheckpointError(f"cannot read HiFi-GAN config {path}: {exc}") from exc
         return cls.from_dict(raw, str(path))
 

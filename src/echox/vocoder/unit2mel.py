@@ -444,11 +444,15 @@ class Unit2Mel(nn.Module):
                 raise VocoderFileNotFoundError(f"Unit2Mel checkpoint file missing: {folder / name}")
         try:
             meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise VocoderCheckpointError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or "unit2mel" not in meta:
             raise VocoderCheckpointError(f"{folder / CONFIG_FILE} is not a {FORMAT} config")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        version = meta.get("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise VocoderCheckpointError(f"{folder / CONFIG_FILE}: format_version must be an "
+                                         f"integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise VocoderCheckpointError(f"{folder / CONFIG_FILE}: format version "
                                          f"{meta['format_version']} is newer than supported")
         return meta
