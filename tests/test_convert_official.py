@@ -306,6 +306,14 @@ def test_beam_search_runs_on_the_authors_decoder(bundle) -> None:
     assert m.units_from_hidden([h], s)[0] == uncached == [tok_id(t) for t in CHAIN]
 
 
+def test_row_length_counts_the_authors_prompt(bundle) -> None:
+    """Stage II leaves out pairs longer than max_positions by `row_length`: the prompt's
+    prefix and suffix tokens, the condition and the units, as the teacher-forced row has."""
+    echo = bundle.model.echo
+    rows, _ = echo._rows([torch.randn(5, echo.adapter.in_features)], [[1, 2, 3]])
+    assert rows[0].shape[0] == echo.row_length([7] * 5, 3) > 5 + 3
+
+
 def test_segment_units_stream_through_the_engine(bundle) -> None:
     from echox.infer.engine import Engine, EngineConfig
 

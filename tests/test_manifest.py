@@ -387,6 +387,26 @@ def test_t2c_dataset_and_collator(tok):
         T2CDataset(recs + [TtsRecord("No units yet.", audio="x.wav")], tok)
 
 
+def test_t2c_dataset_leaves_out_pairs_longer_than_the_t2c(tok, caplog):
+    """A runaway manifest line (a book on one line) was trained on: attention for its square."""
+    fits = TtsRecord("Hello.", units=[4, 4, 2], id="a")
+    book = TtsRecord("word " * 5000, units=[1] * 40_000, id="book")
+    ds = T2CDataset([fits, book], tok, max_positions=64)
+    assert len(ds) == 1 and ds[0].unit_ids == [4, 4, 2]
+    assert "1 of 2 TTS records are longer than the T2C's 64 positions" in caplog.text
+    assert "first: book" in caplog.text
+    n = len(tok("Hello.", add_special_tokens=False)["input_ids"])
+    assert len(T2CDataset([fits], tok, max_positions=n + 3 + 2)) == 1  # exactly at the limit
+    with pytest.raises(ManifestError, match="no TTS record fits the T2C's 64 positions"):
+        T2CDataset([book], tok, max_positions=64)
+    # the model's own count decides (e.g. a row per byte with t2c.char_condition)
+    with pytest.raises(ManifestError, match="no TTS record fits"):
+        T2CDataset([fits], tok, max_positions=64, row_length=lambda ids, n: 100)
+    with pytest.raises(ManifestError, match="empty text ids or unit ids"):  # at once, not mid-run
+        T2CDataset([fits, TtsRecord("Hi.", units=[1], id="e")], tok, max_positions=64,
+                   unit_encoder=lambda u: u if len(u) > 1 else [])
+
+
 def test_a_deeply_nested_line_is_a_bad_line(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_text(json.dumps({"text": "ok"}) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")

@@ -668,6 +668,11 @@ def test_char_condition_reads_the_text_byte_by_byte(tmp_path):
     w0 = m.t2c.char_condition.chars.weight.detach().clone()
     _run("t2c", tmp_path, model=m, max_steps=2, save_every=0, lr=0.05)
     assert not torch.equal(m.t2c.char_condition.chars.weight, w0)  # the byte embeddings learn
+    ids = m.tokenizer("Tokyo is big.", add_special_tokens=False)["input_ids"]
+    cond = m.t2c.expand([torch.randn(len(ids), m.t2c.adapter.in_features)], [ids])
+    rows, _ = m.t2c._rows(cond, [[1, 2, 3]])
+    # Stage II leaves out pairs longer than max_positions by this count: a row per byte here
+    assert rows[0].shape[0] == m.t2c.row_length(ids, 3) == 2 + len(b"Tokyo is big.") + 3
     assert m.pseudo_labels([m.tokenizer("Tokyo", add_special_tokens=False)["input_ids"]]) is not None
     _run("s2t", tmp_path, max_steps=1, save_every=0)
     e = stages.prepare_model("echo", init=tmp_path / "s2t" / "model", t2c_from=tmp_path / "t2c" / "model")

@@ -203,8 +203,15 @@ class T2CDataset(Dataset):
     """Stage II pairs: the text's LLM token ids and its (encoded) precomputed units."""
 
     def __init__(self, records: Sequence[TtsRecord], tokenizer: Any,
-                 unit_encoder: Callable[[list[int]], list[int]] | None = None) -> None:
-        """`unit_encoder`, e.g. ``UnitLanguage.encode``, maps raw units to the T2C's vocabulary."""
+                 unit_encoder: Callable[[list[int]], list[int]] | None = None,
+                 max_positions: int | None = None,
+                 row_length: Callable[[list[int], int], int] | None = None) -> None:
+        """`unit_encoder`, e.g. ``UnitLanguage.encode``, maps raw units to the T2C's vocabulary.
+
+        With `max_positions`, a pair whose row (`row_length(text ids, unit count)`, by default
+        text tokens + units + 2) is longer is left out with a warning: a runaway line (a whole
+        book on one manifest line) would otherwise ask attention memory for its square when its
+        batch comes, and the T2C never sees positions past its limit when it speaks."""
         if not records:
             raise ManifestError("no TTS records given")
         missing = [r.id or str(i) for i, r in enumerate(records) if not r.units]
@@ -216,6 +223,22 @@ class T2CDataset(Dataset):
         self.records = list(records)
         self.tokenizer = tokenizer
         self.unit_encoder = unit_encoder
+        if max_positions is not None:
+            self._drop_too_long(max_positions, row_length or (lambda ids, n: len(ids) + n + 2))
+
+    def _drop_too_long(self, limit: int, row_length: Callable[[list[int], int], int]) -> None:
+        keep, long = [], []
+        for i, rec in enumerate(self.records):
+            ex = self[i]  # also refuses an empty pair now rather than when its batch comes
+            (keep if row_length(ex.text_ids, len(ex.unit_ids)) <= limit else long).append(rec)
+        if long:
+            log.warning("%d of %d TTS records are longer than the T2C's %d positions and are left "
+                        "out (first: %s)", len(long), len(self.records), limit,
+                        ", ".join(r.id or "?" for r in long[:3]))
+        if not keep:
+            raise ManifestError(f"no TTS record fits the T2C's {limit} positions "
+                                f"({len(self.records)} given)")
+        self.records = keep
 
     def __len__(self) -> int:
         return len(self.records)

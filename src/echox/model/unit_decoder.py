@@ -267,6 +267,16 @@ class UnitDecoder(nn.Module):
                              "give the token ids of each condition")
         return [self.char_condition(c, list(i)) for c, i in zip(cond, ids, strict=True)]
 
+    def row_length(self, text_ids: list[int], n_units: int) -> int:
+        """Positions a teacher-forced row of these text tokens and `n_units` units takes:
+        the text prefix, the condition (a row per byte with `char_condition`), the unit prefix
+        and the units. Stage II refuses rows longer than `max_positions`."""
+        if self.char_condition is None:
+            cond = len(text_ids)
+        else:
+            cond = sum(len(self.char_condition.token_bytes(int(i))) or 1 for i in text_ids)
+        return 2 + cond + n_units
+
     # ---- sequence building ---------------------------------------------------------------
     def _special(self, idx: int, device: torch.device) -> torch.Tensor:
         return self.model.embed_tokens(torch.tensor([idx], device=device))  # [1, H]

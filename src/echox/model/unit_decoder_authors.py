@@ -135,6 +135,10 @@ class AuthorsUnitDecoder(nn.Module):
             labs.append(torch.tensor(lab, dtype=torch.long, device=dev))
         return embs, labs
 
+    def row_length(self, text_ids: list[int], n_units: int) -> int:
+        """Positions a teacher-forced row of these text tokens and `n_units` units takes."""
+        return len(self.text_prefix_ids) + len(text_ids) + len(self.unit_prefix_ids) + n_units
+
     def forward(self, cond: list[torch.Tensor], units: list[list[int]]) -> UnitOutput:
         """Teacher-forced logits over LLM + unit tokens; rows are right-padded."""
         return teacher_forced(self.model, self.lm_head, *self._rows(cond, units))

@@ -184,7 +184,9 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
             """One TTS manifest or several read as one; `lim` counts over all, in order."""
             recs = [r for p in (paths if isinstance(paths, (list, tuple)) else [paths])
                     for r in read_jsonl(p, "tts", on_error="skip").records]
-            return T2CDataset(recs[:lim] if lim else recs, model.tokenizer, encode)
+            return T2CDataset(recs[:lim] if lim else recs, model.tokenizer, encode,
+                              max_positions=model.t2c.cfg.max_positions,
+                              row_length=model.t2c.row_length)
 
         return (tts(train_path, limit), tts(eval_path, eval_limit) if eval_path else None,
                 collate_t2c_examples, {})
