@@ -641,6 +641,41 @@ def test_live_server_client_leaving_mid_upload_is_not_a_failure(
         assert httpx.get(f"http://{addr}/health").json()["status"] == "ok"
 
 
+def test_live_server_bounds_the_bodies_it_reads_at_once_and_their_time(engine: Engine) -> None:
+    """Request bodies were read before the queue limit and with no time limit: any number of
+    slow uploads held memory and connections for ever. Now as many bodies are read at once as
+    turns may be admitted (workers + queue; past them 503 busy before reading), and a body must
+    arrive within --upload-timeout (408)."""
+    import httpx
+
+    cfg = ServeConfig(workers=1, queue_size=1, upload_timeout=1.5)
+    with live(create_app(engine, cfg)) as addr:
+        host, port = addr.split(":")
+        health = lambda: httpx.get(f"http://{addr}/health").json()  # noqa: E731
+        socks = []
+        try:
+            for _ in range(2):  # two uploads that stall: workers + queue
+                s = socket.create_connection((host, int(port)))
+                s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                          b"\r\nContent-Length: 100000\r\n\r\n{\"text\": \"hel")
+                socks.append(s)
+            wait_until(lambda: health()["reading"] == 2, 5)
+            r = httpx.post(f"http://{addr}/v1/chat", json={"text": "hi"}, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "busy"
+            for s in socks:  # each stalled upload is answered 408 at its timeout
+                s.settimeout(20)
+                data = b""
+                while b"upload_timeout" not in data and (chunk := s.recv(4096)):
+                    data += chunk
+                assert data.startswith(b"HTTP/1.1 408") and b"upload_timeout" in data
+        finally:
+            for s in socks:
+                s.close()
+        wait_until(lambda: health()["reading"] == 0, 5)
+        r = httpx.post(f"http://{addr}/v1/chat", json={"text": "hi"}, timeout=60)
+        assert r.status_code == 200 and health()["refused"] == 1
+
+
 def test_load_bench_on_a_live_echox_serve(bundle_dir: Path) -> None:
     """bench/load.py starts `echox serve` itself and reports served turns, errors, latency."""
     out = subprocess.run(

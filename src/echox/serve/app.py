@@ -85,6 +85,7 @@ class ServeConfig:
     max_audio_seconds: float | None = None  # None: the model's limit
     max_text_chars: int = 2000
     turn_timeout: float = 120.0  # seconds a turn may run (queue time not included)
+    upload_timeout: float = 60.0  # seconds an HTTP request body may take to arrive
     max_connections: int = 64  # open WebSocket conversations
     history_turns: int = 8  # exchanges a conversation remembers (older ones are dropped)
     allow_origins: tuple[str, ...] = ()  # browser origins besides the server's own ("*": any)
@@ -100,7 +101,7 @@ class ServeConfig:
                      "history_turns"):
             positive_int(name)
         positive_int("queue_size", 0)
-        for name in ("turn_timeout", "max_audio_seconds"):
+        for name in ("turn_timeout", "upload_timeout", "max_audio_seconds"):
             v = getattr(self, name)
             if v is None and name == "max_audio_seconds":
                 continue
@@ -220,6 +221,7 @@ class _State:
                            "max_audio_seconds": lim.max_audio_seconds,
                            "max_text_chars": lim.max_text_chars,
                            "turn_timeout": self.cfg.turn_timeout,
+                           "upload_timeout": self.cfg.upload_timeout,
                            "history_turns": self.cfg.history_turns}}
 
     def final_stats(self, ev: Final, queue_ms: float) -> dict[str, Any]:
@@ -639,12 +641,18 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat")
     async def chat(request: Request) -> Response:
         guard(request)
-        raw, text, history, return_audio = await _chat_inputs(request, st)
-        text = check_text(text, st.limits)
-        turns = check_history(history, st.limits)
-        want_audio = _flag(return_audio, "return_audio")
-        audio = (await asyncio.to_thread(decode_file, raw, st.limits, st.in_rate)
-                 if raw is not None else None)
+        with st.gate.intake():  # bodies read at once are bounded like turns: 503 busy past them
+            try:
+                raw, text, history, return_audio = await asyncio.wait_for(
+                    _chat_inputs(request, st), cfg.upload_timeout)
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
+                raise ApiError(408, "upload_timeout", "the request body did not arrive within "
+                               f"the server's upload timeout ({cfg.upload_timeout:g} s)") from None
+            text = check_text(text, st.limits)
+            turns = check_history(history, st.limits)
+            want_audio = _flag(return_audio, "return_audio")
+            audio = (await asyncio.to_thread(decode_file, raw, st.limits, st.in_rate)
+                     if raw is not None else None)
         if audio is None and text is None:
             raise ApiError(400, "empty_turn", "send audio (a file) and/or a non-empty text")
         session = engine.session(turns)

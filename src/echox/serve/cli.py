@@ -65,7 +65,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
             token=token, workers=args.workers, queue_size=args.queue,
             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
             max_audio_seconds=args.max_audio_seconds, max_text_chars=args.max_text_chars,
-            turn_timeout=args.turn_timeout, max_connections=args.max_connections,
+            turn_timeout=args.turn_timeout, upload_timeout=args.upload_timeout, max_connections=args.max_connections,
             history_turns=args.history_turns, allow_origins=tuple(args.allow_origin or ()),
             model_id=args.model_id)
     except (ValueError, ConfigError) as e:
@@ -179,6 +179,9 @@ def serve_options(p: argparse.ArgumentParser) -> None:
                      help="longest typed question (default 2000)")
     lim.add_argument("--turn-timeout", type=float, default=120.0,
                      help="seconds a turn may run before it is stopped (default 120)")
+    lim.add_argument("--upload-timeout", type=float, default=60.0,
+                     help="seconds a POST /v1/chat body may take to arrive (default 60); "
+                          "slower uploads get 408 upload_timeout")
     lim.add_argument("--history-turns", type=int, default=8,
                      help="exchanges a conversation remembers (default 8)")
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from echox.serve.inputs import ApiError
@@ -51,6 +51,7 @@ class TurnGate:
         self.served = 0  # turns that ran to their end
         self.stopped = 0  # turns stopped early (client gone, cancelled, timed out, failed)
         self.refused = 0  # 503s
+        self.reading = 0  # HTTP requests whose body is being read and decoded (`intake`)
         self._avg_s: float | None = None  # moving average of a turn's run time
         self._sem = asyncio.Semaphore(workers)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="echox-serve")
@@ -66,6 +67,20 @@ class TurnGate:
 
     def observe(self, seconds: float) -> None:
         self._avg_s = seconds if self._avg_s is None else 0.8 * self._avg_s + 0.2 * seconds
+
+    @contextmanager
+    def intake(self) -> Iterator[None]:
+        """One of `capacity` places for an HTTP request whose body is read and decoded before
+        its turn can ask for a `slot`: past them it is `Busy` before any of its body is read,
+        so that uploads held in memory at once stay bounded as the turns are."""
+        if self.reading >= self.capacity:
+            self.refused += 1
+            raise Busy(self.retry_after())
+        self.reading += 1
+        try:
+            yield
+        finally:
+            self.reading -= 1
 
     @asynccontextmanager
     async def slot(self, on_queued: Callable[[int], Awaitable[None]] | None = None
@@ -93,7 +108,7 @@ class TurnGate:
 
     def stats(self) -> dict[str, Any]:
         return {"workers": self.workers, "queue_size": self.queue_size, "running": self.running,
-                "waiting": self.waiting, "served": self.served, "stopped": self.stopped,
+                "waiting": self.waiting, "reading": self.reading, "served": self.served, "stopped": self.stopped,
                 "refused": self.refused}
 
 
