@@ -74,6 +74,14 @@ def test_train_errors_are_one_line(tmp_path, capsys):
     assert "unknown key" in capsys.readouterr().err
 
 
+def test_t2c_with_char_condition_trains_from_the_command_line(tmp_path, capsys):
+    """Stage II counts each pair's row before training (to leave out pairs longer than the
+    T2C): with `t2c.char_condition` that reads token bytes, which must be set up by then."""
+    c, recipe, argv = _t2c_run(tmp_path, "batch_size: 2, max_steps: 1")
+    assert main(argv + ["--set", "model.t2c.char_condition=true"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "t2c" / "model" / "model.safetensors").is_file()
+
+
 def test_echo_with_a_frozen_s2t_model_trains_only_the_speech_side(tmp_path, capsys):
     """`--set train.freeze_s2t=true`: the adapter and LoRA stay as Stage I left them, the
     response states are cached in the run folder, and the echo decoder learns."""

@@ -462,22 +462,30 @@ class EchoX(nn.Module):
         ids = [torch.tensor(t, dtype=torch.long, device=self.device) for t in text_ids]
         with torch.no_grad():
             emb = [self.llm.embed(i).detach() for i in ids]
-        spell = getattr(self.t2c, "spelling", None)
+        spell = self._reads_text(getattr(self.t2c, "spelling", None))
         if spell is None:
             return emb
-        if spell.token_text is None:
-            spell.token_text = lambda i: self.tokenizer.decode([i])
         return [e + spell(i).to(e.dtype) for e, i in zip(emb, ids)]
 
     def _reader(self, decoder: nn.Module, cond: list[torch.Tensor], ids: list[list[int]] | None) -> list[torch.Tensor]:
         """What a unit decoder (T2C or echo) reads: its token-level conditions, byte by byte
         when it has a `t2c.char_condition`."""
-        chars = getattr(decoder, "char_condition", None)
-        if chars is None:
+        if self._reads_text(getattr(decoder, "char_condition", None)) is None:
             return cond
-        if chars.token_text is None:
-            chars.token_text = lambda i: self.tokenizer.decode([i])
         return decoder.expand(cond, ids)
+
+    def _reads_text(self, module: Any) -> Any:
+        """`module` (a decoder's spelling encoder or byte reader, or None), given the text of
+        a token id from this model's tokenizer."""
+        if module is not None and module.token_text is None:
+            module.token_text = lambda i: self.tokenizer.decode([i])
+        return module
+
+    def t2c_row_length(self, text_ids: list[int], n_units: int) -> int:
+        """Positions the T2C's teacher-forced row of this text and `n_units` units takes
+        (Stage II leaves out pairs longer than `t2c.max_positions`)."""
+        self._reads_text(getattr(self.t2c, "char_condition", None))
+        return self.t2c.row_length(text_ids, n_units)
 
     def forward_t2c(self, batch: T2CBatch) -> tuple[torch.Tensor, UnitOutput]:
         cond = self._reader(self.t2c, self.text_condition(batch.text_ids), batch.text_ids)

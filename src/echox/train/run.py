@@ -186,7 +186,7 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
                     for r in read_jsonl(p, "tts", on_error="skip").records]
             return T2CDataset(recs[:lim] if lim else recs, model.tokenizer, encode,
                               max_positions=model.t2c.cfg.max_positions,
-                              row_length=model.t2c.row_length)
+                              row_length=model.t2c_row_length)
 
         return (tts(train_path, limit), tts(eval_path, eval_limit) if eval_path else None,
                 collate_t2c_examples, {})
