@@ -392,6 +392,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                       indent=2, default=str))
     with handled((signal.SIGINT, signal.SIGTERM), trainer.request_stop):
         res = trainer.train(resume=args.resume, stop_at=args.stop_at)
+    # a multi-process run's process group is destroyed before exit: left to the interpreter's
+    # teardown, gloo's threads could abort a rank ("terminate called without an active exception")
+    trainer.acc.end_training()
     if res.stopped_by:
         if trainer.acc.is_main_process:
             print(_stopped_line(res), file=sys.stderr)
