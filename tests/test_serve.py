@@ -548,11 +548,13 @@ def test_serve_cli_defaults_help_and_option_errors(capsys: pytest.CaptureFixture
     assert e.value.code == 0
     out = capsys.readouterr().out
     for words in ("--host", "--token", "--queue", "--max-audio-seconds", "--turn-timeout",
-                  "--device", "127.0.0.1"):
+                  "--upload-timeout", "--device", "127.0.0.1"):
         assert words in out
     # options are checked before the model is loaded (the folder does not even exist)
     assert main(["serve", "--model", str(tmp_path / "none"), "--workers", "0"]) == 2
     assert "serve.workers" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "none"), "--upload-timeout", "0"]) == 2
+    assert "serve.upload_timeout" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "none"), "--port", "0"]) == 2
     assert "none" in capsys.readouterr().err
     with socket.socket() as taken:  # a port in use: one line, before the model load
