@@ -650,7 +650,7 @@ def test_live_server_bounds_the_bodies_it_reads_at_once_and_their_time(engine: E
     arrive within --upload-timeout (408)."""
     import httpx
 
-    cfg = ServeConfig(workers=1, queue_size=1, upload_timeout=1.5)
+    cfg = ServeConfig(workers=1, queue_size=1, upload_timeout=4.0, max_upload_bytes=1000)
     with live(create_app(engine, cfg)) as addr:
         host, port = addr.split(":")
         health = lambda: httpx.get(f"http://{addr}/health").json()  # noqa: E731
@@ -664,6 +664,13 @@ def test_live_server_bounds_the_bodies_it_reads_at_once_and_their_time(engine: E
             wait_until(lambda: health()["reading"] == 2, 5)
             r = httpx.post(f"http://{addr}/v1/chat", json={"text": "hi"}, timeout=30)
             assert r.status_code == 503 and r.json()["error"]["code"] == "busy"
+            # what the headers alone refuse needs no place: its own error, not a 503
+            r = httpx.post(f"http://{addr}/v1/chat", content=b"hi", timeout=30,
+                           headers={"Content-Type": "text/plain"})
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+            r = httpx.post(f"http://{addr}/v1/chat", content=b"0" * 2_000_000, timeout=30,
+                           headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
             for s in socks:  # each stalled upload is answered 408 at its timeout
                 s.settimeout(20)
                 data = b""

@@ -465,8 +465,8 @@ class _Conversation:
 # ----------------------------------------------------------------------------- HTTP helpers
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (from Content-Length first)."""
+def _check_length(request: Request, limit: int) -> None:
+    """A Content-Length that is malformed (400) or over `limit` bytes (413)."""
     length = request.headers.get("content-length")
     if length is not None:
         if not (length.isascii() and length.isdigit()):
@@ -476,6 +476,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
             size = digits if len(digits) <= 18 else "over 10^18"
             raise ApiError(413, "too_large", f"the request is {size} bytes, over the limit "
                            f"of {limit} bytes")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (from Content-Length first)."""
+    _check_length(request, limit)
     body = bytearray()
     try:
         async for chunk in request.stream():
@@ -522,13 +527,27 @@ def _text_bytes(limits: Limits) -> int:
     return (2 * limits.history_turns + 1) * (12 * limits.max_text_chars + 64)
 
 
+def _body_limit(request: Request, st: _State) -> int:
+    """The most bytes a `POST /v1/chat` body of this Content-Type may hold; 415 for another type."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = st.limits.max_upload_bytes
+    if ctype == "multipart/form-data":
+        return limit + ENVELOPE + _text_bytes(st.limits)
+    if ctype == "application/json":
+        return limit * 4 // 3 + ENVELOPE + _text_bytes(st.limits)
+    if ctype.startswith("audio/") or ctype == "application/octet-stream":
+        return limit
+    raise ApiError(415, "unsupported_media_type", f"unsupported Content-Type {ctype or '(none)'!r};"
+                   " send multipart/form-data, application/json or an audio/* body")
+
+
 async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any, Any, Any]:
     """(audio file bytes, text, history, return_audio) from a multipart, JSON or raw-audio body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    limit = st.limits.max_upload_bytes
     texts = _text_bytes(st.limits)
+    body_limit = _body_limit(request, st)
     if ctype == "multipart/form-data":
-        body = await _read_body(request, limit + ENVELOPE + texts)
+        body = await _read_body(request, body_limit)
         _check_multipart_end(request.headers.get("content-type", ""), body)
         try:
             form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=8,
@@ -554,7 +573,7 @@ async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any,
                 raise ApiError(400, "bad_request", "history must be JSON") from None
         return audio, form.get("text"), history, form.get("return_audio")
     if ctype == "application/json":
-        body = await _read_body(request, limit * 4 // 3 + ENVELOPE + texts)
+        body = await _read_body(request, body_limit)
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):  # also bad UTF-8, or a number of 4300+ digits
@@ -571,12 +590,9 @@ async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any,
             except (binascii.Error, ValueError):
                 raise ApiError(400, "bad_request", "audio_base64 is not valid base64") from None
         return audio, data.get("text"), data.get("history"), data.get("return_audio")
-    if ctype.startswith("audio/") or ctype == "application/octet-stream":
-        body = await _read_body(request, limit)
-        q = request.query_params
-        return body, q.get("text"), None, q.get("return_audio")
-    raise ApiError(415, "unsupported_media_type", f"unsupported Content-Type {ctype or '(none)'!r};"
-                   " send multipart/form-data, application/json or an audio/* body")
+    body = await _read_body(request, body_limit)  # audio/* or application/octet-stream
+    q = request.query_params
+    return body, q.get("text"), None, q.get("return_audio")
 
 
 async def _disconnected(request: Request) -> None:
@@ -641,6 +657,7 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat")
     async def chat(request: Request) -> Response:
         guard(request)
+        _check_length(request, _body_limit(request, st))  # 415 / 413 / 400 need no place
         with st.gate.intake():  # bodies read at once are bounded like turns: 503 busy past them
             try:
                 raw, text, history, return_audio = await asyncio.wait_for(
