@@ -416,6 +416,17 @@ def _damage(src: Path, how: str) -> None:
         (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 5}}))
     elif how == "tower config cut short":  # was a json.JSONDecodeError traceback
         (src.parent / "whisper-tiny-test" / "config.json").write_text('{"d_model": 3')
+    elif how == "config a folder":  # was an IsADirectoryError traceback
+        (src / "config.json").unlink()
+        (src / "config.json").mkdir()
+    elif how in ("huge size", "rope theta text", "rms eps text", "shard name too long"):
+        cfg = json.loads((src / "config.json").read_text())
+        if how == "shard name too long":  # was an OSError traceback
+            (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "a" * 5000}}))
+            return
+        key, value = {"huge size": ("hidden_size", 10**30), "rope theta text": ("rope_theta", "x"),
+                      "rms eps text": ("rms_norm_eps", "x")}[how]
+        (src / "config.json").write_text(json.dumps({**cfg, key: value}))
 
 
 @pytest.mark.parametrize("how, message", [
@@ -430,6 +441,11 @@ def _damage(src: Path, how: str) -> None:
     ("wrong config types", "wrong type of audio_tower (5: expected a string), adapter_size ('x': expected a whole number)"),
     ("bad weight map", "not a weight index (its weight_map values must be file names)"),
     ("tower config cut short", "whisper-tiny-test/config.json: malformed JSON"),
+    ("config a folder", "config.json: cannot read it (Is a directory)"),
+    ("huge size", "out of range: hidden_size (1000000000000000000000000000000: expected 1 to 2147483647)"),
+    ("rope theta text", "rope_theta is not a number"),
+    ("rms eps text", "cannot load the tokenizer"),  # a pydantic-style error of several lines
+    ("shard name too long", "named in model.safetensors.index.json is missing"),
 ])
 def test_damaged_folder_one_line_exit_2(tmp_path: Path, capsys, how: str, message: str) -> None:
     fx = build_authors_folder(tmp_path, shards=2)

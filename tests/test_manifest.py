@@ -426,3 +426,15 @@ def test_read_dialogues_json_too_deep_or_too_long_is_a_manifest_error(tmp_path):
     bad.write_text('[{"id": ' + "1" * 5000 + "}]")
     with pytest.raises(ManifestError, match="not a readable JSON file"):
         read_dialogues_json(bad)
+
+
+def test_validate_reports_an_audio_path_the_os_refuses(tmp_path, capsys):
+    """An audio path too long for the file system is an audio issue of its line, not an
+    OSError traceback."""
+    from echox.cli import main
+
+    p = tmp_path / "m.jsonl"
+    p.write_text(json.dumps({"audio": "a" * 5000 + ".wav", "text": "hi"}) + "\n")
+    assert main(["data", "validate", str(p), "--schema", "asr"]) == 1
+    out = capsys.readouterr().out
+    assert "0 bad line(s)" in out and "1 audio issue(s)" in out and "cannot read it" in out

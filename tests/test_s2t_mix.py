@@ -377,3 +377,30 @@ def test_asr_tts_rerun_replaces_a_clip_whose_row_names_other_audio(tmp_path):
     manifest.write_text(json.dumps({"id": "f1", "text": "Fact two.", "audio": "two.wav"}) + "\n")
     assert build_asr_tts(corpus, manifest)["tts_asr_turns"] == 1
     assert clip.read_bytes() == (src / "two.wav").read_bytes()
+
+
+def test_mix_refuses_a_voice_with_a_slash_and_ids_too_long_for_a_file(tmp_path, capsys):
+    """--voice names a folder and a manifest: `en-gb/../../../evil` would write them outside
+    the corpus. An id of 300 characters (or with a NUL) cannot name a wav. Both are one-line
+    errors (exit 2) and nothing is written."""
+    from echox.cli import main
+
+    corpus = _corpus(tmp_path)
+    train = corpus / "train"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["data", "s2t-mix", "--corpus", str(corpus), "--voice", "en-gb/../../../evil",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--voice" in err and "'/'" in err and len(err.splitlines()) == 1
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    good = (train / "dialogues.jsonl").read_text()
+    for rid in ("a" * 300, "a\0b"):
+        (train / "dialogues.jsonl").write_text(good + json.dumps({"id": rid, "conversations": [
+            {"from": "user", "value": "q", "audio": "audio/q/x0.wav"}]}) + "\n")
+        with pytest.raises(ManifestError, match=r"dialogues\.jsonl line 4: expected an \"id\""):
+            build_s2t_mix(corpus, voice="en-gb")
+    (train / "dialogues.jsonl").write_text(good)
+    tts = tmp_path / "tts.jsonl"  # a clip path the OS refuses counts as missing
+    tts.write_text(json.dumps({"id": "l", "text": "hi", "audio": "a" * 5000}) + "\n"
+                   + json.dumps({"id": "k", "text": "hi", "audio": str(train / "audio/a/x0.wav")}) + "\n")
+    assert build_asr_tts(corpus, tts) == {"tts_asr_turns": 1, "tts_missing_audio": 1}

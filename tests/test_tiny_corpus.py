@@ -344,3 +344,24 @@ def test_bad_question_files_and_build_json_are_one_line_errors(tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert "build.json" in err and len(err.splitlines()) == 1
         assert (out / "build.json").read_text() == text
+
+
+def test_question_ids_of_wrong_type_or_unusable_as_names_and_a_build_json_folder(tmp_path, capsys):
+    """A null or list id (once read as "None" / "[1]"), an id with a NUL or too long for a file
+    name is refused by name; a build.json that is a folder is one line, not a traceback."""
+    from echox.cli import main
+
+    ok = {"id": "b", "question": "Who wrote Hamlet?", "answers": ["Shakespeare"]}
+    for bad, why in ((None, "'id' must be a string or integer"), ([1], "'id' must be"),
+                     ("a\0b", "file name"), ("a" * 300, "file name")):
+        q = _write(tmp_path / "q.jsonl", [{"id": bad, "question": "Why?", "answers": ["x"]}, ok])
+        with pytest.raises(DataBuildError, match=why):
+            load_questions(q)
+    q = _write(tmp_path / "q.jsonl", [{**ok, "id": "a", "question": "Why?"}, ok])
+    out = tmp_path / "corpus"
+    (out / "build.json").mkdir(parents=True)
+    assert main(["data", "build-tiny", "--out", str(out), "--questions", str(q), "--limit", "2",
+                 "--no-espeak", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "build.json: is a folder" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["build.json"]

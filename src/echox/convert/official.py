@@ -105,6 +105,14 @@ class Source:
 # ---- reading the source --------------------------------------------------------------------
 
 
+def _exists(p: Path, kind: str = "file") -> bool:
+    """`p.is_file()` (or `is_dir()`), False for a path the OS refuses (too long, a NUL byte)."""
+    try:
+        return p.is_file() if kind == "file" else p.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _shards(src: Path) -> list[Path]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
@@ -117,7 +125,7 @@ def _shards(src: Path) -> list[Path]:
             except (ValueError, RecursionError, KeyError, AttributeError,
                     TypeError) as e:
                 raise ConversionError(f"{src / index}: not a weight index ({e})") from e
-            missing = [n for n in names if not (src / n).is_file()]
+            missing = [n for n in names if not _exists(src / n)]
             if missing:
                 raise ConversionError(f"{src}: shard {missing[0]} named in {index} is missing"
                                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -139,6 +147,8 @@ def read_source(src: Path) -> Source:
         raise ConversionError(f"{src}: no config.json") from e
     except (ValueError, RecursionError) as e:
         raise ConversionError(f"{src / 'config.json'}: not JSON ({e})") from e
+    except OSError as e:  # a folder, no permission
+        raise ConversionError(f"{src / 'config.json'}: cannot read it ({e.strerror or e})") from e
     if not isinstance(config, dict):
         raise ConversionError(f"{src / 'config.json'}: not an EchoX config (a JSON object), got "
                               f"{type(config).__name__}")
@@ -153,6 +163,10 @@ def read_source(src: Path) -> Source:
                               + ", ".join(f"{k} ({config[k]!r}: expected "
                                           f"{'a string' if k in texts else 'a whole number'})"
                                           for k in wrong))
+    huge = [k for k in REQUIRED if k not in texts and not 0 < config[k] < 2**31]
+    if huge:
+        raise ConversionError(f"{src / 'config.json'}: out of range: "
+                              + ", ".join(f"{k} ({config[k]!r}: expected 1 to {2**31 - 1})" for k in huge))
     if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConversionError(f"{src}: no tokenizer (tokenizer.json / tokenizer_config.json)")
     try:  # with the LLM's config: transformers does not know the model type "EchoX"
@@ -160,7 +174,8 @@ def read_source(src: Path) -> Source:
 
         tok = AutoTokenizer.from_pretrained(src, config=LlamaConfig.from_dict(llm_config(config)))
     except Exception as e:  # noqa: BLE001 - tokenizer loading fails in many ways
-        raise ConversionError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+        why = " ".join(str(e).split())  # one line: pydantic-style errors span several
+        raise ConversionError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {why})") from e
     shards = _shards(src)
     bins = BinShards()
     tensors: dict[str, TensorInfo] = {}
@@ -187,6 +202,13 @@ def _llm_dtype(config: dict[str, Any]) -> str:
 
 
 def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    try:
+        return _rope_values(config)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"config.json: rope_theta is not a number ({e})") from e
+
+
+def _rope_values(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     rp = config.get("rope_parameters")
     if isinstance(rp, dict):  # a transformers >= 5 config
         rest = {k: v for k, v in rp.items() if k != "rope_theta"}
@@ -198,10 +220,10 @@ def _audio_tower(name: str, src: Path, override: str | None) -> tuple[str, str]:
     """The Whisper the config names, as a folder or hub id, and how it was found."""
     if override:
         p = Path(override).expanduser()
-        return (str(p.resolve()), "--audio-tower") if p.is_dir() else (override, "--audio-tower")
+        return (str(p.resolve()), "--audio-tower") if _exists(p, "dir") else (override, "--audio-tower")
     p = Path(name).expanduser()
     for cand in ([p] if p.is_absolute() else [p, src / p, src.parent / p]):
-        if cand.is_dir():
+        if _exists(cand, "dir"):
             return str(cand.resolve()), f"config.json audio_tower {name!r}, found at {cand}"
     if p.name.startswith("whisper-") and (p.is_absolute() or name.startswith(".") or "/" not in name):
         return f"openai/{p.name}", f"config.json audio_tower {name!r} is not here: the hub id openai/{p.name}"
@@ -210,7 +232,7 @@ def _audio_tower(name: str, src: Path, override: str | None) -> tuple[str, str]:
 
 def _check_tower(tower: str, adapter_size: int) -> None:
     cfg = Path(tower) / "config.json"
-    if cfg.is_file():
+    if _exists(cfg):
         d = read_json_object(cfg, ConversionError, "audio tower config").get("d_model")
         if d is not None and int(d) != adapter_size:
             raise ConversionError(f"audio tower {tower} has d_model {d} but config.json's "

@@ -469,6 +469,9 @@ def validate_manifest(path: str | os.PathLike, schema: type[R] | str, check_audi
             except AudioError as err:
                 issues.append((line, str(err)))
                 continue
+            except (OSError, ValueError) as err:  # a name too long, a NUL byte in it
+                issues.append((line, f"'{src}': cannot read it ({getattr(err, 'strerror', None) or err})"))
+                continue
             n_audio += 1
             seconds += info.duration
             if info.frames == 0:

@@ -64,8 +64,18 @@ def _conversations(d: dict[str, Any], where: str) -> list[dict[str, Any]]:
 
 
 def _file_id(rid: Any) -> bool:
-    """An id usable as a file name inside its folder (no path of its own: never `a/b`, `..`)."""
-    return isinstance(rid, str) and bool(rid) and "/" not in rid and rid not in (".", "..")
+    """An id usable as a file name inside its folder (no path of its own: never `a/b`, `..`;
+    no NUL byte; short enough for the file system's 255-byte names with a suffix added)."""
+    return (isinstance(rid, str) and bool(rid) and "/" not in rid and "\0" not in rid
+            and rid not in (".", "..") and len(rid.encode("utf-8", "surrogatepass")) <= 200)
+
+
+def _is_file(p: Path) -> bool:
+    """`p.is_file()`, False for a path the OS refuses (a name too long, a NUL byte)."""
+    try:
+        return p.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -107,6 +117,9 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
         if voice.split("+")[0] == TEST_VOICE:
             raise ManifestError(f"--voice {voice}: {TEST_VOICE} speaks the test questions; pick another "
                               "voice (e.g. en-gb, en-gb-x-rp, en-029) so the test voice stays unseen")
+        if "/" in voice or "\0" in voice or voice in (".", ".."):  # it names a folder and a file
+            raise ManifestError(f"--voice {voice!r}: a voice name cannot hold '/' (it names files "
+                                "in the corpus); give the voice's own name, e.g. en-gb")
         folder = f"q_{voice.replace('+', '_')}"
         jobs = []
         where = train / "dialogues.jsonl"
@@ -185,7 +198,7 @@ def build_asr_tts(corpus: str | Path, tts_manifest: str | Path) -> dict[str, int
     for r in rows:
         rid, text, audio = r["id"], r["text"], r["audio"]
         clip = Path(audio) if Path(audio).is_absolute() else src.parent / audio
-        if not clip.is_file():
+        if not _is_file(clip):
             missing += 1
             continue
         out = dst_dir / f"{rid}{clip.suffix}"

@@ -128,16 +128,20 @@ def load_questions(path: str | os.PathLike | None = None) -> list[QAQuestion]:
         if error is not None:
             raise DataBuildError(f"{p}:{lineno}: not a question record: {error}")
         try:
-            qid, text, answers = str(obj["id"]), obj["question"], obj["answers"]
+            qid, text, answers = obj["id"], obj["question"], obj["answers"]
         except (KeyError, TypeError) as err:
             raise DataBuildError(f"{p}:{lineno}: not a question record ({err})") from err
+        if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+            raise DataBuildError(f"{p}:{lineno}: 'id' must be a string or integer, got {qid!r}")
+        qid = str(qid)
         if isinstance(answers, str):
             answers = [answers]
         if not isinstance(answers, list):
             raise DataBuildError(f"{p}:{lineno}: 'answers' must be a string or a list of them")
         if not isinstance(text, str) or not text.strip() or not answers:
             raise DataBuildError(f"{p}:{lineno}: empty question or answer list")
-        if not qid or "/" in qid or qid in (".", ".."):  # it names the question's wav files
+        if (not qid or "/" in qid or "\0" in qid or qid in (".", "..")  # it names wav files
+                or len(qid.encode("utf-8", "surrogatepass")) > 200):
             raise DataBuildError(f"{p}:{lineno}: id {qid!r} cannot be a file name")
         key = " ".join(text.split()).casefold()
         if key in merged:
@@ -428,7 +432,11 @@ def _write_json_atomic(path: Path, obj: Any, lines: bool = False) -> None:
         else:
             json.dump(obj, f, ensure_ascii=False, indent=2)
             f.write("\n")
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except IsADirectoryError as err:
+        tmp.unlink(missing_ok=True)
+        raise DataBuildError(f"{path}: is a folder; it must be a file (is {path.parent} a tiny corpus?)") from err
 
 
 def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
