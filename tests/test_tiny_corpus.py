@@ -365,3 +365,19 @@ def test_question_ids_of_wrong_type_or_unusable_as_names_and_a_build_json_folder
     err = capsys.readouterr().err.strip()
     assert "build.json: is a folder" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ["build.json"]
+
+
+def test_a_corpus_folder_with_no_answer_yet_takes_new_answer_settings(tmp_path):
+    """A build that failed before its first answer (a mistyped --llm) left build.json behind,
+    and every rerun with the right --llm was refused until the folder was deleted."""
+    from echox.data.tiny_corpus import _check_config
+
+    out = tmp_path / "corpus"
+    out.mkdir()
+    _check_config(out, {"llm": "typo", "max_new_tokens": 64})
+    _check_config(out, {"llm": "right", "max_new_tokens": 64})  # nothing made with "typo"
+    assert json.loads((out / "build.json").read_text())["llm"] == "right"
+    (out / "answers.jsonl").write_text(json.dumps({"id": "q1", "answer": "Tokyo."}) + "\n")
+    with pytest.raises(DataBuildError, match="other answer settings"):
+        _check_config(out, {"llm": "other", "max_new_tokens": 64})
+    assert json.loads((out / "build.json").read_text())["llm"] == "right"

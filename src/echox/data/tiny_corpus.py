@@ -445,7 +445,9 @@ def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _check_config(out: Path, config: dict[str, Any]) -> None:
-    """Refuse to mix answers of another LLM or prompt into an existing corpus folder."""
+    """Refuse to mix answers of another LLM or prompt into an existing corpus folder. A folder
+    with no answer yet (a run that failed before its first, say on a mistyped --llm) takes the
+    new settings."""
     path = out / "build.json"
     if path.is_file():
         try:
@@ -455,7 +457,9 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         if not isinstance(old, dict):
             raise DataBuildError(f"{path}: expected a JSON object; is {out} a tiny corpus?")
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-        if diff:
+        if diff and not _read_answers(out / "answers.jsonl"):
+            _write_json_atomic(path, {**old, **config})
+        elif diff:
             raise DataBuildError(f"{out} was built with other answer settings {diff} (old, new); "
                                   "use another out_dir or delete it")
     else:
