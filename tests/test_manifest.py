@@ -321,6 +321,54 @@ def test_hf_missing_source_is_clear(tmp_path, monkeypatch):
         load_hf_dialogues("nobody/no-such-set", "train")  # offline: fails fast, says what to do
 
 
+
+@pytest.mark.parametrize("fname,text", [("dataset_dict.json", "[1, 2]"), ("dataset_dict.json", "{}"),
+                                        ("dataset_dict.json", '{"splits": 5}'),
+                                        ("state.json", "[]"), ("dataset_info.json", "[]")])
+def test_hf_damaged_save_to_disk_json_is_a_one_line_manifest_error(tmp_path, fname, text):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"audio": ["a.wav"], "text": ["hi"]})
+    if fname == "dataset_dict.json":
+        datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "d"))
+        (tmp_path / "d" / fname).write_text(text)
+    else:
+        ds.save_to_disk(str(tmp_path / "d"))
+        (tmp_path / "d" / fname).write_text(text)
+    with pytest.raises(ManifestError, match="not a readable save_to_disk folder"):
+        load_hf_asr(tmp_path / "d")
+
+
+def test_hf_parquet_shards_of_different_schemas_is_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"audio": ["a.wav"], "text": ["x"]}), tmp_path / "pq" / "train-0.parquet")
+    pq.write_table(pa.table({"audio": [1], "text": [2]}), tmp_path / "pq" / "train-1.parquet")
+    with pytest.raises(ManifestError, match="cannot read parquet") as ei:
+        load_hf_asr(tmp_path / "pq")
+    assert "\n" not in str(ei.value)
+
+
+def test_hf_audio_cell_of_wrong_types_and_a_long_suffix(tmp_path):
+    import datasets
+
+    blob = _wav(tmp_path / "q.wav", 0.1).read_bytes()
+    feats = datasets.Features({"audio": {"bytes": datasets.Value("binary"),
+                                         "path": datasets.Value("string")},
+                               "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"audio": [{"bytes": blob, "path": "x." + "a" * 300}],
+                                "text": ["hi"]}, features=feats).save_to_disk(str(tmp_path / "long"))
+    rec, = load_hf_asr(tmp_path / "long", audio_dir=tmp_path / "out")
+    assert Path(rec.audio).suffix == ".wav" and Path(rec.audio).is_file()
+    for name, cell in (("strbytes", {"bytes": "abc", "path": "x.wav"}), ("intpath", {"path": 5})):
+        datasets.Dataset.from_dict({"audio": [cell], "text": ["hi"]}).save_to_disk(str(tmp_path / name))
+        with pytest.raises(ManifestError, match="row 0: the audio cell's"):
+            list(load_hf_asr(tmp_path / name, audio_dir=tmp_path / "out"))
+        assert list(load_hf_asr(tmp_path / name, on_error="skip")) == []
+
+
 # ---------------------------------------------------------------- torch datasets + collators
 
 

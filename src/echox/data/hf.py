@@ -62,6 +62,11 @@ def _undecoded(ds: Any) -> Any:
     return ds.cast(feats) if changed else ds
 
 
+def _one_line(err: BaseException) -> str:
+    """`err` as one line (pyarrow and datasets messages may span several)."""
+    return " ".join(str(err).split())
+
+
 def _split_of(shard: Path) -> str:
     """``data/train-00000-of-00002.parquet`` -> train; ``train/0000.parquet`` -> train."""
     stem = shard.name.split("-")[0].split(".")[0]
@@ -81,8 +86,9 @@ def _open_hf(name_or_path: str | os.PathLike, split: str,
         if p.is_dir() and any((p / f).is_file() for f in ("dataset_dict.json", "state.json")):
             try:
                 ds = datasets.load_from_disk(str(p))
-            except (OSError, ValueError) as err:
-                raise ManifestError(f"{p}: not a readable save_to_disk folder ({err})") from err
+            except Exception as err:  # a damaged json/arrow file raises all sorts of errors
+                raise ManifestError(f"{p}: not a readable save_to_disk folder "
+                                    f"({type(err).__name__}: {_one_line(err)})") from err
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise ManifestError(f"{p}: no split {split!r}; available: {list(ds)}")
@@ -107,13 +113,13 @@ def _open_hf(name_or_path: str | os.PathLike, split: str,
         try:
             table = pa.concat_tables([pq.read_table(str(s), memory_map=True) for s in shards])
         except (pa.ArrowException, OSError) as err:
-            raise ManifestError(f"{p}: cannot read parquet ({err})") from err
+            raise ManifestError(f"{p}: cannot read parquet ({_one_line(err)})") from err
         return datasets.Dataset(InMemoryTable(table)), (p if p.is_dir() else p.parent), src
     try:
         return datasets.load_dataset(str(name_or_path), name, split=split), None, src
     except Exception as err:
         raise ManifestError(
-            f"cannot load dataset {name_or_path!r} split {split!r} ({type(err).__name__}: {err}); "
+            f"cannot load dataset {name_or_path!r} split {split!r} ({type(err).__name__}: {_one_line(err)}); "
             "pass a local save_to_disk folder or parquet file(s) instead"
         ) from err
 
@@ -127,10 +133,16 @@ def _audio_cell(cell: Any, base: Path | None, audio_dir: Path | None, where: str
     if not isinstance(cell, Mapping):
         raise ManifestError(f"{where}: cannot read audio from a {type(cell).__name__}")
     blob, path = cell.get("bytes"), cell.get("path")
+    if blob is not None and not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise ManifestError(f"{where}: the audio cell's bytes are a {type(blob).__name__}")
+    if path is not None and not isinstance(path, str):
+        raise ManifestError(f"{where}: the audio cell's path is a {type(path).__name__}")
     if blob:
         if audio_dir is None:
             return bytes(blob)
-        suffix = Path(path).suffix if path and Path(path).suffix else ".wav"
+        suffix = Path(path).suffix if path else ""
+        if not (1 < len(suffix) <= 10 and suffix[1:].isalnum()):  # a name the disk accepts
+            suffix = ".wav"
         out = audio_dir.absolute() / f"{hashlib.sha1(blob).hexdigest()[:20]}{suffix}"
         if not out.is_file():
             atomic_write_bytes(out, bytes(blob))
