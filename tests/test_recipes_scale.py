@@ -210,6 +210,7 @@ def test_hub_dataset_sources_become_local_manifests_once(data, tmp_path, capsys)
     does that for a whole recipe and stops."""
     import shutil
 
+    from echox.errors import ConfigError
     from echox.train.run import _dialogue_source
 
     src_dir = tmp_path / "asr"
@@ -227,6 +228,10 @@ def test_hub_dataset_sources_become_local_manifests_once(data, tmp_path, capsys)
     assert len(shards) == 5 and all(Path(r.conversations[0].audio).is_absolute() for r in shards)
     with pytest.raises(Exception, match="exactly one of hf or path"):
         _dialogue_source({"hf": "x", "path": "y"})
+    (tmp_path / "afile").write_text("keep")  # an audio_dir that is a file was a FileExistsError
+    with pytest.raises(ConfigError, match=r"audio_dir .*afile is a file; give a folder"):
+        _dialogue_source({**src, "audio_dir": str(tmp_path / "afile")})
+    assert (tmp_path / "afile").read_text() == "keep"
     ov = override("s2t", data["root"], tmp_path)
     capsys.readouterr()
     assert main(["train", "s2t", "--recipe", str(ROOT / "recipes/3b/s2t.yaml"), "--override", str(ov),

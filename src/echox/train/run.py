@@ -289,6 +289,7 @@ def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
     if schema not in ("dialogue", "asr"):
         raise ConfigError(f"data source {src}: schema must be dialogue or asr, got {schema!r}")
     audio_dir = Path(src["audio_dir"]) if src.get("audio_dir") else cache_dir() / "hf-audio"
+    check_out_path(audio_dir, f"data source {src['hf']!r}: audio_dir")  # a file there: one line
     key = hashlib.sha1(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:12]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(src["hf"]).strip("/"))[-60:]
     manifest = audio_dir / f"{slug}-{key}.jsonl"
