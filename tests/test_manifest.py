@@ -367,6 +367,14 @@ def test_hf_audio_cell_of_wrong_types_and_a_long_suffix(tmp_path):
         with pytest.raises(ManifestError, match="row 0: the audio cell's"):
             list(load_hf_asr(tmp_path / name, audio_dir=tmp_path / "out"))
         assert list(load_hf_asr(tmp_path / name, on_error="skip")) == []
+    # an empty path named the dataset's folder; a NUL byte cannot be in any file name
+    for name, cell, why in (("empty", "", "the audio path is empty"),
+                            ("nul", "a\0b.wav", "the audio path holds a NUL byte"),
+                            ("emptydict", {"path": " "}, "the audio path is empty")):
+        datasets.Dataset.from_dict({"audio": [cell], "text": ["hi"]}).save_to_disk(str(tmp_path / name))
+        with pytest.raises(ManifestError, match=f"row 0: {why}"):
+            list(load_hf_asr(tmp_path / name))
+        assert list(load_hf_asr(tmp_path / name, on_error="skip")) == []
 
 
 # ---------------------------------------------------------------- torch datasets + collators

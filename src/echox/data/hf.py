@@ -129,7 +129,7 @@ def _audio_cell(cell: Any, base: Path | None, audio_dir: Path | None, where: str
     if cell is None:
         return None
     if isinstance(cell, str):
-        return str(Path(resolve_audio(cell, base)).absolute())
+        return _audio_path(cell, base, where)
     if not isinstance(cell, Mapping):
         raise ManifestError(f"{where}: cannot read audio from a {type(cell).__name__}")
     blob, path = cell.get("bytes"), cell.get("path")
@@ -148,11 +148,21 @@ def _audio_cell(cell: Any, base: Path | None, audio_dir: Path | None, where: str
             atomic_write_bytes(out, bytes(blob))
         return str(out)
     if path:
-        return str(Path(resolve_audio(path, base)).absolute())
+        return _audio_path(path, base, where)
     if cell.get("array") is not None:
         raise ManifestError(f"{where}: decoded audio arrays are not supported; keep the audio "
                             "column as a datasets.Audio feature or file paths")
     raise ManifestError(f"{where}: the audio cell has neither bytes nor a path")
+
+
+def _audio_path(path: str, base: Path | None, where: str) -> str:
+    """An audio cell's path, absolute; an empty one (it would name the dataset's folder) or
+    one with a NUL byte (no file can have it) is the row's error."""
+    if not path.strip():
+        raise ManifestError(f"{where}: the audio path is empty")
+    if "\0" in path:
+        raise ManifestError(f"{where}: the audio path holds a NUL byte")
+    return str(Path(resolve_audio(path, base)).absolute())
 
 
 def _first(columns: Sequence[str], wanted: Sequence[str], what: str, src: str) -> str:
