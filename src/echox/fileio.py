@@ -58,6 +58,14 @@ def save_tensors(tensors: dict[str, Any], path: str | os.PathLike,
     return Path(path)
 
 
+def is_file_name(name: str) -> bool:
+    """Whether `name` (an id, say) can name a file inside its folder: not empty, no path of its
+    own (never `a/b`, `.`, `..`), no NUL byte, and short enough for the file system's 255-byte
+    names with a suffix added (200 bytes of UTF-8)."""
+    return (bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+            and len(name.encode("utf-8", "surrogatepass")) <= 200)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_open(path, "w") as f:
         f.write(text)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import sys
@@ -105,14 +106,6 @@ class Source:
 # ---- reading the source --------------------------------------------------------------------
 
 
-def _exists(p: Path, kind: str = "file") -> bool:
-    """`p.is_file()` (or `is_dir()`), False for a path the OS refuses (too long, a NUL byte)."""
-    try:
-        return p.is_file() if kind == "file" else p.is_dir()
-    except (OSError, ValueError):
-        return False
-
-
 def _shards(src: Path) -> list[Path]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
@@ -125,7 +118,7 @@ def _shards(src: Path) -> list[Path]:
             except (ValueError, RecursionError, KeyError, AttributeError,
                     TypeError) as e:
                 raise ConversionError(f"{src / index}: not a weight index ({e})") from e
-            missing = [n for n in names if not _exists(src / n)]
+            missing = [n for n in names if not os.path.isfile(src / n)]  # (False for a name the OS refuses)
             if missing:
                 raise ConversionError(f"{src}: shard {missing[0]} named in {index} is missing"
                                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -220,10 +213,10 @@ def _audio_tower(name: str, src: Path, override: str | None) -> tuple[str, str]:
     """The Whisper the config names, as a folder or hub id, and how it was found."""
     if override:
         p = Path(override).expanduser()
-        return (str(p.resolve()), "--audio-tower") if _exists(p, "dir") else (override, "--audio-tower")
+        return (str(p.resolve()), "--audio-tower") if os.path.isdir(p) else (override, "--audio-tower")
     p = Path(name).expanduser()
     for cand in ([p] if p.is_absolute() else [p, src / p, src.parent / p]):
-        if _exists(cand, "dir"):
+        if os.path.isdir(cand):
             return str(cand.resolve()), f"config.json audio_tower {name!r}, found at {cand}"
     if p.name.startswith("whisper-") and (p.is_absolute() or name.startswith(".") or "/" not in name):
         return f"openai/{p.name}", f"config.json audio_tower {name!r} is not here: the hub id openai/{p.name}"
@@ -232,7 +225,7 @@ def _audio_tower(name: str, src: Path, override: str | None) -> tuple[str, str]:
 
 def _check_tower(tower: str, adapter_size: int) -> None:
     cfg = Path(tower) / "config.json"
-    if _exists(cfg):
+    if os.path.isfile(cfg):
         d = read_json_object(cfg, ConversionError, "audio tower config").get("d_model")
         if d is not None and int(d) != adapter_size:
             raise ConversionError(f"audio tower {tower} has d_model {d} but config.json's "

@@ -40,7 +40,13 @@ from echox.config import int_at_least
 from echox.data.tiny_corpus import (_read_answers, espeak_synthesize, generate_answers,
                                    piper_synthesize)
 from echox.errors import ManifestError
-from echox.fileio import atomic_write_text, json_object_lines, open_to_append, read_json_object
+from echox.fileio import (
+    atomic_write_text,
+    is_file_name,
+    json_object_lines,
+    open_to_append,
+    read_json_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +70,8 @@ def _conversations(d: dict[str, Any], where: str) -> list[dict[str, Any]]:
 
 
 def _file_id(rid: Any) -> bool:
-    """An id usable as a file name inside its folder (no path of its own: never `a/b`, `..`;
-    no NUL byte; short enough for the file system's 255-byte names with a suffix added)."""
-    return (isinstance(rid, str) and bool(rid) and "/" not in rid and "\0" not in rid
-            and rid not in (".", "..") and len(rid.encode("utf-8", "surrogatepass")) <= 200)
-
-
-def _is_file(p: Path) -> bool:
-    """`p.is_file()`, False for a path the OS refuses (a name too long, a NUL byte)."""
-    try:
-        return p.is_file()
-    except (OSError, ValueError):
-        return False
+    """An id usable as a file name inside its folder (`fileio.is_file_name`)."""
+    return isinstance(rid, str) and is_file_name(rid)
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -198,7 +194,7 @@ def build_asr_tts(corpus: str | Path, tts_manifest: str | Path) -> dict[str, int
     for r in rows:
         rid, text, audio = r["id"], r["text"], r["audio"]
         clip = Path(audio) if Path(audio).is_absolute() else src.parent / audio
-        if not _is_file(clip):
+        if not os.path.isfile(clip):  # (False, not an error, for a name the OS refuses)
             missing += 1
             continue
         out = dst_dir / f"{rid}{clip.suffix}"

@@ -45,7 +45,7 @@ from echox.audio import audio_duration
 from echox.config import int_at_least
 from echox.data.match import exist_match
 from echox.errors import DataBuildError
-from echox.fileio import check_out_path, json_lines, json_objects, open_to_append
+from echox.fileio import check_out_path, is_file_name, json_lines, json_objects, open_to_append
 from echox.hub import resolve
 from echox.model.generation import SamplingConfig, cache_kwargs, guard_repetition
 
@@ -140,8 +140,7 @@ def load_questions(path: str | os.PathLike | None = None) -> list[QAQuestion]:
             raise DataBuildError(f"{p}:{lineno}: 'answers' must be a string or a list of them")
         if not isinstance(text, str) or not text.strip() or not answers:
             raise DataBuildError(f"{p}:{lineno}: empty question or answer list")
-        if (not qid or "/" in qid or "\0" in qid or qid in (".", "..")  # it names wav files
-                or len(qid.encode("utf-8", "surrogatepass")) > 200):
+        if not is_file_name(qid):  # it names the question's wav files
             raise DataBuildError(f"{p}:{lineno}: id {qid!r} cannot be a file name")
         key = " ".join(text.split()).casefold()
         if key in merged:
