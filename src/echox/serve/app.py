@@ -479,8 +479,8 @@ def _check_length(request: Request, limit: int) -> None:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (from Content-Length first)."""
-    _check_length(request, limit)
+    """The request body, refused with 413 once past `limit` bytes (its Content-Length was
+    checked against `limit` by `_check_length` before any place was taken)."""
     body = bytearray()
     try:
         async for chunk in request.stream():
@@ -527,25 +527,26 @@ def _text_bytes(limits: Limits) -> int:
     return (2 * limits.history_turns + 1) * (12 * limits.max_text_chars + 64)
 
 
-def _body_limit(request: Request, st: _State) -> int:
-    """The most bytes a `POST /v1/chat` body of this Content-Type may hold; 415 for another type."""
+def _body_kind(request: Request, st: _State) -> tuple[str, int]:
+    """(Content-Type, the most bytes a `POST /v1/chat` body of it may hold); 415 for a type
+    that is not read."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = st.limits.max_upload_bytes
     if ctype == "multipart/form-data":
-        return limit + ENVELOPE + _text_bytes(st.limits)
+        return ctype, limit + ENVELOPE + _text_bytes(st.limits)
     if ctype == "application/json":
-        return limit * 4 // 3 + ENVELOPE + _text_bytes(st.limits)
+        return ctype, limit * 4 // 3 + ENVELOPE + _text_bytes(st.limits)
     if ctype.startswith("audio/") or ctype == "application/octet-stream":
-        return limit
+        return ctype, limit
     raise ApiError(415, "unsupported_media_type", f"unsupported Content-Type {ctype or '(none)'!r};"
                    " send multipart/form-data, application/json or an audio/* body")
 
 
-async def _chat_inputs(request: Request, st: _State) -> tuple[bytes | None, Any, Any, Any]:
-    """(audio file bytes, text, history, return_audio) from a multipart, JSON or raw-audio body."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+async def _chat_inputs(request: Request, st: _State, ctype: str, body_limit: int
+                       ) -> tuple[bytes | None, Any, Any, Any]:
+    """(audio file bytes, text, history, return_audio) from a multipart, JSON or raw-audio
+    body, of the Content-Type and size limit `_body_kind` gave."""
     texts = _text_bytes(st.limits)
-    body_limit = _body_limit(request, st)
     if ctype == "multipart/form-data":
         body = await _read_body(request, body_limit)
         _check_multipart_end(request.headers.get("content-type", ""), body)
@@ -657,11 +658,12 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat")
     async def chat(request: Request) -> Response:
         guard(request)
-        _check_length(request, _body_limit(request, st))  # 415 / 413 / 400 need no place
+        ctype, body_limit = _body_kind(request, st)
+        _check_length(request, body_limit)  # 415 / 413 / 400 need no place
         with st.gate.intake():  # bodies read at once are bounded like turns: 503 busy past them
             try:
                 raw, text, history, return_audio = await asyncio.wait_for(
-                    _chat_inputs(request, st), cfg.upload_timeout)
+                    _chat_inputs(request, st, ctype, body_limit), cfg.upload_timeout)
             except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
                 raise ApiError(408, "upload_timeout", "the request body did not arrive within "
                                f"the server's upload timeout ({cfg.upload_timeout:g} s)") from None
