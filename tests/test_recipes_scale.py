@@ -204,7 +204,7 @@ def test_dry_run_of_every_stage_saves_and_resumes(size, data, tmp_path):
     assert (runs / "echo" / "model" / "model.safetensors").is_file()
 
 
-def test_hub_dataset_sources_become_local_manifests_once(data, tmp_path, capsys):
+def test_hub_dataset_sources_become_local_manifests_once(data, tmp_path, capsys, monkeypatch):
     """An `{hf: ...}` source (LibriSpeech's schema here) is read once into audio files and a
     manifest; the next run reads the manifest, even with the dataset gone. `--prepare-data`
     does that for a whole recipe and stops."""
@@ -232,6 +232,19 @@ def test_hub_dataset_sources_become_local_manifests_once(data, tmp_path, capsys)
     with pytest.raises(ConfigError, match=r"audio_dir .*afile is a file; give a folder"):
         _dialogue_source({**src, "audio_dir": str(tmp_path / "afile")})
     assert (tmp_path / "afile").read_text() == "keep"
+    import errno
+
+    import echox.data.hf as hf
+
+    def full(path, data):  # a full disk while a clip is written was a traceback
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(hf, "atomic_write_bytes", full)
+    shutil.copytree(data["root"] / "asr", src_dir)
+    with pytest.raises(ConfigError, match=r"reading it into .*audio2 failed \(No space left on device\)"):
+        _dialogue_source({**src, "audio_dir": str(tmp_path / "audio2")})
+    assert not list((tmp_path / "audio2").iterdir())  # no manifest of a partial read
+    monkeypatch.undo()
     ov = override("s2t", data["root"], tmp_path)
     capsys.readouterr()
     assert main(["train", "s2t", "--recipe", str(ROOT / "recipes/3b/s2t.yaml"), "--override", str(ov),

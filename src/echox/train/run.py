@@ -296,8 +296,8 @@ def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
     if manifest.is_file():
         return read_jsonl(manifest, "dialogue").records
     split, name, lim = src.get("split", "train"), src.get("name"), src.get("limit")
-    audio_dir.mkdir(parents=True, exist_ok=True)
     try:
+        audio_dir.mkdir(parents=True, exist_ok=True)
         if schema == "asr":
             rows = load_hf_asr(src["hf"], split, name=name, audio_dir=audio_dir, on_error="skip",
                                audio_column=src.get("audio_column"), text_column=src.get("text_column"))
@@ -308,9 +308,13 @@ def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
         else:
             rows = load_hf_dialogues(src["hf"], split, name=name, audio_dir=audio_dir, on_error="skip")
             recs = list(itertools.islice(rows, lim))
+        write_jsonl(manifest, recs)
     except ManifestError as err:
         raise ConfigError(str(err)) from err
-    write_jsonl(manifest, recs)
+    except OSError as err:  # a full disk or a folder it may not write: not one row's fault
+        raise ConfigError(f"data source {src['hf']!r}: reading it into {audio_dir} failed "
+                          f"({err.strerror or err}); the clips already written are kept and "
+                          "reused by the next run") from err
     log.info("%s[%s]: %d dialogues -> %s", src["hf"], split, len(recs), manifest)
     return recs
 
