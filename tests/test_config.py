@@ -40,6 +40,7 @@ def test_float_fields_take_exponents_without_a_dot(tmp_path):
         ("llm.lora.r=0", "llm.lora.r"),
         ("t2c.hidden_size=30", "t2c.hidden_size"),
         ("t2c.beams=0", "t2c.beams"),
+        ("t2c.beams=65", "t2c.beams: must be in [1, 64]"),
         ("llm.dtype=float8", "llm.dtype"),
         ("llm.lora.r=abc", "llm.lora.r: expected an integer"),
         ("adapter.drop_blank=3", "adapter.drop_blank"),
@@ -136,3 +137,15 @@ def test_recipe_overrides_not_a_list_are_refused_before_a_set_joins_them(tmp_pat
     (tmp_path / "r.yaml").write_text(f"overrides: {overrides}\n")
     with pytest.raises(ConfigError, match="overrides must be a list of key.path=value strings"):
         load_stage_recipe(str(tmp_path / "r.yaml"), ["model.llm.lora.alpha=8"])
+
+
+def test_t2c_decoding_settings_of_a_checkpoint_are_bounded():
+    """A config.json (JSON reads NaN and 1e11) stored beams and a length penalty that no
+    decoder can use; `echox bundle` wrote them as they came."""
+    from echox.config import T2CConfig
+
+    for kw, needle in (({"beams": 10**11}, "t2c.beams"), ({"length_penalty": float("nan")}, "t2c.length_penalty"),
+                       ({"length_penalty": float("-inf")}, "t2c.length_penalty")):
+        with pytest.raises(ConfigError, match=needle):
+            T2CConfig(**kw).validate()
+    T2CConfig(beams=64, length_penalty=0.5).validate()

@@ -491,10 +491,14 @@ def test_unit_beams_stored_by_echox_bundle_reach_the_engine(bundle_dir: Path, tm
     for i, (a, e) in enumerate(final.segments):
         units = b.model.units_from_hidden([hidden[a:e]])[0]
         assert units and [u for c in by_segment[i] for u in c.units] == units
-    assert main([*args, "--unit-beams", "0", "--out", str(tmp_path / "bad")]) == 2
-    err = capsys.readouterr().err
-    assert "--unit-beams must be >= 1" in err and "Traceback" not in err
-    assert not (tmp_path / "bad").exists()
+    for bad, says in ((["--unit-beams", "0"], "--unit-beams must be in [1, 64]"),
+                      (["--unit-beams", "99999999999"], "--unit-beams must be in [1, 64]"),
+                      (["--unit-length-penalty", "nan"], "--unit-length-penalty must be a finite"),
+                      (["--unit-length-penalty", "inf"], "--unit-length-penalty must be a finite")):
+        assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2  # were saved as they came
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (bad, err)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_echox_bundle_never_replaces_unasked(bundle: Bundle, tmp_path: Path,

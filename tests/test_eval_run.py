@@ -1,6 +1,7 @@
 """`echox eval` end to end on a tiny random bundle and a local benchmark file."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,8 @@ def test_runner_scores_and_resumes(tmp_path, bench, capsys):
     run_eval(items[:2], a, "s2t", tmp_path / "part", bench, progress=False)
     with open(tmp_path / "part" / "items.jsonl", "a") as f:
         f.write("{half a line\n")  # an interrupted write
+    with open(tmp_path / "part" / "items.jsonl", "a") as f:  # lines no run wrote: answered again
+        f.write('{"id": "q2", "question": "no hit"}\n{"id": "q3", "hit": true, "latency_ms": "fast"}\n')
     b = Scripted()
     resumed = run_eval(items, b, "s2t", tmp_path / "part", bench, progress=False)
     assert a.calls == 2 and b.calls == 2  # only the missing items were answered
@@ -157,8 +160,14 @@ def test_compare_refuses_what_is_not_an_eval_run(tmp_path, capsys):
         {"name": "good", "mode": "s2t", "benchmark": "local", "n": 2, "accuracy": 0.5,
          "mean_latency_ms": None}))
     (good / "items.jsonl").write_text('{"id": "1", "hit": true}\n{"id": "2"}\n{"id": "3", "hi')
+    def summary(**kw):
+        return json.dumps({"name": "b", "mode": "s2t", "benchmark": "x", "n": 2, "accuracy": 0.5,
+                           "mean_latency_ms": None, **kw})
+
     cases = {"{}": "not an echox eval summary", "[1]": "not an echox eval summary",
              "{oops": "not a readable JSON file",
+             summary(accuracy=float("nan")): "out of range", summary(n=True): "out of range",
+             summary(accuracy=1e308): "out of range", summary(mean_latency_ms=float("inf")): "out of range",
              json.dumps({"name": "b", "mode": "s2t", "benchmark": "x", "n": "2",
                          "accuracy": 0.5, "mean_latency_ms": None}): "a value of the wrong type"}
     for i, (text, words) in enumerate(cases.items()):
@@ -342,6 +351,27 @@ def test_eval_keeps_to_its_run_folder(tmp_path, bundle_dir, bench, capsys):
     assert main([*args, "--out", str(tmp_path / "odd")]) == 2
     err = capsys.readouterr().err
     assert "items.jsonl is not a file" in err and err.count("\n") == 1, err
+    # a benchmark kept as the run folder's eval.json was replaced by the run's settings
+    qs = tmp_path / "qs"
+    qs.mkdir()
+    local = bench[len("local:"):]
+    rows = [json.loads(x) for x in open(local)][:1]
+    for r in rows:
+        r["audio"] = str(Path(local).parent / r["audio"])
+    (qs / "eval.json").write_text(json.dumps(rows[0]) + "\n")
+    kept = (qs / "eval.json").read_text()
+    qa = [a if a != bench else f"local:{qs / 'eval.json'}" for a in args]
+    assert main([*qa, "--out", str(qs)]) == 2
+    err = capsys.readouterr().err
+    assert "would write over the benchmark" in err and err.count("\n") == 1, err
+    assert (qs / "eval.json").read_text() == kept
+    # another program's eval.json in an --out is not replaced either
+    (tmp_path / "other" / "eval.json").parent.mkdir()
+    (tmp_path / "other" / "eval.json").write_text('[{"question": "kept"}]')
+    assert main([*args, "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "not an echox eval run's settings" in err and err.count("\n") == 1, err
+    assert (tmp_path / "other" / "eval.json").read_text() == '[{"question": "kept"}]'
 
     victim = tmp_path / "victim.wav"
     victim.write_text("keep")

@@ -24,6 +24,7 @@ from echox.data.manifest import (
     DialogueMessage,
     DialogueRecord,
     TtsRecord,
+    iter_jsonl,
     read_dialogues_json,
     read_jsonl,
     validate_manifest,
@@ -119,6 +120,17 @@ def test_bad_lines_skip_keeps_going_and_reports(tmp_path, caplog):
     assert "malformed JSON" in reasons[3] and "'text'" in reasons[4]
     assert "must be a string" in reasons[5] and "JSON object" in reasons[8]
     assert f"{p}:5:" in caplog.text  # one warning per bad line, file:line
+    # a binary file given as a manifest: the first few lines named, then one count (it
+    # printed a warning per line, hundreds before the error)
+    caplog.clear()
+    junk = tmp_path / "junk.jsonl"
+    junk.write_bytes(b"\x00\xff garbage\n" * 300)
+    with caplog.at_level(logging.WARNING, logger="echox.data.manifest"):
+        assert len(read_jsonl(junk, AsrRecord, on_error="skip").bad_lines) == 300
+        assert list(iter_jsonl(junk, AsrRecord, on_error="skip")) == []
+    lines = caplog.text.splitlines()
+    assert len(lines) == 2 * (5 + 2), lines
+    assert "300 bad line(s) skipped" in lines[6] and "300 bad line(s) skipped" in lines[-1]
 
 
 def test_bad_dialogue_role_and_units(tmp_path):

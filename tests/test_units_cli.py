@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -331,10 +332,31 @@ def test_outputs_are_checked_first_and_inputs_never_replaced(
     assert "ending in .png" in _err(capsys)
     assert main([*stats, "--save-dir", str(tts)]) == 2
     assert "is a file" in _err(capsys)
+    assert main([*stats, "--png", str(tmp_path / "plot.pgf")]) == 2  # it runs LaTeX
+    assert "ending in .png" in _err(capsys)
     small = tmp_path / "k4"
     UnitLanguage.identity(4).save(small)
     assert main([*stats, "--language", str(small)]) == 2
     assert "has K=4 units" in _err(capsys)
+    # nor the files of a language it loads (--json over its tokenizer broke the language)
+    lang_bytes = {p.name: p.read_bytes() for p in (tmp_path / "l").iterdir()}
+    assert main([*stats, "--language", str(tmp_path / "l"), "--json",
+                 str(tmp_path / "l" / "tokenizer.json")]) == 2
+    assert "is the input" in _err(capsys)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "l").iterdir()} == lang_bytes
+    inf = tmp_path / "inf"  # a size of Infinity was an OverflowError traceback
+    shutil.copytree(tmp_path / "l", inf)
+    meta_file = inf / "unit_language.json"
+    meta_file.write_text(re.sub(r'"num_units": \d+', '"num_units": Infinity', meta_file.read_text()))
+    assert main([*stats, "--language", str(inf)]) == 2
+    assert "corrupt unit-language metadata" in _err(capsys)
+    # extract: --out never over a recording it reads, nor where its own cache goes
+    wav = corpus / "audio" / "a0.wav"
+    wav_bytes = wav.read_bytes()
+    assert main([*ext, "--out", str(wav)]) == 2
+    assert "is the audio of a manifest record" in _err(capsys) and wav.read_bytes() == wav_bytes
+    assert main([*ext, "--out", str(tmp_path / "y.cache")]) == 2  # the default cache is y.cache
+    assert "cache folder" in _err(capsys) and not (tmp_path / "y.cache").exists()
     assert tts.read_bytes() == before and units.read_bytes() == units_bytes
 
 

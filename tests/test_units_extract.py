@@ -308,6 +308,16 @@ def test_extract_corpus_cache_and_resume(
     entry.write_text(json.dumps({k: v for k, v in json.loads(entry.read_text()).items()
                                  if k != "audio_sha256"}))
     assert extract_corpus(corpus, ex, cache, progress=False) == fresh and counting.seen == 7
+    # an entry edited to units outside the k-means (or run lengths that do not fit) is
+    # recomputed: it went into the output as it was
+    k = kmeans.n_clusters
+    for units, counts in (([-7, 1], [1, 1]), ([k, 1], [1, 1]), ([1, 2], [1]), ([1, 2], [0, 1])):
+        d = json.loads(entry.read_text())
+        entry.write_text(json.dumps({**d, "units": units, "counts": counts}))
+        seen = counting.seen
+        with pytest.warns(UnitCacheWarning, match="unreadable"):
+            assert extract_corpus(corpus, ex, cache, progress=False) == fresh
+        assert counting.seen == seen + 1
     # another k-means may not reuse the folder
     other = UnitExtractor(whisper_feats, UnitKMeans(kmeans.centroids[::-1].copy()))
     with pytest.raises(UnitError, match="another extractor"):

@@ -196,9 +196,16 @@ def test_hifigan_checkpoint_errors_are_vocoder_checkpoint_errors(tmp_path) -> No
     with pytest.raises(VocoderCheckpointError, match="lacks"):
         load_generator(tmp_path / "g")
     assert issubclass(VocoderCheckpointError, CheckpointError)
+    from echox.vocoder.hifigan import HiFiGANConfig
+
+    raw = json.loads(json.dumps(HiFiGANConfig().to_dict()))
+    raw["num_mels"] = float("inf")  # JSON's Infinity: an OverflowError traceback
+    (tmp_path / "g" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(VocoderCheckpointError, match="bad HiFi-GAN config"):
+        HiFiGANConfig.from_json(tmp_path / "g" / "config.json")
 
 
-def test_train_hifigan_cli_gta_pool(tmp_path) -> None:
+def test_train_hifigan_cli_gta_pool(tmp_path, capsys) -> None:
     """`echox vocoder distill --unit2mel DIR --gta`: teacher windows from the real mels plus
     ground-truth-aligned unit->mel windows whose target is the real audio."""
     import numpy as np
@@ -241,6 +248,12 @@ def test_train_hifigan_cli_gta_pool(tmp_path) -> None:
     assert main([*again, "--teacher-from", str(tmp_path / "s" / "teacher_pool.safetensors"),
                  "--unit2mel-share", "0.0"]) != 0
     assert not (tmp_path / "s3" / "model").exists()
+    # a pool too small to hold out windows is not kept: a rerun with more windows used it again
+    small = [*args[:-1], str(tmp_path / "s4")]
+    small[small.index("--windows") + 1] = "8"
+    assert main(small) == 2
+    assert "cannot hold out" in capsys.readouterr().err
+    assert not (tmp_path / "s4" / "teacher_pool.safetensors").exists()
 
 
 def test_evaluate_averages_the_wave_loss_over_locked_windows_only() -> None:
@@ -292,6 +305,8 @@ def test_distill_cli_numbers_out_and_pool_files_are_checked_first(tmp_path, caps
 
     (tmp_path / "afile").write_text("keep")
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    (tmp_path / "ev").mkdir()  # an eval run's folder: its summary.json was overwritten
+    (tmp_path / "ev" / "summary.json").write_text('{"mode": "s2t"}')
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"text": "hi", "audio": "nope.wav"}) + "\n")
     base = ["vocoder", "distill", "--teacher", "small", "--data", str(m), "--threads", "1"]
@@ -304,12 +319,15 @@ def test_distill_cli_numbers_out_and_pool_files_are_checked_first(tmp_path, caps
                       (["--limit", "-1"], "--limit must be >= 1"),
                       (["--out", str(tmp_path / "afile")], "is a file"),
                       ([*out, "--pool", str(tmp_path / "bad.safetensors")], "not a readable teacher pool"),
-                      ([*out, "--pool", str(m)], "not a readable teacher pool")):
+                      ([*out, "--pool", str(m)], "not a readable teacher pool"),
+                      ([*out, "--pool", str(tmp_path)], "is a folder"),  # after the teacher ran
+                      (["--out", str(tmp_path / "ev")], "summary.json of something else")):
         assert main([*base, *(out if "--out" not in bad else []), *bad]) == 2, bad
         err = capsys.readouterr().err
         lines = [x for x in err.splitlines() if x.startswith("echox: error: ")]
         assert len(lines) == 1 and says in lines[0] and "Traceback" not in err, (bad, err)
     assert (tmp_path / "afile").read_text() == "keep" and not (tmp_path / "s").exists()
+    assert (tmp_path / "ev" / "summary.json").read_text() == '{"mode": "s2t"}'
     with pytest.raises(VocoderCheckpointError, match="not a readable teacher pool"):
         TeacherPool.load(tmp_path / "bad.safetensors")
 

@@ -177,10 +177,27 @@ def test_onnx_vocoder_cli(tmp_path, monkeypatch, capsys) -> None:
     for argv, msg in [(["--int8-stages", "1"], "needs --calibrate"),
                       (["--int8-stages", "x"], "comma-separated"),
                       (["--int8-stages", "7", "--calibrate", str(tmp_path / "m.jsonl")], "out of range"),
-                      (["--vocoder", str(tmp_path / "o")], "already runs on ONNX")]:
+                      (["--vocoder", str(tmp_path / "o")], "already runs on ONNX"),
+                      (["--out", str(tmp_path / "v")], "overlaps --vocoder"),  # it replaced its input
+                      (["--out", str(tmp_path / "v" / "hifigan")], "overlaps --vocoder"),
+                      (["--out", str(tmp_path / "m.jsonl" / "x")], "is a file"),
+                      (["--n", "-1"], "--n")]:
         base = ["vocoder", "onnx", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "p")]
+        if msg == "--n":
+            with pytest.raises(SystemExit):
+                main(base + argv)
+            assert "--n" in capsys.readouterr().err
+            continue
         code = main(base + argv + (["--calibrate", str(tmp_path / "m.jsonl")] if "ONNX" in msg else []))
         assert code == 2 and msg in capsys.readouterr().err
+    assert (tmp_path / "v" / "hifigan" / "generator.safetensors").is_file()
+    # a vocoder saved over a folder of another program's config.json (a whole bundle) is refused
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text('{"format": "echox"}')
+    code = main(["vocoder", "onnx", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "b"),
+                 "--int8-stages", ""])
+    assert code == 2 and "holds other files" in capsys.readouterr().err
+    assert (tmp_path / "b" / "config.json").read_text() == '{"format": "echox"}'
 
 
 @pytest.mark.slow

@@ -197,3 +197,18 @@ def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("keep")
     assert main([*base[:4], "--out", str(tmp_path / "afile"), *tiny, "--max-steps", "1"]) == 2
     assert "is a file" in capsys.readouterr().err
+    # an --out whose model/ is another program's save (an EchoX checkpoint) was replaced whole
+    other = tmp_path / "run" / "model"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text('{"format": "echox"}')
+    assert main([*base[:4], "--out", str(tmp_path / "run"), *tiny, "--max-steps", "1"]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert (other / "config.json").read_text() == '{"format": "echox"}'
+    # counts that are not one run length per unit: one line naming the line (a TypeError)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip().startswith("{\"")]
+    for counts in ([[5]] * 10, [5] * 9, [0] * 10, [5.5] * 10):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("".join(json.dumps({**r, "counts": counts}) + "\n" for r in rows))
+        assert main([*base[:2], "--data", str(bad), *base[4:], *tiny, "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "bad.jsonl:1: 'counts' must be" in err and "Traceback" not in err, (counts, err)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from echox.errors import (
+    ConfigError,
     VocoderCheckpointError,
     VocoderConfigError,
     VocoderFileNotFoundError,
@@ -201,12 +202,16 @@ def test_checkpoint_errors(tmp_path) -> None:
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(VocoderCheckpointError, match="not valid JSON"):
         Unit2Mel.from_pretrained(tmp_path / "m")
-    tiny_model().save_pretrained(tmp_path / "m")
-    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    with pytest.raises(ConfigError, match="holds other files"):  # not a unit->mel save now
+        tiny_model().save_pretrained(tmp_path / "m")
+    tiny_model().save_pretrained(tmp_path / "m2")
+    meta = json.loads((tmp_path / "m2" / "config.json").read_text())
     meta["unit2mel"]["d_model"] = 64
-    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    (tmp_path / "m2" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(VocoderCheckpointError, match="does not fit"):
-        Unit2Mel.from_pretrained(tmp_path / "m")
+        Unit2Mel.from_pretrained(tmp_path / "m2")
+    tiny_model().save_pretrained(tmp_path / "m2")  # an earlier unit->mel save is replaced
+    Unit2Mel.from_pretrained(tmp_path / "m2")
 
 
 def test_grown_model_starts_with_the_same_mels_then_trains(tmp_path) -> None:

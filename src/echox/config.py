@@ -9,6 +9,7 @@ built-in names that :mod:`echox.hub` resolves.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +26,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "content that the user provides, and assist the user with a variety of tasks using natural "
     "language."
 )
+
+MAX_UNIT_BEAMS = 64  # beam search keeps this many decoder rows per answer: more is no setting
 
 
 def _check(cond: bool, path: str, msg: str) -> None:
@@ -237,7 +240,10 @@ class T2CConfig:
         _check(self.unit_vocab_size >= 2, f"{path}.unit_vocab_size", "must be >= 2")
         _check(self.max_positions >= 16, f"{path}.max_positions", "must be >= 16")
         _check(self.max_units_per_token >= 1, f"{path}.max_units_per_token", "must be >= 1")
-        _check(self.beams >= 1, f"{path}.beams", f"must be >= 1, got {self.beams}")
+        _check(1 <= self.beams <= MAX_UNIT_BEAMS, f"{path}.beams",
+               f"must be in [1, {MAX_UNIT_BEAMS}], got {self.beams}")
+        _check(math.isfinite(self.length_penalty), f"{path}.length_penalty",
+               f"must be a finite number, got {self.length_penalty}")
         _check(self.spelling_dim >= 0, f"{path}.spelling_dim", "must be >= 0")
         _check(self.spelling_chars >= 1, f"{path}.spelling_chars", "must be >= 1")
         _check(self.spelling_dim == 0 or self.layout == "echox", f"{path}.spelling_dim",

@@ -159,25 +159,35 @@ def open_to_append(path: str | os.PathLike) -> IO[str]:
     return f
 
 
-def check_replaceable(folder: str | os.PathLike, what: str = "saving", *,
-                      is_earlier_save: Callable[[Path], bool] | None = None,
+def check_replaceable(folder: str | os.PathLike, what: str, *,
+                      is_earlier_save: Callable[[Path], bool],
                       error: type[Exception] = ConfigError) -> Path:
     """Refuse to replace `folder` whole (as an atomic save does) where that would delete what
     is not an earlier save: a file, or a folder that is neither empty nor an earlier save.
-    `is_earlier_save(folder)` says what counts as one (default: the folder holds a
-    config.json); the refusal is raised as `error`. Returns the path."""
+    `is_earlier_save(folder)` says what counts as one (an earlier save of the same kind: a
+    config.json alone would let a vocoder replace a model); the refusal is raised as `error`.
+    Returns the path."""
     p = Path(folder)
     if not (p.exists() or p.is_symlink()):
         return p
     if not p.is_dir():
         raise error(f"{p} is a file, not a folder: {what} would replace it")
     names = sorted(x.name for x in p.iterdir())
-    earlier = is_earlier_save or (lambda d: (d / "config.json").is_file())
-    if names and not earlier(p):
+    if names and not is_earlier_save(p):
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise error(f"{p} holds other files ({shown}) that {what} would delete; give a "
                     "new or empty folder")
     return p
+
+
+def folder_config(folder: str | os.PathLike, name: str = "config.json") -> dict[str, Any] | None:
+    """`folder/name` as a JSON object, or None where it is missing, unreadable or not one:
+    what a saver reads to tell an earlier save of its own kind from another program's."""
+    try:
+        value = json.loads(Path(folder, name).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bool = True) -> Path:

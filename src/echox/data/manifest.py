@@ -319,11 +319,18 @@ class ManifestReport:
         return self.path.parent
 
 
+SHOWN_BAD_LINES = 5  # per file, in skip mode: a binary file given as a manifest is one short notice
+
+
 def _bad(path: Path, line: int, reason: str, on_error: OnError, report: ManifestReport) -> None:
     if on_error == "stop":
         raise ManifestError(f"{path}:{line}: {reason}")
     if on_error == "skip":
-        log.warning("%s:%d: %s (skipped)", path, line, reason)
+        n = len(report.bad_lines)
+        if n < SHOWN_BAD_LINES:
+            log.warning("%s:%d: %s (skipped)", path, line, reason)
+        elif n == SHOWN_BAD_LINES:
+            log.warning("%s: more bad lines are skipped; their count follows", path)
     report.bad_lines.append((line, reason))
 
 
@@ -360,6 +367,8 @@ def iter_jsonl(path: str | os.PathLike, schema: type[R] | str,
     rep = ManifestReport(p, [], [])
     for _, rec in _scan_jsonl(p, _schema(schema), on_error, rep):
         yield rec
+    if len(rep.bad_lines) > SHOWN_BAD_LINES and on_error == "skip":
+        log.warning("%s: %d bad line(s) skipped", p, len(rep.bad_lines))
 
 
 def read_jsonl(path: str | os.PathLike, schema: type[R] | str,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import logging
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -38,7 +39,7 @@ from echox.data.tiny_corpus import greedy_shrinking
 from echox.errors import AudioError, EvalError
 from echox.eval.benchmarks import QAItem, open_benchmark
 from echox.eval.stats import paired_bootstrap
-from echox.fileio import check_out_path, json_objects, open_to_append
+from echox.fileio import atomic_write_text, check_out_path, json_objects, open_to_append
 from echox.hub import resolve
 from echox.infer.asr import check_asr_spec, make_asr
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_text_decoding_options, check_device, default_bundle,
@@ -266,7 +267,22 @@ class EvalSummary:
 
 
 def _done(path: Path) -> dict[str, dict[str, Any]]:
-    return {rec["id"]: rec for _, rec in json_objects(path, "id", log)}
+    """The scored records of a run's items.jsonl, by id. A record without a true/false `hit`
+    or with a latency that is not a finite number (an edit, another program's line) is no
+    answer the summary can count: its item is answered again."""
+    def scored(rec: dict[str, Any]) -> bool:
+        return isinstance(rec.get("hit"), bool) and all(
+            k not in rec or (isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool)
+                             and math.isfinite(rec[k])) for k in ("latency_ms", "answer_asr_ms"))
+
+    done = {}
+    for lineno, rec in json_objects(path, "id", log):
+        if scored(rec):
+            done[rec["id"]] = rec
+        else:
+            log.warning("%s:%d: no true/false hit or a latency that is not a number; its item is "
+                        "answered again", path, lineno)
+    return done
 
 
 def _pending_batches(items: Iterable[QAItem], size: int, done: dict[str, Any],
@@ -463,6 +479,10 @@ def read_summary(run_dir: Path) -> EvalSummary:
             or not all(v is None or isinstance(v, number)
                        for v in (s.mean_latency_ms, s.mean_answer_asr_ms))):
         raise EvalError(f"{p}: not an echox eval summary (a value of the wrong type)")
+    if (isinstance(s.n, bool) or s.n < 0 or not 0 <= s.accuracy <= 1
+            or not all(v is None or (not isinstance(v, bool) and math.isfinite(v) and v >= 0)
+                       for v in (s.mean_latency_ms, s.mean_answer_asr_ms))):
+        raise EvalError(f"{p}: not an echox eval summary (n, accuracy or a latency out of range)")
     return s
 
 
@@ -514,7 +534,8 @@ def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
         try:
             png.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(png, dpi=100)
-        except (OSError, ValueError) as e:  # an unwritable folder, an unknown image suffix
+        except (OSError, ValueError, RuntimeError) as e:  # an unwritable folder, an unknown
+            # image suffix, .pgf without the LaTeX it runs
             raise EvalError(f"--png {png}: {e}") from e
         finally:
             plt.close(fig)
@@ -554,6 +575,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} is a file; give a run folder")
     check_run_folder(out)
+    check_not_input(out, Path(bench.source) if Path(bench.source).exists() else None)  # local
     try:  # before anything slow: a run folder that cannot be made fails now, not after the load
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -609,6 +631,19 @@ def check_run_folder(out: Path) -> None:
                         "another --out")
 
 
+RUN_FILES = ("items.jsonl", "eval.json", "summary.json")
+
+
+def check_not_input(out: Path, source: Path | None) -> None:
+    """Refuse a run folder whose files would replace the benchmark it reads: the benchmark is
+    one of them (an `eval.json` of questions), or the folder lies inside a benchmark folder."""
+    if source is None:
+        return
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents or (src.parent == dst and src.name in RUN_FILES):
+        raise EvalError(f"--out {out} would write over the benchmark {source}; give another --out")
+
+
 def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
     """A run folder resumes only with the settings it was started with (`eval.json`): the
     records of another mode, model, benchmark or decoding would count as this run's answers.
@@ -629,7 +664,15 @@ def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
             raise EvalError(f"--out {out} holds a run made with other settings {diff} (old, new): "
                             "give another --out or delete it")
         return
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    if path.is_file():  # a run's settings are replaced; another program's file is not
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            old = {"mode": None}  # a run killed while writing them (before atomic writes)
+        if not (isinstance(old, dict) and "mode" in old):
+            raise EvalError(f"--out {out}: its eval.json is not an echox eval run's settings, "
+                            "and the run would replace it; give another --out")
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
 def eval_sampling(args: argparse.Namespace) -> SamplingConfig:

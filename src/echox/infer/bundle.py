@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from echox.config import MAX_UNIT_BEAMS
 from echox.errors import CheckpointError, ConfigError, UnitError
 from echox.fileio import check_out_path, moved_aside_hint
 from echox.hub import cache_dir
@@ -384,10 +386,12 @@ def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | N
     setting."""
     cfg = model.config.t2c
     if beams is not None:
-        if beams < 1:
-            raise ConfigError(f"--unit-beams must be >= 1, got {beams}")
+        if not 1 <= beams <= MAX_UNIT_BEAMS:
+            raise ConfigError(f"--unit-beams must be in [1, {MAX_UNIT_BEAMS}], got {beams}")
         cfg.beams = beams
     if length_penalty is not None:
+        if not math.isfinite(length_penalty):
+            raise ConfigError(f"--unit-length-penalty must be a finite number, got {length_penalty}")
         cfg.length_penalty = length_penalty
 
 

@@ -25,7 +25,7 @@ import torch
 from echox import __version__
 from echox.config import EchoXConfig
 from echox.errors import CheckpointError, ConfigError
-from echox.fileio import atomic_dir, check_replaceable, moved_aside_hint, save_tensors
+from echox.fileio import atomic_dir, check_replaceable, folder_config, moved_aside_hint, save_tensors
 from echox.model.llm import load_tokenizer
 
 # The functions take the EchoX model (echox.model.echox) duck-typed, so this module never
@@ -164,11 +164,7 @@ def check_save_folder(folder: Path) -> None:
 
 def _holds_checkpoint(folder: Path) -> bool:
     """Whether `folder` has an EchoX config.json (a checkpoint saved before, or a bundle)."""
-    try:
-        meta = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError, RecursionError):  # missing, unreadable or not JSON
-        return False
-    return isinstance(meta, dict) and meta.get("format") == "echox"
+    return (folder_config(folder, CONFIG) or {}).get("format") == "echox"
 
 
 def _write_checkpoint(model: EchoX, folder: Path, state: dict[str, torch.Tensor],

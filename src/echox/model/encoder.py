@@ -127,9 +127,11 @@ class WhisperSpeechEncoder(nn.Module):
         if window_seconds is not None:
             positions = int(round(window_seconds * SAMPLE_RATE / HOP / 2))
             if not 1 <= positions <= cfg.max_source_positions:
+                step = 2 * HOP / SAMPLE_RATE  # one encoder position: 0.02 s
                 raise ValueError(
-                    f"encoder.window_seconds={window_seconds} must be in (0, "
-                    f"{cfg.max_source_positions * 2 * HOP / SAMPLE_RATE:g}] for {folder}"
+                    f"encoder.window_seconds={window_seconds} must give 1 to "
+                    f"{cfg.max_source_positions} encoder positions of {step:g} s, so be in "
+                    f"({step / 2:g}, {cfg.max_source_positions * step:g}] for {folder}"
                 )
             cfg.max_source_positions = positions
             if "embed_positions.weight" in sd:

@@ -26,7 +26,7 @@ from typing import Any
 from echox.audio import load_audio
 from echox.config import int_at_least, load_recipe
 from echox.data.manifest import read_jsonl
-from echox.fileio import check_out_path
+from echox.fileio import atomic_write_text, check_out_path, folder_config
 from echox.errors import ConfigError, EchoXError
 from echox.vocoder.distill import (
     DistillConfig,
@@ -67,9 +67,14 @@ def load_pairs(manifest: str, sample_rate: int, limit: int | None = None) -> lis
         raise ConfigError(f"vocoder data not found: {path}")
     rep, raw = _tts_objects(path)
     pairs = []
-    for obj in raw[:limit] if limit else raw:
+    for line, obj in list(zip(rep.lines, raw))[:limit] if limit else zip(rep.lines, raw):
         if not obj.get("units") or not obj.get("counts") or not obj.get("audio"):
             continue
+        counts = obj["counts"]
+        if not (isinstance(counts, list) and len(counts) == len(obj["units"])
+                and all(type(c) is int and c >= 1 for c in counts)):
+            raise ConfigError(f"{path}:{line}: 'counts' must be one whole number >= 1 per unit "
+                              "(the run lengths `echox units extract` writes)")
         audio = Path(obj["audio"])
         audio = audio if audio.is_absolute() else rep.base_dir / audio
         pairs.append((obj["units"], obj["counts"], load_audio(audio, sample_rate, max_seconds=None)))
@@ -222,6 +227,14 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = check_out_path(args.output_dir or "runs/hifigan-small")
     pool_path = Path(args.pool) if args.pool else out / "teacher_pool.safetensors"
+    if pool_path.is_dir():
+        raise ConfigError(f"--pool {pool_path} is a folder; give a file (new, or a pool to reuse)")
+    check_out_path(pool_path, "--pool", folder=False)
+    summary_path = out / "summary.json"
+    if summary_path.exists() and (not summary_path.is_file() or
+                                  (folder_config(out, "summary.json") or {}).get("stage") != "hifigan"):
+        raise ConfigError(f"--out {out} holds a summary.json of something else than a "
+                          "distillation, which the run would overwrite; give another --out")
     teacher_name = args.teacher or "universal"
     # every number before the slow pool: 0 is a value, not "the default" (it ran 3000 steps)
     cfg = DistillConfig(**{k: v for k, v in (("steps", args.max_steps), ("batch_size", args.batch_size),
@@ -273,9 +286,10 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         elif n_pred:
             parts.append(build_pool(teacher, predicted, n_pred, args.window_frames, seed=2))
         pool = TeacherPool.cat(parts)
-        out.mkdir(parents=True, exist_ok=True)
-        pool.save(pool_path)
     train_pool, eval_pool = pool.split(max(8, int(pool.mels.shape[0]) // 20))
+    if not pool_path.is_file():  # kept once it can be split: a rerun must not reuse a bad pool
+        pool_path.parent.mkdir(parents=True, exist_ok=True)
+        pool.save(pool_path)
     width = args.student_channels or HiFiGANConfig.v2().upsample_initial_channel
     if args.init:  # continue a student
 
@@ -291,8 +305,9 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
                "first": res["history"][0] if res["history"] else None,
                "last": res["history"][-1] if res["history"] else None,
                "eval": res["eval"][-1] if res["eval"] else None, "output": str(out / "model")}
-    (out / "summary.json").write_text(json.dumps({**summary, "history": res["history"],
-                                                  "evals": res["eval"]}, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(summary_path, json.dumps({**summary, "history": res["history"],
+                                                "evals": res["eval"]}, indent=2))
     print(json.dumps(summary))
     return 0
 
@@ -379,6 +394,9 @@ def cmd_onnx_vocoder(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     stages = _stages(args.int8_stages)
+    src, dst = Path(args.vocoder).resolve(), Path(check_out_path(args.out)).resolve()
+    if dst == src or src in dst.parents or dst in src.parents:  # it would replace what it reads
+        raise ConfigError(f"--out {args.out} overlaps --vocoder {args.vocoder}; give a new folder")
     voc = load_vocoder(args.vocoder)
     if not isinstance(voc, UnitMelVocoder):
         raise EchoXError(f"{args.vocoder}: only unit->mel vocoders have a HiFi-GAN to convert")
@@ -415,7 +433,7 @@ def onnx_options(p: argparse.ArgumentParser) -> None:
                    help="upsampling stages whose convolutions become int8, e.g. 1,2 (default; "
                         "'' keeps everything float32)")
     p.add_argument("--calibrate", help="JSONL manifest with units: their mels calibrate int8")
-    p.add_argument("--n", type=int, default=16, help="calibration records (default 16)")
+    p.add_argument("--n", type=int_at_least(1), default=16, help="calibration records (default 16)")
     p.add_argument("--float16", action="store_true",
                    help="store the unit->mel weights in float16 (half the size; loads as float32)")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0 = default)")

@@ -348,6 +348,9 @@ def _extractor_spec(args: argparse.Namespace, km: UnitKMeans) -> tuple[FeatureSp
 def cmd_extract(args: argparse.Namespace) -> int:
     out = _out_file(args.out, "--out", [args.manifest, args.kmeans, kmeans_meta_path(args.kmeans)])
     cache = Path(args.cache) if args.cache else out.with_name(out.stem + ".cache")
+    if cache.resolve() == out.resolve() or cache.resolve() in out.resolve().parents:
+        raise UnitError(f"--out {out} is or lies in the cache folder {cache}; give another "
+                        "--out or --cache")
     _check_cache_dir(cache)
     if args.window_seconds is not None and not (math.isfinite(args.window_seconds)
                                                 and args.window_seconds > 0):
@@ -363,6 +366,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if not isinstance(rec.audio, str):
             raise ManifestError(f"{m.path}:{m.lines[i]}: record has no audio to extract units from")
         items.append((m.key(i), m.audio_path(rec.audio)))
+    if out.is_file():  # not one of the recordings it reads (checked before the slow part)
+        clash = next((a for _, a in items if a.is_file() and os.path.samefile(a, out)), None)
+        if clash is not None:
+            raise UnitError(f"--out {out} is the audio of a manifest record: writing it would "
+                            "replace the recording; give another file")
     t0 = time.perf_counter()
     if args.threads is not None:  # >= 1: checked by the parser
         torch.set_num_threads(args.threads)
@@ -523,7 +531,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not sizes and not args.language:
         raise UnitError("give --vocab-sizes to train languages, or --language DIR to load them")
     # every output is checked before any language is trained
-    inputs = [*args.manifest, *([args.kmeans, kmeans_meta_path(args.kmeans)] if args.kmeans else [])]
+    inputs = [*args.manifest, *([args.kmeans, kmeans_meta_path(args.kmeans)] if args.kmeans else []),
+              *(f for d in args.language or [] if Path(d).is_dir() for f in Path(d).iterdir())]
     if args.json:
         _out_file(args.json, "--json", inputs)
     if args.png:
@@ -577,7 +586,7 @@ def _check_plot_suffix(path: str) -> None:
     """`--png`: a suffix matplotlib writes (without one it would add `.png` to the name)."""
     from matplotlib.figure import Figure
 
-    kinds = Figure().canvas.get_supported_filetypes()
+    kinds = set(Figure().canvas.get_supported_filetypes()) - {"pgf"}  # pgf runs LaTeX
     if Path(path).suffix.lower().lstrip(".") not in kinds:
         raise UnitError(f"--png {path}: give a file name ending in .png (or one of "
                         f"{', '.join('.' + k for k in sorted(kinds))})")

@@ -408,10 +408,13 @@ def _audio_digest(path: Path) -> str | None:
         return None
 
 
-def _read_cached(path: Path, item_id: str, audio: Path | None = None) -> UnitSequence | None:
+def _read_cached(path: Path, item_id: str, audio: Path | None = None,
+                 num_units: int | None = None) -> UnitSequence | None:
     """The cached units of `item_id`, or None: none cached, or cached from other audio than
     `audio` now holds (an id whose clip was spoken anew or now names another file). Entries
-    written before the audio digest was kept are taken as they are."""
+    written before the audio digest was kept are taken as they are. An entry whose units lie
+    outside [0, `num_units`) or whose run lengths do not fit them (an edit, a damaged disk)
+    is recomputed."""
     if not path.is_file():
         return None
     try:
@@ -420,7 +423,12 @@ def _read_cached(path: Path, item_id: str, audio: Path | None = None) -> UnitSeq
             raise UnitError(f"holds id {d.get('id')!r}")
         if audio is not None and "audio_sha256" in d and d["audio_sha256"] != _audio_digest(audio):
             return None
-        return UnitSequence.from_dict(d)
+        seq = UnitSequence.from_dict(d)
+        if num_units is not None and not (
+                len(seq.units) == len(seq.counts) and all(0 <= u < num_units for u in seq.units)
+                and all(c >= 1 for c in seq.counts)):
+            raise UnitError(f"holds units outside [0, {num_units}) or run lengths that do not fit them")
+        return seq
     except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(
             f"unit cache file {path} for {item_id!r} is unreadable ({exc}); recomputing",
@@ -533,7 +541,8 @@ def extract_corpus(
     found: dict[str, UnitSequence] = {}
     todo: list[tuple[str, Path]] = []
     for item_id, path in pairs:
-        seq = _read_cached(_cache_path(cache, item_id), item_id, Path(path))
+        seq = _read_cached(_cache_path(cache, item_id), item_id, Path(path),
+                           extractor.kmeans.n_clusters)
         if seq is None:
             todo.append((item_id, path))
         else:

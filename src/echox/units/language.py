@@ -284,7 +284,7 @@ class UnitLanguage:
             num_units = int(meta["num_units"])
             max_token_units = int(meta.get("max_token_units", 0))
             vocab_size = int(meta["vocab_size"]) if "vocab_size" in meta else None
-        except (ValueError, RecursionError, KeyError, TypeError) as exc:
+        except (ValueError, OverflowError, RecursionError, KeyError, TypeError) as exc:
             raise UnitError(f"{meta_path}: corrupt unit-language metadata ({exc})") from exc
         if meta.get("format") != FORMAT_NAME or meta.get("unit_char_base") != UNIT_CHAR_BASE:
             raise UnitError(f"{meta_path}: not an {FORMAT_NAME} file")

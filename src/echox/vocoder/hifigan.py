@@ -247,7 +247,7 @@ class HiFiGANConfig:
             )
         except KeyError as exc:
             raise VocoderCheckpointError(f"{source} lacks HiFi-GAN field {exc}") from exc
-        except (TypeError, ValueError) as exc:  # VocoderConfigError of MelSpec included
+        except (TypeError, ValueError, OverflowError) as exc:  # VocoderConfigError of MelSpec too
             raise VocoderCheckpointError(f"{source}: bad HiFi-GAN config ({exc})") from exc
 
     def to_dict(self) -> dict:

@@ -43,6 +43,7 @@ from echox.vocoder.onnx import (
     OnnxHiFiGAN,
     OnnxSpec,
     cached_onnx_generator,
+    holds_generator,
     load_onnx_generator,
 )
 from echox.vocoder.unit2mel import Unit2Mel
@@ -89,7 +90,7 @@ def save_generator(generator: HiFiGANGenerator, folder: Path | str,
     """Write `config.json` (original HiFi-GAN schema, plus `extra` under "echox") and
     `generator.safetensors` into `folder`, atomically; `dtype` (e.g. float16) stores smaller
     weights, which `load_generator` casts back to float32."""
-    folder = check_replaceable(folder, "saving the generator")
+    folder = check_replaceable(folder, "saving the generator", is_earlier_save=holds_generator)
     config = generator.config.to_dict()
     if extra:
         config["echox"] = extra

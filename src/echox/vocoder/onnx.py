@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from echox.errors import ConversionError, VocoderCheckpointError, VocoderInputError
-from echox.fileio import atomic_dir, check_replaceable, save_tensors
+from echox.fileio import atomic_dir, check_replaceable, folder_config, save_tensors
 from echox.hub import cache_dir
 from echox.vocoder.hifigan import GENERATOR_CONFIG, HiFiGANConfig, HiFiGANGenerator
 
@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 
 RUNTIME = "onnxruntime"
 ONNX_GENERATOR = "generator.onnx"  # the graph in an ONNX generator folder
+
+
+def holds_generator(folder: Path) -> bool:
+    """Whether `folder` holds a HiFi-GAN generator saved before, PyTorch or ONNX: its
+    config.json is of the HiFi-GAN schema (not, say, an EchoX model's or a unit->mel's)."""
+    config = folder_config(folder)
+    return config is not None and "upsample_rates" in config and "hop_size" in config
 
 
 def export_onnx(generator: HiFiGANGenerator, path: Path | str, opset: int = 17) -> Path:
@@ -144,7 +151,7 @@ def convert_generator_onnx(
     meta = {"runtime": RUNTIME, "int8_stages": stages, "calibration_mels": len(calibration)}
     meta.update(extra or {})
     config = generator.config.to_dict() | {"echox": meta}
-    check_replaceable(folder, "saving the ONNX generator")
+    check_replaceable(folder, "saving the ONNX generator", is_earlier_save=holds_generator)
     with atomic_dir(Path(folder)) as tmp, tempfile.TemporaryDirectory() as work:
         fp32 = export_onnx(generator, Path(work) / "fp32.onnx")
         if stages:

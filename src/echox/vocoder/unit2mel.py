@@ -31,7 +31,7 @@ from echox.errors import (
     VocoderFileNotFoundError,
     VocoderInputError,
 )
-from echox.fileio import atomic_dir, check_replaceable
+from echox.fileio import atomic_dir, check_replaceable, folder_config
 from echox.vocoder.base import eval_mode, load_weights, read_json, save_weights
 
 FORMAT = "echox-unit2mel"
@@ -419,7 +419,8 @@ class Unit2Mel(nn.Module):
         """Write config.json + model.safetensors into `folder` atomically (temp dir + rename);
         `write_extra(tmp)` may add more files to the temporary folder before the rename.
         `dtype` (e.g. float16) stores smaller weights; loading casts them back."""
-        folder = check_replaceable(folder, "saving the unit->mel model")
+        folder = check_replaceable(folder, "saving the unit->mel model",
+                                   is_earlier_save=lambda d: (folder_config(d) or {}).get("format") == FORMAT)
         meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
                                 "unit2mel": self.config.to_dict()}
         if vocoder is not None:
