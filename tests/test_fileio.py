@@ -290,3 +290,16 @@ def test_whole_file_json_readers_refuse_numbers_too_long_and_nesting_too_deep(
     with pytest.raises(getattr(errors, error), match=re.escape(says)) as info:
         reader(tmp_path)
     assert "\n" not in str(info.value)  # one line
+
+
+def test_folder_config_is_an_object_or_none(tmp_path):
+    """What savers read to tell an earlier save of their kind: never raises on a damaged file."""
+    from echox.fileio import folder_config
+
+    assert folder_config(tmp_path) is None  # missing
+    for text in ("[1]", "{cut", "", "\xff", "1" * 5000, "[" * 100_000):
+        (tmp_path / "config.json").write_text(text, encoding="utf-8", errors="surrogateescape")
+        assert folder_config(tmp_path) is None, text[:10]
+    (tmp_path / "config.json").write_text('{"format": "echox"}')
+    assert folder_config(tmp_path) == {"format": "echox"}
+    assert folder_config(tmp_path, "other.json") is None

@@ -184,10 +184,9 @@ def folder_config(folder: str | os.PathLike, name: str = "config.json") -> dict[
     """`folder/name` as a JSON object, or None where it is missing, unreadable or not one:
     what a saver reads to tell an earlier save of its own kind from another program's."""
     try:
-        value = json.loads(Path(folder, name).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        return read_json_object(Path(folder, name), ValueError)
+    except (OSError, ValueError):  # missing, or read_json_object's one-line refusal
         return None
-    return value if isinstance(value, dict) else None
 
 
 def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bool = True) -> Path:
