@@ -543,3 +543,17 @@ def test_units_from_hidden_and_text_refuse_bad_input(make_model):
     for texts in ([], [""], "hello", [None]):  # "hello" gave one answer per character
         with pytest.raises(PromptError, match="non-empty list of non-empty strings"):
             m.units_from_text(texts, s)
+
+
+def test_a_tiny_temperature_samples_the_top_token_and_beams_are_bounded():
+    """temperature 1e-300 divided the logits into inf - inf: NaN probabilities, a RuntimeError
+    in chat and a 500 for every turn in serve; 10**11 beams were killed for memory."""
+    import pytest
+
+    from echox.errors import ConfigError
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, 1e-300, 0.9, g).tolist() == [1, 2]
+    with pytest.raises(ConfigError, match="num_beams must be in"):
+        SamplingConfig(num_beams=10**11)

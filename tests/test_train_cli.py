@@ -72,6 +72,18 @@ def test_train_errors_are_one_line(tmp_path, capsys):
     assert "recipe not found" in capsys.readouterr().err
     assert main(["train", "s2t", "--set", "train.nonsense=1", "--data", "x"]) == 2
     assert "unknown key" in capsys.readouterr().err
+    deep = tmp_path / "deep.yaml"  # a RecursionError of some 3,000 lines
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["train", "s2t", "--recipe", str(deep)]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+    assert main(["train", "s2t", "--recipe", str(tmp_path / ("a" * 300 + ".yaml"))]) == 2  # ENAMETOOLONG
+    err = capsys.readouterr().err
+    assert "file name too long" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit):  # 10**5 threads: a MemoryError
+        main(["train", "s2t", "--threads", "100000"])
+    assert "must be <= 1024" in capsys.readouterr().err
+    assert main(["train", "s2t", "--set", "train.threads=100000", "--data", "x"]) == 2
+    assert "train.threads: must be <= 1024" in capsys.readouterr().err
 
 
 def test_t2c_with_char_condition_trains_from_the_command_line(tmp_path, capsys):
@@ -225,7 +237,8 @@ def test_an_out_folder_taken_by_other_files_is_refused_before_training(tmp_path,
     recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 2, lr: 0.003}\n")
     cases = {"metrics.jsonl/": "is a folder", "tb": "is a file", "checkpoints": "is a file",
              "model/mine.txt": "holds other files", "recipe.json": "not written by `echox train`",
-             "loss_curve.png/": "is a folder"}
+             "loss_curve.png/": "is a folder", "states": "is a file", "pseudo_labels.jsonl/": "is a folder",
+             "metrics.jsonl": "metrics.jsonl was not written by `echox train`"}  # was emptied
     for i, (path, message) in enumerate(cases.items()):
         out = tmp_path / f"o{i}"
         p = out / path.rstrip("/")
@@ -241,11 +254,18 @@ def test_an_out_folder_taken_by_other_files_is_refused_before_training(tmp_path,
         assert p.is_dir() or p.read_text() == "keep"
     out = tmp_path / "killed"  # a run killed before its first checkpoint left these rows
     out.mkdir()
+    (out / "recipe.json").write_text('{"train": {"max_steps": 2}}')  # written before training
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')
     assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
                  "--out", str(out)]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 5.0
+    # an --out whose model/ is the --init model: the run's save replaced the model it started from
+    before = (out / "model" / "model.safetensors").read_bytes()
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                 "--init", str(out / "model"), "--out", str(out), "--resume"]) == 2
+    assert "is the --init model" in _one_error_line(capsys)
+    assert (out / "model" / "model.safetensors").read_bytes() == before
 
 
 @pytest.fixture

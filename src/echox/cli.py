@@ -15,6 +15,7 @@ systemd unit of `echox serve` sets `SuccessExitStatus=143`).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import signal
@@ -188,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"echox: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the file system refuses, wherever it is first touched
+        if args.debug or e.errno != errno.ENAMETOOLONG:
+            raise
+        name = str(e.filename or "")
+        shown = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]}"
+        print(f"echox: error: a file name too long for this file system: {shown}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("echox: interrupted", file=sys.stderr)

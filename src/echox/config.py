@@ -27,7 +27,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "language."
 )
 
-MAX_UNIT_BEAMS = 64  # beam search keeps this many decoder rows per answer: more is no setting
+MAX_BEAMS = 64  # text or unit beam search keeps this many rows per answer: more is no setting
 
 
 def _check(cond: bool, path: str, msg: str) -> None:
@@ -240,8 +240,8 @@ class T2CConfig:
         _check(self.unit_vocab_size >= 2, f"{path}.unit_vocab_size", "must be >= 2")
         _check(self.max_positions >= 16, f"{path}.max_positions", "must be >= 16")
         _check(self.max_units_per_token >= 1, f"{path}.max_units_per_token", "must be >= 1")
-        _check(1 <= self.beams <= MAX_UNIT_BEAMS, f"{path}.beams",
-               f"must be in [1, {MAX_UNIT_BEAMS}], got {self.beams}")
+        _check(1 <= self.beams <= MAX_BEAMS, f"{path}.beams",
+               f"must be in [1, {MAX_BEAMS}], got {self.beams}")
         _check(math.isfinite(self.length_penalty), f"{path}.length_penalty",
                f"must be a finite number, got {self.length_penalty}")
         _check(self.spelling_dim >= 0, f"{path}.spelling_dim", "must be >= 0")
@@ -348,9 +348,13 @@ class EchoXConfig:
         return cls.from_dict(read_json_object(path, ConfigError, "config file"))
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse `type` for a whole number >= `minimum` (e.g. `--threads`): a bad value is
-    refused while the options are parsed, before any slow work, with argparse's exit status 2."""
+MAX_THREADS = 1024  # `--threads`: more is a typo (10**8 threads crashed torch)
+
+
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse `type` for a whole number >= `minimum` (and <= `maximum`, e.g. `--threads`):
+    a bad value is refused while the options are parsed, before any slow work, with argparse's
+    exit status 2."""
     import argparse
 
     def parse(text: str) -> int:
@@ -360,6 +364,8 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     parse.__name__ = "int"  # argparse names the type in its messages
@@ -377,6 +383,8 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}), so not a YAML {what}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML{_yaml_problem(e)}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{p}: nested too deeply to be a {what}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from echox.config import MAX_UNIT_BEAMS
+from echox.config import MAX_BEAMS
 from echox.errors import CheckpointError, ConfigError, UnitError
 from echox.fileio import check_out_path, moved_aside_hint
 from echox.hub import cache_dir
@@ -386,8 +386,8 @@ def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | N
     setting."""
     cfg = model.config.t2c
     if beams is not None:
-        if not 1 <= beams <= MAX_UNIT_BEAMS:
-            raise ConfigError(f"--unit-beams must be in [1, {MAX_UNIT_BEAMS}], got {beams}")
+        if not 1 <= beams <= MAX_BEAMS:
+            raise ConfigError(f"--unit-beams must be in [1, {MAX_BEAMS}], got {beams}")
         cfg.beams = beams
     if length_penalty is not None:
         if not math.isfinite(length_penalty):

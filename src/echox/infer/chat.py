@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from echox.audio import check_output_path, save_audio
-from echox.config import EncoderConfig, int_at_least
+from echox.config import MAX_THREADS, EncoderConfig, int_at_least
 from echox.errors import AudioError, EchoXError
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_sampling_options, add_text_decoding_options, check_device,
                                 default_bundle, load_bundle, sampling_temperature, text_decoding)
@@ -231,7 +231,7 @@ def chat_options(p: argparse.ArgumentParser) -> None:
                    help="units per audio chunk after a segment's first; 0 = whole segments")
     p.add_argument("--first-chunk-units", type=int, default=20,
                    help="units in a segment's first audio chunk (smaller: earlier audio)")
-    p.add_argument("--threads", type=int_at_least(1), help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int_at_least(1, MAX_THREADS), help="torch intra-op threads (default: torch's)")
 
     add_device_options(p)
     add_max_audio_option(p)

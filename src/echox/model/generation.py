@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from echox.config import MAX_BEAMS
 from echox.errors import ConfigError
 
 # step(inputs_embeds [B, L, D], attention_mask [B, L'], position_ids [B, L], cache)
@@ -92,8 +93,8 @@ class SamplingConfig:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_beams < 1:
-            raise ConfigError(f"num_beams must be >= 1, got {self.num_beams}")
+        if not 1 <= self.num_beams <= MAX_BEAMS:
+            raise ConfigError(f"num_beams must be in [1, {MAX_BEAMS}], got {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
             raise ConfigError("beam search is deterministic: use temperature 0 with num_beams > 1")
         if not self.repetition_penalty > 0:
@@ -119,7 +120,10 @@ def sample_next(
     """logits [B, V] -> ids [B]. Greedy when temperature == 0."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # the top logit at 0 first, in float64 (a float32 temperature of 1e-300 is 0): a tiny
+    # temperature then gives the others -inf, not NaN
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1).float()
     if top_p < 1.0:
         sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token

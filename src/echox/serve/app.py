@@ -431,6 +431,9 @@ class _Conversation:
         that stops reading must not hold its worker, or its place in the queue, for ever (its
         send used to wait for the client, past the turn timeout)."""
         task = asyncio.ensure_future(sending)
+        # its failure (a client gone) is read here when this turn is cancelled before
+        # task.result() below: else asyncio logs "Task exception was never retrieved"
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
         finally:

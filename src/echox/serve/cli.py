@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
+import math
 import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
-from echox.config import int_at_least
+from echox.config import MAX_THREADS, int_at_least
 from echox.errors import ConfigError, EchoXError
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_sampling_options, add_text_decoding_options, check_device,
                                 default_bundle, load_bundle, sampling_temperature, text_decoding)
@@ -55,6 +56,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
     token = args.token or os.environ.get(ENV_TOKEN) or None
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):  # int() of inf: a traceback
+        raise EchoXError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
     try:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
                                   temperature=sampling_temperature(args), top_p=args.top_p, seed=args.seed,
@@ -150,7 +153,7 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--vocoder", help="vocoder folder replacing the bundle's own")
     m.add_argument("--unit-language", help="unit-language folder replacing the bundle's own")
     add_device_options(m)
-    m.add_argument("--threads", type=int_at_least(1), help="torch intra-op threads (default: torch's)")
+    m.add_argument("--threads", type=int_at_least(1, MAX_THREADS), help="torch intra-op threads (default: torch's)")
     d = p.add_argument_group("decoding")
     d.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     add_sampling_options(d)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
-from echox.config import int_at_least, load_config, load_recipe
+from echox.config import MAX_THREADS, int_at_least, load_config, load_recipe
 from echox.data.datasets import (
     ConcatDataset,
     S2TDataset,
@@ -370,6 +370,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_no_checkpoints(Path(cfg.output_dir))
     if not args.prepare_data:
         check_run_folder(Path(cfg.output_dir), keep_best=cfg.keep_best)
+    for option, given in (("--init", args.init), ("--t2c-from", args.t2c_from)):
+        if given and Path(given).exists():  # a run's saves replace out/model and out/best whole
+            src = Path(given).resolve()
+            for name in ("model", "best"):
+                dst = (Path(cfg.output_dir) / name).resolve()
+                if dst == src or dst in src.parents:
+                    raise ConfigError(f"--out {cfg.output_dir}: its {name}/ is the {option} model "
+                                      f"{given}, which the run's save would replace; give another --out")
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at must be >= 1, got {args.stop_at}")
     model_cfg = None if args.init else load_config(str(recipe["model"]), list(recipe.get("overrides") or []))
@@ -448,7 +456,7 @@ def stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["pseudo", "gold-units"],
                    help="echo: pseudo-labels from the frozen T2C (EchoX) or gold units (baseline)")
     p.add_argument("--pseudo-labels", choices=["online", "offline"])
-    p.add_argument("--threads", type=int_at_least(0),
+    p.add_argument("--threads", type=int_at_least(0, MAX_THREADS),
                    help="torch threads per process (1 on a busy CPU; 0 = torch's default)")
     p.add_argument("--stop-at", type=int, help="stop after this step (checkpoints stay resumable)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from echox.config import MAX_THREADS
 from echox.errors import CheckpointError, ConfigError, StageError
 from echox.fileio import atomic_write_text, clear_interrupted, json_lines
 from echox.hub import cache_dir
@@ -127,6 +128,7 @@ class TrainConfig:
         for k in ("eval_every", "eval_batches", "save_every", "warmup_steps", "num_workers", "threads",
                   "precompute_batch"):
             check(getattr(self, k) >= 0, k, f"must be >= 0, got {getattr(self, k)}")
+        check(self.threads <= MAX_THREADS, "threads", f"must be <= {MAX_THREADS}, got {self.threads}")
         check(0 < self.lr < math.inf, "lr", f"must be a finite number > 0, got {self.lr}")
         check(0 <= self.weight_decay < math.inf, "weight_decay",
               f"must be a finite number >= 0, got {self.weight_decay}")
@@ -165,17 +167,20 @@ def check_run_folder(out: Path, keep_best: bool = False) -> None:
     metrics.jsonl, loss_curve.png) or the reverse, a `model/` (or, with `keep_best`, `best/`)
     that holds other files than a checkpoint (saving replaces it whole), or a recipe.json that
     no run wrote (a run writes its own over it)."""
-    for name in ("recipe.json", "metrics.jsonl", "loss_curve.png"):
+    for name in ("recipe.json", "metrics.jsonl", "loss_curve.png", "pseudo_labels.jsonl"):
         if (out / name).is_dir():
             raise ConfigError(f"--out {out}: {out / name} is a folder, where a run writes a file; "
                               "give another --out")
-    for name in ("checkpoints", "tb", "model", "best"):
+    for name in ("checkpoints", "tb", "model", "best", "states"):  # states: Stage III's cache
         if (out / name).exists() and not (out / name).is_dir():
             raise ConfigError(f"--out {out}: {out / name} is a file, where a run writes a folder; "
                               "give another --out")
     for name in ("model", "best") if keep_best else ("model",):
         check_save_folder(out / name)
     recipe = out / "recipe.json"
+    if (out / "metrics.jsonl").is_file() and not recipe.is_file():  # `echox train` writes it first
+        raise ConfigError(f"--out {out}: its metrics.jsonl was not written by `echox train`, and "
+                          "a run would rewrite it; give another --out")
     if recipe.is_file():
         try:
             rec = json.loads(recipe.read_text())

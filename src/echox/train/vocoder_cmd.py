@@ -24,7 +24,7 @@ from typing import Any
 
 
 from echox.audio import load_audio
-from echox.config import int_at_least, load_recipe
+from echox.config import MAX_THREADS, int_at_least, load_recipe
 from echox.data.manifest import read_jsonl
 from echox.fileio import atomic_write_text, check_out_path, folder_config
 from echox.errors import ConfigError, EchoXError
@@ -319,7 +319,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--threads", type=int_at_least(0),
+    p.add_argument("--threads", type=int_at_least(0, MAX_THREADS),
                    help="torch threads (1 on a busy CPU; 0 = torch's default)")
     p.add_argument("--eval-every", type=int, help="held-out evaluation interval (0 = only at the end)")
 
@@ -436,4 +436,4 @@ def onnx_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int_at_least(1), default=16, help="calibration records (default 16)")
     p.add_argument("--float16", action="store_true",
                    help="store the unit->mel weights in float16 (half the size; loads as float32)")
-    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0 = default)")
+    p.add_argument("--threads", type=int_at_least(0, MAX_THREADS), default=0, help="torch threads (0 = default)")

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from echox.config import int_at_least
+from echox.config import MAX_THREADS, int_at_least
 from echox.data.manifest import read_jsonl, write_jsonl
 from echox.errors import ManifestError, UnitError
 from echox.fileio import (atomic_dir, atomic_write_text, check_out_path, check_replaceable,
@@ -640,7 +640,7 @@ def extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-seconds", type=float,
                    help="whisper features: pad each utterance to this window instead of 30 s "
                         "(faster; units differ slightly, docs/units.md)")
-    p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int_at_least(1, MAX_THREADS), help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
