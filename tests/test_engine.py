@@ -404,6 +404,9 @@ def test_missing_and_corrupt_bundles(bundle_dir: Path, tmp_path: Path,
         default_bundle()
     monkeypatch.setenv("ECHOX_MODEL", str(bundle_dir))
     assert default_bundle() == bundle_dir
+    monkeypatch.setenv("ECHOX_MODEL", str(tmp_path / "mistyped"))  # fell back to another model
+    with pytest.raises(CheckpointError, match="ECHOX_MODEL=.*mistyped is not a model folder"):
+        default_bundle()
 
 
 def test_unit_language_tokens_are_split_into_units(bundle: Bundle, tmp_path: Path) -> None:

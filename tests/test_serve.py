@@ -568,6 +568,8 @@ def test_serve_cli_defaults_help_and_option_errors(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["serve", "--threads", "0"])
     assert "--threads: must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "none"), "--token", " "]) == 2  # served openly
+    assert "--token is empty" in capsys.readouterr().err
     for mb in ("inf", "nan", "0"):  # int(inf * 2**20) was an OverflowError traceback
         assert main(["serve", "--model", str(tmp_path / "none"), "--max-upload-mb", mb]) == 2
         assert "--max-upload-mb must be a finite number > 0" in capsys.readouterr().err

@@ -84,6 +84,16 @@ def test_train_errors_are_one_line(tmp_path, capsys):
     assert "must be <= 1024" in capsys.readouterr().err
     assert main(["train", "s2t", "--set", "train.threads=100000", "--data", "x"]) == 2
     assert "train.threads: must be <= 1024" in capsys.readouterr().err
+    _write_corpus(tmp_path / "c")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 1}\n")
+    for bad, says in (("model.seed=99999999999999999999", "seed: must be in [0, 2**32)"),
+                      ("model.adapter.num_heads=7", "does not divide the LLM width"),
+                      ("model.encoder.window_seconds=1e9", "encoder positions")):  # ValueErrors
+        assert main(["train", "s2t", "--recipe", str(recipe), "--set", bad, "--data",
+                     str(tmp_path / "c" / "dialogues.jsonl"), "--out", str(tmp_path / "o")]) == 2, bad
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (bad, err)
 
 
 def test_t2c_with_char_condition_trains_from_the_command_line(tmp_path, capsys):

@@ -323,6 +323,7 @@ class EchoXConfig:
             v = getattr(self, f.name)
             if hasattr(v, "validate"):
                 v.validate(f.name)
+        _check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -106,10 +106,11 @@ def default_bundle() -> Path:
     $ECHOX_MODEL, then ~/.cache/echox/models/tiny, then the embedded tiny model."""
     looked: list[str] = []
     env = os.environ.get(ENV_MODEL)
-    if env:
+    if env:  # the user named it: another model in its place would answer unasked
         if Path(env).expanduser().is_dir():
             return Path(env).expanduser()
-        looked.append(f"${ENV_MODEL}={env}")
+        raise CheckpointError(f"${ENV_MODEL}={env} is not a model folder; fix or unset it, or "
+                              "pass --model FOLDER")
     cached = cache_dir() / "models" / "tiny"
     if (cached / "config.json").is_file():
         return cached

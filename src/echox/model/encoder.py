@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from echox.audio import max_frames
-from echox.errors import AudioTooLongError, CheckpointError
+from echox.errors import AudioTooLongError, CheckpointError, ConfigError
 from echox.fileio import read_json_object
 
 HOP = 160  # Whisper's mel hop at 16 kHz
@@ -128,7 +128,7 @@ class WhisperSpeechEncoder(nn.Module):
             positions = int(round(window_seconds * SAMPLE_RATE / HOP / 2))
             if not 1 <= positions <= cfg.max_source_positions:
                 step = 2 * HOP / SAMPLE_RATE  # one encoder position: 0.02 s
-                raise ValueError(
+                raise ConfigError(
                     f"encoder.window_seconds={window_seconds} must give 1 to "
                     f"{cfg.max_source_positions} encoder positions of {step:g} s, so be in "
                     f"({step / 2:g}, {cfg.max_source_positions * step:g}] for {folder}"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from echox.errors import ConfigError
+
 
 @dataclass
 class ShrinkResult:
@@ -85,8 +87,8 @@ class SpeechAdapter(nn.Module):
         shrink_blank_penalty: float = 0.0,
     ) -> None:
         super().__init__()
-        if d_llm % num_heads:
-            raise ValueError(f"adapter.num_heads={num_heads} does not divide the LLM width {d_llm}")
+        if d_llm % num_heads:  # a setting: one line, as the config's own checks
+            raise ConfigError(f"adapter.num_heads={num_heads} does not divide the LLM width {d_llm}")
         if lookback_keys not in ("kept", "all"):
             raise ValueError(f"lookback_keys must be 'kept' or 'all', got {lookback_keys!r}")
         if encoder_attention not in ("frames", "self"):

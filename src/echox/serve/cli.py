@@ -55,6 +55,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """(engine, app) from the options; checks every option before the slow model load."""
     import torch
 
+    if args.token is not None and not args.token.strip():  # `--token "$UNSET"`: no token at all
+        raise EchoXError("--token is empty; give the token, or leave the option out to serve without one")
     token = args.token or os.environ.get(ENV_TOKEN) or None
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):  # int() of inf: a traceback
         raise EchoXError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
