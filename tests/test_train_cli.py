@@ -224,6 +224,24 @@ def test_resume_survives_a_damaged_last_checkpoint_and_refuses_another_stage(tmp
     assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
                  "--out", str(tmp_path / "s2t"), "--resume", str(ck / "step-000002")]) == 2
     assert "checkpoint of stage t2c" in _one_error_line(capsys)
+    # a trainer state that its checksums vouch for but no run wrote: one line, not a
+    # RuntimeError / AttributeError / OverflowError / IndexError traceback
+    import shutil
+
+    from echox.model.checkpoint import CHECKSUMS, sha256_file
+
+    good = torch.load(ck / "step-000002" / "trainer_state.pt", weights_only=False)
+    for i, bad in enumerate((b"garbage", {**good, "train_config": "t2c"}, {**good, "step": float("inf")},
+                             {**good, "index": -3}, {**good, "epoch": 10**30}, [1, 2])):
+        folder = tmp_path / f"bad{i}"
+        shutil.copytree(ck / "step-000002", folder)
+        state = folder / "trainer_state.pt"
+        state.write_bytes(bad) if isinstance(bad, bytes) else torch.save(bad, state)
+        sums = json.loads((folder / CHECKSUMS).read_text())
+        sums["trainer_state.pt"] = sha256_file(state)
+        (folder / CHECKSUMS).write_text(json.dumps(sums))
+        assert main([*run[:-1], str(tmp_path / f"run{i}"), "--resume", str(folder)]) == 2, bad
+        assert "cannot resume" in _one_error_line(capsys), bad
 
 
 def test_resume_names_settings_that_differ_from_the_checkpoint(tmp_path, caplog):

@@ -512,8 +512,17 @@ class Trainer:
             verify_checkpoint(folder)
         if not (folder / STATE_FILE).is_file():
             raise CheckpointError(f"cannot resume: {folder / STATE_FILE} is missing")
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-        was = (state.get("train_config") or {}).get("stage") if isinstance(state, dict) else None
+        try:
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a damaged file
+            raise CheckpointError(f"cannot resume: {folder / STATE_FILE} is not readable "
+                                  f"({type(e).__name__}: {e})") from e
+        counters = [state.get(k) for k in ("step", "epoch", "index")] if isinstance(state, dict) else []
+        if not (isinstance(state, dict) and isinstance(state.get("train_config") or {}, dict)
+                and all(type(v) is int and 0 <= v < 2**40 for v in counters)):
+            raise CheckpointError(f"cannot resume: {folder / STATE_FILE} is not a trainer state "
+                                  "(a train_config mapping and whole step, epoch and index counters)")
+        was = (state.get("train_config") or {}).get("stage")
         if was is not None and was != self.cfg.stage:
             raise CheckpointError(f"cannot resume stage {self.cfg.stage} from {folder}: it is a "
                                   f"checkpoint of stage {was}")
