@@ -228,6 +228,14 @@ def test_hub_dataset_sources_become_local_manifests_once(data, tmp_path, capsys,
     assert len(shards) == 5 and all(Path(r.conversations[0].audio).is_absolute() for r in shards)
     with pytest.raises(Exception, match="exactly one of hf or path"):
         _dialogue_source({"hf": "x", "path": "y"})
+    shards_dir = str(data["root"] / "EchoX-Dialogues")
+    for bad, says in (({"path": shards_dir, "limit": "x"}, "limit must be a whole number"),  # TypeError
+                      ({"path": shards_dir, "limit": 1.5}, "limit must be a whole number"),
+                      ({"path": shards_dir, "limit": -1}, "limit must be a whole number"),  # dropped one
+                      ({"hf": 5}, "hf must be a non-empty string"), ({"path": ""}, "path must be"),
+                      (["a.jsonl"], "expected a path or a mapping")):  # its repr became a path
+        with pytest.raises(ConfigError, match=says):
+            _dialogue_source(bad)
     (tmp_path / "afile").write_text("keep")  # an audio_dir that is a file was a FileExistsError
     with pytest.raises(ConfigError, match=r"audio_dir .*afile is a file; give a folder"):
         _dialogue_source({**src, "audio_dir": str(tmp_path / "afile")})

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import logging
+import os
 import signal
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -242,10 +243,19 @@ def _dialogue_source(src: Any) -> tuple[list[Any], Path | None]:
         if unknown or ("hf" in src) == ("path" in src):
             raise ConfigError(f"data source {src}: give exactly one of hf or path; "
                               f"unknown key(s) {sorted(unknown)}; valid: {sorted(SOURCE_KEYS)}")
+        where = src.get("hf", src.get("path"))
+        if not isinstance(where, str) or not where.strip():
+            raise ConfigError(f"data source {src}: its {'hf' if 'hf' in src else 'path'} must be "
+                              "a non-empty string")
+        lim = src.get("limit")
+        if lim is not None and (type(lim) is not int or lim < 0):  # -1 dropped the last record
+            raise ConfigError(f"data source {src}: limit must be a whole number >= 0, got {lim!r}")
         if "hf" in src:
             return _hf_dialogues(src), None
         opts, src = src, src["path"]
-    p = Path(str(src))
+    if not isinstance(src, (str, os.PathLike)):  # a list in a list: its repr was taken as a path
+        raise ConfigError(f"data source {src!r}: expected a path or a mapping with hf or path")
+    p = Path(src)
     lim = opts.get("limit")
     if not (p.is_dir() or p.suffix == ".json"):  # a JSONL manifest
         rep = read_jsonl(p, "dialogue", on_error="skip")  # it names each bad line it skips
