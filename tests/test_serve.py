@@ -557,6 +557,10 @@ def test_serve_cli_defaults_help_and_option_errors(capsys: pytest.CaptureFixture
     assert "serve.upload_timeout" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "none"), "--port", "0"]) == 2
     assert "none" in capsys.readouterr().err
+    # port 0 with a host that does not resolve: uvicorn's log after the model load, exit 3
+    assert main(["serve", "--model", str(tmp_path / "none"), "--port", "0", "--host", "bogus.invalid"]) == 2
+    err = capsys.readouterr().err
+    assert "--host bogus.invalid: cannot resolve it" in err and "none" not in err, err
     with socket.socket() as taken:  # a port in use: one line, before the model load
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -99,9 +99,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
 def check_port_free(host: str, port: int) -> None:
     """Refuse at once an address uvicorn could not listen on, such as a port another program
     uses (uvicorn would find out only after the model load, and say it in several lines of
-    log). Every address `host` resolves to is tried, as uvicorn binds them all."""
-    if port == 0:  # any free port
-        return
+    log). Every address `host` resolves to is tried, as uvicorn binds them all; port 0 (any
+    free port) still tries the host."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
