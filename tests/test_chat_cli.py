@@ -102,6 +102,10 @@ def test_chat_user_errors_exit_2(bundle_dir: Path, tmp_path: Path,
                                  "--top-p", "0"]), "top_p")
     one_line_error(capsys, main(["chat", "--model", str(tmp_path / "nope"), "--text", "hi",
                                  "--first-chunk-units", "0"]), "first_chunk_units")
+    # the option, not the prompt, is over the LLM's positions (it said "shorten the text")
+    one_line_error(capsys, main(["chat", "--model", str(bundle_dir), "--text", "hi",
+                                 "--temperature", "0", "--max-new-tokens", "99999999"]),
+                   "give a smaller --max-new-tokens")
 
 
 def test_bad_input_fails_before_the_model_load(bundle_dir: Path, tmp_path: Path,

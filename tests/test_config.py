@@ -41,6 +41,7 @@ def test_float_fields_take_exponents_without_a_dot(tmp_path):
         ("t2c.hidden_size=30", "t2c.hidden_size"),
         ("t2c.beams=0", "t2c.beams"),
         ("t2c.beams=65", "t2c.beams: must be in [1, 64]"),
+        ("adapter.extra_layers=99999999", "adapter.extra_layers: must be in [0, 64]"),  # hung
         ("llm.dtype=float8", "llm.dtype"),
         ("llm.lora.r=abc", "llm.lora.r: expected an integer"),
         ("adapter.drop_blank=3", "adapter.drop_blank"),

@@ -102,7 +102,8 @@ class SpeechAdapterConfig:
         _check(self.ffn_mult >= 1, f"{path}.ffn_mult", f"must be >= 1, got {self.ffn_mult}")
         _check(self.ctc_vocab == 0 or self.ctc_vocab >= 2, f"{path}.ctc_vocab",
                f"must be 0 (the whole vocabulary) or >= 2, got {self.ctc_vocab}")
-        _check(self.extra_layers >= 0, f"{path}.extra_layers", f"must be >= 0, got {self.extra_layers}")
+        _check(0 <= self.extra_layers <= 64, f"{path}.extra_layers",  # 10**8 hung building them
+               f"must be in [0, 64], got {self.extra_layers}")
         _check(self.ctc_head in ("linear", "tied"), f"{path}.ctc_head",
                f"must be 'linear' or 'tied', got {self.ctc_head!r}")
         _check(self.lookback_keys in ("kept", "all"), f"{path}.lookback_keys",

@@ -368,6 +368,9 @@ class Session:
                                            max_seconds=self.engine.max_audio_seconds)  # [1, L, D]
         n = int(merged.inputs_embeds.shape[1])
         limit = getattr(getattr(model.llm.model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and cfg.sampling.max_new_tokens >= limit:  # the option, not the prompt
+            raise PromptError(f"max_new_tokens {cfg.sampling.max_new_tokens} is not below the LLM's "
+                              f"{limit} positions: give a smaller --max-new-tokens")
         if isinstance(limit, int) and n + cfg.sampling.max_new_tokens > limit:
             raise PromptError(f"the prompt is {n} positions and the answer may take "
                               f"{cfg.sampling.max_new_tokens} more, over the LLM's {limit}: "
