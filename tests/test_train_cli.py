@@ -455,3 +455,25 @@ def test_recipe_overrides_lora_targets_and_a_finished_run_resumed_elsewhere(tmp_
     out = tmp_path / "again"
     assert main([*run[:-1], str(out), "--resume", str(tmp_path / "t2c")]) == 0
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_dialogue_longer_than_the_llm_is_left_out(tmp_path, capsys, caplog):
+    """A runaway line (an answer of thousands of words) trained past the LLM's 1,024 positions
+    (tiny-random), or was killed for memory: it is left out with a warning."""
+    import logging
+
+    _write_corpus(tmp_path / "c")
+    c = tmp_path / "c"
+    lines = [x for x in (c / "dialogues.jsonl").read_text().splitlines() if x.startswith('{"id"')]
+    long = json.loads(lines[0])
+    long["id"], long["conversations"][1]["value"] = "runaway", "word " * 3000
+    (c / "long.jsonl").write_text("\n".join([*lines, json.dumps(long)]) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 1, lr: 0.003}\n")
+    with caplog.at_level(logging.WARNING, logger="echox.train.run"):
+        assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "long.jsonl"),
+                     "--out", str(tmp_path / "s2t")]) == 0
+    assert "1 of 7 dialogues are longer than the LLM's positions" in caplog.text
+    assert "runaway" in caplog.text
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert out[-1]["train_examples"] == 6

@@ -151,14 +151,23 @@ class EchoDataset(Dataset):
 
 
 def _dialogues(paths: Any, limit: int | None, max_seconds: float,
-               perturb: list[tuple[float, float]] | None = None) -> Dataset:
+               perturb: list[tuple[float, float]] | None = None,
+               fits: Callable[[Any], bool] | None = None) -> Dataset:
     """One source, or several read as one (`data.train: [qa.jsonl, asr.jsonl]`); `limit`
     counts over all of them, in order. A source is a dialogues JSONL, an EchoX-Dialogues
-    `data.json` / shard folder / folder of shards, or a mapping (see `_dialogue_source`)."""
+    `data.json` / shard folder / folder of shards, or a mapping (see `_dialogue_source`).
+    Dialogues that `fits` refuses are left out with a warning."""
     parts, left = [], limit
     for src in list(paths) if isinstance(paths, (list, tuple)) else [paths]:
         recs, base = _dialogue_source(src)
         recs = recs[:left] if left is not None else recs
+        if fits is not None:
+            kept = [r for r in recs if fits(r)]
+            if len(kept) < len(recs):
+                log.warning("%s: %d of %d dialogues are longer than the LLM's positions and are "
+                            "left out (first: %s)", src, len(recs) - len(kept), len(recs),
+                            next(r.id for r in recs if not fits(r)) or "?")
+            recs, left = kept, (left - (len(recs) - len(kept)) if left is not None else None)
         if recs:
             parts.append(S2TDataset(recs, base, max_audio_seconds=max_seconds, perturb=perturb))
         if left is not None:
@@ -168,6 +177,24 @@ def _dialogues(paths: Any, limit: int | None, max_seconds: float,
     if not parts:
         raise ConfigError(f"no dialogues in {paths}")
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+def _fits_the_llm(model: Any) -> Callable[[Any], bool] | None:
+    """Whether a dialogue's text alone fits the LLM's positions (its audio takes more): a
+    runaway line (a book as one answer) would otherwise ask for memory in the square of its
+    length when its batch comes. A token is at least a quarter of a character (a byte of
+    UTF-8), so only texts longer than a quarter of the limit in characters are tokenized."""
+    limit = getattr(getattr(model.llm.model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+
+    def fits(rec: Any) -> bool:
+        texts = [m.value or "" for m in rec.conversations]
+        if 4 * sum(map(len, texts)) < limit:
+            return True
+        return sum(len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) < limit
+
+    return fits
 
 
 def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
@@ -192,8 +219,10 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
         return (tts(train_path, limit), tts(eval_path, eval_limit) if eval_path else None,
                 collate_t2c_examples, {})
     perturb = data.perturb
-    train = _dialogues(train_path, limit, max_s, perturb=[tuple(p) for p in perturb] if perturb else None)
-    ev = _dialogues(eval_path, eval_limit, max_s) if eval_path else None
+    fits = _fits_the_llm(model)
+    train = _dialogues(train_path, limit, max_s, perturb=[tuple(p) for p in perturb] if perturb else None,
+                       fits=fits)
+    ev = _dialogues(eval_path, eval_limit, max_s, fits=fits) if eval_path else None
     if stage == "s2t":
         return (train, ev, make_s2t_collator(model.prompt, model.tokenizer, units="ignore"),
                 {"ctc_only": True} if cfg.ctc_only else {})
