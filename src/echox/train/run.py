@@ -446,6 +446,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = trainer.train(resume=args.resume, stop_at=args.stop_at)
     # a multi-process run's process group is destroyed before exit: left to the interpreter's
     # teardown, gloo's threads could abort a rank ("terminate called without an active exception")
+    trainer.acc.wait_for_everyone()  # every rank out of its last collective before any destroys
     trainer.acc.end_training()
     if res.stopped_by:
         if trainer.acc.is_main_process:
