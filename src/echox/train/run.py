@@ -162,12 +162,13 @@ def _dialogues(paths: Any, limit: int | None, max_seconds: float,
         recs, base = _dialogue_source(src)
         recs = recs[:left] if left is not None else recs
         if fits is not None:
-            kept = [r for r in recs if fits(r)]
-            if len(kept) < len(recs):
+            kept, long = [], []
+            for r in recs:  # each dialogue measured once
+                (kept if fits(r) else long).append(r)
+            if long:
                 log.warning("%s: %d of %d dialogues are longer than the LLM's positions and are "
-                            "left out (first: %s)", src, len(recs) - len(kept), len(recs),
-                            next(r.id for r in recs if not fits(r)) or "?")
-            recs, left = kept, (left - (len(recs) - len(kept)) if left is not None else None)
+                            "left out (first: %s)", src, len(long), len(recs), long[0].id or "?")
+            recs, left = kept, (left - len(long) if left is not None else None)
         if recs:
             parts.append(S2TDataset(recs, base, max_audio_seconds=max_seconds, perturb=perturb))
         if left is not None:
