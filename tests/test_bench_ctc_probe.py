@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 from conftest import load_script, noise
 
@@ -43,9 +44,14 @@ def test_probe_runs_with_llm_asr(tmp_path, make_model, capsys):
     assert "LLM WER" in table[-2] and "CTC names" in table[-2]
     got = json.loads(out.read_text())
     assert [r["names"] for r in got] == [1, 1]
-    assert all(isinstance(r["llm_text"], str) and r["llm_errors"] >= 0 for r in got)
+    from echox.eval.wer import edit_distance, normalize_words
+
+    for r in got:  # each row's count is the word edits from its question to its transcript
+        assert r["llm_errors"] == edit_distance(normalize_words(r["question"]),
+                                                normalize_words(r["llm_text"]))
 
 
+@pytest.mark.slow  # the packaged Whisper tiny.en
 def test_probe_scores_a_whole_asr_beside_the_adapter(tmp_path, make_model, capsys):
     """`--asr faster-whisper`: Whisper tiny.en transcribes the packaged spoken question."""
     p = _probe()

@@ -63,9 +63,15 @@ def test_save_load_gives_bit_identical_logits(make_model, tmp_path):
 def test_overwrite_is_atomic_and_replaces(make_model, tmp_path):
     m = make_model()
     folder = m.save_pretrained(tmp_path / "ckpt")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
     _perturb(m)
     m.save_pretrained(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # the second save replaced the first: the reloaded weights are the perturbed ones
+    reloaded = EchoX.from_pretrained(folder).state_dict()
+    changed = [k for k, v in m.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the perturbation changed nothing"
+    assert all(torch.equal(reloaded[k], m.state_dict()[k]) for k in changed)
 
 
 def test_missing_and_corrupt_files_are_named(make_model, tmp_path):

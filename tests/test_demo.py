@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from echox.cli import main
@@ -12,6 +13,7 @@ OUTPUT_RATE = 16000  # what every EchoX vocoder writes (the embedded one: vocode
 MIN_PEAK = 0.01  # -40 dBFS: well above silence (audio.SILENCE_PEAK is 1e-4)
 
 
+@pytest.mark.slow  # the embedded bundle: real SmolLM2 and Whisper tiny.en
 def test_demo_speaks_its_answer_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ECHOX_MODEL", raising=False)  # the embedded (trained) bundle
     assert packaged_question().is_file()
@@ -84,6 +86,7 @@ def test_demo_refuses_a_long_question_before_the_load(tmp_path, capsys, monkeypa
     assert "long.wav" in err and "the limit is 30 s" in err and "--max-audio-seconds" in err
 
 
+@pytest.mark.slow  # the embedded bundle: real SmolLM2 and Whisper tiny.en
 def test_demo_transcribes_the_file_it_wrote(tmp_path, capsys, monkeypatch):
     """The transcript line is what Whisper hears in the written answer (its 16-bit samples),
     not in the float samples before writing: on a marginal word the rounding alone changed what

@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 from conftest import noise
 
@@ -190,8 +193,6 @@ def _toy_chain(probs=None):
     """A toy next-token table (tokens 0, 1; 2 stops; row 3 is the start): the logits depend on
     the last input only. The default: greedy takes 0 first (0.6), but every continuation
     after 0 is worth at most 1/3; 1 then stop is worth 0.4 x 0.99."""
-    import math
-
     table = torch.log(torch.tensor(probs or [
         [1 / 3, 1 / 3, 1 / 3],  # after 0
         [0.005, 0.005, 0.99],  # after 1
@@ -310,12 +311,14 @@ def test_streamed_beam_tokens_come_before_the_search_ends():
 def test_beam_search_without_a_stop_returns_the_best_open_hypothesis():
     step, embed, start, score, _ = _toy_chain()
     res = beam_search(step, embed, start, [], SamplingConfig(max_new_tokens=3, num_beams=2))
-    assert not res.stopped and len(res.tokens) == 3
+    assert not res.stopped
+    # no stop token, so 2 is an ordinary token: 0 1 2 (0.6 x 1/3 x 0.99) is the best of all
+    # 27 sequences of three, above the greedy 0 0 0 and the 1 2 x that leads after two tokens
+    assert res.tokens == [0, 1, 2]
+    assert res.score == pytest.approx(math.log(0.6 / 3 * 0.99), rel=1e-5)
 
 
 def test_beam_settings_are_checked():
-    import pytest
-
     with pytest.raises(ValueError, match="num_beams"):
         SamplingConfig(num_beams=0)
     with pytest.raises(ValueError, match="temperature 0"):
@@ -348,8 +351,6 @@ def _repeats(tokens: list[int], n: int) -> bool:
 
 
 def test_repetition_guard_rules():
-    import pytest
-
     from echox.model.generation import banned_ngram_tokens, guard_repetition
 
     assert banned_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]  # "1 2 3" exists; "1 2" is the tail
@@ -488,7 +489,6 @@ def test_text_beam_search_rows_in_a_batch_equal_rows_alone(make_model):
 def test_sampling_values_that_would_fail_mid_decode_are_refused():
     """NaN/inf temperatures crashed torch.multinomial, a float n-gram size a slice, a string
     seed the generator; a float max_new_tokens ran one step more than asked."""
-    import pytest
 
     from echox.errors import ConfigError
 
@@ -502,8 +502,6 @@ def test_sampling_values_that_would_fail_mid_decode_are_refused():
 
 
 def test_generate_text_refuses_bad_dialogues(make_model):
-    import pytest
-
     from echox.errors import ConfigError, PromptError
 
     m = make_model()
@@ -522,8 +520,6 @@ def test_generate_text_refuses_bad_dialogues(make_model):
 
 
 def test_units_from_hidden_and_text_refuse_bad_input(make_model):
-    import pytest
-
     from echox.errors import PromptError, UnitError
 
     m = make_model()
@@ -548,7 +544,6 @@ def test_units_from_hidden_and_text_refuse_bad_input(make_model):
 def test_a_tiny_temperature_samples_the_top_token_and_beams_are_bounded():
     """temperature 1e-300 divided the logits into inf - inf: NaN probabilities, a RuntimeError
     in chat and a 500 for every turn in serve; 10**11 beams were killed for memory."""
-    import pytest
 
     from echox.errors import ConfigError
 

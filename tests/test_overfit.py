@@ -64,9 +64,9 @@ def test_echo_overfits(make_model):
     out0 = m.forward_echo(b, units)
     assert out0.echo > 0 and out0.den > 0 and out0.s2t > 0
     assert 0 < out0.lam <= m.config.loss.den_lambda
+    t2c_before = {k: v.clone() for k, v in m.t2c.state_dict().items()}
     first, last = _overfit(m.parameters(), lambda: m.forward_echo(b, units).loss, 40, 3e-3)
     assert last <= 0.5 * first, (first, last)
-    t2c_before = {k: v.clone() for k, v in m.t2c.state_dict().items()}
     m.forward_echo(b, units).loss.backward()
     assert all(p.grad is None for p in m.t2c.parameters())  # T2C stays frozen
     assert all(torch.equal(v, m.t2c.state_dict()[k]) for k, v in t2c_before.items())

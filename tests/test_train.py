@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -92,7 +93,9 @@ def test_stage_runs_saves_and_keeps_last(stage, tmp_path):
     reloaded = EchoX.from_pretrained(out / "model")
     assert stage in reloaded.trained_stages
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == stages.STAGE_PARTS[stage]
+    # written out, not read from stages.STAGE_PARTS (what the code under test uses)
+    assert trainable == {"s2t": {"adapter", "llm"}, "t2c": {"t2c"},
+                         "echo": {"adapter", "llm", "echo", "denoiser"}}[stage]
 
 
 @pytest.mark.parametrize("stage", ["s2t", "echo"])
@@ -334,8 +337,11 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(tmp_path, monkeypa
 def test_cpu_precision_probes(monkeypatch):
     from echox.model import precision
 
-    assert precision.cpu_has_fast_bf16() in (True, False)
-    assert precision.cpu_has_fast_fp16() in (True, False)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # torch's probes agree with the flags the kernel lists
+        flags = set(re.findall(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.M)[0].split())
+        assert precision.cpu_has_fast_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})
+        assert precision.cpu_has_fast_fp16() == ("amx_fp16" in flags)
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(precision, "cpu_has_fast_fp16", lambda: True)
     assert precision.slow_on_cpu(torch.bfloat16) and not precision.slow_on_cpu(torch.float16)
@@ -673,7 +679,8 @@ def test_char_condition_reads_the_text_byte_by_byte(tmp_path):
     rows, _ = m.t2c._rows(cond, [[1, 2, 3]])
     # Stage II leaves out pairs longer than max_positions by this count: a row per byte here
     assert rows[0].shape[0] == m.t2c.row_length(ids, 3) == 2 + len(b"Tokyo is big.") + 3
-    assert m.pseudo_labels([m.tokenizer("Tokyo", add_special_tokens=False)["input_ids"]]) is not None
+    labels = m.pseudo_labels([m.tokenizer("Tokyo", add_special_tokens=False)["input_ids"]])
+    assert len(labels) == 1 and all(0 <= u < m.t2c.num_units for u in labels[0])
     _run("s2t", tmp_path, max_steps=1, save_every=0)
     e = stages.prepare_model("echo", init=tmp_path / "s2t" / "model", t2c_from=tmp_path / "t2c" / "model")
     assert e.config.t2c.char_condition

@@ -263,6 +263,8 @@ def test_save_never_deletes_what_is_not_an_earlier_save(tmp_path) -> None:
         tiny_model().save_pretrained(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()
-    tiny_model().save_pretrained(tmp_path / "empty")
-    tiny_model().save_pretrained(tmp_path / "empty")  # an earlier save: replaced
-    assert Unit2Mel.from_pretrained(tmp_path / "empty") is not None
+    tiny_model(seed=1).save_pretrained(tmp_path / "empty")
+    second = tiny_model(seed=2)
+    second.save_pretrained(tmp_path / "empty")  # an earlier save: replaced
+    reloaded = Unit2Mel.from_pretrained(tmp_path / "empty").state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in second.state_dict().items())
