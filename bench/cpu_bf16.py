@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -65,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int_at_least(1), default=5)
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
+    if args.json:  # before the run: a bad path would lose its results, an input be replaced
+        from echox.fileio import check_out_path
+
+        check_out_path(args.json, "--json", folder=False, inputs=[])
     torch.set_num_threads(args.threads)
 
     from echox.model.precision import cpu_has_fast_bf16
@@ -89,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['work']:<44} | {r['fp32']:>9.2f} | {r['bf16']:>9.2f} | {r['bf16_speedup']:>12.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"native_bf16": native, "bf16_runs_as": uses,
-                                               "threads": args.threads, "rows": rows}, indent=1))
+        from echox.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"native_bf16": native, "bf16_runs_as": uses,
+                                                 "threads": args.threads, "rows": rows}, indent=1))
     return 0
 
 

@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--asr", help="also this ASR's transcript, e.g. faster-whisper (Whisper tiny.en) "
                                  "or transformers:NAME (echox.infer.asr.make_asr)")
     args = p.parse_args(argv)
+    if args.json:  # before the run: a bad path would lose its results, an input be replaced
+        from echox.fileio import check_out_path
+
+        check_out_path(args.json, "--json", folder=False, inputs=[args.qa])
     torch.set_num_threads(args.threads)
     from echox.audio import load_audio
     from echox.eval.wer import edit_distance, normalize_words
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     print(head)
     print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from echox.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
     return 0
 
 

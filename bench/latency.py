@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:  # before the run, not after it: the rows would be lost
         from echox.fileio import check_out_path
 
-        check_out_path(args.json, "--json", folder=False)
+        check_out_path(args.json, "--json", folder=False, inputs=[args.questions])
 
     import torch
 
@@ -156,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<22} median {fmt(med, 2):>9}  p90 {fmt(pct(vals, 90), 2):>9}  "
               f"(n={len(vals)})")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "rows": [asdict(r) for r in rows]},
-                                        indent=2))
+        from echox.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"summary": summary,
+                                                 "rows": [asdict(r) for r in rows]}, indent=2))
     return 0
 
 

@@ -512,11 +512,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 < args.mfu <= 1:
         ap.error(f"--mfu must be a fraction in (0, 1], got {args.mfu}")
+    if args.json:  # before the run: a bad path would lose its results, an input be replaced
+        from echox.fileio import check_out_path
+
+        check_out_path(args.json, "--json", folder=False, inputs=[])
     torch.set_num_threads(1)
     p = plan(args.preset, args.mfu, Workload())
     print(fmt(p))
     if args.json:
-        Path(args.json).write_text(json.dumps(p, indent=1, default=str))
+        from echox.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(p, indent=1, default=str))
     return 0
 
 

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from echox.config import int_at_least
+from echox.fileio import atomic_write_text, check_out_path
 
 SHORT_PROMPT = "Answer in one short sentence."
 NO_SHARE = {"share_prompt": False}
@@ -320,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.batch_size > args.n and not args.show_curves:
         p.error(f"--batch-size ({args.batch_size}) must be <= --n ({args.n})")
+    if args.json:  # before the run: a bad path would lose its results, an input be replaced
+        check_out_path(args.json, "--json", folder=False,
+                       inputs=[args.model, args.dialogues, args.tts, *(args.ctc_vocab_data or []),
+                               *(args.show_curves or [])])
     with tempfile.TemporaryDirectory(prefix="train_speed-") as t:
         tmp = Path(t)
         if args.show_curves:
@@ -338,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.curve:
             curves = curve(args, tmp)
             if args.json:
-                Path(args.json).write_text(json.dumps(curves))
+                atomic_write_text(args.json, json.dumps(curves))
             if {"fp32", "bf16"} <= set(curves):
                 show_curves(curves)
             return 0
@@ -360,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {threads}t {stage} {variant}: {row.examples_per_s:.2f} ex/s", file=sys.stderr, flush=True)
         print_table(rows)
         if args.json:
-            Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+            atomic_write_text(args.json, json.dumps([asdict(r) for r in rows], indent=1))
     return 0
 
 

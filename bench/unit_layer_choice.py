@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int_at_least(1), default=8)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
+    if args.json:  # before the run: a bad path would lose its results, an input be replaced
+        from echox.fileio import check_out_path
+
+        check_out_path(args.json, "--json", folder=False, inputs=[args.manifest])
     if not 0 < args.heldout < 1:
         ap.error(f"--heldout must be a fraction in (0, 1), got {args.heldout}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['layer']} | {r['k']} | {r['kept_pct']:.0f} | {r['units_per_s']:.1f} | "
               f"{r['units_per_char']:.2f} | {r['rel_inertia']:.3f} | {r['usage']:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        from echox.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
     return 0
 
 

@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                          "the records' run lengths): splits the gap into durations and spectra")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    if args.json:  # before the run: a bad path would lose its results, an input be replaced
+        from echox.fileio import check_out_path
+
+        check_out_path(args.json, "--json", folder=False, inputs=[args.manifest])
 
     import numpy as np
     import torch
@@ -144,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         for ex in v["examples"][:2]:
             print(f"  [{name}] ref: {ex['ref']}\n  [{name}] syn: {ex['syn']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        from echox.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(res, indent=2))
     return 0
 
 

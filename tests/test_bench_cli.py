@@ -72,3 +72,32 @@ def test_missing_or_bad_input_file_is_one_line(tmp_path: Path) -> None:
     assert _one_line(_script("hifigan_int8", "--manifest", str(missing))) == \
         f"hifigan_int8: error: {missing}: no such file"
     assert _one_line(_script("train_speed", "--show-curves", str(missing))).startswith("train_speed: error: ")
+
+
+# (script, argv with the input file as {inp}): --json naming that input is refused before the run
+JSON_OVER_INPUT = [
+    ("ctc_probe", ["--model", MISSING, "--qa", "{inp}"]),
+    ("latency", ["--model", MISSING, "--questions", "{inp}"]),
+    ("vocoder", ["--vocoder", MISSING, "--manifest", "{inp}"]),
+    ("unit_layer_choice", ["--manifest", "{inp}"]),
+    ("train_speed", ["--model", MISSING, "--dialogues", "{inp}"]),
+]
+
+
+@pytest.mark.parametrize(("name", "argv"), JSON_OVER_INPUT, ids=[n for n, _ in JSON_OVER_INPUT])
+def test_json_output_never_replaces_an_input_and_is_checked_first(name: str, argv: list[str],
+                                                                  tmp_path: Path) -> None:
+    """`--json` was written at the end with write_text: over its own --qa/--questions/--manifest
+    (the questions were gone, exit 0), or, below a missing folder, after the whole run."""
+    from echox.errors import ConfigError
+
+    script = load_script(f"bench/{name}.py", f"bench_{name}")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"question": "Who?"}\n')
+    args = [a.replace("{inp}", str(inp)) for a in argv]
+    with pytest.raises(ConfigError, match="is an input of this command"):
+        script.main([*args, "--json", str(tmp_path / "." / "in.jsonl")])
+    assert inp.read_text() == '{"question": "Who?"}\n'
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        script.main([*args, "--json", str(tmp_path / "afile" / "rows.json")])

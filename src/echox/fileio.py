@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, NamedTuple
+from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple
 
 from echox.errors import ConfigError
 
@@ -189,10 +189,17 @@ def folder_config(folder: str | os.PathLike, name: str = "config.json") -> dict[
         return None
 
 
-def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bool = True) -> Path:
+def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bool = True,
+                   inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Refuse, before any slow work, an output path that cannot be made: a `folder` that is an
-    existing file, or a path below a file. Returns the path."""
+    existing file, or a path below a file; and an output file that is one of the command's
+    `inputs` (writing it would replace what was read). Returns the path."""
     p = Path(path)
+    if not folder:
+        for src in inputs:
+            if src is not None and Path(src).resolve() == p.resolve():
+                raise ConfigError(f"{option} {p} is an input of this command ({src}); writing "
+                                  "it would replace it: give another path")
     if folder and p.exists() and not p.is_dir():
         raise ConfigError(f"{option} {p} is a file; give a folder")
     if not folder and p.is_dir():
