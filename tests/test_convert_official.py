@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -383,6 +384,18 @@ def test_bin_shards_own_table_tied_head(tmp_path: Path) -> None:
     assert m.llm.base.lm_head.weight.data_ptr() == m.llm.base.get_input_embeddings().weight.data_ptr()
 
 
+# config.json values that converted into a bundle that could not answer (NaN rope_theta, -1
+# positions), was killed for memory (a unit vocabulary of 2**31 - 1) or a traceback
+CONFIG_EDITS: dict[str, dict[str, Any]] = {
+    "rope theta nan": {"rope_theta": float("nan")},
+    "rope theta negative": {"rope_theta": -5.0},
+    "positions negative": {"max_position_embeddings": -1},
+    "kv heads zero": {"num_key_value_heads": 0},
+    "hidden act unknown": {"hidden_act": "nope"},
+    "unit vocabulary huge": {"unit_vocab_size": 2**31 - 1},
+}
+
+
 def _damage(src: Path, how: str) -> None:
     if how == "missing shard":
         (src / "model-00002-of-00002.safetensors").unlink()
@@ -419,6 +432,11 @@ def _damage(src: Path, how: str) -> None:
     elif how == "config a folder":  # was an IsADirectoryError traceback
         (src / "config.json").unlink()
         (src / "config.json").mkdir()
+    elif how == "tower d_model text":  # was a ValueError traceback
+        (src.parent / "whisper-tiny-test" / "config.json").write_text('{"d_model": "abc"}')
+    elif how in CONFIG_EDITS:
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, **CONFIG_EDITS[how]}))
     elif how in ("huge size", "rope theta text", "rms eps text", "shard name too long"):
         cfg = json.loads((src / "config.json").read_text())
         if how == "shard name too long":  # was an OSError traceback
@@ -444,7 +462,14 @@ def _damage(src: Path, how: str) -> None:
     ("config a folder", "config.json: cannot read it (Is a directory)"),
     ("huge size", "out of range: hidden_size (1000000000000000000000000000000: expected 1 to 2147483647)"),
     ("rope theta text", "rope_theta is not a number"),
-    ("rms eps text", "cannot load the tokenizer"),  # a pydantic-style error of several lines
+    ("rms eps text", "config.json: not a valid LLM config"),  # pydantic-style, several lines
+    ("tower d_model text", "d_model is 'abc', not a whole number"),
+    ("rope theta nan", "rope_theta must be a finite number > 0, got nan"),
+    ("rope theta negative", "rope_theta must be a finite number > 0, got -5.0"),
+    ("positions negative", "out of range: max_position_embeddings (-1: expected 1 to"),
+    ("kv heads zero", "out of range: num_key_value_heads (0"),
+    ("hidden act unknown", "the model it describes cannot be built (KeyError"),
+    ("unit vocabulary huge", "tokens from id"),
     ("shard name too long", "named in model.safetensors.index.json is missing"),
 ])
 def test_damaged_folder_one_line_exit_2(tmp_path: Path, capsys, how: str, message: str) -> None:
@@ -467,6 +492,13 @@ def test_force_never_replaces_the_source(tmp_path: Path, capsys) -> None:
         err = capsys.readouterr().err
         assert rc == 2 and "would delete the checkpoint being converted" in err, err
     assert sorted(p.name for p in fx.src.iterdir()) == before
+    # the audio tower the bundle will read was replaced by the bundle (pointing at itself)
+    tower = fx.src.parent / "whisper-tiny-test"
+    tower_files = sorted(p.name for p in tower.iterdir())
+    rc = main(["convert", "official", str(fx.src), str(tower), "--force"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds the audio tower" in err, err
+    assert sorted(p.name for p in tower.iterdir()) == tower_files
 
 
 def test_copy_memory_does_not_grow_with_the_tensor(tmp_path: Path) -> None:
@@ -481,6 +513,7 @@ def test_copy_memory_does_not_grow_with_the_tensor(tmp_path: Path) -> None:
     code = f"""
 import resource
 from pathlib import Path
+from typing import Any
 from echox.convert.tensor_files import BinShards, SafetensorsWriter, iter_bytes, read_safetensors_header
 src = Path({str(tmp_path / 'big.safetensors')!r})
 info = read_safetensors_header(src)["x"]

@@ -49,8 +49,8 @@ class EncoderConfig:
 
     def validate(self, path: str = "encoder") -> None:
         _check(bool(self.name_or_path), f"{path}.name_or_path", "must be a non-empty string")
-        _check(self.window_seconds is None or self.window_seconds > 0, f"{path}.window_seconds",
-               "must be > 0 or null")
+        _check(self.window_seconds is None or 0 < self.window_seconds < math.inf,
+               f"{path}.window_seconds", f"must be a finite number > 0 or null, got {self.window_seconds}")
         _check(self.max_seconds > 0 and self.max_seconds != float("inf"), f"{path}.max_seconds",
                f"must be a finite number > 0, got {self.max_seconds}")
 
@@ -222,6 +222,8 @@ class T2CConfig:
         _check(self.rope_scaling is None or isinstance(self.rope_scaling, dict),
                f"{path}.rope_scaling", "must be a mapping or null")
         _check(self.rms_norm_eps > 0, f"{path}.rms_norm_eps", "must be > 0")
+        _check(0 < self.rope_theta < math.inf, f"{path}.rope_theta",
+               f"must be a finite number > 0, got {self.rope_theta}")
         _check(self.align_weight >= 0, f"{path}.align_weight", "must be >= 0")
         _check(self.align_sigma > 0, f"{path}.align_sigma", "must be > 0")
         _check(self.align_heads >= 0, f"{path}.align_heads", "must be >= 0")

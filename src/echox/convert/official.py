@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -77,6 +78,8 @@ TEXT_PREFIX_LAST_ID = 12800
 ECHOX_FIELDS = ("audio_tower", "adapter_size", "unit_output", "unit_vocab_size", "unit_model")
 REQUIRED = ("audio_tower", "adapter_size", "unit_output", "unit_vocab_size", "vocab_size",
             "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+# sizes a Llama config may leave out (or give as null); where given, whole numbers >= 1
+OPTIONAL_SIZES = ("max_position_embeddings", "num_key_value_heads", "head_dim")
 # authors' name prefix -> ours (first match wins); other `model.*` / `lm_head.*` names are the LLM's
 RENAMES = (
     ("model.mm_projector1.", "adapter.mm_projector1."),
@@ -160,12 +163,23 @@ def read_source(src: Path) -> Source:
     if huge:
         raise ConversionError(f"{src / 'config.json'}: out of range: "
                               + ", ".join(f"{k} ({config[k]!r}: expected 1 to {2**31 - 1})" for k in huge))
+    bad = [k for k in OPTIONAL_SIZES if config.get(k) is not None and (
+        not isinstance(config[k], int) or isinstance(config[k], bool) or not 0 < config[k] < 2**31)]
+    if bad:
+        raise ConversionError(f"{src / 'config.json'}: out of range: "
+                              + ", ".join(f"{k} ({config[k]!r}: expected 1 to {2**31 - 1})" for k in bad))
+    try:  # the LLM's own config: its checks name config.json, not the tokenizer loaded with it
+        from transformers import LlamaConfig
+
+        llm_cfg = LlamaConfig.from_dict(llm_config(config))
+    except Exception as e:  # noqa: BLE001 - pydantic-style validation fails in many ways
+        why = " ".join(str(e).split())
+        raise ConversionError(f"{src / 'config.json'}: not a valid LLM config ({type(e).__name__}: "
+                              f"{why})") from e
     if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConversionError(f"{src}: no tokenizer (tokenizer.json / tokenizer_config.json)")
     try:  # with the LLM's config: transformers does not know the model type "EchoX"
-        from transformers import LlamaConfig
-
-        tok = AutoTokenizer.from_pretrained(src, config=LlamaConfig.from_dict(llm_config(config)))
+        tok = AutoTokenizer.from_pretrained(src, config=llm_cfg)
     except Exception as e:  # noqa: BLE001 - tokenizer loading fails in many ways
         why = " ".join(str(e).split())  # one line: pydantic-style errors span several
         raise ConversionError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {why})") from e
@@ -196,9 +210,12 @@ def _llm_dtype(config: dict[str, Any]) -> str:
 
 def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     try:
-        return _rope_values(config)
+        theta, scaling = _rope_values(config)
     except (TypeError, ValueError) as e:
         raise ConversionError(f"config.json: rope_theta is not a number ({e})") from e
+    if not 0 < theta < math.inf:  # NaN wrote a bundle whose every answer failed to sample
+        raise ConversionError(f"config.json: rope_theta must be a finite number > 0, got {theta}")
+    return theta, scaling
 
 
 def _rope_values(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -227,7 +244,10 @@ def _check_tower(tower: str, adapter_size: int) -> None:
     cfg = Path(tower) / "config.json"
     if os.path.isfile(cfg):
         d = read_json_object(cfg, ConversionError, "audio tower config").get("d_model")
-        if d is not None and int(d) != adapter_size:
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool)):
+            raise ConversionError(f"audio tower {tower}: config.json's d_model is {d!r}, not a "
+                                  "whole number")
+        if d is not None and d != adapter_size:
             raise ConversionError(f"audio tower {tower} has d_model {d} but config.json's "
                                   f"adapter_size is {adapter_size}")
 
@@ -351,7 +371,11 @@ class Entry:
 
 def plan(src: Source, cfg: EchoXConfig) -> list[Entry]:
     """Every source tensor's destination; any unknown, missing or misshapen one is an error."""
-    ours, llm, tied = _meta_shapes(cfg, src)
+    try:  # a config.json transformers cannot build: num_key_value_heads 0, an unknown hidden_act
+        ours, llm, tied = _meta_shapes(cfg, src)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise ConversionError(f"{src.folder / 'config.json'}: the model it describes cannot be "
+                              f"built ({type(e).__name__}: {' '.join(str(e).split())})") from e
     if cfg.t2c.shared_embedding:
         ours.pop("echo.model.embed_tokens.weight")
     required_llm = {k for k in llm if not (tied and k == "lm_head.weight")}
@@ -468,6 +492,11 @@ def convert_official(src_dir: str | Path, out_dir: str | Path, audio_tower: str 
         raise ConversionError(f"{src.vocoder}: {e}") from e
 
     out = Path(out_dir).expanduser()
+    for what, path in (("the checkpoint being converted", src.folder), ("the audio tower", tower)):
+        if os.path.isdir(path) and (out.resolve() == Path(path).resolve()
+                                    or out.resolve() in Path(path).resolve().parents):
+            raise ConversionError(f"OUT {out} holds {what} ({path}): replacing it would delete "
+                                  "it; give another OUT")
     with atomic_dir(out) as tmp:
         mine = sorted((e for e in entries if e.to == "model"), key=lambda e: (str(e.info.file), e.info.start))
         w = SafetensorsWriter(tmp / WEIGHTS, [(e.name, e.info.dtype, e.info.shape) for e in mine])
