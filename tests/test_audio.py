@@ -376,6 +376,21 @@ def test_truncated_wav_is_refused(tmp_path: Path) -> None:
         load_audio(st[:-1])
 
 
+def test_a_cut_mp3_is_refused_and_a_whole_one_loads(tmp_path: Path) -> None:
+    """libsndfile decodes what is left of a cut MP3 and keeps the header's length: half a
+    question was answered as if it were the whole one."""
+    x = sine(440.0, 2.0, 16000)
+    whole = _wav_bytes(x, 16000, fmt="MP3", subtype="MPEG_LAYER_III")
+    wav = load_audio(whole)
+    assert wav.ndim == 1 and abs(wav.size - x.size) <= 0.01 * x.size
+    (tmp_path / "cut.mp3").write_bytes(whole[: len(whole) // 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(AudioError, match=r"cut\.mp3': truncated audio file: the header says "
+                                             r"2\.00 s, 0\.\d\d s could be decoded"):
+            load_audio(tmp_path / "cut.mp3")
+
+
 def test_wav_cut_inside_its_header_is_a_clear_error(tmp_path: Path) -> None:
     """Every prefix of a WAV file is refused with an AudioError (never a struct.error), by
     load_audio and by audio_info, which also refuses a file cut inside its samples."""

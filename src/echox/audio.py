@@ -288,8 +288,15 @@ def _decode(
                     raise _too_long(name, f.frames / rate, max_seconds)
                 frames = max_frames(max_seconds, rate)
             data = f.read(frames=frames, dtype="float32", always_2d=True)  # [T, C]
+            want = f.frames if frames == -1 else frames
     except (sf.SoundFileError, RuntimeError) as err:
         raise AudioError(f"{name}: not a readable audio file ({err})") from err
+    # a cut compressed file (MP3) keeps its header's length and decodes what is left: half a
+    # question was answered as the whole one. Complete files decode to their header's count;
+    # the slack is for formats whose count is an estimate
+    if want - data.shape[0] > max(0.01 * want, 0.05 * rate):
+        raise AudioError(f"{name}: truncated audio file: the header says {want / rate:.2f} s, "
+                         f"{data.shape[0] / rate:.2f} s could be decoded")
     return data, rate
 
 
