@@ -294,7 +294,7 @@ def test_two_turn_dialogue_keeps_history(bundle: Bundle) -> None:
     assert s.history == [] and s.turn is None
 
 
-def test_one_turn_at_a_time_per_session(bundle: Bundle) -> None:
+def test_one_turn_at_a_time_per_session(bundle: Bundle, tmp_path: Path) -> None:
     """A second respond() or a reset() while a turn is being answered is a clear PromptError
     (two turns would share the streaming state); once the first is read or closed, both work."""
     with Engine(bundle, greedy()) as eng:
@@ -320,6 +320,13 @@ def test_one_turn_at_a_time_per_session(bundle: Bundle) -> None:
         assert len(s.history) == 4  # the refused turn left no trace
         with pytest.raises(AudioError):
             s.respond(audio=noise(0.5, 1), sample_rate=0)
+        wav = tmp_path / "q16k.wav"  # a rate given with a file must be the file's own
+        sf.write(wav, noise(0.5, 1), 16000)
+        with pytest.raises(AudioError, match="orig_sr=8000 disagrees with the file's rate 16000"):
+            s.respond(audio=wav, sample_rate=8000)
+        with pytest.raises(AudioError, match="orig_sr=8000 disagrees"):
+            s.respond(audio=wav.read_bytes(), sample_rate=8000)
+        assert isinstance(list(s.respond(audio=wav, sample_rate=16000))[-1], Final)
         with pytest.raises(PromptError, match=r"history\[0\] is a dict, not a Turn"):
             eng.session([{"role": "user", "text": "hi"}])  # type: ignore[list-item]
 

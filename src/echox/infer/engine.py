@@ -108,7 +108,8 @@ def load_question(audio: AudioInput, limit: float | None, sr: int = 16000,
             else:
                 if limit is not None:
                     check_speech_length(info.frames, limit, name, info.sample_rate)
-        wav = load_audio(audio, sr, max_seconds=None)
+        # a given rate must be the file's own (load_audio refuses one that disagrees)
+        wav = load_audio(audio, sr, max_seconds=None, orig_sr=sample_rate)
     else:
         raise AudioError(f"unsupported audio input {type(audio).__name__}; "
                          "give a path, bytes or a numpy array")
