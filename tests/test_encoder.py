@@ -80,3 +80,36 @@ def test_frontend_batched_on_a_device_matches_clip_by_clip():
     assert not torch.equal(batched.features[0], batched.features[2])  # each clip its own max
     with pytest.raises(ValueError, match="longer than the encoder window"):
         fe([noise(3.5)], device="cpu")
+
+
+def test_damaged_base_model_folders_are_one_error_naming_them(tmp_path):
+    """A cut or lost LLM weights file, or a malformed config.json of the LLM or of Whisper, in
+    a base-model folder (e.g. a cached conversion) was a library traceback."""
+    import shutil
+
+    from echox.config import LLMConfig
+    from echox.model.llm import LLM
+
+    llm = tmp_path / "llm"
+    shutil.copytree(resolve("builtin:tiny-random-llama"), llm)
+    weights = (llm / "model.safetensors").read_bytes()
+    cfg = LLMConfig(name_or_path=str(llm), use_lora=False)
+    (llm / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match=rf"{llm}: cannot load the LLM \(Safetensor"):
+        LLM.from_folder(llm, cfg)
+    (llm / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=rf"{llm}: cannot load the LLM \(OSError"):
+        LLM.from_folder(llm, cfg)
+    (llm / "model.safetensors").write_bytes(weights)
+    (llm / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(CheckpointError, match=rf"{llm}: cannot load the (LLM|tokenizer) \("):
+        LLM.from_folder(llm, cfg)
+
+    whisper = tmp_path / "whisper"
+    shutil.copytree(resolve("builtin:tiny-random-whisper"), whisper)
+    (whisper / "config.json").write_text('{"d_model": ')
+    with pytest.raises(CheckpointError, match=rf"{whisper}: cannot load the Whisper config"):
+        WhisperSpeechEncoder.from_folder(whisper)
+    (whisper / "preprocessor_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match=rf"{whisper}: cannot load the Whisper feature"):
+        LogMelFrontEnd(whisper, 80, 300)

@@ -303,3 +303,22 @@ def test_folder_config_is_an_object_or_none(tmp_path):
     (tmp_path / "config.json").write_text('{"format": "echox"}')
     assert folder_config(tmp_path) == {"format": "echox"}
     assert folder_config(tmp_path, "other.json") is None
+
+
+def test_atomic_dir_clears_what_a_killed_save_on_this_host_left(tmp_path: Path) -> None:
+    """A save killed midway left `.out.tmp-<host>-<pid>` (for a converted 8B model, up to
+    16 GB) that no later save removed; a running save's and another host's are kept."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".out.tmp-{fileio._HOST}-{dead.pid}"
+    running = tmp_path / f".out.tmp-{fileio._HOST}-{os.getppid()}"
+    elsewhere = tmp_path / f".out.tmp-otherhost-{dead.pid}"
+    for d in (left, running, elsewhere):
+        d.mkdir()
+        (d / "weights").write_bytes(b"x" * 10)
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert _names(tmp_path) == sorted(["out", running.name, elsewhere.name])

@@ -42,6 +42,38 @@ def test_conversion_race_keeps_the_winner(tmp_path, monkeypatch):
         cached_conversion("broken-model", broken)
 
 
+def test_conversion_mends_a_damaged_entry_and_refuses_a_cache_file(tmp_path, monkeypatch):
+    """An entry that lost its config.json was converted again (20 s), then refused as
+    existing; $ECHOX_CACHE naming a file was a NotADirectoryError after the conversion."""
+    from echox.errors import ConfigError
+
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def convert(dst):
+        calls.append(dst)
+        with atomic_output_dir(dst) as tmp:
+            (tmp / "config.json").write_text("{}")
+            (tmp / "model.safetensors").write_bytes(b"w")
+            os.chmod(tmp / "model.safetensors", 0o600)  # as safetensors writes it
+
+    damaged = tmp_path / "cache" / "packaged" / "m"
+    damaged.mkdir(parents=True)
+    (damaged / "model.safetensors").write_bytes(b"half")
+    assert cached_conversion("m", convert) == damaged and len(calls) == 1
+    assert (damaged / "model.safetensors").read_bytes() == b"w"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (damaged / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert cached_conversion("m", convert) == damaged and len(calls) == 1  # kept
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(ConfigError, match=r"\$ECHOX_CACHE .*afile is a file, not a folder"):
+        cached_conversion("m", convert)
+    assert len(calls) == 1  # refused before converting
+
+
 def test_local_folder_and_errors(tmp_path):
     assert resolve(str(tmp_path)) == tmp_path
     with pytest.raises(ResolveError, match="model folder not found"):

@@ -11,6 +11,10 @@ value, `FileNotFoundError` for a missing file), so code that catches those keeps
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from os import PathLike
+
 
 class EchoXError(Exception):
     """Base of every error caused by input, config or files rather than by a bug."""
@@ -94,3 +98,25 @@ class DataBuildError(EchoXError, RuntimeError):
 
 class EvalError(EchoXError, ValueError):
     """An evaluation cannot run: a bad benchmark file, a missing ASR model, a bad option."""
+
+
+@contextlib.contextmanager
+def loading(folder: str | PathLike, what: str) -> Iterator[None]:
+    """A library's loader that fails on a damaged folder (a cut or lost weights file, a
+    malformed config.json) raises CheckpointError naming the folder, in one line."""
+    try:
+        yield
+    except EchoXError:
+        raise
+    except (OSError, ValueError) as e:
+        raise CheckpointError(_damaged(folder, what, e)) from e
+    except Exception as e:  # safetensors' SafetensorError derives from Exception alone
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise CheckpointError(_damaged(folder, what, e)) from e
+
+
+def _damaged(folder: str | PathLike, what: str, e: BaseException) -> str:
+    why = " ".join(str(e).split())[:300]
+    return (f"{folder}: cannot load the {what} ({type(e).__name__}: {why}); if the folder is "
+            "damaged, restore it (a cached conversion is made again once its folder is deleted)")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple
@@ -58,6 +59,17 @@ def save_tensors(tensors: dict[str, Any], path: str | os.PathLike,
     return Path(path)
 
 
+def usual_permissions(folder: str | os.PathLike) -> None:
+    """Give every file under `folder` the usual mode (0666 minus the umask): files that a
+    library wrote 0600 (safetensors, through transformers' save_pretrained) are then readable
+    where the folder is shared."""
+    mode = 0o666 & ~_umask()
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            with contextlib.suppress(PermissionError, NotImplementedError):
+                os.chmod(f, mode)
+
+
 def is_file_name(name: str) -> bool:
     """Whether `name` (an id, say) can name a file inside its folder: not empty, no path of its
     own (never `a/b`, `.`, `..`), no NUL byte, and short enough for the file system's 255-byte
@@ -87,6 +99,31 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+# scratch folders carry the host as well as the PID: on a shared file system another
+# machine's PID says nothing about whether its save is still running
+_HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or not a PID we can ask about): keep its folder
+    return True
+
+
+def _clear_dead_scratch(dst: Path) -> None:
+    """Remove the scratch folders of `dst` that a killed save on this host left (a converted
+    8B model leaves up to 16 GB in a hidden folder); a running save's is kept."""
+    prefix = f".{dst.name}.tmp-{_HOST}-"
+    for tmp in dst.parent.glob(glob.escape(prefix) + "*"):
+        pid = tmp.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
     """Yield a scratch folder beside `dst`; on success it replaces `dst` in one rename.
@@ -96,7 +133,8 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    _clear_dead_scratch(dst)
+    tmp = dst.parent / f".{dst.name}.tmp-{_HOST}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 from echox.errors import ConversionError
+from echox.fileio import check_out_path
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,11 @@ def cached_conversion(name: str, convert: Callable[[Path], object]) -> Path:
     """`cache_dir()/packaged/<name>`, made by `convert(dst)` the first time."""
     dst = cache_dir() / "packaged" / name
     if not (dst / "config.json").is_file():
+        # before the conversion's minutes: a cache path that is (or lies below) a file
+        check_out_path(dst, "$ECHOX_CACHE" if os.environ.get("ECHOX_CACHE") else "the cache")
+        if dst.is_dir() and not dst.is_symlink():  # damaged (its config.json lost): made again
+            log.warning("%s has no config.json: converting it again", dst)
+            shutil.rmtree(dst)
         log.warning("converting the packaged %s into %s (once)", name, dst)
         try:
             convert(dst)

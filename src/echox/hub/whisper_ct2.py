@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from echox.errors import ConversionError, PackagedModelMissingError
-from echox.fileio import atomic_dir, read_json_object
+from echox.fileio import atomic_dir, read_json_object, usual_permissions
 
 if TYPE_CHECKING:
     from transformers import WhisperConfig
@@ -332,6 +332,9 @@ def atomic_output_dir(dst_dir: Path | str, overwrite: bool = False) -> Iterator[
         raise ConversionError(f"{dst} already exists (pass overwrite=True to replace it)")
     with atomic_dir(dst) as tmp:
         yield tmp
+        # transformers' save_pretrained writes its weights 0600: in a shared cache another
+        # user found config.json, skipped the conversion and could not read the weights
+        usual_permissions(tmp)
 
 
 def report_progress(progress: bool, msg: str, t0: float) -> None:

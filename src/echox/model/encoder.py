@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from echox.audio import max_frames
-from echox.errors import AudioTooLongError, CheckpointError, ConfigError
+from echox.errors import AudioTooLongError, CheckpointError, ConfigError, loading
 from echox.fileio import read_json_object
 
 HOP = 160  # Whisper's mel hop at 16 kHz
@@ -121,7 +121,8 @@ class WhisperSpeechEncoder(nn.Module):
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"Whisper config missing: {folder / 'config.json'}")
-        cfg = WhisperConfig.from_pretrained(folder)
+        with loading(folder, "Whisper config"):
+            cfg = WhisperConfig.from_pretrained(folder)
         sd = _load_encoder_state(folder)
         native_positions = cfg.max_source_positions
         if window_seconds is not None:
@@ -177,7 +178,8 @@ class LogMelFrontEnd:
 
         pre = Path(folder) / "preprocessor_config.json" if folder is not None else None
         if pre is not None and pre.is_file():
-            self.fe = WhisperFeatureExtractor.from_pretrained(folder)
+            with loading(folder, "Whisper feature extractor"):
+                self.fe = WhisperFeatureExtractor.from_pretrained(folder)
         else:
             self.fe = WhisperFeatureExtractor(feature_size=num_mel_bins)
         if self.fe.feature_size != num_mel_bins:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from echox.config import LLMConfig
-from echox.errors import CheckpointError, ConfigError
+from echox.errors import CheckpointError, ConfigError, loading
 from echox.model.generation import cache_kwargs, output_cache
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,11 +59,16 @@ class LLM(nn.Module):
         `dtype` replaces `cfg.dtype` (the weights are read in it, never in float32 first)."""
         from transformers import AutoModelForCausalLM
 
-        tok = tokenizer if tokenizer is not None else load_tokenizer(folder, cfg.audio_token)
+        if tokenizer is None:
+            with loading(folder, "tokenizer"):
+                tokenizer = load_tokenizer(folder, cfg.audio_token)
+        tok = tokenizer
         extra: dict[str, Any] = {}
         if device is not None and torch.device(device).type != "cpu":
             extra["device_map"] = {"": str(torch.device(device))}
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or _DTYPES[cfg.dtype], **extra)
+        with loading(folder, "LLM"):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or _DTYPES[cfg.dtype],
+                                                         **extra)
         if cfg.resize_embeddings:
             _fit_vocab(model, len(tok))
         else:
