@@ -383,8 +383,62 @@ def test_a_folder_that_is_not_a_path_is_a_checkpoint_error(bad, tmp_path):
         EchoX.from_pretrained(bad)
     with pytest.raises(CheckpointError, match="must be a path"):
         load_bundle(bad)
-    with pytest.raises(CheckpointError, match="dtype must be a torch.dtype"):
+    with pytest.raises(CheckpointError, match="dtype must be a floating torch.dtype"):
         EchoX.from_pretrained(tmp_path, dtype="float16")
+
+
+def test_from_pretrained_checks_device_dtype_and_the_config_it_reads(make_model, tmp_path):
+    """device "cuda" on a CPU build was an AssertionError, "foo" or 5 a RuntimeError, an int
+    dtype transformers' ValueError; trained_stages null a TypeError ("echo" became 5 letters);
+    an _added_rows.embed of another shape a RuntimeError, a missing one silently random rows."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from echox.model.checkpoint import CHECKSUMS, CONFIG, WEIGHTS, sha256_file
+
+    folder = make_model().save_pretrained(tmp_path / "ckpt")
+    if not torch.cuda.is_available():
+        with pytest.raises(CheckpointError, match="device cuda: this torch build or machine has no CUDA"):
+            EchoX.from_pretrained(folder, device="cuda")
+    with pytest.raises(CheckpointError, match="device 'foo'"):
+        EchoX.from_pretrained(folder, device="foo")
+    with pytest.raises(CheckpointError, match="dtype must be a floating torch.dtype"):
+        EchoX.from_pretrained(folder, dtype=torch.int8)
+
+    def rewrite(name, text=None, tensors=None):
+        if tensors is not None:
+            save_file(tensors, str(folder / name))
+        else:
+            (folder / name).write_text(text)
+        sums = json.loads((folder / CHECKSUMS).read_text())
+        sums[name] = sha256_file(folder / name)
+        (folder / CHECKSUMS).write_text(json.dumps(sums))
+
+    meta = json.loads((folder / CONFIG).read_text())
+    for bad in (None, "echo", [1]):
+        rewrite(CONFIG, json.dumps({**meta, "trained_stages": bad}))
+        with pytest.raises(CheckpointError, match="trained_stages must be a list of stage names"):
+            EchoX.from_pretrained(folder)
+    rewrite(CONFIG, json.dumps(meta))
+    sd = load_file(str(folder / WEIGHTS))
+    rows = sd["_added_rows.embed"]
+    rewrite(WEIGHTS, tensors={**sd, "_added_rows.embed": torch.zeros(rows.shape[0] + 1, rows.shape[1])})
+    with pytest.raises(CheckpointError, match=r"_added_rows.embed is \[\d+, \d+\], the model's"):
+        EchoX.from_pretrained(folder)
+    rewrite(WEIGHTS, tensors={k: v for k, v in sd.items() if k != "_added_rows.embed"})
+    with pytest.raises(CheckpointError, match="no _added_rows.embed"):
+        EchoX.from_pretrained(folder)
+    rewrite(WEIGHTS, tensors=sd)
+    assert EchoX.from_pretrained(folder).trained_stages == meta.get("trained_stages", [])
+
+
+def test_a_trigger_token_of_several_tokens_is_a_config_error(make_model):
+    from echox.errors import ConfigError
+
+    m = make_model()
+    m.config.trigger.token = "no-such-token-xyz"
+    with pytest.raises(ConfigError, match="trigger.token 'no-such-token-xyz' is \\d+ tokens"):
+        m.trigger_row()
 
 
 def test_save_pretrained_to_a_folder_that_is_not_a_path(make_model):

@@ -32,6 +32,7 @@ from echox.config import MAX_BEAMS
 from echox.errors import CheckpointError, ConfigError, UnitError
 from echox.fileio import check_out_path, moved_aside_hint
 from echox.hub import cache_dir
+from echox.model.checkpoint import check_device as check_model_device
 from echox.model.checkpoint import checkpoint_folder
 from echox.model.echox import EchoX
 from echox.model.precision import slow_on_cpu
@@ -236,13 +237,7 @@ def text_decoding(args: Any) -> dict[str, Any]:
 
 def check_device(device: str) -> None:
     """A clear error for a device this torch cannot use (e.g. cuda on a CPU build)."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise CheckpointError(f"--device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"--device {device}: this torch build or machine has no CUDA device "
-                          f"(torch {torch.__version__})")
+    check_model_device(device, "--device")
 
 
 def check_bundle(bundle: Bundle) -> None:

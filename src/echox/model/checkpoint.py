@@ -298,6 +298,17 @@ def _checkpoint_tokenizer(folder: Path, audio_token: str) -> Any:
                               ) from e
 
 
+def check_device(device: Any, option: str = "device") -> None:
+    """A clear error for a device this torch cannot use (cuda on a CPU build, a typo)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{option} {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"{option} {device}: this torch build or machine has no CUDA device "
+                              f"(torch {torch.__version__})")
+
+
 def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> EchoX:
     """Load a checkpoint folder. `device`: the LLM's weights are read straight onto it and the
@@ -318,7 +329,11 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
     if model.t2c is model.echo:  # one module, stored under echo.
         omitted = sorted(set(omitted) | {"t2c"})
     load_weights(model, folder, verified=True, omitted=tuple(omitted))
-    model.trained_stages = list(meta.get("trained_stages", []))
+    stages = meta.get("trained_stages", [])
+    if not isinstance(stages, list) or not all(isinstance(x, str) for x in stages):
+        raise CheckpointError(f"{folder / CONFIG}: trained_stages must be a list of stage "
+                              f"names, got {stages!r}")
+    model.trained_stages = list(stages)
     if dtype is not None:
         model.to(dtype)
     if device is not None:
@@ -357,13 +372,22 @@ def load_weights(model: EchoX, folder: Path, parts: list[str] | None = None,
     bad = [k for k, v in sd.items() if v.shape != model.state_dict()[k].shape]
     if bad:
         raise CheckpointError(f"{folder / WEIGHTS}: shapes differ from the model for {bad[:5]}")
+    base = model.llm.base
+    emb = base.get_input_embeddings().weight
+    head = base.get_output_embeddings()
+    rows = len(model.llm.added_token_ids)
+    if (parts is None or "llm" in parts) and "embed" not in added:
+        raise CheckpointError(f"{folder / WEIGHTS}: no {ADDED}embed (the rows of the tokens "
+                              "EchoX adds to the LLM, e.g. its audio placeholder)")
+    for name, table in (("embed", emb), ("lm_head", None if head is None else head.weight)):
+        if name in added and (table is None or tuple(added[name].shape) != (rows, table.shape[1])):
+            raise CheckpointError(
+                f"{folder / WEIGHTS}: {ADDED}{name} is {list(added[name].shape)}, the model's "
+                f"{rows} added tokens need {[rows, None if table is None else table.shape[1]]}")
     model.load_state_dict(sd, strict=False)
     with torch.no_grad():
-        base = model.llm.base
-        emb = base.get_input_embeddings().weight
         ids = torch.tensor(model.llm.added_token_ids, device=emb.device)
         if "embed" in added:
             emb[ids] = added["embed"].to(emb.device, emb.dtype)
-        head = base.get_output_embeddings()
         if head is not None and "lm_head" in added:
             head.weight[ids] = added["lm_head"].to(head.weight.device, head.weight.dtype)

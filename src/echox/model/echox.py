@@ -21,7 +21,7 @@ from echox.errors import AudioError, CheckpointError, ConfigError, PromptError, 
 from echox.hub import resolve
 from echox.model import losses
 from echox.model.batch import S2TBatch, T2CBatch, collate_s2t
-from echox.model.checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint
+from echox.model.checkpoint import check_device, checkpoint_folder, load_checkpoint, save_checkpoint
 from echox.model.denoiser import DenoisingAdapter
 from echox.model.encoder import (
     HOP,
@@ -137,8 +137,11 @@ class EchoX(nn.Module):
                         dtype: torch.dtype | None = None) -> "EchoX":
         """`device`/`dtype`: see `echox.model.checkpoint.load_checkpoint` (default: CPU, the
         config's dtypes)."""
-        if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise CheckpointError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise CheckpointError(f"dtype must be a floating torch.dtype such as torch.float16, "
+                                  f"got {dtype!r}")
+        if device is not None:
+            check_device(device)
         return load_checkpoint(cls, checkpoint_folder(folder), device=device, dtype=dtype)
 
     def save_pretrained(self, folder: str | Path, extra_files: dict[str, str] | None = None,
@@ -526,7 +529,8 @@ class EchoX(nn.Module):
     def trigger_row(self) -> torch.Tensor:
         ids = self.tokenizer(self.config.trigger.token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"trigger.token {self.config.trigger.token!r} is not one token")
+            raise ConfigError(f"trigger.token {self.config.trigger.token!r} is {len(ids)} tokens "
+                              "of the LLM's tokenizer; the trigger needs one token")
         return self.llm.base.get_output_embeddings().weight[ids[0]]
 
     def segment_states(
