@@ -552,3 +552,15 @@ def test_a_tiny_temperature_samples_the_top_token_and_beams_are_bounded():
     assert sample_next(logits, 1e-300, 0.9, g).tolist() == [1, 2]
     with pytest.raises(ConfigError, match="num_beams must be in"):
         SamplingConfig(num_beams=10**11)
+
+
+def test_nan_scores_are_named_not_sampled():
+    """Weights damaged in place (same size, NaN bytes) gave NaN logits: greedy decoding
+    silently took the NaN's index, sampling failed in torch.multinomial mid-answer."""
+    from echox.errors import CheckpointError
+
+    logits = torch.tensor([[0.1, float("nan"), 0.3]])
+    for temperature in (0.0, 0.7):
+        with pytest.raises(CheckpointError, match="next-token scores are NaN"):
+            sample_next(logits, temperature, 1.0, None)
+    assert sample_next(torch.tensor([[0.1, float("-inf"), 0.3]]), 0.0, 1.0, None).tolist() == [2]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from echox.config import MAX_BEAMS
-from echox.errors import ConfigError
+from echox.errors import CheckpointError, ConfigError
 
 # step(inputs_embeds [B, L, D], attention_mask [B, L'], position_ids [B, L], cache)
 #   -> (logits [B, L, V], hidden [B, L, H], cache)
@@ -118,6 +118,10 @@ def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """logits [B, V] -> ids [B]. Greedy when temperature == 0."""
+    if torch.isnan(logits).any():  # argmax would pick the NaN, multinomial fail mid-answer
+        raise CheckpointError("the model's next-token scores are NaN: damaged weights (a corrupt "
+                              "weights file whose size is right), or an overflow in this dtype "
+                              "(try float32)")
     if temperature <= 0:
         return logits.argmax(-1)
     # the top logit at 0 first, in float64 (a float32 temperature of 1e-300 is 0): a tiny
