@@ -127,3 +127,26 @@ def test_demo_never_overwrites_its_question(tmp_path, capsys):
                  "-o", str(tmp_path / "a.wav"), *nope]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("echox: error: ") and "nope" in err and "\n" not in err
+
+
+def test_demo_falls_back_only_when_no_bundle_exists(tmp_path, capsys, monkeypatch):
+    """A $ECHOX_MODEL naming no folder, or a damaged bundle where one was found, fell back to
+    the untrained model (noise, exit 0): now each is an error; no bundle at all still falls
+    back, saying so."""
+    import echox.infer.bundle as bundle_mod
+
+    monkeypatch.setenv("ECHOX_MODEL", str(tmp_path / "nope"))
+    assert main(["demo", "--no-asr", "-o", str(tmp_path / "a.wav")]) == 2
+    assert "ECHOX_MODEL" in capsys.readouterr().err and not (tmp_path / "a.wav").exists()
+    monkeypatch.delenv("ECHOX_MODEL")
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "cache" / "models" / "tiny"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}")
+    assert main(["demo", "--no-asr", "-o", str(tmp_path / "a.wav")]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "falling back" not in err
+    (broken / "config.json").unlink()
+    monkeypatch.setattr(bundle_mod, "shipped_bundle", lambda: tmp_path / "no-shipped")
+    assert main(["demo", "--no-asr", "-o", str(tmp_path / "a.wav"), "--max-new-tokens", "2"]) == 0
+    assert "no EchoX model bundle found; falling back" in capsys.readouterr().err

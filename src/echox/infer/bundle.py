@@ -102,6 +102,10 @@ DEFAULT_MODEL_HELP = ("(default: $ECHOX_MODEL, then ~/.cache/echox/models/tiny, 
                       "embedded tiny model)")
 
 
+class NoBundleError(CheckpointError):
+    """No model bundle was found in any of the default places (none was named)."""
+
+
 def default_bundle() -> Path:
     """Where `echox chat`, `demo`, `eval` and `serve` find a model without `--model`:
     $ECHOX_MODEL, then ~/.cache/echox/models/tiny, then the embedded tiny model."""
@@ -120,7 +124,7 @@ def default_bundle() -> Path:
     if (shipped / "config.json").is_file():
         return shipped
     looked.append(str(shipped))
-    raise CheckpointError(
+    raise NoBundleError(
         f"no EchoX model bundle found (looked in {', '.join(looked)}); pass --model FOLDER, "
         f"set ${ENV_MODEL}, or build one with `bash recipes/tiny/pipeline.sh` (training + `echox bundle`)"
     )

@@ -17,9 +17,9 @@ from typing import Any
 
 from echox.audio import check_output_path, load_audio, save_audio
 from echox.config import preset_config
-from echox.errors import CheckpointError, ConfigError
+from echox.errors import ConfigError
 from echox.infer.asr import FasterWhisperASR
-from echox.infer.bundle import DEFAULT_MODEL_HELP, Bundle, default_bundle, load_bundle
+from echox.infer.bundle import DEFAULT_MODEL_HELP, Bundle, NoBundleError, default_bundle, load_bundle
 from echox.infer.chat import add_max_audio_option, check_not_question, question_limit
 from echox.infer.engine import (
     AudioChunk,
@@ -55,9 +55,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     question = Path(args.question) if args.question else packaged_question()
-    try:
+    try:  # a $ECHOX_MODEL that names no folder is an error here, not a fallback
         folder: Path | None = Path(args.model) if args.model else default_bundle()
-    except CheckpointError:  # no bundle anywhere: the fallback below says so
+    except NoBundleError:  # no bundle anywhere: the fallback below says so
         folder = None
     limit = (question_limit(folder, args.max_audio_seconds) if folder is not None
              else args.max_audio_seconds)
@@ -68,14 +68,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.model:
         bundle = load_bundle(args.model)
         where = args.model
+    elif folder is not None:  # found, so it must load: a damaged one is an error, not noise
+        bundle, where = load_bundle(folder), str(folder)
     else:
-        try:
-            where = str(default_bundle())
-            bundle = load_bundle(where)
-        except CheckpointError as e:
-            print(f"echox demo: {e}\nechox demo: falling back to the tiny-random model "
-                  "(untrained: expect noise)", file=sys.stderr)
-            bundle, where = _random_bundle(), "tiny-random (untrained)"
+        print("echox demo: no EchoX model bundle found; falling back to the tiny-random model "
+              "(untrained: expect noise)", file=sys.stderr)
+        bundle, where = _random_bundle(), "tiny-random (untrained)"
     print(f"model: {where}  (loaded in {time.perf_counter() - t0:.1f} s)")
     print(f"question: {question}")
     engine = Engine(bundle, EngineConfig.greedy(args.max_new_tokens),
