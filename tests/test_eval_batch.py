@@ -366,3 +366,23 @@ def test_bench_eval_speed_runs(bench: str, bundle_dir: Path,
             or line.startswith("| s2t")]
     assert len(rows) == 4
     assert all(r.split("|")[2].strip() in ("1", "3") and r.rstrip(" |").endswith("y") for r in rows)
+
+
+def test_cli_text_mode_keeps_max_new_tokens(tmp_path: Path, bench: str) -> None:
+    """`--mode text --max-new-tokens N` was dropped (the answerer kept its 48) and not
+    recorded, so a resume with another N was accepted too."""
+    out = tmp_path / "t2"
+    assert main(["eval", "--mode", "text", "--llm", LLM, "--benchmark", bench, "--out", str(out),
+                 "--max-new-tokens", "2"]) == 0
+    short = [r["text"] for r in records(out / "items.jsonl")]
+    assert json.loads((out / "eval.json").read_text())["max_new_tokens"] == 2
+    assert main(["eval", "--mode", "text", "--llm", LLM, "--benchmark", bench, "--out", str(out),
+                 "--max-new-tokens", "8"]) == 2
+    longer = tmp_path / "default"
+    assert main(["eval", "--mode", "text", "--llm", LLM, "--benchmark", bench,
+                 "--out", str(longer)]) == 0
+    assert "max_new_tokens" not in json.loads((longer / "eval.json").read_text())
+    full = [r["text"] for r in records(longer / "items.jsonl")]
+    # greedy both times: two tokens are where the 48-token answers start (a byte-level
+    # tokenizer may cut a character in two, so compare lengths, not prefixes)
+    assert all(len(a) <= 8 for a in short) and sum(map(len, full)) > 4 * sum(map(len, short))

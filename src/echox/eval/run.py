@@ -94,6 +94,10 @@ def _wav16k(item: QAItem) -> np.ndarray:
     return load_audio(item.audio, 16000, orig_sr=item.sampling_rate, max_seconds=None)
 
 
+TEXT_MAX_NEW_TOKENS = 48  # the text answerer's answers (the tiny corpus's own are 48 long)
+SPEECH_MAX_NEW_TOKENS = 64  # the speech model's (s2t, s2s)
+
+
 class TextAnswerer:
     """The base text LLM on the question text: what the speech model should preserve.
 
@@ -105,7 +109,8 @@ class TextAnswerer:
     model's answers do); its `max_new_tokens` does not (the answerer's own does).
     """
 
-    def __init__(self, llm: str, system_prompt: str | None = None, max_new_tokens: int = 48,
+    def __init__(self, llm: str, system_prompt: str | None = None,
+                 max_new_tokens: int = TEXT_MAX_NEW_TOKENS,
                  decoding: SamplingConfig | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -584,7 +589,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode in ("text", "cascade"):
         llm = args.llm or load_config(args.config).llm.name_or_path
         settings.update(llm=llm, system_prompt=args.system_prompt or None)
-        del settings["max_new_tokens"]  # the text answerer keeps its own
+        if args.max_new_tokens is None:  # the default: as runs before the option counted here
+            del settings["max_new_tokens"]
     else:
         settings["model"] = str(args.model or default_bundle())
     if args.mode in ("s2s", "cascade"):
@@ -594,7 +600,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_run_settings(out, settings)
     asr = None
     if args.mode in ("text", "cascade"):
-        answerer: Answerer = TextAnswerer(llm, args.system_prompt or None, decoding=sampling)
+        answerer: Answerer = TextAnswerer(llm, args.system_prompt or None,
+                                          max_new_tokens=sampling.max_new_tokens, decoding=sampling)
         if args.mode == "cascade":
             answerer = CascadeAnswerer(make_asr(args.asr), answerer)
     else:
@@ -678,7 +685,10 @@ def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
 def eval_sampling(args: argparse.Namespace) -> SamplingConfig:
     """The run's text decoding: greedy or beam search, its answer length and repetition guards."""
     try:
-        return SamplingConfig(max_new_tokens=args.max_new_tokens, **text_decoding(args))
+        n = args.max_new_tokens
+        if n is None:  # the text answerer's 48 (the corpus's own answers), the speech model's 64
+            n = TEXT_MAX_NEW_TOKENS if args.mode in ("text", "cascade") else SPEECH_MAX_NEW_TOKENS
+        return SamplingConfig(max_new_tokens=n, **text_decoding(args))
     except ValueError as e:
         raise EvalError(f"decoding options: {e}") from None
 
@@ -701,7 +711,9 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", help="text / cascade mode: the LLM (default: the config's LLM)")
     p.add_argument("--config", default="tiny", help="text / cascade mode: preset/YAML naming the LLM")
     p.add_argument("--system-prompt", default="Answer in one short sentence.", help="text / cascade mode")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"longest answer in tokens (default: {TEXT_MAX_NEW_TOKENS} in text / cascade "
+                        f"mode, as the tiny corpus's answers; {SPEECH_MAX_NEW_TOKENS} in s2t / s2s)")
     add_text_decoding_options(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"text / s2t / cascade: questions answered together (default "
