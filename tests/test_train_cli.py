@@ -60,6 +60,20 @@ def test_three_stages_from_the_command_line(tmp_path, capsys):
         assert (out / "model" / "model.safetensors").is_file()
     assert (tmp_path / "echo-pseudo" / "pseudo_labels.jsonl").is_file()
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    # gold units missing from the eval dialogues: refused before any step (it failed at the
+    # first evaluation, eval_every steps into the run, and named the wrong command)
+    no_units = c / "no_units.jsonl"
+    no_units.write_text("".join(json.dumps({**json.loads(x), "conversations": [
+        {k: v for k, v in m.items() if k != "units"} for m in json.loads(x)["conversations"]]}) + "\n"
+        for x in (c / "dialogues.jsonl").read_text().splitlines()[:3]))
+    out = tmp_path / "echo-gold-eval"
+    assert main(["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--eval-data", str(no_units), "--init", str(tmp_path / "s2t" / "model"),
+                 "--t2c-from", str(tmp_path / "t2c" / "model"), "--target", "gold-units",
+                 "--out", str(out), "--set", "model.t2c.max_positions=64"]) == 2
+    err = capsys.readouterr().err
+    assert "--eval-data: dialogue d0 (and 1 more)" in err  # eval_limit: 2 and "echox units attach" in err, err
+    assert not (out / "checkpoints").exists()
     assert lines[1]["train_examples"] == 12  # both TTS manifests
     assert [r["stage"] for r in lines] == ["s2t", "t2c", "echo", "echo"]
     assert all(r["steps"] == 2 for r in lines)

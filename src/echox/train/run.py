@@ -141,7 +141,7 @@ class EchoDataset(Dataset):
         if self.gold:
             if ex.units is None:
                 raise ConfigError(f"dialogue {ex.id or i}: --target gold-units needs units on "
-                                  "every assistant turn (run `echox units extract` on the responses)")
+                                  "every assistant turn (give them units with `echox units attach`)")
             units = [self.encode(u) for u in ex.units] if self.encode else ex.units
             return stages.EchoExample(ex.turns, units=units)
         if self.extras is not None:
@@ -198,6 +198,15 @@ def _fits_the_llm(model: Any) -> Callable[[Any], bool] | None:
     return fits
 
 
+def _records(ds: Dataset | None) -> list[Any]:
+    """The dialogue records of an S2T dataset (one source or several read as one)."""
+    if ds is None:
+        return []
+    if isinstance(ds, ConcatDataset):
+        return [r for part in ds.parts for r in _records(part)]
+    return list(getattr(ds, "records", []))
+
+
 def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
                ) -> tuple[Dataset, Dataset | None, Callable[[list[Any]], Any], dict[str, Any]]:
     """Datasets, collator and per-step model kwargs of a stage."""
@@ -228,6 +237,15 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
         return (train, ev, make_s2t_collator(model.prompt, model.tokenizer, units="ignore"),
                 {"ctc_only": True} if cfg.ctc_only else {})
     gold = cfg.target == "gold-units"
+    if gold:  # every dialogue now, not at its first read (the eval data's: steps into the run)
+        for what, ds in (("--data", train), ("--eval-data", ev)):
+            lacking = [r for r in _records(ds) if r.response_units is None]
+            if lacking:
+                raise ConfigError(
+                    f"{what}: dialogue {lacking[0].id or '?'}"
+                    + (f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else "")
+                    + " has an assistant turn without units, and --target gold-units trains on "
+                    "them; give its responses units with `echox units attach` (docs/units.md)")
     offline = not gold and cfg.pseudo_labels == "offline"
     # every training dialogue, loaded once, for the steps that run the S2T model over them all
     turns = [train[i].turns for i in range(len(train))] if cfg.freeze_s2t or offline else []
