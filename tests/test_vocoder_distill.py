@@ -248,11 +248,14 @@ def test_train_hifigan_cli_gta_pool(tmp_path, capsys) -> None:
     assert main([*again, "--teacher-from", str(tmp_path / "s" / "teacher_pool.safetensors"),
                  "--unit2mel-share", "0.0"]) != 0
     assert not (tmp_path / "s3" / "model").exists()
-    # a pool too small to hold out windows is not kept: a rerun with more windows used it again
+    # a pool too small to hold out windows is refused before the teacher renders it (it was
+    # rendered, then refused), and nothing is kept for a rerun with more windows to reuse
     small = [*args[:-1], str(tmp_path / "s4")]
     small[small.index("--windows") + 1] = "8"
+    capsys.readouterr()
     assert main(small) == 2
-    assert "cannot hold out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--windows must be > 8, got 8" in err and "[distill] teacher" not in err, err
     assert not (tmp_path / "s4" / "teacher_pool.safetensors").exists()
 
 

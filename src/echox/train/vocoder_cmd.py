@@ -49,6 +49,9 @@ from echox.vocoder.train import aligned_prediction, train_unit2mel
 from echox.vocoder.unit2mel import Unit2Mel, Unit2MelConfig, grow_unit2mel
 from echox.vocoder.unit_mel import UnitMelVocoder
 
+# windows of a distillation pool held out to evaluate the student (or a 20th, if more)
+HELD_OUT_WINDOWS = 8
+
 
 def _tts_objects(path: Path) -> tuple[Any, list[dict[str, Any]]]:
     """The TTS manifest's report and the JSON object of each of its good records, whole (for
@@ -246,6 +249,10 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
                         ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if args.windows is not None and args.windows <= HELD_OUT_WINDOWS and not pool_path.is_file():
+        raise ConfigError(f"--windows must be > {HELD_OUT_WINDOWS}, got {args.windows}: "
+                          f"{HELD_OUT_WINDOWS} windows (or a 20th of them) are held out to "
+                          "evaluate the student")
     if pool_path.is_file():
         pool = TeacherPool.load(pool_path)
         print(f"[distill] reusing {pool.mels.shape[0]} teacher windows from {pool_path}",
@@ -286,7 +293,7 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         elif n_pred:
             parts.append(build_pool(teacher, predicted, n_pred, args.window_frames, seed=2))
         pool = TeacherPool.cat(parts)
-    train_pool, eval_pool = pool.split(max(8, int(pool.mels.shape[0]) // 20))
+    train_pool, eval_pool = pool.split(max(HELD_OUT_WINDOWS, int(pool.mels.shape[0]) // 20))
     if not pool_path.is_file():  # kept once it can be split: a rerun must not reuse a bad pool
         pool_path.parent.mkdir(parents=True, exist_ok=True)
         pool.save(pool_path)
