@@ -79,6 +79,22 @@ def test_three_stages_from_the_command_line(tmp_path, capsys):
     assert all(r["steps"] == 2 for r in lines)
 
 
+def test_missing_stage_inputs_name_the_command_that_makes_them(tmp_path, capsys):
+    """docs/training.md: a stage whose inputs are missing says what to run first (a missing
+    manifest or unit language said only "not found")."""
+    _write_corpus(tmp_path / "c")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\n")
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(tmp_path / "no.jsonl"),
+                 "--out", str(tmp_path / "s2t")]) == 2
+    err = capsys.readouterr().err
+    assert "--data " in err and "no such file" in err and "echox data build-tiny" in err, err
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(tmp_path / "c" / "tts.jsonl"),
+                 "--set", f"data.unit_language={tmp_path / 'lang'}", "--out", str(tmp_path / "t2c")]) == 2
+    err = capsys.readouterr().err
+    assert "data.unit_language" in err and "echox units train-language" in err, err
+
+
 def test_train_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "echo", "--data", "x.jsonl", "--set", "model.seed=1"]) == 2
     assert "needs --init" in capsys.readouterr().err

@@ -58,7 +58,8 @@ def test_units_chain(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     km = out / "km.joblib"
     assert main(["units", "train-kmeans", "--manifest", str(corpus / "tts.jsonl"),
                  "--manifest", str(corpus / "dialogues.jsonl"), "--features", TINY, "--layer", "1",
-                 "--k", "16", "--max-frames", "5000", "--out", str(km), "--quiet"]) == 0
+                 "--k", "16", "--max-frames", "5000", "--out", str(km), "--quiet",
+                 "--threads", "1"]) == 0
     # the dialogues' user audio is the TTS questions' audio: 12 distinct files, not 18
     assert "(12 audio files)" in capsys.readouterr().out
     meta = json.loads((out / "km.joblib.json").read_text())
@@ -157,6 +158,9 @@ def test_bad_inputs_exit_2_with_one_line(corpus: Path, tmp_path: Path,
     assert "--max-frames is 10" in _err(capsys)
     assert main([*base, "--manifest", tts, "--features", TINY, "--layer", "7"]) == 2
     assert "layer 7 out of range" in _err(capsys)
+    with pytest.raises(SystemExit) as stop:  # argparse: the option named
+        main([*base, "--manifest", tts, "--features", TINY, "--threads", "0"])
+    assert stop.value.code == 2 and "argument --threads: must be >= 1" in capsys.readouterr().err
     assert not km.exists()
 
     assert main([*base, "--manifest", tts, "--features", TINY, "--k", "8"]) == 0

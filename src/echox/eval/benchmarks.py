@@ -111,7 +111,8 @@ def _lookup(name: str) -> BenchmarkSchema:
         if key in names:
             return schema
     known = ", ".join(BENCHMARKS)
-    raise EvalError(f"unknown benchmark {name!r}; known: {known}, or local:PATH.jsonl")
+    raise EvalError(f"unknown benchmark {name!r}; known: {known} (each also as NAME=PATH, a "
+                    "local copy in its own schema), or local:PATH.jsonl")
 
 
 def parse_answers(value: Any, where: str = "answers") -> list[str]:

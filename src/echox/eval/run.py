@@ -33,7 +33,7 @@ import numpy as np
 
 from echox.audio import load_audio
 from echox.audio import save_audio as write
-from echox.config import int_at_least, load_config
+from echox.config import MAX_THREADS, int_at_least, load_config
 from echox.data.match import exist_match
 from echox.data.tiny_corpus import greedy_shrinking
 from echox.errors import AudioError, EvalError
@@ -558,6 +558,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size = 1 if args.mode == "s2s" else DEFAULT_BATCH_SIZE
     check_batch_size(args.mode, batch_size)
     sampling = eval_sampling(args)  # checked before anything slow
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if (args.no_stream or args.whole_response) and args.mode != "s2s":
         raise EvalError("--no-stream and --whole-response apply to --mode s2s only")
     if args.whole_response and not args.no_stream:
@@ -695,7 +699,9 @@ def eval_sampling(args: argparse.Namespace) -> SamplingConfig:
 
 def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"EchoX bundle folder {DEFAULT_MODEL_HELP}")
-    p.add_argument("--benchmark", help="llama-questions | web-questions | trivia-qa | NAME=PATH | local:PATH")
+    p.add_argument("--benchmark", help="llama-questions | web-questions | trivia-qa (from the hub), "
+                                       "one of those names =PATH (a local copy in its schema), or "
+                                       "local:PATH (EchoX's QA JSONL)")
     p.add_argument("--mode", choices=["text", "s2t", "s2s", "cascade"], default="s2s")
 
     add_device_options(p)
@@ -711,6 +717,8 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", help="text / cascade mode: the LLM (default: the config's LLM)")
     p.add_argument("--config", default="tiny", help="text / cascade mode: preset/YAML naming the LLM")
     p.add_argument("--system-prompt", default="Answer in one short sentence.", help="text / cascade mode")
+    p.add_argument("--threads", type=int_at_least(1, MAX_THREADS),
+                   help="torch intra-op threads (default: torch's)")
     p.add_argument("--max-new-tokens", type=int,
                    help=f"longest answer in tokens (default: {TEXT_MAX_NEW_TOKENS} in text / cascade "
                         f"mode, as the tiny corpus's answers; {SPEECH_MAX_NEW_TOKENS} in s2t / s2s)")

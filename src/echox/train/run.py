@@ -213,6 +213,13 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
     train_path, eval_path = data.train, data.eval
     if not train_path:
         raise ConfigError(f"stage {stage}: give training data (--data or data.train in the recipe)")
+    for what, paths in (("--data", train_path), ("--eval-data", eval_path)):
+        for p in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if isinstance(p, (str, os.PathLike)) and p and not Path(p).exists():
+                raise ConfigError(
+                    f"{what} {p}: no such file; make the data first (the tiny recipe's corpus: "
+                    "`echox data build-tiny`, then the steps of recipes/tiny/pipeline.sh; "
+                    "docs/training.md)")
     limit, eval_limit = data.limit, data.eval_limit
     max_s = model.config.encoder.max_seconds  # whole windows of a longer clip are encoded in turn
     encode = _unit_encoder(data.unit_language, model.t2c.num_units)
@@ -398,6 +405,10 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
     if not language_dir:
         return None
 
+    if not Path(language_dir).exists():
+        raise ConfigError(f"data.unit_language {language_dir}: not found; train it first with "
+                          "`echox units train-language` (docs/units.md; the tiny recipe: "
+                          "STEP=units bash recipes/tiny/pipeline.sh)")
     lang = UnitLanguage.load(language_dir)
     if lang.vocab_size > num_units:  # a larger T2C vocabulary only leaves rows unused
         raise ConfigError(

@@ -294,9 +294,15 @@ def cmd_train_kmeans(args: argparse.Namespace) -> int:
     _out_file(kmeans_meta_path(args.out), "k-means side file", args.manifest)
     items = _kmeans_items(args.manifest, args.dialogue_roles)
     t0 = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     feats = spec.build(args.layer, _device(args.device))
-    km = train_kmeans_on_corpus(items, feats, n_clusters=args.k, max_frames=args.max_frames,
-                                seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    from threadpoolctl import threadpool_limits  # scikit-learn's k-means threads (OpenMP, BLAS)
+
+    with threadpool_limits(limits=args.threads):
+        km = train_kmeans_on_corpus(items, feats, n_clusters=args.k, max_frames=args.max_frames,
+                                    seed=args.seed, batch_size=args.batch_size,
+                                    progress=not args.quiet)
     meta = {"features": str(spec), "layer": args.layer, "k": km.n_clusters, "dim": km.dim,
             "max_frames": args.max_frames, "seed": args.seed,
             "manifests": [str(Path(m).resolve()) for m in args.manifest]}
@@ -622,6 +628,8 @@ def train_kmeans_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", help="cpu / cuda (default: the GPU when there is one)")
+    p.add_argument("--threads", type=int_at_least(1, MAX_THREADS),
+                   help="torch and k-means threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
