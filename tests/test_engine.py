@@ -638,3 +638,16 @@ def test_half_precision_on_a_cpu_without_it_warns(bundle_dir: Path, monkeypatch:
     with caplog.at_level("WARNING", logger="echox.infer.bundle"):
         load_bundle(bundle_dir)  # the config's float32: nothing to say
     assert "held in" not in caplog.text
+
+
+def test_a_text_only_turn_is_not_voiced(bundle: Bundle) -> None:
+    """`speak=False` (serve's return_audio=false) answers the same text without voicing it."""
+    with Engine(bundle, greedy()) as eng:
+        spoken = run(eng, audio=noise(0.6, 3))
+        silent = run(eng, audio=noise(0.6, 3), speak=False)
+    assert not any(isinstance(e, (Segment, AudioChunk)) for e in silent)
+    assert any(isinstance(e, AudioChunk) for e in spoken)
+    a, b = spoken[-1], silent[-1]
+    assert isinstance(a, Final) and isinstance(b, Final)
+    assert b.text == a.text and b.token_ids == a.token_ids and b.audio.size == 0 and b.segments == []
+    assert b.stats.first_audio_ms is None and b.stats.segments == 0

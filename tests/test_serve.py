@@ -187,13 +187,18 @@ def test_chat_json_multipart_and_raw_audio(engine: Engine) -> None:
                    data={"text": "and this?"})
         assert with_history > r.json()["stats"]["prefix_tokens"]  # the history was in the prompt
 
+        # return_audio=false: not voiced at all (it was voiced, then dropped)
         r = c.post("/v1/chat?return_audio=false", content=wav(0.4),
                    headers={"content-type": "audio/wav"})
         assert r.status_code == 200 and r.json()["audio"] is None
+        st = r.json()["stats"]
+        assert st["text_tokens"] > 0 and st["segments"] == 0 and st["audio_seconds"] == 0
+        assert st["first_audio_ms"] is None
 
         b64 = base64.b64encode(wav(0.4, 8000)).decode()
         r = c.post("/v1/chat", json={"audio_base64": b64, "return_audio": False})
         assert r.status_code == 200 and r.json()["audio"] is None
+        assert r.json()["stats"]["segments"] == 0
 
 
 BAD_UPLOADS = {

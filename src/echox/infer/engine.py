@@ -348,8 +348,10 @@ class Session:
         return Turn("user", text=text if text and text.strip() else None, audio=wav)
 
     def respond(self, audio: AudioInput = None, text: str | None = None,
-                sample_rate: int | None = None) -> Iterator[Event]:
+                sample_rate: int | None = None, speak: bool = True) -> Iterator[Event]:
         """Answer one user turn; yields TextDelta / Segment / AudioChunk events, then Final.
+        `speak=False` answers in text only: no segment is voiced (no echo decoder, no
+        vocoder), and Final's audio is empty.
 
         Input is checked here (errors raise at once); the turn joins `history` when the
         iterator finishes.
@@ -358,7 +360,7 @@ class Session:
         self.engine.check_open()
         self._check_idle("respond")
         user = self.user_turn(audio, text, sample_rate)
-        return self._stream(user, t0)
+        return self._stream(user, t0, bool(speak))
 
     # -- internals
     def _start(self, user: Turn) -> TurnState:
@@ -435,15 +437,15 @@ class Session:
             if bool(st.emitted[0]):  # not the stop token
                 yield int(st.ids[0]), st.hidden[0].clone()  # a copy: the prefix states can go
 
-    def _stream(self, user: Turn, t0: float) -> Iterator[Event]:
+    def _stream(self, user: Turn, t0: float, speak: bool = True) -> Iterator[Event]:
         self._check_idle("respond")  # two iterators made before either started
         self._answering = True
         try:
-            yield from self._answer(user, t0)
+            yield from self._answer(user, t0, speak)
         finally:
             self._answering = False
 
-    def _answer(self, user: Turn, t0: float) -> Iterator[Event]:
+    def _answer(self, user: Turn, t0: float, speak: bool = True) -> Iterator[Event]:
         engine, cfg = self.engine, self.engine.cfg
         turn = self.turn = self._start(user)
         stats = LatencyStats(prefix_tokens=turn.prefix_len)
@@ -483,7 +485,7 @@ class Session:
                 yield delta
 
         def close(seg: tuple[int, int] | None) -> Iterator[Event]:
-            if seg is None or seg[1] <= seg[0]:
+            if seg is None or seg[1] <= seg[0] or not speak:
                 return
             if stats.first_segment_tokens is None:
                 stats.first_segment_tokens = len(turn.tokens)

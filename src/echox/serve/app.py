@@ -231,8 +231,9 @@ class _State:
 
 
 def _respond(session: Any, audio: np.ndarray | None, text: str | None,
-             rate: int) -> Iterator[Any]:
-    return session.respond(audio=audio, text=text, sample_rate=rate if audio is not None else None)
+             rate: int, speak: bool = True) -> Iterator[Any]:
+    return session.respond(audio=audio, text=text, sample_rate=rate if audio is not None else None,
+                           **({} if speak else {"speak": False}))
 
 
 # ----------------------------------------------------------------------------- WebSocket
@@ -684,7 +685,9 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
             t0 = time.monotonic()
             async with st.gate.slot():
                 queue_ms = (time.monotonic() - t0) * 1000
-                turn = ThreadTurn(st.gate, lambda: _respond(session, audio, text, st.in_rate))
+                # return_audio=false: text only, the answer is not voiced at all
+                turn = ThreadTurn(st.gate, lambda: _respond(session, audio, text, st.in_rate,
+                                                            speak=want_audio))
                 try:
                     deadline = time.monotonic() + cfg.turn_timeout
                     while (ev := await turn.next(max(0.0, deadline - time.monotonic()))) is not None:
