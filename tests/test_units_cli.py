@@ -201,6 +201,11 @@ def test_bad_inputs_exit_2_with_one_line(corpus: Path, tmp_path: Path,
     partial.write_text(json.dumps({"id": "x0", "text": "Something else.", "units": [1, 2]}) + "\n")
     assert main([*att, "--on-missing", "drop"]) == 2
     assert "differ in text" in _err(capsys)
+    # no dialogue matched at all: an error, not an empty manifest (it wrote one, exit 0)
+    partial.write_text(json.dumps({"id": "other", "text": "Answer 0.", "units": [1, 2]}) + "\n")
+    for mode in ("drop", "keep"):
+        assert main([*att, "--on-missing", mode, "--out", str(tmp_path / "none.jsonl")]) == 2
+        assert "no dialogue of" in _err(capsys) and not (tmp_path / "none.jsonl").exists()
 
     # unit language: no units yet, and a vocabulary smaller than K
     assert main(["units", "train-language", "--manifest", tts, "--vocab-size", "10",
