@@ -163,7 +163,9 @@ def prepare_unit2mel_example(
     if len(units) != len(run_lengths) or not units:
         raise VocoderInputError(f"{where}: {len(units)} units but {len(run_lengths)} run lengths")
     if min(units) < 0 or max(units) >= cfg.num_units:
-        raise VocoderInputError(f"{where}: unit ids must be in [0, {cfg.num_units})")
+        raise VocoderInputError(f"{where}: unit ids must be in [0, {cfg.num_units}), got "
+                                f"{min(units)}..{max(units)}; vocoder.num_units must be the "
+                                "k-means K of these units")
     mel = _as_mel(audio_or_mel, cfg, where)
     durs = align_durations(run_lengths, mel.shape[0], cfg.unit_rate, cfg.mel_rate)
     return Unit2MelExample(units, durs, mel)
