@@ -93,6 +93,10 @@ def test_missing_stage_inputs_name_the_command_that_makes_them(tmp_path, capsys)
                  "--set", f"data.unit_language={tmp_path / 'lang'}", "--out", str(tmp_path / "t2c")]) == 2
     err = capsys.readouterr().err
     assert "data.unit_language" in err and "echox units train-language" in err, err
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(tmp_path / "c" / "dialogues.jsonl"),
+                 "--out", str(tmp_path / "t2c")]) == 2  # the wrong kind of manifest
+    err = capsys.readouterr().err
+    assert "a dialogues manifest; Stage II (t2c) trains on TTS manifests" in err, err
 
 
 def test_train_errors_are_one_line(tmp_path, capsys):

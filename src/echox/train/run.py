@@ -198,6 +198,18 @@ def _fits_the_llm(model: Any) -> Callable[[Any], bool] | None:
     return fits
 
 
+def _first_record_has(path: Any, key: str) -> bool:
+    """Whether the first JSON line of `path` is an object with `key` (what kind of manifest
+    it is, for a message)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = next((x for x in f if x.strip()), "")
+        first = json.loads(line)
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and key in first
+
+
 def _records(ds: Dataset | None) -> list[Any]:
     """The dialogue records of an S2T dataset (one source or several read as one)."""
     if ds is None:
@@ -227,8 +239,14 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
 
         def tts(paths: Any, lim: int | None) -> Dataset:
             """One TTS manifest or several read as one; `lim` counts over all, in order."""
-            recs = [r for p in (paths if isinstance(paths, (list, tuple)) else [paths])
-                    for r in read_jsonl(p, "tts", on_error="skip").records]
+            recs = []
+            for p in paths if isinstance(paths, (list, tuple)) else [paths]:
+                got = read_jsonl(p, "tts", on_error="skip").records
+                if not got and _first_record_has(p, "conversations"):
+                    raise ConfigError(f"{p}: a dialogues manifest; Stage II (t2c) trains on TTS "
+                                      "manifests of text and units (`echox units extract`, "
+                                      "docs/units.md)")
+                recs += got
             return T2CDataset(recs[:lim] if lim else recs, model.tokenizer, encode,
                               max_positions=model.t2c.cfg.max_positions,
                               row_length=model.t2c_row_length)
