@@ -322,3 +322,16 @@ def test_atomic_dir_clears_what_a_killed_save_on_this_host_left(tmp_path: Path) 
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "new.txt").write_text("new")
     assert _names(tmp_path) == sorted(["out", running.name, elsewhere.name])
+
+
+def test_no_output_goes_inside_the_packaged_assets(tmp_path: Path) -> None:
+    """An --out inside the installed package's assets (the shipped model's folder) was
+    written there; nothing checked it."""
+    from echox.errors import ConfigError
+    from echox.fileio import check_out_path
+    from echox.infer.bundle import shipped_bundle
+
+    for out, folder in ((shipped_bundle() / "eval", True), (shipped_bundle() / "x.json", False)):
+        with pytest.raises(ConfigError, match="inside the installed package's assets"):
+            check_out_path(out, "--out", folder=folder)
+    assert check_out_path(tmp_path / "eval") == tmp_path / "eval"

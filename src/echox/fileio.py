@@ -227,12 +227,18 @@ def folder_config(folder: str | os.PathLike, name: str = "config.json") -> dict[
         return None
 
 
+_ASSETS = Path(__file__).resolve().parent / "assets"  # the shipped model, vocoder and question
+
+
 def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bool = True,
                    inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Refuse, before any slow work, an output path that cannot be made: a `folder` that is an
     existing file, or a path below a file; and an output file that is one of the command's
     `inputs` (writing it would replace what was read). Returns the path."""
     p = Path(path)
+    if _ASSETS == p.resolve() or _ASSETS in p.resolve().parents:
+        raise ConfigError(f"{option} {p} lies inside the installed package's assets ({_ASSETS}), "
+                          "which hold the shipped model; give a path outside them")
     if not folder:
         for src in inputs:
             if src is not None and Path(src).resolve() == p.resolve():

@@ -583,6 +583,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/eval/{args.mode}")
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} is a file; give a run folder")
+    check_out_path(out)  # not below a file, not inside the shipped model's folder
     check_run_folder(out)
     check_not_input(out, Path(bench.source) if Path(bench.source).exists() else None)  # local
     try:  # before anything slow: a run folder that cannot be made fails now, not after the load
