@@ -382,6 +382,8 @@ def test_cli_text_mode_keeps_max_new_tokens(tmp_path: Path, bench: str) -> None:
     assert main(["eval", "--mode", "text", "--llm", LLM, "--benchmark", bench,
                  "--out", str(longer)]) == 0
     assert "max_new_tokens" not in json.loads((longer / "eval.json").read_text())
+    assert main(["eval", "--mode", "text", "--llm", LLM, "--benchmark", bench,  # the same: resumes
+                 "--out", str(longer), "--max-new-tokens", "48"]) == 0
     full = [r["text"] for r in records(longer / "items.jsonl")]
     # greedy both times: two tokens are where the 48-token answers start (a byte-level
     # tokenizer may cut a character in two, so compare lengths, not prefixes)

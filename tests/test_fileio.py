@@ -305,21 +305,23 @@ def test_folder_config_is_an_object_or_none(tmp_path):
     assert folder_config(tmp_path, "other.json") is None
 
 
-def test_atomic_dir_clears_what_a_killed_save_on_this_host_left(tmp_path: Path) -> None:
-    """A save killed midway left `.out.tmp-<host>-<pid>` (for a converted 8B model, up to
-    16 GB) that no later save removed; a running save's and another host's are kept."""
-    import subprocess
-    import sys
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    left = tmp_path / f".out.tmp-{fileio._HOST}-{dead.pid}"
-    running = tmp_path / f".out.tmp-{fileio._HOST}-{os.getppid()}"
-    elsewhere = tmp_path / f".out.tmp-otherhost-{dead.pid}"
+def test_atomic_dir_clears_what_a_killed_save_in_its_pid_space_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save killed midway left `.out.tmp-<pid space>-<pid>` (for a converted 8B model, up to
+    16 GB) that no later save removed; a running save's is kept, and so is one of another
+    machine or container (same host name, another PID namespace: its PIDs are not ours)."""
+    if not fileio._PID_SPACE:
+        pytest.skip("no /proc: scratch folders are never judged dead here")
+    alive = {111: False, 222: True}
+    monkeypatch.setattr(fileio, "_pid_alive", lambda pid: alive.get(pid, True))
+    left = tmp_path / f".out.tmp-{fileio._PID_SPACE}-111"
+    running = tmp_path / f".out.tmp-{fileio._PID_SPACE}-222"
+    elsewhere = tmp_path / ".out.tmp-0badcafe.4-111"  # the same PID in another PID space
     for d in (left, running, elsewhere):
         d.mkdir()
         (d / "weights").write_bytes(b"x" * 10)
     with atomic_dir(tmp_path / "out") as tmp:
+        assert tmp.name == f".out.tmp-{fileio._PID_SPACE}-{os.getpid()}"
         (tmp / "new.txt").write_text("new")
     assert _names(tmp_path) == sorted(["out", running.name, elsewhere.name])
 

@@ -72,7 +72,7 @@ def test_three_stages_from_the_command_line(tmp_path, capsys):
                  "--t2c-from", str(tmp_path / "t2c" / "model"), "--target", "gold-units",
                  "--out", str(out), "--set", "model.t2c.max_positions=64"]) == 2
     err = capsys.readouterr().err
-    assert "--eval-data: dialogue d0 (and 1 more)" in err  # eval_limit: 2 and "echox units attach" in err, err
+    assert "--eval-data (data.eval): dialogue d0 (and 1 more)" in err and "echox units attach" in err, err  # eval_limit 2
     assert not (out / "checkpoints").exists()
     assert lines[1]["train_examples"] == 12  # both TTS manifests
     assert [r["stage"] for r in lines] == ["s2t", "t2c", "echo", "echo"]

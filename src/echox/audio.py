@@ -288,16 +288,41 @@ def _decode(
                     raise _too_long(name, f.frames / rate, max_seconds)
                 frames = max_frames(max_seconds, rate)
             data = f.read(frames=frames, dtype="float32", always_2d=True)  # [T, C]
-            want = f.frames if frames == -1 else frames
+            want, fmt = (f.frames if frames == -1 else frames), f.format
     except (sf.SoundFileError, RuntimeError) as err:
         raise AudioError(f"{name}: not a readable audio file ({err})") from err
     # a cut compressed file (MP3) keeps its header's length and decodes what is left: half a
-    # question was answered as the whole one. Complete files decode to their header's count;
-    # the slack is for formats whose count is an estimate
-    if want - data.shape[0] > max(0.01 * want, 0.05 * rate):
+    # question was answered as the whole one. Complete files decode to their header's count
+    # (an MP3 only where a Xing/Info/VBRI frame gives it; without one the count is a guess from
+    # the file's size, too large for a file with a tag at its end)
+    exact = fmt != "MP3" or _mp3_states_its_length(handle)
+    if exact and want - data.shape[0] > max(0.01 * want, 0.05 * rate):
         raise AudioError(f"{name}: truncated audio file: the header says {want / rate:.2f} s, "
                          f"{data.shape[0] / rate:.2f} s could be decoded")
     return data, rate
+
+
+def _read_at(handle: str | io.BytesIO, offset: int, size: int) -> bytes:
+    if isinstance(handle, io.BytesIO):
+        return bytes(handle.getbuffer()[offset:offset + size])
+    with open(handle, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(size)
+
+
+def _mp3_states_its_length(handle: str | io.BytesIO) -> bool:
+    """Whether an MP3's first frame is a Xing, Info or VBRI frame (which gives the length),
+    after any ID3v2 tag."""
+    try:
+        head = _read_at(handle, 0, 10)
+        offset = 0
+        if len(head) == 10 and head[:3] == b"ID3":  # a tag of syncsafe size, maybe a footer
+            offset = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+            offset += 10 if head[5] & 0x10 else 0
+        frame = _read_at(handle, offset, 4096)
+    except OSError:
+        return False
+    return any(tag in frame for tag in (b"Xing", b"Info", b"VBRI"))
 
 
 def _too_long(name: str, seconds: float, max_seconds: float) -> AudioError:

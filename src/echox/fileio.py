@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple
@@ -99,9 +98,19 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-# scratch folders carry the host as well as the PID: on a shared file system another
-# machine's PID says nothing about whether its save is still running
-_HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+def _pid_space() -> str:
+    """Where a PID means one process: this boot of this machine (its boot id) and this PID
+    namespace (a container has its own, under the same boot id and maybe the same host
+    name). Empty where that cannot be known: scratch folders are then never judged dead."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except (OSError, ValueError):
+        return ""
+    return f"{boot}.{ns:x}" if boot.isalnum() else ""
+
+
+_PID_SPACE = _pid_space()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -115,9 +124,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clear_dead_scratch(dst: Path) -> None:
-    """Remove the scratch folders of `dst` that a killed save on this host left (a converted
-    8B model leaves up to 16 GB in a hidden folder); a running save's is kept."""
-    prefix = f".{dst.name}.tmp-{_HOST}-"
+    """Remove the scratch folders of `dst` that a killed save left in this PID space (a
+    converted 8B model leaves up to 16 GB in a hidden folder); a running save's is kept, and so
+    is any of another machine or container (its PIDs are not ours to ask about)."""
+    if not _PID_SPACE:
+        return
+    prefix = f".{dst.name}.tmp-{_PID_SPACE}-"
     for tmp in dst.parent.glob(glob.escape(prefix) + "*"):
         pid = tmp.name[len(prefix):]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
@@ -134,7 +146,7 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _clear_dead_scratch(dst)
-    tmp = dst.parent / f".{dst.name}.tmp-{_HOST}-{os.getpid()}"
+    tmp = dst.parent / f".{dst.name}.tmp-{_PID_SPACE + '-' if _PID_SPACE else ''}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -158,7 +170,7 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
 
 def clear_interrupted(folder: str | os.PathLike, name: str = "*") -> None:
     """Clear what `atomic_dir`s killed midway left in `folder` for the folders matching `name`:
-    scratch copies (`.<name>.tmp-<pid>`) go, and a folder moved aside (`.<name>.old-<pid>`) goes
+    scratch copies (`.<name>.tmp-[<pid space>-]<pid>`) go, and a folder moved aside (`.<name>.old-<pid>`) goes
     too, or is put back where its replacement never took its place."""
     folder = Path(folder)
     for tmp in folder.glob(f".{name}.tmp-*"):  # name is a pattern ("step-*")

@@ -78,7 +78,7 @@ TEXT_PREFIX_LAST_ID = 12800
 ECHOX_FIELDS = ("audio_tower", "adapter_size", "unit_output", "unit_vocab_size", "unit_model")
 REQUIRED = ("audio_tower", "adapter_size", "unit_output", "unit_vocab_size", "vocab_size",
             "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
-# sizes a Llama config may leave out (or give as null); where given, whole numbers >= 1
+# sizes a Llama config may leave out (head_dim also as null); where given, whole numbers >= 1
 OPTIONAL_SIZES = ("max_position_embeddings", "num_key_value_heads", "head_dim")
 # authors' name prefix -> ours (first match wins); other `model.*` / `lm_head.*` names are the LLM's
 RENAMES = (
@@ -166,8 +166,9 @@ def read_source(src: Path) -> Source:
     bad = [k for k in OPTIONAL_SIZES if config.get(k) is not None and (
         not isinstance(config[k], int) or isinstance(config[k], bool) or not 0 < config[k] < 2**31)]
     if bad:
-        raise ConversionError(f"{src / 'config.json'}: out of range: "
-                              + ", ".join(f"{k} ({config[k]!r}: expected 1 to {2**31 - 1})" for k in bad))
+        raise ConversionError(f"{src / 'config.json'}: not a size: "
+                              + ", ".join(f"{k} ({config[k]!r}: expected a whole number from 1 to "
+                                          f"{2**31 - 1})" for k in bad))
     try:  # the LLM's own config: its checks name config.json, not the tokenizer loaded with it
         from transformers import LlamaConfig
 

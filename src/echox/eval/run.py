@@ -594,8 +594,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode in ("text", "cascade"):
         llm = args.llm or load_config(args.config).llm.name_or_path
         settings.update(llm=llm, system_prompt=args.system_prompt or None)
-        if args.max_new_tokens is None:  # the default: as runs before the option counted here
-            del settings["max_new_tokens"]
+        if sampling.max_new_tokens == TEXT_MAX_NEW_TOKENS:  # the default, given or not: as
+            del settings["max_new_tokens"]  # runs recorded it before the option counted here
     else:
         settings["model"] = str(args.model or default_bundle())
     if args.mode in ("s2s", "cascade"):

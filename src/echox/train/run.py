@@ -225,7 +225,7 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
     train_path, eval_path = data.train, data.eval
     if not train_path:
         raise ConfigError(f"stage {stage}: give training data (--data or data.train in the recipe)")
-    for what, paths in (("--data", train_path), ("--eval-data", eval_path)):
+    for what, paths in (("--data (data.train)", train_path), ("--eval-data (data.eval)", eval_path)):
         for p in paths if isinstance(paths, (list, tuple)) else [paths]:
             if isinstance(p, (str, os.PathLike)) and p and not Path(p).exists():
                 raise ConfigError(
@@ -263,7 +263,7 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
                 {"ctc_only": True} if cfg.ctc_only else {})
     gold = cfg.target == "gold-units"
     if gold:  # every dialogue now, not at its first read (the eval data's: steps into the run)
-        for what, ds in (("--data", train), ("--eval-data", ev)):
+        for what, ds in (("--data (data.train)", train), ("--eval-data (data.eval)", ev)):
             lacking = [r for r in _records(ds) if r.response_units is None]
             if lacking:
                 raise ConfigError(

@@ -466,9 +466,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
         raise UnitError(f"{len(missing)} of {len(d.records)} dialogues have no units in {t.path} "
                         f"(first: {missing[0]!r}); use --on-missing drop|keep to go on without them")
     if d.records and n_done == 0:  # nothing matched: wrong files or ids, not a result to write
-        raise UnitError(f"no dialogue of {d.path} has its units in {t.path} (ids such as "
-                        f"{d.key(0)!r} or {d.key(0)!r}-a0 are not there); check that the TTS "
-                        "records are these dialogues' responses")
+        raise UnitError(f"no dialogue of {d.path} has its units in {t.path} (no TTS id such "
+                        f"as {d.key(0)!r}, or {d.key(0) + '-a0'!r} for a dialogue of several "
+                        "answers); check that the TTS records are these dialogues' responses")
     write_jsonl(out, rows)
     print(f"attached units to {n_turns} assistant turns of {n_done} dialogues ({len(missing)} without units, --on-missing {args.on_missing}) -> {out}")
     return 0
