@@ -113,6 +113,9 @@ def test_train_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "s2t", "--recipe", str(tmp_path / ("a" * 300 + ".yaml"))]) == 2  # ENAMETOOLONG
     err = capsys.readouterr().err
     assert "file name too long" in err and len(err.splitlines()) == 1, err
+    import warnings  # the handler's local once replaced warnings.formatwarning with a string
+
+    assert callable(warnings.formatwarning)
     with pytest.raises(SystemExit):  # 10**5 threads: a MemoryError
         main(["train", "s2t", "--threads", "100000"])
     assert "must be <= 1024" in capsys.readouterr().err

@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or e.errno != errno.ENAMETOOLONG:
             raise
         name = str(e.filename or "")
-        shown = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]}"
-        print(f"echox: error: a file name too long for this file system: {shown}", file=sys.stderr)
+        short = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]}"
+        print(f"echox: error: a file name too long for this file system: {short}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("echox: interrupted", file=sys.stderr)

@@ -37,6 +37,10 @@ class CheckpointError(EchoXError, RuntimeError):
     """A checkpoint file is missing, corrupt or does not fit the model; names the file."""
 
 
+class NoBundleError(CheckpointError):
+    """No model bundle was found in any of the default places (none was named)."""
+
+
 class ConversionError(CheckpointError):
     """A source checkpoint cannot be converted (wrong architecture, missing tensor, ...)."""
 

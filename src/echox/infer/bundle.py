@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from echox.config import MAX_BEAMS
-from echox.errors import CheckpointError, ConfigError, UnitError
+from echox.errors import CheckpointError, ConfigError, NoBundleError, UnitError
 from echox.fileio import check_out_path, moved_aside_hint
 from echox.hub import cache_dir
 from echox.model.checkpoint import check_device as check_model_device
@@ -100,10 +100,6 @@ def shipped_bundle() -> Path:
 
 DEFAULT_MODEL_HELP = ("(default: $ECHOX_MODEL, then ~/.cache/echox/models/tiny, then the "
                       "embedded tiny model)")
-
-
-class NoBundleError(CheckpointError):
-    """No model bundle was found in any of the default places (none was named)."""
 
 
 def default_bundle() -> Path:

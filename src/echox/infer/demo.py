@@ -17,9 +17,9 @@ from typing import Any
 
 from echox.audio import check_output_path, load_audio, save_audio
 from echox.config import preset_config
-from echox.errors import ConfigError
+from echox.errors import ConfigError, NoBundleError
 from echox.infer.asr import FasterWhisperASR
-from echox.infer.bundle import DEFAULT_MODEL_HELP, Bundle, NoBundleError, default_bundle, load_bundle
+from echox.infer.bundle import DEFAULT_MODEL_HELP, Bundle, default_bundle, load_bundle
 from echox.infer.chat import add_max_audio_option, check_not_question, question_limit
 from echox.infer.engine import (
     AudioChunk,

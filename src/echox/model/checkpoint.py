@@ -376,7 +376,10 @@ def load_weights(model: EchoX, folder: Path, parts: list[str] | None = None,
     emb = base.get_input_embeddings().weight
     head = base.get_output_embeddings()
     rows = len(model.llm.added_token_ids)
-    if (parts is None or "llm" in parts) and "embed" not in added:
+    # (an LLM whose folder holds the added tokens' rows, as an imported released model's, has
+    # nothing to add: llm.resize_embeddings false)
+    if (parts is None or "llm" in parts) and rows and model.config.llm.resize_embeddings \
+            and "embed" not in added:
         raise CheckpointError(f"{folder / WEIGHTS}: no {ADDED}embed (the rows of the tokens "
                               "EchoX adds to the LLM, e.g. its audio placeholder)")
     for name, table in (("embed", emb), ("lm_head", None if head is None else head.weight)):
