@@ -266,3 +266,34 @@ def test_out_of_range_numbers_are_one_line(bundle_dir: Path, tmp_path: Path,
     code = main(["chat", str(q), "--model", str(bundle_dir), "-o", str(out),
                  "--max-audio-seconds", "1e308", *FAST])
     assert code == 0 and out.is_file(), capsys.readouterr().err
+
+
+def test_interactive_quoted_paths_are_audio(bundle_dir: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A dragged-in or copied path comes quoted ('/a b/q.wav'), or as ~/q.wav: it was sent to
+    the model as a text question. A quoted question stays a question."""
+    from echox.infer.chat import _as_path_if_quoted
+
+    folder = tmp_path / "sp ace"
+    folder.mkdir()
+    q = folder / "q.wav"
+    sf.write(q, noise(0.5), 16000)
+    assert _as_path_if_quoted(f"'{q}'") == str(q) == _as_path_if_quoted(f'"{q}"')
+    monkeypatch.setenv("HOME", str(folder))
+    assert _as_path_if_quoted("~/q.wav") == str(q)
+    assert _as_path_if_quoted('"What is the capital of Japan?"') == '"What is the capital of Japan?"'
+    import echox.infer.chat as chat
+
+    turns: list[dict] = []
+    real = chat._run_turn
+
+    def recorded(*a, **kw):  # the real turn, with what it was given noted
+        turns.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(chat, "_run_turn", recorded)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"'{q}'\n\"hello there\"\n"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["chat", "--model", str(bundle_dir), *FAST]) == 0
+    assert [(t["audio"], t["text"]) for t in turns] == [(str(q), None), (None, '"hello there"')]

@@ -339,16 +339,32 @@ def test_chat_speaks_from_the_converted_bundle(converted, tmp_path: Path, capsys
     assert sr == 16000 and audio.size > 0 and np.abs(audio).max() > 0
 
 
-def test_saved_again_and_reloaded(bundle, tmp_path: Path) -> None:
+def test_saved_again_and_reloaded(bundle, tmp_path: Path, capsys) -> None:
     """A converted model saved as a plain checkpoint stores its one T2C once (under echo.)
-    and names the converted folder's LLM by path."""
+    and carries the converted folder's own LLM along (hard links; its weights outside the
+    checksums): a copy named the original's llm/ by path, so deleting the original, or a
+    `bundle --force` back over it, left both without their LLM."""
     from echox.model.echox import EchoX
 
     bundle.model.save_pretrained(tmp_path / "again")
+    meta = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert meta["config"]["llm"]["name_or_path"] == "llm"
+    assert (tmp_path / "again" / "llm" / "config.json").is_file()
+    sums = json.loads((tmp_path / "again" / "checksums.json").read_text())
+    assert "llm/config.json" in sums and not any(k.endswith(".safetensors") and k.startswith("llm/")
+                                                 for k in sums)
     again = EchoX.from_pretrained(tmp_path / "again")
     for k, v in bundle.model.echo.state_dict().items():
         assert torch.equal(again.echo.state_dict()[k], v), k
     assert again.trained_stages == ["s2t", "t2c", "echo"]
+    # a bundle of the copy, then one back over the copy: each keeps an LLM of its own
+    b2 = tmp_path / "b2"
+    assert main(["bundle", "--model", str(tmp_path / "again"), "--out", str(b2)]) == 0
+    assert main(["bundle", "--model", str(b2), "--out", str(tmp_path / "again"), "--force"]) == 0
+    capsys.readouterr()
+    for folder in (tmp_path / "again", b2):
+        m = EchoX.from_pretrained(folder)
+        assert Path(m.config.llm.name_or_path) == (folder / "llm").resolve()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only torch")

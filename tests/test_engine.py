@@ -579,6 +579,14 @@ def test_echox_bundle_force_never_replaces_a_part_of_its_source(
     assert "would delete what the bundle is made from" in capsys.readouterr().err
     assert digest() == before
     load_bundle(src)  # still whole
+    # a new --out inside a part of the source (a bundle without unit_language/ written into
+    # the --model's own unit_language/, an export into its vocoder/) broke the source
+    bare = save_bundle(tmp_path / "bare", bundle.model, bundle.vocoder)
+    for cmd in (["bundle", "--model", str(bare), "--out", str(bare / "unit_language")],
+                ["train", "export", "--model", str(bare), "--out", str(bare / "vocoder" / "x")]):
+        assert main(cmd) == 2, cmd
+        assert "lies inside" in capsys.readouterr().err
+    assert not (bare / "unit_language").exists() and load_bundle(bare) is not None
     # a folder of its own inside the source (an earlier bundle there) is no part of it
     (src / "bundle").mkdir()
     assert main(["bundle", "--model", str(src), "--out", str(src / "bundle"), "--force"]) == 0
@@ -651,3 +659,16 @@ def test_a_text_only_turn_is_not_voiced(bundle: Bundle) -> None:
     assert isinstance(a, Final) and isinstance(b, Final)
     assert b.text == a.text and b.token_ids == a.token_ids and b.audio.size == 0 and b.segments == []
     assert b.stats.first_audio_ms is None and b.stats.segments == 0
+
+
+def test_load_bundle_refuses_a_vocoder_or_language_of_another_type(bundle: Bundle,
+                                                                   tmp_path: Path) -> None:
+    """vocoder=b"..." or 5 loaded and failed in the first answer (AttributeError), and
+    unit_language=3 in check_bundle."""
+    from echox.errors import CheckpointError
+
+    src = save_bundle(tmp_path / "b", bundle.model, bundle.vocoder)
+    for kw in ({"vocoder": b"vocoder"}, {"vocoder": 5}, {"unit_language": 3}):
+        with pytest.raises(CheckpointError, match="must be a folder path or a loaded"):
+            load_bundle(src, **kw)
+    assert load_bundle(src, vocoder=bundle.vocoder).vocoder is bundle.vocoder

@@ -60,9 +60,11 @@ def test_mix_makes_voice_and_asr_turns_and_resumes(tmp_path):
 
 def test_mix_refuses_the_test_voice_and_a_missing_corpus(tmp_path):
     corpus = _corpus(tmp_path)
-    for v in ("en-us", "en-us+f3"):
+    for v in ("en-us", "en-us+f3", "EN-US", "En-Us+m2"):  # espeak-ng ignores the case
         with pytest.raises(ManifestError, match="test"):
             build_s2t_mix(corpus, voice=v)
+    with pytest.raises(ManifestError, match="no spaces around it"):
+        build_s2t_mix(corpus, voice="en-gb ")
     with pytest.raises(ManifestError, match="build-tiny"):
         build_s2t_mix(tmp_path / "nothing")
     counts = build_s2t_mix(corpus, voice=None)  # ASR turns only

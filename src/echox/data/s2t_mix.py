@@ -109,8 +109,11 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
     tts = _read(train / "tts.jsonl")
     counts: dict[str, int] = {}
     extra: list[dict[str, Any]] = []
+    if voice is not None and voice != voice.strip():  # "en-gb " named a second manifest
+        raise ManifestError(f"--voice {voice!r}: a voice name has no spaces around it")
     if voice:
-        if voice.split("+")[0] == TEST_VOICE:
+        # espeak-ng reads voice names without regard to case: EN-US is the test voice too
+        if voice.split("+")[0].lower() == TEST_VOICE:
             raise ManifestError(f"--voice {voice}: {TEST_VOICE} speaks the test questions; pick another "
                               "voice (e.g. en-gb, en-gb-x-rp, en-029) so the test voice stays unseen")
         if "/" in voice or "\0" in voice or voice in (".", ".."):  # it names a folder and a file

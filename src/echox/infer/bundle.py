@@ -33,7 +33,7 @@ from echox.errors import CheckpointError, ConfigError, NoBundleError, UnitError
 from echox.fileio import check_out_path, moved_aside_hint
 from echox.hub import cache_dir
 from echox.model.checkpoint import check_device as check_model_device
-from echox.model.checkpoint import checkpoint_folder
+from echox.model.checkpoint import checkpoint_folder, folder_overlap
 from echox.model.echox import EchoX
 from echox.model.precision import slow_on_cpu
 from echox.units.language import UnitLanguage
@@ -152,6 +152,12 @@ def load_bundle(
         raise CheckpointError(f"model bundle folder not found: {folder}{moved_aside_hint(folder)}")
     if device is not None:
         check_device(str(device))
+    for name, given, kinds in (("vocoder", vocoder, (Vocoder,)),
+                               ("unit_language", unit_language, (UnitLanguage, UnitTokens))):
+        if given is not None and not isinstance(given, (str, os.PathLike, *kinds)):
+            raise CheckpointError(f"{name} must be a folder path or a loaded "
+                                  f"{' / '.join(k.__name__ for k in kinds)}, got "
+                                  f"{type(given).__name__}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     model = EchoX.from_pretrained(folder, device=dev, dtype=parse_dtype(dtype)).eval()
     held = parse_dtype(dtype) or DTYPES.get(model.config.llm.dtype)
@@ -162,12 +168,12 @@ def load_bundle(
 
     if vocoder is None and (folder / VOCODER_DIR).is_dir():
         vocoder = folder / VOCODER_DIR
-    voc = load_vocoder(vocoder, dev) if isinstance(vocoder, (str, Path)) else vocoder
+    voc = load_vocoder(vocoder, dev) if isinstance(vocoder, (str, os.PathLike)) else vocoder
 
     if unit_language is None and (folder / UNIT_LANGUAGE_DIR).is_dir():
         unit_language = folder / UNIT_LANGUAGE_DIR
-    lang = (_load_unit_language(Path(unit_language)) if isinstance(unit_language, (str, Path))
-            else unit_language)
+    lang = (_load_unit_language(Path(unit_language))
+            if isinstance(unit_language, (str, os.PathLike)) else unit_language)
     bundle = Bundle(model, voc, lang, folder)
     check_bundle(bundle)
     return bundle
@@ -322,7 +328,7 @@ def cmd_bundle(args: Any) -> int:
     for source in (args.model, vocoder_path, language_path, hifigan):
         # --force replaces --out whole: it must not be a source, hold one or lie inside one
         # (the --model's vocoder/ or tokenizer/)
-        how = _overlap(out.resolve(), Path(source).resolve()) if source and out.exists() else None
+        how = folder_overlap(out.resolve(), Path(source).resolve()) if source else None
         if how:
             raise CheckpointError(f"--out {out} {how} {source}: replacing it would delete what "
                                   "the bundle is made from; give another --out")
@@ -356,24 +362,6 @@ def cmd_bundle(args: Any) -> int:
     out = save_bundle(out, model, vocoder, lang, slim=args.slim, replace=args.force)
     print(json.dumps({"bundle": str(out), **bundle_info(Bundle(model, vocoder, lang, out))}))
     return 0
-
-
-def _overlap(out: Path, source: Path) -> str | None:
-    """How resolved `out` overlaps resolved `source` ("is", "holds", "lies inside": one of the
-    source's own parts, such as its vocoder/), or None. Another folder inside the source (an
-    earlier bundle at `<model>/bundle`) is no part of it: replacing it deletes nothing used."""
-    if out == source:
-        return "is"
-    if out in source.parents:
-        return "holds"
-    if source not in out.parents:
-        return None
-    first = out.relative_to(source).parts[0]
-    try:
-        listed = {Path(k).parts[0] for k in json.loads((source / "checksums.json").read_text())}
-    except (OSError, ValueError, RecursionError, TypeError, AttributeError):
-        listed = set()
-    return "lies inside" if first in {"tokenizer", VOCODER_DIR, UNIT_LANGUAGE_DIR, *listed} else None
 
 
 def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | None) -> None:

@@ -12,6 +12,7 @@ The text is printed as it is decoded; each answer's audio is written to `-o` (on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -129,6 +130,16 @@ def _run_turn(session: Any, out: Path, show_stats: bool, stdout: TextIO,
         stdout.flush()
 
 
+def _as_path_if_quoted(line: str) -> str:
+    """A dragged-in or copied path ('/a b/q.wav', "~/q.wav") as a plain one, where it names an
+    audio file; any other line as typed (a quoted question stays a question)."""
+    inner = line[1:-1] if len(line) > 1 and line[0] == line[-1] and line[0] in "'\"" else line
+    path = os.path.expanduser(inner)
+    if path.lower().endswith(AUDIO_SUFFIXES) or os.path.isfile(path):
+        return path
+    return line
+
+
 def _path_kind(line: str) -> tuple[bool, bool]:
     """(exists, is a folder) for a typed line; (False, False) for text no path can be (too
     long a name, a NUL byte)."""
@@ -164,6 +175,7 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
             session.reset()
             print("echox: history cleared", file=sys.stderr)
             continue
+        line = _as_path_if_quoted(line)
         named = line.lower().endswith(AUDIO_SUFFIXES)
         exists, folder = _path_kind(line)
         if line.startswith("/") and "/" not in line[1:] and not named and not exists:

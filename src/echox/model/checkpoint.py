@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -155,6 +156,28 @@ def checkpoint_folder(folder: Any, what: str = "checkpoint folder") -> Path:
     return Path(folder).expanduser()
 
 
+# the folders a checkpoint or bundle holds besides its files at the top
+FOLDER_PARTS = ("tokenizer", "vocoder", "unit_language", "llm", "encoder")
+
+
+def folder_overlap(out: Path, source: Path) -> str | None:
+    """How resolved `out` overlaps resolved `source` ("is", "holds", "lies inside": one of the
+    source's own parts, such as its vocoder/), or None. Another folder inside the source (an
+    earlier bundle at `<model>/bundle`) is no part of it: replacing it deletes nothing used."""
+    if out == source:
+        return "is"
+    if out in source.parents:
+        return "holds"
+    if source not in out.parents:
+        return None
+    first = out.relative_to(source).parts[0]
+    try:
+        listed = {Path(k).parts[0] for k in json.loads((source / CHECKSUMS).read_text())}
+    except (OSError, ValueError, RecursionError, TypeError, AttributeError):
+        listed = set()
+    return "lies inside" if first in {*FOLDER_PARTS, *listed} else None
+
+
 def check_save_folder(folder: Path) -> None:
     """Refuse to save over anything but an EchoX checkpoint or an empty folder: saving
     replaces the whole folder, which would delete a file or unrelated files there."""
@@ -182,6 +205,7 @@ def _write_checkpoint(model: EchoX, folder: Path, state: dict[str, torch.Tensor]
             meta["omitted_parts"] = sorted(omit_parts)
         if dtype is not None:
             meta["weights_dtype"] = str(dtype).removeprefix("torch.")
+        unhashed = _carry_base_models(model, tmp, meta)
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         for name, text in (extra_files or {}).items():
@@ -189,7 +213,8 @@ def _write_checkpoint(model: EchoX, folder: Path, state: dict[str, torch.Tensor]
         if extra_writer is not None:
             extra_writer(tmp)
         sums = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
+            if p.is_file() and str(p.relative_to(tmp)) not in unhashed
         }
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
 
@@ -270,16 +295,46 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def _local_base_models(folder: Path, config: EchoXConfig) -> EchoXConfig:
+def _local_base_models(folder: Path, config: EchoXConfig
+                       ) -> tuple[EchoXConfig, dict[str, tuple[str, Path]]]:
     """`config` with base models that the checkpoint folder holds itself (a relative
-    `name_or_path` such as "llm", written by `echox convert official`) made absolute."""
+    `name_or_path` such as "llm", written by `echox convert official`) made absolute, and
+    those parts as {part: (relative name, absolute folder)}."""
     data = config.to_dict()
+    carried = {}
     for part in ("encoder", "llm"):
         name = data[part]["name_or_path"]
         if not Path(name).is_absolute() and not name.startswith(("builtin:", "packaged:")) \
                 and (folder / name / "config.json").is_file():
             data[part]["name_or_path"] = str((folder / name).resolve())
-    return EchoXConfig.from_dict(data)
+            carried[part] = (name, (folder / name).resolve())
+    return EchoXConfig.from_dict(data), carried
+
+
+def _carry_base_models(model: EchoX, tmp: Path, meta: dict[str, Any]) -> set[str]:
+    """Put the base models the loaded folder held itself (`model.carried_base`) into the new
+    folder `tmp` too, under the same relative names (hard links where the file system allows:
+    no second copy of an LLM's gigabytes), and name them so in `meta`; returns their files'
+    paths that checksums leave out (the weights: hashing gigabytes on every load would take
+    longer than loading them; safetensors checks their sizes as it reads)."""
+    unhashed: set[str] = set()
+    for part, (rel, src) in model.carried_base.items():
+        cfg = meta["config"][part]
+        if cfg.get("name_or_path") != str(src) or not src.is_dir():
+            continue  # pointed elsewhere since the load: nothing to carry
+        for f in sorted(src.rglob("*")):
+            if not f.is_file():
+                continue
+            dst = tmp / rel / f.relative_to(src)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, dst)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(f, dst)
+            if f.suffix == ".safetensors":
+                unhashed.add(str(dst.relative_to(tmp)))
+        cfg["name_or_path"] = rel
+    return unhashed
 
 
 def _checkpoint_tokenizer(folder: Path, audio_token: str) -> Any:
@@ -322,7 +377,9 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
         raise CheckpointError(f"{folder / CONFIG}: invalid config: {e}") from e
     tok = _checkpoint_tokenizer(folder, config.llm.audio_token)
     # (a model saved again names the folder's own base models by their absolute paths)
-    model = cls.build(_local_base_models(folder, config), tokenizer=tok, device=device, dtype=dtype)
+    config, carried = _local_base_models(folder, config)
+    model = cls.build(config, tokenizer=tok, device=device, dtype=dtype)
+    model.carried_base = carried
     omitted = meta.get("omitted_parts") or []
     if not isinstance(omitted, list) or set(omitted) - set(OMITTABLE):
         raise CheckpointError(f"{folder / CONFIG}: bad omitted_parts {omitted!r}")

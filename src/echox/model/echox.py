@@ -99,6 +99,9 @@ class EchoX(nn.Module):
         self.denoiser = denoiser
         self.tokenizer = llm.tokenizer
         self.trained_stages: list[str] = []  # metadata saved with checkpoints
+        # base models the loaded checkpoint folder held itself ({"llm": ("llm", /abs/llm)}):
+        # a save carries them along, so that the copy does not lean on the original folder
+        self.carried_base: dict[str, tuple[str, Path]] = {}
         self.feature_cache: Any = None  # an EncoderCache, see enable_feature_cache
         self.prompt = PromptBuilder(self.tokenizer, config.llm.system_prompt, config.llm.audio_token)
 

@@ -26,6 +26,7 @@ import torch
 
 from echox.errors import CheckpointError
 from echox.fileio import check_out_path
+from echox.model.checkpoint import folder_overlap
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}
 
@@ -62,6 +63,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists():
         raise CheckpointError(f"--out {out} already exists; give a new folder")
     check_out_path(out)
+    how = folder_overlap(out.resolve(), src.resolve())
+    if how:  # inside the model's own vocoder/ or unit_language/: the model would not load
+        raise CheckpointError(f"--out {out} {how} {src}: writing there would break the model "
+                              "it copies; give another --out")
     model = EchoX.from_pretrained(src)
     if args.drop_echo:
         if model.t2c is model.echo and "t2c" in model.trained_stages and not args.drop_t2c:
