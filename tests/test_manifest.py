@@ -228,6 +228,12 @@ def test_validate_manifest_checks_audio(tmp_path):
     assert quick.audio_issues == [] and quick.n_audio == 0
     ok = validate_manifest(_shard(tmp_path) / "data.json", "dialogue")
     assert ok.ok and ok.n_audio == 2  # the user audio only
+    # a repeated id passed, then `units extract` refused the manifest ("duplicate utterance id")
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps({"id": i, "audio": "a.wav", "text": "t"}) + "\n"
+                           for i in ("x", "y", "x")))
+    rep = validate_manifest(dup, "tts", check_audio=False)
+    assert not rep.ok and rep.bad_lines == [(3, "id 'x' again (first on line 1)")]
 
 
 def test_validate_flags_a_truncated_wav_and_refuses_a_bad_limit(tmp_path, capsys):
@@ -506,3 +512,18 @@ def test_validate_reports_an_audio_path_the_os_refuses(tmp_path, capsys):
     assert main(["data", "validate", str(p), "--schema", "asr"]) == 1
     out = capsys.readouterr().out
     assert "0 bad line(s)" in out and "1 audio issue(s)" in out and "cannot read it" in out
+
+
+def test_validate_cli_reports_every_manifest_past_one_it_cannot_read(tmp_path, capsys):
+    """`data validate a nope b` stopped at nope: b was never reported."""
+    from echox.cli import main
+
+    good = tmp_path / "ok.jsonl"
+    good.write_text(json.dumps({"id": "a", "text": "t", "audio": "x.wav"}) + "\n")
+    assert main(["data", "validate", str(good), str(tmp_path / "nope.jsonl"), str(good),
+                 "--schema", "tts", "--no-audio"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out.count("ok.jsonl (tts): 1 record(s)") == 2
+    assert cap.err.strip().endswith("nope.jsonl: manifest file not found (2 other manifest(s) "
+                                    "reported above)") and len(cap.err.strip().splitlines()) == 1
+

@@ -492,4 +492,12 @@ def validate_manifest(path: str | os.PathLike, schema: type[R] | str, check_audi
             if dur is not None and abs(dur - info.duration) > 0.1:
                 issues.append((line, f"'{src}': manifest says {dur:.2f} s, file is "
                                      f"{info.duration:.2f} s"))
-    return ValidationReport(rep.path, cls.kind, len(rep), rep.bad_lines, issues, n_audio, seconds)
+    bad = list(rep.bad_lines)  # and a repeated id: ids name cache entries and unit records
+    first: dict[str, int] = {}
+    for rec, line in zip(rep.records, rep.lines):
+        rid = getattr(rec, "id", None)
+        if rid is not None and rid in first:
+            bad.append((line, f"id {rid!r} again (first on line {first[rid]})"))
+        elif rid is not None:
+            first[rid] = line
+    return ValidationReport(rep.path, cls.kind, len(rep), sorted(bad), issues, n_audio, seconds)

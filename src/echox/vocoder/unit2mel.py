@@ -448,7 +448,7 @@ class Unit2Mel(nn.Module):
         except (ValueError, RecursionError) as exc:
             raise VocoderCheckpointError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or "unit2mel" not in meta:
-            raise VocoderCheckpointError(f"{folder / CONFIG_FILE} is not a {FORMAT} config")
+            raise VocoderCheckpointError(f"{folder / CONFIG_FILE} is not an {FORMAT} config")
         version = meta.get("format_version", 0)
         if isinstance(version, bool) or not isinstance(version, int):
             raise VocoderCheckpointError(f"{folder / CONFIG_FILE}: format_version must be an "
