@@ -91,6 +91,7 @@ def test_mix_refuses_an_unknown_voice_and_a_dialogue_without_turns(tmp_path):
     corpus = _corpus(tmp_path)
     with pytest.raises(ManifestError, match="espeak-ng spoke none of 3 questions"):
         build_s2t_mix(corpus, voice="xx-nosuchvoice")
+    assert not (corpus / "train" / "audio" / "q_xx-nosuchvoice").exists()  # no empty folder left
     with (corpus / "train" / "dialogues.jsonl").open("a") as f:
         f.write(json.dumps({"id": "y"}) + "\n")
     with pytest.raises(ManifestError, match=r"y: no \"conversations\""):

@@ -31,6 +31,7 @@ already made are kept; the manifests are rewritten atomically each run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -131,6 +132,8 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
         todo = [(t, p) for t, p in jobs if not p.is_file()]
         made, failed = espeak_synthesize(todo, progress=progress, voice=voice)
         if todo and not made:  # e.g. a voice espeak-ng does not have: not an empty manifest
+            with contextlib.suppress(OSError):  # nor an empty folder named after it
+                (train / "audio" / folder).rmdir()
             raise ManifestError(f"--voice {voice}: espeak-ng spoke none of {len(todo)} questions; "
                                 "check the voice name (espeak-ng --voices)")
         bad = {Path(p) for p in failed}
