@@ -496,18 +496,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     # teardown, gloo's threads could abort a rank ("terminate called without an active exception")
     trainer.acc.wait_for_everyone()  # every rank out of its last collective before any destroys
     trainer.acc.end_training()
+    rc = 0
     if res.stopped_by:
         if trainer.acc.is_main_process:
             print(_stopped_line(res), file=sys.stderr)
-        return 128 + res.stopped_by
-    if trainer.acc.is_main_process:
+        rc = 128 + res.stopped_by
+    elif trainer.acc.is_main_process:
         print(json.dumps({"stage": args.stage, "train_examples": len(train),  # type: ignore[arg-type]
                           "steps": res.step, "first_loss": _number(res.first_loss),
                           "last_loss": _number(res.last_loss), "steps_per_s": round(res.steps_per_s, 3),
                           "eval": res.eval_losses[-1:] or None,
                           # the stage's model once max_steps are done; none after --stop-at
                           "output": str(out / "model") if res.step >= cfg.max_steps else None}))
-    return 0
+    if trainer.acc.num_processes > 1:
+        _exit_without_teardown(rc)
+    return rc
+
+
+def _exit_without_teardown(rc: int) -> None:
+    """End a rank of a multi-process launch here, its work saved and its output flushed.
+
+    Freeing the DDP model as the command returns destroys gloo's process group while holding
+    the GIL; its destructor joins gloo's worker thread, which may still be freeing the last
+    barrier's tensors and waits for the GIL: the rank hangs, and the launch with it (seen about
+    1 run in 5 of the 2-process test; py-spy: `~ProcessGroupGloo` -> `std::thread::join` beside
+    `AsyncBarrierWork::~AsyncBarrierWork` -> `gil_scoped_acquire`). Nothing is left to write."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(rc)
 
 
 def _number(x: float) -> float | None:
