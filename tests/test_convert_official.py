@@ -339,7 +339,7 @@ def test_chat_speaks_from_the_converted_bundle(converted, tmp_path: Path, capsys
     assert sr == 16000 and audio.size > 0 and np.abs(audio).max() > 0
 
 
-def test_saved_again_and_reloaded(bundle, tmp_path: Path, capsys) -> None:
+def test_saved_again_and_reloaded(bundle, tmp_path: Path, capsys, monkeypatch) -> None:
     """A converted model saved as a plain checkpoint stores its one T2C once (under echo.)
     and carries the converted folder's own LLM along (hard links; its weights outside the
     checksums): a copy named the original's llm/ by path, so deleting the original, or a
@@ -365,6 +365,17 @@ def test_saved_again_and_reloaded(bundle, tmp_path: Path, capsys) -> None:
     for folder in (tmp_path / "again", b2):
         m = EchoX.from_pretrained(folder)
         assert Path(m.config.llm.name_or_path) == (folder / "llm").resolve()
+    # no hard links (another file system): named by path, not copied at every save
+    import echox.model.checkpoint as ckpt
+
+    def no_link(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(ckpt.os, "link", no_link)
+    m.save_pretrained(tmp_path / "apart")
+    meta = json.loads((tmp_path / "apart" / "config.json").read_text())
+    assert meta["config"]["llm"]["name_or_path"] == str((b2 / "llm").resolve())
+    assert not (tmp_path / "apart" / "llm").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only torch")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -34,6 +35,8 @@ from echox.model.llm import load_tokenizer
 EchoX = torch.nn.Module
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CHECKSUMS = "checksums.json"
@@ -313,26 +316,29 @@ def _local_base_models(folder: Path, config: EchoXConfig
 
 def _carry_base_models(model: EchoX, tmp: Path, meta: dict[str, Any]) -> set[str]:
     """Put the base models the loaded folder held itself (`model.carried_base`) into the new
-    folder `tmp` too, under the same relative names (hard links where the file system allows:
-    no second copy of an LLM's gigabytes), and name them so in `meta`; returns their files'
-    paths that checksums leave out (the weights: hashing gigabytes on every load would take
-    longer than loading them; safetensors checks their sizes as it reads)."""
+    folder `tmp` too, as hard links under the same relative names (no second copy of an LLM's
+    gigabytes), and name them so in `meta`; returns their weights' paths, which checksums leave
+    out (hashing gigabytes on every load would take longer than loading them; safetensors
+    checks their sizes as it reads)."""
     unhashed: set[str] = set()
     for part, (rel, src) in model.carried_base.items():
         cfg = meta["config"][part]
         if cfg.get("name_or_path") != str(src) or not src.is_dir():
             continue  # pointed elsewhere since the load: nothing to carry
-        for f in sorted(src.rglob("*")):
-            if not f.is_file():
-                continue
-            dst = tmp / rel / f.relative_to(src)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, dst)
-            except OSError:  # another file system, or links not allowed
-                shutil.copy2(f, dst)
-            if f.suffix == ".safetensors":
-                unhashed.add(str(dst.relative_to(tmp)))
+        try:
+            for f in sorted(src.rglob("*")):
+                if f.is_file():
+                    dst = tmp / rel / f.relative_to(src)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(f, dst)
+        except OSError as e:
+            # another file system: a copy per save (each training checkpoint) would cost an
+            # LLM's gigabytes, so the save names the folder by its path instead
+            shutil.rmtree(tmp / rel, ignore_errors=True)
+            log.warning("%s: cannot link the %s into the save (%s); the save names that folder "
+                        "by its path: keep it", src, part, e.strerror or e)
+            continue
+        unhashed |= {str(p.relative_to(tmp)) for p in (tmp / rel).rglob("*.safetensors")}
         cfg["name_or_path"] = rel
     return unhashed
 
@@ -376,7 +382,7 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
     except ConfigError as e:
         raise CheckpointError(f"{folder / CONFIG}: invalid config: {e}") from e
     tok = _checkpoint_tokenizer(folder, config.llm.audio_token)
-    # (a model saved again names the folder's own base models by their absolute paths)
+    # (base models the folder holds itself are read from it; a save passes them on)
     config, carried = _local_base_models(folder, config)
     model = cls.build(config, tokenizer=tok, device=device, dtype=dtype)
     model.carried_base = carried
