@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import struct
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
