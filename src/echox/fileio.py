@@ -53,20 +53,23 @@ def save_tensors(tensors: dict[str, Any], path: str | os.PathLike,
     from safetensors.torch import save_file
 
     save_file(tensors, os.fspath(path), metadata=metadata)
+    _usual_mode(Path(path))
+    return Path(path)
+
+
+def _usual_mode(path: Path) -> None:
+    """Give one file the usual mode (0666 minus the umask), where the file system lets us."""
     with contextlib.suppress(PermissionError, NotImplementedError):  # vfat, some CIFS/NFS mounts
         os.chmod(path, 0o666 & ~_umask())
-    return Path(path)
 
 
 def usual_permissions(folder: str | os.PathLike) -> None:
     """Give every file under `folder` the usual mode (0666 minus the umask): files that a
     library wrote 0600 (safetensors, through transformers' save_pretrained) are then readable
     where the folder is shared."""
-    mode = 0o666 & ~_umask()
     for f in Path(folder).rglob("*"):
         if f.is_file() and not f.is_symlink():
-            with contextlib.suppress(PermissionError, NotImplementedError):
-                os.chmod(f, mode)
+            _usual_mode(f)
 
 
 def is_file_name(name: str) -> bool:
@@ -170,8 +173,8 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
 
 def clear_interrupted(folder: str | os.PathLike, name: str = "*") -> None:
     """Clear what `atomic_dir`s killed midway left in `folder` for the folders matching `name`:
-    scratch copies (`.<name>.tmp-[<pid space>-]<pid>`) go, and a folder moved aside (`.<name>.old-<pid>`) goes
-    too, or is put back where its replacement never took its place."""
+    scratch copies (`.<name>.tmp-[<pid space>-]<pid>`) go, and a folder moved aside
+    (`.<name>.old-<pid>`) goes too, or is put back where its replacement never took its place."""
     folder = Path(folder)
     for tmp in folder.glob(f".{name}.tmp-*"):  # name is a pattern ("step-*")
         _remove(tmp)
@@ -248,12 +251,13 @@ def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bo
     existing file, or a path below a file; and an output file that is one of the command's
     `inputs` (writing it would replace what was read). Returns the path."""
     p = Path(path)
-    if _ASSETS == p.resolve() or _ASSETS in p.resolve().parents:
+    resolved = p.resolve()
+    if _ASSETS == resolved or _ASSETS in resolved.parents:
         raise ConfigError(f"{option} {p} lies inside the installed package's assets ({_ASSETS}), "
                           "which hold the shipped model; give a path outside them")
     if not folder:
         for src in inputs:
-            if src is not None and Path(src).resolve() == p.resolve():
+            if src is not None and Path(src).resolve() == resolved:
                 raise ConfigError(f"{option} {p} is an input of this command ({src}); writing "
                                   "it would replace it: give another path")
     if folder and p.exists() and not p.is_dir():

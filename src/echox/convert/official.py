@@ -245,10 +245,12 @@ def _check_tower(tower: str, adapter_size: int) -> None:
     cfg = Path(tower) / "config.json"
     if os.path.isfile(cfg):
         d = read_json_object(cfg, ConversionError, "audio tower config").get("d_model")
-        if d is not None and (not isinstance(d, int) or isinstance(d, bool)):
+        if d is None:
+            return
+        if not isinstance(d, int) or isinstance(d, bool):
             raise ConversionError(f"audio tower {tower}: config.json's d_model is {d!r}, not a "
                                   "whole number")
-        if d is not None and d != adapter_size:
+        if d != adapter_size:
             raise ConversionError(f"audio tower {tower} has d_model {d} but config.json's "
                                   f"adapter_size is {adapter_size}")
 

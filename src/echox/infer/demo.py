@@ -65,11 +65,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = check_output_path(args.output)
     check_not_question(out, question)
     t0 = time.perf_counter()
-    if args.model:
-        bundle = load_bundle(args.model)
-        where = args.model
-    elif folder is not None:  # found, so it must load: a damaged one is an error, not noise
-        bundle, where = load_bundle(folder), str(folder)
+    if folder is not None:  # named or found, so it must load: a damaged one is an error, not noise
+        bundle, where = load_bundle(folder), args.model or str(folder)
     else:
         print("echox demo: no EchoX model bundle found; falling back to the tiny-random model "
               "(untrained: expect noise)", file=sys.stderr)
