@@ -329,6 +329,12 @@ def test_one_turn_at_a_time_per_session(bundle: Bundle, tmp_path: Path) -> None:
         assert isinstance(list(s.respond(audio=wav, sample_rate=16000))[-1], Final)
         with pytest.raises(PromptError, match=r"history\[0\] is a dict, not a Turn"):
             eng.session([{"role": "user", "text": "hi"}])  # type: ignore[list-item]
+    # an answer as long as the LLM's positions fails every turn: refused when the engine is
+    # made (a server with --max-new-tokens 99999999 used to start and fail each request)
+    with pytest.raises(PromptError, match="max_new_tokens 1024 is not below the LLM's 1024 positions"):
+        Engine(bundle, EngineConfig.greedy(max_new_tokens=1024))
+    with Engine(bundle, EngineConfig.greedy(max_new_tokens=1023, unit_sampling=UNITS)) as eng:
+        assert eng.llm_positions == 1024
 
 
 def test_latency_stats_are_consistent(bundle: Bundle) -> None:

@@ -599,6 +599,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_serve_refuses_an_answer_as_long_as_the_llm_at_start(bundle_dir: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """It started and failed every request; now one line before it listens."""
+    assert main(["serve", "--model", str(bundle_dir), "--port", str(free_port()),
+                 "--max-new-tokens", "99999999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("echox: error: max_new_tokens 99999999 is not below the LLM's 1024 positions: "
+                       "give a smaller --max-new-tokens"), err
+
+
 @contextmanager
 def live(app: Any) -> Iterator[str]:
     import uvicorn

@@ -138,11 +138,21 @@ class Engine:
                                   if max_audio_seconds is None
                                   else check_max_audio_seconds(max_audio_seconds))
         self.vocoder = bundle.vocoder
+        limit = self.llm_positions
+        if limit is not None and self.cfg.sampling.max_new_tokens >= limit:  # every turn would fail
+            raise PromptError(f"max_new_tokens {self.cfg.sampling.max_new_tokens} is not below the "
+                              f"LLM's {limit} positions: give a smaller --max-new-tokens")
         with torch.no_grad():
             self.trigger_row = self.model.trigger_row().detach().float()  # [D]
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()  # close() and a session making the pool
         self.closed = False
+
+    @property
+    def llm_positions(self) -> int | None:
+        """The LLM's positions (prompt and answer together), where its config says."""
+        limit = getattr(getattr(self.model.llm.model, "config", None), "max_position_embeddings", None)
+        return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
     def check_open(self) -> None:
         """Raise `EngineClosedError` once `close()` has been called."""
@@ -370,11 +380,8 @@ class Session:
             merged, _ = model.embed_inputs(batch, padding_side="left",
                                            max_seconds=self.engine.max_audio_seconds)  # [1, L, D]
         n = int(merged.inputs_embeds.shape[1])
-        limit = getattr(getattr(model.llm.model, "config", None), "max_position_embeddings", None)
-        if isinstance(limit, int) and cfg.sampling.max_new_tokens >= limit:  # the option, not the prompt
-            raise PromptError(f"max_new_tokens {cfg.sampling.max_new_tokens} is not below the LLM's "
-                              f"{limit} positions: give a smaller --max-new-tokens")
-        if isinstance(limit, int) and n + cfg.sampling.max_new_tokens > limit:
+        limit = self.engine.llm_positions  # the option alone is checked when the engine is made
+        if limit is not None and n + cfg.sampling.max_new_tokens > limit:
             raise PromptError(f"the prompt is {n} positions and the answer may take "
                               f"{cfg.sampling.max_new_tokens} more, over the LLM's {limit}: "
                               "shorten the text or the history (or reset the session)")
