@@ -55,6 +55,9 @@ class FasterWhisperASR:
         return " ".join(s.text.strip() for s in segments).strip()
 
 
+WHISPER_WINDOW = 30  # seconds of audio in one Whisper input (its feature extractor's n_samples)
+
+
 @dataclass
 class TransformersWhisperASR:
     """Any `transformers` Whisper (e.g. openai/whisper-large-v3, as UltraEval-Audio uses)."""
@@ -79,6 +82,19 @@ class TransformersWhisperASR:
         wav = _to_16k(audio, sample_rate)
         if wav.size == 0:
             return ""
+        n = int(getattr(self._proc.feature_extractor, "n_samples", WHISPER_WINDOW * 16000))
+        if wav.size <= n:
+            return self._window(wav)
+        # Whisper's long-form decoding: each window starts where the last one's speech ended
+        inputs = self._proc(wav, sampling_rate=16000, return_tensors="pt", truncation=False,
+                            padding="longest", return_attention_mask=True)
+        with self._torch.no_grad():
+            ids = self._model.generate(inputs.input_features, attention_mask=inputs.attention_mask,
+                                       return_timestamps=True)
+        return self._proc.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+    def _window(self, wav: np.ndarray) -> str:
+        """At most one window (30 s) of 16 kHz audio, padded to it."""
         feats = self._proc(wav, sampling_rate=16000, return_tensors="pt").input_features
         with self._torch.no_grad():
             ids = self._model.generate(feats, max_new_tokens=200)
