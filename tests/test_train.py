@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import noise
@@ -234,6 +235,21 @@ def test_offline_pseudo_labels_cached_and_cut(tmp_path, make_model):
     assert len(cache.read_text().splitlines()) == 4
     stages.precompute_pseudo_labels(m, d, cache, cut=True)
     assert len(cache.read_text().splitlines()) == 4
+
+
+def test_dialogue_key_reads_all_of_the_audio():
+    """Two recordings with the same opening (a TTS voice's leading silence) and texts are two
+    dialogues: their cached states and labels were shared when only the first 4 KB counted."""
+    rs = np.random.RandomState(0)
+    lead = np.zeros(1600, np.float32)
+    a1 = np.concatenate([lead, rs.randn(16000).astype(np.float32) * 0.1])
+    a2 = np.concatenate([lead, rs.randn(16000).astype(np.float32) * 0.1])
+
+    def d(a):
+        return [Turn("user", audio=a, transcript="the capital of france"), Turn("assistant", text="Paris.")]
+    assert stages._dialogue_key(d(a1)) != stages._dialogue_key(d(a2))
+    assert stages._dialogue_key(d(a1)) == stages._dialogue_key(d(a1.copy()))
+    assert stages._dialogue_key(d(a1)) != stages._dialogue_key(d(a1[:-1]))
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -342,11 +343,15 @@ def precompute_states(model: EchoX, dialogues: Sequence[list[Turn]], cache: Path
 
 
 def _dialogue_key(turns: list[Turn]) -> str:
+    """The dialogue's texts and all of its audio (two recordings of one question with the same
+    opening, e.g. its leading silence, shared a key when only the first 4 KB were read)."""
     h = hashlib.sha1()
     for t in turns:
         h.update(f"{t.role}\x00{t.text or ''}\x00{t.transcript or ''}\x00".encode())
         if t.audio is not None:
-            h.update(t.audio.tobytes()[:4096])
+            a = np.ascontiguousarray(t.audio)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(memoryview(a).cast("B"))
     return h.hexdigest()
 
 
