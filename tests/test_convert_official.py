@@ -557,3 +557,36 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
     with safe_open(str(tmp_path / "copy.safetensors"), "pt") as f:
         assert f.get_slice("x").get_shape() == [n]
+
+
+def test_stage_iii_on_the_released_layout_labels_offline_from_the_untrained_decoder(
+        converted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The released layout's T2C is its echo decoder, one module that Stage III trains: online
+    pseudo-labels would come from the decoder being trained (not a frozen T2C), so they are
+    refused; offline ones, train and eval alike, are decoded before the first step."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "audio").mkdir()
+    lines = []
+    for i in range(3):
+        sf.write(tmp_path / "audio" / f"q{i}.wav", (0.1 * rng.standard_normal(12000)).astype(np.float32), 16000)
+        lines.append(json.dumps({"id": f"d{i}", "conversations": [
+            {"from": "user", "value": f"question {i}", "audio": str(tmp_path / "audio" / f"q{i}.wav")},
+            {"from": "assistant", "value": f"a b c {i}"}]}))
+    data = tmp_path / "dialogues.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    evd = tmp_path / "eval.jsonl"
+    evd.write_text(lines[0].replace('"d0"', '"e0"').replace("a b c 0", "c b a") + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {batch_size: 2, max_steps: 1, lr: 0.001, eval_every: 1, eval_batches: 1,"
+                      " save_every: 0, cut_segments: false}\n")
+    base = ["train", "echo", "--recipe", str(recipe), "--init", str(converted[1]), "--data", str(data),
+            "--eval-data", str(evd)]
+    assert main([*base, "--pseudo-labels", "online", "--out", str(tmp_path / "online")]) == 2
+    err = capsys.readouterr().err
+    assert "one module (the released layout)" in err and "--pseudo-labels offline" in err, err
+    out = tmp_path / "offline"
+    assert main([*base, "--pseudo-labels", "offline", "--out", str(out)]) == 0, capsys.readouterr().err
+    labels = [json.loads(x) for x in (out / "pseudo_labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 4  # the 3 training dialogues and the eval one

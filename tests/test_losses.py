@@ -22,6 +22,30 @@ def test_denoise_loss_zero_when_aligned_and_two_when_opposite():
     assert float(losses.denoise_loss(-x, x)) == pytest.approx(2.0, abs=1e-6)
 
 
+def test_denoise_loss_sums_over_a_segments_tokens_and_averages_over_segments():
+    """The paper's Σ_i per segment (the authors' `.sum(-1).mean()`), and the older mean."""
+    torch.manual_seed(0)
+    pred, target = torch.randn(7, 8), torch.randn(7, 8)
+    cost = [1.0 - float(torch.dot(p, t) / (p.norm() * t.norm())) for p, t in zip(pred, target)]
+    # two segments of 3 and 4 tokens: (sum of the 3 + sum of the 4) / 2
+    assert float(losses.denoise_loss(pred, target, segments=2)) == pytest.approx(sum(cost) / 2, rel=1e-5)
+    assert float(losses.denoise_loss(pred, target)) == pytest.approx(sum(cost) / 7, rel=1e-5)
+
+
+def test_where_the_cap_binds_both_den_reductions_give_one_gradient():
+    torch.manual_seed(1)
+    target = torch.randn(6, 8)
+    grads = []
+    for segments in (2, None):
+        pred = torch.randn(6, 8, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        den = losses.denoise_loss(pred, target, segments=segments)
+        tot = losses.stage3_total(torch.tensor(1.0), den, torch.tensor(0.0), lam=1.0, cap=0.2)
+        assert tot.lam < 1.0  # capped in both forms
+        tot.total.backward()
+        grads.append(pred.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_causal_lm_loss_shifts_labels():
     v = 6
     labels = torch.tensor([[IGNORE, 2, 3]])

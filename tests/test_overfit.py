@@ -1,5 +1,6 @@
 """Each stage's loss falls by at least half when it overfits one tiny batch (≤ 50 steps)."""
 
+import pytest
 import torch
 from conftest import noise
 
@@ -70,6 +71,19 @@ def test_echo_overfits(make_model):
     m.forward_echo(b, units).loss.backward()
     assert all(p.grad is None for p in m.t2c.parameters())  # T2C stays frozen
     assert all(torch.equal(v, m.t2c.state_dict()[k]) for k, v in t2c_before.items())
+
+
+def test_echo_den_reduction_follows_the_config(make_model):
+    """`loss.den_reduction`: sum (per segment, averaged over segments) or mean over tokens."""
+    units = [[1, 2, 3], [4, 5, 6, 7]]
+    den = {}
+    for red in ("sum", "mean"):
+        m = make_model([f"loss.den_reduction={red}"])
+        m.eval()
+        den[red] = float(m.forward_echo(_s2t_batch(m), units).den)
+    texts = [m.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Paris.", "Blue is a color.")]
+    tokens = sum(len(t) for t in texts)
+    assert den["sum"] == pytest.approx(den["mean"] * tokens / 2, rel=1e-4)  # 2 segments
 
 
 def test_echo_online_pseudo_labels_come_from_frozen_t2c(make_model):

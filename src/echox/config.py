@@ -168,7 +168,7 @@ class T2CConfig:
     num_layers: int = 8
     num_heads: int = 12
     num_kv_heads: int | None = None
-    intermediate_size: int | None = None  # default 4 * hidden (authors' size: 3072 at 768)
+    intermediate_size: int | None = None  # default 4 * hidden (the authors' T2C: 2048 at 768)
     unit_vocab_size: int = 1000  # raw units or unit-language tokens; specials are added on top
     max_positions: int = 4096
     rope_theta: float = 10000.0
@@ -275,12 +275,19 @@ class LossConfig:
     den_lambda: float = 1.0
     # Authors' code caps the cosine term at this fraction of L_echo; None = fixed lambda.
     den_cap: float | None = 0.2
+    # L_den over a segment's tokens: "sum" (the paper's Σ_i and the authors' code; averaged
+    # over segments) or "mean" (averaged over tokens; EchoX-Tiny v1-v5 trained with it). Where
+    # the cap binds, both give the same gradient: 0.2·L_echo·∇L_den/L_den does not change when
+    # L_den is divided by another constant (docs/training.md, "Stage III")
+    den_reduction: str = "sum"
     s2t_weight: float = 1.0
 
     def validate(self, path: str = "loss") -> None:
         _check(self.ctc_weight >= 0, f"{path}.ctc_weight", "must be >= 0")
         _check(self.den_lambda >= 0, f"{path}.den_lambda", "must be >= 0")
         _check(self.den_cap is None or self.den_cap > 0, f"{path}.den_cap", "must be > 0 or null")
+        _check(self.den_reduction in ("sum", "mean"), f"{path}.den_reduction",
+               f"must be 'sum' or 'mean', got {self.den_reduction!r}")
         _check(self.s2t_weight >= 0, f"{path}.s2t_weight", "must be >= 0")
 
 
@@ -611,7 +618,7 @@ def _3b() -> EchoXConfig:
         encoder=EncoderConfig(name_or_path="openai/whisper-large-v3"),
         adapter=SpeechAdapterConfig(num_heads=8),
         llm=LLMConfig(name_or_path="meta-llama/Llama-3.2-3B-Instruct", dtype="bfloat16"),
-        t2c=T2CConfig(hidden_size=768, num_layers=8, num_heads=12),
+        t2c=T2CConfig(hidden_size=768, num_layers=8, num_heads=12, intermediate_size=2048),  # authors'
         denoiser=DenoiserConfig(ff_size=8192),
     )
 
@@ -621,7 +628,7 @@ def _8b() -> EchoXConfig:
         encoder=EncoderConfig(name_or_path="openai/whisper-large-v3"),
         adapter=SpeechAdapterConfig(num_heads=8),
         llm=LLMConfig(name_or_path="meta-llama/Llama-3.1-8B-Instruct", dtype="bfloat16"),
-        t2c=T2CConfig(hidden_size=768, num_layers=8, num_heads=12),
+        t2c=T2CConfig(hidden_size=768, num_layers=8, num_heads=12, intermediate_size=2048),  # authors'
         denoiser=DenoiserConfig(ff_size=14336),
     )
 

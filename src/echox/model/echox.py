@@ -578,7 +578,8 @@ class EchoX(nn.Module):
         uo = self.echo(self._reader(self.echo, cond, xs), targets)
         l_echo = self._unit_loss(uo)
         emb = torch.cat(self.text_condition(xs))
-        l_den = losses.denoise_loss(torch.cat(cond), emb)
+        l_den = losses.denoise_loss(torch.cat(cond), emb,
+                                    len(cond) if self.config.loss.den_reduction == "sum" else None)
         tot = losses.stage3_total(l_echo, l_den, l_s2t, self.config.loss.den_lambda,
                                   self.config.loss.den_cap)
         return EchoOutput(tot.total, l_echo, l_den, l_s2t, tot.lam, uo, targets)

@@ -52,11 +52,17 @@ def ctc_loss(
     )
 
 
-def denoise_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """pred, target [N, D] -> mean(1 - cos). The target is the frozen text embedding."""
+def denoise_loss(pred: torch.Tensor, target: torch.Tensor, segments: int | None = None) -> torch.Tensor:
+    """pred, target [N, D] (the N tokens of `segments` echo segments, concatenated) ->
+    1 - cos(pred_i, target_i) summed over the tokens and averaged over the segments: the
+    paper's L_den = Σ_i (1 − cos(Adapter(H_i), Emb(X'_i))) per segment, as the authors'
+    code reduces it (`.sum(-1).mean()` over padded segments). `segments=None` averages over
+    the tokens instead (`loss.den_reduction: mean`, what EchoX-Tiny v1-v5 trained with). The
+    target is the frozen text embedding."""
     if pred.shape[0] == 0:
         return pred.sum() * 0.0
-    return (1.0 - F.cosine_similarity(pred.float(), target.detach().float(), dim=-1)).mean()
+    cost = 1.0 - F.cosine_similarity(pred.float(), target.detach().float(), dim=-1)
+    return cost.mean() if segments is None else cost.sum() / max(int(segments), 1)
 
 
 @dataclass

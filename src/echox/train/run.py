@@ -272,6 +272,13 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
                     + " has an assistant turn without units, and --target gold-units trains on "
                     "them; give its responses units with `echox units attach` (docs/units.md)")
     offline = not gold and cfg.pseudo_labels == "offline"
+    # the released layout: the T2C is the echo decoder (one module), which Stage III trains
+    shared = model.echo is model.t2c
+    if shared and not gold and not offline:
+        raise ConfigError(
+            "this model's T2C and echo decoder are one module (the released layout), and Stage "
+            "III trains it: online pseudo-labels would come from the decoder being trained, not "
+            "a frozen T2C; use --pseudo-labels offline (decoded once, before the first step)")
     # every training dialogue, loaded once, for the steps that run the S2T model over them all
     turns = [train[i].turns for i in range(len(train))] if cfg.freeze_s2t or offline else []
     states = ev_states = None
@@ -287,8 +294,13 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
             model, turns, Path(cfg.output_dir) / "pseudo_labels.jsonl", cut=cfg.cut_segments, states=states,
             **sizes)
         extras = [(e.segments, e.units) for e in extras]
+    ev_extras = None
+    if offline and shared and ev is not None:  # the eval labels too, from the untrained decoder
+        ev_extras = [(e.segments, e.units) for e in stages.precompute_pseudo_labels(
+            model, [ev[i].turns for i in range(len(ev))], Path(cfg.output_dir) / "pseudo_labels.jsonl",
+            cut=cfg.cut_segments, states=ev_states, **sizes)]
     kwargs = {"cut": cfg.cut_segments and not gold}
-    ev_ds = EchoDataset(ev, None, gold, encode, ev_states) if ev is not None else None
+    ev_ds = EchoDataset(ev, ev_extras, gold, encode, ev_states) if ev is not None else None
     return EchoDataset(train, extras, gold, encode, states), ev_ds, stages.echo_collator(model), kwargs
 
 
