@@ -376,7 +376,7 @@ def test_ws_refuses_bad_messages_and_keeps_serving(engine: Engine) -> None:
         error(ws, 400, "bad_message", "not JSON")
         ws.send_text("[1, 2]")
         error(ws, 400, "bad_message", "type")
-        ws.send_text("[" * 20_000 + "]" * 20_000)
+        ws.send_text("[" * 12_000 + "]" * 12_000)
         error(ws, 400, "bad_message", "not JSON")
         ws.send_json({"type": "dance"})
         error(ws, 400, "bad_message", "unknown message type 'dance'")
@@ -468,6 +468,7 @@ def test_ws_token_origin_and_connection_limit(engine: Engine) -> None:
                 with pytest.raises(WebSocketDisconnect) as e:
                     w2.receive_json()
                 assert e.value.code == 1013
+            assert c.get("/health").json()["refused"] == 1  # every 503 is counted
     with client(engine, allow_origins=("http://evil.example",)) as c:
         assert c.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200
 
@@ -484,8 +485,42 @@ def test_an_origin_that_is_no_url_is_refused_not_a_500(engine: Engine) -> None:
                 with pytest.raises(WebSocketDisconnect) as e:
                     ws.receive_json()
                 assert e.value.code == 1008
-        r = c.post("/v1/chat", json={"text": "hi"}, headers={"Origin": "http://testserver"})
-        assert r.status_code == 200
+        own = {"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"}
+        assert c.post("/v1/chat", json={"text": "hi"}, headers=own).status_code == 200
+        for host in ("localhost:8000", "[::1]:8000", "10.1.2.3"):
+            assert c.get("/v1/models", headers={"Host": host, "Origin": f"http://{host}"}).status_code == 200
+
+
+def test_dns_rebinding_is_refused_without_a_token(engine: Engine) -> None:
+    """A site whose name resolves to this machine is same-origin with itself: Host and Origin
+    agree. An open server took it for its own page (both /v1/chat and /v1/models answered)."""
+    evil = {"Host": "evil.example:8000", "Origin": "http://evil.example:8000"}
+    with client(engine) as c:
+        r = c.post("/v1/chat", json={"text": "hi"}, headers=evil)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin"
+        with c.websocket_connect("/v1/stream", headers=evil) as ws:
+            assert ws.receive_json()["code"] == "forbidden_origin"
+    with client(engine, allow_origins=("http://evil.example:8000",)) as c:  # named: allowed
+        assert c.get("/v1/models", headers=evil).status_code == 200
+    with client(engine, token="s3cret") as c:  # a token keeps the page's own name usable
+        assert c.get("/v1/models", headers={**evil, "Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_allowed_origins_get_cors_headers_and_preflight_answers(engine: Engine) -> None:
+    """--allow-origin named the WebSocket only: a page there could not read /v1/chat (no
+    Access-Control-Allow-Origin header, and its preflight OPTIONS got 405)."""
+    page = "https://app.example"
+    with client(engine, allow_origins=(page,)) as c:
+        r = c.options("/v1/chat", headers={"Origin": page, "Access-Control-Request-Method": "POST",
+                                           "Access-Control-Request-Headers": "content-type"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = c.post("/v1/chat", json={"text": "hi"}, headers={"Origin": page})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = c.get("/v1/models", headers={"Origin": "https://other.example"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    with client(engine) as c:  # no --allow-origin: no CORS headers at all
+        r = c.get("/v1/models", headers={"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
 def test_busy_queue_cancel_and_disconnect_free_the_worker(engine: Engine) -> None:

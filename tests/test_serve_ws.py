@@ -218,14 +218,28 @@ def test_ws_errors_do_not_echo_huge_values(engine: Engine) -> None:
     """An error quotes what the client sent in a few characters, not its megabytes."""
     with client(engine) as c, c.websocket_connect("/v1/stream") as ws:
         ws.receive_json()
-        ws.send_json({"type": "x" * 200_000})
+        ws.send_json({"type": "x" * 20_000})
         ev = error(ws, 400, "bad_message", "unknown message type 'xxx")
         assert len(ev["message"]) < 200
-        ws.send_json({"type": "audio", "format": "y" * 200_000})
+        ws.send_json({"type": "audio", "format": "y" * 20_000})
         assert len(error(ws, 400, "bad_request", "unknown audio format")["message"]) < 200
-        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": "9" * 200_000})
+        ws.send_json({"type": "audio", "format": "pcm_s16le", "sample_rate": "9" * 20_000})
         assert len(error(ws, 400, "bad_request", "sample_rate")["message"]) < 200
         pong(ws)
+
+
+def test_ws_a_text_message_past_its_limit_is_refused_unread(engine: Engine) -> None:
+    """Megabytes of JSON in a text frame were parsed on the event loop: 15 MB held every
+    other client for seconds. A message longer than a `text` at its limit can be is refused
+    before it is parsed; one at the limit, escaped to 12 characters a character, is read."""
+    with client(engine, max_text_chars=50) as c, c.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        ws.send_text(json.dumps({"type": "text", "x": [{}] * 1_000}))  # 5,000+ characters
+        ev = error(ws, 413, "message_too_large", "1624 characters")
+        ws.send_text(json.dumps({"type": "text", "text": "\U0001f600" * 50}))  # 12 a character
+        assert turn_events(ws)[-1]["type"] == "final"
+        pong(ws)
+        assert "send audio as binary frames" in ev["message"]
 
 
 WS_SCOPE = {"type": "websocket", "asgi": {"version": "3.0"}, "scheme": "ws",
@@ -317,8 +331,10 @@ def test_ws_an_end_with_a_refused_text_keeps_the_audio(engine: Engine) -> None:
         ws.send_bytes(pcm)
         ws.send_json({"type": "end", "text": 5})
         error(ws, 400, "bad_request", "text must be a string")
-        ws.send_json({"type": "end", "text": "x" * 100_000})
+        ws.send_json({"type": "end", "text": "x" * 2_001})
         error(ws, 413, "text_too_long")
+        ws.send_json({"type": "end", "text": "x" * 100_000})  # refused before it is read
+        error(ws, 413, "message_too_large")
         ws.send_json({"type": "end"})
         events = turn_events(ws)
         assert events[-1]["type"] == "final" and events[-1]["turn"] == 1

@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import resource
@@ -148,6 +149,21 @@ def _api_error(e: BaseException) -> ApiError:
                     "see the server log")
 
 
+def _direct_host(host: str) -> bool:
+    """A Host header naming the server as no other site can: localhost or an IP address. A
+    page of another site whose name was made to resolve to this machine (DNS rebinding) is
+    same-origin with itself by its own name, which an open server does not take for its own."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _error_response(e: ApiError) -> JSONResponse:
     headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
     return JSONResponse({"error": e.body()}, status_code=e.status, headers=headers)
@@ -195,7 +211,9 @@ class _State:
             netloc = urlsplit(origin).netloc
         except ValueError:  # "http://[::1": a 500 "the model failed" (a WebSocket: no answer)
             netloc = None
-        if netloc is not None and netloc.lower() == headers.get("host", "").lower():
+        host = headers.get("host", "").lower()
+        if netloc is not None and netloc.lower() == host and (self.cfg.token is not None
+                                                              or _direct_host(host)):
             return
         raise ApiError(403, "forbidden_origin", f"requests from origin {origin} are not allowed "
                        "(start the server with --allow-origin to allow it)")
@@ -326,6 +344,11 @@ class _Conversation:
             raise
 
     async def on_text(self, raw: str) -> None:
+        limit = 12 * self.st.limits.max_text_chars + 1024  # a "text" message at its limit, escaped
+        if len(raw) > limit:  # parsed on the event loop: 15 MB of JSON held every client ~3 s
+            raise ApiError(413, "message_too_large", f"a text message may hold {limit} "
+                           f"characters (its text at most {self.st.limits.max_text_chars}); "
+                           "send audio as binary frames")
         try:
             msg = json.loads(raw)
         except (ValueError, RecursionError):  # ValueError: also a number of 4300+ digits
@@ -579,8 +602,8 @@ async def _chat_inputs(request: Request, st: _State, ctype: str, body_limit: int
         return audio, form.get("text"), history, form.get("return_audio")
     if ctype == "application/json":
         body = await _read_body(request, body_limit)
-        try:
-            data = json.loads(body)
+        try:  # a large one (base64 audio) is parsed off the event loop, which serves everyone
+            data = json.loads(body) if len(body) < 256 * 1024 else await asyncio.to_thread(json.loads, body)
         except (ValueError, RecursionError):  # also bad UTF-8, or a number of 4300+ digits
             raise ApiError(400, "bad_request", "the body is not valid JSON") from None
         if not isinstance(data, dict):
@@ -624,6 +647,12 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="EchoX", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     app.state.echox = st
+    if cfg.allow_origins:  # pages of these origins may read the HTTP API too (CORS, preflight)
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allow_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                           max_age=600)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -737,6 +766,7 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
             refusal = ApiError(503, "too_many_connections", f"the server holds its limit of "
                                f"{cfg.max_connections} conversations; retry later", 5)
             code = 1013  # try again later
+            st.gate.refused += 1  # /health's `refused` counts every 503
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
         if refusal is not None:
             await ws.accept(subprotocol=subprotocol)
