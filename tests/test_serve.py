@@ -614,6 +614,9 @@ def test_serve_cli_defaults_help_and_option_errors(capsys: pytest.CaptureFixture
     assert "--threads: must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "none"), "--token", " "]) == 2  # served openly
     assert "--token is empty" in capsys.readouterr().err
+    for t in ("0", "nan", "inf"):
+        assert main(["serve", "--model", str(tmp_path / "none"), "--header-timeout", t]) == 2
+        assert "--header-timeout must be a finite number of seconds > 0" in capsys.readouterr().err
     for mb in ("inf", "nan", "0"):  # int(inf * 2**20) was an OverflowError traceback
         assert main(["serve", "--model", str(tmp_path / "none"), "--max-upload-mb", mb]) == 2
         assert "--max-upload-mb must be a finite number > 0" in capsys.readouterr().err
@@ -765,3 +768,98 @@ def test_a_huge_max_audio_seconds_decodes_uploads_instead_of_failing_them() -> N
 
     limits = Limits(max_upload_bytes=1 << 20, max_audio_seconds=1e308, max_text_chars=100)
     assert decode_file(wav(0.3), limits).size == 4800
+
+
+@contextmanager
+def live_guarded(app: Any, **kw: Any) -> Iterator[str]:
+    """A live server as `echox serve` runs it (`serve.connections.uvicorn_config`)."""
+    import uvicorn
+
+    from echox.serve.connections import uvicorn_config
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="warning", **kw))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: server.started, 20)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes `sock` within `within` s (what it still sends is read past)."""
+    end = time.monotonic() + within
+    while (left := end - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except (socket.timeout, ConnectionResetError):
+            return False
+    return False
+
+
+def test_live_server_closes_connections_whose_headers_never_come(engine: Engine) -> None:
+    """Half a request header held a connection for ever (slowloris): 20,000 of them made the
+    server unreachable. Now the headers must arrive within --header-timeout, and connections
+    past the cap are closed at once, while whole requests are answered."""
+    import httpx
+
+    with live_guarded(create_app(engine, ServeConfig()), header_timeout=1.5, max_open=4) as addr:
+        host, port = addr.split(":")
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b"GET /health HTTP/1.1\r\nHo")
+        assert httpx.get(f"http://{addr}/health").status_code == 200  # others are served
+        assert _closed_by_server(slow, 5)
+        slow.close()
+        # a keep-alive connection's next request gets the same time for its headers
+        kept = socket.create_connection((host, int(port)))
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept.settimeout(5)
+        assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /health HTTP/1.1\r\nHo")
+        assert _closed_by_server(kept, 5)
+        kept.close()
+        # the cap: past 4 open connections a new one is closed before it is read
+        held = [socket.create_connection((host, int(port))) for _ in range(4)]
+        time.sleep(0.3)
+        extra = socket.create_connection((host, int(port)))
+        assert _closed_by_server(extra, 1)
+        extra.close()
+        for s in held:
+            s.close()
+        wait_until(lambda: httpx.get(f"http://{addr}/health").status_code == 200, 10)
+
+
+def test_live_server_logs_a_bad_utf8_frame_in_one_line(engine: Engine) -> None:
+    """uvicorn logged each client's invalid UTF-8 text frame with a full traceback."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    keep = Keep()
+    logger = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate
+    with live_guarded(create_app(engine, ServeConfig())) as addr:
+        logger.addHandler(keep)
+        try:
+            with connect(f"ws://{addr}/v1/stream") as ws:
+                ws.recv()
+                ws.send(b"\xff\xfe{", text=True)
+                with pytest.raises(ConnectionClosed) as e:
+                    ws.recv()
+                assert e.value.rcvd is not None and e.value.rcvd.code == 1007
+            wait_until(lambda: any("Invalid UTF-8" in r.getMessage() for r in keep.records), 5)
+        finally:
+            logger.removeHandler(keep)
+    bad = [r for r in keep.records if "Invalid UTF-8" in r.getMessage()]
+    assert bad and all(r.exc_info is None for r in bad)

@@ -38,6 +38,7 @@ from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_samp
 from echox.infer.engine import Engine, EngineConfig
 from echox.model.generation import SamplingConfig
 from echox.serve.app import ServeConfig, create_app
+from echox.serve.connections import uvicorn_config
 
 ENV_TOKEN = "ECHOX_TOKEN"
 
@@ -75,6 +76,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
             model_id=args.model_id)
     except (ValueError, ConfigError) as e:
         raise EchoXError(f"serve options: {e}") from e
+    if not (math.isfinite(args.header_timeout) and args.header_timeout > 0):
+        raise EchoXError(f"--header-timeout must be a finite number of seconds > 0, got {args.header_timeout}")
     if not 0 <= args.port <= 65535:
         raise EchoXError(f"--port must be 0-65535, got {args.port}")
     check_port_free(args.host, args.port)  # before the slow model load
@@ -129,10 +132,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with engine:
         shown = f"[{args.host}]" if ":" in args.host else args.host
         print(f"echox serve: http://{shown}:{args.port}/  (Ctrl-C stops)", file=sys.stderr)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    ws_max_size=int(args.max_upload_mb * 1024 * 1024) + 65536,
-                    ws_ping_interval=20.0, ws_ping_timeout=20.0,
-                    timeout_graceful_shutdown=5)
+        server = uvicorn.Server(uvicorn_config(
+            app, args.host, args.port, header_timeout=args.header_timeout, log_level=args.log_level,
+            ws_max_size=int(args.max_upload_mb * 1024 * 1024) + 65536,
+            ws_ping_interval=20.0, ws_ping_timeout=20.0, timeout_graceful_shutdown=5))
+        server.run()
+        if not server.started:  # it could not listen (uvicorn has logged why): as uvicorn.run
+            raise SystemExit(3)
     return 0
 
 
@@ -186,6 +192,9 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--upload-timeout", type=float, default=60.0,
                      help="seconds a POST /v1/chat body may take to arrive (default 60); "
                           "slower uploads get 408 upload_timeout")
+    lim.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection may take to send its request's headers "
+                          "(default 10); slower ones are closed")
     lim.add_argument("--history-turns", type=int, default=8,
                      help="exchanges a conversation remembers (default 8)")
 
