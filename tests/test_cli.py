@@ -31,3 +31,14 @@ def test_sigterm_stops_a_command_with_one_line_and_its_cleanup_runs(capsys, monk
     assert cleaned == [True]
     assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("echox")] == \
         ["echox: stopped by SIGTERM"]
+
+
+def test_ctrl_c_while_the_command_is_imported_is_one_line(capsys, monkeypatch):
+    """The command's module (torch, transformers) is imported before the command runs: a
+    Ctrl-C then printed a traceback of 40-80 lines instead of the usual line."""
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["chat", "--text", "hi"]) == 130
+    assert capsys.readouterr().err == "echox: interrupted\n"

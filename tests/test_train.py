@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,19 +100,25 @@ def test_stage_runs_saves_and_keeps_last(stage, tmp_path):
                          "echo": {"adapter", "llm", "echo", "denoiser"}}[stage]
 
 
-@pytest.mark.parametrize("stage", ["s2t", "echo"])
-def test_resume_matches_uninterrupted(stage, tmp_path):
+# with dropout (the tiny recipes' LoRA 0.05 and T2C 0.1), the resumed run draws the same masks:
+# each new DataLoader iterator took a number from the global RNG, and a resumed run makes one
+# mid-epoch that the uninterrupted run does not
+@pytest.mark.parametrize("stage,dropout", [("s2t", []), ("echo", []), ("t2c", ["t2c.dropout=0.1"]),
+                                           ("s2t", ["llm.lora.dropout=0.1"])])
+def test_resume_matches_uninterrupted(stage, dropout, tmp_path):
     def fresh():
         if stage == "echo":
             return stages.prepare_model("echo", init=s2t_dir, t2c_from=t2c_dir)
-        return stages.prepare_model(stage, preset_config("tiny-random"))
+        torch.manual_seed(0)
+        return stages.prepare_model(stage, preset_config("tiny-random", dropout))
 
     s2t_dir = t2c_dir = None
     if stage == "echo":
         s2t_dir, t2c_dir = _echo_init(tmp_path)
     full, res_full = _run(stage, tmp_path / "a", model=fresh())
     part, res_part = _run(stage, tmp_path / "b", model=fresh(), stop_at=3, save_every=2)
-    assert res_part.step == 3
+    assert res_part.step == 3 and res_part.last_checkpoint[0] == 3  # the pause is saved
+    shutil.rmtree(res_part.last_checkpoint[1])  # as if killed after step 3's log, before its save
     resumed, res = _run(stage, tmp_path / "b", model=fresh(), resume="latest")  # from step 2
     assert res.step == 6
     a, b = _trained_state(full), _trained_state(resumed)
@@ -126,6 +133,36 @@ def test_resume_matches_uninterrupted(stage, tmp_path):
                if '"loss"' in x]
     assert steps_b == sorted(set(steps_b)) == list(range(1, 7))
     assert lb[:2] == pytest.approx(la[:2]) and lb[2:] == pytest.approx(la[2:], rel=1e-4)
+
+
+def test_a_checkpoint_holds_its_rng_state_from_the_moment_it_appears(tmp_path, monkeypatch):
+    """The RNG state was written after the checkpoint's atomic rename: a kill between them left
+    a checkpoint without it, which resume took (with a warning) and lost the dropout stream."""
+    import echox.train.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.Trainer._save
+
+    def spy(self, final=False):  # what a kill right after the rename would leave
+        folder = self.out / "checkpoints" / f"step-{self.step:06d}"
+        orig = torch.save
+
+        def save_and_look(obj, path, *a, **kw):
+            orig(obj, path, *a, **kw)
+            if Path(path).name == "rng_state_0.pt" and folder.is_dir():
+                seen.append("after rename")  # written into the folder once it is in place
+
+        monkeypatch.setattr(torch, "save", save_and_look)
+        try:
+            return real(self, final)
+        finally:
+            monkeypatch.setattr(torch, "save", orig)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_save", spy)
+    _run("t2c", tmp_path, max_steps=2, save_every=1)
+    assert not seen
+    for ck in sorted((tmp_path / "t2c" / "checkpoints").glob("step-*")):
+        assert (ck / "rng_state_0.pt").is_file()
 
 
 def test_keep_best_keeps_the_lowest_eval_loss_model(tmp_path):

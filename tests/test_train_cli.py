@@ -292,6 +292,23 @@ def test_resume_names_settings_that_differ_from_the_checkpoint(tmp_path, caplog)
     assert "max_steps 3 -> 4" in msg and "lr 0.003 -> 0.1" in msg and "stay the checkpoint's" in msg
 
 
+def test_resume_on_other_data_is_said_and_the_old_data_stays_on_record(tmp_path, caplog):
+    """--resume with another --data went on without a word, and recipe.json then named only
+    the new manifest: what the first steps trained on was lost."""
+    c, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 4, lr: 0.003, save_every: 1")
+    assert main([*run, "--stop-at", "2"]) == 0
+    more = c / "tts_more.jsonl"
+    more.write_text((c / "tts.jsonl").read_text() * 2)
+    i = run.index("--data") + 1
+    with caplog.at_level("WARNING"):
+        assert main([*run[:i], str(more), *run[i + 1:], "--resume"]) == 0
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "--resume with other data than this run's" in msg and "tts_more.jsonl" in msg, msg
+    recipe = json.loads((tmp_path / "t2c" / "recipe.json").read_text())
+    assert recipe["data"]["train"].endswith("tts_more.jsonl")
+    assert recipe["data_before"][0]["train"].endswith("tts.jsonl")
+
+
 def test_an_out_folder_taken_by_other_files_is_refused_before_training(tmp_path, capsys):
     """What a run writes in --out must not be taken by something else: refused up front with
     one line (not a traceback, or an error after training), and nothing there is touched. The

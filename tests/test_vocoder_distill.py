@@ -232,6 +232,17 @@ def test_train_hifigan_cli_gta_pool(tmp_path, capsys) -> None:
     assert pool.locked.tolist() == [True] * 12 + [False] * 4
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["steps"] == 2 and load_generator(tmp_path / "s" / "model").config.upsample_initial_channel == 32
+    assert pool.settings["teacher"] == "small" and pool.settings["windows"] == 16
+    # the same command again reuses the pool; other settings were silently trained on the old
+    # pool (and recorded as if it were theirs): now refused, naming what differs
+    capsys.readouterr()
+    assert main(args) == 0 and "[distill] reusing 16 teacher windows" in capsys.readouterr().err
+    other = list(args)
+    other[other.index("--teacher") + 1] = "universal"
+    other[other.index("--windows") + 1] = "64"
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings" in err and "teacher 'small' -> 'universal'" in err and "windows 16 -> 64" in err, err
     # a retrained unit->mel: new aligned windows, the old teacher windows taken over unchanged
     torch.manual_seed(1)
     Unit2Mel(Unit2MelConfig.tiny(n_mels=80)).save_pretrained(tmp_path / "u2m2")

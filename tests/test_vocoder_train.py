@@ -194,6 +194,13 @@ def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):
     with manifest.open("a") as f:
         f.write("{bad\n")
     assert main([*base, "--max-steps", "1", "--batch-size", "2"]) == 0
+    # the same command again threw that run's saves away (a killed run's progress with them)
+    saved = (tmp_path / "a" / "unit2mel" / "model.safetensors").read_bytes()
+    assert main([*base, "--max-steps", "1", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an earlier run's Unit2Mel (1 steps)" in err and "--init" in err, err
+    assert (tmp_path / "a" / "unit2mel" / "model.safetensors").read_bytes() == saved
+    assert main([*base, "--max-steps", "1", "--batch-size", "2", "--init", str(tmp_path / "a" / "unit2mel")]) == 0
     (tmp_path / "afile").write_text("keep")
     assert main([*base[:4], "--out", str(tmp_path / "afile"), *tiny, "--max-steps", "1"]) == 2
     assert "is a file" in capsys.readouterr().err
@@ -209,6 +216,6 @@ def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):
     for counts in ([[5]] * 10, [5] * 9, [0] * 10, [5.5] * 10):
         bad = tmp_path / "bad.jsonl"
         bad.write_text("".join(json.dumps({**r, "counts": counts}) + "\n" for r in rows))
-        assert main([*base[:2], "--data", str(bad), *base[4:], *tiny, "--max-steps", "1"]) == 2
+        assert main([*base[:2], "--data", str(bad), "--out", str(tmp_path / "c"), *tiny, "--max-steps", "1"]) == 2
         err = capsys.readouterr().err
         assert "bad.jsonl:1: 'counts' must be" in err and "Traceback" not in err, (counts, err)

@@ -176,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    try:  # the command's module is imported here (torch, transformers: seconds)
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting: the line any other interrupt gets
+        print("echox: interrupted", file=sys.stderr)
+        return 130
     func: Callable[[argparse.Namespace], int] = args.func
     shown = warnings.formatwarning
     if not args.debug:  # one line per warning, as errors are (not the source line under it)

@@ -447,6 +447,27 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
     return lang.encode
 
 
+def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
+    """A run resumed on other data than its own is said so; what it trained on before is
+    returned (newest first) for `recipe.json`'s `data_before`, which otherwise would name
+    only the new data."""
+    try:
+        was = json.loads(recipe_json.read_text())
+    except (OSError, ValueError, RecursionError):
+        return []
+    before = was.get("data") if isinstance(was, dict) else None
+    older = was.get("data_before") if isinstance(was, dict) else None
+    older = older if isinstance(older, list) else []
+    if not isinstance(before, dict):
+        return older
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]
+    if not changed:
+        return older
+    log.warning("--resume with other data than this run's (%s): the run goes on from its "
+                "place in the old data's batch order", "; ".join(changed))
+    return [before, *older]
+
+
 def _stopped_line(res: TrainResult) -> str:
     """The one line of a run stopped by a signal. A stop saves the step it stopped after in
     this run's checkpoints (`Trainer.train`), so --resume goes on from there."""
@@ -500,8 +521,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(model, cfg, train, collate, ev, step_kwargs=kwargs)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.json", json.dumps({**recipe, "train": asdict(cfg), "data": asdict(recipe["data"])},
-                                                      indent=2, default=str))
+    data_now = json.loads(json.dumps(asdict(recipe["data"]), default=str))
+    before = _data_before(out / "recipe.json", data_now) if args.resume is not None else []
+    atomic_write_text(out / "recipe.json", json.dumps(
+        {**recipe, "train": asdict(cfg), "data": data_now, **({"data_before": before} if before else {})},
+        indent=2, default=str))
     with handled((signal.SIGINT, signal.SIGTERM), trainer.request_stop):
         res = trainer.train(resume=args.resume, stop_at=args.stop_at)
     # a multi-process run's process group is destroyed before exit: left to the interpreter's

@@ -418,13 +418,18 @@ class Trainer:
         )
         if cfg.cache_encoder and getattr(model, "feature_cache", None) is None:
             model.enable_feature_cache(encoder_cache_root(cfg))
+        # each loader has its own generator: a new iterator draws its workers' base seed from
+        # it, not from the global RNG, so a run resumed mid-epoch (one iterator more) draws the
+        # same dropout masks as an uninterrupted one
         self.loader = DataLoader(train_data, batch_sampler=self.sampler, collate_fn=collate_fn,
                                  num_workers=cfg.num_workers,
-                                 worker_init_fn=_ignore_stop_signals if cfg.num_workers else None)
+                                 worker_init_fn=_ignore_stop_signals if cfg.num_workers else None,
+                                 generator=torch.Generator().manual_seed(cfg.seed))
         self.eval_loader = None
         if eval_data is not None and len(eval_data) > 0:
             self.eval_loader = DataLoader(eval_data, batch_size=cfg.batch_size, shuffle=False,
-                                          collate_fn=collate_fn)
+                                          collate_fn=collate_fn,
+                                          generator=torch.Generator().manual_seed(cfg.seed))
         self.step = 0
         self.writer = None
         self.best: tuple[int, float] | None = None  # (step, eval loss) of <out>/best
@@ -447,16 +452,22 @@ class Trainer:
             unwrapped = self.acc.unwrap_model(self.model)
             # `replace`: a step folder already there is this run's own, skipped on resume as
             # broken (a config.json cut by a kill, say); the new one takes its place
+            rng = _rng_state()
+
+            def extra(tmp: Path) -> None:  # the main process's RNG state inside the atomic save
+                torch.save(state, tmp / STATE_FILE)
+                torch.save(rng, tmp / f"rng_state_{self.acc.process_index}.pt")
+
             unwrapped.save_pretrained(
                 folder,
                 extra_files={"training_args.json": json.dumps(asdict(self.cfg), indent=2)},
-                extra_writer=lambda tmp: torch.save(state, tmp / STATE_FILE),
-                full_state=full_state, replace=folder.is_dir(),
+                extra_writer=extra, full_state=full_state, replace=folder.is_dir(),
             )
             for old in sorted((self.out / "checkpoints").glob("step-*"))[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
-        torch.save(_rng_state(), folder / f"rng_state_{self.acc.process_index}.pt")
+        if not self.acc.is_main_process:  # the other ranks' states beside it (a kill can cut them)
+            torch.save(_rng_state(), folder / f"rng_state_{self.acc.process_index}.pt")
         self.acc.wait_for_everyone()
         self.last_checkpoint = (self.step, folder)
         if final and self.acc.is_main_process:  # the stage's output for the next stage
@@ -539,7 +550,7 @@ class Trainer:
         rng = folder / f"rng_state_{self.acc.process_index}.pt"
         restored = False
         if rng.is_file() and state.get("num_processes") == self.acc.num_processes:
-            try:  # written after the checkpoint, outside its checksums: a kill can cut it
+            try:  # another rank's is written after the checkpoint: a kill can cut it
                 _set_rng_state(torch.load(rng, weights_only=False))
                 restored = True
             except Exception as e:  # noqa: BLE001 - whatever is wrong with it, go on without it
@@ -639,7 +650,7 @@ class Trainer:
         return int(self.acc.gather(got).max())
 
     def train(self, resume: str | Path | None = None, stop_at: int | None = None) -> TrainResult:
-        """Run to `max_steps` (or stop early after step `stop_at`, e.g. to test resuming)."""
+        """Run to `max_steps`, or pause after step `stop_at` (saved there: `resume` goes on)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -725,8 +736,12 @@ class Trainer:
                         and not timed_out):
                     self._save()
                 stop = self._stop_requested()
-                if stop and self.step < cfg.max_steps and (self.last_checkpoint or (0,))[0] != self.step:
-                    self._save()  # a stopped run (a preempted job, Ctrl-C) keeps every step it made
+                paused = stop_at is not None and self.step >= end
+                if ((stop or paused) and self.step < cfg.max_steps
+                        and (self.last_checkpoint or (0,))[0] != self.step):
+                    # a stopped run (a preempted job, Ctrl-C) or one paused by --stop-at keeps
+                    # every step it made: --resume goes on from here
+                    self._save()
         finally:
             bar.close()
         self._finishing = True  # a stop asked from here on still gets the final save and eval

@@ -146,6 +146,9 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     else:
         cfg = recipe["vocoder"]
     out = check_out_path(args.output_dir or tr.output_dir)
+    if (out / "unit2mel").exists() and not args.init:  # a killed run's saves: not thrown away
+        raise ConfigError(f"{out / 'unit2mel'} holds an earlier run's Unit2Mel ({_steps_done(out / 'unit2mel')}); "
+                          f"continue it with --init {out / 'unit2mel'}, or give another --out")
 
     def given(value: Any, default: Any) -> Any:  # an option, when given (0 included)
         return default if value is None else value
@@ -184,6 +187,20 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
                       "held_out": res["evals"][-1] if res["evals"] else None,
                       "output": str(out / "model")}))
     return 0
+
+
+def _resolved(path: str | None) -> str | None:
+    """A path option as an absolute path (None stays None), to compare runs' settings."""
+    return None if path is None else str(Path(path).resolve())
+
+
+def _steps_done(folder: Path) -> str:
+    """'N steps' from a Unit2Mel save's training_args.json, where it can be read."""
+    try:
+        done = json.loads((folder / "training_args.json").read_text()).get("steps_done")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        done = None
+    return f"{done} steps" if isinstance(done, int) else "steps unknown"
 
 
 def _mels_from_manifest(manifest: str, spec: Any, limit: int | None, unit2mel: Any,
@@ -253,8 +270,20 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--windows must be > {HELD_OUT_WINDOWS}, got {args.windows}: "
                           f"{HELD_OUT_WINDOWS} windows (or a 20th of them) are held out to "
                           "evaluate the student")
+    # what the pool is made of: a pool file made with other settings is not taken for this one
+    settings = {"teacher": teacher_name, "windows": args.windows, "window_frames": args.window_frames,
+                "unit2mel": _resolved(args.unit2mel), "unit2mel_share": args.unit2mel_share,
+                "gta": bool(args.gta), "data": _resolved(args.data), "limit": args.limit,
+                "teacher_from": _resolved(args.teacher_from)}
     if pool_path.is_file():
         pool = TeacherPool.load(pool_path)
+        if pool.settings is not None:
+            other = [f"{k} {pool.settings[k]!r} -> {v!r}" for k, v in settings.items()
+                     if k in pool.settings and pool.settings[k] != v]
+            if other:
+                raise ConfigError(f"{pool_path} holds a teacher pool made with other settings "
+                                  f"({'; '.join(other)}); give another --out (or --pool), or the "
+                                  "pool's own settings")
         print(f"[distill] reusing {pool.mels.shape[0]} teacher windows from {pool_path}",
               file=sys.stderr)
     else:
@@ -293,6 +322,7 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         elif n_pred:
             parts.append(build_pool(teacher, predicted, n_pred, args.window_frames, seed=2))
         pool = TeacherPool.cat(parts)
+        pool.settings = settings
     train_pool, eval_pool = pool.split(max(HELD_OUT_WINDOWS, int(pool.mels.shape[0]) // 20))
     if not pool_path.is_file():  # kept once it can be split: a rerun must not reuse a bad pool
         pool_path.parent.mkdir(parents=True, exist_ok=True)

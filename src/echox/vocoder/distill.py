@@ -96,6 +96,9 @@ class TeacherPool:
     valid: int
     hop: int
     locked: torch.Tensor | None = None
+    # how the pool was made (teacher, data, windows, ...), kept with it so that a run that
+    # reuses the file can check it asks for the same pool; None for a pool saved without them
+    settings: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.locked is None:
@@ -110,10 +113,16 @@ class TeacherPool:
         return int(self.mels.shape[-1])
 
     def save(self, path: str | Path) -> None:
+        """Written whole or not at all (a temporary file, then renamed over `path`)."""
         assert self.locked is not None
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        meta = {"valid": str(self.valid), "hop": str(self.hop)}
+        if self.settings is not None:
+            meta["settings"] = json.dumps(self.settings, sort_keys=True)
         save_tensors({"mels": self.mels.contiguous(), "audio": self.audio.contiguous(),
-                      "locked": self.locked.to(torch.uint8).contiguous()}, path,
-                     metadata={"valid": str(self.valid), "hop": str(self.hop)})
+                      "locked": self.locked.to(torch.uint8).contiguous()}, tmp, metadata=meta)
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> TeacherPool:
@@ -122,8 +131,11 @@ class TeacherPool:
                 meta = f.metadata() or {}
                 mels, audio = f.get_tensor("mels"), f.get_tensor("audio")
                 locked = f.get_tensor("locked").bool() if "locked" in f.keys() else None  # noqa: SIM118 (not a dict)
-            return cls(mels, audio, int(meta["valid"]), int(meta["hop"]), locked)
-        except (OSError, KeyError, ValueError, SafetensorError) as e:  # a torn or foreign file
+            settings = json.loads(meta["settings"]) if "settings" in meta else None
+            if settings is not None and not isinstance(settings, dict):
+                raise ValueError("its settings are not a JSON object")
+            return cls(mels, audio, int(meta["valid"]), int(meta["hop"]), locked, settings)
+        except (OSError, KeyError, ValueError, RecursionError, SafetensorError) as e:  # a torn or foreign file
             raise VocoderCheckpointError(f"{path}: not a readable teacher pool "
                                          f"({type(e).__name__}: {e})") from e
 
