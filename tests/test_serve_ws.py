@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 from conftest import noise
+from starlette.websockets import WebSocketDisconnect
 from test_serve import (  # noqa: F401 - `engine` is a fixture
+    EndlessEngine,
     client,
     engine,
     streamed_flac,
@@ -463,3 +466,25 @@ def test_ws_audio_the_model_cannot_take_is_a_400_and_the_conversation_goes_on(
         error(ws, 400, "bad_audio", "far outside the [-1, 1]")
         ws.send_json({"type": "text", "text": "still there?"})
         assert turn_events(ws)[-1]["turn"] == 3
+
+
+def test_ws_an_idle_conversation_is_closed_and_frees_its_place(engine: Engine) -> None:
+    """Idle clients that answered pings held every conversation place for ever. A turn that
+    runs longer than the idle time is not cut: only silence with no turn running counts."""
+    with client(EndlessEngine(engine), idle_timeout=0.6, max_connections=1) as c:
+        with c.websocket_connect("/v1/stream") as ws:
+            assert ws.receive_json()["limits"]["idle_timeout"] == 0.6
+            ws.send_json({"type": "text", "text": "talk for a while"})
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.5:  # a turn past the idle time goes on
+                assert ws.receive_json()["type"] in ("start", "text")
+            ws.send_json({"type": "cancel"})
+            while ws.receive_json()["type"] != "cancelled":
+                pass
+            ev = ws.receive_json()  # then silence: closed
+            assert (ev["type"], ev["status"], ev["code"]) == ("error", 408, "idle_timeout"), ev
+            with pytest.raises(WebSocketDisconnect) as e:
+                ws.receive_json()
+            assert e.value.code == 1000
+        with c.websocket_connect("/v1/stream") as ws:  # its place is free again
+            assert ws.receive_json()["type"] == "ready"

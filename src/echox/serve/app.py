@@ -88,6 +88,7 @@ class ServeConfig:
     turn_timeout: float = 120.0  # seconds a turn may run (queue time not included)
     upload_timeout: float = 60.0  # seconds an HTTP request body may take to arrive
     max_connections: int = 64  # open WebSocket conversations
+    idle_timeout: float = 900.0  # seconds a conversation may send nothing, no turn running
     history_turns: int = 8  # exchanges a conversation remembers (older ones are dropped)
     allow_origins: tuple[str, ...] = ()  # browser origins besides the server's own ("*": any)
     model_id: str | None = None  # default: the bundle folder's name
@@ -102,7 +103,7 @@ class ServeConfig:
                      "history_turns"):
             positive_int(name)
         positive_int("queue_size", 0)
-        for name in ("turn_timeout", "upload_timeout", "max_audio_seconds"):
+        for name in ("turn_timeout", "upload_timeout", "idle_timeout", "max_audio_seconds"):
             v = getattr(self, name)
             if v is None and name == "max_audio_seconds":
                 continue
@@ -240,6 +241,7 @@ class _State:
                            "max_text_chars": lim.max_text_chars,
                            "turn_timeout": self.cfg.turn_timeout,
                            "upload_timeout": self.cfg.upload_timeout,
+                           "idle_timeout": self.cfg.idle_timeout,
                            "history_turns": self.cfg.history_turns}}
 
     def final_stats(self, ev: Final, queue_ms: float) -> dict[str, Any]:
@@ -299,7 +301,13 @@ class _Conversation:
             return
         try:
             while True:
-                msg = await self.ws.receive()
+                try:  # a conversation that says nothing, with no turn running, keeps its place
+                    msg = await asyncio.wait_for(self.ws.receive(), self.st.cfg.idle_timeout)
+                except asyncio.TimeoutError:  # for others after --idle-timeout seconds
+                    if self.busy:
+                        continue
+                    await self.close_idle()
+                    break
                 if msg["type"] == "websocket.disconnect":
                     break
                 try:
@@ -315,6 +323,13 @@ class _Conversation:
                     await self.send_error(_api_error(e))  # (logged); the conversation stays
         finally:
             await self.stop_turn()  # a client that left frees its slot now
+
+    async def close_idle(self) -> None:
+        secs = f"{self.st.cfg.idle_timeout:g}"
+        with contextlib.suppress(Exception):  # a client gone meanwhile: nothing to tell
+            await self.send_error(ApiError(408, "idle_timeout", f"nothing was sent for {secs} s; "
+                                           "connect again to go on (the history starts anew)"))
+            await self.ws.close(1000, f"idle for {secs} s")
 
     async def stop_turn(self) -> bool:
         """Stop the running turn, if any; returns whether one was stopped before its final (or

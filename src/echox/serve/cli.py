@@ -72,6 +72,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
             max_audio_seconds=args.max_audio_seconds, max_text_chars=args.max_text_chars,
             turn_timeout=args.turn_timeout, upload_timeout=args.upload_timeout, max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout,
             history_turns=args.history_turns, allow_origins=tuple(args.allow_origin or ()),
             model_id=args.model_id)
     except (ValueError, ConfigError) as e:
@@ -192,6 +193,9 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--upload-timeout", type=float, default=60.0,
                      help="seconds a POST /v1/chat body may take to arrive (default 60); "
                           "slower uploads get 408 upload_timeout")
+    lim.add_argument("--idle-timeout", type=float, default=900.0,
+                     help="seconds a WebSocket conversation may send nothing while no turn runs "
+                          "(default 900); then it is closed and its place freed")
     lim.add_argument("--header-timeout", type=float, default=10.0,
                      help="seconds a connection may take to send its request's headers "
                           "(default 10); slower ones are closed")
