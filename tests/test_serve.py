@@ -834,6 +834,26 @@ def test_live_server_closes_connections_whose_headers_never_come(engine: Engine)
         wait_until(lambda: httpx.get(f"http://{addr}/health").status_code == 200, 10)
 
 
+def test_live_server_answers_a_client_that_half_closes_after_its_request(engine: Engine) -> None:
+    """`nc -N` and some proxies shut their sending side once the request is sent: the
+    connection was closed at once, with no answer and nothing logged."""
+    with live_guarded(create_app(engine, ServeConfig())) as addr:
+        host, port = addr.split(":")
+        body = b'{"text": "hi"}'
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(120)
+            got = b""
+            while not got.startswith(b"HTTP/1.1 200") or b'"text"' not in got:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 200") and b'"text"' in got, got[:200]
+
+
 def test_live_server_logs_a_bad_utf8_frame_in_one_line(engine: Engine) -> None:
     """uvicorn logged each client's invalid UTF-8 text frame with a full traceback."""
     from websockets.exceptions import ConnectionClosed

@@ -8,7 +8,8 @@ server unreachable, and asyncio logged "socket.accept() out of system resource" 
 traceback hundreds of thousands of times. Here a connection whose request headers have not
 all arrived within `header_timeout` seconds is closed, and one accepted beyond `max_open`
 open connections is closed at once, so the descriptors never run out and the server goes on
-answering the clients that do send their requests.
+answering the clients that do send their requests. A client that half-closes its connection
+after its request (end of input) still gets the answer.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def guarded_h11(header_timeout: float, max_open: int | None = None) -> type:
             super().on_response_complete()
             if self._deadline is None and not self.transport.is_closing():
                 self._arm()  # the next request on this connection gets the same time
+
+        def eof_received(self) -> bool | None:
+            # a client that sends its request and then shuts its sending side (`nc -N`, some
+            # proxies) still reads the answer: the transport stays open until it is written
+            # (uvicorn let asyncio close it at once: no answer, nothing logged)
+            if self.cycle is not None and not self.cycle.response_complete:
+                return True
+            return None
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
