@@ -823,6 +823,19 @@ def test_live_server_closes_connections_whose_headers_never_come(engine: Engine)
         kept.sendall(b"GET /health HTTP/1.1\r\nHo")
         assert _closed_by_server(kept, 5)
         kept.close()
+        # a request answered before its body arrived (415), the body trickling in past the
+        # header time: the next request's headers still have their time limit
+        early = socket.create_connection((host, int(port)))
+        early.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                      b"Content-Length: 10\r\n\r\nx")
+        early.settimeout(5)
+        assert early.recv(4096).startswith(b"HTTP/1.1 415")
+        for _ in range(9):
+            time.sleep(0.25)
+            early.sendall(b"x")
+        early.sendall(b"GET /health HTTP/1.1\r\nHo")
+        assert _closed_by_server(early, 6)
+        early.close()
         # the cap: past 4 open connections a new one is closed before it is read
         held = [socket.create_connection((host, int(port))) for _ in range(4)]
         time.sleep(0.3)
@@ -883,3 +896,34 @@ def test_live_server_logs_a_bad_utf8_frame_in_one_line(engine: Engine) -> None:
             logger.removeHandler(keep)
     bad = [r for r in keep.records if "Invalid UTF-8" in r.getMessage()]
     assert bad and all(r.exc_info is None for r in bad)
+
+
+SIGNAL_SERVER = """
+import contextlib, os, signal, sys, threading, time
+import echox.serve.cli as scli
+from echox import cli
+
+async def app(scope, receive, send):  # a stand-in for the model's app: only its lifespan
+    while True:
+        m = await receive()
+        if m["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        else:
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+scli.build = lambda args: (contextlib.nullcontext(), app)
+sig = getattr(signal, sys.argv[2])
+threading.Thread(target=lambda: (time.sleep(2), os.kill(os.getpid(), sig)), daemon=True).start()
+sys.exit(cli.main(["serve", "--port", sys.argv[1], "--log-level", "warning"]))
+"""
+
+
+@pytest.mark.parametrize("sig,rc,line", [("SIGINT", 0, ""), ("SIGTERM", 143, "echox: stopped by SIGTERM")])
+def test_serve_stops_on_ctrl_c_with_status_0_and_on_sigterm_with_143(sig, rc, line) -> None:
+    """Ctrl-C is how a server run by hand is stopped: a clean stop, status 0 (it printed
+    "echox: interrupted" and 130 once uvicorn.Server replaced uvicorn.run); SIGTERM keeps 143."""
+    r = subprocess.run([sys.executable, "-c", SIGNAL_SERVER, str(free_port()), sig],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == rc, r.stderr
+    assert "interrupted" not in r.stderr and (line in r.stderr), r.stderr

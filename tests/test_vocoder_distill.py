@@ -243,6 +243,11 @@ def test_train_hifigan_cli_gta_pool(tmp_path, capsys) -> None:
     assert main(other) == 2
     err = capsys.readouterr().err
     assert "made with other settings" in err and "teacher 'small' -> 'universal'" in err and "windows 16 -> 64" in err, err
+    # options left out are the pool's own: --pool alone reuses it, and the summary names its teacher
+    pool_file = str(tmp_path / "s" / "teacher_pool.safetensors")
+    assert main(["vocoder", "distill", "--pool", pool_file, "--max-steps", "1", "--batch-size", "2",
+                 "--student-channels", "32", "--threads", "1", "--out", str(tmp_path / "alone")]) == 0
+    assert json.loads((tmp_path / "alone" / "summary.json").read_text())["teacher"] == "small"
     # a retrained unit->mel: new aligned windows, the old teacher windows taken over unchanged
     torch.manual_seed(1)
     Unit2Mel(Unit2MelConfig.tiny(n_mels=80)).save_pretrained(tmp_path / "u2m2")

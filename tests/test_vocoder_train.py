@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +199,13 @@ def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):
     saved = (tmp_path / "a" / "unit2mel" / "model.safetensors").read_bytes()
     assert main([*base, "--max-steps", "1", "--batch-size", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "holds an earlier run's Unit2Mel (1 steps)" in err and "--init" in err, err
+    assert "holds an earlier run's Unit2Mel (steps done: 1)" in err and "--init" in err, err
+    assert (tmp_path / "a" / "unit2mel" / "model.safetensors").read_bytes() == saved
+    # also with another --init (the tiny pipeline passes the previous round's model)
+    other = tmp_path / "other-u2m"
+    shutil.copytree(tmp_path / "a" / "unit2mel", other)
+    assert main([*base, "--max-steps", "1", "--batch-size", "2", "--init", str(other)]) == 2
+    assert "holds an earlier run's Unit2Mel" in capsys.readouterr().err
     assert (tmp_path / "a" / "unit2mel" / "model.safetensors").read_bytes() == saved
     assert main([*base, "--max-steps", "1", "--batch-size", "2", "--init", str(tmp_path / "a" / "unit2mel")]) == 0
     (tmp_path / "afile").write_text("keep")

@@ -137,7 +137,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             app, args.host, args.port, header_timeout=args.header_timeout, log_level=args.log_level,
             ws_max_size=int(args.max_upload_mb * 1024 * 1024) + 65536,
             ws_ping_interval=20.0, ws_ping_timeout=20.0, timeout_graceful_shutdown=5))
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: a clean stop
+            pass  # (as uvicorn.run, which ended with status 0)
         if not server.started:  # it could not listen (uvicorn has logged why): as uvicorn.run
             raise SystemExit(3)
     return 0

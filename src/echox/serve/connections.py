@@ -61,11 +61,15 @@ def guarded_h11(header_timeout: float, max_open: int | None = None) -> type:
             self._deadline = None
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self.transport.close()  # no request began in time: nothing to answer
+            # mid-body (a request answered before its body was read: 401, 415, 503 ...):
+            # `data_received` arms the time again once the next request's headers are due
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:  # the headers are in (or it upgraded)
                 self._disarm()
+            elif self._deadline is None and not self.transport.is_closing():
+                self._arm()  # waiting for the next request's headers, with no time running
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

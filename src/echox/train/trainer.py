@@ -258,13 +258,19 @@ class TrainResult:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from its own generators
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
 
 
 def _set_rng_state(st: dict[str, Any]) -> None:
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     torch.set_rng_state(st["torch"])
+    cuda = st.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def find_latest_checkpoint(output_dir: Path) -> Path | None:

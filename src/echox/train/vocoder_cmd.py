@@ -146,9 +146,10 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     else:
         cfg = recipe["vocoder"]
     out = check_out_path(args.output_dir or tr.output_dir)
-    if (out / "unit2mel").exists() and not args.init:  # a killed run's saves: not thrown away
-        raise ConfigError(f"{out / 'unit2mel'} holds an earlier run's Unit2Mel ({_steps_done(out / 'unit2mel')}); "
-                          f"continue it with --init {out / 'unit2mel'}, or give another --out")
+    saved = out / "unit2mel"  # a killed (or finished) run's saves: not thrown away
+    if saved.exists() and not (args.init and Path(args.init).resolve() == saved.resolve()):
+        raise ConfigError(f"{saved} holds an earlier run's Unit2Mel ({_steps_done(saved)}); "
+                          f"continue it with --init {saved}, or give another --out")
 
     def given(value: Any, default: Any) -> Any:  # an option, when given (0 included)
         return default if value is None else value
@@ -189,6 +190,11 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     return 0
 
 
+# a teacher pool's settings where the options leave them out
+POOL_DEFAULTS: dict[str, Any] = {"teacher": "universal", "windows": 1500, "window_frames": 80,
+                                 "unit2mel_share": 0.5, "gta": False}
+
+
 def _resolved(path: str | None) -> str | None:
     """A path option as an absolute path (None stays None), to compare runs' settings."""
     return None if path is None else str(Path(path).resolve())
@@ -200,7 +206,7 @@ def _steps_done(folder: Path) -> str:
         done = json.loads((folder / "training_args.json").read_text()).get("steps_done")
     except (OSError, ValueError, RecursionError, AttributeError):
         done = None
-    return f"{done} steps" if isinstance(done, int) else "steps unknown"
+    return f"steps done: {done}" if isinstance(done, int) else "steps done: unknown"
 
 
 def _mels_from_manifest(manifest: str, spec: Any, limit: int | None, unit2mel: Any,
@@ -255,7 +261,6 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
                                   (folder_config(out, "summary.json") or {}).get("stage") != "hifigan"):
         raise ConfigError(f"--out {out} holds a summary.json of something else than a "
                           "distillation, which the run would overwrite; give another --out")
-    teacher_name = args.teacher or "universal"
     # every number before the slow pool: 0 is a value, not "the default" (it ran 3000 steps)
     cfg = DistillConfig(**{k: v for k, v in (("steps", args.max_steps), ("batch_size", args.batch_size),
                                              ("lr", args.lr), ("eval_every", args.eval_every))
@@ -270,59 +275,65 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--windows must be > {HELD_OUT_WINDOWS}, got {args.windows}: "
                           f"{HELD_OUT_WINDOWS} windows (or a 20th of them) are held out to "
                           "evaluate the student")
-    # what the pool is made of: a pool file made with other settings is not taken for this one
-    settings = {"teacher": teacher_name, "windows": args.windows, "window_frames": args.window_frames,
-                "unit2mel": _resolved(args.unit2mel), "unit2mel_share": args.unit2mel_share,
-                "gta": bool(args.gta), "data": _resolved(args.data), "limit": args.limit,
-                "teacher_from": _resolved(args.teacher_from)}
+    # what the pool is made of. A pool file is reused for a run that gives the same options or
+    # leaves them out; one made with other settings is not taken for this one
+    given = {k: v for k, v in (("teacher", args.teacher), ("windows", args.windows),
+                               ("window_frames", args.window_frames),
+                               ("unit2mel", _resolved(args.unit2mel)), ("unit2mel_share", args.unit2mel_share),
+                               ("gta", True if args.gta else None), ("data", _resolved(args.data)),
+                               ("limit", args.limit), ("teacher_from", _resolved(args.teacher_from)))
+             if v is not None}
+    used = {**POOL_DEFAULTS, **given}
     if pool_path.is_file():
         pool = TeacherPool.load(pool_path)
         if pool.settings is not None:
-            other = [f"{k} {pool.settings[k]!r} -> {v!r}" for k, v in settings.items()
+            other = [f"{k} {pool.settings[k]!r} -> {v!r}" for k, v in given.items()
                      if k in pool.settings and pool.settings[k] != v]
             if other:
                 raise ConfigError(f"{pool_path} holds a teacher pool made with other settings "
                                   f"({'; '.join(other)}); give another --out (or --pool), or the "
                                   "pool's own settings")
+            used = {**used, **pool.settings}
         print(f"[distill] reusing {pool.mels.shape[0]} teacher windows from {pool_path}",
               file=sys.stderr)
     else:
         if not args.data:
             raise ConfigError("give --data: a TTS manifest whose audio the student learns from")
-        teacher = load_hifigan(teacher_name)
+        teacher = load_hifigan(used["teacher"])
         u2m = Unit2Mel.from_pretrained(args.unit2mel) if args.unit2mel else None
         gta = args.gta
         if gta and u2m is None:
             raise ConfigError("--gta needs --unit2mel")
-        share = args.unit2mel_share
+        share, frames = used["unit2mel_share"], used["window_frames"]
         if not 0.0 <= share < 1.0:  # before the slow manifest read
             raise ConfigError(f"--unit2mel-share must be in [0, 1), got {share}")
         real, predicted, targets = _mels_from_manifest(args.data, teacher.config.mel, args.limit,
                                                        u2m, gta=gta)
-        n = args.windows
+        n = used["windows"]
         n_pred = round(n * share) if predicted else 0
         reuse = args.teacher_from
         if reuse:  # the teacher's windows do not depend on the unit->mel: skip the slow part
             if not Path(reuse).is_file():
                 raise ConfigError(f"--teacher-from: no pool file at {reuse}")
             old = TeacherPool.load(reuse)
-            if old.window_frames != args.window_frames:
+            if old.window_frames != frames:
                 raise ConfigError(f"--teacher-from {reuse}: windows of {old.window_frames} "
-                                  f"frames, not --window-frames {args.window_frames}")
+                                  f"frames, not --window-frames {frames}")
             have = int(old.locked.sum())  # type: ignore[union-attr]
             if have < n - n_pred:
                 raise ConfigError(f"--teacher-from {reuse}: {have} teacher windows, but "
                                   f"--windows and --unit2mel-share ask for {n - n_pred}")
             parts = [old.teacher_windows(n - n_pred)]
         else:
-            parts = [build_pool(teacher, real, n - n_pred, args.window_frames, seed=1)]
+            parts = [build_pool(teacher, real, n - n_pred, frames, seed=1)]
         if n_pred and gta:
-            parts.append(build_gta_pool(predicted, targets, n_pred, args.window_frames,
+            parts.append(build_gta_pool(predicted, targets, n_pred, frames,
                                         parts[0].valid, parts[0].hop, seed=2))
         elif n_pred:
-            parts.append(build_pool(teacher, predicted, n_pred, args.window_frames, seed=2))
+            parts.append(build_pool(teacher, predicted, n_pred, frames, seed=2))
         pool = TeacherPool.cat(parts)
-        pool.settings = settings
+        pool.settings = used
+    teacher_name = used["teacher"]
     train_pool, eval_pool = pool.split(max(HELD_OUT_WINDOWS, int(pool.mels.shape[0]) // 20))
     if not pool_path.is_file():  # kept once it can be split: a rerun must not reuse a bad pool
         pool_path.parent.mkdir(parents=True, exist_ok=True)
@@ -395,10 +406,10 @@ def distill_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gta", action="store_true",
                    help="with --unit2mel: its windows are its mels with the real durations, "
                         "and their target is the real audio (ground-truth-aligned fine-tuning)")
-    p.add_argument("--windows", type=int, default=1500, help="mel windows in the pool")
-    p.add_argument("--unit2mel-share", type=float, default=0.5,
-                   help="with --unit2mel: the share of the windows that come from its mels")
-    p.add_argument("--window-frames", type=int, default=80, help="frames per pool window")
+    p.add_argument("--windows", type=int, help="mel windows in the pool (default 1500)")
+    p.add_argument("--unit2mel-share", type=float,
+                   help="with --unit2mel: the share of the windows that come from its mels (default 0.5)")
+    p.add_argument("--window-frames", type=int, help="frames per pool window (default 80)")
     p.add_argument("--pool", help="teacher pool file (reused when it exists)")
     p.add_argument("--teacher-from", metavar="POOL",
                    help="when building a pool: take its teacher windows from this older pool "
