@@ -215,6 +215,9 @@ random.Random(0).shuffle(rows)  # the last 40 are the held-out pairs
 PY
   init=recipes/tiny/vocoder-k500/vocoder-v1
   for ((k = 1; k <= VOC_ROUNDS; k++)); do
+    # a round stopped before its end goes on from its last save (OUT/unit2mel; its schedule
+    # starts again): echox vocoder train refuses to start that --out afresh
+    [ -d "$VOC_RUN-$k/unit2mel" ] && init=$VOC_RUN-$k/unit2mel
     [ -f "$VOC_RUN-$k/model/config.json" ] || $ECHOX vocoder train --init "$init" \
         --data "$DATA/train/vocoder_units.jsonl" --segment-frames 256 --holdout 40 --eval-every 200 \
         --save-every 200 --batch-size 16 --lr 2e-4 --max-steps "$((VOC_STEPS * k))" \
