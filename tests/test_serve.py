@@ -648,11 +648,16 @@ def test_serve_refuses_an_answer_as_long_as_the_llm_at_start(bundle_dir: Path,
 
 
 @contextmanager
-def live(app: Any) -> Iterator[str]:
+def live(app: Any, guarded: bool = False, **kw: Any) -> Iterator[str]:
+    """A live server on a free port: plain uvicorn, or `guarded` as `echox serve` runs it
+    (`serve.connections.uvicorn_config`, with `kw`)."""
     import uvicorn
 
+    from echox.serve.connections import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="warning", **kw) if guarded
+                            else uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     try:
@@ -770,23 +775,8 @@ def test_a_huge_max_audio_seconds_decodes_uploads_instead_of_failing_them() -> N
     assert decode_file(wav(0.3), limits).size == 4800
 
 
-@contextmanager
-def live_guarded(app: Any, **kw: Any) -> Iterator[str]:
-    """A live server as `echox serve` runs it (`serve.connections.uvicorn_config`)."""
-    import uvicorn
-
-    from echox.serve.connections import uvicorn_config
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="warning", **kw))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    try:
-        wait_until(lambda: server.started, 20)
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        t.join(10)
+def live_guarded(app: Any, **kw: Any) -> Any:
+    return live(app, guarded=True, **kw)
 
 
 def _closed_by_server(sock: socket.socket, within: float) -> bool:
