@@ -359,7 +359,7 @@ class _Conversation:
             raise
 
     async def on_text(self, raw: str) -> None:
-        limit = 12 * self.st.limits.max_text_chars + 1024  # a "text" message at its limit, escaped
+        limit = _escaped(self.st.limits.max_text_chars) + 1024  # a "text" message at its limit
         if len(raw) > limit:  # parsed on the event loop: 15 MB of JSON held every client ~3 s
             raise ApiError(413, "message_too_large", f"a text message may hold {limit} "
                            f"characters (its text at most {self.st.limits.max_text_chars}); "
@@ -563,10 +563,16 @@ def _check_multipart_end(content_type: str, body: bytes) -> None:
                        "boundary (was the upload cut short?)")
 
 
+def _escaped(chars: int) -> int:
+    """Characters (or bytes) `chars` characters of text may take JSON-escaped: up to 12 a
+    character ("\\ud83d\\ude00")."""
+    return 12 * chars
+
+
 def _text_bytes(limits: Limits) -> int:
-    """Bytes `text` and a whole `history` may take at their limits, JSON-escaped (up to 12
-    bytes a character: "\\ud83d\\ude00"), so that a request within the limits fits its body."""
-    return (2 * limits.history_turns + 1) * (12 * limits.max_text_chars + 64)
+    """Bytes `text` and a whole `history` may take at their limits, JSON-escaped, so that a
+    request within the limits fits its body."""
+    return (2 * limits.history_turns + 1) * (_escaped(limits.max_text_chars) + 64)
 
 
 def _body_kind(request: Request, st: _State) -> tuple[str, int]:

@@ -48,7 +48,7 @@ from echox.data.manifest import (
 )
 from echox.data.s2t_mix import ASR_PROMPT
 from echox.errors import ConfigError, ManifestError
-from echox.fileio import atomic_write_text, check_out_path
+from echox.fileio import atomic_write_text, check_out_path, folder_config
 from echox.hub import cache_dir
 from echox.signals import handled
 from echox.train import stages
@@ -288,17 +288,16 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
         states = stages.precompute_states(model, turns, root, **sizes)
         if ev is not None:
             ev_states = stages.precompute_states(model, [ev[i].turns for i in range(len(ev))], root, **sizes)
-    extras = None
-    if offline:
-        extras = stages.precompute_pseudo_labels(
-            model, turns, Path(cfg.output_dir) / "pseudo_labels.jsonl", cut=cfg.cut_segments, states=states,
-            **sizes)
-        extras = [(e.segments, e.units) for e in extras]
+
+    def labels(dialogues: list[Any], cached: Any) -> list[tuple[Any, Any]]:  # offline, one cache file
+        return [(e.segments, e.units) for e in stages.precompute_pseudo_labels(
+            model, dialogues, Path(cfg.output_dir) / "pseudo_labels.jsonl", cut=cfg.cut_segments,
+            states=cached, **sizes)]
+
+    extras = labels(turns, states) if offline else None
     ev_extras = None
     if offline and shared and ev is not None:  # the eval labels too, from the untrained decoder
-        ev_extras = [(e.segments, e.units) for e in stages.precompute_pseudo_labels(
-            model, [ev[i].turns for i in range(len(ev))], Path(cfg.output_dir) / "pseudo_labels.jsonl",
-            cut=cfg.cut_segments, states=ev_states, **sizes)]
+        ev_extras = labels([ev[i].turns for i in range(len(ev))], ev_states)
     kwargs = {"cut": cfg.cut_segments and not gold}
     ev_ds = EchoDataset(ev, ev_extras, gold, encode, ev_states) if ev is not None else None
     return EchoDataset(train, extras, gold, encode, states), ev_ds, stages.echo_collator(model), kwargs
@@ -451,12 +450,8 @@ def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
     """A run resumed on other data than its own is said so; what it trained on before is
     returned (newest first) for `recipe.json`'s `data_before`, which otherwise would name
     only the new data."""
-    try:
-        was = json.loads(recipe_json.read_text())
-    except (OSError, ValueError, RecursionError):
-        return []
-    before = was.get("data") if isinstance(was, dict) else None
-    older = was.get("data_before") if isinstance(was, dict) else None
+    was = folder_config(recipe_json.parent, recipe_json.name) or {}
+    before, older = was.get("data"), was.get("data_before")
     older = older if isinstance(older, list) else []
     if not isinstance(before, dict):
         return older

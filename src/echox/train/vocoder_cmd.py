@@ -202,10 +202,7 @@ def _resolved(path: str | None) -> str | None:
 
 def _steps_done(folder: Path) -> str:
     """'N steps' from a Unit2Mel save's training_args.json, where it can be read."""
-    try:
-        done = json.loads((folder / "training_args.json").read_text()).get("steps_done")
-    except (OSError, ValueError, RecursionError, AttributeError):
-        done = None
+    done = (folder_config(folder, "training_args.json") or {}).get("steps_done")
     return f"steps done: {done}" if isinstance(done, int) else "steps done: unknown"
 
 
