@@ -48,6 +48,7 @@ from echox.errors import DataBuildError
 from echox.fileio import check_out_path, is_file_name, json_lines, json_objects, open_to_append
 from echox.hub import resolve
 from echox.model.generation import SamplingConfig, cache_kwargs, guard_repetition
+from echox.model.hf import no_loading_bar
 
 __all__ = [
     "DEFAULT_QUESTIONS", "DEFAULT_SYSTEM_PROMPT", "QAQuestion", "Split",
@@ -270,7 +271,8 @@ def generate_answers(llm: str, questions: Sequence[str], *, system_prompt: str |
     tok.padding_side = "left"  # generation appends on the right, so pad on the left
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with no_loading_bar():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
     old_threads = torch.get_num_threads()

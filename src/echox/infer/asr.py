@@ -15,6 +15,7 @@ from echox.audio import load_audio
 from echox.errors import CheckpointError
 from echox.hub import resolve
 from echox.hub.whisper_ct2 import packaged_whisper_tiny_en
+from echox.model.hf import no_loading_bar
 
 
 class ASR(Protocol):
@@ -72,7 +73,8 @@ class TransformersWhisperASR:
         folder = resolve(self.name_or_path)
         try:
             self._proc = WhisperProcessor.from_pretrained(folder)
-            self._model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+            with no_loading_bar():
+                self._model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot load Whisper from {folder}: {e}") from e
         self._torch = torch

@@ -12,6 +12,7 @@ from torch import nn
 from echox.config import LLMConfig
 from echox.errors import CheckpointError, ConfigError, loading
 from echox.model.generation import cache_kwargs, output_cache
+from echox.model.hf import no_loading_bar
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +67,7 @@ class LLM(nn.Module):
         extra: dict[str, Any] = {}
         if device is not None and torch.device(device).type != "cpu":
             extra["device_map"] = {"": str(torch.device(device))}
-        with loading(folder, "LLM"):
+        with loading(folder, "LLM"), no_loading_bar():
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or _DTYPES[cfg.dtype],
                                                          **extra)
         if cfg.resize_embeddings:

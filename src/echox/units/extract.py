@@ -35,6 +35,7 @@ from echox.fileio import atomic_write_text
 from echox.hub import resolve
 from echox.model.checkpoint import sha256_file
 from echox.model.encoder import LogMelFrontEnd, WhisperSpeechEncoder
+from echox.model.hf import no_loading_bar
 from echox.units.kmeans import UnitKMeans, dedup_with_counts
 
 __all__ = [
@@ -137,7 +138,8 @@ class HubertFeatures(FeatureExtractor):
                 f"layer {layer} out of range: {folder} has {cfg.num_hidden_layers} layers (0..L)"
             )
         try:
-            model = AutoModel.from_pretrained(folder)
+            with no_loading_bar():
+                model = AutoModel.from_pretrained(folder)
         except Exception as exc:  # noqa: BLE001
             raise UnitError(f"{folder}: cannot load the speech model ({exc})") from exc
         layer_norm = getattr(cfg, "feat_extract_norm", "group") == "layer"
