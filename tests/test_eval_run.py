@@ -145,6 +145,17 @@ def test_eval_cli_errors(tmp_path, capsys, bundle_dir, bench):
     assert main(["eval", "--benchmark", "nope", "--mode", "s2t", "--model", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err
     assert main(["eval", "--compare", str(tmp_path)]) == 2
+    capsys.readouterr()
+    # a speech model in text mode, a text LLM in s2t mode: each was ignored, and the whole run
+    # answered with another model than the one named
+    for mode, extra, says in (("text", ["--model", str(bundle_dir)], "--model names the speech model"),
+                              ("cascade", ["--model", str(bundle_dir)], "--model names the speech model"),
+                              ("s2t", ["--llm", "builtin:tiny-random-llama"], "--llm names the text LLM")):
+        out = tmp_path / f"ignored-{mode}"
+        assert main(["eval", "--benchmark", bench, "--mode", mode, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
 
 
 def test_compare_refuses_what_is_not_an_eval_run(tmp_path, capsys):

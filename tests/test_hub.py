@@ -98,3 +98,52 @@ def test_packaged_models_resolve_offline(name, expect):
     folder = resolve(name)
     assert (folder / expect).is_file()
     assert resolve(name) == folder  # converted once, then read from the cache
+
+
+def test_a_hub_whose_name_does_not_resolve_is_not_retried(monkeypatch):
+    """Without network, huggingface_hub retried the hub five times (about 27 s) before a model
+    or benchmark load failed or fell back to the cache. A hub host that does not resolve sends
+    both to the cache at once, and the error says why."""
+    import socket
+
+    import huggingface_hub
+
+    from echox.errors import EvalError
+    from echox.eval.benchmarks import open_benchmark
+    from echox.hub import hub_unresolvable
+
+    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    asked = []
+
+    def no_dns(host, *a, **k):
+        asked.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert hub_unresolvable() == "huggingface.co"
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org/")
+    assert hub_unresolvable() == "hub.example.org" and asked[-1] == "hub.example.org"
+    monkeypatch.delenv("HF_ENDPOINT")
+
+    calls = []
+
+    def snapshot(repo, local_files_only=False, **k):
+        calls.append(local_files_only)
+        raise FileNotFoundError(repo)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    with pytest.raises(ResolveError, match="host huggingface.co does not resolve here"):
+        resolve("nobody/no-model")
+    assert calls == [True]  # the cache only: no request that would be retried
+    with pytest.raises(EvalError, match="host huggingface.co does not resolve here, and the "
+                                        "Hugging Face cache has no copy"):
+        open_benchmark("llama-questions")
+
+    # behind a proxy the proxy resolves the name; offline mode asks nothing of the hub
+    asked.clear()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert hub_unresolvable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_unresolvable() is None and asked == []

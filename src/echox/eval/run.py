@@ -573,7 +573,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.max_audio_seconds is not None:
             raise EvalError(f"--max-audio-seconds applies to the s2t and s2s modes; {args.mode} "
                             "mode gives the questions to the text LLM or the ASR")
+        if args.model:  # it would be ignored: a whole run on another LLM than the one meant
+            raise EvalError(f"--model names the speech model of the s2t and s2s modes; {args.mode} "
+                            "mode answers with the text LLM of --llm (default: the --config's LLM)")
     else:
+        if args.llm:
+            raise EvalError(f"--llm names the text LLM of the text and cascade modes; {args.mode} "
+                            "mode answers with the speech model of --model")
         check_device(args.device)
         if args.max_audio_seconds is not None:
             check_max_audio_seconds(args.max_audio_seconds)

@@ -154,6 +154,30 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_unresolvable() -> str | None:
+    """The hub's host name when it does not resolve here (no network, no DNS), else None.
+
+    huggingface_hub retries an unreachable hub five times with backoff, about 27 s, before it
+    falls back to its cache or fails; a host that does not resolve answers no retry either, so
+    callers go to the cache at once. Not checked in offline mode (nothing is asked of the hub)
+    or behind a proxy (the proxy resolves the name, not this machine).
+    """
+    if _hub_offline() or any(os.environ.get(v) for v in (
+            "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return host
+    return None
+
+
 def resolve(name_or_path: str) -> Path:
     """Return a local folder holding the model `name_or_path` (see module docstring)."""
     if not name_or_path:
@@ -170,17 +194,21 @@ def resolve(name_or_path: str) -> Path:
         if found is None:
             raise ResolveError(f"no packaged model {name_or_path!r}; known: {sorted(PACKAGED)}")
         return found
+    unresolved = hub_unresolvable()
     try:  # the HF cache answers offline too; the hub only when online
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name_or_path, local_files_only=_hub_offline()))
+        return Path(snapshot_download(name_or_path,
+                                      local_files_only=_hub_offline() or unresolved is not None))
     except Exception as e:  # noqa: BLE001 - any hub failure falls through to packaged copies
         hub_err = e
     packaged = _packaged(name_or_path)
     if packaged is not None:
         return packaged
+    where = ("cache" if _hub_offline() else
+             f"cache (the hub's host {unresolved} does not resolve here)" if unresolved else "cache or hub")
     raise ResolveError(
         f"cannot resolve model {name_or_path!r}: not a local folder, not in the Hugging Face "
-        f"cache{'' if _hub_offline() else ' or hub'} ({type(hub_err).__name__}), and no "
+        f"{where} ({type(hub_err).__name__}), and no "
         f"packaged offline copy is known for it (known: {sorted(PACKAGED)})"
     )
