@@ -28,7 +28,7 @@ from echox.infer.engine import (
     Final,
     TextDelta,
     check_max_audio_seconds,
-    load_question,
+    check_question,
 )
 from echox.model.generation import SamplingConfig
 
@@ -64,7 +64,7 @@ def check_inputs(args: argparse.Namespace, limit: float | None) -> None:
     """Check the spoken question (readable, complete, not too short or long) and that the
     answer can be written, so that a bad input fails at once, not after the model load."""
     if args.input is not None:
-        load_question(args.input, limit)
+        check_question(args.input, limit)
     out = Path(args.output or "answer.wav")
     if args.input is None and args.text is None:  # interactive: answer_1.wav, answer_2.wav, ...
         out = out.with_name(f"{out.stem}_1{out.suffix or '.wav'}")

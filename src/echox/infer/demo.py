@@ -29,7 +29,7 @@ from echox.infer.engine import (
     Segment,
     TextDelta,
     check_max_audio_seconds,
-    load_question,
+    check_question,
 )
 from echox.model.echox import EchoX
 from echox.vocoder.code_hifigan import CodeHiFiGAN, CodeHiFiGANConfig
@@ -61,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         folder = None
     limit = (question_limit(folder, args.max_audio_seconds) if folder is not None
              else args.max_audio_seconds)
-    load_question(question, limit)  # a bad or too long question fails before the load
+    check_question(question, limit)  # a bad or too long question fails before the load
     out = check_output_path(args.output)
     check_not_question(out, question)
     t0 = time.perf_counter()

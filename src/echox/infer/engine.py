@@ -36,6 +36,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from echox.audio import audio_info, check_question_length, load_audio
+from echox.audio import AudioWarning, audio_info, check_question_length, load_audio
 from echox.errors import AudioError, ConfigError, EngineClosedError, PromptError
 from echox.infer.bundle import Bundle
 from echox.infer.events import (
@@ -72,7 +73,7 @@ from echox.model.trigger import SegmentTrigger
 
 __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final", "LatencyStats",
            "Segment", "SegmentSpeech", "Session", "SpeechPiece", "TextDelta", "TurnState",
-           "load_question"]
+           "load_question", "check_question"]
 
 AudioInput = str | Path | bytes | np.ndarray | None
 
@@ -83,6 +84,14 @@ def check_max_audio_seconds(value: object) -> float:
             0 < value < float("inf")):
         raise ConfigError(f"--max-audio-seconds must be a number of seconds > 0, got {value!r}")
     return float(value)
+
+
+def check_question(audio: AudioInput, limit: float | None) -> None:
+    """`load_question`'s checks alone, before a slow model load; a silent question is warned
+    about once, when the turn loads it, not here too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AudioWarning)
+        load_question(audio, limit)
 
 
 def load_question(audio: AudioInput, limit: float | None, sr: int = 16000,
