@@ -296,10 +296,14 @@ def test_resume_on_other_data_is_said_and_the_old_data_stays_on_record(tmp_path,
     """--resume with another --data went on without a word, and recipe.json then named only
     the new manifest: what the first steps trained on was lost."""
     c, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 4, lr: 0.003, save_every: 1")
-    assert main([*run, "--stop-at", "2"]) == 0
+    assert main([*run, "--stop-at", "1"]) == 0
+    i = run.index("--data") + 1
+    with caplog.at_level("WARNING"):  # the same file, spelled otherwise: nothing to say
+        assert main([*run[:i], f"{c}/./tts.jsonl", *run[i + 1:], "--resume", "--stop-at", "2"]) == 0
+    assert "other data" not in " ".join(r.getMessage() for r in caplog.records)
+    caplog.clear()
     more = c / "tts_more.jsonl"
     more.write_text((c / "tts.jsonl").read_text() * 2)
-    i = run.index("--data") + 1
     with caplog.at_level("WARNING"):
         assert main([*run[:i], str(more), *run[i + 1:], "--resume"]) == 0
     msg = " ".join(r.getMessage() for r in caplog.records)

@@ -455,12 +455,21 @@ def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
     older = older if isinstance(older, list) else []
     if not isinstance(before, dict):
         return older
-    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now
+               if k in before and _spelled(before[k]) != _spelled(now[k])]
     if not changed:
         return older
     log.warning("--resume with other data than this run's (%s): the run goes on from its "
                 "place in the old data's batch order", "; ".join(changed))
     return [before, *older]
+
+
+def _spelled(value: Any) -> Any:
+    """A data setting with its paths normalised: `./data/x.jsonl` and `data//x.jsonl` name
+    the same file as `data/x.jsonl` (relative paths stay relative: the cwd may differ)."""
+    if isinstance(value, list):
+        return [_spelled(v) for v in value]
+    return os.path.normpath(value) if isinstance(value, str) and value else value
 
 
 def _stopped_line(res: TrainResult) -> str:
