@@ -857,6 +857,26 @@ def test_live_server_answers_a_client_that_half_closes_after_its_request(engine:
         assert got.startswith(b"HTTP/1.1 200") and b'"text"' in got, got[:200]
 
 
+def test_live_server_answers_malformed_http_with_the_api_error_body(engine: Engine) -> None:
+    """A request h11 cannot parse got uvicorn's plain-text 400; every other refusal is the
+    API's JSON error body, and clients parse that. The server goes on serving."""
+    import httpx
+
+    with live_guarded(create_app(engine, ServeConfig())) as addr:
+        host, port = addr.split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost x\r\n\r\n")  # a header without its colon
+            s.settimeout(10)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), got
+        err = json.loads(body)["error"]
+        assert err["status"] == 400 and err["code"] == "bad_http_request" and err["message"], err
+        assert httpx.get(f"http://{addr}/health").status_code == 200
+
+
 def test_live_server_logs_a_bad_utf8_frame_in_one_line(engine: Engine) -> None:
     """uvicorn logged each client's invalid UTF-8 text frame with a full traceback."""
     from websockets.exceptions import ConnectionClosed

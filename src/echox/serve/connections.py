@@ -15,6 +15,7 @@ after its request (end of input) still gets the answer.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import resource
 from typing import Any
@@ -87,6 +88,17 @@ def guarded_h11(header_timeout: float, max_open: int | None = None) -> type:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            # a request h11 cannot parse gets the API's JSON error body (uvicorn's is plain text)
+            body = json.dumps({"error": {"status": 400, "code": "bad_http_request",
+                                         "message": msg}}).encode()
+            self.transport.write(self.conn.send(h11.Response(status_code=400, reason=b"Bad Request", headers=[
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")])))
+            self.transport.write(self.conn.send(h11.Data(data=body)))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+            self.transport.close()
 
     return GuardedH11Protocol
 
