@@ -261,33 +261,6 @@ def test_validate_cli_reports_each_bad_line_once(tmp_path, capsys, caplog):
     assert printed.count(":2:") + printed.count("line 2") == 1, printed
 
 
-def test_validate_qa_files_as_eval_reads_them(tmp_path, capsys):
-    """`echox data validate --schema qa`: eval's question files had no check but a run, which
-    stops at the first bad line. Every bad line is reported, and a good file passes."""
-    from echox.cli import main
-
-    _wav(tmp_path / "q.wav", 0.5, 0)
-    good = [{"id": "a", "audio": "q.wav", "question": "Capital of Japan?", "answers": ["Tokyo"]},
-            {"id": "b", "question": "Colour of the sky?", "answer": "blue"},  # text mode: no audio
-            {"id": "c", "audio": "q.wav", "question": "Two?", "answers": [2]}]
-    p = tmp_path / "qa.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in good))
-    assert main(["data", "validate", str(p), "--schema", "qa"]) == 0
-    assert "3 record(s), 0 bad line(s), 2 audio file(s)" in capsys.readouterr().out
-    bad = [{"id": "d", "question": "No answer?"},
-           {"id": "e", "question": "Empty?", "answers": []},
-           {"id": "f", "question": 7, "answers": ["x"]},
-           {"id": "g", "audio": "gone.wav", "question": "Lost audio?", "answers": ["x"]},
-           {"id": "a", "question": "Again?", "answers": ["x"]}]
-    p.write_text(p.read_text() + "".join(json.dumps(r) + "\n" for r in bad) + "{oops\n")
-    assert main(["data", "validate", str(p), "--schema", "qa"]) == 1
-    out = capsys.readouterr().out
-    for line, says in ((4, "missing required key 'answers'"), (5, "holds no answer"),
-                       (6, "'question' must be a string"), (7, "gone.wav"), (8, "id 'a' again"),
-                       (9, "line 9")):
-        assert f"line {line}: " in out and says in out, (line, out)
-
-
 # ---------------------------------------------------------------- HF datasets
 
 

@@ -30,8 +30,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def validate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", nargs="+", help="JSONL manifest(s), or an EchoX-Dialogues data.json")
-    p.add_argument("--schema", choices=["asr", "tts", "dialogue", "qa"], default="dialogue",
-                   help="dialogue (Stage I/III), asr, tts (Stage II), or qa (the question files "
-                        "of `echox eval --benchmark local:PATH`)")
+    p.add_argument("--schema", choices=["asr", "tts", "dialogue"], default="dialogue")
     p.add_argument("--no-audio", action="store_true", help="skip the audio file checks")
     p.add_argument("--max-seconds", type=float, default=None, help="flag audio longer than this")

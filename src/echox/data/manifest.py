@@ -37,9 +37,9 @@ import numpy as np
 from echox.audio import audio_info, load_audio
 from echox.errors import AudioError, ManifestError
 from echox.fileio import atomic_open, json_lines
-from echox.model.prompt import Turn, is_unicode
+from echox.model.prompt import Turn
 
-__all__ = ["AudioRef", "AsrRecord", "TtsRecord", "DialogueMessage", "DialogueRecord", "QaRecord", "SCHEMAS",
+__all__ = ["AudioRef", "AsrRecord", "TtsRecord", "DialogueMessage", "DialogueRecord", "SCHEMAS",
            "ManifestReport", "ValidationReport", "read_jsonl", "iter_jsonl", "write_jsonl",
            "read_dialogues_json", "validate_manifest"]
 
@@ -276,52 +276,9 @@ class DialogueRecord:
         return turns
 
 
-@dataclass
-class QaRecord:
-    """A question, its accepted answers and (optionally) its spoken form: the QA JSONL that
-    `echox data build-tiny` writes (qa.jsonl) and `echox eval --benchmark local:PATH` reads.
-    The answers may be a list or one string, under `answers` or `answer`, as eval takes them."""
-
-    question: str
-    answers: list[str]
-    audio: AudioRef | None = None
-    id: str | None = None
-    kind: ClassVar[str] = "qa"
-
-    @classmethod
-    def from_json(cls, obj: Any, where: str) -> QaRecord:
-        obj = _as_object(obj, where)
-        question = _req_str(obj, "question", where)
-        if not is_unicode(question):
-            raise ManifestError(f"{where}: 'question' is not valid Unicode text (a lone "
-                                "surrogate code point, such as \\ud800)")
-        key = "answers" if "answers" in obj else "answer"
-        value = obj.get(key)
-        if value is None:
-            raise ManifestError(f"{where}: missing required key 'answers'")
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(
-                isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in value):
-            raise ManifestError(f"{where}: {key!r} must be a string or a list of strings")
-        answers = [str(a) for a in value]
-        if not any(a.strip() for a in answers):
-            raise ManifestError(f"{where}: {key!r} holds no answer")
-        return cls(question=question, answers=answers, audio=_opt_audio(obj, "audio", where, False),
-                   id=_opt_id(obj, where))
-
-    def to_json(self) -> dict[str, Any]:
-        return _drop_none({"id": self.id, "audio": _path_json(self.audio, f"record {self.id}"),
-                           "question": self.question, "answers": self.answers})
-
-    def audio_refs(self) -> list[AudioRef]:
-        return [] if self.audio is None else [self.audio]
-
-
-Record = Union[AsrRecord, TtsRecord, DialogueRecord, QaRecord]
-R = TypeVar("R", AsrRecord, TtsRecord, DialogueRecord, QaRecord)
-SCHEMAS: dict[str, type] = {"asr": AsrRecord, "tts": TtsRecord, "dialogue": DialogueRecord,
-                            "qa": QaRecord}
+Record = Union[AsrRecord, TtsRecord, DialogueRecord]
+R = TypeVar("R", AsrRecord, TtsRecord, DialogueRecord)
+SCHEMAS: dict[str, type] = {"asr": AsrRecord, "tts": TtsRecord, "dialogue": DialogueRecord}
 
 
 def _schema(schema: type[R] | str) -> type[R]:
