@@ -324,13 +324,18 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory, model: Any) -> Path:
     return save_bundle(tmp_path_factory.mktemp("bundle") / "tiny", model)
 
 
+def _model_option(mode: str, bundle_dir: Path) -> list[str]:
+    """text mode answers with a text LLM, s2t with a speech model (each refuses the other's)."""
+    return ["--llm", LLM] if mode == "text" else ["--model", str(bundle_dir)]
+
+
 @pytest.mark.parametrize("mode", ["text", "s2t"])
 def test_cli_batched_equals_one_at_a_time(tmp_path: Path, bench: str, bundle_dir: Path,
                                           mode: str) -> None:
     outs = {}
     for bs in ("1", "3"):
         out = tmp_path / f"bs{bs}"
-        assert main(["eval", "--mode", mode, "--llm", LLM, "--model", str(bundle_dir),
+        assert main(["eval", "--mode", mode, *_model_option(mode, bundle_dir),
                      "--benchmark", bench, "--out", str(out), "--max-new-tokens", "8",
                      "--batch-size", bs]) == 0
         outs[bs] = records(out / "items.jsonl")
@@ -345,7 +350,7 @@ def test_cli_text_beams(tmp_path: Path, bench: str, bundle_dir: Path, mode: str)
     for name, extra in (("greedy", []), ("b1", ["--text-beams", "3", "--batch-size", "1"]),
                         ("b3", ["--text-beams", "3", "--batch-size", "3"])):
         out = tmp_path / name
-        assert main(["eval", "--mode", mode, "--llm", LLM, "--model", str(bundle_dir),
+        assert main(["eval", "--mode", mode, *_model_option(mode, bundle_dir),
                      "--benchmark", bench, "--out", str(out), "--max-new-tokens", "8", *extra]) == 0
         outs[name] = [r["text"] for r in records(out / "items.jsonl")]
     assert outs["b3"] == outs["b1"]

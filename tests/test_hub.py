@@ -121,10 +121,11 @@ def test_a_hub_whose_name_does_not_resolve_is_not_retried(monkeypatch):
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")
     assert hub_unresolvable() == "huggingface.co"
-    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org/")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example.org:8443")
     assert hub_unresolvable() == "hub.example.org" and asked[-1] == "hub.example.org"
-    monkeypatch.delenv("HF_ENDPOINT")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")
 
     calls = []
 
@@ -136,9 +137,23 @@ def test_a_hub_whose_name_does_not_resolve_is_not_retried(monkeypatch):
     with pytest.raises(ResolveError, match="host huggingface.co does not resolve here"):
         resolve("nobody/no-model")
     assert calls == [True]  # the cache only: no request that would be retried
-    with pytest.raises(EvalError, match="host huggingface.co does not resolve here, and the "
-                                        "Hugging Face cache has no copy"):
+    # the benchmark is read from the cache alone: both libraries in offline mode, then as before
+    import datasets
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    seen = []
+
+    def load_dataset(name, split=None, **k):
+        seen.append((huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE))
+        raise ConnectionError(f"Couldn't reach {name!r} on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(EvalError, match="host huggingface.co does not resolve here, and it could "
+                                        "not be loaded from the Hugging Face cache"):
         open_benchmark("llama-questions")
+    assert seen == [(True, True)]
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE
 
     # behind a proxy the proxy resolves the name; offline mode asks nothing of the hub
     asked.clear()

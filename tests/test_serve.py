@@ -857,7 +857,7 @@ def test_live_server_answers_a_client_that_half_closes_after_its_request(engine:
         assert got.startswith(b"HTTP/1.1 200") and b'"text"' in got, got[:200]
 
 
-def test_live_server_answers_malformed_http_with_the_api_error_body(engine: Engine) -> None:
+def test_live_server_answers_malformed_http_with_the_api_error_body(engine: Engine, caplog: Any) -> None:
     """A request h11 cannot parse got uvicorn's plain-text 400; every other refusal is the
     API's JSON error body, and clients parse that. The server goes on serving."""
     import httpx
@@ -874,6 +874,17 @@ def test_live_server_answers_malformed_http_with_the_api_error_body(engine: Engi
         assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), got
         err = json.loads(body)["error"]
         assert err["status"] == 400 and err["code"] == "bad_http_request" and err["message"], err
+        assert httpx.get(f"http://{addr}/health").status_code == 200
+        # a bad chunked body after the app has answered (415, before reading it): no second
+        # answer can be sent; the connection is closed without asyncio's traceback
+        with caplog.at_level("ERROR"), socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            s.settimeout(10)
+            assert s.recv(4096).startswith(b"HTTP/1.1 415")
+            s.sendall(b"zz\r\nnot a chunk\r\n")
+            assert _closed_by_server(s, 5)
+        assert not [r for r in caplog.records if "data_received" in r.getMessage()], caplog.text
         assert httpx.get(f"http://{addr}/health").status_code == 200
 
 

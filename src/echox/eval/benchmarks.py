@@ -404,8 +404,8 @@ def _open_hub(schema: BenchmarkSchema, split: str | None) -> Any:
         with _cache_only(unresolved is not None):
             return datasets.load_dataset(schema.hub_id, split=split or schema.default_split)
     except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
-        where = (f"the hub's host {unresolved} does not resolve here, and the Hugging Face cache "
-                 "has no copy" if unresolved else "from the hub")
+        where = (f"the hub's host {unresolved} does not resolve here, and it could not be "
+                 "loaded from the Hugging Face cache" if unresolved else "from the hub")
         raise EvalError(
             f"cannot load {schema.hub_id}: {where} ({type(err).__name__}: {err}); "
             f"download it elsewhere and pass '{schema.name}=PATH' (a save_to_disk folder, "
@@ -416,7 +416,8 @@ def _open_hub(schema: BenchmarkSchema, split: str | None) -> Any:
 @contextlib.contextmanager
 def _cache_only(on: bool) -> Iterator[None]:
     """datasets and huggingface_hub in offline mode inside, as HF_HUB_OFFLINE=1 before their
-    import would set it: the cached copy at once, instead of about 27 s of retries first."""
+    import would set it: the cached copy at once, instead of about 27 s of retries first. The
+    flags are process-wide: a benchmark is opened by one thread at a time."""
     if not on:
         yield
         return

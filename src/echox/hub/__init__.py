@@ -160,19 +160,27 @@ def hub_unresolvable() -> str | None:
     huggingface_hub retries an unreachable hub five times with backoff, about 27 s, before it
     falls back to its cache or fails; a host that does not resolve answers no retry either, so
     callers go to the cache at once. Not checked in offline mode (nothing is asked of the hub)
-    or behind a proxy (the proxy resolves the name, not this machine).
+    or where a proxy serves the hub (the proxy resolves the name, not this machine).
     """
-    if _hub_offline() or any(os.environ.get(v) for v in (
-            "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if _hub_offline():
         return None
     import socket
     from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
 
-    host = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        from huggingface_hub.constants import ENDPOINT as endpoint
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlsplit(endpoint)
+    host = url.hostname
     if not host:
         return None
+    proxies = getproxies()  # the environment's, or the system's (macOS, Windows)
+    if (proxies.get(url.scheme) or proxies.get("all")) and not proxy_bypass(host):
+        return None
     try:
-        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+        socket.getaddrinfo(host, url.port or 443, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return host
     return None

@@ -14,13 +14,18 @@ from collections.abc import Iterator
 
 @contextlib.contextmanager
 def no_loading_bar() -> Iterator[None]:
-    """transformers' progress bars off inside, back as they were after."""
+    """transformers' own progress bars off inside, back as they were after. Only its flag is
+    touched: `transformers.utils.logging.disable_progress_bar` would also reset
+    huggingface_hub's bar settings, which a user may have set. The flag is process-wide:
+    loads are not run from several threads at once."""
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    if not hasattr(hf_logging, "_tqdm_active"):  # another transformers: its bar stays
+        yield
+        return
+    was = hf_logging._tqdm_active
+    hf_logging._tqdm_active = False
     try:
         yield
     finally:
-        if was:
-            hf_logging.enable_progress_bar()
+        hf_logging._tqdm_active = was

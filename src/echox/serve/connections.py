@@ -90,14 +90,24 @@ def guarded_h11(header_timeout: float, max_open: int | None = None) -> type:
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
-            # a request h11 cannot parse gets the API's JSON error body (uvicorn's is plain text)
+            # a request h11 cannot parse gets the API's JSON error body (uvicorn's is plain
+            # text). Where no response can be sent any more (the app has answered, a HEAD
+            # request takes no body), the connection is closed: uvicorn raised there, and
+            # asyncio logged a traceback for each such client.
             body = json.dumps({"error": {"status": 400, "code": "bad_http_request",
                                          "message": msg}}).encode()
-            self.transport.write(self.conn.send(h11.Response(status_code=400, reason=b"Bad Request", headers=[
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close")])))
-            self.transport.write(self.conn.send(h11.Data(data=body)))
-            self.transport.write(self.conn.send(h11.EndOfMessage()))
+            try:
+                if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                    raise h11.LocalProtocolError("a response was sent already")
+                out = [self.conn.send(h11.Response(status_code=400, reason=b"Bad Request", headers=[
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]))]
+                out += [self.conn.send(h11.Data(data=body)), self.conn.send(h11.EndOfMessage())]
+            except h11.LocalProtocolError:
+                out = []
+            for chunk in out:
+                if chunk:
+                    self.transport.write(chunk)
             self.transport.close()
 
     return GuardedH11Protocol
