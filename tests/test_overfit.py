@@ -80,7 +80,7 @@ def test_echo_den_reduction_follows_the_config(make_model):
     for red in ("sum", "mean"):
         m = make_model([f"loss.den_reduction={red}"])
         m.eval()
-        den[red] = float(m.forward_echo(_s2t_batch(m), units).den)
+        den[red] = float(m.forward_echo(_s2t_batch(m), units).den.detach())
     texts = [m.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Paris.", "Blue is a color.")]
     tokens = sum(len(t) for t in texts)
     assert den["sum"] == pytest.approx(den["mean"] * tokens / 2, rel=1e-4)  # 2 segments
