@@ -48,7 +48,7 @@ from echox.errors import DataBuildError
 from echox.fileio import check_out_path, is_file_name, json_lines, json_objects, open_to_append
 from echox.hub import resolve
 from echox.model.generation import SamplingConfig, cache_kwargs, guard_repetition
-from echox.model.hf import no_loading_bar
+from echox.hub.bars import no_loading_bar
 
 __all__ = [
     "DEFAULT_QUESTIONS", "DEFAULT_SYSTEM_PROMPT", "QAQuestion", "Split",

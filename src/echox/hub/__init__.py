@@ -22,6 +22,7 @@ import torch
 
 from echox.errors import ResolveError
 from echox.fileio import atomic_dir
+from echox.hub.bars import no_loading_bar
 from echox.hub.cache import cache_dir
 from echox.hub.packaged import PACKAGED
 
@@ -130,18 +131,11 @@ def _materialise_builtin(name: str) -> Path:
     dst = cache_dir() / "builtin" / name
     if (dst / "config.json").is_file():
         return dst
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a test model of a few kB: no "Writing model shards" bar
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1234)
-            with atomic_dir(dst) as tmp:
-                BUILTINS[name](tmp)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    # a test model of a few kB: no "Writing model shards" bar
+    with no_loading_bar(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        with atomic_dir(dst) as tmp:
+            BUILTINS[name](tmp)
     return dst
 
 

@@ -15,7 +15,7 @@ from echox.audio import load_audio
 from echox.errors import CheckpointError
 from echox.hub import resolve
 from echox.hub.whisper_ct2 import packaged_whisper_tiny_en
-from echox.model.hf import no_loading_bar
+from echox.hub.bars import no_loading_bar
 
 
 class ASR(Protocol):

@@ -12,7 +12,7 @@ from torch import nn
 from echox.config import LLMConfig
 from echox.errors import CheckpointError, ConfigError, loading
 from echox.model.generation import cache_kwargs, output_cache
-from echox.model.hf import no_loading_bar
+from echox.hub.bars import no_loading_bar
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -35,7 +35,7 @@ from echox.fileio import atomic_write_text
 from echox.hub import resolve
 from echox.model.checkpoint import sha256_file
 from echox.model.encoder import LogMelFrontEnd, WhisperSpeechEncoder
-from echox.model.hf import no_loading_bar
+from echox.hub.bars import no_loading_bar
 from echox.units.kmeans import UnitKMeans, dedup_with_counts
 
 __all__ = [

@@ -1,9 +1,10 @@
-"""transformers' loading bar, off while EchoX reads a local folder.
+"""transformers' progress bars, off while EchoX reads or writes a local folder.
 
-transformers 5 draws a "Loading weights" bar for every model it reads. EchoX hands
-`from_pretrained` local folders only (`echox.hub.resolve` downloads first), which load in about a
-second, so the bar is only noise: in a log it is hundreds of carriage-return lines. Downloads
-happen before, in `resolve`, and keep their bars.
+transformers 5 draws a "Loading weights" bar for every model it reads (and a "Writing model
+shards" bar for every one it saves). EchoX hands `from_pretrained` local folders only
+(`echox.hub.resolve` downloads first), which load in about a second, so the bar is only noise:
+in a log it is hundreds of carriage-return lines. Downloads happen before, in `resolve`, and
+keep their bars.
 """
 
 from __future__ import annotations
