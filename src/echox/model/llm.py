@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,16 @@ class LLM(nn.Module):
                     n == t or n.endswith("." + t) for t in targets for n in names):
                 raise ConfigError(f"llm.lora.target_modules: none of {targets} names a module "
                                   f"of the LLM in {folder}")  # (peft's error, a traceback)
-            model = get_peft_model(
-                model,
-                PeftLoraConfig(
-                    r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                    target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
-                ),
-            )
+            with warnings.catch_warnings():  # peft reads a property transformers deprecated
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                        FutureWarning)
+                model = get_peft_model(
+                    model,
+                    PeftLoraConfig(
+                        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                        target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
+                    ),
+                )
             for n, p in model.named_parameters():
                 p.requires_grad_(cfg.trainable and "lora_" in n)
         else:
