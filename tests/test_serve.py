@@ -919,6 +919,35 @@ def test_live_server_logs_a_bad_utf8_frame_in_one_line(engine: Engine) -> None:
     assert bad and all(r.exc_info is None for r in bad)
 
 
+def test_live_server_stopping_mid_upload_logs_one_line(engine: Engine) -> None:
+    """A body still arriving at shutdown: uvicorn cancels its request after the graceful
+    timeout and logged the cancellation with the handler's whole stack, as a failure."""
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    keep = Keep()
+    logger = logging.getLogger("uvicorn.error")  # after the start: uvicorn's config resets it
+    try:
+        with live_guarded(create_app(engine, ServeConfig()), timeout_graceful_shutdown=1) as addr:
+            logger.addHandler(keep)
+            host, port = addr.split(":")
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: " + addr.encode() + b"\r\n"
+                         b"Content-Type: audio/wav\r\nContent-Length: 100000\r\n\r\nRIFF")
+            time.sleep(0.5)  # the handler is waiting for the rest of the body
+        sock.close()
+    finally:
+        logger.removeHandler(keep)
+    said = [r.getMessage() for r in keep.records]
+    assert "a request still running at shutdown was cancelled" in said, said
+    assert not [r for r in keep.records if r.exc_info], said
+
+
 SIGNAL_SERVER = """
 import contextlib, os, signal, sys, threading, time
 import echox.serve.cli as scli

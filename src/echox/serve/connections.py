@@ -114,12 +114,21 @@ def guarded_h11(header_timeout: float, max_open: int | None = None) -> type:
 
 
 class ClientErrorsInOneLine(logging.Filter):
-    """uvicorn logs a client's invalid UTF-8 WebSocket text with a full traceback (its own
-    error, answered with close code 1007): any client could fill the log with them. The
-    record is kept, its traceback dropped."""
+    """Two of uvicorn's records in one line, without their tracebacks:
+
+    - a client's invalid UTF-8 WebSocket text (uvicorn's own error, answered with close code
+      1007): any client could fill the log with them;
+    - a request still running when the server stops (an upload half sent, a long answer):
+      uvicorn cancels it once the graceful shutdown times out, and logged the cancellation as
+      an "Exception in ASGI application" with the handler's whole stack, as if it had failed.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and str(record.msg).startswith("Invalid UTF-8"):
+            record.exc_info, record.exc_text = None, None
+        elif (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError)
+              and str(record.msg).startswith("Exception in ASGI application")):
+            record.msg, record.args = "a request still running at shutdown was cancelled", ()
             record.exc_info, record.exc_text = None, None
         return True
 
