@@ -141,13 +141,11 @@ class Workload:
 def build_parts(cfg: EchoXConfig, dtype_all: torch.dtype | None = None) -> dict[str, nn.Module]:
     """EchoX's parts as `EchoX.build` makes them, on the meta device. `dtype_all` casts every
     part (activation counts under bf16 compute)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     from echox.model.denoiser import DenoisingAdapter
-    from echox.model.llm import _DTYPES, _fit_vocab
+    from echox.model.llm import _DTYPES, _fit_vocab, with_lora
     from echox.model.speech_adapter import SpeechAdapter
     from echox.model.unit_decoder import UnitDecoder
 
@@ -161,10 +159,7 @@ def build_parts(cfg: EchoXConfig, dtype_all: torch.dtype | None = None) -> dict[
         llm = LlamaForCausalLM(LlamaConfig(**lc)).to(_DTYPES[cfg.llm.dtype])
         _fit_vocab(llm, lc["vocab_size"] + ADDED_TOKENS)
         llm.requires_grad_(False)
-        lo = cfg.llm.lora
-        llm = get_peft_model(llm, PeftLoraConfig(
-            r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-            target_modules=list(lo.target_modules), task_type="CAUSAL_LM"))
+        llm = with_lora(llm, cfg.llm.lora)
         d, v = lc["hidden_size"], lc["vocab_size"] + ADDED_TOKENS
         a = cfg.adapter
         tied = llm.get_base_model().get_output_embeddings() if a.ctc_head == "tied" else None

@@ -523,6 +523,20 @@ def test_allowed_origins_get_cors_headers_and_preflight_answers(engine: Engine) 
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
+def test_refused_preflights_get_the_api_error_body(engine: Engine) -> None:
+    """Starlette answered a refused preflight with a plain-text 400 ("Disallowed CORS
+    origin"); every other refusal is the API's JSON error body."""
+    page = "https://app.example"
+    with client(engine, allow_origins=(page,)) as c:
+        r = c.options("/v1/chat", headers={"Origin": "https://evil.example",
+                                           "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin", r.text
+        r = c.options("/v1/chat", headers={"Origin": page, "Access-Control-Request-Method": "DELETE"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", r.text
+        assert "method" in r.json()["error"]["message"]
+        assert r.headers["access-control-allow-origin"] == page  # the page can read why
+
+
 def test_busy_queue_cancel_and_disconnect_free_the_worker(engine: Engine) -> None:
     slow = EndlessEngine(engine)
     with client(slow, workers=1, queue_size=1) as c:
@@ -837,24 +851,37 @@ def test_live_server_closes_connections_whose_headers_never_come(engine: Engine)
         wait_until(lambda: httpx.get(f"http://{addr}/health").status_code == 200, 10)
 
 
-def test_live_server_answers_a_client_that_half_closes_after_its_request(engine: Engine) -> None:
-    """`nc -N` and some proxies shut their sending side once the request is sent: the
-    connection was closed at once, with no answer and nothing logged."""
-    with live_guarded(create_app(engine, ServeConfig())) as addr:
+def test_live_server_frees_the_worker_of_a_client_that_closes(engine: Engine) -> None:
+    """A client that closes its connection in the ordinary way (a FIN: `curl -m`, a request
+    timeout, an aborted fetch) mid-answer frees its worker at once, as a reset one does. The
+    server took the FIN for a half-close and answered to the end (turn_timeout at worst)."""
+    import httpx
+
+    slow = EndlessEngine(engine)
+    with live_guarded(create_app(slow, ServeConfig(workers=1, queue_size=0))) as addr:
         host, port = addr.split(":")
-        body = b'{"text": "hi"}'
+        body = b'{"text": "forever"}'
         with socket.create_connection((host, int(port))) as s:
             s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            s.shutdown(socket.SHUT_WR)
-            s.settimeout(120)
-            got = b""
-            while not got.startswith(b"HTTP/1.1 200") or b'"text"' not in got:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
-        assert got.startswith(b"HTTP/1.1 200") and b'"text"' in got, got[:200]
+            assert slow.started.wait(10)
+        assert slow.closed.wait(3)
+        wait_until(lambda: httpx.get(f"http://{addr}/health").json()["running"] == 0, 3)
+        assert httpx.get(f"http://{addr}/health").json()["stopped"] == 1
+
+
+def test_live_server_frees_the_reading_place_of_a_client_that_closes_mid_upload(engine: Engine) -> None:
+    """Closed (a FIN) with its body half sent: the place stayed held, and other requests got
+    503 busy, until the upload timeout (60 s by default) ran out."""
+    import httpx
+
+    with live_guarded(create_app(engine, ServeConfig(queue_size=0))) as addr:
+        host, port = addr.split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+                      b"Content-Length: 100000\r\n\r\nRIFF")
+            wait_until(lambda: httpx.get(f"http://{addr}/health").json()["reading"] == 1, 5)
+        wait_until(lambda: httpx.get(f"http://{addr}/health").json()["reading"] == 0, 3)
 
 
 def test_live_server_answers_malformed_http_with_the_api_error_body(engine: Engine, caplog: Any) -> None:
@@ -917,6 +944,32 @@ def test_live_server_logs_a_bad_utf8_frame_in_one_line(engine: Engine) -> None:
             logger.removeHandler(keep)
     bad = [r for r in keep.records if "Invalid UTF-8" in r.getMessage()]
     assert bad and all(r.exc_info is None for r in bad)
+
+
+def test_live_server_answers_head_like_get_without_a_body(engine: Engine) -> None:
+    """HEAD (monitors, `curl -I`) got 405 on /, /health and /v1/models."""
+    import httpx
+
+    with live_guarded(create_app(engine, ServeConfig())) as addr:
+        for path in ("/", "/health", "/v1/models", "/static/app.js"):
+            got, head = httpx.get(f"http://{addr}{path}"), httpx.head(f"http://{addr}{path}")
+            assert head.status_code == got.status_code == 200, (path, head.status_code)
+            assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_live_server_closes_the_connection_after_an_upload_timeout(engine: Engine) -> None:
+    """The 408 left the connection open with the rest of the body unread, and said nothing
+    of closing it."""
+    with live_guarded(create_app(engine, ServeConfig(upload_timeout=1))) as addr:
+        host, port = addr.split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+                      b"Content-Length: 100000\r\n\r\nRIFF")
+            s.settimeout(10)
+            got = s.recv(65536)
+            assert got.startswith(b"HTTP/1.1 408") and b"upload_timeout" in got, got[:300]
+            assert b"\r\nconnection: close\r\n" in got.lower(), got[:300]
+            assert _closed_by_server(s, 3)
 
 
 def test_live_server_stopping_mid_upload_logs_one_line(engine: Engine) -> None:

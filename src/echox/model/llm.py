@@ -25,6 +25,20 @@ class LLMOutput:
     past_key_values: Any = None  # the KV cache (transformers' `cache`) when use_cache
 
 
+def with_lora(model: Any, lora: Any) -> Any:
+    """`model` (a transformers causal LM) wrapped by peft in the LoRA layers `lora` (an
+    `LLMConfig.lora`) names. peft reads a property transformers has deprecated while it wraps;
+    that FutureWarning is silenced here, where every user of the Python API saw it."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
 def load_tokenizer(folder: str | Path, audio_token: str):
     """The LLM's tokenizer with the audio placeholder added as one special token."""
     from transformers import AutoTokenizer
@@ -81,25 +95,13 @@ class LLM(nn.Module):
                                       f"{rows} embedding rows and {cfg.audio_token!r} is token {audio_id}")
         model.requires_grad_(False)
         if cfg.use_lora:
-            from peft import LoraConfig as PeftLoraConfig
-            from peft import get_peft_model
-
             targets = list(cfg.lora.target_modules)
             names = [n for n, _ in model.named_modules()]
             if not any(
                     n == t or n.endswith("." + t) for t in targets for n in names):
                 raise ConfigError(f"llm.lora.target_modules: none of {targets} names a module "
                                   f"of the LLM in {folder}")  # (peft's error, a traceback)
-            with warnings.catch_warnings():  # peft reads a property transformers deprecated
-                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
-                                        FutureWarning)
-                model = get_peft_model(
-                    model,
-                    PeftLoraConfig(
-                        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                        target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
-                    ),
-                )
+            model = with_lora(model, cfg.lora)
             for n, p in model.named_parameters():
                 p.requires_grad_(cfg.trainable and "lora_" in n)
         else:

@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import Headers, UploadFile
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
@@ -165,8 +166,32 @@ def _direct_host(host: str) -> bool:
     return True
 
 
+def _forbidden_origin(origin: str) -> ApiError:
+    return ApiError(403, "forbidden_origin", f"requests from origin {origin} are not allowed "
+                    "(start the server with --allow-origin to allow it)")
+
+
+class _JsonCORS(CORSMiddleware):
+    """Starlette's CORS, whose refused preflights (plain-text 400s) get the API's JSON error
+    body: 403 `forbidden_origin` for another origin, 400 `bad_request` for a method or header
+    the API does not take."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        r = super().preflight_response(request_headers)
+        if r.status_code < 400:
+            return r
+        refused = bytes(r.body).decode().removeprefix("Disallowed CORS ").split(", ")
+        kept = {k: v for k, v in r.headers.items() if k.lower() not in ("content-length", "content-type")}
+        e = (_forbidden_origin(request_headers["origin"]) if "origin" in refused else ApiError(
+            400, "bad_request", f"CORS preflight: the requested {' and '.join(refused)} is not "
+            "allowed (methods GET and POST; headers Authorization and Content-Type)"))
+        return JSONResponse({"error": e.body()}, status_code=e.status, headers=kept)
+
+
 def _error_response(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else {}
+    if e.code == "upload_timeout":  # the rest of the body may still come: not a next request
+        headers["Connection"] = "close"
     return JSONResponse({"error": e.body()}, status_code=e.status, headers=headers)
 
 
@@ -216,8 +241,7 @@ class _State:
         if netloc is not None and netloc.lower() == host and (self.cfg.token is not None
                                                               or _direct_host(host)):
             return
-        raise ApiError(403, "forbidden_origin", f"requests from origin {origin} are not allowed "
-                       "(start the server with --allow-origin to allow it)")
+        raise _forbidden_origin(origin)
 
     def check_token(self, headers: Headers, other: str | None = None) -> None:
         """`Authorization: Bearer TOKEN`, else `other` (a WebSocket's subprotocol or ?token=)."""
@@ -366,7 +390,7 @@ class _Conversation:
                            "send audio as binary frames")
         try:
             msg = json.loads(raw)
-        except (ValueError, RecursionError):  # ValueError: also a number of 4300+ digits
+        except (ValueError, RecursionError):  # ValueError: also a number of 4301+ digits
             raise ApiError(400, "bad_message", "text messages must be JSON objects with a "
                            "\"type\"; this one is not JSON (or holds a number too long to "
                            "read)") from None
@@ -514,7 +538,7 @@ def _check_length(request: Request, limit: int) -> None:
         if not (length.isascii() and length.isdigit()):
             raise ApiError(400, "bad_request", f"bad Content-Length {shown(length)}")
         digits = length.lstrip("0") or "0"
-        if len(digits) > 18 or int(digits) > limit:  # (int() refuses 4300+ digits)
+        if len(digits) > 18 or int(digits) > limit:  # (int() refuses 4301+ digits)
             size = digits if len(digits) <= 18 else "over 10^18"
             raise ApiError(413, "too_large", f"the request is {size} bytes, over the limit "
                            f"of {limit} bytes")
@@ -618,14 +642,14 @@ async def _chat_inputs(request: Request, st: _State, ctype: str, body_limit: int
         if isinstance(history, str):
             try:
                 history = json.loads(history)
-            except (ValueError, RecursionError):  # ValueError: also a number of 4300+ digits
+            except (ValueError, RecursionError):  # ValueError: also a number of 4301+ digits
                 raise ApiError(400, "bad_request", "history must be JSON") from None
         return audio, form.get("text"), history, form.get("return_audio")
     if ctype == "application/json":
         body = await _read_body(request, body_limit)
         try:  # a large one (base64 audio) is parsed off the event loop, which serves everyone
             data = json.loads(body) if len(body) < 256 * 1024 else await asyncio.to_thread(json.loads, body)
-        except (ValueError, RecursionError):  # also bad UTF-8, or a number of 4300+ digits
+        except (ValueError, RecursionError):  # also bad UTF-8, or a number of 4301+ digits
             raise ApiError(400, "bad_request", "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "bad_request", "the JSON body must be an object")
@@ -669,9 +693,7 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
                   lifespan=lifespan)
     app.state.echox = st
     if cfg.allow_origins:  # pages of these origins may read the HTTP API too (CORS, preflight)
-        from starlette.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allow_origins),
+        app.add_middleware(_JsonCORS, allow_origins=list(cfg.allow_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
                            max_age=600)
 
@@ -696,7 +718,7 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
         st.check_origin(request.headers)
         st.check_token(request.headers)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
         rss, peak = _rss_mb()
         return {"status": "ok", "model": st.model_id,
@@ -704,7 +726,7 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
                 "connections": st.connections, **st.gate.stats(),
                 "rss_mb": None if rss is None else round(rss, 1), "peak_rss_mb": round(peak, 1)}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> dict[str, Any]:
         guard(request)
         return {"object": "list", "data": [st.info()]}
@@ -802,7 +824,7 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
         finally:
             st.connections -= 1
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html",
                             headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache",

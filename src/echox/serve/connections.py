@@ -77,14 +77,6 @@ def guarded_h11(header_timeout: float, max_open: int | None = None) -> type:
             if self._deadline is None and not self.transport.is_closing():
                 self._arm()  # the next request on this connection gets the same time
 
-        def eof_received(self) -> bool | None:
-            # a client that sends its request and then shuts its sending side (`nc -N`, some
-            # proxies) still reads the answer: the transport stays open until it is written
-            # (uvicorn let asyncio close it at once: no answer, nothing logged)
-            if self.cycle is not None and not self.cycle.response_complete:
-                return True
-            return None
-
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
