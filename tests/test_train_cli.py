@@ -281,6 +281,35 @@ def test_resume_survives_a_damaged_last_checkpoint_and_refuses_another_stage(tmp
         assert "cannot resume" in _one_error_line(capsys), bad
 
 
+def test_a_refused_resume_leaves_the_run_record_as_it_was(tmp_path, capsys):
+    """recipe.json was written before the checkpoint was read: a resume refused (another
+    stage, a changed model) still recorded the refused settings as the run's."""
+    c, recipe, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 3, lr: 0.003, save_every: 1")
+    assert main([*run, "--stop-at", "2"]) == 0
+    record = (tmp_path / "t2c" / "recipe.json").read_text()
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--out", str(tmp_path / "t2c"), "--resume"]) == 2
+    assert "checkpoint of stage t2c" in _one_error_line(capsys)
+    assert main([*run, "--resume", "--set", "model.t2c.intermediate_size=48", "--max-steps", "50"]) == 2
+    _one_error_line(capsys)
+    assert (tmp_path / "t2c" / "recipe.json").read_text() == record
+
+
+def test_resume_without_a_recipe_goes_on_with_the_runs_own(tmp_path, capsys):
+    """--resume without --recipe built the default model (`tiny`), then failed on a checkpoint
+    that "does not fit", and recorded `model: tiny` as the run's."""
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 3, lr: 0.003, save_every: 1")
+    assert main([*run, "--stop-at", "2"]) == 0
+    capsys.readouterr()
+    i = run.index("--recipe")
+    assert main([*run[:i], *run[i + 2:], "--resume"]) == 0
+    assert "the run's own recipe" in capsys.readouterr().err
+    recipe = json.loads((tmp_path / "t2c" / "recipe.json").read_text())
+    assert recipe["model"] == "tiny-random" and recipe["train"]["max_steps"] == 3
+    steps = [json.loads(x)["step"] for x in (tmp_path / "t2c" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_resume_names_settings_that_differ_from_the_checkpoint(tmp_path, caplog):
     """A resumed run given another lr keeps the checkpoint's (its optimizer holds it): said in
     a warning, with the other changed settings."""

@@ -48,7 +48,7 @@ from echox.data.manifest import (
 )
 from echox.data.s2t_mix import ASR_PROMPT
 from echox.errors import ConfigError, ManifestError
-from echox.fileio import atomic_write_text, check_out_path, folder_config
+from echox.fileio import atomic_write_text, check_out_path, folder_config, read_json_object
 from echox.hub import cache_dir
 from echox.signals import handled
 from echox.train import stages
@@ -94,12 +94,14 @@ STAGE_SECTIONS: dict[str, type | None] = {"model": None, "overrides": None, "tra
 
 
 def load_stage_recipe(path: str | None, sets: list[str], override: str | None = None,
-                      stage: str = "s2t") -> dict[str, Any]:
+                      stage: str = "s2t", recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     """A stage recipe (see the module docstring) through `echox.config.load_recipe`:
-    {"model": name or YAML, "overrides": [...], "train": TrainConfig, "data": StageData}."""
-    recipe = load_recipe(path, STAGE_SECTIONS, override=override, sets=sets,
-                         defaults={"model": "tiny", "overrides": [],
-                                   "train": {"stage": stage, "output_dir": f"runs/{stage}"}},
+    {"model": name or YAML, "overrides": [...], "train": TrainConfig, "data": StageData}.
+    `recorded` (a run's recipe.json) replaces the defaults under the file, the override and
+    the sets."""
+    defaults = ({k: recorded[k] for k in STAGE_SECTIONS if k in recorded} if recorded is not None else
+                {"model": "tiny", "overrides": [], "train": {"stage": stage, "output_dir": f"runs/{stage}"}})
+    recipe = load_recipe(path, STAGE_SECTIONS, override=override, sets=sets, defaults=defaults,
                          set_as_overrides={"model": "overrides"})
     ovs = recipe["overrides"]
     if ovs is not None and (not isinstance(ovs, list) or not all(isinstance(o, str) for o in ovs)):
@@ -480,10 +482,24 @@ def _stopped_line(res: TrainResult) -> str:
             f"the last checkpoint is step {step}: resume with --resume")
 
 
+def _recorded_recipe(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--resume` of an `--out` run without `--recipe`: the recipe the run recorded (its
+    recipe.json), so it goes on as it was started rather than with the default model."""
+    if args.resume is None or args.recipe or not args.output_dir:
+        return None
+    path = Path(args.output_dir) / "recipe.json"
+    if not path.is_file():
+        return None
+    recorded = read_json_object(path, ConfigError, "the run's recipe")
+    print(f"echox: --resume without --recipe: the run's own recipe ({path})", file=sys.stderr)
+    return recorded
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.data is not None:  # one manifest (a string, as every stage takes) or several
         args.data = args.data[0] if len(args.data) == 1 else list(args.data)
-    recipe = load_stage_recipe(args.recipe, args.set or [], args.override, args.stage)
+    recorded = _recorded_recipe(args)
+    recipe = load_stage_recipe(args.recipe, args.set or [], args.override, args.stage, recorded)
     if args.data:
         recipe["data"].train = args.data
     if args.eval_data:
@@ -526,12 +542,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_now = json.loads(json.dumps(asdict(recipe["data"]), default=str))
-    before = _data_before(out / "recipe.json", data_now) if args.resume is not None else []
-    atomic_write_text(out / "recipe.json", json.dumps(
-        {**recipe, "train": asdict(cfg), "data": data_now, **({"data_before": before} if before else {})},
-        indent=2, default=str))
+
+    def record() -> None:  # once the run starts: a refused --resume leaves the run's record as it was
+        before = _data_before(out / "recipe.json", data_now) if args.resume is not None else []
+        atomic_write_text(out / "recipe.json", json.dumps(
+            {**recipe, "train": asdict(cfg), "data": data_now, **({"data_before": before} if before else {})},
+            indent=2, default=str))
+
     with handled((signal.SIGINT, signal.SIGTERM), trainer.request_stop):
-        res = trainer.train(resume=args.resume, stop_at=args.stop_at)
+        res = trainer.train(resume=args.resume, stop_at=args.stop_at, on_start=record)
     # a multi-process run's process group is destroyed before exit: left to the interpreter's
     # teardown, gloo's threads could abort a rank ("terminate called without an active exception")
     trainer.acc.wait_for_everyone()  # every rank out of its last collective before any destroys

@@ -655,8 +655,12 @@ class Trainer:
         got = torch.tensor([self.stop_signal], device=self.acc.device)
         return int(self.acc.gather(got).max())
 
-    def train(self, resume: str | Path | None = None, stop_at: int | None = None) -> TrainResult:
-        """Run to `max_steps`, or pause after step `stop_at` (saved there: `resume` goes on)."""
+    def train(self, resume: str | Path | None = None, stop_at: int | None = None,
+              on_start: Callable[[], None] | None = None) -> TrainResult:
+        """Run to `max_steps`, or pause after step `stop_at` (saved there: `resume` goes on).
+
+        `on_start` runs once the run can start: after `resume` was loaded, before the first
+        step (`echox train` records the run's recipe there, so a refused resume changes nothing)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -674,6 +678,8 @@ class Trainer:
             check_no_checkpoints(self.out)
         else:
             self._resume(resume)
+        if on_start is not None:
+            on_start()
         if self.step == 0:  # rows of an earlier run here that was stopped before a checkpoint
             self._drop_metrics_after(0)
         if self.acc.is_main_process:
