@@ -436,7 +436,10 @@ def test_unit_language_tokens_are_split_into_units(bundle: Bundle, tmp_path: Pat
         speech = eng.synthesize_segment(h)
     assert speech.units == lang.decode(speech.tokens) and len(speech.units) >= len(speech.tokens)
     assert speech.audio.size > 0
-    out = save_bundle(tmp_path / "with_lang", bundle.model, bundle.vocoder, lang)
+    # a language over 30 units beside a vocoder of 50: two k-means, garbled speech
+    with pytest.raises(CheckpointError, match="different k-means"):
+        save_bundle(tmp_path / "mixed", bundle.model, bundle.vocoder, lang)
+    out = save_bundle(tmp_path / "with_lang", bundle.model, bundle.vocoder, UnitLanguage.identity(50))
     assert load_bundle(out).unit_language.vocab_size == 50
     small = Bundle(bundle.model, bundle.vocoder, UnitLanguage.identity(20))
     assert small.units([3, 25, 19, 49]) == [3, 19]  # ids past the language are unused rows
@@ -524,11 +527,7 @@ def test_echox_bundle_never_replaces_unasked(bundle: Bundle, tmp_path: Path,
     from echox.cli import main
     from echox.units.language import UnitLanguage
 
-    rng = np.random.default_rng(0)
-    motifs = [rng.integers(0, 30, size=4).tolist() for _ in range(12)]
-    seqs = [[u for j in rng.integers(0, 12, size=6) for u in motifs[j]] for _ in range(200)]
-    bundle_dir = save_bundle(tmp_path / "src", bundle.model, bundle.vocoder,
-                             UnitLanguage.train(seqs, num_units=30, vocab_size=50))
+    bundle_dir = save_bundle(tmp_path / "src", bundle.model, bundle.vocoder, UnitLanguage.identity(50))
 
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -259,6 +259,11 @@ def check_bundle(bundle: Bundle) -> None:
     if voc_units is not None and voc_units < n_units:
         raise CheckpointError(f"{where}: the model makes {n_units} distinct units but the vocoder "
                           f"only knows {voc_units}")
+    if voc_units is not None and bundle.unit_language is not None and voc_units != n_units:
+        # unit ids of another k-means: every id names another sound (garbled speech)
+        raise CheckpointError(f"{where}: the unit language is over {n_units} units but the vocoder "
+                              f"was trained on {voc_units}: they come from different k-means "
+                              "(give the vocoder trained on the unit language's units)")
 
 
 def _vocoder_units(vocoder: Vocoder | None) -> int | None:
