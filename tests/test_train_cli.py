@@ -10,6 +10,7 @@ import torch
 import soundfile as sf
 
 from echox.cli import main
+from echox.errors import CheckpointError
 from echox.train.trainer import Trainer
 
 
@@ -279,6 +280,65 @@ def test_resume_survives_a_damaged_last_checkpoint_and_refuses_another_stage(tmp
         (folder / CHECKSUMS).write_text(json.dumps(sums))
         assert main([*run[:-1], str(tmp_path / f"run{i}"), "--resume", str(folder)]) == 2, bad
         assert "cannot resume" in _one_error_line(capsys), bad
+
+
+def test_the_unit_language_a_decoder_learned_is_recorded_and_checked(tmp_path, capsys):
+    """Nothing recorded which unit language a T2C was trained on: a run that went on from it
+    (Stage III's gold units, a Stage II continuation) without `data.unit_language`, or with
+    another one, trained on raw unit ids or on another language's ids without a word, and a
+    bundle could pair the decoder with any language."""
+    from echox.infer.bundle import Bundle, check_bundle
+    from echox.model.echox import EchoX
+    from echox.units.language import UnitLanguage
+
+    c, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 1, lr: 0.003")
+    recipe = tmp_path / "r60.yaml"  # room for 10 merged tokens over the 50 units
+    recipe.write_text("model: tiny-random\noverrides: [t2c.unit_vocab_size=60]\n"
+                      "train: {batch_size: 2, max_steps: 1, lr: 0.003}\n")
+    rng = np.random.default_rng(0)
+    motifs = [rng.integers(0, 50, size=3).tolist() for _ in range(8)]
+    seqs = [[u for j in rng.integers(0, 8, size=5) for u in motifs[j]] for _ in range(100)]
+    lang, other = UnitLanguage.train(seqs, num_units=50, vocab_size=60), UnitLanguage.identity(50)
+    lang.save(tmp_path / "lang")
+    other.save(tmp_path / "other")
+    assert lang.fingerprint == UnitLanguage.load(tmp_path / "lang").fingerprint != other.fingerprint
+    i = run.index("--recipe") + 1
+    first = [*run[:i], str(recipe), *run[i + 1:]]
+    assert main([*first, "--set", f"data.unit_language={tmp_path / 'lang'}"]) == 0
+    model = tmp_path / "t2c" / "model"
+    assert json.loads((model / "config.json").read_text())["config"]["t2c"]["unit_language"] == lang.fingerprint
+    on = [*run[:i], str(recipe), *run[i + 1:-1], str(tmp_path / "t2c-on"), "--init", str(model)]
+    assert main(on) == 2
+    assert "no data.unit_language is given" in _one_error_line(capsys)
+    assert main([*on, "--set", f"data.unit_language={tmp_path / 'other'}"]) == 2
+    assert "is not the unit language the model's T2C was trained on" in _one_error_line(capsys)
+    assert main([*on, "--set", f"data.unit_language={tmp_path / 'lang'}"]) == 0
+    trained = EchoX.from_pretrained(model)
+    check_bundle(Bundle(trained, None, lang))
+    for wrong in (None, other):
+        with pytest.raises(CheckpointError, match="unit language"):
+            check_bundle(Bundle(trained, None, wrong))
+
+
+def test_stage_three_refuses_too_little_data_before_its_precompute(tmp_path, capsys):
+    """Stage III computed every dialogue's states and pseudo-labels (20 minutes on the tiny
+    corpus) and only then found the data smaller than one batch."""
+    _write_corpus(tmp_path / "c")
+    c = tmp_path / "c"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 1, lr: 0.003}\n")
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--out", str(tmp_path / "s2t")]) == 0
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                 "--out", str(tmp_path / "t2c")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "echo"
+    assert main(["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--init", str(tmp_path / "s2t" / "model"), "--t2c-from", str(tmp_path / "t2c" / "model"),
+                 "--pseudo-labels", "offline", "--batch-size", "16", "--out", str(out),
+                 "--set", "train.freeze_s2t=true"]) == 2
+    assert "6 examples are fewer than one global batch (16 x 1 processes)" in _one_error_line(capsys)
+    assert not (out / "states").exists() and not (out / "pseudo_labels.jsonl").exists()
 
 
 def test_a_refused_resume_leaves_the_run_record_as_it_was(tmp_path, capsys):

@@ -213,8 +213,13 @@ class T2CConfig:
     shared_embedding: bool = True  # authors: read the LLM's input embeddings (else own copy)
     rms_norm_eps: float = 1e-6  # authors: the LLM's value
     rope_scaling: dict[str, Any] | None = None  # authors: the LLM's (e.g. Llama-3.1's llama3 rope)
+    # the unit language whose tokens the decoder predicts (`UnitLanguage.fingerprint`),
+    # recorded by the training stages; None: raw units, or not recorded (older checkpoints)
+    unit_language: str | None = None
 
     def validate(self, path: str = "t2c") -> None:
+        _check(self.unit_language is None or isinstance(self.unit_language, str),
+               f"{path}.unit_language", "must be a unit language's fingerprint (a string) or null")
         _check(self.layout in ("echox", "authors"), f"{path}.layout",
                f"must be 'echox' or 'authors', got {self.layout!r}")
         if self.layout == "authors":

@@ -254,6 +254,15 @@ def check_bundle(bundle: Bundle) -> None:
         raise CheckpointError(
             f"{where}: the unit language has {bundle.unit_language.vocab_size} tokens but the "
             f"echo decoder predicts {n_tokens} (t2c.unit_vocab_size)")
+    spoken = bundle.model.config.t2c.unit_language  # recorded when the decoder was trained
+    if spoken and bundle.unit_language is None:
+        raise CheckpointError(f"{where}: the echo decoder predicts tokens of a unit language "
+                              f"(fingerprint {spoken}) but the bundle has none; give it "
+                              "(--unit-language DIR)")
+    if spoken and bundle.unit_language is not None and bundle.unit_language.fingerprint != spoken:
+        raise CheckpointError(f"{where}: the unit language (fingerprint "
+                              f"{bundle.unit_language.fingerprint}) is not the one the echo decoder "
+                              f"was trained on ({spoken})")
     n_units = (bundle.unit_language.num_units if bundle.unit_language is not None else n_tokens)
     voc_units = _vocoder_units(bundle.vocoder)
     if voc_units is not None and voc_units < n_units:

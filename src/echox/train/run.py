@@ -236,7 +236,11 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
                     "docs/training.md)")
     limit, eval_limit = data.limit, data.eval_limit
     max_s = model.config.encoder.max_seconds  # whole windows of a longer clip are encoded in turn
-    encode = _unit_encoder(data.unit_language, model.t2c.num_units)
+    lang = _unit_language(data.unit_language, model.t2c.num_units)
+    if stage != "s2t":  # the decoder's targets are this language's tokens, or raw units
+        _match_unit_language(model, lang, data.unit_language,
+                             needed=stage == "t2c" or cfg.target == "gold-units")
+    encode = lang.encode if lang is not None else None
     if stage == "t2c":
 
         def tts(paths: Any, lim: int | None) -> Dataset:
@@ -281,6 +285,10 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
             "this model's T2C and echo decoder are one module (the released layout), and Stage "
             "III trains it: online pseudo-labels would come from the decoder being trained, not "
             "a frozen T2C; use --pseudo-labels offline (decoded once, before the first step)")
+    world = int(os.environ.get("WORLD_SIZE") or 1)  # before the states and labels (minutes)
+    if (cfg.freeze_s2t or offline) and len(train) < cfg.batch_size * world:
+        raise ConfigError(f"{len(train)} examples are fewer than one global batch ({cfg.batch_size} "
+                          f"x {world} processes): give more data or a smaller train.batch_size")
     # every training dialogue, loaded once, for the steps that run the S2T model over them all
     turns = [train[i].turns for i in range(len(train))] if cfg.freeze_s2t or offline else []
     states = ev_states = None
@@ -431,8 +439,8 @@ def restrict_ctc_to_transcripts(model: Any, train: Any) -> None:
              model.llm.vocab_size)
 
 
-def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[int]], list[int]] | None:
-    """Raw units -> unit-language tokens, when the T2C speaks a unit language."""
+def _unit_language(language_dir: str | None, num_units: int) -> UnitLanguage | None:
+    """The unit language the T2C's targets are written in (`data.unit_language`), if any."""
     if not language_dir:
         return None
 
@@ -445,7 +453,28 @@ def _unit_encoder(language_dir: str | None, num_units: int) -> Callable[[list[in
         raise ConfigError(
             f"the unit language in {language_dir} has {lang.vocab_size} tokens but "
             f"t2c.unit_vocab_size is only {num_units}; set t2c.unit_vocab_size: {lang.vocab_size}")
-    return lang.encode
+    return lang
+
+
+def _match_unit_language(model: Any, lang: UnitLanguage | None, language_dir: str | None,
+                         needed: bool) -> None:
+    """The run's unit language against the one the model's T2C was trained on (recorded in
+    its config as a fingerprint), which it then records. `needed`: the stage's targets are
+    units of the data (Stage II, Stage III's gold units), which without the language would be
+    taken as raw unit ids."""
+    cfg = model.config.t2c
+    if lang is None:
+        if cfg.unit_language and needed:
+            raise ConfigError(
+                f"the model's T2C predicts tokens of a unit language (fingerprint {cfg.unit_language}) "
+                "but no data.unit_language is given, so its targets would be raw unit ids; give "
+                "the language it was trained on (--set data.unit_language=DIR)")
+        return
+    if cfg.unit_language and cfg.unit_language != lang.fingerprint:
+        raise ConfigError(
+            f"data.unit_language {language_dir} (fingerprint {lang.fingerprint}) is not the unit "
+            f"language the model's T2C was trained on (fingerprint {cfg.unit_language})")
+    cfg.unit_language = lang.fingerprint
 
 
 def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:

@@ -15,6 +15,7 @@ merged tokens follow in merge order. With vocab_size == num_units the language i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import re
@@ -212,6 +213,14 @@ class UnitLanguage:
         return self._tokenizer
 
     # ------------------------------------------------------------------ encode / decode
+    @property
+    def fingerprint(self) -> str:
+        """What the language's tokens say, in 16 hex digits: two languages with the same
+        fingerprint turn every token id into the same units. Checkpoints record it, so that a
+        decoder is not trained on, or bundled with, another language's ids."""
+        table = [list(self.token_units(t)) for t in range(self.vocab_size)]
+        return hashlib.sha256(json.dumps([self.num_units, table]).encode()).hexdigest()[:16]
+
     def encode(self, units: Sequence[int] | np.ndarray) -> list[int]:
         """Units -> token ids in [0, vocab_size). Repeats and unseen units round-trip exactly."""
         text = units_to_text(units, self._num_units)
