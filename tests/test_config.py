@@ -64,8 +64,13 @@ def test_unknown_key_in_yaml_and_preset(tmp_path):
         EchoXConfig.from_yaml(p)
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("huge")
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found") as e:
         load_config(str(tmp_path / "missing.yaml"))
+    assert "current folder" not in str(e.value)  # an absolute path needs no word on where
+    # a recipe's relative path (the repository's recipes name files from its root) is read from
+    # the current folder, which the message names: run elsewhere, it said only "not found"
+    with pytest.raises(ConfigError, match=r"read from the current folder, /") as e:
+        load_config("recipes/no-such/model.yaml")
     p.write_text("- a list")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         EchoXConfig.from_yaml(p)

@@ -261,6 +261,23 @@ def test_validate_cli_reports_each_bad_line_once(tmp_path, capsys, caplog):
     assert printed.count(":2:") + printed.count("line 2") == 1, printed
 
 
+def test_validate_names_the_schema_a_manifest_of_another_kind_fits(tmp_path, capsys):
+    """A TTS manifest checked as dialogues (the default) listed "missing required key
+    'conversations'" on every line and nothing else."""
+    from echox.cli import main
+
+    p = tmp_path / "tts.jsonl"
+    p.write_text('{"id": "a", "text": "hi", "units": [1, 2]}\n{"id": "b", "text": "yo", "units": [3]}\n')
+    assert main(["data", "validate", str(p), "--no-audio"]) == 1
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "  no usable records: its lines fit --schema tts", out
+    assert main(["data", "validate", str(p), "--schema", "tts", "--no-audio"]) == 0
+    q = tmp_path / "junk.jsonl"  # fits no schema: no hint
+    q.write_text('{"foo": 1}\n')
+    assert main(["data", "validate", str(q), "--no-audio"]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "  no usable records"
+
+
 # ---------------------------------------------------------------- HF datasets
 
 

@@ -392,7 +392,9 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     """A YAML file whose top level is a mapping; clear ConfigErrors otherwise."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{what} not found: {p}")
+        # the repository's recipes name their files from its root, not from the recipe
+        where = "" if p.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+        raise ConfigError(f"{what} not found: {p}{where}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:

@@ -436,6 +436,7 @@ class ValidationReport:
     audio_issues: list[tuple[int, str]]  # (line, problem) for missing/unreadable/too long audio
     n_audio: int = 0
     audio_seconds: float = 0.0
+    fits: list[str] = field(default_factory=list)  # other schemas its lines fit, when none fit this one
 
     @property
     def ok(self) -> bool:
@@ -448,7 +449,8 @@ class ValidationReport:
         out += [f"  line {n}: {r}" for n, r in self.bad_lines]
         out += [f"  line {n}: {r}" for n, r in self.audio_issues]
         if self.n_records == 0:
-            out.append("  no usable records")
+            out.append("  no usable records" + (
+                ": its lines fit " + " or ".join(f"--schema {k}" for k in self.fits) if self.fits else ""))
         return "\n".join(out)
 
 
@@ -500,4 +502,14 @@ def validate_manifest(path: str | os.PathLike, schema: type[R] | str, check_audi
             bad.append((line, f"id {rid!r} again (first on line {first[rid]})"))
         elif rid is not None:
             first[rid] = line
-    return ValidationReport(rep.path, cls.kind, len(rep), sorted(bad), issues, n_audio, seconds)
+    fits = []
+    if not len(rep) and rep.bad_lines and not (p.is_dir() or p.suffix == ".json"):
+        for kind, other in SCHEMAS.items():  # a manifest checked as the wrong kind
+            if other is not cls:
+                try:
+                    theirs = read_jsonl(p, other, on_error="report")
+                except ManifestError:
+                    continue
+                if len(theirs) and not theirs.bad_lines:
+                    fits.append(kind)
+    return ValidationReport(rep.path, cls.kind, len(rep), sorted(bad), issues, n_audio, seconds, fits)
