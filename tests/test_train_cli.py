@@ -370,6 +370,27 @@ def test_resume_without_a_recipe_goes_on_with_the_runs_own(tmp_path, capsys):
     assert steps == [1, 2, 3]
 
 
+def test_resume_from_another_folder_reads_relative_paths_from_where_the_run_ran(
+        tmp_path, monkeypatch, caplog):
+    """A run started with relative paths and resumed from another folder (the same file,
+    spelled from there) was said to go on "with other data"; resumed without --recipe, its
+    recorded relative paths were read from the new folder."""
+    _write_corpus(tmp_path / "c")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 3, lr: 0.003, save_every: 1}\n")
+    monkeypatch.chdir(tmp_path / "c")
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", "tts.jsonl", "--out",
+                 str(tmp_path / "t2c"), "--stop-at", "1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert main(["train", "t2c", "--recipe", str(recipe), "--data", "c/tts.jsonl", "--out",
+                     str(tmp_path / "t2c"), "--resume", "--stop-at", "2"]) == 0
+        assert main(["train", "t2c", "--out", "t2c", "--resume"]) == 0  # its own recipe
+    assert "other data" not in " ".join(r.getMessage() for r in caplog.records)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "t2c" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_resume_names_settings_that_differ_from_the_checkpoint(tmp_path, caplog):
     """A resumed run given another lr keeps the checkpoint's (its optimizer holds it): said in
     a warning, with the other changed settings."""
@@ -413,7 +434,8 @@ def test_an_out_folder_taken_by_other_files_is_refused_before_training(tmp_path,
     cases = {"metrics.jsonl/": "is a folder", "tb": "is a file", "checkpoints": "is a file",
              "model/mine.txt": "holds other files", "recipe.json": "not written by `echox train`",
              "loss_curve.png/": "is a folder", "states": "is a file", "pseudo_labels.jsonl/": "is a folder",
-             "metrics.jsonl": "metrics.jsonl was not written by `echox train`"}  # was emptied
+             "metrics.jsonl": "metrics.jsonl was not written by `echox train`",  # was emptied
+             "loss_curve.png": "loss_curve.png was not written by `echox train`"}  # was replaced
     for i, (path, message) in enumerate(cases.items()):
         out = tmp_path / f"o{i}"
         p = out / path.rstrip("/")

@@ -486,8 +486,9 @@ def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
     older = older if isinstance(older, list) else []
     if not isinstance(before, dict):
         return older
+    then = was.get("cwd") if isinstance(was.get("cwd"), str) else os.getcwd()  # where it ran
     changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now
-               if k in before and _spelled(before[k]) != _spelled(now[k])]
+               if k in before and _spelled(before[k], then) != _spelled(now[k], os.getcwd())]
     if not changed:
         return older
     log.warning("--resume with other data than this run's (%s): the run goes on from its "
@@ -495,12 +496,17 @@ def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
     return [before, *older]
 
 
-def _spelled(value: Any) -> Any:
+def _spelled(value: Any, cwd: str) -> Any:
     """A data setting with its paths normalised: `./data/x.jsonl` and `data//x.jsonl` name
-    the same file as `data/x.jsonl` (relative paths stay relative: the cwd may differ)."""
+    the same file as `data/x.jsonl`, and so does `main/data/x.jsonl` from the folder above
+    (`cwd`: where the setting was given). A string that names no file there (a hub id, a file
+    gone since) is only normalised."""
     if isinstance(value, list):
-        return [_spelled(v) for v in value]
-    return os.path.normpath(value) if isinstance(value, str) and value else value
+        return [_spelled(v, cwd) for v in value]
+    if not (isinstance(value, str) and value):
+        return value
+    there = os.path.join(cwd, value)
+    return os.path.realpath(there) if os.path.exists(there) else os.path.normpath(value)
 
 
 def _stopped_line(res: TrainResult) -> str:
@@ -521,6 +527,17 @@ def _recorded_recipe(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     recorded = read_json_object(path, ConfigError, "the run's recipe")
     print(f"echox: --resume without --recipe: the run's own recipe ({path})", file=sys.stderr)
+    then = recorded.get("cwd")
+    data = recorded.get("data")
+    if isinstance(then, str) and isinstance(data, dict):  # its relative paths, from where it ran
+
+        def there(v: Any) -> Any:
+            if isinstance(v, list):
+                return [there(x) for x in v]
+            p = os.path.join(then, v) if isinstance(v, str) and v else None
+            return os.path.abspath(p) if p and not os.path.isabs(v) and os.path.exists(p) else v
+
+        recorded["data"] = {k: there(v) for k, v in data.items()}
     return recorded
 
 
@@ -575,8 +592,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     def record() -> None:  # once the run starts: a refused --resume leaves the run's record as it was
         before = _data_before(out / "recipe.json", data_now) if args.resume is not None else []
         atomic_write_text(out / "recipe.json", json.dumps(
-            {**recipe, "train": asdict(cfg), "data": data_now, **({"data_before": before} if before else {})},
-            indent=2, default=str))
+            {**recipe, "train": asdict(cfg), "data": data_now, "cwd": os.getcwd(),
+             **({"data_before": before} if before else {})}, indent=2, default=str))
 
     with handled((signal.SIGINT, signal.SIGTERM), trainer.request_stop):
         res = trainer.train(resume=args.resume, stop_at=args.stop_at, on_start=record)

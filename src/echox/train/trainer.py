@@ -178,9 +178,10 @@ def check_run_folder(out: Path, keep_best: bool = False) -> None:
     for name in ("model", "best") if keep_best else ("model",):
         check_save_folder(out / name)
     recipe = out / "recipe.json"
-    if (out / "metrics.jsonl").is_file() and not recipe.is_file():  # `echox train` writes it first
-        raise ConfigError(f"--out {out}: its metrics.jsonl was not written by `echox train`, and "
-                          "a run would rewrite it; give another --out")
+    for name in ("metrics.jsonl", "loss_curve.png"):
+        if (out / name).is_file() and not recipe.is_file():  # `echox train` writes it first
+            raise ConfigError(f"--out {out}: its {name} was not written by `echox train`, and "
+                              "a run would rewrite it; give another --out")
     if recipe.is_file():
         try:
             rec = json.loads(recipe.read_text())
