@@ -507,6 +507,8 @@ def test_init_overrides_reconfigure_the_adapter(tmp_path, make_model):
     assert kept.config.loss.s2t_weight == 0  # loss weights apply
     with pytest.raises(StageError, match="unknown key"):
         stages.prepare_model("s2t", init=folder, init_overrides=["adapter.nonsense=1"])
+    with pytest.raises(StageError, match="unknown key"):  # a typo of t2c.beams was "ignored"
+        stages.prepare_model("s2t", init=folder, init_overrides=["t2c.beam=4"])
 
 
 def test_init_override_sets_the_lora_dropout(tmp_path, make_model):

@@ -100,6 +100,10 @@ def prepare_model(
 
 
 def _reconfigure(model: EchoX, overrides: list[str]) -> None:
+    try:  # every key checked first: a typo is an error, not a setting "ignored"
+        apply_overrides(model.config, overrides)
+    except ConfigError as e:
+        raise StageError(str(e)) from e
     ignored = [o for o in overrides
                if not o.strip().startswith(("adapter.", "loss.", "llm.lora.dropout=", "t2c.beams=",
                                             "t2c.length_penalty="))]
