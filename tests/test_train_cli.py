@@ -400,6 +400,8 @@ def test_resume_names_settings_that_differ_from_the_checkpoint(tmp_path, caplog)
         assert main([*run, "--resume", "--lr", "0.1", "--max-steps", "4"]) == 0
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "max_steps 3 -> 4" in msg and "lr 0.003 -> 0.1" in msg and "stay the checkpoint's" in msg
+    recorded = json.loads((tmp_path / "t2c" / "recipe.json").read_text())["train"]
+    assert recorded["lr"] == 0.003 and recorded["max_steps"] == 4  # what the run goes on with
 
 
 def test_resume_on_other_data_is_said_and_the_old_data_stays_on_record(tmp_path, caplog):

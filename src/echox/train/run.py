@@ -592,7 +592,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     def record() -> None:  # once the run starts: a refused --resume leaves the run's record as it was
         before = _data_before(out / "recipe.json", data_now) if args.resume is not None else []
         atomic_write_text(out / "recipe.json", json.dumps(
-            {**recipe, "train": asdict(cfg), "data": data_now, "cwd": os.getcwd(),
+            {**recipe, "train": {**asdict(cfg), **trainer.optimizer_settings()}, "data": data_now,
+             "cwd": os.getcwd(),
              **({"data_before": before} if before else {})}, indent=2, default=str))
 
     with handled((signal.SIGINT, signal.SIGTERM), trainer.request_stop):

@@ -636,6 +636,13 @@ class Trainer:
         flag = torch.tensor([late if self.acc.is_main_process else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
 
+    def optimizer_settings(self) -> dict[str, float]:
+        """The lr and weight decay the optimizer runs with: after `--resume`, the checkpoint's
+        (its optimizer state holds them), whatever the config now says."""
+        group = self.opt.param_groups[0]
+        return {"lr": float(group.get("initial_lr", group["lr"])),
+                "weight_decay": float(group["weight_decay"])}
+
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """A handler for SIGINT and SIGTERM: the run stops after the step (and the save) in
         progress, every process at the same step, and saves a checkpoint of that step. Ctrl-C
