@@ -156,9 +156,10 @@ def _data(stage: str, model: Any, args: argparse.Namespace) -> tuple[Any, Any, d
     from echox.data.manifest import read_jsonl  # noqa: I001 (manifest before datasets: import loop)
     from echox.data.datasets import S2TDataset, T2CDataset, collate_t2c_examples, make_s2t_collator
     from echox.train import stages
-    from echox.train.run import EchoDataset, _unit_encoder
+    from echox.train.run import EchoDataset, _unit_language
 
-    encode = _unit_encoder(args.unit_language, model.t2c.num_units)
+    lang = _unit_language(args.unit_language, model.t2c.num_units)
+    encode = lang.encode if lang is not None else None
     if stage == "t2c":
         recs = read_jsonl(args.tts, "tts", on_error="skip").records[: args.n]
         return T2CDataset(recs, model.tokenizer, encode), collate_t2c_examples, {}

@@ -422,7 +422,8 @@ def test_missing_and_corrupt_bundles(bundle_dir: Path, tmp_path: Path,
         default_bundle()
 
 
-def test_unit_language_tokens_are_split_into_units(bundle: Bundle, tmp_path: Path) -> None:
+def test_unit_language_tokens_are_split_into_units(bundle: Bundle, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     from echox.units.language import UnitLanguage
 
     rng = np.random.default_rng(0)
@@ -436,9 +437,10 @@ def test_unit_language_tokens_are_split_into_units(bundle: Bundle, tmp_path: Pat
         speech = eng.synthesize_segment(h)
     assert speech.units == lang.decode(speech.tokens) and len(speech.units) >= len(speech.tokens)
     assert speech.audio.size > 0
-    # a language over 30 units beside a vocoder of 50: two k-means, garbled speech
-    with pytest.raises(CheckpointError, match="different k-means"):
+    # a language over 30 units beside a vocoder of 50: maybe two k-means (garbled speech)
+    with caplog.at_level("WARNING"):
         save_bundle(tmp_path / "mixed", bundle.model, bundle.vocoder, lang)
+    assert "over 30 units but the vocoder was trained on 50" in caplog.text
     out = save_bundle(tmp_path / "with_lang", bundle.model, bundle.vocoder, UnitLanguage.identity(50))
     assert load_bundle(out).unit_language.vocab_size == 50
     small = Bundle(bundle.model, bundle.vocoder, UnitLanguage.identity(20))

@@ -313,6 +313,22 @@ def test_the_unit_language_a_decoder_learned_is_recorded_and_checked(tmp_path, c
     assert main([*on, "--set", f"data.unit_language={tmp_path / 'other'}"]) == 2
     assert "is not the unit language the model's T2C was trained on" in _one_error_line(capsys)
     assert main([*on, "--set", f"data.unit_language={tmp_path / 'lang'}"]) == 0
+    # Stage III takes the language from the --t2c-from T2C (its --init S2T model has none)
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--out", str(tmp_path / "s2t")]) == 0
+    echo = ["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+            "--init", str(tmp_path / "s2t" / "model"), "--t2c-from", str(model),
+            "--set", "train.cut_segments=false"]
+    gold = [*echo, "--target", "gold-units", "--out", str(tmp_path / "gold")]
+    assert main(gold) == 2
+    assert "no data.unit_language is given" in _one_error_line(capsys)
+    assert main([*gold, "--set", f"data.unit_language={tmp_path / 'other'}"]) == 2
+    assert "is not the unit language" in _one_error_line(capsys)
+    pseudo = [*echo, "--pseudo-labels", "offline", "--out", str(tmp_path / "echo"), "--max-steps", "2"]
+    assert main([*pseudo, "--stop-at", "1"]) == 0  # its labels are the T2C's own tokens: no language needed
+    assert main(["train", "echo", "--out", str(tmp_path / "echo"), "--resume"]) == 0  # as it was started
+    echo_cfg = json.loads((tmp_path / "echo" / "model" / "config.json").read_text())["config"]
+    assert echo_cfg["t2c"]["unit_language"] == lang.fingerprint
     trained = EchoX.from_pretrained(model)
     check_bundle(Bundle(trained, None, lang))
     for wrong in (None, other):
@@ -374,22 +390,34 @@ def test_resume_from_another_folder_reads_relative_paths_from_where_the_run_ran(
         tmp_path, monkeypatch, caplog):
     """A run started with relative paths and resumed from another folder (the same file,
     spelled from there) was said to go on "with other data"; resumed without --recipe, its
-    recorded relative paths were read from the new folder."""
+    recorded relative paths (data, the model YAML) were read from the new folder."""
     _write_corpus(tmp_path / "c")
+    (tmp_path / "c" / "m.yaml").write_text("preset: tiny-random\n")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 3, lr: 0.003, save_every: 1}\n")
+    recipe.write_text("model: m.yaml\ntrain: {batch_size: 2, max_steps: 4, lr: 0.003, save_every: 1}\n")
     monkeypatch.chdir(tmp_path / "c")
     assert main(["train", "t2c", "--recipe", str(recipe), "--data", "tts.jsonl", "--out",
                  str(tmp_path / "t2c"), "--stop-at", "1"]) == 0
     monkeypatch.chdir(tmp_path)
     with caplog.at_level("WARNING"):
-        assert main(["train", "t2c", "--recipe", str(recipe), "--data", "c/tts.jsonl", "--out",
-                     str(tmp_path / "t2c"), "--resume", "--stop-at", "2"]) == 0
-        assert main(["train", "t2c", "--out", "t2c", "--resume"]) == 0  # its own recipe
+        assert main(["train", "t2c", "--out", "t2c", "--resume", "--stop-at", "2"]) == 0  # its own recipe
+    assert "other data" not in " ".join(r.getMessage() for r in caplog.records)
+    record = tmp_path / "t2c" / "recipe.json"  # as a run of another version wrote it
+    was = json.loads(record.read_text())
+    record.write_text(json.dumps({**was, "train": {**was["train"], "gone_setting": 1}}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["train", "t2c", "--out", "t2c", "--resume", "--stop-at", "3"]) == 0
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "other data" not in msg and "settings this version does not have" in msg and "gone_setting" in msg
+    monkeypatch.chdir(tmp_path / "c")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["train", "t2c", "--recipe", str(recipe), "--data", "./tts.jsonl", "--out", "../t2c",
+                     "--resume"]) == 0
     assert "other data" not in " ".join(r.getMessage() for r in caplog.records)
     steps = [json.loads(x)["step"] for x in (tmp_path / "t2c" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
-
+    assert steps == [1, 2, 3, 4]
 
 def test_resume_names_settings_that_differ_from_the_checkpoint(tmp_path, caplog):
     """A resumed run given another lr keeps the checkpoint's (its optimizer holds it): said in

@@ -259,20 +259,15 @@ def check_bundle(bundle: Bundle) -> None:
         raise CheckpointError(f"{where}: the echo decoder predicts tokens of a unit language "
                               f"(fingerprint {spoken}) but the bundle has none; give it "
                               "(--unit-language DIR)")
-    if spoken and bundle.unit_language is not None and bundle.unit_language.fingerprint != spoken:
-        raise CheckpointError(f"{where}: the unit language (fingerprint "
-                              f"{bundle.unit_language.fingerprint}) is not the one the echo decoder "
-                              f"was trained on ({spoken})")
+    theirs = getattr(bundle.unit_language, "fingerprint", None)  # (released unit tokens: none)
+    if spoken and bundle.unit_language is not None and theirs != spoken:
+        raise CheckpointError(f"{where}: the unit language (fingerprint {theirs}) is not the one "
+                              f"the echo decoder was trained on ({spoken})")
     n_units = (bundle.unit_language.num_units if bundle.unit_language is not None else n_tokens)
     voc_units = _vocoder_units(bundle.vocoder)
     if voc_units is not None and voc_units < n_units:
         raise CheckpointError(f"{where}: the model makes {n_units} distinct units but the vocoder "
                           f"only knows {voc_units}")
-    if voc_units is not None and bundle.unit_language is not None and voc_units != n_units:
-        # unit ids of another k-means: every id names another sound (garbled speech)
-        raise CheckpointError(f"{where}: the unit language is over {n_units} units but the vocoder "
-                              f"was trained on {voc_units}: they come from different k-means "
-                              "(give the vocoder trained on the unit language's units)")
 
 
 def _vocoder_units(vocoder: Vocoder | None) -> int | None:
@@ -309,6 +304,13 @@ def save_bundle(
 
     bundle = Bundle(model, vocoder, unit_language, folder)
     check_bundle(bundle)
+    voc_units = _vocoder_units(vocoder)
+    if voc_units is not None and unit_language is not None and voc_units > unit_language.num_units:
+        # a language learned without --num-units counts the units its data used (the largest
+        # + 1), so this may be the same k-means; from another, every id names another sound
+        log.warning("%s: the unit language is over %d units but the vocoder was trained on %d: "
+                    "if they come from different k-means, the speech will be garbled", folder,
+                    unit_language.num_units, voc_units)
     model.save_pretrained(folder, extra_files=extra_files, extra_writer=write_parts,
                           omit_parts=("t2c",) if slim else (), dtype=dtype, replace=replace)
     return folder

@@ -182,9 +182,10 @@ class _JsonCORS(CORSMiddleware):
             return r
         refused = bytes(r.body).decode().removeprefix("Disallowed CORS ").split(", ")
         kept = {k: v for k, v in r.headers.items() if k.lower() not in ("content-length", "content-type")}
+        what = " and ".join(refused)  # method, headers, private-network
         e = (_forbidden_origin(request_headers["origin"]) if "origin" in refused else ApiError(
-            400, "bad_request", f"CORS preflight: the requested {' and '.join(refused)} is not "
-            "allowed (methods GET and POST; headers Authorization and Content-Type)"))
+            400, "bad_request", f"CORS preflight: not allowed: the requested {what} (the API takes "
+            "GET and POST, with Authorization, Content-Type and the CORS-safelisted headers)"))
         return JSONResponse({"error": e.body()}, status_code=e.status, headers=kept)
 
 

@@ -8,8 +8,9 @@ server unreachable, and asyncio logged "socket.accept() out of system resource" 
 traceback hundreds of thousands of times. Here a connection whose request headers have not
 all arrived within `header_timeout` seconds is closed, and one accepted beyond `max_open`
 open connections is closed at once, so the descriptors never run out and the server goes on
-answering the clients that do send their requests. A client that half-closes its connection
-after its request (end of input) still gets the answer.
+answering the clients that do send their requests. The end of a client's input (a close, or
+a half-close after its request: the server cannot tell them apart) is the client gone, as
+uvicorn and nginx take it: its turn stops and its worker is free at once.
 """
 
 from __future__ import annotations

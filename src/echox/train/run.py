@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -526,18 +526,27 @@ def _recorded_recipe(args: argparse.Namespace) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     recorded = read_json_object(path, ConfigError, "the run's recipe")
-    print(f"echox: --resume without --recipe: the run's own recipe ({path})", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # one line for a multi-process launch
+        print(f"echox: --resume without --recipe: the run's own recipe ({path})", file=sys.stderr)
     then = recorded.get("cwd")
-    data = recorded.get("data")
-    if isinstance(then, str) and isinstance(data, dict):  # its relative paths, from where it ran
 
-        def there(v: Any) -> Any:
-            if isinstance(v, list):
-                return [there(x) for x in v]
-            p = os.path.join(then, v) if isinstance(v, str) and v else None
-            return os.path.abspath(p) if p and not os.path.isabs(v) and os.path.exists(p) else v
+    def there(v: Any) -> Any:  # a relative path, read from where the run ran
+        if isinstance(v, list):
+            return [there(x) for x in v]
+        p = os.path.join(then, v) if isinstance(then, str) and isinstance(v, str) and v else None
+        return os.path.abspath(p) if p and not os.path.isabs(v) and os.path.exists(p) else v
 
-        recorded["data"] = {k: there(v) for k, v in data.items()}
+    if "model" in recorded:
+        recorded["model"] = there(recorded["model"])
+    for key, cls in (("train", TrainConfig), ("data", StageData)):
+        section = recorded.get(key)
+        if not isinstance(section, dict):
+            continue
+        known = {f.name for f in fields(cls)}
+        if set(section) - known:  # a run of another version of echox
+            log.warning("%s: %s settings this version does not have are left out: %s", path, key,
+                        ", ".join(sorted(set(section) - known)))
+        recorded[key] = {k: there(v) if key == "data" else v for k, v in section.items() if k in known}
     return recorded
 
 
@@ -546,6 +555,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.data = args.data[0] if len(args.data) == 1 else list(args.data)
     recorded = _recorded_recipe(args)
     recipe = load_stage_recipe(args.recipe, args.set or [], args.override, args.stage, recorded)
+    init_sets = _model_sets(args)  # the model settings that apply over an --init checkpoint
+    if recorded is not None:  # the run's own starting points, and the settings given over them
+        for key in ("init", "t2c_from"):
+            if getattr(args, key) is None and isinstance(recorded.get(key), str):
+                setattr(args, key, recorded[key])
+        was = recorded.get("init_sets")
+        init_sets = [*(was if isinstance(was, list) else []), *init_sets]
     if args.data:
         recipe["data"].train = args.data
     if args.eval_data:
@@ -568,9 +584,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--stop-at must be >= 1, got {args.stop_at}")
     model_cfg = None if args.init else load_config(str(recipe["model"]), list(recipe.get("overrides") or []))
     model = stages.prepare_model(args.stage, model_cfg, init=args.init, t2c_from=args.t2c_from,
-                                 init_overrides=_model_sets(args) if args.init else None,
+                                 init_overrides=init_sets if args.init else None,
                                  freeze_s2t=cfg.freeze_s2t)
-    if args.init and set(recipe.get("overrides") or []) - set(_model_sets(args)):
+    if args.init and set(recipe.get("overrides") or []) - set(init_sets):
         log.warning("--init given: the model config comes from the checkpoint; the recipe's "
                     "overrides are ignored (`--set model.adapter.*`, `model.loss.*`, "
                     "`model.llm.lora.dropout`, `model.t2c.beams` and `model.t2c.length_penalty` "
@@ -593,7 +609,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         before = _data_before(out / "recipe.json", data_now) if args.resume is not None else []
         atomic_write_text(out / "recipe.json", json.dumps(
             {**recipe, "train": {**asdict(cfg), **trainer.optimizer_settings()}, "data": data_now,
-             "cwd": os.getcwd(),
+             "cwd": os.getcwd(), "init": args.init and os.path.abspath(args.init),
+             "t2c_from": args.t2c_from and os.path.abspath(args.t2c_from),
+             "init_sets": init_sets if args.init else [],
              **({"data_before": before} if before else {})}, indent=2, default=str))
 
     with handled((signal.SIGINT, signal.SIGTERM), trainer.request_stop):

@@ -155,6 +155,8 @@ def _load_t2c(model: EchoX, folder: Path) -> None:
         decoding = ("beams", "length_penalty")
         model.use_t2c_config(T2CConfig(**{**ours, **{k: v for k, v in theirs.items()
                                                      if k in ours and k not in decoding}}))
+    # the unit language its targets were in (its fingerprint), whichever config is kept
+    model.config.t2c.unit_language = theirs.get("unit_language")
     if meta["config"]["llm"]["name_or_path"] != model.config.llm.name_or_path:
         raise StageError(f"--t2c-from {folder}: trained on LLM embeddings of "
                          f"{meta['config']['llm']['name_or_path']}, not {model.config.llm.name_or_path}")
