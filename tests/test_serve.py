@@ -915,18 +915,21 @@ def test_live_server_answers_malformed_http_with_the_api_error_body(engine: Engi
         assert httpx.get(f"http://{addr}/health").status_code == 200
 
 
+class Keep(logging.Handler):
+    """Keeps the records of a logger it is added to (uvicorn's loggers do not propagate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_live_server_logs_a_bad_utf8_frame_in_one_line(engine: Engine) -> None:
     """uvicorn logged each client's invalid UTF-8 text frame with a full traceback."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
-
-    class Keep(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__()
-            self.records: list[logging.LogRecord] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.records.append(record)
 
     keep = Keep()
     logger = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate
@@ -975,14 +978,6 @@ def test_live_server_closes_the_connection_after_an_upload_timeout(engine: Engin
 def test_live_server_stopping_mid_upload_logs_one_line(engine: Engine) -> None:
     """A body still arriving at shutdown: uvicorn cancels its request after the graceful
     timeout and logged the cancellation with the handler's whole stack, as a failure."""
-    class Keep(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__()
-            self.records: list[logging.LogRecord] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.records.append(record)
-
     keep = Keep()
     logger = logging.getLogger("uvicorn.error")  # after the start: uvicorn's config resets it
     try:

@@ -38,6 +38,20 @@ def _t2c_run(tmp_path, train):
                                     str(tmp_path / "c" / "tts.jsonl"), "--out", str(tmp_path / "t2c")]
 
 
+def _stages_one_and_two(tmp_path, train):
+    """A tiny corpus in tmp_path/c, a recipe with `train` settings, and the s2t and t2c runs
+    that Stage III starts from (tmp_path/s2t, tmp_path/t2c)."""
+    _write_corpus(tmp_path / "c")
+    c = tmp_path / "c"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: tiny-random\ntrain: {{{train}}}\n")
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--out", str(tmp_path / "s2t")]) == 0
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                 "--out", str(tmp_path / "t2c")]) == 0
+    return c, recipe
+
+
 def test_three_stages_from_the_command_line(tmp_path, capsys):
     _write_corpus(tmp_path / "c")
     recipe = tmp_path / "r.yaml"
@@ -147,14 +161,7 @@ def test_echo_with_a_frozen_s2t_model_trains_only_the_speech_side(tmp_path, caps
     response states are cached in the run folder, and the echo decoder learns."""
     from safetensors.torch import load_file
 
-    _write_corpus(tmp_path / "c")
-    c = tmp_path / "c"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 2, lr: 0.003}\n")
-    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
-                 "--out", str(tmp_path / "s2t")]) == 0
-    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
-                 "--out", str(tmp_path / "t2c")]) == 0
+    c, recipe = _stages_one_and_two(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
     out = tmp_path / "echo"
     assert main(["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
                  "--init", str(tmp_path / "s2t" / "model"), "--t2c-from", str(tmp_path / "t2c" / "model"),
@@ -339,14 +346,7 @@ def test_the_unit_language_a_decoder_learned_is_recorded_and_checked(tmp_path, c
 def test_stage_three_refuses_too_little_data_before_its_precompute(tmp_path, capsys):
     """Stage III computed every dialogue's states and pseudo-labels (20 minutes on the tiny
     corpus) and only then found the data smaller than one batch."""
-    _write_corpus(tmp_path / "c")
-    c = tmp_path / "c"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny-random\ntrain: {batch_size: 2, max_steps: 1, lr: 0.003}\n")
-    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
-                 "--out", str(tmp_path / "s2t")]) == 0
-    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
-                 "--out", str(tmp_path / "t2c")]) == 0
+    c, recipe = _stages_one_and_two(tmp_path, "batch_size: 2, max_steps: 1, lr: 0.003")
     capsys.readouterr()
     out = tmp_path / "echo"
     assert main(["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
