@@ -126,6 +126,13 @@ def test_missing_file(tmp_path: Path) -> None:
     assert "nope.wav" in str(exc.value)
 
 
+def test_a_name_the_file_system_refuses_is_an_audio_error(tmp_path: Path) -> None:
+    """Path.exists() raises for a name over the file system's limit (Python 3.11): an OSError
+    that callers catching AudioError let through."""
+    with pytest.raises(AudioError, match="cannot read it"):
+        load_audio(tmp_path / ("x" * 300 + ".wav"))
+
+
 def test_directory_is_not_a_file(tmp_path: Path) -> None:
     with pytest.raises(AudioError, match="not a regular file"):
         load_audio(tmp_path)

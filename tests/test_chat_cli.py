@@ -255,6 +255,33 @@ def test_interactive_odd_input_costs_one_turn_and_no_question_is_overwritten(
                    "standard input, which is closed")
 
 
+def test_a_blank_typed_question_is_refused_before_the_load(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`--text ''` loaded the model (seconds) and then refused the empty turn."""
+    one_line_error(capsys, main(["chat", "--text", "  ", "--model", str(tmp_path / "nope")]),
+                   "a user turn needs speech")
+
+
+def test_interactive_keeps_earlier_answers_and_survives_an_impossible_path(
+        bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An earlier session's answer_2.wav was overwritten by this session's second answer; a
+    line naming a .wav too long for the file system (an OSError, not an AudioError) ended
+    the whole session."""
+    old = tmp_path / "answer_2.wav"
+    sf.write(old, noise(0.3), 16000)
+    kept = old.read_bytes()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 300 + ".wav\nhello\nagain\n"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["chat", "--model", str(bundle_dir), *FAST])
+    cap = capsys.readouterr()
+    assert code == 0 and "Traceback" not in cap.err, cap.err
+    assert "echox: error: 'xxx" in cap.err and "cannot read it" in cap.err, cap.err
+    assert old.read_bytes() == kept
+    made = sorted(p.name for p in tmp_path.glob("answer_*.wav"))
+    assert made == ["answer_1.wav", "answer_2.wav", "answer_3.wav"]  # hello, (kept), again
+
+
 def test_out_of_range_numbers_are_one_line(bundle_dir: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """`--seed` beyond what torch seeds was an OverflowError traceback; `--max-audio-seconds

@@ -47,6 +47,9 @@ def test_save_load_gives_bit_identical_logits(make_model, tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
     assert set(modes.values()) == {0o644}, modes
     m2 = EchoX.from_pretrained(folder)
+    # in eval mode, as transformers' models come: it came in training mode, so the README's
+    # library calls ran with dropout (LoRA, denoiser, echo decoder) and answered at random
+    assert not any(x.training for x in m2.modules())
     after = _outputs(m2)
     for a, b in zip(before, after):
         assert torch.equal(a, b)

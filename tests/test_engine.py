@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from conftest import noise
 
-from echox.errors import AudioError, CheckpointError, ConfigError, EngineClosedError, PromptError
+from echox.errors import AudioError, CheckpointError, ConfigError, EngineClosedError, PromptError, UnitError
 from echox.infer.bundle import Bundle, default_bundle, load_bundle, save_bundle
 from echox.infer.engine import (
     AudioChunk,
@@ -422,6 +422,17 @@ def test_missing_and_corrupt_bundles(bundle_dir: Path, tmp_path: Path,
         default_bundle()
 
 
+def test_a_byte_reading_echo_decoder_without_token_ids_is_one_error(make_model) -> None:
+    """The README's `units_from_hidden(gen.hidden)` on a decoder that reads its condition by
+    bytes (the shipped model's) was a bare ValueError from deep in the decoder."""
+    m = make_model(["t2c.char_condition=true"]).eval()
+    with pytest.raises(UnitError, match=r"ids=gen.token_ids"):
+        m.units_from_hidden([torch.randn(3, m.llm.hidden_size)])
+    with pytest.raises(UnitError, match="got 2 id lists for 1"):
+        m.units_from_hidden([torch.randn(3, m.llm.hidden_size)], ids=[[1, 2, 3], [4]])
+    assert m.units_from_hidden([torch.randn(3, m.llm.hidden_size)], ids=[[5, 6, 7]])
+
+
 def test_unit_language_tokens_are_split_into_units(bundle: Bundle, tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     from echox.units.language import UnitLanguage
@@ -666,6 +677,8 @@ def test_a_text_only_turn_is_not_voiced(bundle: Bundle) -> None:
     assert isinstance(a, Final) and isinstance(b, Final)
     assert b.text == a.text and b.token_ids == a.token_ids and b.audio.size == 0 and b.segments == []
     assert b.stats.first_audio_ms is None and b.stats.segments == 0
+    with Engine(bundle, greedy()) as eng, pytest.raises(PromptError, match="speak must be True or False"):
+        run(eng, text="hi", speak="no")  # a non-empty string is true: it spoke
 
 
 def test_load_bundle_refuses_a_vocoder_or_language_of_another_type(bundle: Bundle,

@@ -178,11 +178,15 @@ def audio_duration(path: str | os.PathLike) -> float:
 def _existing_file(path: str | os.PathLike) -> Path:
     """Check that ``path`` is a non-empty regular file, with a clear error otherwise."""
     p = Path(path)
-    if not p.exists():
-        raise AudioError(f"'{p}': audio file not found")
-    if not p.is_file():
-        raise AudioError(f"'{p}': not a regular file")
-    if p.stat().st_size == 0:
+    try:
+        if not p.exists():
+            raise AudioError(f"'{p}': audio file not found")
+        if not p.is_file():
+            raise AudioError(f"'{p}': not a regular file")
+        empty = p.stat().st_size == 0
+    except OSError as e:  # a name too long for the file system, a path through a file, ...
+        raise AudioError(f"'{p}': cannot read it ({e.strerror or e})") from e
+    if empty:
         raise AudioError(f"'{p}': audio file is empty (0 bytes)")
     return p
 

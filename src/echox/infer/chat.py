@@ -6,7 +6,8 @@
                                                  turn) or text; /reset forgets, /quit ends
 
 The text is printed as it is decoded; each answer's audio is written to `-o` (one turn) or
-`<stem>_<n>.wav` (interactive turns). It is a thin client of `echox.infer.engine`.
+`<stem>_<n>.wav` (interactive turns; the next n whose file is not there yet, so an earlier
+session's answers stay). It is a thin client of `echox.infer.engine`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def check_inputs(args: argparse.Namespace, limit: float | None) -> None:
     answer can be written, so that a bad input fails at once, not after the model load."""
     if args.input is not None:
         check_question(args.input, limit)
+    elif args.text is not None and not args.text.strip():  # the engine's refusal, before the load
+        raise EchoXError("a user turn needs speech (a wav path, bytes or samples) or text")
     out = Path(args.output or "answer.wav")
     if args.input is None and args.text is None:  # interactive: answer_1.wav, answer_2.wav, ...
         out = out.with_name(f"{out.stem}_1{out.suffix or '.wav'}")
@@ -188,9 +191,9 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
         out = base.with_name(f"{base.stem}_{n + 1}{base.suffix or '.wav'}")
         if is_audio and exists:
             asked.add(Path(line).resolve())
-        while out.resolve() in asked:  # a question read this session (say an answer_1.wav
-            n += 1  # left by an earlier session) is not overwritten: the answer skips its number
-            out = base.with_name(f"{base.stem}_{n + 1}{base.suffix or '.wav'}")
+        while out.resolve() in asked or out.exists():  # a question read this session, or a
+            n += 1  # file there before (an earlier session's answers) is not overwritten: the
+            out = base.with_name(f"{base.stem}_{n + 1}{base.suffix or '.wav'}")  # answer skips it
         try:
             _run_turn(session, out, args.stats, stdout,
                       audio=line if is_audio else None, text=None if is_audio else line)
@@ -226,7 +229,7 @@ def chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocoder", help="vocoder folder replacing the bundle's own")
     p.add_argument("--unit-language", help="unit-language folder replacing the bundle's own")
     p.add_argument("-o", "--output", help="answer audio (default answer.wav; interactive: "
-                                          "answer_<n>.wav)")
+                                          "answer_<n>.wav, never over an existing file)")
     p.add_argument("--no-stream", action="store_true",
                    help="voice the answer after the text is complete (same segments)")
     p.add_argument("--whole-response", action="store_true",

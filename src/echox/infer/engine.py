@@ -378,6 +378,8 @@ class Session:
         t0 = time.perf_counter()
         self.engine.check_open()
         self._check_idle("respond")
+        if not isinstance(speak, (bool, np.bool_)):  # `speak="no"` would speak
+            raise PromptError(f"speak must be True or False, got {speak!r}")
         user = self.user_turn(audio, text, sample_rate)
         return self._stream(user, t0, bool(speak))
 

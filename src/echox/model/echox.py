@@ -139,13 +139,14 @@ class EchoX(nn.Module):
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "EchoX":
         """`device`/`dtype`: see `echox.model.checkpoint.load_checkpoint` (default: CPU, the
-        config's dtypes)."""
+        config's dtypes). The model comes in eval mode, as transformers' models do (dropout
+        off: the same input gives the same answer); training calls `.train()`."""
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise CheckpointError(f"dtype must be a floating torch.dtype such as torch.float16, "
                                   f"got {dtype!r}")
         if device is not None:
             check_device(device)
-        return load_checkpoint(cls, checkpoint_folder(folder), device=device, dtype=dtype)
+        return load_checkpoint(cls, checkpoint_folder(folder), device=device, dtype=dtype).eval()
 
     def save_pretrained(self, folder: str | Path, extra_files: dict[str, str] | None = None,
                         extra_writer: Any = None, full_state: dict[str, torch.Tensor] | None = None,

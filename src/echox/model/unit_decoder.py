@@ -262,9 +262,11 @@ class UnitDecoder(nn.Module):
         (then `ids`, each condition's token ids, are needed), else unchanged."""
         if self.char_condition is None:
             return cond
-        if ids is None:
-            raise ValueError("this decoder reads its condition by bytes (t2c.char_condition): "
-                             "give the token ids of each condition")
+        if ids is None or len(ids) != len(cond):
+            raise UnitError("this decoder reads its condition by bytes (t2c.char_condition): give "
+                            "the token ids of each condition (e.g. `units_from_hidden(gen.hidden, "
+                            "ids=gen.token_ids)`)" + ("" if ids is None else
+                                                   f"; got {len(ids)} id lists for {len(cond)}"))
         return [self.char_condition(c, list(i)) for c, i in zip(cond, ids, strict=True)]
 
     def row_length(self, text_ids: list[int], n_units: int) -> int:
