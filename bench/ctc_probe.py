@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:  # before the run: a bad path would lose its results, an input be replaced
         from echox.fileio import check_out_path
 
-        check_out_path(args.json, "--json", folder=False, inputs=[args.qa])
+        check_out_path(args.json, "--json", folder=False, inputs=[args.qa, args.model])
     torch.set_num_threads(args.threads)
     from echox.audio import load_audio
     from echox.eval.wer import edit_distance, normalize_words

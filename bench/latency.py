@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:  # before the run, not after it: the rows would be lost
         from echox.fileio import check_out_path
 
-        check_out_path(args.json, "--json", folder=False, inputs=[args.questions])
+        check_out_path(args.json, "--json", folder=False, inputs=[args.questions, args.model])
 
     import torch
 

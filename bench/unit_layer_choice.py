@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:  # before the run: a bad path would lose its results, an input be replaced
         from echox.fileio import check_out_path
 
-        check_out_path(args.json, "--json", folder=False, inputs=[args.manifest])
+        check_out_path(args.json, "--json", folder=False, inputs=[args.manifest, args.model])
     if not 0 < args.heldout < 1:
         ap.error(f"--heldout must be a fraction in (0, 1), got {args.heldout}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

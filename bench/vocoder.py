@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:  # before the run: a bad path would lose its results, an input be replaced
         from echox.fileio import check_out_path
 
-        check_out_path(args.json, "--json", folder=False, inputs=[args.manifest])
+        check_out_path(args.json, "--json", folder=False, inputs=[args.manifest, args.vocoder])
 
     import numpy as np
     import torch

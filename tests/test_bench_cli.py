@@ -84,6 +84,33 @@ JSON_OVER_INPUT = [
 ]
 
 
+# (script, argv with the measured model or vocoder folder as {dir})
+JSON_IN_MODEL = [
+    ("ctc_probe", ["--model", "{dir}", "--qa", "{inp}"]),
+    ("latency", ["--model", "{dir}", "--questions", "{inp}"]),
+    ("vocoder", ["--vocoder", "{dir}", "--manifest", "{inp}"]),
+    ("unit_layer_choice", ["--model", "{dir}", "--manifest", "{inp}"]),
+]
+
+
+@pytest.mark.parametrize(("name", "argv"), JSON_IN_MODEL, ids=[n for n, _ in JSON_IN_MODEL])
+def test_json_output_never_lands_in_the_measured_model(name: str, argv: list[str], tmp_path: Path) -> None:
+    """`--json BUNDLE/config.json` ran the whole measurement, then wrote over the bundle's
+    config: the bundle no longer loaded (checksum mismatch)."""
+    from echox.errors import ConfigError
+
+    script = load_script(f"bench/{name}.py", f"bench_{name}")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"question": "Who?"}\n')
+    args = [a.replace("{inp}", str(inp)).replace("{dir}", str(folder)) for a in argv]
+    with pytest.raises(ConfigError, match="lies inside .*an input of this command"):
+        script.main([*args, "--json", str(folder / "config.json")])
+    assert (folder / "config.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize(("name", "argv"), JSON_OVER_INPUT, ids=[n for n, _ in JSON_OVER_INPUT])
 def test_json_output_never_replaces_an_input_and_is_checked_first(name: str, argv: list[str],
                                                                   tmp_path: Path) -> None:

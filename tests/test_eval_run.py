@@ -9,6 +9,7 @@ import soundfile as sf
 
 from echox.cli import main
 from echox.eval.benchmarks import load_benchmark
+from echox.errors import EvalError
 from echox.eval.run import Answer, S2TAnswerer, compare_runs, run_eval
 from echox.model.generation import SamplingConfig
 
@@ -193,6 +194,36 @@ def test_compare_refuses_what_is_not_an_eval_run(tmp_path, capsys):
         assert words in capsys.readouterr().err
     assert main(["eval", "--compare", str(good), str(good), "--png", str(tmp_path / "b.png")]) == 0
     assert "on 1 shared" in capsys.readouterr().out and (tmp_path / "b.png").is_file()
+
+
+def test_a_resumed_run_refuses_records_of_other_questions_or_answers(tmp_path, bench):
+    """Resumed on another file (a local one without ids names its rows local-0, ...) or on
+    edited gold answers, a run counted the old records' hits for the new items."""
+    from dataclasses import replace
+
+    items = load_benchmark(bench)
+    run_eval(items, Scripted(), "s2t", tmp_path / "r", bench, progress=False)
+    other = [replace(items[0], question="Another question?"), *items[1:]]
+    with pytest.raises(EvalError, match="holds item 'q0' as another question"):
+        run_eval(other, Scripted(), "s2t", tmp_path / "r", bench, progress=False)
+    edited = [replace(items[0], answers=["zzz"]), *items[1:]]
+    with pytest.raises(EvalError, match="scored item 'q0' against other gold answers"):
+        run_eval(edited, Scripted(), "s2t", tmp_path / "r", bench, progress=False)
+    spaced = [replace(items[0], question="  Question   0? "), *items[1:]]  # the same words
+    assert run_eval(spaced, Scripted(), "s2t", tmp_path / "r", bench, progress=False).n == 4
+
+
+def test_compare_counts_the_items_each_summary_counted(tmp_path, bench, capsys):
+    """A run rerun on fewer items keeps the other items' lines: --compare paired those too
+    and printed a difference its own table contradicted."""
+    items = load_benchmark(bench)
+    run_eval(items, Scripted(), "s2t", tmp_path / "all", bench, progress=False)
+    run_eval(items, Scripted(), "s2t", tmp_path / "few", bench, progress=False)
+    few = run_eval(items[2:], Scripted(), "s2t", tmp_path / "few", bench, progress=False)
+    assert few.n == 2 and json.loads((tmp_path / "few" / "summary.json").read_text())["ids"] == ["q2", "q3"]
+    capsys.readouterr()
+    compare_runs([tmp_path / "all", tmp_path / "few"], None)
+    assert "on 2 shared" in capsys.readouterr().out.splitlines()[2]
 
 
 def test_resume_after_a_torn_last_line_keeps_the_next_record(tmp_path, bench):

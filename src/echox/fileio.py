@@ -249,7 +249,8 @@ def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bo
                    inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Refuse, before any slow work, an output path that cannot be made: a `folder` that is an
     existing file, or a path below a file; and an output file that is one of the command's
-    `inputs` (writing it would replace what was read). Returns the path."""
+    `inputs`, or lies inside an input folder (writing it would replace what was read). Returns
+    the path."""
     p = Path(path)
     resolved = p.resolve()
     if _ASSETS == resolved or _ASSETS in resolved.parents:
@@ -257,9 +258,15 @@ def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bo
                           "which hold the shipped model; give a path outside them")
     if not folder:
         for src in inputs:
-            if src is not None and Path(src).resolve() == resolved:
+            if src is None:
+                continue
+            where = Path(src).resolve()
+            if where == resolved:
                 raise ConfigError(f"{option} {p} is an input of this command ({src}); writing "
                                   "it would replace it: give another path")
+            if where.is_dir() and where in resolved.parents:  # a model's config.json, say
+                raise ConfigError(f"{option} {p} lies inside {src}, an input of this command; "
+                                  "writing it could replace what is read there: give another path")
     if folder and p.exists() and not p.is_dir():
         raise ConfigError(f"{option} {p} is a file; give a folder")
     if not folder and p.is_dir():

@@ -264,6 +264,7 @@ class EvalSummary:
     mean_latency_ms: float | None  # the model's answering time, the answer's ASR left out
     asr: str | None = None
     mean_answer_asr_ms: float | None = None  # s2s: the ASR of the spoken answer, for scoring
+    ids: list[str] | None = None  # the items counted (items.jsonl may hold others); None: older runs
 
     def line(self) -> str:
         lat = f", mean latency {self.mean_latency_ms:.0f} ms" if self.mean_latency_ms else ""
@@ -288,6 +289,21 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
             log.warning("%s:%d: no true/false hit or a latency that is not a number; its item is "
                         "answered again", path, lineno)
     return done
+
+
+def _check_same_item(path: Path, rec: dict[str, Any], item: QAItem) -> None:
+    """A record kept from an earlier run counts for `item` only if it is of the same question
+    and was scored against the same gold answers: a run resumed on another file (a local one
+    without ids names its rows `local-0`, ...) or on edited answers reused the old hits."""
+    q, answers = rec.get("question"), rec.get("answers")
+    if isinstance(q, str) and q.split() != item.question.split():
+        raise EvalError(f"{path} holds item {item.id!r} as another question ({q!r}; now "
+                        f"{item.question!r}): a run folder holds one benchmark's answers; give "
+                        "another --out (a local benchmark without ids names its rows by number: "
+                        "give each question an 'id')")
+    if isinstance(answers, list) and answers != list(item.answers):
+        raise EvalError(f"{path} scored item {item.id!r} against other gold answers ({answers!r}; "
+                        f"now {list(item.answers)!r}): give another --out to score them anew")
 
 
 def _pending_batches(items: Iterable[QAItem], size: int, done: dict[str, Any],
@@ -427,6 +443,8 @@ def run_eval(
             if item.id in seen:  # it would be skipped as done: a question never scored
                 raise EvalError(f"item id {item.id!r} occurs twice in {benchmark}; ids must be unique")
             seen[item.id] = None
+            if item.id in done:
+                _check_same_item(path, done[item.id], item)
             yield item
 
     with open_to_append(path) as f, tqdm(total=total, disable=not progress, desc=f"eval {mode}") as bar:
@@ -457,7 +475,7 @@ def run_eval(
         accuracy=sum(bool(r["hit"]) for r in recs) / max(len(recs), 1),
         mean_latency_ms=float(np.mean(lat)) if lat else None,
         asr=getattr(asr if asr is not None else getattr(answerer, "asr", None), "name", None),
-        mean_answer_asr_ms=float(np.mean(asr_ms)) if asr_ms else None,
+        mean_answer_asr_ms=float(np.mean(asr_ms)) if asr_ms else None, ids=list(seen),
     )
     (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary
@@ -482,7 +500,8 @@ def read_summary(run_dir: Path) -> EvalSummary:
             or not isinstance(s.n, int) or isinstance(s.accuracy, bool)
             or not isinstance(s.accuracy, number)
             or not all(v is None or isinstance(v, number)
-                       for v in (s.mean_latency_ms, s.mean_answer_asr_ms))):
+                       for v in (s.mean_latency_ms, s.mean_answer_asr_ms))
+            or not (s.ids is None or (isinstance(s.ids, list) and all(isinstance(i, str) for i in s.ids)))):
         raise EvalError(f"{p}: not an echox eval summary (a value of the wrong type)")
     if (isinstance(s.n, bool) or s.n < 0 or not 0 <= s.accuracy <= 1
             or not all(v is None or (not isinstance(v, bool) and math.isfinite(v) and v >= 0)
@@ -509,6 +528,8 @@ def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
     sums = [read_summary(Path(d)) for d in run_dirs]
     # each run against the first, on the questions both answered: a paired difference
     recs = [_done(Path(d) / "items.jsonl") for d in run_dirs]
+    # only the items each summary counted: a run rerun on fewer items keeps the others' lines
+    recs = [rs if s.ids is None else {k: rs[k] for k in s.ids if k in rs} for s, rs in zip(sums, recs)]
     for d, rs in zip(run_dirs[1:], recs[1:]):
         _check_same_questions(run_dirs[0], recs[0], d, rs)
     hits = [{k: bool(r["hit"]) for k, r in rs.items() if "hit" in r} for rs in recs]
