@@ -43,8 +43,12 @@ def _eval_run(path: Path) -> dict:
             continue
         try:
             r = json.loads(line)
+        except json.JSONDecodeError:  # a line a killed run cut short; the resumed run redid it
+            print(f"compare_wer: {items}:{n}: a torn line, skipped", file=sys.stderr)
+            continue
+        try:
             recs.append({"id": r["id"], "ref": r["text"], "hyp": r["transcript"]})
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise SystemExit(f"{items}:{n}: not an item with id, text and transcript") from None
     run = items.parent
     name = f"{run.parent.name}/{run.name}" if run.parent.name else run.name
@@ -124,8 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         systems = {k: v[: args.n] for k, v in systems.items()}
         refs = {k: v[: args.n] for k, v in refs.items()}
     ref_words = {k: [normalize_words(r) for r in v] for k, v in refs.items()}
+    # a clip whose reference has no words has no error rate: a resample of such clips alone
+    # divided by 0 (a NaN interval)
+    keep = [j for j in range(len(ids)) if all(v[j] for v in ref_words.values())]
+    if len(keep) < len(ids):
+        print(f"compare_wer: {len(ids) - len(keep)} clip(s) whose text has no words left out: "
+              f"{', '.join(ids[j] for j in range(len(ids)) if j not in set(keep))}", file=sys.stderr)
+        ids = [ids[j] for j in keep]
+        systems = {k: [v[j] for j in keep] for k, v in systems.items()}
+        refs = {k: [v[j] for j in keep] for k, v in refs.items()}
+        ref_words = {k: [v[j] for j in keep] for k, v in ref_words.items()}
     words = {k: np.array([len(r) for r in v], dtype=np.float64) for k, v in ref_words.items()}
-    if any(w.sum() == 0 for w in words.values()):
+    if not ids:
         raise SystemExit("the references hold no words")
     edits = {k: np.array([edit_distance(r, normalize_words(h)) for r, h in zip(ref_words[k], hyps)],
                          dtype=np.float64) for k, hyps in systems.items()}

@@ -18,7 +18,6 @@ count.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,16 +33,10 @@ def hits(run: Path) -> dict[str, bool]:
     path = run / "items.jsonl"
     if not path.is_file():
         raise Stop(f"no {path}: run `echox eval` there first")
-    out: dict[str, bool] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            out[str(rec["id"])] = bool(rec["hit"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise Stop(f"{path}:{n}: not an eval record ({e})") from None
-    return out
+    from echox.eval.run import scored_items
+
+    # what `echox eval` counts: a torn line (a killed run) is skipped, a hit must be true/false
+    return {str(k): rec["hit"] for k, rec in scored_items(path).items()}
 
 
 def pts(x: float) -> str:

@@ -473,7 +473,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     cascade_recs = eval_run(
         ctx, "cascade", "cascade", qa, ids,
         {"mode": "cascade", "benchmark": str(qa.resolve()), "llm": llm, "system_prompt": prompt,
-         "asr": ctx.asr_name(), **guard},
+         "asr": ctx.asr_name(), "audio": file_audio_digest(qa), **guard},  # the ASR hears the audio
         lambda: CascadeAnswerer(ctx.asr(), TextAnswerer(llm, prompt or None, decoding=sampling)),
         f"echox eval --mode cascade --asr {args.asr} --llm {shlex.quote(llm)} --system-prompt "
         f"{shlex.quote(prompt or '')} --benchmark local:{qa}{lim} --batch-size {batch}{guard_flags} "

@@ -53,8 +53,13 @@ def test_gap_voices_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "argument --resamples: must be >= 1, got 0" in capsys.readouterr().err
     assert bench.main(["--voice", "v", *runs, runs[0], "--voice", "v", *runs, runs[0]]) == 2
     assert "share a name" in capsys.readouterr().err
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "items.jsonl").write_text("{not json\n")
-    assert bench.main(["--voice", "v", *runs, str(tmp_path / "bad")]) == 2
-    err = capsys.readouterr().err
-    assert "items.jsonl:1: not an eval record" in err and len(err.strip().splitlines()) == 1
+    # read as `echox eval` reads a run: a torn line (a killed run, resumed) is skipped, not a
+    # stop, and a hit that is not true/false ("false", a string, counted as a hit) is no answer
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "items.jsonl").write_text('{"id": "q0", "hit": false}\n{"id": "q0", "hi')
+    assert bench.main(["--voice", "v", *runs, str(tmp_path / "torn")]) == 0
+    assert "| v | +0.0 | +100.0 | -100.0" in capsys.readouterr().out  # Echo 1 -> 1, gold 1 -> 0
+    (tmp_path / "str").mkdir()
+    (tmp_path / "str" / "items.jsonl").write_text('{"id": "q0", "hit": "false"}\n')
+    assert bench.main(["--voice", "v", *runs, str(tmp_path / "str")]) == 2
+    assert "share no question" in capsys.readouterr().err

@@ -144,8 +144,8 @@ def test_compare_wer_reads_t2c_eval_runs(tmp_path: Path, capsys: pytest.CaptureF
     assert "| 0.333 | - | - |" in rows["v4/echo-s2s"]
     assert "| 0.250 | -0.083 |" in rows["v5/echo-s2s"]
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "items.jsonl").write_text("{not json\n")
-    with pytest.raises(SystemExit, match="items.jsonl:1"):
+    (tmp_path / "bad" / "items.jsonl").write_text('["a list"]\n')
+    with pytest.raises(SystemExit, match="items.jsonl:1: not an item with id, text and transcript"):
         _compare().main([str(tmp_path / "bad")])
 
 
@@ -162,3 +162,23 @@ def test_bench_scripts_end_bad_input_with_one_line(tmp_path):
     r = subprocess.run([_sys.executable, str(root / "bench" / "compare_wer.py"), "a", "b", "--samples", "0"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--samples: must be >= 1" in r.stderr
+
+
+def test_compare_wer_skips_a_torn_line_and_a_clip_without_words(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A run resumed after a kill keeps its torn line (`echox eval` skips it): compare_wer
+    stopped there. A clip whose text has no words made every interval NaN."""
+    def run(name: str, lines: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "items.jsonl").write_text(lines)
+        return d
+
+    rec = lambda i, text, hyp: json.dumps({"id": i, "text": text, "transcript": hyp}) + "\n"  # noqa: E731
+    a = run("a", rec("p", "one two", "one two") + '{"id": "q", "te' + "\n" + rec("q", "three", "tree")
+            + rec("e", "", "uh"))
+    b = run("b", rec("p", "one two", "one") + rec("q", "three", "three") + rec("e", "", ""))
+    assert _compare().main([str(a), str(b), "--samples", "200"]) == 0
+    cap = capsys.readouterr()
+    assert "a torn line, skipped" in cap.err and "1 clip(s) whose text has no words left out: e" in cap.err
+    assert cap.out.startswith("2 clips, 3 reference words") and "nan" not in cap.out, cap.out

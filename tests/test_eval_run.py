@@ -229,7 +229,7 @@ def test_compare_counts_the_items_each_summary_counted(tmp_path, bench, capsys):
 def test_resume_after_a_torn_last_line_keeps_the_next_record(tmp_path, bench):
     """A run killed mid-write leaves a last line without its newline: the next record appended
     must start a line of its own, or it is glued to the fragment and lost from items.jsonl."""
-    from echox.eval.run import _done
+    from echox.eval.run import scored_items
 
     items = load_benchmark(bench)
     run_eval(items[:2], Scripted(), "s2t", tmp_path, bench, progress=False)
@@ -237,7 +237,7 @@ def test_resume_after_a_torn_last_line_keeps_the_next_record(tmp_path, bench):
         f.write('{"id": "q2", "question": "Quest')  # torn: no newline
     resumed = run_eval(items, Scripted(), "s2t", tmp_path, bench, progress=False)
     assert resumed.n == 4
-    assert sorted(_done(tmp_path / "items.jsonl")) == ["q0", "q1", "q2", "q3"]
+    assert sorted(scored_items(tmp_path / "items.jsonl")) == ["q0", "q1", "q2", "q3"]
     again = Scripted()
     run_eval(items, again, "s2t", tmp_path, bench, progress=False)
     assert again.calls == 0  # every record is on disk: nothing is answered twice

@@ -272,8 +272,9 @@ class EvalSummary:
                 f"on {self.n} items{lat}")
 
 
-def _done(path: Path) -> dict[str, dict[str, Any]]:
-    """The scored records of a run's items.jsonl, by id. A record without a true/false `hit`
+def scored_items(path: Path) -> dict[str, dict[str, Any]]:
+    """The scored records of a run's items.jsonl, by id (what `echox eval` counts and
+    `--compare` pairs; bench scripts read runs with it too). A record without a true/false `hit`
     or with a latency that is not a finite number (an edit, another program's line) is no
     answer the summary can count: its item is answered again."""
     def scored(rec: dict[str, Any]) -> bool:
@@ -435,7 +436,7 @@ def run_eval(
     check_batch_size(mode, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "items.jsonl"
-    done = _done(path)
+    done = scored_items(path)
     seen: dict[str, None] = {}  # this benchmark's ids: the summary counts these, not the whole file
 
     def noted(items: Iterable[QAItem]) -> Iterator[QAItem]:
@@ -527,7 +528,7 @@ def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
         check_out_path(png, "--png", folder=False)
     sums = [read_summary(Path(d)) for d in run_dirs]
     # each run against the first, on the questions both answered: a paired difference
-    recs = [_done(Path(d) / "items.jsonl") for d in run_dirs]
+    recs = [scored_items(Path(d) / "items.jsonl") for d in run_dirs]
     # only the items each summary counted: a run rerun on fewer items keeps the others' lines
     recs = [rs if s.ids is None else {k: rs[k] for k in s.ids if k in rs} for s, rs in zip(sums, recs)]
     for d, rs in zip(run_dirs[1:], recs[1:]):
@@ -690,7 +691,7 @@ def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
     mistyped --model) takes the new settings."""
     path = out / "eval.json"
     settings = json.loads(json.dumps(settings))  # as they read back
-    if path.is_file() and _done(out / "items.jsonl"):
+    if path.is_file() and scored_items(out / "items.jsonl"):
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as e:
