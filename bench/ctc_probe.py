@@ -97,17 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from echox.audio import load_audio
     from echox.eval.wer import edit_distance, normalize_words
+    from echox.fileio import json_records
     from echox.model.echox import EchoX
 
-    model = EchoX.from_pretrained(args.model).eval()
     qa = Path(args.qa)
+    items = json_records(qa, ("audio", "question"))[: args.n]  # checked before the model loads
+    if not items:
+        raise SystemExit(f"{qa}: no questions")
+    model = EchoX.from_pretrained(args.model).eval()
     rows, waves = [], []
-    for line in qa.read_text().splitlines()[: args.n]:
-        item = json.loads(line)
+    for item in items:
         wave = load_audio(str(qa.parent / item["audio"]), 16000)
         waves.append(wave)
         r = probe(model, wave)
-        r.update(id=item["id"], question=item["question"])
+        r.update(id=item.get("id", str(len(rows))), question=item["question"])
         ref = normalize_words(item["question"])
         r["errors"], r["words"] = edit_distance(ref, normalize_words(r["ctc_text"])), len(ref)
         r["names_ctc"], r["names"] = name_recall(item["question"], r["ctc_text"])

@@ -40,7 +40,7 @@ class Row:
 
 def read_questions(path: Path, n: int) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise SystemExit(f"latency: question file not found: {path}")
+        raise SystemExit(f"question file not found: {path}")
     rows = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -48,14 +48,14 @@ def read_questions(path: Path, n: int) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"latency: {path}:{i}: not JSON ({e})") from e
+            raise SystemExit(f"{path}:{i}: not JSON ({e})") from e
         if not isinstance(rec, dict) or not (rec.get("audio") or rec.get("question")):
-            raise SystemExit(f"latency: {path}:{i}: needs an 'audio' or 'question' field")
+            raise SystemExit(f"{path}:{i}: needs an 'audio' or 'question' field")
         rows.append(rec)
         if len(rows) == n:
             break
     if not rows:
-        raise SystemExit(f"latency: {path} holds no questions")
+        raise SystemExit(f"{path} holds no questions")
     return rows
 
 
@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = read_questions(args.questions, args.n)
+    if args.input == "text":  # asked as text: each row needs its question's text
+        lacking = [q for q in questions if not (isinstance(q.get("question"), str) and q["question"].strip())]
+        if lacking:
+            raise SystemExit(f"{args.questions}: question {lacking[0].get('id', '?')!r} has no "
+                             "'question' text to ask (--input text)")
     base = args.questions.parent
     bundle = load_bundle(args.model)
     if bundle.vocoder is None:

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from echox.audio import load_audio
     from echox.eval.wer import wer
+    from echox.fileio import json_records
     from echox.infer.asr import FasterWhisperASR
     from echox.vocoder.io import load_named_generator, load_vocoder
     from echox.vocoder.unit_mel import UnitMelVocoder
@@ -57,13 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.manifest)
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such file")
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    recs = [r for r in recs if r.get("units") and r.get("audio")][: args.n]
+    recs = [r for r in json_records(path) if r.get("units") and r.get("audio")][: args.n]
     if not recs:
         print(f"{path}: no records with units and audio", file=sys.stderr)
         return 2
+    for r in recs:  # what each measured clip needs, checked before the models load
+        if not (isinstance(r.get("text"), str) and isinstance(r["audio"], str)
+                and isinstance(r["units"], list)):
+            raise SystemExit(f"{path}: record {r.get('id')!r} needs a text, an audio path and units")
+        if args.true_durations and not isinstance(r.get("counts"), list):
+            raise SystemExit(f"{path}: record {r.get('id')!r} has no unit 'counts', which "
+                             "--true-durations reads (extract the units with their durations)")
     base = load_vocoder(args.vocoder)
     variants = [("own", base)]
     if args.hifigan:

@@ -4,6 +4,7 @@ found later (a missing or unreadable file) is one line on stderr and exit 2, no 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,3 +129,34 @@ def test_json_output_never_replaces_an_input_and_is_checked_first(name: str, arg
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         script.main([*args, "--json", str(tmp_path / "afile" / "rows.json")])
+
+
+def test_odd_question_and_manifest_rows_are_one_line_before_the_load(tmp_path: Path) -> None:
+    """A JSON list, a row without its question or text, a --true-durations run on units
+    without their counts: KeyError / TypeError / AttributeError tracebacks, some after the
+    model had loaded; an empty question file gave a table of NaNs and exit 0."""
+    from echox.errors import ConfigError
+
+    def rows(name: str, *recs: object) -> str:
+        p = tmp_path / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return str(p)
+
+    probe = load_script("bench/ctc_probe.py", "bench_ctc_probe")
+    with pytest.raises(ConfigError, match=r"lst.jsonl:1: not a JSON object"):
+        probe.main(["--model", MISSING, "--qa", rows("lst.jsonl", ["a"])])
+    with pytest.raises(ConfigError, match=r"noq.jsonl:2: no 'question' text"):
+        probe.main(["--model", MISSING, "--qa", rows("noq.jsonl", {"audio": "a.wav", "question": "Who?"},
+                                                     {"audio": "b.wav"})])
+    with pytest.raises(SystemExit, match="no questions"):
+        probe.main(["--model", MISSING, "--qa", rows("empty.jsonl")])
+    latency = load_script("bench/latency.py", "bench_latency")
+    with pytest.raises(SystemExit, match=r"question 'q1' has no 'question' text to ask \(--input text\)"):
+        latency.main(["--model", MISSING, "--questions", rows("aud.jsonl", {"id": "q1", "audio": "a.wav"}),
+                      "--input", "text"])
+    voc = load_script("bench/vocoder.py", "bench_vocoder")
+    unit_row = {"id": "u1", "audio": "a.wav", "units": [1, 2], "text": "hi"}
+    with pytest.raises(SystemExit, match="has no unit 'counts'"):
+        voc.main(["--vocoder", MISSING, "--manifest", rows("u.jsonl", unit_row), "--true-durations"])
+    with pytest.raises(SystemExit, match="needs a text, an audio path and units"):
+        voc.main(["--vocoder", MISSING, "--manifest", rows("t.jsonl", {**unit_row, "text": None})])

@@ -361,6 +361,26 @@ def read_json_object(path: str | os.PathLike, error: type[Exception],
     return value
 
 
+def json_records(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Every non-blank line of a JSON-lines input (a question or manifest file a script
+    reads whole), each a JSON object whose `required` keys hold non-empty strings. The first
+    line that is not one is a ConfigError naming the file and line, not a KeyError or
+    TypeError further on; a missing file is one too."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file")
+    need = tuple(required)
+    out = []
+    for lineno, value, error in json_lines(p):
+        if error is not None or not isinstance(value, dict):
+            raise ConfigError(f"{p}:{lineno}: {error or 'not a JSON object'}")
+        lacking = [k for k in need if not (isinstance(value.get(k), str) and value[k].strip())]
+        if lacking:
+            raise ConfigError(f"{p}:{lineno}: no {lacking[0]!r} text")
+        out.append(value)
+    return out
+
+
 def json_objects(path: str | os.PathLike, key: str,
                  log: logging.Logger | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """The readable JSON objects holding a string (or int) `key` of a file a run appends to and resumes from (a
