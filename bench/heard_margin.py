@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="other gains than the file's own (clipped to [-1, 1])")
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch / CTranslate2 threads")
     args = p.parse_args(argv)
+    if not args.word.strip():  # every transcript "contains" the empty word
+        p.error("--word: give a word")
     if not all(math.isfinite(x) for x in args.snr):
         p.error(f"--snr: levels must be finite numbers, got {args.snr}")
     if not all(0 < x < math.inf for x in args.gains):

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-chunk-units", type=int, default=20,
                     help="units in a segment's first audio chunk")
     ap.add_argument("--threads", type=int_at_least(1), help="torch intra-op threads")
-    ap.add_argument("--warmup", type=int, default=1, help="uncounted runs first (lazy init)")
+    ap.add_argument("--warmup", type=int_at_least(0), default=1, help="uncounted runs first (lazy init)")
     ap.add_argument("--json", type=Path, help="also write the rows and summary here")
     args = ap.parse_args(argv)
     if args.json is not None:  # before the run, not after it: the rows would be lost

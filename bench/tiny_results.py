@@ -351,7 +351,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "runs/tiny/t2c/model")
     ap.add_argument("--out", default="runs/tiny/results", help="output folder (runs go in it)")
     ap.add_argument("--n", type=int_at_least(1), help="first N questions only (a smoke run)")
-    ap.add_argument("--batch-size", type=int, default=None,
+    ap.add_argument("--batch-size", type=int_at_least(1), default=None,
                     help="text / s2t: questions answered together (default 16); s2s and "
                          "the T2C row go one at a time")
     ap.add_argument("--threads", type=int_at_least(0), default=0, help="torch and CTranslate2 threads (0 = default)")

@@ -160,3 +160,18 @@ def test_odd_question_and_manifest_rows_are_one_line_before_the_load(tmp_path: P
         voc.main(["--vocoder", MISSING, "--manifest", rows("u.jsonl", unit_row), "--true-durations"])
     with pytest.raises(SystemExit, match="needs a text, an audio path and units"):
         voc.main(["--vocoder", MISSING, "--manifest", rows("t.jsonl", {**unit_row, "text": None})])
+
+
+@pytest.mark.parametrize(("name", "argv", "says"), [
+    ("tiny_results", ["--echo", MISSING, "--batch-size", "0"], "--batch-size: must be >= 1"),
+    ("latency", ["--model", MISSING, "--questions", MISSING, "--warmup", "-1"], "--warmup: must be >= 0"),
+    ("heard_margin", [MISSING, "--word", " "], "--word: give a word"),
+])
+def test_counts_and_words_that_mean_nothing_are_refused(name: str, argv: list[str], says: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--batch-size 0 became 16 without a word, --warmup -1 was taken, --word "" matched every
+    transcript."""
+    script = load_script(f"bench/{name}.py", f"bench_{name}")
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    assert stop.value.code == 2 and says in capsys.readouterr().err

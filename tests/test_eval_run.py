@@ -439,3 +439,12 @@ def test_eval_keeps_to_its_run_folder(tmp_path, bundle_dir, bench, capsys):
 
     names = [_audio_name(i) for i in ("a/b", "a_b", "a\\b", "q1")]
     assert len(set(names)) == 4 and names[3] == "q1.wav" and all("/" not in n for n in names)
+
+
+def test_a_bad_png_path_is_refused_before_the_run(tmp_path, bench, capsys):
+    """--png was checked only once every item had been answered (exit 2 after the whole run)."""
+    (tmp_path / "afile").write_text("x")
+    assert main(["eval", "--mode", "text", "--benchmark", bench, "--out", str(tmp_path / "run"),
+                 "--png", str(tmp_path / "afile" / "bars.png")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -575,6 +575,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.benchmark:
         raise EvalError("give --benchmark (e.g. local:data/tiny/test/qa.jsonl or llama-questions)")
+    if args.png:  # before the run: a bad chart path was found only once every item was answered
+        check_out_path(args.png, "--png", folder=False)
     batch_size = args.batch_size
     if batch_size is None:
         batch_size = 1 if args.mode == "s2s" else DEFAULT_BATCH_SIZE
@@ -760,6 +762,7 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--whole-response", action="store_true",
                    help="s2s, with --no-stream: one echo segment for the whole answer, no trigger cuts")
     p.add_argument("--save-audio", action="store_true", help="s2s: keep each spoken answer as a wav")
-    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="table + bar chart of finished runs")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                   help="table of finished runs (and a bar chart with --png)")
     p.add_argument("--png", help="bar chart path")
 
