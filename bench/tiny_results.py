@@ -90,6 +90,9 @@ def read_items(path: Path) -> dict[str, dict[str, Any]]:
 DECODING = (("repetition_penalty", "--repetition-penalty", 1.0), ("no_repeat_ngram_size", "--no-repeat-ngram", 0),
             ("num_beams", "--text-beams", 1), ("length_penalty", "--text-length-penalty", 1.0))
 OPTIONAL_SETTINGS = tuple(name for name, _, _ in DECODING)
+# settings older versions of this script did not record (the cascade run's question audio):
+# absent from a run.json, they are taken as the current ones
+RECORDED_LATER = ("audio",)
 
 
 def check_run_dir(folder: Path, settings: dict[str, Any]) -> None:
@@ -100,10 +103,16 @@ def check_run_dir(folder: Path, settings: dict[str, Any]) -> None:
     if path.is_file():
         old = read_json_object(path, Stop)
         keys = [*settings, *(k for k in OPTIONAL_SETTINGS if k in old and k not in settings)]
-        diff = {k: (old.get(k), settings.get(k)) for k in keys if old.get(k) != settings.get(k)}
+        diff = {k: (old.get(k), settings.get(k)) for k in keys if old.get(k) != settings.get(k)
+                and not (k in RECORDED_LATER and k not in old)}
         if diff:
             raise Stop(f"{folder} was made with other settings {diff} (old, new): delete it "
                        "or pass another --out")
+        later = {k: settings[k] for k in RECORDED_LATER if k in settings and k not in old}
+        if later:  # a run of an older version of this script: it records them from now on
+            print(f"tiny_results: {folder} does not record {sorted(later)}; taken as this run's",
+                  file=sys.stderr)
+            atomic_write_text(path, json.dumps({**old, **later}, indent=2) + "\n")
         return
     folder.mkdir(parents=True, exist_ok=True)
     existing = len(read_items(folder / "items.jsonl"))

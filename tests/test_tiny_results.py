@@ -354,3 +354,14 @@ def test_a_damaged_run_json_is_one_line_naming_it(tmp_path: Path) -> None:
         (tmp_path / "run" / "run.json").write_text(damaged)
         with pytest.raises(bench.Stop, match=f"run.json: {says}"):
             bench.check_run_dir(tmp_path / "run", {"mode": "s2t"})
+
+
+def test_a_setting_older_runs_did_not_record_is_taken_as_this_runs(tmp_path: Path) -> None:
+    """The cascade run now records the question audio it heard: a cascade folder of an older
+    version, without it, was refused as "made with other settings" (300 answers to redo)."""
+    bench = _script()
+    bench.check_run_dir(tmp_path / "run", {"mode": "cascade"})  # as the older version wrote it
+    bench.check_run_dir(tmp_path / "run", {"mode": "cascade", "audio": "abc"})
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["audio"] == "abc"
+    with pytest.raises(bench.Stop, match="other settings"):  # recorded now: other audio is refused
+        bench.check_run_dir(tmp_path / "run", {"mode": "cascade", "audio": "xyz"})

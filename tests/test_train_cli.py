@@ -371,10 +371,13 @@ def test_a_refused_resume_leaves_the_run_record_as_it_was(tmp_path, capsys):
     assert (tmp_path / "t2c" / "recipe.json").read_text() == record
 
 
-def test_resume_without_a_recipe_goes_on_with_the_runs_own(tmp_path, capsys):
+def test_resume_without_a_recipe_goes_on_with_the_runs_own(tmp_path, capsys, monkeypatch):
     """--resume without --recipe built the default model (`tiny`), then failed on a checkpoint
-    that "does not fit", and recorded `model: tiny` as the run's."""
+    that "does not fit", and recorded `model: tiny` as the run's. A preset name stays a name
+    where the run's folder holds a folder of that name (data/tiny beside the recipes)."""
     _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 3, lr: 0.003, save_every: 1")
+    (tmp_path / "tiny-random").mkdir()
+    monkeypatch.chdir(tmp_path)
     assert main([*run, "--stop-at", "2"]) == 0
     capsys.readouterr()
     i = run.index("--recipe")

@@ -536,8 +536,9 @@ def _recorded_recipe(args: argparse.Namespace) -> dict[str, Any] | None:
         p = os.path.join(then, v) if isinstance(then, str) and isinstance(v, str) and v else None
         return os.path.abspath(p) if p and not os.path.isabs(v) and os.path.exists(p) else v
 
-    if "model" in recorded:
-        recorded["model"] = there(recorded["model"])
+    model = recorded.get("model")
+    if isinstance(model, str) and model.endswith((".yaml", ".yml")):  # a file, not a preset name
+        recorded["model"] = there(model)
     for key, cls in (("train", TrainConfig), ("data", StageData)):
         section = recorded.get(key)
         if not isinstance(section, dict):
@@ -561,7 +562,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if getattr(args, key) is None and isinstance(recorded.get(key), str):
                 setattr(args, key, recorded[key])
         was = recorded.get("init_sets")
-        init_sets = [*(was if isinstance(was, list) else []), *init_sets]
+        given = {o.split("=", 1)[0].strip(): o for o in [*(was if isinstance(was, list) else []), *init_sets]}
+        init_sets = list(given.values())  # one per key, the latest (repeated on each resume: once)
     if args.data:
         recipe["data"].train = args.data
     if args.eval_data:
