@@ -33,10 +33,13 @@ def hits(run: Path) -> dict[str, bool]:
     path = run / "items.jsonl"
     if not path.is_file():
         raise Stop(f"no {path}: run `echox eval` there first")
-    from echox.eval.run import scored_items
+    from echox.eval.run import read_summary, scored_items
 
-    # what `echox eval` counts: a torn line (a killed run) is skipped, a hit must be true/false
-    return {str(k): rec["hit"] for k, rec in scored_items(path).items()}
+    # what `echox eval` counts: a torn line (a killed run) is skipped, a hit must be true/false,
+    # and only the items its summary counted (a rerun on fewer items keeps the others' lines)
+    counted = read_summary(run).ids if (run / "summary.json").is_file() else None
+    recs = scored_items(path)
+    return {str(k): recs[k]["hit"] for k in (recs if counted is None else counted) if k in recs}
 
 
 def pts(x: float) -> str:

@@ -59,6 +59,11 @@ def test_gap_voices_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     (tmp_path / "torn" / "items.jsonl").write_text('{"id": "q0", "hit": false}\n{"id": "q0", "hi')
     assert bench.main(["--voice", "v", *runs, str(tmp_path / "torn")]) == 0
     assert "| v | +0.0 | +100.0 | -100.0" in capsys.readouterr().out  # Echo 1 -> 1, gold 1 -> 0
+    (tmp_path / "torn" / "summary.json").write_text(json.dumps(  # it counted none of them
+        {"name": "torn", "mode": "s2s", "benchmark": "b", "n": 0, "accuracy": 0.0,
+         "mean_latency_ms": None, "ids": []}))
+    assert bench.main(["--voice", "v", *runs, str(tmp_path / "torn")]) == 2
+    assert "share no question" in capsys.readouterr().err
     (tmp_path / "str").mkdir()
     (tmp_path / "str" / "items.jsonl").write_text('{"id": "q0", "hit": "false"}\n')
     assert bench.main(["--voice", "v", *runs, str(tmp_path / "str")]) == 2
