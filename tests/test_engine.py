@@ -452,6 +452,12 @@ def test_unit_language_tokens_are_split_into_units(bundle: Bundle, tmp_path: Pat
     with caplog.at_level("WARNING"):
         save_bundle(tmp_path / "mixed", bundle.model, bundle.vocoder, lang)
     assert "over 30 units but the vocoder was trained on 50" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the same pair given at load (chat --unit-language ...)
+        load_bundle(tmp_path / "mixed")  # its own pair: warned about when it was made
+        assert "over 30 units" not in caplog.text
+        load_bundle(tmp_path / "mixed", unit_language=lang)
+    assert "over 30 units but the vocoder was trained on 50" in caplog.text
     out = save_bundle(tmp_path / "with_lang", bundle.model, bundle.vocoder, UnitLanguage.identity(50))
     assert load_bundle(out).unit_language.vocab_size == 50
     small = Bundle(bundle.model, bundle.vocoder, UnitLanguage.identity(20))

@@ -166,6 +166,7 @@ def load_bundle(
                     "(no native half precision): answers will be many times slower than with "
                     "--dtype fp32", str(held).removeprefix("torch."))
 
+    replaced = vocoder is not None or unit_language is not None
     if vocoder is None and (folder / VOCODER_DIR).is_dir():
         vocoder = folder / VOCODER_DIR
     voc = load_vocoder(vocoder, dev) if isinstance(vocoder, (str, os.PathLike)) else vocoder
@@ -176,6 +177,8 @@ def load_bundle(
             if isinstance(unit_language, (str, os.PathLike)) else unit_language)
     bundle = Bundle(model, voc, lang, folder)
     check_bundle(bundle)
+    if replaced:  # a bundle's own pair was warned about when it was made
+        _warn_unit_counts(folder, voc, lang)
     return bundle
 
 
@@ -270,6 +273,17 @@ def check_bundle(bundle: Bundle) -> None:
                           f"only knows {voc_units}")
 
 
+def _warn_unit_counts(where: Any, vocoder: Vocoder | None, lang: Any) -> None:
+    """A vocoder of more units than the unit language: maybe the same k-means (a language
+    learned without --num-units counts the units its data used, the largest + 1), maybe
+    another, whose ids each name another sound."""
+    voc_units = _vocoder_units(vocoder)
+    if voc_units is not None and lang is not None and voc_units > lang.num_units:
+        log.warning("%s: the unit language is over %d units but the vocoder was trained on %d: "
+                    "if they come from different k-means, the speech will be garbled", where,
+                    lang.num_units, voc_units)
+
+
 def _vocoder_units(vocoder: Vocoder | None) -> int | None:
     if isinstance(vocoder, CodeHiFiGAN):
         return vocoder.config.num_embeddings
@@ -304,13 +318,7 @@ def save_bundle(
 
     bundle = Bundle(model, vocoder, unit_language, folder)
     check_bundle(bundle)
-    voc_units = _vocoder_units(vocoder)
-    if voc_units is not None and unit_language is not None and voc_units > unit_language.num_units:
-        # a language learned without --num-units counts the units its data used (the largest
-        # + 1), so this may be the same k-means; from another, every id names another sound
-        log.warning("%s: the unit language is over %d units but the vocoder was trained on %d: "
-                    "if they come from different k-means, the speech will be garbled", folder,
-                    unit_language.num_units, voc_units)
+    _warn_unit_counts(folder, vocoder, unit_language)
     model.save_pretrained(folder, extra_files=extra_files, extra_writer=write_parts,
                           omit_parts=("t2c",) if slim else (), dtype=dtype, replace=replace)
     return folder
