@@ -353,6 +353,13 @@ def test_outputs_are_checked_first_and_inputs_never_replaced(
                  str(tmp_path / "l" / "tokenizer.json")]) == 2
     assert "is the input" in _err(capsys)
     assert {p.name: p.read_bytes() for p in (tmp_path / "l").iterdir()} == lang_bytes
+    # ... nor of a language it does not read (the stats rows replaced its tokenizer, exit 0),
+    # nor where --save-dir writes one
+    assert main([*stats, "--json", str(tmp_path / "l" / "tokenizer.json")]) == 2
+    assert "lies inside the unit language" in _err(capsys)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "l").iterdir()} == lang_bytes
+    assert main([*stats, "--save-dir", str(tmp_path / "sd"), "--json", str(tmp_path / "sd" / "v8" / "s.json")]) == 2
+    assert "where --save-dir writes a language" in _err(capsys)
     inf = tmp_path / "inf"  # a size of Infinity was an OverflowError traceback
     shutil.copytree(tmp_path / "l", inf)
     meta_file = inf / "unit_language.json"

@@ -219,6 +219,10 @@ def _out_file(path: str | os.PathLike, option: str, inputs: Sequence[str | os.Pa
         if out.is_file() and Path(src).is_file() and os.path.samefile(out, src):
             raise UnitError(f"{option} {out} is the input {src}: writing it would replace the "
                             "input; give another file")
+    for parent in out.resolve().parents:  # e.g. --json LANG/tokenizer.json
+        if (parent / META_FILE).is_file():
+            raise UnitError(f"{option} {out} lies inside the unit language {parent}: writing it "
+                            "could replace the language's files; give a path outside it")
     return out
 
 
@@ -550,6 +554,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         _check_plot_suffix(args.png)
     save_dirs = {v: _language_dir(Path(args.save_dir) / f"v{v}", "--save-dir")
                  for v in sizes} if args.save_dir else {}
+    for option, given in (("--json", args.json), ("--png", args.png)):
+        for d in save_dirs.values():  # a language written there would be replaced whole
+            if given and (d.resolve() == Path(given).resolve() or d.resolve() in Path(given).resolve().parents):
+                raise UnitError(f"{option} {given} lies inside {d}, where --save-dir writes a "
+                                "language; give a path outside it")
     seqs = _unit_sequences(args.manifest, args.exclude_id_suffix)
     k = _num_units(args, seqs) if sizes else 0
     for v in sizes:
@@ -644,7 +653,8 @@ def extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", help="whisper:<model> or hubert:<model> (default: the k-means' side file)")
     p.add_argument("--layer", type=int, help="hidden layer (default: the k-means' side file)")
     p.add_argument("--out", required=True, help="output TTS JSONL with units")
-    p.add_argument("--cache", help="per-utterance cache (units + run lengths); default <out>.cache/")
+    p.add_argument("--cache", help="per-utterance cache (units + run lengths); default: beside "
+                                   "--out, named as it with .cache for its suffix (u.jsonl: u.cache/)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad-audio", action="store_true", help="drop audio that cannot be read or that the speech model cannot take "
                         "(too short, NaN samples; a warning names each), don't stop")
