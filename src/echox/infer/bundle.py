@@ -262,10 +262,11 @@ def check_bundle(bundle: Bundle) -> None:
         raise CheckpointError(f"{where}: the echo decoder predicts tokens of a unit language "
                               f"(fingerprint {spoken}) but the bundle has none; give it "
                               "(--unit-language DIR)")
-    theirs = getattr(bundle.unit_language, "fingerprint", None)  # (released unit tokens: none)
-    if spoken and bundle.unit_language is not None and theirs != spoken:
-        raise CheckpointError(f"{where}: the unit language (fingerprint {theirs}) is not the one "
-                              f"the echo decoder was trained on ({spoken})")
+    if spoken:  # (released unit tokens have no fingerprint)
+        theirs = getattr(bundle.unit_language, "fingerprint", None)
+        if theirs != spoken:
+            raise CheckpointError(f"{where}: the unit language (fingerprint {theirs}) is not the "
+                                  f"one the echo decoder was trained on ({spoken})")
     n_units = (bundle.unit_language.num_units if bundle.unit_language is not None else n_tokens)
     voc_units = _vocoder_units(bundle.vocoder)
     if voc_units is not None and voc_units < n_units:

@@ -56,6 +56,7 @@ from echox.train.trainer import (
     TrainConfig,
     Trainer,
     TrainResult,
+    check_enough_examples,
     check_no_checkpoints,
     check_run_folder,
     encoder_cache_root,
@@ -285,10 +286,8 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
             "this model's T2C and echo decoder are one module (the released layout), and Stage "
             "III trains it: online pseudo-labels would come from the decoder being trained, not "
             "a frozen T2C; use --pseudo-labels offline (decoded once, before the first step)")
-    world = int(os.environ.get("WORLD_SIZE") or 1)  # before the states and labels (minutes)
-    if (cfg.freeze_s2t or offline) and len(train) < cfg.batch_size * world:
-        raise ConfigError(f"{len(train)} examples are fewer than one global batch ({cfg.batch_size} "
-                          f"x {world} processes): give more data or a smaller train.batch_size")
+    if cfg.freeze_s2t or offline:  # before the states and labels (minutes), as the sampler will
+        check_enough_examples(len(train), cfg.batch_size, int(os.environ.get("WORLD_SIZE") or 1))
     # every training dialogue, loaded once, for the steps that run the S2T model over them all
     turns = [train[i].turns for i in range(len(train))] if cfg.freeze_s2t or offline else []
     states = ev_states = None
@@ -470,11 +469,12 @@ def _match_unit_language(model: Any, lang: UnitLanguage | None, language_dir: st
                 "but no data.unit_language is given, so its targets would be raw unit ids; give "
                 "the language it was trained on (--set data.unit_language=DIR)")
         return
-    if cfg.unit_language and cfg.unit_language != lang.fingerprint:
+    fingerprint = lang.fingerprint
+    if cfg.unit_language and cfg.unit_language != fingerprint:
         raise ConfigError(
-            f"data.unit_language {language_dir} (fingerprint {lang.fingerprint}) is not the unit "
+            f"data.unit_language {language_dir} (fingerprint {fingerprint}) is not the unit "
             f"language the model's T2C was trained on (fingerprint {cfg.unit_language})")
-    cfg.unit_language = lang.fingerprint
+    cfg.unit_language = fingerprint
 
 
 def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
@@ -496,6 +496,12 @@ def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
     return [before, *older]
 
 
+def _found_in(value: Any, cwd: str) -> str | None:
+    """`value`, a path given in the folder `cwd`, joined to it when it names something there."""
+    there = os.path.join(cwd, value) if isinstance(value, str) and value else None
+    return there if there and os.path.exists(there) else None
+
+
 def _spelled(value: Any, cwd: str) -> Any:
     """A data setting with its paths normalised: `./data/x.jsonl` and `data//x.jsonl` name
     the same file as `data/x.jsonl`, and so does `main/data/x.jsonl` from the folder above
@@ -503,10 +509,10 @@ def _spelled(value: Any, cwd: str) -> Any:
     gone since) is only normalised."""
     if isinstance(value, list):
         return [_spelled(v, cwd) for v in value]
-    if not (isinstance(value, str) and value):
-        return value
-    there = os.path.join(cwd, value)
-    return os.path.realpath(there) if os.path.exists(there) else os.path.normpath(value)
+    there = _found_in(value, cwd)
+    if there:
+        return os.path.realpath(there)
+    return os.path.normpath(value) if isinstance(value, str) and value else value
 
 
 def _stopped_line(res: TrainResult) -> str:
@@ -533,8 +539,8 @@ def _recorded_recipe(args: argparse.Namespace) -> dict[str, Any] | None:
     def there(v: Any) -> Any:  # a relative path, read from where the run ran
         if isinstance(v, list):
             return [there(x) for x in v]
-        p = os.path.join(then, v) if isinstance(then, str) and isinstance(v, str) and v else None
-        return os.path.abspath(p) if p and not os.path.isabs(v) and os.path.exists(p) else v
+        p = _found_in(v, then) if isinstance(then, str) and not os.path.isabs(str(v)) else None
+        return os.path.abspath(p) if p else v
 
     model = recorded.get("model")
     if isinstance(model, str) and model.endswith((".yaml", ".yml")):  # a file, not a preset name

@@ -192,6 +192,13 @@ def check_run_folder(out: Path, keep_best: bool = False) -> None:
                               "a run would replace it; give another --out")
 
 
+def check_enough_examples(n: int, batch_size: int, world: int) -> None:
+    """At least one global batch of `n` examples (`world` processes of `batch_size`)."""
+    if n < batch_size * world:
+        raise ConfigError(f"{n} examples are fewer than one global batch ({batch_size} x {world} "
+                          "processes): give more data or a smaller train.batch_size")
+
+
 class ShardedBatches(Sampler[list[int]]):
     """Seeded per-epoch shuffle, cut into global batches, each process taking its slice.
 
@@ -204,11 +211,7 @@ class ShardedBatches(Sampler[list[int]]):
 
     def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int,
                  lengths: Sequence[int] | None = None, pool: int = 32) -> None:
-        if n < batch_size * world:
-            raise ConfigError(
-                f"{n} examples are fewer than one global batch ({batch_size} x {world} processes): "
-                "give more data or a smaller train.batch_size"
-            )
+        check_enough_examples(n, batch_size, world)
         if lengths is not None and len(lengths) != n:
             raise ValueError(f"{len(lengths)} lengths for {n} examples")
         self.n, self.bs, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
