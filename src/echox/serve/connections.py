@@ -21,6 +21,8 @@ import logging
 import resource
 from typing import Any
 
+from echox.serve.inputs import ApiError
+
 #: file descriptors kept free beside the open connections: the model's files, logs, the
 #: worker threads' files, uploads read into memory (an estimate with room to spare)
 FD_RESERVE = 128
@@ -87,8 +89,7 @@ def guarded_h11(header_timeout: float, max_open: int | None = None) -> type:
             # text). Where no response can be sent any more (the app has answered, a HEAD
             # request takes no body), the connection is closed: uvicorn raised there, and
             # asyncio logged a traceback for each such client.
-            body = json.dumps({"error": {"status": 400, "code": "bad_http_request",
-                                         "message": msg}}).encode()
+            body = json.dumps({"error": ApiError(400, "bad_http_request", msg).body()}).encode()
             try:
                 if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
                     raise h11.LocalProtocolError("a response was sent already")
