@@ -19,7 +19,7 @@ import torch
 
 from echox.errors import ConversionError, PackagedModelMissingError, ResolveError
 from echox.hub import gguf_llm
-from echox.hub.gguf_llm import convert_gguf_llm, packaged_smollm2, resolve_gguf_file
+from echox.hub.gguf_llm import packaged_smollm2, resolve_gguf_file
 from echox.hub.packaged import packaged_hifigan
 from echox.hub.whisper_ct2 import (
     atomic_output_dir,
@@ -251,12 +251,15 @@ def test_resolve_gguf_file_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_packaged_smollm2_converts_and_answers(tmp_path: Path) -> None:
+def test_packaged_smollm2_converts_and_answers() -> None:
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dst = convert_gguf_llm(packaged_smollm2(), tmp_path / "smollm2", progress=False)
+    from echox.hub import resolve
+
+    # the session's cache converts it once (convert_gguf_llm), for this test and every other
+    dst = resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
     config = json.loads((dst / "config.json").read_text())
     assert "quantization_config" not in config
     assert (dst / "model.safetensors").stat().st_size > 400e6  # dense float32, not Q4 blocks
