@@ -42,3 +42,37 @@ def test_ctrl_c_while_the_command_is_imported_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["chat", "--text", "hi"]) == 130
     assert capsys.readouterr().err == "echox: interrupted\n"
+
+
+def test_a_full_disk_is_one_line_and_other_errors_keep_their_traceback(capsys, monkeypatch):
+    """A full disk (CI's conversion of SmolLM2 met one) printed a traceback of 60 lines; it
+    is one line now, whether Python's OSError or a Rust writer's text says it."""
+    import errno
+
+    import pytest
+    from safetensors import SafetensorError
+
+    raised: list[BaseException] = []
+
+    def failing(args):
+        raise raised[-1]
+
+    monkeypatch.setattr("echox.infer.demo.cmd_demo", failing)
+    raised.append(OSError(errno.ENOSPC, "No space left on device", "/data/ckpt/model.safetensors"))
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("echox: error: the disk is full (")
+    assert "/data/ckpt/model.safetensors" in err and "--resume" in err
+
+    raised.append(SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  f"(os error {errno.ENOSPC})"))
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+
+    raised.append(OSError(errno.EACCES, "Permission denied", "/x"))
+    with pytest.raises(PermissionError):  # not the disk: the traceback, as before
+        cli.main(["demo"])
+    raised.append(ValueError("(os error 5)"))
+    with pytest.raises(ValueError):
+        cli.main(["demo"])

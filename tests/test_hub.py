@@ -42,6 +42,29 @@ def test_conversion_race_keeps_the_winner(tmp_path, monkeypatch):
         cached_conversion("broken-model", broken)
 
 
+def test_a_full_disk_during_a_conversion_says_so_and_leaves_no_half_copy(tmp_path, monkeypatch):
+    """CI's disk filled while SmolLM2 was converted: safetensors' "(os error 28)" came out as
+    a traceback from every command that loads the model."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    for error in (SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  f"(os error {errno.ENOSPC})"),
+                  OSError(errno.ENOSPC, "No space left on device")):
+        def fills_the_disk(dst):
+            with atomic_output_dir(dst) as tmp:
+                (tmp / "model.safetensors").write_bytes(b"half")
+                raise error
+
+        with pytest.raises(ConversionError, match=r"the disk is full: converting the packaged m "
+                           r".* MB free there.*\$ECHOX_CACHE") as info:
+            cached_conversion("m", fills_the_disk)
+        assert info.value.__cause__ is error
+        assert list((tmp_path / "cache" / "packaged").iterdir()) == []
+
+
 def test_conversion_mends_a_damaged_entry_and_refuses_a_cache_file(tmp_path, monkeypatch):
     """An entry that lost its config.json was converted again (20 s), then refused as
     existing; $ECHOX_CACHE naming a file was a NotADirectoryError after the conversion."""

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from echox import __version__
 from echox.errors import EchoXError
+from echox.fileio import disk_full
 from echox.signals import handled
 
 
@@ -194,21 +195,38 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"echox: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a path the file system refuses, wherever it is first touched
-        if args.debug or e.errno != errno.ENAMETOOLONG:
-            raise
-        name = str(e.filename or "")
-        short = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]}"
-        print(f"echox: error: a file name too long for this file system: {short}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("echox: interrupted", file=sys.stderr)
         return 130
     except Terminated:
         print("echox: stopped by SIGTERM", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except Exception as e:  # what the file system refuses, wherever it is first touched
+        if args.debug:
+            raise
+        line = _file_system_error(e)
+        if line is None:
+            raise
+        print(f"echox: error: {line}", file=sys.stderr)
+        return 2
     finally:
         warnings.formatwarning = shown
+
+
+def _file_system_error(e: Exception) -> str | None:
+    """One line for a name too long or a full disk; None for any other error (a traceback)."""
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        name = str(e.filename or "")
+        short = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]}"
+        return f"a file name too long for this file system: {short}"
+    if disk_full(e):
+        if isinstance(e, OSError):
+            what = f"{e.strerror}" + (f" writing {e.filename}" if e.filename else "")
+        else:
+            what = str(e)
+        return (f"the disk is full ({what}); free some room and run the command again (a "
+                "training run resumes from its last checkpoint with --resume)")
+    return None
 
 
 class Terminated(BaseException):

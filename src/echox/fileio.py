@@ -8,6 +8,7 @@ umask), not mkstemp's private 0600.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
@@ -18,6 +19,15 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple
 
 from echox.errors import ConfigError
+
+
+def disk_full(exc: BaseException) -> bool:
+    """`exc` says the disk (or the user's quota) is full: an OSError with ENOSPC or EDQUOT, or a
+    writer in Rust (safetensors) that keeps only the text, "... (os error 28)"."""
+    codes = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    if isinstance(exc, OSError):
+        return exc.errno in codes
+    return any(f"(os error {c})" in str(exc) for c in codes)
 
 
 def _umask() -> int:
