@@ -279,6 +279,32 @@ def test_eval_cli_refuses_to_resume_with_other_settings(tmp_path, bundle_dir, be
     assert main([*args2, "--model", str(bundle_dir)]) == 0
 
 
+def test_a_resumed_run_on_an_edited_question_file_is_refused_before_the_load(
+        tmp_path, bundle_dir, bench, capsys, monkeypatch):
+    """A resumed run on a question file edited in place loaded its model (seconds to minutes)
+    before it found that item q0 is another question now."""
+    import shutil
+
+    src = Path(bench.removeprefix("local:"))
+    root = Path(shutil.copytree(src.parent, tmp_path / "bench"))
+    spec = f"local:{root / 'qa.jsonl'}"
+    out = tmp_path / "run"
+    args = ["eval", "--benchmark", spec, "--mode", "s2t", "--limit", "2", "--out", str(out),
+            "--max-new-tokens", "4", "--model", str(bundle_dir)]
+    assert main(args) == 0
+    qa = root / "qa.jsonl"
+    qa.write_text(qa.read_text().replace("Question 0?", "What is the capital of Peru?"))
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr("echox.eval.run.load_bundle", no_load)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds item 'q0' as another question" in err and err.count("\n") == 1, err
+
+
 def test_a_repeated_item_id_is_an_error_not_a_skipped_question(tmp_path):
     """Two questions with one id: the second was skipped as done, so n and the accuracy were
     over one question (here 1 of 1 instead of 1 of 2)."""

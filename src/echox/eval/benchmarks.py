@@ -221,7 +221,16 @@ class Benchmark:
             return f"{self.source} line {self._lines[index]}"
         return f"{self.source} row {index}"
 
+    def texts(self) -> Iterator[QAItem]:
+        """The items without their audio (`audio` None): ids, questions and answers, read in a
+        moment, as a resumed run checks them before its model loads."""
+        for i in range(self._len):
+            yield self._item(i, audio=False)
+
     def __getitem__(self, index: int) -> QAItem:
+        return self._item(index, audio=True)
+
+    def _item(self, index: int, audio: bool) -> QAItem:
         if not -self._len <= index < self._len:
             raise IndexError(f"item {index} out of range for {self._len} items")
         index %= self._len
@@ -236,7 +245,7 @@ class Benchmark:
         answers = parse_answers(row.get(self.answer_col), where)
         raw_id = row.get(self.id_col) if self.id_col else None
         item_id = str(raw_id) if raw_id not in (None, "") else f"{self.name}-{index}"
-        audio, sr, path = (None, None, None) if self.audio_col is None else \
+        audio, sr, path = (None, None, None) if self.audio_col is None or not audio else \
             self._audio(row.get(self.audio_col), where)
         return QAItem(id=item_id, question=question.strip(), answers=answers, audio=audio,
                       sampling_rate=sr, audio_path=path)

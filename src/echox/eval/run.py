@@ -307,6 +307,17 @@ def _check_same_item(path: Path, rec: dict[str, Any], item: QAItem) -> None:
                         f"now {list(item.answers)!r}): give another --out to score them anew")
 
 
+def check_resumed_items(path: Path, items: Iterable[QAItem]) -> dict[str, dict[str, Any]]:
+    """`scored_items(path)`, each checked against the item of its id (`_check_same_item`): a
+    resumed run on another question file is refused before its model loads, not after."""
+    done = scored_items(path)
+    if done:
+        for item in items:
+            if item.id in done:
+                _check_same_item(path, done[item.id], item)
+    return done
+
+
 def _pending_batches(items: Iterable[QAItem], size: int, done: dict[str, Any],
                      skipped: Any) -> Iterator[list[QAItem]]:
     """The items not done yet, in order, `size` at a time (`skipped()` is called per done one).
@@ -415,7 +426,7 @@ def _score(item: QAItem, ans: Answer, mode: str, asr: Any, out_dir: Path,
 def run_eval(
     items: Iterable[QAItem], answerer: Answerer, mode: str, out_dir: Path, benchmark: str,
     asr: Any = None, save_audio: bool = False, progress: bool = True, total: int | None = None,
-    batch_size: int = 1,
+    batch_size: int = 1, done: dict[str, dict[str, Any]] | None = None,
 ) -> EvalSummary:
     """Answer and score every item not yet in `out_dir/items.jsonl`, then write the summary of
     `items` (records of other items the folder holds are kept but not counted).
@@ -426,6 +437,9 @@ def run_eval(
     time: the model's (in cascade mode the question's ASR too), not the scoring's; in s2s mode
     the ASR of the spoken answer is timed apart (`answer_asr_ms`, its mean in the summary's
     `mean_answer_asr_ms`).
+
+    `done` is `scored_items(out_dir / "items.jsonl")` where the caller has read it already
+    (`check_resumed_items`, before the model loads).
     """
     from tqdm.auto import tqdm
 
@@ -436,7 +450,7 @@ def run_eval(
     check_batch_size(mode, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "items.jsonl"
-    done = scored_items(path)
+    done = scored_items(path) if done is None else dict(done)
     seen: dict[str, None] = {}  # this benchmark's ids: the summary counts these, not the whole file
 
     def noted(items: Iterable[QAItem]) -> Iterator[QAItem]:
@@ -633,6 +647,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode == "s2s":
         settings.update(stream=not args.no_stream, whole_response=args.whole_response)
     check_run_settings(out, settings)
+    done = check_resumed_items(out / "items.jsonl", bench.texts())
     asr = None
     if args.mode in ("text", "cascade"):
         answerer: Answerer = TextAnswerer(llm, args.system_prompt or None,
@@ -650,7 +665,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                    whole_response=args.whole_response)
             asr = make_asr(args.asr)
     s = run_eval(bench, answerer, args.mode, out, args.benchmark, asr=asr,
-                 save_audio=args.save_audio, total=len(bench), batch_size=batch_size)
+                 save_audio=args.save_audio, total=len(bench), batch_size=batch_size, done=done)
     print(s.line())
     print(f"per-item results: {out / 'items.jsonl'}")
     if args.png:
