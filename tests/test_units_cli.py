@@ -232,6 +232,21 @@ def test_read_manifest_keeps_fields_and_odd_line_breaks(tmp_path: Path) -> None:
     assert [m.key(0), m.key(1)] == ["a", "m.jsonl:2"]
 
 
+def test_a_dialogue_in_another_layout_is_named_as_such(tmp_path: Path) -> None:
+    """A dialogue of "messages" was read as a TTS record and refused for a missing 'text'."""
+    from echox.errors import ManifestError
+    from echox.units.cli import read_manifest
+
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"id": "d1", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ManifestError, match=r"d.jsonl:1: the first record is neither a TTS record "
+                       r".* nor a dialogue \('conversations'.*its keys: 'id', 'messages'$"):
+        read_manifest(p)
+    p.write_text(json.dumps({"id": "t1", "audio": "x.wav"}) + "\n")  # a TTS record, still
+    with pytest.raises(ManifestError, match="missing required key 'text'"):
+        read_manifest(p)
+
+
 def test_outputs_are_checked_first_and_inputs_never_replaced(
         corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -334,6 +334,13 @@ def test_extract_corpus_bad_items(
     missing = [corpus[0], ("gone", tmp_path / "nope.wav")]
     with pytest.raises(AudioError, match="not found"):
         extract_corpus(missing, ex, tmp_path / "c2", progress=False)
+    # that run failed before any unit: its folder binds no extractor (another k-means, as a
+    # user fixing the command might give, was refused "another extractor")
+    assert not list((tmp_path / "c2").glob("??/*.json"))
+    other = UnitExtractor(whisper_feats, UnitKMeans(kmeans.centroids[::-1].copy()))
+    assert list(extract_corpus(corpus[:1], other, tmp_path / "c2", progress=False)) == [corpus[0][0]]
+    with pytest.raises(UnitError, match="another extractor"):  # now it holds units of `other`
+        extract_corpus(corpus[:1], ex, tmp_path / "c2", progress=False)
     report: dict[str, int] = {}
     with pytest.warns(UserWarning, match="skipping 'gone'"):
         out = extract_corpus(missing, ex, tmp_path / "c3", progress=False, on_error="skip",

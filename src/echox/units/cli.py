@@ -135,6 +135,12 @@ def read_manifest(path: str | os.PathLike, kind: str | None = None) -> Manifest:
         if first.error is not None:
             raise ManifestError(f"{p}:{first.lineno}: first record is {first.error}")
         obj = first.value
+        if isinstance(obj, dict) and not {"conversations", "audio", "text"} & set(obj):
+            # a dialogue in another layout ("messages", "turns") is not a TTS record missing "text"
+            keys = ", ".join(repr(k) for k in sorted(obj)[:8]) or "none"
+            raise ManifestError(f"{p}:{first.lineno}: the first record is neither a TTS record "
+                                "('audio', 'text') nor a dialogue ('conversations': [{'from', "
+                                f"'value', 'audio'?}}, ...]); its keys: {keys}")
         kind = "dialogue" if isinstance(obj, dict) and "conversations" in obj else "tts"
     rep = read_jsonl(p, kind, on_error="stop")
     if not rep.records:

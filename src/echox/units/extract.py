@@ -441,19 +441,21 @@ def _read_cached(path: Path, item_id: str, audio: Path | None = None,
 
 
 def _check_cache_meta(cache_dir: Path, fingerprint: dict[str, Any]) -> None:
-    """Refuse to mix units of two extractors in one cache folder."""
+    """Refuse to mix units of two extractors in one cache folder. A folder of no units yet (a
+    run that failed on its first batch) is taken over by the new extractor."""
     meta = cache_dir / CACHE_META
     if meta.is_file():
         try:
             old = json.loads(meta.read_text(encoding="utf-8"))
         except (ValueError, RecursionError):
             old = None
-        if old != json.loads(json.dumps(fingerprint)):
+        if old != json.loads(json.dumps(fingerprint)) and any(cache_dir.glob("??/*.json")):
             raise UnitError(
                 f"{cache_dir} holds units of another extractor (see {meta}): "
                 f"cached {old}, now {fingerprint}. Use a new cache_dir or delete the old one."
             )
-        return
+        if old == json.loads(json.dumps(fingerprint)):
+            return
     atomic_write_text(meta, json.dumps(fingerprint, indent=1))
 
 
