@@ -389,6 +389,10 @@ def test_bad_audio_gives_clear_errors(bundle: Bundle, tmp_path: Path) -> None:
         with pytest.raises(AudioError, match=r"cut.wav.*truncated WAV file.*8000 samples"):
             s.respond(audio=cut)
         assert s.user_turn(audio=noise(0.1)).audio.size == 1600  # 0.1 s is enough
+        ok = tmp_path / "ok.wav"
+        sf.write(ok, noise(0.2), 16000)
+        # a view of the bytes (a socket's buffer, mmap) is the bytes, as load_audio takes it
+        assert s.user_turn(audio=memoryview(ok.read_bytes())).audio.size == 3200
         assert s.history == []  # failed turns leave no trace
 
 

@@ -75,7 +75,7 @@ __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final
            "Segment", "SegmentSpeech", "Session", "SpeechPiece", "TextDelta", "TurnState",
            "load_question", "check_question"]
 
-AudioInput = str | Path | bytes | np.ndarray | None
+AudioInput = str | Path | bytes | bytearray | memoryview | np.ndarray | None
 
 
 def check_max_audio_seconds(value: object) -> float:
@@ -106,7 +106,7 @@ def load_question(audio: AudioInput, limit: float | None, sr: int = 16000,
         wav = load_audio(audio, sr, max_seconds=None,
                          orig_sr=sample_rate if sample_rate is not None else sr)
         name = "question audio"
-    elif isinstance(audio, (str, Path, bytes, bytearray)):
+    elif isinstance(audio, (str, Path, bytes, bytearray, memoryview)):
         name = "question audio"
         if isinstance(audio, (str, Path)):  # refuse a long file from its header alone
             name = f"'{audio}': question audio"
