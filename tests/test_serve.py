@@ -151,6 +151,7 @@ def test_health_models_and_the_page(engine: Engine) -> None:
         h = c.get("/health").json()
         assert h["status"] == "ok" and h["model"] == "tiny-test"
         assert h["running"] == 0 and h["peak_rss_mb"] > 0
+        assert h["peak_rss_mb"] >= h["rss_mb"]  # getrusage's peak read 1490.6 beside 1490.8
         m = c.get("/v1/models").json()["data"][0]
         assert m["id"] == "tiny-test" and m["sample_rate"] == 16000 and m["audio_output"]
         assert m["limits"]["max_audio_seconds"] > 0
@@ -521,6 +522,25 @@ def test_allowed_origins_get_cors_headers_and_preflight_answers(engine: Engine) 
     with client(engine) as c:  # no --allow-origin: no CORS headers at all
         r = c.get("/v1/models", headers={"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_allowed_origins_are_checked_and_written_as_browsers_send_them(engine: Engine) -> None:
+    """`--allow-origin https://app.example/` (pasted from the address bar) or `app.example`
+    matched no browser's Origin: the page was refused and the server said nothing."""
+    from echox.errors import ConfigError
+
+    cfg = ServeConfig(allow_origins=("HTTPS://App.Example:443", "http://localhost:3000",
+                                     "http://[::1]:8000", "*", "null"))
+    assert cfg.allow_origins == ("https://app.example", "http://localhost:3000",
+                                 "http://[::1]:8000", "*", "null")
+    for bad in ("https://app.example/", "app.example", "https://app.example/page",
+                "ftp://app.example", "https://", "https://u:p@app.example", "http://x:99999", 7):
+        with pytest.raises(ConfigError, match="is not an origin; give the origin as a browser "
+                                              "sends it"):
+            ServeConfig(allow_origins=(bad,))
+    with client(engine, allow_origins=("https://App.Example:443",)) as c:
+        r = c.get("/v1/models", headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
 
 
 def test_refused_preflights_get_the_api_error_body(engine: Engine) -> None:

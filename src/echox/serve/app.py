@@ -112,7 +112,35 @@ class ServeConfig:
                 raise ConfigError(f"serve.{name} must be a number of seconds > 0, got {v!r}")
         if self.token is not None and not self.token.strip():
             raise ConfigError("serve.token must not be empty")
-        self.allow_origins = tuple(self.allow_origins)
+        self.allow_origins = tuple(_origin(o) for o in self.allow_origins)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(value: Any) -> str:
+    """An allowed origin as a browser sends it (`scheme://host[:port]`, lower case, no default
+    port): `https://a.example/` or `a.example`, pasted from the address bar, never matched any
+    browser's Origin, and the page was refused with no word why."""
+    if value in ("*", "null"):  # any origin; the pages a browser opens from files
+        return str(value)
+    hint = ("give the origin as a browser sends it, scheme://host[:port] with no path or "
+            "trailing slash (e.g. https://app.example or http://localhost:3000), or '*'")
+    if not isinstance(value, str):
+        raise ConfigError(f"serve.allow_origins: {value!r} is not an origin; {hint}")
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname
+            or parts.path or parts.query or parts.fragment or "@" in parts.netloc):
+        raise ConfigError(f"serve.allow_origins: {value!r} is not an origin; {hint}")
+    scheme, host = parts.scheme.lower(), parts.hostname.lower()
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
+    keep_port = port is not None and port != _DEFAULT_PORTS[scheme]
+    return f"{scheme}://{host}" + (f":{port}" if keep_port else "")
 
 
 def model_audio_limit(engine: Any) -> float:
@@ -127,13 +155,16 @@ def model_audio_limit(engine: Any) -> float:
 
 def _rss_mb() -> tuple[float | None, float]:
     """(current RSS, peak RSS) of this process in MiB."""
-    current = None
+    current = hwm = None
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith("VmRSS:"):  # kB
                 current = int(line.split()[1]) / 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return current, peak
+            elif line.startswith("VmHWM:"):  # the peak of that same count
+                hwm = int(line.split()[1]) / 1024
+    # getrusage's peak counts pages otherwise than VmRSS: it read below the current value
+    peak = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return current, max(peak, current or 0.0)
 
 
 def _api_error(e: BaseException) -> ApiError:
