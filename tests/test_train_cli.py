@@ -387,6 +387,11 @@ def test_resume_without_a_recipe_goes_on_with_the_runs_own(tmp_path, capsys, mon
     assert recipe["model"] == "tiny-random" and recipe["train"]["max_steps"] == 3
     steps = [json.loads(x)["step"] for x in (tmp_path / "t2c" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+    # a mistyped --out was told to "give training data"
+    assert main(["train", "t2c", "--out", str(tmp_path / "t2x"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "t2x holds no run to resume (no recipe.json and no checkpoints" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "t2x").exists()
 
 
 def test_resume_from_another_folder_reads_relative_paths_from_where_the_run_ran(

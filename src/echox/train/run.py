@@ -530,6 +530,11 @@ def _recorded_recipe(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     path = Path(args.output_dir) / "recipe.json"
     if not path.is_file():
+        if not args.data and not any((Path(args.output_dir) / "checkpoints").glob("step-*")):
+            # a mistyped --out: not "give training data", which sent the user after the data
+            raise ConfigError(f"--resume: {args.output_dir} holds no run to resume (no recipe.json "
+                              "and no checkpoints/step-*); check the --out path, or give --recipe "
+                              "or --data to start a run there")
         return None
     recorded = read_json_object(path, ConfigError, "the run's recipe")
     if os.environ.get("RANK", "0") == "0":  # one line for a multi-process launch
