@@ -400,6 +400,12 @@ def espeak_synthesize(jobs: Sequence[tuple[str, Path]], *, progress: bool = Fals
         raise DataBuildError("the espeak-ng program is not installed (apt-get install espeak-ng)")
     from tqdm.auto import tqdm
 
+    if jobs:  # a voice espeak-ng lacks failed every question, each with its own line
+        res = subprocess.run([binary, "-v", voice, "-q", "a"], capture_output=True, text=True)
+        if res.returncode != 0:
+            why = " ".join(res.stderr.split())[:200] or f"exit status {res.returncode}"
+            raise DataBuildError(f"espeak-ng cannot speak with the voice {voice!r} ({why}); "
+                                 "`espeak-ng --voices` lists the voices it has")
     made, failed = 0, []
     for text, path in tqdm(jobs, desc="espeak-ng", unit="wav", disable=not progress):
         line, path = _speakable(text), Path(path)
