@@ -116,6 +116,8 @@ def test_eval_cli_errors(tmp_path, capsys, bundle_dir, bench):
                       (["--repetition-penalty", "0"], "decoding options"),
                       (["--mode", "s2s", "--whole-response"], "--no-stream"),
                       (["--no-stream"], "--mode s2s only"),
+                      (["--save-audio"], "--save-audio: --no-stream, --whole-response and "
+                                         "--save-audio apply to --mode s2s only (--mode s2t"),
                       (["--text-beams", "0"], "decoding options")):
         args = ["eval", "--benchmark", bench, "--mode", "s2t", "--model", str(bundle_dir), *bad]
         assert main(args + ["--out", str(tmp_path / "bad")]) == 2

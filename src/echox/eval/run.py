@@ -600,8 +600,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if (args.no_stream or args.whole_response) and args.mode != "s2s":
-        raise EvalError("--no-stream and --whole-response apply to --mode s2s only")
+    if (args.no_stream or args.whole_response or args.save_audio) and args.mode != "s2s":
+        given = [o for o, v in (("--no-stream", args.no_stream), ("--whole-response",
+                 args.whole_response), ("--save-audio", args.save_audio)) if v]
+        raise EvalError(f"{' and '.join(given)}: --no-stream, --whole-response and --save-audio "
+                        f"apply to --mode s2s only (--mode {args.mode} speaks no answer)")
     if args.whole_response and not args.no_stream:
         raise EvalError("--whole-response needs --no-stream (a streamed answer is voiced segment by segment)")
     if args.mode in ("text", "cascade"):
