@@ -157,7 +157,7 @@ def test_bad_inputs_exit_2_with_one_line(corpus: Path, tmp_path: Path,
     assert main([*base, "--manifest", tts, "--features", TINY, "--k", "50", "--max-frames", "10"]) == 2
     assert "--max-frames is 10" in _err(capsys)
     assert main([*base, "--manifest", tts, "--features", TINY, "--layer", "7"]) == 2
-    assert "layer 7 out of range" in _err(capsys)
+    assert "tiny-random-whisper has 2 layers (give 0..2)" in _err(capsys)
     with pytest.raises(SystemExit) as stop:  # argparse: the option named
         main([*base, "--manifest", tts, "--features", TINY, "--threads", "0"])
     assert stop.value.code == 2 and "argument --threads: must be >= 1" in capsys.readouterr().err
@@ -203,9 +203,11 @@ def test_bad_inputs_exit_2_with_one_line(corpus: Path, tmp_path: Path,
     assert "differ in text" in _err(capsys)
     # no dialogue matched at all: an error, not an empty manifest (it wrote one, exit 0)
     partial.write_text(json.dumps({"id": "other", "text": "Answer 0.", "units": [1, 2]}) + "\n")
-    for mode in ("drop", "keep"):
+    for mode in ("drop", "keep", "error"):  # error: it offered --on-missing drop|keep, which fail too
         assert main([*att, "--on-missing", mode, "--out", str(tmp_path / "none.jsonl")]) == 2
-        assert "no dialogue of" in _err(capsys) and not (tmp_path / "none.jsonl").exists()
+        err = _err(capsys)
+        assert "no dialogue of" in err and "--on-missing" not in err, err
+        assert not (tmp_path / "none.jsonl").exists()
 
     # unit language: no units yet, and a vocabulary smaller than K
     assert main(["units", "train-language", "--manifest", tts, "--vocab-size", "10",
@@ -214,6 +216,9 @@ def test_bad_inputs_exit_2_with_one_line(corpus: Path, tmp_path: Path,
     assert main(["units", "stats", "--manifest", str(partial), "--num-units", "8",
                  "--vocab-sizes", "4,16"]) == 2
     assert "4 is smaller than the 8 units" in _err(capsys)
+    assert main(["units", "stats", "--manifest", str(partial), "--num-units", "2",
+                 "--vocab-sizes", "8"]) == 2
+    assert "holds unit 2, but --num-units gives only 2 units (0..1)" in _err(capsys)  # no k-means
     assert main(["units", "stats", "--manifest", str(partial), "--num-units", "8",
                  "--vocab-sizes", "8,x"]) == 2
     assert "comma-separated integers" in _err(capsys)

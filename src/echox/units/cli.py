@@ -260,7 +260,9 @@ def _num_units(args: argparse.Namespace, seqs: list[tuple[str, list[int]]]) -> i
         print(f"[units] --num-units not given: using the largest unit + 1 = {k}", file=sys.stderr)
     top = max(max(u) for _, u in seqs)
     if top >= k:
-        raise UnitError(f"the manifest holds unit {top}, but the k-means has only {k} units")
+        given = ("--num-units" if args.num_units is not None else f"the k-means {args.kmeans}")
+        raise UnitError(f"the manifest holds unit {top}, but {given} gives only {k} units "
+                        f"(0..{k - 1})")
     return k
 
 
@@ -472,13 +474,15 @@ def cmd_attach(args: argparse.Namespace) -> int:
     if mismatched:
         raise UnitError(f"{len(mismatched)} assistant turn(s) differ in text from their TTS record "
                         f"(first: {mismatched[0]!r}); pass --no-text-check if that is intended")
-    if missing and args.on_missing == "error":
-        raise UnitError(f"{len(missing)} of {len(d.records)} dialogues have no units in {t.path} "
-                        f"(first: {missing[0]!r}); use --on-missing drop|keep to go on without them")
-    if d.records and n_done == 0:  # nothing matched: wrong files or ids, not a result to write
+    # nothing matched: wrong files or ids, not a result to write (in every --on-missing mode,
+    # so that one is not the fix to offer)
+    if d.records and n_done == 0:
         raise UnitError(f"no dialogue of {d.path} has its units in {t.path} (no TTS id such "
                         f"as {d.key(0)!r}, or {d.key(0) + '-a0'!r} for a dialogue of several "
                         "answers); check that the TTS records are these dialogues' responses")
+    if missing and args.on_missing == "error":
+        raise UnitError(f"{len(missing)} of {len(d.records)} dialogues have no units in {t.path} "
+                        f"(first: {missing[0]!r}); use --on-missing drop|keep to go on without them")
     write_jsonl(out, rows)
     print(f"attached units to {n_turns} assistant turns of {n_done} dialogues ({len(missing)} without units, --on-missing {args.on_missing}) -> {out}")
     return 0

@@ -135,7 +135,8 @@ class HubertFeatures(FeatureExtractor):
             )
         if not 0 <= layer <= cfg.num_hidden_layers:
             raise UnitError(
-                f"layer {layer} out of range: {folder} has {cfg.num_hidden_layers} layers (0..L)"
+                f"layer {layer} out of range: {folder} has {cfg.num_hidden_layers} layers (give "
+                f"0..{cfg.num_hidden_layers})"
             )
         try:
             with no_loading_bar():
@@ -252,7 +253,8 @@ class WhisperLayerFeatures(FeatureExtractor):
         self.window_seconds = None if enc.native_window else float(window_seconds)  # type: ignore[arg-type]
         n_layers = len(enc.whisper.layers)
         if not 0 <= layer <= n_layers:
-            raise UnitError(f"layer {layer} out of range: {folder} has {n_layers} layers (0..N)")
+            raise UnitError(f"layer {layer} out of range: {folder} has {n_layers} layers (give "
+                          f"0..{n_layers})")
         # Keep one layer past `layer`: only the last entry of hidden_states gets the final
         # LayerNorm, so hidden_states[layer] stays that layer's raw output, as in the full model.
         if layer < n_layers:
