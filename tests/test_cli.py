@@ -76,3 +76,32 @@ def test_a_full_disk_is_one_line_and_other_errors_keep_their_traceback(capsys, m
     raised.append(ValueError("(os error 5)"))
     with pytest.raises(ValueError):
         cli.main(["demo"])
+
+
+def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(capsys, monkeypatch):
+    """`units extract` printed `units:   0%|...| 0/5 [00:00<?, ?utt/s]echox: warning: skipping
+    'bad1': ...`: the warning glued to the bar's line, where a grep for it at a line start
+    missed it."""
+    import sys
+    import warnings
+
+    from tqdm import tqdm
+
+    def warns(args):
+        with tqdm(total=3, desc="units", file=sys.stderr) as bar:
+            bar.update(1)
+            warnings.warn("skipping 'bad1': not a WAV file", UserWarning)
+            bar.update(2)
+        return 0
+
+    monkeypatch.setattr("echox.infer.demo.cmd_demo", warns)
+    def show(message, category, filename, lineno, file=None, line=None):
+        # what Python's own showwarning does (pytest records warnings instead of showing them)
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        assert cli.main(["demo"]) == 0
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "echox: warning: skipping 'bad1': not a WAV file" in lines, lines

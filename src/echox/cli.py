@@ -15,6 +15,7 @@ systemd unit of `echox serve` sets `SuccessExitStatus=143`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
@@ -240,7 +241,19 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
                       lineno: int, line: str | None = None) -> str:
+    _clear_progress_bars()
     return f"echox: warning: {message}\n"
+
+
+def _clear_progress_bars() -> None:
+    """Blank the line of each progress bar being drawn, so that the warning written next starts
+    a line of its own (`units:  0%|...| 0/5 [00:00<?, ?utt/s]echox: warning: ...` was one
+    line); the bar is drawn again at its next update."""
+    tqdm = sys.modules.get("tqdm.std")  # no bar without it
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        if not getattr(bar, "disable", True):
+            with contextlib.suppress(Exception):  # a bar on a closed stream: nothing to clear
+                bar.clear()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -554,18 +554,19 @@ def extract_corpus(
         else:
             found[item_id] = seq
     n_cached = len(found)
-    bar = tqdm(total=len(pairs), initial=n_cached, unit="utt", desc="units", disable=not progress)
-    for batch in _batches(todo, batch_size):
-        ids, wavs = _load_items(batch, on_error)
-        if wavs:
-            where = dict(batch)
-            for item_id, seq in _extract_batch(extractor, ids, wavs, on_error):
-                text = json.dumps({"id": item_id, "audio_sha256": _audio_digest(Path(where[item_id])),
-                                   **seq.to_dict()}, separators=(",", ":"))
-                atomic_write_text(_cache_path(cache, item_id), text)
-                found[item_id] = seq
-        bar.update(len(batch))
-    bar.close()
+    # closed on an error too: its message starts a line of its own, not the bar's line
+    with tqdm(total=len(pairs), initial=n_cached, unit="utt", desc="units",
+              disable=not progress) as bar:
+        for batch in _batches(todo, batch_size):
+            ids, wavs = _load_items(batch, on_error)
+            if wavs:
+                where = dict(batch)
+                for item_id, seq in _extract_batch(extractor, ids, wavs, on_error):
+                    text = json.dumps({"id": item_id, "audio_sha256": _audio_digest(Path(where[item_id])),
+                                       **seq.to_dict()}, separators=(",", ":"))
+                    atomic_write_text(_cache_path(cache, item_id), text)
+                    found[item_id] = seq
+            bar.update(len(batch))
     if report is not None:
         report.update(cached=n_cached, computed=len(found) - n_cached,
                       dropped=len(pairs) - len(found))
@@ -593,16 +594,15 @@ def sample_features(
 
     chunks: list[np.ndarray] = []
     total = 0
-    bar = tqdm(total=max_frames, unit="frame", desc="k-means sample", disable=not progress)
-    for batch in _batches([pairs[i] for i in order], batch_size):
-        _, wavs = _load_items(batch, "raise")
-        for f in features(wavs):
-            chunks.append(f)
-            total += f.shape[0]
-            bar.update(min(f.shape[0], max(0, max_frames - bar.n)))
-        if total >= max_frames:
-            break
-    bar.close()
+    with tqdm(total=max_frames, unit="frame", desc="k-means sample", disable=not progress) as bar:
+        for batch in _batches([pairs[i] for i in order], batch_size):
+            _, wavs = _load_items(batch, "raise")
+            for f in features(wavs):
+                chunks.append(f)
+                total += f.shape[0]
+                bar.update(min(f.shape[0], max(0, max_frames - bar.n)))
+            if total >= max_frames:
+                break
     if not chunks or total == 0:
         raise UnitError("the corpus gave no feature frames to sample")
     frames = np.concatenate(chunks, axis=0)  # [N, D]
