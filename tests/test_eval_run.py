@@ -191,7 +191,7 @@ def test_compare_refuses_what_is_not_an_eval_run(tmp_path, capsys):
         assert main(["eval", "--compare", str(good), str(bad)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("echox: error: ") and words in err and err.count("\n") == 1, err
-    for png, words in ((tmp_path, "is a folder"), (tmp_path / "bars.nope", "not supported")):
+    for png, words in ((tmp_path, "is a folder"), (tmp_path / "bars.nope", "give a file name ending in .png")):
         assert main(["eval", "--compare", str(good), "--png", str(png)]) == 2
         assert words in capsys.readouterr().err
     assert main(["eval", "--compare", str(good), str(good), "--png", str(tmp_path / "b.png")]) == 0
@@ -476,3 +476,9 @@ def test_a_bad_png_path_is_refused_before_the_run(tmp_path, bench, capsys):
                  "--png", str(tmp_path / "afile" / "bars.png")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # a suffix matplotlib cannot write failed after the run (and left its new folders behind)
+    chart = tmp_path / "nope" / "dir" / "bars.txt"
+    assert main(["eval", "--mode", "text", "--benchmark", bench, "--out", str(tmp_path / "run"),
+                 "--png", str(chart)]) == 2
+    assert "bars.txt: give a file name ending in .png" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "nope").exists()

@@ -289,6 +289,21 @@ def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bo
     return p
 
 
+def check_plot_path(path: str | os.PathLike, option: str = "--png", *,
+                    inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """`check_out_path` of a plot file, whose suffix must be one matplotlib writes (without
+    one it adds `.png` to the name; with another it fails only when the plot is drawn, after
+    the command's work)."""
+    from matplotlib.figure import Figure
+
+    p = check_out_path(path, option, folder=False, inputs=inputs)
+    kinds = set(Figure().canvas.get_supported_filetypes()) - {"pgf"}  # pgf runs LaTeX
+    if p.suffix.lower().lstrip(".") not in kinds:
+        raise ConfigError(f"{option} {p}: give a file name ending in .png (or one of "
+                          f"{', '.join('.' + k for k in sorted(kinds))})")
+    return p
+
+
 class JsonLine(NamedTuple):
     """One non-blank line of a JSON-lines file: its value, or why it could not be read."""
 

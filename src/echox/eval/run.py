@@ -39,7 +39,8 @@ from echox.data.tiny_corpus import greedy_shrinking
 from echox.errors import AudioError, EvalError
 from echox.eval.benchmarks import QAItem, open_benchmark
 from echox.eval.stats import paired_bootstrap
-from echox.fileio import atomic_write_text, check_out_path, json_objects, open_to_append
+from echox.fileio import (atomic_write_text, check_out_path, check_plot_path, json_objects,
+                          open_to_append)
 from echox.hub import resolve
 from echox.infer.asr import check_asr_spec, make_asr
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_text_decoding_options, check_device, default_bundle,
@@ -539,7 +540,7 @@ def _check_same_questions(first_dir: Path, first: dict[str, dict[str, Any]], run
 
 def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
     if png is not None:
-        check_out_path(png, "--png", folder=False)
+        check_plot_path(png, "--png")
     sums = [read_summary(Path(d)) for d in run_dirs]
     # each run against the first, on the questions both answered: a paired difference
     recs = [scored_items(Path(d) / "items.jsonl") for d in run_dirs]
@@ -590,7 +591,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.benchmark:
         raise EvalError("give --benchmark (e.g. local:data/tiny/test/qa.jsonl or llama-questions)")
     if args.png:  # before the run: a bad chart path was found only once every item was answered
-        check_out_path(args.png, "--png", folder=False)
+        check_plot_path(args.png, "--png")
     batch_size = args.batch_size
     if batch_size is None:
         batch_size = 1 if args.mode == "s2s" else DEFAULT_BATCH_SIZE

@@ -39,8 +39,8 @@ import torch
 from echox.config import MAX_THREADS, int_at_least
 from echox.data.manifest import read_jsonl, write_jsonl
 from echox.errors import ManifestError, UnitError
-from echox.fileio import (atomic_dir, atomic_write_text, check_out_path, check_replaceable,
-                          json_lines)
+from echox.fileio import (atomic_dir, atomic_write_text, check_out_path, check_plot_path,
+                          check_replaceable, json_lines)
 from echox.units.extract import (
     CACHE_META,
     HubertFeatures,
@@ -561,7 +561,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         _out_file(args.json, "--json", inputs)
     if args.png:
         _out_file(args.png, "--png", inputs)
-        _check_plot_suffix(args.png)
+        check_plot_path(args.png, "--png")
     save_dirs = {v: _language_dir(Path(args.save_dir) / f"v{v}", "--save-dir")
                  for v in sizes} if args.save_dir else {}
     for option, given in (("--json", args.json), ("--png", args.png)):
@@ -609,16 +609,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
         atomic_write_text(args.json, json.dumps([{"asked_vocab_size": a, **s} for a, s in rows],
                                                 indent=1) + "\n")
     return 0
-
-
-def _check_plot_suffix(path: str) -> None:
-    """`--png`: a suffix matplotlib writes (without one it would add `.png` to the name)."""
-    from matplotlib.figure import Figure
-
-    kinds = set(Figure().canvas.get_supported_filetypes()) - {"pgf"}  # pgf runs LaTeX
-    if Path(path).suffix.lower().lstrip(".") not in kinds:
-        raise UnitError(f"--png {path}: give a file name ending in .png (or one of "
-                        f"{', '.join('.' + k for k in sorted(kinds))})")
 
 
 # ----------------------------------------------------------------------------- parser
