@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import noise
 
-from echox.errors import CheckpointError
+from echox.errors import CheckpointError, UnitError
 from echox.model.batch import collate_t2c
 from echox.model.echox import EchoX
 from echox.model.prompt import Turn
@@ -166,6 +166,14 @@ def test_slim_checkpoint_for_shipping(make_model, tmp_path):
     b = _same_s2t_to_fp16(m, back)
     torch.testing.assert_close(back.forward_echo(b, [[1, 2, 3, 4]]).units.logits,
                                m.forward_echo(b, [[1, 2, 3, 4]]).units.logits, rtol=0.02, atol=0.02)
+    # its T2C holds initial weights: units from text were noise ([1827, 539, 539, ...])
+    assert back.omitted_parts == ("t2c",) and m.units_from_text(["hi"])
+    with pytest.raises(UnitError, match="saved without its T2C .* units_from_hidden"):
+        back.units_from_text(["hi"])
+    again = EchoX.from_pretrained(back.save_pretrained(tmp_path / "again"))  # it stays left out
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["omitted_parts"] == ["t2c"]
+    with pytest.raises(UnitError, match="saved without its T2C"):
+        again.units_from_text(["hi"])
     with pytest.raises(CheckpointError, match="trained with stage echo"):
         m.save_pretrained(tmp_path / "bad", omit_parts=("echo",))
     with pytest.raises(CheckpointError, match="trained with stage s2t"):

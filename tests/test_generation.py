@@ -54,6 +54,33 @@ def test_unit_decoder_cached_equals_uncached(make_model):
     assert len(from_text) == 2 and all(len(x) > 0 for x in from_text)
 
 
+def test_decoding_ends_where_the_positions_do(make_model):
+    """An explicit max_new_tokens ran past the LLM's positions and the unit decoder's
+    (max_new_tokens=10**6: 17 GB and no end); a prompt longer than the LLM's was taken."""
+    from echox.errors import PromptError, UnitError
+
+    m = make_model()
+    m.eval()
+    limit, room = m.llm_positions, m.t2c.cfg.max_positions
+    assert limit == m.llm.model.config.max_position_embeddings
+    big = SamplingConfig(max_new_tokens=10**6)
+    d = [[Turn("user", text="hello")]]
+    n = m.embed_inputs(m.collate(d, add_generation_prompt=True), padding_side="left")[0] \
+        .inputs_embeds.shape[1]
+    g = m.generate_text(d, big)
+    assert 0 < len(g.token_ids[0]) <= limit - n
+    with pytest.raises(PromptError, match=f"the prompt is .* positions, over the LLM's {limit}"):
+        m.generate_text([[Turn("user", text="word " * limit)]], SamplingConfig(max_new_tokens=4))
+    cond = [torch.randn(5, m.llm.hidden_size)]
+    units = m.t2c.generate(cond, big)  # the row is the condition and two specials
+    assert 0 < len(units[0]) <= room - (5 + 2)
+    assert list(m.t2c.iter_generate(cond[0], big)) == units[0]  # streamed: the same cut
+    beams = SamplingConfig(max_new_tokens=10**6, num_beams=2)
+    assert len(m.t2c.generate(cond, beams)[0]) <= room - 7
+    with pytest.raises(UnitError, match=f"leaves no room for units in the decoder's {room}"):
+        m.units_from_hidden([torch.randn(room, m.llm.hidden_size)], SamplingConfig(max_new_tokens=4))
+
+
 def test_sampling_seeded_and_top_p():
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
     g1 = torch.Generator().manual_seed(3)

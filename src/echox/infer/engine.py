@@ -160,8 +160,7 @@ class Engine:
     @property
     def llm_positions(self) -> int | None:
         """The LLM's positions (prompt and answer together), where its config says."""
-        limit = getattr(getattr(self.model.llm.model, "config", None), "max_position_embeddings", None)
-        return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+        return self.model.llm_positions
 
     def check_open(self) -> None:
         """Raise `EngineClosedError` once `close()` has been called."""

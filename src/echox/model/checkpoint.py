@@ -116,6 +116,8 @@ def save_checkpoint(
         check_save_folder(folder)
     if isinstance(omit_parts, str):
         raise CheckpointError(f"omit_parts must be a tuple of part names, got {omit_parts!r}")
+    # a part the model was loaded without holds initial weights: its copy leaves it out too
+    omit_parts = tuple(dict.fromkeys((*omit_parts, *getattr(model, "omitted_parts", ()))))
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise CheckpointError(f"dtype must be a floating torch dtype (torch.float16, ...), "
                               f"got {dtype!r}")
@@ -389,6 +391,7 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
     omitted = meta.get("omitted_parts") or []
     if not isinstance(omitted, list) or set(omitted) - set(OMITTABLE):
         raise CheckpointError(f"{folder / CONFIG}: bad omitted_parts {omitted!r}")
+    model.omitted_parts = tuple(omitted)
     if model.t2c is model.echo:  # one module, stored under echo.
         omitted = sorted(set(omitted) | {"t2c"})
     load_weights(model, folder, verified=True, omitted=tuple(omitted))

@@ -99,6 +99,8 @@ class EchoX(nn.Module):
         self.denoiser = denoiser
         self.tokenizer = llm.tokenizer
         self.trained_stages: list[str] = []  # metadata saved with checkpoints
+        # parts a loaded checkpoint left out (a slim bundle's T2C): they hold initial weights
+        self.omitted_parts: tuple[str, ...] = ()
         # base models the loaded checkpoint folder held itself ({"llm": ("llm", /abs/llm)}):
         # a save carries them along, so that the copy does not lean on the original folder
         self.carried_base: dict[str, tuple[str, Path]] = {}
@@ -605,6 +607,10 @@ class EchoX(nn.Module):
     @torch.no_grad()
     def pseudo_labels(self, text_ids: list[list[int]], sampling: SamplingConfig | None = None) -> list[list[int]]:
         """Y′ = units the frozen T2C decodes from Emb(X′)."""
+        if "t2c" in self.omitted_parts and self.t2c is not self.echo:  # untrained: noise
+            raise UnitError("this model was loaded from a checkpoint saved without its T2C (a "
+                            "slim bundle): units from text need the T2C of a Stage II run "
+                            "(`echox train t2c`); units_from_hidden voices an answer")
         was = self.t2c.training
         self.t2c.eval()
         try:
@@ -618,11 +624,19 @@ class EchoX(nn.Module):
         out = self.llm(embeds, mask, pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits, out.hidden, out.past_key_values
 
+    @property
+    def llm_positions(self) -> int | None:
+        """The LLM's positions (prompt and answer together), where its config says."""
+        limit = getattr(getattr(self.llm.model, "config", None), "max_position_embeddings", None)
+        return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
     @torch.no_grad()
     def generate_text(
         self, dialogues: list[list[Turn]], sampling: SamplingConfig | None = None, use_cache: bool = True
     ) -> TextGeneration:
-        """Speech and/or text history -> the next assistant turn, with per-token hidden states."""
+        """Speech and/or text history -> the next assistant turn, with per-token hidden states.
+        The answer ends where the LLM's positions do (`max_new_tokens` is cut to the room the
+        prompt leaves); a prompt that fills them is a `PromptError`."""
         sampling = _sampling_or_default(sampling)
         if not isinstance(dialogues, (list, tuple)) or not dialogues:
             raise PromptError("generate_text needs a non-empty list of dialogues "
@@ -644,6 +658,14 @@ class EchoX(nn.Module):
             batch = dataclasses.replace(batch, input_ids=batch.input_ids[:, p:],
                                         attention_mask=batch.attention_mask[:, p:], labels=batch.labels[:, p:])
         merged, _ = self.embed_inputs(batch, padding_side="left")
+        n = p + int(merged.inputs_embeds.shape[1])  # the longest prompt, padded rows alike
+        limit = self.llm_positions
+        if limit is not None:  # it ran past them (max_new_tokens=10**6: 17 GB and no end)
+            if n >= limit:
+                raise PromptError(f"the prompt is {n} positions, over the LLM's {limit}: "
+                                  "shorten the text, the speech or the history")
+            if n + sampling.max_new_tokens > limit:
+                sampling = dataclasses.replace(sampling, max_new_tokens=limit - n)
         res: DecodeResult = decode(
             self._llm_step, lambda ids: self.llm.embed(ids), merged.inputs_embeds,
             merged.attention_mask, self.llm.stop_ids, sampling, use_cache=use_cache,

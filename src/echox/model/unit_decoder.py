@@ -11,7 +11,8 @@ The loss covers the unit positions and EOS only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -345,9 +346,25 @@ class UnitDecoder(nn.Module):
     ) -> list[list[int]]:
         """Units for each condition sequence (EOS-terminated, specials never emitted)."""
         embs, _ = self._rows(cond, None)
+        fit = self._fitting(max(e.shape[0] for e in embs))
         return generate_rows(self._step, self.model.embed_tokens, embs, [c.shape[0] for c in cond],
-                             self.eos_id, sampling, self.default_sampling, use_cache,
-                             self._suppress_ids)
+                             self.eos_id, sampling and fit(sampling),
+                             lambda n: fit(self.default_sampling(n)), use_cache, self._suppress_ids)
+
+    def _fitting(self, row_len: int) -> Callable[[SamplingConfig], SamplingConfig]:
+        """A decoding whose units fit in `max_positions` after a condition row of `row_len`
+        positions: a larger `max_new_tokens` (a caller's own, or the default's for a long
+        condition) is cut to the room left; it ran past the positions (a call asking for
+        100,000 units did not end in 8 minutes)."""
+        room = self.cfg.max_positions - row_len
+        if room < 1:
+            raise UnitError(f"a condition of {row_len} positions leaves no room for units in "
+                            f"the decoder's {self.cfg.max_positions} positions: voice shorter "
+                            "segments")
+
+        def fit(s: SamplingConfig) -> SamplingConfig:
+            return s if s.max_new_tokens <= room else dataclasses.replace(s, max_new_tokens=room)
+        return fit
 
     @torch.no_grad()
     def iter_generate(
@@ -357,6 +374,7 @@ class UnitDecoder(nn.Module):
         (the same units; closing the iterator stops decoding; with beam search a unit comes
         once every hypothesis still in the running agrees on it)."""
         (emb,), _ = self._rows([cond], None)
+        fit = self._fitting(emb.shape[0])
         yield from iter_row(self._step, self.model.embed_tokens, emb, self.eos_id,
-                            sampling or self.default_sampling(cond.shape[0]), use_cache,
+                            fit(sampling or self.default_sampling(cond.shape[0])), use_cache,
                             self._suppress_ids)

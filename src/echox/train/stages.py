@@ -162,6 +162,7 @@ def _load_t2c(model: EchoX, folder: Path) -> None:
                          f"{meta['config']['llm']['name_or_path']}, not {model.config.llm.name_or_path}")
     load_weights(model, folder, parts=["t2c"])
     model.trained_stages.append("t2c")
+    model.omitted_parts = tuple(p for p in model.omitted_parts if p != "t2c")  # it is here now
 
 
 # ---- datasets and collators ---------------------------------------------------------------
