@@ -394,8 +394,8 @@ def test_a_folder_that_is_not_a_path_is_a_checkpoint_error(bad, tmp_path):
         EchoX.from_pretrained(bad)
     with pytest.raises(CheckpointError, match="must be a path"):
         load_bundle(bad)
-    with pytest.raises(CheckpointError, match="dtype must be a floating torch.dtype"):
-        EchoX.from_pretrained(tmp_path, dtype="float16")
+    with pytest.raises(CheckpointError, match="unknown dtype 'half'; choose bf16, fp16 or fp32"):
+        EchoX.from_pretrained(tmp_path, dtype="half")
 
 
 def test_from_pretrained_checks_device_dtype_and_the_config_it_reads(make_model, tmp_path):
@@ -413,6 +413,14 @@ def test_from_pretrained_checks_device_dtype_and_the_config_it_reads(make_model,
             EchoX.from_pretrained(folder, device="cuda")
     with pytest.raises(CheckpointError, match="device 'foo'"):
         EchoX.from_pretrained(folder, device="foo")
+    # mps without Apple's GPU was transformers' RuntimeError, meta one of load_state_dict
+    if not torch.backends.mps.is_available():
+        with pytest.raises(CheckpointError, match="device mps: this machine or torch build cannot use it"):
+            EchoX.from_pretrained(folder, device="mps")
+    with pytest.raises(CheckpointError, match="the meta device holds no weights"):
+        EchoX.from_pretrained(folder, device="meta")
+    # the names load_bundle takes (it was refused here: fp16 for load_bundle, float16 here)
+    assert next(EchoX.from_pretrained(folder, dtype="fp16").llm.parameters()).dtype == torch.float16
     with pytest.raises(CheckpointError, match="dtype must be a floating torch.dtype"):
         EchoX.from_pretrained(folder, dtype=torch.int8)
 

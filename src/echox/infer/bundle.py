@@ -33,7 +33,7 @@ from echox.errors import CheckpointError, ConfigError, NoBundleError, UnitError
 from echox.fileio import check_out_path, moved_aside_hint
 from echox.hub import cache_dir
 from echox.model.checkpoint import check_device as check_model_device
-from echox.model.checkpoint import checkpoint_folder, folder_overlap
+from echox.model.checkpoint import DTYPES, checkpoint_folder, folder_overlap, parse_dtype
 from echox.model.echox import EchoX
 from echox.model.precision import slow_on_cpu
 from echox.units.language import UnitLanguage
@@ -180,19 +180,6 @@ def load_bundle(
     if replaced:  # a bundle's own pair was warned about when it was made
         _warn_unit_counts(folder, voc, lang)
     return bundle
-
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """bf16 / fp16 / fp32 (or their long names, or a torch dtype) -> torch dtype; None stays."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32")
-    return DTYPES[dtype]
 
 
 def add_device_options(p: Any, default_device: str = "cpu") -> None:

@@ -361,6 +361,26 @@ def _checkpoint_tokenizer(folder: Path, audio_token: str) -> Any:
                               ) from e
 
 
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """bf16 / fp16 / fp32 (or their long names, or a floating torch dtype) -> torch dtype;
+    None stays."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"dtype must be a floating torch.dtype such as torch.float16, "
+                                  f"or bf16 / fp16 / fp32, got {dtype!r}")
+        return dtype
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32 (or a "
+                              "floating torch.dtype)")
+    return DTYPES[dtype]
+
+
 def check_device(device: Any, option: str = "device") -> None:
     """A clear error for a device this torch cannot use (cuda on a CPU build, a typo)."""
     try:
@@ -370,6 +390,14 @@ def check_device(device: Any, option: str = "device") -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"{option} {device}: this torch build or machine has no CUDA device "
                               f"(torch {torch.__version__})")
+    if dev.type == "meta":  # shapes without data: no weights can be read onto it
+        raise CheckpointError(f"{option} {device}: the meta device holds no weights; give cpu or "
+                              "a GPU (cuda, cuda:1, ...)")
+    try:  # mps without Apple's GPU, cuda:7 on a machine of one GPU: a torch error deep in the load
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise CheckpointError(f"{option} {device}: this machine or torch build cannot use it "
+                              f"({' '.join(str(e).split())[:160]})") from e
 
 
 def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = None,

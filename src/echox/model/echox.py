@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from echox.config import EchoXConfig, SpeechAdapterConfig, T2CConfig
-from echox.errors import AudioError, CheckpointError, ConfigError, PromptError, UnitError
+from echox.errors import AudioError, ConfigError, PromptError, UnitError
 from echox.hub import resolve
 from echox.model import losses
 from echox.model.batch import S2TBatch, T2CBatch, collate_s2t
-from echox.model.checkpoint import check_device, checkpoint_folder, load_checkpoint, save_checkpoint
+from echox.model.checkpoint import (check_device, checkpoint_folder, load_checkpoint, parse_dtype,
+                                    save_checkpoint)
 from echox.model.denoiser import DenoisingAdapter
 from echox.model.encoder import (
     HOP,
@@ -139,13 +140,12 @@ class EchoX(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "EchoX":
+                        dtype: str | torch.dtype | None = None) -> "EchoX":
         """`device`/`dtype`: see `echox.model.checkpoint.load_checkpoint` (default: CPU, the
-        config's dtypes). The model comes in eval mode, as transformers' models do (dropout
-        off: the same input gives the same answer); training calls `.train()`."""
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise CheckpointError(f"dtype must be a floating torch.dtype such as torch.float16, "
-                                  f"got {dtype!r}")
+        config's dtypes; `dtype` also as bf16 / fp16 / fp32, as `load_bundle` takes it). The
+        model comes in eval mode, as transformers' models do (dropout off: the same input gives
+        the same answer); training calls `.train()`."""
+        dtype = parse_dtype(dtype)
         if device is not None:
             check_device(device)
         return load_checkpoint(cls, checkpoint_folder(folder), device=device, dtype=dtype).eval()

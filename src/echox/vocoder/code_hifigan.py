@@ -379,9 +379,8 @@ class CodeHiFiGAN(HiFiGANLayers, Vocoder):
         if not checkpoint_path.is_file():
             raise VocoderFileNotFoundError(f"vocoder checkpoint not found: {checkpoint_path}")
         try:
-            ckpt = torch.load(
-                checkpoint_path, map_location=map_location, weights_only=not trust_pickle
-            )
+            # read on the CPU, then moved: a device torch.load cannot restore to ("cpu:0")
+            ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=not trust_pickle)
         except Exception as exc:  # torch raises several types for unreadable/unsafe files
             raise VocoderCheckpointError(
                 f"{checkpoint_path}: cannot be read as a torch checkpoint with "
