@@ -355,6 +355,21 @@ def test_latency_stats_are_consistent(bundle: Bundle) -> None:
     assert st.prefix_tokens > 0 and "first audio" in st.format()
 
 
+def test_an_engine_of_the_wrong_parts_is_refused_when_made(bundle: Bundle) -> None:
+    """Engine(model) or Engine(folder) failed with AttributeError; EngineConfig(unit_sampling=
+    "greedy") was taken and failed in the speech worker, after the text had been given."""
+    for wrong in (bundle.model, "/some/bundle"):
+        with pytest.raises(ConfigError, match="Engine needs a Bundle .*load_bundle"):
+            Engine(wrong)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cfg must be an EngineConfig or None, got dict"):
+        Engine(bundle, {"workers": 2})  # type: ignore[arg-type]
+    for kw, says in (({"unit_sampling": "greedy"}, "unit_sampling must be an echox.model"),
+                     ({"sampling": {"max_new_tokens": 5}}, "sampling must be an echox.model"),
+                     ({"stream": "no"}, "stream must be True or False")):
+        with pytest.raises(ConfigError, match=says):
+            EngineConfig(**kw)  # type: ignore[arg-type]
+
+
 def test_bad_audio_gives_clear_errors(bundle: Bundle, tmp_path: Path) -> None:
     with Engine(bundle, greedy()) as eng:
         s = eng.session()

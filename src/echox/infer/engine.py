@@ -140,6 +140,11 @@ class Engine:
         the longest spoken question this engine accepts; the encoder takes a clip longer than
         its window as consecutive windows. It is the engine's own: other engines on the same
         bundle keep theirs, and the model's config is not changed."""
+        if not isinstance(bundle, Bundle):  # an EchoX, a folder path: AttributeErrors later
+            raise ConfigError(f"Engine needs a Bundle (echox.infer.bundle.load_bundle(folder)), "
+                              f"got {type(bundle).__name__}")
+        if cfg is not None and not isinstance(cfg, EngineConfig):
+            raise ConfigError(f"Engine's cfg must be an EngineConfig or None, got {type(cfg).__name__}")
         self.bundle = bundle
         self.cfg = cfg or EngineConfig()
         self.model = bundle.model.eval()

@@ -40,6 +40,15 @@ class EngineConfig:
     context_units: int | None = None  # left-context units per chunk; None = the vocoder's
 
     def __post_init__(self) -> None:
+        for name in ("sampling", "unit_sampling"):  # a dict or "greedy" failed mid-turn
+            value = getattr(self, name)
+            if not isinstance(value, SamplingConfig) and not (name == "unit_sampling" and value is None):
+                raise ConfigError(f"engine.{name} must be an echox.model.generation.SamplingConfig"
+                                  f"{' or None' if name == 'unit_sampling' else ''}, got "
+                                  f"{type(value).__name__} {value!r:.60}")
+        for name in ("stream", "whole_response", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"engine.{name} must be True or False, got {getattr(self, name)!r}")
         _check_int("workers", self.workers, 1)
         _check_int("chunk_units", self.chunk_units, 0)
         _check_int("first_chunk_units", self.first_chunk_units, 1)
