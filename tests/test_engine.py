@@ -452,6 +452,8 @@ def test_a_byte_reading_echo_decoder_without_token_ids_is_one_error(make_model) 
         m.units_from_hidden([torch.randn(3, m.llm.hidden_size)])
     with pytest.raises(UnitError, match="got 2 id lists for 1"):
         m.units_from_hidden([torch.randn(3, m.llm.hidden_size)], ids=[[1, 2, 3], [4]])
+    with pytest.raises(UnitError, match="condition 0 has 3 rows but 2 token ids"):  # a ValueError
+        m.units_from_hidden([torch.randn(3, m.llm.hidden_size)], ids=[[1, 2]])
     assert m.units_from_hidden([torch.randn(3, m.llm.hidden_size)], ids=[[5, 6, 7]])
 
 

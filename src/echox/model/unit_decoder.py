@@ -268,6 +268,11 @@ class UnitDecoder(nn.Module):
                             "the token ids of each condition (e.g. `units_from_hidden(gen.hidden, "
                             "ids=gen.token_ids)`)" + ("" if ids is None else
                                                    f"; got {len(ids)} id lists for {len(cond)}"))
+        for k, (c, i) in enumerate(zip(cond, ids, strict=True)):
+            if c.shape[0] != len(i):  # the byte reader's ValueError said nothing of the fix
+                raise UnitError(f"condition {k} has {c.shape[0]} rows but {len(i)} token ids: "
+                                "give each segment's own ids, one per hidden state (e.g. "
+                                "`units_from_hidden(gen.hidden, ids=gen.token_ids)`)")
         return [self.char_condition(c, list(i)) for c, i in zip(cond, ids, strict=True)]
 
     def row_length(self, text_ids: list[int], n_units: int) -> int:
