@@ -376,8 +376,11 @@ class Session:
         `speak=False` answers in text only: no segment is voiced (no echo decoder, no
         vocoder), and Final's audio is empty.
 
-        Input is checked here (errors raise at once); the turn joins `history` when the
-        iterator finishes.
+        The input itself is checked here (errors raise at once); a prompt that, with
+        `max_new_tokens`, is over the LLM's positions raises at the iterator's first `next()`,
+        where the prompt is built from the history as it is then. The turn joins `history`
+        when the iterator finishes; a second `respond` may be made before the first is read,
+        and is refused only if read while the first is still answering.
         """
         t0 = time.perf_counter()
         self.engine.check_open()
