@@ -56,9 +56,11 @@ MAX_SAMPLE_RATE = 1_000_000
 #: rate up to this many Hz converts to any rate up to it.
 MAX_RESAMPLE_FACTOR = 192_000
 
-#: Largest sample magnitude read: louder than any integer PCM scale (int32) is no recording,
-#: and finite values far beyond it (1e20) overflow the model's features into NaN.
-MAX_PEAK = float(2**31)
+#: Largest sample magnitude read. Float audio is in [-1, 1] (a hot recording goes somewhat
+#: past it); samples of thousands are integer PCM given as floats (int16 cast without dividing
+#: by 32768), whose features are not speech's: the model answered another question, silently.
+#: Finite values far beyond it (1e20) overflowed the features into NaN.
+MAX_PEAK = 64.0
 
 #: Shortest spoken question accepted, in seconds: less is a click, not a question.
 MIN_QUESTION_SECONDS = 0.1
@@ -125,7 +127,8 @@ def _check_peak(wav: np.ndarray, where: str) -> None:
     peak = float(np.max(np.abs(wav))) if wav.size else 0.0
     if peak > MAX_PEAK:
         raise AudioError(f"{where}: samples reach {peak:.3g}, far outside the [-1, 1] of float "
-                         "audio (or any integer PCM scale): not a recording")
+                         "audio: integer PCM given as floats? (divide int16 samples by 32768, or "
+                         "give the integer array itself)")
 
 
 def _check_resample(rate: int, sr: int, where: str) -> None:
