@@ -355,7 +355,9 @@ class Session:
                   sample_rate: int | None = None) -> Turn:
         """Validate and load the user's input (speech as 16 kHz mono, at most the engine's
         `max_audio_seconds`: longer speech raises `AudioTooLongError`, one line that names
-        `--max-audio-seconds`)."""
+        `--max-audio-seconds`). A sample array is read at `sample_rate`, and taken as 16 kHz
+        without it: give the rate of an array at any other (a 48 kHz array read as 16 kHz is
+        slowed speech, answered as another question); a file gives its own."""
         model = self.engine.model
         if text is not None and not isinstance(text, str):
             raise PromptError(f"text must be a string, got {type(text).__name__}")
