@@ -20,6 +20,31 @@ def test_overrides_parse_types():
     assert cfg.llm.lora.target_modules == ["q_proj", "v_proj"]
 
 
+def test_a_section_override_merges_and_library_calls_get_config_errors(tmp_path):
+    """`llm.lora={r: 8}` put the class defaults (alpha 16, dropout 0.05) in place of the
+    preset's other LoRA settings, where a YAML file's section merges; overrides given as one
+    string were read letter by letter ("override 'l'"); load_config(Path) and to_yaml into a
+    folder were tracebacks."""
+    from pathlib import Path
+
+    cfg = preset_config("tiny-random", ["llm.lora={r: 8}"])
+    assert (cfg.llm.lora.r, cfg.llm.lora.alpha, cfg.llm.lora.dropout) == (8, 8, 0.0)
+    (tmp_path / "c.yaml").write_text("preset: tiny-random\nllm: {lora: {r: 8}}\n")
+    assert load_config(Path(tmp_path / "c.yaml")) == cfg  # a Path, as a YAML section merges
+    rope = {"rope_type": "linear", "factor": 2.0}  # a mapping value is replaced whole
+    once = preset_config("tiny-random", ["t2c.rope_scaling={rope_type: llama3, factor: 8.0, "
+                                         "low_freq_factor: 1.0, high_freq_factor: 4.0, "
+                                         "original_max_position_embeddings: 128}"])
+    assert apply_overrides(once, ["t2c.rope_scaling={rope_type: linear, factor: 2.0}"]) \
+        .t2c.rope_scaling == rope
+    with pytest.raises(ConfigError, match="overrides must be a list of 'key.path=value' strings, got str"):
+        preset_config("tiny-random", "llm.lora.r=32")
+    with pytest.raises(ConfigError, match="cannot write the config to"):
+        cfg.to_yaml(tmp_path)
+    with pytest.raises(ConfigError, match="cannot write the config to"):
+        cfg.to_yaml(tmp_path / "no" / "such" / "c.yaml")
+
+
 def test_float_fields_take_exponents_without_a_dot(tmp_path):
     # PyYAML (YAML 1.1) reads 2e-4 as the string '2e-4'; a float field takes it as a number
     cfg = preset_config("tiny-random", ["loss.den_cap=2e-4", "denoiser.dropout=1E-1"])

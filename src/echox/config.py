@@ -9,6 +9,7 @@ built-in names that :mod:`echox.hub` resolves.
 from __future__ import annotations
 
 import dataclasses
+import os
 import math
 import re
 import types
@@ -349,7 +350,10 @@ class EchoXConfig:
         return _from_dict(cls, data, "")
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        try:
+            Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        except OSError as e:  # a folder, a missing parent: pathlib's traceback
+            raise ConfigError(f"cannot write the config to {path}: {e.strerror or e}") from e
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "EchoXConfig":
@@ -414,6 +418,17 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     return f"{where} ({problem})"
+
+
+def _is_section(parts: list[str]) -> bool:
+    """Whether the dotted path names a config section (a dataclass, merged into), not a
+    mapping value such as `rope_scaling` (replaced whole)."""
+    cls: Any = EchoXConfig
+    for p in parts:
+        if not dataclasses.is_dataclass(cls):
+            return False
+        cls = get_type_hints(cls).get(p)
+    return dataclasses.is_dataclass(cls)
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -562,9 +577,17 @@ def load_recipe(path: str | Path | None, sections: dict[str, type | None], *,
 
 
 def apply_overrides(cfg: EchoXConfig, overrides: list[str]) -> EchoXConfig:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) and re-validate."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) and re-validate. A mapping given
+    for a section (``llm.lora={r: 8}``) is merged into it, as a YAML file's section is: the
+    keys it leaves out keep their values (they fell back to the class defaults, not the
+    preset's)."""
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple)):
+        raise ConfigError(f"overrides must be a list of 'key.path=value' strings, got "
+                          f"{type(overrides).__name__} {overrides!r:.60}")
     data = cfg.to_dict()
     for ov in overrides:
+        if not isinstance(ov, str):
+            raise ConfigError(f"override {ov!r}: expected a 'key.path=value' string")
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected the form key.path=value")
         key, raw = ov.split("=", 1)
@@ -577,9 +600,12 @@ def apply_overrides(cfg: EchoXConfig, overrides: list[str]) -> EchoXConfig:
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ConfigError(f"override {ov!r}: unknown key {key!r}")
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {ov!r}: value is not valid YAML{_yaml_problem(e)}") from e
+        was = node[parts[-1]]
+        section = isinstance(was, dict) and isinstance(value, dict) and _is_section(parts)
+        node[parts[-1]] = _deep_merge(was, value) if section else value
     return EchoXConfig.from_dict(data)
 
 
@@ -654,8 +680,12 @@ def preset_config(name: str, overrides: list[str] | None = None) -> EchoXConfig:
     return apply_overrides(PRESETS[name](), overrides or [])
 
 
-def load_config(spec: str, overrides: list[str] | None = None) -> EchoXConfig:
+def load_config(spec: str | os.PathLike, overrides: list[str] | None = None) -> EchoXConfig:
     """A preset name or a YAML path, plus dotted overrides."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise ConfigError(f"a config is a preset name or a YAML path, got {type(spec).__name__}")
     if spec in PRESETS:
         return preset_config(spec, overrides)
     if not spec.endswith((".yaml", ".yml")) and not Path(spec).exists():
