@@ -375,13 +375,21 @@ def test_save_refuses_bad_extra_files_and_dtypes(make_model, tmp_path):
     for name in ("../escape.txt", str(tmp_path / "abs.txt"), "a/b.txt", "config.json"):
         with pytest.raises(CheckpointError, match="plain file name"):
             m.save_pretrained(tmp_path / "ckpt", extra_files={name: "x"})
-    with pytest.raises(CheckpointError, match="floating torch dtype"):
+    with pytest.raises(CheckpointError, match="floating torch.dtype"):
         m.save_pretrained(tmp_path / "ckpt", dtype=torch.int8)  # weights would become garbage
-    with pytest.raises(CheckpointError, match="floating torch dtype"):
-        m.save_pretrained(tmp_path / "ckpt", dtype="float16")
+    with pytest.raises(CheckpointError, match="unknown dtype 'half'"):
+        m.save_pretrained(tmp_path / "ckpt", dtype="half")
     with pytest.raises(CheckpointError, match="tuple of part names"):
         m.save_pretrained(tmp_path / "ckpt", omit_parts="t2c")
+    # a dict was pathlib's TypeError once the weights were written
+    with pytest.raises(CheckpointError, match="extra file 'a.json': its content must be text"):
+        m.save_pretrained(tmp_path / "ckpt", extra_files={"a.json": {"k": 1}})
+    with pytest.raises(CheckpointError, match="extra_files must be a dict"):
+        m.save_pretrained(tmp_path / "ckpt", extra_files=[("a.json", "x")])
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "afile").write_text("x")  # it said "checkpoint folder not found"
+    with pytest.raises(CheckpointError, match="afile is a file, not a checkpoint folder"):
+        EchoX.from_pretrained(tmp_path / "afile")
 
 
 @pytest.mark.parametrize("bad", [None, 5, {"w": 1}, b"/tmp/x", ""])

@@ -118,14 +118,19 @@ def save_checkpoint(
         raise CheckpointError(f"omit_parts must be a tuple of part names, got {omit_parts!r}")
     # a part the model was loaded without holds initial weights: its copy leaves it out too
     omit_parts = tuple(dict.fromkeys((*omit_parts, *getattr(model, "omitted_parts", ()))))
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise CheckpointError(f"dtype must be a floating torch dtype (torch.float16, ...), "
-                              f"got {dtype!r}")
+    dtype = parse_dtype(dtype)  # a floating torch.dtype, or bf16 / fp16 / fp32 as loading takes
     reserved = {CONFIG, WEIGHTS, CHECKSUMS, "tokenizer"}
-    for name in extra_files or {}:
-        if Path(name).name != name or name in reserved or name in ("", ".", ".."):
+    if extra_files is not None and not isinstance(extra_files, dict):
+        raise CheckpointError(f"extra_files must be a dict of file name -> text, got "
+                              f"{type(extra_files).__name__}")
+    for name, text in (extra_files or {}).items():
+        if not isinstance(name, str) or Path(name).name != name or name in reserved \
+                or name in ("", ".", ".."):
             raise CheckpointError(f"extra file name {name!r} must be a plain file name other "
                                   f"than {sorted(reserved)}")
+        if not isinstance(text, str):  # a dict was pathlib's TypeError, after the weights
+            raise CheckpointError(f"extra file {name!r}: its content must be text (str), got "
+                                  f"{type(text).__name__}; give json.dumps(...) of a mapping")
     bad = sorted(set(omit_parts) - set(OMITTABLE))
     if bad:
         raise CheckpointError(f"cannot omit {bad}: only {list(OMITTABLE)} can be left out")
@@ -249,6 +254,9 @@ def option_folder(option: str, path: str | Path) -> Path:
 
 def verify_checkpoint(folder: Path) -> dict[str, Any]:
     """Check presence and checksums; return the parsed config.json."""
+    if folder.is_file():  # "not found" sent the user looking for a file that is there
+        raise CheckpointError(f"{folder} is a file, not a checkpoint folder (config.json, "
+                              "model.safetensors, checksums.json)")
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}{moved_aside_hint(folder)}")
     sums_path = folder / CHECKSUMS
