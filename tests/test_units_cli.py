@@ -121,8 +121,14 @@ def test_units_chain(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     png, js = out / "stats.png", out / "stats.json"
     assert main(["units", "stats", "--manifest", str(units_path), "--kmeans", str(km),
                  "--vocab-sizes", "16,24,40", "--max-token-units", "4", "--language", str(lang_dir),
-                 "--exclude-id-suffix=-q", "--heldout", "0.34", "--png", str(png), "--json", str(js)]) == 0
+                 "--exclude-id-suffix=-q", "--heldout", "0.34", "--png", str(png), "--json", str(js),
+                 "--save-dir", str(out / "langs")]) == 0
     printed = capsys.readouterr().out
+    # each kept language has the train_stats.json train-language writes (docs/units.md: its
+    # real vocab_size is what t2c.unit_vocab_size takes); --save-dir wrote none
+    kept = json.loads((out / "langs" / "v24" / "train_stats.json").read_text())
+    assert kept["asked_vocab_size"] == 24 and kept["vocab_size"] == UnitLanguage.load(out / "langs" / "v24").vocab_size
+    assert kept["train_sequences"] == 4 and kept["heldout_sequences"] == 2
     assert "6 sequences: 4 to train, 2 held out" in printed  # questions (-q) excluded
     table = [ln for ln in printed.splitlines() if ln.startswith("| ") and "vocab size" not in ln]
     assert len(table) == 4 and "loaded" in table[0]

@@ -516,6 +516,18 @@ def _save_language(lang: UnitLanguage, folder: Path, info: dict[str, Any] | None
             (tmp / "train_stats.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
+def _train_stats(lang: UnitLanguage, k: int, asked: int, args: argparse.Namespace, n_train: int,
+                 held: list[list[int]]) -> dict[str, Any]:
+    """A saved language's train_stats.json: its real `vocab_size` (BPE may stop short of the
+    `asked` size), how it was trained, and its compression on the held-out sequences."""
+    info: dict[str, Any] = {"num_units": k, "vocab_size": lang.vocab_size, "asked_vocab_size": asked,
+                            "max_token_units": args.max_token_units, "train_sequences": n_train,
+                            "heldout_sequences": len(held), "seed": args.seed}
+    if held:
+        info["heldout"] = compression_stats(lang, held)
+    return info
+
+
 def cmd_train_language(args: argparse.Namespace) -> int:
     out = _language_dir(args.out, "--out")
     if args.min_frequency < 0:
@@ -526,11 +538,7 @@ def cmd_train_language(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     lang = UnitLanguage.train([seqs[i][1] for i in train_idx], num_units=k, vocab_size=args.vocab_size,
                               max_token_units=args.max_token_units, min_frequency=args.min_frequency)
-    info: dict[str, Any] = {"num_units": k, "vocab_size": lang.vocab_size, "asked_vocab_size": args.vocab_size,
-                            "max_token_units": args.max_token_units, "train_sequences": len(train_idx),
-                            "heldout_sequences": len(held_idx), "seed": args.seed}
-    if held_idx:
-        info["heldout"] = compression_stats(lang, [seqs[i][1] for i in held_idx])
+    info = _train_stats(lang, k, args.vocab_size, args, len(train_idx), [seqs[i][1] for i in held_idx])
     _save_language(lang, out, info)
     print(f"unit language: {lang.vocab_size} tokens over K={k} units, trained on {len(train_idx)} "
           f"sequences in {time.perf_counter() - t0:.1f}s -> {args.out}")
@@ -592,8 +600,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         lang = UnitLanguage.train([seqs[i][1] for i in train_idx], num_units=k, vocab_size=v,
                                   max_token_units=args.max_token_units, min_frequency=args.min_frequency)
-        if v in save_dirs:
-            _save_language(lang, save_dirs[v])
+        if v in save_dirs:  # with its train_stats.json, as train-language writes it
+            _save_language(lang, save_dirs[v], _train_stats(lang, k, v, args, len(train_idx), held))
         rows.append((v, compression_stats(lang, held)))
         notes.append("")
         print(f"[units] vocab {v}: trained in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
