@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{manifest}: needs records with an 'audio' field")
     wavs = [load_audio(str(manifest.parent / r["audio"]), 16000) for r in recs]
     km = UnitKMeans.load(args.kmeans)
-    spec, layer = _extractor_spec(argparse.Namespace(kmeans=args.kmeans, features=None, layer=None))
+    spec, layer = _extractor_spec(argparse.Namespace(kmeans=args.kmeans, features=None, layer=None), km)
     if 30.0 not in windows:
         windows.insert(0, 30.0)
 

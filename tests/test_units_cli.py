@@ -446,3 +446,21 @@ def test_attach_refuses_an_id_repeated_with_other_units(
     assert "6 assistant turns of 6 dialogues" in capsys.readouterr().out
     got = {d["id"]: d["conversations"][1]["units"] for d in _read(tmp_path / "d.jsonl")}
     assert got == {r["id"]: r["units"] for r in recs}
+
+
+def test_the_window_bench_runs_on_a_kmeans_and_its_side_file(corpus: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/units_window.py failed on every run (TypeError: _extractor_spec() missing 'km'),
+    and no test ran it."""
+    from conftest import load_script
+
+    km = tmp_path / "km.joblib"
+    assert main(["units", "train-kmeans", "--manifest", str(corpus / "tts.jsonl"), "--features", TINY,
+                 "--layer", "1", "--k", "8", "--out", str(km), "--quiet"]) == 0
+    capsys.readouterr()
+    bench = load_script("bench/units_window.py", "bench_units_window")
+    assert bench.main(["--manifest", str(corpus / "tts.jsonl"), "--kmeans", str(km), "--n", "2",
+                       "--windows", "30,2", "--threads", "1"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "window" not in ln]
+    assert [r.split(" | ")[0] for r in rows] == ["| 30 s", "| 2 s"]
+    assert rows[0].endswith("| 1.000 | 1.000 |")  # the reference against itself
