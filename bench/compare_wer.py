@@ -55,6 +55,28 @@ def _eval_run(path: Path) -> dict:
     return {"records": recs, "variants": {name: {"hypotheses": [r["hyp"] for r in recs]}}}
 
 
+def _vocoder_results(path: Path) -> dict:
+    """A bench/vocoder.py --json file, checked: a KeyError or IndexError came out of a file of
+    another shape (and a file that is no JSON was an error that did not name it)."""
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SystemExit(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(res, dict) or "records" not in res:
+        raise SystemExit(f"{path}: no per-record transcripts (rerun bench/vocoder.py with --json)")
+    recs, variants = res["records"], res.get("variants")
+    if not isinstance(recs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("ref"), str)
+            and isinstance(r.get("original", ""), str) for r in recs):
+        raise SystemExit(f"{path}: its records are not objects with an id and a ref (text)")
+    if not isinstance(variants, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("hypotheses"), list) and len(v["hypotheses"]) == len(recs)
+            and all(isinstance(h, str) for h in v["hypotheses"]) for v in variants.values()):
+        raise SystemExit(f"{path}: its variants do not each hold a transcript per record "
+                         f"({len(recs)} records)")
+    return res
+
+
 def load_systems(paths: list[str]) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
     """(shared record ids, {system: transcripts in id order}, {system: its references in id order}).
 
@@ -66,9 +88,7 @@ def load_systems(paths: list[str]) -> tuple[list[str], dict[str, list[str]], dic
         if not path.exists():
             raise SystemExit(f"{p}: no such file or folder")
         is_run = path.is_dir() or path.suffix == ".jsonl"  # a tiny_results.py T2C run
-        res = _eval_run(path) if is_run else json.loads(path.read_text())
-        if "records" not in res:
-            raise SystemExit(f"{p}: no per-record transcripts (rerun bench/vocoder.py with --json)")
+        res = _eval_run(path) if is_run else _vocoder_results(path)
         ids = [r["id"] for r in res["records"]]
         if len(set(ids)) != len(ids):
             raise SystemExit(f"{p}: record ids are not unique")

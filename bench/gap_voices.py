@@ -29,15 +29,28 @@ class Stop(Exception):
     """Bad input: one line on stderr, exit status 2."""
 
 
-def hits(run: Path) -> dict[str, bool]:
+def hits(run: Path, mode: str) -> dict[str, bool]:
     path = run / "items.jsonl"
     if not path.is_file():
         raise Stop(f"no {path}: run `echox eval` there first")
+    import json
+
     from echox.eval.run import read_summary, scored_items
 
+    # the mode its place says: s2s runs given for s2t ones flipped every gap's sign, exit 0
+    summary = read_summary(run) if (run / "summary.json").is_file() else None
+    given = summary.mode if summary is not None else None
+    if given is None and (run / "eval.json").is_file():  # a run stopped before its summary
+        try:
+            given = json.loads((run / "eval.json").read_text(encoding="utf-8")).get("mode")
+        except (OSError, ValueError, AttributeError):
+            given = None
+    if given is not None and given != mode:  # a folder of items alone records none
+        raise Stop(f"{run} is a run of mode {given}, where one of mode {mode} belongs (--voice NAME "
+                   "ECHO_S2T ECHO_S2S GOLD_S2T GOLD_S2S)")
     # what `echox eval` counts: a torn line (a killed run) is skipped, a hit must be true/false,
     # and only the items its summary counted (a rerun on fewer items keeps the others' lines)
-    counted = read_summary(run).ids if (run / "summary.json").is_file() else None
+    counted = summary.ids if summary is not None else None
     recs = scored_items(path)
     return {str(k): recs[k]["hit"] for k in (recs if counted is None else counted) if k in recs}
 
@@ -66,7 +79,7 @@ def run(argv: list[str] | None) -> int:
         raise Stop(f"two voices share a name: {names}")
     voices = []
     for name, *runs in args.voice:
-        es2t, es2s, gs2t, gs2s = (hits(Path(r)) for r in runs)
+        es2t, es2s, gs2t, gs2s = (hits(Path(r), m) for r, m in zip(runs, ("s2t", "s2s", "s2t", "s2s")))
         voices.append((name, es2t, es2s, gs2t, gs2s))
     shared = set.intersection(*(set(h) for v in voices for h in v[1:]))
     ids = [i for i in voices[0][1] if i in shared]  # the first run's order (the benchmark's)

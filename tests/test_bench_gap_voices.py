@@ -68,3 +68,12 @@ def test_gap_voices_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     (tmp_path / "str" / "items.jsonl").write_text('{"id": "q0", "hit": "false"}\n')
     assert bench.main(["--voice", "v", *runs, str(tmp_path / "str")]) == 2
     assert "share no question" in capsys.readouterr().err
+    # runs in the wrong places (s2s given for s2t): every gap's sign flipped, exit 0
+    (tmp_path / "torn" / "summary.json").write_text(json.dumps(
+        {"name": "torn", "mode": "s2s", "benchmark": "b", "n": 1, "accuracy": 0.0,
+         "mean_latency_ms": None, "ids": ["q0"]}))
+    assert bench.main(["--voice", "v", str(tmp_path / "torn"), *runs]) == 2
+    assert "torn is a run of mode s2s, where one of mode s2t belongs" in capsys.readouterr().err
+    (tmp_path / "w" / "eval.json").write_text(json.dumps({"mode": "text"}))  # stopped before its summary
+    assert bench.main(["--voice", "v", *runs, str(tmp_path / "torn")]) == 2
+    assert "w is a run of mode text, where one of mode s2t belongs" in capsys.readouterr().err

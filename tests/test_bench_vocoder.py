@@ -91,6 +91,15 @@ def test_compare_wer_pairs_clips_by_id(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit, match="no per-record"):
         (tmp_path / "old.json").write_text(json.dumps({"variants": {}}))
         _compare().main([str(tmp_path / "old.json")])
+    # files of another shape were a KeyError or an IndexError; one not JSON went unnamed
+    for name, text, says in (
+            ("noref", {"records": [{"id": "a"}], "variants": {}}, "not objects with an id and a ref"),
+            ("short", {"records": [{"id": "a", "ref": "x y"}], "variants": {"v": {"hypotheses": []}}},
+             "do not each hold a transcript per record"),
+            ("text", "{not json", "not a readable JSON file")):
+        (tmp_path / f"{name}.json").write_text(text if isinstance(text, str) else json.dumps(text))
+        with pytest.raises(SystemExit, match=f"{name}.json: .*{says}"):
+            _compare().main([str(tmp_path / f"{name}.json")])
     # --exclude drops a clip from every system: only a is left (x 1 edit, y 1 edit, 4 words)
     assert _compare().main([str(tmp_path / "x.json"), str(tmp_path / "y.json"), "--exclude", "c",
                             "--samples", "50"]) == 0
