@@ -31,3 +31,30 @@ def test_transformers_whisper_hears_an_answer_longer_than_its_window(tmp_path):
     assert "paris" in heard and "elephant" in heard, heard
     short = asr.transcribe(audio[: sr * 8], sr).lower()  # one window, as before
     assert "paris" in short and "elephant" not in short, short
+
+
+@pytest.mark.slow
+def test_faster_whisper_takes_torchs_thread_count(monkeypatch):
+    """`--threads 1` set torch's threads, but CTranslate2 took its default of 4: on a 2-core
+    machine the ASR ran on twice the cores beside the model."""
+    import faster_whisper
+    import torch
+
+    from echox.infer.asr import FasterWhisperASR
+
+    made = []
+    real = faster_whisper.WhisperModel
+
+    def recording(*a, **kw):  # the real model, its arguments kept
+        made.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(faster_whisper, "WhisperModel", recording)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        asr = FasterWhisperASR()
+        assert asr.cpu_threads == 1 and made[-1]["cpu_threads"] == 1
+        assert FasterWhisperASR(cpu_threads=2).cpu_threads == 2 and made[-1]["cpu_threads"] == 2
+    finally:
+        torch.set_num_threads(before)

@@ -30,19 +30,26 @@ def _to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 
 @dataclass
 class FasterWhisperASR:
-    """`path`: a CTranslate2 Whisper folder (default: the packaged tiny.en)."""
+    """`path`: a CTranslate2 Whisper folder (default: the packaged tiny.en). `cpu_threads`:
+    CTranslate2's threads; None takes torch's (`--threads`): CTranslate2's own default is 4,
+    twice the cores of a 2-core machine beside a model on the other."""
 
     path: str | None = None
     compute_type: str = "int8"
     beam_size: int = 1
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
+        import torch
         from faster_whisper import WhisperModel
 
         if self.path is None:
             self.path = str(packaged_whisper_tiny_en())
+        if self.cpu_threads is None:
+            self.cpu_threads = torch.get_num_threads()
         try:
-            self._model = WhisperModel(self.path, device="cpu", compute_type=self.compute_type)
+            self._model = WhisperModel(self.path, device="cpu", compute_type=self.compute_type,
+                                       cpu_threads=self.cpu_threads)
         except Exception as e:  # noqa: BLE001 - ctranslate2 raises RuntimeError/ValueError
             raise CheckpointError(f"cannot load faster-whisper model {self.path}: {e}") from e
         self.name = f"faster-whisper:{self.path}"
