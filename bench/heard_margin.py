@@ -4,7 +4,8 @@ several signal-to-noise ratios, and at other gains, each transcribed by Whisper 
     echox demo -o answer.wav
     python bench/heard_margin.py answer.wav --word tokyo [--snr 50 40 30] [--copies 10]
 
-One row per condition: how many of the copies' transcripts contain `--word` (case-folded).
+One row per condition: how many of the copies' transcripts contain `--word`, by the eval's
+match rule (whole words, case-folded: `span` is not heard in "Spanish").
 A word heard in every copy is firm; one that comes and goes with noise 50 dB below the speech
 (far under anything a listener notices) is on the edge of what the model said.
 """
@@ -51,21 +52,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"heard_margin: {e}", file=sys.stderr)
         return 2
     asr = FasterWhisperASR()
-    word = args.word.lower()
+    from echox.data.match import exist_match
+
+    def heard(t: str) -> bool:  # the eval's rule, word by word: "span" is not in "Spanish"
+        return exist_match(t, args.word)
+
     rms = float(np.sqrt(np.mean(wav.astype(np.float64) ** 2)))
     rows: list[tuple[str, int, int, str]] = []
     first = asr.transcribe(wav)
-    rows.append(("as written", int(word in first.lower()), 1, first))
+    rows.append(("as written", int(heard(first)), 1, first))
     for g in args.gains:
         t = asr.transcribe(np.clip(wav * g, -1.0, 1.0).astype(np.float32))
-        rows.append((f"gain {g:g}", int(word in t.lower()), 1, t))
+        rows.append((f"gain {g:g}", int(heard(t)), 1, t))
     for snr in args.snr:
         said = []
         for seed in range(args.copies):
             noise = np.random.default_rng(seed).standard_normal(wav.size) * rms * 10 ** (-snr / 20)
             said.append(asr.transcribe((wav + noise).astype(np.float32)))
-        hits = sum(word in t.lower() for t in said)
-        other = next((t for t in said if word not in t.lower()), said[0])
+        hits = sum(map(heard, said))
+        other = next((t for t in said if not heard(t)), said[0])
         rows.append((f"white noise, {snr:g} dB SNR", hits, len(said), other))
     print(f"| condition | transcripts with {args.word!r} | one transcript (a miss if any) |")
     print("|---|---:|---|")

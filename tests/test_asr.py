@@ -58,3 +58,25 @@ def test_faster_whisper_takes_torchs_thread_count(monkeypatch):
         assert FasterWhisperASR(cpu_threads=2).cpu_threads == 2 and made[-1]["cpu_threads"] == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs the espeak-ng program (scripts/setup.sh installs it)")
+def test_heard_margin_counts_whole_words(tmp_path, capsys):
+    """bench/heard_margin.py counted substrings: `--word span` was heard in every transcript of
+    "a Spanish-speaking country"."""
+    from conftest import load_script
+
+    wav = tmp_path / "a.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-w", str(wav),
+                    "Madrid is the capital of Spain, a Spanish speaking country."], check=True)
+    bench = load_script("bench/heard_margin.py", "bench_heard_margin")
+
+    def counts(word):
+        assert bench.main([str(wav), "--word", word, "--snr", "40", "--copies", "1", "--gains", "0.5",
+                           "--threads", "1"]) == 0
+        rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "/" in ln]
+        return [r.split(" | ")[1] for r in rows]
+
+    assert counts("madrid") == ["1 / 1"] * 3
+    assert counts("span") == ["0 / 1"] * 3
