@@ -373,6 +373,20 @@ def test_bench_eval_speed_runs(bench: str, bundle_dir: Path,
     assert all(r.split("|")[2].strip() in ("1", "3") and r.rstrip(" |").endswith("y") for r in rows)
 
 
+def test_bench_eval_speed_reports_a_benchmark_it_cannot_read(tmp_path: Path) -> None:
+    """A benchmark given with a typo, empty or malformed was taken for "no benchmark file":
+    s2t skipped, text on the recipe's questions, an empty table and exit 0."""
+    from echox.errors import EvalError
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    for name in ("nope.jsonl", "empty.jsonl", "bad.jsonl"):
+        for mode in ("text", "s2t"):
+            with pytest.raises(EvalError):
+                _bench_script().main(["--benchmark", f"local:{tmp_path / name}", "--modes", mode,
+                                      "--n", "1", "--llm", LLM, "--model", str(tmp_path)])
+
+
 def test_cli_text_mode_keeps_max_new_tokens(tmp_path: Path, bench: str) -> None:
     """`--mode text --max-new-tokens N` was dropped (the answerer kept its 48) and not
     recorded, so a resume with another N was accepted too."""
