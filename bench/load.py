@@ -251,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.question:
         if not Path(args.question).is_file():
             raise SystemExit(f"--question {args.question}: no such file")
+        from echox.infer.engine import check_question
+
+        # read as the server will (every turn of a file that is no audio was a bad_audio error,
+        # thousands a second, and the run ended "served 0 turns" with exit 0)
+        check_question(args.question, None)
         question = Path(args.question).read_bytes()
     else:
         from echox.infer.demo import packaged_question

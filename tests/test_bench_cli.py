@@ -142,6 +142,12 @@ def test_odd_question_and_manifest_rows_are_one_line_before_the_load(tmp_path: P
         p.write_text("".join(json.dumps(r) + "\n" for r in recs))
         return str(p)
 
+    # a question that is no audio: every turn a bad_audio error, "served 0 turns", exit 0
+    from echox.errors import AudioError
+
+    load = load_script("bench/load.py", "bench_load")
+    with pytest.raises(AudioError, match="garbage.jsonl"):
+        load.main(["--clients", "1", "--duration", "1", "--question", rows("garbage.jsonl", {"a": 1})])
     probe = load_script("bench/ctc_probe.py", "bench_ctc_probe")
     with pytest.raises(ConfigError, match=r"lst.jsonl:1: not a JSON object"):
         probe.main(["--model", MISSING, "--qa", rows("lst.jsonl", ["a"])])
