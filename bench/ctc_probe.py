@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qa", default="data/tiny/test/qa.jsonl", help="local: QA JSONL with audio")
     p.add_argument("--n", type=int_at_least(1), default=100)
     p.add_argument("--threads", type=int_at_least(1), default=1)
-    p.add_argument("--show", type=int, default=5, help="print this many transcripts")
+    p.add_argument("--show", type=int_at_least(0), default=5, help="print this many transcripts")
     p.add_argument("--json", help="write per-question rows here")
     p.add_argument("--llm-asr", action="store_true", help="also the LLM's own transcript (see above)")
     p.add_argument("--batch-size", type=int_at_least(1), default=16, help="--llm-asr: questions per generate call")

@@ -16,7 +16,7 @@ import torch
 
 from echox.audio import load_audio
 from echox.config import int_at_least
-from echox.vocoder.distill import prune_generator
+from echox.vocoder.distill import check_student_width, prune_generator
 from echox.vocoder.hifigan import mel_spectrogram
 from echox.vocoder.io import load_hifigan
 
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     teacher = load_hifigan(args.teacher)
+    for w in args.widths:  # all of them before the table (a bad one came after its header)
+        check_student_width(teacher.config, w)
     spec = teacher.config.mel
     wav = torch.from_numpy(load_audio(args.audio, spec.sampling_rate))
     mel = mel_spectrogram(wav[: len(wav) // spec.hop_length * spec.hop_length], spec)

@@ -21,6 +21,7 @@ BAD_OPTIONS = [
     ("corpus_llm", ["--threads", "0", "--questions", MISSING], "argument --threads: must be >= 1, got 0"),
     ("corpus_llm", ["--n", "x", "--questions", MISSING], "argument --n: expected a whole number, got 'x'"),
     ("cpu_bf16", ["--reps", "0"], "argument --reps: must be >= 1, got 0"),
+    ("ctc_probe", ["--show", "-1", "--model", MISSING], "argument --show: must be >= 0, got -1"),
     ("eval_speed", ["--max-new-tokens", "0", "--benchmark", f"local:{MISSING}"],
      "argument --max-new-tokens: must be >= 1, got 0"),
     ("heard_margin", [MISSING, "--word", "w", "--copies", "0"], "argument --copies: must be >= 1, got 0"),
@@ -181,3 +182,14 @@ def test_counts_and_words_that_mean_nothing_are_refused(name: str, argv: list[st
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
     assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_prune_init_checks_every_width_before_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """A width the teacher cannot be cut to was found after the table's header (and after the
+    rows of the widths before it)."""
+    from echox.errors import VocoderConfigError
+
+    bench = load_script("bench/prune_init.py", "bench_prune_init")
+    with pytest.raises(VocoderConfigError, match="student width 1000 must be in"):
+        bench.main(["--widths", "256", "1000"])
+    assert capsys.readouterr().out == ""

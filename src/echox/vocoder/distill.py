@@ -181,6 +181,17 @@ def _channel_saliency(out_w: torch.Tensor, in_ws: Sequence[torch.Tensor]) -> tor
     return writes * reads
 
 
+def check_student_width(tc: HiFiGANConfig, initial_channel: int) -> None:
+    """A width `prune_generator` can cut the teacher of config `tc` to (checked before a bench
+    prints its first row)."""
+    if not 0 < initial_channel <= tc.upsample_initial_channel:
+        raise VocoderConfigError(f"student width {initial_channel} must be in (0, "
+                                 f"{tc.upsample_initial_channel}]")
+    n_stages = len(tc.upsample_rates)
+    if initial_channel % 2**n_stages:
+        raise VocoderConfigError(f"student width {initial_channel} must be divisible by {2**n_stages}")
+
+
 def prune_generator(teacher: HiFiGANGenerator, initial_channel: int,
                     calibration_mel: torch.Tensor | None = None) -> HiFiGANGenerator:
     """A narrower generator that starts as the teacher restricted to its salient channels.
@@ -193,12 +204,8 @@ def prune_generator(teacher: HiFiGANGenerator, initial_channel: int,
     Distillation then starts near the teacher instead of from noise.
     """
     tc = teacher.config
-    if not 0 < initial_channel <= tc.upsample_initial_channel:
-        raise VocoderConfigError(f"student width {initial_channel} must be in (0, "
-                           f"{tc.upsample_initial_channel}]")
+    check_student_width(tc, initial_channel)
     n_stages = len(tc.upsample_rates)
-    if initial_channel % 2**n_stages:
-        raise VocoderConfigError(f"student width {initial_channel} must be divisible by {2**n_stages}")
     cfg = HiFiGANConfig(**{**{f: getattr(tc, f) for f in tc.__dataclass_fields__},
                            "upsample_initial_channel": initial_channel})
     student = HiFiGANGenerator(cfg)
