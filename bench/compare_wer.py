@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"--exclude: no shared clip has the id {unknown[0]!r}")
         keep = [k for k, i in enumerate(ids) if i not in excluded]
+        if not keep:  # it said "the references hold no words"
+            raise SystemExit(f"--exclude leaves none of the {len(ids)} shared clips")
         ids = [ids[k] for k in keep]
         systems = {name: [v[k] for k in keep] for name, v in systems.items()}
         refs = {name: [v[k] for k in keep] for name, v in refs.items()}

@@ -108,6 +108,9 @@ def test_compare_wer_pairs_clips_by_id(tmp_path: Path, capsys: pytest.CaptureFix
     assert "| 0.250 | +0.000 |" in [ln for ln in out.splitlines() if ln.startswith("| y:own")][0]
     with pytest.raises(SystemExit, match="no shared clip has the id 'b'"):  # b is not in y
         _compare().main([str(tmp_path / "x.json"), str(tmp_path / "y.json"), "--exclude", "b"])
+    with pytest.raises(SystemExit, match="--exclude leaves none of the 2 shared clips"):
+        _compare().main([str(tmp_path / "x.json"), str(tmp_path / "y.json"), "--exclude", "a",
+                         "--exclude", "c"])
 
 
 def test_compare_wer_reads_t2c_eval_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
