@@ -70,8 +70,14 @@ def test_a_full_disk_is_one_line_and_other_errors_keep_their_traceback(capsys, m
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err
 
-    raised.append(OSError(errno.EACCES, "Permission denied", "/x"))
-    with pytest.raises(PermissionError):  # not the disk: the traceback, as before
+    # a folder this user may not write (convert official into a read-only folder): one line
+    for code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raised.append(OSError(code, os.strerror(code), "/ro/.out.tmp-1"))
+        assert cli.main(["demo"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "/ro/.out.tmp-1 (a read-only folder" in err, err
+    raised.append(OSError(errno.EIO, "Input/output error", "/x"))
+    with pytest.raises(OSError):  # a failing device, not the user's to fix: the traceback
         cli.main(["demo"])
     raised.append(ValueError("(os error 5)"))
     with pytest.raises(ValueError):

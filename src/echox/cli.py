@@ -215,11 +215,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _file_system_error(e: Exception) -> str | None:
-    """One line for a name too long or a full disk; None for any other error (a traceback)."""
+    """One line for what the file system refuses (a name too long, a full disk, a path this
+    user may not write); None for any other error (a traceback)."""
     if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
         name = str(e.filename or "")
         short = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]}"
         return f"a file name too long for this file system: {short}"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = f": {e.filename}" if e.filename else ""
+        return (f"{e.strerror or e}{where} (a read-only folder or file system, or one of another "
+                "user); give a path this user can write, or change its permissions")
     if disk_full(e):
         if isinstance(e, OSError):
             what = f"{e.strerror}" + (f" writing {e.filename}" if e.filename else "")
