@@ -429,6 +429,18 @@ def _damage(src: Path, how: str) -> None:
     elif how == "no tokenizer":
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             (src / f).unlink()
+    elif how == "int weights":  # converted, and the T2C never stopped (102 s of audio)
+        from safetensors.torch import load_file, save_file
+
+        index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+        key = "model.mm_projector1.weight"
+        sd = load_file(str(src / index[key]))
+        sd[key] = sd[key].to(torch.int32)
+        save_file(sd, str(src / index[key]))
+    elif how == "shard outside":  # read from another folder, and converted
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {k: f"../{v}" for k, v in index["weight_map"].items()}
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
     elif how in ("wrong shape", "unknown tensor", "missing tensor"):
         from safetensors.torch import load_file, save_file
 
@@ -498,6 +510,8 @@ def _damage(src: Path, how: str) -> None:
     ("hidden act unknown", "the model it describes cannot be built (KeyError"),
     ("unit vocabulary huge", "tokens from id"),
     ("shard name too long", "named in model.safetensors.index.json is missing"),
+    ("int weights", "weights must be floating point (BF16, F16, F32, F64): model.mm_projector1.weight is I32"),
+    ("shard outside", "its weight_map names '../model-00001-of-00002.safetensors', not a file beside it"),
 ])
 def test_damaged_folder_one_line_exit_2(tmp_path: Path, capsys, how: str, message: str) -> None:
     fx = build_authors_folder(tmp_path, shards=2)
@@ -508,6 +522,47 @@ def test_damaged_folder_one_line_exit_2(tmp_path: Path, capsys, how: str, messag
     assert rc == 2 and err.startswith("echox: error: ") and err.count("\n") == 1, err
     assert message in err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_out_inside_the_source_and_a_tower_that_is_no_whisper_are_refused(tmp_path: Path, capsys) -> None:
+    """OUT inside SRC wrote a bundle into the authors' folder (exit 0); --audio-tower naming a
+    missing folder, or a folder of another model (no d_model), converted and failed at chat."""
+    fx = build_authors_folder(tmp_path, shards=2)
+    before = sorted(p.name for p in fx.src.iterdir())
+    capsys.readouterr()
+    cases = [([str(fx.src / "sub")], "lies inside SRC"),
+             ([str(tmp_path / "o1"), "--audio-tower", str(tmp_path / "nope" / "whisper")], "no such folder"),
+             ([str(tmp_path / "o2"), "--audio-tower", str(fx.src)], "its config.json has no d_model")]
+    for argv, says in cases:
+        assert main(["convert", "official", str(fx.src), *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in fx.src.iterdir()) == before
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_header_of_shared_bytes_or_a_fractional_shape_is_corrupt(tmp_path: Path) -> None:
+    """Two tensors over the same bytes both took them; a shape of 32.5 became 32."""
+    import struct
+
+    from echox.convert.tensor_files import read_safetensors_header
+    from echox.errors import CheckpointError
+
+    def write(header: dict[str, Any], data: bytes) -> Path:
+        raw = json.dumps(header).encode()
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+        return path
+
+    ok = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+    assert set(read_safetensors_header(write(ok, bytes(16)))) == {"a", "b"}
+    shared = {**ok, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    with pytest.raises(CheckpointError, match="a and b share bytes"):
+        read_safetensors_header(write(shared, bytes(16)))
+    half = {"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}
+    with pytest.raises(CheckpointError, match="corrupt header entry for a"):
+        read_safetensors_header(write(half, bytes(8)))
 
 
 def test_force_never_replaces_the_source(tmp_path: Path, capsys) -> None:

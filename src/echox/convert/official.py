@@ -118,6 +118,10 @@ def _shards(src: Path) -> list[Path]:
                 names = sorted(set(weight_map.values()))
                 if not all(isinstance(n, str) for n in names):
                     raise TypeError("its weight_map values must be file names")
+                # a shard beside the index, as the hub lays them out (../x read another folder)
+                outside = next((n for n in names if os.path.basename(n) != n or n in (".", "..")), None)
+                if outside is not None:
+                    raise TypeError(f"its weight_map names {outside!r}, not a file beside it")
             except (ValueError, RecursionError, KeyError, AttributeError,
                     TypeError) as e:
                 raise ConversionError(f"{src / index}: not a weight index ({e})") from e
@@ -231,7 +235,12 @@ def _audio_tower(name: str, src: Path, override: str | None) -> tuple[str, str]:
     """The Whisper the config names, as a folder or hub id, and how it was found."""
     if override:
         p = Path(override).expanduser()
-        return (str(p.resolve()), "--audio-tower") if os.path.isdir(p) else (override, "--audio-tower")
+        if os.path.isdir(p):
+            return str(p.resolve()), "--audio-tower"
+        if p.is_absolute() or override.startswith((".", "~")) or override.count("/") > 1:
+            # a path, not a hub id (org/name): it was kept and failed only at the first chat
+            raise ConversionError(f"--audio-tower {override}: no such folder")
+        return override, "--audio-tower"
     p = Path(name).expanduser()
     for cand in ([p] if p.is_absolute() else [p, src / p, src.parent / p]):
         if os.path.isdir(cand):
@@ -245,8 +254,9 @@ def _check_tower(tower: str, adapter_size: int) -> None:
     cfg = Path(tower) / "config.json"
     if os.path.isfile(cfg):
         d = read_json_object(cfg, ConversionError, "audio tower config").get("d_model")
-        if d is None:
-            return
+        if d is None:  # another model's folder (the authors' own, say) was taken
+            raise ConversionError(f"audio tower {tower}: its config.json has no d_model; give "
+                                  "a Whisper model's folder")
         if not isinstance(d, int) or isinstance(d, bool):
             raise ConversionError(f"audio tower {tower}: config.json's d_model is {d!r}, not a "
                                   "whole number")
@@ -372,8 +382,12 @@ class Entry:
     why: str = ""
 
 
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # the weights a converted model can hold
+
+
 def plan(src: Source, cfg: EchoXConfig) -> list[Entry]:
-    """Every source tensor's destination; any unknown, missing or misshapen one is an error."""
+    """Every source tensor's destination; any unknown, missing, misshapen or non-float one is
+    an error."""
     try:  # a config.json transformers cannot build: num_key_value_heads 0, an unknown hidden_act
         ours, llm, tied = _meta_shapes(cfg, src)
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
@@ -382,7 +396,7 @@ def plan(src: Source, cfg: EchoXConfig) -> list[Entry]:
     if cfg.t2c.shared_embedding:
         ours.pop("echo.model.embed_tokens.weight")
     required_llm = {k for k in llm if not (tied and k == "lm_head.weight")}
-    entries, unknown, bad = [], [], []
+    entries, unknown, bad, bad_dtype = [], [], [], []
     for key in sorted(src.tensors):
         info = src.tensors[key]
         mine = next((new + key[len(old):] for old, new in RENAMES if key.startswith(old)), None)
@@ -407,6 +421,8 @@ def plan(src: Source, cfg: EchoXConfig) -> list[Entry]:
             continue
         if info.shape != want:
             bad.append(f"{key} is {list(info.shape)} in {info.file.name}, config.json's sizes give {list(want)}")
+        elif info.dtype not in FLOAT_DTYPES:  # int or bool weights converted, and the T2C never stopped
+            bad_dtype.append(f"{key} is {info.dtype} in {info.file.name}")
         entries.append(e)
     where = src.folder
     if unknown:
@@ -414,6 +430,9 @@ def plan(src: Source, cfg: EchoXConfig) -> list[Entry]:
                               f"does not have, e.g. {', '.join(unknown[:3])}")
     if bad:
         raise ConversionError(f"{where}: wrong shape: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    if bad_dtype:
+        raise ConversionError(f"{where}: weights must be floating point ({', '.join(sorted(FLOAT_DTYPES))}): "
+                              f"{bad_dtype[0]}" + (f" (and {len(bad_dtype) - 1} more)" if len(bad_dtype) > 1 else ""))
     have = {e.name for e in entries if e.to == "model"} | {e.key for e in entries if e.to != "model"}
     missing = sorted({_source_name(k) for k in set(ours) - have} | (required_llm - have))
     if missing:
@@ -555,6 +574,9 @@ def cmd_convert_official(args: Any) -> int:
     if out.resolve() == src or out.resolve() in src.parents:
         raise ConversionError(f"OUT {out} holds SRC {args.src}: replacing it would delete the "
                               "checkpoint being converted; give another OUT")
+    if src in out.resolve().parents:  # a bundle written into the authors' folder, an input
+        raise ConversionError(f"OUT {out} lies inside SRC {args.src}: the bundle would be "
+                              "written into the checkpoint being converted; give another OUT")
     check_out_path(out, "OUT")  # the bundle is a folder
     report = convert_official(args.src, out, audio_tower=args.audio_tower, prompt=args.prompt)
     n = report["counts"]

@@ -62,13 +62,19 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     out = {}
+    spans: list[tuple[int, int, str]] = []
     for name, e in meta.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
+            dtype, dims, (a, b) = e["dtype"], e["shape"], e["data_offsets"]
+            # whole numbers only: int() made a shape of 32.5 into 32
+            if not isinstance(dims, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                     and v >= 0 for v in dims):
+                raise TypeError("shape must be a list of whole numbers")
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)) or a < 0:
                 raise TypeError("data_offsets must be integers")
+            shape = tuple(dims)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: corrupt header entry for {name}") from err
         if dtype not in ELEMENT_BYTES:
@@ -77,6 +83,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: {name} lies outside the file or has the wrong size "
                                   f"(truncated download?)")
         out[name] = TensorInfo(name, dtype, shape, path, 8 + n + a, b - a)
+        spans.append((a, b, name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:  # two tensors read the same bytes: both took them, exit 0
+            raise CheckpointError(f"{path}: corrupt header: {first} and {second} share bytes")
     return out
 
 
