@@ -75,6 +75,14 @@ def test_three_stages_from_the_command_line(tmp_path, capsys):
         assert (out / "model" / "model.safetensors").is_file()
     assert (tmp_path / "echo-pseudo" / "pseudo_labels.jsonl").is_file()
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    # on from an echo model that has its T2C: each such run (and resume) listed t2c once more
+    again = tmp_path / "echo-again"
+    assert main(["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--init", str(tmp_path / "echo-pseudo" / "model"), "--t2c-from",
+                 str(tmp_path / "t2c" / "model"), "--out", str(again), "--set", "model.t2c.max_positions=64",
+                 "--set", "train.cut_segments=false", "--set", "train.max_steps=1"]) == 0
+    capsys.readouterr()
+    assert json.loads((again / "model" / "config.json").read_text())["trained_stages"] == ["s2t", "t2c", "echo"]
     # gold units missing from the eval dialogues: refused before any step (it failed at the
     # first evaluation, eval_every steps into the run, and named the wrong command)
     no_units = c / "no_units.jsonl"
