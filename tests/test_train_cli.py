@@ -615,6 +615,19 @@ def test_a_save_cut_by_a_kill_is_cleared_by_the_next_run(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_model_folder_given_as_the_run_folder_is_refused(tmp_path, capsys):
+    """`--out runs/x/model` (a model's own folder) put checkpoints/, metrics.jsonl and a model/
+    inside it, beside its weights."""
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 1, lr: 0.003")
+    assert main(run) == 0
+    model = tmp_path / "t2c" / "model"
+    before = sorted(p.name for p in model.iterdir())
+    i = run.index("--out")
+    assert main([*run[:i], "--out", str(model), *run[i + 2:]]) == 2
+    assert "is a model checkpoint folder, not a run folder" in _one_error_line(capsys)
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
 def test_a_file_given_as_a_checkpoint_folder_is_one_line(tmp_path, capsys):
     """`--init afile` said "checkpoint folder not found"."""
     afile = tmp_path / "afile"

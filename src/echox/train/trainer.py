@@ -167,6 +167,10 @@ def check_run_folder(out: Path, keep_best: bool = False) -> None:
     metrics.jsonl, loss_curve.png) or the reverse, a `model/` (or, with `keep_best`, `best/`)
     that holds other files than a checkpoint (saving replaces it whole), or a recipe.json that
     no run wrote (a run writes its own over it)."""
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        # a model's own folder (runs/x/model): the run's folders went into it, beside the weights
+        raise ConfigError(f"--out {out} is a model checkpoint folder, not a run folder; give "
+                          "a new --out (the run writes its model into <out>/model)")
     for name in ("recipe.json", "metrics.jsonl", "loss_curve.png", "pseudo_labels.jsonl"):
         if (out / name).is_dir():
             raise ConfigError(f"--out {out}: {out / name} is a folder, where a run writes a file; "
