@@ -615,6 +615,23 @@ def test_a_save_cut_by_a_kill_is_cleared_by_the_next_run(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_resume_given_another_init_keeps_the_runs_own_on_record(tmp_path, capsys, caplog):
+    """--resume with another --init went on from the checkpoint (rightly) but recorded the new
+    --init as where the run started, without a word."""
+    import shutil
+
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003, save_every: 1")
+    assert main([*run, "--set", "train.max_steps=1"]) == 0
+    first = tmp_path / "t2c" / "model"
+    other = shutil.copytree(first, tmp_path / "other")
+    cont = [a if a != str(tmp_path / "t2c") else str(tmp_path / "cont") for a in run]
+    assert main([*cont, "--init", str(first), "--stop-at", "1"]) == 0
+    with caplog.at_level("WARNING"):
+        assert main([*cont, "--init", str(other), "--resume"]) == 0
+    assert "the run started from --init" in caplog.text and "is not used" in caplog.text
+    assert json.loads((tmp_path / "cont" / "recipe.json").read_text())["init"] == str(first)
+
+
 def test_a_model_folder_given_as_the_run_folder_is_refused(tmp_path, capsys):
     """`--out runs/x/model` (a model's own folder) put checkpoints/, metrics.jsonl and a model/
     inside it, beside its weights."""

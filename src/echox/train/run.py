@@ -496,6 +496,21 @@ def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
     return [before, *older]
 
 
+def _starts_before(recipe_json: Path, now: dict[str, str | None]) -> dict[str, str | None]:
+    """A resumed run's starting points (`init`, `t2c_from`) as it recorded them: a resume takes
+    its weights from the checkpoint, so another --init given now is not what the run started
+    from (it was recorded so, and the first steps' start was lost). Said in a warning."""
+    was = folder_config(recipe_json.parent, recipe_json.name) or {}
+    kept = dict(now)
+    for key, option in (("init", "--init"), ("t2c_from", "--t2c-from")):
+        old = was.get(key)
+        if isinstance(old, str) and now.get(key) and os.path.realpath(old) != os.path.realpath(str(now[key])):
+            log.warning("--resume: the run started from %s %s; %s is not used (a resume goes on "
+                        "from its checkpoint) and the record keeps the first", option, old, now[key])
+            kept[key] = old
+    return kept
+
+
 def _found_in(value: Any, cwd: str) -> str | None:
     """`value`, a path given in the folder `cwd`, joined to it when it names something there."""
     there = os.path.join(cwd, value) if isinstance(value, str) and value else None
@@ -620,10 +635,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def record() -> None:  # once the run starts: a refused --resume leaves the run's record as it was
         before = _data_before(out / "recipe.json", data_now) if args.resume is not None else []
+        starts = {"init": args.init and os.path.abspath(args.init),
+                  "t2c_from": args.t2c_from and os.path.abspath(args.t2c_from)}
+        if args.resume is not None:
+            starts = _starts_before(out / "recipe.json", starts)
         atomic_write_text(out / "recipe.json", json.dumps(
             {**recipe, "train": {**asdict(cfg), **trainer.optimizer_settings()}, "data": data_now,
-             "cwd": os.getcwd(), "init": args.init and os.path.abspath(args.init),
-             "t2c_from": args.t2c_from and os.path.abspath(args.t2c_from),
+             "cwd": os.getcwd(), **starts,
              "init_sets": init_sets if args.init else [],
              **({"data_before": before} if before else {})}, indent=2, default=str))
 
