@@ -420,6 +420,7 @@ CONFIG_EDITS: dict[str, dict[str, Any]] = {
     "kv heads zero": {"num_key_value_heads": 0},
     "hidden act unknown": {"hidden_act": "nope"},
     "unit vocabulary huge": {"unit_vocab_size": 2**31 - 1},
+    "kv heads not dividing": {"num_key_value_heads": 3},
 }
 
 
@@ -510,6 +511,8 @@ def _damage(src: Path, how: str) -> None:
     ("hidden act unknown", "the model it describes cannot be built (KeyError"),
     ("unit vocabulary huge", "tokens from id"),
     ("shard name too long", "named in model.safetensors.index.json is missing"),
+    ("kv heads not dividing", "config.json: its sizes make no valid model (num_attention_heads, "
+                              "num_key_value_heads"),
     ("int weights", "weights must be floating point (BF16, F16, F32, F64): model.mm_projector1.weight is I32"),
     ("shard outside", "its weight_map names '../model-00001-of-00002.safetensors', not a file beside it"),
 ])

@@ -55,7 +55,7 @@ from echox.convert.tensor_files import (
     read_safetensors_header,
     same_bytes,
 )
-from echox.errors import ConversionError, UnitError, VocoderError
+from echox.errors import ConfigError, ConversionError, UnitError, VocoderError
 from echox.fileio import atomic_dir, check_out_path, read_json_object
 from echox.infer.bundle import UNIT_LANGUAGE_DIR, VOCODER_DIR
 from echox.model.checkpoint import CHECKSUMS, CONFIG, FORMAT_VERSION, WEIGHTS, sha256_file
@@ -505,7 +505,11 @@ def convert_official(src_dir: str | Path, out_dir: str | Path, audio_tower: str 
     _check_tower(tower, int(c["adapter_size"]))
     shared = (T2C_TABLE in src.tensors and LLM_TABLE in src.tensors
               and same_bytes(src.tensors[T2C_TABLE], src.tensors[LLM_TABLE], src.bins))
-    cfg = echox_config(src, tower, shared)
+    try:
+        cfg = echox_config(src, tower, shared)
+    except ConfigError as e:  # "t2c.num_kv_heads: must divide num_heads" named neither file nor field
+        raise ConversionError(f"{src.folder / 'config.json'}: its sizes make no valid model "
+                              f"(num_attention_heads, num_key_value_heads, hidden_size, ...: {e})") from e
     entries = plan(src, cfg)
     try:  # the vocoder must load before anything is written
 
