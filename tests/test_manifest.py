@@ -319,6 +319,12 @@ def test_hf_asr_save_to_disk_and_parquet(tmp_path):
         write_jsonl(tmp_path / "x.jsonl", recs)
     with pytest.raises(ManifestError, match="no text column 'nope'"):
         load_hf_asr(tmp_path / "pq", "train", text_column="nope")
+    # its only shards are train's: split test gave the training rows as the eval set, exit 0
+    with pytest.raises(ManifestError, match=r"no parquet shards for split 'test'; found \['train'\]"):
+        load_hf_asr(tmp_path / "pq", "test")
+    (tmp_path / "plain" / "chunks").mkdir(parents=True)  # shards named after no split: one split
+    ds.to_parquet(str(tmp_path / "plain" / "chunks" / "0000.parquet"))
+    assert len(list(load_hf_asr(tmp_path / "plain", "test", audio_dir=out))) == 3
 
 
 def test_hf_dialogues_nested_audio(tmp_path):

@@ -67,6 +67,11 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+# the names of a dataset's splits; parquet shards grouped under another name (a folder of
+# 0000.parquet files, say) are one unnamed split, read whatever split is asked for
+_SPLIT_NAMES = {"train", "test", "validation", "valid", "dev", "eval", "evaluation"}
+
+
 def _split_of(shard: Path) -> str:
     """``data/train-00000-of-00002.parquet`` -> train; ``train/0000.parquet`` -> train."""
     stem = shard.name.split("-")[0].split(".")[0]
@@ -103,7 +108,9 @@ def _open_hf(name_or_path: str | os.PathLike, split: str,
                 groups.setdefault(_split_of(s), []).append(s)
             if split in groups:
                 shards = groups[split]
-            elif len(groups) > 1:
+            elif len(groups) > 1 or set(groups) & _SPLIT_NAMES:
+                # one group named as another split (train-*.parquet for split test) was read
+                # as the split asked for: the eval set was the training data, without a word
                 raise ManifestError(f"{p}: no parquet shards for split {split!r}; "
                                     f"found {sorted(groups)}")
         import pyarrow as pa
