@@ -253,6 +253,12 @@ def test_hub_dataset_sources_become_local_manifests_once(data, tmp_path, capsys,
         _dialogue_source({**src, "audio_dir": str(tmp_path / "audio2")})
     assert not list((tmp_path / "audio2").iterdir())  # no manifest of a partial read
     monkeypatch.undo()
+    # every row skipped (a text column that is no text): an empty manifest was cached, and read
+    # again, still empty, once the data was mended
+    empty = {**src, "audio_dir": str(tmp_path / "audio3"), "text_column": "audio"}
+    with pytest.raises(ConfigError, match=r"no usable row .*nothing is cached"):
+        _dialogue_source(empty)
+    assert not list((tmp_path / "audio3").glob("*.jsonl"))
     ov = override("s2t", data["root"], tmp_path)
     capsys.readouterr()
     assert main(["train", "s2t", "--recipe", str(ROOT / "recipes/3b/s2t.yaml"), "--override", str(ov),

@@ -411,6 +411,10 @@ def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
         else:
             rows = load_hf_dialogues(src["hf"], split, name=name, audio_dir=audio_dir, on_error="skip")
             recs = list(itertools.islice(rows, lim))
+        if not recs:  # kept as made, it was read again after the data was mended: still empty
+            raise ConfigError(f"data source {src['hf']!r} [{split}]: no usable row (each skipped "
+                              "row was warned about above); nothing is cached, so a mended "
+                              "dataset is read anew")
         write_jsonl(manifest, recs)
     except ManifestError as err:
         raise ConfigError(str(err)) from err
