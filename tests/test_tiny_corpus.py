@@ -381,3 +381,20 @@ def test_a_corpus_folder_with_no_answer_yet_takes_new_answer_settings(tmp_path):
     with pytest.raises(DataBuildError, match="other answer settings"):
         _check_config(out, {"llm": "other", "max_new_tokens": 64})
     assert json.loads((out / "build.json").read_text())["llm"] == "right"
+
+
+def test_a_cached_answer_without_its_fields_is_answered_again(tmp_path, caplog):
+    """A line of answers.jsonl without "answer" (an edit) was a KeyError traceback in the
+    build; the build reads it as it reads a torn line: its question is answered again."""
+    from echox.data.tiny_corpus import _read_answers
+
+    path = tmp_path / "answers.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (
+        {"id": "q1", "answer": "Tokyo.", "correct": True}, {"id": "q2"},
+        {"id": "q3", "answer": "Paris.", "correct": "yes"}, {"id": "q4", "answer": 5, "correct": False},
+    )) + "\n")
+    with caplog.at_level("WARNING"):
+        assert list(_read_answers(path, needs=("answer", "correct"))) == ["q1"]
+    assert "answers.jsonl:2: no 'answer' or 'correct'; its question is answered again" in caplog.text
+    assert list(_read_answers(path)) == ["q1", "q3"]  # the s2t-mix extras record no "correct"
+    assert list(_read_answers(path, needs=())) == ["q1", "q2", "q3", "q4"]

@@ -446,9 +446,20 @@ def _write_json_atomic(path: Path, obj: Any, lines: bool = False) -> None:
         raise DataBuildError(f"{path}: is a folder; it must be a file (is {path.parent} a tiny corpus?)") from err
 
 
-def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
-    """Cached answers by id; a torn last line (killed mid-write) is ignored and redone."""
-    return {rec["id"]: rec for _, rec in json_objects(path, "id", log)}
+def _read_answers(path: Path, needs: tuple[str, ...] = ("answer",)) -> dict[str, dict[str, Any]]:
+    """Cached answers by id; a torn last line (killed mid-write) is ignored and redone, and so
+    is a line without its `needs` (an edit: a KeyError traceback came of it); "answer" must be
+    text and "correct" true or false."""
+    kinds = {"answer": str, "correct": bool}
+    out = {}
+    for lineno, rec in json_objects(path, "id", log):
+        lacking = [k for k in needs if not isinstance(rec.get(k), kinds.get(k, object))]
+        if lacking:
+            log.warning("%s:%d: no %s; its question is answered again", path, lineno,
+                        " or ".join(repr(k) for k in lacking))
+            continue
+        out[rec["id"]] = rec
+    return out
 
 
 def _check_config(out: Path, config: dict[str, Any]) -> None:
@@ -464,7 +475,7 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         if not isinstance(old, dict):
             raise DataBuildError(f"{path}: expected a JSON object; is {out} a tiny corpus?")
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-        if diff and not _read_answers(out / "answers.jsonl"):
+        if diff and not _read_answers(out / "answers.jsonl", needs=()):
             _write_json_atomic(path, {**old, **config})
         elif diff:
             raise DataBuildError(f"{out} was built with other answer settings {diff} (old, new); "
@@ -564,7 +575,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
     #    that are ready: one core each, so the answer audio is mostly done with the text.
     t = time.perf_counter()
     answers_path = out / "answers.jsonl"
-    answers = _read_answers(answers_path)
+    answers = _read_answers(answers_path, needs=("answer", "correct"))
     todo = [q for _, q in named if q.id not in answers]
     work["answers_cached"] = len(named) - len(todo)
     # `handoff` ends the early answer audio once the LLM is done: the answers still queued go
