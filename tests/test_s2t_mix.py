@@ -245,7 +245,15 @@ def test_asr_tts_turns_link_clips_already_spoken(tmp_path):
     bad = {'{"id": "f1", "text": "x"}': "line 1",  # no audio
            '{"id": "f9", "text": "x", "audio": "audio/none.wav"}': "none of its 1 clips",
            '{"id": "f1", "text": "x", "audio": "audio/f1.wav"}\n{"id": "f1", "text": "y", "audio": "audio/f2.wav"}':
-               "duplicate id"}
+               "duplicate id",
+           # blank lines counted: the duplicate was said to be on line 2
+           '{"id": "f1", "text": "x", "audio": "audio/f1.wav"}\n\n\n\n{"id": "f1", "text": "y", "audio": "audio/f2.wav"}':
+               "line 5: duplicate id 'f1'",
+           # two ids, one file: the second clip was written over the first's, exit 0
+           '{"id": "f1", "text": "x", "audio": "audio/f1.wav"}\n{"id": "f1.wav", "text": "y", "audio": "audio/f2"}':
+               "ids 'f1' and 'f1.wav' would both write audio/tx/f1.wav"}
+    import shutil
+    shutil.copyfile(extra / "audio" / "f2.wav", extra / "audio" / "f2")
     for rows, message in bad.items():
         man.write_text(rows + "\n")
         with pytest.raises(ManifestError, match=message):

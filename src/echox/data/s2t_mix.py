@@ -82,10 +82,13 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> None:
 def _id_text_rows(path: Path, audio: bool = False) -> list[dict[str, Any]]:
     """The rows of `path`, each checked: a unique "id" usable as a file name, a non-empty
     "text" and, with `audio`, an "audio" path."""
-    rows = _read(path, hint="check the path")
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: check the path")
+    numbered = list(json_object_lines(path, ManifestError))  # the file's own line numbers
+    rows = [r for _, r in numbered]
     ids: set[str] = set()
     want = '{"id": str, "text": str' + (', "audio": str}' if audio else "}")
-    for i, r in enumerate(rows, 1):
+    for i, r in numbered:
         rid, text = r.get("id"), r.get("text")
         if (not _file_id(rid) or not isinstance(text, str)
                 or not text.strip() or (audio and not (isinstance(r.get("audio"), str) and r["audio"]))):
@@ -197,6 +200,7 @@ def build_asr_tts(corpus: str | Path, tts_manifest: str | Path) -> dict[str, int
     dst_dir = train / "audio" / "tx"
     dst_dir.mkdir(parents=True, exist_ok=True)
     turns, missing = [], 0
+    taken: dict[str, str] = {}  # file name -> the id whose clip it holds
     for r in rows:
         rid, text, audio = r["id"], r["text"], r["audio"]
         clip = Path(audio) if Path(audio).is_absolute() else src.parent / audio
@@ -204,6 +208,9 @@ def build_asr_tts(corpus: str | Path, tts_manifest: str | Path) -> dict[str, int
             missing += 1
             continue
         out = dst_dir / f"{rid}{clip.suffix}"
+        if taken.setdefault(out.name, rid) != rid:  # "c1" + .wav and "c1.wav" + no suffix
+            raise ManifestError(f"{src}: ids {taken[out.name]!r} and {rid!r} would both write "
+                                f"audio/tx/{out.name}; give one of them another id")
         # a clip made by an earlier run is kept only while it is still this row's audio (the
         # manifest may now name another file for the same id): else it is replaced
         if not out.is_file() or not (os.path.samefile(clip, out)
