@@ -30,27 +30,6 @@ def test_atomic_dir_replaces_and_leaves_nothing_beside(tmp_path: Path, old: str)
     assert _names(dst) == ["new.txt"]
 
 
-def test_a_completed_save_clears_the_versions_killed_saves_moved_aside(tmp_path: Path) -> None:
-    """A save killed between its two renames leaves `.out.old-<pid>` (kept while `out` is
-    missing, for the loader's hint); a later save that completed left it there for good (16 GB
-    of an 8B model). A running process's is kept."""
-    import subprocess
-    import sys
-
-    if not fileio._PID_SPACE:
-        pytest.skip("no PID space to judge a folder's process by")
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead = tmp_path / f".out.old-{int(done.stdout)}"  # a process that has ended
-    dead.mkdir()
-    (dead / "w").write_text("the version before")
-    alive = tmp_path / f".out.old-{os.getppid()}"  # a process that runs
-    alive.mkdir()
-    with atomic_dir(tmp_path / "out") as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert _names(tmp_path) == sorted([alive.name, "out"])
-
-
 def test_a_failure_inside_keeps_the_old_folder(tmp_path: Path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()

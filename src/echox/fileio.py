@@ -177,23 +177,8 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
                 raise
         if moved:
             _remove(old)
-        _clear_superseded(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _clear_superseded(dst: Path) -> None:
-    """Once a new `dst` is in place, the earlier versions a save killed between its two renames
-    left beside it (`.<name>.old-<pid>`, up to 16 GB of an 8B model, kept for the hint of
-    `moved_aside_hint` while `dst` was missing) are superseded: removed, unless their process
-    still runs."""
-    if not _PID_SPACE:
-        return
-    prefix = f".{dst.name}.old-"
-    for old in dst.parent.glob(glob.escape(prefix) + "*"):
-        pid = old.name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            _remove(old)
 
 
 def clear_interrupted(folder: str | os.PathLike, name: str = "*") -> None:
