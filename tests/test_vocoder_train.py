@@ -208,6 +208,16 @@ def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):
     assert "holds an earlier run's Unit2Mel" in capsys.readouterr().err
     assert (tmp_path / "a" / "unit2mel" / "model.safetensors").read_bytes() == saved
     assert main([*base, "--max-steps", "1", "--batch-size", "2", "--init", str(tmp_path / "a" / "unit2mel")]) == 0
+    # a save killed between its two renames leaves the run moved aside, unit2mel/ missing: a
+    # run without --init trained from scratch (and a later cleanup could delete the progress)
+    aside = tmp_path / "a" / ".unit2mel.old-999999"
+    (tmp_path / "a" / "unit2mel").rename(aside)
+    for extra in ([], ["--init", str(tmp_path / "a" / "unit2mel")]):
+        assert main([*base, "--max-steps", "1", "--batch-size", "2", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "its previous version is" in err and ".unit2mel.old-999999" in err, err
+    assert (aside / "model.safetensors").read_bytes() != b"" and not (tmp_path / "a" / "unit2mel").exists()
+    aside.rename(tmp_path / "a" / "unit2mel")
     (tmp_path / "afile").write_text("keep")
     assert main([*base[:4], "--out", str(tmp_path / "afile"), *tiny, "--max-steps", "1"]) == 2
     assert "is a file" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from typing import Any
 from echox.audio import load_audio
 from echox.config import MAX_THREADS, int_at_least, load_recipe
 from echox.data.manifest import read_jsonl
-from echox.fileio import atomic_write_text, check_out_path, folder_config
+from echox.fileio import atomic_write_text, check_out_path, folder_config, moved_aside_hint
 from echox.errors import ConfigError, EchoXError
 from echox.vocoder.distill import (
     DistillConfig,
@@ -150,6 +150,10 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     if saved.exists() and not (args.init and Path(args.init).resolve() == saved.resolve()):
         raise ConfigError(f"{saved} holds an earlier run's Unit2Mel ({_steps_done(saved)}); "
                           f"continue it with --init {saved}, or give another --out")
+    hint = moved_aside_hint(saved)
+    if not saved.exists() and hint:  # a save killed between its renames: the run is there
+        raise ConfigError(f"{saved} is missing{hint}; then continue with --init {saved}, or "
+                          "give another --out")
 
     def given(value: Any, default: Any) -> Any:  # an option, when given (0 included)
         return default if value is None else value

@@ -31,7 +31,7 @@ from echox.errors import (
     VocoderFileNotFoundError,
     VocoderInputError,
 )
-from echox.fileio import atomic_dir, check_replaceable, folder_config
+from echox.fileio import atomic_dir, check_replaceable, folder_config, moved_aside_hint
 from echox.vocoder.base import eval_mode, load_weights, read_json, save_weights
 
 FORMAT = "echox-unit2mel"
@@ -439,7 +439,8 @@ class Unit2Mel(nn.Module):
         """Parse and check a checkpoint folder's config.json."""
         folder = Path(folder)
         if not folder.is_dir():
-            raise VocoderFileNotFoundError(f"Unit2Mel checkpoint folder not found: {folder}")
+            raise VocoderFileNotFoundError(f"Unit2Mel checkpoint folder not found: {folder}"
+                                           f"{moved_aside_hint(folder)}")
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise VocoderFileNotFoundError(f"Unit2Mel checkpoint file missing: {folder / name}")
