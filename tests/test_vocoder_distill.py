@@ -236,6 +236,9 @@ def test_train_hifigan_cli_gta_pool(tmp_path, capsys) -> None:
     # the same command again reuses the pool; other settings were silently trained on the old
     # pool (and recorded as if it were theirs): now refused, naming what differs
     capsys.readouterr()
+    # ... but not over the first run's student (a new random one replaced it): --init goes on
+    assert main(args) == 2 and "holds an earlier run's student" in capsys.readouterr().err
+    args = [*args, "--init", str(tmp_path / "s" / "model")]
     assert main(args) == 0 and "[distill] reusing 16 teacher windows" in capsys.readouterr().err
     other = list(args)
     other[other.index("--teacher") + 1] = "universal"
@@ -252,6 +255,7 @@ def test_train_hifigan_cli_gta_pool(tmp_path, capsys) -> None:
     torch.manual_seed(1)
     Unit2Mel(Unit2MelConfig.tiny(n_mels=80)).save_pretrained(tmp_path / "u2m2")
     again = [a if a != str(tmp_path / "u2m") else str(tmp_path / "u2m2") for a in args]
+    again = again[:again.index("--init")]  # a new --out, a new student
     again = again[:-1] + [str(tmp_path / "s2")]
     assert main([*again, "--teacher-from", str(tmp_path / "s" / "teacher_pool.safetensors"),
                  "--unit2mel-share", "0.5"]) == 0
@@ -266,7 +270,8 @@ def test_train_hifigan_cli_gta_pool(tmp_path, capsys) -> None:
     assert not (tmp_path / "s3" / "model").exists()
     # a pool too small to hold out windows is refused before the teacher renders it (it was
     # rendered, then refused), and nothing is kept for a rerun with more windows to reuse
-    small = [*args[:-1], str(tmp_path / "s4")]
+    fresh = args[:args.index("--init")]  # a new --out, a new student
+    small = [*fresh[:-1], str(tmp_path / "s4")]
     small[small.index("--windows") + 1] = "8"
     capsys.readouterr()
     assert main(small) == 2
@@ -340,6 +345,11 @@ def test_distill_cli_numbers_out_and_pool_files_are_checked_first(tmp_path, caps
                       ([*out, "--pool", str(tmp_path / "bad.safetensors")], "not a readable teacher pool"),
                       ([*out, "--pool", str(m)], "not a readable teacher pool"),
                       ([*out, "--pool", str(tmp_path)], "is a folder"),  # after the teacher ran
+                      # found once the pool was built (and then the pool blocked the folder)
+                      ([*out, "--window-frames", "32"], "--window-frames 32 is too short"),
+                      # found once the student was trained, and the student thrown away
+                      ([*out, "--pool", str(tmp_path / "s" / "model" / "p.safetensors")],
+                       "lies inside"),
                       (["--out", str(tmp_path / "ev")], "summary.json of something else")):
         assert main([*base, *(out if "--out" not in bad else []), *bad]) == 2, bad
         err = capsys.readouterr().err

@@ -285,6 +285,21 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
                                ("limit", args.limit), ("teacher_from", _resolved(args.teacher_from)))
              if v is not None}
     used = {**POOL_DEFAULTS, **given}
+    # before the slow pool: found after it, the saved pool then blocked the folder for the
+    # fixed options, and a student trained in vain was thrown away
+    frames_needed = cfg.segment_frames + 3 * cfg.margin_frames
+    if "window_frames" in given and given["window_frames"] < frames_needed:
+        raise ConfigError(f"--window-frames {given['window_frames']} is too short: a "
+                          f"{cfg.segment_frames}-frame segment with {cfg.margin_frames}-frame "
+                          f"margins takes at least {frames_needed}")
+    student_dir = out / "model"
+    if student_dir.resolve() in pool_path.resolve().parents:
+        raise ConfigError(f"--pool {pool_path} lies inside {student_dir}, which saving the student "
+                          "replaces whole; give a path outside it")
+    if (student_dir / "config.json").is_file() and not (
+            args.init and Path(args.init).resolve() == student_dir.resolve()):
+        raise ConfigError(f"{student_dir} holds an earlier run's student; continue it with "
+                          f"--init {student_dir}, or give another --out")
     if pool_path.is_file():
         pool = TeacherPool.load(pool_path)
         if pool.settings is not None:
