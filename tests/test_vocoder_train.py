@@ -173,6 +173,10 @@ def test_train_vocoder_cli_grows_a_trained_model(tmp_path, capsys) -> None:
     assert main(["vocoder", "train", "--grow-decoder", "1", "--data", str(manifest),
                  "--out", str(tmp_path / "c"), "--max-steps", "1", *tiny]) != 0
     assert "give --init" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    # --reinit-units alone was ignored: a fresh model trained, exit 0
+    assert main(["vocoder", "train", "--reinit-units", "--data", str(manifest),
+                 "--out", str(tmp_path / "c"), "--max-steps", "1", *tiny]) == 2
+    assert "give --init" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):

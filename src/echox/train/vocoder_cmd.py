@@ -141,8 +141,9 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
         if grow or postnet:
             init = grow_unit2mel(init, grow, postnet)
             cfg = init.config
-    elif grow or postnet:
-        raise ConfigError("--grow-decoder / --add-postnet grow a trained model: give --init")
+    elif grow or postnet or args.reinit_units:  # --reinit-units alone was ignored, exit 0
+        raise ConfigError("--grow-decoder / --add-postnet / --reinit-units change a trained "
+                          "model: give --init")
     else:
         cfg = recipe["vocoder"]
     out = check_out_path(args.output_dir or tr.output_dir)
