@@ -156,6 +156,18 @@ def test_train_vocoder_cli_continues_with_a_fresh_unit_embedding(tmp_path, capsy
     kept = (second.proj.weight - first.proj.weight).abs().max()
     assert moved > 0.1 and kept < 1e-3, (moved, kept)
     assert '"stage": "vocoder"' in capsys.readouterr().out
+    # a k-means of another K: --set vocoder.num_units was ignored (the init's 20 kept), so a
+    # manifest of units up to 29 was refused as out of range
+    wider = tmp_path / "wider.jsonl"
+    wider.write_text("".join(json.dumps({**json.loads(x), "units": [u + 10 for u in json.loads(x)["units"]]}) + "\n"
+                             for x in manifest.read_text().splitlines()))
+    grown = [a if a != "vocoder.num_units=20" else "vocoder.num_units=30" for a in tiny]
+    assert main(["vocoder", "train", "--init", str(tmp_path / "a" / "model"), "--reinit-units",
+                 "--data", str(wider), "--out", str(tmp_path / "c"), "--max-steps", "1",
+                 "--batch-size", "2", *grown]) == 0
+    third = Unit2Mel.from_pretrained(tmp_path / "c" / "model")
+    assert third.config.num_units == 30 and third.embed.weight.shape[0] == 30
+    assert (third.proj.weight - first.proj.weight).abs().max() < 0.1  # the layers above carried over
 
 
 def test_train_vocoder_cli_grows_a_trained_model(tmp_path, capsys) -> None:

@@ -14,6 +14,7 @@ frame rate, written by `echox units extract`) and the audio they came from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -136,7 +137,14 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
         cfg = init.config
         if args.reinit_units:
             # a new k-means: unit ids mean something else, so only the layers above the
-            # unit embedding carry over (a head start over a fresh model)
+            # unit embedding carry over (a head start over a fresh model). Its K is the init's
+            # unless `--set vocoder.num_units=K` gives the new one (that --set was ignored)
+            named = any(str(o).split("=", 1)[0].strip() == "vocoder.num_units" for o in args.set or [])
+            k = recipe["vocoder"].num_units if named else cfg.num_units
+            if k != cfg.num_units:
+                cfg = dataclasses.replace(cfg, num_units=k)
+                init.config = cfg
+                init.embed = torch.nn.Embedding(k, cfg.d_model)
             init.embed.weight.data.copy_(Unit2Mel(cfg).embed.weight.data)
         if grow or postnet:
             init = grow_unit2mel(init, grow, postnet)
