@@ -33,18 +33,13 @@ def hits(run: Path, mode: str) -> dict[str, bool]:
     path = run / "items.jsonl"
     if not path.is_file():
         raise Stop(f"no {path}: run `echox eval` there first")
-    import json
-
     from echox.eval.run import read_summary, scored_items
+    from echox.fileio import folder_config
 
     # the mode its place says: s2s runs given for s2t ones flipped every gap's sign, exit 0
     summary = read_summary(run) if (run / "summary.json").is_file() else None
-    given = summary.mode if summary is not None else None
-    if given is None and (run / "eval.json").is_file():  # a run stopped before its summary
-        try:
-            given = json.loads((run / "eval.json").read_text(encoding="utf-8")).get("mode")
-        except (OSError, ValueError, AttributeError):
-            given = None
+    # else the settings of a run stopped before its summary
+    given = summary.mode if summary is not None else (folder_config(run, "eval.json") or {}).get("mode")
     if given is not None and given != mode:  # a folder of items alone records none
         raise Stop(f"{run} is a run of mode {given}, where one of mode {mode} belongs (--voice NAME "
                    "ECHO_S2T ECHO_S2S GOLD_S2T GOLD_S2S)")

@@ -58,9 +58,14 @@ TEST_VOICE = "en-us"  # the test split's espeak-ng voice (echox.data.tiny_corpus
 def _read(path: Path, hint: str = "build the corpus first (echox data build-tiny)") -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file; a malformed line, or one that is not an object, is
     an error naming its line."""
+    return [row for _, row in _numbered(path, hint)]
+
+
+def _numbered(path: Path, hint: str) -> list[tuple[int, dict[str, Any]]]:
+    """`_read`'s objects, each with its line number in the file (blank lines counted)."""
     if not path.is_file():
         raise ManifestError(f"{path} not found: {hint}")
-    return [row for _, row in json_object_lines(path, ManifestError)]
+    return list(json_object_lines(path, ManifestError))
 
 
 def _conversations(d: dict[str, Any], where: str) -> list[dict[str, Any]]:
@@ -82,9 +87,7 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> None:
 def _id_text_rows(path: Path, audio: bool = False) -> list[dict[str, Any]]:
     """The rows of `path`, each checked: a unique "id" usable as a file name, a non-empty
     "text" and, with `audio`, an "audio" path."""
-    if not path.is_file():
-        raise ManifestError(f"{path} not found: check the path")
-    numbered = list(json_object_lines(path, ManifestError))  # the file's own line numbers
+    numbered = _numbered(path, hint="check the path")
     rows = [r for _, r in numbered]
     ids: set[str] = set()
     want = '{"id": str, "text": str' + (', "audio": str}' if audio else "}")

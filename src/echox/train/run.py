@@ -481,11 +481,10 @@ def _match_unit_language(model: Any, lang: UnitLanguage | None, language_dir: st
     cfg.unit_language = fingerprint
 
 
-def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
-    """A run resumed on other data than its own is said so; what it trained on before is
-    returned (newest first) for `recipe.json`'s `data_before`, which otherwise would name
-    only the new data."""
-    was = folder_config(recipe_json.parent, recipe_json.name) or {}
+def _data_before(was: dict[str, Any], now: dict[str, Any]) -> list[Any]:
+    """A run resumed on other data than its own (`was`: its recipe.json) is said so; what it
+    trained on before is returned (newest first) for `recipe.json`'s `data_before`, which
+    otherwise would name only the new data."""
     before, older = was.get("data"), was.get("data_before")
     older = older if isinstance(older, list) else []
     if not isinstance(before, dict):
@@ -500,11 +499,11 @@ def _data_before(recipe_json: Path, now: dict[str, Any]) -> list[Any]:
     return [before, *older]
 
 
-def _starts_before(recipe_json: Path, now: dict[str, str | None]) -> dict[str, str | None]:
-    """A resumed run's starting points (`init`, `t2c_from`) as it recorded them: a resume takes
-    its weights from the checkpoint, so another --init given now is not what the run started
-    from (it was recorded so, and the first steps' start was lost). Said in a warning."""
-    was = folder_config(recipe_json.parent, recipe_json.name) or {}
+def _starts_before(was: dict[str, Any], now: dict[str, str | None]) -> dict[str, str | None]:
+    """A resumed run's starting points (`init`, `t2c_from`) as it recorded them (`was`: its
+    recipe.json): a resume takes its weights from the checkpoint, so another --init given now
+    is not what the run started from (it was recorded so, and the first steps' start was
+    lost). Said in a warning."""
     kept = dict(now)
     for key, option in (("init", "--init"), ("t2c_from", "--t2c-from")):
         old = was.get(key)
@@ -638,11 +637,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     data_now = json.loads(json.dumps(asdict(recipe["data"]), default=str))
 
     def record() -> None:  # once the run starts: a refused --resume leaves the run's record as it was
-        before = _data_before(out / "recipe.json", data_now) if args.resume is not None else []
         starts = {"init": args.init and os.path.abspath(args.init),
                   "t2c_from": args.t2c_from and os.path.abspath(args.t2c_from)}
-        if args.resume is not None:
-            starts = _starts_before(out / "recipe.json", starts)
+        before: list[Any] = []
+        if args.resume is not None:  # the run's own record, read once
+            was = folder_config(out, "recipe.json") or {}
+            before, starts = _data_before(was, data_now), _starts_before(was, starts)
         atomic_write_text(out / "recipe.json", json.dumps(
             {**recipe, "train": {**asdict(cfg), **trainer.optimizer_settings()}, "data": data_now,
              "cwd": os.getcwd(), **starts,

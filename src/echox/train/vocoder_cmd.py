@@ -142,10 +142,8 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
             named = any(str(o).split("=", 1)[0].strip() == "vocoder.num_units" for o in args.set or [])
             k = recipe["vocoder"].num_units if named else cfg.num_units
             if k != cfg.num_units:
-                cfg = dataclasses.replace(cfg, num_units=k)
-                init.config = cfg
-                init.embed = torch.nn.Embedding(k, cfg.d_model)
-            init.embed.weight.data.copy_(Unit2Mel(cfg).embed.weight.data)
+                cfg = init.config = dataclasses.replace(cfg, num_units=k)
+            init.embed = Unit2Mel(cfg).embed  # a fresh one, of the new K
         if grow or postnet:
             init = grow_unit2mel(init, grow, postnet)
             cfg = init.config

@@ -451,13 +451,13 @@ def _check_cache_meta(cache_dir: Path, fingerprint: dict[str, Any]) -> None:
             old = json.loads(meta.read_text(encoding="utf-8"))
         except (ValueError, RecursionError):
             old = None
-        if old != json.loads(json.dumps(fingerprint)) and any(cache_dir.glob("??/*.json")):
+        if old == json.loads(json.dumps(fingerprint)):  # as JSON stores it (tuples as lists)
+            return
+        if any(cache_dir.glob("??/*.json")):  # `_cache_path`'s shards
             raise UnitError(
                 f"{cache_dir} holds units of another extractor (see {meta}): "
                 f"cached {old}, now {fingerprint}. Use a new cache_dir or delete the old one."
             )
-        if old == json.loads(json.dumps(fingerprint)):
-            return
     atomic_write_text(meta, json.dumps(fingerprint, indent=1))
 
 
