@@ -84,6 +84,39 @@ def test_a_full_disk_is_one_line_and_other_errors_keep_their_traceback(capsys, m
         cli.main(["demo"])
 
 
+def test_logged_warnings_print_as_one_echox_warning_line(capsys, monkeypatch):
+    """The library's log.warning notices (bundle's vocoder/unit-count notice, a skipped broken
+    checkpoint) printed bare through Python's last-resort handler, without the
+    `echox: warning:` that warnings and errors carry, glued to a progress bar's line; INFO
+    stays quiet, and the handler is gone when main returns."""
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    def logs(args):
+        log = logging.getLogger("echox.infer.bundle")
+        with tqdm(total=2, desc="units", file=sys.stderr) as bar:
+            bar.update(1)
+            log.warning("the unit language is over %d units", 500)
+            log.info("an info line")
+            bar.update(1)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("echox.serve").error("turn failed", exc_info=True)
+        return 0
+
+    monkeypatch.setattr("echox.infer.demo.cmd_demo", logs)
+    assert cli.main(["demo"]) == 0
+    err = capsys.readouterr().err
+    lines = err.replace("\r", "\n").splitlines()
+    assert lines.count("echox: warning: the unit language is over 500 units") == 1, lines
+    assert "an info line" not in err
+    assert "echox: error: turn failed" in lines and "ValueError: boom" in err
+    assert not logging.getLogger("echox").handlers
+
+
 def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(capsys, monkeypatch):
     """`units extract` printed `units:   0%|...| 0/5 [00:00<?, ?utt/s]echox: warning: skipping
     'bad1': ...`: the warning glued to the bar's line, where a grep for it at a line start

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import errno
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = warnings.formatwarning
     if not args.debug:  # one line per warning, as errors are (not the source line under it)
         warnings.formatwarning = _one_line_warning
+    logs = _OneLineLog()  # and the library's logged notices in the same form
+    logging.getLogger("echox").addHandler(logs)
     try:
         with handled((signal.SIGTERM,), _raise_terminated):
             return func(args)
@@ -212,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = shown
+        logging.getLogger("echox").removeHandler(logs)
 
 
 def _file_system_error(e: Exception) -> str | None:
@@ -248,6 +252,25 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
                       lineno: int, line: str | None = None) -> str:
     _clear_progress_bars()
     return f"echox: warning: {message}\n"
+
+
+class _OneLineLog(logging.Handler):
+    """The library's log records at WARNING and above, as `echox: warning: ...` lines on stderr,
+    the form `warnings` and errors take (without a handler Python printed the bare message).
+    A record's traceback (a server's failed turn) follows its line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = f"echox: {record.levelname.lower()}: {record.getMessage()}"
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            _clear_progress_bars()
+            sys.stderr.write(text + "\n")
+        except Exception:  # a record that cannot be shown must not stop the command
+            self.handleError(record)
 
 
 def _clear_progress_bars() -> None:
