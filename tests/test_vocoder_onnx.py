@@ -194,10 +194,20 @@ def test_onnx_vocoder_cli(tmp_path, monkeypatch, capsys) -> None:
     # a vocoder saved over a folder of another program's config.json (a whole bundle) is refused
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.json").write_text('{"format": "echox"}')
-    code = main(["vocoder", "onnx", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "b"),
-                 "--int8-stages", ""])
-    assert code == 2 and "holds other files" in capsys.readouterr().err
-    assert (tmp_path / "b" / "config.json").read_text() == '{"format": "echox"}'
+    for force, msg in [([], "exists; pass --force"), (["--force"], "holds other files")]:
+        code = main(["vocoder", "onnx", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "b"),
+                     "--int8-stages", ""] + force)
+        assert code == 2 and msg in capsys.readouterr().err
+        assert (tmp_path / "b" / "config.json").read_text() == '{"format": "echox"}'
+    # an existing vocoder is replaced only with --force (it was replaced unasked)
+    made = (tmp_path / "o" / "config.json").read_bytes()
+    again = ["vocoder", "onnx", "--vocoder", str(tmp_path / "v"), "--out", str(tmp_path / "o"),
+             "--int8-stages", ""]
+    assert main(again) == 2 and "pass --force" in capsys.readouterr().err
+    assert (tmp_path / "o" / "config.json").read_bytes() == made
+    assert main(again + ["--force"]) == 0
+    assert "int8 stages [], 0 calibration mels" in capsys.readouterr().out
+    assert isinstance(load_unit_mel_vocoder(tmp_path / "o").generator, OnnxHiFiGAN)
 
 
 @pytest.mark.slow

@@ -225,7 +225,7 @@ PY
     init=$VOC_RUN-$k/model
   done
   $ECHOX vocoder onnx --vocoder "$init" --calibrate "$DATA/train/tts_units.jsonl" --int8-stages 1,2 \
-      --float16 --threads "$THREADS" --out "${VOCODER_OUT:-$R/vocoder}"
+      --float16 --threads "$THREADS" --force --out "${VOCODER_OUT:-$R/vocoder}"
 fi
 if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
   for run_dir in "$ECHO_RUN" "$GOLD_RUN"; do

@@ -468,6 +468,10 @@ def cmd_onnx_vocoder(args: argparse.Namespace) -> int:
     src, dst = Path(args.vocoder).resolve(), Path(check_out_path(args.out)).resolve()
     if dst == src or src in dst.parents or dst in src.parents:  # it would replace what it reads
         raise ConfigError(f"--out {args.out} overlaps --vocoder {args.vocoder}; give a new folder")
+    if dst.exists() and not args.force:  # checked before the load; nothing is replaced unasked
+        what = "folder" if dst.is_dir() else "file"
+        raise ConfigError(f"--out {args.out}: a {what} of that name exists; pass --force to "
+                          "replace it")
     voc = load_vocoder(args.vocoder)
     if not isinstance(voc, UnitMelVocoder):
         raise EchoXError(f"{args.vocoder}: only unit->mel vocoders have a HiFi-GAN to convert")
@@ -500,6 +504,7 @@ def onnx_options(p: argparse.ArgumentParser) -> None:
     --calibrate data/tiny/train/tts_units_all.jsonl --int8-stages 1,2 --out runs/voc-int8`."""
     p.add_argument("--vocoder", required=True, help="unit->mel vocoder folder")
     p.add_argument("--out", required=True, help="vocoder folder to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--int8-stages", default="1,2",
                    help="upsampling stages whose convolutions become int8, e.g. 1,2 (default; "
                         "'' keeps everything float32)")
