@@ -262,3 +262,44 @@ def test_streaming_through_an_onnx_generator_equals_full_away_from_joins(tmp_pat
     far = np.ones(len(full), dtype=bool)
     far[11 * 3 * HOP - reach - 2 * 45 : 11 * 3 * HOP + 1] = False
     np.testing.assert_allclose(stream[far], full[far], atol=1e-5)
+
+
+def test_bundle_hifigan_over_an_onnx_vocoder_keeps_onnx(tmp_path, monkeypatch, capsys) -> None:
+    """`echox bundle --vocoder ONNX --hifigan G`: G runs on ONNX Runtime with the vocoder's
+    stages, as the replaced HiFi-GAN did (the spec was dropped, the bundle fell back to torch)."""
+    from echox.cli import main
+    from echox.config import preset_config
+    from echox.infer.bundle import load_bundle
+    from echox.model.echox import EchoX
+    from echox.vocoder.io import save_generator
+
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = EchoX.build(preset_config("tiny-random"))
+    model.trained_stages = ["s2t", "t2c", "echo"]
+    model.save_pretrained(tmp_path / "ckpt")
+    first = tiny_generator()
+    voc = UnitMelVocoder(tiny_model(num_units=50), cached_onnx_generator(first, OnnxSpec((), [])),
+                         hifigan="first", onnx=OnnxSpec((), []))
+    save_vocoder(voc, tmp_path / "voc")
+    other = tiny_generator(seed=3)
+    save_generator(other, tmp_path / "gen")
+    code = main(["bundle", "--model", str(tmp_path / "ckpt"), "--vocoder", str(tmp_path / "voc"),
+                 "--hifigan", str(tmp_path / "gen"), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "runs on ONNX Runtime" in err
+    b = load_bundle(tmp_path / "b")
+    assert isinstance(b.vocoder.generator, OnnxHiFiGAN)
+    x = torch.randn(1, 16, 9)
+    with torch.no_grad():  # the replacement generator's output, not the first one's
+        out = torch.as_tensor(np.asarray(b.vocoder.generator(x)))
+        torch.testing.assert_close(out, other(x), rtol=1e-3, atol=1e-3)
+    # a local int8 HiFi-GAN keeps no calibration mels: the new one runs in torch, and says so
+    save_vocoder(UnitMelVocoder(voc.unit2mel, cached_onnx_generator(first, OnnxSpec((1,), _mels(2))),
+                                hifigan="first"), tmp_path / "voc8")
+    with pytest.warns(UserWarning, match="runs in torch.*echox vocoder onnx"):
+        code = main(["bundle", "--model", str(tmp_path / "ckpt"), "--vocoder", str(tmp_path / "voc8"),
+                     "--hifigan", str(tmp_path / "gen"), "--out", str(tmp_path / "b8")])
+    assert code == 0, capsys.readouterr().err
+    assert not isinstance(load_bundle(tmp_path / "b8").vocoder.generator, OnnxHiFiGAN)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -360,8 +361,22 @@ def cmd_bundle(args: Any) -> int:
             generator = load_named_generator(args.hifigan)
         except Exception as e:  # noqa: BLE001 - checkpoint and missing-file errors
             raise CheckpointError(f"cannot load the HiFi-GAN {args.hifigan}: {e}") from e
+        from echox.vocoder.onnx import OnnxHiFiGAN, OnnxSpec, cached_onnx_generator
+
+        spec = vocoder.onnx  # a packaged HiFi-GAN's stages and calibration mels
+        if spec is None and isinstance(vocoder.generator, OnnxHiFiGAN):  # a converted local one
+            if vocoder.generator.meta.get("int8_stages"):  # its calibration mels are not kept
+                warnings.warn(f"{args.hifigan} runs in torch, not on ONNX Runtime as "
+                              f"{vocoder_path}'s int8 HiFi-GAN did; `echox vocoder onnx "
+                              "--calibrate ...` on the bundle's vocoder/ converts it")
+            else:
+                spec = OnnxSpec((), [])
+        if spec is not None:  # the new HiFi-GAN runs as the vocoder's did, on ONNX Runtime
+            generator = cached_onnx_generator(generator, spec)
+            print(f"echox bundle: {args.hifigan} runs on ONNX Runtime as {vocoder_path}'s HiFi-GAN "
+                  f"did (int8 stages {list(spec.int8_stages)})", file=sys.stderr)
         vocoder = UnitMelVocoder(vocoder.unit2mel, generator, vocoder.output_sr,
-                                 vocoder.default_context_units, hifigan=args.hifigan)
+                                 vocoder.default_context_units, hifigan=args.hifigan, onnx=spec)
     lang = None
     if language_path:
         try:
