@@ -295,6 +295,33 @@ def test_parse_answers() -> None:
         parse_answers(None)
     with pytest.raises(EvalError, match="empty"):
         parse_answers([])
+    # a blank answer is in every answer (a hit for anything); whole floats are spoken as integers
+    for blank in ("", "  ", ["", " "], '[""]'):
+        with pytest.raises(EvalError, match="empty"):
+            parse_answers(blank)
+    assert parse_answers(["Paris", ""]) == ["Paris"]
+    assert parse_answers([1990.0, 2.5]) == ["1990", "2.5"] and parse_answers(np.float64(7)) == ["7"]
+    for flag in (True, [False], np.bool_(True)):
+        with pytest.raises(EvalError, match="text or a number"):
+            parse_answers(flag)
+
+
+def test_ids_of_later_lines_are_read_when_the_first_has_none(tmp_path: Path) -> None:
+    """A file whose first line had no id ignored the ids of the lines after it: they were
+    named local-0, local-1, ... and resume and --compare paired them by line number (here the
+    given `local-0` of line 2 would even name line 1)."""
+    rows = [{"question": "Q1?", "answers": ["a"]}, {"id": "given", "question": "Q2?", "answers": ["b"]}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [i.id for i in load_benchmark(f"local:{tmp_path / 'q.jsonl'}", decode_audio=False)] == \
+        ["local-0", "given"]
+
+
+def test_text_mode_needs_no_audio_file(tmp_path: Path) -> None:
+    """A text run stopped at a question whose audio file was missing, though it reads no audio."""
+    rows = [{"id": "a", "audio": "gone.wav", "question": "Q1?", "answers": ["a"]}]
+    (tmp_path / "q.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (item,) = load_benchmark(f"local:{tmp_path / 'q.jsonl'}", decode_audio=False)
+    assert item.question == "Q1?" and item.audio_path is None
 
 
 def test_audio_cell_as_array_or_path_dict(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def bench(tmp_path_factory):
     for i in range(4):
         sf.write(root / f"q{i}.wav", (0.1 * rng.standard_normal(16000)).astype(np.float32), 22050)
         lines.append({"id": f"q{i}", "audio": f"q{i}.wav", "question": f"Question {i}?",
-                      "answers": ["" if i == 3 else f"answer{i}"]})
+                      "answers": [f"answer{i}"]})
     (root / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return f"local:{root / 'qa.jsonl'}"
 
@@ -51,7 +51,7 @@ class Scripted:
 def test_runner_scores_and_resumes(tmp_path, bench, capsys):
     items = load_benchmark(bench)
     full = run_eval(items, Scripted(), "s2t", tmp_path / "full", bench, progress=False)
-    assert full.n == 4 and full.accuracy == pytest.approx(0.75)  # q1 misses; q3's gold is empty
+    assert full.n == 4 and full.accuracy == pytest.approx(0.75)  # q1 misses
     a = Scripted()
     run_eval(items[:2], a, "s2t", tmp_path / "part", bench, progress=False)
     with open(tmp_path / "part" / "items.jsonl", "a") as f:
@@ -482,3 +482,71 @@ def test_a_bad_png_path_is_refused_before_the_run(tmp_path, bench, capsys):
                  "--png", str(chart)]) == 2
     assert "bars.txt: give a file name ending in .png" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "nope").exists()
+
+
+def test_items_are_checked_before_the_model_loads_on_a_fresh_run(tmp_path, capsys, monkeypatch):
+    """A bad item (empty gold answer, blank question, repeated id, missing audio file) was found
+    only when its turn came, after the model loaded and the items before it were answered."""
+    root = tmp_path / "b"
+    root.mkdir()
+    sf.write(root / "q.wav", np.zeros(1600, np.float32), 16000)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr("echox.eval.run.load_bundle", no_load)
+    good = {"id": "a", "audio": "q.wav", "question": "Q?", "answers": ["x"]}
+    for bad, msg in [({"answers": [None]}, "gold answer list is empty"),
+                     ({"answers": ["  "]}, "gold answer list is empty"),
+                     ({"answers": ""}, "gold answer is empty"),
+                     ({"question": "   "}, "question is empty"),
+                     ({"id": "a"}, "'a' occurs twice"),
+                     ({"audio": "nope.wav"}, "nope.wav does not exist")]:
+        (root / "qa.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "b", **bad}) + "\n")
+        out = tmp_path / f"run-{len(msg)}"
+        assert main(["eval", "--mode", "s2t", "--benchmark", f"local:{root / 'qa.jsonl'}",
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "line 2" in err or "occurs twice" in err, err
+        assert err.count("\n") == 1, err
+
+
+def test_a_scored_folder_without_eval_json_is_not_taken_over(tmp_path, bench, capsys):
+    """A run folder whose eval.json was lost took another mode's records as this run's (the
+    text answers counted as s2t ones, and eval.json was written anew as s2t)."""
+    out = tmp_path / "run"
+    run_eval(load_benchmark(bench, limit=2), Scripted(), "text", out, bench, progress=False)
+    assert not (out / "eval.json").exists()
+    assert main(["eval", "--mode", "s2t", "--benchmark", bench, "--limit", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no eval.json" in err and err.count("\n") == 1, err
+    assert not (out / "eval.json").exists()
+
+
+def test_one_benchmark_or_model_spelled_two_ways_resumes(tmp_path, bundle_dir, bench, capsys,
+                                                        monkeypatch):
+    """`local:r3.jsonl` and `local:/abs/r3.jsonl` (or a model folder with a trailing slash) were
+    "other settings", and the resume was refused."""
+    src = Path(bench.removeprefix("local:"))
+    monkeypatch.chdir(src.parent)
+    out = tmp_path / "run"
+    args = ["eval", "--mode", "s2t", "--limit", "1", "--max-new-tokens", "2", "--out", str(out)]
+    assert main([*args, "--benchmark", "local:qa.jsonl", "--model", str(bundle_dir)]) == 0
+    recorded = json.loads((out / "eval.json").read_text())
+    assert recorded["benchmark"] == f"local:{src}" and recorded["model"] == str(Path(bundle_dir).resolve())
+    assert main([*args, "--benchmark", f"local:{src}", "--model", str(bundle_dir) + "/"]) == 0
+    # a folder recorded as typed by an older echox resumes too
+    (out / "eval.json").write_text(json.dumps({**recorded, "benchmark": "local:./qa.jsonl"}))
+    assert main([*args, "--benchmark", f"local:{src}", "--model", str(bundle_dir)]) == 0, \
+        capsys.readouterr().err
+
+
+def test_compare_says_when_runs_share_no_items(tmp_path, bench, capsys):
+    """Runs over different questions printed two rows and no word that nothing was paired."""
+    items = load_benchmark(bench)
+    run_eval(items[:2], Scripted(), "s2t", tmp_path / "a", bench, progress=False)
+    run_eval(items[2:], Scripted(), "s2t", tmp_path / "b", bench, progress=False)
+    capsys.readouterr()
+    compare_runs([tmp_path / "a", tmp_path / "b"], None)
+    lines = capsys.readouterr().out.splitlines()
+    assert "no shared items" in lines[2] and "no shared" not in lines[1], lines

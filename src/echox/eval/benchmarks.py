@@ -28,6 +28,7 @@ import ast
 import contextlib
 import io
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,8 @@ def parse_answers(value: Any, where: str = "answers") -> list[str]:
         raise EvalError(f"{where}: the answer is missing (None)")
     if isinstance(value, str):
         text = value.strip()
+        if not text:
+            raise EvalError(f"{where}: the gold answer is empty")
         if text.startswith("[") and text.endswith("]"):
             parsed: Any = None
             try:
@@ -136,13 +139,25 @@ def parse_answers(value: Any, where: str = "answers") -> list[str]:
                 return parse_answers(parsed, where)
         return [value]
     if isinstance(value, (list, tuple, np.ndarray)):
-        answers = [str(v) for v in value if v is not None]
+        answers = [_answer_text(v, where) for v in value if v is not None]
+        answers = [a for a in answers if a.strip()]  # "" is in every answer: a hit for anything
         if not answers:
             raise EvalError(f"{where}: the gold answer list is empty")
         return answers
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return [str(value)]
+    if isinstance(value, (bool, np.bool_, int, float, np.integer, np.floating)):
+        return parse_answers([value], where)
     raise EvalError(f"{where}: cannot read answers from a {type(value).__name__}: {value!r}")
+
+
+def _answer_text(value: Any, where: str) -> str:
+    """One gold answer as text: a whole float (a year read from a float column) as an integer,
+    as it is spoken ("1990", not "1990.0", which no answer ever matches); a true/false is no
+    answer."""
+    if isinstance(value, (bool, np.bool_)):
+        raise EvalError(f"{where}: a gold answer must be text or a number, got {value!r}")
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return str(value)
 
 
 def _pick(columns: Sequence[str], preferred: Sequence[str], what: str, source: str) -> str:
@@ -223,9 +238,17 @@ class Benchmark:
 
     def texts(self) -> Iterator[QAItem]:
         """The items without their audio (`audio` None): ids, questions and answers, read in a
-        moment, as a resumed run checks them before its model loads."""
+        moment, as a run checks them before its model loads. Where the audio is decoded, an
+        audio file named by path must exist (it is not read here)."""
         for i in range(self._len):
-            yield self._item(i, audio=False)
+            item = self._item(i, audio=False)
+            if self._decode and self.audio_col is not None:
+                value = self._rows[i].get(self.audio_col)
+                if isinstance(value, dict) and value.get("array") is None and not value.get("bytes"):
+                    value = value.get("path")
+                if isinstance(value, (str, Path)):
+                    self._audio(str(value), self._where(i), decode=False)
+            yield item
 
     def __getitem__(self, index: int) -> QAItem:
         return self._item(index, audio=True)
@@ -239,6 +262,8 @@ class Benchmark:
         question = row.get(self.question_col)
         if not isinstance(question, str):
             raise EvalError(f"{where}: question must be a string, got {question!r}")
+        if not question.strip():
+            raise EvalError(f"{where}: the question is empty")
         if not is_unicode(question):  # JSON's "\ud800"
             raise EvalError(f"{where}: the question is not valid Unicode text (it holds a lone "
                             "surrogate code point, such as \\ud800)")
@@ -256,16 +281,21 @@ class Benchmark:
             p = self._base_dir / p
         return p
 
-    def _audio(self, value: Any, where: str) -> tuple[np.ndarray | None, int | None, str | None]:
-        """Decode one audio cell: a path string, or a dict with array / bytes / path."""
+    def _audio(self, value: Any, where: str, decode: bool | None = None
+               ) -> tuple[np.ndarray | None, int | None, str | None]:
+        """Decode one audio cell: a path string, or a dict with array / bytes / path. Without
+        `decode` (text mode) a path is only recorded, and only if its file exists; `decode`
+        False checks that it does."""
         if value is None:
             raise EvalError(f"{where}: the audio cell is empty")
         if isinstance(value, (str, Path)):
             path = self._resolve(str(value))
-            if not self._decode:
+            if decode is False:
                 if not path.is_file():
                     raise EvalError(f"{where}: audio file {path} does not exist")
                 return None, None, str(path)
+            if not self._decode:  # text mode reads no audio: a missing file is no error
+                return None, None, str(path) if path.is_file() else None
             audio, sr = _read_audio_file(path, where)
             return audio, sr, str(path)
         if not isinstance(value, dict):
@@ -354,6 +384,10 @@ def _check_jsonl_columns(bench: Benchmark, rows: list[dict[str, Any]], lines: li
         for col in (bench.question_col, bench.answer_col, bench.audio_col):
             if col is not None and col not in row:
                 raise EvalError(f"{bench.source} line {lineno}: missing key {col!r}")
+    # the id column of any line (a line without an id is named by its number): the ids of
+    # later lines were ignored when the first line had none
+    if bench.id_col is None:
+        bench.id_col = next((c for c in _ID_COLS if any(c in row for row in rows)), None)
 
 
 def _load_parquet(paths: list[Path]) -> Any:

@@ -308,14 +308,20 @@ def _check_same_item(path: Path, rec: dict[str, Any], item: QAItem) -> None:
                         f"now {list(item.answers)!r}): give another --out to score them anew")
 
 
-def check_resumed_items(path: Path, items: Iterable[QAItem]) -> dict[str, dict[str, Any]]:
-    """`scored_items(path)`, each checked against the item of its id (`_check_same_item`): a
-    resumed run on another question file is refused before its model loads, not after."""
+def check_resumed_items(path: Path, items: Iterable[QAItem],
+                        benchmark: str = "the benchmark") -> dict[str, dict[str, Any]]:
+    """`scored_items(path)`, each checked against the item of its id (`_check_same_item`), and
+    every item read once (its question, answers and audio file; `Benchmark.texts()`) with its id
+    unique: a bad item or a resumed run on another question file is refused before the model
+    loads, not after the items before it were answered."""
     done = scored_items(path)
-    if done:
-        for item in items:
-            if item.id in done:
-                _check_same_item(path, done[item.id], item)
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise EvalError(f"item id {item.id!r} occurs twice in {benchmark}; ids must be unique")
+        seen.add(item.id)
+        if item.id in done:
+            _check_same_item(path, done[item.id], item)
     return done
 
 
@@ -560,6 +566,8 @@ def compare_runs(run_dirs: list[Path], png: Path | None) -> list[EvalSummary]:
             b = paired_bootstrap([hits[i][k] - hits[0][k] for k in shared])
             line += (f"   {100 * b['mean']:+.1f} pts [{100 * b['lo']:+.1f}, {100 * b['hi']:+.1f}]"
                      f" on {b['n']} shared")
+        elif i:  # other questions: the two accuracies do not compare item by item
+            line += "   no shared items: not paired"
         print(line)
     if png is not None:
         import matplotlib
@@ -638,20 +646,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EvalError(f"--out {out}: cannot create the run folder ({e.strerror or e})") from e
-    settings: dict[str, Any] = {"mode": args.mode, "benchmark": args.benchmark, **asdict(sampling)}
+    settings: dict[str, Any] = {"mode": args.mode, "benchmark": _benchmark_setting(args.benchmark),
+                                **asdict(sampling)}
     if args.mode in ("text", "cascade"):
         llm = args.llm or load_config(args.config).llm.name_or_path
         settings.update(llm=llm, system_prompt=args.system_prompt or None)
         if sampling.max_new_tokens == TEXT_MAX_NEW_TOKENS:  # the default, given or not: as
             del settings["max_new_tokens"]  # runs recorded it before the option counted here
     else:
-        settings["model"] = str(args.model or default_bundle())
+        settings["model"] = str(Path(args.model or default_bundle()).expanduser().resolve())
+        if args.dtype not in (None, "fp32"):  # answers in another precision are other answers
+            settings["dtype"] = args.dtype
     if args.mode in ("s2s", "cascade"):
         settings["asr"] = args.asr
     if args.mode == "s2s":
         settings.update(stream=not args.no_stream, whole_response=args.whole_response)
     check_run_settings(out, settings)
-    done = check_resumed_items(out / "items.jsonl", bench.texts())
+    done = check_resumed_items(out / "items.jsonl", bench.texts(), args.benchmark)
     asr = None
     if args.mode in ("text", "cascade"):
         answerer: Answerer = TextAnswerer(llm, args.system_prompt or None,
@@ -720,11 +731,15 @@ def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
         if not isinstance(old, dict):
             raise EvalError(f"{path}: not the settings of an echox eval run")
         diff = {k: (old.get(k), settings.get(k)) for k in dict.fromkeys([*old, *settings])
-                if old.get(k) != settings.get(k)}
+                if _setting(k, old.get(k)) != _setting(k, settings.get(k))}
         if diff:
             raise EvalError(f"--out {out} holds a run made with other settings {diff} (old, new): "
                             "give another --out or delete it")
         return
+    if not path.is_file() and scored_items(out / "items.jsonl"):
+        raise EvalError(f"--out {out} holds scored items but no eval.json: the settings they were "
+                        "answered with are unknown (another mode's or model's would count as "
+                        "this run's); give another --out")
     if path.is_file():  # a run's settings are replaced; another program's file is not
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
@@ -734,6 +749,29 @@ def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
             raise EvalError(f"--out {out}: its eval.json is not an echox eval run's settings, "
                             "and the run would replace it; give another --out")
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def _benchmark_setting(spec: str) -> str:
+    """A benchmark spec as `eval.json` records it: the file of `local:PATH` and `NAME=PATH` as
+    an absolute path (`r3.jsonl` and `./r3.jsonl` are one file; `r3.jsonl` from another folder
+    is another); a hub name as given."""
+    spec = spec.strip()
+    if spec.startswith("local:"):
+        return "local:" + str(Path(spec[len("local:"):].strip()).expanduser().resolve())
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return f"{name.strip()}={Path(path.strip()).expanduser().resolve()}"
+    return spec
+
+
+def _setting(key: str, value: Any) -> Any:
+    """A recorded setting as compared: paths resolved (a run recorded them as typed before), so
+    that one file spelled two ways resumes."""
+    if isinstance(value, str) and key == "benchmark":
+        return _benchmark_setting(value)
+    if isinstance(value, str) and key == "model":
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def eval_sampling(args: argparse.Namespace) -> SamplingConfig:
