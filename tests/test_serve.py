@@ -324,6 +324,43 @@ def test_chat_refuses_bad_requests(engine: Engine) -> None:
         assert c.post("/v1/chat", json={"text": "fine"}).status_code == 200
 
 
+def test_chat_refuses_text_that_is_not_utf8_and_odd_requests(engine: Engine) -> None:
+    """Bytes that are not UTF-8 in a multipart field or the query string reached the model
+    as latin-1 or U+FFFD text (answered, 200); a latin-1 JSON body was "not valid JSON"; a 1 Hz
+    file became seconds of question; GET on the WebSocket endpoint was a 404."""
+    with client(engine) as c:
+        for raw in (b"\xff\xfe", b"\xed\xa0\x80"):  # latin-1, a UTF-8-encoded lone surrogate
+            body = (b"--abc\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\n" + raw +
+                    b"\r\n--abc--\r\n")
+            r = c.post("/v1/chat", content=body,
+                       headers={"content-type": "multipart/form-data; boundary=abc"})
+            err = r.json()["error"]
+            assert (r.status_code, err["code"]) == (400, "bad_request"), r.text
+            assert "'text' is not valid utf-8 text" in err["message"], err
+        r = c.post("/v1/chat?text=%ff%fe&return_audio=false", content=wav(0.3),
+                   headers={"content-type": "audio/wav"})
+        assert r.status_code == 400 and "query string is not valid UTF-8" in r.json()["error"]["message"]
+        r = c.post("/v1/chat", content='{"text": "caf\u00e9"}'.encode("latin-1"),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not UTF-8" in r.json()["error"]["message"], r.text
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros(10, np.float32), 1, format="WAV")
+        r = c.post("/v1/chat", content=buf.getvalue(), headers={"content-type": "audio/wav"})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_audio"), r.text
+        assert "sample rate of 1 Hz" in r.json()["error"]["message"]
+        for method in (c.get, c.post):
+            r = method("/v1/stream")
+            assert r.status_code == 426 and r.json()["error"]["code"] == "upgrade_required", r.text
+            assert r.headers["upgrade"] == "websocket"
+        # a UTF-8 query and a non-ASCII multipart field are read as before
+        r = c.post("/v1/chat?text=caf%C3%A9&return_audio=false", content=wav(0.3),
+                   headers={"content-type": "audio/wav"})
+        assert r.status_code == 200, r.text
+        assert c.post("/v1/chat", data={"text": "caf\u00e9?"}, files={"audio": ("q.wav", wav(0.3), "audio/wav")}
+                      ).status_code == 200
+        assert c.get("/health").json()["status"] == "ok"
+
+
 # ----------------------------------------------------------------------------- WebSocket
 
 
@@ -438,6 +475,7 @@ def test_ws_refuses_bad_messages_and_keeps_serving(engine: Engine) -> None:
 def test_ws_token_origin_and_connection_limit(engine: Engine) -> None:
     with client(engine, token="s3cret", max_connections=1) as c:
         assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models").headers["www-authenticate"].startswith("Bearer")
         assert c.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
         r = c.post("/v1/chat", json={"text": "hi"})
         assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
@@ -625,10 +663,15 @@ def test_serve_cli_defaults_help_and_option_errors(capsys: pytest.CaptureFixture
                   "--upload-timeout", "--device", "127.0.0.1"):
         assert words in out
     # options are checked before the model is loaded (the folder does not even exist)
-    assert main(["serve", "--model", str(tmp_path / "none"), "--workers", "0"]) == 2
-    assert "serve.workers" in capsys.readouterr().err
-    assert main(["serve", "--model", str(tmp_path / "none"), "--upload-timeout", "0"]) == 2
-    assert "serve.upload_timeout" in capsys.readouterr().err
+    # ... and named as typed (it said serve.queue_size for --queue)
+    for flag, value in (("--workers", "0"), ("--upload-timeout", "0"), ("--queue", "-1"),
+                        ("--idle-timeout", "inf"), ("--history-turns", "0")):
+        assert main(["serve", "--model", str(tmp_path / "none"), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be" in err and "serve." not in err.removeprefix("echox: error: serve options"), err
+    (tmp_path / "file").write_text("x")
+    assert main(["serve", "--model", str(tmp_path / "file"), "--port", "0"]) == 2
+    assert "is a file, not a model bundle folder" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "none"), "--port", "0"]) == 2
     assert "none" in capsys.readouterr().err
     # port 0 with a host that does not resolve: uvicorn's log after the model load, exit 3

@@ -149,6 +149,8 @@ def load_bundle(
     straight onto it (`EchoX.from_pretrained`); `dtype` (bf16 / fp16 / fp32 or a torch dtype)
     holds every model weight in it (default: the config's dtypes). The vocoder stays float32."""
     folder = checkpoint_folder(path, "model bundle folder")
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file, not a model bundle folder")
     if not folder.is_dir():
         raise CheckpointError(f"model bundle folder not found: {folder}{moved_aside_hint(folder)}")
     if device is not None:

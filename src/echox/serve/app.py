@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket
@@ -222,6 +222,10 @@ class _JsonCORS(CORSMiddleware):
 
 def _error_response(e: ApiError) -> JSONResponse:
     headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else {}
+    if e.status == 401:  # RFC 7235: a 401 names the scheme it wants
+        headers["WWW-Authenticate"] = 'Bearer realm="echox"'
+    if e.status == 426:
+        headers["Upgrade"] = "websocket"
     if e.code == "upload_timeout":  # the rest of the body may still come: not a next request
         headers["Connection"] = "close"
     return JSONResponse({"error": e.body()}, status_code=e.status, headers=headers)
@@ -646,6 +650,33 @@ def _body_kind(request: Request, st: _State) -> tuple[str, int]:
                    " send multipart/form-data, application/json or an audio/* body")
 
 
+class _StrictMultiPart(MultiPartParser):
+    """Starlette's multipart parser, whose text fields must decode in their charset (UTF-8
+    unless the Content-Type names another): it read bytes that do not as latin-1, and the
+    model answered the garbled text."""
+
+    def on_part_end(self) -> None:
+        part = getattr(self, "_current_part", None)
+        if part is not None and getattr(part, "file", None) is None:
+            charset = getattr(self, "_charset", "") or "utf-8"
+            try:
+                bytes(part.data).decode(charset)
+            except (UnicodeDecodeError, LookupError):
+                raise MultiPartException(f"the field {shown(str(part.field_name))} is not valid "
+                                         f"{charset} text") from None
+        super().on_part_end()
+
+
+def _query(request: Request) -> dict[str, str]:
+    """The query string's parameters, decoded as strict UTF-8 (Starlette replaces bad bytes
+    with U+FFFD, and `?text=%ff` reached the model as text)."""
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    try:
+        return dict(parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_request", "the query string is not valid UTF-8 text") from None
+
+
 async def _chat_inputs(request: Request, st: _State, ctype: str, body_limit: int
                        ) -> tuple[bytes | None, Any, Any, Any]:
     """(audio file bytes, text, history, return_audio) from a multipart, JSON or raw-audio
@@ -655,8 +686,8 @@ async def _chat_inputs(request: Request, st: _State, ctype: str, body_limit: int
         body = await _read_body(request, body_limit)
         _check_multipart_end(request.headers.get("content-type", ""), body)
         try:
-            form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=8,
-                                         max_part_size=texts + 16 * 1024).parse()
+            form = await _StrictMultiPart(request.headers, _once(body), max_files=1, max_fields=8,
+                                          max_part_size=texts + 16 * 1024).parse()
         except MultiPartException as e:
             raise ApiError(400, "bad_request", f"bad multipart body: {e}") from e
         for key, value in form.multi_items():  # a file under another name: its audio was lost
@@ -681,7 +712,10 @@ async def _chat_inputs(request: Request, st: _State, ctype: str, body_limit: int
         body = await _read_body(request, body_limit)
         try:  # a large one (base64 audio) is parsed off the event loop, which serves everyone
             data = json.loads(body) if len(body) < 256 * 1024 else await asyncio.to_thread(json.loads, body)
-        except (ValueError, RecursionError):  # also bad UTF-8, or a number of 4301+ digits
+        except UnicodeDecodeError:  # before ValueError, its base class
+            raise ApiError(400, "bad_request", "the JSON body is not UTF-8 text (JSON is sent "
+                           "as UTF-8)") from None
+        except (ValueError, RecursionError):  # also a number of 4301+ digits
             raise ApiError(400, "bad_request", "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "bad_request", "the JSON body must be an object")
@@ -696,7 +730,7 @@ async def _chat_inputs(request: Request, st: _State, ctype: str, body_limit: int
                 raise ApiError(400, "bad_request", "audio_base64 is not valid base64") from None
         return audio, data.get("text"), data.get("history"), data.get("return_audio")
     body = await _read_body(request, body_limit)  # audio/* or application/octet-stream
-    q = request.query_params
+    q = _query(request)
     return body, q.get("text"), None, q.get("return_audio")
 
 
@@ -855,6 +889,12 @@ def create_app(engine: Any, cfg: ServeConfig | None = None) -> FastAPI:
             await _Conversation(st, ws).run()
         finally:
             st.connections -= 1
+
+    @app.api_route("/v1/stream", methods=["GET", "HEAD", "POST"], include_in_schema=False)
+    async def stream_over_http(request: Request) -> Response:
+        raise ApiError(426, "upgrade_required", "/v1/stream is a WebSocket endpoint: connect "
+                       "with a WebSocket client (ws:// or wss://); POST /v1/chat answers one "
+                       "HTTP request")
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:

@@ -26,6 +26,7 @@ import errno
 import ipaddress
 import math
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -52,6 +53,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+#: `ServeConfig` fields by the option that sets them (its errors name the option)
+_FLAGS = {"workers": "--workers", "queue_size": "--queue", "max_upload_bytes": "--max-upload-mb",
+          "max_audio_seconds": "--max-audio-seconds", "max_text_chars": "--max-text-chars",
+          "turn_timeout": "--turn-timeout", "upload_timeout": "--upload-timeout",
+          "max_connections": "--max-connections", "idle_timeout": "--idle-timeout",
+          "history_turns": "--history-turns", "token": "--token", "allow_origins": "--allow-origin",
+          "model_id": "--model-id"}
+
+
 def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """(engine, app) from the options; checks every option before the slow model load."""
     import torch
@@ -75,8 +85,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
             idle_timeout=args.idle_timeout,
             history_turns=args.history_turns, allow_origins=tuple(args.allow_origin or ()),
             model_id=args.model_id)
-    except (ValueError, ConfigError) as e:
-        raise EchoXError(f"serve options: {e}") from e
+    except (ValueError, ConfigError) as e:  # named as typed: --queue, not serve.queue_size
+        msg = re.sub(r"\bserve\.(\w+)", lambda m: _FLAGS.get(m[1], m[0]), str(e))
+        raise EchoXError(f"serve options: {msg}") from e
     if not (math.isfinite(args.header_timeout) and args.header_timeout > 0):
         raise EchoXError(f"--header-timeout must be a finite number of seconds > 0, got {args.header_timeout}")
     if not 0 <= args.port <= 65535:

@@ -149,8 +149,10 @@ def decode_file(data: bytes, limits: Limits, sr: int = 16000, name: str = "audio
         why = re.sub(r"^Error opening <[^>]*>: ", "", str(e)).strip() or type(e).__name__
         raise ApiError(400, "bad_audio", f"{name}: not a readable audio file (wav, flac or ogg): "
                        f"{why}") from e
-    if rate <= 0:
-        raise ApiError(400, "bad_audio", f"{name}: the header gives an invalid sample rate {rate}")
+    if rate < MIN_RATE:  # 1 Hz: ten samples became ten seconds of question (high rates are
+        # refused by their resampling cost, in load_audio)
+        raise ApiError(400, "bad_audio", f"{name}: the header gives a sample rate of {rate} Hz; "
+                       f"this server takes {MIN_RATE} Hz and more")
     known = 0 <= frames < 1 << 62  # else no length (2^63 - 1): load_audio refuses it, a 400
     if known and frames / rate > limits.max_audio_seconds:
         raise limits.too_long(frames / rate)
