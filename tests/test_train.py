@@ -900,3 +900,58 @@ def test_dataloader_workers_leave_sigterm_and_ctrl_c_to_the_main_process(tmp_pat
                  _worker_ignores_sigterm)
     assert all(tr.loader)
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the main process keeps its own
+
+
+def test_logged_lr_is_the_one_the_step_trained_with(tmp_path):
+    """metrics.jsonl's lr was the next step's: step 1 of a 1-step warmup logged 3e-3 though it
+    trained at lr 0 (no weight moved), and the last step logged 0."""
+    torch.manual_seed(0)
+    model = stages.prepare_model("t2c", preset_config("tiny-random"))
+    before = {k: v.clone() for k, v in _trained_state(model).items()}
+    cfg = _cfg(tmp_path, "t2c", max_steps=3, warmup_steps=2, save_every=0, schedule="constant")
+    tr = Trainer(model, cfg, stages.ListDataset(t2c_examples()), stages.t2c_collator(model))
+    tr.train(stop_at=1)
+    rows = [json.loads(x) for x in (tmp_path / "t2c" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[0]["lr"] == 0.0
+    after = _trained_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0: nothing moved
+
+
+def test_a_resume_with_another_lr_records_the_lr_the_run_keeps(tmp_path):
+    """After --resume with another lr (the checkpoint's lr is kept), training_args.json and the
+    trainer state recorded the new lr, and the next plain resume warned of a change never made."""
+    _run("t2c", tmp_path, max_steps=4, save_every=2, stop_at=2)
+    _run("t2c", tmp_path, max_steps=4, save_every=2, resume="latest", lr=0.1)
+    out = tmp_path / "t2c"
+    for folder in (out / "checkpoints" / "step-000002", out / "model"):
+        assert json.loads((folder / "training_args.json").read_text())["lr"] == pytest.approx(3e-3)
+
+
+def test_a_roll_back_sets_the_later_saves_aside(tmp_path):
+    """--resume from an older checkpoint of the same run folder left the later ones live: the
+    next --resume went on from the abandoned step 6, keep_last deleted the new saves as older
+    than them, and best/ stayed a model of the abandoned steps."""
+    _run("s2t", tmp_path, max_steps=6, save_every=2, keep_last=5, eval_every=1, keep_best=True)
+    out = tmp_path / "s2t"
+    assert [p.name for p in (out / "checkpoints").iterdir()] and (out / "best").is_dir()
+    best_step = json.loads((out / "best" / "best.json").read_text())["step"]
+    _, res = _run("s2t", tmp_path, max_steps=6, save_every=2, keep_last=5, eval_every=1,
+                  keep_best=True, resume=str(out / "checkpoints" / "step-000002"), stop_at=3,
+                  seed=7)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["abandoned-step-000004", "abandoned-step-000006", "step-000002", "step-000003"]
+    if best_step > 2:
+        assert (out / f"best-abandoned-step-{best_step:06d}").is_dir()
+    _, res = _run("s2t", tmp_path, max_steps=6, save_every=2, keep_last=5, resume="latest", seed=7)
+    assert res.step == 6
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    from echox.train.trainer import checkpoint_folders
+
+    for n in (999_999, 1_000_000, 2):
+        (tmp_path / "checkpoints" / f"step-{n:06d}").mkdir(parents=True)
+    assert [p.name for p in checkpoint_folders(tmp_path)] == \
+        ["step-000002", "step-999999", "step-1000000"]

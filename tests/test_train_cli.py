@@ -722,3 +722,35 @@ def test_a_dialogue_longer_than_the_llm_is_left_out(tmp_path, capsys, caplog):
     assert "runaway" in caplog.text
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert out[-1]["train_examples"] == 6
+
+
+def test_bad_training_data_is_refused_before_the_first_step(tmp_path, capsys):
+    """A missing audio file or a unit outside the T2C's vocabulary stopped the run when its
+    batch came (after steps and checkpoints; never with fewer steps), naming neither record nor
+    file; --out "" trained into the working folder; an --out that cannot be made was a traceback."""
+    c, recipe, args = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, save_every: 1")
+    lines = (c / "tts.jsonl").read_text().splitlines()
+    bad = json.loads(lines[4])
+    bad["units"] = [3, 999999]
+    (c / "tts_bad.jsonl").write_text("\n".join(lines[:4] + [json.dumps(bad)]) + "\n")
+    argv = [a if not a.endswith("tts.jsonl") else str(c / "tts_bad.jsonl") for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "TTS record t4: unit 999999 is outside the T2C's [0, 50)" in err, err
+    assert not (tmp_path / "t2c" / "checkpoints").exists()
+    dl = [json.loads(x) for x in (c / "dialogues.jsonl").read_text().splitlines()[:6]]
+    dl[5]["conversations"][0]["audio"] = "audio/gone.wav"
+    (c / "dl_bad.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dl))
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dl_bad.jsonl"),
+                 "--out", str(tmp_path / "s2t")]) == 2
+    err = capsys.readouterr().err
+    assert "dialogue d5: audio file not found" in err and "gone.wav" in err, err
+    assert not (tmp_path / "s2t" / "checkpoints").exists()
+    for out, says in (("", "--out is empty"), (" ", "--out is empty")):
+        assert main(args[:-1] + [out]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "model").exists() and not os.path.exists("metrics.jsonl")
+    if os.path.isdir("/proc/self"):  # a folder that cannot be made (not a permission matter)
+        assert main(args[:-1] + ["/proc/self/echox-run"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot create the run folder" in err and err.count("\n") == 1, err

@@ -261,6 +261,8 @@ def check_out_path(path: str | os.PathLike, option: str = "--out", *, folder: bo
     existing file, or a path below a file; and an output file that is one of the command's
     `inputs`, or lies inside an input folder (writing it would replace what was read). Returns
     the path."""
+    if not str(path).strip():  # `--out "$UNSET"`: Path("") is the working folder
+        raise ConfigError(f"{option} is empty; give a path")
     p = Path(path)
     resolved = p.resolve()
     if _ASSETS == resolved or _ASSETS in resolved.parents:

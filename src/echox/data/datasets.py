@@ -18,8 +18,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from echox.audio import load_audio
-from echox.data.manifest import DialogueRecord, TtsRecord
-from echox.errors import AudioError, ManifestError
+from echox.data.manifest import DialogueRecord, TtsRecord, resolve_audio
+from echox.errors import AudioError, ManifestError, UnitError
 from echox.model.batch import S2TBatch, T2CBatch, collate_s2t, collate_t2c
 from echox.model.prompt import PromptBuilder, Turn
 
@@ -65,6 +65,11 @@ class S2TDataset(Dataset):
         for i, r in enumerate(keep):
             if not any(m.role == "assistant" for m in r.conversations):
                 raise ManifestError(f"dialogue {r.id or i}: no assistant turn, so nothing to learn")
+            for m in r.conversations:  # a missing file stopped the run when its batch came
+                if m.role == "user" and m.audio is not None and not isinstance(m.audio, bytes):
+                    path = resolve_audio(m.audio, base_dir)
+                    if not Path(path).is_file():
+                        raise ManifestError(f"dialogue {r.id or i}: audio file not found: {path}")
         self.records = keep
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.max_audio_seconds = max_audio_seconds
@@ -205,8 +210,11 @@ class T2CDataset(Dataset):
     def __init__(self, records: Sequence[TtsRecord], tokenizer: Any,
                  unit_encoder: Callable[[list[int]], list[int]] | None = None,
                  max_positions: int | None = None,
-                 row_length: Callable[[list[int], int], int] | None = None) -> None:
+                 row_length: Callable[[list[int], int], int] | None = None,
+                 vocab_size: int | None = None) -> None:
         """`unit_encoder`, e.g. ``UnitLanguage.encode``, maps raw units to the T2C's vocabulary.
+        With `vocab_size` (the T2C's), every pair's ids are checked against it now, each bad
+        record named (a unit of another k-means stopped the run when its batch came).
 
         With `max_positions`, a pair whose row (`row_length(text ids, unit count)`, by default
         text tokens + units + 2) is longer is left out with a warning: a runaway line (a whole
@@ -223,8 +231,12 @@ class T2CDataset(Dataset):
         self.records = list(records)
         self.tokenizer = tokenizer
         self.unit_encoder = unit_encoder
+        self.vocab_size = vocab_size
         if max_positions is not None:
             self._drop_too_long(max_positions, row_length or (lambda ids, n: len(ids) + n + 2))
+        elif vocab_size is not None:
+            for i in range(len(self.records)):
+                self[i]
 
     def _drop_too_long(self, limit: int, row_length: Callable[[list[int], int], int]) -> None:
         keep, long = [], []
@@ -252,9 +264,17 @@ class T2CDataset(Dataset):
         rec = self.records[i]
         text_ids = self.tokenizer(rec.text, add_special_tokens=False)["input_ids"]
         units = list(rec.units or [])
-        unit_ids = list(self.unit_encoder(units)) if self.unit_encoder is not None else units
+        try:
+            unit_ids = list(self.unit_encoder(units)) if self.unit_encoder is not None else units
+        except UnitError as e:  # a unit outside the unit language
+            raise ManifestError(f"TTS record {rec.id or i}: {e}") from e
         if not text_ids or not unit_ids:
             raise ManifestError(f"TTS record {rec.id or i}: empty text ids or unit ids")
+        if self.vocab_size is not None and not all(0 <= u < self.vocab_size for u in unit_ids):
+            bad = next(u for u in unit_ids if not 0 <= u < self.vocab_size)
+            raise ManifestError(f"TTS record {rec.id or i}: unit {bad} is outside the T2C's "
+                                f"[0, {self.vocab_size}) (units of another k-means or unit "
+                                "language?)")
         return T2CExample(list(text_ids), unit_ids)
 
 

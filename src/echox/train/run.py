@@ -17,6 +17,7 @@ EchoX-Dialogues shard folders and Hugging Face datasets (docs/training.md, "Data
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import logging
@@ -256,7 +257,7 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
                 recs += got
             return T2CDataset(recs[:lim] if lim else recs, model.tokenizer, encode,
                               max_positions=model.t2c.cfg.max_positions,
-                              row_length=model.t2c_row_length)
+                              row_length=model.t2c_row_length, vocab_size=model.t2c.num_units)
 
         return (tts(train_path, limit), tts(eval_path, eval_limit) if eval_path else None,
                 collate_t2c_examples, {})
@@ -603,6 +604,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_no_checkpoints(Path(cfg.output_dir))
     if not args.prepare_data:
         check_run_folder(Path(cfg.output_dir), keep_best=cfg.keep_best)
+        try:  # before the model is built: a folder that cannot be made fails now
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise  # the CLI's one line for a folder this user may not write
+            raise ConfigError(f"--out {cfg.output_dir}: cannot create the run folder "
+                              f"({e.strerror or e})") from e
     for option, given in (("--init", args.init), ("--t2c-from", args.t2c_from)):
         if given and Path(given).exists():  # a run's saves replace out/model and out/best whole
             src = Path(given).resolve()

@@ -147,10 +147,22 @@ class TrainConfig:
               f"'', eager or sdpa; got {self.llm_attention!r}")
 
 
+def step_of(folder: Path) -> int:
+    """The step of a `checkpoints/step-N` folder (-1 for another name): folders are ordered by
+    it, not by name (`step-1000000` sorts before `step-999999` as text)."""
+    digits = folder.name.removeprefix("step-")
+    return int(digits) if folder.name.startswith("step-") and digits.isdigit() else -1
+
+
+def checkpoint_folders(out: Path) -> list[Path]:
+    """`out/checkpoints/step-*`, oldest step first."""
+    return sorted((out / "checkpoints").glob("step-*"), key=step_of)
+
+
 def check_no_checkpoints(out: Path, resuming: bool = False) -> None:
     """Refuse to start a run in a folder that holds another run's checkpoints: its steps would
     be overwritten or mixed with the new ones. `resuming`: every checkpoint there is broken."""
-    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    steps = [p.name for p in checkpoint_folders(out)]
     if not steps:
         return
     if resuming:
@@ -281,9 +293,27 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _complete(folder: Path) -> bool:
+    try:
+        verify_checkpoint(folder)
+    except CheckpointError:
+        return False
+    return (folder / STATE_FILE).is_file()
+
+
+def _rename_free(folder: Path, name: str) -> Path:
+    """Rename `folder` to `name` beside it (`name-2`, ... where taken); the new path."""
+    target, n = folder.with_name(name), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{name}-{n}")
+    folder.rename(target)
+    return target
+
+
 def find_latest_checkpoint(output_dir: Path) -> Path | None:
     """Newest `checkpoints/step-*` that verifies; broken ones are skipped with a warning."""
-    ckpts = sorted((output_dir / "checkpoints").glob("step-*"), reverse=True)
+    ckpts = checkpoint_folders(output_dir)[::-1]
     for c in ckpts:
         try:
             verify_checkpoint(c)
@@ -461,7 +491,7 @@ class Trainer:
             state = {
                 "step": self.step, "epoch": self.sampler.epoch, "index": self.sampler.index,
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "train_config": asdict(self.cfg), "num_processes": self.acc.num_processes,
+                "train_config": self._run_args(), "num_processes": self.acc.num_processes,
             }
             unwrapped = self.acc.unwrap_model(self.model)
             # `replace`: a step folder already there is this run's own, skipped on resume as
@@ -474,10 +504,10 @@ class Trainer:
 
             unwrapped.save_pretrained(
                 folder,
-                extra_files={"training_args.json": json.dumps(asdict(self.cfg), indent=2)},
+                extra_files={"training_args.json": json.dumps(self._run_args(), indent=2)},
                 extra_writer=extra, full_state=full_state, replace=folder.is_dir(),
             )
-            for old in sorted((self.out / "checkpoints").glob("step-*"))[: -self.cfg.keep_last]:
+            for old in checkpoint_folders(self.out)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:  # the other ranks' states beside it (a kill can cut them)
@@ -487,11 +517,16 @@ class Trainer:
         if final and self.acc.is_main_process:  # the stage's output for the next stage
             self.acc.unwrap_model(self.model).save_pretrained(
                 self.out / "model",
-                extra_files={"training_args.json": json.dumps(asdict(self.cfg), indent=2)},
+                extra_files={"training_args.json": json.dumps(self._run_args(), indent=2)},
                 full_state=full_state,
             )
         self.acc.wait_for_everyone()
         return folder
+
+    def _run_args(self) -> dict[str, Any]:
+        """The run's settings as saved with its checkpoints: the config, with the lr and weight
+        decay the optimizer runs with (after a resume with another --lr, the checkpoint's)."""
+        return asdict(self.cfg) | self.optimizer_settings()
 
     def _read_best(self) -> tuple[int, float] | None:
         try:
@@ -513,7 +548,7 @@ class Trainer:
         if self.acc.is_main_process:
             self.acc.unwrap_model(self.model).save_pretrained(
                 self.out / "best",
-                extra_files={"training_args.json": json.dumps(asdict(self.cfg), indent=2),
+                extra_files={"training_args.json": json.dumps(self._run_args(), indent=2),
                              BEST_FILE: json.dumps({"step": self.step, "eval_loss": ev})},
                 full_state=full_state,
             )
@@ -571,6 +606,7 @@ class Trainer:
                 log.warning("unreadable RNG state %s (%s: %s)", rng, type(e).__name__, e)
         if not restored:
             log.warning("no RNG state for this process in %s; dropout noise will differ", folder)
+        self._set_aside_later(self.step)
         self.best = self._read_best()
         self.last_checkpoint = (self.step, folder)
         self._drop_metrics_after(self.step)
@@ -586,6 +622,25 @@ class Trainer:
             log.warning("--resume: the checkpoint was trained with other settings (%s); the run "
                         "goes on with the new ones, except lr and weight_decay, which stay the "
                         "checkpoint's", ", ".join(changed))
+
+    def _set_aside_later(self, step: int) -> None:
+        """A resume from step `step` of a run whose folder holds later checkpoints (a roll back
+        to an older one) abandons them: they would be taken as the run's latest by the next
+        --resume and kept over its new ones by keep_last. They, and a best/ of a later step,
+        are renamed `abandoned-...` (not deleted) and named in a warning."""
+        if not self.acc.is_main_process:
+            return
+        moved = []
+        for c in checkpoint_folders(self.out):
+            if step_of(c) > step and _complete(c):  # a broken one (a killed save) is replaced
+                moved.append(_rename_free(c, f"abandoned-{c.name}"))
+        best = self._read_best()
+        # with no later checkpoint, a later best/ is of the same steps, made again exactly
+        if moved and best is not None and best[0] > step:
+            moved.append(_rename_free(self.out / "best", f"best-abandoned-step-{best[0]:06d}"))
+        if moved:
+            log.warning("--resume from step %d: the later saves of this run folder are set aside, "
+                        "not used: %s", step, ", ".join(str(m) for m in moved))
 
     def _drop_metrics_after(self, step: int) -> None:
         """Forget the logged rows of the steps after `step` (an interrupted run logged them past
@@ -717,6 +772,7 @@ class Trainer:
         try:  # an error mid-run ends the bar's line first: its message gets a line of its own
             while self.step < end and not timed_out and not stop:
                 acc_loss, acc_metrics = 0.0, {}
+                lr = self.sched.get_last_lr()[0]  # this step's (the scheduler steps within it)
                 for _ in range(cfg.grad_accum):
                     batch = next(batches).to(self.acc.device)
                     with self.acc.accumulate(self.model), self.acc.autocast():
@@ -744,7 +800,7 @@ class Trainer:
                 first = loss if math.isnan(first) else first
                 last = loss
                 dt = max(time.time() - t0, 1e-9)
-                rec = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
+                rec = {"step": self.step, "loss": loss, "lr": lr,
                        "steps_per_s": (self.step - steps0) / dt, "samples_per_s": samples / dt,
                        **{f"train/{k}": v for k, v in acc_metrics.items()}}
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
