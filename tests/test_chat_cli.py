@@ -325,3 +325,40 @@ def test_interactive_quoted_paths_are_audio(bundle_dir: Path, tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     assert main(["chat", "--model", str(bundle_dir), *FAST]) == 0
     assert [(t["audio"], t["text"]) for t in turns] == [(str(q), None), (None, '"hello there"')]
+
+
+def test_chat_option_and_line_slips(bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """--model "" loaded the default model; a prompt pushed over the LLM's positions by
+    --max-new-tokens said "shorten the text or reset the session"; `/reset now` was an unknown
+    command next to a list naming /reset; a one-word question naming a file here (README) was
+    read as audio; a missing --vocoder was found after the model load."""
+    one_line_error(capsys, main(["chat", "--model", "", "--text", "hi"]), "--model is empty")
+    import echox.infer.bundle as bundle_mod
+
+    def no_model(*a: object, **k: object) -> None:
+        raise AssertionError("the model was loaded before the vocoder path was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(bundle_mod.EchoX, "from_pretrained", no_model)
+        one_line_error(capsys, main(["chat", "--model", str(bundle_dir), "--text", "hi",
+                                     "--vocoder", str(tmp_path / "none")]), "vocoder folder", "not found")
+    err = one_line_error(capsys, main(["chat", "--model", str(bundle_dir), "--text", "hi",
+                                       "--temperature", "0", "--max-new-tokens", "1020"]),
+                         "lower max_new_tokens (--max-new-tokens) to at most")
+    assert "reset" not in err
+    (tmp_path / "README").write_text("not audio")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/reset now\nREADME\n/quit\n"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["chat", "--model", str(bundle_dir), *FAST]) == 0
+    cap = capsys.readouterr()
+    assert "/reset takes no arguments" in cap.err and "unknown command" not in cap.err
+    assert "README" not in cap.err and (tmp_path / "answer_1.wav").exists(), cap.err
+
+
+def test_demo_prints_no_answer_line_for_a_turn_that_is_refused(bundle_dir: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`answer: ` was written before the turn was checked, so the error followed it on its line."""
+    assert main(["demo", "--model", str(bundle_dir), "--no-asr", "--max-new-tokens", "1020"]) == 2
+    cap = capsys.readouterr()
+    assert "answer:" not in cap.out and "--max-new-tokens" in cap.err, cap

@@ -43,7 +43,7 @@ from echox.fileio import (atomic_write_text, check_out_path, check_plot_path, js
                           open_to_append)
 from echox.hub import resolve
 from echox.infer.asr import check_asr_spec, make_asr
-from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_text_decoding_options, check_device, default_bundle,
+from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_text_decoding_options, check_device, bundle_folder,
                                 load_bundle, text_decoding)
 from echox.infer.engine import Engine, EngineConfig, Final, check_max_audio_seconds
 from echox.model.generation import (SamplingConfig, beam_results, beam_search_steps, cache_kwargs,
@@ -654,7 +654,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if sampling.max_new_tokens == TEXT_MAX_NEW_TOKENS:  # the default, given or not: as
             del settings["max_new_tokens"]  # runs recorded it before the option counted here
     else:
-        settings["model"] = str(Path(args.model or default_bundle()).expanduser().resolve())
+        settings["model"] = str(bundle_folder(args.model).resolve())
         if args.dtype not in (None, "fp32"):  # answers in another precision are other answers
             settings["dtype"] = args.dtype
     if args.mode in ("s2s", "cascade"):
@@ -670,7 +670,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.mode == "cascade":
             answerer = CascadeAnswerer(make_asr(args.asr), answerer)
     else:
-        bundle = load_bundle(args.model or default_bundle(), device=args.device, dtype=args.dtype)
+        bundle = load_bundle(bundle_folder(args.model), device=args.device, dtype=args.dtype)
         if args.max_audio_seconds is not None:  # the limit the model and the engine read
             bundle.model.config.encoder.max_seconds = float(args.max_audio_seconds)
         if args.mode == "s2t":

@@ -103,6 +103,17 @@ DEFAULT_MODEL_HELP = ("(default: $ECHOX_MODEL, then ~/.cache/echox/models/tiny, 
                       "embedded tiny model)")
 
 
+def bundle_folder(model: str | os.PathLike | None) -> Path:
+    """The bundle a `--model` option names, or `default_bundle()` without one; an empty one
+    (`--model "$UNSET"`) is an error, not the default."""
+    if model is None:
+        return default_bundle()
+    if not str(model).strip():
+        raise CheckpointError("--model is empty; give a model bundle folder, or leave the option "
+                              "out for the default model")
+    return Path(model).expanduser()
+
+
 def default_bundle() -> Path:
     """Where `echox chat`, `demo`, `eval` and `serve` find a model without `--model`:
     $ECHOX_MODEL, then ~/.cache/echox/models/tiny, then the embedded tiny model."""
@@ -161,6 +172,9 @@ def load_bundle(
             raise CheckpointError(f"{name} must be a folder path or a loaded "
                                   f"{' / '.join(k.__name__ for k in kinds)}, got "
                                   f"{type(given).__name__}")
+        if isinstance(given, (str, os.PathLike)) and not Path(given).is_dir():  # before the load
+            what = "a file, not a folder" if Path(given).is_file() else "not found"
+            raise CheckpointError(f"{name.replace('_', ' ')} folder {given}: {what}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     model = EchoX.from_pretrained(folder, device=dev, dtype=parse_dtype(dtype)).eval()
     held = parse_dtype(dtype) or DTYPES.get(model.config.llm.dtype)

@@ -22,7 +22,7 @@ from echox.audio import check_output_path, save_audio
 from echox.config import MAX_THREADS, EncoderConfig, int_at_least
 from echox.errors import AudioError, EchoXError
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_sampling_options, add_text_decoding_options, check_device,
-                                default_bundle, load_bundle, sampling_temperature, text_decoding)
+                                bundle_folder, load_bundle, sampling_temperature, text_decoding)
 from echox.infer.engine import (
     Engine,
     EngineConfig,
@@ -101,7 +101,7 @@ def _engine(args: argparse.Namespace) -> Any:
         torch.set_num_threads(args.threads)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    path = Path(args.model) if args.model else default_bundle()
+    path = bundle_folder(args.model)
     check_inputs(args, question_limit(path, args.max_audio_seconds))  # before the slow load
     print(f"echox: loading {path}", file=sys.stderr)
     bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language,
@@ -172,6 +172,9 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
         line = line.strip()
         if not line:
             continue
+        if line.split()[0] in ("/quit", "/reset") and len(line.split()) > 1:
+            print(f"echox: error: {line.split()[0]} takes no arguments", file=sys.stderr)
+            continue
         if line == "/quit":
             return 0
         if line == "/reset":
@@ -187,7 +190,9 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
         if folder and "/" in line:  # a path typed by mistake (a one-word question stays text)
             print(f"echox: error: '{line}' is a folder, not an audio file", file=sys.stderr)
             continue
-        is_audio = named or (exists and not folder)
+        # a file named without an audio suffix is audio only as a path ("README" typed as a
+        # question is text, even where such a file lies)
+        is_audio = named or (exists and not folder and ("/" in line or "." in line))
         out = base.with_name(f"{base.stem}_{n + 1}{base.suffix or '.wav'}")
         if is_audio and exists:
             asked.add(Path(line).resolve())

@@ -9,6 +9,7 @@ answer, and transcribes it with Whisper tiny.en so you can read what was said.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from importlib import resources
@@ -19,7 +20,7 @@ from echox.audio import check_output_path, load_audio, save_audio
 from echox.config import preset_config
 from echox.errors import ConfigError, NoBundleError
 from echox.infer.asr import FasterWhisperASR
-from echox.infer.bundle import DEFAULT_MODEL_HELP, Bundle, default_bundle, load_bundle
+from echox.infer.bundle import DEFAULT_MODEL_HELP, Bundle, bundle_folder, load_bundle
 from echox.infer.chat import add_max_audio_option, check_not_question, question_limit
 from echox.infer.engine import (
     AudioChunk,
@@ -56,7 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     question = Path(args.question) if args.question else packaged_question()
     try:  # a $ECHOX_MODEL that names no folder is an error here, not a fallback
-        folder: Path | None = Path(args.model) if args.model else default_bundle()
+        folder: Path | None = bundle_folder(args.model)
     except NoBundleError:  # no bundle anywhere: the fallback below says so
         folder = None
     limit = (question_limit(folder, args.max_audio_seconds) if folder is not None
@@ -77,9 +78,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     max_audio_seconds=args.max_audio_seconds)
     final = None
     with engine:
-        events = engine.session().respond(audio=str(question))  # bad input raises here
+        events = engine.session().respond(audio=str(question))
+        first = next(events)  # bad input raises here, before "answer: " starts a line
         sys.stdout.write("answer: ")
-        for ev in events:
+        for ev in itertools.chain([first], events):
             if isinstance(ev, TextDelta):
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()

@@ -404,7 +404,11 @@ class Session:
         if limit is not None and n + cfg.sampling.max_new_tokens > limit:
             raise PromptError(f"the prompt is {n} positions and the answer may take "
                               f"{cfg.sampling.max_new_tokens} more, over the LLM's {limit}: "
-                              "shorten the text or the history (or reset the session)")
+                              f"lower max_new_tokens (--max-new-tokens) to at most {limit - n}"
+                              if n < limit else
+                              f"the prompt is {n} positions, over the LLM's {limit}: shorten "
+                              "the question" + (" or clear the history (reset; /reset in chat)"
+                                                if self.history else ""))
         state = start_decode(merged.inputs_embeds, merged.attention_mask,
                              model.llm.stop_ids, cfg.sampling)
         return TurnState(state, int(merged.inputs_embeds.shape[1]),

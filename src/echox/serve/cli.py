@@ -29,13 +29,12 @@ import os
 import re
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
 from echox.config import MAX_THREADS, int_at_least
 from echox.errors import ConfigError, EchoXError
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_sampling_options, add_text_decoding_options, check_device,
-                                default_bundle, load_bundle, sampling_temperature, text_decoding)
+                                bundle_folder, load_bundle, sampling_temperature, text_decoding)
 from echox.infer.engine import Engine, EngineConfig
 from echox.model.generation import SamplingConfig
 from echox.serve.app import ServeConfig, create_app
@@ -100,7 +99,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         torch.set_num_threads(args.threads)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    path = Path(args.model) if args.model else default_bundle()
+    path = bundle_folder(args.model)
     print(f"echox serve: loading {path}", file=sys.stderr)
     check_device(args.device)
     bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language,
