@@ -342,9 +342,29 @@ def test_malformed_config_and_checksum_values(make_model, tmp_path):
     from echox.model.checkpoint import sha256_file
 
     sums = {n: sha256_file(folder / n) for n in ("config.json", "model.safetensors")}
-    (folder / "checksums.json").write_text(json.dumps({**sums, "../outside.txt": sha256_file(outside)}))
-    with pytest.raises(CheckpointError, match=r"'\.\./outside\.txt' is not a file inside"):
-        EchoX.from_pretrained(folder)
+    for name in ("../outside.txt", str(outside), "sub/../../outside.txt"):
+        (folder / "checksums.json").write_text(json.dumps({**sums, name: sha256_file(outside)}))
+        with pytest.raises(CheckpointError, match=re.escape(f"{name!r} is not a file inside")):
+            EchoX.from_pretrained(folder)
+
+
+def test_a_checkpoint_of_linked_files_loads(make_model, tmp_path):
+    """A Hugging Face cache snapshot links each file into blobs/: such a checkpoint was called
+    corrupt ("'model.safetensors' is not a file inside the checkpoint folder")."""
+    folder = make_model().save_pretrained(tmp_path / "ckpt")
+    snap = tmp_path / "snapshot"
+    (tmp_path / "blobs").mkdir()
+    snap.mkdir()
+    for f in folder.rglob("*"):
+        if f.is_file():
+            blob = tmp_path / "blobs" / f.relative_to(folder).as_posix().replace("/", "__")
+            blob.write_bytes(f.read_bytes())
+            (snap / f.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            (snap / f.relative_to(folder)).symlink_to(blob)
+    assert EchoX.from_pretrained(snap) is not None
+    (tmp_path / "blobs" / "model.safetensors").write_bytes(b"0" * 10)  # a link's target changed
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        EchoX.from_pretrained(snap)
 
 
 def test_save_never_deletes_what_is_not_a_checkpoint(make_model, tmp_path):

@@ -576,10 +576,12 @@ def test_echox_bundle_never_replaces_unasked(bundle: Bundle, tmp_path: Path,
     precious.mkdir()
     (precious / "notes.txt").write_text("keep")
     (tmp_path / "q.wav").write_bytes(b"RIFF")
-    for out in (precious, tmp_path / "q.wav"):
+    # a file is not replaced with --force either: it said "pass --force", then "is a file"
+    for out, says in ((precious, "exists; pass --force"), (tmp_path / "q.wav", "is a file; give a folder"),
+                      ("", "--out is empty")):
         assert main(["bundle", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert "exists; pass --force" in err and len(err.strip().splitlines()) == 1
+        assert says in err and len(err.strip().splitlines()) == 1, err
     assert (precious / "notes.txt").read_text() == "keep"
     assert (tmp_path / "q.wav").read_bytes() == b"RIFF"
     assert main(["bundle", "--model", str(bundle_dir), "--out", str(precious), "--force"]) == 0

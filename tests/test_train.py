@@ -409,13 +409,17 @@ def test_grouping_needs_sizable_items(tmp_path):
         _run("s2t", tmp_path, group_by_length=True)
 
 
-def test_dataset_lengths_for_grouping():
+def test_dataset_lengths_for_grouping(tmp_path):
     from echox.data.manifest import DialogueMessage, DialogueRecord, TtsRecord  # noqa: I001 (import loop)
     from echox.data.datasets import S2TDataset, T2CDataset
+    from echox.errors import ManifestError
 
     recs = [DialogueRecord([DialogueMessage("user", "q" * n, audio="a.wav"),
                             DialogueMessage("assistant", "a" * (2 * n))]) for n in (3, 10)]
-    ds = S2TDataset(recs, None)
+    with pytest.raises(ManifestError, match="audio file not found"):  # checked when made
+        S2TDataset(recs, tmp_path)
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    ds = S2TDataset(recs, tmp_path)
     assert [ds.length(i) for i in range(2)] == [9, 30]
 
     class Tok:

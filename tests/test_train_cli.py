@@ -189,7 +189,7 @@ def test_echo_with_a_frozen_s2t_model_trains_only_the_speech_side(tmp_path, caps
 
 def test_a_run_folder_is_never_overwritten_and_bad_eval_data_keeps_the_model(tmp_path, capsys):
     """A second run into a folder with checkpoints needs --resume (else its steps would be
-    replaced or mixed); bad eval data, found at the end, costs no trained step; too little
+    replaced or mixed); bad eval data is refused before the first step; too little
     data and an --out that is a file are one line each."""
     c, recipe, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
     assert main(run) == 0
@@ -213,8 +213,8 @@ def test_a_run_folder_is_never_overwritten_and_bad_eval_data_keeps_the_model(tmp
     assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
                  "--eval-data", str(bad_eval), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("echox: error: ") and "fall outside [0, 50)" in err
-    assert (out / "model" / "model.safetensors").is_file()  # the 2 steps were kept
+    assert err.startswith("echox: error: ") and "TTS record e: unit 999 is outside" in err
+    assert not (out / "checkpoints").exists()  # refused before the first step, not at the end
     assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
                  "--set", "train.batch_size=100", "--out", str(tmp_path / "big")]) == 2
     assert "fewer than one global batch" in capsys.readouterr().err

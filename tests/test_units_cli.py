@@ -464,3 +464,25 @@ def test_the_window_bench_runs_on_a_kmeans_and_its_side_file(corpus: Path, tmp_p
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "window" not in ln]
     assert [r.split(" | ")[0] for r in rows] == ["| 30 s", "| 2 s"]
     assert rows[0].endswith("| 1.000 | 1.000 |")  # the reference against itself
+
+
+def test_kmeans_never_replaces_a_recording_and_stats_checks_a_languages_k(
+        corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`train-kmeans --out audio/a0.wav` wrote the k-means over that recording (exit 0); `stats
+    --language` measured a language of K=500 on a K=8 k-means' units."""
+    import shutil
+
+    shutil.copytree(corpus / "audio", tmp_path / "audio")
+    (tmp_path / "tts.jsonl").write_text((corpus / "tts.jsonl").read_text())
+    rec = tmp_path / "audio" / "a0.wav"
+    before = rec.read_bytes()
+    assert main(["units", "train-kmeans", "--manifest", str(tmp_path / "tts.jsonl"), "--features",
+                 TINY, "--layer", "1", "--k", "8", "--quiet", "--out", str(rec)]) == 2
+    assert "is the audio of a manifest record" in _err(capsys)
+    assert rec.read_bytes() == before and not (tmp_path / "audio" / "a0.wav.json").exists()
+    rows = [{"id": f"u{i}", "text": "x", "units": [(i + j) % 8 for j in range(12)]} for i in range(20)]
+    (tmp_path / "units.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lang = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "t2c-warm" / "unit_language"
+    assert main(["units", "stats", "--manifest", str(tmp_path / "units.jsonl"), "--num-units", "8",
+                 "--language", str(lang)]) == 2
+    assert "has K=500 units, but --num-units gives 8" in _err(capsys)

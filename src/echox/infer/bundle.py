@@ -342,12 +342,12 @@ def bundle_info(bundle: Bundle) -> dict[str, Any]:
 
 def cmd_bundle(args: Any) -> int:
     """`echox bundle`: an EchoX checkpoint + vocoder + unit language -> one bundle folder."""
+    check_out_path(args.out)  # not an empty path (Path("") is the working folder)
     out = Path(args.out).expanduser()
+    check_out_path(out)  # a bundle is a folder, not a file
     if out.exists() and not args.force:  # checked before the load; nothing is replaced unasked
-        what = "folder" if out.is_dir() else "file"
-        raise CheckpointError(f"--out {out}: a {what} of that name exists; pass --force to "
+        raise CheckpointError(f"--out {out}: a folder of that name exists; pass --force to "
                               "replace it")
-    check_out_path(out)  # a bundle is a folder
     src = Path(args.model)
     # a bundle given as --model keeps its own vocoder and unit language unless others are named
     vocoder_path = args.vocoder or (src / VOCODER_DIR if (src / VOCODER_DIR).is_dir() else None)

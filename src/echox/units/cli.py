@@ -305,6 +305,13 @@ def cmd_train_kmeans(args: argparse.Namespace) -> int:
     _out_file(args.out, "--out", args.manifest)
     _out_file(kmeans_meta_path(args.out), "k-means side file", args.manifest)
     items = _kmeans_items(args.manifest, args.dialogue_roles)
+    for option, out in (("--out", Path(args.out)), ("its side file", kmeans_meta_path(args.out))):
+        if out.is_file():  # not one of the recordings it reads (it replaced one, exit 0)
+            clash = next((a for _, a in items if a.is_file() and os.path.samefile(a, out)), None)
+            if clash is not None:
+                raise UnitError(f"--out {args.out}: {option} {out} is the audio of a manifest "
+                                "record: writing it would replace the recording; give another "
+                                "file")
     t0 = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -578,7 +585,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 raise UnitError(f"{option} {given} lies inside {d}, where --save-dir writes a "
                                 "language; give a path outside it")
     seqs = _unit_sequences(args.manifest, args.exclude_id_suffix)
-    k = _num_units(args, seqs) if sizes else 0
+    given_k = args.num_units is not None or bool(args.kmeans)  # K named: languages must have it
+    k = _num_units(args, seqs) if sizes or given_k else 0
     for v in sizes:
         if v < k:
             raise UnitError(f"--vocab-sizes: {v} is smaller than the {k} units")
@@ -591,6 +599,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     top = max(max(u) for u in held if u) if any(held) else -1
     for d in args.language or []:
         loaded = UnitLanguage.load(d)
+        if given_k and loaded.num_units != k:
+            given = "--num-units" if args.num_units is not None else f"the k-means {args.kmeans}"
+            raise UnitError(f"--language {d} has K={loaded.num_units} units, but {given} gives "
+                            f"{k}: it belongs to another k-means")
         if top >= loaded.num_units:
             raise UnitError(f"--language {d} has K={loaded.num_units} units, but the manifest "
                             f"holds unit {top}: it belongs to another k-means")
