@@ -724,3 +724,18 @@ def test_load_bundle_refuses_a_vocoder_or_language_of_another_type(bundle: Bundl
         with pytest.raises(CheckpointError, match="must be a folder path or a loaded"):
             load_bundle(src, **kw)
     assert load_bundle(src, vocoder=bundle.vocoder).vocoder is bundle.vocoder
+
+
+def test_a_bundle_without_its_unit_language_is_told_to_give_one(tmp_path: Path) -> None:
+    """A decoder of unit-language tokens bundled with no language was only told the vocoder
+    knows too few units (the shipped config records no language fingerprint)."""
+    from dataclasses import replace
+
+    from echox.errors import CheckpointError
+    from echox.infer.bundle import check_bundle
+
+    model, _ = make_bundle_parts()
+    small = CodeHiFiGAN(replace(CodeHiFiGANConfig.tiny(), num_embeddings=20)).eval()
+    with pytest.raises(CheckpointError, match=r"only knows 20; if its decoder predicts "
+                                              r"unit-language tokens \(50\).*--unit-language"):
+        check_bundle(Bundle(model, small, None, tmp_path))

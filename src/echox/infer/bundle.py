@@ -274,8 +274,11 @@ def check_bundle(bundle: Bundle) -> None:
     n_units = (bundle.unit_language.num_units if bundle.unit_language is not None else n_tokens)
     voc_units = _vocoder_units(bundle.vocoder)
     if voc_units is not None and voc_units < n_units:
+        hint = (f"; if its decoder predicts unit-language tokens ({n_tokens}) over the "
+                f"vocoder's {voc_units} units, give that language (--unit-language DIR)"
+                if bundle.unit_language is None else "")
         raise CheckpointError(f"{where}: the model makes {n_units} distinct units but the vocoder "
-                          f"only knows {voc_units}")
+                              f"only knows {voc_units}{hint}")
 
 
 def _warn_unit_counts(where: Any, vocoder: Vocoder | None, lang: Any) -> None:
