@@ -97,6 +97,17 @@ def test_three_stages_from_the_command_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--eval-data (data.eval): dialogue d0 (and 1 more)" in err and "echox units attach" in err, err  # eval_limit 2
     assert not (out / "checkpoints").exists()
+    # gold units of another k-means: refused before any step, naming the dialogue
+    far = c / "far_units.jsonl"
+    rows = [json.loads(x) for x in (c / "dialogues.jsonl").read_text().splitlines()[:6]]
+    rows[1]["conversations"][1]["units"] = [3, 4, 777]
+    far.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "echo", "--recipe", str(recipe), "--data", str(far),
+                 "--init", str(tmp_path / "s2t" / "model"), "--t2c-from", str(tmp_path / "t2c" / "model"),
+                 "--target", "gold-units", "--out", str(out), "--set", "model.t2c.max_positions=64"]) == 2
+    err = capsys.readouterr().err
+    assert "dialogue d1 has the unit 777, outside [0, 50) of the echo decoder" in err, err
+    assert not (out / "checkpoints").exists()
     assert lines[1]["train_examples"] == 12  # both TTS manifests
     assert [r["stage"] for r in lines] == ["s2t", "t2c", "echo", "echo"]
     assert all(r["steps"] == 2 for r in lines)

@@ -279,6 +279,14 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
                     + (f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else "")
                     + " has an assistant turn without units, and --target gold-units trains on "
                     "them; give its responses units with `echox units attach` (docs/units.md)")
+            # units the decoder cannot take (another k-means') stopped the run at their batch
+            k = lang.num_units if lang is not None else model.echo.num_units
+            for r in _records(ds):
+                bad = next((u for seq in r.response_units for u in seq if not 0 <= u < k), None)
+                if bad is not None:
+                    raise ConfigError(f"{what}: dialogue {r.id or '?'} has the unit {bad}, outside "
+                                      f"[0, {k}) of {'the unit language' if lang is not None else 'the echo decoder'}"
+                                      " (units of another k-means?)")
     offline = not gold and cfg.pseudo_labels == "offline"
     # the released layout: the T2C is the echo decoder (one module), which Stage III trains
     shared = model.echo is model.t2c
