@@ -252,3 +252,26 @@ def test_vocoder_train_bad_options_and_lines_are_one_line(tmp_path, capsys):
         assert main([*base[:2], "--data", str(bad), "--out", str(tmp_path / "c"), *tiny, "--max-steps", "1"]) == 2
         err = capsys.readouterr().err
         assert "bad.jsonl:1: 'counts' must be" in err and "Traceback" not in err, (counts, err)
+
+
+def test_train_vocoder_init_keeps_the_hifigan_and_the_steps_on_record(tmp_path, capsys) -> None:
+    """A vocoder of the small HiFi-GAN continued with --init was recorded as feeding
+    "universal" (its unit2mel/ saves always were), and its training_args.json counted only the
+    continued run's steps."""
+    from echox.cli import main
+
+    manifest, tiny = _cli_vocoder_data(tmp_path)
+    assert main(["vocoder", "train", "--data", str(manifest), "--out", str(tmp_path / "a"),
+                 "--max-steps", "2", "--batch-size", "2", *tiny, "--set", "train.hifigan=small"]) == 0
+    for init in ("model", "unit2mel"):
+        out = tmp_path / f"b-{init}"
+        assert main(["vocoder", "train", "--init", str(tmp_path / "a" / init), "--data", str(manifest),
+                     "--out", str(out), "--max-steps", "3", "--batch-size", "2", "--threads", "1"]) == 0
+        for folder in ("model", "unit2mel"):
+            meta = json.loads((out / folder / "config.json").read_text())["vocoder"]
+            assert meta["hifigan"] == "small", (init, folder, meta)
+        args = json.loads((out / "unit2mel" / "training_args.json").read_text())
+        assert args["steps_done"] == 3
+        if init == "unit2mel":  # a vocoder folder records no steps; a Unit2Mel save does
+            assert args["init_steps_done"] == 2
+    capsys.readouterr()

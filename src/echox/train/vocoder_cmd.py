@@ -39,6 +39,8 @@ from echox.vocoder.distill import (
 )
 from echox.vocoder.hifigan import HiFiGANConfig, HiFiGANGenerator, mel_spectrogram
 from echox.vocoder.io import (
+    LOCAL_HIFIGAN,
+    PACKAGED_HIFIGANS,
     load_generator,
     load_hifigan,
     load_named_generator,
@@ -182,6 +184,22 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     if not 0 <= holdout < len(pairs):
         raise ConfigError(f"--holdout must be 0 to {len(pairs) - 1} (the data has {len(pairs)} "
                           f"pairs), got {holdout}")
+    # the HiFi-GAN an --init vocoder feeds (and its rate) stay, unless set: "universal" was
+    # recorded for a vocoder of the small HiFi-GAN; its steps are kept on record beside this run's
+    hifigan, output_sr, record = tr.hifigan, tr.output_sr, {}
+    if args.init:
+        was = Unit2Mel.read_meta(args.init).get("vocoder") or {}
+        named = {str(o).split("=", 1)[0].strip() for o in args.set or []}
+        if "train.hifigan" not in named and was.get("hifigan") in PACKAGED_HIFIGANS:
+            hifigan = was["hifigan"]
+        elif "train.hifigan" not in named and was.get("hifigan") == LOCAL_HIFIGAN:
+            hifigan = str(Path(args.init) / LOCAL_HIFIGAN)  # its own generator, copied along
+        if "train.output_sr" not in named and isinstance(was.get("output_sr"), int):
+            output_sr = was["output_sr"]
+        before = folder_config(Path(args.init), "training_args.json") or {}
+        total = before.get("steps_done", 0) + before.get("init_steps_done", 0)
+        if isinstance(total, int) and total > 0:
+            record = {"init": str(Path(args.init).resolve()), "init_steps_done": total}
     res = train_unit2mel(
         pairs, cfg, steps=steps, lr=lr,
         batch_size=batch_size, out_dir=out / "unit2mel",
@@ -189,9 +207,10 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
         segment_frames=segment_frames,
         holdout=holdout, eval_every=given(args.eval_every, tr.eval_every),
         save_every=given(args.save_every, tr.save_every),
+        vocoder_meta={"hifigan": hifigan, "output_sr": output_sr}, record=record,
     )
-    voc = UnitMelVocoder(res["model"].eval(), load_named_generator(tr.hifigan),
-                         output_sr=tr.output_sr, hifigan=tr.hifigan)
+    voc = UnitMelVocoder(res["model"].eval(), load_named_generator(hifigan),
+                         output_sr=output_sr, hifigan=hifigan)
     save_vocoder(voc, out / "model")
     print(json.dumps({"stage": "vocoder", "pairs": len(pairs), "steps": res["steps"],
                       "first_loss": res["first_loss"], "last_loss": res["loss"],

@@ -268,6 +268,8 @@ def train_unit2mel(
     holdout: int = 0,
     eval_every: int = 0,
     save_every: int = 0,
+    vocoder_meta: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a Unit2Mel on (dedup units, run lengths, wav at cfg.sample_rate or mel) pairs.
 
@@ -277,7 +279,9 @@ def train_unit2mel(
     `holdout` keeps the last pairs out of training and reports their losses every
     `eval_every` steps and at the end. Saves the model to `out_dir` (with
     training_args.json) when given, also every `save_every` steps, so a long run can be
-    stopped at any time and continued with `model=`. Returns a summary dict.
+    stopped at any time and continued with `model=`. `vocoder_meta` (the HiFi-GAN it feeds,
+    its output rate) and `record` (e.g. the steps an init had done) are written with each
+    save. Returns a summary dict.
     """
     if steps <= 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(f"steps, batch_size and lr must be > 0 (got {steps}, {batch_size}, {lr})")
@@ -317,7 +321,9 @@ def train_unit2mel(
         evaluate_held(0)
     run_args = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                 "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
-                "segment_frames": segment_frames, "examples": len(examples), "holdout": holdout}
+                "segment_frames": segment_frames, "examples": len(examples), "holdout": holdout,
+                **(record or {})}
+    meta = {"hifigan": "universal", "output_sr": 16000, "context_units": 16, **(vocoder_meta or {})}
 
     def step_losses(step: int) -> dict[str, torch.Tensor]:
         idx = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
@@ -335,7 +341,7 @@ def train_unit2mel(
             evaluate_held(done)
         if out_dir is not None and save_every and done % save_every == 0 and done < steps:
             _save(model, out_dir, {**run_args, "steps_done": done,
-                                   "loss": log.history[-1]["loss"] if log.history else None})
+                                   "loss": log.history[-1]["loss"] if log.history else None}, meta)
 
     log = train_steps(model, opt, step_losses, steps, lr, warmup, 0.1, grad_clip, log_every,
                       after_step, "unit2mel" if progress else None, {"duration": "dur"})
@@ -350,12 +356,11 @@ def train_unit2mel(
     }
     if out_dir is not None:
         _save(model, out_dir, {**run_args, "steps_done": steps, "final_loss": summary["loss"],
-                               "held_out": evals[-1] if evals else None})
+                               "held_out": evals[-1] if evals else None}, meta)
         summary["out_dir"] = str(out_dir)
     return summary
 
 
-def _save(model: Unit2Mel, out_dir: str | Path, args: dict[str, Any]) -> None:
-    model.save_pretrained(out_dir, vocoder={"hifigan": "universal", "output_sr": 16000,
-                                            "context_units": 16},
+def _save(model: Unit2Mel, out_dir: str | Path, args: dict[str, Any], meta: dict[str, Any]) -> None:
+    model.save_pretrained(out_dir, vocoder=meta,
                           extra_files={"training_args.json": json.dumps(args, indent=2)})
