@@ -557,6 +557,10 @@ def test_allowed_origins_get_cors_headers_and_preflight_answers(engine: Engine) 
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
         r = c.get("/v1/models", headers={"Origin": "https://other.example"})
         assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        # a preflight to a path the API does not have: its 404, no CORS grant (it was a 200)
+        r = c.options("/nope", headers={"Origin": page, "Access-Control-Request-Method": "GET"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        assert "access-control-allow-origin" not in r.headers
     with client(engine) as c:  # no --allow-origin: no CORS headers at all
         r = c.get("/v1/models", headers={"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers

@@ -207,6 +207,17 @@ class _JsonCORS(CORSMiddleware):
     body: 403 `forbidden_origin` for another origin, 400 `bad_request` for a method or header
     the API does not take."""
 
+    #: the paths a browser page may call across origins; a preflight to any other path goes
+    #: to the app (its JSON 404 / 405), not a CORS grant for a route that does not exist
+    API_PATHS = ("/v1/chat", "/v1/models", "/health")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "OPTIONS" \
+                and scope.get("path") not in self.API_PATHS:
+            await self.app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
     def preflight_response(self, request_headers: Headers) -> Response:
         r = super().preflight_response(request_headers)
         if r.status_code < 400:
