@@ -348,12 +348,14 @@ def test_chat_option_and_line_slips(bundle_dir: Path, tmp_path: Path, monkeypatc
                          "lower max_new_tokens (--max-new-tokens) to at most")
     assert "reset" not in err
     (tmp_path / "README").write_text("not audio")
-    monkeypatch.setattr(sys, "stdin", io.StringIO("/reset now\nREADME\n/quit\n"))
+    sf.write(tmp_path / "recording", noise(0.5), 16000, format="WAV")  # a wav without a suffix
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/reset now\nREADME\nrecording\n/quit\n"))
     monkeypatch.chdir(tmp_path)
     assert main(["chat", "--model", str(bundle_dir), *FAST]) == 0
     cap = capsys.readouterr()
     assert "/reset takes no arguments" in cap.err and "unknown command" not in cap.err
-    assert "README" not in cap.err and (tmp_path / "answer_1.wav").exists(), cap.err
+    assert "README" not in cap.err and "recording" not in cap.err, cap.err
+    assert (tmp_path / "answer_1.wav").exists() and (tmp_path / "answer_2.wav").exists()
 
 
 def test_demo_prints_no_answer_line_for_a_turn_that_is_refused(bundle_dir: Path,

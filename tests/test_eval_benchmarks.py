@@ -301,7 +301,7 @@ def test_parse_answers() -> None:
             parse_answers(blank)
     assert parse_answers(["Paris", ""]) == ["Paris"]
     assert parse_answers([1990.0, 2.5]) == ["1990", "2.5"] and parse_answers(np.float64(7)) == ["7"]
-    for flag in (True, [False], np.bool_(True)):
+    for flag in (True, [False], np.bool_(True), float("nan"), [float("inf")]):
         with pytest.raises(EvalError, match="text or a number"):
             parse_answers(flag)
 

@@ -535,10 +535,13 @@ def test_one_benchmark_or_model_spelled_two_ways_resumes(tmp_path, bundle_dir, b
     recorded = json.loads((out / "eval.json").read_text())
     assert recorded["benchmark"] == f"local:{src}" and recorded["model"] == str(Path(bundle_dir).resolve())
     assert main([*args, "--benchmark", f"local:{src}", "--model", str(bundle_dir) + "/"]) == 0
-    # a folder recorded as typed by an older echox resumes too
-    (out / "eval.json").write_text(json.dumps({**recorded, "benchmark": "local:./qa.jsonl"}))
+    # a folder recorded as typed by an older echox (no dtype either) resumes too
+    older = {k: v for k, v in recorded.items() if k != "dtype"}
+    (out / "eval.json").write_text(json.dumps({**older, "benchmark": "local:./qa.jsonl"}))
     assert main([*args, "--benchmark", f"local:{src}", "--model", str(bundle_dir)]) == 0, \
         capsys.readouterr().err
+    assert main([*args, "--benchmark", f"local:{src}", "--model", str(bundle_dir), "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
 
 
 def test_compare_says_when_runs_share_no_items(tmp_path, bench, capsys):

@@ -934,19 +934,28 @@ def test_a_resume_with_another_lr_records_the_lr_the_run_keeps(tmp_path):
 def test_a_roll_back_sets_the_later_saves_aside(tmp_path):
     """--resume from an older checkpoint of the same run folder left the later ones live: the
     next --resume went on from the abandoned step 6, keep_last deleted the new saves as older
-    than them, and best/ stayed a model of the abandoned steps."""
-    _run("s2t", tmp_path, max_steps=6, save_every=2, keep_last=5, eval_every=1, keep_best=True)
+    than them, and best/ stayed a model of the abandoned steps. They go aside (renamed, not
+    deleted) at the resumed run's first save; a run stopped before it changes nothing."""
+    kw = dict(max_steps=6, save_every=2, keep_last=5, eval_every=1, keep_best=True)
+    _run("s2t", tmp_path, **kw)
     out = tmp_path / "s2t"
-    assert [p.name for p in (out / "checkpoints").iterdir()] and (out / "best").is_dir()
-    best_step = json.loads((out / "best" / "best.json").read_text())["step"]
-    _, res = _run("s2t", tmp_path, max_steps=6, save_every=2, keep_last=5, eval_every=1,
-                  keep_best=True, resume=str(out / "checkpoints" / "step-000002"), stop_at=3,
-                  seed=7)
+    best_json = out / "best" / "best.json"
+    best_json.write_text(json.dumps({"step": 6, "eval_loss": 0.0}))  # unbeatable, of step 6
+    model = stages.prepare_model("s2t", preset_config("tiny-random"))
+    tr = Trainer(model, _cfg(tmp_path, "s2t", **kw, seed=7), stages.ListDataset(dialogues()),
+                 stages.s2t_collator(model))
+    tr._resume(out / "checkpoints" / "step-000002")  # resumed, nothing saved yet
+    assert tr.best is None  # the abandoned best is no bar for the new evals
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
+        ["step-000002", "step-000004", "step-000006"]
+    assert (out / "metrics-abandoned-after-step-000002.jsonl").is_file()
+    _, res = _run("s2t", tmp_path, **kw, resume=str(out / "checkpoints" / "step-000002"),
+                  stop_at=3, seed=7)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["abandoned-step-000004", "abandoned-step-000006", "step-000002", "step-000003"]
-    if best_step > 2:
-        assert (out / f"best-abandoned-step-{best_step:06d}").is_dir()
-    _, res = _run("s2t", tmp_path, max_steps=6, save_every=2, keep_last=5, resume="latest", seed=7)
+    assert json.loads((out / "best-abandoned-step-000006" / "best.json").read_text())["step"] == 6
+    assert json.loads(best_json.read_text())["step"] == 3  # the new line's
+    _, res = _run("s2t", tmp_path, **kw, resume="latest", seed=7)
     assert res.step == 6
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -153,7 +153,8 @@ def _answer_text(value: Any, where: str) -> str:
     """One gold answer as text: a whole float (a year read from a float column) as an integer,
     as it is spoken ("1990", not "1990.0", which no answer ever matches); a true/false is no
     answer."""
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (float, np.floating))
+                                                and not math.isfinite(value)):
         raise EvalError(f"{where}: a gold answer must be text or a number, got {value!r}")
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and value == int(value):
         return str(int(value))
@@ -241,9 +242,10 @@ class Benchmark:
         moment, as a run checks them before its model loads. Where the audio is decoded, an
         audio file named by path must exist (it is not read here)."""
         for i in range(self._len):
-            item = self._item(i, audio=False)
+            row = self._rows[i]  # read once (a hub row holds its audio bytes)
+            item = self._item(i, audio=False, row=row)
             if self._decode and self.audio_col is not None:
-                value = self._rows[i].get(self.audio_col)
+                value = row.get(self.audio_col)
                 if isinstance(value, dict) and value.get("array") is None and not value.get("bytes"):
                     value = value.get("path")
                 if isinstance(value, (str, Path)):
@@ -253,11 +255,11 @@ class Benchmark:
     def __getitem__(self, index: int) -> QAItem:
         return self._item(index, audio=True)
 
-    def _item(self, index: int, audio: bool) -> QAItem:
+    def _item(self, index: int, audio: bool, row: Any = None) -> QAItem:
         if not -self._len <= index < self._len:
             raise IndexError(f"item {index} out of range for {self._len} items")
         index %= self._len
-        row = self._rows[index]
+        row = self._rows[index] if row is None else row
         where = self._where(index)
         question = row.get(self.question_col)
         if not isinstance(question, str):

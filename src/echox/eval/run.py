@@ -636,7 +636,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode in ("s2s", "cascade"):
         check_asr_spec(args.asr)
     bench = open_benchmark(args.benchmark, limit=args.limit, decode_audio=args.mode != "text")
-    out = Path(args.out or f"runs/eval/{args.mode}")
+    if args.out is not None and not args.out.strip():  # `--out "$UNSET"`: not the default
+        raise EvalError("--out is empty; give a run folder")
+    out = Path(f"runs/eval/{args.mode}" if args.out is None else args.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} is a file; give a run folder")
     check_out_path(out)  # not below a file, not inside the shipped model's folder
@@ -655,8 +657,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             del settings["max_new_tokens"]  # runs recorded it before the option counted here
     else:
         settings["model"] = str(bundle_folder(args.model).resolve())
-        if args.dtype not in (None, "fp32"):  # answers in another precision are other answers
-            settings["dtype"] = args.dtype
+        settings["dtype"] = args.dtype  # answers in another precision are other answers
     if args.mode in ("s2s", "cascade"):
         settings["asr"] = args.asr
     if args.mode == "s2s":
@@ -731,7 +732,8 @@ def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
         if not isinstance(old, dict):
             raise EvalError(f"{path}: not the settings of an echox eval run")
         diff = {k: (old.get(k), settings.get(k)) for k in dict.fromkeys([*old, *settings])
-                if _setting(k, old.get(k)) != _setting(k, settings.get(k))}
+                if _setting(k, old.get(k)) != _setting(k, settings.get(k))
+                and not (k in UNRECORDED_BEFORE and k not in old)}  # an older run's: unknown
         if diff:
             raise EvalError(f"--out {out} holds a run made with other settings {diff} (old, new): "
                             "give another --out or delete it")
@@ -749,6 +751,10 @@ def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
             raise EvalError(f"--out {out}: its eval.json is not an echox eval run's settings, "
                             "and the run would replace it; give another --out")
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+#: settings older versions did not record: a run folder without them resumes with any value
+UNRECORDED_BEFORE = ("dtype",)
 
 
 def _benchmark_setting(spec: str) -> str:

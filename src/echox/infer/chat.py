@@ -143,6 +143,17 @@ def _as_path_if_quoted(line: str) -> str:
     return line
 
 
+def _sounds_like_audio(path: str) -> bool:
+    """Whether a file starts as a wav, flac or ogg file does (a recording saved without a
+    suffix; a README is not one)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS")
+
+
 def _path_kind(line: str) -> tuple[bool, bool]:
     """(exists, is a folder) for a typed line; (False, False) for text no path can be (too
     long a name, a NUL byte)."""
@@ -192,7 +203,8 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
             continue
         # a file named without an audio suffix is audio only as a path ("README" typed as a
         # question is text, even where such a file lies)
-        is_audio = named or (exists and not folder and ("/" in line or "." in line))
+        is_audio = named or (exists and not folder and ("/" in line or "." in line
+                                                        or _sounds_like_audio(line)))
         out = base.with_name(f"{base.stem}_{n + 1}{base.suffix or '.wav'}")
         if is_audio and exists:
             asked.add(Path(line).resolve())

@@ -406,7 +406,7 @@ class Session:
                               f"{cfg.sampling.max_new_tokens} more, over the LLM's {limit}: "
                               f"lower max_new_tokens (--max-new-tokens) to at most {limit - n}"
                               if n < limit else
-                              f"the prompt is {n} positions, over the LLM's {limit}: shorten "
+                              f"the prompt is {n} positions and fills the LLM's {limit}: shorten "
                               "the question" + (" or clear the history (reset; /reset in chat)"
                                                 if self.history else ""))
         state = start_decode(merged.inputs_embeds, merged.attention_mask,

@@ -301,12 +301,18 @@ def _complete(folder: Path) -> bool:
     return (folder / STATE_FILE).is_file()
 
 
-def _rename_free(folder: Path, name: str) -> Path:
-    """Rename `folder` to `name` beside it (`name-2`, ... where taken); the new path."""
-    target, n = folder.with_name(name), 1
+def _free(path: Path) -> Path:
+    """`path`, or `name-2`, `name-3`, ... beside it where that is taken."""
+    target, n = path, 1
     while target.exists():
         n += 1
-        target = folder.with_name(f"{name}-{n}")
+        target = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return target
+
+
+def _rename_free(folder: Path, name: str) -> Path:
+    """Rename `folder` to `name` beside it (`name-2`, ... where taken); the new path."""
+    target = _free(folder.with_name(name))
     folder.rename(target)
     return target
 
@@ -477,6 +483,7 @@ class Trainer:
         self.step = 0
         self.writer = None
         self.best: tuple[int, float] | None = None  # (step, eval loss) of <out>/best
+        self._roll_back: int | None = None  # a resumed step below saves of this folder
         self.stop_signal = 0  # set by `request_stop`
         self._finishing = False  # the last step is made: the final save and eval are running
         self._pid = os.getpid()  # a forked copy (a DataLoader worker) does not speak for the run
@@ -485,6 +492,7 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------
     def _save(self, final: bool = False) -> Path:
         self.acc.wait_for_everyone()
+        self._set_aside_later()
         folder = self.out / "checkpoints" / f"step-{self.step:06d}"
         full_state = self.acc.get_state_dict(self.model)  # collective under FSDP / ZeRO-3
         if self.acc.is_main_process:
@@ -543,6 +551,7 @@ class Trainer:
             return
         if self.best is not None and ev >= self.best[1]:
             return
+        self._set_aside_later()  # before best/ is written: the abandoned one goes aside first
         self.best = (self.step, ev)
         full_state = self.acc.get_state_dict(self.model)
         if self.acc.is_main_process:
@@ -606,8 +615,17 @@ class Trainer:
                 log.warning("unreadable RNG state %s (%s: %s)", rng, type(e).__name__, e)
         if not restored:
             log.warning("no RNG state for this process in %s; dropout noise will differ", folder)
-        self._set_aside_later(self.step)
+        # every process reads the same folder here; nothing is renamed before the first save
+        later = [c for c in checkpoint_folders(self.out) if step_of(c) > self.step and _complete(c)]
         self.best = self._read_best()
+        if later:  # a roll back: the later saves go aside at this run's first save
+            self._roll_back = self.step
+            metrics = self.out / "metrics.jsonl"
+            if self.acc.is_main_process and metrics.is_file():  # its rows past step N, kept
+                shutil.copyfile(metrics, _free(self.out / f"metrics-abandoned-after-step-{self.step:06d}"
+                                               ".jsonl"))
+            if self.best is not None and self.best[0] > self.step:
+                self.best = None  # of the abandoned steps: not the bar for this run's evals
         self.last_checkpoint = (self.step, folder)
         self._drop_metrics_after(self.step)
         self.acc.print(f"resumed from {folder} at step {self.step}")
@@ -623,12 +641,15 @@ class Trainer:
                         "goes on with the new ones, except lr and weight_decay, which stay the "
                         "checkpoint's", ", ".join(changed))
 
-    def _set_aside_later(self, step: int) -> None:
-        """A resume from step `step` of a run whose folder holds later checkpoints (a roll back
-        to an older one) abandons them: they would be taken as the run's latest by the next
-        --resume and kept over its new ones by keep_last. They, and a best/ of a later step,
-        are renamed `abandoned-...` (not deleted) and named in a warning."""
-        if not self.acc.is_main_process:
+    def _set_aside_later(self) -> None:
+        """A resume from step N of a run whose folder holds later checkpoints (a roll back to an
+        older one) abandons them: they would be taken as the run's latest by the next --resume
+        and kept over its new ones by keep_last. At the resumed run's first save (of a
+        checkpoint or best/; a run stopped before it leaves the folder as it was), they, and a
+        best/ of a later step, are renamed `abandoned-...` (not deleted) and named in a
+        warning."""
+        step, self._roll_back = self._roll_back, None
+        if step is None or not self.acc.is_main_process:
             return
         moved = []
         for c in checkpoint_folders(self.out):

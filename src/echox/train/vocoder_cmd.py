@@ -154,7 +154,7 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
                           "model: give --init")
     else:
         cfg = recipe["vocoder"]
-    out = check_out_path(args.output_dir or tr.output_dir)
+    out = check_out_path(tr.output_dir if args.output_dir is None else args.output_dir)
     saved = out / "unit2mel"  # a killed (or finished) run's saves: not thrown away
     if saved.exists() and not (args.init and Path(args.init).resolve() == saved.resolve()):
         raise ConfigError(f"{saved} holds an earlier run's Unit2Mel ({_steps_done(saved)}); "
@@ -190,10 +190,13 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     if args.init:
         was = Unit2Mel.read_meta(args.init).get("vocoder") or {}
         named = {str(o).split("=", 1)[0].strip() for o in args.set or []}
-        if "train.hifigan" not in named and was.get("hifigan") in PACKAGED_HIFIGANS:
-            hifigan = was["hifigan"]
-        elif "train.hifigan" not in named and was.get("hifigan") == LOCAL_HIFIGAN:
+        theirs = was.get("hifigan")
+        if "train.hifigan" not in named and theirs in PACKAGED_HIFIGANS:
+            hifigan = theirs
+        elif "train.hifigan" not in named and theirs == LOCAL_HIFIGAN:
             hifigan = str(Path(args.init) / LOCAL_HIFIGAN)  # its own generator, copied along
+        elif "train.hifigan" not in named and isinstance(theirs, str) and Path(theirs).exists():
+            hifigan = theirs  # a generator folder a unit2mel/ save names (resolved there)
         if "train.output_sr" not in named and isinstance(was.get("output_sr"), int):
             output_sr = was["output_sr"]
         before = folder_config(Path(args.init), "training_args.json") or {}
@@ -207,7 +210,8 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
         segment_frames=segment_frames,
         holdout=holdout, eval_every=given(args.eval_every, tr.eval_every),
         save_every=given(args.save_every, tr.save_every),
-        vocoder_meta={"hifigan": hifigan, "output_sr": output_sr}, record=record,
+        vocoder_meta={"hifigan": hifigan if hifigan in PACKAGED_HIFIGANS
+                      else str(Path(hifigan).resolve()), "output_sr": output_sr}, record=record,
     )
     voc = UnitMelVocoder(res["model"].eval(), load_named_generator(hifigan),
                          output_sr=output_sr, hifigan=hifigan)
@@ -278,7 +282,7 @@ def cmd_train_hifigan(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = check_out_path(args.output_dir or "runs/hifigan-small")
+    out = check_out_path("runs/hifigan-small" if args.output_dir is None else args.output_dir)
     pool_path = Path(args.pool) if args.pool else out / "teacher_pool.safetensors"
     if pool_path.is_dir():
         raise ConfigError(f"--pool {pool_path} is a folder; give a file (new, or a pool to reuse)")
