@@ -253,6 +253,40 @@ def test_early_stop_cancels_speech(bundle: Bundle) -> None:
     assert eng.started == [0] and eng.finished == []
 
 
+def test_segment_texts_are_whole_characters_that_join_into_the_answer(bundle: Bundle) -> None:
+    """A trigger cut inside a multi-byte character gave two segments each half of it as
+    U+FFFD (the byte tokenizer's answer to "hello there" here), so the segment texts the server
+    sends did not join into the answer."""
+    with Engine(bundle, greedy(**SMALL_CHUNKS)) as eng:
+        for text in ("hello there", "what now?", "a", "tell me more"):
+            events = list(eng.session().respond(text=text))
+            segs = [e.text for e in events if isinstance(e, Segment)]
+            assert "".join(segs) == events[-1].text, (text, segs, events[-1].text)
+
+
+def test_a_turn_made_before_close_answers_nothing_after_it(bundle: Bundle) -> None:
+    """An iterator made before close() and first read after it decoded the whole answer (text
+    only) or a few tokens (spoken) before EngineClosedError."""
+    for speak in (False, True):
+        eng = Engine(bundle, greedy(**SMALL_CHUNKS))
+        s = eng.session()
+        events = s.respond(text="hello", speak=speak)
+        eng.close()
+        with pytest.raises(EngineClosedError):
+            next(events)
+        assert s.history == [] and not s._answering
+
+
+def test_a_unit_seed_near_the_top_never_fails_mid_turn(bundle: Bundle) -> None:
+    """seed + segment index overflowed past 2**63 - 1 at the second segment: a ConfigError
+    raised from the speech worker after the first segment was voiced."""
+    cfg = EngineConfig(sampling=SamplingConfig(max_new_tokens=12, temperature=0.0),
+                       unit_sampling=SamplingConfig(temperature=0.5, seed=2**63 - 1), **SMALL_CHUNKS)
+    with Engine(bundle, cfg) as eng:
+        events = list(eng.session().respond(text="hello there"))
+    assert isinstance(events[-1], Final) and sum(isinstance(e, Segment) for e in events) >= 2
+
+
 def test_closed_engine_answers_no_more(bundle: Bundle) -> None:
     """After close() the engine starts no new worker pool (one nobody would shut down): a turn
     still being read, a new turn and a new session all raise EngineClosedError."""

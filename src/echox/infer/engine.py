@@ -223,7 +223,7 @@ class Engine:
         cfg = self.cfg
         sampling = cfg.unit_sampling
         if sampling is not None and sampling.seed is not None:  # same units whatever the order
-            sampling = replace(sampling, seed=sampling.seed + index)
+            sampling = replace(sampling, seed=(sampling.seed + index) % 2**63)  # in range
         tokens: list[int] = []  # decoded since the last piece
         units: list[int] = []  # handed to the vocoder since the last piece
         ended = False  # the last chunk has been handed over: the rest is rendering only
@@ -406,7 +406,8 @@ class Session:
                               f"{cfg.sampling.max_new_tokens} more, over the LLM's {limit}: "
                               f"lower max_new_tokens (--max-new-tokens) to at most {limit - n}"
                               if n < limit else
-                              f"the prompt is {n} positions and fills the LLM's {limit}: shorten "
+                              f"the prompt is {n} positions, {'over' if n > limit else 'all of'} "
+                              f"the LLM's {limit}: shorten "
                               "the question" + (" or clear the history (reset; /reset in chat)"
                                                 if self.history else ""))
         state = start_decode(merged.inputs_embeds, merged.attention_mask,
@@ -446,8 +447,23 @@ class Session:
             raise
         future.add_done_callback(lambda _: pieces.put(_DONE))  # also runs when cancelled
         pending.append(_Pending(index, pieces, future))
-        text = self.engine.model.tokenizer.decode(turn.tokens[start:end], skip_special_tokens=True)
-        return Segment(index, start, end, text)
+        return Segment(index, start, end, self._text_between(start, end))
+
+    def _text_between(self, start: int, end: int) -> str:
+        """The text of the answer's tokens [start, end) in whole characters: the part of the
+        text of tokens [:end] past that of [:start], each without a character left incomplete
+        at its end (a trigger cut inside one split it into two U+FFFD halves). Segments joined
+        are the answer's text."""
+        tokens, decode = self.turn.tokens, self.engine.model.tokenizer.decode  # type: ignore[union-attr]
+
+        def upto(k: int) -> str:  # the answer's end keeps what its bytes make
+            text = decode(tokens[:k], skip_special_tokens=True) if k else ""
+            return text.rstrip("\ufffd") if k < len(tokens) else text
+
+        before, through = upto(start), upto(end)
+        if through.startswith(before):
+            return through[len(before):]
+        return decode(tokens[start:end], skip_special_tokens=True)  # a tokenizer that rewrites
 
     def _tokens(self) -> Iterator[tuple[int, torch.Tensor]]:
         """The answer's tokens, each with the hidden state [D] that produced it. Greedy or
@@ -469,6 +485,7 @@ class Session:
                 yield int(st.ids[0]), st.hidden[0].clone()  # a copy: the prefix states can go
 
     def _stream(self, user: Turn, t0: float, speak: bool = True) -> Iterator[Event]:
+        self.engine.check_open()  # closed after respond() made this iterator: no turn begins
         self._check_idle("respond")  # two iterators made before either started
         self._answering = True
         try:
