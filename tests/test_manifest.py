@@ -325,6 +325,15 @@ def test_hf_asr_save_to_disk_and_parquet(tmp_path):
     (tmp_path / "plain" / "chunks").mkdir(parents=True)  # shards named after no split: one split
     ds.to_parquet(str(tmp_path / "plain" / "chunks" / "0000.parquet"))
     assert len(list(load_hf_asr(tmp_path / "plain", "test", audio_dir=out))) == 3
+    # LibriSpeech's split names hold dots: train.clean.100 could not be chosen, and split
+    # train merged train.clean.100 and train.clean.360 without a word
+    (tmp_path / "ls" / "data").mkdir(parents=True)
+    for split, rows in (("train.clean.100", [0, 1]), ("train.clean.360", [2]), ("test.clean", [0])):
+        ds.select(rows).to_parquet(str(tmp_path / "ls" / "data" / f"{split}-00000-of-00001.parquet"))
+    assert [r.text for r in load_hf_asr(tmp_path / "ls", "train.clean.100", audio_dir=out)] == ["one", "two"]
+    with pytest.raises(ManifestError, match=r"no parquet shards for split 'train'; found "
+                                            r"\['test.clean', 'train.clean.100', 'train.clean.360'\]"):
+        load_hf_asr(tmp_path / "ls", "train")
 
 
 def test_hf_dialogues_nested_audio(tmp_path):

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,12 @@ _SPLIT_NAMES = {"train", "test", "validation", "valid", "dev", "eval", "evaluati
 
 
 def _split_of(shard: Path) -> str:
-    """``data/train-00000-of-00002.parquet`` -> train; ``train/0000.parquet`` -> train."""
-    stem = shard.name.split("-")[0].split(".")[0]
+    """``data/train-00000-of-00002.parquet`` -> train; ``train.clean.100-00000-of-00001.parquet``
+    -> train.clean.100 (a split name may hold dots and dashes: LibriSpeech's); ``train/0000.parquet``
+    -> train."""
+    name = shard.name.removesuffix(".parquet")
+    sharded = re.match(r"(.+?)-\d+-of-\d+(?:-.*)?$", name)  # also -of-00002-<hash>
+    stem = sharded.group(1) if sharded else name.split("-")[0]
     return shard.parent.name if stem.isdigit() else stem
 
 
