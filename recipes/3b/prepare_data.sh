@@ -13,11 +13,20 @@
 # are). Neither is downloaded here: name the copies you have.
 # MLS_INCLUDE: which parquet shards of parler-tts/mls_eng to take (default: 30 of its 1,416
 # train shards, about 950 h of the 44.7k). TTS_EXTRA: further TTS corpora (hub ids or local
-# folders with audio + text columns, "ID[:SPLIT] ...") for the T2C.
+# folders with audio + text columns, "ID[:SPLIT] ...") for the T2C. ECHOX_TRAIN_ARGS: options
+# for step 3's `echox train s2t --prepare-data`, e.g. the local model folders of an offline
+# cluster: ECHOX_TRAIN_ARGS="--set model.llm.name_or_path=/models/llama-3.2-3b-instruct
+# --set model.encoder.name_or_path=/models/whisper-large-v3" (as given to s2t.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${MHUBERT:?set MHUBERT to a transformers-format mHuBERT (folder or hub id)}"
 : "${KM1000:?set KM1000 to the k-means file of its layer 11 with 1000 clusters}"
+# checked now, not at step 5 after hours of downloads: the k-means is a file; mHuBERT is a
+# folder, or a hub id (owner/name) when no such path exists
+[ -f "$KM1000" ] || { echo "prepare_data: KM1000=$KM1000 is not a file" >&2; exit 2; }
+if [[ "$MHUBERT" == /* || "$MHUBERT" == .* || "$MHUBERT" != */* ]] && [ ! -d "$MHUBERT" ]; then
+  echo "prepare_data: MHUBERT=$MHUBERT is not a folder (nor a hub id owner/name)" >&2; exit 2
+fi
 D=data/full
 ECHOX=${ECHOX:-echox}
 PY=${PYTHON:-python}
@@ -46,7 +55,8 @@ fi
 
 # 3. The S2T recipe's hub and local datasets (LibriSpeech, MLS) as local manifests + audio
 #    under data/full/hf-audio, once: the 8 processes of a launch then only read manifests.
-$ECHOX train s2t --recipe recipes/3b/s2t.yaml --prepare-data
+# shellcheck disable=SC2086  # ECHOX_TRAIN_ARGS is a list of options
+$ECHOX train s2t --recipe recipes/3b/s2t.yaml --prepare-data ${ECHOX_TRAIN_ARGS:-}
 
 # 4. TTS pairs: the spoken responses of EchoX-Dialogues (and TTS_EXTRA), and the dialogues
 #    with ids, for `units attach`

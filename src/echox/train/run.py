@@ -234,8 +234,9 @@ def build_data(stage: str, model: Any, cfg: TrainConfig, data: StageData
             if isinstance(p, (str, os.PathLike)) and p and not Path(p).exists():
                 raise ConfigError(
                     f"{what} {p}: no such file; make the data first (the tiny recipe's corpus: "
-                    "`echox data build-tiny`, then the steps of recipes/tiny/pipeline.sh; "
-                    "docs/training.md)")
+                    "`echox data build-tiny`, then the steps of recipes/tiny/pipeline.sh, "
+                    "docs/training.md; the 3B and 8B recipes': recipes/3b/prepare_data.sh, "
+                    "docs/scale.md)")
     limit, eval_limit = data.limit, data.eval_limit
     max_s = model.config.encoder.max_seconds  # whole windows of a longer clip are encoded in turn
     lang = _unit_language(data.unit_language, model.t2c.num_units)
