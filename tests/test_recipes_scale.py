@@ -324,3 +324,15 @@ def test_tiny_pipeline_refuses_an_unknown_step(tmp_path: Path) -> None:
         bad = step.split(",")[-1]
         assert f"unknown STEP '{bad}'" in r.stderr and " s2t " in r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_prepare_data_checks_its_models_before_any_download(tmp_path):
+    """MHUBERT / KM1000 that do not exist were found at step 5, after the TB-scale downloads."""
+    script = ROOT / "recipes" / "3b" / "prepare_data.sh"
+    env = {**os.environ, "ECHOX": "false", "PYTHON": "false", "PATH": os.environ.get("PATH", "")}
+    for mhubert, km, says in (("/no/mhubert", str(script), "MHUBERT=/no/mhubert is not a folder"),
+                              ("org/mhubert", str(tmp_path / "km.bin"), "is not a file")):
+        r = subprocess.run(["bash", str(script)], env={**env, "MHUBERT": mhubert, "KM1000": km},
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert "ECHOX_TRAIN_ARGS" in script.read_text().split("--prepare-data", 1)[1].splitlines()[0]
