@@ -335,4 +335,5 @@ def test_prepare_data_checks_its_models_before_any_download(tmp_path):
         r = subprocess.run(["bash", str(script)], env={**env, "MHUBERT": mhubert, "KM1000": km},
                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
         assert r.returncode == 2 and says in r.stderr, r.stderr
-    assert "ECHOX_TRAIN_ARGS" in script.read_text().split("--prepare-data", 1)[1].splitlines()[0]
+    step3 = next(x for x in script.read_text().splitlines() if x.startswith("$ECHOX train s2t"))
+    assert step3.endswith("--prepare-data ${ECHOX_TRAIN_ARGS:-}"), step3
