@@ -968,3 +968,29 @@ def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
         (tmp_path / "checkpoints" / f"step-{n:06d}").mkdir(parents=True)
     assert [p.name for p in checkpoint_folders(tmp_path)] == \
         ["step-000002", "step-999999", "step-1000000"]
+
+
+def test_a_resume_on_another_number_of_processes_goes_on_by_examples(tmp_path, caplog):
+    """The saved position counts global batches (batch_size x processes): a run saved by 2
+    processes and resumed by 1 re-read half the epoch's examples, silently."""
+    import logging
+
+    from echox.model.checkpoint import sha256_file
+
+    _run("t2c", tmp_path, max_steps=8, save_every=1, stop_at=1)
+    ck = tmp_path / "t2c" / "checkpoints" / "step-000001"
+    state = torch.load(ck / "trainer_state.pt", weights_only=False)
+    assert state["index"] == 1 and state["num_processes"] == 1
+    state["num_processes"] = 2  # as if 2 processes had made it: 1 batch of 2 x 2 examples
+    torch.save(state, ck / "trainer_state.pt")
+    sums = json.loads((ck / "checksums.json").read_text())
+    if "trainer_state.pt" in sums:
+        sums["trainer_state.pt"] = sha256_file(ck / "trainer_state.pt")
+        (ck / "checksums.json").write_text(json.dumps(sums))
+    model = stages.prepare_model("t2c", preset_config("tiny-random"))
+    tr = Trainer(model, _cfg(tmp_path, "t2c", max_steps=8, save_every=1),
+                 stages.ListDataset(t2c_examples()), stages.t2c_collator(model))
+    with caplog.at_level(logging.WARNING):
+        tr._resume(ck)
+    assert tr.sampler.index == 2  # the 4 examples done are 2 batches of 2 here
+    assert "saved by 2 processes, this run has 1" in caplog.text

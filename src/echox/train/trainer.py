@@ -602,6 +602,18 @@ class Trainer:
             self.sched.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             self.sampler.epoch, self.sampler.index = int(state["epoch"]), int(state["index"])
+            was = state.get("num_processes")
+            if type(was) is int and was > 0 and was != self.acc.num_processes:
+                # the saved position counts global batches of batch_size x was: read it as the
+                # examples done (the same epoch permutation), not as batches of another size
+                done = self.sampler.index * self.cfg.batch_size * was
+                self.sampler.index = min(done // (self.cfg.batch_size * self.acc.num_processes),
+                                         self.sampler.batches_per_epoch)
+                log.warning("--resume: the checkpoint was saved by %d processes, this run has %d; "
+                            "the epoch goes on after the %d examples done (batch %d of %d), and "
+                            "its batches are not those an uninterrupted run would have made",
+                            was, self.acc.num_processes, done, self.sampler.index,
+                            self.sampler.batches_per_epoch)
         except (KeyError, TypeError, ValueError) as e:  # another run's trainable parameters
             raise CheckpointError(f"cannot resume from {folder}: its optimizer state does not fit "
                                   f"this run's trainable parameters ({e})") from e
