@@ -994,3 +994,23 @@ def test_a_resume_on_another_number_of_processes_goes_on_by_examples(tmp_path, c
         tr._resume(ck)
     assert tr.sampler.index == 2  # the 4 examples done are 2 batches of 2 here
     assert "saved by 2 processes, this run has 1" in caplog.text
+
+
+def test_init_reads_the_base_models_from_where_the_user_says(tmp_path, make_model, monkeypatch):
+    """A checkpoint records its frozen LLM and encoder by the path they had; once moved (or on
+    a cluster with local copies of the hub ids) no stage could read it: --set
+    model.llm.name_or_path was ignored beside --init, and a relative path was recorded as typed."""
+    from echox.errors import EchoXError
+
+    m = make_model()
+    m.trained_stages = ["s2t"]
+    folder = m.save_pretrained(tmp_path / "s2t")
+    llm = m.config.llm.name_or_path
+    with pytest.raises(EchoXError, match="/no/such/llm"):  # it is read from there now
+        stages.prepare_model("s2t", init=folder, init_overrides=["llm.name_or_path=/no/such/llm"])
+    moved = stages.prepare_model("s2t", init=folder, init_overrides=[f"llm.name_or_path={llm}"])
+    assert moved.config.llm.name_or_path == llm
+    (tmp_path / "models" / "llm").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert stages.local_or_hub("models/llm") == str(tmp_path / "models" / "llm")
+    assert stages.local_or_hub("org/not-here") == "org/not-here"

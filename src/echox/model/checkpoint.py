@@ -411,11 +411,13 @@ def check_device(device: Any, option: str = "device") -> None:
 
 
 def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> EchoX:
+                    dtype: torch.dtype | None = None,
+                    base_models: dict[str, str] | None = None) -> EchoX:
     """Load a checkpoint folder. `device`: the LLM's weights are read straight onto it and the
     other parts are moved there once their weights are in; `dtype`: every floating weight in it
     (the LLM read in it directly, the rest cast on the CPU before the move). Default: CPU,
-    the config's dtypes."""
+    the config's dtypes. `base_models` ({"llm": ..., "encoder": ...}) reads the frozen base
+    models from elsewhere than the config names (their folder moved, a hub id's local copy)."""
     meta = verify_checkpoint(folder)
     try:
         config = EchoXConfig.from_dict(meta["config"])
@@ -424,6 +426,12 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
     tok = _checkpoint_tokenizer(folder, config.llm.audio_token)
     # (base models the folder holds itself are read from it; a save passes them on)
     config, carried = _local_base_models(folder, config)
+    for part, where in (base_models or {}).items():
+        if part not in ("llm", "encoder") or not isinstance(where, str) or not where.strip():
+            raise CheckpointError(f"base_models: {part}={where!r}: give llm or encoder and a "
+                                  "folder or hub id")
+        getattr(config, part).name_or_path = where
+        carried.pop(part, None)
     model = cls.build(config, tokenizer=tok, device=device, dtype=dtype)
     model.carried_base = carried
     omitted = meta.get("omitted_parts") or []

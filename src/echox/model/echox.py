@@ -140,15 +140,17 @@ class EchoX(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None) -> "EchoX":
-        """`device`/`dtype`: see `echox.model.checkpoint.load_checkpoint` (default: CPU, the
-        config's dtypes; `dtype` also as bf16 / fp16 / fp32, as `load_bundle` takes it). The
-        model comes in eval mode, as transformers' models do (dropout off: the same input gives
-        the same answer); training calls `.train()`."""
+                        dtype: str | torch.dtype | None = None,
+                        base_models: dict[str, str] | None = None) -> "EchoX":
+        """`device`/`dtype`/`base_models`: see `echox.model.checkpoint.load_checkpoint`
+        (default: CPU, the config's dtypes and base models; `dtype` also as bf16 / fp16 / fp32,
+        as `load_bundle` takes it). The model comes in eval mode, as transformers' models do
+        (dropout off: the same input gives the same answer); training calls `.train()`."""
         dtype = parse_dtype(dtype)
         if device is not None:
             check_device(device)
-        return load_checkpoint(cls, checkpoint_folder(folder), device=device, dtype=dtype).eval()
+        return load_checkpoint(cls, checkpoint_folder(folder), device=device, dtype=dtype,
+                               base_models=base_models).eval()
 
     def save_pretrained(self, folder: str | Path, extra_files: dict[str, str] | None = None,
                         extra_writer: Any = None, full_state: dict[str, torch.Tensor] | None = None,

@@ -631,6 +631,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at must be >= 1, got {args.stop_at}")
     model_cfg = None if args.init else load_config(str(recipe["model"]), list(recipe.get("overrides") or []))
+    if model_cfg is not None:  # a local base model recorded absolute: the next stage runs elsewhere
+        for part in (model_cfg.llm, model_cfg.encoder):
+            part.name_or_path = stages.local_or_hub(part.name_or_path)
     model = stages.prepare_model(args.stage, model_cfg, init=args.init, t2c_from=args.t2c_from,
                                  init_overrides=init_sets if args.init else None,
                                  freeze_s2t=cfg.freeze_s2t)

@@ -67,11 +67,22 @@ def prepare_model(
     echo: `init` must hold a Stage-I (s2t) model; the trained T2C comes from `t2c_from`
     (a Stage-II output) or from `init` itself when it already has one.
     """
+    base: dict[str, str] = {}
     if init is not None:
         init = option_folder("--init", init)
-        model = EchoX.from_pretrained(init)
-        if init_overrides:
-            _reconfigure(model, init_overrides)
+        # the frozen base models may be read from elsewhere (a moved folder, a cluster's
+        # local copy of a hub id): `llm.name_or_path=` / `encoder.name_or_path=`
+        rest = []
+        for o in init_overrides or []:
+            key, _, value = o.partition("=")
+            part = key.strip().removesuffix(".name_or_path")
+            if key.strip() in ("llm.name_or_path", "encoder.name_or_path") and value.strip():
+                base[part] = local_or_hub(value.strip())
+            else:
+                rest.append(o)
+        model = EchoX.from_pretrained(init, base_models=base or None)
+        if rest:
+            _reconfigure(model, rest)
     elif stage == "echo":
         raise StageError(
             "stage echo needs --init <Stage I (s2t) checkpoint> and --t2c-from <Stage II (t2c) "
@@ -88,7 +99,7 @@ def prepare_model(
                 f"{model.trained_stages or 'no stages'}); run `echox train s2t` first"
             )
         if t2c_from is not None:
-            _load_t2c(model, option_folder("--t2c-from", t2c_from))
+            _load_t2c(model, option_folder("--t2c-from", t2c_from), llm_given="llm" in base)
         elif "t2c" not in model.trained_stages:
             raise StageError(
                 "stage echo needs a trained T2C: pass --t2c-from <Stage II checkpoint>"
@@ -109,8 +120,9 @@ def _reconfigure(model: EchoX, overrides: list[str]) -> None:
                                             "t2c.length_penalty="))]
     if ignored:
         log.warning("--init: the model config comes from the checkpoint; only adapter, loss, "
-                    "llm.lora.dropout and the unit decoding (t2c.beams, t2c.length_penalty) "
-                    "settings may change, so these are ignored: %s", ", ".join(ignored))
+                    "llm.lora.dropout, the unit decoding (t2c.beams, t2c.length_penalty) and "
+                    "where the base models are read (llm.name_or_path, encoder.name_or_path) "
+                    "may change, so these are ignored: %s", ", ".join(ignored))
     overrides = [o for o in overrides if o not in ignored]
     if not overrides:
         return
@@ -132,7 +144,14 @@ def _reconfigure(model: EchoX, overrides: list[str]) -> None:
              changed["new"] or "none", changed["dropped"] or "none")
 
 
-def _load_t2c(model: EchoX, folder: Path) -> None:
+def local_or_hub(name: str) -> str:
+    """A base model's `name_or_path` as recorded: an existing local folder as an absolute path
+    (a relative one did not resolve from the next stage's working folder), else as given."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+def _load_t2c(model: EchoX, folder: Path, llm_given: bool = False) -> None:
     """Take the trained T2C of a Stage II checkpoint, checking it fits."""
     from dataclasses import asdict
 
@@ -157,7 +176,8 @@ def _load_t2c(model: EchoX, folder: Path) -> None:
                                                      if k in ours and k not in decoding}}))
     # the unit language its targets were in (its fingerprint), whichever config is kept
     model.config.t2c.unit_language = theirs.get("unit_language")
-    if meta["config"]["llm"]["name_or_path"] != model.config.llm.name_or_path:
+    # (an LLM the user pointed elsewhere with --set is taken to be the same weights)
+    if meta["config"]["llm"]["name_or_path"] != model.config.llm.name_or_path and not llm_given:
         raise StageError(f"--t2c-from {folder}: trained on LLM embeddings of "
                          f"{meta['config']['llm']['name_or_path']}, not {model.config.llm.name_or_path}")
     load_weights(model, folder, parts=["t2c"])
