@@ -773,3 +773,19 @@ def test_a_bundle_without_its_unit_language_is_told_to_give_one(tmp_path: Path) 
     with pytest.raises(CheckpointError, match=r"only knows 20; if its decoder predicts "
                                               r"unit-language tokens \(50\).*--unit-language"):
         check_bundle(Bundle(model, small, None, tmp_path))
+
+
+def test_the_python_example_of_docs_api_runs(bundle_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md's Python section, run as written (on the tiny random bundle)."""
+    import echox.infer.bundle as bundle_mod
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    code = doc.split("## Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    sf.write(tmp_path / "question.wav", noise(0.6, 3), 16000)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bundle_mod, "default_bundle", lambda: bundle_dir)
+    scope: dict[str, object] = {}
+    exec(compile(code.replace("max_new_tokens=64", "max_new_tokens=8"), "docs/api.md", "exec"), scope)
+    assert (tmp_path / "answer.wav").is_file()
+    assert isinstance(scope["last"], Final) and len(scope["session"].history) == 4  # type: ignore[attr-defined]
