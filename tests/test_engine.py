@@ -262,6 +262,20 @@ def test_segment_texts_are_whole_characters_that_join_into_the_answer(bundle: Bu
             events = list(eng.session().respond(text=text))
             segs = [e.text for e in events if isinstance(e, Segment)]
             assert "".join(segs) == events[-1].text, (text, segs, events[-1].text)
+    # with no trigger delay a streamed cut is at the newest token: not the answer's end (a
+    # cut there keeps a character the answer leaves incomplete at its very end out of it)
+    trig = bundle.model.config.trigger
+    saved = (trig.delay, trig.window, trig.min_len, trig.threshold)
+    trig.delay, trig.window, trig.min_len, trig.threshold = 0, 0, 1, -1.0
+    try:
+        with Engine(bundle, greedy(**SMALL_CHUNKS)) as eng:
+            for text in ("hello there", "what now?"):
+                events = list(eng.session().respond(text=text))
+                segs = [e.text for e in events if isinstance(e, Segment)]
+                assert "".join(segs).rstrip("\ufffd") == events[-1].text.rstrip("\ufffd"), \
+                    (text, segs, events[-1].text)
+    finally:
+        trig.delay, trig.window, trig.min_len, trig.threshold = saved
 
 
 def test_a_turn_made_before_close_answers_nothing_after_it(bundle: Bundle) -> None:

@@ -334,6 +334,10 @@ def test_hf_asr_save_to_disk_and_parquet(tmp_path):
     with pytest.raises(ManifestError, match=r"no parquet shards for split 'train'; found "
                                             r"\['test.clean', 'train.clean.100', 'train.clean.360'\]"):
         load_hf_asr(tmp_path / "ls", "train")
+    (tmp_path / "ls1" / "data").mkdir(parents=True)  # its only split: not read as another
+    ds.to_parquet(str(tmp_path / "ls1" / "data" / "train.clean.100-00000-of-00001.parquet"))
+    with pytest.raises(ManifestError, match=r"no parquet shards for split 'test'"):
+        load_hf_asr(tmp_path / "ls1", "test")
 
 
 def test_hf_dialogues_nested_audio(tmp_path):

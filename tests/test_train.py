@@ -993,7 +993,12 @@ def test_a_resume_on_another_number_of_processes_goes_on_by_examples(tmp_path, c
     with caplog.at_level(logging.WARNING):
         tr._resume(ck)
     assert tr.sampler.index == 2  # the 4 examples done are 2 batches of 2 here
-    assert "saved by 2 processes, this run has 1" in caplog.text
+    assert "global batch was 2 x 2 processes, this run's is 2 x 1" in caplog.text
+    # 2 processes x batch 2 resumed as 1 x batch 4: the same global batch, nothing converted
+    tr4 = Trainer(model, _cfg(tmp_path, "t2c", max_steps=8, save_every=1, batch_size=4),
+                  stages.ListDataset(t2c_examples()), stages.t2c_collator(model))
+    tr4._resume(ck)
+    assert tr4.sampler.index == 1
 
 
 def test_init_reads_the_base_models_from_where_the_user_says(tmp_path, make_model, monkeypatch):

@@ -113,7 +113,7 @@ def _open_hf(name_or_path: str | os.PathLike, split: str,
                 groups.setdefault(_split_of(s), []).append(s)
             if split in groups:
                 shards = groups[split]
-            elif len(groups) > 1 or set(groups) & _SPLIT_NAMES:
+            elif len(groups) > 1 or {g.split(".")[0] for g in groups} & _SPLIT_NAMES:
                 # one group named as another split (train-*.parquet for split test) was read
                 # as the split asked for: the eval set was the training data, without a word
                 raise ManifestError(f"{p}: no parquet shards for split {split!r}; "

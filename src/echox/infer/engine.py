@@ -430,7 +430,7 @@ class Session:
         return TextDelta(piece, ids) if piece or ids else None
 
     def _submit(self, seg: tuple[int, int], pending: deque[_Pending],
-                stop: threading.Event) -> Segment:
+                stop: threading.Event, ended: bool = False) -> Segment:
         turn = self.turn
         assert turn is not None
         index = len(turn.segments)
@@ -447,9 +447,9 @@ class Session:
             raise
         future.add_done_callback(lambda _: pieces.put(_DONE))  # also runs when cancelled
         pending.append(_Pending(index, pieces, future))
-        return Segment(index, start, end, self._text_between(start, end))
+        return Segment(index, start, end, self._text_between(start, end, ended))
 
-    def _text_between(self, start: int, end: int) -> str:
+    def _text_between(self, start: int, end: int, ended: bool = False) -> str:
         """The text of the answer's tokens [start, end) in whole characters: the part of the
         text of tokens [:end] past that of [:start], each without a character left incomplete
         at its end (a trigger cut inside one split it into two U+FFFD halves). Segments joined
@@ -458,7 +458,7 @@ class Session:
 
         def upto(k: int) -> str:  # the answer's end keeps what its bytes make
             text = decode(tokens[:k], skip_special_tokens=True) if k else ""
-            return text.rstrip("\ufffd") if k < len(tokens) else text
+            return text if ended and k == len(tokens) else text.rstrip("\ufffd")
 
         before, through = upto(start), upto(end)
         if through.startswith(before):
@@ -532,12 +532,14 @@ class Session:
                     stats.first_text_tokens, stats.first_text_ms = turn.text_tokens, ms()
                 yield delta
 
+        ended = False  # every token decoded: a segment's text may end the answer
+
         def close(seg: tuple[int, int] | None) -> Iterator[Event]:
             if seg is None or seg[1] <= seg[0] or not speak:
                 return
             if stats.first_segment_tokens is None:
                 stats.first_segment_tokens = len(turn.tokens)
-            yield self._submit(seg, pending, stop)
+            yield self._submit(seg, pending, stop, ended)
 
         try:
             for tok, h in self._tokens():
@@ -550,6 +552,7 @@ class Session:
                     yield from close(seg)
                     yield from deliver(block=False)
             yield from text_event(final=True)
+            ended = True
             last = turn.trigger.flush()
             if cfg.stream:
                 yield from close(last)

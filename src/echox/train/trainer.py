@@ -603,16 +603,20 @@ class Trainer:
             self.step = int(state["step"])
             self.sampler.epoch, self.sampler.index = int(state["epoch"]), int(state["index"])
             was = state.get("num_processes")
-            if type(was) is int and was > 0 and was != self.acc.num_processes:
-                # the saved position counts global batches of batch_size x was: read it as the
-                # examples done (the same epoch permutation), not as batches of another size
-                done = self.sampler.index * self.cfg.batch_size * was
-                self.sampler.index = min(done // (self.cfg.batch_size * self.acc.num_processes),
-                                         self.sampler.batches_per_epoch)
-                log.warning("--resume: the checkpoint was saved by %d processes, this run has %d; "
-                            "the epoch goes on after the %d examples done (batch %d of %d), and "
-                            "its batches are not those an uninterrupted run would have made",
-                            was, self.acc.num_processes, done, self.sampler.index,
+            was_bs = (state.get("train_config") or {}).get("batch_size", self.cfg.batch_size)
+            now = self.cfg.batch_size * self.acc.num_processes
+            if (type(was) is int and was > 0 and type(was_bs) is int and was_bs > 0
+                    and was_bs * was != now):
+                # the saved position counts global batches of was_bs x was: read it as the
+                # examples done, not as batches of another size
+                done = self.sampler.index * was_bs * was
+                self.sampler.index = min(done // now, self.sampler.batches_per_epoch)
+                log.warning("--resume: the checkpoint's global batch was %d x %d processes, this "
+                            "run's is %d x %d; the epoch goes on after about the %d examples done "
+                            "(batch %d of %d), and its batches are not those an uninterrupted run "
+                            "would have made (with length grouping, which examples come next "
+                            "differs too)", was_bs, was, self.cfg.batch_size,
+                            self.acc.num_processes, done, self.sampler.index,
                             self.sampler.batches_per_epoch)
         except (KeyError, TypeError, ValueError) as e:  # another run's trainable parameters
             raise CheckpointError(f"cannot resume from {folder}: its optimizer state does not fit "
