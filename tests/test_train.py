@@ -1015,6 +1015,22 @@ def test_init_reads_the_base_models_from_where_the_user_says(tmp_path, make_mode
         stages.prepare_model("s2t", init=folder, init_overrides=["llm.name_or_path=/no/such/llm"])
     moved = stages.prepare_model("s2t", init=folder, init_overrides=[f"llm.name_or_path={llm}"])
     assert moved.config.llm.name_or_path == llm
+    # --t2c-from beside a relocated LLM: the T2C must name the LLM --init names
+    s2t_dir, t2c_dir = _echo_init(tmp_path / "pair")
+    ok = stages.prepare_model("echo", init=s2t_dir, t2c_from=t2c_dir,
+                              init_overrides=[f"llm.name_or_path={llm}"])
+    assert "t2c" in ok.trained_stages
+    meta = json.loads((t2c_dir / "config.json").read_text())
+    meta["config"]["llm"]["name_or_path"] = "another/llm"
+    from echox.model.checkpoint import sha256_file
+
+    (t2c_dir / "config.json").write_text(json.dumps(meta))
+    sums = json.loads((t2c_dir / "checksums.json").read_text())
+    sums["config.json"] = sha256_file(t2c_dir / "config.json")
+    (t2c_dir / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(EchoXError, match="trained on LLM embeddings of another/llm"):
+        stages.prepare_model("echo", init=s2t_dir, t2c_from=t2c_dir,
+                             init_overrides=[f"llm.name_or_path={llm}"])
     (tmp_path / "models" / "llm").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert stages.local_or_hub("models/llm") == str(tmp_path / "models" / "llm")

@@ -68,6 +68,7 @@ def prepare_model(
     (a Stage-II output) or from `init` itself when it already has one.
     """
     base: dict[str, str] = {}
+    recorded_llm = None  # the LLM the --init checkpoint names, before any relocation
     if init is not None:
         init = option_folder("--init", init)
         # the frozen base models may be read from elsewhere (a moved folder, a cluster's
@@ -80,6 +81,9 @@ def prepare_model(
                 base[part] = local_or_hub(value.strip())
             else:
                 rest.append(o)
+        if "llm" in base:
+            meta = json.loads((init / "config.json").read_text(encoding="utf-8"))
+            recorded_llm = ((meta.get("config") or {}).get("llm") or {}).get("name_or_path")
         model = EchoX.from_pretrained(init, base_models=base or None)
         if rest:
             _reconfigure(model, rest)
@@ -99,7 +103,7 @@ def prepare_model(
                 f"{model.trained_stages or 'no stages'}); run `echox train s2t` first"
             )
         if t2c_from is not None:
-            _load_t2c(model, option_folder("--t2c-from", t2c_from), llm_given="llm" in base)
+            _load_t2c(model, option_folder("--t2c-from", t2c_from), init_llm=recorded_llm)
         elif "t2c" not in model.trained_stages:
             raise StageError(
                 "stage echo needs a trained T2C: pass --t2c-from <Stage II checkpoint>"
@@ -151,7 +155,7 @@ def local_or_hub(name: str) -> str:
     return str(p.resolve()) if p.exists() else name
 
 
-def _load_t2c(model: EchoX, folder: Path, llm_given: bool = False) -> None:
+def _load_t2c(model: EchoX, folder: Path, init_llm: str | None = None) -> None:
     """Take the trained T2C of a Stage II checkpoint, checking it fits."""
     from dataclasses import asdict
 
@@ -176,8 +180,8 @@ def _load_t2c(model: EchoX, folder: Path, llm_given: bool = False) -> None:
                                                      if k in ours and k not in decoding}}))
     # the unit language its targets were in (its fingerprint), whichever config is kept
     model.config.t2c.unit_language = theirs.get("unit_language")
-    # (an LLM the user pointed elsewhere with --set is taken to be the same weights)
-    if meta["config"]["llm"]["name_or_path"] != model.config.llm.name_or_path and not llm_given:
+    # (an LLM read from elsewhere with --set: the T2C must name the one --init names)
+    if meta["config"]["llm"]["name_or_path"] not in (model.config.llm.name_or_path, init_llm):
         raise StageError(f"--t2c-from {folder}: trained on LLM embeddings of "
                          f"{meta['config']['llm']['name_or_path']}, not {model.config.llm.name_or_path}")
     load_weights(model, folder, parts=["t2c"])
