@@ -100,6 +100,12 @@ def test_page_records_streams_and_plays_in_chromium(server: str, tmp_path: Path)
         try:
             context = browser.new_context(viewport={"width": 1000, "height": 860})
             page = context.new_page()
+            page.add_init_script("""(() => {  // every microphone stream the page opens
+                window.__streams = [];
+                const gum = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+                navigator.mediaDevices.getUserMedia = async (c) => {
+                    const s = await gum(c); window.__streams.push(s); return s; };
+            })()""")
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
                     if m.type == "error" else None)
@@ -150,6 +156,24 @@ def test_page_records_streams_and_plays_in_chromium(server: str, tmp_path: Path)
                                                                                "failed")
             expect(page.locator("#status")).to_have_attribute("data-state", "ready")
             page.screenshot(path=str(shots / "serve_browser_refused.png"), full_page=True)
+
+            # a double click sends one question (it sent two: one answered, one stuck), and a
+            # double click on Record opens one microphone (the second one stayed open)
+            page.click("#notice-close")
+            page.fill("#text", "Hello?")
+            page.dblclick("#send")
+            expect(page.locator("li.turn.assistant").nth(3)).to_have_attribute(
+                "data-state", "done", timeout=TIMEOUT_MS)
+            expect(page.locator("li.turn.user")).to_have_count(4)
+            page.dblclick("#record")
+            expect(page.locator("#record")).to_have_attribute("data-recording", "true")
+            page.wait_for_timeout(1500)
+            page.click("#record")
+            expect(page.locator("li.turn.assistant").nth(4)).to_have_attribute(
+                "data-state", "done", timeout=TIMEOUT_MS)
+            live = page.evaluate("window.__streams.filter(s => s.getTracks().some("
+                                 "t => t.readyState === 'live')).length")
+            assert live == 0, f"{live} microphone stream(s) left open"
         finally:
             browser.close()
     assert not problems, problems

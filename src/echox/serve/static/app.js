@@ -46,7 +46,9 @@
       ws.onmessage = (ev) => onMessage(ev, resolve);
       ws.onclose = (ev) => { onClose(ws, ev); reject(new Error("the connection closed")); };
     });
-    S.connecting.catch(() => {}).finally(() => { S.connecting = null; });
+    setControls(); // nothing is sent while connecting
+    // once settled, the controls follow: a failed reconnect left them all disabled for good
+    S.connecting.catch(() => {}).finally(() => { S.connecting = null; setControls(); });
     return S.connecting;
   }
 
@@ -130,10 +132,16 @@
     }
     let text = `${msg.message} (${msg.status} ${msg.code})`;
     const retry = S.lastInput && (msg.status === 503 || msg.status === 504);
-    if (msg.status === 503) text = `The server is busy: ${msg.message}.`;
+    if (msg.status === 503) { // the server's message says "the server is busy: ..." itself
+      const m = msg.message.replace(/^the server is busy:?\s*/i, "");
+      text = `The server is busy: ${m}.`;
+    }
     showNotice(text, retry ? msg.retry_after || 1 : null);
     if (S.rec) abortRecording();
-    if (S.busy) failTurn(msg.status === 503 ? "not answered: the server was busy" : msg.message);
+    // a 409 answers a message sent while a turn runs: that turn goes on
+    if (S.busy && msg.status !== 409) {
+      failTurn(msg.status === 503 ? "not answered: the server was busy" : msg.message);
+    }
     if (S.ready) setStatus("ready");
   }
 
@@ -318,6 +326,9 @@
   }
 
   async function startRecording() {
+    if (S.recStarting) return; // a double click opened two microphones, one never closed
+    S.recStarting = true;
+    ui.record.disabled = true;
     try {
       await ready();
       const ctx = audioContext();
@@ -351,10 +362,12 @@
       ui.record.textContent = "■ Stop";
       ui.recording.hidden = false;
       hideNotice();
-      setControls();
     } catch (err) {
       abortRecording();
       showNotice(`Cannot record: ${err.message || err}`);
+    } finally {
+      S.recStarting = false;
+      setControls();
     }
   }
 
@@ -423,6 +436,7 @@
   }
 
   function sendInput(input) {
+    S.sentAt = performance.now();
     if (input.kind === "text") {
       send({ type: "text", text: input.text });
       newTurn(input.text, null);
@@ -446,13 +460,13 @@
   function setControls() {
     const open = !!S.ready;
     const idle = open && !S.busy;
-    ui.record.disabled = !(S.rec || idle);
+    ui.record.disabled = !(S.rec || idle) || !!S.recStarting;
     ui.upload.disabled = !idle || !!S.rec;
     ui.text.disabled = !idle || !!S.rec;
     ui.send.disabled = !idle || !!S.rec;
     ui.reset.disabled = !idle || !!S.rec;
     ui.cancel.hidden = !S.busy;
-    if (!open && !S.connecting && !S.busy) { // closed: any action reconnects
+    if (!open && !S.connecting && !S.busy && !S.recStarting) { // closed: any action reconnects
       ui.record.disabled = ui.upload.disabled = ui.text.disabled = ui.send.disabled = false;
     }
   }
@@ -468,13 +482,21 @@
   ui.ask.addEventListener("submit", async (e) => {
     e.preventDefault();
     const text = ui.text.value.trim();
-    if (!text) return;
-    try { await ready(); } catch { return; }
-    ui.text.value = "";
-    S.lastInput = { kind: "text", text };
-    sendInput(S.lastInput);
+    if (!text || S.asking || S.busy) return; // one turn per submit (a double click sent two)
+    S.asking = true;
+    try {
+      try { await ready(); } catch { return; }
+      if (S.busy) return;
+      ui.text.value = "";
+      S.lastInput = { kind: "text", text };
+      sendInput(S.lastInput);
+    } finally {
+      S.asking = false;
+    }
   });
   ui.cancel.addEventListener("click", () => {
+    // Stop appears where Send was: the second click of a double click on Send is not a stop
+    if (performance.now() - (S.sentAt || 0) < 600) return;
     stopPlayback();
     if (S.ws && S.ws.readyState === WebSocket.OPEN) send({ type: "cancel" });
   });
