@@ -156,7 +156,7 @@ def _answer_text(value: Any, where: str) -> str:
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, (float, np.floating))
                                                 and not math.isfinite(value)):
         raise EvalError(f"{where}: a gold answer must be text or a number, got {value!r}")
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and value == int(value):
+    if isinstance(value, (float, np.floating)) and value == int(value):  # finite, as checked
         return str(int(value))
     return str(value)
 

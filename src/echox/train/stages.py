@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from echox.config import EchoXConfig, T2CConfig, apply_overrides
 from echox.errors import CheckpointError, ConfigError, StageError
-from echox.fileio import json_objects, open_to_append, save_tensors
+from echox.fileio import folder_config, json_objects, open_to_append, save_tensors
 from echox.model.batch import S2TBatch, T2CBatch, collate_t2c
 from echox.model.checkpoint import load_weights, option_folder, verify_checkpoint
 from echox.model.echox import EchoX
@@ -82,8 +82,8 @@ def prepare_model(
             else:
                 rest.append(o)
         if "llm" in base:
-            meta = json.loads((init / "config.json").read_text(encoding="utf-8"))
-            recorded_llm = ((meta.get("config") or {}).get("llm") or {}).get("name_or_path")
+            recorded_llm = (((folder_config(init) or {}).get("config") or {}).get("llm")
+                            or {}).get("name_or_path")
         model = EchoX.from_pretrained(init, base_models=base or None)
         if rest:
             _reconfigure(model, rest)

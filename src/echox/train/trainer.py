@@ -483,7 +483,8 @@ class Trainer:
         self.step = 0
         self.writer = None
         self.best: tuple[int, float] | None = None  # (step, eval loss) of <out>/best
-        self._roll_back: int | None = None  # a resumed step below saves of this folder
+        # a roll back: the step resumed from and this folder's later complete checkpoints
+        self._roll_back: tuple[int, list[Path]] | None = None
         self.stop_signal = 0  # set by `request_stop`
         self._finishing = False  # the last step is made: the final save and eval are running
         self._pid = os.getpid()  # a forked copy (a DataLoader worker) does not speak for the run
@@ -635,7 +636,7 @@ class Trainer:
         later = [c for c in checkpoint_folders(self.out) if step_of(c) > self.step and _complete(c)]
         self.best = self._read_best()
         if later:  # a roll back: the later saves go aside at this run's first save
-            self._roll_back = self.step
+            self._roll_back = (self.step, later)
             metrics = self.out / "metrics.jsonl"
             if self.acc.is_main_process and metrics.is_file():  # its rows past step N, kept
                 shutil.copyfile(metrics, _free(self.out / f"metrics-abandoned-after-step-{self.step:06d}"
@@ -664,13 +665,11 @@ class Trainer:
         checkpoint or best/; a run stopped before it leaves the folder as it was), they, and a
         best/ of a later step, are renamed `abandoned-...` (not deleted) and named in a
         warning."""
-        step, self._roll_back = self._roll_back, None
-        if step is None or not self.acc.is_main_process:
+        roll_back, self._roll_back = self._roll_back, None
+        if roll_back is None or not self.acc.is_main_process:
             return
-        moved = []
-        for c in checkpoint_folders(self.out):
-            if step_of(c) > step and _complete(c):  # a broken one (a killed save) is replaced
-                moved.append(_rename_free(c, f"abandoned-{c.name}"))
+        step, later = roll_back  # found complete at the resume (a broken one is replaced)
+        moved = [_rename_free(c, f"abandoned-{c.name}") for c in later if c.is_dir()]
         best = self._read_best()
         # with no later checkpoint, a later best/ is of the same steps, made again exactly
         if moved and best is not None and best[0] > step:

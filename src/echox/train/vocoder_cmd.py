@@ -133,6 +133,7 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
         raise ConfigError("give --data: a TTS manifest with units and counts")
     init = None
     grow, postnet = args.grow_decoder, args.add_postnet
+    named = {str(o).split("=", 1)[0].strip() for o in args.set or []}  # the keys --set gives
     if args.init:  # continue training a Unit2Mel (a vocoder folder is one too)
 
         init = Unit2Mel.from_pretrained(args.init).train()
@@ -141,8 +142,7 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
             # a new k-means: unit ids mean something else, so only the layers above the
             # unit embedding carry over (a head start over a fresh model). Its K is the init's
             # unless `--set vocoder.num_units=K` gives the new one (that --set was ignored)
-            named = any(str(o).split("=", 1)[0].strip() == "vocoder.num_units" for o in args.set or [])
-            k = recipe["vocoder"].num_units if named else cfg.num_units
+            k = recipe["vocoder"].num_units if "vocoder.num_units" in named else cfg.num_units
             if k != cfg.num_units:
                 cfg = init.config = dataclasses.replace(cfg, num_units=k)
             init.embed = Unit2Mel(cfg).embed  # a fresh one, of the new K
@@ -189,14 +189,14 @@ def cmd_train_vocoder(args: argparse.Namespace) -> int:
     hifigan, output_sr, record = tr.hifigan, tr.output_sr, {}
     if args.init:
         was = Unit2Mel.read_meta(args.init).get("vocoder") or {}
-        named = {str(o).split("=", 1)[0].strip() for o in args.set or []}
         theirs = was.get("hifigan")
-        if "train.hifigan" not in named and theirs in PACKAGED_HIFIGANS:
-            hifigan = theirs
-        elif "train.hifigan" not in named and theirs == LOCAL_HIFIGAN:
-            hifigan = str(Path(args.init) / LOCAL_HIFIGAN)  # its own generator, copied along
-        elif "train.hifigan" not in named and isinstance(theirs, str) and Path(theirs).exists():
-            hifigan = theirs  # a generator folder a unit2mel/ save names (resolved there)
+        if "train.hifigan" not in named:
+            if theirs in PACKAGED_HIFIGANS:
+                hifigan = theirs
+            elif theirs == LOCAL_HIFIGAN:
+                hifigan = str(Path(args.init) / LOCAL_HIFIGAN)  # its own generator, copied along
+            elif isinstance(theirs, str) and Path(theirs).exists():
+                hifigan = theirs  # a generator folder a unit2mel/ save names (resolved there)
         if "train.output_sr" not in named and isinstance(was.get("output_sr"), int):
             output_sr = was["output_sr"]
         before = folder_config(Path(args.init), "training_args.json") or {}

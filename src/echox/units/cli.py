@@ -232,6 +232,13 @@ def _out_file(path: str | os.PathLike, option: str, inputs: Sequence[str | os.Pa
     return out
 
 
+def _check_not_a_recording(out: Path, items: Sequence[tuple[str, Path]], what: str) -> None:
+    """Refuse an output file that is the audio of one of the records `items` (key, path)."""
+    if out.is_file() and any(a.is_file() and os.path.samefile(a, out) for _, a in items):
+        raise UnitError(f"{what} is the audio of a manifest record: writing it would replace the "
+                        "recording; give another file")
+
+
 def _check_cache_dir(cache: Path) -> None:
     """`--cache` must be a folder that is new, empty or an extraction cache (hash-named
     shards, `extractor.json`): shards are never written among other files."""
@@ -305,13 +312,10 @@ def cmd_train_kmeans(args: argparse.Namespace) -> int:
     _out_file(args.out, "--out", args.manifest)
     _out_file(kmeans_meta_path(args.out), "k-means side file", args.manifest)
     items = _kmeans_items(args.manifest, args.dialogue_roles)
-    for option, out in (("--out", Path(args.out)), ("its side file", kmeans_meta_path(args.out))):
-        if out.is_file():  # not one of the recordings it reads (it replaced one, exit 0)
-            clash = next((a for _, a in items if a.is_file() and os.path.samefile(a, out)), None)
-            if clash is not None:
-                raise UnitError(f"--out {args.out}: {option} {out} is the audio of a manifest "
-                                "record: writing it would replace the recording; give another "
-                                "file")
+    # not one of the recordings it reads (it replaced one, exit 0)
+    _check_not_a_recording(Path(args.out), items, f"--out {args.out}")
+    _check_not_a_recording(kmeans_meta_path(args.out), items,
+                           f"--out {args.out}: its side file {kmeans_meta_path(args.out)}")
     t0 = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -391,11 +395,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if not isinstance(rec.audio, str):
             raise ManifestError(f"{m.path}:{m.lines[i]}: record has no audio to extract units from")
         items.append((m.key(i), m.audio_path(rec.audio)))
-    if out.is_file():  # not one of the recordings it reads (checked before the slow part)
-        clash = next((a for _, a in items if a.is_file() and os.path.samefile(a, out)), None)
-        if clash is not None:
-            raise UnitError(f"--out {out} is the audio of a manifest record: writing it would "
-                            "replace the recording; give another file")
+    _check_not_a_recording(out, items, f"--out {out}")  # checked before the slow part
     t0 = time.perf_counter()
     if args.threads is not None:  # >= 1: checked by the parser
         torch.set_num_threads(args.threads)
