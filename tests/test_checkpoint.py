@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -541,3 +542,39 @@ def test_loading_a_model_draws_no_transformers_bar(make_model, tmp_path, capfd):
         assert are_progress_bars_disabled("huggingface_hub.http_get")  # left alone
     finally:
         enable_progress_bars()
+
+
+def test_a_moved_base_llm_is_named_and_read_from_where_it_is_now(make_model, tmp_path, capsys):
+    """A checkpoint names its frozen LLM by the folder it had. Once that folder moved, chat,
+    eval, serve, demo and export could not load the model at all (a bare "model folder not
+    found"); `base_models=` / `--base-llm` read it from its new place, and export writes it so."""
+    from echox.cli import main
+    from echox.hub import resolve
+    from echox.infer.bundle import load_bundle
+
+    llm_a, llm_b = tmp_path / "llm-a", tmp_path / "llm-b"
+    shutil.copytree(resolve("builtin:tiny-random-llama"), llm_a)
+    m = make_model([f"llm.name_or_path={llm_a}"])
+    m.trained_stages = ["s2t"]
+    ck = m.save_pretrained(tmp_path / "ck")
+    want = m.llm.model.get_input_embeddings().weight.detach().clone()
+    llm_a.rename(llm_b)
+    with pytest.raises(CheckpointError, match=r"base LLM .*llm-a is not found \(moved\?\).*--base-llm"):
+        EchoX.from_pretrained(ck)
+    with pytest.raises(CheckpointError, match="base LLM: folder not found: /no/such"):
+        load_bundle(ck, base_models={"llm": "/no/such"})
+    back = load_bundle(ck, base_models={"llm": str(llm_b)}).model
+    assert back.config.llm.name_or_path == str(llm_b)
+    torch.testing.assert_close(back.llm.model.get_input_embeddings().weight, want)
+    # the CLI: an empty flag is refused; export names the new place in its copy
+    assert main(["train", "export", "--model", str(ck), "--out", str(tmp_path / "e0"),
+                 "--base-llm", " "]) == 2
+    assert "--base-llm: give a folder" in capsys.readouterr().err
+    assert main(["train", "export", "--model", str(ck), "--out", str(tmp_path / "e1"),
+                 "--base-llm", str(llm_b)]) == 0
+    assert EchoX.from_pretrained(tmp_path / "e1").config.llm.name_or_path == str(llm_b)
+    from echox.cli import build_parser
+
+    for cmd in (["chat"], ["demo"], ["eval", "--benchmark", "b.jsonl", "--out", "o"], ["serve"]):
+        args = build_parser().parse_args([*cmd, "--base-llm", "x", "--base-encoder", "y"])
+        assert (args.base_llm, args.base_encoder) == ("x", "y")

@@ -243,6 +243,10 @@ def test_local_jsonl_missing_key_and_missing_audio(tmp_path: Path) -> None:
     path.write_text(json.dumps({**good, "audio": "nope.wav"}) + "\n", encoding="utf-8")
     with pytest.raises(EvalError, match=r"line 1: audio file .*nope\.wav does not exist"):
         load_benchmark(f"local:{path}")
+    (tmp_path / "dir.wav").mkdir()  # it said "does not exist" of a folder, and of a FIFO
+    path.write_text(json.dumps({**good, "audio": "dir.wav"}) + "\n", encoding="utf-8")
+    with pytest.raises(EvalError, match=r"line 1: audio file .*dir\.wav is a folder, not a file"):
+        load_benchmark(f"local:{path}")
     path.write_text(json.dumps({"wav_file": "a.wav", "question": "q", "answers": "a"}) + "\n",
                     encoding="utf-8")
     with pytest.raises(EvalError, match="no audio column"):

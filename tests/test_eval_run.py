@@ -501,7 +501,9 @@ def test_items_are_checked_before_the_model_loads_on_a_fresh_run(tmp_path, capsy
                      ({"answers": ""}, "gold answer is empty"),
                      ({"question": "   "}, "question is empty"),
                      ({"id": "a"}, "'a' occurs twice"),
-                     ({"audio": "nope.wav"}, "nope.wav does not exist")]:
+                     ({"audio": "nope.wav"}, "nope.wav does not exist"),
+                     ({"audio": "cut.wav"}, "truncated WAV file")]:
+        (root / "cut.wav").write_bytes((root / "q.wav").read_bytes()[:1000])
         (root / "qa.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "b", **bad}) + "\n")
         out = tmp_path / f"run-{len(msg)}"
         assert main(["eval", "--mode", "s2t", "--benchmark", f"local:{root / 'qa.jsonl'}",
@@ -509,6 +511,7 @@ def test_items_are_checked_before_the_model_loads_on_a_fresh_run(tmp_path, capsy
         err = capsys.readouterr().err
         assert msg in err and "line 2" in err or "occurs twice" in err, err
         assert err.count("\n") == 1, err
+        assert not out.exists()  # refused before the run folder is made (it held an eval.json)
 
 
 def test_a_scored_folder_without_eval_json_is_not_taken_over(tmp_path, bench, capsys):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from echox.audio import MAX_SAMPLE_RATE, check_wav_complete
+from echox.audio import MAX_SAMPLE_RATE, audio_info, check_wav_complete
 from echox.errors import AudioError, EvalError
 from echox.fileio import json_object_lines
 from echox.hub import hub_unresolvable
@@ -170,9 +170,23 @@ def _pick(columns: Sequence[str], preferred: Sequence[str], what: str, source: s
     raise EvalError(f"{source}: no {what} column; looked for {looked}, found {list(columns)}")
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` is no audio file to read ("does not exist", "is a folder, not a file", ...),
+    or None when it is one."""
+    try:
+        if path.is_file():
+            return None
+        if not path.exists():
+            return "does not exist"
+        return "is a folder, not a file" if path.is_dir() else "is not a regular file"
+    except OSError as e:  # a name too long, a symlink loop
+        return f"cannot be read ({e.strerror or e})"
+
+
 def _read_audio_file(path: Path, where: str) -> tuple[np.ndarray, int]:
-    if not path.is_file():
-        raise EvalError(f"{where}: audio file {path} does not exist")
+    why = _not_a_file(path)
+    if why:
+        raise EvalError(f"{where}: audio file {path} {why}")
     try:
         check_wav_complete(str(path), f"{where}: audio file {path}")
     except AudioError as err:
@@ -240,7 +254,8 @@ class Benchmark:
     def texts(self) -> Iterator[QAItem]:
         """The items without their audio (`audio` None): ids, questions and answers, read in a
         moment, as a run checks them before its model loads. Where the audio is decoded, an
-        audio file named by path must exist (it is not read here)."""
+        audio file named by path must exist and have a readable header (its samples are not read
+        here)."""
         for i in range(self._len):
             row = self._rows[i]  # read once (a hub row holds its audio bytes)
             item = self._item(i, audio=False, row=row)
@@ -293,8 +308,13 @@ class Benchmark:
         if isinstance(value, (str, Path)):
             path = self._resolve(str(value))
             if decode is False:
-                if not path.is_file():
-                    raise EvalError(f"{where}: audio file {path} does not exist")
+                why = _not_a_file(path)
+                if why:
+                    raise EvalError(f"{where}: audio file {path} {why}")
+                try:  # its header (a cut or undecodable file stopped the run only at its turn)
+                    audio_info(path)
+                except AudioError as err:
+                    raise EvalError(f"{where}: {err}") from err
                 return None, None, str(path)
             if not self._decode:  # text mode reads no audio: a missing file is no error
                 return None, None, str(path) if path.is_file() else None

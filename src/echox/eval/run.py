@@ -46,6 +46,7 @@ from echox.infer.asr import check_asr_spec, make_asr
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_text_decoding_options, check_device, bundle_folder,
                                 load_bundle, text_decoding)
 from echox.infer.engine import Engine, EngineConfig, Final, check_max_audio_seconds
+from echox.model.checkpoint import add_base_model_options, base_models_of
 from echox.model.generation import (SamplingConfig, beam_results, beam_search_steps, cache_kwargs,
                                      output_cache)
 from echox.model.prompt import Turn
@@ -308,18 +309,26 @@ def _check_same_item(path: Path, rec: dict[str, Any], item: QAItem) -> None:
                         f"now {list(item.answers)!r}): give another --out to score them anew")
 
 
-def check_resumed_items(path: Path, items: Iterable[QAItem],
-                        benchmark: str = "the benchmark") -> dict[str, dict[str, Any]]:
-    """`scored_items(path)`, each checked against the item of its id (`_check_same_item`), and
-    every item read once (its question, answers and audio file; `Benchmark.texts()`) with its id
-    unique: a bad item or a resumed run on another question file is refused before the model
-    loads, not after the items before it were answered."""
-    done = scored_items(path)
+def check_unique_ids(items: Iterable[QAItem], benchmark: str = "the benchmark") -> list[QAItem]:
+    """The items, each read once (its question, answers and audio file's header;
+    `Benchmark.texts()`), with their ids checked unique."""
     seen: set[str] = set()
+    out = []
     for item in items:
         if item.id in seen:
             raise EvalError(f"item id {item.id!r} occurs twice in {benchmark}; ids must be unique")
         seen.add(item.id)
+        out.append(item)
+    return out
+
+
+def check_resumed_items(path: Path, items: Iterable[QAItem],
+                        benchmark: str = "the benchmark") -> dict[str, dict[str, Any]]:
+    """`scored_items(path)`, each checked against the item of its id (`_check_same_item`), and
+    every item read once (`check_unique_ids`): a bad item or a resumed run on another question
+    file is refused before the model loads, not after the items before it were answered."""
+    done = scored_items(path)
+    for item in check_unique_ids(items, benchmark):
         if item.id in done:
             _check_same_item(path, done[item.id], item)
     return done
@@ -636,6 +645,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode in ("s2s", "cascade"):
         check_asr_spec(args.asr)
     bench = open_benchmark(args.benchmark, limit=args.limit, decode_audio=args.mode != "text")
+    # every item read and checked before the run folder is made: a refused benchmark left an
+    # eval.json behind
+    items = check_unique_ids(bench.texts(), args.benchmark)
     if args.out is not None and not args.out.strip():  # `--out "$UNSET"`: not the default
         raise EvalError("--out is empty; give a run folder")
     out = Path(f"runs/eval/{args.mode}" if args.out is None else args.out)
@@ -663,7 +675,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode == "s2s":
         settings.update(stream=not args.no_stream, whole_response=args.whole_response)
     check_run_settings(out, settings)
-    done = check_resumed_items(out / "items.jsonl", bench.texts(), args.benchmark)
+    done = check_resumed_items(out / "items.jsonl", items, args.benchmark)
     asr = None
     if args.mode in ("text", "cascade"):
         answerer: Answerer = TextAnswerer(llm, args.system_prompt or None,
@@ -671,7 +683,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.mode == "cascade":
             answerer = CascadeAnswerer(make_asr(args.asr), answerer)
     else:
-        bundle = load_bundle(bundle_folder(args.model), device=args.device, dtype=args.dtype)
+        bundle = load_bundle(bundle_folder(args.model), device=args.device, dtype=args.dtype,
+                             base_models=base_models_of(args))
         if args.max_audio_seconds is not None:  # the limit the model and the engine read
             bundle.model.config.encoder.max_seconds = float(args.max_audio_seconds)
         if args.mode == "s2t":
@@ -799,6 +812,7 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["text", "s2t", "s2s", "cascade"], default="s2s")
 
     add_device_options(p)
+    add_base_model_options(p)
     p.add_argument("--max-audio-seconds", type=float, metavar="S",
                    help="s2t / s2s: longest spoken question answered, in seconds (default: the "
                         "model's encoder.max_seconds, 30); a longer one stops the run with one line")

@@ -153,12 +153,15 @@ def load_bundle(
     unit_language: UnitLanguage | str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    base_models: dict[str, str] | None = None,
 ) -> Bundle:
     """Load a bundle folder. `vocoder` / `unit_language` (objects or folders) replace the
     bundle's own; without them the `vocoder/` and `unit_language/` subfolders are used if
     present. The model is returned in eval mode on `device` (default: CPU), its weights read
     straight onto it (`EchoX.from_pretrained`); `dtype` (bf16 / fp16 / fp32 or a torch dtype)
-    holds every model weight in it (default: the config's dtypes). The vocoder stays float32."""
+    holds every model weight in it (default: the config's dtypes). The vocoder stays float32.
+    `base_models` ({"llm": folder or hub id, "encoder": ...}) reads the frozen base models from
+    elsewhere than the bundle's config names them (their folder moved, a local copy of a hub id)."""
     folder = checkpoint_folder(path, "model bundle folder")
     if folder.is_file():
         raise CheckpointError(f"{folder} is a file, not a model bundle folder")
@@ -176,7 +179,8 @@ def load_bundle(
             what = "a file, not a folder" if Path(given).is_file() else "not found"
             raise CheckpointError(f"{name.replace('_', ' ')} folder {given}: {what}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    model = EchoX.from_pretrained(folder, device=dev, dtype=parse_dtype(dtype)).eval()
+    model = EchoX.from_pretrained(folder, device=dev, dtype=parse_dtype(dtype),
+                                  base_models=base_models).eval()
     held = parse_dtype(dtype) or DTYPES.get(model.config.llm.dtype)
     if dev.type == "cpu" and slow_on_cpu(held):
         log.warning("the LLM's weights are held in %s, which this CPU computes only by emulation "

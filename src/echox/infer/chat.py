@@ -31,6 +31,7 @@ from echox.infer.engine import (
     check_max_audio_seconds,
     check_question,
 )
+from echox.model.checkpoint import add_base_model_options, base_models_of
 from echox.model.generation import SamplingConfig
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -105,7 +106,7 @@ def _engine(args: argparse.Namespace) -> Any:
     check_inputs(args, question_limit(path, args.max_audio_seconds))  # before the slow load
     print(f"echox: loading {path}", file=sys.stderr)
     bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language,
-                         device=args.device, dtype=args.dtype)
+                         device=args.device, dtype=args.dtype, base_models=base_models_of(args))
     if bundle.vocoder is None:
         print("echox: this bundle has no vocoder: text answers only", file=sys.stderr)
     return Engine(bundle, cfg, max_audio_seconds=args.max_audio_seconds)
@@ -266,5 +267,6 @@ def chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int_at_least(1, MAX_THREADS), help="torch intra-op threads (default: torch's)")
 
     add_device_options(p)
+    add_base_model_options(p)
     add_max_audio_option(p)
 

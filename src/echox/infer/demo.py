@@ -32,6 +32,7 @@ from echox.infer.engine import (
     check_max_audio_seconds,
     check_question,
 )
+from echox.model.checkpoint import add_base_model_options, base_models_of
 from echox.model.echox import EchoX
 from echox.vocoder.code_hifigan import CodeHiFiGAN, CodeHiFiGANConfig
 
@@ -67,7 +68,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_not_question(out, question)
     t0 = time.perf_counter()
     if folder is not None:  # named or found, so it must load: a damaged one is an error, not noise
-        bundle, where = load_bundle(folder), args.model or str(folder)
+        bundle, where = load_bundle(folder, base_models=base_models_of(args)), args.model or str(folder)
     else:
         print("echox demo: no EchoX model bundle found; falling back to the tiny-random model "
               "(untrained: expect noise)", file=sys.stderr)
@@ -112,6 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"bundle folder {DEFAULT_MODEL_HELP}")
+    add_base_model_options(p)
     p.add_argument("--question", help="a wav/flac/ogg question (default: the packaged one)")
     p.add_argument("-o", "--output", default="answer.wav", help="where to write the spoken answer")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -410,6 +410,28 @@ def check_device(device: Any, option: str = "device") -> None:
                               f"({' '.join(str(e).split())[:160]})") from e
 
 
+def add_base_model_options(p: Any) -> None:
+    """`--base-llm` and `--base-encoder`: where the frozen base models are now."""
+    for part, what in (("llm", "LLM"), ("encoder", "Whisper encoder")):
+        p.add_argument(f"--base-{part}", metavar="FOLDER",
+                       help=f"read the model's frozen base {what} from this folder (or hub id) "
+                            "instead of where its config names it: the folder moved, or a local "
+                            "copy of a hub id")
+
+
+def base_models_of(args: Any) -> dict[str, str] | None:
+    """The `base_models` of `load_bundle` from `add_base_model_options`' flags (None: none)."""
+    given = {}
+    for part in ("llm", "encoder"):
+        where = getattr(args, f"base_{part}", None)
+        if where is not None:
+            if not where.strip():
+                raise CheckpointError(f"--base-{part}: give a folder or hub id, not an empty string")
+            p = Path(where).expanduser()
+            given[part] = str(p.resolve()) if p.exists() else where
+    return given or None
+
+
 def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None,
                     base_models: dict[str, str] | None = None) -> EchoX:
@@ -432,6 +454,16 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
                                   "folder or hub id")
         getattr(config, part).name_or_path = where
         carried.pop(part, None)
+    for part in ("llm", "encoder"):
+        name, what = getattr(config, part).name_or_path, "LLM" if part == "llm" else "encoder"
+        if not name.startswith(("/", "~")) or Path(name).expanduser().is_dir():
+            continue
+        if part in (base_models or {}):
+            raise CheckpointError(f"base {what}: folder not found: {name}")
+        raise CheckpointError(
+            f"{folder}: its base {what} {name} is not found (moved?): read it from where it is "
+            f"now with base_models={{'{part}': FOLDER}} (the CLI: --base-{part} FOLDER; echox "
+            f"train --init: --set model.{part}.name_or_path=FOLDER)")
     model = cls.build(config, tokenizer=tok, device=device, dtype=dtype)
     model.carried_base = carried
     omitted = meta.get("omitted_parts") or []

@@ -36,6 +36,7 @@ from echox.errors import ConfigError, EchoXError
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_sampling_options, add_text_decoding_options, check_device,
                                 bundle_folder, load_bundle, sampling_temperature, text_decoding)
 from echox.infer.engine import Engine, EngineConfig
+from echox.model.checkpoint import add_base_model_options, base_models_of
 from echox.model.generation import SamplingConfig
 from echox.serve.app import ServeConfig, create_app
 from echox.serve.connections import uvicorn_config
@@ -103,7 +104,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     print(f"echox serve: loading {path}", file=sys.stderr)
     check_device(args.device)
     bundle = load_bundle(path, vocoder=args.vocoder, unit_language=args.unit_language,
-                         device=args.device, dtype=args.dtype)
+                         device=args.device, dtype=args.dtype, base_models=base_models_of(args))
     if bundle.vocoder is None:
         print("echox serve: this bundle has no vocoder: text answers only", file=sys.stderr)
     engine = Engine(bundle, cfg, max_audio_seconds=args.max_audio_seconds)
@@ -174,6 +175,7 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--vocoder", help="vocoder folder replacing the bundle's own")
     m.add_argument("--unit-language", help="unit-language folder replacing the bundle's own")
     add_device_options(m)
+    add_base_model_options(m)
     m.add_argument("--threads", type=int_at_least(1, MAX_THREADS), help="torch intra-op threads (default: torch's)")
     d = p.add_argument_group("decoding")
     d.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")

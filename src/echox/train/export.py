@@ -26,7 +26,7 @@ import torch
 
 from echox.errors import CheckpointError
 from echox.fileio import check_out_path
-from echox.model.checkpoint import folder_overlap
+from echox.model.checkpoint import add_base_model_options, base_models_of, folder_overlap
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}
 
@@ -47,6 +47,7 @@ def untrained_parts(trained_stages: list[str], drop_t2c: bool = False,
 def export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="an EchoX checkpoint folder (e.g. runs/tiny/s2t/model)")
     p.add_argument("--out", required=True, help="the new folder (must not exist)")
+    add_base_model_options(p)
     p.add_argument("--dtype", choices=list(DTYPES), default="float16",
                    help="weights' storage type (loading casts back to the model's); default float16")
     p.add_argument("--drop-t2c", action="store_true",
@@ -67,7 +68,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if how:  # inside the model's own vocoder/ or unit_language/: the model would not load
         raise CheckpointError(f"--out {out} {how} {src}: writing there would break the model "
                               "it copies; give another --out")
-    model = EchoX.from_pretrained(src)
+    model = EchoX.from_pretrained(src, base_models=base_models_of(args))
     if args.drop_echo:
         if model.t2c is model.echo and "t2c" in model.trained_stages and not args.drop_t2c:
             raise CheckpointError("--drop-echo: with t2c.layout=authors the echo decoder is the "
