@@ -285,14 +285,20 @@ def test_interactive_keeps_earlier_answers_and_survives_an_impossible_path(
 def test_out_of_range_numbers_are_one_line(bundle_dir: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """`--seed` beyond what torch seeds was an OverflowError traceback; `--max-audio-seconds
-    1e308` overflowed counting the limit in samples (it now allows any length)."""
+    1e308` overflowed counting the limit in samples. It then allowed any length, and a
+    40-minute question held gigabytes for minutes: the limit is capped (a clip under the cap
+    still answers)."""
     one_line_error(capsys, main(["chat", "--model", str(bundle_dir), "--text", "hi",
                                  "--seed", str(2**64), *FAST]), "seed must be in")
     q = tmp_path / "q.wav"
     sf.write(q, noise(0.5), 16000)
     out = tmp_path / "a.wav"
+    one_line_error(capsys, main(["chat", str(q), "--model", str(bundle_dir), "-o", str(out),
+                                 "--max-audio-seconds", "1e308", *FAST]), "is above 600 s")
+    one_line_error(capsys, main(["chat", str(q), "--model", str(bundle_dir), "-o", str(out),
+                                 "--max-audio-seconds", "inf", *FAST]), "finite number")
     code = main(["chat", str(q), "--model", str(bundle_dir), "-o", str(out),
-                 "--max-audio-seconds", "1e308", *FAST])
+                 "--max-audio-seconds", "600", *FAST])
     assert code == 0 and out.is_file(), capsys.readouterr().err
 
 

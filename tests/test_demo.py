@@ -126,7 +126,7 @@ def test_demo_never_overwrites_its_question(tmp_path, capsys):
     assert main(["demo", "--question", str(q), "--max-audio-seconds", "1e308",
                  "-o", str(tmp_path / "a.wav"), *nope]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("echox: error: ") and "nope" in err and "\n" not in err
+    assert err.startswith("echox: error: ") and "above 600 s" in err and "\n" not in err
 
 
 def test_demo_falls_back_only_when_no_bundle_exists(tmp_path, capsys, monkeypatch):

@@ -456,7 +456,37 @@ def test_bad_audio_gives_clear_errors(bundle: Bundle, tmp_path: Path) -> None:
         sf.write(ok, noise(0.2), 16000)
         # a view of the bytes (a socket's buffer, mmap) is the bytes, as load_audio takes it
         assert s.user_turn(audio=memoryview(ok.read_bytes())).audio.size == 3200
+        # a rate no speech has: five samples at 1 Hz were answered as a 5 s question
+        low = tmp_path / "low.wav"
+        sf.write(low, noise(0.5), 4000)
+        for src in (low, low.read_bytes()):
+            with pytest.raises(AudioError, match="4000 Hz is too low for speech"):
+                s.respond(audio=src)
+        with pytest.raises(AudioError, match="1 Hz is too low for speech"):
+            s.respond(audio=noise(0.5)[:5], sample_rate=1)
         assert s.history == []  # failed turns leave no trace
+        # a long bytes question is refused from its header too
+        with pytest.raises(AudioError, match="the limit is 30 s"):
+            s.respond(audio=_wav_bytes(noise(bundle.model.config.encoder.max_seconds + 1.0)))
+
+
+def _wav_bytes(x: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, x, 16000, format="WAV")
+    return buf.getvalue()
+
+
+def test_max_audio_seconds_is_capped(bundle: Bundle) -> None:
+    """An uncapped `--max-audio-seconds` let a 40-minute question hold gigabytes for minutes
+    (the adapter attends over all its frames), deaf to SIGTERM meanwhile."""
+    from echox.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is above 600 s"):
+        Engine(bundle, greedy(), max_audio_seconds=601)
+    with Engine(bundle, greedy(), max_audio_seconds=600) as eng:
+        assert eng.max_audio_seconds == 600.0
 
 
 def test_missing_and_corrupt_bundles(bundle_dir: Path, tmp_path: Path,

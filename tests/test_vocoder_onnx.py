@@ -115,6 +115,23 @@ def test_cache_converts_once(tmp_path, monkeypatch) -> None:
     assert other.path != first.path
 
 
+def test_a_damaged_cache_copy_is_converted_again(tmp_path, monkeypatch, caplog) -> None:
+    """A cut generator.onnx in the cache failed every later run ("cannot open ONNX generator",
+    blaming the bundle's vocoder) until the user found and deleted the cache folder."""
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    gen, spec = tiny_generator(), OnnxSpec((0,), _mels(2))
+    first = cached_onnx_generator(gen, spec)
+    mel = torch.from_numpy(_mels(1)[0]).unsqueeze(0)
+    want = first(mel)
+    data = first.path.read_bytes()
+    first.path.write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING", logger="echox"):
+        again = cached_onnx_generator(gen, spec)
+    assert "cannot be opened" in caplog.text and again.path == first.path
+    assert again.path.stat().st_size == len(data)
+    torch.testing.assert_close(again(mel), want)
+
+
 def test_onnx_generator_in_a_vocoder_saves_as_local_folder(tmp_path) -> None:
     convert_generator_onnx(tiny_generator(), tmp_path / "g", int8_stages=[0], calibration=_mels(2))
     voc = UnitMelVocoder(tiny_model(), load_generator(tmp_path / "g"), output_sr=22050,

@@ -31,6 +31,7 @@ __all__ = [
     "AudioInfo",
     "AudioSource",
     "MAX_SAMPLE_RATE",
+    "MIN_SPEECH_RATE",
     "MIN_QUESTION_SECONDS",
     "SILENCE_PEAK",
     "audio_info",
@@ -64,6 +65,9 @@ MAX_PEAK = 64.0
 
 #: Shortest spoken question accepted, in seconds: less is a click, not a question.
 MIN_QUESTION_SECONDS = 0.1
+#: Telephone speech's rate: below it a file holds no intelligible speech (a 1 Hz header made
+#: five samples into five seconds of question).
+MIN_SPEECH_RATE = 8000
 
 # Container formats this module writes, keyed by file suffix.
 _WRITE_FORMATS: dict[str, str] = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
@@ -149,21 +153,31 @@ def max_frames(max_seconds: float, sr: int) -> int:
 # --------------------------------------------------------------------------- reading
 
 
-def audio_info(path: str | os.PathLike) -> AudioInfo:
-    """Read an audio file's header (rate, frames, channels) without decoding it.
+def audio_info(path: str | os.PathLike | bytes | bytearray | memoryview) -> AudioInfo:
+    """Read an audio file's header (rate, frames, channels) without decoding it; `path` may
+    also be the file's bytes.
 
     Raises:
         AudioError: the file is missing, empty, not a format soundfile can read, or a WAV
             file shorter than its header says.
     """
-    p = _existing_file(path)
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if len(path) == 0:
+            raise AudioError("audio bytes are empty")
+        handle: str | io.BytesIO = io.BytesIO(bytes(path))
+        name = "audio bytes"
+    else:
+        handle = str(_existing_file(path))
+        name = f"'{handle}'"
     try:
-        info = sf.info(str(p))
-    except (sf.SoundFileError, RuntimeError) as err:
-        raise AudioError(f"'{p}': not a readable audio file ({err})") from err
+        info = sf.info(handle)
+    except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioError(f"{name}: not a readable audio file ({err})") from err
     if info.samplerate <= 0:
-        raise AudioError(f"'{p}': header gives an invalid sample rate {info.samplerate}")
-    check_wav_complete(str(p), f"'{p}'")  # libsndfile's frame count trusts a cut file
+        raise AudioError(f"{name}: header gives an invalid sample rate {info.samplerate}")
+    if isinstance(handle, io.BytesIO):
+        handle.seek(0)
+    check_wav_complete(handle, name)  # libsndfile's frame count trusts a cut file
     return AudioInfo(
         sample_rate=int(info.samplerate),
         frames=int(info.frames),

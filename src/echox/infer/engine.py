@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from echox.audio import AudioWarning, audio_info, check_question_length, load_audio
+from echox.audio import MIN_SPEECH_RATE, AudioWarning, audio_info, check_question_length, load_audio
 from echox.errors import AudioError, ConfigError, EngineClosedError, PromptError
 from echox.infer.bundle import Bundle
 from echox.infer.events import (
@@ -78,11 +78,22 @@ __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final
 AudioInput = str | Path | bytes | bytearray | memoryview | np.ndarray | None
 
 
+#: The longest question `--max-audio-seconds` may allow. The speech adapter attends over all of
+#: a question's frames at once: time and memory grow with the square of its length, and a
+#: question of tens of minutes held gigabytes and the process for minutes, deaf to SIGTERM.
+MAX_AUDIO_SECONDS_CAP = 600.0
+
+
 def check_max_audio_seconds(value: object) -> float:
     """A valid `--max-audio-seconds` / `max_audio_seconds` as float; ConfigError otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             0 < value < float("inf")):
-        raise ConfigError(f"--max-audio-seconds must be a number of seconds > 0, got {value!r}")
+        raise ConfigError(f"--max-audio-seconds must be a finite number of seconds > 0, got "
+                          f"{value!r}")
+    if value > MAX_AUDIO_SECONDS_CAP:
+        raise ConfigError(f"--max-audio-seconds {value:g} is above {MAX_AUDIO_SECONDS_CAP:g} s: "
+                          "the speech adapter attends over a whole question at once (its time "
+                          "and memory grow with the square of the length); split longer audio")
     return float(value)
 
 
@@ -94,6 +105,12 @@ def check_question(audio: AudioInput, limit: float | None) -> None:
         load_question(audio, limit)
 
 
+def _check_speech_rate(rate: object, name: str) -> None:
+    if isinstance(rate, int) and not isinstance(rate, bool) and 0 < rate < MIN_SPEECH_RATE:
+        raise AudioError(f"{name}: a sample rate of {rate} Hz is too low for speech (at least "
+                         f"{MIN_SPEECH_RATE} Hz)")
+
+
 def load_question(audio: AudioInput, limit: float | None, sr: int = 16000,
                   sample_rate: int | None = None) -> np.ndarray:
     """A spoken question as float32 mono at `sr`, checked: readable, complete, at least
@@ -103,20 +120,20 @@ def load_question(audio: AudioInput, limit: float | None, sr: int = 16000,
     the slow model load. A file longer than `limit` is refused from its header alone.
     """
     if isinstance(audio, np.ndarray):
+        name = "question audio"
+        _check_speech_rate(sample_rate if sample_rate is not None else sr, name)
         wav = load_audio(audio, sr, max_seconds=None,
                          orig_sr=sample_rate if sample_rate is not None else sr)
-        name = "question audio"
     elif isinstance(audio, (str, Path, bytes, bytearray, memoryview)):
-        name = "question audio"
-        if isinstance(audio, (str, Path)):  # refuse a long file from its header alone
-            name = f"'{audio}': question audio"
-            try:
-                info = audio_info(audio)
-            except AudioError:
-                pass  # load_audio reports it
-            else:
-                if limit is not None:
-                    check_speech_length(info.frames, limit, name, info.sample_rate)
+        name = f"'{audio}': question audio" if isinstance(audio, (str, Path)) else "question audio"
+        try:  # refuse a long file, or one of no speech's rate, from its header alone
+            info = audio_info(audio)
+        except AudioError:
+            pass  # load_audio reports it
+        else:
+            _check_speech_rate(info.sample_rate, name)
+            if limit is not None:
+                check_speech_length(info.frames, limit, name, info.sample_rate)
         # a given rate must be the file's own (load_audio refuses one that disagrees)
         wav = load_audio(audio, sr, max_seconds=None, orig_sr=sample_rate)
     else:

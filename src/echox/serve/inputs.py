@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from echox.audio import AudioWarning, check_question_length, load_audio
+from echox.audio import MIN_SPEECH_RATE, AudioWarning, check_question_length, load_audio
 from echox.errors import AudioError, EchoXError
 from echox.model.prompt import Turn, is_unicode
 
@@ -29,7 +29,7 @@ __all__ = ["AUDIO_FORMATS", "ApiError", "AudioBuffer", "Limits", "PCM_FORMATS", 
 PCM_FORMATS: dict[str, tuple[str, int]] = {"pcm_s16le": ("<i2", 2), "pcm_f32le": ("<f4", 4)}
 #: "file": the bytes of a wav/flac/ogg file, possibly split over several frames.
 AUDIO_FORMATS = ("file", *PCM_FORMATS)
-MIN_RATE, MAX_RATE = 8000, 192000
+MIN_RATE, MAX_RATE = MIN_SPEECH_RATE, 192000
 #: Channels of `MAX_RATE` audio a file may decode to, for `max_audio_seconds`: a few KB of
 #: compressed silence (FLAC, Ogg) can hold minutes of many-channel audio, gigabytes decoded.
 DECODE_CHANNELS = 2

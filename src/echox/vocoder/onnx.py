@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -297,11 +298,18 @@ def cached_onnx_generator(generator: HiFiGANGenerator, spec: OnnxSpec,
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
     folder = cache_dir() / "hifigan-onnx" / h.hexdigest()[:20]
-    if not (folder / ONNX_GENERATOR).is_file() or not (folder / GENERATOR_CONFIG).is_file():
-        log.warning("converting the HiFi-GAN to ONNX (int8 stages %s) into %s (once)",
-                    list(spec.int8_stages), folder)
+    if (folder / ONNX_GENERATOR).is_file() and (folder / GENERATOR_CONFIG).is_file():
         try:
-            convert_generator_onnx(generator, folder, spec.int8_stages, spec.calibration)
-        except ConversionError as exc:  # a vocoder folder that cannot be served: a checkpoint error
-            raise VocoderCheckpointError(f"cannot convert the HiFi-GAN for ONNX Runtime: {exc}") from exc
+            return load_onnx_generator(folder, threads=threads)
+        except (VocoderCheckpointError, ValueError, OSError) as exc:
+            # a cache copy damaged since (a cut disk, a stray edit) failed every later run
+            log.warning("the cached ONNX HiFi-GAN in %s cannot be opened (%s): converting it "
+                        "again", folder, str(exc).splitlines()[0][:120])
+            shutil.rmtree(folder)
+    log.warning("converting the HiFi-GAN to ONNX (int8 stages %s) into %s (once)",
+                list(spec.int8_stages), folder)
+    try:
+        convert_generator_onnx(generator, folder, spec.int8_stages, spec.calibration)
+    except ConversionError as exc:  # a vocoder folder that cannot be served: a checkpoint error
+        raise VocoderCheckpointError(f"cannot convert the HiFi-GAN for ONNX Runtime: {exc}") from exc
     return load_onnx_generator(folder, threads=threads)
