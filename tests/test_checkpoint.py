@@ -338,6 +338,9 @@ def test_malformed_config_and_checksum_values(make_model, tmp_path):
     (folder / "checksums.json").write_text("{}")  # would verify nothing
     with pytest.raises(CheckpointError, match=r"lists no checksum for config\.json, model\.safetensors"):
         EchoX.from_pretrained(folder)
+    (folder / "checksums.json").write_text('{"config.json": 123}')  # "got an object" of one
+    with pytest.raises(CheckpointError, match=r"the checksum of 'config\.json' is not a sha256 string \(123\)"):
+        EchoX.from_pretrained(folder)
     outside = tmp_path / "outside.txt"
     outside.write_text("x")
     from echox.model.checkpoint import sha256_file
@@ -578,3 +581,23 @@ def test_a_moved_base_llm_is_named_and_read_from_where_it_is_now(make_model, tmp
     for cmd in (["chat"], ["demo"], ["eval", "--benchmark", "b.jsonl", "--out", "o"], ["serve"]):
         args = build_parser().parse_args([*cmd, "--base-llm", "x", "--base-encoder", "y"])
         assert (args.base_llm, args.base_encoder) == ("x", "y")
+
+
+def test_a_folder_of_another_kind_or_in_a_files_place_is_named(make_model, tmp_path):
+    """A vocoder folder given as the model said only "checkpoint file missing: checksums.json",
+    and a config.json that is a folder was called missing."""
+    from echox.audio import check_output_path
+    from echox.errors import AudioError
+
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    (voc / "config.json").write_text(json.dumps({"format": "echox-vocoder", "vocoder": {}}))
+    with pytest.raises(CheckpointError, match="missing: .*; it is a vocoder folder"):
+        EchoX.from_pretrained(voc)
+    folder = make_model().save_pretrained(tmp_path / "ckpt")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is a folder, not the checkpoint's file"):
+        EchoX.from_pretrained(folder)
+    with pytest.raises(AudioError, match="is a folder, not an audio file path"):
+        check_output_path(tmp_path)  # `-o answers/`: it said "unsupported suffix ''"

@@ -542,12 +542,12 @@ def check_output_path(path: str | os.PathLike) -> Path:
     folder above it must be a writable folder (missing folders are created on save).
     """
     p = Path(path)
+    if p.is_dir():  # before the suffix: `-o answers/` is a folder, not a file of suffix ''
+        raise AudioError(f"'{p}': is a folder, not an audio file path")
     if p.suffix.lower() not in _WRITE_FORMATS:
         raise AudioError(
             f"'{p}': unsupported suffix {p.suffix!r}; use one of {sorted(_WRITE_FORMATS)}"
         )
-    if p.is_dir():
-        raise AudioError(f"'{p}': is a folder, not an audio file path")
     parent = p.absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -261,15 +261,22 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint folder not found: {folder}{moved_aside_hint(folder)}")
     sums_path = folder / CHECKSUMS
     for required in (CONFIG, WEIGHTS, CHECKSUMS):
+        if (folder / required).is_dir():
+            raise CheckpointError(f"{folder / required} is a folder, not the checkpoint's file")
         if not (folder / required).is_file():
-            raise CheckpointError(f"checkpoint file missing: {folder / required}")
+            raise CheckpointError(f"checkpoint file missing: {folder / required}"
+                                  f"{_other_kind_of_folder(folder)}")
     try:
         sums = json.loads(sums_path.read_text())
     except (ValueError, RecursionError) as e:  # also a number too long, a list too deep
         raise CheckpointError(f"corrupt checkpoint file {sums_path}: {e}") from e
-    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+    if not isinstance(sums, dict):
         raise CheckpointError(f"corrupt checkpoint file {sums_path}: expected a JSON object of "
                               f"file name -> sha256, got {_json_kind(sums)}")
+    odd = next((k for k, v in sums.items() if not isinstance(v, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"corrupt checkpoint file {sums_path}: the checksum of {odd!r} is "
+                              f"not a sha256 string ({sums[odd]!r})")
     unlisted = [n for n in (CONFIG, WEIGHTS) if n not in sums]
     if unlisted:  # e.g. `{}`: nothing would be verified
         raise CheckpointError(f"corrupt checkpoint file {sums_path}: it lists no checksum for "
@@ -430,6 +437,17 @@ def base_models_of(args: Any) -> dict[str, str] | None:
             p = Path(where).expanduser()
             given[part] = str(p.resolve()) if p.exists() else where
     return given or None
+
+
+def _other_kind_of_folder(folder: Path) -> str:
+    """"; it is a vocoder folder: ..." where `folder` holds another EchoX part than a model."""
+    try:
+        meta = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError, RecursionError):
+        return ""
+    if isinstance(meta, dict) and "vocoder" in meta and "config" not in meta:
+        return "; it is a vocoder folder: give the model (bundle) folder"
+    return ""
 
 
 def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = None,
