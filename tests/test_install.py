@@ -59,3 +59,24 @@ def test_version_names_the_key_packages(capsys):
     assert lines[0].startswith("echox ")
     for name in ("torch", "transformers", "onnxruntime"):
         assert f"{name} {version(name)}" in lines
+
+
+def test_setup_refuses_a_python_it_cannot_use(tmp_path):
+    """A missing interpreter was a bare `command not found` (127); a too old one failed in pip's
+    resolver after making a venv, which the next run (with the right Python) then reused."""
+    import subprocess
+    import sys
+
+    def setup(python: str, venv: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], capture_output=True,
+                              text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "PYTHON": python, "ECHOX_VENV": str(venv)})
+
+    r = setup(str(tmp_path / "no-python"), tmp_path / "v1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no Python at" in r.stderr
+    old = tmp_path / "python3.9"  # a stand-in that says it is 3.9
+    old.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; print(\"3.9\"); sys.exit(1)'\n")
+    old.chmod(0o755)
+    r = setup(str(old), tmp_path / "v2")
+    assert r.returncode == 2 and "needs Python 3.10 or newer" in r.stderr
+    assert not (tmp_path / "v2").exists()

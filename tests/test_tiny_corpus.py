@@ -398,3 +398,13 @@ def test_a_cached_answer_without_its_fields_is_answered_again(tmp_path, caplog):
     assert "answers.jsonl:2: no 'answer' or 'correct'; its question is answered again" in caplog.text
     assert list(_read_answers(path)) == ["q1", "q3"]  # the s2t-mix extras record no "correct"
     assert list(_read_answers(path, needs=())) == ["q1", "q2", "q3", "q4"]
+
+
+def test_an_installed_package_asks_for_a_question_file(tmp_path, monkeypatch):
+    """Installed from a wheel, the default question file (recipes/, a checkout's) is not there:
+    the error named a path inside the venv's lib folder as if the file had gone missing."""
+    import echox.data.tiny_corpus as tc
+
+    monkeypatch.setattr(tc, "DEFAULT_QUESTIONS", tmp_path / "lib" / "recipes" / "questions.jsonl")
+    with pytest.raises(DataBuildError, match="give --questions FILE: .*source checkout"):
+        load_questions()

