@@ -61,6 +61,7 @@ else
   if [ ${#torch_index[@]} -gt 0 ]; then
     python -m pip install -q --index-url "$TORCH_INDEX" "torch==2.13.0+cpu"
   else
+    echo "note: $TORCH_INDEX did not answer: torch 2.13.0 comes from pip's configured index (on PyPI that is the CUDA build, several GB; ECHOX_TORCH_INDEX names a CPU mirror)"
     python -m pip install -q "torch==2.13.0"
   fi
   python -m pip install -q -e ".[test,data]"
