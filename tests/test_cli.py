@@ -3,6 +3,8 @@
 import os
 import signal
 
+import pytest
+
 from echox import cli
 
 
@@ -158,3 +160,17 @@ def test_a_closed_output_pipe_ends_quietly():
         p.stdout.close()  # the reader is gone before anything is written
         err = p.stderr.read().decode()
         assert p.wait() in (141, 0) and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_another_broken_pipe_is_not_taken_for_a_closed_stdout(monkeypatch):
+    """Only stdout's reader going away ends quietly (141); a pipe or socket of the command's own
+    that breaks was swallowed the same way, with no message."""
+    import echox.infer.demo as demo
+    from echox.cli import main
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(demo, "cmd_demo", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["demo"])

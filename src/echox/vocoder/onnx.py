@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -303,9 +302,9 @@ def cached_onnx_generator(generator: HiFiGANGenerator, spec: OnnxSpec,
             return load_onnx_generator(folder, threads=threads)
         except (VocoderCheckpointError, ValueError, OSError) as exc:
             # a cache copy damaged since (a cut disk, a stray edit) failed every later run
+            # (the conversion's atomic write replaces the folder)
             log.warning("the cached ONNX HiFi-GAN in %s cannot be opened (%s): converting it "
                         "again", folder, str(exc).splitlines()[0][:120])
-            shutil.rmtree(folder)
     log.warning("converting the HiFi-GAN to ONNX (int8 stages %s) into %s (once)",
                 list(spec.int8_stages), folder)
     try:
