@@ -132,6 +132,10 @@ def test_page_records_streams_and_plays_in_chromium(server: str, tmp_path: Path)
             final = int(first.get_attribute("data-final-ms") or 0)
             assert 0 < first_audio < final, (first_audio, final)  # played before the end
             expect(first.locator(".stats")).to_contain_text("first audio")
+            # the finished answer is read out to screen readers; the question box has a name
+            expect(page.locator("#announce")).to_have_attribute("aria-live", "polite")
+            expect(page.locator("#announce")).to_have_text("answer: " + first.locator(".text").inner_text())
+            expect(page.get_by_role("textbox", name="question")).to_have_count(1)
             expect(first.locator("audio")).to_have_count(1)
             expect(page.locator("li.turn.user").nth(0)).to_contain_text("Recorded question")
             expect(page.locator("li.turn.user").nth(0).locator("audio")).to_have_count(1)

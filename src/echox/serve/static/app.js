@@ -227,6 +227,7 @@
     const s = msg.stats;
     const ms = (v) => (v === null || v === undefined ? "–" : `${Math.round(v)} ms`);
     turn.textEl.textContent = msg.text;
+    $("announce").textContent = `answer: ${msg.text}`;
     const parts = [`first text ${ms(s.first_text_ms)}`, `first audio ${ms(s.first_audio_ms)}`,
                    `total ${(s.total_ms / 1000).toFixed(1)} s`,
                    `speech ${msg.audio_seconds.toFixed(1)} s`];
