@@ -370,3 +370,24 @@ def test_demo_prints_no_answer_line_for_a_turn_that_is_refused(bundle_dir: Path,
     assert main(["demo", "--model", str(bundle_dir), "--no-asr", "--max-new-tokens", "1020"]) == 2
     cap = capsys.readouterr()
     assert "answer:" not in cap.out and "--max-new-tokens" in cap.err, cap
+
+
+def test_an_answer_without_speech_takes_no_file_number(bundle_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A turn whose answer had no speech units (no file written) still used up its number:
+    answer_1.wav never appeared and the next answer was answer_2.wav."""
+    import echox.infer.chat as chat
+
+    calls = []
+
+    def turn(session, out, stats, stdout, audio=None, text=None):
+        calls.append(out.name)
+        if len(calls) > 1:  # the first answer has no speech
+            sf.write(out, noise(0.1), 16000)
+
+    monkeypatch.setattr(chat, "_run_turn", turn)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\nmore\n"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["chat", "--model", str(bundle_dir), *FAST]) == 0, capsys.readouterr().err
+    assert calls == ["answer_1.wav", "answer_1.wav", "answer_2.wav"]

@@ -215,7 +215,8 @@ def _interactive(session: Any, args: argparse.Namespace, stdin: TextIO, stdout: 
         try:
             _run_turn(session, out, args.stats, stdout,
                       audio=line if is_audio else None, text=None if is_audio else line)
-            n += 1
+            if out.exists():  # an answer of no speech writes no file and takes no number
+                n += 1
         except EchoXError as e:
             if args.debug:
                 raise
