@@ -77,6 +77,10 @@ def test_json_lines_costs_a_bad_line_only(tmp_path: Path) -> None:
     assert got[5].value is None and got[5].error.startswith("malformed JSON")
     with pytest.raises(FileNotFoundError):
         list(json_lines(tmp_path / "none.jsonl"))
+    # a byte order mark (Windows editors write one) starts the file only: read past there
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\xef\xbb\xbf{"b": 2}\n')
+    got = list(json_lines(p))
+    assert got[0].value == {"a": 1} and got[1].error.startswith("malformed JSON")
 
 
 def test_json_objects_skips_damaged_lines_of_a_resume_file(tmp_path: Path,

@@ -318,11 +318,12 @@ def json_lines(path: str | os.PathLike) -> Iterator[JsonLine]:
     """Each non-blank line of a JSON-lines file, parsed. The file is read by bytes, so a
     line that is not UTF-8, is not JSON (a torn last line, say) or is nested too deeply costs
     that line only: it comes with `error` set, and the caller decides whether to stop, skip
-    or redo it. A missing file raises FileNotFoundError."""
+    or redo it. A missing file raises FileNotFoundError. A UTF-8 byte order mark at the start
+    (Windows editors write one) is read past."""
     with Path(path).open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 yield JsonLine(lineno, None, f"not UTF-8 text ({err.reason} at byte {err.start})")
                 continue
