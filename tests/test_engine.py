@@ -623,6 +623,11 @@ def test_unit_beams_stored_by_echox_bundle_reach_the_engine(bundle_dir: Path, tm
     assert main([*args, "--unit-beams", "3", "--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
     b = load_bundle(tmp_path / "b")
     assert b.model.config.t2c.beams == 3 and b.model.echo.cfg.beams == 3
+    # the unit budget (a raw-unit decoder speaks ~2.2x the tokens of a unit language's)
+    assert main([*args, "--max-units-per-token", "18", "--out", str(tmp_path / "b18")]) == 0
+    budget = load_bundle(tmp_path / "b18").model.echo
+    assert budget.cfg.max_units_per_token == 18
+    assert budget.default_sampling(10).max_new_tokens == 18 * 10 + 16
     with Engine(b, EngineConfig.greedy(max_new_tokens=12, **SMALL_CHUNKS)) as eng:
         s = eng.session()
         events = list(s.respond(text="hello there"))
@@ -636,7 +641,8 @@ def test_unit_beams_stored_by_echox_bundle_reach_the_engine(bundle_dir: Path, tm
     for bad, says in ((["--unit-beams", "0"], "--unit-beams must be in [1, 64]"),
                       (["--unit-beams", "99999999999"], "--unit-beams must be in [1, 64]"),
                       (["--unit-length-penalty", "nan"], "--unit-length-penalty must be a finite"),
-                      (["--unit-length-penalty", "inf"], "--unit-length-penalty must be a finite")):
+                      (["--unit-length-penalty", "inf"], "--unit-length-penalty must be a finite"),
+                      (["--max-units-per-token", "0"], "--max-units-per-token must be in [1, ")):
         assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2  # were saved as they came
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, (bad, err)

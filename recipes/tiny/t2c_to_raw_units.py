@@ -14,6 +14,8 @@ the rows of the merged tokens are dropped.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -40,6 +42,12 @@ def convert(src: Path, out: Path) -> None:
         raise EchoXError(f"{src}/unit_language: token u is not unit u for every u < {k}")
     cfg = warm.config
     cfg.t2c.unit_vocab_size = k
+    # the unit budget of a spoken answer (units per text token) grows as the tokens split
+    # into their units: 8 language tokens per text token are about 18 raw units
+    stats = src / "unit_language" / "train_stats.json"  # `echox units train-language` writes it
+    held = json.loads(stats.read_text()).get("heldout", {}) if stats.is_file() else {}
+    per_token = held.get("units_per_token") or 2.5
+    cfg.t2c.max_units_per_token = math.ceil(cfg.t2c.max_units_per_token * per_token)
     new = EchoX.build(cfg, tokenizer=warm.tokenizer)
     state, mine = warm.t2c.state_dict(), new.t2c.state_dict()
     for name, t in state.items():

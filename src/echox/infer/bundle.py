@@ -408,17 +408,23 @@ def cmd_bundle(args: Any) -> int:
             raise
         except Exception as e:  # noqa: BLE001 - UnitError and OS errors
             raise CheckpointError(f"cannot load the unit language {language_path}: {e}") from e
-    set_unit_decoding(model, args.unit_beams, args.unit_length_penalty)
+    set_unit_decoding(model, args.unit_beams, args.unit_length_penalty, args.max_units_per_token)
     out = save_bundle(out, model, vocoder, lang, slim=args.slim, replace=args.force)
     print(json.dumps({"bundle": str(out), **bundle_info(Bundle(model, vocoder, lang, out))}))
     return 0
 
 
-def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | None) -> None:
+def set_unit_decoding(model: EchoX, beams: int | None, length_penalty: float | None,
+                      max_units_per_token: int | None = None) -> None:
     """Store how the T2C and echo decoders decode by default (`t2c.beams`,
-    `t2c.length_penalty`; both decoders read this config object); None keeps the checkpoint's
-    setting."""
+    `t2c.length_penalty`, the unit budget `t2c.max_units_per_token`; both decoders read this
+    config object); None keeps the checkpoint's setting."""
     cfg = model.config.t2c
+    if max_units_per_token is not None:
+        if not 1 <= max_units_per_token <= cfg.max_positions:
+            raise ConfigError(f"--max-units-per-token must be in [1, {cfg.max_positions}], got "
+                              f"{max_units_per_token}")
+        cfg.max_units_per_token = max_units_per_token
     if beams is not None:
         if not 1 <= beams <= MAX_BEAMS:
             raise ConfigError(f"--unit-beams must be in [1, {MAX_BEAMS}], got {beams}")
@@ -443,6 +449,10 @@ def bundle_options(p: argparse.ArgumentParser) -> None:
                    "(1 = greedy; default: the checkpoint's t2c.beams)")
     p.add_argument("--unit-length-penalty", type=float,
                    help="beam score = log-probability / length ** this (default: the checkpoint's)")
+    p.add_argument("--max-units-per-token", type=int, metavar="N",
+                   help="the longest spoken answer, in speech tokens per text token (+16); an "
+                        "answer that reaches it is cut (default: the checkpoint's "
+                        "t2c.max_units_per_token; raw units need about 2.2x a unit language's)")
     p.add_argument("--out", required=True, help="bundle folder to write (a new one)")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it exists (the whole folder: what else it holds is lost)")
