@@ -326,6 +326,40 @@ def test_tiny_pipeline_refuses_an_unknown_step(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
+def test_tiny_pipeline_checks_its_settings_before_any_step(tmp_path: Path) -> None:
+    """A STEP list with spaces (or empty) ran nothing and exited 0; CTC_STEPS=abc skipped the
+    CTC pre-training with a shell warning; T2C_STEPS=abc or T2C_INIT=/nope failed only when
+    their step came, after hours of the earlier ones; STEP=bundle with nothing trained and
+    STEP=ttsx without BIGBENCH exited 0."""
+    root = Path(__file__).resolve().parents[1]
+    ran = tmp_path / "ran"  # a stand-in echox that records every call
+    fake = tmp_path / "echox"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {ran}\n")
+    fake.chmod(0o755)
+    for env, says in (({"STEP": "units t2c"}, "separated by commas"),
+                      ({"STEP": ","}, "separated by commas"),
+                      ({"STEP": "all", "CTC_STEPS": "abc"}, "CTC_STEPS must be a whole number"),
+                      ({"STEP": "all", "T2C_STEPS": "1e3"}, "T2C_STEPS must be a whole number"),
+                      ({"STEP": "all", "THREADS": "0"}, "THREADS must be a whole number >= 1"),
+                      ({"STEP": "all", "T2C_LR": "fast"}, "T2C_LR must be a number"),
+                      ({"STEP": "all", "T2C_INIT": "/nope"}, "T2C_INIT=/nope: no such folder"),
+                      ({"STEP": "ttsx", "BIGBENCH": ""}, "ttsx: set BIGBENCH"),
+                      ({"STEP": "bundle"}, "no trained Stage III model"),
+                      ({"STEP": "vocoder"}, "run STEP=units first")):
+        r = subprocess.run(["bash", str(root / "recipes" / "tiny" / "pipeline.sh")],
+                           capture_output=True, text=True, timeout=60, cwd=root,
+                           env={**os.environ, "RUNS": str(tmp_path / "runs"), "ECHOX": str(fake),
+                                "DATA": str(tmp_path / "data"), **env})
+        assert r.returncode == 2 and says in r.stderr, (env, r.stderr)
+        assert not ran.exists(), (env, ran.read_text())  # refused before any step ran
+    r = subprocess.run(["bash", str(root / "recipes" / "tiny" / "pipeline.sh")], capture_output=True,
+                       text=True, timeout=60, cwd=root,
+                       env={**os.environ, "STEP": "units", "T2C_LR": "3e-4", "UNITS_WINDOW": "10",
+                            "ECHOX": str(fake), "DATA": str(tmp_path / "data"),
+                            "RUNS": str(tmp_path / "runs")})
+    assert r.returncode == 0 and "units extract" in ran.read_text(), r.stderr  # good values pass
+
+
 def test_prepare_data_checks_its_models_before_any_download(tmp_path):
     """MHUBERT / KM1000 that do not exist were found at step 5, after the TB-scale downloads."""
     script = ROOT / "recipes" / "3b" / "prepare_data.sh"
@@ -337,3 +371,26 @@ def test_prepare_data_checks_its_models_before_any_download(tmp_path):
         assert r.returncode == 2 and says in r.stderr, r.stderr
     step3 = next(x for x in script.read_text().splitlines() if x.startswith("$ECHOX train s2t"))
     assert step3.endswith("--prepare-data ${ECHOX_TRAIN_ARGS:-}"), step3
+
+
+def test_device_pack_refuses_parts_too_small_for_the_wheels_and_a_foreign_out(tmp_path: Path) -> None:
+    """--part-mb below the wheels' size cut the payload at a negative offset: parts that failed
+    their checksum only on the GPU machine. An --out holding other things lost its bin*/."""
+    root = Path(__file__).resolve().parents[1]
+    wheel = tmp_path / "x.whl"
+    wheel.write_bytes(b"w" * 2_000_000)
+
+    def pack(out: Path, part_mb: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(root / "recipes/tiny/device/pack.py"), "pack",
+                               "--out", str(out), "--data", str(tmp_path), "--s2t", str(tmp_path),
+                               "--whisper", str(tmp_path), "--wheels", str(wheel), "--part-mb", part_mb],
+                              capture_output=True, text=True, timeout=60)
+
+    r = pack(tmp_path / "out", "1")
+    assert r.returncode == 2 and "leaves no room beside the wheels" in r.stderr, r.stderr
+    home = tmp_path / "home"
+    (home / "bin").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    r = pack(home, "60")
+    assert r.returncode == 2 and "holds other things (notes.txt)" in r.stderr, r.stderr
+    assert (home / "bin").is_dir()

@@ -18,7 +18,8 @@
 #                                                 #  a kept Stage I (Stage I then starts from it)
 #
 # Every step is resumable or cached; rerunning skips finished work (training resumes from its
-# last checkpoint). One torch thread per process: S2T runs beside the unit steps and the T2C on
+# last checkpoint; bundle and the vocoder's ONNX folder are made again). Relative paths (DATA,
+# RUNS, ...) are from the repository's root, where the script runs. One torch thread per process: S2T runs beside the unit steps and the T2C on
 # a 2-core machine. The units are those of the committed k500 vocoder
 # (recipes/tiny/vocoder-k500), so its int8 ONNX vocoder voices the new model unchanged.
 set -euo pipefail
@@ -84,12 +85,33 @@ TTSX_WINDOW=${TTSX_WINDOW:-10}
 # and vocoder were trained on; the vocoder's WER on them was 0.223 vs 0.215 (40 answers,
 # docs/units.md). Off by default: the measured T2Cs were trained on 30 s units.
 run() { [ "$STEP" = all ] || [[ ",$STEP," == *",$1,"* ]]; }  # STEP=all, one step, or a list: units,t2c
+named() { [ "$STEP" != all ] && run "$1"; }  # a step asked for by name (not only within all)
+die() { echo "pipeline: $*" >&2; exit 2; }
 STEPS=" data mix units ttsx xans ctc s2t t2c echo gold vocoder bundle eval "
-if [ "$STEP" != all ]; then  # a misspelt step would otherwise run nothing and succeed
-  for s in ${STEP//,/ }; do
-    [[ "$STEPS" == *" $s "* ]] || { echo "pipeline: unknown STEP '$s'; steps:$STEPS(or all)" >&2; exit 2; }
+# Everything below is checked before any step runs: a misspelt step ran nothing and succeeded,
+# and a bad number or path failed only when its step came, hours into STEP=all.
+if [ "$STEP" != all ]; then
+  [[ "$STEP" =~ ^[a-z0-9]+(,[a-z0-9]+)*$ ]] || die "STEP '$STEP': give step names separated by commas (STEP=units,t2c), or all"
+  IFS=, read -ra asked <<< "$STEP"
+  for s in "${asked[@]}"; do
+    [[ "$STEPS" == *" $s "* ]] || die "unknown STEP '$s'; steps:$STEPS(or all)"
   done
 fi
+for v in CTC_STEPS S2T_STEPS T2C_STEPS ECHO_STEPS TTSX_LIMIT VOCAB; do  # whole numbers, 0 allowed
+  [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
+done
+for v in THREADS UNIT_BEAMS LABEL_BEAMS S2T_THREADS ECHO_BATCH LIMIT VOC_STEPS VOC_ROUNDS; do
+  [ -z "${!v:-}" ] || [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a whole number >= 1, got '${!v}'"
+done
+[ -z "$ECHO_SEED" ] || [[ "$ECHO_SEED" =~ ^[0-9]+$ ]] || die "ECHO_SEED must be a whole number, got '$ECHO_SEED'"
+for v in T2C_LR ECHO_LR UNITS_WINDOW TTSX_WINDOW; do
+  [ -z "${!v:-}" ] || [[ "${!v}" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE]-?[0-9]+)?$ ]] \
+    || die "$v must be a number, got '${!v}'"
+done
+for v in S2T_INIT CTC_INIT T2C_INIT ECHO_INIT GOLD_INIT; do  # the warm starts: folders that exist
+  [ -z "${!v:-}" ] || [ -d "${!v}" ] || die "$v=${!v}: no such folder"
+done
+[ -x "$ECHOX" ] || [ "$ECHOX" != .venv/bin/echox ] || die "no $ECHOX: set up first (bash scripts/setup.sh)"
 common=(--threads "$THREADS" --set "data.unit_language=$UNIT_LANG")
 
 if run data; then
@@ -119,7 +141,8 @@ if run ttsx; then  # more for the T2C to learn pronunciation from: qa_wikidata f
         --out "$DATA/tts_extra/tts_units.jsonl" ${TTSX_WINDOW:+--window-seconds $TTSX_WINDOW}
     # the same clips are ASR turns for Stage I too (train/asr_tts.jsonl)
     $ECHOX data s2t-mix --corpus "$DATA" --voice "" --no-asr --asr-tts "$DATA/tts_extra/tts.jsonl"
-  else
+  else  # a skipped step is an error only when it was asked for by name
+    named ttsx && die "ttsx: set BIGBENCH (the BIG-bench sdist or folder, see make_questions.py)"
     echo "ttsx: BIGBENCH (the BIG-bench sdist or folder, see make_questions.py) is not set; skipped" >&2
   fi
 fi
@@ -169,6 +192,10 @@ if run t2c; then
       --data "$DATA/train/tts_units.jsonl" "${extra[@]}" --eval-data "$DATA/test/tts_units.jsonl" \
       "${common[@]}"
 fi
+if { run echo || run gold; } && [ "$T2C_MODEL" = "$T2C_RUN/best" ] && [ -d "$T2C_RUN/checkpoints" ] \
+    && [ ! -f "$T2C_RUN/model/config.json" ]; then
+  echo "pipeline: warning: $T2C_RUN has not finished (no model/): Stage III learns the labels of its best checkpoint so far" >&2
+fi
 if run echo; then
   edata=("$DATA/train/dialogues.jsonl")
   if [ -n "$ECHO_EXTRA" ]; then  # Echo needs no answer audio: the spoken asr_extra questions too
@@ -203,6 +230,7 @@ fi
 # clearer on piper's own units, not on the decoders', so the committed vocoder stays
 if [ "$STEP" != all ] && run vocoder; then
   VOC_RUN=${VOC_RUN:-$R/u2m}; VOC_STEPS=${VOC_STEPS:-1200}; VOC_ROUNDS=${VOC_ROUNDS:-2}
+  [ -f "$DATA/train/tts_units.jsonl" ] || die "vocoder: no $DATA/train/tts_units.jsonl: run STEP=units first"
   .venv/bin/python - "$DATA/train" <<'PY'
 import json, random, sys
 from pathlib import Path
@@ -228,10 +256,17 @@ PY
       --float16 --threads "$THREADS" --force --out "${VOCODER_OUT:-$R/vocoder}"
 fi
 if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
+  made=0
   for run_dir in "$ECHO_RUN" "$GOLD_RUN"; do
-    [ -d "$run_dir/model" ] && $ECHOX bundle --model "$run_dir/model" --vocoder "$VOCODER" \
-        --unit-language "$UNIT_LANG" --unit-beams "$UNIT_BEAMS" --slim --force --out "$R/bundle-$(basename "$run_dir")"
+    if [ -d "$run_dir/model" ]; then
+      $ECHOX bundle --model "$run_dir/model" --vocoder "$VOCODER" --unit-language "$UNIT_LANG" \
+          --unit-beams "$UNIT_BEAMS" --slim --force --out "$R/bundle-$(basename "$run_dir")"
+      made=$((made + 1))
+    else
+      echo "bundle: no $run_dir/model (STEP=$([ "$run_dir" = "$ECHO_RUN" ] && echo echo || echo gold) makes it); skipped" >&2
+    fi
   done
+  [ "$made" -gt 0 ] || ! named bundle || die "bundle: no trained Stage III model to bundle: run STEP=echo (and gold) first"
 fi
 if run eval; then  # the model card's table on the 300 test questions (bench/tiny_results.py):
   # text LLM, S2T, S2S, espeak-ng S2T, ASR-WER, T2C WER, first-audio latency, the gap's interval

