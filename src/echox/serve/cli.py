@@ -35,7 +35,7 @@ from echox.config import MAX_THREADS, int_at_least
 from echox.errors import ConfigError, EchoXError
 from echox.infer.bundle import (DEFAULT_MODEL_HELP, add_device_options, add_sampling_options, add_text_decoding_options, check_device,
                                 bundle_folder, load_bundle, sampling_temperature, text_decoding)
-from echox.infer.engine import Engine, EngineConfig
+from echox.infer.engine import Engine, EngineConfig, check_max_audio_seconds
 from echox.model.checkpoint import add_base_model_options, base_models_of
 from echox.model.generation import SamplingConfig
 from echox.serve.app import ServeConfig, create_app
@@ -88,6 +88,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     except (ValueError, ConfigError) as e:  # named as typed: --queue, not serve.queue_size
         msg = re.sub(r"\bserve\.(\w+)", lambda m: _FLAGS.get(m[1], m[0]), str(e))
         raise EchoXError(f"serve options: {msg}") from e
+    if args.max_audio_seconds is not None:  # the cap the engine holds, before the load
+        check_max_audio_seconds(args.max_audio_seconds)
     if not (math.isfinite(args.header_timeout) and args.header_timeout > 0):
         raise EchoXError(f"--header-timeout must be a finite number of seconds > 0, got {args.header_timeout}")
     if not 0 <= args.port <= 65535:
@@ -198,7 +200,7 @@ def serve_options(p: argparse.ArgumentParser) -> None:
                      help="largest audio upload per turn, MiB (default 16)")
     lim.add_argument("--max-audio-seconds", type=float, metavar="S",
                      help="longest spoken question, in seconds (default: the model's "
-                          "encoder.max_seconds, 30); longer ones are refused (413 "
+                          "encoder.max_seconds, 30; at most 600); longer ones are refused (413 "
                           "audio_too_long). Speech longer than the encoder window is encoded "
                           "window by window")
     lim.add_argument("--max-text-chars", type=int, default=2000,

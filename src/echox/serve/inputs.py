@@ -74,7 +74,7 @@ class Limits:
     def max_decoded_samples(self) -> int:
         """Samples (all channels) an audio file may decode to."""
         samples = self.max_audio_seconds * MAX_RATE * DECODE_CHANNELS
-        return math.ceil(samples) if math.isfinite(samples) else sys.maxsize  # 1e308 s: no limit
+        return math.ceil(samples) if math.isfinite(samples) else sys.maxsize  # Limits made directly
 
     def too_long(self, seconds: float) -> ApiError:
         """A client cannot raise the limit: the message names the server's own setting."""
