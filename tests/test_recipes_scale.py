@@ -340,6 +340,9 @@ def test_tiny_pipeline_checks_its_settings_before_any_step(tmp_path: Path) -> No
                       ({"STEP": ","}, "separated by commas"),
                       ({"STEP": "all", "CTC_STEPS": "abc"}, "CTC_STEPS must be a whole number"),
                       ({"STEP": "all", "T2C_STEPS": "1e3"}, "T2C_STEPS must be a whole number"),
+                      ({"STEP": "all", "T2C_STEPS": "0"}, "T2C_STEPS must be a whole number >= 1"),
+                      ({"STEP": "all", "VOCAB": "100"}, "VOCAB must be at least the 500 units"),
+                      ({"STEP": "units,ttsx,t2c", "BIGBENCH": ""}, "ttsx: set BIGBENCH"),
                       ({"STEP": "all", "THREADS": "0"}, "THREADS must be a whole number >= 1"),
                       ({"STEP": "all", "T2C_LR": "fast"}, "T2C_LR must be a number"),
                       ({"STEP": "all", "T2C_INIT": "/nope"}, "T2C_INIT=/nope: no such folder"),
@@ -354,7 +357,8 @@ def test_tiny_pipeline_checks_its_settings_before_any_step(tmp_path: Path) -> No
         assert not ran.exists(), (env, ran.read_text())  # refused before any step ran
     r = subprocess.run(["bash", str(root / "recipes" / "tiny" / "pipeline.sh")], capture_output=True,
                        text=True, timeout=60, cwd=root,
-                       env={**os.environ, "STEP": "units", "T2C_LR": "3e-4", "UNITS_WINDOW": "10",
+                       env={**os.environ, "STEP": "units", "T2C_LR": "1e+3", "ECHO_LR": "3E-4",
+                            "UNITS_WINDOW": "10", "CTC_STEPS": "0",
                             "ECHOX": str(fake), "DATA": str(tmp_path / "data"),
                             "RUNS": str(tmp_path / "runs")})
     assert r.returncode == 0 and "units extract" in ran.read_text(), r.stderr  # good values pass
@@ -389,8 +393,43 @@ def test_device_pack_refuses_parts_too_small_for_the_wheels_and_a_foreign_out(tm
     r = pack(tmp_path / "out", "1")
     assert r.returncode == 2 and "leaves no room beside the wheels" in r.stderr, r.stderr
     home = tmp_path / "home"
-    (home / "bin").mkdir(parents=True)
-    (home / "notes.txt").write_text("mine")
+    (home / "bin").mkdir(parents=True)  # a user's scripts: not one of the packer's bin1, bin2
     r = pack(home, "60")
-    assert r.returncode == 2 and "holds other things (notes.txt)" in r.stderr, r.stderr
+    assert r.returncode == 2 and "holds other things (bin)" in r.stderr, r.stderr
     assert (home / "bin").is_dir()
+    r = pack(tmp_path / "out", "nan")
+    assert r.returncode == 2 and "--part-mb must be a finite number" in r.stderr, r.stderr
+
+
+def test_t2c_to_raw_units_keeps_the_unit_rows_and_forgets_the_language(tmp_path: Path, make_model) -> None:
+    """recipes/tiny/t2c_to_raw_units.py: the single-unit and special rows and the body carry
+    over; the converted T2C records no unit language (it kept the old fingerprint, and
+    `echox train t2c --init ... --set data.unit_language=null` refused it), and its unit budget
+    grows by the language's units per token."""
+    from conftest import load_script
+
+    from echox.model.echox import EchoX
+    from echox.units.language import UnitLanguage
+
+    rng = np.random.default_rng(0)
+    k, v = 20, 50  # tiny-random's T2C speaks 50 tokens: a language of 50 over 20 units
+    lang = UnitLanguage.train([rng.integers(0, k, 40) for _ in range(200)], num_units=k, vocab_size=v)
+    m = make_model([f"t2c.unit_language={lang.fingerprint}"])
+    assert m.config.t2c.unit_vocab_size == v
+    m.trained_stages = ["t2c"]
+    src = m.save_pretrained(tmp_path / "t2c")
+    lang.save(src / "unit_language")
+    (src / "unit_language" / "train_stats.json").write_text(json.dumps({"heldout": {"units_per_token": 2.0}}))
+    conv = load_script("recipes/tiny/t2c_to_raw_units.py")
+    conv.convert(src, tmp_path / "raw")
+    raw = EchoX.from_pretrained(tmp_path / "raw")
+    assert raw.config.t2c.unit_language is None and raw.config.t2c.unit_vocab_size == k
+    assert raw.config.t2c.max_units_per_token == 2 * m.config.t2c.max_units_per_token
+    old, new = m.t2c.state_dict(), raw.t2c.state_dict()
+    for name, t in old.items():
+        if new[name].shape == t.shape:
+            torch.testing.assert_close(new[name], t)
+        else:
+            torch.testing.assert_close(new[name], torch.cat([t[:k], t[v:]]))
+    with pytest.raises(Exception, match="exists"):
+        conv.convert(src, tmp_path / "raw")

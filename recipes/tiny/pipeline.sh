@@ -97,21 +97,26 @@ if [ "$STEP" != all ]; then
     [[ "$STEPS" == *" $s "* ]] || die "unknown STEP '$s'; steps:$STEPS(or all)"
   done
 fi
-for v in CTC_STEPS S2T_STEPS T2C_STEPS ECHO_STEPS TTSX_LIMIT VOCAB; do  # whole numbers, 0 allowed
+for v in CTC_STEPS TTSX_LIMIT; do  # whole numbers, 0 allowed (0: none, all)
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
 done
-for v in THREADS UNIT_BEAMS LABEL_BEAMS S2T_THREADS ECHO_BATCH LIMIT VOC_STEPS VOC_ROUNDS; do
+for v in S2T_STEPS T2C_STEPS ECHO_STEPS THREADS UNIT_BEAMS LABEL_BEAMS S2T_THREADS ECHO_BATCH LIMIT \
+    VOC_STEPS VOC_ROUNDS VOCAB; do
   [ -z "${!v:-}" ] || [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a whole number >= 1, got '${!v}'"
 done
+[ "$VOCAB" -ge 500 ] || die "VOCAB must be at least the 500 units, got $VOCAB"
 [ -z "$ECHO_SEED" ] || [[ "$ECHO_SEED" =~ ^[0-9]+$ ]] || die "ECHO_SEED must be a whole number, got '$ECHO_SEED'"
 for v in T2C_LR ECHO_LR UNITS_WINDOW TTSX_WINDOW; do
-  [ -z "${!v:-}" ] || [[ "${!v}" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE]-?[0-9]+)?$ ]] \
+  [ -z "${!v:-}" ] || [[ "${!v}" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] \
     || die "$v must be a number, got '${!v}'"
 done
 for v in S2T_INIT CTC_INIT T2C_INIT ECHO_INIT GOLD_INIT; do  # the warm starts: folders that exist
   [ -z "${!v:-}" ] || [ -d "${!v}" ] || die "$v=${!v}: no such folder"
 done
 [ -x "$ECHOX" ] || [ "$ECHOX" != .venv/bin/echox ] || die "no $ECHOX: set up first (bash scripts/setup.sh)"
+if named ttsx && { [ -z "${BIGBENCH:-}" ] || [ ! -e "$BIGBENCH" ]; }; then
+  die "ttsx: set BIGBENCH to the BIG-bench sdist or folder (see make_questions.py)${BIGBENCH:+; $BIGBENCH does not exist}"
+fi
 common=(--threads "$THREADS" --set "data.unit_language=$UNIT_LANG")
 
 if run data; then
@@ -141,8 +146,7 @@ if run ttsx; then  # more for the T2C to learn pronunciation from: qa_wikidata f
         --out "$DATA/tts_extra/tts_units.jsonl" ${TTSX_WINDOW:+--window-seconds $TTSX_WINDOW}
     # the same clips are ASR turns for Stage I too (train/asr_tts.jsonl)
     $ECHOX data s2t-mix --corpus "$DATA" --voice "" --no-asr --asr-tts "$DATA/tts_extra/tts.jsonl"
-  else  # a skipped step is an error only when it was asked for by name
-    named ttsx && die "ttsx: set BIGBENCH (the BIG-bench sdist or folder, see make_questions.py)"
+  else  # (named without BIGBENCH, it was refused above)
     echo "ttsx: BIGBENCH (the BIG-bench sdist or folder, see make_questions.py) is not set; skipped" >&2
   fi
 fi

@@ -42,6 +42,7 @@ def convert(src: Path, out: Path) -> None:
         raise EchoXError(f"{src}/unit_language: token u is not unit u for every u < {k}")
     cfg = warm.config
     cfg.t2c.unit_vocab_size = k
+    cfg.t2c.unit_language = None  # it speaks no language now: training with none must match
     # the unit budget of a spoken answer (units per text token) grows as the tokens split
     # into their units: 8 language tokens per text token are about 18 raw units
     stats = src / "unit_language" / "train_stats.json"  # `echox units train-language` writes it

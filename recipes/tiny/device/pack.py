@@ -19,7 +19,9 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +36,7 @@ OPTIONAL = ("asr_tts.jsonl",)  # `echox data s2t-mix --asr-tts`: packed when it 
 
 
 def _refuse(message: str) -> None:
-    """One line on stderr and exit 2: the inputs are wrong, nothing was written."""
+    """One line on stderr and exit 2: the inputs are wrong."""
     print(message, file=sys.stderr)
     sys.exit(2)
 
@@ -88,6 +90,8 @@ def _manifests(data: Path, stage: Path, audio_cache: Path, kbps_questions: int, 
 
 def pack(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    if not math.isfinite(args.part_mb) or args.part_mb <= 0:
+        _refuse(f"pack: --part-mb must be a finite number > 0, got {args.part_mb}")
     cap = int(args.part_mb * 1e6)
     wheels_bytes = sum(Path(w).stat().st_size for w in args.wheels)
     if wheels_bytes >= cap:  # bin1 carries the wheels: its first cut went negative, and the
@@ -96,7 +100,7 @@ def pack(args: argparse.Namespace) -> None:
                  f"({wheels_bytes / 1e6:.1f} MB in bin1); give a larger --part-mb")
     ours = {"stage", "audio-cache", "payload.tar"}
     foreign = [p.name for p in out.iterdir() if p.name not in ours
-               and not p.name.startswith("bin")] if out.is_dir() else []
+               and not (p.is_dir() and re.fullmatch(r"bin\d+", p.name))] if out.is_dir() else []
     if foreign:  # its bin*/ and stage/ are deleted and made again: never in a folder of other things
         _refuse(f"pack: --out {out} holds other things ({', '.join(sorted(foreign)[:5])}); "
                  "give a folder of its own")
@@ -125,7 +129,8 @@ def pack(args: argparse.Namespace) -> None:
         start = end
     n = len(cuts)
     for old in out.glob("bin*"):
-        shutil.rmtree(old)
+        if old.is_dir() and re.fullmatch(r"bin\d+", old.name):
+            shutil.rmtree(old)
     for i, (a, b) in enumerate(cuts):
         d = out / f"bin{i + 1}"
         d.mkdir()

@@ -59,9 +59,14 @@ asr=("$DT/asr.jsonl" "$DT/asr_extra.jsonl"); [ -f "$DT/asr_tts.jsonl" ] && asr+=
 ship() {  # what is in $W/back now, as parts of at most 15 MB in $OUT (replacing earlier ones)
   cp "$OUT"/*.log "$W/back/" 2>/dev/null
   # the new parts are made aside and moved in whole: a kill here keeps the earlier ones
-  rm -rf "$W/ship" && mkdir -p "$W/ship" || return
-  tar czf "$W/back.tgz" -C "$W" back && split -b 15000000 -d "$W/back.tgz" "$W/ship/back.tgz.part" \
-    && rm -f "$OUT"/back.tgz.part* && mv "$W"/ship/back.tgz.part* "$OUT/"
+  # ($OUT/.ship: a rename within one file system), then stale higher part numbers go
+  rm -rf "$OUT/.ship" && mkdir -p "$OUT/.ship" || return
+  tar czf "$W/back.tgz" -C "$W" back && split -b 15000000 -d "$W/back.tgz" "$OUT/.ship/back.tgz.part" \
+    || return
+  local keep=" " f
+  for f in "$OUT"/.ship/back.tgz.part*; do keep+="$(basename "$f") "; mv -f "$f" "$OUT/"; done
+  for f in "$OUT"/back.tgz.part*; do [[ "$keep" == *" $(basename "$f") "* ]] || rm -f "$f"; done
+  rmdir "$OUT/.ship"
 }
 log "payload ready"
 
