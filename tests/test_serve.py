@@ -564,6 +564,15 @@ def test_allowed_origins_get_cors_headers_and_preflight_answers(engine: Engine) 
     with client(engine) as c:  # no --allow-origin: no CORS headers at all
         r = c.get("/v1/models", headers={"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    # every HTTP route of the API may be preflighted: the CORS layer's list follows the routes
+    # (a route added without it would have had its preflights refused with a 404)
+    from starlette.routing import Route
+
+    from echox.serve.app import _JsonCORS
+
+    app = create_app(engine, ServeConfig())
+    api = {r.path for r in app.routes if isinstance(r, Route) and r.include_in_schema}
+    assert api - {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"} == set(_JsonCORS.API_PATHS)
 
 
 def test_allowed_origins_are_checked_and_written_as_browsers_send_them(engine: Engine) -> None:
