@@ -150,3 +150,6 @@ def test_demo_falls_back_only_when_no_bundle_exists(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(bundle_mod, "shipped_bundle", lambda: tmp_path / "no-shipped")
     assert main(["demo", "--no-asr", "-o", str(tmp_path / "a.wav"), "--max-new-tokens", "2"]) == 0
     assert "no EchoX model bundle found; falling back" in capsys.readouterr().err
+    # a relocated base model for no bundle at all: refused (the fallback would ignore it)
+    assert main(["demo", "--no-asr", "-o", str(tmp_path / "a.wav"), "--base-llm", str(tmp_path)]) == 2
+    assert "no EchoX model bundle was found" in capsys.readouterr().err

@@ -70,6 +70,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if folder is not None:  # named or found, so it must load: a damaged one is an error, not noise
         bundle, where = load_bundle(folder, base_models=base_models_of(args)), args.model or str(folder)
     else:
+        if args.base_llm or args.base_encoder:  # they would be ignored by the untrained fallback
+            raise ConfigError("--base-llm / --base-encoder: no EchoX model bundle was found to read "
+                              "them for; give --model")
         print("echox demo: no EchoX model bundle found; falling back to the tiny-random model "
               "(untrained: expect noise)", file=sys.stderr)
         bundle, where = _random_bundle(), "tiny-random (untrained)"
