@@ -8,13 +8,16 @@ clips or normalises silently.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import numbers
 import os
 import struct
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
@@ -170,7 +173,8 @@ def audio_info(path: str | os.PathLike | bytes | bytearray | memoryview) -> Audi
         handle = str(_existing_file(path))
         name = f"'{handle}'"
     try:
-        info = sf.info(handle)
+        with _native_stderr_quiet():
+            info = sf.info(handle)
     except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
         raise AudioError(f"{name}: not a readable audio file ({err})") from err
     if info.samplerate <= 0:
@@ -279,6 +283,34 @@ def check_wav_complete(handle: str | io.BytesIO, name: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def _native_stderr_quiet() -> Iterator[None]:
+    """Native decoders' own stderr lines muted while a file is opened and decoded: libmpg123
+    prints "Warning: Xing stream size off by more than 1%, ..." for a cut MP3, twice, ahead of
+    the one-line error that says it is cut. Only on the main thread (the descriptor is the
+    process's: another thread's lines would go too). Native code writes to descriptor 2,
+    whatever `sys.stderr` is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fd = 2
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        saved = os.dup(fd)
+    except (OSError, ValueError):  # no descriptor 2 (a daemon started with it closed)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _decode(
     handle: str | io.BytesIO,
     name: str,
@@ -293,7 +325,7 @@ def _decode(
     and a header with no length.
     """
     try:
-        with sf.SoundFile(handle) as f:
+        with _native_stderr_quiet(), sf.SoundFile(handle) as f:
             rate = int(f.samplerate)
             if not 0 < rate <= MAX_SAMPLE_RATE:
                 raise AudioError(f"{name}: header gives an invalid sample rate {rate}")
