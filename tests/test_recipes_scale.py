@@ -259,6 +259,11 @@ def test_hub_dataset_sources_become_local_manifests_once(data, tmp_path, capsys,
     with pytest.raises(ConfigError, match=r"no usable row .*nothing is cached"):
         _dialogue_source(empty)
     assert not list((tmp_path / "audio3").glob("*.jsonl"))
+    # a source that cannot be read left the empty audio_dir it had made
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError):
+        _dialogue_source({**src, "hf": str(tmp_path / "no-such-dataset"), "audio_dir": str(tmp_path / "audio4")})
+    assert not (tmp_path / "audio4").exists()
     ov = override("s2t", data["root"], tmp_path)
     capsys.readouterr()
     assert main(["train", "s2t", "--recipe", str(ROOT / "recipes/3b/s2t.yaml"), "--override", str(ov),

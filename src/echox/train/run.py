@@ -17,6 +17,7 @@ EchoX-Dialogues shard folders and Hugging Face datasets (docs/training.md, "Data
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -409,6 +410,7 @@ def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
     if manifest.is_file():
         return read_jsonl(manifest, "dialogue").records
     split, name, lim = src.get("split", "train"), src.get("name"), src.get("limit")
+    made = not audio_dir.exists()  # a folder this call makes goes again if it stays empty
     try:
         audio_dir.mkdir(parents=True, exist_ok=True)
         if schema == "asr":
@@ -427,13 +429,24 @@ def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
                               "dataset is read anew")
         write_jsonl(manifest, recs)
     except ManifestError as err:
+        _drop_if_empty(audio_dir, made)
         raise ConfigError(str(err)) from err
+    except ConfigError:
+        _drop_if_empty(audio_dir, made)
+        raise
     except OSError as err:  # a full disk or a folder it may not write: not one row's fault
         raise ConfigError(f"data source {src['hf']!r}: reading it into {audio_dir} failed "
                           f"({err.strerror or err}); the clips already written are kept and "
                           "reused by the next run") from err
     log.info("%s[%s]: %d dialogues -> %s", src["hf"], split, len(recs), manifest)
     return recs
+
+
+def _drop_if_empty(folder: Path, made: bool) -> None:
+    """A failed read of a hub source leaves no empty `audio_dir` it made behind."""
+    if made:
+        with contextlib.suppress(OSError):  # not empty (clips written): kept for the next run
+            folder.rmdir()
 
 
 def restrict_ctc_to_transcripts(model: Any, train: Any) -> None:
