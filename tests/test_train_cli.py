@@ -623,7 +623,7 @@ def test_a_save_cut_by_a_kill_is_cleared_by_the_next_run(tmp_path, capsys):
         (leftover / "model.safetensors").write_bytes(b"half")
     assert main([*run, "--resume"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]  # the run lock's
 
 
 def test_a_resume_given_another_init_keeps_the_runs_own_on_record(tmp_path, capsys, caplog):
@@ -765,3 +765,26 @@ def test_bad_training_data_is_refused_before_the_first_step(tmp_path, capsys):
         assert main(args[:-1] + ["/proc/self/echox-run"]) == 2
         err = capsys.readouterr().err
         assert "cannot create the run folder" in err and err.count("\n") == 1, err
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two runs on one --out at once (started together, or a --resume while the first still
+    ran) both exited 0: the later one's model/ and best/ won, and metrics.jsonl held every step
+    twice, unsorted. The run holds <out>/.lock (a flock, gone with its process however it
+    ends); a second run is one line."""
+    import fcntl
+
+    c, recipe, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003, save_every: 1")
+    out = tmp_path / "t2c"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # another process's run, as far as the lock goes
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere")
+        held.flush()
+        assert main(run) == 2
+        assert "is in use by another run (pid 4242 on elsewhere)" in _one_error_line(capsys)
+        assert not (out / "checkpoints").exists()
+    assert main([*run, "--stop-at", "1"]) == 0  # released: the run goes, and lets go at its end
+    assert main([*run, "--resume"]) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -24,6 +24,7 @@ import math
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -442,6 +443,40 @@ def _hf_dialogues(src: dict[str, Any]) -> list[Any]:
     return recs
 
 
+RUN_LOCK = ".lock"
+
+
+def lock_run_folder(out: Path) -> Any:
+    """Hold `<out>/.lock` for as long as the returned file stays open: a second run on the
+    same folder (two started at once, or a `--resume` while the first still runs) is refused.
+    Both wrote the same checkpoints, best/ and metrics.jsonl, the later silently winning. The
+    lock goes with its process, however it ends (kill -9 too). Only the first process of a
+    multi-process launch takes it; None there, and where the file system has no locks."""
+    import fcntl
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return None
+    try:
+        fh = open(out / RUN_LOCK, "a+", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot open its lock file ({e.strerror or e})") from e
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        who = fh.read().strip()
+        fh.close()
+        raise ConfigError(f"--out {out} is in use by another run ({who or 'a running process'}); "
+                          "wait for it to end (or stop it), or give another --out") from None
+    except OSError:  # a file system without locks (some network mounts): run unguarded
+        return fh
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    fh.flush()
+    return fh
+
+
 def _drop_if_empty(folder: Path, made: bool) -> None:
     """A failed read of a hub source leaves no empty `audio_dir` it made behind."""
     if made:
@@ -604,6 +639,12 @@ def _recorded_recipe(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as held:  # the run folder's lock, let go however the run ends
+        args.hold = held.enter_context
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.data is not None:  # one manifest (a string, as every stage takes) or several
         args.data = args.data[0] if len(args.data) == 1 else list(args.data)
     recorded = _recorded_recipe(args)
@@ -633,6 +674,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise  # the CLI's one line for a folder this user may not write
             raise ConfigError(f"--out {cfg.output_dir}: cannot create the run folder "
                               f"({e.strerror or e})") from e
+        lock = lock_run_folder(Path(cfg.output_dir))
+        if lock is not None:
+            args.hold(lock)  # closed (the lock let go) when cmd_train returns
     for option, given in (("--init", args.init), ("--t2c-from", args.t2c_from)):
         if given and Path(given).exists():  # a run's saves replace out/model and out/best whole
             src = Path(given).resolve()
