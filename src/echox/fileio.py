@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +21,15 @@ from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple
 
 from echox.errors import ConfigError
 
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256, read a MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 def disk_full(exc: BaseException) -> bool:
     """`exc` says the disk (or the user's quota) is full: an OSError with ENOSPC or EDQUOT, or a

@@ -180,6 +180,10 @@ def hub_unresolvable() -> str | None:
     return None
 
 
+#: how a model name starts when it is a local path, never a hub id
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
 def resolve(name_or_path: str) -> Path:
     """Return a local folder holding the model `name_or_path` (see module docstring)."""
     if not name_or_path:
@@ -189,7 +193,7 @@ def resolve(name_or_path: str) -> Path:
         return p
     if name_or_path.startswith("builtin:"):
         return _materialise_builtin(name_or_path.split(":", 1)[1])
-    if name_or_path.startswith(("/", "./", "../", "~")):
+    if name_or_path.startswith(LOCAL_PREFIXES):
         raise ResolveError(f"model folder not found: {p}")
     if name_or_path.startswith("packaged:"):
         found = _packaged(name_or_path.split(":", 1)[1])

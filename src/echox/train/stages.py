@@ -26,7 +26,7 @@ from echox.config import EchoXConfig, T2CConfig, apply_overrides
 from echox.errors import CheckpointError, ConfigError, StageError
 from echox.fileio import folder_config, json_objects, open_to_append, save_tensors
 from echox.model.batch import S2TBatch, T2CBatch, collate_t2c
-from echox.model.checkpoint import load_weights, option_folder, verify_checkpoint
+from echox.model.checkpoint import load_weights, local_or_hub, option_folder, verify_checkpoint
 from echox.model.echox import EchoX
 from echox.model.prompt import Turn
 
@@ -146,13 +146,6 @@ def _reconfigure(model: EchoX, overrides: list[str]) -> None:
     changed = model.reconfigure_adapter(cfg.adapter)
     log.info("adapter reconfigured (%s): fresh %s, dropped %s", ", ".join(overrides),
              changed["new"] or "none", changed["dropped"] or "none")
-
-
-def local_or_hub(name: str) -> str:
-    """A base model's `name_or_path` as recorded: an existing local folder as an absolute path
-    (a relative one did not resolve from the next stage's working folder), else as given."""
-    p = Path(name).expanduser()
-    return str(p.resolve()) if p.exists() else name
 
 
 def _load_t2c(model: EchoX, folder: Path, init_llm: str | None = None) -> None:
