@@ -643,6 +643,26 @@ def test_a_resume_given_another_init_keeps_the_runs_own_on_record(tmp_path, caps
     assert json.loads((tmp_path / "cont" / "recipe.json").read_text())["init"] == str(first)
 
 
+def test_a_run_started_from_a_slim_export_resumes(tmp_path, capsys):
+    """A T2C run whose --init is a slim export (its config names the parts its weights leave
+    out) saves checkpoints without them too; --resume read such a checkpoint as if it held
+    every part and refused it: "does not fit the model of its config: missing adapter...".
+    """
+    _, _, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003, save_every: 1")
+    assert main([*run, "--set", "train.max_steps=1"]) == 0
+    slim = tmp_path / "slim"
+    assert main(["train", "export", "--model", str(tmp_path / "t2c" / "model"),
+                 "--out", str(slim)]) == 0
+    assert "adapter" in json.loads((slim / "config.json").read_text())["omitted_parts"]
+    cont = [a if a != str(tmp_path / "t2c") else str(tmp_path / "cont") for a in run]
+    assert main([*cont, "--init", str(slim), "--stop-at", "1"]) == 0
+    capsys.readouterr()
+    assert main([*cont, "--init", str(slim), "--resume"]) == 0, capsys.readouterr().err
+    state = torch.load(tmp_path / "cont" / "checkpoints" / "step-000002" / "trainer_state.pt",
+                       weights_only=False)
+    assert state["step"] == 2
+
+
 def test_a_model_folder_given_as_the_run_folder_is_refused(tmp_path, capsys):
     """`--out runs/x/model` (a model's own folder) put checkpoints/, metrics.jsonl and a model/
     inside it, beside its weights."""

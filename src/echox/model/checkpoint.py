@@ -502,13 +502,8 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
             f"train --init: --set model.{part}.name_or_path=FOLDER)")
     model = cls.build(config, tokenizer=tok, device=device, dtype=dtype)
     model.carried_base = carried
-    omitted = meta.get("omitted_parts") or []
-    if not isinstance(omitted, list) or set(omitted) - set(OMITTABLE):
-        raise CheckpointError(f"{folder / CONFIG}: bad omitted_parts {omitted!r}")
-    model.omitted_parts = tuple(omitted)
-    if model.t2c is model.echo:  # one module, stored under echo.
-        omitted = sorted(set(omitted) | {"t2c"})
-    load_weights(model, folder, verified=True, omitted=tuple(omitted))
+    model.omitted_parts = _omitted_parts(folder, meta)
+    load_weights(model, folder, verified=True, omitted=_unstored_parts(model, model.omitted_parts))
     stages = meta.get("trained_stages", [])
     if not isinstance(stages, list) or not all(isinstance(x, str) for x in stages):
         raise CheckpointError(f"{folder / CONFIG}: trained_stages must be a list of stage "
@@ -521,15 +516,39 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
     return model
 
 
+def _omitted_parts(folder: Path, meta: dict[str, Any]) -> tuple[str, ...]:
+    """The parts a checkpoint's config says its weights file leaves out ("omitted_parts")."""
+    omitted = meta.get("omitted_parts") or []
+    if not isinstance(omitted, list) or set(omitted) - set(OMITTABLE):
+        raise CheckpointError(f"{folder / CONFIG}: bad omitted_parts {omitted!r}")
+    return tuple(omitted)
+
+
+def _unstored_parts(model: EchoX, omitted: tuple[str, ...]) -> tuple[str, ...]:
+    """`omitted` plus "t2c" where the model's T2C is its echo decoder (one module, stored under
+    echo.)."""
+    return tuple(sorted(set(omitted) | {"t2c"})) if model.t2c is model.echo else omitted
+
+
 def load_weights(model: EchoX, folder: Path, parts: list[str] | None = None,
-                 verified: bool = False, omitted: tuple[str, ...] = ()) -> None:
+                 verified: bool = False, omitted: tuple[str, ...] | None = None) -> None:
     """Load a checkpoint's trained weights into an existing model (all, or only `parts`,
     e.g. ["t2c"] to take the T2C of a Stage II run); `omitted` parts are not in the file and
-    keep their initial weights. Tensors are cast to the model's dtypes."""
+    keep their initial weights (default: those the checkpoint's config names, as in a
+    training checkpoint of a model started from a slim one). Tensors are cast to the model's
+    dtypes."""
     from safetensors.torch import load_file
 
-    if not verified:
-        verify_checkpoint(folder)
+    meta = None if verified else verify_checkpoint(folder)
+    if omitted is None:
+        if meta is None:
+            try:
+                meta = json.loads((folder / CONFIG).read_text())
+            except (OSError, ValueError, RecursionError) as e:
+                raise CheckpointError(f"cannot read {folder / CONFIG}: {e}") from e
+            if not isinstance(meta, dict):
+                raise CheckpointError(f"{folder / CONFIG}: not a JSON object")
+        omitted = _unstored_parts(model, _omitted_parts(folder, meta))
     try:
         sd = load_file(str(folder / WEIGHTS))
     except Exception as e:  # noqa: BLE001 - safetensors raises several error types

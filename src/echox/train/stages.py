@@ -177,7 +177,7 @@ def _load_t2c(model: EchoX, folder: Path, init_llm: str | None = None) -> None:
     if meta["config"]["llm"]["name_or_path"] not in (model.config.llm.name_or_path, init_llm):
         raise StageError(f"--t2c-from {folder}: trained on LLM embeddings of "
                          f"{meta['config']['llm']['name_or_path']}, not {model.config.llm.name_or_path}")
-    load_weights(model, folder, parts=["t2c"])
+    load_weights(model, folder, parts=["t2c"], omitted=())  # a T2C left out is an error
     if "t2c" not in model.trained_stages:  # each resume of an echo run from --init appended it again
         model.trained_stages.append("t2c")
     model.omitted_parts = tuple(p for p in model.omitted_parts if p != "t2c")  # it is here now
