@@ -30,6 +30,36 @@ def test_atomic_dir_replaces_and_leaves_nothing_beside(tmp_path: Path, old: str)
     assert _names(dst) == ["new.txt"]
 
 
+def test_atomic_dir_syncs_its_files_before_the_rename(tmp_path: Path, monkeypatch) -> None:
+    """Without an fsync before the rename, a power loss soon after a save could leave the
+    renamed `model/` or `best/` with empty files: the rename reaches the disk before the data."""
+    import echox.fileio as fileio
+
+    synced: set[int] = set()
+    at_rename: dict[str, set[int]] = {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        at_rename[Path(src).name] = set(synced)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    dst = tmp_path / "out"
+    with atomic_dir(dst) as tmp:
+        (tmp / "weights.bin").write_bytes(b"w" * 1000)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "vocab.json").write_text("{}")
+        inodes = {p.stat().st_ino for p in tmp.rglob("*")}
+        scratch = tmp.name
+    assert inodes <= at_rename[scratch]
+    assert (dst / "sub" / "vocab.json").read_text() == "{}"
+
+
 def test_a_failure_inside_keeps_the_old_folder(tmp_path: Path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()

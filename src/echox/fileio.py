@@ -174,6 +174,7 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _sync_tree(tmp)  # its files' bytes are on disk before the rename makes them the folder
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         moved = dst.exists() or dst.is_symlink()
         if moved:
@@ -185,10 +186,40 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
                 if moved and not dst.exists():
                     os.replace(old, dst)
                 raise
+        _sync_dir(dst.parent)  # and the rename itself
         if moved:
             _remove(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then each folder: without it a power loss soon after
+    the rename could leave the renamed folder with empty or short files."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            if os.path.islink(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(root))
+
+
+def _sync_dir(folder: Path) -> None:
+    """fsync a folder's entries (where the system allows opening a folder: not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # some file systems refuse fsync on a folder
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def clear_interrupted(folder: str | os.PathLike, name: str = "*") -> None:
