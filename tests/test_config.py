@@ -75,6 +75,8 @@ def test_float_fields_take_exponents_without_a_dot(tmp_path):
         ("t2c.nonsense=1", "unknown key"),
         ("llm.lora.target_modules=[]", "target_modules"),
         ("no_equals_sign", "key.path=value"),
+        # a config's own limit was not held to the 600 s cap of --max-audio-seconds
+        ("encoder.max_seconds=2400", "encoder.max_seconds: must be at most 600 s"),
     ],
 )
 def test_validation_errors_name_the_field(override, needle):

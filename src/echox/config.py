@@ -36,6 +36,13 @@ def _check(cond: bool, path: str, msg: str) -> None:
         raise ConfigError(f"{path}: {msg}")
 
 
+#: The longest question a model config or `--max-audio-seconds` may allow. The speech adapter
+#: attends over all of a question's frames at once: time and memory grow with the square of its
+#: length, and a question of tens of minutes held gigabytes and the process for minutes, deaf
+#: to SIGTERM.
+MAX_AUDIO_SECONDS_CAP = 600.0
+
+
 @dataclass
 class EncoderConfig:
     """Frozen Whisper encoder. `name_or_path`: hub id, local folder or built-in name."""
@@ -54,6 +61,9 @@ class EncoderConfig:
                f"{path}.window_seconds", f"must be a finite number > 0 or null, got {self.window_seconds}")
         _check(self.max_seconds > 0 and self.max_seconds != float("inf"), f"{path}.max_seconds",
                f"must be a finite number > 0, got {self.max_seconds}")
+        _check(self.max_seconds <= MAX_AUDIO_SECONDS_CAP, f"{path}.max_seconds",
+               f"must be at most {MAX_AUDIO_SECONDS_CAP:g} s (the speech adapter attends over a "
+               f"whole question at once; split longer audio), got {self.max_seconds:g}")
 
 
 @dataclass

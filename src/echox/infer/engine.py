@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from echox.audio import MIN_SPEECH_RATE, AudioWarning, audio_info, check_question_length, load_audio
+from echox.config import MAX_AUDIO_SECONDS_CAP
 from echox.errors import AudioError, ConfigError, EngineClosedError, PromptError
 from echox.infer.bundle import Bundle
 from echox.infer.events import (
@@ -77,12 +78,6 @@ __all__ = ["AudioChunk", "AudioInput", "Engine", "EngineConfig", "Event", "Final
            "load_question", "check_question"]
 
 AudioInput = str | Path | bytes | bytearray | memoryview | np.ndarray | None
-
-
-#: The longest question `--max-audio-seconds` may allow. The speech adapter attends over all of
-#: a question's frames at once: time and memory grow with the square of its length, and a
-#: question of tens of minutes held gigabytes and the process for minutes, deaf to SIGTERM.
-MAX_AUDIO_SECONDS_CAP = 600.0
 
 
 def check_max_audio_seconds(value: object) -> float:
