@@ -278,6 +278,36 @@ def test_segment_texts_are_whole_characters_that_join_into_the_answer(bundle: Bu
         trig.delay, trig.window, trig.min_len, trig.threshold = saved
 
 
+def test_text_deltas_decode_a_window_not_the_whole_answer(bundle: Bundle,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each token's text delta decoded the whole answer so far: O(n²) tokens decoded in a turn
+    (about 0.75 s for 2,000 tokens). The deltas must still join into the final text, also where
+    the byte tokenizer cuts a character in two."""
+    tok = bundle.model.tokenizer
+    decoded: list[int] = []
+    real = tok.decode
+
+    def counting(ids, *a, **kw):
+        decoded.append(len(ids))
+        return real(ids, *a, **kw)
+
+    monkeypatch.setattr(tok, "decode", counting)
+    n = 120
+    cfg = EngineConfig.greedy(max_new_tokens=n, unit_sampling=UNITS)
+    with Engine(bundle, cfg) as eng:
+        for text in ("hello there", "tell me more"):
+            decoded.clear()
+            events = list(eng.session().respond(text=text, speak=False))
+            final = events[-1]
+            deltas = [e for e in events if isinstance(e, TextDelta)]
+            assert "".join(d.text for d in deltas) == final.text
+            assert sum(len(d.token_ids) for d in deltas) == len(final.token_ids)
+            tokens = len(final.token_ids)
+            assert tokens > 60, tokens  # long enough for the quadratic cost to show
+            # two short windows a token, and the final text's decode: not n²/2 (~3,600)
+            assert sum(decoded) <= 6 * tokens, (sum(decoded), tokens)
+
+
 def test_a_turn_made_before_close_answers_nothing_after_it(bundle: Bundle) -> None:
     """An iterator made before close() and first read after it decoded the whole answer (text
     only) or a few tokens (spoken) before EngineClosedError."""
