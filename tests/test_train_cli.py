@@ -663,6 +663,33 @@ def test_a_run_started_from_a_slim_export_resumes(tmp_path, capsys):
     assert state["step"] == 2
 
 
+def test_a_stage_from_a_slim_export_that_left_out_its_parts_trains_and_keeps_them(tmp_path,
+                                                                                 capsys):
+    """A slim export leaves out the parts its stages never trained. A later stage that trains
+    one of them kept it on the "left out" list: an echo run from a Stage I export failed at its
+    first save ("cannot omit the echo decoder..."), after its steps; a T2C run from one
+    exited 0 with no T2C in its model."""
+    c, recipe = _stages_one_and_two(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
+    slim = tmp_path / "s2t-slim"
+    assert main(["train", "export", "--model", str(tmp_path / "s2t" / "model"),
+                 "--out", str(slim)]) == 0
+    assert {"t2c", "echo"} <= set(json.loads((slim / "config.json").read_text())["omitted_parts"])
+    common = ["--recipe", str(recipe), "--set", "train.cut_segments=false"]
+    assert main(["train", "echo", *common, "--data", str(c / "dialogues.jsonl"), "--init",
+                 str(slim), "--t2c-from", str(tmp_path / "t2c" / "model"),
+                 "--out", str(tmp_path / "echo")]) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "echo" / "model" / "config.json").read_text())
+    assert not {"echo", "denoiser"} & set(meta.get("omitted_parts") or [])
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                 "--init", str(slim), "--out", str(tmp_path / "t2c2")]) == 0
+    meta = json.loads((tmp_path / "t2c2" / "model" / "config.json").read_text())
+    assert "t2c" in meta["trained_stages"] and "t2c" not in (meta.get("omitted_parts") or [])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "t2c2" / "model" / "model.safetensors"), "pt") as f:
+        assert any(k.startswith("t2c.") for k in f.keys())
+
+
 def test_a_model_folder_given_as_the_run_folder_is_refused(tmp_path, capsys):
     """`--out runs/x/model` (a model's own folder) put checkpoints/, metrics.jsonl and a model/
     inside it, beside its weights."""

@@ -45,8 +45,15 @@ FROZEN_S2T_ECHO_PARTS = {"echo", "denoiser"}
 
 
 def apply_stage(model: EchoX, stage: str, freeze_s2t: bool = False) -> None:
+    """Make the parts `stage` trains trainable, the rest frozen. A part the model was loaded
+    without (a slim `--init`'s `omitted_parts`) is trained here, so its checkpoints keep it:
+    left on the list, saves dropped it (a T2C run from a Stage I export ended with no T2C)
+    or refused to (an echo run from one)."""
     parts = FROZEN_S2T_ECHO_PARTS if stage == "echo" and freeze_s2t else STAGE_PARTS[stage]
     model.set_trainable({p: p in parts for p in PARTS})
+    stored = set(parts) | ({"echo", "t2c"} if model.t2c is model.echo and parts & {"echo", "t2c"}
+                           else set())
+    model.omitted_parts = tuple(p for p in model.omitted_parts if p not in stored)
 
 
 def prepare_model(
