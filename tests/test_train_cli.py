@@ -690,6 +690,28 @@ def test_a_stage_from_a_slim_export_that_left_out_its_parts_trains_and_keeps_the
         assert any(k.startswith("t2c.") for k in f.keys())
 
 
+def test_a_resume_with_its_recipe_keeps_the_runs_recorded_init(tmp_path, capsys):
+    """--resume with --recipe but without repeating --init built the recipe's model, loaded the
+    checkpoint into it where the shapes fit (adapter.shrink changed midway, without a word)
+    and recorded the run as started from nothing."""
+    _, recipe, run = _t2c_run(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003, save_every: 1")
+    c = tmp_path / "c"
+    assert main(["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--out", str(tmp_path / "s2t")]) == 0
+    s2t = ["train", "s2t", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+           "--set", "train.max_steps=3", "--out", str(tmp_path / "cont")]
+    assert main([*s2t, "--init", str(tmp_path / "s2t" / "model"),
+                 "--set", "model.adapter.shrink=false", "--stop-at", "1"]) == 0
+    capsys.readouterr()
+    assert main([*s2t, "--resume", "--stop-at", "2"]) == 0
+    assert "the run's own starting points" in capsys.readouterr().err
+    step2 = tmp_path / "cont" / "checkpoints" / "step-000002" / "config.json"
+    assert json.loads(step2.read_text())["config"]["adapter"]["shrink"] is False
+    rec = json.loads((tmp_path / "cont" / "recipe.json").read_text())
+    assert rec["init"] == str(tmp_path / "s2t" / "model")
+    assert rec["init_sets"] == ["adapter.shrink=false"]
+
+
 def test_a_model_folder_given_as_the_run_folder_is_refused(tmp_path, capsys):
     """`--out runs/x/model` (a model's own folder) put checkpoints/, metrics.jsonl and a model/
     inside it, beside its weights."""

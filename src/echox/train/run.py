@@ -638,6 +638,26 @@ def _recorded_recipe(args: argparse.Namespace) -> dict[str, Any] | None:
     return recorded
 
 
+def _recorded_starts(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--resume` with `--recipe`: the run's recorded starting points (`init`, `t2c_from` and
+    the `init_sets` given over them) from its recipe.json. Without them the resume built the
+    recipe's model, loaded the checkpoint into it where the shapes allowed (an adapter setting
+    changed midway) and recorded the run as started from nothing."""
+    if args.resume is None or not args.output_dir:
+        return None
+    path = Path(args.output_dir) / "recipe.json"
+    if not path.is_file():
+        return None
+    recorded = read_json_object(path, ConfigError, "the run's recipe")
+    starts = {k: recorded[k] for k in ("init", "t2c_from", "init_sets") if k in recorded}
+    taken = [f"--{k.replace('_', '-')} {v}" for k, v in starts.items()
+             if k != "init_sets" and isinstance(v, str) and getattr(args, k) is None]
+    if taken and os.environ.get("RANK", "0") == "0":
+        print(f"echox: --resume: the run's own starting points ({path}): {', '.join(taken)}",
+              file=sys.stderr)
+    return starts
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as held:  # the run folder's lock, let go however the run ends
         args.hold = held.enter_context
@@ -650,7 +670,9 @@ def _train(args: argparse.Namespace) -> int:
     recorded = _recorded_recipe(args)
     recipe = load_stage_recipe(args.recipe, args.set or [], args.override, args.stage, recorded)
     init_sets = _model_sets(args)  # the model settings that apply over an --init checkpoint
-    if recorded is not None:  # the run's own starting points, and the settings given over them
+    starts = recorded if recorded is not None else _recorded_starts(args)
+    if starts is not None:  # the run's own starting points, and the settings given over them
+        recorded = starts
         for key in ("init", "t2c_from"):
             if getattr(args, key) is None and isinstance(recorded.get(key), str):
                 setattr(args, key, recorded[key])
