@@ -690,7 +690,7 @@ def test_a_stage_from_a_slim_export_that_left_out_its_parts_trains_and_keeps_the
         assert any(k.startswith("t2c.") for k in f.keys())
 
 
-def test_a_resume_with_its_recipe_keeps_the_runs_recorded_init(tmp_path, capsys):
+def test_a_resume_with_its_recipe_keeps_the_runs_recorded_init(tmp_path, capsys, caplog):
     """--resume with --recipe but without repeating --init built the recipe's model, loaded the
     checkpoint into it where the shapes fit (adapter.shrink changed midway, without a word)
     and recorded the run as started from nothing."""
@@ -705,6 +705,9 @@ def test_a_resume_with_its_recipe_keeps_the_runs_recorded_init(tmp_path, capsys)
     capsys.readouterr()
     assert main([*s2t, "--resume", "--stop-at", "2"]) == 0
     assert "the run's own starting points" in capsys.readouterr().err
+    with caplog.at_level("WARNING"):  # a --stop-at already passed trained nothing, silently
+        assert main([*s2t, "--resume", "--stop-at", "1"]) == 0
+    assert "--stop-at 1: the run is already at step 2; nothing is trained" in caplog.text
     step2 = tmp_path / "cont" / "checkpoints" / "step-000002" / "config.json"
     assert json.loads(step2.read_text())["config"]["adapter"]["shrink"] is False
     rec = json.loads((tmp_path / "cont" / "recipe.json").read_text())

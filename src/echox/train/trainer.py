@@ -797,6 +797,10 @@ class Trainer:
                 self.writer = None
         self.model.train()
         end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
+        if stop_at is not None and self.step >= stop_at and self.step < cfg.max_steps:
+            log.warning("--stop-at %d: the run is already at step %d; nothing is trained (give a "
+                        "later step, or leave --stop-at out to go on to %d)", stop_at, self.step,
+                        cfg.max_steps)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.acc.is_main_process,
                    desc=f"train {cfg.stage}", dynamic_ncols=True)
         first = last = float("nan")
