@@ -369,6 +369,29 @@ def test_tiny_pipeline_checks_its_settings_before_any_step(tmp_path: Path) -> No
     assert r.returncode == 0 and "units extract" in ran.read_text(), r.stderr  # good values pass
 
 
+def test_tiny_pipeline_raw_units_train_and_bundle_without_a_unit_language(tmp_path: Path) -> None:
+    """UNIT_LANG=none: no unit language is trained, the stages read the raw units
+    (data.unit_language=null), and the bundles name none."""
+    root = Path(__file__).resolve().parents[1]
+    ran = tmp_path / "ran"
+    fake = tmp_path / "echox"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {ran}\n")
+    fake.chmod(0o755)
+    (tmp_path / "runs" / "echo" / "model").mkdir(parents=True)
+    r = subprocess.run(["bash", str(root / "recipes" / "tiny" / "pipeline.sh")], capture_output=True,
+                       text=True, timeout=60, cwd=root,
+                       env={**os.environ, "STEP": "units,t2c,bundle", "UNIT_LANG": "none",
+                            "ECHOX": str(fake), "DATA": str(tmp_path / "data"),
+                            "RUNS": str(tmp_path / "runs")})
+    calls = ran.read_text().splitlines()
+    assert r.returncode == 0, r.stderr
+    assert not [c for c in calls if c.startswith("units train-language")]
+    t2c = [c for c in calls if c.startswith("train t2c")]
+    assert len(t2c) == 1 and "data.unit_language=null" in t2c[0], calls
+    bundle = [c for c in calls if c.startswith("bundle")]
+    assert len(bundle) == 1 and "--unit-language" not in bundle[0], calls
+
+
 def test_prepare_data_checks_its_models_before_any_download(tmp_path):
     """MHUBERT / KM1000 that do not exist were found at step 5, after the TB-scale downloads."""
     script = ROOT / "recipes" / "3b" / "prepare_data.sh"

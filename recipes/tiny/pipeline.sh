@@ -40,6 +40,9 @@ T2C_RUN=${T2C_RUN:-$R/t2c}     # Stage II's run folder; its best/ is T2C_MODEL's
 S2T_MODEL=${S2T_MODEL:-$S2T_RUN/model}
 # the unit language (docs/units.md) and the T2C that Echo/gold start from and eval measures; on a
 # new machine, the kept pair: UNIT_LANG=recipes/tiny/t2c-warm/unit_language T2C_MODEL=recipes/tiny/t2c-warm
+# UNIT_LANG=none: the T2C, Echo and gold speak the K = 500 units themselves, no unit language
+# (docs/units.md; session 49/50: a raw-unit T2C warm-started from t2c-warm, T2C_INIT=recipes/tiny/
+# t2c-warm is converted first by recipes/tiny/t2c_to_raw_units.py)
 UNIT_LANG=${UNIT_LANG:-$R/units/language}
 T2C_MODEL=${T2C_MODEL:-$T2C_RUN/best}
 ECHO_RUN=${ECHO_RUN:-$R/echo}  # Stage III's run folder, and the gold-unit baseline's
@@ -117,7 +120,14 @@ done
 if named ttsx && { [ -z "${BIGBENCH:-}" ] || [ ! -e "$BIGBENCH" ]; }; then
   die "ttsx: set BIGBENCH to the BIG-bench sdist or folder (see make_questions.py)${BIGBENCH:+; $BIGBENCH does not exist}"
 fi
-common=(--threads "$THREADS" --set "data.unit_language=$UNIT_LANG")
+RAW=; [ "$UNIT_LANG" = none ] && RAW=1
+common=(--threads "$THREADS" --set "data.unit_language=${RAW:+null}${RAW:-$UNIT_LANG}")
+ul=(); [ -n "$RAW" ] || ul=(--unit-language "$UNIT_LANG")  # the bundles' unit language
+if [ -n "$RAW" ] && [ -n "${T2C_INIT:-}" ] && [ -d "$T2C_INIT/unit_language" ] && run t2c; then
+  raw_init="$R/$(basename "$T2C_INIT")-raw-init"  # its unit-language rows mapped to the raw units
+  [ -f "$raw_init/config.json" ] || .venv/bin/python recipes/tiny/t2c_to_raw_units.py "$T2C_INIT" "$raw_init"
+  T2C_INIT=$raw_init
+fi
 
 if run data; then
   $ECHOX data build-tiny --out "$DATA" ${LIMIT:+--limit $LIMIT}
@@ -131,7 +141,7 @@ if run units; then
     $ECHOX units extract --manifest "$DATA/$s/tts.jsonl" --kmeans "$KM" --out "$DATA/$s/tts_units.jsonl" \
         --threads "$THREADS" ${UNITS_WINDOW:+--window-seconds $UNITS_WINDOW}
   done
-  [ -f "$UNIT_LANG/unit_language.json" ] || $ECHOX units train-language \
+  [ -n "$RAW" ] || [ -f "$UNIT_LANG/unit_language.json" ] || $ECHOX units train-language \
       --manifest "$DATA/train/tts_units.jsonl" --num-units 500 --vocab-size "$VOCAB" --out "$UNIT_LANG"
   for s in train test; do  # gold units on each answer: the baseline's targets
     $ECHOX units attach --dialogues "$DATA/$s/dialogues.jsonl" --tts-units "$DATA/$s/tts_units.jsonl" \
@@ -263,7 +273,7 @@ if run bundle; then  # slim bundles: runs/tiny/bundle-<run folder's name>
   made=0
   for run_dir in "$ECHO_RUN" "$GOLD_RUN"; do
     if [ -d "$run_dir/model" ]; then
-      $ECHOX bundle --model "$run_dir/model" --vocoder "$VOCODER" --unit-language "$UNIT_LANG" \
+      $ECHOX bundle --model "$run_dir/model" --vocoder "$VOCODER" "${ul[@]}" \
           --unit-beams "$UNIT_BEAMS" --slim --force --out "$R/bundle-$(basename "$run_dir")"
       made=$((made + 1))
     else
