@@ -120,11 +120,12 @@ done
 if named ttsx && { [ -z "${BIGBENCH:-}" ] || [ ! -e "$BIGBENCH" ]; }; then
   die "ttsx: set BIGBENCH to the BIG-bench sdist or folder (see make_questions.py)${BIGBENCH:+; $BIGBENCH does not exist}"
 fi
-RAW=; [ "$UNIT_LANG" = none ] && RAW=1
-common=(--threads "$THREADS" --set "data.unit_language=${RAW:+null}${RAW:-$UNIT_LANG}")
-ul=(); [ -n "$RAW" ] || ul=(--unit-language "$UNIT_LANG")  # the bundles' unit language
+RAW=; ulset=$UNIT_LANG; ul=(--unit-language "$UNIT_LANG")  # ul: the bundles' unit language
+if [ "$UNIT_LANG" = none ]; then RAW=1; ulset=null; ul=(); fi
+common=(--threads "$THREADS" --set "data.unit_language=$ulset")
 if [ -n "$RAW" ] && [ -n "${T2C_INIT:-}" ] && [ -d "$T2C_INIT/unit_language" ] && run t2c; then
-  raw_init="$R/$(basename "$T2C_INIT")-raw-init"  # its unit-language rows mapped to the raw units
+  # its unit-language rows mapped to the raw units, once per source weights (their checksums)
+  raw_init="$R/t2c-raw-init-$(sha1sum < "$T2C_INIT/checksums.json" | cut -c1-12)"
   [ -f "$raw_init/config.json" ] || .venv/bin/python recipes/tiny/t2c_to_raw_units.py "$T2C_INIT" "$raw_init"
   T2C_INIT=$raw_init
 fi
