@@ -39,7 +39,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -302,6 +302,24 @@ class Engine:
                              np.concatenate([p.audio for p in pieces]))
 
 
+def text_delta(decode: Callable[..., str], tokens: list[int], start: int, done: int,
+               final: bool) -> tuple[str, int] | None:
+    """The text `tokens[done:]` add to an answer whose text up to `done` was given, and where
+    the next window starts; None while the tail is an incomplete character (unless `final`).
+
+    Only a window is decoded (`tokens[start:]` against `tokens[start:done]`): decoding the whole
+    answer each token cost O(n²) (0.75 s for 2,000 tokens). Both decodes start at the same
+    token, so a tokenizer that drops a first word's leading space (SentencePiece) drops it in
+    both. The window moves on only past tokens that gave text: a window starting after skipped
+    special tokens would lose the space before the next word."""
+    before = decode(tokens[start:done], skip_special_tokens=True)
+    text = decode(tokens[start:], skip_special_tokens=True)
+    if not final and text.endswith("\ufffd"):
+        return None
+    piece = text[len(before):]  # a tokenizer that rewrites earlier text loses the edit
+    return piece, (done if piece else start)
+
+
 # ----------------------------------------------------------------------------- session
 
 
@@ -430,26 +448,19 @@ class Session:
                          SegmentTrigger(model.config.trigger))
 
     def _text_delta(self, final: bool) -> TextDelta | None:
-        """New text since the last delta; waits while the tail is an incomplete character.
-
-        Only a window is decoded: the tokens of the previous delta and those since, and the
-        new text is what the newer tokens add to the window's text. Decoding from the turn's
-        start each token cost O(n²) (0.75 s for 2,000 tokens); a window that starts with the
-        same token for both decodes keeps a tokenizer's treatment of a leading space alike."""
+        """New text since the last delta (`text_delta`); None while there is none yet."""
         turn = self.turn
         assert turn is not None
         if turn.text_tokens == len(turn.tokens):
             return None
-        decode = self.engine.model.tokenizer.decode
-        start = turn.text_from
-        before = decode(turn.tokens[start:turn.text_tokens], skip_special_tokens=True)
-        text = decode(turn.tokens[start:], skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
+        step = text_delta(self.engine.model.tokenizer.decode, turn.tokens, turn.text_from,
+                          turn.text_tokens, final)
+        if step is None:
             return None
-        piece = text[len(before):]  # a tokenizer that rewrites earlier text loses the edit
+        piece, turn.text_from = step
         ids = turn.tokens[turn.text_tokens:]
         turn.text += piece
-        turn.text_from, turn.text_tokens = turn.text_tokens, len(turn.tokens)
+        turn.text_tokens = len(turn.tokens)
         return TextDelta(piece, ids) if piece or ids else None
 
     def _submit(self, seg: tuple[int, int], pending: deque[_Pending],
