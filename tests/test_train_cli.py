@@ -690,6 +690,33 @@ def test_a_stage_from_a_slim_export_that_left_out_its_parts_trains_and_keeps_the
         assert any(k.startswith("t2c.") for k in f.keys())
 
 
+def test_a_checkpoint_without_a_part_its_stage_trains_is_not_resumed(tmp_path, capsys,
+                                                                       monkeypatch):
+    """Checkpoints an older echox saved without the T2C of a T2C run (from a Stage I export)
+    resumed with a T2C of random weights, without a word."""
+    from echox.train import stages
+
+    c, recipe = _stages_one_and_two(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
+    slim = tmp_path / "s2t-slim"
+    assert main(["train", "export", "--model", str(tmp_path / "s2t" / "model"),
+                 "--out", str(slim)]) == 0
+    run = ["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"), "--init",
+           str(slim), "--out", str(tmp_path / "old"), "--set", "train.save_every=1"]
+    apply = stages.apply_stage
+
+    def as_before(model, stage, freeze_s2t=False):  # the omitted parts kept, as before the fix
+        kept = model.omitted_parts
+        apply(model, stage, freeze_s2t)
+        model.omitted_parts = kept
+
+    with monkeypatch.context() as m:
+        m.setattr(stages, "apply_stage", as_before)
+        assert main([*run, "--stop-at", "1"]) == 0
+    capsys.readouterr()
+    assert main([*run, "--resume"]) == 2
+    assert "leaves out the t2c weights this stage trains" in _one_error_line(capsys)
+
+
 def test_a_resume_with_its_recipe_keeps_the_runs_recorded_init(tmp_path, capsys, caplog):
     """--resume with --recipe but without repeating --init built the recipe's model, loaded the
     checkpoint into it where the shapes fit (adapter.shrink changed midway, without a word)
@@ -704,7 +731,8 @@ def test_a_resume_with_its_recipe_keeps_the_runs_recorded_init(tmp_path, capsys,
                  "--set", "model.adapter.shrink=false", "--stop-at", "1"]) == 0
     capsys.readouterr()
     assert main([*s2t, "--resume", "--stop-at", "2"]) == 0
-    assert "the run's own starting points" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the run's own starting points" in err and "model.adapter.shrink=false" in err
     with caplog.at_level("WARNING"):  # a --stop-at already passed trained nothing, silently
         assert main([*s2t, "--resume", "--stop-at", "1"]) == 0
     assert "--stop-at 1: the run is already at step 2; nothing is trained" in caplog.text
@@ -713,6 +741,15 @@ def test_a_resume_with_its_recipe_keeps_the_runs_recorded_init(tmp_path, capsys,
     rec = json.loads((tmp_path / "cont" / "recipe.json").read_text())
     assert rec["init"] == str(tmp_path / "s2t" / "model")
     assert rec["init_sets"] == ["adapter.shrink=false"]
+    # the run it started from deleted once used: the model comes from the run's checkpoint
+    import shutil
+
+    shutil.rmtree(tmp_path / "s2t")
+    assert main([*s2t, "--resume"]) == 0, capsys.readouterr().err
+    assert "which no longer exists; its model is built from the checkpoint" in capsys.readouterr().err
+    final = json.loads((tmp_path / "cont" / "model" / "config.json").read_text())
+    assert final["config"]["adapter"]["shrink"] is False
+    assert json.loads((tmp_path / "cont" / "recipe.json").read_text())["init"] == rec["init"]
 
 
 def test_a_model_folder_given_as_the_run_folder_is_refused(tmp_path, capsys):

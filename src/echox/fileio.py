@@ -204,6 +204,9 @@ def _sync_tree(folder: Path) -> None:
             fd = os.open(p, os.O_RDONLY)
             try:
                 os.fsync(fd)
+            except OSError as e:  # a file system without fsync: nothing more to do here
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+                    raise
             finally:
                 os.close(fd)
         _sync_dir(Path(root))

@@ -26,8 +26,8 @@ import torch
 from echox import __version__
 from echox.config import EchoXConfig
 from echox.errors import CheckpointError, ConfigError
-from echox.fileio import (atomic_dir, check_replaceable, folder_config, moved_aside_hint, save_tensors,
-                          sha256_file)
+from echox.fileio import (atomic_dir, check_replaceable, folder_config, moved_aside_hint,
+                          read_json_object, save_tensors, sha256_file)
 from echox.hub import LOCAL_PREFIXES
 from echox.model.llm import load_tokenizer
 
@@ -524,6 +524,18 @@ def _omitted_parts(folder: Path, meta: dict[str, Any]) -> tuple[str, ...]:
     return tuple(omitted)
 
 
+def trained_parts_left_out(model: EchoX, folder: Path) -> list[str]:
+    """The parts `model` trains (any trainable weight) that checkpoint `folder` leaves out: a
+    resume from it would train them on from their initial weights. (echox before 2026-12-07
+    saved a stage's checkpoints without a part its slim --init had left out.)"""
+    try:
+        meta = read_json_object(folder / CONFIG, CheckpointError, "checkpoint config")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder / CONFIG} is missing") from e
+    return [p for p in _omitted_parts(folder, meta)
+            if any(w.requires_grad for w in getattr(model, p).parameters())]
+
+
 def _unstored_parts(model: EchoX, omitted: tuple[str, ...]) -> tuple[str, ...]:
     """`omitted` plus "t2c" where the model's T2C is its echo decoder (one module, stored under
     echo.)."""
@@ -543,11 +555,9 @@ def load_weights(model: EchoX, folder: Path, parts: list[str] | None = None,
     if omitted is None:
         if meta is None:
             try:
-                meta = json.loads((folder / CONFIG).read_text())
-            except (OSError, ValueError, RecursionError) as e:
-                raise CheckpointError(f"cannot read {folder / CONFIG}: {e}") from e
-            if not isinstance(meta, dict):
-                raise CheckpointError(f"{folder / CONFIG}: not a JSON object")
+                meta = read_json_object(folder / CONFIG, CheckpointError, "checkpoint config")
+            except FileNotFoundError as e:
+                raise CheckpointError(f"{folder / CONFIG} is missing") from e
         omitted = _unstored_parts(model, _omitted_parts(folder, meta))
     try:
         sd = load_file(str(folder / WEIGHTS))

@@ -63,6 +63,7 @@ from echox.train.trainer import (
     check_no_checkpoints,
     check_run_folder,
     encoder_cache_root,
+    find_latest_checkpoint,
 )
 from echox.units.language import UnitLanguage
 
@@ -649,13 +650,45 @@ def _recorded_starts(args: argparse.Namespace) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     recorded = read_json_object(path, ConfigError, "the run's recipe")
-    starts = {k: recorded[k] for k in ("init", "t2c_from", "init_sets") if k in recorded}
-    taken = [f"--{k.replace('_', '-')} {v}" for k, v in starts.items()
-             if k != "init_sets" and isinstance(v, str) and getattr(args, k) is None]
-    if taken and os.environ.get("RANK", "0") == "0":
-        print(f"echox: --resume: the run's own starting points ({path}): {', '.join(taken)}",
-              file=sys.stderr)
-    return starts
+    return {k: recorded[k] for k in ("init", "t2c_from", "init_sets") if k in recorded}
+
+
+def _take_recorded_starts(args: argparse.Namespace, starts: dict[str, Any]) -> bool:
+    """Set `args.init` / `args.t2c_from` not given again to the run's recorded ones, and say
+    so. A recorded one that is gone (a run deleted once exported) is not used: the model is then
+    built from the checkpoint the run resumes (its config and weights), and True is returned
+    (the run's record keeps its first starting points)."""
+    taken, gone = [], []
+    for key, option in (("init", "--init"), ("t2c_from", "--t2c-from")):
+        old = starts.get(key)
+        if getattr(args, key) is None and isinstance(old, str):
+            if os.path.exists(old):
+                setattr(args, key, old)
+                taken.append(f"{option} {old}")
+            else:
+                gone.append(f"{option} {old}")
+    sets = starts.get("init_sets")
+    if taken and isinstance(sets, list) and sets:
+        taken.append("--set " + " ".join(f"model.{o}" for o in sets))
+    main = os.environ.get("RANK", "0") == "0"
+    if taken and main:
+        print(f"echox: --resume: the run's own starting points: {', '.join(taken)}", file=sys.stderr)
+    if not gone:
+        return False
+    if str(args.resume) == "latest":
+        ckpt = find_latest_checkpoint(Path(args.output_dir))
+    else:
+        ckpt = Path(args.resume)
+        if (ckpt / "checkpoints").is_dir() and not (ckpt / "config.json").exists():
+            ckpt = find_latest_checkpoint(ckpt)
+    if ckpt is None:
+        raise ConfigError(f"--resume: the run started from {' and '.join(gone)}, which no longer "
+                          "exists, and it has no checkpoint to build its model from")
+    if main:
+        print(f"echox: warning: --resume: the run started from {' and '.join(gone)}, which no "
+              f"longer exists; its model is built from the checkpoint {ckpt}", file=sys.stderr)
+    args.init, args.t2c_from = str(ckpt), None
+    return True
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -671,12 +704,10 @@ def _train(args: argparse.Namespace) -> int:
     recipe = load_stage_recipe(args.recipe, args.set or [], args.override, args.stage, recorded)
     init_sets = _model_sets(args)  # the model settings that apply over an --init checkpoint
     starts = recorded if recorded is not None else _recorded_starts(args)
+    from_checkpoint = False  # the recorded --init is gone: the model comes from the checkpoint
     if starts is not None:  # the run's own starting points, and the settings given over them
-        recorded = starts
-        for key in ("init", "t2c_from"):
-            if getattr(args, key) is None and isinstance(recorded.get(key), str):
-                setattr(args, key, recorded[key])
-        was = recorded.get("init_sets")
+        from_checkpoint = _take_recorded_starts(args, starts)
+        was = starts.get("init_sets")
         given = {o.split("=", 1)[0].strip(): o for o in [*(was if isinstance(was, list) else []), *init_sets]}
         init_sets = list(given.values())  # one per key, the latest (repeated on each resume: once)
     if args.data:
@@ -741,7 +772,9 @@ def _train(args: argparse.Namespace) -> int:
         before: list[Any] = []
         if args.resume is not None:  # the run's own record, read once
             was = folder_config(out, "recipe.json") or {}
-            before, starts = _data_before(was, data_now), _starts_before(was, starts)
+            before = _data_before(was, data_now)
+            starts = ({k: was.get(k) for k in ("init", "t2c_from")} if from_checkpoint  # where it
+                      else _starts_before(was, starts))  # started, not the checkpoint it resumed
         atomic_write_text(out / "recipe.json", json.dumps(
             {**recipe, "train": {**asdict(cfg), **trainer.optimizer_settings()}, "data": data_now,
              "cwd": os.getcwd(), **starts,

@@ -30,7 +30,8 @@ from echox.config import MAX_THREADS
 from echox.errors import CheckpointError, ConfigError, StageError
 from echox.fileio import atomic_write_text, clear_interrupted, json_lines
 from echox.hub import cache_dir
-from echox.model.checkpoint import check_save_folder, load_weights, option_folder, verify_checkpoint
+from echox.model.checkpoint import (check_save_folder, load_weights, option_folder,
+                                    trained_parts_left_out, verify_checkpoint)
 from echox.model.echox import EchoX
 from echox.model.precision import cpu_has_fast_bf16
 
@@ -596,6 +597,11 @@ class Trainer:
         if was is not None and was != self.cfg.stage:
             raise CheckpointError(f"cannot resume stage {self.cfg.stage} from {folder}: it is a "
                                   f"checkpoint of stage {was}")
+        lost = trained_parts_left_out(self.acc.unwrap_model(self.model), folder)
+        if lost:
+            raise CheckpointError(f"cannot resume from {folder}: it leaves out the "
+                                  f"{' and '.join(lost)} weights this stage trains (an older "
+                                  "echox saved them so); start the run again in a new --out")
         load_weights(self.acc.unwrap_model(self.model), folder)
         self._warn_changed_settings(state.get("train_config") if isinstance(state, dict) else None)
         try:
