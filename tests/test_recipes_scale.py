@@ -433,7 +433,7 @@ def test_t2c_to_raw_units_keeps_the_unit_rows_and_forgets_the_language(tmp_path:
     """recipes/tiny/t2c_to_raw_units.py: the single-unit and special rows and the body carry
     over; the converted T2C records no unit language (it kept the old fingerprint, and
     `echox train t2c --init ... --set data.unit_language=null` refused it), and its unit budget
-    grows by the language's units per token."""
+    grows by the language's units per token where it counts text tokens."""
     from conftest import load_script
 
     from echox.model.echox import EchoX
@@ -461,3 +461,13 @@ def test_t2c_to_raw_units_keeps_the_unit_rows_and_forgets_the_language(tmp_path:
             torch.testing.assert_close(new[name], torch.cat([t[:k], t[v:]]))
     with pytest.raises(Exception, match="exists"):
         conv.convert(src, tmp_path / "raw")
+    # a character condition counts characters: 8 units per character is ample for raw units,
+    # and the budget stays (it was scaled as if it counted text tokens)
+    mc = make_model([f"t2c.unit_language={lang.fingerprint}", "t2c.char_condition=true"])
+    mc.trained_stages = ["t2c"]
+    src = mc.save_pretrained(tmp_path / "t2c-chars")
+    lang.save(src / "unit_language")
+    (src / "unit_language" / "train_stats.json").write_text(json.dumps({"heldout": {"units_per_token": 2.0}}))
+    conv.convert(src, tmp_path / "raw-chars")
+    raw = EchoX.from_pretrained(tmp_path / "raw-chars")
+    assert raw.config.t2c.max_units_per_token == mc.config.t2c.max_units_per_token

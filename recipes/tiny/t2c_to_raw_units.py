@@ -43,12 +43,16 @@ def convert(src: Path, out: Path) -> None:
     cfg = warm.config
     cfg.t2c.unit_vocab_size = k
     cfg.t2c.unit_language = None  # it speaks no language now: training with none must match
-    # the unit budget of a spoken answer (units per text token) grows as the tokens split
-    # into their units: 8 language tokens per text token are about 18 raw units
-    stats = src / "unit_language" / "train_stats.json"  # `echox units train-language` writes it
-    held = json.loads(stats.read_text()).get("heldout", {}) if stats.is_file() else {}
-    per_token = held.get("units_per_token") or 2.5
-    cfg.t2c.max_units_per_token = math.ceil(cfg.t2c.max_units_per_token * per_token)
+    # the unit budget of a spoken answer (units per condition position) grows as the tokens
+    # split into their units, where the condition is the LLM's tokens: 8 language tokens per
+    # text token are about 18 raw units. A character condition (the tiny recipe's) counts
+    # characters: 8 per character is ample for raw units too (at most 4.4 on the 300 test
+    # answers, docs/results.md, session 50), and a larger budget only lets a loop run longer.
+    if not cfg.t2c.char_condition:
+        stats = src / "unit_language" / "train_stats.json"  # `units train-language` writes it
+        held = json.loads(stats.read_text()).get("heldout", {}) if stats.is_file() else {}
+        per_token = held.get("units_per_token") or 2.5
+        cfg.t2c.max_units_per_token = math.ceil(cfg.t2c.max_units_per_token * per_token)
     new = EchoX.build(cfg, tokenizer=warm.tokenizer)
     state, mine = warm.t2c.state_dict(), new.t2c.state_dict()
     for name, t in state.items():

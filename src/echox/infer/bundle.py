@@ -450,9 +450,11 @@ def bundle_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unit-length-penalty", type=float,
                    help="beam score = log-probability / length ** this (default: the checkpoint's)")
     p.add_argument("--max-units-per-token", type=int, metavar="N",
-                   help="the longest spoken answer, in speech tokens per text token (+16); an "
-                        "answer that reaches it is cut (default: the checkpoint's "
-                        "t2c.max_units_per_token; raw units need about 2.2x a unit language's)")
+                   help="the longest spoken answer, in speech tokens per condition position "
+                        "(a text token, or a character with t2c.char_condition) + 16; an answer "
+                        "that reaches it is cut (default: the checkpoint's "
+                        "t2c.max_units_per_token; over text tokens raw units need about 2.2x a "
+                        "unit language's)")
     p.add_argument("--out", required=True, help="bundle folder to write (a new one)")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it exists (the whole folder: what else it holds is lost)")
