@@ -690,6 +690,28 @@ def test_a_stage_from_a_slim_export_that_left_out_its_parts_trains_and_keeps_the
         assert any(k.startswith("t2c.") for k in f.keys())
 
 
+def test_echo_takes_a_t2c_of_another_unit_vocabulary_when_no_echo_was_trained(tmp_path, capsys):
+    """A Stage I model of a unit-language recipe (2,000 tokens) and a T2C over the raw units
+    (500): --t2c-from refused it ("differs in unit_vocab_size"), though the echo decoder that
+    starts from the T2C had never been trained. A trained echo decoder must still fit."""
+    c, recipe = _stages_one_and_two(tmp_path, "batch_size: 2, max_steps: 2, lr: 0.003")
+    assert main(["train", "t2c", "--recipe", str(recipe), "--data", str(c / "tts.jsonl"),
+                 "--set", "model.t2c.unit_vocab_size=60", "--out", str(tmp_path / "t2c60")]) == 0
+    echo = ["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+            "--set", "train.cut_segments=false", "--t2c-from", str(tmp_path / "t2c60" / "model")]
+    assert main([*echo, "--init", str(tmp_path / "s2t" / "model"),
+                 "--out", str(tmp_path / "echo60")]) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "echo60" / "model" / "config.json").read_text())
+    assert meta["config"]["t2c"]["unit_vocab_size"] == 60
+    # an echo model (50 units) continued on the 60-unit T2C: refused
+    assert main(["train", "echo", "--recipe", str(recipe), "--data", str(c / "dialogues.jsonl"),
+                 "--set", "train.cut_segments=false", "--init", str(tmp_path / "s2t" / "model"),
+                 "--t2c-from", str(tmp_path / "t2c" / "model"), "--out", str(tmp_path / "e50")]) == 0
+    capsys.readouterr()
+    assert main([*echo, "--init", str(tmp_path / "e50" / "model"), "--out", str(tmp_path / "x")]) == 2
+    assert "differs from the model's in ['unit_vocab_size']" in _one_error_line(capsys)
+
+
 def test_a_checkpoint_without_a_part_its_stage_trains_is_not_resumed(tmp_path, capsys,
                                                                        monkeypatch):
     """Checkpoints an older echox saved without the T2C of a T2C run (from a Stage I export)

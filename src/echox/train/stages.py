@@ -167,11 +167,14 @@ def _load_t2c(model: EchoX, folder: Path, init_llm: str | None = None) -> None:
         raise StageError(f"--t2c-from {folder} was not trained with stage t2c; run `echox train t2c`")
     theirs, ours = meta["config"]["t2c"], asdict(model.config.t2c)
     diff = [k for k in ("hidden_size", "num_layers", "num_heads", "unit_vocab_size") if theirs.get(k) != ours[k]]
-    if diff:
+    # a model whose echo decoder no stage trained takes the T2C's shape as it is (a Stage I
+    # model of a unit-language recipe, and a T2C over the raw units); a trained one must fit
+    if diff and ("echo" in model.trained_stages
+                 or {ours["layout"], theirs.get("layout", "echox")} != {"echox"}):
         raise StageError(f"--t2c-from {folder}: its T2C differs from the model's in {diff}")
     own = {"spelling_dim": 0, "spelling_chars": 24, "align_weight": 0.0, "align_sigma": 0.2,
            "align_heads": 0, "char_condition": False, "char_max": 16}
-    if any(theirs.get(k, v) != ours[k] for k, v in own.items()):
+    if diff or any(theirs.get(k, v) != ours[k] for k, v in own.items()):
         # a spelling encoder only adds to the T2C's condition, and the guided-attention loss
         # only to its training loss: take the Stage II config (the echo decoder is its copy)
         # (the decoding stays the model's own: `--set model.t2c.beams` beside --init)
