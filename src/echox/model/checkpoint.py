@@ -516,6 +516,14 @@ def load_checkpoint(cls: Any, folder: Path, device: str | torch.device | None = 
     return model
 
 
+def _config_of(folder: Path) -> dict[str, Any]:
+    """A checkpoint's config.json, read without verifying the folder again."""
+    try:
+        return read_json_object(folder / CONFIG, CheckpointError, "checkpoint config")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder / CONFIG} is missing") from e
+
+
 def _omitted_parts(folder: Path, meta: dict[str, Any]) -> tuple[str, ...]:
     """The parts a checkpoint's config says its weights file leaves out ("omitted_parts")."""
     omitted = meta.get("omitted_parts") or []
@@ -528,11 +536,7 @@ def trained_parts_left_out(model: EchoX, folder: Path) -> list[str]:
     """The parts `model` trains (any trainable weight) that checkpoint `folder` leaves out: a
     resume from it would train them on from their initial weights. (echox before 2026-12-07
     saved a stage's checkpoints without a part its slim --init had left out.)"""
-    try:
-        meta = read_json_object(folder / CONFIG, CheckpointError, "checkpoint config")
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{folder / CONFIG} is missing") from e
-    return [p for p in _omitted_parts(folder, meta)
+    return [p for p in _omitted_parts(folder, _config_of(folder))
             if any(w.requires_grad for w in getattr(model, p).parameters())]
 
 
@@ -553,12 +557,8 @@ def load_weights(model: EchoX, folder: Path, parts: list[str] | None = None,
 
     meta = None if verified else verify_checkpoint(folder)
     if omitted is None:
-        if meta is None:
-            try:
-                meta = read_json_object(folder / CONFIG, CheckpointError, "checkpoint config")
-            except FileNotFoundError as e:
-                raise CheckpointError(f"{folder / CONFIG} is missing") from e
-        omitted = _unstored_parts(model, _omitted_parts(folder, meta))
+        omitted = _unstored_parts(model, _omitted_parts(
+            folder, meta if meta is not None else _config_of(folder)))
     try:
         sd = load_file(str(folder / WEIGHTS))
     except Exception as e:  # noqa: BLE001 - safetensors raises several error types
