@@ -54,6 +54,24 @@ def test_unit_decoder_cached_equals_uncached(make_model):
     assert len(from_text) == 2 and all(len(x) > 0 for x in from_text)
 
 
+def test_default_unit_budget_of_a_row_does_not_depend_on_its_batch(make_model):
+    """Greedy rows decode in one batch; a row that never stops gets its own condition's budget
+    (it had the longest row's: 112 units in a batch against 40 alone)."""
+    m = make_model()
+    m.eval()
+    def no_eos(module, inputs, out):  # no row stops
+        out[..., m.echo.eos_id] = -1e9
+        return out
+    m.echo.lm_head.register_forward_hook(no_eos)
+    assert m.echo.cfg.beams == 1
+    cond = [torch.randn(n, m.llm.hidden_size) for n in (2, 6)]
+    alone = [m.echo.generate([c])[0] for c in cond]
+    batch = m.echo.generate(cond)
+    assert [len(u) for u in alone] == [m.echo.default_sampling(len(c)).max_new_tokens for c in cond]
+    assert len(alone[0]) < len(alone[1])
+    assert batch == alone
+
+
 def test_decoding_ends_where_the_positions_do(make_model):
     """An explicit max_new_tokens ran past the LLM's positions and the unit decoder's
     (max_new_tokens=10**6: 17 GB and no end); a prompt longer than the LLM's was taken."""
@@ -369,7 +387,8 @@ def test_unit_decoders_beam_search_from_their_config(make_model):
     assert list(m.t2c.iter_generate(cond[1])) == a[1]
     assert all(0 <= u < m.t2c.num_units for x in a for u in x)
     assert m.echo.generate(cond) == a  # the echo decoder starts as a copy of the T2C
-    assert m.t2c.generate(cond, SamplingConfig(max_new_tokens=s.max_new_tokens)) == greedy
+    assert [m.t2c.generate([c], SamplingConfig(max_new_tokens=m.t2c.default_sampling(len(c)).max_new_tokens))[0]
+            for c in cond] == greedy  # greedy by default before: each row with its own budget
 
 
 def _repeats(tokens: list[int], n: int) -> bool:

@@ -104,8 +104,9 @@ def generate_rows(step: Any, embed: Any, embs: list[torch.Tensor], cond_lens: li
                   suppress_ids: list[int] | None = None) -> list[list[int]]:
     """A unit decoder's `generate`: each row's inputs [L_i, H] (the condition of `cond_lens[i]`
     vectors, with the decoder's own specials), decoded to EOS (not included). `sampling=None`:
-    `default(cond_len)`, the decoder's config; with beams each row gets its own unit budget,
-    greedy or sampled rows share the longest condition's."""
+    `default(cond_len)`, the decoder's config, each row with its own unit budget (greedy or
+    sampled rows decode in one batch to the longest condition's, then each row is cut to its
+    own: a row that never stops gets the units it gets alone, whatever it is batched with)."""
     rows = [sampling or default(n) for n in cond_lens]
     if rows[0].num_beams > 1:  # one batch; by default each row has its own unit budget
         return beam_rows(step, embed, embs, eos_id, rows, use_cache, suppress_ids)
@@ -113,7 +114,7 @@ def generate_rows(step: Any, embed: Any, embs: list[torch.Tensor], cond_lens: li
     res: DecodeResult = decode(step, embed, x, mask, stop_ids=[eos_id],
                                sampling=sampling or default(max(cond_lens)), use_cache=use_cache,
                                suppress_ids=suppress_ids)
-    return res.tokens
+    return [units[: r.max_new_tokens] for units, r in zip(res.tokens, rows)]
 
 
 def iter_row(step: Any, embed: Any, emb: torch.Tensor, eos_id: int, sampling: SamplingConfig,
