@@ -56,6 +56,14 @@ def test_mix_makes_voice_and_asr_turns_and_resumes(tmp_path):
     mtime = wav.stat().st_mtime_ns
     again = build_s2t_mix(corpus, voice="en-gb")
     assert again["voice_made"] == 0 and again["voice_dialogues"] == 3 and wav.stat().st_mtime_ns == mtime
+    # a damaged wav (cut short, or its header zeroed) is spoken again, not kept as made
+    data = wav.read_bytes()
+    wav.write_bytes(data[: len(data) // 2])
+    other = train / "audio" / "q_en-gb" / "x2.wav"
+    other.write_bytes(bytes(other.stat().st_size))
+    third = build_s2t_mix(corpus, voice="en-gb")
+    assert third["voice_made"] == 2 and third["voice_dialogues"] == 3
+    assert wav.read_bytes() == data and sf.info(str(other)).duration > 0.5
 
 
 def test_mix_refuses_the_test_voice_and_a_missing_corpus(tmp_path):

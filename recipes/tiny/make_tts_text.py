@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_questions import QuestionSourceError, clean_answers, match_template, read_task  # noqa: E402
 
-from echox.data.tiny_corpus import _done, piper_synthesize  # noqa: E402
+from echox.data.tiny_corpus import piper_synthesize, wav_made  # noqa: E402
 from echox.fileio import atomic_write_text  # noqa: E402
 
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows[: args.limit]
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = [{"id": rid, "text": text, "audio": f"audio/{rid}.wav"} for rid, text in rows]
-    todo = [(r["text"], args.out / r["audio"]) for r in manifest if not _done(args.out / r["audio"])]
+    todo = [(r["text"], args.out / r["audio"]) for r in manifest if not wav_made(args.out / r["audio"])]
     print(f"{len(rows)} sentences ({len(held_out)} test facts and "
           f"{len(subjects)} test subjects held out); {len(todo)} to speak", flush=True)
     made, failed = piper_synthesize(todo, progress=True, workers=args.workers)

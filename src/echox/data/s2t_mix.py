@@ -39,7 +39,7 @@ from typing import Any
 
 from echox.config import int_at_least
 from echox.data.tiny_corpus import (_read_answers, espeak_synthesize, generate_answers,
-                                   piper_synthesize)
+                                   piper_synthesize, wav_made)
 from echox.errors import ManifestError
 from echox.fileio import (
     atomic_write_text,
@@ -135,7 +135,7 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
                 raise ManifestError(f"{where} line {i}: expected an \"id\" usable as a file name "
                                     "and a first turn with a \"value\" string")
             jobs.append((user["value"], train / "audio" / folder / f"{d['id']}.wav"))
-        todo = [(t, p) for t, p in jobs if not p.is_file()]
+        todo = [(t, p) for t, p in jobs if not wav_made(p)]
         made, failed = espeak_synthesize(todo, progress=progress, voice=voice)
         if todo and not made:  # e.g. a voice espeak-ng does not have: not an empty manifest
             with contextlib.suppress(OSError):  # nor an empty folder named after it
@@ -144,7 +144,7 @@ def build_s2t_mix(corpus: str | Path, voice: str | None = "en-gb", asr: bool = T
                                 "check the voice name (espeak-ng --voices)")
         bad = {Path(p) for p in failed}
         for d, (_, path) in zip(dialogues, jobs):
-            if path in bad or not path.is_file():
+            if path in bad or not wav_made(path):
                 continue
             conv = json.loads(json.dumps(d["conversations"]))
             conv[0]["audio"] = f"audio/{folder}/{d['id']}.wav"
@@ -178,9 +178,9 @@ def build_asr_extra(corpus: str | Path, texts: str | Path, workers: int = 2,
         raise ManifestError(f"{train} not found: build the corpus first (echox data build-tiny)")
     rows = _id_text_rows(Path(texts))
     clips = [{"id": r["id"], "text": r["text"], "audio": f"audio/x/{r['id']}.wav"} for r in rows]
-    todo = [(c["text"], train / c["audio"]) for c in clips if not (train / c["audio"]).is_file()]
+    todo = [(c["text"], train / c["audio"]) for c in clips if not wav_made(train / c["audio"])]
     made, failed = piper_synthesize(todo, progress=progress, workers=workers, desc="asr extra")
-    spoken = [c for c in clips if (train / c["audio"]).is_file()]
+    spoken = [c for c in clips if wav_made(train / c["audio"])]
     turns = [asr_turn(c["id"], c["text"], c["audio"]) for c in spoken]
     _write(train / "asr_extra.jsonl", turns)
     _write(train / "asr_extra_tts.jsonl", spoken)
@@ -286,9 +286,9 @@ def speak_extra_answers(corpus: str | Path, workers: int = 2, progress: bool = F
     dialogues = _read(train / "dialogues_extra.jsonl")
     clips = [{"id": d["id"], "text": d["conversations"][-1]["value"], "audio": f"audio/xa/{d['id']}.wav"}
              for d in dialogues]
-    todo = [(c["text"], train / c["audio"]) for c in clips if not (train / c["audio"]).is_file()]
+    todo = [(c["text"], train / c["audio"]) for c in clips if not wav_made(train / c["audio"])]
     made, failed = piper_synthesize(todo, progress=progress, workers=workers, desc="extra answers")
-    spoken = [c for c in clips if (train / c["audio"]).is_file()]
+    spoken = [c for c in clips if wav_made(train / c["audio"])]
     _write(train / "answers_extra_tts.jsonl", spoken)
     return {"extra_answers_spoken": made, "extra_answers_failed": len(failed),
             "extra_answer_clips": len(spoken)}

@@ -41,10 +41,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from echox.audio import audio_duration
+from echox.audio import audio_duration, audio_info
 from echox.config import int_at_least
 from echox.data.match import exist_match
-from echox.errors import DataBuildError
+from echox.errors import AudioError, DataBuildError
 from echox.fileio import check_out_path, is_file_name, json_lines, json_objects, open_to_append
 from echox.hub import resolve
 from echox.model.generation import SamplingConfig, cache_kwargs, guard_repetition
@@ -308,8 +308,18 @@ def generate_answers(llm: str, questions: Sequence[str], *, system_prompt: str |
 # --------------------------------------------------------------------------- speech
 
 
-def _done(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 44  # more than a bare wav header
+def wav_made(path: Path) -> bool:
+    """A wav already made: more than a bare header, a header that reads, and all the samples it
+    claims. Writes are atomic, so only damage (a disk, a copy) leaves another; that one is made
+    again instead of failing training later."""
+    if not (path.is_file() and path.stat().st_size > 44):
+        return False
+    try:
+        info = audio_info(path)
+    except AudioError as err:
+        log.warning("%s: taken as not made", err)
+        return False
+    return info.frames > 0
 
 
 def _speakable(text: str) -> str | None:
@@ -419,7 +429,7 @@ def espeak_synthesize(jobs: Sequence[tuple[str, Path]], *, progress: bool = Fals
         tmp = path.with_name(f".{path.name}.tmp")
         res = subprocess.run([binary, "-v", voice, "-w", str(tmp), "--stdin"], input=line,
                              text=True, capture_output=True)
-        if res.returncode != 0 or not _done(tmp):
+        if res.returncode != 0 or not wav_made(tmp):
             tmp.unlink(missing_ok=True)
             log.warning("espeak-ng failed on %r: %s", line[:80], res.stderr.strip()[:200])
             failed.append(path)
@@ -500,7 +510,7 @@ def _write_split(out: Path, name: str, qs: list[QAQuestion],
     for q in qs:
         ans, gold = answers[q.id], list(q.answers)
         qw, aw, ew = (_wav(out, name, k, q.id) for k in ("q", "a", "q_espeak"))
-        if _done(qw):
+        if wav_made(qw):
             seconds["piper_q"] += audio_duration(qw)
             tts.append({"id": f"{q.id}-q", "text": q.question, "audio": rel(qw)})
             qa.append({"id": q.id, "audio": rel(qw), "question": q.question, "answers": gold})
@@ -509,10 +519,10 @@ def _write_split(out: Path, name: str, qs: list[QAQuestion],
                     {"from": "user", "value": q.question, "audio": rel(qw)},
                     {"from": "assistant", "value": ans["answer"]}],
                     "answers": gold, "correct": ans["correct"]})
-        if _done(aw):
+        if wav_made(aw):
             seconds["piper_a"] += audio_duration(aw)
             tts.append({"id": q.id, "text": ans["answer"], "audio": rel(aw)})
-        if name == "test" and _done(ew):
+        if name == "test" and wav_made(ew):
             seconds["espeak_q"] += audio_duration(ew)
             qa_e.append({"id": q.id, "audio": rel(ew), "question": q.question, "answers": gold})
     _write_json_atomic(out / name / "dialogues.jsonl", dialogues, lines=True)
@@ -569,7 +579,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
     piper_failed: set[Path] = set()
 
     def piper_step(jobs: list[tuple[str, Path]], **kw: Any) -> None:
-        todo = [(t, p) for t, p in jobs if not _done(p)]  # wavs already there are skipped
+        todo = [(t, p) for t, p in jobs if not wav_made(p)]  # wavs already there are skipped
         made, failed = piper_synthesize(todo, progress=progress, **kw)
         work["piper_synthesized"] += made
         piper_failed.update(failed)
@@ -634,7 +644,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
     piper_step([(answers[q.id]["answer"], _wav(out, n, "a", q.id)) for n, q in named],
                workers=piper_workers, desc="piper answers")
     step_s["answer_audio"] = time.perf_counter() - t
-    work["piper_failed"] = sum(1 for path in piper_failed if not _done(path))  # once each
+    work["piper_failed"] = sum(1 for path in piper_failed if not wav_made(path))  # once each
     work["piper_cached"] = 2 * len(named) - work["piper_synthesized"] - work["piper_failed"]
     t = time.perf_counter()
     if "espeak" in voices and shutil.which("espeak-ng") is None:
@@ -643,7 +653,7 @@ def build_tiny_corpus(out_dir: str | os.PathLike, limit: int | None = None, test
         log.warning(warnings[-1])
     elif "espeak" in voices:
         e_jobs = [(q.question, _wav(out, "test", "q_espeak", q.id)) for q in split.test]
-        e_todo = [(t, p) for t, p in e_jobs if not _done(p)]
+        e_todo = [(t, p) for t, p in e_jobs if not wav_made(p)]
         work["espeak_cached"] = len(e_jobs) - len(e_todo)
         work["espeak_synthesized"], e_failed = espeak_synthesize(e_todo, progress=progress)
         work["espeak_failed"] = len(e_failed)
