@@ -8,7 +8,9 @@ audio and of the resynthesis against the text, and the real-time factor of synth
 (seconds of compute per second of audio) on this machine. With a unit->mel vocoder, each
 `--hifigan` (a packaged name or a generator folder) is measured in turn on the same mels, and
 `--copy-synthesis` adds the generator run on the original audio's own mel (the ceiling of the
-mel route).
+mel route). Each `--stream N` adds the same units rendered as the engine streams them (chunks of
+`first_chunk_units`, then `chunk_units`, each with N units of left context and the engine's
+crossfade), with the streamed audio's length against the whole rendering's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--true-durations", action="store_true",
                     help="also run the unit->mel with the durations of the original audio (from "
                          "the records' run lengths): splits the gap into durations and spectra")
+    ap.add_argument("--stream", type=int_at_least(0), action="append", metavar="CONTEXT_UNITS",
+                    help="also stream the units in the engine's chunks with this many left-context "
+                         "units (repeatable)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.json:  # before the run: a bad path would lose its results, an input be replaced
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from echox.eval.wer import wer
     from echox.fileio import json_records
     from echox.infer.asr import FasterWhisperASR
+    from echox.infer.events import EngineConfig
     from echox.vocoder.io import load_named_generator, load_vocoder
     from echox.vocoder.unit_mel import UnitMelVocoder
 
@@ -118,6 +124,23 @@ def main(argv: list[str] | None = None) -> int:
                 v["generator_runtime"] = voc.generator.meta
         res["variants"][name] = v
         rows.append((f"units -> {name}", v["wer_resynthesis"], v["rtf_total"], v.get("rtf_generator")))
+        for ctx in args.stream or []:
+            cfg = EngineConfig()
+            hyps, ratios = [], []
+            for r in recs:
+                units, chunks = r["units"], []
+                while units:
+                    size = cfg.chunk_size(len(chunks)) or len(units)
+                    chunks.append(units[:size])
+                    units = units[size:]
+                wav = np.concatenate(list(voc.synthesize_stream(chunks, cfg.crossfade_ms, ctx)))
+                ratios.append(wav.size / voc.synthesize(r["units"]).size)
+                hyps.append(asr.transcribe(wav, voc.sample_rate))
+            v[f"wer_stream_{ctx}"] = wer(refs, hyps)
+            v[f"length_ratio_stream_{ctx}"] = float(np.mean(ratios))
+            v[f"hypotheses_stream_{ctx}"] = hyps
+            rows.append((f"units streamed, {ctx} context units -> {name} (length x{np.mean(ratios):.4f} "
+                         f"of whole, max x{max(ratios):.4f})", v[f"wer_stream_{ctx}"], None, None))
         if args.copy_synthesis and isinstance(voc, UnitMelVocoder):
             from echox.vocoder.hifigan import mel_spectrogram
 

@@ -44,19 +44,23 @@ def test_bench_vocoder_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     code = _bench().main(["--vocoder", str(tmp_path / "voc"), "--manifest", str(tmp_path / "m.jsonl"),
                           "--hifigan", str(tmp_path / "voc" / "hifigan"),
                           "--hifigan", str(tmp_path / "other"), "--copy-synthesis",
-                          "--true-durations",
+                          "--true-durations", "--stream", "0", "--stream", "8",
                           "--threads", "1", "--json", str(out)])
     assert code == 0
     table = capsys.readouterr().out
     assert "| original piper |" in table and table.count("| units -> ") == 2
     assert table.count("| original mel -> ") == 2
     assert table.count("| units + true durations -> ") == 2
+    assert table.count("| units streamed, 0 context units -> ") == 2
+    assert table.count("| units streamed, 8 context units -> ") == 2
     res = json.loads(out.read_text())
     assert res["n"] == 2 and len(res["variants"]) == 2
     for v in res["variants"].values():
         assert 0 <= v["wer_resynthesis"] and v["rtf_total"] > 0
         assert 0 < v["rtf_generator"] <= v["rtf_total"]
         assert "wer_copy_synthesis" in v
+        for ctx in (0, 8):  # 25 units: chunks of 20 and 5; without context the crossfade shortens
+            assert 0.5 < v[f"length_ratio_stream_{ctx}"] < 1.5 and len(v[f"hypotheses_stream_{ctx}"]) == 2
         for key in ("hypotheses", "hypotheses_copy_synthesis", "hypotheses_true_durations"):
             assert len(v[key]) == 2 and all(isinstance(h, str) for h in v[key])
     assert [r["id"] for r in res["records"]] == ["0", "1"]

@@ -47,7 +47,7 @@ from echox.vocoder.onnx import (
     load_onnx_generator,
 )
 from echox.vocoder.unit2mel import Unit2Mel
-from echox.vocoder.unit_mel import UnitMelVocoder
+from echox.vocoder.unit_mel import DEFAULT_CONTEXT_UNITS, UnitMelVocoder
 
 SMALL_HIFIGAN = "small"  # our V2-size student of `universal`, shipped in echox/assets
 PACKAGED_HIFIGANS = HIFIGAN_NAMES + (SMALL_HIFIGAN,)
@@ -171,7 +171,7 @@ def load_unit_mel_vocoder(
             spec = OnnxSpec.from_meta(meta["onnx"], folder)
             generator = cached_onnx_generator(generator, spec)
     return UnitMelVocoder(model, generator, output_sr or int(meta.get("output_sr", 16000)),
-                          int(meta.get("context_units", 16)), hifigan=name,
+                          int(meta.get("context_units", DEFAULT_CONTEXT_UNITS)), hifigan=name,
                           onnx=spec).to(map_location)
 
 

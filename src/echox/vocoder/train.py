@@ -27,6 +27,7 @@ from echox.errors import VocoderInputError
 from echox.vocoder.base import eval_mode
 from echox.vocoder.hifigan import MelSpec, mel_spectrogram
 from echox.vocoder.unit2mel import Unit2Mel, Unit2MelConfig, align_durations, unit2mel_loss
+from echox.vocoder.unit_mel import DEFAULT_CONTEXT_UNITS
 
 # ----------------------------------------------------------------------------- shared loop
 
@@ -323,7 +324,7 @@ def train_unit2mel(
                 "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
                 "segment_frames": segment_frames, "examples": len(examples), "holdout": holdout,
                 **(record or {})}
-    meta = {"hifigan": "universal", "output_sr": 16000, "context_units": 16, **(vocoder_meta or {})}
+    meta = {"hifigan": "universal", "output_sr": 16000, "context_units": DEFAULT_CONTEXT_UNITS, **(vocoder_meta or {})}
 
     def step_losses(step: int) -> dict[str, torch.Tensor]:
         idx = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)

@@ -24,6 +24,13 @@ from echox.vocoder.onnx import OnnxSpec
 from echox.vocoder.unit2mel import Unit2Mel
 
 
+#: Left-context units of a streamed chunk. The unit->mel model attends over all the units it is
+#: given, so a chunk rendered with little history comes out longer than in the whole rendering
+#: (docs/results.md, session 51: 16 units x1.012 of its length, 128 x1.003; its mel is made and
+#: dropped, and HiFi-GAN only warms up on the last frames, so the cost is small).
+DEFAULT_CONTEXT_UNITS = 128
+
+
 class UnitMelVocoder(nn.Module, Vocoder):
     """`Vocoder` = Unit2Mel + mel HiFi-GAN generator, resampled to `output_sr`.
 
@@ -42,7 +49,7 @@ class UnitMelVocoder(nn.Module, Vocoder):
         unit2mel: Unit2Mel,
         generator: nn.Module,
         output_sr: int = 16000,
-        context_units: int = 16,
+        context_units: int = DEFAULT_CONTEXT_UNITS,
         mel_context_frames: int | None = None,
         hifigan: str = "universal",
         onnx: OnnxSpec | None = None,
