@@ -349,6 +349,7 @@ def test_tiny_pipeline_checks_its_settings_before_any_step(tmp_path: Path) -> No
                       ({"STEP": "all", "VOCAB": "100"}, "VOCAB must be at least the 500 units"),
                       ({"STEP": "units,ttsx,t2c", "BIGBENCH": ""}, "ttsx: set BIGBENCH"),
                       ({"STEP": "all", "THREADS": "0"}, "THREADS must be a whole number >= 1"),
+                      ({"STEP": "all", "ECHO_ACCUM": "0"}, "ECHO_ACCUM must be a whole number >= 1"),
                       ({"STEP": "all", "T2C_LR": "fast"}, "T2C_LR must be a number"),
                       ({"STEP": "all", "T2C_INIT": "/nope"}, "T2C_INIT=/nope: no such folder"),
                       ({"STEP": "ttsx", "BIGBENCH": ""}, "ttsx: set BIGBENCH"),
@@ -390,6 +391,30 @@ def test_tiny_pipeline_raw_units_train_and_bundle_without_a_unit_language(tmp_pa
     assert len(t2c) == 1 and "data.unit_language=null" in t2c[0].split(), calls
     bundle = [c for c in calls if c.startswith("bundle")]
     assert len(bundle) == 1 and "--unit-language" not in bundle[0], calls
+
+
+def test_tiny_pipeline_echo_batch_and_accumulation_reach_both_stage3_runs(tmp_path: Path) -> None:
+    """ECHO_BATCH=8 ECHO_ACCUM=2: Echo and the gold-unit baseline train steps of 16 examples in
+    half the memory (raw-unit targets of batch 16 peaked at 20 GB)."""
+    root = Path(__file__).resolve().parents[1]
+    ran = tmp_path / "ran"
+    fake = tmp_path / "echox"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {ran}\n")
+    fake.chmod(0o755)
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "dialogues_extra_units.jsonl").write_text("")
+    r = subprocess.run(["bash", str(root / "recipes" / "tiny" / "pipeline.sh")], capture_output=True,
+                       text=True, timeout=60, cwd=root,
+                       env={**os.environ, "STEP": "echo,gold", "ECHO_BATCH": "8", "ECHO_ACCUM": "2",
+                            "ECHO_EXTRA": "1", "S2T_MODEL": str(tmp_path), "T2C_MODEL": str(tmp_path),
+                            "ECHOX": str(fake), "DATA": str(data), "RUNS": str(tmp_path / "runs")})
+    assert r.returncode == 0, r.stderr
+    runs = [c.split() for c in ran.read_text().splitlines() if c.startswith("train echo")]
+    assert len(runs) == 2, ran.read_text()
+    for args in runs:
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        assert "train.batch_size=8" in sets and "train.grad_accum=2" in sets, args
 
 
 def test_prepare_data_checks_its_models_before_any_download(tmp_path):

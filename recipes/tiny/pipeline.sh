@@ -79,8 +79,12 @@ ECHO_JOINT=${ECHO_JOINT:-}; ECHO_BATCH=${ECHO_BATCH:-}
 # ECHO_SEED: the batch order's seed (default 0). A continued run (ECHO_INIT/GOLD_INIT) with the seed
 # its init ran with draws the same batches in the same order again (session 31); give it another
 ECHO_SEED=${ECHO_SEED:-}
+# ECHO_ACCUM: batches of ECHO_BATCH accumulated per step, for the same step in less memory (session
+# 51: raw-unit targets of batch 16 peaked at 20 GB; ECHO_BATCH=8 ECHO_ACCUM=2 halves the peak)
+ECHO_ACCUM=${ECHO_ACCUM:-}
 stage3=(${ECHO_LR:+--set "train.lr=$ECHO_LR"} ${ECHO_JOINT:+--set train.freeze_s2t=false}
-        ${ECHO_BATCH:+--set "train.batch_size=$ECHO_BATCH"} ${ECHO_SEED:+--set "train.seed=$ECHO_SEED"})
+        ${ECHO_BATCH:+--set "train.batch_size=$ECHO_BATCH"} ${ECHO_SEED:+--set "train.seed=$ECHO_SEED"}
+        ${ECHO_ACCUM:+--set "train.grad_accum=$ECHO_ACCUM"})
 TTSX_LIMIT=${TTSX_LIMIT:-7000}  # extra T2C sentences spoken by piper (0 = all 17,952)
 # their units come from 10 s windows (4.4x faster; the sentences are short, see UNITS_WINDOW)
 TTSX_WINDOW=${TTSX_WINDOW:-10}
@@ -103,7 +107,7 @@ fi
 for v in CTC_STEPS TTSX_LIMIT; do  # whole numbers, 0 allowed (0: none, all)
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
 done
-for v in S2T_STEPS T2C_STEPS ECHO_STEPS THREADS UNIT_BEAMS LABEL_BEAMS S2T_THREADS ECHO_BATCH LIMIT \
+for v in S2T_STEPS T2C_STEPS ECHO_STEPS THREADS UNIT_BEAMS LABEL_BEAMS S2T_THREADS ECHO_BATCH ECHO_ACCUM LIMIT \
     VOC_STEPS VOC_ROUNDS VOCAB; do
   [ -z "${!v:-}" ] || [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a whole number >= 1, got '${!v}'"
 done
