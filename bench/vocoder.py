@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("original piper", res["wer_original"], None, None)]
     for name, voc in variants:
         voc.synthesize(recs[0]["units"])  # warm-up: lazy init is not part of the RTF
-        hyps, rtfs, synth_s, audio_s, voc_s = [], [], 0.0, 0.0, 0.0
+        hyps, rtfs, synth_s, audio_s, voc_s, whole = [], [], 0.0, 0.0, 0.0, []
         for r in recs:
             if args.threads:  # one run reported 2 threads after the ASR pass (cause unknown)
                 torch.set_num_threads(args.threads)
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 wav = voc.synthesize(r["units"])
             dt = time.perf_counter() - t0
+            whole.append(wav.size)  # what --stream compares its lengths with
             dur = wav.size / voc.sample_rate
             synth_s, audio_s = synth_s + dt, audio_s + dur
             rtfs.append(dt / max(dur, 1e-9))
@@ -127,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         for ctx in args.stream or []:
             cfg = EngineConfig()
             hyps, ratios = [], []
-            for r in recs:
+            for r, whole_size in zip(recs, whole):
                 units, chunks = r["units"], []
                 while units:
                     size = cfg.chunk_size(len(chunks)) or len(units)
                     chunks.append(units[:size])
                     units = units[size:]
                 wav = np.concatenate(list(voc.synthesize_stream(chunks, cfg.crossfade_ms, ctx)))
-                ratios.append(wav.size / voc.synthesize(r["units"]).size)
+                ratios.append(wav.size / whole_size)
                 hyps.append(asr.transcribe(wav, voc.sample_rate))
             v[f"wer_stream_{ctx}"] = wer(refs, hyps)
             v[f"length_ratio_stream_{ctx}"] = float(np.mean(ratios))

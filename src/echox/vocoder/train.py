@@ -324,7 +324,8 @@ def train_unit2mel(
                 "warmup": warmup, "grad_clip": grad_clip, "weight_decay": weight_decay,
                 "segment_frames": segment_frames, "examples": len(examples), "holdout": holdout,
                 **(record or {})}
-    meta = {"hifigan": "universal", "output_sr": 16000, "context_units": DEFAULT_CONTEXT_UNITS, **(vocoder_meta or {})}
+    meta = {"hifigan": "universal", "output_sr": 16000, "context_units": DEFAULT_CONTEXT_UNITS,
+            **(vocoder_meta or {})}
 
     def step_losses(step: int) -> dict[str, torch.Tensor]:
         idx = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
